@@ -1,0 +1,33 @@
+"""The Typer application every `cxrkit.cli.*` module adds its commands to."""
+
+import logging
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+app = typer.Typer(
+    name="cxr",
+    help="cxrkit: chest X-ray classification from data to a deployable model.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+data_app = typer.Typer(help="Download, audit and split datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console(stderr=True)
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print an actionable error (no traceback) and exit."""
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)

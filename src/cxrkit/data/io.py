@@ -1,0 +1,120 @@
+"""Read any chest film (JPEG, PNG 8/16-bit, DICOM) into one canonical form.
+
+The canonical form is an 8-bit single-channel ``PIL.Image`` (mode ``"L"``):
+chest films are grayscale, and every backbone-specific step (resize, 3-channel
+expansion, normalisation) happens later in the transforms.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+SUPPORTED_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
+
+# A chest film is at most ~4k x 4k; anything far larger is a decompression bomb.
+MAX_PIXELS = 64_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+class UnreadableImageError(ValueError):
+    """An image file that cannot be decoded; carries the path and the reason."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+def is_image_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in SUPPORTED_SUFFIXES
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    with open(path, "rb") as f:
+        f.seek(128)
+        return f.read(4) == b"DICM"
+
+
+def _to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Stretch any numeric range to 0..255 (16-bit PNGs and DICOMs use 10-16 bits)."""
+    pixels = pixels.astype(np.float64)
+    lo, hi = float(pixels.min()), float(pixels.max())
+    if hi <= lo:
+        return np.zeros(pixels.shape, dtype=np.uint8)
+    return np.round((pixels - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def _read_dicom(path: Path) -> Image.Image:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = pydicom.dcmread(path)
+    if "PixelData" not in ds:
+        raise UnreadableImageError(path, "DICOM file has no pixel data")
+    pixels = ds.pixel_array
+    if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4):
+        pixels = pixels[0]  # a multi-frame file: the first frame is the film
+    pixels = apply_modality_lut(pixels, ds)  # rescale slope / intercept
+    if pixels.ndim == 2:
+        pixels = apply_voi_lut(pixels, ds, prefer_lut=True)  # window centre / width
+    if pixels.ndim == 3:
+        pixels = pixels.mean(axis=-1)
+    pixels = _to_uint8(np.asarray(pixels))
+    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
+        pixels = 255 - pixels  # MONOCHROME1 stores bone dark: flip to the usual look
+    return Image.fromarray(pixels, mode="L")
+
+
+def _pil_to_gray(img: Image.Image) -> Image.Image:
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return Image.fromarray(_to_uint8(np.asarray(img)), mode="L")
+    if img.mode == "L":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite on black: transparent margins of exported films are background.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB").convert("L")
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Decode one file into an 8-bit grayscale image, or raise UnreadableImageError."""
+    path = Path(path)
+    try:
+        if not path.is_file():
+            raise UnreadableImageError(path, "file not found")
+        if path.stat().st_size == 0:
+            raise UnreadableImageError(path, "empty file (0 bytes)")
+        if _looks_like_dicom(path):
+            return _read_dicom(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # decode now, so truncated files fail here
+                return _pil_to_gray(img)
+    except UnreadableImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UnreadableImageError(path, f"refused: too many pixels ({e})") from e
+    except UnidentifiedImageError as e:
+        raise UnreadableImageError(path, "not an image PIL or pydicom can read") from e
+    except Exception as e:  # truncated JPEG, broken DICOM, ...: report, never crash a run
+        raise UnreadableImageError(path, f"{type(e).__name__}: {e}") from e
+
+
+def try_read_image(path: str | Path) -> tuple[Image.Image | None, str | None]:
+    """Like read_image, but returns (None, reason) instead of raising."""
+    try:
+        return read_image(path), None
+    except UnreadableImageError as e:
+        return None, e.reason

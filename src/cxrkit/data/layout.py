@@ -1,0 +1,177 @@
+"""Find the images of a dataset on disk, whatever of the three supported layouts it uses.
+
+1. Kaggle layout: ``ROOT/{train,val,test}/{CLASS}/*.jpeg`` (optionally under a
+   ``chest_xray/`` folder). The Kaggle zip also holds a nested duplicate
+   ``chest_xray/chest_xray/`` tree and ``__MACOSX/`` junk: both are ignored.
+2. A plain class-per-folder tree: ``ROOT/{CLASS}/**/*.png``; no split.
+3. A CSV manifest with the columns ``path,label[,split,patient_id]``; relative
+   paths are resolved against the CSV's folder.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cxrkit.data.io import is_image_file
+from cxrkit.data.patients import PatientIdParser
+
+SPLIT_NAMES = ("train", "val", "test")
+JUNK_DIRS = {"__MACOSX", ".ipynb_checkpoints"}
+
+EXPECTED_LAYOUTS = """\
+cxrkit reads three layouts:
+  1. Kaggle:   DATA/{train,test[,val]}/{NORMAL,PNEUMONIA}/*.jpeg   (or DATA/chest_xray/...)
+  2. classes:  DATA/{NORMAL,PNEUMONIA,...}/*.{jpeg,png,dcm}
+  3. manifest: a CSV file with the columns path,label[,split,patient_id]
+or pass `kaggle` to download paultimothymooney/chest-xray-pneumonia."""
+
+
+class DataLayoutError(ValueError):
+    """The data folder is not in a layout cxrkit understands; the message shows the fix."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: str
+    split: str = ""  # "train", "val", "test", or "" when the data has no split
+    patient_id: str = ""
+
+
+@dataclass
+class DataSource:
+    root: Path
+    layout: str  # "kaggle", "classes" or "manifest"
+    samples: list[Sample]
+    classes: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    def split(self, name: str) -> list[Sample]:
+        return [s for s in self.samples if s.split == name]
+
+    @property
+    def splits(self) -> list[str]:
+        present = {s.split for s in self.samples}
+        return [name for name in (*SPLIT_NAMES, "") if name in present]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """{split: {class: n}} with "" for unsplit data."""
+        table: dict[str, dict[str, int]] = {}
+        for split in self.splits:
+            c = Counter(s.label for s in self.samples if s.split == split)
+            table[split] = {cls: c.get(cls, 0) for cls in self.classes}
+        return table
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and is_image_file(p) and not (JUNK_DIRS & set(p.parts))
+        and not p.name.startswith("._")
+    )
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_dir() and p.name not in JUNK_DIRS and not p.name.startswith(".")
+    )
+
+
+def _find_kaggle_root(root: Path) -> Path | None:
+    """The folder holding train/ and test/, looking into a `chest_xray/` wrapper if any."""
+    for candidate in (root, root / "chest_xray"):
+        if (candidate / "train").is_dir() and (candidate / "test").is_dir():
+            return candidate
+    return None
+
+
+def _read_class_tree(folder: Path, split: str, parse: PatientIdParser) -> list[Sample]:
+    samples = []
+    for class_dir in _subdirs(folder):
+        for path in _images_under(class_dir):
+            samples.append(Sample(str(path), class_dir.name, split, parse(path.name)))
+    return samples
+
+
+def _from_kaggle(root: Path, parse: PatientIdParser) -> DataSource:
+    notes = []
+    if (root / "chest_xray").is_dir():
+        notes.append(f"ignored the nested duplicate tree {root / 'chest_xray'}")
+    for junk in JUNK_DIRS:
+        if (root / junk).exists() or (root.parent / junk).exists():
+            notes.append(f"ignored {junk}/ folders")
+    samples = []
+    for split in SPLIT_NAMES:
+        if (root / split).is_dir():
+            # Only class folders count: the nested chest_xray/ copy is not a class.
+            samples += _read_class_tree(root / split, split, parse)
+    classes = sorted({s.label for s in samples})
+    by_split = {split: {s.label for s in samples if s.split == split} for split in ("train", "test")}
+    for split, present in by_split.items():
+        missing = sorted(set(classes) - present)
+        if missing:
+            raise DataLayoutError(
+                f"{root / split} has no images of class {', '.join(missing)}: every split "
+                f"needs a folder per class.\n{EXPECTED_LAYOUTS}"
+            )
+    return DataSource(root, "kaggle", samples, classes, notes)
+
+
+def _from_class_folders(root: Path, parse: PatientIdParser) -> DataSource:
+    samples = _read_class_tree(root, "", parse)
+    classes = sorted({s.label for s in samples})
+    empty = [d.name for d in _subdirs(root) if d.name not in classes]
+    notes = [f"ignored empty folders: {', '.join(empty)}"] if empty else []
+    return DataSource(root, "classes", samples, classes, notes)
+
+
+def _from_manifest(csv_path: Path, parse: PatientIdParser) -> DataSource:
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise DataLayoutError(
+            f"{csv_path} needs the header `path,label[,split,patient_id]`.\n{EXPECTED_LAYOUTS}"
+        )
+    samples = []
+    for row in rows:
+        path = Path(row["path"])
+        path = path if path.is_absolute() else csv_path.parent / path
+        patient = (row.get("patient_id") or "").strip() or parse(path.name)
+        samples.append(Sample(str(path), row["label"].strip(), (row.get("split") or "").strip(),
+                              patient))
+    bad_splits = {s.split for s in samples} - {*SPLIT_NAMES, ""}
+    if bad_splits:
+        raise DataLayoutError(
+            f"{csv_path}: unknown split value(s) {sorted(bad_splits)}; use train, val, test or empty."
+        )
+    classes = sorted({s.label for s in samples})
+    return DataSource(csv_path, "manifest", samples, classes)
+
+
+def load_source(path: str | Path, patient_pattern: str | None = None) -> DataSource:
+    """Detect the layout of `path` and list its samples."""
+    root = Path(path).expanduser()
+    parse = PatientIdParser(patient_pattern)
+    if not root.exists():
+        raise DataLayoutError(f"{root} does not exist.\n{EXPECTED_LAYOUTS}")
+    if root.is_file():
+        if root.suffix.lower() != ".csv":
+            raise DataLayoutError(f"{root} is a file but not a CSV manifest.\n{EXPECTED_LAYOUTS}")
+        source = _from_manifest(root, parse)
+    elif kaggle_root := _find_kaggle_root(root):
+        source = _from_kaggle(kaggle_root, parse)
+    else:
+        source = _from_class_folders(root, parse)
+    if not source.samples:
+        raise DataLayoutError(f"no images found in {root}.\n{EXPECTED_LAYOUTS}")
+    if len(source.classes) < 2:
+        raise DataLayoutError(
+            f"{root} has only the class {source.classes}; a classifier needs at least two "
+            f"class folders.\n{EXPECTED_LAYOUTS}"
+        )
+    return source

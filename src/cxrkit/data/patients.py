@@ -1,0 +1,46 @@
+"""Patient ids from Kermany file names, so that splits never leak a patient.
+
+Kermany names: ``person123_bacteria_456.jpeg``, ``person7_virus_8.jpeg`` (PNEUMONIA),
+``IM-0115-0001.jpeg`` and ``NORMAL2-IM-1427-0001.jpeg`` (NORMAL). ``IM-`` and
+``NORMAL2-IM-`` numbers are separate series, so the prefix is part of the id.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+# Each pattern's `patient` group is the id; tried in order, first match wins.
+DEFAULT_PATTERNS = (
+    r"^(?P<patient>person\d+)_(?:bacteria|virus)_\d+",
+    r"^(?P<patient>NORMAL2-IM-\d+)-\d+",
+    r"^(?P<patient>IM-\d+)-\d+",
+)
+
+SUBTYPE_PATTERN = re.compile(r"_(bacteria|virus)_", re.IGNORECASE)
+
+
+class PatientIdParser:
+    """Callable file name -> patient id; a name no pattern matches is its own patient."""
+
+    def __init__(self, pattern: str | None = None):
+        patterns = (pattern,) if pattern else DEFAULT_PATTERNS
+        self.patterns = [re.compile(p) for p in patterns]
+        for p in self.patterns:
+            if "patient" not in p.groupindex and p.groups < 1:
+                raise ValueError(
+                    f"patient pattern {p.pattern!r} needs a group, e.g. (?P<patient>...)"
+                )
+
+    def __call__(self, file_name: str) -> str:
+        for p in self.patterns:
+            m = p.search(file_name)
+            if m:
+                return m.group("patient") if "patient" in p.groupindex else m.group(1)
+        return Path(file_name).stem
+
+
+def kermany_subtype(file_name: str, label: str) -> str:
+    """NORMAL / BACTERIA / VIRUS for the 3-class task, from the file name."""
+    m = SUBTYPE_PATTERN.search(file_name)
+    return m.group(1).upper() if m else label.upper()

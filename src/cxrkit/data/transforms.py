@@ -1,0 +1,103 @@
+"""Preprocessing and augmentation with torchvision transforms v2.
+
+Every image goes through the same two steps:
+1. `prepare`: canonical 8-bit grayscale -> optional histogram equalisation ->
+   resize to the model's square input -> uint8 tensor [1, S, S]. This result is
+   what the decode-once cache stores.
+2. a tensor pipeline: augmentation (train only) -> float -> channels the model
+   expects (grayscale repeated to RGB) -> normalise with the model's mean/std.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import v2
+
+from cxrkit.models import ModelSpec
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation suited to chest films. No horizontal flip by default: it moves the heart."""
+
+    scale: tuple[float, float] = (0.75, 1.0)
+    degrees: float = 7.0
+    translate: float = 0.05
+    brightness: float = 0.25
+    contrast: float = 0.25
+    gamma: tuple[float, float] = (0.8, 1.25)
+    blur_p: float = 0.2
+    noise_std: float = 0.02
+    hflip: bool = False
+
+
+def prepare(img: Image.Image, size: int, equalize: bool = False) -> torch.Tensor:
+    """Grayscale PIL image -> uint8 tensor [1, size, size]."""
+    if equalize:
+        img = ImageOps.equalize(img)
+    img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return v2.functional.pil_to_tensor(img)
+
+
+class RandomGamma(torch.nn.Module):
+    def __init__(self, gamma: tuple[float, float]):
+        super().__init__()
+        self.low, self.high = gamma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = float(torch.empty(1).uniform_(self.low, self.high))
+        return x.clamp(0, 1) ** g
+
+
+class GaussianNoise(torch.nn.Module):
+    def __init__(self, std: float):
+        super().__init__()
+        self.std = std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + torch.randn_like(x) * self.std).clamp(0, 1) if self.std > 0 else x
+
+
+class ToChannels(torch.nn.Module):
+    """Repeat a grayscale channel for backbones that expect RGB."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.expand(self.channels, *x.shape[-2:]) if x.shape[-3] != self.channels else x
+
+
+def train_transform(spec: ModelSpec, aug: AugmentConfig | None = None) -> v2.Compose:
+    """uint8 [1, S, S] -> augmented, normalised float [C, S, S]."""
+    aug = aug or AugmentConfig()
+    size = spec.input_size
+    steps = [
+        v2.RandomResizedCrop(size, scale=aug.scale, ratio=(0.9, 1.1), antialias=True),
+        v2.RandomAffine(degrees=aug.degrees, translate=(aug.translate, aug.translate)),
+    ]
+    if aug.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [
+        v2.ToDtype(torch.float32, scale=True),
+        v2.ColorJitter(brightness=aug.brightness, contrast=aug.contrast),
+        RandomGamma(aug.gamma),
+        v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=aug.blur_p),
+        GaussianNoise(aug.noise_std),
+        ToChannels(spec.in_chans),
+        v2.Normalize(spec.mean, spec.std),
+    ]
+    return v2.Compose(steps)
+
+
+def eval_transform(spec: ModelSpec) -> v2.Compose:
+    """uint8 [1, S, S] (already at the input size) -> normalised float [C, S, S]."""
+    return v2.Compose([
+        v2.ToDtype(torch.float32, scale=True),
+        ToChannels(spec.in_chans),
+        v2.Normalize(spec.mean, spec.std),
+    ])

@@ -1,0 +1,86 @@
+"""The run folder: one place for everything a training run produced.
+
+    RUN/config.yaml          resolved training config
+    RUN/split.csv            the exact train/val/test manifest used
+    RUN/labels.json          class names in index order
+    RUN/best.ckpt, last.ckpt Lightning checkpoints (last.ckpt resumes a run)
+    RUN/model.safetensors    best weights, loadable without Lightning
+    RUN/model.json           ModelSpec: architecture, input size, mean, std, labels
+    RUN/calibration.json     threshold and temperature chosen on validation (by evaluate)
+    RUN/metrics.csv, tb/, training_curves.png, eval/<split>/, report.html
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from cxrkit.models import Classifier, ModelSpec, model_from_spec
+
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_SPEC = "model.json"
+CALIBRATION = "calibration.json"
+LABELS = "labels.json"
+
+
+@dataclass
+class Calibration:
+    """Decision threshold on P(positive class) and softmax temperature, chosen on validation."""
+
+    threshold: float = 0.5
+    temperature: float = 1.0
+    chosen_on: str = "default"
+
+    def to_dict(self) -> dict:
+        return {"threshold": self.threshold, "temperature": self.temperature,
+                "chosen_on": self.chosen_on}
+
+
+def save_model(model: Classifier, folder: str | Path) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / MODEL_WEIGHTS))
+    (folder / MODEL_SPEC).write_text(json.dumps(model.spec.to_dict(), indent=2))
+    (folder / LABELS).write_text(json.dumps(model.spec.labels, indent=2))
+    return folder / MODEL_WEIGHTS
+
+
+def model_folder(path: str | Path) -> Path:
+    """A run folder, or a model.safetensors file, -> the folder holding model.json."""
+    path = Path(path)
+    folder = path.parent if path.is_file() else path
+    if not (folder / MODEL_WEIGHTS).is_file() or not (folder / MODEL_SPEC).is_file():
+        raise FileNotFoundError(
+            f"{path} is not a cxrkit run: expected {MODEL_WEIGHTS} and {MODEL_SPEC} in "
+            f"{folder}. Train one with `cxr train`, or pass the folder `cxr train` printed."
+        )
+    return folder
+
+
+def load_spec(path: str | Path) -> ModelSpec:
+    return ModelSpec.from_dict(json.loads((model_folder(path) / MODEL_SPEC).read_text()))
+
+
+def load_model(path: str | Path) -> Classifier:
+    """The trained classifier of a run (safetensors: no pickle is ever loaded), in eval mode."""
+    folder = model_folder(path)
+    model = model_from_spec(load_spec(folder))
+    model.load_state_dict(load_file(str(folder / MODEL_WEIGHTS)))
+    return model.eval()
+
+
+def read_calibration(path: str | Path) -> Calibration:
+    file = model_folder(path) / CALIBRATION
+    if not file.is_file():
+        return Calibration()
+    return Calibration(**json.loads(file.read_text()))
+
+
+def write_calibration(path: str | Path, calibration: Calibration) -> Path:
+    file = model_folder(path) / CALIBRATION
+    file.write_text(json.dumps(calibration.to_dict(), indent=2))
+    return file
