@@ -1,0 +1,91 @@
+"""Batched inference over image files: the one path every consumer shares.
+
+evaluation (metrics on a split), predict (files from the command line) and the
+web server all turn files into logits here, with the model's own preprocessing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cxrkit.data.dataset import load_prepared
+from cxrkit.data.io import UnreadableImageError
+from cxrkit.data.transforms import eval_transform
+from cxrkit.models import Classifier
+
+
+@dataclass
+class Failure:
+    path: str
+    reason: str
+
+
+class _Files(Dataset):
+    def __init__(self, paths: Sequence[str], size: int, equalize: bool, transform: Callable):
+        self.paths, self.size, self.equalize, self.transform = list(paths), size, equalize, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.transform(load_prepared(self.paths[i], self.size, self.equalize)), i, ""
+        except UnreadableImageError as e:
+            return torch.zeros(0), i, e.reason
+
+
+def _collate(batch):
+    good = [(x, i) for x, i, reason in batch if not reason]
+    bad = [(i, reason) for _, i, reason in batch if reason]
+    x = torch.stack([x for x, _ in good]) if good else None
+    return x, [i for _, i in good], bad
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: Classifier,
+    paths: Sequence[str],
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+    views: Sequence[Callable[[torch.Tensor], torch.Tensor]] = (),
+) -> tuple[np.ndarray, list[Failure]]:
+    """Logits [N, C] for `paths` (NaN rows for unreadable files) and the failures.
+
+    `views` are extra batch -> batch transforms (test-time augmentation); when
+    given, the logits are averaged over the plain batch and every view.
+    """
+    device = torch.device(device) if device else default_device()
+    model = model.eval().to(device, memory_format=torch.channels_last)
+    files = _Files(paths, model.spec.input_size, model.spec.equalize, eval_transform(model.spec))
+    loader = DataLoader(files, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    logits = np.full((len(paths), model.spec.num_classes), np.nan, dtype=np.float32)
+    failures: list[Failure] = []
+    for x, indices, bad in loader:
+        failures += [Failure(paths[i], reason) for i, reason in bad]
+        if x is None:
+            continue
+        x = x.to(device).contiguous(memory_format=torch.channels_last)
+        out = torch.stack([model(v(x)) for v in (lambda t: t, *views)]).mean(0)
+        logits[indices] = out.float().cpu().numpy()
+    return logits, failures
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits / temperature
+    z = z - np.nanmax(z, axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
