@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from cxrkit.data.dataset import load_prepared
 from cxrkit.data.io import UnreadableImageError
 from cxrkit.data.transforms import eval_transform
-from cxrkit.models import Classifier
+from cxrkit.models import Classifier, ModelSpec
 
 
 @dataclass
@@ -27,7 +27,8 @@ class Failure:
 
 class _Files(Dataset):
     def __init__(self, paths: Sequence[str], size: int, equalize: bool, transform: Callable):
-        self.paths, self.size, self.equalize, self.transform = list(paths), size, equalize, transform
+        self.paths, self.size, self.equalize = list(paths), size, equalize
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -44,6 +45,13 @@ def _collate(batch):
     bad = [(i, reason) for _, i, reason in batch if reason]
     x = torch.stack([x for x, _ in good]) if good else None
     return x, [i for _, i in good], bad
+
+
+def file_batches(spec: ModelSpec, paths: Sequence[str], batch_size: int = 32,
+                 num_workers: int = 0) -> DataLoader:
+    """Batches (x [B,C,S,S] or None, indices into `paths`, [(index, reason)] unreadable)."""
+    files = _Files(paths, spec.input_size, spec.equalize, eval_transform(spec))
+    return DataLoader(files, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
 
 
 def default_device() -> torch.device:
@@ -70,11 +78,9 @@ def predict_logits(
     """
     device = torch.device(device) if device else default_device()
     model = model.eval().to(device, memory_format=torch.channels_last)
-    files = _Files(paths, model.spec.input_size, model.spec.equalize, eval_transform(model.spec))
-    loader = DataLoader(files, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
     logits = np.full((len(paths), model.spec.num_classes), np.nan, dtype=np.float32)
     failures: list[Failure] = []
-    for x, indices, bad in loader:
+    for x, indices, bad in file_batches(model.spec, paths, batch_size, num_workers):
         failures += [Failure(paths[i], reason) for i, reason in bad]
         if x is None:
             continue

@@ -111,9 +111,8 @@ def _from_kaggle(root: Path, parse: PatientIdParser) -> DataSource:
             # Only class folders count: the nested chest_xray/ copy is not a class.
             samples += _read_class_tree(root / split, split, parse)
     classes = sorted({s.label for s in samples})
-    by_split = {split: {s.label for s in samples if s.split == split} for split in ("train", "test")}
-    for split, present in by_split.items():
-        missing = sorted(set(classes) - present)
+    for split in ("train", "test"):
+        missing = sorted(set(classes) - {s.label for s in samples if s.split == split})
         if missing:
             raise DataLayoutError(
                 f"{root / split} has no images of class {', '.join(missing)}: every split "
@@ -147,7 +146,8 @@ def _from_manifest(csv_path: Path, parse: PatientIdParser) -> DataSource:
     bad_splits = {s.split for s in samples} - {*SPLIT_NAMES, ""}
     if bad_splits:
         raise DataLayoutError(
-            f"{csv_path}: unknown split value(s) {sorted(bad_splits)}; use train, val, test or empty."
+            f"{csv_path}: unknown split value(s) {sorted(bad_splits)}; "
+            "use train, val, test or leave it empty."
         )
     classes = sorted({s.label for s in samples})
     return DataSource(csv_path, "manifest", samples, classes)

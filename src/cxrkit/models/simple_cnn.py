@@ -23,7 +23,8 @@ class SimpleCNN(nn.Module):
     def __init__(self, in_chans: int = 1, widths: tuple[int, ...] = (32, 64, 128, 192, 256)):
         super().__init__()
         chans = (in_chans, *widths)
-        self.blocks = nn.Sequential(*[_conv_block(a, b) for a, b in zip(chans, chans[1:])])
+        pairs = zip(chans, chans[1:], strict=False)
+        self.blocks = nn.Sequential(*[_conv_block(a, b) for a, b in pairs])
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.num_features = widths[-1]
 
