@@ -66,7 +66,7 @@ class DataSource:
         return table
 
 
-def _images_under(folder: Path) -> list[Path]:
+def images_under(folder: Path) -> list[Path]:
     return sorted(
         p
         for p in folder.rglob("*")
@@ -93,7 +93,7 @@ def _find_kaggle_root(root: Path) -> Path | None:
 def _read_class_tree(folder: Path, split: str, parse: PatientIdParser) -> list[Sample]:
     samples = []
     for class_dir in _subdirs(folder):
-        for path in _images_under(class_dir):
+        for path in images_under(class_dir):
             samples.append(Sample(str(path), class_dir.name, split, parse(path.name)))
     return samples
 

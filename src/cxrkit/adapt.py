@@ -1,0 +1,82 @@
+"""Unsupervised adaptation to a new hospital's films: re-estimate BatchNorm statistics.
+
+A model trained on one source sees films from another scanner with other
+contrast, exposure and processing; its BatchNorm layers then normalise with the
+wrong statistics. Re-estimating them on the target site's *unlabelled* images
+(AdaBN, Li et al. 2016) is cheap and often recovers much of the lost
+specificity. No labels are read: only the image files.
+
+The adapted model is written as a new run folder beside the source run, with
+the same split, calibration and config, plus `adaptation.json` saying what was
+done, so it can be evaluated and compared like any other run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.optim.swa_utils import update_bn
+
+from cxrkit.data.layout import DataLayoutError, images_under, load_source
+from cxrkit.inference import default_device, file_batches
+from cxrkit.models import Classifier
+from cxrkit.runs import load_model, model_folder, save_model
+
+COPIED_FILES = ("config.yaml", "split.csv", "calibration.json", "labels.json")
+
+
+def target_images(data: str | Path, split: str | None = "test") -> list[str]:
+    """The image paths of `data`: one split of a dataset with splits, else every image
+    under the folder (unlabelled films need no class folders). Labels are never read."""
+    try:
+        source = load_source(data)
+    except DataLayoutError:
+        return [str(p) for p in images_under(Path(data))]
+    samples = source.split(split) if split and split in source.splits else source.samples
+    return [s.path for s in samples]
+
+
+def _image_batches(model: Classifier, paths: list[str], batch_size: int,
+                   device: torch.device) -> Iterator[torch.Tensor]:
+    for x, _, _ in file_batches(model.spec, paths, batch_size):
+        if x is not None:
+            yield x.to(device).contiguous(memory_format=torch.channels_last)
+
+
+def adapt_batchnorm(model: Classifier, paths: list[str], batch_size: int = 32,
+                    device: torch.device | str | None = None) -> Classifier:
+    """Replace every BatchNorm's running mean/var with their average over `paths`."""
+    device = torch.device(device) if device else default_device()
+    model = model.to(device, memory_format=torch.channels_last)
+    # update_bn resets the statistics and averages them over all batches (momentum=None).
+    update_bn(_image_batches(model, paths, batch_size, device), model, device=device)
+    return model.eval().cpu()
+
+
+def adapt_run(run: str | Path, data: str | Path, split: str | None = "test",
+              out: str | Path | None = None, batch_size: int = 32) -> Path:
+    """Adapt a trained run to the unlabelled images of `data`; returns the new run folder."""
+    run = model_folder(run)
+    paths = target_images(data, split)
+    if not paths:
+        raise ValueError(f"no images to adapt on in {data} (split {split!r})")
+    out = Path(out) if out else run.with_name(f"{run.name}-adapted")
+    out.mkdir(parents=True, exist_ok=True)
+    model = adapt_batchnorm(load_model(run), paths, batch_size)
+    save_model(model, out)
+    for name in COPIED_FILES:
+        if (run / name).is_file() and out.resolve() != run.resolve():
+            shutil.copy2(run / name, out / name)
+    (out / "adaptation.json").write_text(json.dumps({
+        "method": "batchnorm statistics re-estimated on unlabelled target images (AdaBN)",
+        "source_run": str(run),
+        "target_data": str(data),
+        "target_split": split,
+        "n_images": len(paths),
+        "labels_used": False,
+    }, indent=2))
+    return out

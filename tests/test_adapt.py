@@ -1,0 +1,49 @@
+"""BatchNorm adaptation re-estimates statistics on target images, without labels."""
+
+import json
+
+import torch
+
+from cxrkit.adapt import adapt_batchnorm, adapt_run, target_images
+from cxrkit.inference import file_batches
+from cxrkit.models import create_model
+from cxrkit.runs import load_model, save_model
+from tests.conftest import make_kaggle_tree
+
+
+def _first_bn_input_mean(model, paths):
+    """Per-channel mean of the first conv's output over all target images."""
+    conv = model.backbone.blocks[0][0]
+    outs = [conv(x) for x, _, _ in file_batches(model.spec, paths, 8)]
+    return torch.cat(outs).mean(dim=(0, 2, 3))
+
+
+def test_adapted_statistics_are_the_target_statistics(tmp_path):
+    target = make_kaggle_tree(tmp_path / "target", {"test": 6})
+    paths = target_images(target, "test")
+    assert len(paths) == 12
+    model = create_model("simple_cnn", labels=["NORMAL", "PNEUMONIA"])
+    before = model.backbone.blocks[0][1].running_mean.clone()
+    adapted = adapt_batchnorm(model, paths, batch_size=4, device="cpu")  # equal batches
+    bn = adapted.backbone.blocks[0][1]
+    with torch.no_grad():
+        expected = _first_bn_input_mean(adapted, paths)
+    assert not torch.allclose(bn.running_mean, before)
+    torch.testing.assert_close(bn.running_mean, expected, rtol=1e-3, atol=1e-4)
+    assert not adapted.training
+
+
+def test_adapt_run_writes_a_new_run_and_reads_no_labels(tmp_path):
+    run = tmp_path / "run"
+    save_model(create_model("simple_cnn", labels=["NORMAL", "PNEUMONIA"]), run)
+    # Target images in a folder whose class names are meaningless: labels are never used.
+    target = make_kaggle_tree(tmp_path / "site", {"test": 4})
+    (target / "test" / "NORMAL").rename(target / "test" / "unknown_a")
+    (target / "test" / "PNEUMONIA").rename(target / "test" / "unknown_b")
+    out = adapt_run(run, target / "test", split=None)
+    assert out == tmp_path / "run-adapted"
+    info = json.loads((out / "adaptation.json").read_text())
+    assert info["n_images"] == 8 and info["labels_used"] is False
+    original, adapted = load_model(run), load_model(out)
+    assert not torch.allclose(original.backbone.blocks[0][1].running_var,
+                              adapted.backbone.blocks[0][1].running_var)
