@@ -1,1 +1,122 @@
-"""CLI commands (being written)."""
+"""`cxr data download | audit | split`: thin wrappers over cxrkit.data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from cxrkit.cli.app import console, data_app, fail
+from cxrkit.data.audit import DEFAULT_NEAR_THRESHOLD, AuditResult, audit_dataset
+from cxrkit.data.kaggle import KAGGLE_VERSION, KaggleDownloadError, download_kaggle, resolve_data
+from cxrkit.data.layout import DataLayoutError, DataSource, load_source
+from cxrkit.data.split import patient_split, shared_patients, write_manifest
+
+DATA_HELP = "`kaggle` (download or kagglehub cache), a dataset folder or a CSV manifest."
+PATTERN_HELP = ("Regex whose `patient` group (or first group) is the patient id in a file name; "
+                "default: the Kermany names.")
+
+
+def counts_table(title: str, classes: list[str], counts: dict[str, dict[str, int]],
+                 patients: dict[str, int]) -> Table:
+    """Images per split and class, with the number of patients."""
+    table = Table(title=title)
+    for column in ("split", *classes, "total", "patients"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for split, per_class in counts.items():
+        table.add_row(split or "(no split)", *map(str, per_class.values()),
+                      str(sum(per_class.values())), str(patients[split]))
+    return table
+
+
+def checks_table(r: AuditResult) -> Table:
+    table = Table(title="Checks", show_header=False)
+    table.add_column("check")
+    table.add_column("result")
+    sizes = r.sizes
+    table.add_row("unreadable files", str(len(r.unreadable)))
+    table.add_row("exact duplicates", f"{len(r.exact_duplicates)} groups, "
+                  f"{r.duplicate_files} files, {r.redundant_copies} redundant copies")
+    table.add_row(f"near duplicates (<= {r.near_threshold}/{r.hash_bits} bits)",
+                  f"{r.near_pairs_total} pairs, {r.near_across_splits} across splits")
+    for pair, ids in r.shared_patients.items():
+        table.add_row(f"patients shared {pair}", str(len(ids)))
+    if r.subtypes:
+        table.add_row("subtypes", "; ".join(
+            f"{split}: " + ", ".join(f"{k} {n}" for k, n in c.items())
+            for split, c in r.subtypes.items()))
+    if sizes:
+        table.add_row("image sizes", f"{sizes['width']['min']}-{sizes['width']['max']} x "
+                                     f"{sizes['height']['min']}-{sizes['height']['max']} px, "
+                                     f"{sizes['distinct_sizes']} distinct")
+    table.add_row("modes", ", ".join(f"{m} {n}" for m, n in r.modes.items()))
+    return table
+
+
+@data_app.command()
+def download(
+    dest: Path | None = typer.Option(None, "--dest", help="Folder to put the data in; "
+                                     "default: kagglehub's cache (KAGGLEHUB_CACHE)."),
+    version: int = typer.Option(KAGGLE_VERSION, "--version",
+                                help="Dataset version; 0 = the latest (always asks Kaggle)."),
+    force: bool = typer.Option(False, "--force", help="Download again even if cached."),
+) -> None:
+    """Download paultimothymooney/chest-xray-pneumonia; the last line printed is its folder."""
+    try:
+        path = download_kaggle(dest, version or None, force)
+    except KaggleDownloadError as e:
+        fail(str(e))
+    console.print(f"dataset ready: {path}")
+    typer.echo(path)
+
+
+@data_app.command()
+def audit(
+    data: str = typer.Argument(..., help=DATA_HELP),
+    out: Path = typer.Option(Path("audit"), "--out", help="Folder for audit.html, audit.json, "
+                             "figures."),
+    patient_pattern: str | None = typer.Option(None, "--patient-pattern", help=PATTERN_HELP),
+    near_threshold: int = typer.Option(
+        DEFAULT_NEAR_THRESHOLD, "--near-threshold",
+        help="Near duplicates: at most this many of the 256 perceptual-hash bits differ."),
+    workers: int | None = typer.Option(None, "--workers", help="Processes; default: all cores."),
+) -> None:
+    """Counts, sizes, unreadable files, duplicates and patients, with an HTML report."""
+    try:
+        result = audit_dataset(resolve_data(data), out, patient_pattern, near_threshold, workers)
+    except (DataLayoutError, KaggleDownloadError, ValueError) as e:
+        fail(str(e))
+    console.print(counts_table(f"{result.root} ({result.layout} layout)", result.classes,
+                               result.counts, result.patients))
+    console.print(checks_table(result))
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(f"audited {result.n_images} images in {result.seconds} s; "
+                  f"report: {out / 'audit.html'}")
+
+
+@data_app.command()
+def split(
+    data: str = typer.Argument(..., help=DATA_HELP),
+    out: Path = typer.Option(Path("split.csv"), "--out", help="Manifest CSV to write."),
+    val_fraction: float = typer.Option(0.15, "--val-fraction",
+                                       help="Share of each class's train images moved to val."),
+    seed: int = typer.Option(0, "--seed"),
+    patient_pattern: str | None = typer.Option(None, "--patient-pattern", help=PATTERN_HELP),
+) -> None:
+    """Carve a validation split out of train, grouped by patient; write a manifest CSV."""
+    try:
+        source = load_source(resolve_data(data), patient_pattern)
+        samples = patient_split(source.samples, val_fraction, seed)
+    except (DataLayoutError, KaggleDownloadError, ValueError) as e:
+        fail(str(e))
+    write_manifest(samples, out)
+    split_source = DataSource(source.root, source.layout, samples, source.classes)
+    patients = {name: len({s.patient_id for s in split_source.split(name)})
+                for name in split_source.splits}
+    console.print(counts_table(f"{out} (val fraction {val_fraction}, seed {seed})",
+                               source.classes, split_source.counts(), patients))
+    leaked = shared_patients(samples, "train", "val")
+    console.print(f"{len(leaked)} patients shared between train and val")
+    typer.echo(out)

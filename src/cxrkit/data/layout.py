@@ -102,7 +102,7 @@ def _from_kaggle(root: Path, parse: PatientIdParser) -> DataSource:
     notes = []
     if (root / "chest_xray").is_dir():
         notes.append(f"ignored the nested duplicate tree {root / 'chest_xray'}")
-    for junk in JUNK_DIRS:
+    for junk in sorted(JUNK_DIRS):
         if (root / junk).exists() or (root.parent / junk).exists():
             notes.append(f"ignored {junk}/ folders")
     samples = []
@@ -168,7 +168,10 @@ def load_source(path: str | Path, patient_pattern: str | None = None) -> DataSou
     else:
         source = _from_class_folders(root, parse)
     if not source.samples:
-        raise DataLayoutError(f"no images found in {root}.\n{EXPECTED_LAYOUTS}")
+        loose = root.is_dir() and any(is_image_file(p) for p in root.iterdir())
+        problem = (f"{root} holds images but no class folders: move each class's images "
+                   "into a folder named after the class" if loose else f"no images found in {root}")
+        raise DataLayoutError(f"{problem}.\n{EXPECTED_LAYOUTS}")
     if len(source.classes) < 2:
         raise DataLayoutError(
             f"{root} has only the class {source.classes}; a classifier needs at least two "

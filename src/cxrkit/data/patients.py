@@ -25,7 +25,10 @@ class PatientIdParser:
 
     def __init__(self, pattern: str | None = None):
         patterns = (pattern,) if pattern else DEFAULT_PATTERNS
-        self.patterns = [re.compile(p) for p in patterns]
+        try:
+            self.patterns = [re.compile(p) for p in patterns]
+        except re.error as e:
+            raise ValueError(f"patient pattern {pattern!r} is not a valid regex: {e}") from e
         for p in self.patterns:
             if "patient" not in p.groupindex and p.groups < 1:
                 raise ValueError(

@@ -1,0 +1,137 @@
+"""The audit's PNG figures, drawn with matplotlib's object API (no pyplot, no global state)."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from cxrkit.data.layout import Sample
+from cxrkit.data.transforms import train_transform
+from cxrkit.models import ModelSpec
+
+if TYPE_CHECKING:
+    from cxrkit.data.audit import ImageFacts
+
+AUGMENTATIONS_SHOWN = 7
+DPI = 100
+
+
+def _save(fig: Figure, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    return str(path)
+
+
+def plot_class_balance(samples: list[Sample], path: Path) -> str:
+    """Bars of images per class, one group per split."""
+    counts = Counter((s.split or "all", s.label) for s in samples)
+    splits = sorted({sp for sp, _ in counts}, key=["train", "val", "test", "all"].index)
+    classes = sorted({c for _, c in counts})
+    fig = Figure(figsize=(6.5, 3.6))
+    ax = fig.subplots()
+    width = 0.8 / len(classes)
+    x = np.arange(len(splits))
+    for k, label in enumerate(classes):
+        heights = [counts[(sp, label)] for sp in splits]
+        bars = ax.bar(x + k * width - 0.4 + width / 2, heights, width, label=label)
+        ax.bar_label(bars, fontsize=8)
+    ax.set_xticks(x, splits)
+    ax.set_ylabel("images")
+    ax.set_title("Images per class and split")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_sample_grid(samples: list[Sample], facts: list[ImageFacts], path: Path) -> str:
+    """A row of films per class, as the model sees them (resized to its input size)."""
+    label_of = {s.path: s.label for s in samples}
+    rows: dict[str, list[ImageFacts]] = defaultdict(list)
+    for f in facts:
+        if f.preview is not None:
+            rows[label_of[f.path]].append(f)
+    classes = sorted(rows)
+    cols = max((len(r) for r in rows.values()), default=1)
+    fig = Figure(figsize=(1.6 * cols, 1.8 * max(len(classes), 1)))
+    axes = np.array(fig.subplots(max(len(classes), 1), cols, squeeze=False))
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i, label in enumerate(classes):
+        for j, f in enumerate(rows[label]):
+            axes[i, j].imshow(f.preview, cmap="gray", vmin=0, vmax=255)
+            axes[i, j].set_title(Path(f.path).name[:22], fontsize=6)
+        axes[i, 0].text(-0.1, 0.5, label, transform=axes[i, 0].transAxes, rotation=90,
+                        ha="right", va="center", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_image_sizes(facts: list[ImageFacts], path: Path) -> str:
+    """Width against height of every readable file, as stored."""
+    ok = [f for f in facts if not f.error]
+    fig = Figure(figsize=(5, 4))
+    ax = fig.subplots()
+    ax.scatter([f.width for f in ok], [f.height for f in ok], s=6, alpha=0.3)
+    ax.set_xlabel("width (px)")
+    ax.set_ylabel("height (px)")
+    ax.set_title(f"Image sizes ({len({(f.width, f.height) for f in ok})} distinct)")
+    return _save(fig, path)
+
+
+def plot_intensity_histograms(samples: list[Sample], facts: list[ImageFacts], path: Path) -> str:
+    """The mean 8-bit intensity distribution of each class: exposure or source differences."""
+    label_of = {s.path: s.label for s in samples}
+    by_class: dict[str, list[np.ndarray]] = defaultdict(list)
+    for f in facts:
+        if f.histogram is not None:
+            by_class[label_of[f.path]].append(f.histogram)
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.subplots()
+    for label in sorted(by_class):
+        ax.plot(np.arange(256), np.mean(by_class[label], axis=0), label=label)
+    ax.set_xlabel("pixel intensity")
+    ax.set_ylabel("fraction of pixels")
+    ax.set_title("Mean intensity histogram per class")
+    if by_class:
+        ax.legend()
+    return _save(fig, path)
+
+
+def plot_augmentation_preview(film: np.ndarray, spec: ModelSpec, path: Path) -> str:
+    """One film and what the training augmentation makes of it, un-normalised for display."""
+    transform = train_transform(spec)
+    pixels = torch.from_numpy(film)[None]
+    mean, std = torch.tensor(spec.mean)[:, None, None], torch.tensor(spec.std)[:, None, None]
+    with torch.random.fork_rng():  # a fixed preview that leaves the caller's RNG alone
+        torch.manual_seed(0)
+        views = [(transform(pixels) * std + mean)[0].clamp(0, 1).numpy()
+                 for _ in range(AUGMENTATIONS_SHOWN)]
+    fig = Figure(figsize=(1.8 * (AUGMENTATIONS_SHOWN + 1), 2.1))
+    axes = fig.subplots(1, AUGMENTATIONS_SHOWN + 1)
+    axes[0].imshow(film, cmap="gray", vmin=0, vmax=255)
+    axes[0].set_title("original", fontsize=8)
+    for k, (ax, view) in enumerate(zip(axes[1:], views, strict=True), start=1):
+        ax.imshow(view, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"augmented {k}", fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def write_audit_figures(samples: list[Sample], facts: list[ImageFacts], spec: ModelSpec,
+                        out_dir: Path) -> dict[str, str]:
+    """All figures into out_dir; returns {name: path}."""
+    figures = {
+        "class_balance": plot_class_balance(samples, out_dir / "class_balance.png"),
+        "samples": plot_sample_grid(samples, facts, out_dir / "samples.png"),
+        "image_sizes": plot_image_sizes(facts, out_dir / "image_sizes.png"),
+        "intensity": plot_intensity_histograms(samples, facts, out_dir / "intensity.png"),
+    }
+    previews = [f.preview for f in facts if f.preview is not None]
+    if previews:
+        figures["augmentation"] = plot_augmentation_preview(previews[0], spec,
+                                                            out_dir / "augmentation.png")
+    return figures

@@ -1,0 +1,116 @@
+"""`audit.html`: one self-contained page (figures embedded as base64 PNG, no external files)."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cxrkit.data.audit import AuditResult
+
+ROWS_SHOWN = 200  # longer tables are cut here; audit.json has every row
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }
+h1 { font-size: 1.6rem; } h2 { font-size: 1.2rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 0.5rem 0; font-size: 0.85rem; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; } td.num { text-align: right; }
+img { max-width: 100%; margin: 0.5rem 0; } .muted { color: #777; }
+"""
+
+
+def _cell(value) -> str:
+    css = ' class="num"' if isinstance(value, int | float) else ""
+    return f"<td{css}>{html.escape(str(value))}</td>"
+
+
+def table(headers: list[str], rows: list[list], empty: str = "none") -> str:
+    """An HTML table; `empty` is shown instead when there are no rows."""
+    if not rows:
+        return f'<p class="muted">{html.escape(empty)}</p>'
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows[:ROWS_SHOWN])
+    more = (f'<p class="muted">{len(rows) - ROWS_SHOWN} more rows in audit.json</p>'
+            if len(rows) > ROWS_SHOWN else "")
+    return f"<table><tr>{head}</tr>{body}</table>{more}"
+
+
+def embedded_png(path: str | Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _counts_section(r: AuditResult) -> str:
+    rows = [[split or "(no split)", *c.values(), sum(c.values()), r.patients.get(split, 0),
+             r.imbalance[split] or "-"] for split, c in r.counts.items()]
+    out = table(["split", *r.classes, "total", "patients", "imbalance"], rows)
+    if r.subtypes:
+        kinds = sorted({k for c in r.subtypes.values() for k in c})
+        out += "<h3>Subtypes (from file names)</h3>" + table(
+            ["split", *kinds], [[s or "(no split)", *(c.get(k, 0) for k in kinds)]
+                                for s, c in r.subtypes.items()])
+    return out
+
+
+def _images_section(r: AuditResult) -> str:
+    sizes = r.sizes
+    rows = [[axis, sizes[axis]["min"], sizes[axis]["median"], sizes[axis]["max"]]
+            for axis in ("width", "height") if axis in sizes]
+    common = ", ".join(f"{w}x{h} ({n})" for w, h, n in sizes.get("most_common", []))
+    return (table(["", "min", "median", "max"], rows)
+            + f"<p>{sizes.get('distinct_sizes', 0)} distinct sizes; most common: "
+            f"{html.escape(common)}</p>"
+            + table(["mode as stored", "files"], [[m, n] for m, n in r.modes.items()])
+            + table(["format", "files"], [[f, n] for f, n in r.formats.items()]))
+
+
+def _relative(path: str, r: AuditResult) -> str:
+    """Paths under the data folder are shown relative to it: shorter, still unambiguous."""
+    base = Path(r.root).parent if r.layout == "manifest" else Path(r.root)
+    return str(Path(path).relative_to(base)) if Path(path).is_relative_to(base) else path
+
+
+def _duplicates_section(r: AuditResult) -> str:
+    exact = table(["group", "files", "paths"],
+                  [[i + 1, len(g), " | ".join(_relative(p, r) for p in g)]
+                   for i, g in enumerate(r.exact_duplicates)],
+                  "no byte-identical files")
+    near = table(["distance", "file A", "split A", "file B", "split B"],
+                 [[p.distance, _relative(p.a, r), p.split_a or "-",
+                   _relative(p.b, r), p.split_b or "-"] for p in r.near_duplicates],
+                 f"no near duplicates within {r.near_threshold} bits")
+    return (f"<h3>Exact (SHA-256): {len(r.exact_duplicates)} groups, {r.duplicate_files} files, "
+            f"{r.redundant_copies} redundant copies</h3>{exact}"
+            f"<h3>Near (perceptual hash within {r.near_threshold} of {r.hash_bits} bits): "
+            f"{r.near_pairs_total} pairs, {r.near_across_splits} across splits</h3>{near}")
+
+
+def write_audit_html(r: AuditResult, path: str | Path) -> Path:
+    figures = "".join(f"<h3>{html.escape(name.replace('_', ' '))}</h3>{embedded_png(p, name)}"
+                      for name, p in r.figures.items())
+    shared = [[pair, len(ids), ", ".join(ids[:50]) + (" ..." if len(ids) > 50 else "")]
+              for pair, ids in r.shared_patients.items()]
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in r.notes) or "<li>none</li>"
+    unreadable = table(["path", "reason"], [[_relative(u.path, r), u.reason]
+                                            for u in r.unreadable], "every file decodes")
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>cxrkit data audit</title>
+<style>{STYLE}</style></head><body>
+<h1>Data audit</h1>
+<p>{html.escape(r.root)} &middot; layout <b>{html.escape(r.layout)}</b> &middot;
+{r.n_images} images &middot; audited in {r.seconds} s</p>
+<h2>Notes</h2><ul>{notes}</ul>
+<h2>Counts</h2>{_counts_section(r)}
+<h2>Unreadable files</h2>{unreadable}
+<h2>Duplicates</h2>{_duplicates_section(r)}
+<h2>Patients shared between splits</h2>{table(["splits", "patients", "ids"], shared)}
+<h2>Images</h2>{_images_section(r)}
+<h2>Figures</h2>{figures or '<p class="muted">figures were not drawn</p>'}
+</body></html>
+"""
+    path = Path(path)
+    path.write_text(page, encoding="utf-8")
+    return path

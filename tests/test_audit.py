@@ -1,0 +1,202 @@
+"""audit_dataset and `cxr data audit` on a small dataset with every problem planted in it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance
+from typer.testing import CliRunner
+
+from cxrkit.cli import app
+from cxrkit.data.audit import HASH_BITS, audit_dataset, inspect_image
+from tests.conftest import REAL_DATA, make_kaggle_tree, requires_real_data, synthetic_film
+
+FIGURES = {"class_balance", "samples", "image_sizes", "intensity", "augmentation"}
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> Path:
+    """8 train + 4 test films per class (2 per patient), then the problems an audit must find."""
+    root = make_kaggle_tree(tmp_path_factory.mktemp("audit") / "data", {"train": 8, "test": 4})
+    train, test = root / "train", root / "test"
+    # exact duplicates: one pair inside train, one pair across train and test
+    shutil.copy(train / "NORMAL" / "IM-0000-0000.jpeg", train / "NORMAL" / "IM-0000-0005.jpeg")
+    shutil.copy(train / "PNEUMONIA" / "person0_bacteria_0.jpeg",
+                test / "PNEUMONIA" / "person1009_bacteria_9.jpeg")
+    # a near duplicate across splits: the same film, brighter, re-encoded as PNG
+    film = Image.open(train / "NORMAL" / "IM-0001-0000.jpeg")
+    ImageEnhance.Brightness(film).enhance(1.1).save(test / "NORMAL" / "IM-1050-0000.png")
+    # a patient with images in train and in test
+    synthetic_film("NORMAL", 777).save(test / "NORMAL" / "IM-0002-0009.jpeg")
+    # unreadable files
+    (train / "NORMAL" / "IM-0099-0000.jpeg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    (test / "PNEUMONIA" / "person1099_bacteria_0.jpeg").write_bytes(b"")
+    # other sizes, modes and a viral pneumonia
+    synthetic_film("PNEUMONIA", 5, (120, 100)).convert("RGB").save(
+        train / "PNEUMONIA" / "person60_virus_0.png")
+    deep = (np.asarray(synthetic_film("NORMAL", 6, (64, 64)), np.uint16) * 257)
+    Image.fromarray(deep).save(train / "NORMAL" / "IM-0070-0000.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def audited(planted, tmp_path_factory):
+    out = tmp_path_factory.mktemp("audit_out")
+    return audit_dataset(planted, out), out
+
+
+def name(path: str) -> str:
+    return Path(path).name
+
+
+def test_counts_imbalance_and_subtypes(audited):
+    r, _ = audited
+    assert r.layout == "kaggle" and r.classes == ["NORMAL", "PNEUMONIA"]
+    assert r.counts == {"train": {"NORMAL": 11, "PNEUMONIA": 9},
+                        "test": {"NORMAL": 6, "PNEUMONIA": 6}}
+    assert r.n_images == 32
+    assert r.imbalance == {"train": round(11 / 9, 3), "test": 1.0}
+    assert r.subtypes == {"train": {"BACTERIA": 8, "NORMAL": 11, "VIRUS": 1},
+                          "test": {"BACTERIA": 6, "NORMAL": 6}}
+
+
+def test_unreadable_files_are_listed_with_their_reason(audited):
+    r, _ = audited
+    reasons = {name(u.path): u.reason for u in r.unreadable}
+    assert set(reasons) == {"IM-0099-0000.jpeg", "person1099_bacteria_0.jpeg"}
+    assert "empty file" in reasons["person1099_bacteria_0.jpeg"]
+    assert reasons["IM-0099-0000.jpeg"]  # whatever the decoder says, it is said
+    assert all(Path(u.path).is_absolute() for u in r.unreadable)
+
+
+def test_exact_duplicates(audited):
+    r, _ = audited
+    groups = {frozenset(map(name, g)) for g in r.exact_duplicates}
+    assert groups == {frozenset({"IM-0000-0000.jpeg", "IM-0000-0005.jpeg"}),
+                      frozenset({"person0_bacteria_0.jpeg", "person1009_bacteria_9.jpeg"})}
+    assert (r.duplicate_files, r.redundant_copies) == (4, 2)
+    assert any("1 group(s) span splits" in n for n in r.notes)
+
+
+def test_near_duplicates_find_the_reencoded_copy_and_nothing_else(audited, planted, tmp_path):
+    r, _ = audited
+    assert r.hash_bits == HASH_BITS
+    assert len(r.near_duplicates) == 1
+    pair = r.near_duplicates[0]
+    assert {name(pair.a), name(pair.b)} == {"IM-1050-0000.png", "IM-0001-0000.jpeg"}
+    assert {pair.split_a, pair.split_b} == {"train", "test"}
+    assert 0 < pair.distance <= r.near_threshold
+    assert r.near_pairs_total == 1 and r.near_across_splits == 1
+    stricter = audit_dataset(planted, tmp_path, near_threshold=pair.distance - 1, figures=False)
+    assert stricter.near_duplicates == [] and stricter.near_pairs_total == 0
+
+
+def test_patients(audited, planted, tmp_path):
+    r, _ = audited
+    assert r.shared_patients == {"train/test": ["IM-0002"]}
+    # the tree's 4 + 4 train and 2 + 2 test patients, plus the files planted in each split
+    assert r.patients == {"train": 8 + 3, "test": 4 + 4}
+    # one patient per file name prefix: everything is shared
+    coarse = audit_dataset(planted, tmp_path, patient_pattern=r"^(IM|person)", figures=False)
+    assert coarse.patients == {"train": 2, "test": 2}
+    assert coarse.shared_patients == {"train/test": ["IM", "person"]}
+
+
+def test_sizes_modes_and_formats(audited):
+    r, _ = audited
+    assert r.sizes["distinct_sizes"] == 3
+    assert r.sizes["width"] == {"min": 64, "median": 96.0, "max": 120}
+    assert r.sizes["most_common"][0] == [96, 80, 28]
+    assert r.modes == {"L": 28, "RGB": 1, "I;16": 1}
+    assert r.formats == {"JPEG": 27, "PNG": 3}
+
+
+def test_inspect_image_facts(planted):
+    path = planted / "train" / "PNEUMONIA" / "person60_virus_0.png"
+    facts = inspect_image(str(path), preview_size=32)
+    assert facts.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert (facts.file_format, facts.mode, facts.width, facts.height) == ("PNG", "RGB", 120, 100)
+    assert len(facts.phash) * 8 == HASH_BITS
+    assert facts.histogram.shape == (256,) and abs(float(facts.histogram.sum()) - 1) < 1e-5
+    assert facts.preview.shape == (32, 32) and facts.preview.dtype == np.uint8
+    assert inspect_image(str(path)).preview is None
+
+
+def test_outputs_json_figures_and_one_self_contained_html(audited):
+    r, out = audited
+    assert json.loads((out / "audit.json").read_text()) == json.loads(json.dumps(r.to_dict()))
+    assert set(r.figures) == FIGURES
+    for path in r.figures.values():
+        assert Path(path).parent == out
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "audit.html").read_text()
+    assert page.count("data:image/png;base64,") == len(FIGURES)
+    assert "http" not in page.replace("http-equiv", "")  # nothing fetched from elsewhere
+    for expected in ("IM-0099-0000.jpeg", "empty file", "IM-0002", "person1009_bacteria_9.jpeg",
+                     "IM-1050-0000.png", "VIRUS", "I;16"):
+        assert expected in page, expected
+
+
+def test_cli_audit_prints_a_summary(planted, tmp_path):
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["data", "audit", str(planted), "--out", str(out),
+                                      "--near-threshold", "0"])
+    assert result.exit_code == 0, result.output
+    text = result.stderr
+    for expected in ("NORMAL", "PNEUMONIA", "unreadable files", "2 groups, 4 files, 2 redundant",
+                     "0 pairs", "patients shared train/test", "audit.html"):
+        assert expected in text, expected
+    assert (out / "audit.html").is_file()
+
+
+def test_audit_of_unsplit_class_folders(tmp_path):
+    for label in ("NORMAL", "PNEUMONIA", "COVID"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(3):
+            synthetic_film(label, i).save(tmp_path / "data" / label / f"{label}{i}.png")
+    r = audit_dataset(tmp_path / "data", tmp_path / "out")
+    assert r.layout == "classes"
+    assert r.counts == {"": {"COVID": 3, "NORMAL": 3, "PNEUMONIA": 3}}
+    assert r.shared_patients == {} and r.subtypes == {}
+    assert set(r.figures) == FIGURES
+    assert "(no split)" in (tmp_path / "out" / "audit.html").read_text()
+
+
+def test_audit_of_only_broken_files_reports_them_without_crashing(tmp_path):
+    for label in ("NORMAL", "PNEUMONIA"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        (tmp_path / "data" / label / "x.png").write_bytes(b"nope")
+    r = audit_dataset(tmp_path / "data", tmp_path / "out")
+    assert len(r.unreadable) == 2 and r.sizes == {} and r.near_duplicates == []
+    assert "every file decodes" not in (tmp_path / "out" / "audit.html").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["/no/such/folder"], "does not exist"),
+    ([".", "--patient-pattern", "(unclosed"], "not a valid regex"),
+    ([".", "--near-threshold", "300"], "near_threshold must be 0 to 64"),
+])
+def test_cli_audit_errors_are_messages(tmp_path, args, message, planted):
+    args = [str(planted) if a == "." else a for a in args]
+    result = CliRunner().invoke(app, ["data", "audit", *args, "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+@requires_real_data
+def test_real_data_duplicates_match_the_published_checksums(tmp_path):
+    r = audit_dataset(REAL_DATA, tmp_path, figures=False)
+    by_hash = defaultdict(set)
+    for line in (REAL_DATA.parent / "chest_xray.sha256").read_text().splitlines():
+        digest, rel = line.split(maxsplit=1)
+        by_hash[digest].add(str((REAL_DATA / rel).resolve()))
+    expected = {frozenset(g) for g in by_hash.values() if len(g) > 1}
+    assert {frozenset(str(Path(p).resolve()) for p in g) for g in r.exact_duplicates} == expected
+    assert (len(r.exact_duplicates), r.duplicate_files, r.redundant_copies) == (30, 62, 32)
+    assert r.n_images == 5840 and r.unreadable == []

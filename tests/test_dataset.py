@@ -1,0 +1,121 @@
+"""XrayDataset, the decode-once cache and the transforms, on small generated films."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from cxrkit.data.dataset import DecodeCache, XrayDataset, collate_skip_bad, load_prepared
+from cxrkit.data.layout import Sample, load_source
+from cxrkit.data.transforms import eval_transform, train_transform
+from cxrkit.models import ModelSpec, create_model
+from tests.conftest import make_kaggle_tree, synthetic_film
+
+SIZE = 32
+CLASSES = {"NORMAL": 0, "PNEUMONIA": 1}
+
+
+@pytest.fixture
+def samples(tmp_path) -> list[Sample]:
+    """12 readable training films and one corrupt file in the middle."""
+    root = make_kaggle_tree(tmp_path / "data", {"train": 6, "test": 1}, size=(50, 40))
+    corrupt = root / "train" / "NORMAL" / "IM-0099-0000.jpeg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    return load_source(root).split("train")
+
+
+def corrupt_index(samples: list[Sample]) -> int:
+    return next(i for i, s in enumerate(samples) if "IM-0099" in s.path)
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def test_loader_skips_a_corrupt_file(samples):
+    dataset = XrayDataset(samples, CLASSES, SIZE, eval_transform(create_model(
+        "simple_cnn", pretrained=False).spec))
+    assert dataset[corrupt_index(samples)] is None
+    seen = []
+    for x, y, idx in DataLoader(dataset, batch_size=5, collate_fn=collate_skip_bad):
+        assert x.shape[1:] == (1, SIZE, SIZE) and x.dtype == torch.float32
+        assert [samples[i].label for i in idx] == [list(CLASSES)[c] for c in y]
+        seen += idx.tolist()
+    assert sorted(seen) == [i for i in range(len(samples)) if i != corrupt_index(samples)]
+
+
+def test_collate_of_only_bad_items_is_none():
+    assert collate_skip_bad([None, None]) is None
+
+
+def test_cache_gives_the_same_pixels_and_marks_the_bad_file(samples, tmp_path):
+    cache = DecodeCache(samples, SIZE, cache_dir=tmp_path / "cache", workers=2)
+    bad = corrupt_index(samples)
+    assert cache[bad] is None
+    for i, s in enumerate(samples):
+        if i != bad:
+            assert torch.equal(cache[i], load_prepared(s.path, SIZE, False))
+    cached = XrayDataset(samples, CLASSES, SIZE, identity, cache=cache)
+    direct = XrayDataset(samples, CLASSES, SIZE, identity)
+    assert all(torch.equal(cached[i][0], direct[i][0]) for i in range(len(samples)) if i != bad)
+
+
+def test_cache_is_reused_not_rebuilt(samples, tmp_path):
+    first = DecodeCache(samples, SIZE, cache_dir=tmp_path / "cache", workers=1)
+    stat = os.stat(first.array_path)
+    second = DecodeCache(samples, SIZE, cache_dir=tmp_path / "cache", workers=1)
+    assert second.array_path == first.array_path
+    after = os.stat(second.array_path)
+    assert (after.st_ino, after.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+    assert len(list((tmp_path / "cache").glob("*.u8"))) == 1
+
+
+def test_cache_key_follows_size_preprocessing_and_file_changes(samples, tmp_path):
+    cache_dir = tmp_path / "cache"
+    base = DecodeCache(samples, SIZE, cache_dir=cache_dir, workers=1)
+    assert DecodeCache(samples, SIZE + 8, cache_dir=cache_dir, workers=1).array_path != \
+        base.array_path
+    assert DecodeCache(samples, SIZE, True, cache_dir=cache_dir, workers=1).array_path != \
+        base.array_path
+
+    changed = samples[0].path
+    synthetic_film("PNEUMONIA", 12345, (50, 40)).save(changed, format="JPEG")
+    st = os.stat(changed)
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later modification
+    fresh = DecodeCache(samples, SIZE, cache_dir=cache_dir, workers=1)
+    assert fresh.array_path != base.array_path
+    assert torch.equal(fresh[0], load_prepared(changed, SIZE, False))
+    assert not torch.equal(fresh[0], base[0])
+
+
+@pytest.mark.parametrize("spec", [
+    create_model("simple_cnn", pretrained=False).spec,
+    ModelSpec("rgb", 2, input_size=SIZE, in_chans=3, mean=(0.485, 0.456, 0.406),
+              std=(0.229, 0.224, 0.225)),
+], ids=["simple_cnn", "rgb"])
+def test_transforms_give_the_model_its_channels_size_and_normalisation(spec):
+    pixels = torch.full((1, spec.input_size, spec.input_size), 200, dtype=torch.uint8)
+    x = eval_transform(spec)(pixels)
+    assert x.shape == (spec.in_chans, spec.input_size, spec.input_size)
+    assert x.dtype == torch.float32
+    expected = (200 / 255 - torch.tensor(spec.mean)) / torch.tensor(spec.std)
+    torch.testing.assert_close(x.mean(dim=(1, 2)), expected)
+    y = train_transform(spec)(pixels)
+    assert y.shape == x.shape and y.dtype == torch.float32
+
+
+def test_train_augmentation_varies_and_eval_does_not():
+    spec = create_model("simple_cnn", pretrained=False).spec
+    film = np.array(synthetic_film("PNEUMONIA", 0, (224, 224)))
+    pixels = torch.from_numpy(film)[None]
+    train, evaluate = train_transform(spec), eval_transform(spec)
+    torch.manual_seed(0)
+    views = [train(pixels) for _ in range(3)]
+    assert not torch.equal(views[0], views[1]) and not torch.equal(views[1], views[2])
+    assert torch.equal(evaluate(pixels), evaluate(pixels))
+    # augmentation perturbs the film, it does not replace it
+    assert torch.corrcoef(torch.stack([views[0].ravel(), evaluate(pixels).ravel()]))[0, 1] > 0.5

@@ -1,0 +1,194 @@
+"""read_image: every way a chest film can be stored, and every way a file can be broken."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxrkit.data.io import UnreadableImageError, read_image, try_read_image
+
+
+def gradient(w: int = 64, h: int = 48) -> np.ndarray:
+    """uint8 left-to-right ramp 0..255."""
+    return np.tile(np.linspace(0, 255, w).round().astype(np.uint8), (h, 1))
+
+
+def save(img: Image.Image, path: Path, **kw) -> Path:
+    img.save(path, **kw)
+    return path
+
+
+@pytest.mark.parametrize("mode, suffix", [
+    ("L", ".png"), ("RGB", ".jpeg"), ("RGBA", ".png"), ("CMYK", ".jpeg"), ("LA", ".png"),
+    ("1", ".png"), ("P", ".png"), ("I;16", ".png"), ("L", ".bmp"), ("RGB", ".tiff"),
+])
+def test_every_mode_reads_as_8bit_gray_with_its_size(tmp_path, mode, suffix):
+    path = save(Image.fromarray(gradient(), "L").convert(mode), tmp_path / f"film{suffix}")
+    with Image.open(path) as stored:
+        assert stored.mode == mode  # the file really holds this mode
+    img = read_image(path)
+    assert img.mode == "L"
+    assert img.size == (64, 48)
+    row = np.asarray(img, dtype=float)[24]
+    if mode != "1":  # a 1-bit film is dithered: only its range is comparable
+        assert np.all(np.diff(row) >= -6), "the ramp stays a ramp"
+    assert row[:4].mean() < 40 and row[-4:].mean() > 215
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 517), (1001, 7)])
+def test_odd_sizes(tmp_path, size):
+    img = read_image(save(Image.new("L", size, 99), tmp_path / "odd.png"))
+    assert img.size == size
+    assert np.asarray(img).max() == 99
+
+
+def test_transparency_becomes_black(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[:, 4:, 3] = 255  # left half fully transparent white, right half opaque white
+    pixels = np.asarray(read_image(save(Image.fromarray(rgba, "RGBA"), tmp_path / "a.png")))
+    assert pixels[:, :4].max() == 0 and pixels[:, 4:].min() == 255
+
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([255, 255, 255, 200, 200, 200])
+    palette.paste(0, (0, 0, 4, 8))  # left half: index 0, declared transparent
+    pixels = np.asarray(read_image(save(palette, tmp_path / "p.png", transparency=0)))
+    assert pixels[:, :4].max() == 0 and pixels[:, 4:].min() == 200
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    stored = np.full((40, 60), 30, np.uint8)  # 60 wide, 40 high as stored
+    stored[:10, :10] = 250  # a bright block in the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    path = save(Image.fromarray(stored, "L"), tmp_path / "rotated.jpeg", exif=exif, quality=95)
+    pixels = np.asarray(read_image(path))
+    assert pixels.shape == (60, 40)  # upright: 40 wide, 60 high
+    assert pixels[:10, -10:].mean() > 200, "the stored top-left ends up top-right"
+
+
+def test_16bit_png_uses_the_full_range(tmp_path):
+    values = np.tile(np.linspace(0, 65535, 256).round().astype(np.uint16), (4, 1))
+    path = save(Image.fromarray(values), tmp_path / "deep.png")
+    with Image.open(path) as stored:
+        assert stored.mode.startswith("I")
+    pixels = np.asarray(read_image(path))[0].astype(int)
+    assert pixels[0] == 0 and pixels[-1] == 255
+    assert np.abs(pixels - np.arange(256)).max() <= 1  # v / 65535 * 255, rounded
+
+
+def test_12bit_values_in_a_16bit_png_are_stretched(tmp_path):
+    values = np.tile(np.arange(0, 4096, 16, dtype=np.uint16), (4, 1))  # 0..4080 of 65535
+    pixels = np.asarray(read_image(save(Image.fromarray(values), tmp_path / "ct.png")))[0]
+    assert pixels.min() == 0 and pixels.max() == 255  # not a nearly black film
+
+
+def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2",
+                **elements) -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    for name, value in elements.items():
+        setattr(ds, name, value)
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def dicom_ramp() -> np.ndarray:
+    return np.tile(np.linspace(0, 4095, 128).round().astype(np.uint16), (16, 1))
+
+
+def test_dicom_monochrome2_and_its_monochrome1_inverse(tmp_path):
+    mono2 = np.asarray(read_image(write_dicom(tmp_path / "a.dcm", dicom_ramp())))
+    mono1 = np.asarray(read_image(write_dicom(tmp_path / "b.dcm", dicom_ramp(), "MONOCHROME1")))
+    assert mono2.shape == (16, 128)
+    assert mono2[0, 0] == 0 and mono2[0, -1] == 255 and np.all(np.diff(mono2[0].astype(int)) >= 0)
+    np.testing.assert_array_equal(mono1, 255 - mono2)
+
+
+def test_dicom_without_the_dicm_suffix_is_recognised(tmp_path):
+    path = write_dicom(tmp_path / "film.dcm", dicom_ramp())
+    renamed = path.rename(tmp_path / "film.img")
+    assert np.asarray(read_image(renamed))[0, -1] == 255
+
+
+def test_dicom_rescale_then_window(tmp_path):
+    """Raw 0..4095 -> HU = raw - 1024 -> window 40 +- 200 HU.
+
+    Raw 1064 is HU 40, the window's centre: mid gray. Without the rescale, raw 1064
+    would lie far above the window (white); without the window, it would be dark gray.
+    """
+    raw = np.array([[0, 1024 - 200, 1064, 1064 + 190, 1064 + 300, 4095]], np.uint16)
+    path = write_dicom(tmp_path / "ct.dcm", raw, RescaleSlope=1, RescaleIntercept=-1024,
+                       WindowCenter=40, WindowWidth=400)
+    pixels = np.asarray(read_image(path))[0].astype(int)
+    assert pixels[0] == 0 and pixels[1] == 0  # below the window
+    assert abs(pixels[2] - 128) <= 2  # the centre
+    assert pixels[3] > 240 and pixels[4] == 255 and pixels[5] == 255  # at and above the top
+
+
+def test_dicom_negative_slope_inverts(tmp_path):
+    plain = np.asarray(read_image(write_dicom(tmp_path / "a.dcm", dicom_ramp())))
+    flipped = np.asarray(read_image(write_dicom(tmp_path / "b.dcm", dicom_ramp(),
+                                                RescaleSlope=-1, RescaleIntercept=0)))
+    np.testing.assert_array_equal(flipped, 255 - plain)
+
+
+def tiny_png_claiming(width: int, height: int) -> bytes:
+    """A valid PNG header for a huge image; a few dozen bytes on disk."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0"))
+            + chunk(b"IEND", b""))
+
+
+def truncated_jpeg(path: Path) -> bytes:
+    save(Image.fromarray(gradient(256, 256), "L"), path, quality=95)
+    return path.read_bytes()[: path.stat().st_size // 2]
+
+
+@pytest.mark.parametrize("name, make, reason", [
+    ("zero.png", lambda p: b"", "empty file"),
+    ("garbage.jpeg", lambda p: bytes(range(256)) * 8, "not an image"),
+    ("notes.png", lambda p: b"patient 12: follow-up in 2 weeks\n" * 20, "not an image"),
+    ("cut.jpeg", truncated_jpeg, "truncated"),
+    ("bomb.png", lambda p: tiny_png_claiming(100_000, 100_000), "too many pixels"),
+    ("bigbomb.png", lambda p: tiny_png_claiming(9_000, 9_000), "too many pixels"),
+])
+def test_broken_files_raise_an_error_naming_the_file(tmp_path, name, make, reason):
+    path = tmp_path / name
+    path.write_bytes(make(path))
+    assert path.stat().st_size < 100_000
+    with pytest.raises(UnreadableImageError) as info:
+        read_image(path)
+    assert info.value.path == str(path)
+    assert str(path) in str(info.value)
+    assert reason in info.value.reason
+    assert try_read_image(path) == (None, info.value.reason)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UnreadableImageError, match="file not found"):
+        read_image(tmp_path / "nope.png")

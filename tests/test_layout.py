@@ -1,0 +1,151 @@
+"""load_source: the three layouts, the Kaggle zip's junk, and errors that show the fix."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cxrkit.data.layout import EXPECTED_LAYOUTS, DataLayoutError, load_source
+from tests.conftest import make_kaggle_tree, make_kaggle_zip_tree, synthetic_film
+
+
+def test_kaggle_layout(tiny_kaggle):
+    source = load_source(tiny_kaggle)
+    assert source.layout == "kaggle"
+    assert source.root == tiny_kaggle
+    assert source.classes == ["NORMAL", "PNEUMONIA"]
+    assert source.splits == ["train", "test"]
+    assert source.counts() == {"train": {"NORMAL": 24, "PNEUMONIA": 24},
+                               "test": {"NORMAL": 8, "PNEUMONIA": 8}}
+    first = source.split("train")[0]
+    assert Path(first.path).parent.name == first.label
+    assert first.patient_id == "IM-0000"  # IM-0000-0000.jpeg
+
+
+def test_kaggle_zip_ignores_the_nested_copy_and_macosx_junk(tmp_path):
+    root = make_kaggle_zip_tree(tmp_path / "download")
+    source = load_source(root)  # the folder kagglehub returns: it holds chest_xray/
+    assert source.root == root / "chest_xray"
+    assert source.counts() == {split: {"NORMAL": n, "PNEUMONIA": n}
+                               for split, n in (("train", 6), ("val", 2), ("test", 2))}
+    paths = [s.path for s in source.samples]
+    assert len(paths) == len(set(paths)) == 20
+    assert not any("chest_xray/chest_xray" in p or "__MACOSX" in p for p in paths)
+    assert any("nested duplicate" in n for n in source.notes)
+    assert any("__MACOSX" in n for n in source.notes)
+
+
+def test_wrapper_folder_holding_chest_xray(tmp_path, tiny_kaggle):
+    shutil.copytree(tiny_kaggle, tmp_path / "wrapper" / "chest_xray")
+    source = load_source(tmp_path / "wrapper")
+    assert source.layout == "kaggle"
+    assert source.root == tmp_path / "wrapper" / "chest_xray"
+    assert len(source.samples) == 64
+
+
+def make_class_folders(root: Path) -> Path:
+    for label, n in (("COVID", 2), ("NORMAL", 3), ("PNEUMONIA", 4)):
+        for i in range(n):
+            sub = root / label / ("site_b" if i % 2 else "")  # nested folders are fine
+            sub.mkdir(parents=True, exist_ok=True)
+            synthetic_film(label, i).save(sub / f"{label.lower()}_{i}.png")
+    (root / "EMPTY").mkdir()
+    (root / "NORMAL" / "readme.txt").write_text("not an image")
+    return root
+
+
+def test_class_per_folder(tmp_path):
+    source = load_source(make_class_folders(tmp_path / "data"))
+    assert source.layout == "classes"
+    assert source.classes == ["COVID", "NORMAL", "PNEUMONIA"]
+    assert source.splits == [""]
+    assert source.counts() == {"": {"COVID": 2, "NORMAL": 3, "PNEUMONIA": 4}}
+    assert source.notes == ["ignored empty folders: EMPTY"]
+
+
+def test_csv_manifest_with_relative_paths(tmp_path, tiny_kaggle):
+    shutil.copytree(tiny_kaggle / "train", tmp_path / "images")
+    rows = [("images/NORMAL/IM-0000-0000.jpeg", "NORMAL", "train", ""),
+            ("images/NORMAL/IM-0000-0001.jpeg", "NORMAL", "val", "p7"),
+            ("images/PNEUMONIA/person0_bacteria_0.jpeg", "PNEUMONIA", "test", "")]
+    manifest = tmp_path / "list.csv"
+    with open(manifest, "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label", "split", "patient_id"), *rows])
+    source = load_source(manifest)
+    assert source.layout == "manifest"
+    assert [s.path for s in source.samples] == [str(tmp_path / r[0]) for r in rows]
+    assert all(Path(s.path).is_file() for s in source.samples)
+    assert [s.split for s in source.samples] == ["train", "val", "test"]
+    # an empty patient_id falls back to the file name pattern; a given one is kept
+    assert [s.patient_id for s in source.samples] == ["IM-0000", "p7", "person0"]
+
+
+def test_custom_patient_pattern(tiny_kaggle):
+    source = load_source(tiny_kaggle, patient_pattern=r"^(?P<patient>IM|person)")
+    assert {s.patient_id for s in source.samples} == {"IM", "person"}
+    with pytest.raises(ValueError, match="not a valid regex"):
+        load_source(tiny_kaggle, patient_pattern="(unclosed")
+
+
+def assert_shows_layouts(error: pytest.ExceptionInfo) -> None:
+    assert EXPECTED_LAYOUTS in str(error.value)
+
+
+def test_missing_class_in_a_split(tmp_path):
+    root = make_kaggle_tree(tmp_path / "data", {"train": 2, "test": 2})
+    shutil.rmtree(root / "test" / "PNEUMONIA")
+    with pytest.raises(DataLayoutError, match=r"test has no images of class PNEUMONIA") as error:
+        load_source(root)
+    assert_shows_layouts(error)
+
+
+def test_single_class_is_refused(tmp_path):
+    (tmp_path / "NORMAL").mkdir()
+    synthetic_film("NORMAL", 0).save(tmp_path / "NORMAL" / "a.png")
+    with pytest.raises(DataLayoutError, match="at least two") as error:
+        load_source(tmp_path)
+    assert_shows_layouts(error)
+
+
+def test_no_images(tmp_path):
+    (tmp_path / "NORMAL").mkdir()
+    (tmp_path / "NORMAL" / "notes.txt").write_text("x")
+    with pytest.raises(DataLayoutError, match="no images found") as error:
+        load_source(tmp_path)
+    assert_shows_layouts(error)
+
+
+def test_unknown_layout_images_without_class_folders(tmp_path):
+    for i in range(3):
+        synthetic_film("NORMAL", i).save(tmp_path / f"{i}.png")
+    with pytest.raises(DataLayoutError, match="no class folders") as error:
+        load_source(tmp_path)
+    assert_shows_layouts(error)
+
+
+@pytest.mark.parametrize("name", ["missing", "file.txt"])
+def test_missing_path_or_not_a_csv(tmp_path, name):
+    path = tmp_path / name
+    if name.endswith(".txt"):
+        path.write_text("path,label\n")
+    with pytest.raises(DataLayoutError, match=str(path)) as error:
+        load_source(path)
+    assert_shows_layouts(error)
+
+
+def test_bad_csv_header(tmp_path):
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("file,class\na.png,NORMAL\n")
+    with pytest.raises(DataLayoutError, match="path,label") as error:
+        load_source(manifest)
+    assert_shows_layouts(error)
+
+
+def test_bad_split_value_in_csv(tmp_path):
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,label,split\na.png,NORMAL,training\nb.png,PNEUMONIA,test\n")
+    with pytest.raises(DataLayoutError, match="training"):
+        load_source(manifest)

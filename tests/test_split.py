@@ -1,0 +1,92 @@
+"""patient_split: deterministic, stratified, never a patient on both sides; manifests."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from typer.testing import CliRunner
+
+from cxrkit.cli import app
+from cxrkit.data.layout import load_source
+from cxrkit.data.split import patient_split, read_manifest, shared_patients, write_manifest
+from tests.conftest import REAL_DATA, make_kaggle_tree, requires_real_data
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """100 train images per class, 1 to 3 images per patient (uneven, like the real data)."""
+    root = make_kaggle_tree(tmp_path_factory.mktemp("split") / "data", {"train": 100, "test": 10},
+                            images_per_patient=3, size=(16, 16))
+    for i, path in enumerate(sorted((root / "train" / "PNEUMONIA").iterdir())):
+        if i % 3 == 0:  # rename a third of the files to single-image patients
+            path.rename(path.with_name(f"person{5000 + i}_virus_{i}.jpeg"))
+    return load_source(root)
+
+
+def val_fraction_per_class(samples) -> dict[str, float]:
+    pool = Counter(s.label for s in samples if s.split in ("train", "val"))
+    val = Counter(s.label for s in samples if s.split == "val")
+    return {label: val[label] / n for label, n in pool.items()}
+
+
+def test_split_is_deterministic_and_seeded(source):
+    first = patient_split(source.samples, 0.15, seed=0)
+    assert first == patient_split(source.samples, 0.15, seed=0)
+    assert first != patient_split(source.samples, 0.15, seed=1)
+
+
+def test_split_is_stratified_and_grouped_by_patient(source):
+    samples = patient_split(source.samples, 0.15, seed=0)
+    for label, fraction in val_fraction_per_class(samples).items():
+        assert 0.15 <= fraction <= 0.15 + 3 / 100, label  # at most one patient over the target
+    assert shared_patients(samples, "train", "val") == set()
+    val_patients = {s.patient_id for s in samples if s.split == "val"}
+    assert len(val_patients) > 5
+
+
+def test_split_only_touches_train(source):
+    samples = patient_split(source.samples, 0.2, seed=3)
+    assert [s for s in samples if s.split == "test"] == source.split("test")
+    assert {s.path for s in samples if s.split in ("train", "val")} == {
+        s.path for s in source.split("train")}
+
+
+def test_zero_fraction_and_bad_fraction(source):
+    assert patient_split(source.samples, 0.0) == source.samples
+    with pytest.raises(ValueError, match="val_fraction"):
+        patient_split(source.samples, 1.0)
+
+
+def test_manifest_round_trip(source, tmp_path):
+    samples = patient_split(source.samples, 0.15, seed=0)
+    path = write_manifest(samples, tmp_path / "runs" / "split.csv")
+    assert read_manifest(path) == samples
+    again = load_source(path)  # a manifest is also a data source
+    assert again.layout == "manifest" and again.samples == samples
+
+
+@requires_real_data
+def test_real_data_split_shares_no_patient():
+    samples = patient_split(load_source(REAL_DATA).samples, 0.15, seed=0)
+    assert shared_patients(samples, "train", "val") == set()
+    for label, fraction in val_fraction_per_class(samples).items():
+        assert 0.15 <= fraction < 0.16, label
+
+
+def test_cli_split_writes_the_manifest_and_reports_no_shared_patient(source, tmp_path):
+    out = tmp_path / "split.csv"
+    result = CliRunner().invoke(app, ["data", "split", str(source.root), "--out", str(out),
+                                      "--val-fraction", "0.2", "--seed", "4"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == str(out)
+    assert read_manifest(out) == patient_split(source.samples, 0.2, seed=4)
+    assert "0 patients shared between train and val" in result.stderr
+    assert "val" in result.stderr
+
+
+def test_cli_split_bad_fraction_is_a_message(source, tmp_path):
+    result = CliRunner().invoke(app, ["data", "split", str(source.root), "--out",
+                                      str(tmp_path / "s.csv"), "--val-fraction", "1.5"])
+    assert result.exit_code == 2 and "val_fraction" in result.stderr
+    assert not (tmp_path / "s.csv").exists()
