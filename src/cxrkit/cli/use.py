@@ -1,1 +1,126 @@
-"""CLI commands (being written)."""
+"""`cxr predict | export | serve`: use a trained model (thin wrappers over cxrkit.predict,
+cxrkit.export and cxrkit.serve)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from cxrkit.cli.app import app, console, fail
+from cxrkit.export import FORMATS, SIDECAR, export_model
+from cxrkit.predict import BACKENDS, Prediction, predict, write_predictions
+
+MODEL_HELP = "A run folder (from `cxr train`), or an ONNX export folder (model.onnx + model.json)."
+TABLE_ROWS = 50  # more than this on screen helps nobody: --out has them all
+
+
+def predictions_table(predictions: list[Prediction]) -> Table:
+    readable = [p for p in predictions if p.ok]
+    labels = list(readable[0].probabilities) if readable else []
+    # Files under one folder are shown relative to it: the names, not one long prefix.
+    paths = [os.path.abspath(p.path) for p in readable]
+    root = os.path.commonpath(paths) if len(paths) > 1 else ""
+    table = Table(title=f"Predictions, files in {root}" if root else "Predictions")
+    table.add_column("file", overflow="fold")
+    table.add_column("label")
+    for label in labels:
+        table.add_column(f"P({label})", justify="right")
+    for p, path in zip(readable[:TABLE_ROWS], paths, strict=False):
+        name = os.path.relpath(path, root) if root else p.path
+        table.add_row(name, p.label, *[f"{p.probabilities[k]:.3f}" for k in labels])
+    if len(readable) > TABLE_ROWS:
+        table.caption = f"first {TABLE_ROWS} of {len(readable)}; --out FILE.csv keeps them all"
+    return table
+
+
+@app.command("predict")
+def predict_command(
+    model: Path = typer.Argument(..., help=MODEL_HELP),
+    paths: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) "
+                                      "or globs. JPEG, PNG and DICOM."),
+    out: Path | None = typer.Option(None, "--out", help="Also write the predictions to a "
+                                    ".csv or .json file."),
+    cam: Path | None = typer.Option(None, "--cam", help="Folder for Grad-CAM overlays "
+                                    "(torch backend)."),
+    backend: str | None = typer.Option(None, "--backend", help=f"{' or '.join(BACKENDS)}; "
+                                       "default: torch for a run folder, onnx for an export."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    threshold: float | None = typer.Option(
+        None, "--threshold", min=0.0, max=1.0,
+        help="Probability of the positive (last) label from which it is predicted; default: "
+             "the threshold chosen on validation, 0.5 if none."),
+) -> None:
+    """Label X-ray files. Exit code 1 when some files could not be read (listed, skipped)."""
+    if out is not None and out.suffix.lower() not in (".csv", ".json"):
+        fail(f"--out {out}: give a file name ending in .csv or .json")
+    start = time.perf_counter()
+    try:
+        predictions = predict(model, paths, backend, batch_size, threshold, cam)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if not predictions:
+        fail(f"no images found in {' '.join(paths)} (JPEG, PNG or DICOM files, or folders "
+             f"holding them)")
+    seconds = time.perf_counter() - start
+    console.print(predictions_table(predictions))
+    failed = [p for p in predictions if not p.ok]
+    for p in failed:
+        console.print(f"[red]unreadable, skipped:[/] {p.path}: {p.error}")
+    counts = Counter(p.label for p in predictions if p.ok)
+    console.print(f"{len(predictions) - len(failed)} predicted in {seconds:.1f} s ("
+                  + ", ".join(f"{label} {n}" for label, n in sorted(counts.items()))
+                  + f"); {len(failed)} unreadable")
+    if cam is not None:
+        console.print(f"Grad-CAM overlays in {cam}")
+    if out is not None:
+        console.print(f"predictions written to {write_predictions(predictions, out)}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("export")
+def export_command(
+    run: Path = typer.Argument(..., help="The run folder to export."),
+    format: str = typer.Option("onnx", "--format", help=" or ".join(FORMATS)),
+    out: Path | None = typer.Option(None, "--out", help="Folder to write to; default RUN/export."),
+    opset: int | None = typer.Option(None, "--opset", help="ONNX opset; default: the exporter's."),
+) -> None:
+    """Export the model (logits out) with a JSON sidecar, usable without cxrkit."""
+    try:
+        path = export_model(run, format, out, opset)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    console.print(f"exported {path}, with the preprocessing, labels, threshold and temperature "
+                  f"in {path.parent / SIDECAR}")
+    typer.echo(path)
+
+
+@app.command("serve")
+def serve_command(
+    model: Path = typer.Argument(..., help=MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on; 0.0.0.0 "
+                             "exposes the model to the whole network."),
+    port: int = typer.Option(8000, "--port"),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.1,
+                                        help="Larger uploads get 413."),
+    backend: str | None = typer.Option(None, "--backend", help=" or ".join(BACKENDS)),
+) -> None:
+    """A web page to try the model, and a JSON API (POST /predict; schema at /docs)."""
+    import uvicorn
+
+    from cxrkit.serve import create_app
+
+    try:
+        web_app = create_app(model, backend, max_upload_mb)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach this "
+                      "machine can send images; there is no authentication.")
+    console.print(f"open http://{host}:{port}/ (API docs at /docs); Ctrl+C stops")
+    uvicorn.run(web_app, host=host, port=port, log_level="info")

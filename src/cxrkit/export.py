@@ -1,0 +1,166 @@
+"""Export a trained run so that it runs without cxrkit: ONNX (main) or TorchScript.
+
+    OUT/model.onnx   float32 "image" [N, C, S, S] -> float32 "logits" [N, K], N dynamic
+    OUT/model.pt     the same network as TorchScript (`--format torchscript`)
+    OUT/model.json   the sidecar: preprocessing, labels, threshold, temperature
+
+The graph outputs *logits*, not probabilities: the temperature is then a number
+in the sidecar that recalibration can change without a new export, and every
+consumer (cxrkit's own `predict --backend onnx` included) applies the same
+`softmax(logits / temperature)`. The sidecar repeats the preprocessing facts in
+words (`preprocess`) so that the file is usable from any language.
+
+`OnnxClassifier` runs an exported model with ONNX Runtime behind the same
+interface as a PyTorch `Classifier`, so `cxrkit.inference.predict_logits` feeds
+both with one preprocessing path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from cxrkit.models import Classifier, ModelSpec
+from cxrkit.runs import Calibration, load_model, model_folder, read_calibration
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript")
+FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+SIDECAR = "model.json"
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+
+PREPROCESS = (
+    "Read the film as 8-bit grayscale (colour -> luminance; 16-bit PNG and DICOM stretched from "
+    "their min..max to 0..255, DICOM after its rescale slope/intercept and VOI window, "
+    "MONOCHROME1 inverted). If `equalize`, histogram-equalise it. Resize to input_size x "
+    "input_size (bilinear). Scale to [0, 1], repeat the gray channel to `in_chans`, then per "
+    "channel (x - mean) / std. Feed float32 NCHW as `image`. The output `logits` [N, classes]: "
+    "probabilities = softmax(logits / temperature). With two labels the prediction is the last "
+    "label when its probability >= threshold, else the first; with more, the most probable."
+)
+
+
+def export_model(run: str | Path, format: str = "onnx", out: str | Path | None = None,
+                 opset: int | None = None) -> Path:
+    """Write RUN's model as `format` into `out` (default RUN/export) with its sidecar."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    model = load_model(run).cpu()
+    out = Path(out) if out else model_folder(run) / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / FILE_NAMES[format]
+    if format == "onnx":
+        export_onnx(model, path, opset)
+    else:
+        export_torchscript(model, path)
+    write_sidecar(out, model.spec, read_calibration(run))
+    return path
+
+
+def _example_batch(spec: ModelSpec) -> torch.Tensor:
+    # Batch 2, not 1: torch.export specialises a dimension of size 1 to a constant.
+    return torch.randn(2, spec.in_chans, spec.input_size, spec.input_size)
+
+
+def export_onnx(model: Classifier, path: str | Path, opset: int | None = None,
+                dynamo: bool = True) -> Path:
+    """ONNX with a dynamic batch axis, checked by `onnx.checker`.
+
+    The torch.export-based exporter (`dynamo=True`, torch's default) is tried
+    first; a model it cannot capture falls back to the TorchScript-based one.
+    """
+    model = model.eval()
+    example = _example_batch(model.spec)
+    for noisy in ("onnxscript", "onnx_ir"):  # their optimiser logs every pass at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    names = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": opset}
+    if dynamo:
+        try:
+            torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False,
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                              verbose=False, **names)
+        except Exception as e:  # an op torch.export cannot trace: use the older exporter
+            log.warning("dynamo ONNX export failed (%s: %s); using the TorchScript-based exporter",
+                        type(e).__name__, e)
+            dynamo = False
+    if not dynamo:
+        torch.onnx.export(model, (example,), str(path), dynamo=False,
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          **names)
+    onnx.checker.check_model(str(path), full_check=True)
+    return Path(path)
+
+
+def export_torchscript(model: Classifier, path: str | Path) -> Path:
+    """A traced TorchScript module (`torch.jit.load` runs it without cxrkit or timm).
+
+    PyTorch now marks TorchScript deprecated; it stays here for runtimes that
+    still load it (LibTorch C++, older mobile stacks). ONNX is the format to prefer.
+    """
+    model = model.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the deprecation notice, said above
+        traced = torch.jit.trace(model, _example_batch(model.spec))
+    traced.save(str(path))
+    return Path(path)
+
+
+def write_sidecar(folder: str | Path, spec: ModelSpec, calibration: Calibration) -> Path:
+    sidecar = {
+        **spec.to_dict(),
+        "threshold": calibration.threshold,
+        "temperature": calibration.temperature,
+        "threshold_chosen_on": calibration.chosen_on,
+        "input": INPUT_NAME,
+        "output": OUTPUT_NAME,
+        "preprocess": PREPROCESS,
+    }
+    path = Path(folder) / SIDECAR
+    path.write_text(json.dumps(sidecar, indent=2))
+    return path
+
+
+def is_onnx_export(path: str | Path) -> bool:
+    path = Path(path)
+    folder = path.parent if path.is_file() else path
+    return (folder / FILE_NAMES["onnx"]).is_file() and (folder / SIDECAR).is_file()
+
+
+def read_sidecar(path: str | Path) -> tuple[ModelSpec, Calibration]:
+    path = Path(path)
+    folder = path.parent if path.is_file() else path
+    meta = json.loads((folder / SIDECAR).read_text())
+    calibration = Calibration(meta["threshold"], meta["temperature"],
+                              meta.get("threshold_chosen_on", "default"))
+    return ModelSpec.from_dict(meta), calibration
+
+
+class OnnxClassifier(nn.Module):
+    """An exported model on ONNX Runtime (CPU), shaped like a `Classifier` (`.spec`, forward)."""
+
+    def __init__(self, path: str | Path, spec: ModelSpec):
+        super().__init__()
+        import onnxruntime as ort  # imported here: only this backend needs it
+
+        self.spec = spec
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        image = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(self.session.run([OUTPUT_NAME], {INPUT_NAME: image})[0])
+
+
+def load_onnx(path: str | Path) -> tuple[OnnxClassifier, Calibration]:
+    """An export folder (model.onnx + model.json) -> the runnable model and its calibration."""
+    path = Path(path)
+    folder = path.parent if path.is_file() else path
+    spec, calibration = read_sidecar(folder)
+    return OnnxClassifier(folder / FILE_NAMES["onnx"], spec), calibration

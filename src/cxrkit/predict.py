@@ -1,0 +1,218 @@
+"""Label X-ray files with a trained model: the API behind `cxr predict` and `cxr serve`.
+
+    from cxrkit.predict import predict
+    for p in predict("runs/lite0", ["films/", "new.dcm"]):
+        print(p.path, p.label, p.probabilities, p.error)
+
+The model is a run folder (PyTorch) or an ONNX export folder (model.onnx +
+model.json, run by ONNX Runtime); both go through `cxrkit.inference.predict_logits`,
+so the preprocessing is the same code. Probabilities use the temperature chosen
+on validation; with two classes the prediction is the last label (e.g. PNEUMONIA)
+when its probability reaches the run's validation-chosen threshold (0.5 if none),
+with more classes the most probable label. A file that cannot be read gets a
+`Prediction` with `error` set; it never stops the others.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cxrkit.data.io import read_image
+from cxrkit.data.layout import images_under
+from cxrkit.export import FILE_NAMES, is_onnx_export, load_onnx
+from cxrkit.inference import predict_logits, softmax
+from cxrkit.runs import MODEL_WEIGHTS, Calibration, load_model, model_folder, read_calibration
+
+BACKENDS = ("torch", "onnx")
+CAM_MAX_SIDE = 1024  # overlays of 3000-pixel films are shown and stored smaller
+
+
+@dataclass
+class Prediction:
+    path: str
+    label: str | None = None  # None when the file could not be read
+    probabilities: dict[str, float] = field(default_factory=dict)
+    threshold: float | None = None  # on P(last label); None with more than two classes
+    error: str | None = None  # why the file could not be read
+    cam: str | None = None  # the Grad-CAM overlay written for this file
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def collect_images(paths: Iterable[str | Path]) -> list[str]:
+    """Files as given, folders searched recursively for image files, globs expanded.
+
+    A file is taken whatever its suffix (DICOM is recognised by content); a
+    missing path is kept so that it is reported as such. Order kept, no repeats.
+    """
+    found: list[str] = []
+    for arg in map(str, paths):
+        path = Path(arg)
+        if path.is_dir():
+            found += [str(p) for p in images_under(path)]
+        elif not path.exists() and any(c in arg for c in "*?["):
+            found += collect_images(sorted(glob.glob(arg, recursive=True))) or [arg]
+        else:
+            found.append(arg)
+    return list(dict.fromkeys(found))
+
+
+class Predictor:
+    """A model loaded once and ready to label files; one inference at a time (thread-safe).
+
+    The lock matters for the server: Grad-CAM registers hooks on the model, and
+    concurrent forward passes would see each other's hooks.
+    """
+
+    def __init__(self, model, calibration: Calibration, backend: str,
+                 device: str | None = None):
+        self.model, self.calibration, self.backend = model, calibration, backend
+        self.spec = model.spec
+        self.labels = self.spec.labels or [f"class_{i}" for i in range(self.spec.num_classes)]
+        # ONNX Runtime runs on the CPU here; for PyTorch None means the best device there is.
+        self.device = "cpu" if backend == "onnx" else device
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, model_path: str | Path, backend: str | None = None,
+             device: str | None = None) -> Predictor:
+        """A run folder or an ONNX export folder; `backend` None picks what the folder holds."""
+        path = Path(model_path)
+        folder = path.parent if path.is_file() else path
+        is_run, is_export = (folder / MODEL_WEIGHTS).is_file(), is_onnx_export(folder)
+        if not is_run and not is_export:
+            raise FileNotFoundError(
+                f"{path} is neither a cxrkit run nor an ONNX export: expected {MODEL_WEIGHTS} "
+                f"(a run from `cxr train`) or {FILE_NAMES['onnx']} + model.json (from "
+                f"`cxr export`) in it")
+        backend = backend or ("torch" if is_run else "onnx")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if backend == "torch":
+            if not is_run:
+                raise ValueError(f"{path} is an ONNX export: use --backend onnx, or pass the run "
+                                 f"folder it was exported from for --backend torch")
+            return cls(load_model(path), read_calibration(path), "torch", device)
+        if is_run:  # the run's own export
+            folder = model_folder(folder) / "export"
+            if not is_onnx_export(folder):
+                raise FileNotFoundError(f"no ONNX export in {folder}: run `cxr export {path}` "
+                                        f"first, or use --backend torch")
+        return cls(*load_onnx(folder), "onnx")
+
+    def require_torch(self, what: str) -> None:
+        if self.backend != "torch":
+            raise ValueError(f"{what} needs the PyTorch model: use the run folder "
+                             f"(--backend torch), not an ONNX export")
+
+    def threshold(self, override: float | None = None) -> float | None:
+        """The threshold on P(last label) in use: `override`, else the run's; None (argmax)
+        with more than two classes."""
+        if len(self.labels) != 2:
+            if override is not None:
+                raise ValueError("a threshold applies to two-class models only; "
+                                 f"this one has {len(self.labels)} classes (argmax is used)")
+            return None
+        if override is not None and not 0.0 <= override <= 1.0:
+            raise ValueError(f"threshold {override} is not a probability: use a value in [0, 1]")
+        return self.calibration.threshold if override is None else override
+
+    def predict(self, paths: Sequence[str | Path], batch_size: int = 32,
+                threshold: float | None = None, num_workers: int = 0) -> list[Prediction]:
+        """One Prediction per path, in order; unreadable files carry their `error`."""
+        paths = [str(p) for p in paths]
+        threshold = self.threshold(threshold)
+        with self._lock:
+            logits, failures = predict_logits(self.model, paths, batch_size, num_workers,
+                                              self.device)
+        reasons = {f.path: f.reason for f in failures}
+        predictions = []
+        for path, row in zip(paths, logits, strict=True):
+            if path in reasons:
+                predictions.append(Prediction(path, threshold=threshold, error=reasons[path]))
+                continue
+            probs = softmax(row[None], self.calibration.temperature)[0]
+            # Two classes: the positive (last) label from the threshold on; else the argmax.
+            index = int(np.argmax(probs)) if threshold is None else int(probs[-1] >= threshold)
+            by_label = {k: float(p) for k, p in zip(self.labels, probs, strict=True)}
+            predictions.append(Prediction(path, self.labels[index], by_label, threshold))
+        return predictions
+
+    def cam_overlays(self, predictions: Sequence[Prediction],
+                     batch_size: int = 32) -> list[Image.Image]:
+        """Grad-CAM of each (readable) prediction's label, over its film (at most 1024 px)."""
+        from cxrkit.explain import gradcam, overlay  # Grad-CAM pulls matplotlib: load on use
+
+        self.require_torch("Grad-CAM")
+        readable = [p for p in predictions if p.ok]
+        with self._lock:
+            heatmaps = gradcam(self.model, [p.path for p in readable],
+                               [self.labels.index(p.label) for p in readable],
+                               batch_size=batch_size)
+        overlays = []
+        for p, heatmap in zip(readable, heatmaps, strict=True):
+            film = read_image(p.path)
+            film.thumbnail((CAM_MAX_SIDE, CAM_MAX_SIDE))
+            overlays.append(overlay(film, heatmap))
+        return overlays
+
+    def write_cams(self, predictions: Sequence[Prediction], folder: str | Path,
+                   batch_size: int = 32) -> None:
+        """Save FOLDER/<name>_cam.png for each readable prediction and note it in `.cam`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        readable = [p for p in predictions if p.ok]
+        taken: set[str] = set()
+        for p, image in zip(readable, self.cam_overlays(readable, batch_size), strict=True):
+            name, n = f"{Path(p.path).stem}_cam.png", 1
+            while name in taken:  # the same file name in two folders
+                n += 1
+                name = f"{Path(p.path).stem}_{n}_cam.png"
+            taken.add(name)
+            image.save(folder / name)
+            p.cam = str(folder / name)
+
+
+def predict(model_path: str | Path, paths: Iterable[str | Path], backend: str | None = None,
+            batch_size: int = 32, threshold: float | None = None,
+            cam_dir: str | Path | None = None, num_workers: int = 0,
+            device: str | None = None) -> list[Prediction]:
+    """Predict every image among `paths` (files, folders, globs); see the module docstring."""
+    predictor = Predictor.load(model_path, backend, device)
+    if cam_dir is not None:
+        predictor.require_torch("Grad-CAM")  # before the predictions, not after them
+    predictions = predictor.predict(collect_images(paths), batch_size, threshold, num_workers)
+    if cam_dir is not None:
+        predictor.write_cams(predictions, cam_dir, batch_size)
+    return predictions
+
+
+def write_predictions(predictions: Sequence[Prediction], path: str | Path) -> Path:
+    """CSV (one column per class probability) or JSON, by the file's suffix."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps([asdict(p) for p in predictions], indent=2))
+        return path
+    if path.suffix.lower() != ".csv":
+        raise ValueError(f"{path}: write predictions to a .csv or a .json file")
+    labels = list(dict.fromkeys(k for p in predictions for k in p.probabilities))
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", *[f"p_{k}" for k in labels], "threshold", "error", "cam"])
+        for p in predictions:
+            probs = [f"{p.probabilities[k]:.6f}" if k in p.probabilities else "" for k in labels]
+            writer.writerow([p.path, p.label or "", *probs,
+                             "" if p.threshold is None else p.threshold, p.error or "",
+                             p.cam or ""])
+    return path

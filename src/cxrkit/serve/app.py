@@ -1,0 +1,168 @@
+"""The model as a web service: one page to try it, and a JSON API to build on.
+
+    GET  /              the page: drop an X-ray, see the label, probabilities and Grad-CAM
+    POST /predict       multipart form, field `file` (PNG, JPEG or DICOM); `?cam=true` adds
+                        the Grad-CAM overlay as a base64 PNG
+    GET  /model         what is served: name, labels, input size, threshold, temperature
+    GET  /health        liveness
+    GET  /openapi.json, /docs   the schema, and Swagger UI (which loads from a CDN)
+
+Why FastAPI + uvicorn and not Gradio: the product is a JSON API other programs
+call, and FastAPI gives it request validation and an OpenAPI schema for free;
+the page is one static HTML file using that same API. Gradio would pull a large
+dependency tree, serve assets from elsewhere, and hide the API behind its own
+protocol.
+
+Safe by default: binds 127.0.0.1 (the CLI warns otherwise); request bodies are
+capped (413 as soon as the declared or received size passes the cap, before the
+rest is read); images are recognised by decoding their content, never by the
+file name; the decoder refuses decompression bombs; nothing a client sends is
+unpickled; bad input gets a 4xx with a JSON `detail` saying what to send instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, Field
+
+from cxrkit import __version__
+from cxrkit.predict import Predictor
+
+DEFAULT_MAX_UPLOAD_MB = 20.0
+HOW_TO_POST = ("POST /predict takes multipart/form-data with the image (PNG, JPEG or DICOM) in "
+               "a field named 'file', e.g. curl -F file=@film.png http://HOST/predict")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    labels: list[str]
+    input_size: int
+    in_chans: int
+    threshold: float | None = Field(description="on P(last label); null with > 2 classes")
+    temperature: float
+    threshold_chosen_on: str
+    backend: str
+    gradcam: bool = Field(description="whether ?cam=true is available (PyTorch backend)")
+    max_upload_mb: float
+
+
+class PredictResult(BaseModel):
+    filename: str | None
+    label: str
+    probabilities: dict[str, float]
+    threshold: float | None
+    cam_png: str | None = Field(None, description="base64 PNG: Grad-CAM over the film (?cam)")
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+class UploadLimit:
+    """ASGI middleware: 413 for a body over `max_bytes`, without reading the rest of it.
+
+    A declared Content-Length over the cap fails on the first read; a chunked
+    body fails as soon as the bytes received pass it. The HTTPException goes
+    through FastAPI's handlers, so the answer is JSON like every other error.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        received = 0
+        too_large = HTTPException(413, f"upload too large: this server takes at most "
+                                       f"{self.max_bytes / 2**20:g} MB (cxr serve --max-upload-mb)")
+
+        async def limited_receive():
+            nonlocal received
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                raise too_large
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise too_large
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _validation_problem(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    return JSONResponse(status_code=422, content={
+        "detail": f"invalid request ({problems}). {HOW_TO_POST}",
+        "errors": jsonable_encoder(exc.errors()),
+    })
+
+
+def _png_base64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def create_app(model_path: str | Path, backend: str | None = None,
+               max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> FastAPI:
+    """The web app for one model (a run folder or an ONNX export folder), loaded once."""
+    predictor = Predictor.load(model_path, backend)
+    page = (resources.files("cxrkit.serve") / "static" / "index.html").read_text()
+    app = FastAPI(title="cxrkit", version=__version__,
+                  description="Chest X-ray classification. " + HOW_TO_POST)
+    app.add_middleware(UploadLimit, max_bytes=int(max_upload_mb * 2**20))
+    app.add_exception_handler(RequestValidationError, _validation_problem)
+    errors = {code: {"model": Problem} for code in (400, 413, 415, 422)}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> str:
+        return page
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/model")
+    def model_info() -> ModelInfo:
+        spec, calibration = predictor.spec, predictor.calibration
+        return ModelInfo(name=spec.name, labels=predictor.labels, input_size=spec.input_size,
+                         in_chans=spec.in_chans, threshold=predictor.threshold(),
+                         temperature=calibration.temperature,
+                         threshold_chosen_on=calibration.chosen_on, backend=predictor.backend,
+                         gradcam=predictor.backend == "torch", max_upload_mb=max_upload_mb)
+
+    @app.post("/predict", responses=errors)
+    def predict(file: UploadFile = File(..., description="the X-ray: PNG, JPEG or DICOM"),
+                cam: bool = Query(False, description="add the Grad-CAM overlay")) -> PredictResult:
+        # A plain `def`: FastAPI runs it in its thread pool; the predictor's lock
+        # makes the model see one request at a time.
+        if cam and predictor.backend != "torch":
+            raise HTTPException(400, "this server runs an ONNX export, which has no Grad-CAM: "
+                                     "ask without ?cam=true")
+        if not file.size:
+            raise HTTPException(400, f"{file.filename}: the upload is empty. {HOW_TO_POST}")
+        with tempfile.TemporaryDirectory(prefix="cxr-upload-") as tmp:
+            path = Path(tmp) / "upload"  # no suffix: the content alone says what it is
+            with open(path, "wb") as out:
+                shutil.copyfileobj(file.file, out)
+            [result] = predictor.predict([path])
+            if not result.ok:
+                raise HTTPException(415, f"{file.filename}: {result.error}. Send a chest X-ray "
+                                         f"as PNG, JPEG or DICOM.")
+            cam_png = _png_base64(predictor.cam_overlays([result])[0]) if cam else None
+        return PredictResult(filename=file.filename, label=result.label,
+                             probabilities=result.probabilities, threshold=result.threshold,
+                             cam_png=cam_png)
+
+    return app

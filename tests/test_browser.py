@@ -1,0 +1,107 @@
+"""The `cxr serve` page in a real headless Chromium: upload a real X-ray, see the label, the
+probabilities and the Grad-CAM; drop a text file, see the error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxrkit.predict import Predictor
+from cxrkit.serve import create_app
+from tests.conftest import REAL_DATA, pretrained_run, requires_real_data, running_server
+from tests.test_io import write_dicom
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = Path("/tmp")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-quic"]
+TIMEOUT_MS = 30_000
+
+pytestmark = [
+    requires_real_data,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no browser at {CHROMIUM} "
+                       "(Debian: apt-get install chromium; CI installs it)"),
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return pretrained_run(tmp_path_factory.mktemp("browser") / "run", threshold=0.45)
+
+
+@pytest.fixture(scope="module")
+def page(run):
+    from playwright.sync_api import sync_playwright
+
+    with running_server(create_app(run)) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1000, "height": 900})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url)
+        yield page
+        browser.close()
+
+
+def test_an_uploaded_xray_shows_label_probabilities_and_heatmap(page, run):
+    from playwright.sync_api import expect
+
+    film = sorted((REAL_DATA / "test" / "PNEUMONIA").glob("*.jpeg"))[0]
+    [expected] = Predictor.load(run).predict([film])
+    expect(page.locator("#model")).to_contain_text("efficientnet_lite0")
+    expect(page.locator("#model")).to_contain_text("0.45")
+    page.set_input_files("#file-input", film)
+    expect(page.locator("#label")).to_have_text(expected.label)
+    expect(page.locator("#file-name")).to_have_text(film.name)
+    rows = page.locator(".bar-row")
+    expect(rows).to_have_count(2)
+    for row, (name, p) in zip(rows.all(), expected.probabilities.items(), strict=True):
+        expect(row).to_contain_text(name)
+        shown = row.locator(".pct").inner_text()
+        assert shown.endswith("%") and abs(float(shown[:-1]) - 100 * p) <= 0.051
+    expect(page.locator(f".bar-row.chosen:has-text('{expected.label}')")).to_have_count(1)
+    page.wait_for_function("document.getElementById('cam').naturalWidth > 0")
+    page.wait_for_function("document.getElementById('preview').naturalWidth > 0")
+    cam_size = page.evaluate("[document.getElementById('cam').naturalWidth, "
+                             "document.getElementById('cam').naturalHeight]")
+    assert cam_size == [224, 224]  # the overlay, at the film's size
+    expect(page.locator("#cam-caption")).to_contain_text(expected.label)
+    expect(page.locator("#error")).to_be_hidden()
+    page.screenshot(path=str(SCREENSHOTS / "cxrkit_serve_result.png"), full_page=True)
+
+
+def test_a_dropped_text_file_shows_the_error(page):
+    from playwright.sync_api import expect
+
+    # Drop, as a user dragging a file onto the page does.
+    transfer = page.evaluate_handle("""() => {
+        const t = new DataTransfer();
+        t.items.add(new File(["patient notes, not a film"], "notes.txt", {type: "text/plain"}));
+        return t; }""")
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+    error = page.locator("#error")
+    expect(error).to_be_visible()
+    expect(error).to_have_text("Could not analyse notes.txt: not an image PIL or pydicom can "
+                               "read. Send a chest X-ray as PNG, JPEG or DICOM.")
+    expect(page.locator("#result")).to_be_hidden()
+    page.screenshot(path=str(SCREENSHOTS / "cxrkit_serve_error.png"), full_page=True)
+
+
+def test_a_dicom_is_predicted_and_shown_through_its_overlay(page, run, tmp_path):
+    """Browsers cannot draw DICOM: the page says so, and the overlay shows the film."""
+    from playwright.sync_api import expect
+
+    film = np.asarray(Image.open(sorted((REAL_DATA / "test" / "NORMAL").glob("*.jpeg"))[0])
+                      .convert("L"), np.uint16)
+    dicom = write_dicom(tmp_path / "film.dcm", (255 - film) * 16, "MONOCHROME1")
+    [expected] = Predictor.load(run).predict([dicom])
+    page.set_input_files("#file-input", dicom)
+    expect(page.locator("#file-name")).to_have_text("film.dcm")
+    expect(page.locator("#label")).to_have_text(expected.label)
+    expect(page.locator(".no-preview")).to_contain_text("No browser preview")
+    page.wait_for_function("document.getElementById('cam').naturalWidth === 224")
+    expect(page.locator("#error")).to_be_hidden()
+    page.screenshot(path=str(SCREENSHOTS / "cxrkit_serve_dicom.png"), full_page=True)

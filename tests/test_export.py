@@ -1,0 +1,152 @@
+"""`cxr export`: ONNX (checked, dynamic batch, agrees with PyTorch on ONNX Runtime) and
+TorchScript; `cxr predict --backend onnx` runs from the export folder alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cxrkit.cli import app
+from cxrkit.export import export_onnx
+from cxrkit.predict import Predictor
+from cxrkit.runs import load_model
+from tests.conftest import REAL_DATA, pretrained_run, requires_real_data, synthetic_film
+from tests.test_predict import flat
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def lite0_export(tmp_path_factory):
+    """A Lite0 run (threshold 0.35, temperature 1.7) exported to ONNX by the CLI."""
+    run = pretrained_run(tmp_path_factory.mktemp("export") / "run", threshold=0.35,
+                         temperature=1.7)
+    result = runner.invoke(app, ["export", str(run), "--opset", "19"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().endswith("model.onnx")
+    return run
+
+
+@pytest.fixture(scope="module")
+def lite0_predictors(lite0_export):
+    """Loaded once: the run on PyTorch, and its export folder alone on ONNX Runtime, both on
+    the CPU (a GPU's TF32 convolutions differ from ONNX Runtime by more than 1e-4)."""
+    return Predictor.load(lite0_export, device="cpu"), Predictor.load(lite0_export / "export")
+
+
+@pytest.fixture(scope="module")
+def generated_films(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("generated")
+    for i, label in enumerate(["NORMAL", "PNEUMONIA"] * 3):
+        size = (96, 80) if i % 2 else (300, 360)  # upscaled and downscaled to 224
+        synthetic_film(label, 100 + i, size).save(folder / f"film_{i}.png")
+    return sorted(str(p) for p in folder.iterdir())[:5]
+
+
+def real_films():
+    return sorted(str(p) for p in (REAL_DATA / "test").rglob("*.jpeg"))[::120][:5]
+
+
+@pytest.mark.parametrize("source", ["generated", pytest.param("real", marks=requires_real_data)])
+@pytest.mark.parametrize("batch_size", [1, 5])
+def test_onnx_runtime_agrees_with_pytorch(lite0_predictors, generated_films, source,
+                                          batch_size):
+    files = generated_films if source == "generated" else real_films()
+    assert len(files) == 5
+    eager, onnx_export = lite0_predictors
+    assert (eager.backend, onnx_export.backend) == ("torch", "onnx")
+    for a, b in zip(eager.predict(files, batch_size), onnx_export.predict(files, batch_size),
+                    strict=True):
+        p, q = list(a.probabilities.values()), list(b.probabilities.values())
+        assert np.abs(np.subtract(p, q)).max() < 1e-4
+        assert a.label == b.label and a.threshold == b.threshold == 0.35
+
+
+def test_export_folder_is_self_describing(lite0_export):
+    folder = lite0_export / "export"
+    model = onnx.load(str(folder / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    [image], [logits] = model.graph.input, model.graph.output
+    assert (image.name, logits.name) == ("image", "logits")
+    batch = image.type.tensor_type.shape.dim[0]
+    assert batch.dim_param and not batch.dim_value  # a named, dynamic batch axis
+    assert [d.dim_value for d in image.type.tensor_type.shape.dim[1:]] == [3, 224, 224]
+    sidecar = json.loads((folder / "model.json").read_text())
+    assert sidecar["labels"] == ["NORMAL", "PNEUMONIA"]
+    assert (sidecar["threshold"], sidecar["temperature"]) == (0.35, 1.7)
+    assert (sidecar["input_size"], sidecar["in_chans"], sidecar["equalize"]) == (224, 3, False)
+    assert len(sidecar["mean"]) == len(sidecar["std"]) == 3
+    assert "softmax(logits / temperature)" in sidecar["preprocess"]
+    assert {o.domain: o.version for o in model.opset_import}[""] == 19  # --opset
+
+
+def test_the_sidecar_recipe_alone_reproduces_predictions(lite0_export, lite0_predictors,
+                                                         generated_films):
+    """Follow model.json's words with PIL, NumPy and ONNX Runtime only: same probabilities."""
+    folder = lite0_export / "export"
+    meta = json.loads((folder / "model.json").read_text())
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    path = generated_films[1]  # a 96 x 80 film: enlarged
+    size = meta["input_size"]
+    gray = Image.open(path).convert("L").resize((size, size), Image.Resampling.BILINEAR)
+    x = np.asarray(gray, np.float32)[None] / 255.0
+    x = np.repeat(x, meta["in_chans"], axis=0)
+    x = (x - np.array(meta["mean"])[:, None, None]) / np.array(meta["std"])[:, None, None]
+    [logits] = session.run([meta["output"]], {meta["input"]: x[None].astype(np.float32)})
+    z = logits[0] / meta["temperature"]
+    probabilities = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    [expected] = lite0_predictors[0].predict([path])
+    np.testing.assert_allclose(probabilities, list(expected.probabilities.values()), atol=1e-4)
+
+
+def test_the_fallback_exporter_gives_a_dynamic_batch(trained_run, tmp_path):
+    """The TorchScript-based ONNX exporter, used when torch.export cannot capture a model."""
+    model = load_model(trained_run)
+    path = export_onnx(model, tmp_path / "model.onnx", opset=17, dynamo=False)
+    assert {o.domain: o.version for o in onnx.load(str(path)).opset_import}[""] == 17
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):
+        x = torch.randn(batch, 1, 64, 64)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        [logits] = session.run(None, {"image": x.numpy()})
+        assert logits.shape == (batch, 2)
+        np.testing.assert_allclose(logits, expected, atol=1e-4)
+
+
+def test_torchscript_export_matches_eager(trained_run, tmp_path):
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    result = runner.invoke(app, ["export", str(run), "--format", "torchscript"])
+    assert result.exit_code == 0, result.output
+    scripted = torch.jit.load(str(run / "export" / "model.pt"))
+    model = load_model(run)
+    for batch in (1, 3):
+        x = torch.randn(batch, 1, 64, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(scripted(x), model(x), atol=1e-5, rtol=1e-4)
+    assert json.loads((run / "export" / "model.json").read_text())["input_size"] == 64
+
+
+def test_predict_cli_on_onnx_and_its_usage_errors(lite0_export, generated_films, tmp_path):
+    out = tmp_path / "preds.json"
+    result = runner.invoke(app, ["predict", str(lite0_export), *generated_films[:2],
+                                 "--backend", "onnx", "--out", str(out)])  # RUN/export
+    assert result.exit_code == 0, result.output
+    assert [p["threshold"] for p in json.loads(out.read_text())] == [0.35, 0.35]
+    export = str(lite0_export / "export")
+    cam = runner.invoke(app, ["predict", export, generated_films[0], "--cam", str(tmp_path)])
+    assert cam.exit_code == 2 and "Grad-CAM needs the PyTorch model" in flat(cam.output)
+    torch_on_onnx = runner.invoke(app, ["predict", export, generated_films[0],
+                                        "--backend", "torch"])
+    assert torch_on_onnx.exit_code == 2 and "is an ONNX export" in flat(torch_on_onnx.output)
+    for args in (["export", str(tmp_path)], ["export", str(lite0_export), "--format", "tflite"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output

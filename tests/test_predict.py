@@ -1,0 +1,217 @@
+"""`cxr predict` and `cxrkit.predict`: files, folders, globs, bad files, DICOM, thresholds."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cxrkit.cli import app
+from cxrkit.data.dataset import load_prepared
+from cxrkit.data.transforms import eval_transform
+from cxrkit.predict import Predictor, collect_images, predict, write_predictions
+from cxrkit.runs import Calibration, load_model, write_calibration
+from tests.conftest import REAL_DATA, requires_real_data, synthetic_film
+from tests.test_io import write_dicom
+
+runner = CliRunner()
+
+
+def flat(text: str) -> str:
+    """Rich wraps long lines at the terminal width: compare text with single spaces."""
+    return " ".join(text.split())
+
+
+@pytest.fixture(scope="module")
+def run(trained_run, tmp_path_factory):
+    """The tiny trained run, with a validation threshold of 0.4 and a temperature of 1.5."""
+    run = shutil.copytree(trained_run, tmp_path_factory.mktemp("predict") / "run")
+    write_calibration(run, Calibration(threshold=0.4, temperature=1.5, chosen_on="val"))
+    return run
+
+
+@pytest.fixture(scope="module")
+def films(tmp_path_factory):
+    """films/{a,b}/ with 3 good PNGs and a JPEG, a corrupt PNG, and a README to ignore."""
+    root = tmp_path_factory.mktemp("films")
+    (root / "a").mkdir()
+    (root / "b" / "deeper").mkdir(parents=True)
+    for i, (label, where) in enumerate([("NORMAL", "a"), ("PNEUMONIA", "a"),
+                                        ("PNEUMONIA", "b"), ("NORMAL", "b/deeper")]):
+        suffix = "jpg" if i == 3 else "png"
+        synthetic_film(label, 10 + i).save(root / where / f"{label.lower()}_{i}.{suffix}")
+    (root / "b" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (root / "README.txt").write_text("films for the test\n")
+    return root
+
+
+def reference_probabilities(run, path, temperature):
+    """softmax(logits / T) straight from the PyTorch model, for one file."""
+    model = load_model(run)
+    x = eval_transform(model.spec)(load_prepared(str(path), model.spec.input_size, False))
+    with torch.no_grad():
+        return torch.softmax(model(x[None]) / temperature, dim=1)[0].numpy()
+
+
+def test_folder_predictions_follow_the_temperature_and_threshold(run, films):
+    # On the CPU like the reference: a GPU's TF32 convolutions differ by ~1e-4.
+    predictions = predict(run, [films], device="cpu")
+    assert [p.path for p in predictions] == [str(p) for p in sorted(films.rglob("*.*"))
+                                             if p.suffix != ".txt"]
+    good = [p for p in predictions if p.ok]
+    assert len(good) == 4
+    for p in good:
+        expected = reference_probabilities(run, p.path, temperature=1.5)
+        np.testing.assert_allclose(list(p.probabilities.values()), expected, atol=1e-5)
+        assert list(p.probabilities) == ["NORMAL", "PNEUMONIA"]
+        assert p.threshold == 0.4
+        assert p.label == ("PNEUMONIA" if p.probabilities["PNEUMONIA"] >= 0.4 else "NORMAL")
+    [bad] = [p for p in predictions if not p.ok]
+    assert bad.path.endswith("corrupt.png") and bad.label is None and bad.probabilities == {}
+    # The tiny model learnt the synthetic films: the file names are its labels.
+    assert [p.label for p in good] == [p.path.rsplit("/", 1)[1].split("_")[0].upper()
+                                       for p in good]
+
+
+def test_threshold_override_and_default(run, films, tmp_path):
+    files = collect_images([films])
+    p_pneumonia = [p.probabilities.get("PNEUMONIA") for p in predict(run, files)]
+    cut = sorted(p for p in p_pneumonia if p is not None)[1]  # between the 2nd and 3rd
+    labels = [p.label for p in predict(run, files, threshold=cut)]
+    assert labels == [None if p is None else ("PNEUMONIA" if p >= cut else "NORMAL")
+                      for p in p_pneumonia]
+    assert labels.count("PNEUMONIA") == 3
+    # Without a calibration file: threshold 0.5 and temperature 1.
+    bare = shutil.copytree(run, tmp_path / "bare")
+    (bare / "calibration.json").unlink()
+    [p] = predict(bare, [files[0]], device="cpu")
+    assert p.threshold == 0.5
+    np.testing.assert_allclose(list(p.probabilities.values()),
+                               reference_probabilities(run, files[0], 1.0), atol=1e-5)
+
+
+def test_cli_lists_the_corrupt_file_and_exits_1(run, films, tmp_path):
+    for suffix in ("csv", "json"):
+        out = tmp_path / f"preds.{suffix}"
+        result = runner.invoke(app, ["predict", str(run), str(films), "--out", str(out),
+                                     "--batch-size", "2"])
+        assert result.exit_code == 1, result.output
+        assert "corrupt.png: not an image" in flat(result.output)
+        assert "4 predicted" in flat(result.output)
+        if suffix == "csv":
+            rows = list(csv.DictReader(out.open()))
+            assert list(rows[0]) == ["path", "label", "p_NORMAL", "p_PNEUMONIA", "threshold",
+                                     "error", "cam"]
+        else:
+            rows = json.loads(out.read_text())
+        by_name = {r["path"].rsplit("/", 1)[1]: r for r in rows}
+        assert len(by_name) == 5
+        assert by_name["corrupt.png"]["label"] in ("", None) and by_name["corrupt.png"]["error"]
+        assert by_name["pneumonia_1.png"]["label"] == "PNEUMONIA"
+        assert by_name["normal_3.jpg"]["label"] == "NORMAL"
+    ok = runner.invoke(app, ["predict", str(run), str(films / "a"), "--threshold", "0.4"])
+    assert ok.exit_code == 0, ok.output
+
+
+def test_globs_and_missing_files(run, films):
+    predictions = predict(run, [str(films / "**" / "*.png"), films / "gone.png",
+                                films / "a" / "normal_0.png"])  # already matched: once
+    names = [p.path.rsplit("/", 1)[1] for p in predictions]
+    assert names == ["normal_0.png", "pneumonia_1.png", "corrupt.png", "pneumonia_2.png",
+                     "gone.png"]
+    assert predictions[-1].error == "file not found"
+
+
+@requires_real_data
+def test_dicom_monochrome1_predicts_like_the_png(run, tmp_path):
+    """A real film stored as 12-bit MONOCHROME1 DICOM (bone dark, inverted) with and
+    without the .dcm suffix is predicted like the same film as a PNG."""
+    film = Image.open(next((REAL_DATA / "test" / "PNEUMONIA").glob("*.jpeg"))).convert("L")
+    pixels = np.asarray(film).astype(np.float64)
+    pixels = np.round((pixels - pixels.min()) * 255 / (pixels.max() - pixels.min()))
+    Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "film.png")
+    write_dicom(tmp_path / "film.dcm", (255 - pixels) * 16, "MONOCHROME1")
+    shutil.copy(tmp_path / "film.dcm", tmp_path / "film_without_suffix")
+    png, dcm, bare = predict(run, [tmp_path / "film.png", tmp_path / "film.dcm",
+                                   tmp_path / "film_without_suffix"])
+    assert png.ok and dcm.ok and bare.ok
+    for other in (dcm, bare):
+        assert other.label == png.label
+        np.testing.assert_allclose(list(other.probabilities.values()),
+                                   list(png.probabilities.values()), atol=1e-5)
+    # A folder picks up .dcm files by their suffix.
+    assert sorted(p.rsplit("/", 1)[1] for p in collect_images([tmp_path])) == ["film.dcm",
+                                                                              "film.png"]
+
+
+def test_gradcam_overlays_written_per_readable_file(run, films, tmp_path):
+    out = tmp_path / "preds.csv"
+    result = runner.invoke(app, ["predict", str(run), str(films / "a"), str(films / "b"),
+                                 "--cam", str(tmp_path / "cams"), "--out", str(out)])
+    assert result.exit_code == 1, result.output  # corrupt.png
+    rows = {r["path"].rsplit("/", 1)[1]: r for r in csv.DictReader(out.open())}
+    assert rows["corrupt.png"]["cam"] == ""
+    assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == [
+        "normal_0_cam.png", "normal_3_cam.png", "pneumonia_1_cam.png", "pneumonia_2_cam.png"]
+    for name in ("normal_0.png", "pneumonia_2.png"):
+        cam = Image.open(rows[name]["cam"])
+        assert cam.mode == "RGB" and cam.size == (96, 80)  # the film's own size
+        rgb = np.asarray(cam).astype(int)
+        assert np.abs(rgb[..., 0] - rgb[..., 2]).max() > 30  # coloured, not the gray film
+
+
+def test_multiclass_uses_argmax_and_refuses_a_threshold(tmp_path, films):
+    from cxrkit.models import create_model
+    from cxrkit.runs import save_model
+
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", labels=["NORMAL", "BACTERIA", "VIRUS"])
+    model.spec.input_size = 64
+    save_model(model, tmp_path / "run3")
+    predictions = [p for p in predict(tmp_path / "run3", [films]) if p.ok]
+    for p in predictions:
+        assert p.threshold is None
+        assert p.label == max(p.probabilities, key=p.probabilities.get)
+    result = runner.invoke(app, ["predict", str(tmp_path / "run3"), str(films),
+                                 "--threshold", "0.3"])
+    assert result.exit_code == 2 and "two-class" in flat(result.output)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["predict", "{tmp}/nowhere", "{films}"], "neither a cxrkit run nor an ONNX export"),
+    (["predict", "{run}", "{tmp}"], "no images found"),
+    (["predict", "{run}", "{films}", "--out", "{tmp}/preds.txt"], ".csv or .json"),
+    (["predict", "{run}", "{films}", "--backend", "onnx"], "cxr export"),
+    (["predict", "{run}", "{films}", "--backend", "tensorflow"], "unknown backend"),
+    (["predict", "{run}", "{films}", "--threshold", "1.5"], "'--threshold'"),
+])
+def test_usage_errors_exit_2(run, films, tmp_path, args, message):
+    args = [a.format(tmp=tmp_path, films=films, run=run) for a in args]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in flat(result.output)
+
+
+def test_predictions_file_must_be_csv_or_json(tmp_path):
+    with pytest.raises(ValueError, match=r"\.csv or a \.json"):
+        write_predictions([], tmp_path / "preds.xlsx")
+
+
+def test_predictor_is_reusable_and_keeps_order(run, films):
+    predictor = Predictor.load(run)
+    files = collect_images([films])
+    assert predictor.backend == "torch" and predictor.labels == ["NORMAL", "PNEUMONIA"]
+    forward = predictor.predict(files, batch_size=3)
+    backward = predictor.predict(files[::-1], batch_size=1)
+    assert [p.path for p in backward] == files[::-1]
+    for a, b in zip(forward, backward[::-1], strict=True):
+        assert (a.label, a.error) == (b.label, b.error)
+        assert a.probabilities.keys() == b.probabilities.keys()
+        np.testing.assert_allclose(list(a.probabilities.values()),
+                                   list(b.probabilities.values()), atol=1e-6)

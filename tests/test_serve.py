@@ -1,0 +1,184 @@
+"""`cxr serve`: the JSON API over a real socket (uvicorn on 127.0.0.1), bad input, limits,
+and concurrent requests answered exactly like single ones."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from cxrkit.export import export_onnx, write_sidecar
+from cxrkit.predict import predict
+from cxrkit.runs import Calibration, load_model
+from cxrkit.serve import create_app
+from tests.conftest import running_server, synthetic_film
+from tests.test_io import tiny_png_claiming, write_dicom
+
+MAX_UPLOAD_MB = 1
+
+
+@pytest.fixture(scope="module")
+def films(tmp_path_factory):
+    """PNG, JPEG, 16-bit PNG and an extensionless MONOCHROME1 DICOM, of both classes."""
+    folder = tmp_path_factory.mktemp("serve")
+    synthetic_film("NORMAL", 1).save(folder / "normal.png")
+    synthetic_film("PNEUMONIA", 2).save(folder / "pneumonia.jpg", quality=95)
+    pixels = np.asarray(synthetic_film("PNEUMONIA", 3), np.uint16)
+    Image.fromarray(pixels * 257).save(folder / "pneumonia16.png")
+    write_dicom(folder / "normal.dcm", (255 - np.asarray(synthetic_film("NORMAL", 4))) * 16,
+                "MONOCHROME1")
+    shutil.move(folder / "normal.dcm", folder / "normal_dicom")
+    return {p.name: p for p in folder.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def server(trained_run):
+    with running_server(create_app(trained_run, max_upload_mb=MAX_UPLOAD_MB)) as url:
+        yield url
+
+
+def post(url, name, content, params=None, field="file"):
+    return requests.post(f"{url}/predict", files={field: (name, content)}, params=params,
+                         timeout=60)
+
+
+def test_health_model_and_schema(server):
+    assert requests.get(f"{server}/health", timeout=10).json() == {"status": "ok"}
+    info = requests.get(f"{server}/model", timeout=10).json()
+    assert info["name"] == "simple_cnn" and info["labels"] == ["NORMAL", "PNEUMONIA"]
+    assert (info["input_size"], info["threshold"], info["temperature"]) == (64, 0.5, 1.0)
+    assert info["backend"] == "torch" and info["gradcam"] is True
+    schema = requests.get(f"{server}/openapi.json", timeout=10).json()
+    assert {"/predict", "/model", "/health"} <= set(schema["paths"])
+    assert "multipart/form-data" in schema["paths"]["/predict"]["post"]["requestBody"]["content"]
+    page = requests.get(server, timeout=10)
+    assert page.status_code == 200 and 'id="file-input"' in page.text
+    assert "http" not in page.text.split("<script>")[1]  # self-contained: no CDN
+
+
+def test_png_jpeg_and_dicom_predicted_like_the_python_api(server, trained_run, films):
+    expected = {p.path.rsplit("/", 1)[1]: p for p in predict(trained_run, films.values())}
+    for name, path in films.items():
+        response = post(server, name, path.read_bytes())
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["filename"] == name and body["cam_png"] is None
+        assert body["label"] == expected[name].label
+        assert body["threshold"] == 0.5
+        np.testing.assert_allclose(list(body["probabilities"].values()),
+                                   list(expected[name].probabilities.values()), atol=1e-6)
+
+
+def test_gradcam_overlay_comes_back_as_png(server, films):
+    body = post(server, "x.png", films["pneumonia.jpg"].read_bytes(), {"cam": "true"}).json()
+    overlay = Image.open(io.BytesIO(base64.b64decode(body["cam_png"])))
+    assert overlay.format == "PNG" and overlay.mode == "RGB" and overlay.size == (96, 80)
+
+
+@pytest.mark.parametrize("name, content, status, words", [
+    ("notes.png", b"patient 12: follow-up in 2 weeks\n" * 20, 415, "not an image"),
+    ("film.dcm", b"\x00" * 128 + b"DICM" + b"\x00" * 64, 415, "PNG, JPEG or DICOM"),
+    ("cut.png", None, 415, "PNG, JPEG or DICOM"),  # truncated
+    ("bomb.png", tiny_png_claiming(9_000, 9_000), 415, "too many pixels"),
+    ("empty.png", b"", 400, "empty"),
+])
+def test_bad_files_get_a_4xx_with_a_message(server, films, name, content, status, words):
+    if content is None:
+        content = films["normal.png"].read_bytes()[:300]
+    response = post(server, name, content)
+    assert response.status_code == status
+    assert name in response.json()["detail"] and words in response.json()["detail"]
+
+
+def test_oversized_upload_is_refused_with_413(server):
+    big = bytes(MAX_UPLOAD_MB * 2**20 + 1000)
+    declared = post(server, "big.png", big)
+    assert declared.status_code == 413 and "--max-upload-mb" in declared.json()["detail"]
+
+    def chunks():  # no Content-Length: the server counts what arrives
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'
+        for _ in range(MAX_UPLOAD_MB * 8 + 2):
+            yield bytes(2**17)
+        yield b"\r\n--b--\r\n"
+
+    streamed = requests.post(f"{server}/predict", data=chunks(), timeout=60,
+                             headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert streamed.status_code == 413 and "--max-upload-mb" in streamed.json()["detail"]
+    assert requests.get(f"{server}/health", timeout=10).status_code == 200
+
+
+def test_wrong_field_or_no_form_is_422(server, films):
+    wrong = post(server, "normal.png", films["normal.png"].read_bytes(), field="image")
+    assert wrong.status_code == 422 and "field named 'file'" in wrong.json()["detail"]
+    raw = requests.post(f"{server}/predict", data=films["normal.png"].read_bytes(), timeout=10,
+                        headers={"Content-Type": "image/png"})
+    assert raw.status_code == 422 and "multipart/form-data" in raw.json()["detail"]
+
+
+def test_concurrent_requests_get_their_own_answers(server, films):
+    """60 requests from 6 threads, images and Grad-CAM mixed: each answer is exactly the
+    answer the same request gets alone (the model is locked, Grad-CAM hooks included)."""
+    cases = [(name, cam) for name in films for cam in (False, True)]
+    cases.append(("notes.txt", False))
+    content = {name: path.read_bytes() for name, path in films.items()}
+    content["notes.txt"] = b"not a film"
+
+    def ask(case):
+        name, cam = case
+        response = post(server, name, content[name], {"cam": str(cam).lower()})
+        return response.status_code, response.json()
+
+    alone = {case: ask(case) for case in cases}
+    assert len({str(body["probabilities"]) for status, body in alone.values()
+                if status == 200}) == len(films)  # every film its own answer
+    requests_ = [cases[i % len(cases)] for i in range(60)]
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(ask, requests_))
+    for case, (status, body) in zip(requests_, answers, strict=True):
+        assert status == alone[case][0]
+        if status != 200:
+            assert "not an image" in body["detail"]
+            continue
+        expected = alone[case][1]
+        assert body["label"] == expected["label"]
+        np.testing.assert_allclose(list(body["probabilities"].values()),
+                                   list(expected["probabilities"].values()), atol=1e-6)
+        if case[1]:
+            assert _pixels(body["cam_png"]).shape == _pixels(expected["cam_png"]).shape
+            assert np.abs(_pixels(body["cam_png"]) - _pixels(expected["cam_png"])).max() <= 2
+
+
+def _pixels(png_base64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(png_base64))), dtype=int)
+
+
+def test_an_onnx_export_is_served_without_gradcam(trained_run, films, tmp_path):
+    model = load_model(trained_run)
+    export_onnx(model, tmp_path / "model.onnx", dynamo=False)  # the quick exporter
+    write_sidecar(tmp_path, model.spec, Calibration(threshold=0.3))
+    [expected] = predict(tmp_path, [films["normal.png"]])
+    with running_server(create_app(tmp_path)) as url:
+        info = requests.get(f"{url}/model", timeout=10).json()
+        assert (info["backend"], info["gradcam"], info["threshold"]) == ("onnx", False, 0.3)
+        body = post(url, "normal.png", films["normal.png"].read_bytes()).json()
+        assert body["label"] == expected.label
+        np.testing.assert_allclose(list(body["probabilities"].values()),
+                                   list(expected.probabilities.values()), atol=1e-6)
+        cam = post(url, "normal.png", films["normal.png"].read_bytes(), {"cam": "true"})
+        assert cam.status_code == 400 and "no Grad-CAM" in cam.json()["detail"]
+
+
+def test_serve_command_refuses_what_is_not_a_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from cxrkit.cli import app
+
+    result = CliRunner().invoke(app, ["serve", str(tmp_path)])
+    assert result.exit_code == 2 and "neither a cxrkit run nor an ONNX export" in " ".join(
+        result.output.split())
