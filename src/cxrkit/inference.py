@@ -62,7 +62,6 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-@torch.inference_mode()
 def predict_logits(
     model: Classifier,
     paths: Sequence[str],
@@ -77,16 +76,19 @@ def predict_logits(
     given, the logits are averaged over the plain batch and every view.
     """
     device = torch.device(device) if device else default_device()
+    # Outside inference_mode: `.to()` replaces the parameters in place, and parameters made
+    # inside it are inference tensors that autograd refuses later (Grad-CAM, fine-tuning).
     model = model.eval().to(device, memory_format=torch.channels_last)
     logits = np.full((len(paths), model.spec.num_classes), np.nan, dtype=np.float32)
     failures: list[Failure] = []
-    for x, indices, bad in file_batches(model.spec, paths, batch_size, num_workers):
-        failures += [Failure(paths[i], reason) for i, reason in bad]
-        if x is None:
-            continue
-        x = x.to(device).contiguous(memory_format=torch.channels_last)
-        out = torch.stack([model(v(x)) for v in (lambda t: t, *views)]).mean(0)
-        logits[indices] = out.float().cpu().numpy()
+    with torch.inference_mode():
+        for x, indices, bad in file_batches(model.spec, paths, batch_size, num_workers):
+            failures += [Failure(paths[i], reason) for i, reason in bad]
+            if x is None:
+                continue
+            x = x.to(device).contiguous(memory_format=torch.channels_last)
+            out = torch.stack([model(v(x)) for v in (lambda t: t, *views)]).mean(0)
+            logits[indices] = out.float().cpu().numpy()
     return logits, failures
 
 

@@ -84,3 +84,11 @@ def write_calibration(path: str | Path, calibration: Calibration) -> Path:
     file = model_folder(path) / CALIBRATION
     file.write_text(json.dumps(calibration.to_dict(), indent=2))
     return file
+
+
+def positive_index(labels: list[str]) -> int:
+    """Of two classes, the one `Calibration.threshold` is about: the last label (PNEUMONIA of
+    the sorted NORMAL/PNEUMONIA), as `cxr predict` applies it."""
+    if len(labels) != 2:
+        raise ValueError(f"a positive class needs exactly two labels, got {labels}")
+    return 1

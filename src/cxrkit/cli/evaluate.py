@@ -1,1 +1,134 @@
-"""CLI commands (being written)."""
+"""`cxr evaluate | report | compare`: thin wrappers over cxrkit.evaluation and cxrkit.report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from cxrkit.cli.app import app, console, fail
+from cxrkit.data.kaggle import KaggleDownloadError
+from cxrkit.data.layout import DataLayoutError
+from cxrkit.evaluation import evaluate_run
+from cxrkit.report import (
+    HEADLINE,
+    RATES,
+    SCORES,
+    build_report,
+    compare_runs,
+    format_metric,
+    write_compare_csv,
+)
+
+SHORT_NAMES = {"accuracy": "Acc", "roc_auc": "AUC", "sensitivity": "Sens", "specificity": "Spec",
+               "f1": "F1"}
+USER_ERRORS = (FileNotFoundError, ValueError, DataLayoutError, KaggleDownloadError)
+
+
+def _summary(metrics: dict) -> Table:
+    """One evaluation: threshold-free metrics in their own column, then each operating point."""
+    table = Table(title=f"{metrics['name']}: n={metrics['n']} images, "
+                        f"{metrics['n_patients']} patients (95% CI)")
+    table.add_column("metric")
+    table.add_column("any threshold", justify="right")
+    points = metrics.get("operating_points", {})
+    for name, point in points.items():
+        table.add_column(f"{name} (t={point['threshold']:.3f})", justify="right")
+    blank = [""] * len(points)
+    if not points:  # multi-class
+        for key in ("accuracy", "balanced_accuracy"):
+            table.add_row(key, format_metric(key, metrics.get(key)))
+    for key in SCORES:
+        table.add_row(key, format_metric(key, metrics.get(key)), *blank)
+    for key in RATES if points else ():
+        table.add_row(key, "", *[format_metric(key, p[key]) for p in points.values()])
+    return table
+
+
+@app.command("evaluate")
+def evaluate_command(
+    run: Path = typer.Argument(..., help="A run folder from `cxr train`."),
+    split: str = typer.Option("test", "--split", help="test or val of the run's split.csv "
+                              "(with --data: that split of the other data, if it has splits)."),
+    data: str | None = typer.Option(None, "--data", help="Evaluate on another dataset instead "
+                                    "(a folder, a CSV manifest or `kaggle`): external validation, "
+                                    "written to RUN/eval/<its name>/."),
+    tta: bool = typer.Option(False, "--tta", help="Also report test-time augmentation "
+                             "(zoom and shifts, logits averaged)."),
+    target_sensitivity: float | None = typer.Option(
+        None, "--target-sensitivity", min=0.0, max=1.0,
+        help="Also choose (and deploy) the highest validation threshold reaching this "
+             "sensitivity, e.g. 0.95; default: Youden's J."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    bootstrap: int = typer.Option(1000, "--bootstrap", min=0,
+                                  help="Bootstrap resamples (by patient) for the 95% intervals."),
+    seed: int = typer.Option(0, "--seed"),
+    workers: int = typer.Option(0, "--workers", min=0, help="Image loading processes."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, mps; default: best."),
+    figures: bool = typer.Option(True, "--figures/--no-figures",
+                                 help="Write the PNG figures (curves, errors, Grad-CAM)."),
+) -> None:
+    """Metrics with patient-bootstrap intervals, threshold and calibration chosen on
+    validation, and figures, in RUN/eval/<split>/."""
+    if split not in ("test", "val") and data is None:
+        fail(f"--split {split}: choose test or val (a model is never scored on its train split)")
+    try:
+        out = evaluate_run(run, split=split, data=data, tta=tta,
+                           target_sensitivity=target_sensitivity, batch_size=batch_size,
+                           bootstrap=bootstrap, seed=seed, num_workers=workers, device=device,
+                           make_figures=figures)
+    except USER_ERRORS as e:
+        fail(str(e))
+    metrics = json.loads((out / "metrics.json").read_text())
+    console.print(_summary(metrics))
+    for note in metrics["notes"]:
+        console.print(f"[yellow]note:[/] {note}")
+    temperature = metrics["calibrated"]["temperature"]
+    threshold = metrics["deployed_threshold"]
+    chosen = f"threshold {threshold:.4f} and " if threshold is not None else ""
+    console.print(f"{chosen}temperature {temperature:.3f} ({metrics['threshold_chosen_on']}) "
+                  f"written to {Path(run) / 'calibration.json'}")
+    console.print(f"[green]wrote[/] {out}")
+
+
+@app.command("report")
+def report_command(
+    run: Path = typer.Argument(..., help="A run folder from `cxr train`."),
+    split: str = typer.Option("test", "--split", help="Evaluated first if RUN/eval/<split>/ "
+                              "does not exist yet."),
+) -> None:
+    """One self-contained RUN/report.html: data, training, metrics, figures, model card."""
+    try:
+        out = build_report(run, split)
+    except USER_ERRORS as e:
+        fail(str(e))
+    console.print(f"[green]wrote[/] {out}")
+
+
+@app.command("compare")
+def compare_command(
+    runs: list[Path] = typer.Argument(..., help="Run folders to compare."),
+    split: str = typer.Option("test", "--split"),
+    out: Path | None = typer.Option(None, "--out", help="Also write the table as CSV."),
+) -> None:
+    """Headline metrics of several runs at their validation thresholds, with 95% intervals."""
+    try:
+        rows = compare_runs(runs, split)
+    except USER_ERRORS as e:
+        fail(str(e))
+    table = Table(title=f"{split} split, at each run's validation threshold (95% CI)")
+    table.add_column("run", overflow="fold")
+    table.add_column("n", justify="right")
+    table.add_column("threshold", justify="right")
+    for key in HEADLINE:
+        table.add_column(SHORT_NAMES[key], justify="right")
+    for r in rows:
+        threshold = f"{r['threshold']:.3f}" if r["threshold"] is not None else "–"
+        cells = [format_metric(k, r[k]).replace(" (", "\n(") for k in HEADLINE]
+        table.add_row(f"{Path(r['run']).name}\n[dim]{r['model']}[/]", str(r["n"]), threshold,
+                      *cells)
+    console.print(table)
+    if out is not None:
+        console.print(f"[green]wrote[/] {write_compare_csv(rows, out)}")

@@ -1,0 +1,402 @@
+"""`evaluate_run`: a trained run's predictions, metrics with intervals, and figures.
+
+    RUN/eval/<split or data name>/predictions.csv   one row per image
+    RUN/eval/<split or data name>/metrics.json      every metric as {"value", "ci95"}
+    RUN/eval/<split or data name>/*.png             curves, calibration, errors, Grad-CAM
+    RUN/calibration.json                            threshold and temperature, for `cxr predict`
+
+Nothing is tuned on the data it is measured on:
+- the temperature T is fitted on the validation split's logits;
+- every probability reported (predictions.csv, metrics, figures) is calibrated,
+  softmax(logits / T). For two classes T does not move the 0.5 boundary, so the
+  `default_0.5` operating point is the same with or without calibration;
+- the `validation` threshold is chosen on calibrated validation P(positive)
+  (Youden's J) and applied to calibrated P(positive) everywhere else;
+  `target_sensitivity` is the highest validation threshold reaching that sensitivity.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cxrkit.data.dataset import load_prepared
+from cxrkit.data.kaggle import resolve_data
+from cxrkit.data.layout import Sample, load_source
+from cxrkit.data.patients import kermany_subtype
+from cxrkit.data.split import read_manifest
+from cxrkit.evaluation import figures
+from cxrkit.evaluation.calibration import fit_temperature
+from cxrkit.evaluation.metrics import (
+    confusion_matrix,
+    multiclass_metrics,
+    probability_metrics,
+    ranking_metrics,
+    threshold_metrics,
+    with_ci,
+)
+from cxrkit.evaluation.thresholds import sensitivity_threshold, youden_threshold
+from cxrkit.evaluation.tta import DEFAULT_VIEWS
+from cxrkit.explain import gradcam, overlay
+from cxrkit.inference import Failure, predict_logits, softmax
+from cxrkit.models import Classifier
+from cxrkit.runs import Calibration, load_model, model_folder, positive_index, write_calibration
+
+log = logging.getLogger(__name__)
+
+EVAL_DIR = "eval"
+DEFAULT_THRESHOLD = 0.5
+GRADCAM_IMAGES = 8  # errors and correct cases each
+WORST_ERRORS = 12
+
+
+@dataclass
+class Scored:
+    """The readable images of one split, their class indices and logits."""
+
+    samples: list[Sample]
+    y: np.ndarray
+    logits: np.ndarray
+    failures: list[Failure]
+
+    @property
+    def groups(self) -> list[str]:
+        """Bootstrap units: the patient, or the image itself when the patient is unknown."""
+        return [s.patient_id or s.path for s in self.samples]
+
+
+# ---- which images, which labels --------------------------------------------------------------
+
+def label_indices(samples: Sequence[Sample], labels: Sequence[str], where: str) -> np.ndarray:
+    """Each sample's class index in the model's `labels`, matched by name (any case).
+
+    A NORMAL/BACTERIA/VIRUS model on NORMAL/PNEUMONIA data takes the subtype from
+    the Kermany file name (person1_bacteria_2.jpeg).
+    """
+    index = {name.lower(): i for i, name in enumerate(labels)}
+    found = []
+    for s in samples:
+        names = (s.label, kermany_subtype(Path(s.path).name, s.label))
+        found.append(next((index[n.lower()] for n in names if n.lower() in index), None))
+    unmatched = sorted({s.label for s, i in zip(samples, found, strict=True) if i is None})
+    if unmatched:
+        raise ValueError(
+            f"{where}: label(s) {', '.join(unmatched)} are not among the model's labels "
+            f"({', '.join(labels)}). Labels are matched by name: rename the class folders "
+            f"(or the manifest's label column) to the model's label names."
+        )
+    return np.array(found, dtype=int)
+
+
+def run_manifest(run: Path) -> list[Sample]:
+    file = run / "split.csv"
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{file} is missing: evaluation needs the train/val/test manifest `cxr train` writes. "
+            f"To evaluate this model on other data, pass --data."
+        )
+    return read_manifest(file)
+
+
+def _data_name(data: str | Path) -> str:
+    """The eval folder name for external data: its folder (or CSV) name."""
+    if str(data).lower() == "kaggle":
+        return "kaggle"
+    path = Path(data).expanduser().resolve()
+    name = path.stem if path.is_file() else path.name
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "external"
+    return f"external_{name}" if name in ("train", "val", "test") else name
+
+
+def external_samples(data: str | Path, split: str) -> tuple[str, str, str, list[Sample]]:
+    """(eval name, where it is, split used, samples) of another dataset: its `split` if it
+    has splits, else all of it (a class-per-folder tree has none)."""
+    source = load_source(resolve_data(data))
+    if split in source.splits:
+        return _data_name(data), str(source.root), split, source.split(split)
+    if source.splits == [""]:
+        return _data_name(data), str(source.root), "all", source.samples
+    raise ValueError(f"{source.root} has no {split!r} split (it has {', '.join(source.splits)})")
+
+
+# ---- predictions -----------------------------------------------------------------------------
+
+def score(model: Classifier, samples: Sequence[Sample], where: str,
+          views: Sequence[Callable] = (), **inference) -> Scored:
+    """Logits for `samples`; unreadable files are logged and left out."""
+    labels = model.spec.labels
+    y = label_indices(samples, labels, where) if samples else np.zeros(0, int)
+    logits, failures = predict_logits(model, [s.path for s in samples], views=views, **inference)
+    ok = ~np.isnan(logits).any(1)
+    for f in failures:
+        log.warning("%s: skipped unreadable image %s (%s)", where, f.path, f.reason)
+    if samples and not ok.any():
+        raise ValueError(
+            f"{where}: none of the {len(samples)} images could be read, e.g. "
+            f"{failures[0].path}: {failures[0].reason}. split.csv holds the paths as they were "
+            f"at training time: has the data moved?"
+        )
+    kept = [s for s, good in zip(samples, ok, strict=True) if good]
+    # float64: a confident model's float32 probabilities round to exactly 1.0 and tie.
+    return Scored(kept, y[ok], logits[ok].astype(np.float64), failures)
+
+
+def choose_calibration(val: Scored, positive: int | None,
+                       target_sensitivity: float | None) -> tuple[Calibration, dict[str, float]]:
+    """Temperature and thresholds from the validation split; the deployed one is returned in
+    the Calibration (the target-sensitivity threshold when asked, else Youden's J)."""
+    if len(val.y) == 0:
+        thresholds = {} if positive is None else {"default_0.5": DEFAULT_THRESHOLD,
+                                                  "validation": DEFAULT_THRESHOLD}
+        return Calibration(DEFAULT_THRESHOLD, 1.0, "default (no validation images)"), thresholds
+    temperature = fit_temperature(val.logits, val.y)
+    if positive is None:
+        return Calibration(DEFAULT_THRESHOLD, temperature, "validation"), {}
+    thresholds = {"default_0.5": DEFAULT_THRESHOLD}
+    p, y = softmax(val.logits, temperature)[:, positive], val.y == positive
+    thresholds["validation"] = youden_threshold(y, p)
+    chosen_on = "validation: Youden's J"
+    if target_sensitivity is not None:
+        thresholds["target_sensitivity"] = sensitivity_threshold(y, p, target_sensitivity)
+        chosen_on = f"validation: sensitivity >= {target_sensitivity}"
+    deployed = thresholds.get("target_sensitivity", thresholds["validation"])
+    return Calibration(deployed, temperature, chosen_on), thresholds
+
+
+# ---- metrics ---------------------------------------------------------------------------------
+
+def _nest(flat: dict[str, dict]) -> dict:
+    """{"a/b/c": x} -> {"a": {"b": {"c": x}}}."""
+    nested: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split("/")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def compute_metrics(scored: Scored, labels: Sequence[str], positive: int | None,
+                    temperature: float, thresholds: dict[str, float],
+                    n_resamples: int = 1000, seed: int = 0) -> dict:
+    """All metrics of one scored split, in the metrics.json layout (binary or multi-class)."""
+    y, probs = scored.y, softmax(scored.logits, temperature)
+    raw = softmax(scored.logits, 1.0)
+
+    def statistics(w: np.ndarray) -> dict[str, np.ndarray]:
+        out = probability_metrics(y, probs, positive, w)
+        out |= {f"uncalibrated/{k}": v for k, v in probability_metrics(y, raw, positive, w).items()}
+        if positive is None:
+            return out | multiclass_metrics(y, probs, labels, w)
+        is_pos, p = y == positive, probs[:, positive]
+        out |= ranking_metrics(is_pos, p, w)
+        for name, t in thresholds.items():
+            out |= {f"operating_points/{name}/{k}": v
+                    for k, v in threshold_metrics(is_pos, p, t, w).items()}
+        return out
+
+    metrics = _nest(with_ci(statistics, scored.groups, n_resamples, seed))
+    before = metrics.pop("uncalibrated")
+    metrics["calibrated"] = {
+        "temperature": temperature, "fitted_on": "val",
+        "ece_before": before["ece"], "ece_after": metrics["ece"],
+        "brier_before": before["brier"], "brier_after": metrics["brier"],
+    }
+    if positive is not None:
+        metrics["operating_points"] = {name: {"threshold": t,
+                                              **metrics["operating_points"][name]}
+                                       for name, t in thresholds.items()}
+    else:
+        metrics["per_class"] = {name: metrics.pop(name) for name in labels}
+    return metrics
+
+
+def predicted_classes(probs: np.ndarray, positive: int | None, threshold: float) -> np.ndarray:
+    """Binary: positive where P(positive) >= threshold; multi-class: the most probable."""
+    if positive is None:
+        return probs.argmax(1)
+    return np.where(probs[:, positive] >= threshold, positive, 1 - positive)
+
+
+# ---- files -----------------------------------------------------------------------------------
+
+def write_predictions(path: Path, scored: Scored, probs: np.ndarray, predicted: np.ndarray,
+                      labels: Sequence[str], tta_probs: np.ndarray | None = None) -> Path:
+    columns = ["path", "patient_id", "label", "predicted", "correct",
+               *(f"p_{n}" for n in labels), *(f"logit_{n}" for n in labels)]
+    if tta_probs is not None:
+        columns += [f"tta_p_{n}" for n in labels]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(columns)
+        for i, s in enumerate(scored.samples):
+            row = [s.path, s.patient_id, labels[scored.y[i]], labels[predicted[i]],
+                   int(predicted[i] == scored.y[i]), *(f"{v:.6f}" for v in probs[i]),
+                   *(f"{v:.6f}" for v in scored.logits[i])]
+            if tta_probs is not None:
+                row += [f"{v:.6f}" for v in tta_probs[i]]
+            w.writerow(row)
+    return path
+
+
+def _caption(sample: Sample, truth: str, prob_name: str, prob: float) -> str:
+    name = Path(sample.path).name
+    name = name if len(name) <= 30 else name[:13] + "..." + name[-14:]
+    return f"{name}\ntrue {truth}, P({prob_name})={prob:.2f}"
+
+
+def write_figures(out: Path, model: Classifier, scored: Scored, probs: np.ndarray,
+                  metrics: dict, thresholds: dict[str, float], calibration: Calibration,
+                  seed: int = 0) -> None:
+    labels, y = model.spec.labels, scored.y
+    positive = positive_index(labels) if len(labels) == 2 else None
+    predicted = predicted_classes(probs, positive, calibration.threshold)
+    counts = confusion_matrix(y, predicted, len(labels))
+    at = f"(threshold {calibration.threshold:.3f})" if positive is not None else ""
+    figures.confusion_figure(counts, labels, out / "confusion_matrix.png", at)
+    figures.curves_figure(y, probs, labels, positive, metrics.get("operating_points", {}),
+                          out / "roc_pr.png")
+    def events(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(predicted probability, whether it happened), as the ECE counts them."""
+        if positive is None:
+            return q.max(1), (q.argmax(1) == y).astype(float)
+        return q[:, positive], (y == positive).astype(float)
+
+    what = "confidence (top class)" if positive is None else f"P({labels[positive]})"
+    figures.reliability_figure(events(softmax(scored.logits, 1.0)), events(probs),
+                               calibration.temperature, what, out / "reliability.png")
+    figures.histograms_figure(y, probs, labels, positive, thresholds, out / "histograms.png")
+
+    # The model's own view of each film (resized, as it saw it) for the image grids.
+    wrong = np.flatnonzero(predicted != y)
+    confidence = probs[np.arange(len(y)), predicted]
+    worst = wrong[np.argsort(-confidence[wrong], kind="stable")][:WORST_ERRORS]
+    rng = np.random.default_rng(seed)
+    right = np.flatnonzero(predicted == y)
+    correct = rng.choice(right, min(GRADCAM_IMAGES, len(right)), replace=False)
+    spec = model.spec
+
+    def film(i: int) -> Image.Image:
+        return Image.fromarray(load_prepared(scored.samples[i].path, spec.input_size,
+                                             spec.equalize)[0].numpy())
+
+    def captions(indices) -> list[str]:
+        return [_caption(scored.samples[i], labels[y[i]], labels[predicted[i]],
+                         confidence[i]) for i in indices]
+
+    if len(worst):
+        figures.image_grid([film(i) for i in worst], captions(worst),
+                           "Most confident mistakes", out / "worst_errors.png")
+    for name, indices in (("errors", worst[:GRADCAM_IMAGES]), ("correct", correct)):
+        if not len(indices):
+            continue
+        paths = [scored.samples[i].path for i in indices]
+        heatmaps = gradcam(model, paths, class_index=[int(predicted[i]) for i in indices])
+        images = [overlay(film(i), h) for i, h in zip(indices, heatmaps, strict=True)]
+        # An all-zero map is an answer too: nothing in the film raised the predicted class.
+        notes = [c + (" (no evidence)" if h.max() == 0 else "")
+                 for c, h in zip(captions(indices), heatmaps, strict=True)]
+        figures.image_grid(images, notes,
+                           f"Grad-CAM of the predicted class: {name}", out / f"gradcam_{name}.png")
+
+
+# ---- the whole evaluation --------------------------------------------------------------------
+
+def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None = None,
+                 tta: bool = False, target_sensitivity: float | None = None,
+                 batch_size: int = 32, bootstrap: int = 1000, seed: int = 0,
+                 num_workers: int = 0, device: str | None = None,
+                 make_figures: bool = True) -> Path:
+    """Evaluate RUN on its own `split` (test or val), or on external `data`; returns the
+    eval folder. See the module docstring for what is chosen where."""
+    run = model_folder(run).resolve()
+    model = load_model(run)
+    labels = model.spec.labels
+    if len(labels) != model.spec.num_classes:
+        raise ValueError(f"{run}/model.json lists labels {labels} for "
+                         f"{model.spec.num_classes} classes")
+    positive = positive_index(labels) if len(labels) == 2 else None
+    manifest = run_manifest(run)
+    infer = partial(score, model, batch_size=batch_size, num_workers=num_workers, device=device)
+    notes = []
+
+    val = infer([s for s in manifest if s.split == "val"], f"{run}/split.csv val")
+    if data is None:
+        samples = [s for s in manifest if s.split == split]
+        if not samples:
+            present = sorted({s.split for s in manifest})
+            raise ValueError(f"{run}/split.csv has no {split!r} images (it has {present})")
+        name, origin, used_split = split, str(run / "split.csv"), split
+        scored = val if split == "val" else infer(samples, f"{run}/split.csv {split}")
+        if split == "val":
+            notes.append("This is the validation split that chose the threshold and "
+                         "temperature: its numbers are optimistic.")
+    else:
+        name, origin, used_split, samples = external_samples(data, split)
+        scored = infer(samples, origin)
+        missing = sorted(set(labels) - {labels[i] for i in scored.y})
+        if missing:
+            notes.append(f"The external data has no {', '.join(missing)} images.")
+
+    calibration, thresholds = choose_calibration(val, positive, target_sensitivity)
+    if len(val.y):
+        write_calibration(run, calibration)
+    else:
+        notes.append("No validation images: threshold 0.5 and temperature 1 (nothing chosen).")
+    log.info("%s: temperature %.3f, threshold %.4f (%s)", run.name, calibration.temperature,
+             calibration.threshold, calibration.chosen_on)
+
+    metrics = compute_metrics(scored, labels, positive, calibration.temperature, thresholds,
+                              bootstrap, seed)
+    probs = softmax(scored.logits, calibration.temperature)
+    predicted = predicted_classes(probs, positive, calibration.threshold)
+    tta_probs = None
+    if tta:
+        views = list(DEFAULT_VIEWS.values())
+        augmented = infer(scored.samples, f"{origin} (TTA)", views=views)
+        tta_probs = softmax(augmented.logits, calibration.temperature)
+        metrics["tta"] = {
+            "views": list(DEFAULT_VIEWS),
+            "note": "logits averaged over the plain image and each view; the same temperature "
+                    "and thresholds as without TTA",
+            **compute_metrics(augmented, labels, positive, calibration.temperature, thresholds,
+                              bootstrap, seed),
+        }
+
+    report_threshold = calibration.threshold if positive is not None else None  # binary only
+    report = {
+        "split": used_split, "name": name, "n": len(scored.y),
+        "n_patients": len(set(scored.groups)),
+        "positive_class": labels[positive] if positive is not None else None,
+        "labels": labels, "model": model.spec.name, "data": origin, "external": data is not None,
+        "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "probabilities": "calibrated: softmax(logits / temperature), temperature fitted on val",
+        "threshold_chosen_on": calibration.chosen_on,
+        "deployed_threshold": report_threshold,
+        "bootstrap": {"resamples": bootstrap, "seed": seed, "ci": "95% percentile interval",
+                      "unit": "patient (the image where unknown)"},
+        **metrics,
+        "confusion_matrix": {"labels": labels, "threshold": report_threshold,
+                             "counts": confusion_matrix(scored.y, predicted, len(labels)).tolist()},
+        "unreadable": [{"path": f.path, "reason": f.reason} for f in scored.failures],
+        "notes": notes,
+    }
+    out = run / EVAL_DIR / name
+    out.mkdir(parents=True, exist_ok=True)
+    write_predictions(out / "predictions.csv", scored, probs, predicted, labels, tta_probs)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2, allow_nan=False))
+    if make_figures:
+        write_figures(out, model, scored, probs, metrics, thresholds, calibration, seed)
+    log.info("wrote %s", out)
+    return out

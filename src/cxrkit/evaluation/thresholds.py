@@ -1,0 +1,49 @@
+"""Decision thresholds, always chosen on the validation split and then applied elsewhere.
+
+A threshold is a probability t: `p >= t` is called positive. Both rules pick a
+cut between two neighbouring validation scores, so the chosen value reproduces
+the validation confusion matrix exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cxrkit.evaluation.metrics import rates
+
+
+def _check_both_classes(y: np.ndarray) -> None:
+    if y.all() or not y.any():
+        raise ValueError(
+            "choosing a threshold needs positive and negative validation images; "
+            f"this validation split has only {'positive' if y.all() else 'negative'} ones"
+        )
+
+
+def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """The threshold maximising Youden's J = sensitivity + specificity - 1.
+
+    The best cut lies between the lowest score called positive and the next
+    lower score; the midpoint of that gap is returned rather than its upper
+    end (sklearn's choice), so an unseen positive scoring just below the lowest
+    validation positive is not lost. Ties in J: the highest cut.
+    """
+    y = np.asarray(y, bool)
+    _check_both_classes(y)
+    tpr, fpr, thresholds = rates(y, p, np.ones((1, len(p))))
+    best = int(np.argmax(tpr[0] - fpr[0]))
+    if best == 0:  # calling nothing positive is best (a useless model): cut above every score
+        return float(np.nextafter(thresholds[1], np.inf))
+    below = thresholds[best + 1] if best + 1 < len(thresholds) else thresholds[best]
+    return float((thresholds[best] + below) / 2)
+
+
+def sensitivity_threshold(y: np.ndarray, p: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity reaches `target` (e.g. 0.95)."""
+    if not 0 < target <= 1:
+        raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
+    y = np.asarray(y, bool)
+    _check_both_classes(y)
+    tpr, _, thresholds = rates(y, p, np.ones((1, len(p))))
+    reached = np.flatnonzero(tpr[0] >= target - 1e-12)
+    return float(thresholds[reached[0]])

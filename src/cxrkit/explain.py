@@ -1,0 +1,144 @@
+"""Grad-CAM: which parts of the film drove the model's decision.
+
+    heatmaps = gradcam(model, ["a.jpeg", "b.jpeg"])      # [N, H, W] in [0, 1]
+    overlay(read_image("a.jpeg"), heatmaps[0]).save("a_cam.png")
+
+Grad-CAM (Selvaraju et al. 2017) weights the channels of the last convolutional
+activation (`model.gradcam_layer()`) by the gradient of a target score, and keeps
+the positive part. It is through the `grad-cam` package (pytorch_grad_cam).
+A heatmap shows where the model looked, not that it looked for the right reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+from PIL import Image
+from pytorch_grad_cam import GradCAM
+
+from cxrkit.data.dataset import load_prepared
+from cxrkit.data.transforms import eval_transform
+from cxrkit.models import Classifier
+
+DEFAULT_BATCH = 16
+
+
+class LogOddsTarget:
+    """Target score for class k: z_k - logsumexp(other logits), the log-odds of class k.
+
+    Why not the raw logit z_k (pytorch_grad_cam's ClassifierOutputTarget)? With a
+    softmax head only differences of logits matter: a region that raises z_0 and
+    z_1 alike changes no prediction, yet its gradient on z_1 alone is large, so
+    the raw logit highlights evidence for nothing. For two classes the log-odds
+    is exactly z_1 - z_0, the decision itself. It has the same direction as the
+    softmax probability (ClassifierOutputSoftmaxTarget) but does not saturate: once
+    a confident model's probability rounds to 1.0 in float32 (a logit gap above ~17)
+    its gradient is exactly zero and the map comes out blank.
+    """
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        others = torch.cat([logits[..., :self.index], logits[..., self.index + 1:]], dim=-1)
+        return logits[..., self.index] - torch.logsumexp(others, dim=-1)
+
+
+def _as_batch(model: Classifier, images) -> torch.Tensor:
+    """Paths -> the model's own preprocessing; a tensor [C,H,W] or [N,C,H,W] is taken as is."""
+    if isinstance(images, torch.Tensor):
+        return images[None] if images.dim() == 3 else images
+    spec, transform = model.spec, eval_transform(model.spec)
+    return torch.stack([transform(load_prepared(str(p), spec.input_size, spec.equalize))
+                        for p in images])
+
+
+def _make_autograd_ready(model: torch.nn.Module) -> None:
+    """Replace parameters and buffers made inside `torch.inference_mode` (e.g. by a `.to()`
+    there) with ordinary copies, in place: autograd refuses inference tensors."""
+    with torch.inference_mode(False):
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if p.is_inference():
+                    module._parameters[name] = torch.nn.Parameter(p.clone(), p.requires_grad)
+            for name, b in module.named_buffers(recurse=False):
+                if b is not None and b.is_inference():
+                    module._buffers[name] = b.clone()
+
+
+@contextmanager
+def _gradients_from(layer: torch.nn.Module, model: torch.nn.Module) -> Iterator[None]:
+    """Autograd from `layer` on only: its output becomes a fresh leaf that requires grad,
+    and every parameter is frozen meanwhile. The backward pass then runs through the
+    head alone (no parameter gradients, nothing left in `.grad`), and it works the same
+    for a frozen backbone. Registered before GradCAM's own hooks, so they see the leaf."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    handle = layer.register_forward_hook(lambda m, i, out: out.detach().requires_grad_(True))
+    try:
+        yield
+    finally:
+        handle.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _predicted_classes(model: Classifier, x: torch.Tensor, batch_size: int) -> list[int]:
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return [int(c) for start in range(0, len(x), batch_size)
+                for c in model.eval()(x[start:start + batch_size].to(device)).argmax(1)]
+
+
+def gradcam(model: Classifier, images: Sequence[str | Path] | torch.Tensor,
+            class_index: int | Sequence[int] | None = None,
+            target_layer: torch.nn.Module | None = None,
+            batch_size: int = DEFAULT_BATCH) -> np.ndarray:
+    """Grad-CAM heatmaps [N, H, W] in [0, 1] at the input size, one per image.
+
+    `class_index`: the class to explain, one for all or one per image; None
+    explains each image's predicted class. `target_layer` defaults to
+    `model.gradcam_layer()`.
+    """
+    x_all = _as_batch(model, images)
+    n = len(x_all)
+    if class_index is None or isinstance(class_index, int):
+        classes = [class_index] * n
+    else:
+        classes = list(class_index)
+        if len(classes) != n:
+            raise ValueError(f"{len(classes)} class indices for {n} images")
+    if None in classes:
+        predicted = _predicted_classes(model, x_all, batch_size)
+        classes = [p if c is None else c for c, p in zip(classes, predicted, strict=True)]
+    layer = target_layer if target_layer is not None else model.gradcam_layer()
+    _make_autograd_ready(model)
+    device = next(model.parameters()).device
+    heatmaps = []
+    # Grad-CAM needs gradients: leave any surrounding inference_mode/no_grad.
+    with (torch.inference_mode(False), torch.enable_grad(), _gradients_from(layer, model),
+          GradCAM(model, [layer]) as cam):
+        for start in range(0, n, batch_size):
+            x = x_all[start:start + batch_size].to(device)
+            targets = [LogOddsTarget(c) for c in classes[start:start + batch_size]]
+            heatmaps.append(cam(x, targets))
+    return np.concatenate(heatmaps).astype(np.float32)
+
+
+def overlay(image: Image.Image | np.ndarray, heatmap: np.ndarray, alpha: float = 0.4,
+            colormap: str = "jet") -> Image.Image:
+    """The heatmap, coloured, blended over the (grayscale or RGB) image at the image's size."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    base = image.convert("RGB")
+    heat = Image.fromarray(np.uint8(np.clip(heatmap, 0, 1) * 255)).resize(
+        base.size, Image.Resampling.BILINEAR)
+    colored = matplotlib.colormaps[colormap](np.asarray(heat) / 255.0)[..., :3]
+    mixed = (1 - alpha) * np.asarray(base, np.float32) / 255 + alpha * colored
+    return Image.fromarray(np.uint8(np.clip(mixed, 0, 1) * 255))

@@ -1,0 +1,435 @@
+"""`build_report(run)`: one self-contained RUN/report.html; `compare_runs(runs)`: a table.
+
+The report opens offline and can be mailed as one file: CSS is inline and every
+figure is embedded as a base64 PNG. It gathers what the run folder holds (data
+audit, training curves, every RUN/eval/<name>/ evaluation) and ends with a model
+card. Missing pieces are said to be missing, never invented.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import yaml
+from jinja2 import Environment
+
+from cxrkit import __version__
+from cxrkit.data.split import read_manifest, shared_patients
+from cxrkit.evaluation import EVAL_DIR, evaluate_run
+from cxrkit.runs import load_spec, model_folder, read_calibration
+
+REPORT = "report.html"
+
+# Kermany et al. 2018, Cell 172(5):1122-1131, on the same 624-image test split.
+PUBLISHED = {"source": "Kermany et al. 2018 (Cell), Inception V3 transfer learning",
+             "accuracy": 0.928, "sensitivity": 0.932, "specificity": 0.901, "roc_auc": 0.968}
+
+FIGURES = (
+    ("confusion_matrix.png", "Confusion matrix at the deployed decision rule"),
+    ("roc_pr.png", "ROC and precision-recall curves with the operating points"),
+    ("reliability.png", "Reliability before and after temperature scaling"),
+    ("histograms.png", "Predicted probabilities by true class, with thresholds"),
+    ("worst_errors.png", "The most confident mistakes"),
+    ("gradcam_errors.png", "Grad-CAM on mistakes: where the evidence for the wrong call was"),
+    ("gradcam_correct.png", "Grad-CAM on a random sample of correct cases"),
+)
+RATES = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
+THRESHOLD_FREE = (("roc_auc", "ROC-AUC"), ("pr_auc", "PR-AUC"), ("brier", "Brier score"),
+                  ("ece", "ECE"))
+NAMES = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy",
+         "sensitivity": "Sensitivity", "specificity": "Specificity", "ppv": "PPV (precision)",
+         "npv": "NPV", "f1": "F1", "roc_auc": "ROC-AUC"}
+SCORES = ("roc_auc", "pr_auc", "brier", "ece")  # shown as decimals; everything else in percent
+HEADLINE = ("accuracy", "roc_auc", "sensitivity", "specificity", "f1")
+
+LIMITATIONS = [
+    "Dataset shift: the Kermany/Kaggle films come from one hospital (Guangzhou Women and "
+    "Children's Medical Center), of children aged one to five. Other hospitals, scanners, "
+    "adults or portable films may behave very differently: validate externally before "
+    "trusting any number here.",
+    "The internal test split comes from the same source as the training data, so it measures "
+    "in-distribution performance only; it is an optimistic estimate for any other setting.",
+    "Shortcut learning: a model can key on text markers, laterality letters, positioning, "
+    "cropping or film borders that correlate with the label. Check the Grad-CAM figures for "
+    "attention outside the lungs.",
+    "Labels are one grading of each film, not a microbiological or CT ground truth; some are "
+    "wrong, which caps measurable accuracy.",
+    "Grad-CAM shows where the model looked, not that it looked for the right reason; it is "
+    "coarse (the last convolutional map) and not a localisation of disease.",
+    "The decision threshold and the temperature were chosen on the validation split; a "
+    "different prevalence or population calls for re-choosing them on local data.",
+]
+
+
+# ---- reading the run folder -----------------------------------------------------------------
+
+def _b64_png(path: Path) -> str | None:
+    return base64.b64encode(path.read_bytes()).decode() if path.is_file() else None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_config(run: Path) -> dict:
+    try:
+        config = yaml.safe_load((run / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _data_path(config: dict) -> str | None:
+    """The training data, wherever a config keeps it (data.path, data_path or data)."""
+    data = config.get("data")
+    if isinstance(data, dict):
+        data = data.get("path") or data.get("root")
+    return str(data or config.get("data_path") or "") or None
+
+
+def _split_summary(run: Path) -> dict | None:
+    """Images per split and class, patients per split, and patients shared by two splits."""
+    if not (run / "split.csv").is_file():
+        return None
+    samples = read_manifest(run / "split.csv")
+    splits = [s for s in ("train", "val", "test", "") if any(x.split == s for x in samples)]
+    classes = sorted({s.label for s in samples})
+    counts = {split: Counter(s.label for s in samples if s.split == split) for split in splits}
+    return {
+        "classes": classes,
+        "rows": [{"split": split or "(none)", "counts": [counts[split][c] for c in classes],
+                  "total": sum(counts[split].values()),
+                  "patients": len({s.patient_id for s in samples if s.split == split})}
+                 for split in splits],
+        "leaks": {f"{a}/{b}": len(shared_patients(samples, a, b))
+                  for a, b in (("train", "val"), ("train", "test"), ("val", "test"))
+                  if a in splits and b in splits},
+    }
+
+
+def _find_audit(run: Path) -> dict | None:
+    for path in (run / "audit.json", run.parent / "audit.json"):
+        if (audit := _read_json(path)) is not None:
+            return audit
+    return None
+
+
+def evaluations(run: Path) -> list[dict]:
+    """Every RUN/eval/<name>/metrics.json: the internal test first, then external data, then val."""
+    found = [m | {"folder": p.parent} for p in sorted((run / EVAL_DIR).glob("*/metrics.json"))
+             if (m := _read_json(p)) is not None]
+
+    def rank(m: dict) -> tuple[int, str]:
+        internal = not m.get("external")
+        return (0 if internal and m["name"] == "test" else 2 if internal and m["name"] == "val"
+                else 1), m["name"]
+
+    return sorted(found, key=rank)
+
+
+def ensure_evaluated(run: str | Path, split: str = "test", **evaluate_options) -> Path:
+    """RUN/eval/<split>/, evaluating first if that has not been done."""
+    folder = model_folder(run) / EVAL_DIR / split
+    if (folder / "metrics.json").is_file():
+        return folder
+    return evaluate_run(run, split=split, **evaluate_options)
+
+
+# ---- turning metrics into table cells --------------------------------------------------------
+
+def format_metric(key: str, metric: dict | None) -> str:
+    """'93.2% (91.0–95.1)' for rates, '0.968 (0.951–0.981)' for scores; '–' when undefined."""
+    if not metric or metric.get("value") is None:
+        return "–"
+    value, (lo, hi) = metric["value"], metric.get("ci95") or (None, None)
+    number = (lambda x: f"{x:.3f}") if key in SCORES else (lambda x: f"{100 * x:.1f}")
+    unit = "" if key in SCORES else "%"
+    interval = f" ({number(lo)}–{number(hi)})" if lo is not None and hi is not None else ""
+    return number(value) + unit + interval
+
+
+def _title(m: dict) -> str:
+    if m.get("external"):
+        return f"external: {m['name']} ({m['split']}, n={m['n']})"
+    suffix = " (selection split)" if m["split"] == "val" else ""
+    return f"{m['split']}{suffix} (n={m['n']})"
+
+
+def metric_rows(evals: list[dict]) -> list[dict]:
+    """Rows of the metrics table: {"group", "name", "cells": one string per evaluation}."""
+    rows = [{"group": "", "name": "Patients", "cells": [str(m.get("n_patients", "–"))
+                                                          for m in evals]}]
+    binary = all(m.get("positive_class") for m in evals)
+    if binary:
+        for key, name in THRESHOLD_FREE:
+            rows.append({"group": "threshold-free", "name": name,
+                         "cells": [format_metric(key, m.get(key)) for m in evals]})
+        for block, title in (("sensitivity_at_specificity", "Sensitivity at specificity {}"),
+                             ("specificity_at_sensitivity", "Specificity at sensitivity {}")):
+            for level in evals[0].get(block, {}):
+                cells = [format_metric(block, m.get(block, {}).get(level)) for m in evals]
+                rows.append({"group": "threshold-free", "name": title.format(level),
+                             "cells": cells})
+        points = list(dict.fromkeys(p for m in evals for p in m.get("operating_points", {})))
+        points.sort(key=lambda p: p != "validation")  # the deployed default first
+        for point in points:
+            ops = [m.get("operating_points", {}).get(point, {}) for m in evals]
+            rows.append({"group": point, "name": "Threshold",
+                         "cells": [f"{o['threshold']:.4f}" if o else "–" for o in ops]})
+            rows += [{"group": point, "name": NAMES[k], "cells": [format_metric(k, o.get(k))
+                                                                  for o in ops]} for k in RATES]
+        return rows
+    for key in ("accuracy", "balanced_accuracy"):
+        rows.append({"group": "", "name": NAMES[key],
+                     "cells": [format_metric(key, m.get(key)) for m in evals]})
+    for key, name in THRESHOLD_FREE:
+        if any(key in m for m in evals):  # no PR-AUC for several classes
+            rows.append({"group": "", "name": name.replace("ROC-AUC", "Macro ROC-AUC"),
+                         "cells": [format_metric(key, m.get(key)) for m in evals]})
+    for label in evals[0].get("per_class", {}):
+        for key in ("sensitivity", "ppv", "f1", "roc_auc"):
+            cells = [format_metric(key, m.get("per_class", {}).get(label, {}).get(key))
+                     for m in evals]
+            rows.append({"group": f"class {label}", "name": NAMES[key], "cells": cells})
+    return rows
+
+
+def headline(metrics: dict) -> dict[str, dict | None]:
+    """Accuracy, ROC-AUC, sensitivity, specificity and F1 at the validation threshold
+    (multi-class: accuracy and macro ROC-AUC only)."""
+    at = metrics.get("operating_points", {}).get("validation", {})
+    return {k: metrics.get(k) if k == "roc_auc" or not at else at.get(k) for k in HEADLINE}
+
+
+def published_rows(test: dict) -> list[dict]:
+    ours = headline(test)
+    return [{"name": NAMES[k], "published": format_metric(k, {"value": PUBLISHED[k]}),
+             "ours": format_metric(k, ours[k])}
+            for k in ("accuracy", "sensitivity", "specificity", "roc_auc")]
+
+
+# ---- the page -------------------------------------------------------------------------------
+
+TEMPLATE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>cxrkit report: {{ run_name }}</title>
+<style>
+body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1d2330;
+       max-width: 1180px; margin: 0 auto; padding: 24px 32px 64px; }
+h1 { margin-bottom: 0; } h2 { border-bottom: 2px solid #dde3ec; padding-bottom: 4px;
+     margin-top: 44px; } h3 { margin-top: 28px; }
+.sub { color: #5b6577; margin-top: 4px; }
+nav a { margin-right: 14px; }
+table { border-collapse: collapse; margin: 10px 0 18px; font-size: 14px; }
+th, td { border: 1px solid #d5dbe5; padding: 4px 10px; text-align: right; white-space: nowrap; }
+th { background: #f1f4f9; } td.name, th.name { text-align: left; }
+tr.group td { background: #f8f9fc; text-align: left; font-weight: 600; color: #3a4456; }
+img { max-width: 100%; border: 1px solid #e3e7ee; margin: 6px 0 4px; }
+figure { margin: 0 0 22px; } figcaption { color: #5b6577; font-size: 13px; }
+.note { background: #fff8e1; border-left: 4px solid #f2b600; padding: 8px 12px; margin: 10px 0; }
+.card { background: #f6f8fb; border: 1px solid #dde3ec; padding: 4px 20px 12px;
+        border-radius: 6px; }
+pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
+.missing { color: #8a93a3; font-style: italic; }
+</style></head><body>
+<h1>cxrkit report: {{ run_name }}</h1>
+<p class="sub">{{ spec.name }} · input {{ spec.input_size }} px
+ · labels {{ spec.labels|join(", ") }} · generated {{ generated }} by cxrkit {{ version }}</p>
+<nav><a href="#data">Data</a><a href="#training">Training</a><a href="#metrics">Metrics</a>
+<a href="#published">Published results</a><a href="#figures">Figures</a>
+<a href="#model-card">Model card</a></nav>
+
+<section id="data"><h2>Data</h2>
+{% if audit %}
+<p>From the data audit ({{ audit.get("root", "audit.json") }}):
+ {{ audit.get("n_images", "?") }} images, layout {{ audit.get("layout", "?") }}.</p>
+{% if audit.get("counts") %}{% set classes = audit.get("classes") or [] %}
+<table><tr><th class="name">split</th>{% for c in classes %}<th>{{ c }}</th>{% endfor %}
+<th>patients</th></tr>
+{% for split, row in audit["counts"].items() %}<tr><td class="name">{{ split or "(none)" }}</td>
+{% for c in classes %}<td>{{ row.get(c, 0) }}</td>{% endfor %}
+<td>{{ (audit.get("patients") or {}).get(split, "–") }}</td></tr>{% endfor %}</table>{% endif %}
+{% if audit.get("exact_duplicate_summary") %}<p>Exact duplicates:
+ {{ audit["exact_duplicate_summary"].get("groups", 0) }} groups; near-duplicate pairs:
+ {{ audit.get("near_pairs_total", "?") }}; unreadable files:
+ {{ (audit.get("unreadable") or [])|length }}.</p>{% endif %}
+{% for note in audit.get("notes") or [] %}<div class="note">{{ note }}</div>{% endfor %}
+{% else %}<p class="missing">No audit.json found (run <code>cxr data audit</code>); counts below
+ are from the run's split.csv.</p>{% endif %}
+{% if split %}<h3>The run's split (split.csv)</h3>
+<table><tr><th class="name">split</th>{% for c in split.classes %}<th>{{ c }}</th>{% endfor %}
+<th>total</th><th>patients</th></tr>
+{% for r in split.rows %}<tr><td class="name">{{ r.split }}</td>
+{% for n in r.counts %}<td>{{ n }}</td>{% endfor %}<td>{{ r.total }}</td><td>{{ r.patients }}</td>
+</tr>{% endfor %}</table>
+<p>Patients shared between splits: {% for pair, n in split.leaks.items() %}{{ pair }}: {{ n }}
+{%- if not loop.last %}, {% endif %}{% endfor %}{% if split.leaks.values()|select|list %}
+ <strong>(the same patient id on both sides: a leak if the ids name the same
+ person)</strong>{% endif %}.</p>
+{% else %}<p class="missing">No split.csv in the run folder.</p>{% endif %}
+</section>
+
+<section id="training"><h2>Training</h2>
+{% if curves %}<figure><img alt="training curves" src="data:image/png;base64,{{ curves }}">
+<figcaption>Loss and validation metrics per epoch (from metrics.csv).</figcaption></figure>
+{% else %}<p class="missing">No training_curves.png in the run folder.</p>{% endif %}
+{% if val_metrics %}<p>Validation metrics of the best checkpoint (val_metrics.json):</p>
+<table>{% for k, v in val_metrics.items() %}<tr><td class="name">{{ k }}</td><td>{{ v }}</td></tr>
+{% endfor %}</table>{% endif %}
+{% if config_text %}<details><summary>config.yaml</summary><pre>{{ config_text }}</pre></details>
+{% else %}<p class="missing">No config.yaml in the run folder.</p>{% endif %}
+</section>
+
+<section id="metrics"><h2>Metrics</h2>
+{% if evals %}
+<p>95% bootstrap intervals in parentheses, resampling patients ({{ evals[0].bootstrap.resamples }}
+ resamples). Probabilities are temperature-scaled (T = {{ "%.3f"|format(calibration.temperature) }},
+ fitted on validation).{% if positive %} The <em>validation</em> threshold
+ ({{ calibration.chosen_on }}) was chosen on the validation split only and is the one
+ <code>cxr predict</code> uses ({{ "%.4f"|format(calibration.threshold) }}).{% endif %}</p>
+<table><tr><th class="name">metric</th>{% for m in evals %}<th>{{ m.title }}</th>
+{% endfor %}</tr>
+{% for row in rows %}{% if row.group and (loop.first or rows[loop.index0 - 1].group != row.group) %}
+<tr class="group"><td colspan="{{ evals|length + 1 }}">{{ row.group }}</td></tr>{% endif %}
+<tr><td class="name">{{ row.name }}</td>{% for c in row.cells %}<td>{{ c }}</td>{% endfor %}</tr>
+{% endfor %}</table>
+{% for m in evals %}{% for note in m.notes %}<div class="note">{{ m.title }}:
+ {{ note }}</div>{% endfor %}{% if m.unreadable %}<div class="note">{{ m.name }}:
+ {{ m.unreadable|length }} unreadable images were left out.</div>{% endif %}{% endfor %}
+{% if tta %}<h3>Test-time augmentation</h3><p>Views: {{ tta.views|join(", ") }}; logits averaged,
+ same temperature and threshold.</p><table><tr><th class="name">metric</th><th>plain</th>
+<th>with TTA</th></tr>{% for r in tta.rows %}<tr><td class="name">{{ r[0] }}</td><td>{{ r[1] }}</td>
+<td>{{ r[2] }}</td></tr>{% endfor %}</table>{% endif %}
+{% else %}<p class="missing">No evaluation found.</p>{% endif %}
+</section>
+
+<section id="published"><h2>Published results on the same test split</h2>
+{% if published %}<table><tr><th class="name">metric</th><th>{{ published_source }}</th>
+<th>this model, internal test, validation threshold</th></tr>
+{% for r in published %}<tr><td class="name">{{ r.name }}</td><td>{{ r.published }}</td>
+<td>{{ r.ours }}</td></tr>{% endfor %}</table>
+<p>Only comparable if this run's test split is the Kaggle/Kermany test folder (624 images;
+ this one has {{ test_n }}). The paper used another architecture and reports no intervals;
+ a published number inside this model's interval is no evidence of a difference.</p>
+{% else %}<p class="missing">No binary internal test evaluation to compare.</p>{% endif %}
+</section>
+
+<section id="figures"><h2>Figures</h2>
+{% for m in evals %}<h3>{{ m.title }}</h3>
+{% for f in m.figures %}<figure><img alt="{{ f.caption }}" src="data:image/png;base64,{{ f.data }}">
+<figcaption>{{ f.caption }}</figcaption></figure>{% else %}<p class="missing">No figures.</p>
+{% endfor %}{% endfor %}
+</section>
+
+<section id="model-card"><h2>Model card</h2><div class="card">
+<h3>Model</h3><p>{{ spec.name }}, {{ spec.num_classes }} classes ({{ spec.labels|join(", ") }}),
+ {{ spec.input_size }}×{{ spec.input_size }} input, {{ spec.in_chans }} channel(s)
+ {%- if spec.equalize %}, histogram-equalised films{% endif %}.
+ Run folder: <code>{{ run_path }}</code>.</p>
+<h3>Intended use</h3><p>Research and education: studying how chest X-ray classifiers behave,
+ fail and can be evaluated. <strong>Not a medical device and not for diagnosis</strong> or any
+ decision about a patient.</p>
+<h3>Data</h3><p>Trained on {{ data_path or "the data listed in split.csv" }}{% if split %}
+ ({% for r in split.rows %}{{ r.split }}: {{ r.total }} images / {{ r.patients }} patients
+ {%- if not loop.last %}; {% endif %}{% endfor %}){% endif %}. The validation images are
+ carved from the training images by patient: no patient is in both.</p>
+<h3>Metrics</h3>{% if card_metrics %}<p>At the validation threshold, with 95% intervals:</p>
+<ul>{% for title, text in card_metrics %}<li>{{ title }}: {{ text }}.</li>{% endfor %}</ul>
+{% else %}<p class="missing">Not evaluated.</p>{% endif %}
+<h3>Decision rule</h3><p>{% if positive %}P({{ positive }})
+ ≥ {{ "%.4f"|format(calibration.threshold) }}{% else %}The most probable class{% endif %}
+ on temperature-scaled probabilities (T = {{ "%.3f"|format(calibration.temperature) }}),
+ chosen on: {{ calibration.chosen_on }}. Never chosen on test data.</p>
+<h3>Known limitations</h3><ul>{% for item in limitations %}<li>{{ item }}</li>{% endfor %}</ul>
+</div></section>
+</body></html>
+"""
+
+
+def _figures(folder: Path) -> list[dict]:
+    return [{"caption": caption, "data": data} for name, caption in FIGURES
+            if (data := _b64_png(folder / name))]
+
+
+def _tta_rows(m: dict) -> list[tuple[str, str, str]]:
+    plain, tta = headline(m), headline(m["tta"])
+    return [(NAMES[k], format_metric(k, plain[k]), format_metric(k, tta[k]))
+            for k in HEADLINE if plain[k] is not None]
+
+
+def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = True) -> Path:
+    """Write RUN/report.html (evaluating RUN's `split` first if it has no evaluation yet)."""
+    run = model_folder(run).resolve()
+    if evaluate_missing:
+        ensure_evaluated(run, split)
+    spec, config = load_spec(run), _read_config(run)
+    evals = evaluations(run)
+    for m in evals:
+        m["figures"], m["title"] = _figures(m["folder"]), _title(m)
+    test = next((m for m in evals if m["name"] == "test" and not m.get("external")), None)
+    binary_test = test if test and test.get("positive_class") else None
+    card_metrics = [(m["title"], ", ".join(f"{NAMES[k]} {format_metric(k, v)}"
+                                           for k, v in headline(m).items() if v is not None))
+                    for m in evals]
+    val_metrics = _read_json(run / "val_metrics.json") or {}
+    page = Environment(autoescape=True).from_string(TEMPLATE).render(
+        run_name=run.name, run_path=str(run), spec=spec, version=__version__,
+        generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        audit=_find_audit(run), split=_split_summary(run),
+        curves=_b64_png(run / "training_curves.png"),
+        val_metrics={k: v for k, v in val_metrics.items() if not isinstance(v, dict | list)},
+        config_text=yaml.safe_dump(config, sort_keys=False) if config else "",
+        evals=evals, rows=metric_rows(evals) if evals else [],
+        calibration=read_calibration(run),
+        tta={"views": test["tta"]["views"], "rows": _tta_rows(test)}
+        if test and "tta" in test else None,
+        published=published_rows(binary_test) if binary_test else None,
+        published_source=PUBLISHED["source"], test_n=test["n"] if test else 0,
+        positive=spec.labels[-1] if spec.num_classes == 2 else None,
+        data_path=_data_path(config), card_metrics=card_metrics, limitations=LIMITATIONS,
+    )
+    out = run / REPORT
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+# ---- several runs side by side ---------------------------------------------------------------
+
+def compare_runs(runs: list[str | Path], split: str = "test") -> list[dict]:
+    """One row per run: its headline metrics on `split` (evaluated first where missing)."""
+    rows = []
+    for run in runs:
+        folder = ensure_evaluated(run, split)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        threshold = metrics.get("operating_points", {}).get("validation", {}).get("threshold")
+        rows.append({"run": str(model_folder(run)), "model": metrics.get("model", ""),
+                     "split": split, "n": metrics["n"], "threshold": threshold,
+                     **headline(metrics)})
+    return rows
+
+
+def write_compare_csv(rows: list[dict], path: str | Path) -> Path:
+    """Flat CSV: each metric as value, ci_low, ci_high columns."""
+    path = Path(path)
+    columns = ["run", "model", "split", "n", "threshold"]
+    columns += [f"{k}{part}" for k in HEADLINE for part in ("", "_ci_low", "_ci_high")]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(columns)
+        for r in rows:
+            cells = [r["run"], r["model"], r["split"], r["n"], r["threshold"]]
+            for k in HEADLINE:
+                m = r.get(k) or {}
+                lo, hi = m.get("ci95") or (None, None)
+                cells += [m.get("value"), lo, hi]
+            w.writerow(["" if c is None else c for c in cells])
+    return path

@@ -1,0 +1,239 @@
+"""`evaluate_run` end to end on a tiny trained run: files, layout, and the protocol
+(threshold and temperature from validation only, then applied to test)."""
+
+import csv
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from sklearn.metrics import confusion_matrix, roc_curve
+from typer.testing import CliRunner
+
+from cxrkit.cli import app
+from cxrkit.data.layout import load_source
+from cxrkit.data.split import patient_split, read_manifest, write_manifest
+from cxrkit.evaluation import evaluate_run
+from cxrkit.inference import predict_logits, softmax
+from cxrkit.models import create_model
+from cxrkit.runs import load_model, read_calibration, save_model
+from tests.conftest import synthetic_film
+
+TOP_LEVEL = ("roc_auc", "pr_auc", "brier", "ece")
+AT_THRESHOLD = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
+
+
+def copy_run(trained_run, tmp_path):
+    return shutil.copytree(trained_run, tmp_path / "run")
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_metric(m):
+    assert set(m) == {"value", "ci95"}
+    lo, hi = m["ci95"]
+    assert lo - 1e-9 <= m["value"] <= hi + 1e-9
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_run, tmp_path_factory):
+    run = copy_run(trained_run, tmp_path_factory.mktemp("evaluated"))
+    out = evaluate_run(run, bootstrap=200, device="cpu")
+    return run, out, json.loads((out / "metrics.json").read_text())
+
+
+def test_writes_predictions_metrics_and_figures(evaluated):
+    run, out, metrics = evaluated
+    assert out == run / "eval" / "test"
+    assert metrics["split"] == "test" and metrics["n"] == 16 and metrics["n_patients"] == 8
+    assert metrics["positive_class"] == "PNEUMONIA"
+    for key in TOP_LEVEL:
+        assert_metric(metrics[key])
+    assert set(metrics["operating_points"]) == {"default_0.5", "validation"}
+    for point in metrics["operating_points"].values():
+        assert 0 < point["threshold"] <= 1
+        for key in AT_THRESHOLD:
+            assert_metric(point[key])
+    for block, levels in (("sensitivity_at_specificity", {"0.90", "0.95"}),
+                          ("specificity_at_sensitivity", {"0.95", "0.97"})):
+        assert set(metrics[block]) == levels
+    calibrated = metrics["calibrated"]
+    assert calibrated["temperature"] > 0 and calibrated["ece_after"] == metrics["ece"]
+    for key in ("ece_before", "brier_before", "brier_after"):
+        assert_metric(calibrated[key])
+    rows = read_rows(out / "predictions.csv")
+    assert len(rows) == 16
+    assert {"path", "patient_id", "label", "predicted", "p_NORMAL", "p_PNEUMONIA"} <= set(rows[0])
+    for name in ("confusion_matrix", "roc_pr", "reliability", "histograms", "worst_errors",
+                 "gradcam_errors", "gradcam_correct"):
+        assert (out / f"{name}.png").stat().st_size > 5000, name
+
+
+def test_validation_threshold_is_chosen_on_val_and_used_on_test(evaluated):
+    run, out, metrics = evaluated
+    temperature = metrics["calibrated"]["temperature"]
+    # Recompute Youden's J on the validation images independently (sklearn's ROC).
+    val = [s for s in read_manifest(run / "split.csv") if s.split == "val"]
+    logits, _ = predict_logits(load_model(run), [s.path for s in val], device="cpu")
+    p_val = softmax(logits.astype(np.float64), temperature)[:, 1]
+    fpr, tpr, thresholds = roc_curve([s.label == "PNEUMONIA" for s in val], p_val,
+                                     drop_intermediate=False)
+    best = int(np.argmax(tpr - fpr))
+    expected = (thresholds[best] + thresholds[best + 1]) / 2  # middle of the gap below it
+    threshold = read_calibration(run).threshold
+    assert threshold == pytest.approx(expected, abs=1e-5)
+    assert metrics["operating_points"]["validation"]["threshold"] == pytest.approx(threshold)
+
+    # ... and the test metrics are computed at that threshold.
+    rows = read_rows(out / "predictions.csv")
+    y = np.array([r["label"] == "PNEUMONIA" for r in rows])
+    called = np.array([float(r["p_PNEUMONIA"]) for r in rows]) >= threshold
+    assert [r["predicted"] == "PNEUMONIA" for r in rows] == called.tolist()
+    tn, fp, fn, tp = confusion_matrix(y, called).ravel()
+    at_val = metrics["operating_points"]["validation"]
+    assert at_val["sensitivity"]["value"] == pytest.approx(tp / (tp + fn), abs=1e-6)
+    assert at_val["specificity"]["value"] == pytest.approx(tn / (tn + fp), abs=1e-6)
+    assert at_val["accuracy"]["value"] == pytest.approx((tp + tn) / len(y), abs=1e-6)
+    assert metrics["confusion_matrix"]["counts"] == [[tn, fp], [fn, tp]]
+
+
+def test_test_labels_never_influence_threshold_or_temperature(evaluated, trained_run, tmp_path):
+    _, _, metrics = evaluated
+    run = copy_run(trained_run, tmp_path)
+    flipped = {"NORMAL": "PNEUMONIA", "PNEUMONIA": "NORMAL"}
+    samples = [replace(s, label=flipped[s.label]) if s.split == "test" else s
+               for s in read_manifest(run / "split.csv")]
+    write_manifest(samples, run / "split.csv")
+    other = json.loads((evaluate_run(run, bootstrap=0, make_figures=False, device="cpu")
+                        / "metrics.json").read_text())
+    assert (other["operating_points"]["validation"]["threshold"]
+            == metrics["operating_points"]["validation"]["threshold"])
+    assert other["calibrated"]["temperature"] == metrics["calibrated"]["temperature"]
+    assert other["roc_auc"]["value"] == pytest.approx(1 - metrics["roc_auc"]["value"])
+
+
+def test_target_sensitivity_threshold_is_deployed(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path)
+    out = evaluate_run(run, target_sensitivity=1.0, bootstrap=0, make_figures=False,
+                       device="cpu")
+    metrics = json.loads((out / "metrics.json").read_text())
+    threshold = metrics["operating_points"]["target_sensitivity"]["threshold"]
+    calibration = read_calibration(run)
+    assert calibration.threshold == pytest.approx(threshold)
+    assert "sensitivity >= 1.0" in calibration.chosen_on
+    # every validation positive is called positive at it
+    val = [s for s in read_manifest(run / "split.csv") if s.split == "val"]
+    logits, _ = predict_logits(load_model(run), [s.path for s in val], device="cpu")
+    p = softmax(logits.astype(np.float64), calibration.temperature)[:, 1]
+    positives = np.array([s.label == "PNEUMONIA" for s in val])
+    assert (p[positives] >= calibration.threshold).all()
+    assert p[positives].min() == pytest.approx(calibration.threshold)  # the highest such
+
+
+def make_class_folders(root, names, n=3):
+    for name in names:
+        (root / name).mkdir(parents=True)
+        label = "PNEUMONIA" if name.upper() != "NORMAL" else "NORMAL"
+        for i in range(n):
+            synthetic_film(label, 500 + i).save(root / name / f"{name}_{i}.png")
+    return root
+
+
+def test_external_data_goes_to_its_own_folder(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path)
+    # Another hospital's class-per-folder tree, folder names in another case.
+    hospital = make_class_folders(tmp_path / "hospital_b", ["normal", "pneumonia"])
+    out = evaluate_run(run, data=hospital, bootstrap=50, make_figures=False, device="cpu")
+    assert out == run / "eval" / "hospital_b"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["external"] and metrics["split"] == "all" and metrics["n"] == 6
+    assert {r["label"] for r in read_rows(out / "predictions.csv")} == {"NORMAL", "PNEUMONIA"}
+    assert not (run / "eval" / "test").exists()  # the internal test is left alone
+
+
+def test_external_kaggle_tree_uses_its_test_split(trained_run, tiny_kaggle, tmp_path):
+    run = copy_run(trained_run, tmp_path)
+    out = evaluate_run(run, data=tiny_kaggle, bootstrap=0, make_figures=False, device="cpu")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert out.name == "chest_xray" and metrics["split"] == "test" and metrics["n"] == 16
+
+
+def test_external_labels_must_match_by_name(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path)
+    other = make_class_folders(tmp_path / "covid", ["NORMAL", "COVID"])
+    with pytest.raises(ValueError, match="COVID.*not among the model's labels"):
+        evaluate_run(run, data=other, bootstrap=0, make_figures=False, device="cpu")
+
+
+def test_tta_is_reported_beside_the_plain_result(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path)
+    out = evaluate_run(run, tta=True, bootstrap=50, make_figures=False, device="cpu")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["tta"]["views"]) == 5
+    assert_metric(metrics["tta"]["roc_auc"])
+    assert "validation" in metrics["tta"]["operating_points"]
+    rows = read_rows(out / "predictions.csv")
+    assert rows[0]["tta_p_PNEUMONIA"] != rows[0]["p_PNEUMONIA"]  # the views changed something
+
+
+def test_unreadable_image_is_skipped_and_listed(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path)
+    broken = tmp_path / "broken.jpeg"
+    broken.write_bytes(b"not a jpeg")
+    samples = read_manifest(run / "split.csv")
+    write_manifest(samples + [replace(samples[-1], path=str(broken))], run / "split.csv")
+    out = evaluate_run(run, bootstrap=0, make_figures=False, device="cpu")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 16
+    assert [u["path"] for u in metrics["unreadable"]] == [str(broken)]
+
+
+def test_evaluating_val_is_labelled(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path)
+    metrics = json.loads((evaluate_run(run, split="val", bootstrap=0, make_figures=False,
+                                       device="cpu") / "metrics.json").read_text())
+    assert metrics["split"] == "val" and "optimistic" in " ".join(metrics["notes"])
+
+
+def make_three_class_run(data, run):
+    """An (untrained) NORMAL/BACTERIA/VIRUS run over the NORMAL/PNEUMONIA `data`."""
+    model = create_model("simple_cnn", labels=["BACTERIA", "NORMAL", "VIRUS"])
+    model.spec.input_size = 64
+    save_model(model, run)
+    write_manifest(patient_split(load_source(data).samples), run / "split.csv")
+    return run
+
+
+def test_three_class_run(tiny_kaggle, tmp_path):
+    """NORMAL/BACTERIA/VIRUS model on NORMAL/PNEUMONIA data: subtypes from the file names."""
+    run = make_three_class_run(tiny_kaggle, tmp_path / "three")
+    out = evaluate_run(run, bootstrap=50, device="cpu")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "operating_points" not in metrics and metrics["positive_class"] is None
+    assert set(metrics["per_class"]) == {"BACTERIA", "NORMAL", "VIRUS"}
+    assert_metric(metrics["accuracy"])
+    counts = np.array(metrics["confusion_matrix"]["counts"])
+    assert counts.shape == (3, 3) and counts.sum() == 16
+    assert counts[2].sum() == 0  # tiny_kaggle has no virus films
+    assert (out / "confusion_matrix.png").is_file() and (out / "roc_pr.png").is_file()
+
+
+def test_cli_evaluate(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path)
+
+    def cxr(*args):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        return result.exit_code, " ".join(result.output.split())  # undo Rich's line wrapping
+
+    code, output = cxr("evaluate", run, "--bootstrap", 20, "--device", "cpu", "--no-figures")
+    assert code == 0, output
+    assert "validation" in output and (run / "eval" / "test" / "metrics.json").is_file()
+    assert not list((run / "eval" / "test").glob("*.png"))
+    code, output = cxr("evaluate", tmp_path / "nowhere")
+    assert code == 2 and "not a cxrkit run" in output
+    code, output = cxr("evaluate", run, "--split", "train")
+    assert code == 2 and "choose test or val" in output

@@ -1,0 +1,96 @@
+"""Grad-CAM: shapes for every backbone family, and maps that point at the evidence."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cxrkit.explain import gradcam, overlay
+from cxrkit.inference import predict_logits
+from cxrkit.models import create_model
+from cxrkit.runs import load_model
+
+
+class BrightPatchModel(nn.Module):
+    """Hand-built: one conv unit fires on bright pixels; BOTH logits rise with it, the
+    second twice as fast. So a bright patch is evidence for class 1 and against class 0,
+    although it raises the raw logit of class 0 too (the trap of a raw-logit target)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(1, 2, bias=False)
+        with torch.no_grad():
+            self.conv.weight.fill_(1.0)
+            self.conv.bias.fill_(-0.5)  # only pixels brighter than 0.5 count
+            self.head.weight.copy_(torch.tensor([[1.0], [2.0]]))
+
+    def forward(self, x):
+        return self.head(self.act(self.conv(x)).mean((2, 3)))
+
+    def gradcam_layer(self):
+        return self.act
+
+
+def film_with_patch(top: int, left: int) -> torch.Tensor:
+    x = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0)) * 0.4
+    x[..., top:top + 12, left:left + 12] = 1.0
+    return x
+
+
+@pytest.mark.parametrize("corner", [(4, 4), (40, 44)])
+def test_heatmap_finds_the_planted_patch(corner):
+    x = film_with_patch(*corner)
+    heat = gradcam(BrightPatchModel(), x, class_index=1)
+    assert heat.shape == (1, 64, 64) and heat.min() >= 0 and heat.max() == pytest.approx(1)
+    mask = np.zeros((64, 64), bool)
+    mask[corner[0]:corner[0] + 12, corner[1]:corner[1] + 12] = True
+    assert heat[0][mask].sum() / heat[0].sum() > 0.9
+
+
+def test_class_zero_map_is_empty_where_the_patch_is_evidence_against_it():
+    """The log-odds target: the patch raises logit 0 but raises logit 1 more, so it argues
+    against class 0; a raw-logit target would highlight it for class 0 as well."""
+    heat = gradcam(BrightPatchModel(), film_with_patch(4, 4), class_index=0)
+    assert heat.max() == 0
+
+
+def test_a_very_confident_model_still_gets_a_map():
+    """A softmax-probability target is exactly flat once P rounds to 1.0 in float32; the
+    log-odds target is not."""
+    model = BrightPatchModel()
+    with torch.no_grad():
+        model.head.weight.mul_(1500)  # logit gap ~26 on the patch
+    heat = gradcam(model, film_with_patch(4, 4), class_index=1)
+    assert heat.max() == pytest.approx(1) and heat[0, 4:16, 4:16].mean() > 0.9
+
+
+@pytest.mark.parametrize("name", ["simple_cnn", "efficientnet_lite0", "timm:resnet18",
+                                  "timm:convnext_atto"])
+def test_every_backbone_family_gives_input_sized_maps(name):
+    model = create_model(name, pretrained=False, labels=["NORMAL", "PNEUMONIA"])
+    # The states a model is often in when someone asks for a map: frozen, channels_last,
+    # inside inference_mode. Grad-CAM needs gradients all the same.
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.inference_mode():
+        model = model.to(memory_format=torch.channels_last)  # now inference-tensor weights
+        x = torch.randn(2, model.spec.in_chans, 96, 96)
+        heat = gradcam(model, x)
+    assert heat.shape == (2, 96, 96)
+    assert np.isfinite(heat).all() and heat.min() >= 0 and heat.max() <= 1 + 1e-6
+    assert all(p.grad is None for p in model.parameters())  # nothing left behind
+
+
+def test_model_used_by_predict_logits_still_explains(trained_run, tiny_kaggle):
+    """predict_logits moves the model to channels_last; the model must stay usable."""
+    model = load_model(trained_run)
+    paths = sorted(str(p) for p in (tiny_kaggle / "test" / "PNEUMONIA").glob("*.jpeg"))[:3]
+    logits, _ = predict_logits(model, paths, device="cpu")
+    heat = gradcam(model, paths, class_index=[1, 1, 0])
+    assert heat.shape == (3, 64, 64)  # the run's input size
+    with pytest.raises(ValueError, match="2 class indices for 3 images"):
+        gradcam(model, paths, class_index=[1, 0])
+    image = overlay(np.full((80, 96), 128, np.uint8), heat[0])
+    assert image.size == (96, 80) and image.mode == "RGB"

@@ -1,0 +1,155 @@
+"""Metrics, thresholds and bootstrap intervals on small cases computed by hand."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+
+from cxrkit.evaluation.metrics import (
+    average_precision,
+    confusion_matrix,
+    multiclass_metrics,
+    probability_metrics,
+    ranking_metrics,
+    roc_auc,
+    threshold_metrics,
+    with_ci,
+)
+from cxrkit.evaluation.thresholds import sensitivity_threshold, youden_threshold
+
+
+def ones(n):
+    return np.ones((1, n))
+
+
+def test_threshold_metrics_by_hand():
+    # 3 positives, 5 negatives; at 0.5: TP=2 FN=1 FP=1 TN=4
+    y = np.array([1, 1, 1, 0, 0, 0, 0, 0], bool)
+    p = np.array([0.9, 0.6, 0.2, 0.7, 0.4, 0.3, 0.1, 0.0])
+    m = {k: float(v[0]) for k, v in threshold_metrics(y, p, 0.5, ones(8)).items()}
+    assert m["accuracy"] == pytest.approx(6 / 8)
+    assert m["sensitivity"] == pytest.approx(2 / 3)
+    assert m["specificity"] == pytest.approx(4 / 5)
+    assert m["ppv"] == pytest.approx(2 / 3)
+    assert m["npv"] == pytest.approx(4 / 5)
+    assert m["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 4 / 5) / 2)
+    # the threshold itself counts as positive
+    assert threshold_metrics(y, p, 0.6, ones(8))["sensitivity"][0] == pytest.approx(2 / 3)
+
+
+def test_ranking_metrics_by_hand():
+    y = np.array([0, 0, 1, 1], bool)
+    p = np.array([0.1, 0.4, 0.35, 0.8])
+    assert roc_auc(y, p, ones(4))[0] == pytest.approx(0.75)  # 3 of 4 pairs ordered
+    # ties count one half: pairs (0.8,0.8)=.5 (0.8,0.1)=1 (0.3,0.8)=0 (0.3,0.1)=1
+    y2, p2 = np.array([1, 0, 1, 0], bool), np.array([0.8, 0.8, 0.3, 0.1])
+    assert roc_auc(y2, p2, ones(4))[0] == pytest.approx(2.5 / 4)
+    # AP: a positive at rank 1 (precision 1), the other at rank 3 (precision 2/3)
+    y3, p3 = np.array([1, 0, 1, 0], bool), np.array([0.9, 0.8, 0.7, 0.1])
+    assert average_precision(y3, p3, ones(4))[0] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    m = ranking_metrics(y, p, ones(4))
+    # specificity >= 0.90 allows no false positive: only 0.8 is called, sensitivity 1/2
+    assert m["sensitivity_at_specificity/0.90"][0] == pytest.approx(0.5)
+    # sensitivity >= 0.95 needs 0.35 called positive, which also calls 0.4: specificity 1/2
+    assert m["specificity_at_sensitivity/0.95"][0] == pytest.approx(0.5)
+
+
+def test_probability_metrics_by_hand():
+    y = np.array([1, 0, 0, 0])
+    probs = np.array([[0.1, 0.9], [0.1, 0.9], [0.8, 0.2], [0.8, 0.2]])
+    m = probability_metrics(y, probs, 1, ones(4))
+    assert m["brier"][0] == pytest.approx((0.01 + 0.81 + 0.04 + 0.04) / 4)
+    # bins: 0.9 -> mean 0.9 vs frequency 0.5; 0.2 -> 0.2 vs 0: (2 * 0.4 + 2 * 0.2) / 4
+    assert m["ece"][0] == pytest.approx(0.3)
+
+
+def test_matches_sklearn_with_ties():
+    rng = np.random.default_rng(0)
+    y = rng.random(300) < 0.4
+    p = np.round(np.clip(0.3 * y + rng.random(300) * 0.7, 0, 1), 2)  # rounded: many ties
+    assert roc_auc(y, p, ones(300))[0] == pytest.approx(roc_auc_score(y, p))
+    assert average_precision(y, p, ones(300))[0] == pytest.approx(average_precision_score(y, p))
+    probs = np.stack([1 - p, p], 1)
+    assert probability_metrics(y.astype(int), probs, 1, ones(300))["brier"][0] == pytest.approx(
+        brier_score_loss(y, p))
+
+
+def test_weights_count_images_that_many_times():
+    """A bootstrap weight of 2 must equal the image appearing twice."""
+    y = np.array([1, 0, 1, 0, 1], bool)
+    p = np.array([0.9, 0.6, 0.4, 0.3, 0.8])
+    w = np.array([[2, 1, 0, 3, 1]], float)
+    repeated = np.repeat(np.arange(5), w[0].astype(int))
+    for metric in (roc_auc, average_precision):
+        assert metric(y, p, w)[0] == pytest.approx(metric(y[repeated], p[repeated],
+                                                          ones(len(repeated)))[0])
+    got = threshold_metrics(y, p, 0.5, w)
+    want = threshold_metrics(y[repeated], p[repeated], 0.5, ones(len(repeated)))
+    for k in got:
+        assert got[k][0] == pytest.approx(want[k][0])
+
+
+def test_multiclass_by_hand():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.array([[.8, .1, .1], [.3, .6, .1], [.1, .8, .1], [.2, .7, .1], [.1, .1, .8],
+                      [.5, .2, .3]])
+    m = multiclass_metrics(y, probs, ["A", "B", "C"], ones(6))
+    assert m["accuracy"][0] == pytest.approx(4 / 6)
+    assert m["A/sensitivity"][0] == pytest.approx(1 / 2)
+    assert m["B/ppv"][0] == pytest.approx(2 / 3)
+    assert m["balanced_accuracy"][0] == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)
+    assert confusion_matrix(y, probs.argmax(1), 3).tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+
+
+def test_youden_threshold_by_hand():
+    y = np.array([0, 0, 1, 1], bool)
+    p = np.array([0.1, 0.4, 0.35, 0.8])
+    # J = 0.5 calling only 0.8 positive (and again calling 0.35 and up): the highest cut,
+    # in the middle of the gap between 0.8 and the next score 0.4
+    assert youden_threshold(y, p) == pytest.approx(0.6)
+    assert sensitivity_threshold(y, p, 0.5) == pytest.approx(0.8)
+    assert sensitivity_threshold(y, p, 1.0) == pytest.approx(0.35)
+    with pytest.raises(ValueError, match="only negative"):
+        youden_threshold(np.zeros(3, bool), np.array([0.1, 0.2, 0.3]))
+
+
+def test_bootstrap_interval_contains_estimate_and_narrows():
+    rng = np.random.default_rng(1)
+
+    def accuracy_ci(n):
+        right = rng.random(n) < 0.8
+        ci = with_ci(lambda w: {"acc": w @ right / w.sum(1)}, np.arange(n), 500, seed=0)["acc"]
+        return ci["value"], ci["ci95"]
+
+    small_value, (small_lo, small_hi) = accuracy_ci(50)
+    large_value, (large_lo, large_hi) = accuracy_ci(5000)
+    assert small_lo <= small_value <= small_hi
+    assert large_lo <= large_value <= large_hi
+    assert (large_hi - large_lo) < (small_hi - small_lo) / 4  # ~ 1/sqrt(100)
+    # seeded: the same call gives the same interval
+    right = np.arange(40) % 3 > 0
+    twice = [with_ci(lambda w: {"a": w @ right / w.sum(1)}, np.arange(40), 200, seed=3)
+             for _ in range(2)]
+    assert twice[0] == twice[1]
+
+
+def test_patient_bootstrap_is_wider_for_correlated_images():
+    """Ten identical images per patient carry the information of one: resampling images
+    as if independent gives a ~sqrt(10) too narrow interval."""
+    rng = np.random.default_rng(2)
+    per_patient = rng.random(30) < 0.7  # is the model right on this patient
+    right = np.repeat(per_patient, 10)
+    patients = np.repeat(np.arange(30), 10)
+
+    def width(groups):
+        ci = with_ci(lambda w: {"acc": w @ right / w.sum(1)}, groups, 1000, seed=0)["acc"]["ci95"]
+        return ci[1] - ci[0]
+
+    assert width(patients) > 2 * width(np.arange(300))
+
+
+def test_undefined_metrics_are_none_not_nan():
+    y = np.ones(4, bool)  # no negatives: specificity is undefined
+    ci = with_ci(lambda w: threshold_metrics(y, np.full(4, 0.9), 0.5, w), np.arange(4), 50)
+    assert ci["specificity"] == {"value": None, "ci95": [None, None]}
+    assert ci["sensitivity"]["value"] == 1.0

@@ -1,0 +1,137 @@
+"""The HTML report (self-contained, every section) and the comparison of runs."""
+
+import csv
+import json
+import shutil
+from html.parser import HTMLParser
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cxrkit.cli import app
+from cxrkit.evaluation import evaluate_run
+from cxrkit.report import build_report, compare_runs, write_compare_csv
+from tests.test_evaluate import make_class_folders, make_three_class_run
+
+SECTIONS = {"data", "training", "metrics", "published", "figures", "model-card"}
+
+
+class Page(HTMLParser):
+    """Section ids, images and every external reference of a page."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.sections, self.images, self.external, self.open_tags = set(), [], [], []
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.sections.add(attrs.get("id"))
+        if tag == "img":
+            self.images.append(attrs["src"])
+        for key in ("src", "href"):
+            value = attrs.get(key) or ""
+            if value and not value.startswith(("data:", "#")):
+                self.external.append(value)
+        if tag in ("section", "table", "figure"):
+            self.open_tags.append(tag)
+
+    def handle_endtag(self, tag):
+        if tag in ("section", "table", "figure"):
+            assert self.open_tags.pop() == tag
+
+
+@pytest.fixture(scope="module")
+def reported(trained_run, tmp_path_factory):
+    """A run with an internal test and an external evaluation, an audit.json beside it
+    and training curves; then its report."""
+    root = tmp_path_factory.mktemp("report")
+    run = shutil.copytree(trained_run, root / "runs" / "tiny")
+    hospital = make_class_folders(root / "hospital_b", ["NORMAL", "PNEUMONIA"])
+    evaluate_run(run, data=hospital, bootstrap=50, make_figures=False, device="cpu")
+    audit = {"root": "/data/chest_xray", "layout": "kaggle", "n_images": 5856,
+             "classes": ["NORMAL", "PNEUMONIA"],
+             "counts": {"train": {"NORMAL": 1341, "PNEUMONIA": 3875},
+                        "test": {"NORMAL": 234, "PNEUMONIA": 390}},
+             "patients": {"train": 2000, "test": 400}, "notes": ["AUDIT-NOTE-MARKER"]}
+    (run.parent / "audit.json").write_text(json.dumps(audit))
+    Image.new("RGB", (300, 120), "white").save(run / "training_curves.png")
+    (run / "val_metrics.json").write_text(json.dumps({"val_roc_auc": 0.987654}))
+    (run / "config.yaml").write_text("model:\n  name: simple_cnn\ndata:\n  path: /data/x\n")
+    return run, build_report(run)  # evaluates the internal test split first
+
+
+def test_report_is_self_contained_with_every_section(reported):
+    run, path = reported
+    assert path == run / "report.html"
+    text = path.read_text()
+    page = Page(text)
+    assert page.sections == SECTIONS
+    assert page.external == []  # opens offline
+    assert "<link" not in text and "<script" not in text
+    assert len(page.images) >= 8 and all(s.startswith("data:image/png;base64,") for s in
+                                         page.images)
+    assert (run / "eval" / "test" / "metrics.json").is_file()  # evaluated on the way
+
+
+def test_report_shows_internal_and_external_side_by_side(reported):
+    _, path = reported
+    text = path.read_text()
+    assert "test (n=16)" in text and "external: hospital_b (all, n=6)" in text
+    assert text.index("test (n=16)") < text.index("external: hospital_b")
+
+
+def test_report_contents(reported):
+    _, path = reported
+    text = path.read_text()
+    assert "AUDIT-NOTE-MARKER" in text and "5856" in text  # the audit beside the run
+    assert "Kermany et al. 2018" in text and "92.8%" in text and "0.968" in text
+    assert "not for diagnosis" in text and "Shortcut learning" in text
+    assert "Loss and validation metrics per epoch" in text and "0.987654" in text
+    assert "Trained on /data/x" in text  # the data path from config.yaml
+    assert "Patients shared between splits" in text
+
+
+def test_compare_runs_table_and_csv(reported, tmp_path):
+    run, _ = reported
+    other = shutil.copytree(run, tmp_path / "other")
+    rows = compare_runs([run, other])
+    assert [r["run"] for r in rows] == [str(run), str(other)]
+    metrics = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    at_val = metrics["operating_points"]["validation"]
+    assert rows[0]["sensitivity"] == at_val["sensitivity"]
+    assert rows[0]["roc_auc"] == metrics["roc_auc"]
+    assert rows[0]["threshold"] == at_val["threshold"]
+    out = write_compare_csv(rows, tmp_path / "table.csv")
+    with open(out, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 2
+    assert float(table[0]["accuracy"]) == pytest.approx(at_val["accuracy"]["value"])
+    assert float(table[0]["accuracy_ci_low"]) == pytest.approx(at_val["accuracy"]["ci95"][0])
+
+    result = CliRunner().invoke(app, ["compare", str(run), str(other), "--out",
+                                      str(tmp_path / "cli.csv")])
+    assert result.exit_code == 0, result.output
+    assert "Sens" in result.output and "other" in result.output and (tmp_path / "cli.csv").is_file()
+
+
+def test_cli_report(trained_run, tmp_path):
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    text = (run / "report.html").read_text()
+    # a bare run folder: what is missing is said to be missing
+    assert "No training_curves.png" in text and "No audit.json found" in text
+    assert "No config.yaml" in text
+
+
+def test_three_class_report(tiny_kaggle, tmp_path):
+    run = make_three_class_run(tiny_kaggle, tmp_path / "three")
+    evaluate_run(run, bootstrap=20, make_figures=False, device="cpu")
+    text = build_report(run).read_text()
+    assert Page(text).sections == SECTIONS
+    assert "Macro ROC-AUC" in text and "class VIRUS" in text and "The most probable class" in text
+    assert "PR-AUC" not in text and "No binary internal test evaluation" in text
