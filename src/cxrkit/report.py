@@ -116,7 +116,7 @@ def _split_summary(run: Path) -> dict | None:
 
 
 def _find_audit(run: Path) -> dict | None:
-    for path in (run / "audit.json", run.parent / "audit.json"):
+    for path in (run / "audit" / "audit.json", run / "audit.json", run.parent / "audit.json"):
         if (audit := _read_json(path)) is not None:
             return audit
     return None

@@ -1,1 +1,182 @@
-"""CLI commands (being written)."""
+"""`cxr train` and `cxr lr-find`: thin wrappers over cxrkit.training.
+
+Options build a `TrainConfig`: the preset, then the `--config` YAML on top, then the
+named options, then every `--set key=value` (any config field, e.g.
+`--set optim.schedule=onecycle --set stages.0.epochs=3`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from lightning.pytorch.utilities import rank_zero_only
+from rich.table import Table
+
+from cxrkit.cli.app import app, console, fail
+from cxrkit.config import PRESETS, ConfigError, TrainConfig, parse_assignments
+from cxrkit.data.kaggle import KaggleDownloadError
+from cxrkit.data.layout import DataLayoutError
+
+USER_ERRORS = (ConfigError, DataLayoutError, KaggleDownloadError, FileExistsError,
+               FileNotFoundError)
+
+DATA = typer.Option(None, "--data", help="`kaggle` (download or kagglehub cache), a dataset "
+                    "folder or a CSV manifest.")
+PRESET = typer.Option("default", "--preset", help=f"One of {', '.join(PRESETS)}: quick (head on "
+                      "frozen features, minutes on a CPU), default (head, then fine-tune all), "
+                      "scratch (simple_cnn from scratch).")
+CONFIG = typer.Option(None, "--config", help="YAML with the config fields to change (a run's "
+                      "config.yaml reproduces it), applied on top of the preset.")
+MODEL = typer.Option(None, "--model", help="efficientnet_lite0/1/2, simple_cnn or timm:<name>.")
+WEIGHTS = typer.Option(None, "--weights", help="Start from these weights (.safetensors or a "
+                       "state dict).")
+PRETRAINED = typer.Option(None, "--pretrained/--no-pretrained", help="ImageNet weights "
+                          "(default: the preset's).")
+TASK = typer.Option(None, "--task", help="binary (NORMAL/PNEUMONIA) or 3class "
+                    "(NORMAL/BACTERIA/VIRUS).")
+BATCH_SIZE = typer.Option(None, "--batch-size", help="Batch size of every stage.")
+SEED = typer.Option(None, "--seed", help="Seed of the split, sampling and initialisation.")
+MAX_TRAIN = typer.Option(None, "--max-train-images", help="Train on a random subset of this "
+                         "many images (quick tries).")
+WORKERS = typer.Option(None, "--num-workers", help="DataLoader processes (default: chosen "
+                       "for this machine).")
+CACHE = typer.Option(None, "--cache/--no-cache", help="Decode every image once into a "
+                     "memory-mapped cache (default on).")
+SET = typer.Option([], "--set", help="Any config field: key=value, dotted, repeatable.")
+
+
+def build_config(data: str | None, preset: str, config: Path | None,
+                 options: dict[str, object], assignments: list[str]) -> TrainConfig:
+    """preset -> YAML -> named options (None = not given) -> --set."""
+    base = TrainConfig.preset(preset)
+    cfg = TrainConfig.load(config, base) if config else base
+    overrides = {key: value for key, value in options.items() if value is not None}
+    if data is not None:
+        overrides["data.path"] = data
+    if "data.batch_size" in overrides:
+        for i in range(len(cfg.stages)):
+            overrides[f"stages.{i}.batch_size"] = overrides["data.batch_size"]
+    last = len(cfg.stages) - 1
+    for key in ("epochs", "lr"):
+        if key in overrides:
+            overrides[f"stages.{last}.{key}"] = overrides.pop(key)
+    return cfg.updated({**overrides, **parse_assignments(assignments)})
+
+
+def metrics_table(metrics: dict) -> Table:
+    table = Table(title=f"Validation ({metrics['images']} images, best of stage "
+                        f"{metrics['best_stage']}, epoch {metrics['best_epoch'] + 1})")
+    for name in ("accuracy", "roc_auc", "sensitivity", "specificity", "f1", "loss"):
+        table.add_column(name.replace("_", "-"), justify="right")
+    table.add_row(*(f"{metrics[name]:.4f}" for name in
+                    ("accuracy", "roc_auc", "sensitivity", "specificity", "f1", "loss")))
+    return table
+
+
+@app.command()
+def train(
+    data: str | None = DATA,
+    preset: str = PRESET,
+    config: Path | None = CONFIG,
+    model: str | None = MODEL,
+    weights: Path | None = WEIGHTS,
+    pretrained: bool | None = PRETRAINED,
+    task: str | None = TASK,
+    epochs: int | None = typer.Option(None, "--epochs", help="Epochs of the last stage (others: "
+                                      "--set stages.0.epochs=N)."),
+    batch_size: int | None = BATCH_SIZE,
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate of the last stage's head."),
+    runs_dir: Path | None = typer.Option(None, "--runs-dir", help="Where run folders go "
+                                         "(default: runs)."),
+    name: str | None = typer.Option(None, "--name", help="Run folder name (default: time and "
+                                    "model; give one for multi-node runs)."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue this run folder from its "
+                                       "last.ckpt, config.yaml and split.csv."),
+    accelerator: str | None = typer.Option(None, "--accelerator", help="auto, cpu, gpu, ..."),
+    devices: str | None = typer.Option(None, "--devices", help="auto or a device count."),
+    num_nodes: int | None = typer.Option(None, "--num-nodes"),
+    strategy: str | None = typer.Option(None, "--strategy", help="auto, ddp, fsdp, ..."),
+    precision: str | None = typer.Option(None, "--precision", help="auto, 32, bf16-mixed, "
+                                         "16-mixed."),
+    compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile."),
+    deterministic: bool | None = typer.Option(None, "--deterministic/--no-deterministic"),
+    seed: int | None = SEED,
+    val_fraction: float | None = typer.Option(None, "--val-fraction", help="Of train, by "
+                                              "patient, for validation (default 0.15)."),
+    max_train_images: int | None = MAX_TRAIN,
+    num_workers: int | None = WORKERS,
+    cache: bool | None = CACHE,
+    set_: list[str] = SET,
+) -> None:
+    """Train a classifier; prints validation metrics, and last the run folder."""
+    from cxrkit.training import train as train_run
+
+    try:
+        if resume is not None:
+            run = train_run(resume=resume)
+        else:
+            if data is None:
+                fail("--data is required (or --resume RUN): `kaggle` or a dataset folder.")
+            options = {
+                "model.name": model, "model.weights": weights and str(weights),
+                "model.pretrained": pretrained, "data.task": task, "epochs": epochs,
+                "data.batch_size": batch_size, "lr": lr, "runs_dir": runs_dir and str(runs_dir),
+                "name": name, "trainer.accelerator": accelerator, "trainer.devices": devices,
+                "trainer.num_nodes": num_nodes, "trainer.strategy": strategy,
+                "trainer.precision": precision, "trainer.compile": compile,
+                "trainer.deterministic": deterministic, "seed": seed,
+                "data.val_fraction": val_fraction, "data.max_train_images": max_train_images,
+                "data.num_workers": num_workers, "data.cache": cache,
+            }
+            run = train_run(build_config(data, preset, config, options, set_))
+    except USER_ERRORS as e:
+        fail(str(e))
+    if rank_zero_only.rank != 0:  # a process Lightning launched: rank 0 reports
+        return
+    console.print(metrics_table(json.loads((run / "val_metrics.json").read_text())))
+    typer.echo(run)
+
+
+@app.command("lr-find")
+def lr_find(
+    data: str = DATA,
+    preset: str = PRESET,
+    config: Path | None = CONFIG,
+    model: str | None = MODEL,
+    weights: Path | None = WEIGHTS,
+    pretrained: bool | None = PRETRAINED,
+    task: str | None = TASK,
+    batch_size: int | None = BATCH_SIZE,
+    seed: int | None = SEED,
+    max_train_images: int | None = MAX_TRAIN,
+    num_workers: int | None = WORKERS,
+    cache: bool | None = CACHE,
+    stage: int = typer.Option(0, "--stage", help="Index of the stage to test (0: the first)."),
+    num_training: int = typer.Option(100, "--num-training", help="Steps of the range test."),
+    out: Path = typer.Option(Path("lr_find.png"), "--out", help="Where the plot goes."),
+    set_: list[str] = SET,
+) -> None:
+    """Lightning's learning-rate range test: saves the loss-vs-LR plot, prints a suggestion."""
+    from cxrkit.training import find_lr
+
+    if data is None:
+        fail("--data is required: `kaggle` or a dataset folder.")
+    options = {"model.name": model, "model.weights": weights and str(weights),
+               "model.pretrained": pretrained, "data.task": task, "data.batch_size": batch_size,
+               "seed": seed, "data.max_train_images": max_train_images,
+               "data.num_workers": num_workers, "data.cache": cache}
+    try:
+        cfg = build_config(data, preset, config, options, set_)
+        if not 0 <= stage < len(cfg.stages):
+            fail(f"--stage {stage}: this config has stages 0..{len(cfg.stages) - 1}")
+        suggestion = find_lr(cfg, stage, out, num_training)
+    except USER_ERRORS as e:
+        fail(str(e))
+    console.print(f"learning-rate plot: {out}")
+    if suggestion is None:
+        fail("no suggestion: the loss did not fall over the range; try more --num-training steps")
+    console.print(f"suggested learning rate for stage {cfg.stages[stage].name}: {suggestion:.3g} "
+                  f"(use it with --set stages.{stage}.lr={suggestion:.3g})")
+    typer.echo(f"{suggestion:.6g}")

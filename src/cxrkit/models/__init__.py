@@ -163,8 +163,10 @@ def create_model(
 
 def model_from_spec(spec: ModelSpec) -> Classifier:
     """An untrained model with the architecture `spec` describes (weights come next)."""
-    return create_model(spec.name, spec.num_classes, pretrained=False, labels=spec.labels,
-                        dropout=spec.dropout)
+    model = create_model(spec.name, spec.num_classes, pretrained=False, labels=spec.labels,
+                         dropout=spec.dropout)
+    model.spec = spec  # keep the trained input size, normalisation and equalisation
+    return model
 
 
 def imagenet_model(name: str = DEFAULT_MODEL) -> nn.Module:

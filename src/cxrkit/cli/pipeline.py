@@ -1,0 +1,80 @@
+"""`cxr run` (the whole job: train, audit, evaluate, report) and `cxr adapt`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from cxrkit.cli.app import app, console, fail
+from cxrkit.cli.train import CONFIG, PRESET, SET, USER_ERRORS, build_config
+
+
+@app.command("run")
+def run_all(
+    data: str = typer.Argument("kaggle", help="`kaggle` (download or kagglehub cache), a "
+                               "dataset folder or a CSV manifest."),
+    preset: str = PRESET,
+    config: Path | None = CONFIG,
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run folders go."),
+    name: str | None = typer.Option(None, "--name", help="Run folder name (default: time and "
+                                    "model)."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted run "
+                                       "folder, then evaluate and report it."),
+    tta: bool = typer.Option(False, "--tta", help="Also evaluate with test-time augmentation."),
+    set_: list[str] = SET,
+) -> None:
+    """The main job: train, audit the data, evaluate on the test split, write report.html."""
+    from cxrkit.data.audit import audit_dataset
+    from cxrkit.evaluation import evaluate_run
+    from cxrkit.report import build_report
+    from cxrkit.training import train
+
+    try:
+        if resume is not None:
+            run = train(resume=resume)
+        else:
+            options = {"runs_dir": str(runs_dir), "name": name}
+            cfg = build_config(data, preset, config, options, set_)
+            run = train(cfg)
+        audit_dataset(_run_data(run), run / "audit")
+        evaluate_run(run, split="test", tta=tta)
+        report = build_report(run, split="test")
+    except USER_ERRORS as e:
+        fail(str(e))
+    console.print(f"report: {report}")
+    typer.echo(run)
+
+
+def _run_data(run: Path) -> Path:
+    """The data a run was trained on, from its config.yaml."""
+    from cxrkit.config import TrainConfig
+    from cxrkit.data.kaggle import resolve_data
+
+    return resolve_data(TrainConfig.load(run / "config.yaml").data.path)
+
+
+@app.command()
+def adapt(
+    run: Path = typer.Argument(..., help="A trained run folder."),
+    data: str = typer.Option(..., "--data", help="The new site's images (a folder, any layout; "
+                             "labels are never read) or a dataset with splits."),
+    split: str | None = typer.Option("test", "--split", help="Which split of a dataset with "
+                                     "splits to adapt to (ignored for a plain folder)."),
+    out: Path | None = typer.Option(None, "--out", help="The adapted run folder "
+                                    "(default: RUN-adapted)."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+) -> None:
+    """Adapt a model to a new hospital's unlabelled films (re-estimated BatchNorm statistics).
+
+    Writes a new run folder that `cxr evaluate`, `predict`, `export` and `serve` accept.
+    """
+    from cxrkit.adapt import adapt_run
+    from cxrkit.data.kaggle import resolve_data
+
+    try:
+        folder = adapt_run(run, resolve_data(data), split, out, batch_size)
+    except (*USER_ERRORS, ValueError) as e:
+        fail(str(e))
+    console.print(f"adapted {run} to {data}; evaluate it with `cxr evaluate {folder}`")
+    typer.echo(folder)

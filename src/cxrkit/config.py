@@ -1,0 +1,372 @@
+"""Typed training configuration: nested dataclasses, presets, YAML and `key=value` overrides.
+
+    from cxrkit.config import TrainConfig
+    cfg = TrainConfig.preset("default", data="path/to/chest_xray")
+    cfg = cfg.updated({"optim.schedule": "onecycle", "stages.1.epochs": 3})
+    cfg.save("my.yaml"); TrainConfig.load("my.yaml")  # round-trips
+
+Every field is reachable from the command line as `--set section.field=value`
+(list items by index: `--set stages.0.lr=0.003`). A YAML file may hold only the
+fields it changes: they are applied on top of the chosen preset. Unknown keys
+and wrongly typed values raise `ConfigError` naming the key and the choices.
+
+Presets:
+- ``quick``: EfficientNet-Lite0 (ImageNet), backbone frozen; its pooled features
+  are extracted once and only the linear head is trained on them (minutes on a CPU).
+- ``default``: ``quick``'s head stage, then the whole network fine-tuned with
+  augmentation and discriminative learning rates (lower for earlier layers).
+- ``scratch``: the small ``simple_cnn`` trained from scratch (the Kaggle baseline).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cxrkit.data.transforms import AugmentConfig
+
+TASKS = ("binary", "3class")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "onecycle", "constant")
+LOSSES = ("cross_entropy", "focal")
+CLASS_WEIGHTS = ("auto", "balanced", "none")
+MONITORS = {"val_roc_auc": "max", "val_loss": "min", "val_accuracy": "max", "val_f1": "max"}
+PRESETS = ("quick", "default", "scratch")
+
+
+class ConfigError(ValueError):
+    """A config key or value that does not fit; the message names the key and the choices."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "kaggle"  # `kaggle` (download/cache) or a local folder / CSV manifest
+    task: str = "binary"  # binary: NORMAL vs PNEUMONIA; 3class: NORMAL / BACTERIA / VIRUS
+    val_fraction: float = 0.15  # of train, grouped by patient; the test split is never touched
+    patient_pattern: str | None = None  # regex with a (?P<patient>...) group
+    max_train_images: int | None = None  # a seeded random subset, for quick tries
+    max_val_images: int | None = None
+    batch_size: int = 32
+    num_workers: int | None = None  # None: chosen for this machine
+    cache: bool = True  # decode every image once into a memory-mapped array
+    cache_dir: str | None = None  # None: $CXRKIT_CACHE or ~/.cache/cxrkit
+    balanced_sampler: bool = False  # WeightedRandomSampler drawing classes equally
+    equalize: bool = False  # histogram-equalise films before resizing
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "efficientnet_lite0"  # see `cxrkit.models.list_models()`
+    pretrained: bool = True
+    weights: str | None = None  # a .safetensors or state-dict file; overrides `pretrained`
+    input_size: int | None = None  # None: the model's own (224 for Lite0)
+    dropout: float = 0.2
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"  # adamw | sgd
+    weight_decay: float = 0.01
+    momentum: float = 0.9  # sgd only
+    schedule: str = "cosine"  # cosine (linear warmup, then cosine) | onecycle | constant
+    warmup_fraction: float = 0.05  # of the stage's optimiser steps (onecycle: its pct_start)
+
+
+@dataclass
+class StageConfig:
+    """One `Trainer.fit`: which layers learn, for how long, how fast."""
+
+    name: str = "train"
+    epochs: int = 10
+    lr: float = 1e-3  # of the head; backbone groups get lr * lr_decay**depth
+    unfreeze: str = "all"  # "none": head only; "all"; or "K": the last K backbone layer groups
+    lr_decay: float = 1.0  # discriminative learning rates: < 1 trains earlier layers slower
+    frozen_features: bool = False  # unfreeze "none" only: fit the head on features extracted once
+    augment: bool = True
+    batch_size: int | None = None  # None: data.batch_size
+
+
+@dataclass
+class LossConfig:
+    name: str = "cross_entropy"  # cross_entropy | focal
+    class_weights: str = "auto"  # auto: balanced unless data.balanced_sampler | balanced | none
+    label_smoothing: float = 0.0
+    focal_gamma: float = 2.0
+
+
+@dataclass
+class TrainerConfig:
+    """Passed to `lightning.Trainer`; multi-GPU and multi-node come from Lightning alone."""
+
+    accelerator: str = "auto"
+    devices: str = "auto"  # "auto" or a count
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | fsdp | deepspeed | ...
+    precision: str = "auto"  # auto: bf16-mixed on GPUs that have it, else 16-mixed; 32 on CPU
+    compile: bool = False  # torch.compile the model
+    channels_last: bool = True  # NHWC memory layout: ~2x faster CPU convolutions
+    deterministic: bool = False
+    monitor: str = "val_roc_auc"  # selects best.ckpt and drives early stopping
+    early_stopping_patience: int | None = 5  # epochs without improvement; None: off
+    checkpoint_every_n_steps: int = 50  # last.ckpt, so a killed run loses little
+    log_every_n_steps: int = 10
+    gradient_clip_val: float | None = None
+    accumulate_grad_batches: int = 1
+    mlflow: bool = False  # also log to MLflow (when installed)
+    progress_bar: bool = True
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    loss: LossConfig = field(default_factory=LossConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+    runs_dir: str = "runs"
+    name: str | None = None  # run folder name; None: timestamp and model
+
+    @classmethod
+    def preset(cls, name: str = "default", data: str | None = None,
+               overrides: dict[str, Any] | None = None) -> TrainConfig:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        config = _PRESETS[name]()
+        if data is not None:
+            config.data.path = str(data)
+        return config.updated(overrides or {})
+
+    @classmethod
+    def from_dict(cls, values: dict, base: TrainConfig | None = None) -> TrainConfig:
+        """`values` (possibly partial) on top of `base` (default: the plain defaults)."""
+        merged = _merge(to_dict(base or cls()), values, "")
+        config = _build(cls, merged, "")
+        config.validate()
+        return config
+
+    @classmethod
+    def load(cls, path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping of config sections, e.g. `optim: ...`")
+        try:
+            return cls.from_dict(values, base)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(yaml.safe_dump(to_dict(self), sort_keys=False))
+        return path
+
+    def updated(self, overrides: dict[str, Any]) -> TrainConfig:
+        """A copy with dotted keys set, e.g. {"optim.lr": 0.01, "stages.0.epochs": 2}."""
+        values = to_dict(self)
+        for key, value in overrides.items():
+            _set_dotted(values, key, value)
+        return TrainConfig.from_dict(values)
+
+    def validate(self) -> None:
+        _check_choice("data.task", self.data.task, TASKS)
+        _check_choice("optim.optimizer", self.optim.optimizer, OPTIMIZERS)
+        _check_choice("optim.schedule", self.optim.schedule, SCHEDULES)
+        _check_choice("loss.name", self.loss.name, LOSSES)
+        _check_choice("loss.class_weights", self.loss.class_weights, CLASS_WEIGHTS)
+        _check_choice("trainer.monitor", self.trainer.monitor, tuple(MONITORS))
+        if not 0 <= self.data.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
+        if not self.stages:
+            raise ConfigError("stages is empty: give at least one training stage")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stage names must be unique, got {names}")
+        for i, s in enumerate(self.stages):
+            if s.unfreeze not in ("none", "all") and not s.unfreeze.isdigit():
+                raise ConfigError(f"stages.{i}.unfreeze must be none, all or a number of layer "
+                                  f"groups, got {s.unfreeze!r}")
+            if s.frozen_features and s.unfreeze != "none":
+                raise ConfigError(f"stages.{i}: frozen_features needs unfreeze: none (the backbone "
+                                  "must not change while its features are reused)")
+            if s.epochs < 1 or s.lr <= 0:
+                raise ConfigError(f"stages.{i} needs epochs >= 1 and lr > 0")
+
+
+def to_dict(config: Any) -> Any:
+    """Plain dicts, lists and scalars (tuples become lists): YAML- and checkpoint-safe."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, list | tuple):
+        return [to_dict(v) for v in config]
+    return copy.deepcopy(config)
+
+
+def parse_assignments(assignments: list[str]) -> dict[str, Any]:
+    """["optim.lr=0.01", ...] -> {"optim.lr": 0.01}; values are read as YAML scalars."""
+    overrides = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, e.g. optim.lr=0.001; got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return overrides
+
+
+def build(cls: type, values: dict, where: str = "") -> Any:
+    """The dataclass `cls` from plain values (as `to_dict` gives), checked strictly."""
+    return _build(cls, values, where)
+
+
+# --- presets -----------------------------------------------------------------------------
+
+def _quick() -> TrainConfig:
+    return TrainConfig(
+        data=DataConfig(batch_size=64),
+        stages=[StageConfig(name="head", epochs=30, lr=3e-3, unfreeze="none",
+                            frozen_features=True, augment=False, batch_size=128)],
+        trainer=TrainerConfig(early_stopping_patience=8),
+    )
+
+
+def _default() -> TrainConfig:
+    head = _quick().stages[0]
+    head.epochs = 15
+    finetune = StageConfig(name="finetune", epochs=6, lr=5e-4, unfreeze="all", lr_decay=0.7)
+    return TrainConfig(optim=OptimConfig(warmup_fraction=0.1), stages=[head, finetune],
+                       trainer=TrainerConfig(early_stopping_patience=3))
+
+
+def _scratch() -> TrainConfig:
+    return TrainConfig(
+        model=ModelConfig(name="simple_cnn", pretrained=False, dropout=0.3),
+        optim=OptimConfig(schedule="onecycle", warmup_fraction=0.25),
+        stages=[StageConfig(name="train", epochs=15, lr=2e-3, unfreeze="all")],
+        trainer=TrainerConfig(early_stopping_patience=5),
+    )
+
+
+_PRESETS = {"quick": _quick, "default": _default, "scratch": _scratch}
+
+
+# --- strict building from plain values ---------------------------------------------------
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unknown_key(cls: type, key: str, where: str) -> ConfigError:
+    section = f"under {where}" if where else "at the top level"
+    return ConfigError(f"unknown config key {(where + '.' if where else '') + key!r}; "
+                       f"valid keys {section}: {', '.join(_fields(cls))}")
+
+
+def _merge(base: Any, values: Any, where: str) -> Any:
+    """`values` on top of `base`; dicts merge key by key, everything else replaces."""
+    if isinstance(base, dict) and isinstance(values, dict):
+        merged = dict(base)
+        for key, value in values.items():
+            merged[key] = _merge(base[key], value, f"{where}.{key}") if key in base else value
+        return merged
+    return values
+
+
+def _set_dotted(values: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node: Any = values
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth]) or "the top level"
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{key!r}: {where} is a list of {len(node)}; use an index "
+                                  f"0..{len(node) - 1}")
+            index: Any = int(part)
+        elif isinstance(node, dict):
+            if part not in node:
+                raise ConfigError(f"unknown config key {key!r}: {where} has "
+                                  f"{', '.join(node)}")
+            index = part
+        else:
+            raise ConfigError(f"unknown config key {key!r}: {where} is a value, not a section")
+        if last:
+            node[index] = value
+        else:
+            node = node[index]
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {values!r}")
+    hints = _fields(cls)
+    for key in values:
+        if key not in hints:
+            raise _unknown_key(cls, key, where)
+    kwargs = {key: _coerce(value, hints[key], f"{where}.{key}" if where else key)
+              for key, value in values.items()}
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the annotation `hint`, converting where it is unambiguous."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (value is None or value in ("None", "none")):
+            return None  # YAML's null, or Python's spelling of it
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        if origin is tuple and len(args) != len(value):
+            raise ConfigError(f"{key} must have {len(args)} items, got {value!r}")
+        items = args if origin is tuple else [args[0]] * len(value)
+        pairs = enumerate(zip(items, value, strict=True))
+        coerced = [_coerce(v, a, f"{key}.{i}") for i, (a, v) in pairs]
+        return origin(coerced)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)  # devices: 2, precision: 32
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{key} must be {name}, got {value!r}")

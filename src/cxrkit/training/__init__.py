@@ -1,0 +1,21 @@
+"""Training with PyTorch Lightning: from a data folder to a fine-tuned model in three lines.
+
+    from cxrkit.config import TrainConfig
+    from cxrkit.training import train
+    run = train(TrainConfig.preset("quick", data="path/to/chest_xray"))  # or data="kaggle"
+
+`run` is the run folder (`cxrkit.runs`): `cxrkit.runs.load_model(run)` gives the
+trained classifier. Change anything with dotted keys, e.g.
+`TrainConfig.preset("default", data=..., overrides={"stages.1.epochs": 3})`;
+continue a killed run with `train(resume=run)`; find a learning rate with
+`find_lr(config, out="lr_find.png")`.
+
+Pieces, each usable alone: `datamodule` (split + LightningDataModule), `features`
+(frozen-backbone fast path), `module` (LightningModule, metrics, param groups),
+`losses`, `callbacks` (checkpoints, loggers, Trainer), `curves`, `fit` (the run).
+"""
+
+from cxrkit.config import TrainConfig
+from cxrkit.training.fit import find_lr, train
+
+__all__ = ["TrainConfig", "find_lr", "train"]

@@ -1,0 +1,98 @@
+"""Lightning callbacks and loggers of a run, and the Trainer that uses them.
+
+    RUN/best.ckpt       best `trainer.monitor` over all stages (val ROC-AUC by default)
+    RUN/last.ckpt       every `checkpoint_every_n_steps` optimiser steps and at a stage's end
+    RUN/logs/STAGE/version_N/metrics.csv   one CSVLogger per stage and attempt
+    RUN/tb/STAGE/       TensorBoard
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import (
+    Callback,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    RichProgressBar,
+)
+from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
+
+from cxrkit.config import MONITORS, StageConfig, TrainerConfig
+
+log = logging.getLogger(__name__)
+
+BEST = "best.ckpt"
+LAST = "last.ckpt"
+
+
+def best_checkpoint(run: Path, trainer: TrainerConfig) -> ModelCheckpoint:
+    """Keeps RUN/best.ckpt; seeded with the previous stage's best so a stage only replaces it
+    when it does better."""
+    callback = ModelCheckpoint(dirpath=run, filename=Path(BEST).stem, monitor=trainer.monitor,
+                               mode=MONITORS[trainer.monitor], save_top_k=1,
+                               auto_insert_metric_name=False, enable_version_counter=False)
+    if (run / BEST).is_file():
+        saved = torch.load(run / BEST, map_location="cpu", weights_only=True)["callbacks"]
+        if callback.state_key in saved:
+            callback.load_state_dict(saved[callback.state_key])
+    return callback
+
+
+def make_callbacks(run: Path, trainer: TrainerConfig) -> list[Callback]:
+    callbacks: list[Callback] = [
+        best_checkpoint(run, trainer),
+        # last.ckpt every N steps, so a run killed mid-epoch resumes losing little
+        ModelCheckpoint(dirpath=run, every_n_train_steps=trainer.checkpoint_every_n_steps,
+                        save_top_k=0, save_last=True, enable_version_counter=False),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    if trainer.early_stopping_patience is not None:
+        callbacks.append(EarlyStopping(monitor=trainer.monitor, mode=MONITORS[trainer.monitor],
+                                       patience=trainer.early_stopping_patience))
+    if trainer.progress_bar:
+        callbacks.append(RichProgressBar())
+    return callbacks
+
+
+def make_loggers(run: Path, stage: str, trainer: TrainerConfig) -> list[Logger]:
+    loggers: list[Logger] = [
+        CSVLogger(run / "logs", name=stage),  # a new version per attempt: resuming keeps history
+        TensorBoardLogger(run, name="tb", version=stage, default_hp_metric=False),
+    ]
+    if trainer.mlflow:
+        if importlib.util.find_spec("mlflow"):
+            loggers.append(MLFlowLogger(experiment_name="cxrkit", run_name=f"{run.name}-{stage}"))
+        else:
+            log.warning("trainer.mlflow is on but mlflow is not installed (pip install mlflow)")
+    return loggers
+
+
+def resolve_precision(trainer: TrainerConfig) -> str:
+    """auto: bf16-mixed on GPUs with bf16, 16-mixed on older GPUs, 32-bit on CPUs."""
+    if trainer.precision != "auto":
+        return trainer.precision
+    on_gpu = torch.cuda.is_available() and trainer.accelerator in ("auto", "gpu", "cuda")
+    if not on_gpu:
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def make_trainer(run: Path, stage: StageConfig, trainer: TrainerConfig,
+                 callbacks: list[Callback], loggers: list[Logger] | bool, **overrides) -> Trainer:
+    devices = int(trainer.devices) if trainer.devices.isdigit() else trainer.devices
+    options = dict(
+        accelerator=trainer.accelerator, devices=devices, num_nodes=trainer.num_nodes,
+        strategy=trainer.strategy, precision=resolve_precision(trainer),
+        max_epochs=stage.epochs, deterministic=trainer.deterministic,
+        callbacks=callbacks, logger=loggers,
+        log_every_n_steps=trainer.log_every_n_steps, gradient_clip_val=trainer.gradient_clip_val,
+        accumulate_grad_batches=trainer.accumulate_grad_batches, default_root_dir=run,
+        enable_progress_bar=trainer.progress_bar, enable_model_summary=False,
+    )
+    return Trainer(**{**options, **overrides})

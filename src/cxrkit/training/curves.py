@@ -1,0 +1,92 @@
+"""RUN/metrics.csv (every stage's CSVLogger output in one table) and RUN/training_curves.png."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+METRICS_CSV = "metrics.csv"
+CURVES_PNG = "training_curves.png"
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _stage_rows(folder: Path) -> list[dict[str, str]]:
+    """One stage's rows over its attempts; a resumed attempt replaces what it replayed."""
+    versions = sorted(folder.glob("version_*/" + METRICS_CSV),
+                      key=lambda p: int(p.parent.name.removeprefix("version_")))
+    rows: list[dict[str, str]] = []
+    for path in versions:
+        new = _read_rows(path)
+        if new:
+            resumed_at = min(int(r["step"]) for r in new)
+            rows = [r for r in rows if int(r["step"]) < resumed_at]
+        rows += new
+    return rows
+
+
+def collect_metrics(run: Path, stages: list[str]) -> Path:
+    """Flatten RUN/logs/STAGE/version_N/metrics.csv into RUN/metrics.csv with a stage column."""
+    rows = [{"stage": stage, **row}
+            for stage in stages for row in _stage_rows(run / "logs" / stage)]
+    columns = ["stage", "epoch", "step"]
+    columns += sorted({k for r in rows for k in r} - set(columns))
+    with open(run / METRICS_CSV, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return run / METRICS_CSV
+
+
+def _per_epoch(rows: list[dict[str, str]], key: str) -> dict[int, float]:
+    return {int(r["epoch"]): float(r[key]) for r in rows if r.get(key) and r.get("epoch")}
+
+
+def plot_curves(run: Path) -> Path:
+    """Loss (train and val) and validation ROC-AUC / accuracy per epoch, stages marked."""
+    rows = _read_rows(run / METRICS_CSV)
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(11, 4))
+    offset = 0
+    for i, stage in enumerate(stages):
+        stage_rows = [r for r in rows if r["stage"] == stage]
+        series = [
+            (ax_loss, "train_loss_epoch", "train loss", "tab:blue"),
+            (ax_loss, "val_loss", "val loss", "tab:orange"),
+            (ax_score, "val_roc_auc", "val ROC-AUC", "tab:green"),
+            (ax_score, "val_accuracy", "val accuracy", "tab:purple"),
+        ]
+        last_epoch = 0
+        for ax, key, label, color in series:
+            points = _per_epoch(stage_rows, key)
+            if points:
+                epochs = sorted(points)
+                ax.plot([offset + e + 1 for e in epochs], [points[e] for e in epochs], "o-",
+                        color=color, label=label if i == 0 else None, markersize=3)
+                last_epoch = max(last_epoch, epochs[-1] + 1)
+        if i > 0:
+            for ax in (ax_loss, ax_score):
+                ax.axvline(offset + 0.5, color="gray", linestyle="--", linewidth=1)
+                ax.text(offset + 0.6, 0.98, stage, transform=ax.get_xaxis_transform(),
+                        va="top", fontsize=8, color="gray")
+        offset += last_epoch
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_score.set(xlabel="epoch", ylabel="score", title="Validation", ylim=(0, 1.02))
+    for ax in (ax_loss, ax_score):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(loc="best", fontsize=8)
+    fig.suptitle(f"{run.name}: stages {' -> '.join(stages)}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(run / CURVES_PNG, dpi=110)
+    plt.close(fig)
+    return run / CURVES_PNG

@@ -1,0 +1,151 @@
+"""Training data: the patient-grouped split and a LightningDataModule over it.
+
+`prepare_samples` turns a data folder into train/val/test samples (train -> train/val
+by patient, `cxrkit.data.split.patient_split`); `XrayDataModule` serves the train
+and val images. The test split is carried along only to be written to split.csv for
+evaluation: nothing in training ever reads a test image.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from cxrkit.config import DataConfig
+from cxrkit.data.dataset import DEFAULT_CACHE_DIR, DecodeCache, XrayDataset, collate_skip_bad
+from cxrkit.data.kaggle import resolve_data
+from cxrkit.data.layout import DataLayoutError, Sample, load_source
+from cxrkit.data.patients import kermany_subtype
+from cxrkit.data.split import patient_split
+from cxrkit.data.transforms import eval_transform, train_transform
+from cxrkit.models import ModelSpec
+
+SUBTYPES = ("NORMAL", "BACTERIA", "VIRUS")
+POSITIVE_CLASS = "PNEUMONIA"
+
+
+def _subsample(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
+    if limit is None or len(samples) <= limit:
+        return samples
+    keep = set(random.Random(seed).sample(range(len(samples)), limit))
+    return [s for i, s in enumerate(samples) if i in keep]
+
+
+def prepare_samples(data: DataConfig, seed: int = 0) -> list[Sample]:
+    """Train, val and test samples of `data.path`, labelled for `data.task`."""
+    samples = load_source(resolve_data(data.path).absolute(), data.patient_pattern).samples
+    if data.task == "3class":
+        samples = [replace(s, label=kermany_subtype(Path(s.path).name, s.label)) for s in samples]
+    samples = patient_split(samples, data.val_fraction, seed)
+    train = _subsample([s for s in samples if s.split == "train"], data.max_train_images, seed)
+    val = _subsample([s for s in samples if s.split == "val"], data.max_val_images, seed)
+    if not train or not val:
+        raise DataLayoutError(
+            f"{data.path} gives {len(train)} training and {len(val)} validation images; both are "
+            "needed. Give a train split (or class folders) and data.val_fraction > 0."
+        )
+    return train + val + [s for s in samples if s.split == "test"]
+
+
+def task_classes(task: str, samples: list[Sample]) -> list[str]:
+    """Class names in index order: sorted for binary; NORMAL, BACTERIA, VIRUS for 3class."""
+    labels = {s.label for s in samples if s.split in ("train", "val")}
+    if task != "3class":
+        return sorted(labels)
+    if labels != set(SUBTYPES):
+        raise DataLayoutError(
+            f"--task 3class needs NORMAL, BACTERIA and VIRUS images (from Kermany file names "
+            f"like person1_virus_2.jpeg); found {sorted(labels)}. Use --task binary."
+        )
+    return list(SUBTYPES)
+
+
+def positive_index(classes: list[str]) -> int:
+    """The class whose probability is scored in binary metrics: PNEUMONIA, else the last."""
+    return classes.index(POSITIVE_CLASS) if POSITIVE_CLASS in classes else len(classes) - 1
+
+
+def class_counts(samples: list[Sample], classes: list[str]) -> list[int]:
+    counts = Counter(s.label for s in samples if s.split == "train")
+    return [counts.get(c, 0) for c in classes]
+
+
+def default_num_workers() -> int:
+    """Loader processes: on a GPU every core but one (augmentation is the bottleneck there);
+    on a CPU leave most cores to the model."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    if torch.cuda.is_available():
+        return min(16, max(1, cores - 1))
+    return min(4, cores // 2)
+
+
+def balanced_sampler(labels: list[int]) -> WeightedRandomSampler:
+    """Draws every class equally often (with replacement), one epoch = len(labels) draws."""
+    counts = Counter(labels)
+    weights = torch.tensor([1.0 / counts[y] for y in labels], dtype=torch.double)
+    return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True)
+
+
+class XrayDataModule(LightningDataModule):
+    """Train (augmented unless `augment=False`) and val images of `samples`."""
+
+    def __init__(self, samples: list[Sample], classes: list[str], spec: ModelSpec,
+                 data: DataConfig, batch_size: int, augment: bool = True):
+        super().__init__()
+        self.samples = {split: [s for s in samples if s.split == split]
+                        for split in ("train", "val")}
+        self.class_to_idx = {c: i for i, c in enumerate(classes)}
+        self.spec = spec
+        self.data = data
+        self.batch_size = batch_size
+        self.augment = augment
+        self.num_workers = (default_num_workers() if data.num_workers is None
+                            else data.num_workers)
+        self.datasets: dict[str, XrayDataset] = {}
+
+    def _cache(self, split: str) -> DecodeCache | None:
+        if not self.data.cache:
+            return None
+        cache_dir = Path(self.data.cache_dir) if self.data.cache_dir else DEFAULT_CACHE_DIR
+        return DecodeCache(self.samples[split], self.spec.input_size, self.data.equalize,
+                           cache_dir / "decoded")
+
+    def prepare_data(self) -> None:
+        for split in self.samples:  # decode once, on one process per node
+            self._cache(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        for split, samples in self.samples.items():
+            transform = (train_transform(self.spec, self.data.augment)
+                         if split == "train" and self.augment else eval_transform(self.spec))
+            self.datasets[split] = XrayDataset(samples, self.class_to_idx, self.spec.input_size,
+                                               transform, self.data.equalize, self._cache(split))
+
+    def labels(self, split: str) -> list[int]:
+        return [self.class_to_idx[s.label] for s in self.samples[split]]
+
+    def loader(self, split: str, shuffle: bool) -> DataLoader:
+        sampler = None
+        if shuffle and self.data.balanced_sampler:
+            sampler, shuffle = balanced_sampler(self.labels(split)), False
+        return DataLoader(
+            self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, sampler=sampler,
+            num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0, collate_fn=collate_skip_bad,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader("val", shuffle=False)

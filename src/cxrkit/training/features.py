@@ -1,0 +1,84 @@
+"""The frozen-backbone fast path: pooled features extracted once, then a head fit on them.
+
+While the backbone is frozen, every epoch would push the same images through the
+same network. Instead the pooled features of the train and val images are computed
+once (eval transform, no augmentation, `torch.inference_mode`, channels_last),
+saved in the run folder (so a resumed stage does not recompute them), and the
+head is fit on them by an ordinary Lightning loop over a TensorDataset: seconds
+per epoch instead of minutes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from cxrkit.training.datamodule import XrayDataModule, balanced_sampler
+
+
+def extract_features(backbone: nn.Module, loader: DataLoader,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features [N, F], labels [N]) for every readable image `loader` yields."""
+    was_training = backbone.training
+    # Moved outside inference mode: parameters made inside it could never train again.
+    backbone.eval().to(device, memory_format=torch.channels_last)
+    features, labels = [], []
+    with torch.inference_mode():
+        for batch in loader:
+            if batch is None:  # every image of the batch was unreadable
+                continue
+            x, y = batch[0], batch[1]
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            features.append(backbone(x).float().cpu())
+            labels.append(y)
+    backbone.train(was_training)
+    return torch.cat(features), torch.cat(labels)
+
+
+class FeatureDataModule(LightningDataModule):
+    """Backbone features of the train and val images of `images`, as TensorDatasets."""
+
+    def __init__(self, images: XrayDataModule, backbone: nn.Module, file: Path, batch_size: int):
+        super().__init__()
+        self.images = images
+        self.backbone = backbone
+        self.file = Path(file)
+        self.batch_size = batch_size
+        self.datasets: dict[str, TensorDataset] = {}
+
+    def prepare_data(self) -> None:
+        if self.file.is_file():
+            return
+        self.images.prepare_data()
+        self.images.setup()
+        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        tensors = {}
+        for split in ("train", "val"):
+            x, y = extract_features(self.backbone, self.images.loader(split, shuffle=False), device)
+            tensors[f"{split}_x"], tensors[f"{split}_y"] = x, y
+        tmp = self.file.with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, self.file)  # atomic: a killed extraction leaves nothing half written
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        tensors = load_file(str(self.file))
+        for split in ("train", "val"):
+            self.datasets[split] = TensorDataset(tensors[f"{split}_x"], tensors[f"{split}_y"])
+
+    def train_dataloader(self) -> DataLoader:
+        train = self.datasets["train"]
+        if self.images.data.balanced_sampler:
+            sampler = balanced_sampler(train.tensors[1].tolist())
+            return DataLoader(train, batch_size=self.batch_size, sampler=sampler)
+        return DataLoader(train, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.datasets["val"], batch_size=self.batch_size * 4)

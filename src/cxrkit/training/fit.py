@@ -1,0 +1,287 @@
+"""`train(config) -> run folder`: a whole training run, stage by stage, resumable.
+
+    from cxrkit.config import TrainConfig
+    from cxrkit.training import train
+    run = train(TrainConfig.preset("quick", data="path/to/chest_xray"))
+
+A run (see `cxrkit.runs`) goes:
+1. the data's train split is split train/val by patient (`RUN/split.csv`), the
+   resolved config is saved (`RUN/config.yaml`);
+2. each stage of `config.stages` is one Lightning `Trainer.fit`; a stage starts from
+   the best weights so far (`RUN/best.ckpt`) and is recorded in `RUN/stages.json`
+   when it finishes;
+3. the best checkpoint becomes `RUN/model.safetensors` (+ model.json, labels.json),
+   scored on the validation images (`RUN/val_metrics.json`), with `RUN/metrics.csv`
+   and `RUN/training_curves.png`.
+
+`train(resume=RUN)` continues a killed run: finished stages are skipped and the
+interrupted one continues from `RUN/last.ckpt` (written every few optimiser steps)
+with the run's own config and split. Multi-GPU and multi-node runs are Lightning's
+(`trainer.devices`, `num_nodes`, `strategy`); processes that Lightning launches
+find the run folder through the environment, and for several nodes give
+`config.name` so every node uses the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule, seed_everything
+from lightning.pytorch.tuner import Tuner
+from lightning.pytorch.utilities import rank_zero_only
+
+from cxrkit.config import TrainConfig, to_dict
+from cxrkit.data.layout import Sample
+from cxrkit.data.split import read_manifest, write_manifest
+from cxrkit.inference import predict_logits
+from cxrkit.models import Classifier, create_model
+from cxrkit.runs import save_model
+from cxrkit.training.callbacks import BEST, LAST, make_callbacks, make_loggers, make_trainer
+from cxrkit.training.curves import collect_metrics, plot_curves
+from cxrkit.training.datamodule import (
+    XrayDataModule,
+    class_counts,
+    positive_index,
+    prepare_samples,
+    task_classes,
+)
+from cxrkit.training.features import FeatureDataModule
+from cxrkit.training.losses import balanced_class_weights
+from cxrkit.training.module import ClassifierModule, make_metrics, metric_inputs
+
+CONFIG = "config.yaml"
+SPLIT = "split.csv"
+PROGRESS = "stages.json"
+VAL_METRICS = "val_metrics.json"
+RUN_DIR_ENV = "CXRKIT_RUN_DIR"  # hands the run folder to processes Lightning launches
+
+# Lightning warnings that are expected here: the run folder already holds config.yaml,
+# the module (not the DataModule) converts batches to channels_last, a frozen backbone
+# trains in eval mode.
+EXPECTED_WARNINGS = (r"Checkpoint directory .* exists and is not empty",
+                     r"You have overridden `on_after_batch_transfer`",
+                     r"Found \d+ module\(s\) in eval mode",
+                     r".*isinstance\(treespec, LeafSpec\)")
+
+
+@dataclass
+class Run:
+    folder: Path
+    config: TrainConfig
+    samples: list[Sample]  # train, val and test rows, as in split.csv
+    classes: list[str]
+
+
+def build_model(config: TrainConfig, classes: list[str]) -> Classifier:
+    m = config.model
+    model = create_model(m.name, len(classes), m.pretrained, m.weights, classes, m.dropout)
+    if m.input_size:
+        model.spec.input_size = m.input_size
+    model.spec.equalize = config.data.equalize
+    return model
+
+
+def loss_class_weights(config: TrainConfig, counts: list[int]) -> list[float] | None:
+    mode = config.loss.class_weights
+    if mode == "auto":  # a balanced sampler already evens the classes out
+        mode = "none" if config.data.balanced_sampler else "balanced"
+    return balanced_class_weights(counts) if mode == "balanced" else None
+
+
+def build_stage(run: Run, index: int, model: Classifier,
+                work_dir: Path) -> tuple[ClassifierModule, LightningDataModule]:
+    """The LightningModule and DataModule of stage `index`."""
+    config, stage = run.config, run.config.stages[index]
+    module = ClassifierModule(
+        spec=to_dict(model.spec), stage=to_dict(stage), optim=to_dict(config.optim),
+        loss=to_dict(config.loss),
+        class_weights=loss_class_weights(config, class_counts(run.samples, run.classes)),
+        positive_index=positive_index(run.classes), channels_last=config.trainer.channels_last,
+        compile=config.trainer.compile, model=model,
+    )
+    batch_size = stage.batch_size or config.data.batch_size
+    images = XrayDataModule(run.samples, run.classes, model.spec, config.data, batch_size,
+                            augment=stage.augment)
+    if stage.frozen_features:
+        file = work_dir / f"features-{stage.name}.safetensors"
+        return module, FeatureDataModule(images, model.backbone, file, batch_size)
+    return module, images
+
+
+# --- the run folder ------------------------------------------------------------------------
+
+def _run_folder(config: TrainConfig) -> Path:
+    inherited = os.environ.get(RUN_DIR_ENV)
+    if rank_zero_only.rank > 0 and inherited:  # a process Lightning launched for DDP
+        return Path(inherited)
+    runs = Path(config.runs_dir)
+    if config.name:
+        folder = runs / config.name
+        if rank_zero_only.rank == 0 and (folder / CONFIG).exists():
+            raise FileExistsError(f"{folder} already holds a run: continue it with "
+                                  f"`cxr train --resume {folder}`, or choose another --name")
+    else:
+        model = re.sub(r"[^\w.-]+", "_", config.model.name.removeprefix("timm:"))
+        stem = f"{datetime.now():%Y%m%d-%H%M%S}-{model}"
+        folder, n = runs / stem, 2
+        while folder.exists():
+            folder, n = runs / f"{stem}-{n}", n + 1
+    folder = folder.absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ[RUN_DIR_ENV] = str(folder)
+    return folder
+
+
+def new_run(config: TrainConfig) -> Run:
+    config.validate()
+    samples = prepare_samples(config.data, config.seed)
+    classes = task_classes(config.data.task, samples)
+    folder = _run_folder(config)
+    if rank_zero_only.rank == 0:
+        config.save(folder / CONFIG)
+        write_manifest(samples, folder / SPLIT)
+    return Run(folder, config, samples, classes)
+
+
+def open_run(folder: str | Path) -> Run:
+    folder = Path(folder).absolute()
+    missing = [name for name in (CONFIG, SPLIT) if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a run to resume ({', '.join(missing)} missing);"
+                                " pass the folder `cxr train` printed")
+    config = TrainConfig.load(folder / CONFIG)
+    samples = read_manifest(folder / SPLIT)
+    return Run(folder, config, samples, task_classes(config.data.task, samples))
+
+
+def finished_stages(folder: Path) -> dict[str, dict]:
+    file = folder / PROGRESS
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def _mark_finished(folder: Path, stage: str, record: dict) -> None:
+    done = finished_stages(folder)
+    done[stage] = record
+    (folder / PROGRESS).write_text(json.dumps(done, indent=2))
+
+
+def _checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def resume_point(folder: Path, stage: str) -> Path | None:
+    """RUN/last.ckpt if it was written by `stage` (a stage interrupted part way)."""
+    last = folder / LAST
+    if not last.is_file():
+        return None
+    return last if _checkpoint(last)["hyper_parameters"]["stage"]["name"] == stage else None
+
+
+def load_weights(model: Classifier, checkpoint: Path) -> None:
+    state = _checkpoint(checkpoint)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()
+                           if k.startswith("model.")})
+
+
+# --- training ------------------------------------------------------------------------------
+
+def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None) -> None:
+    stage = run.config.stages[index]
+    seed_everything(run.config.seed, workers=True)
+    if resume_from is None and index > 0:
+        load_weights(model, run.folder / BEST)  # start from the best of the stages before
+    module, datamodule = build_stage(run, index, model, run.folder)
+    trainer = make_trainer(run.folder, stage, run.config.trainer,
+                           callbacks=make_callbacks(run.folder, run.config.trainer),
+                           loggers=make_loggers(run.folder, stage.name, run.config.trainer))
+    with warnings.catch_warnings():
+        for message in EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    trainer.save_checkpoint(run.folder / LAST, weights_only=False)
+    if trainer.is_global_zero:
+        _mark_finished(run.folder, stage.name, {"global_step": trainer.global_step,
+                                                "epochs": trainer.current_epoch})
+        if isinstance(datamodule, FeatureDataModule):
+            datamodule.file.unlink(missing_ok=True)
+
+
+def validation_metrics(module: ClassifierModule, run: Run) -> dict:
+    """The final model scored on the validation images, read from disk as `cxr predict` does."""
+    val = [s for s in run.samples if s.split == "val"]
+    logits, failures = predict_logits(module.model, [s.path for s in val],
+                                      batch_size=run.config.data.batch_size)
+    readable = ~np.isnan(logits).any(axis=1)
+    target = torch.tensor([run.classes.index(s.label) for s in val])[torch.from_numpy(readable)]
+    logits = torch.from_numpy(logits[readable])
+    metrics = make_metrics(len(run.classes), sync=False)  # rank 0 alone scores
+    metrics.update(*metric_inputs(logits, target, positive_index(run.classes)))
+    values = {name: float(v) for name, v in metrics.compute().items()}
+    values["loss"] = float(module.criterion(logits, target))
+    values.update(images=int(readable.sum()), unreadable=len(failures))
+    return values
+
+
+def finish(run: Run) -> dict:
+    """best.ckpt -> model.safetensors, val_metrics.json, metrics.csv, training_curves.png."""
+    best = run.folder / BEST
+    module = ClassifierModule.load_from_checkpoint(best, map_location="cpu", weights_only=True)
+    save_model(module.model.eval(), run.folder)
+    meta = _checkpoint(best)
+    metrics = validation_metrics(module, run)
+    metrics.update(best_stage=module.stage.name, best_epoch=meta["epoch"],
+                   best_global_step=meta["global_step"], monitor=run.config.trainer.monitor)
+    (run.folder / VAL_METRICS).write_text(json.dumps(metrics, indent=2))
+    collect_metrics(run.folder, [s.name for s in run.config.stages])
+    plot_curves(run.folder)
+    return metrics
+
+
+def train(config: TrainConfig | None = None, resume: str | Path | None = None) -> Path:
+    """Train `config` (default: `TrainConfig()`), or continue the run folder `resume`.
+
+    Returns the run folder; `cxrkit.runs.load_model(folder)` loads the trained model.
+    """
+    run = open_run(resume) if resume is not None else new_run(config or TrainConfig())
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 where fp32 remains (feature extraction)
+    seed_everything(run.config.seed, workers=True)  # the new head's initial weights too
+    model = build_model(run.config, run.classes)
+    done = finished_stages(run.folder)
+    pending = [i for i, stage in enumerate(run.config.stages) if stage.name not in done]
+    if pending:  # decided once, before any process writes another checkpoint
+        first = resume_point(run.folder, run.config.stages[pending[0]].name)
+        for i in pending:
+            fit_stage(run, i, model, first if i == pending[0] else None)
+    if rank_zero_only.rank == 0:
+        finish(run)
+    return run.folder
+
+
+def find_lr(config: TrainConfig, stage: int = 0, out: str | Path = "lr_find.png",
+            num_training: int = 100) -> float | None:
+    """Lightning's learning-rate range test on stage `stage`; saves the plot to `out`."""
+    config.validate()
+    samples = prepare_samples(config.data, config.seed)
+    seed_everything(config.seed, workers=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Run(Path(tmp), config, samples, task_classes(config.data.task, samples))
+        model = build_model(config, run.classes)
+        module, datamodule = build_stage(run, stage, model, run.folder)
+        trainer = make_trainer(run.folder, config.stages[stage], config.trainer, callbacks=[],
+                               loggers=False, devices=1, num_nodes=1, strategy="auto",
+                               enable_checkpointing=False)
+        result = Tuner(trainer).lr_find(module, datamodule=datamodule, min_lr=1e-6, max_lr=1.0,
+                                        num_training=num_training, update_attr=False)
+    figure = result.plot(suggest=True)
+    figure.savefig(out, dpi=110)
+    return result.suggestion()

@@ -1,0 +1,199 @@
+"""The LightningModule: a `cxrkit.models.Classifier`, its loss, optimiser, schedule and metrics.
+
+One module trains one stage (`StageConfig`): which layers learn (`unfreeze`), at which
+learning rates (discriminative: the head at `lr`, the backbone layer group at depth d
+from the top at `lr * lr_decay**d`), on images or on pre-extracted features
+(`frozen_features`). Frozen layers keep their BatchNorm statistics: their norm layers
+stay in eval mode while the rest trains.
+
+Hyperparameters are plain dicts and lists, so checkpoints load with
+`torch.load(..., weights_only=True)` and `ClassifierModule.load_from_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, OneCycleLR, SequentialLR
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryAUROC,
+    BinaryF1Score,
+    BinaryRecall,
+    BinarySpecificity,
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassF1Score,
+    MulticlassRecall,
+    MulticlassSpecificity,
+)
+
+from cxrkit.config import LossConfig, OptimConfig, StageConfig, build
+from cxrkit.models import Classifier, ModelSpec, model_from_spec
+from cxrkit.training.losses import make_loss
+
+METRIC_NAMES = ("accuracy", "roc_auc", "sensitivity", "specificity", "f1")
+
+
+def make_metrics(num_classes: int, sync: bool = True) -> MetricCollection:
+    """Binary: on P(positive class). More classes: macro one-vs-rest (accuracy: micro).
+
+    `sync=False` for scores computed on one process of a distributed run.
+    """
+    s = {"sync_on_compute": sync}
+    if num_classes == 2:
+        metrics = [BinaryAccuracy(**s), BinaryAUROC(**s), BinaryRecall(**s),
+                   BinarySpecificity(**s), BinaryF1Score(**s)]
+    else:
+        c = num_classes
+        metrics = [MulticlassAccuracy(c, average="micro", **s), MulticlassAUROC(c, **s),
+                   MulticlassRecall(c, **s), MulticlassSpecificity(c, **s),
+                   MulticlassF1Score(c, **s)]
+    return MetricCollection(dict(zip(METRIC_NAMES, metrics, strict=True)))
+
+
+def metric_inputs(logits: torch.Tensor, target: torch.Tensor,
+                  positive: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predictions, target) as `make_metrics` expects them."""
+    probs = torch.softmax(logits.float(), dim=1)
+    if probs.shape[1] == 2:
+        return probs[:, positive], (target == positive).long()
+    return probs, target
+
+
+def set_trainable(model: Classifier, unfreeze: str) -> None:
+    """The head always learns; the backbone: none, all, or its last K layer groups."""
+    model.backbone.requires_grad_(unfreeze == "all")
+    if unfreeze.isdigit() and int(unfreeze) > 0:
+        for group in model.layer_groups()[-int(unfreeze):]:
+            for p in group:
+                p.requires_grad_(True)
+    model.head.requires_grad_(True)
+
+
+def keep_frozen_norms_in_eval(backbone: nn.Module) -> None:
+    """A frozen backbone runs in eval mode; frozen norm layers in a partly frozen one too.
+
+    Otherwise BatchNorm would keep updating running statistics of layers that do not learn.
+    """
+    if not any(p.requires_grad for p in backbone.parameters()):
+        backbone.eval()
+        return
+    for m in backbone.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and not any(
+            p.requires_grad for p in m.parameters()
+        ):
+            m.eval()
+
+
+def param_groups(model: Classifier, lr: float, lr_decay: float) -> list[dict]:
+    """Head at `lr`; backbone layer group at depth d (1 = last) at lr * lr_decay**d."""
+    groups = [{"name": "head", "params": list(model.head.parameters()), "lr": lr}]
+    layers = model.layer_groups()
+    for depth, group in enumerate(reversed(layers), start=1):
+        params = [p for p in group if p.requires_grad]
+        if params:
+            groups.append({"name": f"backbone.{len(layers) - depth}", "params": params,
+                           "lr": lr * lr_decay**depth})
+    grouped = {id(p) for g in groups for p in g["params"]}
+    missed = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in grouped]
+    if missed:
+        raise RuntimeError(f"trainable parameters outside every layer group: {missed[:3]}")
+    return groups
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int):
+    """A per-optimiser-step schedule, or None for a constant learning rate."""
+    total_steps = max(int(total_steps), 1)
+    if optim.schedule == "onecycle":
+        return OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                          total_steps=total_steps, pct_start=max(optim.warmup_fraction, 1e-3))
+    if optim.schedule == "cosine":
+        warmup = int(optim.warmup_fraction * total_steps)
+        cosine = CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup, 1))
+        if warmup == 0:
+            return cosine
+        ramp = LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
+        return SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+    return None
+
+
+class ClassifierModule(LightningModule):
+    """Trains `model` (or, when loading a checkpoint, a fresh one built from `spec`)."""
+
+    def __init__(self, spec: dict, stage: dict, optim: dict, loss: dict,
+                 class_weights: list[float] | None, positive_index: int,
+                 channels_last: bool = True, compile: bool = False,
+                 model: Classifier | None = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model if model is not None else model_from_spec(ModelSpec.from_dict(spec))
+        self.stage: StageConfig = build(StageConfig, stage, "stage")
+        self.optim: OptimConfig = build(OptimConfig, optim, "optim")
+        self.criterion = make_loss(build(LossConfig, loss, "loss"), class_weights)
+        self.positive = positive_index
+        self._compiled = False
+        self.val_metrics = make_metrics(self.model.spec.num_classes).clone(prefix="val_")
+        set_trainable(self.model, self.stage.unfreeze)
+
+    @property
+    def on_features(self) -> bool:
+        """Batches hold backbone features (the frozen-feature fast path), not images."""
+        return self.stage.frozen_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.head(x) if self.on_features else self.model(x)
+
+    def train(self, mode: bool = True) -> ClassifierModule:
+        super().train(mode)
+        if mode:
+            keep_frozen_norms_in_eval(self.model.backbone)
+        return self
+
+    def configure_model(self) -> None:
+        """Before DDP wraps the model, so its gradient buckets match the memory layout."""
+        if self.hparams.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if self.hparams.compile and not self.on_features and not self._compiled:
+            self.model.compile()  # in place: state_dict keys stay as they are
+            self._compiled = True
+
+    def on_fit_start(self) -> None:
+        self.train()  # Lightning keeps the modes it finds: set them, frozen norms in eval
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if batch is not None and self.hparams.channels_last and batch[0].ndim == 4:
+            batch = [batch[0].contiguous(memory_format=torch.channels_last), *batch[1:]]
+        return batch
+
+    def training_step(self, batch, batch_idx: int):
+        x, y = batch[0], batch[1]
+        loss = self.criterion(self(x), y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True,
+                 batch_size=len(y))  # this process's: no all-reduce on every step
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        if batch is None:  # every image of the batch was unreadable
+            return
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        self.log("val_loss", self.criterion(logits, y), on_epoch=True, prog_bar=True,
+                 batch_size=len(y), sync_dist=True)
+        self.val_metrics.update(*metric_inputs(logits, y, self.positive))
+        self.log_dict(self.val_metrics, on_epoch=True, prog_bar=False)
+
+    def configure_optimizers(self):
+        groups = param_groups(self.model, self.stage.lr, self.stage.lr_decay)
+        if self.optim.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=self.stage.lr, momentum=self.optim.momentum,
+                                        weight_decay=self.optim.weight_decay, nesterov=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=self.stage.lr,
+                                          weight_decay=self.optim.weight_decay)
+        schedule = make_schedule(optimizer, self.optim, self.trainer.estimated_stepping_batches)
+        if schedule is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

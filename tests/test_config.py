@@ -1,0 +1,105 @@
+"""TrainConfig: presets, YAML round trips, dotted overrides, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from cxrkit.cli.train import build_config
+from cxrkit.config import PRESETS, ConfigError, TrainConfig, parse_assignments
+
+
+def test_presets_describe_their_strategy():
+    quick, default, scratch = (TrainConfig.preset(name) for name in ("quick", "default", "scratch"))
+    assert [s.name for s in quick.stages] == ["head"]
+    assert quick.stages[0].frozen_features and quick.stages[0].unfreeze == "none"
+    assert quick.model.name == "efficientnet_lite0" and quick.model.pretrained
+
+    head, finetune = default.stages
+    assert head.frozen_features and head.unfreeze == "none"
+    assert finetune.unfreeze == "all" and not finetune.frozen_features and finetune.augment
+    assert finetune.lr_decay < 1 and finetune.lr < head.lr
+
+    assert scratch.model.name == "simple_cnn" and not scratch.model.pretrained
+    assert scratch.stages[0].unfreeze == "all"
+    assert scratch.optim.schedule == "onecycle"
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_yaml_round_trip(tmp_path, name):
+    config = TrainConfig.preset(name, data="some/folder",
+                                overrides={"data.augment.scale": [0.8, 1.0], "seed": 7})
+    loaded = TrainConfig.load(config.save(tmp_path / "config.yaml"))
+    assert loaded == config
+    assert loaded.data.augment.scale == (0.8, 1.0)  # tuples survive YAML's lists
+
+
+def test_partial_yaml_goes_on_top_of_a_preset(tmp_path):
+    file = tmp_path / "mine.yaml"
+    file.write_text("optim:\n  schedule: onecycle\nloss:\n  name: focal\n  focal_gamma: 1.5\n")
+    config = TrainConfig.load(file, TrainConfig.preset("quick"))
+    assert config.optim.schedule == "onecycle"
+    assert config.loss.name == "focal" and config.loss.focal_gamma == 1.5
+    assert config.stages == TrainConfig.preset("quick").stages  # untouched fields keep the preset
+
+
+def test_dotted_overrides_reach_every_level():
+    config = TrainConfig.preset("default").updated({
+        "stages.1.epochs": 2, "optim.weight_decay": "1e-3", "trainer.devices": 2,
+        "data.augment.degrees": 3, "model.input_size": 64,
+        "trainer.early_stopping_patience": "None",
+    })
+    assert config.stages[1].epochs == 2
+    assert config.optim.weight_decay == pytest.approx(1e-3)  # YAML reads 1e-3 as a string
+    assert config.trainer.devices == "2"
+    assert config.data.augment.degrees == 3.0 and isinstance(config.data.augment.degrees, float)
+    assert config.model.input_size == 64
+    assert config.trainer.early_stopping_patience is None
+
+
+def test_set_assignments_are_parsed_as_yaml():
+    assert parse_assignments(["a.b=3", "c=true", "d=[1, 2]", "e=null", "f=bf16-mixed"]) == {
+        "a.b": 3, "c": True, "d": [1, 2], "e": None, "f": "bf16-mixed"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_assignments(["optim.lr"])
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"optim.lrr": 1}, r"unknown config key 'optim.lrr'.*weight_decay"),
+    ({"stages.4.lr": 1}, r"stages is a list of 2; use an index 0..1"),
+    ({"data.batch_size": "many"}, r"data.batch_size must be int, got 'many'"),
+    ({"data.task": "4class"}, r"data.task must be one of binary, 3class"),
+    ({"seed.value": 1}, r"seed is a value, not a section"),
+    ({"stages.1.frozen_features": True}, r"frozen_features needs unfreeze: none"),
+    ({"stages.0.unfreeze": "some"}, r"unfreeze must be none, all or a number"),
+    ({"stages.1.name": "head"}, r"stage names must be unique"),
+])
+def test_bad_overrides_say_what_is_wrong(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.preset("default").updated(overrides)
+
+
+def test_bad_yaml_key_names_the_file(tmp_path):
+    file = tmp_path / "bad.yaml"
+    file.write_text("model:\n  nmae: simple_cnn\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'model.nmae'"):
+        TrainConfig.load(file)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="quick, default, scratch"):
+        TrainConfig.preset("fast")
+
+
+def test_cli_options_map_onto_the_config(tmp_path):
+    config = build_config(
+        "data/x", "default", None,
+        {"epochs": 4, "lr": 0.01, "data.batch_size": 16, "model.name": "simple_cnn",
+         "trainer.precision": None},
+        ["optim.schedule=constant"],
+    )
+    assert config.data.path == "data/x"
+    assert [s.epochs for s in config.stages] == [15, 4]  # --epochs: the last stage
+    assert config.stages[1].lr == 0.01 and config.stages[0].lr == 3e-3
+    assert config.data.batch_size == 16 and all(s.batch_size == 16 for s in config.stages)
+    assert config.model.name == "simple_cnn" and config.optim.schedule == "constant"
+    assert config.trainer.precision == "auto"  # not given: the preset's

@@ -1,0 +1,43 @@
+"""Two-process DDP on the CPU (gloo), through the real `cxr train` command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+CXR = str(Path(sys.executable).with_name("cxr"))
+TRAIN_IMAGES = 40  # tiny_kaggle: 48 train images, 8 of them (4 patients a class) for val
+BATCH, EPOCHS, PROCESSES = 4, 2, 2
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(tiny_kaggle, tmp_path):
+    settings = {"model.name": "simple_cnn", "model.pretrained": "false", "model.input_size": 32,
+                "trainer.progress_bar": "false", "trainer.log_every_n_steps": 1,
+                "data.cache_dir": tmp_path / "cache"}
+    result = subprocess.run(
+        [CXR, "train", "--data", str(tiny_kaggle), "--preset", "scratch",
+         "--runs-dir", str(tmp_path / "runs"), "--accelerator", "cpu",
+         "--devices", str(PROCESSES), "--strategy", "ddp", "--epochs", str(EPOCHS),
+         "--batch-size", str(BATCH), "--num-workers", "0",
+         *[f"--set={k}={v}" for k, v in settings.items()]],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    run = Path(result.stdout.strip().splitlines()[-1])
+    assert run.parent == tmp_path / "runs" and len(list(run.parent.iterdir())) == 1  # one folder
+
+    # each process sees half the images: 20 a process, 5 batches of 4, per epoch
+    steps = EPOCHS * -(-TRAIN_IMAGES // PROCESSES // BATCH)
+    assert json.loads((run / "stages.json").read_text())["train"]["global_step"] == steps
+    last = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == steps
+    for name in ("config.yaml", "split.csv", "best.ckpt", "model.safetensors", "model.json",
+                 "labels.json", "metrics.csv", "training_curves.png", "val_metrics.json"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "val_metrics.json").read_text())["images"] == 8

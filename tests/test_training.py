@@ -1,0 +1,298 @@
+"""Training on tiny synthetic films: the run folder, learning, checkpoints, freezing, losses."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import cxrkit.data.dataset
+from cxrkit.cli import app
+from cxrkit.config import TrainConfig
+from cxrkit.data.layout import DataLayoutError
+from cxrkit.data.split import read_manifest, shared_patients
+from cxrkit.data.transforms import eval_transform
+from cxrkit.models import create_model
+from cxrkit.runs import load_model
+from cxrkit.training import train
+from cxrkit.training.callbacks import make_trainer
+from cxrkit.training.datamodule import prepare_samples, task_classes
+from cxrkit.training.fit import Run, build_model, build_stage, loss_class_weights
+from cxrkit.training.losses import FocalLoss, balanced_class_weights
+from cxrkit.training.module import (
+    ClassifierModule,
+    make_metrics,
+    metric_inputs,
+    param_groups,
+    set_trainable,
+)
+from tests.conftest import REAL_DATA, make_kaggle_tree, requires_real_data
+
+# simple_cnn on 32-pixel films: a few steps per epoch, each in milliseconds.
+TINY = {
+    "model.name": "simple_cnn", "model.pretrained": False, "model.input_size": 32,
+    "data.batch_size": 8, "data.num_workers": 0, "trainer.progress_bar": False,
+    "trainer.log_every_n_steps": 1, "trainer.checkpoint_every_n_steps": 4,
+    "trainer.deterministic": True, "trainer.early_stopping_patience": None,
+}
+ARTIFACTS = ("config.yaml", "split.csv", "best.ckpt", "last.ckpt", "model.safetensors",
+             "model.json", "labels.json", "metrics.csv", "training_curves.png",
+             "val_metrics.json", "stages.json")
+
+
+def tiny_config(data: Path, tmp: Path, preset: str = "scratch", **overrides) -> TrainConfig:
+    return TrainConfig.preset(preset, data=str(data), overrides={
+        **TINY, "data.cache_dir": str(tmp / "cache"), "runs_dir": str(tmp / "runs"), **overrides})
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def two_stage_run(tiny_kaggle, tmp_path_factory) -> Path:
+    """The default recipe in small: head on frozen features, then everything fine-tuned.
+
+    Selected on val_loss: on 8 validation films ROC-AUC reaches 1.0 and then cannot improve.
+    """
+    tmp = tmp_path_factory.mktemp("two_stage")
+    return train(tiny_config(tiny_kaggle, tmp, "default", **{
+        "stages.0.epochs": 2, "stages.0.batch_size": 8, "trainer.monitor": "val_loss",
+        "stages.1.epochs": 4, "stages.1.lr": 3e-3, "stages.1.lr_decay": 0.8,
+    }))
+
+
+def test_run_folder_holds_every_artifact(two_stage_run):
+    run = two_stage_run
+    for name in ARTIFACTS:
+        assert (run / name).is_file(), name
+    assert list((run / "tb").rglob("events.out.tfevents*"))
+    assert not list(run.glob("features-*"))  # the cached features go once their stage is done
+    stages = json.loads((run / "stages.json").read_text())
+    assert list(stages) == ["head", "finetune"]
+    assert stages["finetune"]["global_step"] == 4 * 5  # 40 training images / 8, 4 epochs
+    metrics = json.loads((run / "val_metrics.json").read_text())
+    for name in ("accuracy", "roc_auc", "sensitivity", "specificity", "f1", "loss"):
+        assert 0 <= metrics[name] <= (1 if name != "loss" else 10), name
+    assert metrics["images"] == len([s for s in read_manifest(run / "split.csv")
+                                     if s.split == "val"])
+    assert TrainConfig.load(run / "config.yaml").stages[1].lr_decay == 0.8
+    assert json.loads((run / "labels.json").read_text()) == ["NORMAL", "PNEUMONIA"]
+
+
+def test_split_is_grouped_by_patient_and_keeps_test_apart(two_stage_run):
+    samples = read_manifest(two_stage_run / "split.csv")
+    assert shared_patients(samples, "train", "val") == set()
+    assert {s.split for s in samples} == {"train", "val", "test"}
+    assert len([s for s in samples if s.split == "test"]) == 16  # kept as it is, for evaluation
+    assert all(Path(s.path).is_absolute() for s in samples)  # resumable from any folder
+
+
+def test_loss_goes_down_and_the_model_learns(two_stage_run):
+    rows = [r for r in read_rows(two_stage_run / "metrics.csv") if r["train_loss_epoch"]]
+    finetune = [float(r["train_loss_epoch"]) for r in rows if r["stage"] == "finetune"]
+    assert len(finetune) == 4
+    assert finetune[-1] < 0.6 * finetune[0]
+    metrics = json.loads((two_stage_run / "val_metrics.json").read_text())
+    assert metrics["best_stage"] == "finetune"
+    assert metrics["accuracy"] >= 0.75 and metrics["roc_auc"] > 0.9
+
+
+def test_discriminative_learning_rates_reach_the_optimizer(two_stage_run):
+    """Logged by LearningRateMonitor: backbone group k of 5 runs at lr * 0.8**(5 - k)."""
+    rows = [r for r in read_rows(two_stage_run / "metrics.csv")
+            if r["stage"] == "finetune" and r.get("lr-AdamW/head")]
+    assert rows
+    for row in rows[:3]:
+        head = float(row["lr-AdamW/head"])
+        for k in range(5):
+            assert float(row[f"lr-AdamW/backbone.{k}"]) == pytest.approx(head * 0.8 ** (5 - k),
+                                                                         rel=1e-5)
+
+
+def test_best_checkpoint_reloads_to_identical_outputs(two_stage_run):
+    module = ClassifierModule.load_from_checkpoint(two_stage_run / "best.ckpt",
+                                                   map_location="cpu", weights_only=True)
+    model = load_model(two_stage_run)
+    assert model.spec.input_size == 32  # the trained size, not the architecture's default
+    val = [s for s in read_manifest(two_stage_run / "split.csv") if s.split == "val"][:4]
+    prepare = eval_transform(model.spec)
+    x = torch.stack([prepare(cxrkit.data.dataset.load_prepared(s.path, 32, False)) for s in val])
+    module.eval()
+    with torch.no_grad():
+        expected, outputs = module.model(x), model(x)
+    assert expected.std(0).max() > 1e-3  # a model that tells the films apart
+    torch.testing.assert_close(outputs, expected, rtol=1e-5, atol=1e-6)
+    last = torch.load(two_stage_run / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 20 and last["hyper_parameters"]["stage"]["name"] == "finetune"
+
+
+def _fit_steps(data: Path, tmp: Path, steps: int, **stage) -> tuple[dict, dict]:
+    """Weights before and after `steps` optimiser steps of one stage."""
+    config = tiny_config(data, tmp, **{f"stages.0.{k}": v for k, v in stage.items()})
+    samples = prepare_samples(config.data, config.seed)
+    run = Run(tmp, config, samples, task_classes("binary", samples))
+    model = build_model(config, run.classes)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    module, datamodule = build_stage(run, 0, model, tmp)
+    trainer = make_trainer(tmp, config.stages[0], config.trainer, callbacks=[], loggers=False,
+                           max_steps=steps, enable_checkpointing=False, num_sanity_val_steps=0,
+                           limit_val_batches=0)
+    trainer.fit(module, datamodule=datamodule)
+    return before, model.state_dict()
+
+
+@pytest.mark.parametrize("frozen_features", [False, True])
+def test_frozen_backbone_and_its_batchnorm_statistics_do_not_change(tiny_kaggle, tmp_path,
+                                                                     frozen_features):
+    before, after = _fit_steps(tiny_kaggle, tmp_path, 3, unfreeze="none",
+                               frozen_features=frozen_features)
+    backbone = [k for k in before if k.startswith("backbone.")]
+    assert any("running_mean" in k for k in backbone)
+    for key in backbone:  # weights, running_mean/var and num_batches_tracked alike
+        assert torch.equal(before[key], after[key]), key
+    assert not torch.equal(before["head.1.weight"], after["head.1.weight"])
+
+
+def test_partly_unfrozen_backbone_trains_only_its_last_groups(tiny_kaggle, tmp_path):
+    before, after = _fit_steps(tiny_kaggle, tmp_path, 3, unfreeze="2")
+    for block in range(5):
+        keys = [k for k in before if k.startswith(f"backbone.blocks.{block}.")]
+        changed = [k for k in keys if not torch.equal(before[k], after[k])]
+        if block < 3:
+            assert not changed, f"frozen block {block} changed: {changed}"
+        else:
+            assert any("running_mean" in k for k in changed) and any("weight" in k for k in changed)
+
+
+def test_param_groups_give_each_depth_its_learning_rate():
+    model = create_model("efficientnet_lite0", pretrained=False)
+    set_trainable(model, "all")
+    groups = param_groups(model, lr=1.0, lr_decay=0.5)
+    layers = model.layer_groups()
+    assert [g["name"] for g in groups] == ["head", *[f"backbone.{k}" for k in range(7, -1, -1)]]
+    assert [g["lr"] for g in groups] == [0.5 ** d for d in range(len(layers) + 1)]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+    set_trainable(model, "2")
+    groups = param_groups(model, lr=1.0, lr_decay=0.5)
+    assert [(g["name"], g["lr"]) for g in groups] == [
+        ("head", 1.0), ("backbone.7", 0.5), ("backbone.6", 0.25)]
+    trainable = sum(p.requires_grad for p in model.parameters())
+    assert trainable == sum(len(g["params"]) for g in groups)
+
+
+def test_class_weights_balance_the_classes(tiny_kaggle, tmp_path):
+    counts = [1341, 3875]  # the Kermany training split
+    weights = balanced_class_weights(counts)
+    assert weights[0] * counts[0] == pytest.approx(weights[1] * counts[1])
+    assert weights[0] / weights[1] == pytest.approx(3875 / 1341)
+    with pytest.raises(ValueError, match="no training images"):
+        balanced_class_weights([10, 0])
+    config = tiny_config(tiny_kaggle, tmp_path)
+    assert loss_class_weights(config, counts) == weights  # auto: weighted
+    assert loss_class_weights(config.updated({"data.balanced_sampler": True}), counts) is None
+    assert loss_class_weights(config.updated({"loss.class_weights": "none"}), counts) is None
+
+
+def test_focal_loss():
+    torch.manual_seed(0)
+    logits, target = torch.randn(16, 2), torch.randint(0, 2, (16,))
+    weight = torch.tensor([2.0, 0.5])
+    ce = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1)
+    assert FocalLoss(0.0, weight, 0.1)(logits, target) == pytest.approx(float(ce(logits, target)))
+    focal = FocalLoss(2.0)
+    easy, hard = torch.tensor([[4.0, -4.0]]), torch.tensor([[-1.0, 1.0]])
+    zero = torch.tensor([0])
+    plain = torch.nn.functional.cross_entropy
+    # an easy example loses far more of its loss than a hard one
+    assert focal(easy, zero) / plain(easy, zero) < 0.01
+    assert focal(hard, zero) / plain(hard, zero) > 0.3
+    assert focal(torch.tensor([[1.0, 0.0]]), zero) < focal(torch.tensor([[0.0, 1.0]]), zero)
+
+
+def test_metrics_score_the_positive_class():
+    metrics = make_metrics(2)
+    # NORMAL = 0, PNEUMONIA = 1: one false alarm among the normals, both pneumonias found
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 2.0], [0.0, 3.0]])
+    metrics.update(*metric_inputs(logits, torch.tensor([0, 0, 1, 1]), positive=1))
+    values = {k: float(v) for k, v in metrics.compute().items()}
+    assert values["sensitivity"] == 1.0 and values["specificity"] == 0.5
+    assert values["accuracy"] == 0.75 and values["roc_auc"] == 1.0
+    assert values["f1"] == pytest.approx(0.8)
+
+
+def _three_class_tree(root: Path) -> Path:
+    data = make_kaggle_tree(root, {"train": 24, "test": 4})
+    for split in ("train", "test"):
+        for i, path in enumerate(sorted((data / split / "PNEUMONIA").iterdir())):
+            if i % 2:
+                path.rename(path.with_name(path.name.replace("_bacteria_", "_virus_")))
+    return data
+
+
+def test_cli_trains_three_classes_without_reading_a_test_image(tmp_path, monkeypatch):
+    data = _three_class_tree(tmp_path / "data")
+    read = []
+    original = cxrkit.data.dataset.read_image
+    monkeypatch.setattr(cxrkit.data.dataset, "read_image",
+                        lambda path: read.append(str(path)) or original(path))
+    args = ["train", "--data", str(data), "--preset", "scratch", "--task", "3class",
+            "--epochs", "1", "--runs-dir", str(tmp_path / "runs"), "--no-cache",
+            *[f"--set={k}={v}" for k, v in TINY.items()]]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    run = Path(result.stdout.strip().splitlines()[-1])  # the last line is the run folder
+    assert "roc-auc" in result.output and "sensitivity" in result.output  # the metrics table
+    assert json.loads((run / "labels.json").read_text()) == ["NORMAL", "BACTERIA", "VIRUS"]
+    assert load_model(run)(torch.zeros(2, 1, 32, 32)).shape == (2, 3)
+    assert 0 <= json.loads((run / "val_metrics.json").read_text())["roc_auc"] <= 1
+    assert read and not [p for p in read if "/test/" in p]
+    assert any("/train/" in p for p in read)
+
+
+def test_three_class_task_needs_the_subtypes(tiny_kaggle, tmp_path):
+    config = tiny_config(tiny_kaggle, tmp_path, **{"data.task": "3class"})
+    with pytest.raises(DataLayoutError, match="3class needs NORMAL, BACTERIA and VIRUS"):
+        task_classes("3class", prepare_samples(config.data))
+
+
+def test_cli_reports_a_bad_key_clearly(tiny_kaggle, tmp_path):
+    result = CliRunner().invoke(app, ["train", "--data", str(tiny_kaggle), "--runs-dir",
+                                      str(tmp_path), "--set", "optim.lrr=0.1"])
+    assert result.exit_code == 2
+    assert "unknown config key 'optim.lrr'" in result.output
+    assert not list(tmp_path.iterdir())  # nothing was started
+
+
+def test_cli_lr_find_saves_the_plot(tiny_kaggle, tmp_path):
+    """On the quick recipe's head stage: steps over frozen features cost next to nothing."""
+    out = tmp_path / "lr.png"
+    result = CliRunner().invoke(app, [
+        "lr-find", "--data", str(tiny_kaggle), "--preset", "quick", "--out", str(out),
+        "--num-training", "30", "--batch-size", "4", *[f"--set={k}={v}" for k, v in TINY.items()],
+        f"--set=data.cache_dir={tmp_path / 'cache'}"])
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_size > 10_000
+    assert 1e-6 <= float(result.stdout.strip().splitlines()[-1]) <= 1.0
+
+
+@pytest.mark.integration
+@requires_real_data
+def test_quick_preset_on_real_films(tmp_path):
+    """Lite0 ImageNet features + a trained head: well above chance from 64 real films."""
+    run = train(TrainConfig.preset("quick", data=str(REAL_DATA), overrides={
+        "data.max_train_images": 64, "data.max_val_images": 64, "data.num_workers": 0,
+        "data.cache_dir": str(tmp_path / "cache"), "runs_dir": str(tmp_path / "runs"),
+        "stages.0.epochs": 40, "stages.0.batch_size": 16, "trainer.progress_bar": False,
+    }))
+    for name in ARTIFACTS:
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "val_metrics.json").read_text())
+    assert metrics["images"] == 64
+    assert metrics["roc_auc"] > 0.8
