@@ -30,7 +30,14 @@ from cxrkit.data.io import read_image
 from cxrkit.data.layout import images_under
 from cxrkit.export import FILE_NAMES, is_onnx_export, load_onnx
 from cxrkit.inference import predict_logits, softmax
-from cxrkit.runs import MODEL_WEIGHTS, Calibration, load_model, model_folder, read_calibration
+from cxrkit.runs import (
+    MODEL_WEIGHTS,
+    Calibration,
+    load_model,
+    model_folder,
+    positive_index,
+    read_calibration,
+)
 
 BACKENDS = ("torch", "onnx")
 CAM_MAX_SIDE = 1024  # overlays of 3000-pixel films are shown and stored smaller
@@ -143,8 +150,10 @@ class Predictor:
                 predictions.append(Prediction(path, threshold=threshold, error=reasons[path]))
                 continue
             probs = softmax(row[None], self.calibration.temperature)[0]
-            # Two classes: the positive (last) label from the threshold on; else the argmax.
-            index = int(np.argmax(probs)) if threshold is None else int(probs[-1] >= threshold)
+            # Two classes: the positive label from the threshold on; else the argmax.
+            positive = positive_index(self.labels)
+            index = (int(np.argmax(probs)) if threshold is None
+                     else positive if probs[positive] >= threshold else 1 - positive)
             by_label = {k: float(p) for k, p in zip(self.labels, probs, strict=True)}
             predictions.append(Prediction(path, self.labels[index], by_label, threshold))
         return predictions

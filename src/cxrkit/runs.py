@@ -86,9 +86,10 @@ def write_calibration(path: str | Path, calibration: Calibration) -> Path:
     return file
 
 
+POSITIVE_CLASS = "PNEUMONIA"
+
+
 def positive_index(labels: list[str]) -> int:
-    """Of two classes, the one `Calibration.threshold` is about: the last label (PNEUMONIA of
-    the sorted NORMAL/PNEUMONIA), as `cxr predict` applies it."""
-    if len(labels) != 2:
-        raise ValueError(f"a positive class needs exactly two labels, got {labels}")
-    return 1
+    """The class binary metrics score and `Calibration.threshold` is about: PNEUMONIA where
+    present, else the last label. Training, evaluation and prediction all use this one rule."""
+    return labels.index(POSITIVE_CLASS) if POSITIVE_CLASS in labels else len(labels) - 1

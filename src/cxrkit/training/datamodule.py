@@ -28,7 +28,6 @@ from cxrkit.data.transforms import eval_transform, train_transform
 from cxrkit.models import ModelSpec
 
 SUBTYPES = ("NORMAL", "BACTERIA", "VIRUS")
-POSITIVE_CLASS = "PNEUMONIA"
 
 
 def _subsample(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
@@ -65,11 +64,6 @@ def task_classes(task: str, samples: list[Sample]) -> list[str]:
             f"like person1_virus_2.jpeg); found {sorted(labels)}. Use --task binary."
         )
     return list(SUBTYPES)
-
-
-def positive_index(classes: list[str]) -> int:
-    """The class whose probability is scored in binary metrics: PNEUMONIA, else the last."""
-    return classes.index(POSITIVE_CLASS) if POSITIVE_CLASS in classes else len(classes) - 1
 
 
 def class_counts(samples: list[Sample], classes: list[str]) -> list[int]:

@@ -44,13 +44,12 @@ from cxrkit.data.layout import Sample
 from cxrkit.data.split import read_manifest, write_manifest
 from cxrkit.inference import predict_logits
 from cxrkit.models import Classifier, create_model
-from cxrkit.runs import save_model
+from cxrkit.runs import positive_index, save_model
 from cxrkit.training.callbacks import BEST, LAST, make_callbacks, make_loggers, make_trainer
 from cxrkit.training.curves import collect_metrics, plot_curves
 from cxrkit.training.datamodule import (
     XrayDataModule,
     class_counts,
-    positive_index,
     prepare_samples,
     task_classes,
 )
