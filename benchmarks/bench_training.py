@@ -11,6 +11,7 @@
     validation ROC-AUC and accuracy.
 
     python benchmarks/bench_training.py [--data DIR] [--steps 6] [--warmup 2] [--rounds 2]
+                                        [--precision auto|32|bf16-mixed] [--no-channels-last]
                                         [--batch-size 32] [--num-workers N] [--skip-quick]
 """
 
@@ -83,10 +84,13 @@ class InMemory(LightningDataModule):
 
 
 def bench_pipeline(data: Path, steps: int, warmup: int, rounds: int, batch_size: int,
-                   num_workers: int | None) -> dict:
+                   num_workers: int | None, precision: str = "auto",
+                   channels_last: bool = True) -> dict:
     config = TrainConfig.preset("default", data=str(data),
                                 overrides={"data.batch_size": batch_size,
-                                           "data.num_workers": num_workers})
+                                           "data.num_workers": num_workers,
+                                           "trainer.precision": precision,
+                                           "trainer.channels_last": channels_last})
     samples = prepare_samples(config.data, config.seed)
     with tempfile.TemporaryDirectory() as tmp:
         run = Run(Path(tmp), config, samples, task_classes("binary", samples))
@@ -97,6 +101,7 @@ def bench_pipeline(data: Path, steps: int, warmup: int, rounds: int, batch_size:
     workers = num_workers if num_workers is not None else "auto"
     return {"in_memory_images_per_s": memory, "pipeline_images_per_s": pipeline,
             "ratio": statistics.median(pipeline) / statistics.median(memory),
+            "precision": resolve_precision(config.trainer), "channels_last": channels_last,
             "batch_size": batch_size, "num_workers": workers, "threads": torch.get_num_threads()}
 
 
@@ -127,10 +132,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--precision", default="auto", help="auto, 32, bf16-mixed, 16-mixed")
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     parser.add_argument("--skip-quick", action="store_true")
     args = parser.parse_args()
     pipeline = bench_pipeline(args.data, args.steps, args.warmup, args.rounds, args.batch_size,
-                              args.num_workers)
+                              args.num_workers, args.precision, args.channels_last)
     print(json.dumps({"pipeline": pipeline}, indent=2), flush=True)
     if not args.skip_quick:
         print(json.dumps({"quick": bench_quick(args.data)}, indent=2))

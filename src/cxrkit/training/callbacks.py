@@ -27,6 +27,16 @@ from cxrkit.config import MONITORS, StageConfig, TrainerConfig
 
 log = logging.getLogger(__name__)
 
+
+class _DropAdvertisements(logging.Filter):
+    """Lightning advertises its cloud logger at every Trainer start: noise in a CLI."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertisements())
+
 BEST = "best.ckpt"
 LAST = "last.ckpt"
 
