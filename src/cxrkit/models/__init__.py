@@ -99,7 +99,8 @@ def _timm_backbone(arch: str, pretrained: bool) -> nn.Module:
         raise RuntimeError(
             f"could not fetch pretrained weights for timm:{arch} ({type(e).__name__}: {e}). "
             f"Offline choices: {', '.join(OFFLINE_MODELS)}; or pass --weights FILE; "
-            f"or --no-pretrained to train from scratch."
+            f"or --no-pretrained to train from scratch. (Offline, HF_HUB_OFFLINE=1 skips the "
+            f"hub's network retries.)"
         ) from e
 
 
@@ -147,7 +148,7 @@ def create_model(
                          dropout, labels)
     elif name == "simple_cnn":
         backbone = SimpleCNN(in_chans=1)
-        spec = ModelSpec(name, num_classes, 224, 1, (0.5,), (0.25,), dropout, labels)
+        spec = ModelSpec(name, num_classes, 128, 1, (0.5,), (0.25,), dropout, labels)
     elif name.startswith("timm:"):
         backbone = _timm_backbone(name[5:], pretrained and weights is None)
         cfg = backbone.pretrained_cfg
