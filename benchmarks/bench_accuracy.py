@@ -40,6 +40,14 @@ def train_once(preset: str, data: Path, runs_dir: Path) -> tuple[Path, float | N
     return run, time.perf_counter() - start
 
 
+def evaluated(run: Path, tta: bool) -> dict:
+    """metrics.json of RUN's test split, evaluating only if it is missing (or lacks TTA)."""
+    file = run / "eval" / "test" / "metrics.json"
+    if not file.is_file() or (tta and "tta" not in json.loads(file.read_text())):
+        evaluate_run(run, "test", tta=tta)
+    return json.loads(file.read_text())
+
+
 def cell(metric: dict, percent: bool) -> str:
     value, (lo, hi) = metric["value"], metric["ci95"]
     if percent:
@@ -65,13 +73,14 @@ def main() -> None:
     rows = []
     for i, preset in enumerate(args.presets):
         run, seconds = train_once(preset, args.data, args.runs_dir)
-        metrics = json.loads((evaluate_run(run, "test", tta=True) / "metrics.json").read_text())
+        metrics = evaluated(run, tta=True)
         rows.append(table_row(f"`{preset}`", metrics, seconds))
         rows.append(table_row(f"`{preset}` + TTA", metrics, None, block="tta"))
         if i == 0:
-            adapted = adapt_run(run, args.data, split="test")
-            adapted_metrics = json.loads(
-                (evaluate_run(adapted, "test") / "metrics.json").read_text())
+            adapted = run.with_name(f"{run.name}-adapted")
+            if not (adapted / "model.safetensors").is_file():
+                adapt_run(run, args.data, split="test", out=adapted)
+            adapted_metrics = evaluated(adapted, tta=False)
             rows.append(table_row(f"`{preset}` + `cxr adapt` to the unlabelled test films "
                                   "(transductive)", adapted_metrics, None))
     print("| recipe | threshold (from val) | accuracy | ROC-AUC | sensitivity | specificity "

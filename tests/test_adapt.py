@@ -47,3 +47,18 @@ def test_adapt_run_writes_a_new_run_and_reads_no_labels(tmp_path):
     original, adapted = load_model(run), load_model(out)
     assert not torch.allclose(original.backbone.blocks[0][1].running_var,
                               adapted.backbone.blocks[0][1].running_var)
+
+
+def test_adapting_a_frozen_backbone_run_warns(tmp_path, caplog):
+    run = tmp_path / "run"
+    save_model(create_model("simple_cnn", labels=["NORMAL", "PNEUMONIA"]), run)
+    (run / "config.yaml").write_text("stages:\n- {name: head, unfreeze: none}\n"
+                                     "- {name: finetune, unfreeze: all}\n")
+    (run / "val_metrics.json").write_text(json.dumps({"best_stage": "head"}))
+    target = make_kaggle_tree(tmp_path / "site", {"train": 2, "test": 2})
+    out = adapt_run(run, target, split="test")
+    assert "frozen-backbone stage 'head'" in caplog.text
+    assert "ImageNet" in json.loads((out / "adaptation.json").read_text())["warning"]
+    (run / "val_metrics.json").write_text(json.dumps({"best_stage": "finetune"}))
+    assert json.loads((adapt_run(run, target, "test") / "adaptation.json").read_text())[
+        "warning"] is None

@@ -14,17 +14,21 @@ done, so it can be evaluated and compared like any other run.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import yaml
 from torch.optim.swa_utils import update_bn
 
 from cxrkit.data.layout import DataLayoutError, images_under, load_source
 from cxrkit.inference import default_device, file_batches
 from cxrkit.models import Classifier
 from cxrkit.runs import load_model, model_folder, save_model
+
+log = logging.getLogger(__name__)
 
 COPIED_FILES = ("config.yaml", "split.csv", "calibration.json", "labels.json")
 
@@ -57,6 +61,26 @@ def adapt_batchnorm(model: Classifier, paths: list[str], batch_size: int = 32,
     return model.eval().cpu()
 
 
+def frozen_backbone_warning(run: Path) -> str | None:
+    """A warning when the run's model kept ImageNet BatchNorm statistics (best from a frozen stage).
+
+    AdaBN assumes the head was trained on features normalised with *training-film*
+    statistics. A backbone frozen throughout kept ImageNet's, so swapping in any film
+    statistics moves the features away from what the head learned (measured: test ROC-AUC
+    0.965 -> 0.850, BENCHMARKS.md).
+    """
+    try:
+        best = json.loads((run / "val_metrics.json").read_text())["best_stage"]
+        stages = yaml.safe_load((run / "config.yaml").read_text())["stages"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None  # not a `cxr train` run: nothing to judge by
+    if any(s.get("name") == best and s.get("unfreeze") == "none" for s in stages):
+        return (f"{run}'s best model comes from the frozen-backbone stage {best!r}: its BatchNorm "
+                "layers hold ImageNet statistics the head was trained with, and re-estimating "
+                "them on films usually hurts. Adapt a fine-tuned run instead.")
+    return None
+
+
 def adapt_run(run: str | Path, data: str | Path, split: str | None = "test",
               out: str | Path | None = None, batch_size: int = 32) -> Path:
     """Adapt a trained run to the unlabelled images of `data`; returns the new run folder."""
@@ -64,6 +88,9 @@ def adapt_run(run: str | Path, data: str | Path, split: str | None = "test",
     paths = target_images(data, split)
     if not paths:
         raise ValueError(f"no images to adapt on in {data} (split {split!r})")
+    warning = frozen_backbone_warning(run)
+    if warning:
+        log.warning(warning)
     out = Path(out) if out else run.with_name(f"{run.name}-adapted")
     out.mkdir(parents=True, exist_ok=True)
     model = adapt_batchnorm(load_model(run), paths, batch_size)
@@ -78,5 +105,6 @@ def adapt_run(run: str | Path, data: str | Path, split: str | None = "test",
         "target_split": split,
         "n_images": len(paths),
         "labels_used": False,
+        "warning": warning,
     }, indent=2))
     return out
