@@ -110,7 +110,8 @@ def test_transforms_give_the_model_its_channels_size_and_normalisation(spec):
 
 def test_train_augmentation_varies_and_eval_does_not():
     spec = create_model("simple_cnn", pretrained=False).spec
-    film = np.array(synthetic_film("PNEUMONIA", 0, (224, 224)))
+    size = (spec.input_size, spec.input_size)  # what `prepare` hands the transforms
+    film = np.array(synthetic_film("PNEUMONIA", 0, size))
     pixels = torch.from_numpy(film)[None]
     train, evaluate = train_transform(spec), eval_transform(spec)
     torch.manual_seed(0)
