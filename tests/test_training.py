@@ -170,6 +170,14 @@ def test_partly_unfrozen_backbone_trains_only_its_last_groups(tiny_kaggle, tmp_p
             assert any("running_mean" in k for k in changed) and any("weight" in k for k in changed)
 
 
+def test_frozen_norm_statistics_stay_while_the_whole_backbone_learns(tiny_kaggle, tmp_path):
+    before, after = _fit_steps(tiny_kaggle, tmp_path, 3, unfreeze="all", freeze_norm_stats=True)
+    stats = [k for k in before if k.startswith("backbone.") and "running_" in k]
+    weights = [k for k in before if k.startswith("backbone.") and k.endswith(".weight")]
+    assert stats and all(torch.equal(before[k], after[k]) for k in stats)
+    assert all(not torch.equal(before[k], after[k]) for k in weights)
+
+
 def test_param_groups_give_each_depth_its_learning_rate():
     model = create_model("efficientnet_lite0", pretrained=False)
     set_trainable(model, "all")

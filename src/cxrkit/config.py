@@ -93,6 +93,10 @@ class StageConfig:
     frozen_features: bool = False  # unfreeze "none" only: fit the head on features extracted once
     augment: bool = True
     batch_size: int | None = None  # None: data.batch_size
+    # Keep BatchNorm running statistics as they are while the layers learn. A head trained in
+    # an earlier frozen stage saw features normalised with the backbone's (ImageNet)
+    # statistics; letting film batches overwrite them shifts every feature under that head.
+    freeze_norm_stats: bool = False
 
 
 @dataclass

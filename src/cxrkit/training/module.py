@@ -73,8 +73,9 @@ def set_trainable(model: Classifier, unfreeze: str) -> None:
     model.head.requires_grad_(True)
 
 
-def keep_frozen_norms_in_eval(backbone: nn.Module) -> None:
-    """A frozen backbone runs in eval mode; frozen norm layers in a partly frozen one too.
+def keep_frozen_norms_in_eval(backbone: nn.Module, all_norms: bool = False) -> None:
+    """A frozen backbone runs in eval mode; frozen norm layers in a partly frozen one too
+    (or every norm layer, with `all_norms`: statistics kept, affine weights still learn).
 
     Otherwise BatchNorm would keep updating running statistics of layers that do not learn.
     """
@@ -82,9 +83,9 @@ def keep_frozen_norms_in_eval(backbone: nn.Module) -> None:
         backbone.eval()
         return
     for m in backbone.modules():
-        if isinstance(m, nn.modules.batchnorm._NormBase) and not any(
+        if isinstance(m, nn.modules.batchnorm._NormBase) and (all_norms or not any(
             p.requires_grad for p in m.parameters()
-        ):
+        )):
             m.eval()
 
 
@@ -149,7 +150,7 @@ class ClassifierModule(LightningModule):
     def train(self, mode: bool = True) -> ClassifierModule:
         super().train(mode)
         if mode:
-            keep_frozen_norms_in_eval(self.model.backbone)
+            keep_frozen_norms_in_eval(self.model.backbone, self.stage.freeze_norm_stats)
         return self
 
     def configure_model(self) -> None:
