@@ -62,3 +62,14 @@ def test_adapting_a_frozen_backbone_run_warns(tmp_path, caplog):
     (run / "val_metrics.json").write_text(json.dumps({"best_stage": "finetune"}))
     assert json.loads((adapt_run(run, target, "test") / "adaptation.json").read_text())[
         "warning"] is None
+
+
+def test_a_frozen_stage_on_training_film_statistics_is_adapted_without_warning(tmp_path, caplog):
+    run = tmp_path / "run"
+    save_model(create_model("simple_cnn", labels=["NORMAL", "PNEUMONIA"]), run)
+    (run / "config.yaml").write_text("model: {norm_stats: train}\n"
+                                     "stages:\n- {name: head, unfreeze: none}\n")
+    (run / "val_metrics.json").write_text(json.dumps({"best_stage": "head"}))
+    target = make_kaggle_tree(tmp_path / "site", {"train": 2, "test": 2})
+    adapt_run(run, target, split="test")
+    assert "frozen-backbone" not in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 import cxrkit.data.dataset
+from cxrkit.adapt import adapt_batchnorm
 from cxrkit.cli import app
 from cxrkit.config import TrainConfig
 from cxrkit.data.layout import DataLayoutError
@@ -176,6 +178,23 @@ def test_frozen_norm_statistics_stay_while_the_whole_backbone_learns(tiny_kaggle
     weights = [k for k in before if k.startswith("backbone.") and k.endswith(".weight")]
     assert stats and all(torch.equal(before[k], after[k]) for k in stats)
     assert all(not torch.equal(before[k], after[k]) for k in weights)
+
+
+def test_norm_stats_train_starts_from_the_training_films_statistics(tiny_kaggle, tmp_path):
+    """A frozen head stage keeps whatever statistics it starts from: here the films' own."""
+    config = tiny_config(tiny_kaggle, tmp_path, "quick", **{
+        "model.norm_stats": "train", "stages.0.epochs": 1, "stages.0.batch_size": 8})
+    run = train(config)
+    torch.manual_seed(config.seed)  # the same initial weights as the run's
+    fresh = build_model(config, ["NORMAL", "PNEUMONIA"])
+    train_paths = [s.path for s in read_manifest(run / "split.csv") if s.split == "train"]
+    expected = adapt_batchnorm(copy.deepcopy(fresh), train_paths, 8, "cpu").state_dict()
+    trained = load_model(run).state_dict()
+    stats = [k for k in expected if k.startswith("backbone.") and "running_" in k]
+    assert stats
+    for key in stats:
+        torch.testing.assert_close(trained[key], expected[key], rtol=1e-4, atol=1e-5)
+    assert not all(torch.allclose(fresh.state_dict()[k], trained[k]) for k in stats)
 
 
 def test_param_groups_give_each_depth_its_learning_rate():

@@ -62,7 +62,8 @@ def adapt_batchnorm(model: Classifier, paths: list[str], batch_size: int = 32,
 
 
 def frozen_backbone_warning(run: Path) -> str | None:
-    """A warning when the run's model kept ImageNet BatchNorm statistics (best from a frozen stage).
+    """A warning when the run's model kept ImageNet BatchNorm statistics (best from a frozen stage,
+    unless `model.norm_stats: train` replaced them with training-film statistics first).
 
     AdaBN assumes the head was trained on features normalised with *training-film*
     statistics. A backbone frozen throughout kept ImageNet's, so swapping in any film
@@ -71,9 +72,12 @@ def frozen_backbone_warning(run: Path) -> str | None:
     """
     try:
         best = json.loads((run / "val_metrics.json").read_text())["best_stage"]
-        stages = yaml.safe_load((run / "config.yaml").read_text())["stages"]
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        stages = config["stages"]
     except (OSError, KeyError, TypeError, yaml.YAMLError):
         return None  # not a `cxr train` run: nothing to judge by
+    if config.get("model", {}).get("norm_stats") == "train":
+        return None  # the frozen stage already saw film statistics (`model.norm_stats: train`)
     if any(s.get("name") == best and s.get("unfreeze") == "none" for s in stages):
         return (f"{run}'s best model comes from the frozen-backbone stage {best!r}: its BatchNorm "
                 "layers hold ImageNet statistics the head was trained with, and re-estimating "

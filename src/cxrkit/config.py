@@ -38,6 +38,7 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "constant")
 LOSSES = ("cross_entropy", "focal")
 CLASS_WEIGHTS = ("auto", "balanced", "none")
+NORM_STATS = ("pretrained", "train")
 MONITORS = {"val_roc_auc": "max", "val_loss": "min", "val_accuracy": "max", "val_f1": "max"}
 PRESETS = ("quick", "default", "scratch")
 
@@ -70,6 +71,10 @@ class ModelConfig:
     weights: str | None = None  # a .safetensors or state-dict file; overrides `pretrained`
     input_size: int | None = None  # None: the model's own (224 for Lite0)
     dropout: float = 0.2
+    # BatchNorm statistics the first stage starts from. "train": re-estimated on the training
+    # films (no labels, no augmentation) instead of ImageNet's, so a head fit on frozen
+    # features sees features normalised the way fine-tuning and `cxr adapt` will normalise them.
+    norm_stats: str = "pretrained"
 
 
 @dataclass
@@ -187,6 +192,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check_choice("data.task", self.data.task, TASKS)
+        _check_choice("model.norm_stats", self.model.norm_stats, NORM_STATS)
         _check_choice("optim.optimizer", self.optim.optimizer, OPTIMIZERS)
         _check_choice("optim.schedule", self.optim.schedule, SCHEDULES)
         _check_choice("loss.name", self.loss.name, LOSSES)

@@ -39,6 +39,7 @@ from lightning.pytorch import LightningDataModule, seed_everything
 from lightning.pytorch.tuner import Tuner
 from lightning.pytorch.utilities import rank_zero_only
 
+from cxrkit.adapt import adapt_batchnorm
 from cxrkit.config import TrainConfig, to_dict
 from cxrkit.data.layout import Sample
 from cxrkit.data.split import read_manifest, write_manifest
@@ -193,6 +194,17 @@ def load_weights(model: Classifier, checkpoint: Path) -> None:
 
 # --- training ------------------------------------------------------------------------------
 
+def estimate_train_norm_stats(run: Run, model: Classifier) -> None:
+    """`model.norm_stats: train`: BatchNorm statistics averaged over the training films.
+
+    Deterministic (every train image, no augmentation, no labels), so a run killed in
+    its first stage and resumed from a checkpoint is unaffected.
+    """
+    paths = [s.path for s in run.samples if s.split == "train"]
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    adapt_batchnorm(model, paths, run.config.data.batch_size, device)
+
+
 def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None) -> None:
     stage = run.config.stages[index]
     seed_everything(run.config.seed, workers=True)
@@ -259,6 +271,8 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None) -
     pending = [i for i, stage in enumerate(run.config.stages) if stage.name not in done]
     if pending:  # decided once, before any process writes another checkpoint
         first = resume_point(run.folder, run.config.stages[pending[0]].name)
+        if run.config.model.norm_stats == "train" and not done and first is None:
+            estimate_train_norm_stats(run, model)
         for i in pending:
             fit_stage(run, i, model, first if i == pending[0] else None)
     if rank_zero_only.rank == 0:
