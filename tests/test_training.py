@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback, WeightAveraging
 from typer.testing import CliRunner
 
 import cxrkit.data.dataset
@@ -21,7 +22,7 @@ from cxrkit.data.transforms import eval_transform
 from cxrkit.models import create_model
 from cxrkit.runs import load_model
 from cxrkit.training import train
-from cxrkit.training.callbacks import make_trainer
+from cxrkit.training.callbacks import make_callbacks, make_trainer
 from cxrkit.training.datamodule import prepare_samples, task_classes
 from cxrkit.training.fit import Run, build_model, build_stage, loss_class_weights
 from cxrkit.training.losses import FocalLoss, balanced_class_weights
@@ -195,6 +196,42 @@ def test_norm_stats_train_starts_from_the_training_films_statistics(tiny_kaggle,
     for key in stats:
         torch.testing.assert_close(trained[key], expected[key], rtol=1e-4, atol=1e-5)
     assert not all(torch.allclose(fresh.state_dict()[k], trained[k]) for k in stats)
+
+
+class _RecordWeights(Callback):
+    """The raw floating-point weights after every optimiser step."""
+
+    def __init__(self):
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()
+                           if v.is_floating_point()})
+
+
+def test_ema_stage_ends_with_the_moving_average_of_its_weights(tiny_kaggle, tmp_path):
+    config = tiny_config(tiny_kaggle, tmp_path, **{"stages.0.ema_decay": 0.5})
+    samples = prepare_samples(config.data, config.seed)
+    run = Run(tmp_path, config, samples, task_classes("binary", samples))
+    model = build_model(config, run.classes)
+    module, datamodule = build_stage(run, 0, model, tmp_path)
+    averaging = [c for c in make_callbacks(tmp_path, config.trainer, config.stages[0])
+                 if isinstance(c, WeightAveraging)]
+    recorder = _RecordWeights()
+    trainer = make_trainer(tmp_path, config.stages[0], config.trainer,
+                           callbacks=[*averaging, recorder], loggers=False, max_steps=3,
+                           enable_checkpointing=False, num_sanity_val_steps=0,
+                           limit_val_batches=0)
+    trainer.fit(module, datamodule=datamodule)
+    assert len(averaging) == 1 and len(recorder.steps) == 3
+    expected = recorder.steps[0]
+    for raw in recorder.steps[1:]:
+        expected = {k: 0.5 * expected[k] + 0.5 * raw[k] for k in expected}
+    final = model.state_dict()
+    assert any("running_mean" in k for k in expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(final[key], value)
+    assert not torch.allclose(final["head.1.weight"], recorder.steps[-1]["head.1.weight"])
 
 
 def test_param_groups_give_each_depth_its_learning_rate():

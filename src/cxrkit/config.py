@@ -102,6 +102,9 @@ class StageConfig:
     # an earlier frozen stage saw features normalised with the backbone's (ImageNet)
     # statistics; letting film batches overwrite them shifts every feature under that head.
     freeze_norm_stats: bool = False
+    # Validate, checkpoint and keep an exponential moving average of the weights (and BatchNorm
+    # statistics), updated after every optimiser step: ema = decay * ema + (1 - decay) * weights.
+    ema_decay: float | None = None
 
 
 @dataclass
@@ -212,6 +215,9 @@ class TrainConfig:
             if s.frozen_features and s.unfreeze != "none":
                 raise ConfigError(f"stages.{i}: frozen_features needs unfreeze: none (the backbone "
                                   "must not change while its features are reused)")
+            if s.ema_decay is not None and not 0 < s.ema_decay < 1:
+                raise ConfigError(f"stages.{i}.ema_decay must be in (0, 1) (e.g. 0.998) or null, "
+                                  f"got {s.ema_decay}")
             if s.epochs < 1 or s.lr <= 0:
                 raise ConfigError(f"stages.{i} needs epochs >= 1 and lr > 0")
 

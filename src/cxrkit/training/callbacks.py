@@ -2,6 +2,7 @@
 
     RUN/best.ckpt       best `trainer.monitor` over all stages (val ROC-AUC by default)
     RUN/last.ckpt       every `checkpoint_every_n_steps` optimiser steps and at a stage's end
+                        (with `stage.ema_decay`: the averaged weights, the raw ones beside them)
     RUN/logs/STAGE/version_N/metrics.csv   one CSVLogger per stage and attempt
     RUN/tb/STAGE/       TensorBoard
 """
@@ -20,8 +21,10 @@ from lightning.pytorch.callbacks import (
     LearningRateMonitor,
     ModelCheckpoint,
     RichProgressBar,
+    WeightAveraging,
 )
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
+from torch.optim.swa_utils import get_ema_avg_fn
 
 from cxrkit.config import MONITORS, StageConfig, TrainerConfig
 
@@ -54,7 +57,8 @@ def best_checkpoint(run: Path, trainer: TrainerConfig) -> ModelCheckpoint:
     return callback
 
 
-def make_callbacks(run: Path, trainer: TrainerConfig) -> list[Callback]:
+def make_callbacks(run: Path, trainer: TrainerConfig,
+                   stage: StageConfig | None = None) -> list[Callback]:
     callbacks: list[Callback] = [
         best_checkpoint(run, trainer),
         # last.ckpt every N steps, so a run killed mid-epoch resumes losing little
@@ -65,6 +69,9 @@ def make_callbacks(run: Path, trainer: TrainerConfig) -> list[Callback]:
     if trainer.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor=trainer.monitor, mode=MONITORS[trainer.monitor],
                                        patience=trainer.early_stopping_patience))
+    if stage is not None and stage.ema_decay is not None:
+        # Lightning's own: validation and checkpoints (best.ckpt too) see the averaged weights.
+        callbacks.append(WeightAveraging(avg_fn=get_ema_avg_fn(stage.ema_decay)))
     if trainer.progress_bar:
         callbacks.append(RichProgressBar())
     return callbacks

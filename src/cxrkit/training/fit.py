@@ -66,11 +66,12 @@ RUN_DIR_ENV = "CXRKIT_RUN_DIR"  # hands the run folder to processes Lightning la
 
 # Lightning warnings that are expected here: the run folder already holds config.yaml,
 # the module (not the DataModule) converts batches to channels_last, a frozen backbone
-# trains in eval mode.
+# trains in eval mode, weight averaging (configure_model only sets the memory layout).
 EXPECTED_WARNINGS = (r"Checkpoint directory .* exists and is not empty",
                      r"You have overridden `on_after_batch_transfer`",
                      r"Found \d+ module\(s\) in eval mode",
-                     r".*isinstance\(treespec, LeafSpec\)")
+                     r".*isinstance\(treespec, LeafSpec\)",
+                     r"You're using the WeightAveraging callback with a model that overrides")
 
 
 @dataclass
@@ -212,7 +213,7 @@ def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None)
         load_weights(model, run.folder / BEST)  # start from the best of the stages before
     module, datamodule = build_stage(run, index, model, run.folder)
     trainer = make_trainer(run.folder, stage, run.config.trainer,
-                           callbacks=make_callbacks(run.folder, run.config.trainer),
+                           callbacks=make_callbacks(run.folder, run.config.trainer, stage),
                            loggers=make_loggers(run.folder, stage.name, run.config.trainer))
     with warnings.catch_warnings():
         for message in EXPECTED_WARNINGS:
