@@ -1,14 +1,15 @@
 """Accuracy on the Kermany test split: each preset trained, chosen on validation, tested once.
 
     python benchmarks/bench_accuracy.py [--data DIR] [--runs-dir runs]
-                                        [--presets default quick scratch]
+                                        [--presets default quick scratch] [--runs RUN ...]
 
 For each preset: `cxr train` (everything - epochs, threshold, temperature - chosen on the
 patient-grouped validation split carved from train), then `cxr evaluate RUN --tta` on the
 624-image test split. For the first preset it also runs `cxr adapt` (BatchNorm statistics
 re-estimated on the *unlabelled* test films) and evaluates that as its own row: it is
 transductive, so it is never mixed with the strict result. An existing run folder of the
-same name is reused, not retrained. Prints a markdown table for BENCHMARKS.md.
+same name is reused, not retrained. `--runs` adds experiment runs already trained (each
+evaluated, and adapted as its own row). Prints a markdown table for BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -64,25 +65,37 @@ def table_row(label: str, metrics: dict, seconds: float | None, block: str | Non
     return f"| {label} | {point['threshold']:.3f} | " + " | ".join(cells) + f" | {took} |"
 
 
+def strict_rows(label: str, run: Path, seconds: float | None) -> list[str]:
+    metrics = evaluated(run, tta=True)
+    return [table_row(label, metrics, seconds), table_row(f"{label} + TTA", metrics, None, "tta")]
+
+
+def adapted_row(label: str, run: Path, data: Path) -> str:
+    """`cxr adapt` to the unlabelled test films: transductive, so a row of its own."""
+    adapted = run.with_name(f"{run.name}-adapted")
+    if not (adapted / "model.safetensors").is_file():
+        adapt_run(run, data, split="test", out=adapted)
+    return table_row(f"{label} + `cxr adapt` to the unlabelled test films (transductive)",
+                     evaluated(adapted, tta=False), None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REAL_DATA)
     parser.add_argument("--runs-dir", type=Path, default=REPO / "runs")
-    parser.add_argument("--presets", nargs="+", default=["default", "quick", "scratch"])
+    parser.add_argument("--presets", nargs="*", default=["default", "quick", "scratch"])
+    parser.add_argument("--runs", nargs="*", type=Path, default=[],
+                        help="run folders already trained (experiments): evaluated and adapted")
     args = parser.parse_args()
     rows = []
     for i, preset in enumerate(args.presets):
         run, seconds = train_once(preset, args.data, args.runs_dir)
-        metrics = evaluated(run, tta=True)
-        rows.append(table_row(f"`{preset}`", metrics, seconds))
-        rows.append(table_row(f"`{preset}` + TTA", metrics, None, block="tta"))
+        rows += strict_rows(f"`{preset}`", run, seconds)
         if i == 0:
-            adapted = run.with_name(f"{run.name}-adapted")
-            if not (adapted / "model.safetensors").is_file():
-                adapt_run(run, args.data, split="test", out=adapted)
-            adapted_metrics = evaluated(adapted, tta=False)
-            rows.append(table_row(f"`{preset}` + `cxr adapt` to the unlabelled test films "
-                                  "(transductive)", adapted_metrics, None))
+            rows.append(adapted_row(f"`{preset}`", run, args.data))
+    for run in args.runs:  # experiments trained by hand: their command is in BENCHMARKS.md
+        rows += strict_rows(f"`{run.name}`", run, None)
+        rows.append(adapted_row(f"`{run.name}`", run, args.data))
     print("| recipe | threshold (from val) | accuracy | ROC-AUC | sensitivity | specificity "
           "| F1 | training time |")
     print("|---|---|---|---|---|---|---|---|")
