@@ -70,6 +70,9 @@ def frozen_backbone_warning(run: Path) -> str | None:
     statistics moves the features away from what the head learned (measured: test ROC-AUC
     0.965 -> 0.850, BENCHMARKS.md).
     """
+    if (run / "members").is_dir():  # an ensemble: each member judged on its own
+        members = sorted(p for p in (run / "members").iterdir() if p.is_dir())
+        return next(filter(None, map(frozen_backbone_warning, members)), None)
     try:
         best = json.loads((run / "val_metrics.json").read_text())["best_stage"]
         config = yaml.safe_load((run / "config.yaml").read_text())

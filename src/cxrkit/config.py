@@ -75,6 +75,9 @@ class ModelConfig:
     # films (no labels, no augmentation) instead of ImageNet's, so a head fit on frozen
     # features sees features normalised the way fine-tuning and `cxr adapt` will normalise them.
     norm_stats: str = "pretrained"
+    # More models trained with this same recipe (each at its own input size), one after
+    # another; the run's model averages their probabilities (`cxrkit.models.ensemble`).
+    ensemble_with: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -203,6 +206,10 @@ class TrainConfig:
         _check_choice("trainer.monitor", self.trainer.monitor, tuple(MONITORS))
         if not 0 <= self.data.val_fraction < 1:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
+        if self.model.ensemble_with and (self.trainer.devices not in ("auto", "1")
+                                         or self.trainer.num_nodes > 1):
+            raise ConfigError("model.ensemble_with trains its members one after another on one "
+                              "device; train the members as separate runs to use several")
         if not self.stages:
             raise ConfigError("stages is empty: give at least one training stage")
         names = [s.name for s in self.stages]

@@ -6,6 +6,7 @@
     RUN/best.ckpt, last.ckpt Lightning checkpoints (last.ckpt resumes a run)
     RUN/model.safetensors    best weights, loadable without Lightning
     RUN/model.json           ModelSpec: architecture, input size, mean, std, labels
+                             (an ensemble's also lists its members' specs)
     RUN/calibration.json     threshold and temperature chosen on validation (by evaluate)
     RUN/metrics.csv, tb/, training_curves.png, eval/<split>/, report.html
 """
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from cxrkit.models import Classifier, ModelSpec, model_from_spec
+from cxrkit.models import Classifier, ModelSpec
+from cxrkit.models.ensemble import Ensemble, model_from_description
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_SPEC = "model.json"
@@ -39,12 +41,13 @@ class Calibration:
                 "chosen_on": self.chosen_on}
 
 
-def save_model(model: Classifier, folder: str | Path) -> Path:
+def save_model(model: Classifier | Ensemble, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / MODEL_WEIGHTS))
-    (folder / MODEL_SPEC).write_text(json.dumps(model.spec.to_dict(), indent=2))
+    described = model.describe() if isinstance(model, Ensemble) else model.spec.to_dict()
+    (folder / MODEL_SPEC).write_text(json.dumps(described, indent=2))
     (folder / LABELS).write_text(json.dumps(model.spec.labels, indent=2))
     return folder / MODEL_WEIGHTS
 
@@ -65,10 +68,10 @@ def load_spec(path: str | Path) -> ModelSpec:
     return ModelSpec.from_dict(json.loads((model_folder(path) / MODEL_SPEC).read_text()))
 
 
-def load_model(path: str | Path) -> Classifier:
+def load_model(path: str | Path) -> Classifier | Ensemble:
     """The trained classifier of a run (safetensors: no pickle is ever loaded), in eval mode."""
     folder = model_folder(path)
-    model = model_from_spec(load_spec(folder))
+    model = model_from_description(json.loads((folder / MODEL_SPEC).read_text()))
     model.load_state_dict(load_file(str(folder / MODEL_WEIGHTS)))
     return model.eval()
 

@@ -66,8 +66,11 @@ def build_config(data: str | None, preset: str, config: Path | None,
 
 
 def metrics_table(metrics: dict) -> Table:
-    table = Table(title=f"Validation ({metrics['images']} images, best of stage "
-                        f"{metrics['best_stage']}, epoch {metrics['best_epoch'] + 1})")
+    if metrics.get("members"):
+        chosen = f"ensemble of {len(metrics['members'])} members"
+    else:
+        chosen = f"best of stage {metrics['best_stage']}, epoch {metrics['best_epoch'] + 1}"
+    table = Table(title=f"Validation ({metrics['images']} images, {chosen})")
     for name in ("accuracy", "roc_auc", "sensitivity", "specificity", "f1", "loss"):
         table.add_column(name.replace("_", "-"), justify="right")
     table.add_row(*(f"{metrics[name]:.4f}" for name in

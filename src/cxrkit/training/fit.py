@@ -45,7 +45,8 @@ from cxrkit.data.layout import Sample
 from cxrkit.data.split import read_manifest, write_manifest
 from cxrkit.inference import predict_logits
 from cxrkit.models import Classifier, create_model
-from cxrkit.runs import positive_index, save_model
+from cxrkit.models.ensemble import Ensemble
+from cxrkit.runs import MODEL_WEIGHTS, load_model, positive_index, save_model
 from cxrkit.training.callbacks import BEST, LAST, make_callbacks, make_loggers, make_trainer
 from cxrkit.training.curves import collect_metrics, plot_curves
 from cxrkit.training.datamodule import (
@@ -55,7 +56,7 @@ from cxrkit.training.datamodule import (
     task_classes,
 )
 from cxrkit.training.features import FeatureDataModule
-from cxrkit.training.losses import balanced_class_weights
+from cxrkit.training.losses import balanced_class_weights, make_loss
 from cxrkit.training.module import ClassifierModule, make_metrics, metric_inputs
 
 CONFIG = "config.yaml"
@@ -120,6 +121,10 @@ def build_stage(run: Run, index: int, model: Classifier,
 
 # --- the run folder ------------------------------------------------------------------------
 
+def _file_safe(model_name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", model_name.removeprefix("timm:"))
+
+
 def _run_folder(config: TrainConfig) -> Path:
     inherited = os.environ.get(RUN_DIR_ENV)
     if rank_zero_only.rank > 0 and inherited:  # a process Lightning launched for DDP
@@ -131,8 +136,7 @@ def _run_folder(config: TrainConfig) -> Path:
             raise FileExistsError(f"{folder} already holds a run: continue it with "
                                   f"`cxr train --resume {folder}`, or choose another --name")
     else:
-        model = re.sub(r"[^\w.-]+", "_", config.model.name.removeprefix("timm:"))
-        stem = f"{datetime.now():%Y%m%d-%H%M%S}-{model}"
+        stem = f"{datetime.now():%Y%m%d-%H%M%S}-{_file_safe(config.model.name)}"
         folder, n = runs / stem, 2
         while folder.exists():
             folder, n = runs / f"{stem}-{n}", n + 1
@@ -227,10 +231,11 @@ def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None)
             datamodule.file.unlink(missing_ok=True)
 
 
-def validation_metrics(module: ClassifierModule, run: Run) -> dict:
+def validation_metrics(model: Classifier | Ensemble, criterion: torch.nn.Module,
+                       run: Run) -> dict:
     """The final model scored on the validation images, read from disk as `cxr predict` does."""
     val = [s for s in run.samples if s.split == "val"]
-    logits, failures = predict_logits(module.model, [s.path for s in val],
+    logits, failures = predict_logits(model, [s.path for s in val],
                                       batch_size=run.config.data.batch_size)
     readable = ~np.isnan(logits).any(axis=1)
     target = torch.tensor([run.classes.index(s.label) for s in val])[torch.from_numpy(readable)]
@@ -238,7 +243,7 @@ def validation_metrics(module: ClassifierModule, run: Run) -> dict:
     metrics = make_metrics(len(run.classes), sync=False)  # rank 0 alone scores
     metrics.update(*metric_inputs(logits, target, positive_index(run.classes)))
     values = {name: float(v) for name, v in metrics.compute().items()}
-    values["loss"] = float(module.criterion(logits, target))
+    values["loss"] = float(criterion(logits, target))
     values.update(images=int(readable.sum()), unreadable=len(failures))
     return values
 
@@ -249,7 +254,7 @@ def finish(run: Run) -> dict:
     module = ClassifierModule.load_from_checkpoint(best, map_location="cpu", weights_only=True)
     save_model(module.model.eval(), run.folder)
     meta = _checkpoint(best)
-    metrics = validation_metrics(module, run)
+    metrics = validation_metrics(module.model, module.criterion, run)
     metrics.update(best_stage=module.stage.name, best_epoch=meta["epoch"],
                    best_global_step=meta["global_step"], monitor=run.config.trainer.monitor)
     (run.folder / VAL_METRICS).write_text(json.dumps(metrics, indent=2))
@@ -258,12 +263,57 @@ def finish(run: Run) -> dict:
     return metrics
 
 
+# --- ensembles -----------------------------------------------------------------------------
+
+MEMBERS = "members"
+
+
+def member_run(run: Run, index: int, name: str, folder: Path) -> Run:
+    """Member `index` of an ensemble: the run's recipe and split, its own model and seed."""
+    devices = "1" if run.config.trainer.devices == "auto" else run.config.trainer.devices
+    config = run.config.updated({
+        "model.name": name, "model.ensemble_with": [], "seed": run.config.seed + index,
+        "name": folder.name, "runs_dir": str(folder.parent), "trainer.devices": devices})
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save(folder / CONFIG)
+    write_manifest(run.samples, folder / SPLIT)  # the run's split, whatever the member's seed
+    return Run(folder, config, run.samples, run.classes)
+
+
+def train_ensemble(run: Run) -> Path:
+    """Each member trained with the run's recipe (RUN/members/<i>-<model>), one after another;
+    the run's model is their mean. A resumed run skips finished members."""
+    names = [run.config.model.name, *run.config.model.ensemble_with]
+    members = []
+    for index, name in enumerate(names):
+        folder = run.folder / MEMBERS / f"{index}-{_file_safe(name)}"
+        if not (folder / MODEL_WEIGHTS).is_file():
+            resumable = (folder / CONFIG).is_file()
+            train_run(open_run(folder) if resumable else member_run(run, index, name, folder))
+        members.append(folder)
+    model = Ensemble([load_model(m) for m in members]).eval()
+    save_model(model, run.folder)
+    counts = class_counts(run.samples, run.classes)
+    criterion = make_loss(run.config.loss, loss_class_weights(run.config, counts))
+    metrics = validation_metrics(model, criterion, run)
+    metrics.update(best_stage=None, members=[str(m.relative_to(run.folder)) for m in members],
+                   monitor=run.config.trainer.monitor)
+    (run.folder / VAL_METRICS).write_text(json.dumps(metrics, indent=2))
+    return run.folder
+
+
 def train(config: TrainConfig | None = None, resume: str | Path | None = None) -> Path:
     """Train `config` (default: `TrainConfig()`), or continue the run folder `resume`.
 
     Returns the run folder; `cxrkit.runs.load_model(folder)` loads the trained model.
     """
     run = open_run(resume) if resume is not None else new_run(config or TrainConfig())
+    return train_run(run)
+
+
+def train_run(run: Run) -> Path:
+    if run.config.model.ensemble_with:
+        return train_ensemble(run)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 where fp32 remains (feature extraction)
     seed_everything(run.config.seed, workers=True)  # the new head's initial weights too
