@@ -121,3 +121,11 @@ def test_a_resumed_ensemble_keeps_its_finished_members(ensemble_run, tmp_path):
     x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(load_model(run)(x), load_model(ensemble_run)(x))
+
+
+def test_members_that_cannot_share_an_input_fail_before_training(tiny_kaggle, tmp_path):
+    config = tiny_config(tiny_kaggle, tmp_path, "quick", **{
+        "model.ensemble_with": ["efficientnet_lite0"], "model.pretrained": False})
+    with pytest.raises(ValueError, match=r"read films the same way.*ensemble_with=\[\]"):
+        train(config)
+    assert not list((tmp_path / "runs").glob("*/members/*/stages.json"))

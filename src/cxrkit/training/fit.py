@@ -284,6 +284,12 @@ def train_ensemble(run: Run) -> Path:
     """Each member trained with the run's recipe (RUN/members/<i>-<model>), one after another;
     the run's model is their mean. A resumed run skips finished members."""
     names = [run.config.model.name, *run.config.model.ensemble_with]
+    try:  # before hours of training: can these members share one input at all?
+        Ensemble([create_model(n, len(run.classes), pretrained=False, labels=run.classes)
+                  for n in names])
+    except ValueError as e:
+        raise ValueError(f"{e}. Choose members that can, or `--set model.ensemble_with=[]` "
+                         "for a single model") from e
     members = []
     for index, name in enumerate(names):
         folder = run.folder / MEMBERS / f"{index}-{_file_safe(name)}"
