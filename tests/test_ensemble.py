@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from cxrkit.config import TrainConfig
+from cxrkit.config import ConfigError, TrainConfig
 from cxrkit.data.split import read_manifest
 from cxrkit.evaluation import evaluate_run
 from cxrkit.export import export_model
@@ -126,6 +126,6 @@ def test_a_resumed_ensemble_keeps_its_finished_members(ensemble_run, tmp_path):
 def test_members_that_cannot_share_an_input_fail_before_training(tiny_kaggle, tmp_path):
     config = tiny_config(tiny_kaggle, tmp_path, "quick", **{
         "model.ensemble_with": ["efficientnet_lite0"], "model.pretrained": False})
-    with pytest.raises(ValueError, match=r"read films the same way.*ensemble_with=\[\]"):
+    with pytest.raises(ConfigError, match=r"read films the same way.*ensemble_with=\[\]"):
         train(config)
     assert not list((tmp_path / "runs").glob("*/members/*/stages.json"))

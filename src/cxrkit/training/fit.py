@@ -40,7 +40,7 @@ from lightning.pytorch.tuner import Tuner
 from lightning.pytorch.utilities import rank_zero_only
 
 from cxrkit.adapt import adapt_batchnorm
-from cxrkit.config import TrainConfig, to_dict
+from cxrkit.config import ConfigError, TrainConfig, to_dict
 from cxrkit.data.layout import Sample
 from cxrkit.data.split import read_manifest, write_manifest
 from cxrkit.inference import predict_logits
@@ -288,7 +288,7 @@ def train_ensemble(run: Run) -> Path:
         Ensemble([create_model(n, len(run.classes), pretrained=False, labels=run.classes)
                   for n in names])
     except ValueError as e:
-        raise ValueError(f"{e}. Choose members that can, or `--set model.ensemble_with=[]` "
+        raise ConfigError(f"{e}. Choose members that can, or `--set model.ensemble_with=[]` "
                          "for a single model") from e
     members = []
     for index, name in enumerate(names):
