@@ -17,6 +17,7 @@ from cxrkit.export import export_model
 from cxrkit.inference import predict_logits
 from cxrkit.models import create_model
 from cxrkit.models.ensemble import Ensemble
+from cxrkit.report import build_report
 from cxrkit.runs import load_model, save_model
 from cxrkit.training import train
 from tests.test_training import tiny_config
@@ -106,6 +107,8 @@ def test_an_ensemble_is_evaluated_like_any_run(ensemble_run):
     assert 0 <= metrics["roc_auc"]["value"] <= 1
     assert (ensemble_run / "calibration.json").is_file()
     assert list(folder.glob("*gradcam*.png"))  # through the first member's last conv layer
+    report = build_report(ensemble_run, split="test").read_text()
+    assert "members/0-simple_cnn" in report and "members/1-simple_cnn" in report
 
 
 def test_a_resumed_ensemble_keeps_its_finished_members(ensemble_run, tmp_path):
