@@ -9,15 +9,18 @@ from cxrkit.config import PRESETS, ConfigError, TrainConfig, parse_assignments
 
 
 def test_presets_describe_their_strategy():
-    quick, default, scratch = (TrainConfig.preset(name) for name in ("quick", "default", "scratch"))
+    quick, default, finetune, scratch = (TrainConfig.preset(name) for name in PRESETS)
     assert [s.name for s in quick.stages] == ["head"]
     assert quick.stages[0].frozen_features and quick.stages[0].unfreeze == "none"
     assert quick.model.name == "efficientnet_lite0" and quick.model.pretrained
 
-    head, finetune = default.stages
+    assert default.stages == quick.stages and default.model.name == quick.model.name
+    assert default.model.ensemble_with == ["efficientnet_lite2"]
+
+    head, tune = finetune.stages
     assert head.frozen_features and head.unfreeze == "none"
-    assert finetune.unfreeze == "all" and not finetune.frozen_features and finetune.augment
-    assert finetune.lr_decay < 1 and finetune.lr < head.lr
+    assert tune.unfreeze == "all" and not tune.frozen_features and tune.augment
+    assert tune.lr_decay < 1 and tune.lr < head.lr
 
     assert scratch.model.name == "simple_cnn" and not scratch.model.pretrained
     assert scratch.stages[0].unfreeze == "all"
@@ -43,7 +46,7 @@ def test_partial_yaml_goes_on_top_of_a_preset(tmp_path):
 
 
 def test_dotted_overrides_reach_every_level():
-    config = TrainConfig.preset("default").updated({
+    config = TrainConfig.preset("finetune").updated({
         "stages.1.epochs": 2, "optim.weight_decay": "1e-3", "trainer.devices": 2,
         "data.augment.degrees": 3, "model.input_size": 64,
         "trainer.early_stopping_patience": "None",
@@ -77,7 +80,7 @@ def test_set_assignments_are_parsed_as_yaml():
 ])
 def test_bad_overrides_say_what_is_wrong(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        TrainConfig.preset("default").updated(overrides)
+        TrainConfig.preset("finetune").updated(overrides)
 
 
 def test_bad_yaml_key_names_the_file(tmp_path):
@@ -88,13 +91,13 @@ def test_bad_yaml_key_names_the_file(tmp_path):
 
 
 def test_unknown_preset():
-    with pytest.raises(ConfigError, match="quick, default, scratch"):
+    with pytest.raises(ConfigError, match="quick, default, finetune, scratch"):
         TrainConfig.preset("fast")
 
 
 def test_cli_options_map_onto_the_config(tmp_path):
     config = build_config(
-        "data/x", "default", None,
+        "data/x", "finetune", None,
         {"epochs": 4, "lr": 0.01, "data.batch_size": 16, "model.name": "simple_cnn",
          "trainer.precision": None},
         ["optim.schedule=constant"],

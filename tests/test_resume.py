@@ -29,7 +29,7 @@ def train_args(data: Path, tmp: Path, name: str) -> list[str]:
         "trainer.progress_bar": "false", "trainer.log_every_n_steps": 1,
         "data.cache_dir": tmp / "cache",
     }
-    return ["train", "--data", str(data), "--preset", "default", "--runs-dir", str(tmp / "runs"),
+    return ["train", "--data", str(data), "--preset", "finetune", "--runs-dir", str(tmp / "runs"),
             "--name", name, "--deterministic", "--num-workers", "0", "--batch-size", "4",
             *[f"--set={k}={v}" for k, v in settings.items()]]
 

@@ -64,7 +64,7 @@ def two_stage_run(tiny_kaggle, tmp_path_factory) -> Path:
     Selected on val_loss: on 8 validation films ROC-AUC reaches 1.0 and then cannot improve.
     """
     tmp = tmp_path_factory.mktemp("two_stage")
-    return train(tiny_config(tiny_kaggle, tmp, "default", **{
+    return train(tiny_config(tiny_kaggle, tmp, "finetune", **{
         "stages.0.epochs": 2, "stages.0.batch_size": 8, "trainer.monitor": "val_loss",
         "stages.1.epochs": 4, "stages.1.lr": 3e-3, "stages.1.lr_decay": 0.8,
     }))

@@ -1,7 +1,7 @@
 """Typed training configuration: nested dataclasses, presets, YAML and `key=value` overrides.
 
     from cxrkit.config import TrainConfig
-    cfg = TrainConfig.preset("default", data="path/to/chest_xray")
+    cfg = TrainConfig.preset("finetune", data="path/to/chest_xray")
     cfg = cfg.updated({"optim.schedule": "onecycle", "stages.1.epochs": 3})
     cfg.save("my.yaml"); TrainConfig.load("my.yaml")  # round-trips
 
@@ -13,7 +13,9 @@ and wrongly typed values raise `ConfigError` naming the key and the choices.
 Presets:
 - ``quick``: EfficientNet-Lite0 (ImageNet), backbone frozen; its pooled features
   are extracted once and only the linear head is trained on them (minutes on a CPU).
-- ``default``: ``quick``'s head stage, then the whole network fine-tuned with
+- ``default``: ``quick``'s recipe for Lite0 and for Lite2, their probabilities averaged
+  (an ensemble): the best on validation of the recipes measured in BENCHMARKS.md.
+- ``finetune``: ``quick``'s head stage, then the whole network fine-tuned with
   augmentation and discriminative learning rates (lower for earlier layers).
 - ``scratch``: the small ``simple_cnn`` trained from scratch at 128 px, 8 epochs (the
   Kaggle-notebook baseline, to show what transfer learning adds).
@@ -40,7 +42,7 @@ LOSSES = ("cross_entropy", "focal")
 CLASS_WEIGHTS = ("auto", "balanced", "none")
 NORM_STATS = ("pretrained", "train")
 MONITORS = {"val_roc_auc": "max", "val_loss": "min", "val_accuracy": "max", "val_f1": "max"}
-PRESETS = ("quick", "default", "scratch")
+PRESETS = ("quick", "default", "finetune", "scratch")
 
 
 class ConfigError(ValueError):
@@ -266,6 +268,12 @@ def _quick() -> TrainConfig:
 
 
 def _default() -> TrainConfig:
+    config = _quick()
+    config.model.ensemble_with = ["efficientnet_lite2"]
+    return config
+
+
+def _finetune() -> TrainConfig:
     head = _quick().stages[0]
     head.epochs = 15
     finetune = StageConfig(name="finetune", epochs=6, lr=5e-4, unfreeze="all", lr_decay=0.7)
@@ -282,7 +290,7 @@ def _scratch() -> TrainConfig:
     )
 
 
-_PRESETS = {"quick": _quick, "default": _default, "scratch": _scratch}
+_PRESETS = {"quick": _quick, "default": _default, "finetune": _finetune, "scratch": _scratch}
 
 
 # --- strict building from plain values ---------------------------------------------------

@@ -6,7 +6,7 @@
 
 `run` is the run folder (`cxrkit.runs`): `cxrkit.runs.load_model(run)` gives the
 trained classifier. Change anything with dotted keys, e.g.
-`TrainConfig.preset("default", data=..., overrides={"stages.1.epochs": 3})`;
+`TrainConfig.preset("finetune", data=..., overrides={"stages.1.epochs": 3})`;
 continue a killed run with `train(resume=run)`; find a learning rate with
 `find_lr(config, out="lr_find.png")`.
 
