@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from cxrkit.cli import app
 from cxrkit.config import ConfigError, TrainConfig
 from cxrkit.data.split import read_manifest
 from cxrkit.evaluation import evaluate_run
@@ -20,7 +23,7 @@ from cxrkit.models.ensemble import Ensemble
 from cxrkit.report import build_report
 from cxrkit.runs import load_model, save_model
 from cxrkit.training import train
-from tests.test_training import tiny_config
+from tests.test_training import TINY, tiny_config
 
 LABELS = ["NORMAL", "PNEUMONIA"]
 
@@ -132,3 +135,14 @@ def test_members_that_cannot_share_an_input_fail_before_training(tiny_kaggle, tm
     with pytest.raises(ConfigError, match=r"read films the same way.*ensemble_with=\[\]"):
         train(config)
     assert not list((tmp_path / "runs").glob("*/members/*/stages.json"))
+
+
+def test_cli_trains_an_ensemble_and_says_so(tiny_kaggle, tmp_path):
+    result = CliRunner().invoke(app, [
+        "train", "--data", str(tiny_kaggle), "--preset", "default", "--epochs", "1",
+        "--runs-dir", str(tmp_path / "runs"), *[f"--set={k}={v}" for k, v in TINY.items()],
+        f"--set=data.cache_dir={tmp_path / 'cache'}", "--set=model.ensemble_with=[simple_cnn]"])
+    assert result.exit_code == 0, result.output
+    assert "ensemble of 2 members" in result.output
+    run = Path(result.stdout.strip().splitlines()[-1])
+    assert isinstance(load_model(run), Ensemble)
