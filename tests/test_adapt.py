@@ -49,12 +49,19 @@ def test_adapt_run_writes_a_new_run_and_reads_no_labels(tmp_path):
                               adapted.backbone.blocks[0][1].running_var)
 
 
+def _run_best_from_head(folder, config_yaml: str):
+    """A run folder whose best model came from a stage named `head`, trained with config_yaml."""
+    save_model(create_model("simple_cnn", labels=["NORMAL", "PNEUMONIA"]), folder)
+    (folder / "config.yaml").write_text(config_yaml)
+    (folder / "val_metrics.json").write_text(json.dumps({"best_stage": "head"}))
+    return folder
+
+
+FROZEN_HEAD = "stages:\n- {name: head, unfreeze: none}\n- {name: finetune, unfreeze: all}\n"
+
+
 def test_adapting_a_frozen_backbone_run_warns(tmp_path, caplog):
-    run = tmp_path / "run"
-    save_model(create_model("simple_cnn", labels=["NORMAL", "PNEUMONIA"]), run)
-    (run / "config.yaml").write_text("stages:\n- {name: head, unfreeze: none}\n"
-                                     "- {name: finetune, unfreeze: all}\n")
-    (run / "val_metrics.json").write_text(json.dumps({"best_stage": "head"}))
+    run = _run_best_from_head(tmp_path / "run", FROZEN_HEAD)
     target = make_kaggle_tree(tmp_path / "site", {"train": 2, "test": 2})
     out = adapt_run(run, target, split="test")
     assert "frozen-backbone stage 'head'" in caplog.text
@@ -64,12 +71,17 @@ def test_adapting_a_frozen_backbone_run_warns(tmp_path, caplog):
         "warning"] is None
 
 
-def test_a_frozen_stage_on_training_film_statistics_is_adapted_without_warning(tmp_path, caplog):
+def test_adapting_an_ensemble_judges_its_members(tmp_path, caplog):
     run = tmp_path / "run"
+    _run_best_from_head(run / "members" / "0-simple_cnn", FROZEN_HEAD)
     save_model(create_model("simple_cnn", labels=["NORMAL", "PNEUMONIA"]), run)
-    (run / "config.yaml").write_text("model: {norm_stats: train}\n"
-                                     "stages:\n- {name: head, unfreeze: none}\n")
-    (run / "val_metrics.json").write_text(json.dumps({"best_stage": "head"}))
+    target = make_kaggle_tree(tmp_path / "site", {"train": 2, "test": 2})
+    adapt_run(run, target, split="test")
+    assert "0-simple_cnn's best model comes from the frozen-backbone stage" in caplog.text
+
+
+def test_a_frozen_stage_on_training_film_statistics_is_adapted_without_warning(tmp_path, caplog):
+    run = _run_best_from_head(tmp_path / "run", "model: {norm_stats: train}\n" + FROZEN_HEAD)
     target = make_kaggle_tree(tmp_path / "site", {"train": 2, "test": 2})
     adapt_run(run, target, split="test")
     assert "frozen-backbone" not in caplog.text
