@@ -282,7 +282,8 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 {% if curves %}<figure><img alt="training curves" src="data:image/png;base64,{{ curves }}">
 <figcaption>Loss and validation metrics per epoch (from metrics.csv).</figcaption></figure>
 {% elif members %}<p>An ensemble: each member's training curves are in its own run folder
-({% for m in members %}<code>{{ m }}/training_curves.png</code>{% if not loop.last %}, {% endif %}{% endfor %}).</p>
+({% for m in members %}<code>{{ m }}/training_curves.png</code>
+{%- if not loop.last %}, {% endif %}{% endfor %}).</p>
 {% else %}<p class="missing">No training_curves.png in the run folder.</p>{% endif %}
 {% if val_metrics %}<p>Validation metrics of the best checkpoint (val_metrics.json):</p>
 <table>{% for k, v in val_metrics.items() %}<tr><td class="name">{{ k }}</td><td>{{ v }}</td></tr>
