@@ -8,10 +8,11 @@
     start, imports, model load included), and the in-process time of `predict()`
     (model load + one image) and of `Predictor.predict` on a loaded model.
 
-    python benchmarks/bench_inference.py [--runs 30] [--image FILE]
+    python benchmarks/bench_inference.py [--runs 30] [--image FILE] [--also RUN ...]
 
 The model is ImageNet Lite0 with a fresh two-class head (speed does not depend on
-the weights); the image is a real test film when the dataset is there.
+the weights); `--also` adds trained runs (e.g. the `default` ensemble) to table (a), in
+the same run. The image is a real test film when the dataset is there.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def median_seconds(step: Callable[[], object], runs: int, warmup: int = 3) -> fl
     return statistics.median(times)
 
 
-def bench_backends(run: Path, onnx_path: Path, runs: int, threads: int) -> None:
+def bench_backends(label: str, run: Path, onnx_path: Path, runs: int, threads: int) -> None:
     """One table row per batch size; PyTorch timed before the ONNX session exists, since two
     thread pools spinning on the same two cores slow each other down."""
     torch.set_num_threads(threads)
@@ -70,7 +71,7 @@ def bench_backends(run: Path, onnx_path: Path, runs: int, threads: int) -> None:
             cells = f"{eager[b] * 1e3:.1f} ms | {onnx[b] * 1e3:.1f} ms"
         else:
             cells = f"{b / eager[b]:.1f} images/s | {b / onnx[b]:.1f} images/s"
-        print(f"| {threads} | {b} | {cells} | {eager[b] / onnx[b]:.2f}x |")
+        print(f"| {label} | {threads} | {b} | {cells} | {eager[b] / onnx[b]:.2f}x |")
 
 
 def bench_predict(run: Path, image: Path, runs: int) -> None:
@@ -97,6 +98,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=30, help="timed repeats at batch 1")
     parser.add_argument("--image", type=Path, default=None, help="default: a real test film")
+    parser.add_argument("--also", type=Path, nargs="*", default=[],
+                        help="trained run folders to time beside Lite0")
     args = parser.parse_args()
     films = sorted((REAL_DATA / "test" / "PNEUMONIA").glob("*.jpeg"))
     image = args.image or (films[0] if films else None)
@@ -104,14 +107,19 @@ def main() -> None:
         run = Path(tmp) / "run"
         torch.manual_seed(0)
         save_model(create_model("efficientnet_lite0", labels=["NORMAL", "PNEUMONIA"]), run)
-        start = time.perf_counter()
-        onnx_path = export_model(run)
-        print(f"ONNX export (dynamo exporter + onnx.checker): {time.perf_counter() - start:.1f} s")
+        models = [("Lite0", run), *[(r.name, r) for r in args.also]]
+        exports = {}
+        for label, folder in models:
+            start = time.perf_counter()
+            exports[label] = export_model(folder, out=Path(tmp) / "export" / label)
+            print(f"ONNX export of {label} (dynamo exporter + onnx.checker): "
+                  f"{time.perf_counter() - start:.1f} s")
         print(f"{os.cpu_count()} CPUs; median times; throughput = batch / median batch time")
-        print("| threads | batch | PyTorch eager | ONNX Runtime | ONNX / PyTorch |")
-        print("|---|---|---|---|---|")
+        print("| model | threads | batch | PyTorch eager | ONNX Runtime | ONNX / PyTorch |")
+        print("|---|---|---|---|---|---|")
         for threads in (1, os.cpu_count() or 1):
-            bench_backends(run, onnx_path, args.runs, threads)
+            for label, folder in models:
+                bench_backends(label, folder, exports[label], args.runs, threads)
         if image is None:
             print(f"no real film at {REAL_DATA}: pass --image FILE for the `cxr predict` timing")
             return
