@@ -1,0 +1,30 @@
+"""`cxr run`, the main job: train the default recipe, audit, evaluate on test, write the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from cxrkit.cli import app
+from tests.test_training import TINY
+
+
+def test_cxr_run_does_the_whole_job_with_the_default_ensemble(tiny_kaggle, tmp_path):
+    result = CliRunner().invoke(app, [
+        "run", str(tiny_kaggle), "--preset", "default", "--runs-dir", str(tmp_path / "runs"),
+        "--name", "main", *[f"--set={k}={v}" for k, v in TINY.items()],
+        f"--set=data.cache_dir={tmp_path / 'cache'}", "--set=stages.0.epochs=2",
+        "--set=model.ensemble_with=[simple_cnn]"])
+    assert result.exit_code == 0, result.output
+    run = Path(result.stdout.strip().splitlines()[-1])
+    assert run == (tmp_path / "runs" / "main").absolute()
+    assert sorted(p.name for p in (run / "members").iterdir()) == ["0-simple_cnn", "1-simple_cnn"]
+    audit = json.loads((run / "audit" / "audit.json").read_text())
+    assert audit["n_images"] == 64 and audit["counts"]["test"] == {"NORMAL": 8, "PNEUMONIA": 8}
+    metrics = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    assert metrics["n"] == 16 and 0 <= metrics["roc_auc"]["value"] <= 1
+    assert json.loads((run / "calibration.json").read_text())["chosen_on"].startswith("validation")
+    report = (run / "report.html").read_text()
+    assert "members/1-simple_cnn" in report and "audit" in report.lower()
