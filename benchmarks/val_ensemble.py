@@ -16,15 +16,14 @@ import numpy as np
 from sklearn.metrics import log_loss, roc_auc_score
 
 from cxrkit.data.split import read_manifest
-from cxrkit.inference import predict_logits
+from cxrkit.inference import predict_logits, softmax
 from cxrkit.runs import load_model, positive_index
 
 
 def validation_probabilities(run: Path, paths: list[str]) -> np.ndarray:
     model = load_model(run)
     logits, _ = predict_logits(model, paths, batch_size=64)
-    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return (exp / exp.sum(axis=1, keepdims=True))[:, positive_index(model.spec.labels)]
+    return softmax(logits)[:, positive_index(model.spec.labels)]
 
 
 def main() -> None:

@@ -206,8 +206,7 @@ def estimate_train_norm_stats(run: Run, model: Classifier) -> None:
     its first stage and resumed from a checkpoint is unaffected.
     """
     paths = [s.path for s in run.samples if s.split == "train"]
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    adapt_batchnorm(model, paths, run.config.data.batch_size, device)
+    adapt_batchnorm(model, paths, run.config.data.batch_size)  # on `default_device()`
 
 
 def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None) -> None:
