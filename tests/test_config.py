@@ -73,6 +73,7 @@ def test_set_assignments_are_parsed_as_yaml():
     ({"data.task": "4class"}, r"data.task must be one of binary, 3class"),
     ({"seed.value": 1}, r"seed is a value, not a section"),
     ({"stages.1.frozen_features": True}, r"frozen_features needs unfreeze: none"),
+    ({"stages.1.feature_views": 2}, r"feature_views must be >= 1, and above 1 only with"),
     ({"stages.0.unfreeze": "some"}, r"unfreeze must be none, all or a number"),
     ({"stages.1.name": "head"}, r"stage names must be unique"),
     ({"stages.1.ema_decay": 1.5}, r"stages.1.ema_decay must be in \(0, 1\)"),

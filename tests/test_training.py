@@ -24,6 +24,7 @@ from cxrkit.runs import load_model
 from cxrkit.training import train
 from cxrkit.training.callbacks import make_callbacks, make_trainer
 from cxrkit.training.datamodule import prepare_samples, task_classes
+from cxrkit.training.features import extract_features
 from cxrkit.training.fit import Run, build_model, build_stage, loss_class_weights
 from cxrkit.training.losses import FocalLoss, balanced_class_weights
 from cxrkit.training.module import (
@@ -160,6 +161,29 @@ def test_frozen_backbone_and_its_batchnorm_statistics_do_not_change(tiny_kaggle,
     for key in backbone:  # weights, running_mean/var and num_batches_tracked alike
         assert torch.equal(before[key], after[key]), key
     assert not torch.equal(before["head.1.weight"], after["head.1.weight"])
+
+
+def test_feature_views_add_augmented_passes_over_the_train_films_only(tiny_kaggle, tmp_path):
+    config = tiny_config(tiny_kaggle, tmp_path, "quick", **{"stages.0.feature_views": 3})
+    samples = prepare_samples(config.data, config.seed)
+    run = Run(tmp_path, config, samples, task_classes("binary", samples))
+    model = build_model(config, run.classes)
+    _, features = build_stage(run, 0, model, tmp_path)
+    features.prepare_data()
+    features.setup()
+    train_x, train_y = features.datasets["train"].tensors
+    val_x, val_y = features.datasets["val"].tensors
+    n_train = len([s for s in samples if s.split == "train"])
+    assert len(train_x) == 3 * n_train and len(val_x) == len(val_y) == 8  # val stays plain
+    assert torch.equal(train_y, train_y[:n_train].repeat(3))
+    plain, first_view, second_view = train_x.split(n_train)
+    images = features.images
+    expected, _ = extract_features(model.backbone, images.loader("train", shuffle=False,
+                                                                 augment=False), "cpu")
+    torch.testing.assert_close(plain, expected)  # the first pass is the plain films
+    for view in (first_view, second_view):  # every other pass an augmented one
+        assert (view - plain).abs().mean() > 0.05 * plain.abs().mean()
+    assert not torch.equal(first_view, second_view)
 
 
 def test_partly_unfrozen_backbone_trains_only_its_last_groups(tiny_kaggle, tmp_path):

@@ -101,6 +101,9 @@ class StageConfig:
     unfreeze: str = "all"  # "none": head only; "all"; or "K": the last K backbone layer groups
     lr_decay: float = 1.0  # discriminative learning rates: < 1 trains earlier layers slower
     frozen_features: bool = False  # unfreeze "none" only: fit the head on features extracted once
+    # frozen_features only: passes over the train films, the first plain, the others augmented
+    # (data.augment), so the head sees framing and contrast vary: more views, longer extraction.
+    feature_views: int = 1
     augment: bool = True
     batch_size: int | None = None  # None: data.batch_size
     # Keep BatchNorm running statistics as they are while the layers learn. A head trained in
@@ -224,6 +227,9 @@ class TrainConfig:
             if s.frozen_features and s.unfreeze != "none":
                 raise ConfigError(f"stages.{i}: frozen_features needs unfreeze: none (the backbone "
                                   "must not change while its features are reused)")
+            if s.feature_views < 1 or (s.feature_views > 1 and not s.frozen_features):
+                raise ConfigError(f"stages.{i}.feature_views must be >= 1, and above 1 only with "
+                                  f"frozen_features: true; got {s.feature_views}")
             if s.ema_decay is not None and not 0 < s.ema_decay < 1:
                 raise ConfigError(f"stages.{i}.ema_decay must be in (0, 1) (e.g. 0.998) or null, "
                                   f"got {s.ema_decay}")

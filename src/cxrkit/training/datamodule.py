@@ -116,24 +116,30 @@ class XrayDataModule(LightningDataModule):
         for split in self.samples:  # decode once, on one process per node
             self._cache(split)
 
+    def _dataset(self, split: str, augment: bool) -> XrayDataset:
+        transform = (train_transform(self.spec, self.data.augment) if augment
+                     else eval_transform(self.spec))
+        return XrayDataset(self.samples[split], self.class_to_idx, self.spec.input_size,
+                           transform, self.data.equalize, self._cache(split))
+
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        for split, samples in self.samples.items():
-            transform = (train_transform(self.spec, self.data.augment)
-                         if split == "train" and self.augment else eval_transform(self.spec))
-            self.datasets[split] = XrayDataset(samples, self.class_to_idx, self.spec.input_size,
-                                               transform, self.data.equalize, self._cache(split))
+        for split in self.samples:
+            self.datasets[split] = self._dataset(split, split == "train" and self.augment)
 
     def labels(self, split: str) -> list[int]:
         return [self.class_to_idx[s.label] for s in self.samples[split]]
 
-    def loader(self, split: str, shuffle: bool) -> DataLoader:
+    def loader(self, split: str, shuffle: bool, augment: bool | None = None) -> DataLoader:
+        """`split`'s images; `augment` None: as set up (train augmented unless augment=False)."""
+        dataset = (self.datasets[split] if augment is None
+                   else self._dataset(split, augment))
         sampler = None
         if shuffle and self.data.balanced_sampler:
             sampler, shuffle = balanced_sampler(self.labels(split)), False
         return DataLoader(
-            self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, sampler=sampler,
+            dataset, batch_size=self.batch_size, shuffle=shuffle, sampler=sampler,
             num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0, collate_fn=collate_skip_bad,
         )

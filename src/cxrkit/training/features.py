@@ -2,10 +2,14 @@
 
 While the backbone is frozen, every epoch would push the same images through the
 same network. Instead the pooled features of the train and val images are computed
-once (eval transform, no augmentation, `torch.inference_mode`, channels_last),
-saved in the run folder (so a resumed stage does not recompute them), and the
-head is fit on them by an ordinary Lightning loop over a TensorDataset: seconds
-per epoch instead of minutes.
+once (eval transform, `torch.inference_mode`, channels_last), saved in the run folder
+(so a resumed stage does not recompute them), and the head is fit on them by an
+ordinary Lightning loop over a TensorDataset: seconds per epoch instead of minutes.
+
+`views` > 1 adds that many minus one augmented passes over the train images (val stays
+plain): augmentation at the cost of a few extraction passes instead of one per epoch.
+It matters for what the head learns to ignore: without it, a head fit on plain films
+can read how tightly a film is framed (`benchmarks/val_framing.py`).
 """
 
 from __future__ import annotations
@@ -44,12 +48,14 @@ def extract_features(backbone: nn.Module, loader: DataLoader,
 class FeatureDataModule(LightningDataModule):
     """Backbone features of the train and val images of `images`, as TensorDatasets."""
 
-    def __init__(self, images: XrayDataModule, backbone: nn.Module, file: Path, batch_size: int):
+    def __init__(self, images: XrayDataModule, backbone: nn.Module, file: Path, batch_size: int,
+                 views: int = 1):
         super().__init__()
         self.images = images
         self.backbone = backbone
         self.file = Path(file)
         self.batch_size = batch_size
+        self.views = views
         self.datasets: dict[str, TensorDataset] = {}
 
     def prepare_data(self) -> None:
@@ -59,9 +65,11 @@ class FeatureDataModule(LightningDataModule):
         self.images.setup()
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         tensors = {}
-        for split in ("train", "val"):
-            x, y = extract_features(self.backbone, self.images.loader(split, shuffle=False), device)
-            tensors[f"{split}_x"], tensors[f"{split}_y"] = x, y
+        for split, views in (("train", self.views), ("val", 1)):
+            passes = [extract_features(self.backbone, self.images.loader(
+                split, shuffle=False, augment=view > 0), device) for view in range(views)]
+            tensors[f"{split}_x"] = torch.cat([x for x, _ in passes])
+            tensors[f"{split}_y"] = torch.cat([y for _, y in passes])
         tmp = self.file.with_suffix(".tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, self.file)  # atomic: a killed extraction leaves nothing half written

@@ -115,7 +115,8 @@ def build_stage(run: Run, index: int, model: Classifier,
                             augment=stage.augment)
     if stage.frozen_features:
         file = work_dir / f"features-{stage.name}.safetensors"
-        return module, FeatureDataModule(images, model.backbone, file, batch_size)
+        return module, FeatureDataModule(images, model.backbone, file, batch_size,
+                                         stage.feature_views)
     return module, images
 
 
