@@ -5,15 +5,19 @@ import csv
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
-from sklearn.metrics import confusion_matrix, roc_curve
+import torch
+from PIL import Image
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 from typer.testing import CliRunner
 
 from cxrkit.cli import app
 from cxrkit.data.layout import load_source
 from cxrkit.data.split import patient_split, read_manifest, write_manifest
+from cxrkit.data.transforms import prepare
 from cxrkit.evaluation import evaluate_run
 from cxrkit.inference import predict_logits, softmax
 from cxrkit.models import create_model
@@ -178,6 +182,48 @@ def test_tta_is_reported_beside_the_plain_result(trained_run, tmp_path):
     assert "validation" in metrics["tta"]["operating_points"]
     rows = read_rows(out / "predictions.csv")
     assert rows[0]["tta_p_PNEUMONIA"] != rows[0]["p_PNEUMONIA"]  # the views changed something
+
+
+def test_framing_check_scores_the_same_films_framed_more_tightly(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path)
+    out = evaluate_run(run, framing=True, bootstrap=50, make_figures=False, device="cpu")
+    metrics = json.loads((out / "metrics.json").read_text())
+    framing = metrics["framing"]
+    assert framing["crops"] == ["85%", "70%"]
+    test = [s for s in read_manifest(run / "split.csv") if s.split == "test"]
+    y = np.array([s.label == "PNEUMONIA" for s in test])
+    for crop, fraction in (("85%", 0.85), ("70%", 0.7)):
+        assert_metric(framing[crop]["roc_auc"])
+        assert framing[crop]["operating_points"]["validation"]["threshold"] == \
+            metrics["operating_points"]["validation"]["threshold"]  # nothing re-chosen
+        cropped = [centre_cropped_copy(s.path, fraction, tmp_path / crop) for s in test]
+        logits, _ = predict_logits(load_model(run), cropped, device="cpu")
+        p = softmax(logits, metrics["calibrated"]["temperature"])[:, 1]
+        assert framing[crop]["roc_auc"]["value"] == pytest.approx(roc_auc_score(y, p), abs=0.02)
+    assert framing["70%"]["brier"]["value"] != metrics["brier"]["value"]
+
+
+def centre_cropped_copy(path: str, fraction: float, folder) -> str:
+    """The central `fraction` of the film's sides, saved losslessly at its own size."""
+    image = Image.open(path).convert("L")
+    w, h = image.size
+    cw, ch = round(w * fraction), round(h * fraction)
+    left, top = (w - cw) // 2, (h - ch) // 2
+    folder.mkdir(exist_ok=True)
+    out = folder / (Path(path).stem + ".png")
+    image.crop((left, top, left + cw, top + ch)).save(out)
+    return str(out)
+
+
+def test_crop_prepares_the_central_part_of_the_film():
+    film = Image.new("L", (200, 100), 0)
+    film.paste(255, (50, 25, 150, 75))  # a bright centre, half of each side
+    centre = prepare(film, 32, crop=0.5)
+    assert centre.shape == (1, 32, 32)
+    assert (centre[..., 2:-2, 2:-2] == 255).all()  # the edges blend in a little of the outside
+    assert centre.float().mean() > 240
+    plain = prepare(film, 32)
+    assert plain.float().mean() == pytest.approx(255 / 4, rel=0.05)  # the whole film
 
 
 def test_unreadable_image_is_skipped_and_listed(trained_run, tmp_path):

@@ -95,6 +95,19 @@ def test_report_contents(reported):
     assert "Patients shared between splits" in text
 
 
+def test_report_shows_tta_and_the_framing_check_beside_the_plain_result(trained_run, tmp_path):
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    evaluate_run(run, tta=True, framing=True, bootstrap=20, make_figures=False, device="cpu")
+    text = build_report(run, evaluate_missing=False).read_text()
+    Page(text)  # still well formed
+    framing = text[text.index("<h3>Framing check</h3>"):]
+    table = framing[:framing.index("</table>")]
+    for column in ("as filmed", "85%", "70%"):
+        assert f"<th>{column}</th>" in table
+    assert table.count("<tr>") == 1 + 5  # header, then accuracy, ROC-AUC, sens., spec., F1
+    assert "<h3>Test-time augmentation</h3>" in text and "<th>with TTA</th>" in text
+
+
 def test_compare_runs_table_and_csv(reported, tmp_path):
     run, _ = reported
     other = shutil.copytree(run, tmp_path / "other")

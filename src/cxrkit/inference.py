@@ -26,8 +26,9 @@ class Failure:
 
 
 class _Files(Dataset):
-    def __init__(self, paths: Sequence[str], size: int, equalize: bool, transform: Callable):
-        self.paths, self.size, self.equalize = list(paths), size, equalize
+    def __init__(self, paths: Sequence[str], size: int, equalize: bool, transform: Callable,
+                 crop: float):
+        self.paths, self.size, self.equalize, self.crop = list(paths), size, equalize, crop
         self.transform = transform
 
     def __len__(self) -> int:
@@ -35,7 +36,8 @@ class _Files(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return self.transform(load_prepared(self.paths[i], self.size, self.equalize)), i, ""
+            image = load_prepared(self.paths[i], self.size, self.equalize, self.crop)
+            return self.transform(image), i, ""
         except UnreadableImageError as e:
             return torch.zeros(0), i, e.reason
 
@@ -48,9 +50,10 @@ def _collate(batch):
 
 
 def file_batches(spec: ModelSpec, paths: Sequence[str], batch_size: int = 32,
-                 num_workers: int = 0) -> DataLoader:
-    """Batches (x [B,C,S,S] or None, indices into `paths`, [(index, reason)] unreadable)."""
-    files = _Files(paths, spec.input_size, spec.equalize, eval_transform(spec))
+                 num_workers: int = 0, crop: float = 1.0) -> DataLoader:
+    """Batches (x [B,C,S,S] or None, indices into `paths`, [(index, reason)] unreadable);
+    `crop` < 1: each image's central fraction of its sides only (see `prepare`)."""
+    files = _Files(paths, spec.input_size, spec.equalize, eval_transform(spec), crop)
     return DataLoader(files, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
 
 
@@ -69,11 +72,13 @@ def predict_logits(
     num_workers: int = 0,
     device: torch.device | str | None = None,
     views: Sequence[Callable[[torch.Tensor], torch.Tensor]] = (),
+    crop: float = 1.0,
 ) -> tuple[np.ndarray, list[Failure]]:
     """Logits [N, C] for `paths` (NaN rows for unreadable files) and the failures.
 
     `views` are extra batch -> batch transforms (test-time augmentation); when
-    given, the logits are averaged over the plain batch and every view.
+    given, the logits are averaged over the plain batch and every view. `crop` < 1
+    scores the films framed more tightly (the central fraction of each side).
     """
     device = torch.device(device) if device else default_device()
     # Outside inference_mode: `.to()` replaces the parameters in place, and parameters made
@@ -82,7 +87,7 @@ def predict_logits(
     logits = np.full((len(paths), model.spec.num_classes), np.nan, dtype=np.float32)
     failures: list[Failure] = []
     with torch.inference_mode():
-        for x, indices, bad in file_batches(model.spec, paths, batch_size, num_workers):
+        for x, indices, bad in file_batches(model.spec, paths, batch_size, num_workers, crop):
             failures += [Failure(paths[i], reason) for i, reason in bad]
             if x is None:
                 continue

@@ -308,10 +308,10 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 {% for m in evals %}{% for note in m.notes %}<div class="note">{{ m.title }}:
  {{ note }}</div>{% endfor %}{% if m.unreadable %}<div class="note">{{ m.name }}:
  {{ m.unreadable|length }} unreadable images were left out.</div>{% endif %}{% endfor %}
-{% if tta %}<h3>Test-time augmentation</h3><p>Views: {{ tta.views|join(", ") }}; logits averaged,
- same temperature and threshold.</p><table><tr><th class="name">metric</th><th>plain</th>
-<th>with TTA</th></tr>{% for r in tta.rows %}<tr><td class="name">{{ r[0] }}</td><td>{{ r[1] }}</td>
-<td>{{ r[2] }}</td></tr>{% endfor %}</table>{% endif %}
+{% for v in variants %}<h3>{{ v.title }}</h3><p>{{ v.note }}</p><table><tr>
+<th class="name">metric</th>{% for c in v.columns %}<th>{{ c }}</th>{% endfor %}</tr>
+{% for r in v.rows %}<tr><td class="name">{{ r[0] }}</td>{% for c in r[1:] %}<td>{{ c }}</td>
+{% endfor %}</tr>{% endfor %}</table>{% endfor %}
 {% else %}<p class="missing">No evaluation found.</p>{% endif %}
 </section>
 
@@ -363,10 +363,29 @@ def _figures(folder: Path) -> list[dict]:
             if (data := _b64_png(folder / name))]
 
 
-def _tta_rows(m: dict) -> list[tuple[str, str, str]]:
-    plain, tta = headline(m), headline(m["tta"])
-    return [(NAMES[k], format_metric(k, plain[k]), format_metric(k, tta[k]))
-            for k in HEADLINE if plain[k] is not None]
+def variant_rows(m: dict, variants: list[dict]) -> list[tuple[str, ...]]:
+    """Headline metrics of an evaluation (first column) beside those of its variants."""
+    blocks = [headline(m), *map(headline, variants)]
+    return [(NAMES[k], *(format_metric(k, b[k]) for b in blocks))
+            for k in HEADLINE if blocks[0][k] is not None]
+
+
+def variant_tables(m: dict) -> list[dict]:
+    """The test-time augmentation and framing-check tables of one evaluation, where run."""
+    tables = []
+    if "tta" in m:
+        tables.append({"title": "Test-time augmentation", "columns": ["plain", "with TTA"],
+                       "note": f"Views: {', '.join(m['tta']['views'])}; logits averaged, same "
+                               "temperature and threshold.",
+                       "rows": variant_rows(m, [m["tta"]])})
+    if "framing" in m:
+        crops = m["framing"]["crops"]
+        tables.append({"title": "Framing check", "columns": ["as filmed", *crops],
+                       "note": f"{m['framing']['note'].capitalize()}. A model that reads the "
+                               "lungs keeps its specificity; one that learned framing as a "
+                               "shortcut calls tightly framed NORMAL films pneumonia.",
+                       "rows": variant_rows(m, [m["framing"][c] for c in crops])})
+    return tables
 
 
 def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = True) -> Path:
@@ -394,8 +413,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
         config_text=yaml.safe_dump(config, sort_keys=False) if config else "",
         evals=evals, rows=metric_rows(evals) if evals else [],
         calibration=read_calibration(run),
-        tta={"views": test["tta"]["views"], "rows": _tta_rows(test)}
-        if test and "tta" in test else None,
+        variants=variant_tables(test) if test else [],
         published=published_rows(binary_test) if binary_test else None,
         published_source=PUBLISHED["source"], test_n=test["n"] if test else 0,
         positive=spec.labels[-1] if spec.num_classes == 2 else None,

@@ -19,6 +19,7 @@ from cxrkit.report import (
     build_report,
     compare_runs,
     format_metric,
+    variant_tables,
     write_compare_csv,
 )
 
@@ -57,6 +58,9 @@ def evaluate_command(
                                     "written to RUN/eval/<its name>/."),
     tta: bool = typer.Option(False, "--tta", help="Also report test-time augmentation "
                              "(zoom and shifts, logits averaged)."),
+    framing: bool = typer.Option(False, "--framing", help="Also score the films framed more "
+                                 "tightly (centre 85% and 70%): does the model read framing? "
+                                 "Use with --split val to compare models without test data."),
     target_sensitivity: float | None = typer.Option(
         None, "--target-sensitivity", min=0.0, max=1.0,
         help="Also choose (and deploy) the highest validation threshold reaching this "
@@ -75,7 +79,7 @@ def evaluate_command(
     if split not in ("test", "val") and data is None:
         fail(f"--split {split}: choose test or val (a model is never scored on its train split)")
     try:
-        out = evaluate_run(run, split=split, data=data, tta=tta,
+        out = evaluate_run(run, split=split, data=data, tta=tta, framing=framing,
                            target_sensitivity=target_sensitivity, batch_size=batch_size,
                            bootstrap=bootstrap, seed=seed, num_workers=workers, device=device,
                            make_figures=figures)
@@ -83,6 +87,12 @@ def evaluate_command(
         fail(str(e))
     metrics = json.loads((out / "metrics.json").read_text())
     console.print(_summary(metrics))
+    for variant in variant_tables(metrics):
+        table = Table("metric", *variant["columns"], title=f"{variant['title']} (validation "
+                      "threshold)")
+        for row in variant["rows"]:
+            table.add_row(*row)
+        console.print(table)
     for note in metrics["notes"]:
         console.print(f"[yellow]note:[/] {note}")
     temperature = metrics["calibrated"]["temperature"]

@@ -22,6 +22,8 @@ def run_all(
     resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted run "
                                        "folder, then evaluate and report it."),
     tta: bool = typer.Option(False, "--tta", help="Also evaluate with test-time augmentation."),
+    framing: bool = typer.Option(False, "--framing", help="Also score the test films framed "
+                                 "more tightly (the framing check of `cxr evaluate`)."),
     set_: list[str] = SET,
 ) -> None:
     """The main job: train, audit the data, evaluate on the test split, write report.html."""
@@ -38,7 +40,7 @@ def run_all(
             cfg = build_config(data, preset, config, options, set_)
             run = train(cfg)
         audit_dataset(_run_data(run), run / "audit")
-        evaluate_run(run, split="test", tta=tta)
+        evaluate_run(run, split="test", tta=tta, framing=framing)
         report = build_report(run, split="test")
     except USER_ERRORS as e:
         fail(str(e))

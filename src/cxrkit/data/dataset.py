@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = Path(os.environ.get("CXRKIT_CACHE", Path.home() / ".cache" / "cxrkit"))
 
 
-def load_prepared(path: str, size: int, equalize: bool) -> torch.Tensor:
-    return prepare(read_image(path), size, equalize)
+def load_prepared(path: str, size: int, equalize: bool, crop: float = 1.0) -> torch.Tensor:
+    return prepare(read_image(path), size, equalize, crop)
 
 
 def _prepare_or_none(args: tuple[str, int, bool]) -> np.ndarray | None:

@@ -34,11 +34,19 @@ class AugmentConfig:
     hflip: bool = False
 
 
-def prepare(img: Image.Image, size: int, equalize: bool = False) -> torch.Tensor:
-    """Grayscale PIL image -> uint8 tensor [1, size, size]."""
+def prepare(img: Image.Image, size: int, equalize: bool = False,
+            crop: float = 1.0) -> torch.Tensor:
+    """Grayscale PIL image -> uint8 tensor [1, size, size].
+
+    `crop` < 1 keeps only the central fraction of each side, resized in the same single
+    step: the film as it would have been prepared had it been framed that much tighter.
+    """
     if equalize:
         img = ImageOps.equalize(img)
-    img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    w, h = img.size
+    cw, ch = w * crop, h * crop
+    box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
+    img = img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
     return v2.functional.pil_to_tensor(img)
 
 
