@@ -56,7 +56,9 @@ LIMITATIONS = [
     "in-distribution performance only; it is an optimistic estimate for any other setting.",
     "Shortcut learning: a model can key on text markers, laterality letters, positioning, "
     "cropping or film borders that correlate with the label. Check the Grad-CAM figures for "
-    "attention outside the lungs.",
+    "attention outside the lungs, and run the framing check (`cxr evaluate RUN --split val "
+    "--framing`): on Kermany's films every model measured calls tightly framed NORMAL films "
+    "pneumonia more often.",
     "Labels are one grading of each film, not a microbiological or CT ground truth; some are "
     "wrong, which caps measurable accuracy.",
     "Grad-CAM shows where the model looked, not that it looked for the right reason; it is "
