@@ -14,8 +14,10 @@ def test_presets_describe_their_strategy():
     assert quick.stages[0].frozen_features and quick.stages[0].unfreeze == "none"
     assert quick.model.name == "efficientnet_lite0" and quick.model.pretrained
 
-    assert default.stages == quick.stages and default.model.name == quick.model.name
-    assert default.model.ensemble_with == ["efficientnet_lite2"]
+    [train] = default.stages  # the whole pretrained network, fine-tuned from the start
+    assert default.model.name == "efficientnet_lite0" and default.model.pretrained
+    assert train.unfreeze == "all" and not train.frozen_features and train.augment
+    assert train.lr_decay < 1 and default.optim.schedule == "onecycle"
 
     head, tune = finetune.stages
     assert head.frozen_features and head.unfreeze == "none"

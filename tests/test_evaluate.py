@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 from typer.testing import CliRunner
