@@ -1,4 +1,4 @@
-"""`cxr run`, the main job: train the default recipe, audit, evaluate on test, write the report."""
+"""`cxr run`, the main job: train, audit, evaluate on test, write the report."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from cxrkit.cli import app
 from tests.test_training import TINY
 
 
-def test_cxr_run_does_the_whole_job_with_the_default_ensemble(tiny_kaggle, tmp_path):
+def test_cxr_run_does_the_whole_job_on_the_default_recipe_as_an_ensemble(tiny_kaggle, tmp_path):
     result = CliRunner().invoke(app, [
         "run", str(tiny_kaggle), "--preset", "default", "--runs-dir", str(tmp_path / "runs"),
         "--name", "main", *[f"--set={k}={v}" for k, v in TINY.items()],
