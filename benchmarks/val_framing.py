@@ -3,7 +3,7 @@
     python benchmarks/val_framing.py runs/quick runs/exp-quick-views [...]
 
 For each run: `cxr evaluate RUN --split val --framing` (the validation films as filmed, then
-centre-cropped to 85% and 70% of their sides and scaled back up, at the run's own
+centre-cropped to 85% and 70% of their sides before resizing, at the run's own
 validation threshold), then one table row per run. A model that reads the chest scores the
 cropped films as it scores the originals; one that learned "tight framing means pneumonia"
 (PNEUMONIA films in Kermany's train split are framed more tightly than NORMAL ones) loses

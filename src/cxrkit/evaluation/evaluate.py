@@ -58,7 +58,7 @@ EVAL_DIR = "eval"
 DEFAULT_THRESHOLD = 0.5
 GRADCAM_IMAGES = 8  # errors and correct cases each
 WORST_ERRORS = 12
-# The framing check: the central 85% and 70% of each film's sides, scaled back up.
+# The framing check: only the central 85% and 70% of each film's sides, resized to the input.
 FRAMING_CROPS = (0.85, 0.7)
 
 
