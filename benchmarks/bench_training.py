@@ -121,7 +121,7 @@ def bench_quick(data: Path) -> dict:
         stages = json.loads((run / "stages.json").read_text())
     return {"seconds": seconds, "val_roc_auc": metrics["roc_auc"],
             "val_accuracy": metrics["accuracy"], "val_images": metrics["images"],
-            "head_epochs": stages["head"]["epochs"]}
+            "epochs": {stage: record["epochs"] for stage, record in stages.items()}}
 
 
 def main() -> None:

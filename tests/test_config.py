@@ -10,14 +10,14 @@ from cxrkit.config import PRESETS, ConfigError, TrainConfig, parse_assignments
 
 def test_presets_describe_their_strategy():
     quick, default, finetune, scratch = (TrainConfig.preset(name) for name in PRESETS)
-    assert [s.name for s in quick.stages] == ["head"]
-    assert quick.stages[0].frozen_features and quick.stages[0].unfreeze == "none"
-    assert quick.model.name == "efficientnet_lite0" and quick.model.pretrained
-
     [train] = default.stages  # the whole pretrained network, fine-tuned from the start
     assert default.model.name == "efficientnet_lite0" and default.model.pretrained
     assert train.unfreeze == "all" and not train.frozen_features and train.augment
     assert train.lr_decay < 1 and default.optim.schedule == "onecycle"
+
+    [short] = quick.stages  # default's recipe, shorter, with the earliest layers frozen
+    assert quick.model == default.model and quick.optim == default.optim
+    assert short.epochs < train.epochs and short.unfreeze.isdigit() and not short.frozen_features
 
     head, tune = finetune.stages
     assert head.frozen_features and head.unfreeze == "none"

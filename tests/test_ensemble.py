@@ -76,9 +76,9 @@ def test_ensemble_run_folder_round_trips_and_exports_to_onnx(tmp_path):
 
 @pytest.fixture(scope="module")
 def ensemble_run(tiny_kaggle, tmp_path_factory):
-    """Two small CNNs trained with the `quick` recipe on the same split, seeds 0 and 1."""
+    """Two small CNNs trained with the `scratch` recipe on the same split, seeds 0 and 1."""
     tmp = tmp_path_factory.mktemp("ensemble")
-    return train(tiny_config(tiny_kaggle, tmp, "quick", **{
+    return train(tiny_config(tiny_kaggle, tmp, **{
         "model.ensemble_with": ["simple_cnn"], "stages.0.epochs": 2, "stages.0.batch_size": 8}))
 
 
@@ -88,7 +88,7 @@ def test_training_an_ensemble_trains_each_member_on_the_runs_split(ensemble_run)
     split = read_manifest(ensemble_run / "split.csv")
     for member in members:
         assert read_manifest(member / "split.csv") == split
-        assert json.loads((member / "stages.json").read_text())["head"]["epochs"] == 2
+        assert json.loads((member / "stages.json").read_text())["train"]["epochs"] == 2
     assert [TrainConfig.load(m / "config.yaml").seed for m in members] == [0, 1]
     model = load_model(ensemble_run)
     assert isinstance(model, Ensemble)

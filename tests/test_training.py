@@ -164,7 +164,7 @@ def test_frozen_backbone_and_its_batchnorm_statistics_do_not_change(tiny_kaggle,
 
 
 def test_feature_views_add_augmented_passes_over_the_train_films_only(tiny_kaggle, tmp_path):
-    config = tiny_config(tiny_kaggle, tmp_path, "quick", **{"stages.0.feature_views": 3})
+    config = tiny_config(tiny_kaggle, tmp_path, "finetune", **{"stages.0.feature_views": 3})
     samples = prepare_samples(config.data, config.seed)
     run = Run(tmp_path, config, samples, task_classes("binary", samples))
     model = build_model(config, run.classes)
@@ -207,8 +207,9 @@ def test_frozen_norm_statistics_stay_while_the_whole_backbone_learns(tiny_kaggle
 
 def test_norm_stats_train_starts_from_the_training_films_statistics(tiny_kaggle, tmp_path):
     """A frozen head stage keeps whatever statistics it starts from: here the films' own."""
-    config = tiny_config(tiny_kaggle, tmp_path, "quick", **{
+    config = tiny_config(tiny_kaggle, tmp_path, "finetune", **{
         "model.norm_stats": "train", "stages.0.epochs": 1, "stages.0.batch_size": 8})
+    config.stages = config.stages[:1]  # finetune's frozen head stage alone
     run = train(config)
     torch.manual_seed(config.seed)  # the same initial weights as the run's
     fresh = build_model(config, ["NORMAL", "PNEUMONIA"])
@@ -359,10 +360,10 @@ def test_cli_reports_a_bad_key_clearly(tiny_kaggle, tmp_path):
 
 
 def test_cli_lr_find_saves_the_plot(tiny_kaggle, tmp_path):
-    """On the quick recipe's head stage: steps over frozen features cost next to nothing."""
+    """On the finetune recipe's head stage: steps over frozen features cost next to nothing."""
     out = tmp_path / "lr.png"
     result = CliRunner().invoke(app, [
-        "lr-find", "--data", str(tiny_kaggle), "--preset", "quick", "--out", str(out),
+        "lr-find", "--data", str(tiny_kaggle), "--preset", "finetune", "--out", str(out),
         "--num-training", "30", "--batch-size", "4", *[f"--set={k}={v}" for k, v in TINY.items()],
         f"--set=data.cache_dir={tmp_path / 'cache'}"])
     assert result.exit_code == 0, result.output
@@ -373,11 +374,11 @@ def test_cli_lr_find_saves_the_plot(tiny_kaggle, tmp_path):
 @pytest.mark.integration
 @requires_real_data
 def test_quick_preset_on_real_films(tmp_path):
-    """Lite0 ImageNet features + a trained head: well above chance from 64 real films."""
+    """ImageNet Lite0, its last layers fine-tuned: well above chance from 64 real films."""
     run = train(TrainConfig.preset("quick", data=str(REAL_DATA), overrides={
         "data.max_train_images": 64, "data.max_val_images": 64, "data.num_workers": 0,
         "data.cache_dir": str(tmp_path / "cache"), "runs_dir": str(tmp_path / "runs"),
-        "stages.0.epochs": 40, "stages.0.batch_size": 16, "trainer.progress_bar": False,
+        "stages.0.epochs": 3, "data.batch_size": 16, "trainer.progress_bar": False,
     }))
     for name in ARTIFACTS:
         assert (run / name).is_file(), name
