@@ -287,8 +287,8 @@ def _finetune() -> TrainConfig:
     head = StageConfig(name="head", epochs=15, lr=3e-3, unfreeze="none", frozen_features=True,
                        augment=False, batch_size=128)
     finetune = StageConfig(name="finetune", epochs=6, lr=5e-4, unfreeze="all", lr_decay=0.7)
-    return TrainConfig(optim=OptimConfig(warmup_fraction=0.1),
-                       stages=[head, finetune], trainer=TrainerConfig(early_stopping_patience=3))
+    return TrainConfig(optim=OptimConfig(warmup_fraction=0.1), stages=[head, finetune],
+                       trainer=TrainerConfig(early_stopping_patience=3))
 
 
 def _scratch() -> TrainConfig:
