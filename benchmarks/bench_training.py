@@ -3,7 +3,7 @@
 (a) pipeline: training images/s of the real input pipeline (XrayDataModule: decode
     cache, augmentation, DataLoader workers) against the same Lightning fit on
     tensors already in memory, which is the compute limit. Same model (the default
-    recipe's fine-tuning stage: Lite0 at 224, everything trainable), same Trainer,
+    recipe's last stage: Lite0 at 224, everything trainable), same Trainer,
     after warm-up steps. The phases alternate (memory, pipeline, memory, ...) and
     each is scored by its median step time, so that load from other processes on a
     shared machine moves both sides alike and spikes do not count;
@@ -49,10 +49,10 @@ class StepTimes(Callback):
 
 
 def images_per_second(run: Run, datamodule_of, steps: int, warmup: int) -> float:
-    """Lightning fit of the fine-tuning stage; images/s of its median step after warm-up."""
+    """Lightning fit of the recipe's last stage; images/s of its median step after warm-up."""
     seed_everything(0)
     model = build_model(run.config, run.classes)
-    module, images = build_stage(run, 1, model, run.folder)
+    module, images = build_stage(run, len(run.config.stages) - 1, model, run.folder)
     timer = StepTimes()
     precision = resolve_precision(run.config.trainer)
     trainer = Trainer(accelerator="auto", devices=1, precision=precision, max_steps=warmup + steps,

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import cxrkit.data.dataset
 from cxrkit.adapt import adapt_batchnorm
 from cxrkit.cli import app
-from cxrkit.config import TrainConfig
+from cxrkit.config import OptimConfig, TrainConfig
 from cxrkit.data.layout import DataLayoutError
 from cxrkit.data.split import read_manifest, shared_patients
 from cxrkit.data.transforms import eval_transform
@@ -30,6 +30,7 @@ from cxrkit.training.losses import FocalLoss, balanced_class_weights
 from cxrkit.training.module import (
     ClassifierModule,
     make_metrics,
+    make_schedule,
     metric_inputs,
     param_groups,
     set_trainable,
@@ -80,6 +81,7 @@ def test_run_folder_holds_every_artifact(two_stage_run):
     stages = json.loads((run / "stages.json").read_text())
     assert list(stages) == ["head", "finetune"]
     assert stages["finetune"]["global_step"] == 4 * 5  # 40 training images / 8, 4 epochs
+    assert all(record["seconds"] > 0 for record in stages.values())
     metrics = json.loads((run / "val_metrics.json").read_text())
     for name in ("accuracy", "roc_auc", "sensitivity", "specificity", "f1", "loss"):
         assert 0 <= metrics[name] <= (1 if name != "loss" else 10), name
@@ -274,6 +276,23 @@ def test_param_groups_give_each_depth_its_learning_rate():
         ("head", 1.0), ("backbone.7", 0.5), ("backbone.6", 0.25)]
     trainable = sum(p.requires_grad for p in model.parameters())
     assert trainable == sum(len(g["params"]) for g in groups)
+
+
+@pytest.mark.parametrize("warmup_fraction", [0.0, 0.1, 0.25, 0.5])
+def test_onecycle_schedule_survives_runs_of_a_few_steps(warmup_fraction):
+    # e.g. the default recipe for one epoch on 128 films: 4 steps, a 0.25 warm-up of one step
+    optim = OptimConfig(schedule="onecycle", warmup_fraction=warmup_fraction)
+    for total_steps in range(1, 13):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule = make_schedule(optimizer, optim, total_steps)
+        rates = [optimizer.param_groups[0]["lr"]]
+        for _ in range(total_steps - 1):
+            optimizer.step()
+            schedule.step()
+            rates.append(optimizer.param_groups[0]["lr"])
+        assert all(0 < rate <= 1.0 + 1e-9 for rate in rates), (total_steps, rates)
+        if total_steps >= 3:
+            assert max(rates) > 0.5 and rates[-1] < 0.01, (total_steps, rates)  # up, then down
 
 
 def test_class_weights_balance_the_classes(tiny_kaggle, tmp_path):

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from datetime import datetime
@@ -222,11 +223,14 @@ def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None)
     with warnings.catch_warnings():
         for message in EXPECTED_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
+        start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        seconds = time.perf_counter() - start  # of this process's fit: a resumed stage's remainder
     trainer.save_checkpoint(run.folder / LAST, weights_only=False)
     if trainer.is_global_zero:
         _mark_finished(run.folder, stage.name, {"global_step": trainer.global_step,
-                                                "epochs": trainer.current_epoch})
+                                                "epochs": trainer.current_epoch,
+                                                "seconds": round(seconds, 1)})
         if isinstance(datamodule, FeatureDataModule):
             datamodule.file.unlink(missing_ok=True)
 

@@ -109,8 +109,11 @@ def make_schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_st
     """A per-optimiser-step schedule, or None for a constant learning rate."""
     total_steps = max(int(total_steps), 1)
     if optim.schedule == "onecycle":
+        pct_start = optim.warmup_fraction
+        if pct_start * total_steps < 2:  # OneCycleLR divides by zero on a one-step warm-up:
+            pct_start = 0.5 / total_steps  # too few steps for one, so none (tiny datasets)
         return OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
-                          total_steps=total_steps, pct_start=max(optim.warmup_fraction, 1e-3))
+                          total_steps=total_steps, pct_start=pct_start)
     if optim.schedule == "cosine":
         warmup = int(optim.warmup_fraction * total_steps)
         cosine = CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup, 1))

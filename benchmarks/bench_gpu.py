@@ -1,0 +1,86 @@
+"""GPU training benchmark: one short script for a short loan of a GPU machine.
+
+(a) training images/s with bf16-mixed + channels_last against fp32 in NCHW (cuDNN's
+    default TF32 convolutions), same batch: on in-memory tensors (the compute limit)
+    and through the real input pipeline (bench_training's `bench_pipeline`);
+(b) one epoch of the `default` preset, as `cxr train --preset default --set
+    stages.0.epochs=1` runs it (its own batch size and precision): the stage's fit
+    (stages.json "seconds") and the whole run (split, decode cache, fit, final
+    validation, figures).
+
+Each part's result is printed and written to --out as soon as it is measured, so a
+loan that ends early still returns what was done.
+
+    python benchmarks/bench_gpu.py [--data DIR] [--batch-size 128] [--steps 20]
+                                   [--warmup 5] [--rounds 2] [--out gpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import lightning
+import torch
+from bench_training import REAL_DATA, bench_pipeline
+
+from cxrkit.config import TrainConfig
+from cxrkit.training import train
+
+
+def machine() -> dict:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"gpu": gpu, "torch": torch.__version__, "lightning": lightning.__version__,
+            "python": platform.python_version(), "cpu_threads": torch.get_num_threads()}
+
+
+def default_epoch(data: Path) -> dict:
+    with tempfile.TemporaryDirectory() as runs:
+        config = TrainConfig.preset("default", data=str(data), overrides={
+            "stages.0.epochs": 1, "runs_dir": runs, "name": "gpu-epoch",
+            "trainer.progress_bar": False})
+        start = time.perf_counter()
+        run = train(config)
+        seconds = time.perf_counter() - start
+        stage = json.loads((run / "stages.json").read_text())["train"]
+        metrics = json.loads((run / "val_metrics.json").read_text())
+    return {"run_seconds": round(seconds, 1), "fit_seconds": stage["seconds"],
+            "steps": stage["global_step"], "batch_size": config.data.batch_size,
+            "val_roc_auc": metrics["roc_auc"], "val_accuracy": metrics["accuracy"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=REAL_DATA)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("bench_gpu.json"))
+    args = parser.parse_args()
+    results = {"machine": machine()}
+
+    def record(name: str, value: dict) -> None:
+        results[name] = value
+        print(json.dumps({name: value}, indent=2), flush=True)
+        args.out.write_text(json.dumps(results, indent=2))
+
+    record("machine", results["machine"])
+    for name, precision, channels_last in (("bf16_channels_last", "bf16-mixed", True),
+                                           ("fp32_nchw", "32", False)):
+        record(name, bench_pipeline(args.data, args.steps, args.warmup, args.rounds,
+                                    args.batch_size, None, precision, channels_last))
+    bf16, fp32 = (statistics.median(results[name]["in_memory_images_per_s"])
+                  for name in ("bf16_channels_last", "fp32_nchw"))
+    speedup = bf16 / fp32
+    record("bf16_channels_last_over_fp32_in_memory", {"ratio": round(speedup, 2)})
+    record("default_epoch", default_epoch(args.data))
+
+
+if __name__ == "__main__":
+    main()
