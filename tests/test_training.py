@@ -82,6 +82,11 @@ def test_run_folder_holds_every_artifact(two_stage_run):
     assert list(stages) == ["head", "finetune"]
     assert stages["finetune"]["global_step"] == 4 * 5  # 40 training images / 8, 4 epochs
     assert all(record["seconds"] > 0 for record in stages.values())
+    with open(run / "metrics.csv", newline="") as f:
+        speeds = [r for r in csv.DictReader(f) if r["stage"] == "finetune" and r["epoch_seconds"]]
+    assert len(speeds) == 4  # one per epoch
+    for row in speeds:  # 40 training images an epoch
+        assert float(row["train_images_per_s"]) * float(row["epoch_seconds"]) == pytest.approx(40)
     metrics = json.loads((run / "val_metrics.json").read_text())
     for name in ("accuracy", "roc_auc", "sensitivity", "specificity", "f1", "loss"):
         assert 0 <= metrics[name] <= (1 if name != "loss" else 10), name

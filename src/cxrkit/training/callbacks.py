@@ -5,12 +5,15 @@
                         (with `stage.ema_decay`: the averaged weights, the raw ones beside them)
     RUN/logs/STAGE/version_N/metrics.csv   one CSVLogger per stage and attempt
     RUN/tb/STAGE/       TensorBoard
+Each epoch also logs `epoch_seconds` (its training loop: steps and data waits, not
+validation) and `train_images_per_s`, so a slow loader or a slow machine shows in the logs.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -57,6 +60,22 @@ def best_checkpoint(run: Path, trainer: TrainerConfig) -> ModelCheckpoint:
     return callback
 
 
+class EpochThroughput(Callback):
+    """Logs each training epoch's wall-clock seconds and images per second (this process's)."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.start, self.images = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch is not None:  # None: every film of the batch was unreadable
+            self.images += len(batch[1])  # (images, labels)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        seconds = time.perf_counter() - self.start
+        pl_module.log_dict({"epoch_seconds": seconds,
+                            "train_images_per_s": self.images / max(seconds, 1e-9)})
+
+
 def make_callbacks(run: Path, trainer: TrainerConfig,
                    stage: StageConfig | None = None) -> list[Callback]:
     callbacks: list[Callback] = [
@@ -65,6 +84,7 @@ def make_callbacks(run: Path, trainer: TrainerConfig,
         ModelCheckpoint(dirpath=run, every_n_train_steps=trainer.checkpoint_every_n_steps,
                         save_top_k=0, save_last=True, enable_version_counter=False),
         LearningRateMonitor(logging_interval="step"),
+        EpochThroughput(),
     ]
     if trainer.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor=trainer.monitor, mode=MONITORS[trainer.monitor],
