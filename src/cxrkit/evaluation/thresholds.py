@@ -30,12 +30,17 @@ def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
     """
     y = np.asarray(y, bool)
     _check_both_classes(y)
-    tpr, fpr, thresholds = rates(y, p, np.ones((1, len(p))))
-    best = int(np.argmax(tpr[0] - fpr[0]))
-    if best == 0:  # calling nothing positive is best (a useless model): cut above every score
-        return float(np.nextafter(thresholds[1], np.inf))
-    below = thresholds[best + 1] if best + 1 < len(thresholds) else thresholds[best]
-    return float((thresholds[best] + below) / 2)
+    return float(youden_cuts(y, p, np.ones((1, len(p))))[0])
+
+
+def youden_cuts(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Youden's J threshold [B] under each row of image weights `w` [B, N]."""
+    tpr, fpr, thresholds = rates(y, p, w)
+    best = np.argmax(tpr - fpr, axis=1)
+    below = np.r_[thresholds[1:], thresholds[-1]]  # the next lower score (the lowest: itself)
+    cuts = (thresholds[best] + below[best]) / 2
+    # best == 0, calling nothing positive (a useless model): cut just above every score
+    return np.where(best == 0, np.nextafter(thresholds[1], np.inf), cuts)
 
 
 def sensitivity_threshold(y: np.ndarray, p: np.ndarray, target: float) -> float:
