@@ -18,8 +18,10 @@ from cxrkit.data.layout import load_source
 from cxrkit.data.split import patient_split, read_manifest, write_manifest
 from cxrkit.data.transforms import prepare
 from cxrkit.evaluation import evaluate_run
+from cxrkit.evaluation.evaluate import Scored, choose_calibration
 from cxrkit.inference import predict_logits, softmax
 from cxrkit.models import create_model
+from cxrkit.report import headline
 from cxrkit.runs import load_model, read_calibration, save_model
 from tests.conftest import synthetic_film
 
@@ -200,6 +202,47 @@ def test_framing_check_scores_the_same_films_framed_more_tightly(trained_run, tm
         p = softmax(logits, metrics["calibrated"]["temperature"])[:, 1]
         assert framing[crop]["roc_auc"]["value"] == pytest.approx(roc_auc_score(y, p), abs=0.02)
     assert framing["70%"]["brier"]["value"] != metrics["brier"]["value"]
+
+
+def two_class_scores(y, z) -> Scored:
+    """Validation scores whose P(positive) is sigmoid(z / temperature)."""
+    z = np.asarray(z, float)
+    return Scored([], np.asarray(y), np.stack([np.zeros_like(z), z], 1), [])
+
+
+def test_framing_threshold_rises_above_tightly_framed_normal_films():
+    y = [0, 0, 0, 0, 1, 1, 1, 1]
+    plain = two_class_scores(y, [-3, -2.5, -2, -1.5, 1.5, 2, 2.5, 3])
+    # framed more tightly, two NORMAL films look more like pneumonia; no positive changes
+    framed = two_class_scores(y, [0.5, 0.8, -2, -1.5, 1.5, 2, 2.5, 3])
+    calibration, thresholds = choose_calibration(plain, 1, None, framed)
+
+    def p(z):
+        return 1 / (1 + np.exp(-z / calibration.temperature))
+
+    assert thresholds["validation"] == pytest.approx((p(-1.5) + p(1.5)) / 2)
+    assert thresholds["validation_framing"] == pytest.approx((p(0.8) + p(1.5)) / 2)
+    assert calibration.threshold == thresholds["validation_framing"]  # deployed
+    assert "framed 85%" in calibration.chosen_on
+    # the temperature is the one fitted on the films as filmed alone
+    assert calibration.temperature == choose_calibration(plain, 1, None)[0].temperature
+    # a sensitivity target, when asked, still decides what is deployed
+    calibration, thresholds = choose_calibration(plain, 1, 1.0, framed)
+    assert calibration.threshold == thresholds["target_sensitivity"]
+
+
+def test_framing_threshold_is_deployed_and_reported(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path)
+    out = evaluate_run(run, framing_threshold=True, bootstrap=0, make_figures=False,
+                       device="cpu")
+    metrics = json.loads((out / "metrics.json").read_text())
+    points = metrics["operating_points"]
+    assert set(points) == {"default_0.5", "validation", "validation_framing"}
+    assert metrics["deployed_operating_point"] == "validation_framing"
+    assert read_calibration(run).threshold == pytest.approx(points["validation_framing"]
+                                                            ["threshold"])
+    assert metrics["deployed_threshold"] == points["validation_framing"]["threshold"]
+    assert headline(metrics)["accuracy"] == points["validation_framing"]["accuracy"]
 
 
 def centre_cropped_copy(path: str, fraction: float, folder) -> str:

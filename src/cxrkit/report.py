@@ -204,10 +204,16 @@ def metric_rows(evals: list[dict]) -> list[dict]:
     return rows
 
 
+def deployed_point(metrics: dict) -> dict:
+    """The operating point at the deployed threshold (older evaluations: Youden's J)."""
+    name = metrics.get("deployed_operating_point") or "validation"
+    return metrics.get("operating_points", {}).get(name, {})
+
+
 def headline(metrics: dict) -> dict[str, dict | None]:
-    """Accuracy, ROC-AUC, sensitivity, specificity and F1 at the validation threshold
+    """Accuracy, ROC-AUC, sensitivity, specificity and F1 at the deployed threshold
     (multi-class: accuracy and macro ROC-AUC only)."""
-    at = metrics.get("operating_points", {}).get("validation", {})
+    at = deployed_point(metrics)
     return {k: metrics.get(k) if k == "roc_auc" or not at else at.get(k) for k in HEADLINE}
 
 
@@ -434,7 +440,7 @@ def compare_runs(runs: list[str | Path], split: str = "test") -> list[dict]:
     for run in runs:
         folder = ensure_evaluated(run, split)
         metrics = json.loads((folder / "metrics.json").read_text())
-        threshold = metrics.get("operating_points", {}).get("validation", {}).get("threshold")
+        threshold = deployed_point(metrics).get("threshold")
         rows.append({"run": str(model_folder(run)), "model": metrics.get("model", ""),
                      "split": split, "n": metrics["n"], "threshold": threshold,
                      **headline(metrics)})

@@ -61,6 +61,11 @@ def evaluate_command(
     framing: bool = typer.Option(False, "--framing", help="Also score the films framed more "
                                  "tightly (centre 85% and 70%): does the model read framing? "
                                  "Use with --split val to compare models without test data."),
+    framing_threshold: bool = typer.Option(
+        False, "--framing-threshold",
+        help="Choose (and deploy) the threshold on the validation films as filmed and "
+             "centre-cropped to 85%: an operating point for sites whose films are framed "
+             "differently (costs a little sensitivity on films like the training ones)."),
     target_sensitivity: float | None = typer.Option(
         None, "--target-sensitivity", min=0.0, max=1.0,
         help="Also choose (and deploy) the highest validation threshold reaching this "
@@ -80,6 +85,7 @@ def evaluate_command(
         fail(f"--split {split}: choose test or val (a model is never scored on its train split)")
     try:
         out = evaluate_run(run, split=split, data=data, tta=tta, framing=framing,
+                           framing_threshold=framing_threshold,
                            target_sensitivity=target_sensitivity, batch_size=batch_size,
                            bootstrap=bootstrap, seed=seed, num_workers=workers, device=device,
                            make_figures=figures)
