@@ -16,7 +16,7 @@ def test_cxr_run_does_the_whole_job_on_the_default_recipe_as_an_ensemble(tiny_ka
         "run", str(tiny_kaggle), "--preset", "default", "--runs-dir", str(tmp_path / "runs"),
         "--name", "main", *[f"--set={k}={v}" for k, v in TINY.items()],
         f"--set=data.cache_dir={tmp_path / 'cache'}", "--set=stages.0.epochs=2",
-        "--set=model.ensemble_with=[simple_cnn]"])
+        "--set=model.ensemble_with=[simple_cnn]", "--framing-threshold"])
     assert result.exit_code == 0, result.output
     run = Path(result.stdout.strip().splitlines()[-1])
     assert run == (tmp_path / "runs" / "main").absolute()
@@ -25,6 +25,8 @@ def test_cxr_run_does_the_whole_job_on_the_default_recipe_as_an_ensemble(tiny_ka
     assert audit["n_images"] == 64 and audit["counts"]["test"] == {"NORMAL": 8, "PNEUMONIA": 8}
     metrics = json.loads((run / "eval" / "test" / "metrics.json").read_text())
     assert metrics["n"] == 16 and 0 <= metrics["roc_auc"]["value"] <= 1
-    assert json.loads((run / "calibration.json").read_text())["chosen_on"].startswith("validation")
+    chosen_on = json.loads((run / "calibration.json").read_text())["chosen_on"]
+    assert chosen_on == "validation as filmed and framed 85%: Youden's J"
+    assert metrics["deployed_operating_point"] == "validation_framing"
     report = (run / "report.html").read_text()
     assert "members/1-simple_cnn" in report and "audit" in report.lower()

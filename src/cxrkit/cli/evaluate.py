@@ -48,6 +48,13 @@ def _summary(metrics: dict) -> Table:
     return table
 
 
+FRAMING_THRESHOLD = typer.Option(
+    False, "--framing-threshold",
+    help="Choose (and deploy) the threshold on the validation films as filmed and "
+         "centre-cropped to 85%: an operating point for sites whose films are framed "
+         "differently (costs a little sensitivity on films like the training ones).")
+
+
 @app.command("evaluate")
 def evaluate_command(
     run: Path = typer.Argument(..., help="A run folder from `cxr train`."),
@@ -61,11 +68,7 @@ def evaluate_command(
     framing: bool = typer.Option(False, "--framing", help="Also score the films framed more "
                                  "tightly (centre 85% and 70%): does the model read framing? "
                                  "Use with --split val to compare models without test data."),
-    framing_threshold: bool = typer.Option(
-        False, "--framing-threshold",
-        help="Choose (and deploy) the threshold on the validation films as filmed and "
-             "centre-cropped to 85%: an operating point for sites whose films are framed "
-             "differently (costs a little sensitivity on films like the training ones)."),
+    framing_threshold: bool = FRAMING_THRESHOLD,
     target_sensitivity: float | None = typer.Option(
         None, "--target-sensitivity", min=0.0, max=1.0,
         help="Also choose (and deploy) the highest validation threshold reaching this "

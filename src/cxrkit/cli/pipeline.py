@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from cxrkit.cli.app import app, console, fail
+from cxrkit.cli.evaluate import FRAMING_THRESHOLD
 from cxrkit.cli.train import CONFIG, PRESET, SET, USER_ERRORS, build_config
 
 
@@ -24,6 +25,7 @@ def run_all(
     tta: bool = typer.Option(False, "--tta", help="Also evaluate with test-time augmentation."),
     framing: bool = typer.Option(False, "--framing", help="Also score the test films framed "
                                  "more tightly (the framing check of `cxr evaluate`)."),
+    framing_threshold: bool = FRAMING_THRESHOLD,
     set_: list[str] = SET,
 ) -> None:
     """The main job: train, audit the data, evaluate on the test split, write report.html."""
@@ -40,7 +42,8 @@ def run_all(
             cfg = build_config(data, preset, config, options, set_)
             run = train(cfg)
         audit_dataset(_run_data(run), run / "audit")
-        evaluate_run(run, split="test", tta=tta, framing=framing)
+        evaluate_run(run, split="test", tta=tta, framing=framing,
+                     framing_threshold=framing_threshold)
         report = build_report(run, split="test")
     except USER_ERRORS as e:
         fail(str(e))

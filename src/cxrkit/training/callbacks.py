@@ -61,7 +61,11 @@ def best_checkpoint(run: Path, trainer: TrainerConfig) -> ModelCheckpoint:
 
 
 class EpochThroughput(Callback):
-    """Logs each training epoch's wall-clock seconds and images per second (this process's)."""
+    """Logs each training epoch's wall-clock seconds and images per second (this process's:
+    an epoch resumed part way counts from the resume)."""
+
+    def on_train_start(self, trainer, pl_module):  # a run resumed mid-epoch starts here
+        self.start, self.images = time.perf_counter(), 0
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.start, self.images = time.perf_counter(), 0
