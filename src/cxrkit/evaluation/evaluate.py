@@ -12,7 +12,9 @@ Nothing is tuned on the data it is measured on:
   `default_0.5` operating point is the same with or without calibration;
 - the `validation` threshold is chosen on calibrated validation P(positive)
   (Youden's J) and applied to calibrated P(positive) everywhere else;
-  `target_sensitivity` is the highest validation threshold reaching that sensitivity.
+  `target_sensitivity` is the highest validation threshold reaching that sensitivity;
+  `validation_framing` (opt-in) is Youden's J over the validation films as filmed and
+  centre-cropped to 85%, for films framed differently from the training ones.
 """
 
 from __future__ import annotations
