@@ -20,9 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrkit.evaluation.evaluate import choose_calibration, run_manifest, score
+from cxrkit.evaluation.evaluate import (
+    FRAMING_THRESHOLD_CROP,
+    choose_calibration,
+    run_manifest,
+    score,
+)
 from cxrkit.evaluation.metrics import resample_weights, threshold_metrics
-from cxrkit.evaluation.thresholds import youden_cuts, youden_threshold
+from cxrkit.evaluation.thresholds import youden_cuts
 from cxrkit.inference import softmax
 from cxrkit.runs import load_model, positive_index
 
@@ -31,29 +36,24 @@ def threshold_spread(run: Path, resamples: int) -> dict:
     model = load_model(run)
     positive = positive_index(model.spec.labels)
     val = score(model, [s for s in run_manifest(run) if s.split == "val"], f"{run} val")
-    calibration, thresholds = choose_calibration(val, positive, None)
+    cropped = score(model, val.samples, f"{run} val (framed 85%)", crop=FRAMING_THRESHOLD_CROP)
+    calibration, thresholds = choose_calibration(val, positive, None, framed_val=cropped)
     p = softmax(val.logits, calibration.temperature)[:, positive]
     y = val.y == positive
     cuts = np.concatenate([youden_cuts(y, p, w)
                            for w in resample_weights(val.groups, resamples, seed=0)])
     plain, median = thresholds["validation"], float(np.median(cuts))
+    robust = thresholds["validation_framing"]
     lo, hi = sorted((plain, median))
-    cropped = score(model, val.samples, f"{run} val (framed 85%)", crop=0.85)
-    p_crop = softmax(cropped.logits, calibration.temperature)[:, positive]
-    robust = youden_threshold(np.r_[y, cropped.y == positive], np.r_[p, p_crop])
+    at_plain, at_robust = (threshold_metrics(y, p, t, np.ones((1, len(p))))
+                           for t in (plain, robust))
     return {"plain": plain, "median": median, "p5": float(np.percentile(cuts, 5)),
             "p95": float(np.percentile(cuts, 95)),
             "normal_between": int(((p > lo) & (p < hi) & ~y).sum()),
             "pneumonia_between": int(((p > lo) & (p < hi) & y).sum()),
-            "robust": robust, "plain_bal_acc": balanced_accuracy(y, p, plain),
-            "robust_bal_acc": balanced_accuracy(y, p, robust),
-            "robust_sens": threshold_metrics(y, p, robust, np.ones((1, len(p))))[
-                "sensitivity"][0]}
-
-
-def balanced_accuracy(y: np.ndarray, p: np.ndarray, threshold: float) -> float:
-    return float(threshold_metrics(y, p, threshold, np.ones((1, len(p))))[
-        "balanced_accuracy"][0])
+            "robust": robust, "plain_bal_acc": float(at_plain["balanced_accuracy"][0]),
+            "robust_bal_acc": float(at_robust["balanced_accuracy"][0]),
+            "robust_sens": float(at_robust["sensitivity"][0])}
 
 
 def main() -> None:

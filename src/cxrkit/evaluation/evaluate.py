@@ -64,7 +64,7 @@ WORST_ERRORS = 12
 FRAMING_CROPS = (0.85, 0.7)
 # The framing-robust threshold: Youden's J over the validation films as filmed and cropped so.
 FRAMING_THRESHOLD_CROP = 0.85
-# Which operating point is deployed (calibration.json, `cxr predict`): the first one chosen.
+# Which operating point is deployed when several were chosen, in order of precedence.
 DEPLOYED_FIRST = ("target_sensitivity", "validation_framing", "validation")
 
 
@@ -184,8 +184,13 @@ def choose_calibration(val: Scored, positive: int | None, target_sensitivity: fl
     if target_sensitivity is not None:
         thresholds["target_sensitivity"] = sensitivity_threshold(y, p, target_sensitivity)
         chosen_on = f"validation: sensitivity >= {target_sensitivity}"
-    deployed = next(thresholds[name] for name in DEPLOYED_FIRST if name in thresholds)
-    return Calibration(deployed, temperature, chosen_on), thresholds
+    return Calibration(thresholds[deployed_name(thresholds)], temperature, chosen_on), thresholds
+
+
+def deployed_name(thresholds: dict[str, float]) -> str | None:
+    """The operating point deployed (calibration.json, `cxr predict`): the first one chosen
+    of `DEPLOYED_FIRST`; None for multi-class models, which have no threshold."""
+    return next((name for name in DEPLOYED_FIRST if name in thresholds), None)
 
 
 # ---- metrics ---------------------------------------------------------------------------------
@@ -425,7 +430,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         "probabilities": "calibrated: softmax(logits / temperature), temperature fitted on val",
         "threshold_chosen_on": calibration.chosen_on,
         "deployed_threshold": report_threshold,
-        "deployed_operating_point": next((p for p in DEPLOYED_FIRST if p in thresholds), None),
+        "deployed_operating_point": deployed_name(thresholds),
         "bootstrap": {"resamples": bootstrap, "seed": seed, "ci": "95% percentile interval",
                       "unit": "patient (the image where unknown)"},
         **metrics,

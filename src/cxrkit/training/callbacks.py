@@ -64,11 +64,14 @@ class EpochThroughput(Callback):
     """Logs each training epoch's wall-clock seconds and images per second (this process's:
     an epoch resumed part way counts from the resume)."""
 
-    def on_train_start(self, trainer, pl_module):  # a run resumed mid-epoch starts here
+    def _restart(self) -> None:
         self.start, self.images = time.perf_counter(), 0
 
+    def on_train_start(self, trainer, pl_module):  # a run resumed mid-epoch starts here
+        self._restart()
+
     def on_train_epoch_start(self, trainer, pl_module):
-        self.start, self.images = time.perf_counter(), 0
+        self._restart()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if batch is not None:  # None: every film of the batch was unreadable
