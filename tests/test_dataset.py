@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from cxrkit.data.dataset import DecodeCache, XrayDataset, collate_skip_bad, load_prepared
 from cxrkit.data.layout import Sample, load_source
-from cxrkit.data.transforms import eval_transform, train_transform
+from cxrkit.data.transforms import ModelInput, eval_transform, train_transform
 from cxrkit.models import ModelSpec, create_model
 from tests.conftest import make_kaggle_tree, synthetic_film
 
@@ -120,3 +120,23 @@ def test_train_augmentation_varies_and_eval_does_not():
     assert torch.equal(evaluate(pixels), evaluate(pixels))
     # augmentation perturbs the film, it does not replace it
     assert torch.corrcoef(torch.stack([views[0].ravel(), evaluate(pixels).ravel()]))[0, 1] > 0.5
+
+
+@pytest.mark.parametrize("augment", [False, True], ids=["eval", "train"])
+def test_finishing_a_batch_on_the_device_equals_finishing_each_image(augment):
+    """What training does (workers stop before ModelInput, the device finishes the batch)
+    gives exactly the tensors that finishing every image in the worker gives."""
+    spec = create_model("efficientnet_lite0", pretrained=False).spec  # 3 channels, mean 0.5
+    size = (spec.input_size, spec.input_size)
+    films = [torch.from_numpy(np.array(synthetic_film(label, i, size)))[None]
+             for i, label in enumerate(["NORMAL", "PNEUMONIA"] * 2)]
+    make = train_transform if augment else eval_transform
+    finished, unfinished = make(spec), make(spec, finish=False)
+    torch.manual_seed(0)
+    whole = torch.stack([finished(f) for f in films])
+    torch.manual_seed(0)
+    grey = torch.stack([unfinished(f) for f in films])
+    assert grey.shape == (4, 1, *size)  # a third of the channels to hand over
+    assert grey.dtype == (torch.float32 if augment else torch.uint8)  # uint8: a twelfth
+    assert whole.shape == (4, 3, *size)
+    assert torch.equal(ModelInput(spec)(grey), whole)

@@ -18,7 +18,7 @@ from cxrkit.cli import app
 from cxrkit.config import OptimConfig, TrainConfig
 from cxrkit.data.layout import DataLayoutError
 from cxrkit.data.split import read_manifest, shared_patients
-from cxrkit.data.transforms import eval_transform
+from cxrkit.data.transforms import ModelInput, eval_transform
 from cxrkit.models import create_model
 from cxrkit.runs import load_model
 from cxrkit.training import train
@@ -170,6 +170,24 @@ def test_frozen_backbone_and_its_batchnorm_statistics_do_not_change(tiny_kaggle,
     assert not torch.equal(before["head.1.weight"], after["head.1.weight"])
 
 
+def test_workers_hand_over_grayscale_and_the_module_finishes_batches(tiny_kaggle, tmp_path):
+    config = tiny_config(tiny_kaggle, tmp_path, "default")
+    samples = prepare_samples(config.data, config.seed)
+    run = Run(tmp_path, config, samples, task_classes("binary", samples))
+    model = build_model(config, run.classes)
+    module, images = build_stage(run, 0, model, tmp_path)
+    images.setup()
+    x, y, idx = next(iter(images.loader("val", shuffle=False)))
+    assert x.dtype == torch.uint8 and x.shape[1] == 1  # one channel, 8 bits, off the worker
+    assert next(iter(images.train_dataloader()))[0].shape[1] == 1
+    finished, labels, _ = module.on_after_batch_transfer([x, y, idx], 0)
+    transform = eval_transform(model.spec)
+    expected = torch.stack([transform(images.datasets["val"].load(i)) for i in idx.tolist()])
+    assert torch.equal(finished, expected) and finished.shape[1] == model.spec.in_chans
+    assert finished.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(labels, y)
+
+
 def test_feature_views_add_augmented_passes_over_the_train_films_only(tiny_kaggle, tmp_path):
     config = tiny_config(tiny_kaggle, tmp_path, "finetune", **{"stages.0.feature_views": 3})
     samples = prepare_samples(config.data, config.seed)
@@ -186,7 +204,8 @@ def test_feature_views_add_augmented_passes_over_the_train_films_only(tiny_kaggl
     plain, first_view, second_view = train_x.split(n_train)
     images = features.images
     expected, _ = extract_features(model.backbone, images.loader("train", shuffle=False,
-                                                                 augment=False), "cpu")
+                                                                 augment=False),
+                                   ModelInput(model.spec), "cpu")
     torch.testing.assert_close(plain, expected)  # the first pass is the plain films
     for view in (first_view, second_view):  # every other pass an augmented one
         assert (view - plain).abs().mean() > 0.05 * plain.abs().mean()

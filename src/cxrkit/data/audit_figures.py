@@ -101,14 +101,12 @@ def plot_intensity_histograms(samples: list[Sample], facts: list[ImageFacts], pa
 
 
 def plot_augmentation_preview(film: np.ndarray, spec: ModelSpec, path: Path) -> str:
-    """One film and what the training augmentation makes of it, un-normalised for display."""
-    transform = train_transform(spec)
+    """One film and what the training augmentation makes of it (before normalisation)."""
+    transform = train_transform(spec, finish=False)
     pixels = torch.from_numpy(film)[None]
-    mean, std = torch.tensor(spec.mean)[:, None, None], torch.tensor(spec.std)[:, None, None]
     with torch.random.fork_rng():  # a fixed preview that leaves the caller's RNG alone
         torch.manual_seed(0)
-        views = [(transform(pixels) * std + mean)[0].clamp(0, 1).numpy()
-                 for _ in range(AUGMENTATIONS_SHOWN)]
+        views = [transform(pixels)[0].numpy() for _ in range(AUGMENTATIONS_SHOWN)]
     fig = Figure(figsize=(1.8 * (AUGMENTATIONS_SHOWN + 1), 2.1))
     axes = fig.subplots(1, AUGMENTATIONS_SHOWN + 1)
     axes[0].imshow(film, cmap="gray", vmin=0, vmax=255)

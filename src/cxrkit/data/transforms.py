@@ -4,8 +4,12 @@ Every image goes through the same two steps:
 1. `prepare`: canonical 8-bit grayscale -> optional histogram equalisation ->
    resize to the model's square input -> uint8 tensor [1, S, S]. This result is
    what the decode-once cache stores.
-2. a tensor pipeline: augmentation (train only) -> float -> channels the model
-   expects (grayscale repeated to RGB) -> normalise with the model's mean/std.
+2. a tensor pipeline: augmentation (train only) -> `ModelInput`: float, the channels
+   the model expects (grayscale repeated to RGB), normalised with the model's mean/std.
+
+Training leaves `ModelInput` to the device (`finish=False`): its loader workers hand
+over one grayscale channel (uint8 for validation) instead of three float ones, so there
+is a third to a twelfth of the data to copy between processes and onto the GPU.
 """
 
 from __future__ import annotations
@@ -69,19 +73,25 @@ class GaussianNoise(torch.nn.Module):
         return (x + torch.randn_like(x) * self.std).clamp(0, 1) if self.std > 0 else x
 
 
-class ToChannels(torch.nn.Module):
-    """Repeat a grayscale channel for backbones that expect RGB."""
+class ModelInput(torch.nn.Module):
+    """Grayscale [..., 1, S, S], uint8 or float in [0, 1] -> what the network takes: float,
+    repeated to the model's channels, normalised. One image or a whole batch, on any device."""
 
-    def __init__(self, channels: int):
+    def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.channels = channels
+        self.channels, self.mean, self.std = spec.in_chans, list(spec.mean), list(spec.std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.expand(self.channels, *x.shape[-2:]) if x.shape[-3] != self.channels else x
+        x = v2.functional.to_dtype(x, torch.float32, scale=True)
+        if x.shape[-3] != self.channels:
+            x = x.expand(*x.shape[:-3], self.channels, *x.shape[-2:])
+        return v2.functional.normalize(x, self.mean, self.std)
 
 
-def train_transform(spec: ModelSpec, aug: AugmentConfig | None = None) -> v2.Compose:
-    """uint8 [1, S, S] -> augmented, normalised float [C, S, S]."""
+def train_transform(spec: ModelSpec, aug: AugmentConfig | None = None,
+                    finish: bool = True) -> v2.Compose:
+    """uint8 [1, S, S] -> augmented, normalised float [C, S, S]; with `finish=False` the
+    augmented grayscale float [1, S, S] in [0, 1], for `ModelInput` to finish later."""
     aug = aug or AugmentConfig()
     size = spec.input_size
     steps = [
@@ -96,16 +106,11 @@ def train_transform(spec: ModelSpec, aug: AugmentConfig | None = None) -> v2.Com
         RandomGamma(aug.gamma),
         v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=aug.blur_p),
         GaussianNoise(aug.noise_std),
-        ToChannels(spec.in_chans),
-        v2.Normalize(spec.mean, spec.std),
     ]
-    return v2.Compose(steps)
+    return v2.Compose(steps + [ModelInput(spec)] if finish else steps)
 
 
-def eval_transform(spec: ModelSpec) -> v2.Compose:
-    """uint8 [1, S, S] (already at the input size) -> normalised float [C, S, S]."""
-    return v2.Compose([
-        v2.ToDtype(torch.float32, scale=True),
-        ToChannels(spec.in_chans),
-        v2.Normalize(spec.mean, spec.std),
-    ])
+def eval_transform(spec: ModelSpec, finish: bool = True) -> v2.Compose:
+    """uint8 [1, S, S] (already at the input size) -> normalised float [C, S, S]; with
+    `finish=False` the uint8 image as it is, for `ModelInput` to finish later."""
+    return v2.Compose([ModelInput(spec) if finish else v2.Identity()])

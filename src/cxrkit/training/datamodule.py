@@ -89,7 +89,12 @@ def balanced_sampler(labels: list[int]) -> WeightedRandomSampler:
 
 
 class XrayDataModule(LightningDataModule):
-    """Train (augmented unless `augment=False`) and val images of `samples`."""
+    """Train (augmented unless `augment=False`) and val images of `samples`.
+
+    Batches hold grayscale images [N, 1, S, S] as the workers leave them (float in [0, 1]
+    when augmented, else uint8): whoever feeds them to the network applies
+    `cxrkit.data.transforms.ModelInput` on the device (`ClassifierModule` does).
+    """
 
     def __init__(self, samples: list[Sample], classes: list[str], spec: ModelSpec,
                  data: DataConfig, batch_size: int, augment: bool = True):
@@ -117,8 +122,9 @@ class XrayDataModule(LightningDataModule):
             self._cache(split)
 
     def _dataset(self, split: str, augment: bool) -> XrayDataset:
-        transform = (train_transform(self.spec, self.data.augment) if augment
-                     else eval_transform(self.spec))
+        # Unfinished grayscale images: `ModelInput` finishes whole batches on the device.
+        transform = (train_transform(self.spec, self.data.augment, finish=False) if augment
+                     else eval_transform(self.spec, finish=False))
         return XrayDataset(self.samples[split], self.class_to_idx, self.spec.input_size,
                            transform, self.data.equalize, self._cache(split))
 

@@ -23,12 +23,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from cxrkit.data.transforms import ModelInput
 from cxrkit.training.datamodule import XrayDataModule, balanced_sampler
 
 
-def extract_features(backbone: nn.Module, loader: DataLoader,
+def extract_features(backbone: nn.Module, loader: DataLoader, model_input: ModelInput,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features [N, F], labels [N]) for every readable image `loader` yields."""
+    """(features [N, F], labels [N]) for every readable image `loader` yields, each batch
+    finished by `model_input` on the device."""
     was_training = backbone.training
     # Moved outside inference mode: parameters made inside it could never train again.
     backbone.eval().to(device, memory_format=torch.channels_last)
@@ -38,7 +40,8 @@ def extract_features(backbone: nn.Module, loader: DataLoader,
             if batch is None:  # every image of the batch was unreadable
                 continue
             x, y = batch[0], batch[1]
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x = model_input(x.to(device, non_blocking=True))
+            x = x.contiguous(memory_format=torch.channels_last)
             features.append(backbone(x).float().cpu())
             labels.append(y)
     backbone.train(was_training)
@@ -64,10 +67,12 @@ class FeatureDataModule(LightningDataModule):
         self.images.prepare_data()
         self.images.setup()
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        model_input = ModelInput(self.images.spec)
         tensors = {}
         for split, views in (("train", self.views), ("val", 1)):
             passes = [extract_features(self.backbone, self.images.loader(
-                split, shuffle=False, augment=view > 0), device) for view in range(views)]
+                split, shuffle=False, augment=view > 0), model_input, device)
+                for view in range(views)]
             tensors[f"{split}_x"] = torch.cat([x for x, _ in passes])
             tensors[f"{split}_y"] = torch.cat([y for _, y in passes])
         tmp = self.file.with_suffix(".tmp")

@@ -31,6 +31,7 @@ from torchmetrics.classification import (
 )
 
 from cxrkit.config import LossConfig, OptimConfig, StageConfig, build
+from cxrkit.data.transforms import ModelInput
 from cxrkit.models import Classifier, ModelSpec, model_from_spec
 from cxrkit.training.losses import make_loss
 
@@ -138,6 +139,7 @@ class ClassifierModule(LightningModule):
         self.optim: OptimConfig = build(OptimConfig, optim, "optim")
         self.criterion = make_loss(build(LossConfig, loss, "loss"), class_weights)
         self.positive = positive_index
+        self.model_input = ModelInput(self.model.spec)
         self._compiled = False
         self.val_metrics = make_metrics(self.model.spec.num_classes).clone(prefix="val_")
         set_trainable(self.model, self.stage.unfreeze)
@@ -168,9 +170,14 @@ class ClassifierModule(LightningModule):
         self.train()  # Lightning keeps the modes it finds: set them, frozen norms in eval
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if batch is not None and self.hparams.channels_last and batch[0].ndim == 4:
-            batch = [batch[0].contiguous(memory_format=torch.channels_last), *batch[1:]]
-        return batch
+        """Image batches arrive grayscale and unnormalised (`XrayDataModule`): finish them here,
+        on the device, where it costs the workers nothing."""
+        if batch is None or self.on_features:
+            return batch
+        x = self.model_input(batch[0])
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return [x, *batch[1:]]
 
     def training_step(self, batch, batch_idx: int):
         x, y = batch[0], batch[1]
