@@ -3,7 +3,9 @@
 (a) wall-clock of a full `audit_dataset` (decode, hashes, figures, HTML);
 (b) training-loader throughput, XrayDataset + DataLoader + the train transform of
     the default model, decoding every file each epoch vs reading a built DecodeCache,
-    measured in the same run so the ratio holds on a shared machine;
+    and from the cache with the workers handing over grayscale films (as training
+    does) instead of finished three-channel ones, measured in the same run so the
+    ratios hold on a shared machine;
 (c) with --near-study, the evidence for the audit's near-duplicate threshold: how
     close the perceptual hashes of different films come, against those of edited
     copies (re-encoded, resized, brightened), at 64 and at 256 bits.
@@ -22,6 +24,7 @@ import argparse
 import hashlib
 import io
 import os
+import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import imagehash
 import numpy as np
+import torch
 from PIL import Image, ImageEnhance
 from torch.utils.data import DataLoader
 
@@ -38,7 +42,7 @@ from cxrkit.data.audit import PHASH_SIZE, audit_dataset
 from cxrkit.data.dataset import DecodeCache, XrayDataset, collate_skip_bad
 from cxrkit.data.io import read_image
 from cxrkit.data.layout import Sample, load_source
-from cxrkit.data.transforms import train_transform
+from cxrkit.data.transforms import ModelInput, train_transform
 from cxrkit.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,9 +80,22 @@ def images_per_second(dataset: XrayDataset, batch_size: int, workers: int) -> fl
     return seen / (time.perf_counter() - start)
 
 
+def finish_seconds(spec, batch_size: int, repeats: int = 20) -> float:
+    """What `ModelInput` costs on this CPU for one batch of grayscale films (median)."""
+    batch = torch.rand(batch_size, 1, spec.input_size, spec.input_size)
+    finish, times = ModelInput(spec), []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        finish(batch)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def bench_loader(samples: list[Sample], batch_size: int, workers: int, rounds: int) -> None:
-    """Epochs with and without the cache alternate; the best of each is kept, because other
-    work on a shared machine only ever slows an epoch down."""
+    """Epochs of the variants alternate; the best of each is kept, because other work on a
+    shared machine only ever slows an epoch down. The workers either finish every image
+    (`ModelInput`: three normalised float channels) or hand over the augmented grayscale
+    film, as training does, leaving `ModelInput` to the device."""
     spec = create_model(pretrained=False).spec
     classes = {c: i for i, c in enumerate(sorted({s.label for s in samples}))}
     transform = train_transform(spec)
@@ -90,15 +107,23 @@ def bench_loader(samples: list[Sample], batch_size: int, workers: int, rounds: i
         cache = DecodeCache(samples, size, cache_dir=cache_dir, workers=max(workers, 1))
         build = time.perf_counter() - start
         cached = XrayDataset(samples, classes, size, transform, cache=cache)
+        grey = XrayDataset(samples, classes, size, train_transform(spec, finish=False),
+                           cache=cache)
         rates = [(images_per_second(direct, batch_size, workers),
-                  images_per_second(cached, batch_size, workers)) for _ in range(rounds)]
-    decode_rate, cache_rate = (max(r) for r in zip(*rates, strict=True))
+                  images_per_second(cached, batch_size, workers),
+                  images_per_second(grey, batch_size, workers)) for _ in range(rounds)]
+    decode_rate, cache_rate, grey_rate = (max(r) for r in zip(*rates, strict=True))
     width = read_image(samples[0].path).width
+    finish = finish_seconds(spec, batch_size)
     print(f"loader ({len(samples)} train images of {width} px -> {size} px, batch {batch_size},"
           f" {workers} workers, train transform, best of {rounds} epochs each):")
     print(f"  decode every epoch: {decode_rate:7.0f} images/s")
     print(f"  DecodeCache:        {cache_rate:7.0f} images/s  ({cache_rate / decode_rate:.2f}x; "
           f"built once in {build:.1f} s)")
+    print(f"  DecodeCache, grayscale handed over (as training): {grey_rate:7.0f} images/s "
+          f"({grey_rate / cache_rate:.2f}x the finished images; {cached[0][0].nbytes} -> "
+          f"{grey[0][0].nbytes} bytes an image); ModelInput on the batch here "
+          f"{1000 * finish:.1f} ms, {batch_size / finish:.0f} images/s")
 
 
 def phash_bits(path: str, hash_size: int) -> np.ndarray:
