@@ -174,17 +174,18 @@ def choose_calibration(val: Scored, positive: int | None, target_sensitivity: fl
     thresholds = {"default_0.5": DEFAULT_THRESHOLD}
     p, y = softmax(val.logits, temperature)[:, positive], val.y == positive
     thresholds["validation"] = youden_threshold(y, p)
-    chosen_on = "validation: Youden's J"
     if framed_val is not None:  # the temperature stays the one fitted on the films as filmed
         p_framed = softmax(framed_val.logits, temperature)[:, positive]
         thresholds["validation_framing"] = youden_threshold(
             np.r_[y, framed_val.y == positive], np.r_[p, p_framed])
-        chosen_on = (f"validation as filmed and framed {FRAMING_THRESHOLD_CROP:.0%}: "
-                     "Youden's J")
     if target_sensitivity is not None:
         thresholds["target_sensitivity"] = sensitivity_threshold(y, p, target_sensitivity)
-        chosen_on = f"validation: sensitivity >= {target_sensitivity}"
-    return Calibration(thresholds[deployed_name(thresholds)], temperature, chosen_on), thresholds
+    deployed = deployed_name(thresholds)
+    chosen_on = {"validation": "validation: Youden's J",
+                 "validation_framing": f"validation as filmed and framed "
+                                       f"{FRAMING_THRESHOLD_CROP:.0%}: Youden's J",
+                 "target_sensitivity": f"validation: sensitivity >= {target_sensitivity}"}
+    return Calibration(thresholds[deployed], temperature, chosen_on[deployed]), thresholds
 
 
 def deployed_name(thresholds: dict[str, float]) -> str | None:
