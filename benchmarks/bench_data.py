@@ -4,8 +4,9 @@
 (b) training-loader throughput, XrayDataset + DataLoader + the train transform of
     the default model, decoding every file each epoch vs reading a built DecodeCache,
     and from the cache with the workers handing over grayscale films (as training
-    does) instead of finished three-channel ones, measured in the same run so the
-    ratios hold on a shared machine;
+    does) instead of finished three-channel ones, and that with torchvision's two-step
+    framing (RandomResizedCrop, then RandomAffine: the former transform) instead of
+    `RandomFraming`, measured in the same run so the ratios hold on a shared machine;
 (c) with --near-study, the evidence for the audit's near-duplicate threshold: how
     close the perceptual hashes of different films come, against those of edited
     copies (re-encoded, resized, brightened), at 64 and at 256 bits.
@@ -37,12 +38,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 
 from cxrkit.data.audit import PHASH_SIZE, audit_dataset
 from cxrkit.data.dataset import DecodeCache, XrayDataset, collate_skip_bad
 from cxrkit.data.io import read_image
 from cxrkit.data.layout import Sample, load_source
-from cxrkit.data.transforms import ModelInput, train_transform
+from cxrkit.data.transforms import AugmentConfig, ModelInput, train_transform
 from cxrkit.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,10 +111,12 @@ def bench_loader(samples: list[Sample], batch_size: int, workers: int, rounds: i
         cached = XrayDataset(samples, classes, size, transform, cache=cache)
         grey = XrayDataset(samples, classes, size, train_transform(spec, finish=False),
                            cache=cache)
+        two_step = XrayDataset(samples, classes, size, two_step_framing(spec), cache=cache)
         rates = [(images_per_second(direct, batch_size, workers),
                   images_per_second(cached, batch_size, workers),
-                  images_per_second(grey, batch_size, workers)) for _ in range(rounds)]
-    decode_rate, cache_rate, grey_rate = (max(r) for r in zip(*rates, strict=True))
+                  images_per_second(grey, batch_size, workers),
+                  images_per_second(two_step, batch_size, workers)) for _ in range(rounds)]
+    decode_rate, cache_rate, grey_rate, two_step_rate = (max(r) for r in zip(*rates, strict=True))
     width = read_image(samples[0].path).width
     finish = finish_seconds(spec, batch_size)
     print(f"loader ({len(samples)} train images of {width} px -> {size} px, batch {batch_size},"
@@ -124,6 +128,19 @@ def bench_loader(samples: list[Sample], batch_size: int, workers: int, rounds: i
           f"({grey_rate / cache_rate:.2f}x the finished images; {cached[0][0].nbytes} -> "
           f"{grey[0][0].nbytes} bytes an image); ModelInput on the batch here "
           f"{1000 * finish:.1f} ms, {batch_size / finish:.0f} images/s")
+    print(f"  ... with torchvision's two-step framing (the former transform): "
+          f"{two_step_rate:7.0f} images/s; RandomFraming {grey_rate / two_step_rate:.2f}x")
+
+
+def two_step_framing(spec) -> v2.Compose:
+    """The training transform as it was before `RandomFraming`: the same ranges, cropped and
+    resized by torchvision, then rotated and shifted by a second resample."""
+    aug, current = AugmentConfig(), train_transform(spec, finish=False)
+    return v2.Compose([
+        v2.RandomResizedCrop(spec.input_size, scale=aug.scale, ratio=(0.9, 1.1), antialias=True),
+        v2.RandomAffine(degrees=aug.degrees, translate=(aug.translate, aug.translate)),
+        *current.transforms[1:],
+    ])
 
 
 def phash_bits(path: str, hash_size: int) -> np.ndarray:

@@ -14,8 +14,10 @@ is a third to a twelfth of the data to copy between processes and onto the GPU.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
@@ -52,6 +54,77 @@ def prepare(img: Image.Image, size: int, equalize: bool = False,
     box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
     img = img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
     return v2.functional.pil_to_tensor(img)
+
+
+@dataclass(frozen=True)
+class Framing:
+    """Where a training view comes from: a crop box of the film (in its pixels), resized to
+    the output square, then turned `angle` degrees clockwise about the square's centre and
+    shifted by `shift` output pixels."""
+
+    left: float
+    top: float
+    width: float
+    height: float
+    angle: float = 0.0
+    shift: tuple[float, float] = (0.0, 0.0)
+
+    def inverse_map(self, size: int) -> tuple[float, ...]:
+        """PIL's affine coefficients (a, b, c, d, e, f): output (x, y) -> film (ax + by + c,
+        dx + ey + f), in continuous pixel coordinates."""
+        cos, sin = math.cos(math.radians(self.angle)), math.sin(math.radians(self.angle))
+        centre, (dx, dy) = size / 2, self.shift
+        # undo the shift and the rotation: a point of the resized crop
+        crop_x0 = centre - cos * (centre + dx) - sin * (centre + dy)
+        crop_y0 = centre + sin * (centre + dx) - cos * (centre + dy)
+        # then from the resized crop back into the film
+        sx, sy = self.width / size, self.height / size
+        return (cos * sx, sin * sx, self.left + crop_x0 * sx,
+                -sin * sy, cos * sy, self.top + crop_y0 * sy)
+
+
+def frame(film: torch.Tensor, size: int, framing: Framing) -> torch.Tensor:
+    """uint8 [1, H, W] -> uint8 [1, size, size], in one bilinear resample; outside the film is
+    black, as the rotation's corners were before."""
+    if film.dtype != torch.uint8 or film.ndim != 3 or film.shape[0] != 1:
+        raise ValueError(f"frame() takes a uint8 grayscale film [1, H, W] (what `prepare` "
+                         f"gives); got {film.dtype} {tuple(film.shape)}")
+    image = Image.fromarray(film[0].numpy())
+    framed = image.transform((size, size), Image.Transform.AFFINE, framing.inverse_map(size),
+                             resample=Image.Resampling.BILINEAR, fillcolor=0)
+    return torch.from_numpy(np.array(framed))[None]
+
+
+class RandomFraming(torch.nn.Module):
+    """RandomResizedCrop followed by RandomAffine (rotation and shift), composed into one map
+    and applied in one resample of the uint8 film: two to three times cheaper than
+    torchvision's two steps, whose rotation runs `grid_sample` on floats, and one
+    interpolation instead of two (BENCHMARKS.md, "Tenth round")."""
+
+    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float],
+                 degrees: float, translate: float):
+        super().__init__()
+        self.size, self.scale, self.degrees, self.translate = size, scale, degrees, translate
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+
+    def sample(self, height: int, width: int) -> Framing:
+        # torch's generator, so seeding and DataLoader worker seeds work as for torchvision
+        u = torch.rand(7).tolist()
+        area = height * width * _between(self.scale, u[0])
+        aspect = math.exp(_between(self.log_ratio, u[1]))
+        # a box wider or taller than the film is clamped to it (torchvision draws again)
+        crop_w, crop_h = min(width, math.sqrt(area * aspect)), min(height, math.sqrt(area / aspect))
+        shift = tuple(_between((-self.translate, self.translate), v) * self.size for v in u[5:])
+        return Framing(left=(width - crop_w) * u[2], top=(height - crop_h) * u[3],
+                       width=crop_w, height=crop_h,
+                       angle=_between((-self.degrees, self.degrees), u[4]), shift=shift)
+
+    def forward(self, film: torch.Tensor) -> torch.Tensor:
+        return frame(film, self.size, self.sample(*film.shape[-2:]))
+
+
+def _between(bounds: tuple[float, float], u: float) -> float:
+    return bounds[0] + (bounds[1] - bounds[0]) * u
 
 
 class RandomGamma(torch.nn.Module):
@@ -94,10 +167,8 @@ def train_transform(spec: ModelSpec, aug: AugmentConfig | None = None,
     augmented grayscale float [1, S, S] in [0, 1], for `ModelInput` to finish later."""
     aug = aug or AugmentConfig()
     size = spec.input_size
-    steps = [
-        v2.RandomResizedCrop(size, scale=aug.scale, ratio=(0.9, 1.1), antialias=True),
-        v2.RandomAffine(degrees=aug.degrees, translate=(aug.translate, aug.translate)),
-    ]
+    steps = [RandomFraming(size, scale=aug.scale, ratio=(0.9, 1.1), degrees=aug.degrees,
+                           translate=aug.translate)]
     if aug.hflip:
         steps.append(v2.RandomHorizontalFlip())
     steps += [
