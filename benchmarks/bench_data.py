@@ -36,15 +36,15 @@ from pathlib import Path
 import imagehash
 import numpy as np
 import torch
+from bench_training import two_step_framing
 from PIL import Image, ImageEnhance
 from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 
 from cxrkit.data.audit import PHASH_SIZE, audit_dataset
 from cxrkit.data.dataset import DecodeCache, XrayDataset, collate_skip_bad
 from cxrkit.data.io import read_image
 from cxrkit.data.layout import Sample, load_source
-from cxrkit.data.transforms import AugmentConfig, ModelInput, train_transform
+from cxrkit.data.transforms import ModelInput, train_transform
 from cxrkit.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,17 +130,6 @@ def bench_loader(samples: list[Sample], batch_size: int, workers: int, rounds: i
           f"{1000 * finish:.1f} ms, {batch_size / finish:.0f} images/s")
     print(f"  ... with torchvision's two-step framing (the former transform): "
           f"{two_step_rate:7.0f} images/s; RandomFraming {grey_rate / two_step_rate:.2f}x")
-
-
-def two_step_framing(spec) -> v2.Compose:
-    """The training transform as it was before `RandomFraming`: the same ranges, cropped and
-    resized by torchvision, then rotated and shifted by a second resample."""
-    aug, current = AugmentConfig(), train_transform(spec, finish=False)
-    return v2.Compose([
-        v2.RandomResizedCrop(spec.input_size, scale=aug.scale, ratio=(0.9, 1.1), antialias=True),
-        v2.RandomAffine(degrees=aug.degrees, translate=(aug.translate, aug.translate)),
-        *current.transforms[1:],
-    ])
 
 
 def phash_bits(path: str, hash_size: int) -> np.ndarray:

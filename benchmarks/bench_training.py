@@ -6,13 +6,16 @@
     recipe's last stage: Lite0 at 224, everything trainable), same Trainer,
     after warm-up steps. The phases alternate (memory, pipeline, memory, ...) and
     each is scored by its median step time, so that load from other processes on a
-    shared machine moves both sides alike and spikes do not count;
+    shared machine moves both sides alike and spikes do not count. With --two-step,
+    each round also runs the pipeline with torchvision's two-step framing (the former
+    transform) in place of `RandomFraming`;
 (b) quick: the wall-clock of `cxr train --preset quick` on the whole dataset, and its
     validation ROC-AUC and accuracy.
 
     python benchmarks/bench_training.py [--data DIR] [--steps 6] [--warmup 2] [--rounds 2]
                                         [--precision auto|32|bf16-mixed] [--no-channels-last]
-                                        [--batch-size 32] [--num-workers N] [--skip-quick]
+                                        [--batch-size 32] [--num-workers N] [--two-step]
+                                        [--skip-quick]
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 
 from cxrkit.config import TrainConfig
+from cxrkit.data.transforms import AugmentConfig, train_transform
 from cxrkit.training.callbacks import resolve_precision
 from cxrkit.training.datamodule import prepare_samples, task_classes
 from cxrkit.training.fit import Run, build_model, build_stage
@@ -83,9 +88,26 @@ class InMemory(LightningDataModule):
         return DataLoader(self.batches, batch_size=None)  # each item is a whole batch
 
 
+def two_step_framing(spec) -> v2.Compose:
+    """The training transform as it was before `RandomFraming`: the same ranges, cropped and
+    resized by torchvision, then rotated and shifted by a second resample."""
+    aug, current = AugmentConfig(), train_transform(spec, finish=False)
+    return v2.Compose([
+        v2.RandomResizedCrop(spec.input_size, scale=aug.scale, ratio=(0.9, 1.1), antialias=True),
+        v2.RandomAffine(degrees=aug.degrees, translate=(aug.translate, aug.translate)),
+        *current.transforms[1:],
+    ])
+
+
+def with_two_step_framing(images):
+    images.setup()
+    images.datasets["train"].transform = two_step_framing(images.spec)
+    return images
+
+
 def bench_pipeline(data: Path, steps: int, warmup: int, rounds: int, batch_size: int,
                    num_workers: int | None, precision: str = "auto",
-                   channels_last: bool = True) -> dict:
+                   channels_last: bool = True, two_step: bool = False) -> dict:
     config = TrainConfig.preset("default", data=str(data),
                                 overrides={"data.batch_size": batch_size,
                                            "data.num_workers": num_workers,
@@ -95,12 +117,18 @@ def bench_pipeline(data: Path, steps: int, warmup: int, rounds: int, batch_size:
     with tempfile.TemporaryDirectory() as tmp:
         run = Run(Path(tmp), config, samples, task_classes("binary", samples))
         memory, pipeline = [images_per_second(run, InMemory, steps, warmup)], []
+        former = []
         for _ in range(rounds):
             pipeline.append(images_per_second(run, lambda images: images, steps, warmup))
+            if two_step:
+                former.append(images_per_second(run, with_two_step_framing, steps, warmup))
             memory.append(images_per_second(run, InMemory, steps, warmup))
     workers = num_workers if num_workers is not None else "auto"
+    compared = ({"two_step_pipeline_images_per_s": former,
+                 "two_step_ratio": statistics.median(former) / statistics.median(memory)}
+                if two_step else {})
     return {"in_memory_images_per_s": memory, "pipeline_images_per_s": pipeline,
-            "ratio": statistics.median(pipeline) / statistics.median(memory),
+            "ratio": statistics.median(pipeline) / statistics.median(memory), **compared,
             "precision": resolve_precision(config.trainer), "channels_last": channels_last,
             "batch_size": batch_size, "num_workers": workers, "threads": torch.get_num_threads()}
 
@@ -134,10 +162,13 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--precision", default="auto", help="auto, 32, bf16-mixed, 16-mixed")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    parser.add_argument("--two-step", action="store_true",
+                        help="also the pipeline with the former two-step framing")
     parser.add_argument("--skip-quick", action="store_true")
     args = parser.parse_args()
     pipeline = bench_pipeline(args.data, args.steps, args.warmup, args.rounds, args.batch_size,
-                              args.num_workers, args.precision, args.channels_last)
+                              args.num_workers, args.precision, args.channels_last,
+                              args.two_step)
     print(json.dumps({"pipeline": pipeline}, indent=2), flush=True)
     if not args.skip_quick:
         print(json.dumps({"quick": bench_quick(args.data)}, indent=2))
