@@ -84,8 +84,8 @@ class Framing:
 
 
 def frame(film: torch.Tensor, size: int, framing: Framing) -> torch.Tensor:
-    """uint8 [1, H, W] -> uint8 [1, size, size], in one bilinear resample; outside the film is
-    black, as the rotation's corners were before."""
+    """uint8 [1, H, W] -> uint8 [1, size, size], in one bilinear resample; what the map
+    takes from outside the film (the corners a rotation uncovers) is black."""
     if film.dtype != torch.uint8 or film.ndim != 3 or film.shape[0] != 1:
         raise ValueError(f"frame() takes a uint8 grayscale film [1, H, W] (what `prepare` "
                          f"gives); got {film.dtype} {tuple(film.shape)}")
