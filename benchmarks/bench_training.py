@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from cxrkit.config import TrainConfig
-from cxrkit.data.transforms import AugmentConfig, train_transform
+from cxrkit.data.transforms import train_transform
 from cxrkit.training.callbacks import resolve_precision
 from cxrkit.training.datamodule import prepare_samples, task_classes
 from cxrkit.training.fit import Run, build_model, build_stage
@@ -91,11 +91,13 @@ class InMemory(LightningDataModule):
 def two_step_framing(spec) -> v2.Compose:
     """The training transform as it was before `RandomFraming`: the same ranges, cropped and
     resized by torchvision, then rotated and shifted by a second resample."""
-    aug, current = AugmentConfig(), train_transform(spec, finish=False)
+    current = train_transform(spec, finish=False)
+    framing, photometric = current.transforms[0], current.transforms[1:]
     return v2.Compose([
-        v2.RandomResizedCrop(spec.input_size, scale=aug.scale, ratio=(0.9, 1.1), antialias=True),
-        v2.RandomAffine(degrees=aug.degrees, translate=(aug.translate, aug.translate)),
-        *current.transforms[1:],
+        v2.RandomResizedCrop(framing.size, scale=framing.scale, ratio=framing.ratio,
+                             antialias=True),
+        v2.RandomAffine(degrees=framing.degrees, translate=(framing.translate,) * 2),
+        *photometric,
     ])
 
 

@@ -104,14 +104,14 @@ class RandomFraming(torch.nn.Module):
     def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float],
                  degrees: float, translate: float):
         super().__init__()
-        self.size, self.scale, self.degrees, self.translate = size, scale, degrees, translate
-        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        self.size, self.scale, self.ratio = size, scale, ratio
+        self.degrees, self.translate = degrees, translate
 
     def sample(self, height: int, width: int) -> Framing:
         # torch's generator, so seeding and DataLoader worker seeds work as for torchvision
         u = torch.rand(7).tolist()
         area = height * width * _between(self.scale, u[0])
-        aspect = math.exp(_between(self.log_ratio, u[1]))
+        aspect = math.exp(_between((math.log(self.ratio[0]), math.log(self.ratio[1])), u[1]))
         # a box wider or taller than the film is clamped to it (torchvision draws again)
         crop_w, crop_h = min(width, math.sqrt(area * aspect)), min(height, math.sqrt(area / aspect))
         shift = tuple(_between((-self.translate, self.translate), v) * self.size for v in u[5:])
