@@ -21,6 +21,7 @@ from jinja2 import Environment
 from cxrkit import __version__
 from cxrkit.data.split import read_manifest, shared_patients
 from cxrkit.evaluation import EVAL_DIR, evaluate_run
+from cxrkit.evaluation.paired import paired_difference, read_scored
 from cxrkit.runs import load_spec, model_folder, read_calibration
 
 REPORT = "report.html"
@@ -155,6 +156,17 @@ def format_metric(key: str, metric: dict | None) -> str:
     number = (lambda x: f"{x:.3f}") if key in SCORES else (lambda x: f"{100 * x:.1f}")
     unit = "" if key in SCORES else "%"
     interval = f" ({number(lo)}–{number(hi)})" if lo is not None and hi is not None else ""
+    return number(value) + unit + interval
+
+
+def format_difference(key: str, metric: dict | None) -> str:
+    """'+0.012 (-0.003 to +0.027)' for scores, '+1.6 pp (-0.8 to +4.0)' for rates."""
+    if not metric or metric.get("value") is None:
+        return "–"
+    value, (lo, hi) = metric["value"], metric.get("ci95") or (None, None)
+    number = (lambda x: f"{x:+.3f}") if key in SCORES else (lambda x: f"{100 * x:+.1f}")
+    unit = "" if key in SCORES else " pp"
+    interval = f" ({number(lo)} to {number(hi)})" if lo is not None and hi is not None else ""
     return number(value) + unit + interval
 
 
@@ -434,16 +446,21 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
 
 # ---- several runs side by side ---------------------------------------------------------------
 
-def compare_runs(runs: list[str | Path], split: str = "test") -> list[dict]:
-    """One row per run: its headline metrics on `split` (evaluated first where missing)."""
-    rows = []
-    for run in runs:
-        folder = ensure_evaluated(run, split)
+def compare_runs(runs: list[str | Path], split: str = "test", paired: bool = False) -> list[dict]:
+    """One row per run: its headline metrics on `split` (evaluated first where missing).
+    `paired`: every row after the first also holds "paired", its headline metrics minus the
+    first run's on the films both scored, with paired bootstrap intervals."""
+    rows, folders = [], [ensure_evaluated(run, split) for run in runs]
+    for run, folder in zip(runs, folders, strict=True):
         metrics = json.loads((folder / "metrics.json").read_text())
         threshold = deployed_point(metrics).get("threshold")
         rows.append({"run": str(model_folder(run)), "model": metrics.get("model", ""),
                      "split": split, "n": metrics["n"], "threshold": threshold,
                      **headline(metrics)})
+    if paired:
+        base = read_scored(folders[0])
+        for row, folder in zip(rows[1:], folders[1:], strict=True):
+            row["paired"] = paired_difference(base, read_scored(folder), HEADLINE)
     return rows
 
 
@@ -451,15 +468,28 @@ def write_compare_csv(rows: list[dict], path: str | Path) -> Path:
     """Flat CSV: each metric as value, ci_low, ci_high columns."""
     path = Path(path)
     columns = ["run", "model", "split", "n", "threshold"]
-    columns += [f"{k}{part}" for k in HEADLINE for part in ("", "_ci_low", "_ci_high")]
+    parts = ("", "_ci_low", "_ci_high")
+    columns += [f"{k}{part}" for k in HEADLINE for part in parts]
+    paired = any("paired" in r for r in rows)
+    if paired:
+        columns += ["paired_n", *(f"diff_{k}{part}" for k in HEADLINE for part in parts)]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(columns)
         for r in rows:
             cells = [r["run"], r["model"], r["split"], r["n"], r["threshold"]]
-            for k in HEADLINE:
-                m = r.get(k) or {}
-                lo, hi = m.get("ci95") or (None, None)
-                cells += [m.get("value"), lo, hi]
+            cells += _value_and_interval(r)
+            if paired:
+                cells += [r["paired"]["n"], *_value_and_interval(r["paired"])] if "paired" in r \
+                    else [None] * (1 + 3 * len(HEADLINE))
             w.writerow(["" if c is None else c for c in cells])
     return path
+
+
+def _value_and_interval(metrics: dict) -> list:
+    cells = []
+    for k in HEADLINE:
+        m = metrics.get(k) or {}
+        lo, hi = m.get("ci95") or (None, None)
+        cells += [m.get("value"), lo, hi]
+    return cells

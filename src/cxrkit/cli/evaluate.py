@@ -18,6 +18,7 @@ from cxrkit.report import (
     SCORES,
     build_report,
     compare_runs,
+    format_difference,
     format_metric,
     variant_tables,
     write_compare_csv,
@@ -131,10 +132,13 @@ def compare_command(
     runs: list[Path] = typer.Argument(..., help="Run folders to compare."),
     split: str = typer.Option("test", "--split"),
     out: Path | None = typer.Option(None, "--out", help="Also write the table as CSV."),
+    paired: bool = typer.Option(
+        False, "--paired", help="Also each run minus the first on the films both scored, "
+                                "with paired bootstrap intervals: is it really better?"),
 ) -> None:
     """Headline metrics of several runs at their validation thresholds, with 95% intervals."""
     try:
-        rows = compare_runs(runs, split)
+        rows = compare_runs(runs, split, paired=paired)
     except USER_ERRORS as e:
         fail(str(e))
     table = Table(title=f"{split} split, at each run's validation threshold (95% CI)")
@@ -149,5 +153,22 @@ def compare_command(
         table.add_row(f"{Path(r['run']).name}\n[dim]{r['model']}[/]", str(r["n"]), threshold,
                       *cells)
     console.print(table)
+    if paired:
+        console.print(_paired_table(rows))
     if out is not None:
         console.print(f"[green]wrote[/] {write_compare_csv(rows, out)}")
+
+
+def _paired_table(rows: list[dict]) -> Table:
+    """Each run minus the first, on their shared films: an interval that excludes 0 is a
+    difference these films show; the separate intervals above overlap far more often."""
+    table = Table(title=f"minus {Path(rows[0]['run']).name}, same films, same patient "
+                        f"resamples (95% CI)")
+    table.add_column("run", overflow="fold")
+    table.add_column("films", justify="right")
+    for key in HEADLINE:
+        table.add_column(SHORT_NAMES[key], justify="right")
+    for r in rows[1:]:
+        cells = [format_difference(k, r["paired"][k]).replace(" (", "\n(") for k in HEADLINE]
+        table.add_row(Path(r["run"]).name, str(r["paired"]["n"]), *cells)
+    return table
