@@ -13,7 +13,7 @@ from cxrkit.cli import app
 from cxrkit.evaluation import evaluate_run
 from cxrkit.evaluation.metrics import roc_auc, with_ci
 from cxrkit.evaluation.paired import ScoredFilms, paired_difference, read_scored
-from cxrkit.report import HEADLINE, compare_runs, write_compare_csv
+from cxrkit.report import HEADLINE, compare_runs, format_metric, write_compare_csv
 from tests.conftest import train_tiny_run
 from tests.test_evaluate import make_three_class_run
 
@@ -114,3 +114,11 @@ def test_compare_paired_rows_csv_and_cli(two_runs, tmp_path):
     assert result.exit_code == 0, result.output
     assert "minus first, same films" in result.output
     assert "second" in result.output.split("minus first")[1]
+
+
+def test_differences_are_signed_and_rates_in_percentage_points():
+    rate = {"value": 0.016, "ci95": [-0.008, 0.04]}
+    assert format_metric("accuracy", rate, difference=True) == "+1.6 pp (-0.8 to +4.0)"
+    assert format_metric("accuracy", rate) == "1.6% (-0.8–4.0)"
+    score = {"value": -0.0098, "ci95": [-0.0204, -0.0005]}
+    assert format_metric("roc_auc", score, difference=True) == "-0.010 (-0.020 to -0.001)"

@@ -148,25 +148,21 @@ def ensure_evaluated(run: str | Path, split: str = "test", **evaluate_options) -
 
 # ---- turning metrics into table cells --------------------------------------------------------
 
-def format_metric(key: str, metric: dict | None) -> str:
-    """'93.2% (91.0–95.1)' for rates, '0.968 (0.951–0.981)' for scores; '–' when undefined."""
+def format_metric(key: str, metric: dict | None, difference: bool = False) -> str:
+    """'93.2% (91.0–95.1)' for rates, '0.968 (0.951–0.981)' for scores; '–' when undefined.
+    `difference`: signed, rates in percentage points: '+1.6 pp (-0.8 to +4.0)'."""
     if not metric or metric.get("value") is None:
         return "–"
     value, (lo, hi) = metric["value"], metric.get("ci95") or (None, None)
-    number = (lambda x: f"{x:.3f}") if key in SCORES else (lambda x: f"{100 * x:.1f}")
-    unit = "" if key in SCORES else "%"
-    interval = f" ({number(lo)}–{number(hi)})" if lo is not None and hi is not None else ""
-    return number(value) + unit + interval
+    sign, scale = ("+" if difference else ""), (1 if key in SCORES else 100)
+    digits = 3 if key in SCORES else 1
 
+    def number(x: float) -> str:
+        return f"{scale * x:{sign}.{digits}f}"
 
-def format_difference(key: str, metric: dict | None) -> str:
-    """'+0.012 (-0.003 to +0.027)' for scores, '+1.6 pp (-0.8 to +4.0)' for rates."""
-    if not metric or metric.get("value") is None:
-        return "–"
-    value, (lo, hi) = metric["value"], metric.get("ci95") or (None, None)
-    number = (lambda x: f"{x:+.3f}") if key in SCORES else (lambda x: f"{100 * x:+.1f}")
-    unit = "" if key in SCORES else " pp"
-    interval = f" ({number(lo)} to {number(hi)})" if lo is not None and hi is not None else ""
+    unit = "" if key in SCORES else (" pp" if difference else "%")
+    between = " to " if difference else "–"
+    interval = f" ({number(lo)}{between}{number(hi)})" if lo is not None and hi is not None else ""
     return number(value) + unit + interval
 
 

@@ -18,7 +18,6 @@ from cxrkit.report import (
     SCORES,
     build_report,
     compare_runs,
-    format_difference,
     format_metric,
     variant_tables,
     write_compare_csv,
@@ -169,6 +168,7 @@ def _paired_table(rows: list[dict]) -> Table:
     for key in HEADLINE:
         table.add_column(SHORT_NAMES[key], justify="right")
     for r in rows[1:]:
-        cells = [format_difference(k, r["paired"][k]).replace(" (", "\n(") for k in HEADLINE]
+        cells = [format_metric(k, r["paired"][k], difference=True).replace(" (", "\n(")
+                 for k in HEADLINE]
         table.add_row(Path(r["run"]).name, str(r["paired"]["n"]), *cells)
     return table
