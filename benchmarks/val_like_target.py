@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--target-split", default="test")
     parser.add_argument("--val-fraction", type=float, default=0.15)
     args = parser.parse_args()
-    samples = load_source(args.data).samples
+    samples = load_source(args.data.resolve()).samples  # absolute paths in the manifest
     train = [s for s in samples if s.split in ("train", "val")]
     target = [s for s in samples if s.split == args.target_split]
     features = imagenet_features([s.path for s in train + target])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,8 @@ import cxrkit.data.dataset
 from cxrkit.adapt import adapt_batchnorm
 from cxrkit.cli import app
 from cxrkit.config import OptimConfig, TrainConfig
-from cxrkit.data.layout import DataLayoutError
-from cxrkit.data.split import read_manifest, shared_patients
+from cxrkit.data.layout import DataLayoutError, load_source
+from cxrkit.data.split import patient_split, read_manifest, shared_patients, write_manifest
 from cxrkit.data.transforms import ModelInput, eval_transform
 from cxrkit.models import create_model
 from cxrkit.runs import load_model
@@ -400,6 +401,24 @@ def test_cli_reports_a_bad_key_clearly(tiny_kaggle, tmp_path):
     assert result.exit_code == 2
     assert "unknown config key 'optim.lrr'" in result.output
     assert not list(tmp_path.iterdir())  # nothing was started
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_split_with_no_readable_image_stops_before_training(tiny_kaggle, tmp_path, cache):
+    """A manifest whose validation paths are wrong (written relative to another folder)."""
+    samples = patient_split(load_source(tiny_kaggle).samples)
+    moved = [replace(s, path=f"elsewhere/{Path(s.path).name}") if s.split == "val" else s
+             for s in samples]
+    manifest = write_manifest(moved, tmp_path / "manifest.csv")
+    result = CliRunner().invoke(app, [
+        "train", "--data", str(manifest), "--runs-dir", str(tmp_path / "runs"),
+        "--set", "data.val_fraction=0", "--set", f"data.cache={str(cache).lower()}",
+        "--set", f"data.cache_dir={tmp_path / 'cache'}",
+        *[f"--set={k}={v}" for k, v in TINY.items()]])
+    assert result.exit_code != 0
+    message = " ".join(result.output.split())
+    assert "none of the" in message and "val images can be read" in message
+    assert "elsewhere" in message and "relative paths in a CSV manifest" in message
 
 
 def test_cli_lr_find_saves_the_plot(tiny_kaggle, tmp_path):

@@ -133,6 +133,21 @@ class XrayDataModule(LightningDataModule):
             return
         for split in self.samples:
             self.datasets[split] = self._dataset(split, split == "train" and self.augment)
+            self._require_readable(split)
+
+    def _require_readable(self, split: str) -> None:
+        """Fail before training when not one of a split's images can be read: the usual
+        cause is wrong paths, and Lightning would otherwise stop later with an obscure
+        message about a missing metric."""
+        dataset = self.datasets[split]
+        readable = (dataset.cache.valid if dataset.cache is not None
+                    else [os.path.exists(s.path) for s in dataset.samples])
+        if dataset.samples and not any(readable):
+            raise DataLayoutError(
+                f"none of the {len(dataset.samples)} {split} images can be read, e.g. "
+                f"{dataset.samples[0].path}. Check that the files exist; relative paths in a "
+                f"CSV manifest are read from the manifest's own folder."
+            )
 
     def labels(self, split: str) -> list[int]:
         return [self.class_to_idx[s.label] for s in self.samples[split]]
