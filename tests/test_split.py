@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -64,6 +65,17 @@ def test_manifest_round_trip(source, tmp_path):
     assert read_manifest(path) == samples
     again = load_source(path)  # a manifest is also a data source
     assert again.layout == "manifest" and again.samples == samples
+
+
+def test_a_manifest_written_from_relative_paths_is_read_anywhere(source, tmp_path, monkeypatch):
+    """`cxr data split ../data --out /elsewhere/split.csv`, then training from another folder."""
+    monkeypatch.chdir(source.root.parent)
+    relative = load_source(source.root.name).samples
+    assert not Path(relative[0].path).is_absolute()
+    manifest = write_manifest(relative, tmp_path / "elsewhere" / "split.csv")
+    monkeypatch.chdir(tmp_path)
+    for sample in (*read_manifest(manifest), *load_source(manifest).samples):
+        assert Path(sample.path).is_file(), sample.path
 
 
 @requires_real_data

@@ -8,6 +8,7 @@ no patient ever has images on both sides. The test split is left as it is.
 from __future__ import annotations
 
 import csv
+import os
 import random
 from collections import Counter, defaultdict
 from dataclasses import replace
@@ -66,13 +67,15 @@ def shared_patients(samples: list[Sample], a: str, b: str) -> set[str]:
 
 
 def write_manifest(samples: list[Sample], path: str | Path) -> Path:
+    """Paths are written absolute: a relative one would be read later from the manifest's own
+    folder (`load_source`) or the reader's working directory, not the writer's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(MANIFEST_COLUMNS)
         for s in samples:
-            w.writerow([s.path, s.label, s.split, s.patient_id])
+            w.writerow([os.path.abspath(s.path), s.label, s.split, s.patient_id])
     return path
 
 
