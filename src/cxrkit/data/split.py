@@ -67,15 +67,18 @@ def shared_patients(samples: list[Sample], a: str, b: str) -> set[str]:
 
 
 def write_manifest(samples: list[Sample], path: str | Path) -> Path:
-    """Paths are written absolute: a relative one would be read later from the manifest's own
-    folder (`load_source`) or the reader's working directory, not the writer's."""
+    """Relative paths are written absolute: they would be read later from the manifest's own
+    folder (`load_source`) or the reader's working directory, not the writer's. Absolute ones
+    are kept as they are, since the decode cache is keyed by the path strings a resumed run
+    reads back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(MANIFEST_COLUMNS)
         for s in samples:
-            w.writerow([os.path.abspath(s.path), s.label, s.split, s.patient_id])
+            file = s.path if os.path.isabs(s.path) else os.path.abspath(s.path)
+            w.writerow([file, s.label, s.split, s.patient_id])
     return path
 
 
