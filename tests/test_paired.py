@@ -122,3 +122,8 @@ def test_differences_are_signed_and_rates_in_percentage_points():
     assert format_metric("accuracy", rate) == "1.6% (-0.8–4.0)"
     score = {"value": -0.0098, "ci95": [-0.0204, -0.0005]}
     assert format_metric("roc_auc", score, difference=True) == "-0.010 (-0.020 to -0.001)"
+
+
+def test_paired_needs_two_runs(two_runs):
+    result = CliRunner().invoke(app, ["compare", str(two_runs[0]), "--paired"])
+    assert result.exit_code != 0 and "at least two runs" in result.output

@@ -136,6 +136,8 @@ def compare_command(
                                 "with paired bootstrap intervals: is it really better?"),
 ) -> None:
     """Headline metrics of several runs at their validation thresholds, with 95% intervals."""
+    if paired and len(runs) < 2:
+        fail("--paired compares every run with the first one: give at least two runs")
     try:
         rows = compare_runs(runs, split, paired=paired)
     except USER_ERRORS as e:
