@@ -310,6 +310,42 @@ def test_three_class_run(tiny_kaggle, tmp_path):
     assert (out / "confusion_matrix.png").is_file() and (out / "roc_pr.png").is_file()
 
 
+def test_calibrating_on_another_sites_films_is_validating_on_them(trained_run, tmp_path):
+    """--calibrate-on FILMS chooses exactly what the run's validation split would choose if it
+    held those films; the evaluation goes to its own folder and calibration.json follows."""
+    site = make_class_folders(tmp_path / "site_b", ["NORMAL", "PNEUMONIA"], n=8)
+    run = copy_run(trained_run, tmp_path)
+    out = evaluate_run(run, calibrate_on=site, bootstrap=50, make_figures=False, device="cpu")
+    assert out == run / "eval" / "test-calibrated-site_b"
+    as_validation = shutil.copytree(trained_run, tmp_path / "as_validation")
+    manifest = read_manifest(as_validation / "split.csv")
+    write_manifest([s for s in manifest if s.split != "val"]
+                   + [replace(s, split="val") for s in load_source(site).samples],
+                   as_validation / "split.csv")
+    reference = evaluate_run(as_validation, bootstrap=50, make_figures=False, device="cpu")
+    got, expected = (json.loads((f / "metrics.json").read_text()) for f in (out, reference))
+    assert got["deployed_threshold"] == pytest.approx(expected["deployed_threshold"])
+    assert got["calibrated"]["temperature"] == pytest.approx(expected["calibrated"]["temperature"])
+    assert got["confusion_matrix"]["counts"] == expected["confusion_matrix"]["counts"]
+    assert str(site) in got["threshold_chosen_on"] and got["calibrated"]["fitted_on"] == str(site)
+    assert read_calibration(run).threshold == pytest.approx(got["deployed_threshold"])
+    internal = evaluate_run(run, bootstrap=0, make_figures=False, device="cpu")
+    assert json.loads((internal / "metrics.json").read_text())["deployed_threshold"] != (
+        pytest.approx(got["deployed_threshold"]))  # the two choices differ on these films
+
+
+def test_calibrating_on_the_evaluated_films_is_refused(trained_run, tmp_path):
+    site = make_class_folders(tmp_path / "site_b", ["NORMAL", "PNEUMONIA"], n=4)
+    run = copy_run(trained_run, tmp_path)
+    with pytest.raises(ValueError, match="both in") as error:
+        evaluate_run(run, data=site, calibrate_on=site, bootstrap=10, make_figures=False,
+                     device="cpu")
+    assert "do not evaluate on" in str(error.value)
+    code = CliRunner().invoke(app, ["evaluate", str(run), "--data", str(site),
+                                    "--calibrate-on", str(site)]).exit_code
+    assert code != 0 and not (run / "eval").exists()
+
+
 def test_cli_evaluate(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path)
 

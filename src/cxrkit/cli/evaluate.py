@@ -73,6 +73,11 @@ def evaluate_command(
         None, "--target-sensitivity", min=0.0, max=1.0,
         help="Also choose (and deploy) the highest validation threshold reaching this "
              "sensitivity, e.g. 0.95; default: Youden's J."),
+    calibrate_on: str | None = typer.Option(
+        None, "--calibrate-on", help="Choose temperature and threshold on these labelled films "
+        "(a folder or CSV manifest: its val split, or all of it) instead of the run's "
+        "validation split, e.g. some films of the site you deploy to; never the films "
+        "evaluated. Deployed to calibration.json."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     bootstrap: int = typer.Option(1000, "--bootstrap", min=0,
                                   help="Bootstrap resamples (by patient) for the 95% intervals."),
@@ -91,7 +96,7 @@ def evaluate_command(
                            framing_threshold=framing_threshold,
                            target_sensitivity=target_sensitivity, batch_size=batch_size,
                            bootstrap=bootstrap, seed=seed, num_workers=workers, device=device,
-                           make_figures=figures)
+                           make_figures=figures, calibrate_on=calibrate_on)
     except USER_ERRORS as e:
         fail(str(e))
     metrics = json.loads((out / "metrics.json").read_text())

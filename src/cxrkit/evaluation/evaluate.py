@@ -126,6 +126,19 @@ def _data_name(data: str | Path) -> str:
     return f"external_{name}" if name in ("train", "val", "test") else name
 
 
+def refuse_overlap(chosen_on: Sequence[Sample], evaluated: Sequence[Sample], source: str,
+                   origin: str) -> None:
+    """Films that chose the threshold must not be among the films it is measured on."""
+    shared = ({str(Path(s.path).resolve()) for s in chosen_on}
+              & {str(Path(s.path).resolve()) for s in evaluated})
+    if shared:
+        raise ValueError(
+            f"{len(shared)} films are both in {source}, which chooses the threshold, and in "
+            f"{origin}, which is evaluated (e.g. {min(shared)}): choose on films you do not "
+            f"evaluate on (split the site's films into two folders or manifests)."
+        )
+
+
 def external_samples(data: str | Path, split: str) -> tuple[str, str, str, list[Sample]]:
     """(eval name, where it is, split used, samples) of another dataset: its `split` if it
     has splits, else all of it (a class-per-folder tree has none)."""
@@ -160,17 +173,19 @@ def score(model: Classifier, samples: Sequence[Sample], where: str,
 
 
 def choose_calibration(val: Scored, positive: int | None, target_sensitivity: float | None,
-                       framed_val: Scored | None = None) -> tuple[Calibration, dict[str, float]]:
-    """Temperature and thresholds from the validation split; the deployed one is returned in
-    the Calibration: the target-sensitivity threshold when asked, else the framing-robust one
-    when `framed_val` (the validation films framed more tightly) is given, else Youden's J."""
+                       framed_val: Scored | None = None,
+                       source: str = "validation") -> tuple[Calibration, dict[str, float]]:
+    """Temperature and thresholds from the validation split (or the films `source` names);
+    the deployed one is returned in the Calibration: the target-sensitivity threshold when
+    asked, else the framing-robust one when `framed_val` (the validation films framed more
+    tightly) is given, else Youden's J."""
     if len(val.y) == 0:
         thresholds = {} if positive is None else {"default_0.5": DEFAULT_THRESHOLD,
                                                   "validation": DEFAULT_THRESHOLD}
         return Calibration(DEFAULT_THRESHOLD, 1.0, "default (no validation images)"), thresholds
     temperature = fit_temperature(val.logits, val.y)
     if positive is None:
-        return Calibration(DEFAULT_THRESHOLD, temperature, "validation"), {}
+        return Calibration(DEFAULT_THRESHOLD, temperature, source), {}
     thresholds = {"default_0.5": DEFAULT_THRESHOLD}
     p, y = softmax(val.logits, temperature)[:, positive], val.y == positive
     thresholds["validation"] = youden_threshold(y, p)
@@ -181,10 +196,10 @@ def choose_calibration(val: Scored, positive: int | None, target_sensitivity: fl
     if target_sensitivity is not None:
         thresholds["target_sensitivity"] = sensitivity_threshold(y, p, target_sensitivity)
     deployed = deployed_name(thresholds)
-    chosen_on = {"validation": "validation: Youden's J",
-                 "validation_framing": f"validation as filmed and framed "
+    chosen_on = {"validation": f"{source}: Youden's J",
+                 "validation_framing": f"{source} as filmed and framed "
                                        f"{FRAMING_THRESHOLD_CROP:.0%}: Youden's J",
-                 "target_sensitivity": f"validation: sensitivity >= {target_sensitivity}"}
+                 "target_sensitivity": f"{source}: sensitivity >= {target_sensitivity}"}
     return Calibration(thresholds[deployed], temperature, chosen_on[deployed]), thresholds
 
 
@@ -210,8 +225,9 @@ def _nest(flat: dict[str, dict]) -> dict:
 
 def compute_metrics(scored: Scored, labels: Sequence[str], positive: int | None,
                     temperature: float, thresholds: dict[str, float],
-                    n_resamples: int = 1000, seed: int = 0) -> dict:
-    """All metrics of one scored split, in the metrics.json layout (binary or multi-class)."""
+                    n_resamples: int = 1000, seed: int = 0, fitted_on: str = "val") -> dict:
+    """All metrics of one scored split, in the metrics.json layout (binary or multi-class);
+    `fitted_on` says where the temperature was fitted."""
     y, probs = scored.y, softmax(scored.logits, temperature)
     raw = softmax(scored.logits, 1.0)
 
@@ -230,7 +246,7 @@ def compute_metrics(scored: Scored, labels: Sequence[str], positive: int | None,
     metrics = _nest(with_ci(statistics, scored.groups, n_resamples, seed))
     before = metrics.pop("uncalibrated")
     metrics["calibrated"] = {
-        "temperature": temperature, "fitted_on": "val",
+        "temperature": temperature, "fitted_on": fitted_on,
         "ece_before": before["ece"], "ece_after": metrics["ece"],
         "brier_before": before["brier"], "brier_after": metrics["brier"],
     }
@@ -339,7 +355,8 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
                  batch_size: int = 32, bootstrap: int = 1000, seed: int = 0,
                  num_workers: int = 0, device: str | None = None,
                  make_figures: bool = True, framing: bool = False,
-                 framing_threshold: bool = False) -> Path:
+                 framing_threshold: bool = False,
+                 calibrate_on: str | Path | None = None) -> Path:
     """Evaluate RUN on its own `split` (test or val), or on external `data`; returns the
     eval folder. See the module docstring for what is chosen where.
 
@@ -351,6 +368,12 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     and centre-cropped to `FRAMING_THRESHOLD_CROP` (Youden's J over both), an operating point
     that holds better where films are framed differently; Youden's J on the films as filmed
     is still reported beside it.
+    `calibrate_on`: choose temperature and thresholds on these labelled films (their `val`
+    split, or all of them when they have no splits) instead of the run's validation split,
+    e.g. a few hundred films from the site the model is deployed to: validation from the
+    training site cannot see how that site's films differ. They must not be the films
+    evaluated; the evaluation is written to `<name>-calibrated-<their name>`, and
+    calibration.json (what `cxr predict` and `cxr serve` deploy) takes their threshold.
     """
     run = model_folder(run).resolve()
     model = load_model(run)
@@ -363,15 +386,21 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     infer = partial(score, model, batch_size=batch_size, num_workers=num_workers, device=device)
     notes = []
 
-    val = infer([s for s in manifest if s.split == "val"], f"{run}/split.csv val")
+    internal_val = [s for s in manifest if s.split == "val"]
+    if calibrate_on is None:
+        val, source = infer(internal_val, f"{run}/split.csv val"), "validation"
+    else:
+        calibration_name, source, _, calibration_samples = external_samples(calibrate_on, "val")
+        val = infer(calibration_samples, source)
     if data is None:
         samples = [s for s in manifest if s.split == split]
         if not samples:
             present = sorted({s.split for s in manifest})
             raise ValueError(f"{run}/split.csv has no {split!r} images (it has {present})")
         name, origin, used_split = split, str(run / "split.csv"), split
-        scored = val if split == "val" else infer(samples, f"{run}/split.csv {split}")
-        if split == "val":
+        reuse = split == "val" and calibrate_on is None
+        scored = val if reuse else infer(samples, f"{run}/split.csv {split}")
+        if reuse:
             notes.append("This is the validation split that chose the threshold and "
                          "temperature: its numbers are optimistic.")
     else:
@@ -381,11 +410,17 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         if missing:
             notes.append(f"The external data has no {', '.join(missing)} images.")
 
+    if calibrate_on is not None:
+        refuse_overlap(val.samples, scored.samples, source, origin)
+        name = f"{name}-calibrated-{calibration_name}"
+        notes.append(f"Temperature and threshold chosen on {source} ({len(val.y)} films), "
+                     f"not on the run's validation split.")
     framed_val = None
     if framing_threshold and positive is not None and len(val.y):
-        framed_val = infer(val.samples, f"{run}/split.csv val (framed "
-                           f"{FRAMING_THRESHOLD_CROP:.0%})", crop=FRAMING_THRESHOLD_CROP)
-    calibration, thresholds = choose_calibration(val, positive, target_sensitivity, framed_val)
+        framed_val = infer(val.samples, f"{source} (framed {FRAMING_THRESHOLD_CROP:.0%})",
+                           crop=FRAMING_THRESHOLD_CROP)
+    calibration, thresholds = choose_calibration(val, positive, target_sensitivity, framed_val,
+                                                 source)
     if len(val.y):
         write_calibration(run, calibration)
     else:
@@ -393,8 +428,11 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     log.info("%s: temperature %.3f, threshold %.4f (%s)", run.name, calibration.temperature,
              calibration.threshold, calibration.chosen_on)
 
-    metrics = compute_metrics(scored, labels, positive, calibration.temperature, thresholds,
-                              bootstrap, seed)
+    measure = partial(compute_metrics, labels=labels, positive=positive,
+                      temperature=calibration.temperature, thresholds=thresholds,
+                      n_resamples=bootstrap, seed=seed,
+                      fitted_on="val" if calibrate_on is None else source)
+    metrics = measure(scored)
     probs = softmax(scored.logits, calibration.temperature)
     predicted = predicted_classes(probs, positive, calibration.threshold)
     tta_probs = None
@@ -406,8 +444,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
             "views": list(DEFAULT_VIEWS),
             "note": "logits averaged over the plain image and each view; the same temperature "
                     "and thresholds as without TTA",
-            **compute_metrics(augmented, labels, positive, calibration.temperature, thresholds,
-                              bootstrap, seed),
+            **measure(augmented),
         }
 
     if framing:
@@ -415,9 +452,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
             "crops": [f"{c:.0%}" for c in FRAMING_CROPS],
             "note": "the same films centre-cropped to each fraction of their sides before "
                     "resizing; the same temperature and thresholds as the films as filmed",
-            **{f"{c:.0%}": compute_metrics(
-                infer(scored.samples, f"{origin} (framed {c:.0%})", crop=c),
-                labels, positive, calibration.temperature, thresholds, bootstrap, seed)
+            **{f"{c:.0%}": measure(infer(scored.samples, f"{origin} (framed {c:.0%})", crop=c))
                for c in FRAMING_CROPS},
         }
 
@@ -428,7 +463,8 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         "positive_class": labels[positive] if positive is not None else None,
         "labels": labels, "model": model.spec.name, "data": origin, "external": data is not None,
         "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "probabilities": "calibrated: softmax(logits / temperature), temperature fitted on val",
+        "probabilities": f"calibrated: softmax(logits / temperature), temperature fitted on "
+                         f"{source}",
         "threshold_chosen_on": calibration.chosen_on,
         "deployed_threshold": report_threshold,
         "deployed_operating_point": deployed_name(thresholds),
