@@ -30,8 +30,11 @@ USER_ERRORS = (FileNotFoundError, ValueError, DataLayoutError, KaggleDownloadErr
 
 def _summary(metrics: dict) -> Table:
     """One evaluation: threshold-free metrics in their own column, then each operating point."""
+    deployed = metrics.get("deployed_operating_point")
     table = Table(title=f"{metrics['name']}: n={metrics['n']} images, "
-                        f"{metrics['n_patients']} patients (95% CI)")
+                        f"{metrics['n_patients']} patients (95% CI)",
+                  caption=deployed and f"deployed: {deployed}, chosen on "
+                                       f"{metrics['threshold_chosen_on']}")
     table.add_column("metric")
     table.add_column("any threshold", justify="right")
     points = metrics.get("operating_points", {})
