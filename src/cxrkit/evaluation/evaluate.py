@@ -14,7 +14,9 @@ Nothing is tuned on the data it is measured on:
   (Youden's J) and applied to calibrated P(positive) everywhere else;
   `target_sensitivity` is the highest validation threshold reaching that sensitivity;
   `validation_framing` (opt-in) is Youden's J over the validation films as filmed and
-  centre-cropped to 85%, for films framed differently from the training ones.
+  centre-cropped to 85%, for films framed differently from the training ones;
+- `calibrate_on` (opt-in) makes the same choices on other labelled films, e.g. some of
+  the deployment site's, and refuses to measure on those films.
 """
 
 from __future__ import annotations
@@ -386,9 +388,9 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     infer = partial(score, model, batch_size=batch_size, num_workers=num_workers, device=device)
     notes = []
 
-    internal_val = [s for s in manifest if s.split == "val"]
     if calibrate_on is None:
-        val, source = infer(internal_val, f"{run}/split.csv val"), "validation"
+        val = infer([s for s in manifest if s.split == "val"], f"{run}/split.csv val")
+        source = "validation"
     else:
         calibration_name, source, _, calibration_samples = external_samples(calibrate_on, "val")
         val = infer(calibration_samples, source)
