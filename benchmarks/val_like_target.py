@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from cxrkit.data.layout import load_source
-from cxrkit.data.split import write_manifest
+from cxrkit.data.split import patient_split, write_manifest
 from cxrkit.inference import file_batches
 from cxrkit.models import create_model
 
@@ -73,17 +72,9 @@ def main() -> None:
     films_of: dict[str, list[int]] = defaultdict(list)
     for i, s in enumerate(train):
         films_of[s.patient_id].append(i)
-    val_patients = set()
-    for label in sorted({s.label for s in train}):
-        patients = sorted({s.patient_id for s in train if s.label == label},
-                          key=lambda p: -score[films_of[p]].mean())
-        quota, taken = args.val_fraction * sum(s.label == label for s in train), 0
-        for p in patients:
-            if taken >= quota:
-                break
-            val_patients.add(p)
-            taken += len(films_of[p])
-    split = [replace(s, split="val" if s.patient_id in val_patients else "train") for s in train]
+    rank = {patient: score[films].mean() for patient, films in films_of.items()}
+    split = patient_split(train, args.val_fraction, rank=rank)
+    val_patients = {s.patient_id for s in split if s.split == "val"}
     rest = [s for s in samples if s.split not in ("train", "val")]
     write_manifest(split + rest, args.out)
     val = [i for i, s in enumerate(split) if s.split == "val"]

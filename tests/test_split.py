@@ -67,6 +67,19 @@ def test_manifest_round_trip(source, tmp_path):
     assert again.layout == "manifest" and again.samples == samples
 
 
+def test_rank_takes_each_class_s_highest_ranked_patients(source):
+    patients = sorted({s.patient_id for s in source.samples if s.split == "train"})
+    rank = {p: i for i, p in enumerate(patients)}  # the last patients in name order first
+    samples = patient_split(source.samples, 0.15, rank=rank)
+    assert shared_patients(samples, "train", "val") == set()
+    for label in ("NORMAL", "PNEUMONIA"):
+        val = {s.patient_id for s in samples if s.split == "val" and s.label == label}
+        train = {s.patient_id for s in samples if s.split == "train" and s.label == label}
+        assert min(rank[p] for p in val) > max(rank[p] for p in train), label
+    for fraction in val_fraction_per_class(samples).values():  # the random split's quota
+        assert 0.15 <= fraction < 0.2
+
+
 def test_a_manifest_written_from_relative_paths_is_read_anywhere(source, tmp_path, monkeypatch):
     """`cxr data split ../data --out /elsewhere/split.csv`, then training from another folder."""
     monkeypatch.chdir(source.root.parent)

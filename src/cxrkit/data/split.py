@@ -27,12 +27,14 @@ def _patient_label(samples: list[Sample]) -> dict[str, str]:
     return {p: c.most_common(1)[0][0] for p, c in votes.items()}
 
 
-def patient_split(samples: list[Sample], val_fraction: float = 0.15, seed: int = 0) -> list[Sample]:
+def patient_split(samples: list[Sample], val_fraction: float = 0.15, seed: int = 0,
+                  rank: dict[str, float] | None = None) -> list[Sample]:
     """Return `samples` with the train ones re-labelled train/val by patient.
 
     Data that already has a `val` split of its own keeps it untouched only if
     `val_fraction` is 0; otherwise the given val images join train first (the
-    Kaggle `val/` holds 16 images, too few to select anything with).
+    Kaggle `val/` holds 16 images, too few to select anything with). `rank`: take each
+    class's patients highest rank first instead of in the seed's random order.
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -47,6 +49,8 @@ def patient_split(samples: list[Sample], val_fraction: float = 0.15, seed: int =
     for label in sorted(set(label_of.values())):
         patients = sorted(p for p, lab in label_of.items() if lab == label)
         rng.shuffle(patients)
+        if rank is not None:
+            patients.sort(key=lambda p: -rank[p])
         target = val_fraction * sum(images_per_patient[p] for p in patients)
         taken = 0
         for p in patients:

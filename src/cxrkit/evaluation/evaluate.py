@@ -389,31 +389,35 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     notes = []
 
     if calibrate_on is None:
-        val = infer([s for s in manifest if s.split == "val"], f"{run}/split.csv val")
-        source = "validation"
+        source, val_where = "validation", f"{run}/split.csv val"
+        val_samples = [s for s in manifest if s.split == "val"]
     else:
-        calibration_name, source, _, calibration_samples = external_samples(calibrate_on, "val")
-        val = infer(calibration_samples, source)
+        calibration_name, source, _, val_samples = external_samples(calibrate_on, "val")
+        val_where = source
     if data is None:
         samples = [s for s in manifest if s.split == split]
         if not samples:
             present = sorted({s.split for s in manifest})
             raise ValueError(f"{run}/split.csv has no {split!r} images (it has {present})")
         name, origin, used_split = split, str(run / "split.csv"), split
-        reuse = split == "val" and calibrate_on is None
-        scored = val if reuse else infer(samples, f"{run}/split.csv {split}")
-        if reuse:
-            notes.append("This is the validation split that chose the threshold and "
-                         "temperature: its numbers are optimistic.")
+        where = f"{origin} {split}"
     else:
         name, origin, used_split, samples = external_samples(data, split)
-        scored = infer(samples, origin)
+        where = origin
+    if calibrate_on is not None:  # before any film is scored
+        refuse_overlap(val_samples, samples, source, origin)
+
+    val = infer(val_samples, val_where)
+    reuse = data is None and split == "val" and calibrate_on is None
+    scored = val if reuse else infer(samples, where)
+    if reuse:
+        notes.append("This is the validation split that chose the threshold and "
+                     "temperature: its numbers are optimistic.")
+    if data is not None:
         missing = sorted(set(labels) - {labels[i] for i in scored.y})
         if missing:
             notes.append(f"The external data has no {', '.join(missing)} images.")
-
     if calibrate_on is not None:
-        refuse_overlap(val.samples, scored.samples, source, origin)
         name = f"{name}-calibrated-{calibration_name}"
         notes.append(f"Temperature and threshold chosen on {source} ({len(val.y)} films), "
                      f"not on the run's validation split.")
