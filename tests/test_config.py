@@ -80,6 +80,7 @@ def test_set_assignments_are_parsed_as_yaml():
     ({"stages.1.name": "head"}, r"stage names must be unique"),
     ({"stages.1.ema_decay": 1.5}, r"stages.1.ema_decay must be in \(0, 1\)"),
     ({"model.norm_stats": "imagenet"}, r"model.norm_stats must be one of pretrained, train"),
+    ({"loss.mixup": -0.2}, r"loss.mixup must be >= 0"),
 ])
 def test_bad_overrides_say_what_is_wrong(overrides, message):
     with pytest.raises(ConfigError, match=message):

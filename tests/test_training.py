@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 from typer.testing import CliRunner
 
@@ -27,7 +28,7 @@ from cxrkit.training.callbacks import make_callbacks, make_trainer
 from cxrkit.training.datamodule import prepare_samples, task_classes
 from cxrkit.training.features import extract_features
 from cxrkit.training.fit import Run, build_model, build_stage, loss_class_weights
-from cxrkit.training.losses import FocalLoss, balanced_class_weights
+from cxrkit.training.losses import FocalLoss, balanced_class_weights, mixup
 from cxrkit.training.module import (
     ClassifierModule,
     make_metrics,
@@ -347,6 +348,66 @@ def test_focal_loss():
     assert focal(easy, zero) / plain(easy, zero) < 0.01
     assert focal(hard, zero) / plain(hard, zero) > 0.3
     assert focal(torch.tensor([[1.0, 0.0]]), zero) < focal(torch.tensor([[0.0, 1.0]]), zero)
+
+
+def test_mixup_blends_each_example_with_a_partner_from_its_batch():
+    torch.manual_seed(0)
+    x, y = torch.eye(8), torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])  # row i: only feature i
+    mixed, partner_y, lam = mixup(x, y, alpha=0.4)
+    assert 0 < lam < 1 and lam != 0.5
+    for i, row in enumerate(mixed):
+        partner = [j for j in range(8) if j != i and row[j] > 0] or [i]
+        assert len(partner) == 1
+        assert row[i] == pytest.approx(lam if partner[0] != i else 1.0)
+        assert row[partner[0]] == pytest.approx(1 - lam if partner[0] != i else 1.0)
+        assert partner_y[i] == y[partner[0]]
+    lams = [mixup(x, y, alpha=0.4)[2] for _ in range(200)]
+    assert min(lams) < 0.1 and max(lams) > 0.9  # Beta(0.4, 0.4) puts most weight near 0 and 1
+
+
+def _training_step_loss(mixup_alpha: float, augment: bool = True):
+    """One `training_step` of an untrained simple_cnn on a random batch: (loss, module, x, y).
+
+    The module is in eval mode, so its forward pass is deterministic (no dropout); its head
+    is random, so the two classes' losses differ from film to film."""
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", pretrained=False)
+    torch.nn.init.normal_(model.head[1].weight, std=0.5)
+    module = ClassifierModule(
+        spec=model.spec.to_dict(), stage={"augment": augment}, optim={},
+        loss={"mixup": mixup_alpha}, class_weights=None, positive_index=1,
+        channels_last=False, model=model).eval()
+    torch.manual_seed(1)
+    x, y = torch.randn(6, 1, 64, 64), torch.tensor([0, 1, 0, 1, 1, 0])
+    loss = module.training_step([x, y], 0)
+    return float(loss.detach()), module, x, y
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_mixup_training_step_blends_the_loss_like_soft_targets():
+    loss, module, x, y = _training_step_loss(0.4)
+    torch.manual_seed(1)
+    torch.randn(6, 1, 64, 64)  # the same draws as the step's batch, then the step's mixup
+    mixed, partner_y, lam = mixup(x, y, 0.4)
+    soft = lam * F.one_hot(y, 2).float() + (1 - lam) * F.one_hot(partner_y, 2).float()
+    with torch.no_grad():
+        expected = F.cross_entropy(module(mixed), soft)
+    assert loss == pytest.approx(float(expected), rel=1e-5)
+    plain, module, x, y = _training_step_loss(0.0)
+    with torch.no_grad():
+        assert plain == pytest.approx(float(F.cross_entropy(module(x), y)), rel=1e-5)
+    unaugmented, module, x, y = _training_step_loss(0.4, augment=False)  # e.g. a head stage
+    with torch.no_grad():
+        assert unaugmented == pytest.approx(float(F.cross_entropy(module(x), y)), rel=1e-5)
+
+
+def test_a_run_with_mixup_learns_and_records_it(tiny_kaggle, tmp_path):
+    run = train(tiny_config(tiny_kaggle, tmp_path, **{"loss.mixup": 0.4, "stages.0.epochs": 3}))
+    assert TrainConfig.load(run / "config.yaml").loss.mixup == 0.4
+    losses = [float(r["train_loss_epoch"]) for r in read_rows(run / "metrics.csv")
+              if r["train_loss_epoch"]]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert json.loads((run / "val_metrics.json").read_text())["roc_auc"] > 0.8
 
 
 def test_metrics_score_the_positive_class():

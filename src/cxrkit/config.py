@@ -124,6 +124,10 @@ class LossConfig:
     class_weights: str = "auto"  # auto: balanced unless data.balanced_sampler | balanced | none
     label_smoothing: float = 0.0
     focal_gamma: float = 2.0
+    # Mixup (Zhang et al. 2018) in stages that augment: each training example blended with
+    # another of its batch, x = lam * x_i + (1 - lam) * x_j with lam ~ Beta(mixup, mixup), and
+    # the loss blended the same way. 0: off; 0.2-0.4 are the usual strengths.
+    mixup: float = 0.0
 
 
 @dataclass
@@ -212,6 +216,8 @@ class TrainConfig:
         _check_choice("loss.name", self.loss.name, LOSSES)
         _check_choice("loss.class_weights", self.loss.class_weights, CLASS_WEIGHTS)
         _check_choice("trainer.monitor", self.trainer.monitor, tuple(MONITORS))
+        if self.loss.mixup < 0:
+            raise ConfigError(f"loss.mixup must be >= 0 (0: off, e.g. 0.2), got {self.loss.mixup}")
         if not 0 <= self.data.val_fraction < 1:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
         if self.model.ensemble_with and (self.trainer.devices not in ("auto", "1")

@@ -1,4 +1,4 @@
-"""Losses: class-weighted cross-entropy (the default) and focal loss.
+"""Losses: class-weighted cross-entropy (the default) and focal loss; mixup of batches.
 
 The Kermany training split holds ~2.9 pneumonia films per normal one; weighting
 each class by N / (C * n_c) makes both count equally in the loss.
@@ -49,3 +49,16 @@ def make_loss(config: LossConfig, class_weights: list[float] | None) -> nn.Modul
     if config.name == "focal":
         return FocalLoss(config.focal_gamma, weight, config.label_smoothing)
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+
+
+def mixup(x: torch.Tensor, y: torch.Tensor,
+          alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Each example blended with a partner drawn from the same batch (Zhang et al. 2018).
+
+    Returns lam * x + (1 - lam) * x[partner], the partners' labels and lam ~ Beta(alpha,
+    alpha). The loss is then blended, `lam * loss(y) + (1 - lam) * loss(partner labels)`,
+    rather than the targets, so class weights and focal loss apply as they do without mixup.
+    """
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    partner = torch.randperm(len(x), device=x.device)
+    return lam * x + (1 - lam) * x[partner], y[partner], lam

@@ -33,7 +33,7 @@ from torchmetrics.classification import (
 from cxrkit.config import LossConfig, OptimConfig, StageConfig, build
 from cxrkit.data.transforms import ModelInput
 from cxrkit.models import Classifier, ModelSpec, model_from_spec
-from cxrkit.training.losses import make_loss
+from cxrkit.training.losses import make_loss, mixup
 
 METRIC_NAMES = ("accuracy", "roc_auc", "sensitivity", "specificity", "f1")
 
@@ -137,7 +137,9 @@ class ClassifierModule(LightningModule):
         self.model = model if model is not None else model_from_spec(ModelSpec.from_dict(spec))
         self.stage: StageConfig = build(StageConfig, stage, "stage")
         self.optim: OptimConfig = build(OptimConfig, optim, "optim")
-        self.criterion = make_loss(build(LossConfig, loss, "loss"), class_weights)
+        loss_config = build(LossConfig, loss, "loss")
+        self.criterion = make_loss(loss_config, class_weights)
+        self.mixup = loss_config.mixup if self.stage.augment else 0.0
         self.positive = positive_index
         self.model_input = ModelInput(self.model.spec)
         self._compiled = False
@@ -181,7 +183,12 @@ class ClassifierModule(LightningModule):
 
     def training_step(self, batch, batch_idx: int):
         x, y = batch[0], batch[1]
-        loss = self.criterion(self(x), y)
+        if self.mixup > 0:
+            x, partner, lam = mixup(x, y, self.mixup)
+            logits = self(x)
+            loss = lam * self.criterion(logits, y) + (1 - lam) * self.criterion(logits, partner)
+        else:
+            loss = self.criterion(self(x), y)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True,
                  batch_size=len(y))  # this process's: no all-reduce on every step
         return loss
