@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -408,6 +409,15 @@ def test_a_run_with_mixup_learns_and_records_it(tiny_kaggle, tmp_path):
               if r["train_loss_epoch"]]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert json.loads((run / "val_metrics.json").read_text())["roc_auc"] > 0.8
+
+
+def test_the_sanity_check_on_one_class_batches_does_not_warn(tiny_kaggle, tmp_path):
+    """Lightning's sanity check sees two validation batches, here NORMAL films only."""
+    config = tiny_config(tiny_kaggle, tmp_path, **{"data.batch_size": 2, "stages.0.epochs": 1})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(config)
+    assert not [w for w in caught if "No positive samples" in str(w.message)]
 
 
 def test_metrics_score_the_positive_class():

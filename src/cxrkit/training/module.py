@@ -200,6 +200,8 @@ class ClassifierModule(LightningModule):
         logits = self(x)
         self.log("val_loss", self.criterion(logits, y), on_epoch=True, prog_bar=True,
                  batch_size=len(y), sync_dist=True)
+        if self._trainer is not None and self.trainer.sanity_checking:
+            return  # its two batches are often of one class: ranking metrics would only warn
         self.val_metrics.update(*metric_inputs(logits, y, self.positive))
         self.log_dict(self.val_metrics, on_epoch=True, prog_bar=False)
 
