@@ -26,6 +26,7 @@ from cxrkit.models import create_model
 from cxrkit.runs import load_model
 from cxrkit.training import train
 from cxrkit.training.callbacks import make_callbacks, make_trainer
+from cxrkit.training.curves import step_losses
 from cxrkit.training.datamodule import prepare_samples, task_classes
 from cxrkit.training.features import extract_features
 from cxrkit.training.fit import Run, build_model, build_stage, loss_class_weights
@@ -418,6 +419,15 @@ def test_the_sanity_check_on_one_class_batches_does_not_warn(tiny_kaggle, tmp_pa
         warnings.simplefilter("always")
         train(config)
     assert not [w for w in caught if "No positive samples" in str(w.message)]
+
+
+def test_curves_place_logged_steps_in_epochs_of_their_stage():
+    rows = [{"epoch": "0", "step": "4", "train_loss_step": "0.9", "train_loss_epoch": ""},
+            {"epoch": "0", "step": "9", "train_loss_step": "0.5", "train_loss_epoch": ""},
+            {"epoch": "0", "step": "9", "train_loss_step": "", "train_loss_epoch": "0.7"},
+            {"epoch": "1", "step": "14", "train_loss_step": "0.3", "train_loss_epoch": ""}]
+    assert step_losses(rows) == ([0.5, 1.0, 1.5], [0.9, 0.5, 0.3])
+    assert step_losses(rows[:2]) == ([], [])  # killed before its first epoch ended: no scale
 
 
 def test_metrics_score_the_positive_class():

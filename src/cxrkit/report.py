@@ -296,7 +296,7 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 
 <section id="training"><h2>Training</h2>
 {% if curves %}<figure><img alt="training curves" src="data:image/png;base64,{{ curves }}">
-<figcaption>Loss and validation metrics per epoch (from metrics.csv).</figcaption></figure>
+<figcaption>Training loss per logged step and per epoch, validation loss and metrics per epoch (from metrics.csv).</figcaption></figure>
 {% elif members %}<p>An ensemble: each member's training curves are in its own run folder
 ({% for m in members %}<code>{{ m }}/training_curves.png</code>
 {%- if not loop.last %}, {% endif %}{% endfor %}).</p>
@@ -425,7 +425,8 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
         audit=_find_audit(run), split=_split_summary(run),
         curves=_b64_png(run / "training_curves.png"),
         members=val_metrics.get("members", []),
-        val_metrics={k: v for k, v in val_metrics.items() if not isinstance(v, dict | list)},
+        val_metrics={k: round(v, 4) if isinstance(v, float) else v
+                     for k, v in val_metrics.items() if not isinstance(v, dict | list)},
         config_text=yaml.safe_dump(config, sort_keys=False) if config else "",
         evals=evals, rows=metric_rows(evals) if evals else [],
         calibration=read_calibration(run),

@@ -51,8 +51,21 @@ def _per_epoch(rows: list[dict[str, str]], key: str) -> dict[int, float]:
     return {int(r["epoch"]): float(r[key]) for r in rows if r.get(key) and r.get("epoch")}
 
 
+def step_losses(rows: list[dict[str, str]]) -> tuple[list[float], list[float]]:
+    """The logged training-loss steps in epochs since the stage began (1.0: the end of its
+    first epoch), so a one-epoch run still shows how its loss fell."""
+    ends = [int(r["step"]) for r in rows if r.get("train_loss_epoch") and r["epoch"] == "0"]
+    steps = [(int(r["step"]), float(r["train_loss_step"])) for r in rows
+             if r.get("train_loss_step")]
+    if not ends or not steps:
+        return [], []
+    steps_per_epoch = ends[0] + 1
+    return [(s + 1) / steps_per_epoch for s, _ in steps], [loss for _, loss in steps]
+
+
 def plot_curves(run: Path) -> Path:
-    """Loss (train and val) and validation ROC-AUC / accuracy per epoch, stages marked."""
+    """Loss (train per logged step and per epoch, val per epoch) and validation ROC-AUC /
+    accuracy per epoch, stages marked."""
     rows = _read_rows(run / METRICS_CSV)
     stages = list(dict.fromkeys(r["stage"] for r in rows))
     fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(11, 4))
@@ -65,6 +78,9 @@ def plot_curves(run: Path) -> Path:
             (ax_score, "val_roc_auc", "val ROC-AUC", "tab:green"),
             (ax_score, "val_accuracy", "val accuracy", "tab:purple"),
         ]
+        x, loss = step_losses(stage_rows)
+        ax_loss.plot([offset + v for v in x], loss, "-", color="tab:blue", alpha=0.3,
+                     linewidth=1, label="train loss per step" if i == 0 and x else None)
         last_epoch = 0
         for ax, key, label, color in series:
             points = _per_epoch(stage_rows, key)
@@ -75,14 +91,15 @@ def plot_curves(run: Path) -> Path:
                 last_epoch = max(last_epoch, epochs[-1] + 1)
         if i > 0:
             for ax in (ax_loss, ax_score):
-                ax.axvline(offset + 0.5, color="gray", linestyle="--", linewidth=1)
-                ax.text(offset + 0.6, 0.98, stage, transform=ax.get_xaxis_transform(),
+                ax.axvline(offset, color="gray", linestyle="--", linewidth=1)  # its start
+                ax.text(offset + 0.1, 0.98, stage, transform=ax.get_xaxis_transform(),
                         va="top", fontsize=8, color="gray")
         offset += last_epoch
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax_score.set(xlabel="epoch", ylabel="score", title="Validation", ylim=(0, 1.02))
     for ax in (ax_loss, ax_score):
         ax.grid(alpha=0.3)
+        ax.set_xlim(0, max(offset, 1) + 0.1)  # from the start: the first epoch ends at 1
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(loc="best", fontsize=8)
     fig.suptitle(f"{run.name}: stages {' -> '.join(stages)}", fontsize=10)
