@@ -296,7 +296,8 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 
 <section id="training"><h2>Training</h2>
 {% if curves %}<figure><img alt="training curves" src="data:image/png;base64,{{ curves }}">
-<figcaption>Training loss per logged step and per epoch, validation loss and metrics per epoch (from metrics.csv).</figcaption></figure>
+<figcaption>Training loss per logged step and per epoch, validation loss and metrics per epoch
+ (from metrics.csv).</figcaption></figure>
 {% elif members %}<p>An ensemble: each member's training curves are in its own run folder
 ({% for m in members %}<code>{{ m }}/training_curves.png</code>
 {%- if not loop.last %}, {% endif %}{% endfor %}).</p>
