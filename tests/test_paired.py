@@ -13,7 +13,13 @@ from cxrkit.cli import app
 from cxrkit.evaluation import evaluate_run
 from cxrkit.evaluation.metrics import roc_auc, with_ci
 from cxrkit.evaluation.paired import ScoredFilms, paired_difference, read_scored
-from cxrkit.report import HEADLINE, compare_runs, format_metric, write_compare_csv
+from cxrkit.report import (
+    HEADLINE,
+    SPEC_AT_SENS,
+    compare_runs,
+    format_metric,
+    write_compare_csv,
+)
 from tests.conftest import train_tiny_run
 from tests.test_evaluate import make_three_class_run
 
@@ -108,11 +114,20 @@ def test_compare_paired_rows_csv_and_cli(two_runs, tmp_path):
     assert table[0]["diff_roc_auc"] == "" and table[1]["paired_n"] == "16"
     assert float(table[1]["diff_roc_auc"]) == pytest.approx(
         rows[1]["paired"]["roc_auc"]["value"])
+    # the ranking at 97% sensitivity: each run's from its metrics.json, their difference paired
+    at_97 = [json.loads((r / "eval" / "test" / "metrics.json").read_text())
+             ["specificity_at_sensitivity"]["0.97"]["value"] for r in two_runs]
+    assert [row[SPEC_AT_SENS]["value"] for row in rows] == at_97
+    assert rows[1]["paired"][SPEC_AT_SENS]["value"] == pytest.approx(at_97[1] - at_97[0],
+                                                                     abs=1e-5)
+    assert float(table[1][f"diff_{SPEC_AT_SENS}"]) == pytest.approx(at_97[1] - at_97[0],
+                                                                   abs=1e-5)
 
     result = CliRunner().invoke(app, ["compare", str(first), str(second), "--paired"],
                                 terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "minus first, same films" in result.output
+    assert result.output.count("Spec@97: the best specificity any threshold") == 2  # both
     assert "second" in result.output.split("minus first")[1]
 
 

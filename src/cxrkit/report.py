@@ -47,6 +47,11 @@ NAMES = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy",
          "npv": "NPV", "f1": "F1", "roc_auc": "ROC-AUC"}
 SCORES = ("roc_auc", "pr_auc", "brier", "ece")  # shown as decimals; everything else in percent
 HEADLINE = ("accuracy", "roc_auc", "sensitivity", "specificity", "f1")
+# `cxr compare` adds the best specificity any threshold reaches at 97% sensitivity on the
+# films compared: how well a model ranks where a screening tool operates, whatever threshold
+# validation chose (a reading, not a way to choose one).
+SPEC_AT_SENS = "specificity_at_sensitivity/0.97"
+COMPARED = (*HEADLINE, SPEC_AT_SENS)
 
 LIMITATIONS = [
     "Dataset shift: the Kermany/Kaggle films come from one hospital (Guangzhou Women and "
@@ -454,11 +459,12 @@ def compare_runs(runs: list[str | Path], split: str = "test", paired: bool = Fal
         threshold = deployed_point(metrics).get("threshold")
         rows.append({"run": str(model_folder(run)), "model": metrics.get("model", ""),
                      "split": split, "n": metrics["n"], "threshold": threshold,
-                     **headline(metrics)})
+                     **headline(metrics),
+                     SPEC_AT_SENS: metrics.get("specificity_at_sensitivity", {}).get("0.97")})
     if paired:
         base = read_scored(folders[0])
         for row, folder in zip(rows[1:], folders[1:], strict=True):
-            row["paired"] = paired_difference(base, read_scored(folder), HEADLINE)
+            row["paired"] = paired_difference(base, read_scored(folder), COMPARED)
     return rows
 
 
@@ -467,10 +473,10 @@ def write_compare_csv(rows: list[dict], path: str | Path) -> Path:
     path = Path(path)
     columns = ["run", "model", "split", "n", "threshold"]
     parts = ("", "_ci_low", "_ci_high")
-    columns += [f"{k}{part}" for k in HEADLINE for part in parts]
+    columns += [f"{k}{part}" for k in COMPARED for part in parts]
     paired = any("paired" in r for r in rows)
     if paired:
-        columns += ["paired_n", *(f"diff_{k}{part}" for k in HEADLINE for part in parts)]
+        columns += ["paired_n", *(f"diff_{k}{part}" for k in COMPARED for part in parts)]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(columns)
@@ -479,14 +485,14 @@ def write_compare_csv(rows: list[dict], path: str | Path) -> Path:
             cells += _value_and_interval(r)
             if paired:
                 cells += [r["paired"]["n"], *_value_and_interval(r["paired"])] if "paired" in r \
-                    else [None] * (1 + 3 * len(HEADLINE))
+                    else [None] * (1 + 3 * len(COMPARED))
             w.writerow(["" if c is None else c for c in cells])
     return path
 
 
 def _value_and_interval(metrics: dict) -> list:
     cells = []
-    for k in HEADLINE:
+    for k in COMPARED:
         m = metrics.get(k) or {}
         lo, hi = m.get("ci95") or (None, None)
         cells += [m.get("value"), lo, hi]
