@@ -25,9 +25,10 @@ USER_ERRORS = (ConfigError, DataLayoutError, KaggleDownloadError, FileExistsErro
 DATA = typer.Option(None, "--data", help="`kaggle` (download or kagglehub cache), a dataset "
                     "folder or a CSV manifest.")
 PRESET = typer.Option("default", "--preset", help=f"One of {', '.join(PRESETS)}: quick (default's "
-                      "recipe for one epoch, earliest layers frozen: ~4 min on a CPU), default "
-                      "(the whole pretrained Lite0 fine-tuned, ~33 min on a CPU), finetune (head "
-                      "on frozen features, then fine-tune all), scratch (simple_cnn from scratch).")
+                      "recipe for one epoch, earliest layers frozen, mixup: ~4 min on a CPU), "
+                      "default (the whole pretrained Lite0 fine-tuned, ~33 min on a CPU), finetune "
+                      "(head on frozen features, then fine-tune all), scratch (simple_cnn from "
+                      "scratch).")
 CONFIG = typer.Option(None, "--config", help="YAML with the config fields to change (a run's "
                       "config.yaml reproduces it), applied on top of the preset.")
 MODEL = typer.Option(None, "--model", help="efficientnet_lite0/1/2, simple_cnn or timm:<name>.")
