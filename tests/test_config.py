@@ -66,6 +66,8 @@ def test_set_assignments_are_parsed_as_yaml():
         "a.b": 3, "c": True, "d": [1, 2], "e": None, "f": "bf16-mixed"}
     with pytest.raises(ConfigError, match="key=value"):
         parse_assignments(["optim.lr"])
+    with pytest.raises(ConfigError, match=r"model.ensemble_with=\[a.*not valid YAML"):
+        parse_assignments(["model.ensemble_with=[a"])  # the shell ate a closing bracket
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -200,7 +200,9 @@ def test_usage_errors_exit_2(run, films, tmp_path, args, message):
 
 def test_predictions_file_must_be_csv_or_json(tmp_path):
     with pytest.raises(ValueError, match=r"\.csv or a \.json"):
-        write_predictions([], tmp_path / "preds.xlsx")
+        write_predictions([], tmp_path / "new" / "preds.xlsx")
+    assert not (tmp_path / "new").exists()  # refused before anything was made
+    assert write_predictions([], tmp_path / "new" / "deeper" / "preds.json").is_file()
 
 
 def test_predictor_is_reusable_and_keeps_order(run, films):

@@ -119,7 +119,7 @@ def test_compare_runs_table_and_csv(reported, tmp_path):
     assert rows[0]["sensitivity"] == at_val["sensitivity"]
     assert rows[0]["roc_auc"] == metrics["roc_auc"]
     assert rows[0]["threshold"] == at_val["threshold"]
-    out = write_compare_csv(rows, tmp_path / "table.csv")
+    out = write_compare_csv(rows, tmp_path / "new" / "table.csv")  # its folder made
     with open(out, newline="") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 2

@@ -514,6 +514,17 @@ def test_cli_lr_find_saves_the_plot(tiny_kaggle, tmp_path):
     assert 1e-6 <= float(result.stdout.strip().splitlines()[-1]) <= 1.0
 
 
+def test_lr_find_runs_its_steps_past_the_stages_epochs(tiny_kaggle, tmp_path):
+    """A one-epoch stage of a few batches: the range test still takes all its steps."""
+    result = CliRunner().invoke(app, [
+        "lr-find", "--data", str(tiny_kaggle), "--preset", "scratch", "--out",
+        str(tmp_path / "lr.png"), "--num-training", "20", "--batch-size", "8",
+        *[f"--set={k}={v}" for k, v in TINY.items()], "--set=stages.0.epochs=1",
+        f"--set=data.cache_dir={tmp_path / 'cache'}"])
+    assert result.exit_code == 0, result.output
+    assert "stopped early" not in result.output
+
+
 @pytest.mark.integration
 @requires_real_data
 def test_quick_preset_on_real_films(tmp_path):

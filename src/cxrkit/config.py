@@ -261,8 +261,12 @@ def parse_assignments(assignments: list[str]) -> dict[str, Any]:
     for item in assignments:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set expects key=value, e.g. optim.lr=0.001; got {item!r}")
-        overrides[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            raise ConfigError(f"--set expects key=value, e.g. stages.0.lr=0.001; got {item!r}")
+        try:
+            overrides[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e.problem}); "
+                              "e.g. lists as [a, b], quoted as a whole in the shell") from e
     return overrides
 
 

@@ -210,11 +210,12 @@ def predict(model_path: str | Path, paths: Iterable[str | Path], backend: str | 
 def write_predictions(predictions: Sequence[Prediction], path: str | Path) -> Path:
     """CSV (one column per class probability) or JSON, by the file's suffix."""
     path = Path(path)
+    if path.suffix.lower() not in (".csv", ".json"):
+        raise ValueError(f"{path}: write predictions to a .csv or a .json file")
+    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".json":
         path.write_text(json.dumps([asdict(p) for p in predictions], indent=2))
         return path
-    if path.suffix.lower() != ".csv":
-        raise ValueError(f"{path}: write predictions to a .csv or a .json file")
     labels = list(dict.fromkeys(k for p in predictions for k in p.probabilities))
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)

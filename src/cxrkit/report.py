@@ -471,6 +471,7 @@ def compare_runs(runs: list[str | Path], split: str = "test", paired: bool = Fal
 def write_compare_csv(rows: list[dict], path: str | Path) -> Path:
     """Flat CSV: each metric as value, ci_low, ci_high columns."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     columns = ["run", "model", "split", "n", "threshold"]
     parts = ("", "_ci_low", "_ci_high")
     columns += [f"{k}{part}" for k in COMPARED for part in parts]

@@ -353,7 +353,8 @@ def find_lr(config: TrainConfig, stage: int = 0, out: str | Path = "lr_find.png"
         module, datamodule = build_stage(run, stage, model, run.folder)
         trainer = make_trainer(run.folder, config.stages[stage], config.trainer, callbacks=[],
                                loggers=False, devices=1, num_nodes=1, strategy="auto",
-                               enable_checkpointing=False)
+                               enable_checkpointing=False,
+                               max_epochs=num_training)  # every step, however short an epoch
         result = Tuner(trainer).lr_find(module, datamodule=datamodule, min_lr=1e-6, max_lr=1.0,
                                         num_training=num_training, update_attr=False)
     figure = result.plot(suggest=True)
