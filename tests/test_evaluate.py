@@ -245,6 +245,28 @@ def test_framing_threshold_is_deployed_and_reported(trained_run, tmp_path):
     assert headline(metrics)["accuracy"] == points["validation_framing"]["accuracy"]
 
 
+def test_evaluating_again_keeps_the_deployed_operating_point(trained_run, tmp_path):
+    """A plain evaluation (as `cxr report` and `cxr compare` make when one is missing)
+    re-applies what chose the deployed threshold; --reset-calibration chooses afresh."""
+    run = copy_run(trained_run, tmp_path)
+    options = {"bootstrap": 0, "make_figures": False, "device": "cpu"}
+    evaluate_run(run, target_sensitivity=1.0, **options)
+    deployed = read_calibration(run)
+    assert deployed.chosen_with == {"target_sensitivity": 1.0}
+    assert json.loads((run / "calibration.json").read_text())["chosen_with"] == {
+        "target_sensitivity": 1.0}
+    again = json.loads((evaluate_run(run, split="val", **options) / "metrics.json").read_text())
+    assert read_calibration(run) == deployed
+    assert again["deployed_operating_point"] == "target_sensitivity"
+    reset = json.loads((evaluate_run(run, reset_calibration=True, **options)
+                        / "metrics.json").read_text())
+    fresh = read_calibration(run)
+    assert fresh.chosen_with == {} and "Youden" in fresh.chosen_on
+    assert reset["deployed_operating_point"] == "validation"
+    assert fresh.threshold == pytest.approx(reset["operating_points"]["validation"]["threshold"])
+    assert fresh.threshold != pytest.approx(deployed.threshold)  # the test can tell them apart
+
+
 def centre_cropped_copy(path: str, fraction: float, folder) -> str:
     """The central `fraction` of the film's sides, saved losslessly at its own size."""
     image = Image.open(path).convert("L")
@@ -329,7 +351,12 @@ def test_calibrating_on_another_sites_films_is_validating_on_them(trained_run, t
     assert got["confusion_matrix"]["counts"] == expected["confusion_matrix"]["counts"]
     assert str(site) in got["threshold_chosen_on"] and got["calibrated"]["fitted_on"] == str(site)
     assert read_calibration(run).threshold == pytest.approx(got["deployed_threshold"])
-    internal = evaluate_run(run, bootstrap=0, make_figures=False, device="cpu")
+    assert read_calibration(run).chosen_with == {"calibrate_on": str(site.resolve())}
+    again = evaluate_run(run, bootstrap=0, make_figures=False, device="cpu")  # re-applied
+    assert again == out and read_calibration(run).threshold == pytest.approx(
+        got["deployed_threshold"])
+    internal = evaluate_run(run, bootstrap=0, make_figures=False, device="cpu",
+                            reset_calibration=True)
     assert json.loads((internal / "metrics.json").read_text())["deployed_threshold"] != (
         pytest.approx(got["deployed_threshold"]))  # the two choices differ on these films
     result = CliRunner().invoke(app, ["evaluate", str(run), "--calibrate-on", str(site),

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -35,10 +35,14 @@ class Calibration:
     threshold: float = 0.5
     temperature: float = 1.0
     chosen_on: str = "default"
+    # The `evaluate_run` options that made this choice (target_sensitivity, framing_threshold,
+    # calibrate_on), so that a later evaluation without them re-applies them instead of
+    # quietly deploying a different operating point. Empty: Youden's J on validation.
+    chosen_with: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"threshold": self.threshold, "temperature": self.temperature,
-                "chosen_on": self.chosen_on}
+                "chosen_on": self.chosen_on, "chosen_with": self.chosen_with}
 
 
 def save_model(model: Classifier | Ensemble, folder: str | Path) -> Path:

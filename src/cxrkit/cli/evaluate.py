@@ -91,6 +91,11 @@ def evaluate_command(
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, mps; default: best."),
     figures: bool = typer.Option(True, "--figures/--no-figures",
                                  help="Write the PNG figures (curves, errors, Grad-CAM)."),
+    reset_calibration: bool = typer.Option(
+        False, "--reset-calibration", help="Choose the operating point afresh (Youden's J on "
+        "the run's validation split). Without it, and without --target-sensitivity, "
+        "--framing-threshold or --calibrate-on, the options that chose the deployed one "
+        "(calibration.json) are applied again."),
 ) -> None:
     """Metrics with patient-bootstrap intervals, threshold and calibration chosen on
     validation, and figures, in RUN/eval/<split>/."""
@@ -101,7 +106,8 @@ def evaluate_command(
                            framing_threshold=framing_threshold,
                            target_sensitivity=target_sensitivity, batch_size=batch_size,
                            bootstrap=bootstrap, seed=seed, num_workers=workers, device=device,
-                           make_figures=figures, calibrate_on=calibrate_on)
+                           make_figures=figures, calibrate_on=calibrate_on,
+                           reset_calibration=reset_calibration)
     except USER_ERRORS as e:
         fail(str(e))
     metrics = json.loads((out / "metrics.json").read_text())

@@ -54,7 +54,14 @@ from cxrkit.evaluation.tta import DEFAULT_VIEWS
 from cxrkit.explain import gradcam, overlay
 from cxrkit.inference import Failure, predict_logits, softmax
 from cxrkit.models import Classifier
-from cxrkit.runs import Calibration, load_model, model_folder, positive_index, write_calibration
+from cxrkit.runs import (
+    Calibration,
+    load_model,
+    model_folder,
+    positive_index,
+    read_calibration,
+    write_calibration,
+)
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +179,29 @@ def score(model: Classifier, samples: Sequence[Sample], where: str,
     kept = [s for s, good in zip(samples, ok, strict=True) if good]
     # float64: a confident model's float32 probabilities round to exactly 1.0 and tie.
     return Scored(kept, y[ok], logits[ok].astype(np.float64), failures)
+
+
+def _as_stored(films: str | Path | None) -> str | None:
+    """Where calibration films are: an absolute path where it is one (`kaggle` as it is)."""
+    if films is None or not Path(films).exists():
+        return None if films is None else str(films)
+    return str(Path(films).resolve())
+
+
+def deployed_options(run: Path) -> tuple[float | None, bool, str | None]:
+    """(target_sensitivity, framing_threshold, calibrate_on) that chose RUN's calibration."""
+    stored = read_calibration(run).chosen_with
+    if stored:
+        log.info("%s: re-applying what chose the deployed operating point (%s); "
+                 "--reset-calibration chooses afresh", run.name,
+                 ", ".join(f"{k}={v}" for k, v in stored.items()))
+    calibrate_on = stored.get("calibrate_on")
+    if calibrate_on and calibrate_on != "kaggle" and not Path(calibrate_on).exists():
+        raise ValueError(f"{run}/calibration.json was chosen on {calibrate_on}, which is gone: "
+                         "evaluate with --calibrate-on FILMS, or --reset-calibration to choose "
+                         "on the run's validation split")
+    return (stored.get("target_sensitivity"), bool(stored.get("framing_threshold")),
+            calibrate_on)
 
 
 def choose_calibration(val: Scored, positive: int | None, target_sensitivity: float | None,
@@ -358,7 +388,8 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
                  num_workers: int = 0, device: str | None = None,
                  make_figures: bool = True, framing: bool = False,
                  framing_threshold: bool = False,
-                 calibrate_on: str | Path | None = None) -> Path:
+                 calibrate_on: str | Path | None = None,
+                 reset_calibration: bool = False) -> Path:
     """Evaluate RUN on its own `split` (test or val), or on external `data`; returns the
     eval folder. See the module docstring for what is chosen where.
 
@@ -376,8 +407,17 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     training site cannot see how that site's films differ. They must not be the films
     evaluated; the evaluation is written to `<name>-calibrated-<their name>`, and
     calibration.json (what `cxr predict` and `cxr serve` deploy) takes their threshold.
+    Called with none of these three, it re-applies the ones that chose the deployed
+    calibration (its `chosen_with`), so evaluating again never quietly deploys another
+    operating point; `reset_calibration`: choose afresh, Youden's J on the run's validation.
     """
     run = model_folder(run).resolve()
+    if not (reset_calibration or target_sensitivity is not None or framing_threshold
+            or calibrate_on is not None):
+        target_sensitivity, framing_threshold, calibrate_on = deployed_options(run)
+    chosen_with = {k: v for k, v in (("target_sensitivity", target_sensitivity),
+                                     ("framing_threshold", framing_threshold),
+                                     ("calibrate_on", _as_stored(calibrate_on))) if v}
     model = load_model(run)
     labels = model.spec.labels
     if len(labels) != model.spec.num_classes:
@@ -427,6 +467,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
                            crop=FRAMING_THRESHOLD_CROP)
     calibration, thresholds = choose_calibration(val, positive, target_sensitivity, framed_val,
                                                  source)
+    calibration.chosen_with = chosen_with
     if len(val.y):
         write_calibration(run, calibration)
     else:
