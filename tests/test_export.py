@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from cxrkit.cli import app
 from cxrkit.export import export_onnx
 from cxrkit.predict import Predictor
-from cxrkit.runs import load_model
+from cxrkit.runs import Calibration, load_model, write_calibration
 from tests.conftest import REAL_DATA, pretrained_run, requires_real_data, synthetic_film
 from tests.test_predict import flat
 
@@ -133,6 +133,19 @@ def test_torchscript_export_matches_eager(trained_run, tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(scripted(x), model(x), atol=1e-5, rtol=1e-4)
     assert json.loads((run / "export" / "model.json").read_text())["input_size"] == 64
+
+
+def test_onnx_on_a_run_follows_its_calibration_after_the_export(lite0_export, tmp_path,
+                                                                 caplog):
+    """A later `cxr evaluate` may move the run's threshold; its export keeps the old one."""
+    run = shutil.copytree(lite0_export, tmp_path / "run")
+    write_calibration(run, Calibration(0.6, 1.2, "validation: sensitivity >= 0.99"))
+    predictor = Predictor.load(run, backend="onnx")
+    assert (predictor.calibration.threshold, predictor.calibration.temperature) == (0.6, 1.2)
+    assert "holds an earlier calibration (threshold 0.3500)" in caplog.text
+    assert Predictor.load(run / "export").calibration.threshold == 0.35  # the export alone
+    with pytest.raises(FileNotFoundError, match="nosuchrun does not exist"):
+        Predictor.load(tmp_path / "nosuchrun")
 
 
 def test_predict_cli_on_onnx_and_its_usage_errors(lite0_export, generated_films, tmp_path):

@@ -184,7 +184,8 @@ def test_multiclass_uses_argmax_and_refuses_a_threshold(tmp_path, films):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["predict", "{tmp}/nowhere", "{films}"], "neither a cxrkit run nor an ONNX export"),
+    (["predict", "{tmp}/nowhere", "{films}"], "nowhere does not exist"),
+    (["predict", "{tmp}", "{films}"], "neither a cxrkit run nor an ONNX export"),
     (["predict", "{run}", "{tmp}"], "no images found"),
     (["predict", "{run}", "{films}", "--out", "{tmp}/preds.txt"], ".csv or .json"),
     (["predict", "{run}", "{films}", "--backend", "onnx"], "cxr export"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import logging
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,8 @@ from cxrkit.runs import (
     positive_index,
     read_calibration,
 )
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnx")
 CAM_MAX_SIDE = 1024  # overlays of 3000-pixel films are shown and stored smaller
@@ -96,6 +99,9 @@ class Predictor:
              device: str | None = None) -> Predictor:
         """A run folder or an ONNX export folder; `backend` None picks what the folder holds."""
         path = Path(model_path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: give a run folder from `cxr train` "
+                                    f"or an export folder from `cxr export`")
         folder = path.parent if path.is_file() else path
         is_run, is_export = (folder / MODEL_WEIGHTS).is_file(), is_onnx_export(folder)
         if not is_run and not is_export:
@@ -111,12 +117,20 @@ class Predictor:
                 raise ValueError(f"{path} is an ONNX export: use --backend onnx, or pass the run "
                                  f"folder it was exported from for --backend torch")
             return cls(load_model(path), read_calibration(path), "torch", device)
-        if is_run:  # the run's own export
-            folder = model_folder(folder) / "export"
-            if not is_onnx_export(folder):
-                raise FileNotFoundError(f"no ONNX export in {folder}: run `cxr export {path}` "
-                                        f"first, or use --backend torch")
-        return cls(*load_onnx(folder), "onnx")
+        if not is_run:
+            return cls(*load_onnx(folder), "onnx")
+        export = model_folder(folder) / "export"  # the run's own export
+        if not is_onnx_export(export):
+            raise FileNotFoundError(f"no ONNX export in {export}: run `cxr export {path}` "
+                                    f"first, or use --backend torch")
+        model, exported = load_onnx(export)
+        deployed = read_calibration(path)  # the run's, which a later evaluation may have moved
+        if (exported.threshold, exported.temperature) != (deployed.threshold,
+                                                          deployed.temperature):
+            log.warning("%s holds an earlier calibration (threshold %.4f); using the run's "
+                        "calibration.json (%.4f). `cxr export %s` updates the export.",
+                        export, exported.threshold, deployed.threshold, path)
+        return cls(model, deployed, "onnx")
 
     def require_torch(self, what: str) -> None:
         if self.backend != "torch":
