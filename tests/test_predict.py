@@ -117,6 +117,7 @@ def test_cli_lists_the_corrupt_file_and_exits_1(run, films, tmp_path):
         assert by_name["normal_3.jpg"]["label"] == "NORMAL"
     ok = runner.invoke(app, ["predict", str(run), str(films / "a"), "--threshold", "0.4"])
     assert ok.exit_code == 0, ok.output
+    assert "label PNEUMONIA where P(PNEUMONIA) >= 0.400" in flat(ok.output)
 
 
 def test_globs_and_missing_files(run, films):

@@ -14,6 +14,7 @@ from rich.table import Table
 from cxrkit.cli.app import app, console, fail
 from cxrkit.export import FORMATS, SIDECAR, export_model
 from cxrkit.predict import BACKENDS, Prediction, predict, write_predictions
+from cxrkit.runs import positive_index
 
 MODEL_HELP = "A run folder (from `cxr train`), or an ONNX export folder (model.onnx + model.json)."
 TABLE_ROWS = 50  # more than this on screen helps nobody: --out has them all
@@ -33,8 +34,13 @@ def predictions_table(predictions: list[Prediction]) -> Table:
     for p, path in zip(readable[:TABLE_ROWS], paths, strict=False):
         name = os.path.relpath(path, root) if root else p.path
         table.add_row(name, p.label, *[f"{p.probabilities[k]:.3f}" for k in labels])
+    notes = []
+    if readable and readable[0].threshold is not None:  # why a 0.38 can still be PNEUMONIA
+        positive = labels[positive_index(labels)]
+        notes.append(f"label {positive} where P({positive}) >= {readable[0].threshold:.3f}")
     if len(readable) > TABLE_ROWS:
-        table.caption = f"first {TABLE_ROWS} of {len(readable)}; --out FILE.csv keeps them all"
+        notes.append(f"first {TABLE_ROWS} of {len(readable)}; --out FILE.csv keeps them all")
+    table.caption = "; ".join(notes) or None
     return table
 
 
