@@ -67,6 +67,19 @@ def test_adapting_a_frozen_backbone_run_warns(tmp_path, caplog):
     assert "frozen-backbone stage 'head'" in caplog.text
     assert "ImageNet" in json.loads((out / "adaptation.json").read_text())["warning"]
     (run / "val_metrics.json").write_text(json.dumps({"best_stage": "finetune"}))
+    warning = json.loads((adapt_run(run, target, "test") / "adaptation.json").read_text())[
+        "warning"]
+    assert "ImageNet" not in warning and "only 4 target image(s)" in warning  # a tiny site
+
+
+def test_adapting_on_a_few_films_warns_and_enough_do_not(tmp_path, caplog, monkeypatch):
+    run = tmp_path / "run"
+    save_model(create_model("simple_cnn", labels=["NORMAL", "PNEUMONIA"]), run)
+    target = make_kaggle_tree(tmp_path / "site", {"test": 4})
+    out = adapt_run(run, target, split="test")
+    assert "only 8 target image(s)" in caplog.text
+    assert "fewer than 100 films" in json.loads((out / "adaptation.json").read_text())["warning"]
+    monkeypatch.setattr("cxrkit.adapt.MIN_TARGET_IMAGES", 8)
     assert json.loads((adapt_run(run, target, "test") / "adaptation.json").read_text())[
         "warning"] is None
 

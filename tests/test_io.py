@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from cxrkit.data.io import UnreadableImageError, read_image, try_read_image
+from cxrkit.data.layout import images_under
 
 
 def gradient(w: int = 64, h: int = 48) -> np.ndarray:
@@ -129,6 +130,18 @@ def test_dicom_without_the_dicm_suffix_is_recognised(tmp_path):
     path = write_dicom(tmp_path / "film.dcm", dicom_ramp())
     renamed = path.rename(tmp_path / "film.img")
     assert np.asarray(read_image(renamed))[0, -1] == 255
+
+
+def test_dicom_files_without_a_suffix_are_found_in_folders(tmp_path):
+    """PACS exports: `IM0001`, or a UID whose last part looks like a numeric suffix."""
+    folder = tmp_path / "films" / "NORMAL"
+    folder.mkdir(parents=True)
+    for name in ("IM0001", "1.2.840.113619.2.55"):
+        write_dicom(folder / "x.dcm", dicom_ramp()).rename(folder / name)
+    (folder / "README").write_text("not a film")
+    found = [p.name for p in images_under(tmp_path / "films")]
+    assert found == ["1.2.840.113619.2.55", "IM0001"]
+    assert all(np.asarray(read_image(folder / n))[0, -1] == 255 for n in found)
 
 
 def test_dicom_rescale_then_window(tmp_path):

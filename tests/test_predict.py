@@ -146,9 +146,9 @@ def test_dicom_monochrome1_predicts_like_the_png(run, tmp_path):
         assert other.label == png.label
         np.testing.assert_allclose(list(other.probabilities.values()),
                                    list(png.probabilities.values()), atol=1e-5)
-    # A folder picks up .dcm files by their suffix.
-    assert sorted(p.rsplit("/", 1)[1] for p in collect_images([tmp_path])) == ["film.dcm",
-                                                                              "film.png"]
+    # A folder picks up .dcm files by their suffix, and DICOM files with none by content.
+    assert sorted(p.rsplit("/", 1)[1] for p in collect_images([tmp_path])) == [
+        "film.dcm", "film.png", "film_without_suffix"]
 
 
 def test_gradcam_overlays_written_per_readable_file(run, films, tmp_path):

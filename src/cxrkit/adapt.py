@@ -88,6 +88,9 @@ def frozen_backbone_warning(run: Path) -> str | None:
     return None
 
 
+MIN_TARGET_IMAGES = 100  # below this, re-estimated statistics are mostly noise
+
+
 def adapt_run(run: str | Path, data: str | Path, split: str | None = "test",
               out: str | Path | None = None, batch_size: int = 32) -> Path:
     """Adapt a trained run to the unlabelled images of `data`; returns the new run folder."""
@@ -95,7 +98,12 @@ def adapt_run(run: str | Path, data: str | Path, split: str | None = "test",
     paths = target_images(data, split)
     if not paths:
         raise ValueError(f"no images to adapt on in {data} (split {split!r})")
-    warning = frozen_backbone_warning(run)
+    warnings = [frozen_backbone_warning(run)]
+    if len(paths) < MIN_TARGET_IMAGES:
+        warnings.append(f"only {len(paths)} target image(s): BatchNorm statistics from fewer "
+                        f"than {MIN_TARGET_IMAGES} films are noisy and can shift every "
+                        "prediction; adapt on a few hundred of the new site's films")
+    warning = " ".join(filter(None, warnings)) or None
     if warning:
         log.warning(warning)
     out = Path(out) if out else run.with_name(f"{run.name}-adapted")

@@ -32,15 +32,26 @@ class UnreadableImageError(ValueError):
 
 
 def is_image_file(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in SUPPORTED_SUFFIXES
+    """A supported suffix; or no suffix (or a numeric one, as in UIDs) and the DICOM magic:
+    PACS exports often name files `IM0001` or `1.2.840.113619.2.55.3.1`."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in SUPPORTED_SUFFIXES:
+        return True
+    return (suffix == "" or suffix[1:].isdigit()) and _has_dicom_magic(path)
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
 
 
 def _looks_like_dicom(path: Path) -> bool:
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return True
-    with open(path, "rb") as f:
-        f.seek(128)
-        return f.read(4) == b"DICM"
+    return path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_magic(path)
 
 
 def _to_uint8(pixels: np.ndarray) -> np.ndarray:
