@@ -30,3 +30,10 @@ def test_cxr_run_does_the_whole_job_on_the_default_recipe_as_an_ensemble(tiny_ka
     assert metrics["deployed_operating_point"] == "validation_framing"
     report = (run / "report.html").read_text()
     assert "members/1-simple_cnn" in report and "audit" in report.lower()
+
+
+def test_version():
+    from cxrkit import __version__
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"cxrkit {__version__}"

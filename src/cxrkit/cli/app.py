@@ -18,8 +18,19 @@ app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from cxrkit import __version__
+
+        typer.echo(f"cxrkit {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+         version: bool = typer.Option(False, "--version", callback=_print_version,
+                                      is_eager=True, help="Print the version and exit.")
+         ) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
