@@ -118,6 +118,7 @@ def test_cli_lists_the_corrupt_file_and_exits_1(run, films, tmp_path):
     ok = runner.invoke(app, ["predict", str(run), str(films / "a"), "--threshold", "0.4"])
     assert ok.exit_code == 0, ok.output
     assert "label PNEUMONIA where P(PNEUMONIA) >= 0.400" in flat(ok.output)
+    assert "normal_0.png" in ok.stdout and "normal_0.png" not in ok.stderr  # pipes see it
 
 
 def test_globs_and_missing_files(run, films):

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from cxrkit.cli.app import app, console, fail
@@ -73,7 +74,8 @@ def predict_command(
         fail(f"no images found in {' '.join(paths)} (JPEG, PNG or DICOM files, or folders "
              f"holding them)")
     seconds = time.perf_counter() - start
-    console.print(predictions_table(predictions))
+    if any(p.ok for p in predictions):  # the result, on stdout: `cxr predict ... | grep`
+        Console().print(predictions_table(predictions))
     failed = [p for p in predictions if not p.ok]
     for p in failed:
         console.print(f"[red]unreadable, skipped:[/] {p.path}: {p.error}")
