@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, WeightAveraging
+from lightning.pytorch.callbacks import Callback, RichProgressBar, WeightAveraging
 from typer.testing import CliRunner
 
 import cxrkit.data.dataset
@@ -25,7 +25,7 @@ from cxrkit.data.transforms import ModelInput, eval_transform
 from cxrkit.models import create_model
 from cxrkit.runs import load_model
 from cxrkit.training import train
-from cxrkit.training.callbacks import make_callbacks, make_trainer
+from cxrkit.training.callbacks import ProgressBar, make_callbacks, make_loggers, make_trainer
 from cxrkit.training.curves import step_losses
 from cxrkit.training.datamodule import prepare_samples, task_classes
 from cxrkit.training.features import extract_features
@@ -287,6 +287,15 @@ def test_ema_stage_ends_with_the_moving_average_of_its_weights(tiny_kaggle, tmp_
     for key, value in expected.items():
         torch.testing.assert_close(final[key], value)
     assert not torch.allclose(final["head.1.weight"], recorder.steps[-1]["head.1.weight"])
+
+
+def test_the_progress_bar_shows_no_cut_version_name(tmp_path):
+    stage = TrainConfig().stages[0]
+    loggers = make_loggers(tmp_path, "train", TrainConfig().trainer)
+    trainer = make_trainer(tmp_path, stage, TrainConfig().trainer, callbacks=[ProgressBar()],
+                           loggers=loggers)
+    assert RichProgressBar().get_metrics(trainer, None)["v_num"] == "rain"  # what it hides
+    assert "v_num" not in trainer.progress_bar_callback.get_metrics(trainer, None)
 
 
 def test_param_groups_give_each_depth_its_learning_rate():

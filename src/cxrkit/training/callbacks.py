@@ -100,8 +100,18 @@ def make_callbacks(run: Path, trainer: TrainerConfig,
         # Lightning's own: validation and checkpoints (best.ckpt too) see the averaged weights.
         callbacks.append(WeightAveraging(avg_fn=get_ema_avg_fn(stage.ema_decay)))
     if trainer.progress_bar:
-        callbacks.append(RichProgressBar())
+        callbacks.append(ProgressBar())
     return callbacks
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich bar without `v_num`: our logger versions are stage names, which it
+    cuts to their last four letters ("rain")."""
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
 
 
 def make_loggers(run: Path, stage: str, trainer: TrainerConfig) -> list[Logger]:
