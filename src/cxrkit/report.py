@@ -454,13 +454,14 @@ def compare_runs(runs: list[str | Path], split: str = "test", paired: bool = Fal
     `paired`: every row after the first also holds "paired", its headline metrics minus the
     first run's on the films both scored, with paired bootstrap intervals."""
     rows, folders = [], [ensure_evaluated(run, split) for run in runs]
+    block, level = SPEC_AT_SENS.split("/")  # metrics.json nests such keys
     for run, folder in zip(runs, folders, strict=True):
         metrics = json.loads((folder / "metrics.json").read_text())
         threshold = deployed_point(metrics).get("threshold")
         rows.append({"run": str(model_folder(run)), "model": metrics.get("model", ""),
                      "split": split, "n": metrics["n"], "threshold": threshold,
                      **headline(metrics),
-                     SPEC_AT_SENS: metrics.get("specificity_at_sensitivity", {}).get("0.97")})
+                     SPEC_AT_SENS: metrics.get(block, {}).get(level)})
     if paired:
         base = read_scored(folders[0])
         for row, folder in zip(rows[1:], folders[1:], strict=True):

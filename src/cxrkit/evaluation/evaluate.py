@@ -183,9 +183,9 @@ def score(model: Classifier, samples: Sequence[Sample], where: str,
 
 def _as_stored(films: str | Path | None) -> str | None:
     """Where calibration films are: an absolute path where it is one (`kaggle` as it is)."""
-    if films is None or not Path(films).exists():
-        return None if films is None else str(films)
-    return str(Path(films).resolve())
+    if films is None:
+        return None
+    return str(Path(films).resolve()) if Path(films).exists() else str(films)
 
 
 def deployed_options(run: Path) -> tuple[float | None, bool, str | None]:
