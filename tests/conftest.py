@@ -143,7 +143,7 @@ def trained_run(tiny_kaggle, tmp_path_factory) -> Path:
 
 
 def pretrained_run(folder: Path, threshold: float | None = None,
-                   temperature: float = 1.0) -> Path:
+                   temperature: float = 1.0, bias: list[float] | None = None) -> Path:
     """A run folder as `cxr train` leaves it, without training: ImageNet EfficientNet-Lite0
     with a fresh (seeded) two-class head, and a calibration when `threshold` is given.
     For tests of what *uses* a real-sized model: they check behaviour, not accuracy."""
@@ -155,7 +155,7 @@ def pretrained_run(folder: Path, threshold: float | None = None,
     torch.manual_seed(0)
     save_model(create_model("efficientnet_lite0", labels=["NORMAL", "PNEUMONIA"]), folder)
     if threshold is not None:
-        write_calibration(folder, Calibration(threshold, temperature, "val"))
+        write_calibration(folder, Calibration(threshold, temperature, "val", bias=bias or []))
     return folder
 
 

@@ -6,6 +6,7 @@ import pytest
 from cxrkit.evaluation.calibration import (
     expected_calibration_error,
     fit_temperature,
+    fit_temperature_and_bias,
     negative_log_likelihood,
     reliability_curve,
 )
@@ -49,6 +50,37 @@ def test_well_calibrated_model_keeps_temperature_near_one():
     logits, y = overconfident(6000, factor=1.0, seed=2)
     assert fit_temperature(logits, y) == pytest.approx(1.0, abs=0.1)
     assert ece_of(logits, y, 1.0) < 0.03
+
+
+def shifted(n: int, factor: float, shift: float, seed: int):
+    """Like `overconfident`, and the model also favours class 1 by `shift` logits: what
+    training-site weighting or a different class mix does to a model at a new site."""
+    logits, y = overconfident(n, factor, seed)
+    return logits + np.array([0.0, shift]), y
+
+
+def test_temperature_and_bias_undo_a_shift_temperature_alone_cannot():
+    val_logits, val_y = shifted(4000, factor=2.0, shift=1.5, seed=3)
+    test_logits, test_y = shifted(4000, factor=2.0, shift=1.5, seed=4)
+    t, bias = fit_temperature_and_bias(val_logits, val_y)
+    # The truth is logit = (z - 1.5) / 2: T = 2 and a bias of -1.5 / 2 on class 1.
+    assert t == pytest.approx(2.0, rel=0.15)
+    assert bias[0] == 0.0 and bias[1] == pytest.approx(-0.75, abs=0.15)
+    p_both = softmax(test_logits, t, bias)[:, 1]
+    t_only = fit_temperature(val_logits, val_y)
+    ece_both = expected_calibration_error(p_both, (test_y == 1).astype(float))[0]
+    assert ece_both < 0.03 < ece_of(test_logits, test_y, t_only)
+    assert (negative_log_likelihood(test_logits, test_y, t, np.array(bias))
+            < negative_log_likelihood(test_logits, test_y, t_only))
+    ones = np.ones((1, len(test_y)))  # a monotone map: the ranking stays
+    assert roc_auc(test_y == 1, p_both, ones)[0] == pytest.approx(
+        roc_auc(test_y == 1, test_logits[:, 1], ones)[0])
+
+
+def test_a_bias_needs_films_of_every_class():
+    logits, y = overconfident(200, factor=2.0)
+    with pytest.raises(ValueError, match=r"class\(es\) \[1\]: no such films"):
+        fit_temperature_and_bias(logits[y == 0], y[y == 0])
 
 
 def test_reliability_curve_by_hand():

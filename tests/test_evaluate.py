@@ -333,8 +333,10 @@ def test_three_class_run(tiny_kaggle, tmp_path):
 
 
 def test_calibrating_on_another_sites_films_is_validating_on_them(trained_run, tmp_path):
-    """--calibrate-on FILMS chooses exactly what the run's validation split would choose if it
-    held those films; the evaluation goes to its own folder and calibration.json follows."""
+    """--calibrate-on FILMS chooses the operating point the run's validation split would
+    choose if it held those films, and fits a bias per class besides the temperature (their
+    class mix is the site's); the evaluation goes to its own folder and calibration.json
+    follows."""
     site = make_class_folders(tmp_path / "site_b", ["NORMAL", "PNEUMONIA"], n=8)
     run = copy_run(trained_run, tmp_path)
     out = evaluate_run(run, calibrate_on=site, bootstrap=50, make_figures=False, device="cpu")
@@ -346,9 +348,10 @@ def test_calibrating_on_another_sites_films_is_validating_on_them(trained_run, t
                    as_validation / "split.csv")
     reference = evaluate_run(as_validation, bootstrap=50, make_figures=False, device="cpu")
     got, expected = (json.loads((f / "metrics.json").read_text()) for f in (out, reference))
-    assert got["deployed_threshold"] == pytest.approx(expected["deployed_threshold"])
-    assert got["calibrated"]["temperature"] == pytest.approx(expected["calibrated"]["temperature"])
     assert got["confusion_matrix"]["counts"] == expected["confusion_matrix"]["counts"]
+    assert expected["calibrated"]["bias"] == [] and len(got["calibrated"]["bias"]) == 2
+    assert got["calibrated"]["bias"][0] == 0.0  # (these films are separable: the rest is free)
+    assert read_calibration(run).bias == got["calibrated"]["bias"]  # deployed with it
     assert str(site) in got["threshold_chosen_on"] and got["calibrated"]["fitted_on"] == str(site)
     assert read_calibration(run).threshold == pytest.approx(got["deployed_threshold"])
     assert read_calibration(run).chosen_with == {"calibrate_on": str(site.resolve())}
@@ -359,6 +362,7 @@ def test_calibrating_on_another_sites_films_is_validating_on_them(trained_run, t
                             reset_calibration=True)
     assert json.loads((internal / "metrics.json").read_text())["deployed_threshold"] != (
         pytest.approx(got["deployed_threshold"]))  # the two choices differ on these films
+    assert read_calibration(run).bias == []  # the training site's mix is not learnt
     result = CliRunner().invoke(app, ["evaluate", str(run), "--calibrate-on", str(site),
                                       "--bootstrap", "10", "--no-figures"])
     assert result.exit_code == 0, result.output

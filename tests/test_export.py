@@ -26,9 +26,10 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def lite0_export(tmp_path_factory):
-    """A Lite0 run (threshold 0.35, temperature 1.7) exported to ONNX by the CLI."""
+    """A Lite0 run (threshold 0.35, temperature 1.7, bias +0.8 on PNEUMONIA) exported to
+    ONNX by the CLI."""
     run = pretrained_run(tmp_path_factory.mktemp("export") / "run", threshold=0.35,
-                         temperature=1.7)
+                         temperature=1.7, bias=[0.0, 0.8])
     result = runner.invoke(app, ["export", str(run), "--opset", "19"])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().endswith("model.onnx")
@@ -81,10 +82,11 @@ def test_export_folder_is_self_describing(lite0_export):
     assert [d.dim_value for d in image.type.tensor_type.shape.dim[1:]] == [3, 224, 224]
     sidecar = json.loads((folder / "model.json").read_text())
     assert sidecar["labels"] == ["NORMAL", "PNEUMONIA"]
-    assert (sidecar["threshold"], sidecar["temperature"]) == (0.35, 1.7)
+    assert (sidecar["threshold"], sidecar["temperature"], sidecar["bias"]) == (0.35, 1.7,
+                                                                              [0.0, 0.8])
     assert (sidecar["input_size"], sidecar["in_chans"], sidecar["equalize"]) == (224, 3, False)
     assert len(sidecar["mean"]) == len(sidecar["std"]) == 3
-    assert "softmax(logits / temperature)" in sidecar["preprocess"]
+    assert "softmax(logits / temperature + bias)" in sidecar["preprocess"]
     assert {o.domain: o.version for o in model.opset_import}[""] == 19  # --opset
 
 
@@ -101,7 +103,7 @@ def test_the_sidecar_recipe_alone_reproduces_predictions(lite0_export, lite0_pre
     x = np.repeat(x, meta["in_chans"], axis=0)
     x = (x - np.array(meta["mean"])[:, None, None]) / np.array(meta["std"])[:, None, None]
     [logits] = session.run([meta["output"]], {meta["input"]: x[None].astype(np.float32)})
-    z = logits[0] / meta["temperature"]
+    z = logits[0] / meta["temperature"] + np.array(meta["bias"])
     probabilities = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
     [expected] = lite0_predictors[0].predict([path])
     np.testing.assert_allclose(probabilities, list(expected.probabilities.values()), atol=1e-4)

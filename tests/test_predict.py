@@ -30,9 +30,11 @@ def flat(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def run(trained_run, tmp_path_factory):
-    """The tiny trained run, with a validation threshold of 0.4 and a temperature of 1.5."""
+    """The tiny trained run, with a threshold of 0.4, a temperature of 1.5 and a bias of
+    -0.3 on PNEUMONIA."""
     run = shutil.copytree(trained_run, tmp_path_factory.mktemp("predict") / "run")
-    write_calibration(run, Calibration(threshold=0.4, temperature=1.5, chosen_on="val"))
+    write_calibration(run, Calibration(threshold=0.4, temperature=1.5, chosen_on="val",
+                                       bias=[0.0, -0.3]))
     return run
 
 
@@ -51,15 +53,16 @@ def films(tmp_path_factory):
     return root
 
 
-def reference_probabilities(run, path, temperature):
-    """softmax(logits / T) straight from the PyTorch model, for one file."""
+def reference_probabilities(run, path, temperature, bias):
+    """softmax(logits / T + bias) straight from the PyTorch model, for one file."""
     model = load_model(run)
     x = eval_transform(model.spec)(load_prepared(str(path), model.spec.input_size, False))
     with torch.no_grad():
-        return torch.softmax(model(x[None]) / temperature, dim=1)[0].numpy()
+        z = model(x[None]) / temperature + (torch.tensor(bias) if bias else 0.0)
+        return torch.softmax(z, dim=1)[0].numpy()
 
 
-def test_folder_predictions_follow_the_temperature_and_threshold(run, films):
+def test_folder_predictions_follow_the_calibration_and_threshold(run, films):
     # On the CPU like the reference: a GPU's TF32 convolutions differ by ~1e-4.
     predictions = predict(run, [films], device="cpu")
     assert [p.path for p in predictions] == [str(p) for p in sorted(films.rglob("*.*"))
@@ -67,7 +70,7 @@ def test_folder_predictions_follow_the_temperature_and_threshold(run, films):
     good = [p for p in predictions if p.ok]
     assert len(good) == 4
     for p in good:
-        expected = reference_probabilities(run, p.path, temperature=1.5)
+        expected = reference_probabilities(run, p.path, temperature=1.5, bias=[0.0, -0.3])
         np.testing.assert_allclose(list(p.probabilities.values()), expected, atol=1e-5)
         assert list(p.probabilities) == ["NORMAL", "PNEUMONIA"]
         assert p.threshold == 0.4
@@ -87,13 +90,13 @@ def test_threshold_override_and_default(run, films, tmp_path):
     assert labels == [None if p is None else ("PNEUMONIA" if p >= cut else "NORMAL")
                       for p in p_pneumonia]
     assert labels.count("PNEUMONIA") == 3
-    # Without a calibration file: threshold 0.5 and temperature 1.
+    # Without a calibration file: threshold 0.5, temperature 1, no bias.
     bare = shutil.copytree(run, tmp_path / "bare")
     (bare / "calibration.json").unlink()
     [p] = predict(bare, [files[0]], device="cpu")
     assert p.threshold == 0.5
     np.testing.assert_allclose(list(p.probabilities.values()),
-                               reference_probabilities(run, files[0], 1.0), atol=1e-5)
+                               reference_probabilities(run, files[0], 1.0, None), atol=1e-5)
 
 
 def test_cli_lists_the_corrupt_file_and_exits_1(run, films, tmp_path):

@@ -2,12 +2,12 @@
 
     OUT/model.onnx   float32 "image" [N, C, S, S] -> float32 "logits" [N, K], N dynamic
     OUT/model.pt     the same network as TorchScript (`--format torchscript`)
-    OUT/model.json   the sidecar: preprocessing, labels, threshold, temperature
+    OUT/model.json   the sidecar: preprocessing, labels, threshold, temperature, bias
 
-The graph outputs *logits*, not probabilities: the temperature is then a number
+The graph outputs *logits*, not probabilities: temperature and bias are then numbers
 in the sidecar that recalibration can change without a new export, and every
 consumer (cxrkit's own `predict --backend onnx` included) applies the same
-`softmax(logits / temperature)`. The sidecar repeats the preprocessing facts in
+`softmax(logits / temperature + bias)`. The sidecar repeats the preprocessing facts in
 words (`preprocess`) so that the file is usable from any language.
 
 `OnnxClassifier` runs an exported model with ONNX Runtime behind the same
@@ -43,7 +43,8 @@ PREPROCESS = (
     "MONOCHROME1 inverted). If `equalize`, histogram-equalise it. Resize to input_size x "
     "input_size (bilinear). Scale to [0, 1], repeat the gray channel to `in_chans`, then per "
     "channel (x - mean) / std. Feed float32 NCHW as `image`. The output `logits` [N, classes]: "
-    "probabilities = softmax(logits / temperature). With two labels the prediction is the last "
+    "probabilities = softmax(logits / temperature + bias) (bias: one number per class, "
+    "added to each row; empty: none). With two labels the prediction is the last "
     "label when its probability >= threshold, else the first; with more, the most probable."
 )
 
@@ -118,6 +119,7 @@ def write_sidecar(folder: str | Path, spec: ModelSpec, calibration: Calibration)
         **spec.to_dict(),
         "threshold": calibration.threshold,
         "temperature": calibration.temperature,
+        "bias": calibration.bias,
         "threshold_chosen_on": calibration.chosen_on,
         "input": INPUT_NAME,
         "output": OUTPUT_NAME,
@@ -139,7 +141,8 @@ def read_sidecar(path: str | Path) -> tuple[ModelSpec, Calibration]:
     folder = path.parent if path.is_file() else path
     meta = json.loads((folder / SIDECAR).read_text())
     calibration = Calibration(meta["threshold"], meta["temperature"],
-                              meta.get("threshold_chosen_on", "default"))
+                              meta.get("threshold_chosen_on", "default"),
+                              bias=meta.get("bias", []))  # exports before the bias had none
     return ModelSpec.from_dict(meta), calibration
 
 

@@ -97,8 +97,10 @@ def predict_logits(
     return logits, failures
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
+def softmax(logits: np.ndarray, temperature: float = 1.0,
+            bias: Sequence[float] | None = None) -> np.ndarray:
+    """softmax(logits / temperature + bias) per row; no bias: zero."""
+    z = logits / temperature + (np.asarray(bias) if bias else 0.0)
     z = z - np.nanmax(z, axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)

@@ -30,7 +30,7 @@ from PIL import Image
 from cxrkit.data.io import read_image
 from cxrkit.data.layout import images_under
 from cxrkit.export import FILE_NAMES, is_onnx_export, load_onnx
-from cxrkit.inference import predict_logits, softmax
+from cxrkit.inference import predict_logits
 from cxrkit.runs import (
     MODEL_WEIGHTS,
     Calibration,
@@ -125,8 +125,8 @@ class Predictor:
                                     f"first, or use --backend torch")
         model, exported = load_onnx(export)
         deployed = read_calibration(path)  # the run's, which a later evaluation may have moved
-        if (exported.threshold, exported.temperature) != (deployed.threshold,
-                                                          deployed.temperature):
+        if ((exported.threshold, exported.temperature, exported.bias)
+                != (deployed.threshold, deployed.temperature, deployed.bias)):
             log.warning("%s holds an earlier calibration (threshold %.4f); using the run's "
                         "calibration.json (%.4f). `cxr export %s` updates the export.",
                         export, exported.threshold, deployed.threshold, path)
@@ -163,7 +163,7 @@ class Predictor:
             if path in reasons:
                 predictions.append(Prediction(path, threshold=threshold, error=reasons[path]))
                 continue
-            probs = softmax(row[None], self.calibration.temperature)[0]
+            probs = self.calibration.probabilities(row[None])[0]
             # Two classes: the positive label from the threshold on; else the argmax.
             positive = positive_index(self.labels)
             index = (int(np.argmax(probs)) if threshold is None

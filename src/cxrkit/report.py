@@ -21,6 +21,7 @@ from jinja2 import Environment
 from cxrkit import __version__
 from cxrkit.data.split import read_manifest, shared_patients
 from cxrkit.evaluation import EVAL_DIR, evaluate_run
+from cxrkit.evaluation.evaluate import calibration_text
 from cxrkit.evaluation.paired import paired_difference, read_scored
 from cxrkit.runs import load_spec, model_folder, read_calibration
 
@@ -69,8 +70,9 @@ LIMITATIONS = [
     "wrong, which caps measurable accuracy.",
     "Grad-CAM shows where the model looked, not that it looked for the right reason; it is "
     "coarse (the last convolutional map) and not a localisation of disease.",
-    "The decision threshold and the temperature were chosen on the validation split; a "
-    "different prevalence or population calls for re-choosing them on local data.",
+    "The decision threshold and the calibration were chosen on the validation split (unless "
+    "`--calibrate-on` named other films); a different prevalence or population calls for "
+    "re-choosing them on local labelled films: `cxr evaluate RUN --calibrate-on FILMS`.",
 ]
 
 
@@ -317,10 +319,9 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 <section id="metrics"><h2>Metrics</h2>
 {% if evals %}
 <p>95% bootstrap intervals in parentheses, resampling patients ({{ evals[0].bootstrap.resamples }}
- resamples). Probabilities are temperature-scaled (T = {{ "%.3f"|format(calibration.temperature) }},
- fitted on validation).{% if positive %} The <em>validation</em> threshold
- ({{ calibration.chosen_on }}) was chosen on the validation split only and is the one
- <code>cxr predict</code> uses ({{ "%.4f"|format(calibration.threshold) }}).{% endif %}</p>
+ resamples). Probabilities are calibrated ({{ calibration_text }}).{% if positive %} The deployed
+ threshold ({{ calibration.chosen_on }}) is the one <code>cxr predict</code> uses
+ ({{ "%.4f"|format(calibration.threshold) }}).{% endif %} Neither was chosen on test data.</p>
 <table><tr><th class="name">metric</th>{% for m in evals %}<th>{{ m.title }}</th>
 {% endfor %}</tr>
 {% for row in rows %}{% if row.group and (loop.first or rows[loop.index0 - 1].group != row.group) %}
@@ -372,7 +373,7 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 {% else %}<p class="missing">Not evaluated.</p>{% endif %}
 <h3>Decision rule</h3><p>{% if positive %}P({{ positive }})
  ≥ {{ "%.4f"|format(calibration.threshold) }}{% else %}The most probable class{% endif %}
- on temperature-scaled probabilities (T = {{ "%.3f"|format(calibration.temperature) }}),
+ on calibrated probabilities ({{ calibration_text }}),
  chosen on: {{ calibration.chosen_on }}. Never chosen on test data.</p>
 <h3>Known limitations</h3><ul>{% for item in limitations %}<li>{{ item }}</li>{% endfor %}</ul>
 </div></section>
@@ -425,6 +426,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
                                            for k, v in headline(m).items() if v is not None))
                     for m in evals]
     val_metrics = _read_json(run / "val_metrics.json") or {}
+    calibration = read_calibration(run)
     page = Environment(autoescape=True).from_string(TEMPLATE).render(
         run_name=run.name, run_path=str(run), spec=spec, version=__version__,
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -435,7 +437,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
                      for k, v in val_metrics.items() if not isinstance(v, dict | list)},
         config_text=yaml.safe_dump(config, sort_keys=False) if config else "",
         evals=evals, rows=metric_rows(evals) if evals else [],
-        calibration=read_calibration(run),
+        calibration=calibration, calibration_text=calibration_text(calibration),
         variants=variant_tables(test) if test else [],
         published=published_rows(binary_test) if binary_test else None,
         published_source=PUBLISHED["source"], test_n=test["n"] if test else 0,

@@ -7,7 +7,7 @@
     RUN/model.safetensors    best weights, loadable without Lightning
     RUN/model.json           ModelSpec: architecture, input size, mean, std, labels
                              (an ensemble's also lists its members' specs)
-    RUN/calibration.json     threshold and temperature chosen on validation (by evaluate)
+    RUN/calibration.json     threshold, temperature (and bias) chosen by `cxr evaluate`
     RUN/metrics.csv, tb/, training_curves.png, eval/<split>/, report.html
 """
 
@@ -17,8 +17,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from safetensors.torch import load_file, save_file
 
+from cxrkit.inference import softmax
 from cxrkit.models import Classifier, ModelSpec
 from cxrkit.models.ensemble import Ensemble, model_from_description
 
@@ -30,7 +32,9 @@ LABELS = "labels.json"
 
 @dataclass
 class Calibration:
-    """Decision threshold on P(positive class) and softmax temperature, chosen on validation."""
+    """Decision threshold on P(positive class), and how logits become probabilities:
+    softmax(logits / temperature + bias), chosen on validation (or the deployment site's
+    labelled films)."""
 
     threshold: float = 0.5
     temperature: float = 1.0
@@ -39,10 +43,17 @@ class Calibration:
     # calibrate_on), so that a later evaluation without them re-applies them instead of
     # quietly deploying a different operating point. Empty: Youden's J on validation.
     chosen_with: dict = field(default_factory=dict)
+    # One number per class, added after the temperature; empty: none. Fitted only on the
+    # deployment site's films (`--calibrate-on`), whose class mix it learns.
+    bias: list[float] = field(default_factory=list)
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """[N, classes] logits -> calibrated probabilities."""
+        return softmax(logits, self.temperature, self.bias)
 
     def to_dict(self) -> dict:
         return {"threshold": self.threshold, "temperature": self.temperature,
-                "chosen_on": self.chosen_on, "chosen_with": self.chosen_with}
+                "bias": self.bias, "chosen_on": self.chosen_on, "chosen_with": self.chosen_with}
 
 
 def save_model(model: Classifier | Ensemble, folder: str | Path) -> Path:

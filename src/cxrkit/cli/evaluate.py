@@ -12,6 +12,7 @@ from cxrkit.cli.app import app, console, fail
 from cxrkit.data.kaggle import KaggleDownloadError
 from cxrkit.data.layout import DataLayoutError
 from cxrkit.evaluation import evaluate_run
+from cxrkit.evaluation.evaluate import calibration_text
 from cxrkit.report import (
     COMPARED,
     RATES,
@@ -23,6 +24,7 @@ from cxrkit.report import (
     variant_tables,
     write_compare_csv,
 )
+from cxrkit.runs import read_calibration
 
 SHORT_NAMES = {"accuracy": "Acc", "roc_auc": "AUC", "sensitivity": "Sens", "specificity": "Spec",
                "f1": "F1", SPEC_AT_SENS: "Spec@97"}
@@ -79,10 +81,10 @@ def evaluate_command(
         help="Also choose (and deploy) the highest validation threshold reaching this "
              "sensitivity, e.g. 0.95; default: Youden's J."),
     calibrate_on: str | None = typer.Option(
-        None, "--calibrate-on", help="Choose temperature and threshold on these labelled films "
-        "(a folder or CSV manifest: its val split, or all of it) instead of the run's "
-        "validation split, e.g. some films of the site you deploy to; never the films "
-        "evaluated. Deployed to calibration.json."),
+        None, "--calibrate-on", help="Choose threshold, temperature and a bias per class "
+        "(the site's class mix) on these labelled films (a folder or CSV manifest: its val "
+        "split, or all of it) instead of the run's validation split, e.g. some films of the "
+        "site you deploy to; never the films evaluated. Deployed to calibration.json."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     bootstrap: int = typer.Option(1000, "--bootstrap", min=0,
                                   help="Bootstrap resamples (by patient) for the 95% intervals."),
@@ -120,11 +122,11 @@ def evaluate_command(
         console.print(table)
     for note in metrics["notes"]:
         console.print(f"[yellow]note:[/] {note}")
-    temperature = metrics["calibrated"]["temperature"]
+    calibration = read_calibration(run)
     threshold = metrics["deployed_threshold"]
     chosen = f"threshold {threshold:.4f} and " if threshold is not None else ""
-    console.print(f"{chosen}temperature {temperature:.3f} ({metrics['threshold_chosen_on']}) "
-                  f"written to {Path(run) / 'calibration.json'}")
+    console.print(f"{chosen}calibration {calibration_text(calibration)} "
+                  f"({metrics['threshold_chosen_on']}) written to {Path(run) / 'calibration.json'}")
     console.print(f"[green]wrote[/] {out}")
 
 

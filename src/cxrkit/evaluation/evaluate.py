@@ -3,20 +3,24 @@
     RUN/eval/<split or data name>/predictions.csv   one row per image
     RUN/eval/<split or data name>/metrics.json      every metric as {"value", "ci95"}
     RUN/eval/<split or data name>/*.png             curves, calibration, errors, Grad-CAM
-    RUN/calibration.json                            threshold and temperature, for `cxr predict`
+    RUN/calibration.json                            threshold, temperature (and bias), for
+                                                    `cxr predict`
 
 Nothing is tuned on the data it is measured on:
 - the temperature T is fitted on the validation split's logits;
 - every probability reported (predictions.csv, metrics, figures) is calibrated,
   softmax(logits / T). For two classes T does not move the 0.5 boundary, so the
-  `default_0.5` operating point is the same with or without calibration;
+  `default_0.5` operating point is the same with or without calibration (with
+  `calibrate_on`'s bias, 0.5 is the site's even-odds point instead);
 - the `validation` threshold is chosen on calibrated validation P(positive)
   (Youden's J) and applied to calibrated P(positive) everywhere else;
   `target_sensitivity` is the highest validation threshold reaching that sensitivity;
   `validation_framing` (opt-in) is Youden's J over the validation films as filmed and
   centre-cropped to 85%, for films framed differently from the training ones;
 - `calibrate_on` (opt-in) makes the same choices on other labelled films, e.g. some of
-  the deployment site's, and refuses to measure on those films.
+  the deployment site's, and refuses to measure on those films. There the calibration
+  also fits a bias per class, softmax(logits / T + b): the site's class mix is worth
+  learning, the training site's is not (see evaluation/calibration.py).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from cxrkit.data.layout import Sample, load_source
 from cxrkit.data.patients import kermany_subtype
 from cxrkit.data.split import read_manifest
 from cxrkit.evaluation import figures
-from cxrkit.evaluation.calibration import fit_temperature
+from cxrkit.evaluation.calibration import fit_temperature, fit_temperature_and_bias
 from cxrkit.evaluation.metrics import (
     confusion_matrix,
     multiclass_metrics,
@@ -204,25 +208,36 @@ def deployed_options(run: Path) -> tuple[float | None, bool, str | None]:
             calibrate_on)
 
 
+def fit_probabilities(val: Scored, with_bias: bool, source: str) -> Calibration:
+    """Temperature (and, `with_bias`, a bias per class) fitted on `val`; a class missing
+    from its films leaves the bias out, with a warning."""
+    if with_bias and len(np.unique(val.y)) == val.logits.shape[1]:
+        temperature, bias = fit_temperature_and_bias(val.logits, val.y)
+        return Calibration(temperature=temperature, chosen_on=source, bias=bias)
+    if with_bias:
+        log.warning("%s lacks films of some class: temperature only, no bias", source)
+    return Calibration(temperature=fit_temperature(val.logits, val.y), chosen_on=source)
+
+
 def choose_calibration(val: Scored, positive: int | None, target_sensitivity: float | None,
-                       framed_val: Scored | None = None,
-                       source: str = "validation") -> tuple[Calibration, dict[str, float]]:
-    """Temperature and thresholds from the validation split (or the films `source` names);
-    the deployed one is returned in the Calibration: the target-sensitivity threshold when
-    asked, else the framing-robust one when `framed_val` (the validation films framed more
-    tightly) is given, else Youden's J."""
+                       framed_val: Scored | None = None, source: str = "validation",
+                       with_bias: bool = False) -> tuple[Calibration, dict[str, float]]:
+    """Temperature (and, `with_bias`, a bias per class) and thresholds from the validation
+    split (or the films `source` names); the deployed threshold is returned in the
+    Calibration: the target-sensitivity one when asked, else the framing-robust one when
+    `framed_val` (the validation films framed more tightly) is given, else Youden's J."""
     if len(val.y) == 0:
         thresholds = {} if positive is None else {"default_0.5": DEFAULT_THRESHOLD,
                                                   "validation": DEFAULT_THRESHOLD}
         return Calibration(DEFAULT_THRESHOLD, 1.0, "default (no validation images)"), thresholds
-    temperature = fit_temperature(val.logits, val.y)
+    calibration = fit_probabilities(val, with_bias, source)
     if positive is None:
-        return Calibration(DEFAULT_THRESHOLD, temperature, source), {}
+        return calibration, {}
     thresholds = {"default_0.5": DEFAULT_THRESHOLD}
-    p, y = softmax(val.logits, temperature)[:, positive], val.y == positive
+    p, y = calibration.probabilities(val.logits)[:, positive], val.y == positive
     thresholds["validation"] = youden_threshold(y, p)
-    if framed_val is not None:  # the temperature stays the one fitted on the films as filmed
-        p_framed = softmax(framed_val.logits, temperature)[:, positive]
+    if framed_val is not None:  # the calibration stays the one fitted on the films as filmed
+        p_framed = calibration.probabilities(framed_val.logits)[:, positive]
         thresholds["validation_framing"] = youden_threshold(
             np.r_[y, framed_val.y == positive], np.r_[p, p_framed])
     if target_sensitivity is not None:
@@ -232,7 +247,16 @@ def choose_calibration(val: Scored, positive: int | None, target_sensitivity: fl
                  "validation_framing": f"{source} as filmed and framed "
                                        f"{FRAMING_THRESHOLD_CROP:.0%}: Youden's J",
                  "target_sensitivity": f"{source}: sensitivity >= {target_sensitivity}"}
-    return Calibration(thresholds[deployed], temperature, chosen_on[deployed]), thresholds
+    calibration.threshold, calibration.chosen_on = thresholds[deployed], chosen_on[deployed]
+    return calibration, thresholds
+
+
+def calibration_text(calibration: Calibration) -> str:
+    """'T=1.23', or with a bias 'T=1.23, bias (+0.00, +0.84)' (one number per class)."""
+    text = f"T={calibration.temperature:.2f}"
+    if not calibration.bias:
+        return text
+    return f"{text}, bias ({', '.join(f'{b:+.2f}' for b in calibration.bias)})"
 
 
 def deployed_name(thresholds: dict[str, float]) -> str | None:
@@ -256,11 +280,11 @@ def _nest(flat: dict[str, dict]) -> dict:
 
 
 def compute_metrics(scored: Scored, labels: Sequence[str], positive: int | None,
-                    temperature: float, thresholds: dict[str, float],
+                    calibration: Calibration, thresholds: dict[str, float],
                     n_resamples: int = 1000, seed: int = 0, fitted_on: str = "val") -> dict:
     """All metrics of one scored split, in the metrics.json layout (binary or multi-class);
-    `fitted_on` says where the temperature was fitted."""
-    y, probs = scored.y, softmax(scored.logits, temperature)
+    `fitted_on` says where the calibration was fitted."""
+    y, probs = scored.y, calibration.probabilities(scored.logits)
     raw = softmax(scored.logits, 1.0)
 
     def statistics(w: np.ndarray) -> dict[str, np.ndarray]:
@@ -278,7 +302,8 @@ def compute_metrics(scored: Scored, labels: Sequence[str], positive: int | None,
     metrics = _nest(with_ci(statistics, scored.groups, n_resamples, seed))
     before = metrics.pop("uncalibrated")
     metrics["calibrated"] = {
-        "temperature": temperature, "fitted_on": fitted_on,
+        "temperature": calibration.temperature, "bias": calibration.bias,
+        "fitted_on": fitted_on,
         "ece_before": before["ece"], "ece_after": metrics["ece"],
         "brier_before": before["brier"], "brier_after": metrics["brier"],
     }
@@ -344,7 +369,7 @@ def write_figures(out: Path, model: Classifier, scored: Scored, probs: np.ndarra
 
     what = "confidence (top class)" if positive is None else f"P({labels[positive]})"
     figures.reliability_figure(events(softmax(scored.logits, 1.0)), events(probs),
-                               calibration.temperature, what, out / "reliability.png")
+                               calibration_text(calibration), what, out / "reliability.png")
     figures.histograms_figure(y, probs, labels, positive, thresholds, out / "histograms.png")
 
     # The model's own view of each film (resized, as it saw it) for the image grids.
@@ -466,30 +491,30 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         framed_val = infer(val.samples, f"{source} (framed {FRAMING_THRESHOLD_CROP:.0%})",
                            crop=FRAMING_THRESHOLD_CROP)
     calibration, thresholds = choose_calibration(val, positive, target_sensitivity, framed_val,
-                                                 source)
+                                                 source, with_bias=calibrate_on is not None)
     calibration.chosen_with = chosen_with
     if len(val.y):
         write_calibration(run, calibration)
     else:
         notes.append("No validation images: threshold 0.5 and temperature 1 (nothing chosen).")
-    log.info("%s: temperature %.3f, threshold %.4f (%s)", run.name, calibration.temperature,
+    log.info("%s: %s, threshold %.4f (%s)", run.name, calibration_text(calibration),
              calibration.threshold, calibration.chosen_on)
 
     measure = partial(compute_metrics, labels=labels, positive=positive,
-                      temperature=calibration.temperature, thresholds=thresholds,
+                      calibration=calibration, thresholds=thresholds,
                       n_resamples=bootstrap, seed=seed,
                       fitted_on="val" if calibrate_on is None else source)
     metrics = measure(scored)
-    probs = softmax(scored.logits, calibration.temperature)
+    probs = calibration.probabilities(scored.logits)
     predicted = predicted_classes(probs, positive, calibration.threshold)
     tta_probs = None
     if tta:
         views = list(DEFAULT_VIEWS.values())
         augmented = infer(scored.samples, f"{origin} (TTA)", views=views)
-        tta_probs = softmax(augmented.logits, calibration.temperature)
+        tta_probs = calibration.probabilities(augmented.logits)
         metrics["tta"] = {
             "views": list(DEFAULT_VIEWS),
-            "note": "logits averaged over the plain image and each view; the same temperature "
+            "note": "logits averaged over the plain image and each view; the same calibration "
                     "and thresholds as without TTA",
             **measure(augmented),
         }
@@ -498,7 +523,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         metrics["framing"] = {
             "crops": [f"{c:.0%}" for c in FRAMING_CROPS],
             "note": "the same films centre-cropped to each fraction of their sides before "
-                    "resizing; the same temperature and thresholds as the films as filmed",
+                    "resizing; the same calibration and thresholds as the films as filmed",
             **{f"{c:.0%}": measure(infer(scored.samples, f"{origin} (framed {c:.0%})", crop=c))
                for c in FRAMING_CROPS},
         }
@@ -510,8 +535,8 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         "positive_class": labels[positive] if positive is not None else None,
         "labels": labels, "model": model.spec.name, "data": origin, "external": data is not None,
         "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "probabilities": f"calibrated: softmax(logits / temperature), temperature fitted on "
-                         f"{source}",
+        "probabilities": f"calibrated: softmax(logits / temperature"
+                         f"{' + bias' if calibration.bias else ''}), fitted on {source}",
         "threshold_chosen_on": calibration.chosen_on,
         "deployed_threshold": report_threshold,
         "deployed_operating_point": deployed_name(thresholds),

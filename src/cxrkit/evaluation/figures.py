@@ -75,14 +75,15 @@ def curves_figure(y: np.ndarray, probs: np.ndarray, labels: Sequence[str],
 
 
 def reliability_figure(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, np.ndarray],
-                       temperature: float, what: str, path: Path) -> Path:
-    """Observed frequency against predicted probability, before and after temperature scaling.
+                       calibration: str, what: str, path: Path) -> Path:
+    """Observed frequency against predicted probability, before and after calibration
+    (`calibration` names it in the legend, e.g. 'T=1.23').
 
     `before`/`after`: (confidence, outcome) pairs, as for `expected_calibration_error`."""
     fig = Figure(figsize=(10, 4.5), layout="constrained")
     curve_ax, hist_ax = fig.subplots(1, 2)
     curve_ax.plot([0, 1], [0, 1], ":", color="gray", label="perfect calibration")
-    for (conf, outcome), name in ((before, "before"), (after, f"after (T={temperature:.2f})")):
+    for (conf, outcome), name in ((before, "before"), (after, f"after ({calibration})")):
         mean_conf, freq, _ = reliability_curve(conf, outcome)
         curve_ax.plot(mean_conf, freq, "o-", label=name)
         hist_ax.hist(conf, bins=20, range=(0, 1), alpha=0.5, label=name)

@@ -3,7 +3,7 @@
     GET  /              the page: drop an X-ray, see the label, probabilities and Grad-CAM
     POST /predict       multipart form, field `file` (PNG, JPEG or DICOM); `?cam=true` adds
                         the Grad-CAM overlay as a base64 PNG
-    GET  /model         what is served: name, labels, input size, threshold, temperature
+    GET  /model         what is served: name, labels, input size, threshold, calibration
     GET  /health        liveness
     GET  /openapi.json, /docs   the schema, and Swagger UI (which loads from a CDN)
 
@@ -50,6 +50,7 @@ class ModelInfo(BaseModel):
     in_chans: int
     threshold: float | None = Field(description="on P(last label); null with > 2 classes")
     temperature: float
+    bias: list[float] = Field(description="added per class after the temperature; [] for none")
     threshold_chosen_on: str
     backend: str
     gradcam: bool = Field(description="whether ?cam=true is available (PyTorch backend)")
@@ -138,7 +139,7 @@ def create_app(model_path: str | Path, backend: str | None = None,
         spec, calibration = predictor.spec, predictor.calibration
         return ModelInfo(name=spec.name, labels=predictor.labels, input_size=spec.input_size,
                          in_chans=spec.in_chans, threshold=predictor.threshold(),
-                         temperature=calibration.temperature,
+                         temperature=calibration.temperature, bias=calibration.bias,
                          threshold_chosen_on=calibration.chosen_on, backend=predictor.backend,
                          gradcam=predictor.backend == "torch", max_upload_mb=max_upload_mb)
 
