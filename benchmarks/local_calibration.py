@@ -90,7 +90,8 @@ def main() -> None:
         for evaluated, chooser in (halves, halves[::-1]):
             options = dict(data=evaluated, bootstrap=1000, make_figures=False,
                            target_sensitivity=args.target_sensitivity)
-            plain = evaluate_run(copy, **options)
+            # reset: else the copy re-applies the previous half's --calibrate-on choice
+            plain = evaluate_run(copy, reset_calibration=True, **options)
             local = evaluate_run(copy, calibrate_on=chooser, **options)
             local_folders.append(local)
             diff = paired_difference(read_scored(plain), read_scored(local), SHOWN)

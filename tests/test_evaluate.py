@@ -377,9 +377,19 @@ def test_calibrating_on_the_evaluated_films_is_refused(trained_run, tmp_path):
         evaluate_run(run, data=site, calibrate_on=site, bootstrap=10, make_figures=False,
                      device="cpu")
     assert "do not evaluate on" in str(error.value)
+    assert "--reset-calibration" not in str(error.value)  # asked for now: no hint needed
     code = CliRunner().invoke(app, ["evaluate", str(run), "--data", str(site),
                                     "--calibrate-on", str(site)]).exit_code
     assert code != 0 and not (run / "eval").exists()
+    # Deployed from the site's films, then those films evaluated with no option: the choice
+    # is re-applied, so refused, and the error names the way out.
+    other = make_class_folders(tmp_path / "site_c", ["NORMAL", "PNEUMONIA"], n=4)
+    evaluate_run(run, data=other, calibrate_on=site, bootstrap=10, make_figures=False,
+                 device="cpu")
+    with pytest.raises(ValueError, match="deployed calibration .* --reset-calibration"):
+        evaluate_run(run, data=site, bootstrap=10, make_figures=False, device="cpu")
+    assert evaluate_run(run, data=site, bootstrap=10, make_figures=False, device="cpu",
+                        reset_calibration=True).name == "site_b"
 
 
 def test_cli_evaluate(trained_run, tmp_path):

@@ -90,6 +90,7 @@ def test_model_used_by_predict_logits_still_explains(trained_run, tiny_kaggle):
     logits, _ = predict_logits(model, paths, device="cpu")
     heat = gradcam(model, paths, class_index=[1, 1, 0])
     assert heat.shape == (3, 64, 64)  # the run's input size
+    np.testing.assert_allclose(gradcam(model, paths[0], class_index=1), heat[:1], atol=1e-5)
     with pytest.raises(ValueError, match="2 class indices for 3 images"):
         gradcam(model, paths, class_index=[1, 0])
     image = overlay(np.full((80, 96), 128, np.uint8), heat[0])

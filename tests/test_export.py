@@ -87,6 +87,7 @@ def test_export_folder_is_self_describing(lite0_export):
     assert (sidecar["input_size"], sidecar["in_chans"], sidecar["equalize"]) == (224, 3, False)
     assert len(sidecar["mean"]) == len(sidecar["std"]) == 3
     assert "softmax(logits / temperature + bias)" in sidecar["preprocess"]
+    assert sidecar["positive_label"] == "PNEUMONIA"
     assert {o.domain: o.version for o in model.opset_import}[""] == 19  # --opset
 
 
@@ -144,7 +145,8 @@ def test_onnx_on_a_run_follows_its_calibration_after_the_export(lite0_export, tm
     write_calibration(run, Calibration(0.6, 1.2, "validation: sensitivity >= 0.99"))
     predictor = Predictor.load(run, backend="onnx")
     assert (predictor.calibration.threshold, predictor.calibration.temperature) == (0.6, 1.2)
-    assert "holds an earlier calibration (threshold 0.3500)" in caplog.text
+    assert ("holds an earlier calibration (threshold 0.3500, T=1.70, bias (+0.00, +0.80)); "
+            "using the run's calibration.json (threshold 0.6000, T=1.20)") in caplog.text
     assert Predictor.load(run / "export").calibration.threshold == 0.35  # the export alone
     with pytest.raises(FileNotFoundError, match="nosuchrun does not exist"):
         Predictor.load(tmp_path / "nosuchrun")

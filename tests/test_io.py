@@ -103,7 +103,7 @@ def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2"
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
+    ds.Rows, ds.Columns = pixels.shape[-2:]  # [frames, rows, columns] for several
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
@@ -142,6 +142,47 @@ def test_dicom_files_without_a_suffix_are_found_in_folders(tmp_path):
     found = [p.name for p in images_under(tmp_path / "films")]
     assert found == ["1.2.840.113619.2.55", "IM0001"]
     assert all(np.asarray(read_image(folder / n))[0, -1] == 255 for n in found)
+
+
+def with_hot_patch(pixels: np.ndarray, value: int) -> np.ndarray:
+    """A 2 x 2 patch at full scale in a corner: a burned-in marker, or hot pixels."""
+    marked = pixels.copy()
+    marked[:2, :2] = value
+    return marked
+
+
+def test_a_hot_patch_does_not_wash_out_a_deep_film(tmp_path):
+    """Stretched between percentiles, not min..max: four pixels at 65535 in a 12-bit film
+    leave the film as it was, instead of squeezing it into the darkest 16 gray levels."""
+    film = np.tile(np.linspace(0, 4095, 256).round().astype(np.uint16), (64, 1))
+    for name, write in (("png", lambda p, x: save(Image.fromarray(x), p)),
+                        ("dcm", write_dicom)):
+        clean = np.asarray(read_image(write(tmp_path / f"clean.{name}", film)), int)
+        marked = np.asarray(read_image(write(tmp_path / f"marked.{name}",
+                                             with_hot_patch(film, 65535))), int)
+        assert clean.max() == 255 and np.abs(clean[2:] - marked[2:]).max() <= 2, name
+        assert (marked[:2, :2] == 255).all()  # the marker itself clips to white
+
+
+def test_a_dicom_claiming_too_many_pixels_is_refused_before_decoding(tmp_path):
+    path = write_dicom(tmp_path / "bomb.dcm", dicom_ramp(), Rows=12000, Columns=12000)
+    with pytest.raises(UnreadableImageError, match=r"too many pixels \(12000 x 12000"):
+        read_image(path)
+
+
+def test_a_multiframe_dicom_reads_its_first_frame(tmp_path):
+    frames = np.stack([dicom_ramp(), dicom_ramp()[:, ::-1]])
+    path = write_dicom(tmp_path / "two.dcm", frames, NumberOfFrames=2)
+    first = write_dicom(tmp_path / "one.dcm", dicom_ramp())
+    np.testing.assert_array_equal(np.asarray(read_image(path)), np.asarray(read_image(first)))
+
+
+def test_a_dcm_file_without_the_preamble_is_read(tmp_path):
+    """Older exports leave out the 128-byte preamble and 'DICM': the .dcm name is enough."""
+    full = write_dicom(tmp_path / "full.dcm", dicom_ramp())
+    bare = tmp_path / "bare.dcm"
+    bare.write_bytes(full.read_bytes()[132:])
+    np.testing.assert_array_equal(np.asarray(read_image(bare)), np.asarray(read_image(full)))
 
 
 def test_dicom_rescale_then_window(tmp_path):

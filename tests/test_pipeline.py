@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -37,3 +39,15 @@ def test_version():
 
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout.strip() == f"cxrkit {__version__}"
+
+
+def test_the_cli_starts_without_loading_pytorch():
+    """Every `cxr` call, `--help` included, imports the command modules; PyTorch (seconds to
+    import) is loaded only by the commands that run a model."""
+    heavy = ("torch", "torchvision", "timm", "lightning", "matplotlib", "onnx", "fastapi")
+    code = ("import sys; from cxrkit.cli import app; "
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert loaded == "[]"
+    assert "evaluate" in CliRunner().invoke(app, ["--help"]).stdout  # and the commands are there

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from cxrkit.cli import app
 from cxrkit.data.dataset import load_prepared
+from cxrkit.data.io import STRETCH_PERCENTILES
 from cxrkit.data.transforms import eval_transform
 from cxrkit.predict import Predictor, collect_images, predict, write_predictions
 from cxrkit.runs import Calibration, load_model, write_calibration
@@ -124,6 +125,21 @@ def test_cli_lists_the_corrupt_file_and_exits_1(run, films, tmp_path):
     assert "normal_0.png" in ok.stdout and "normal_0.png" not in ok.stderr  # pipes see it
 
 
+def test_file_names_with_brackets_are_shown_as_they_are(run, films, tmp_path):
+    """Rich reads `[left]` as markup; the names on screen must be the files' own."""
+    folder = tmp_path / "[bold]films"
+    folder.mkdir()
+    for name in ("scan [left].png", "scan.png"):
+        shutil.copy(films / "a" / "normal_0.png", folder / name)
+    (folder / "bad [pa].png").write_bytes(b"not a png")
+    result = runner.invoke(app, ["predict", str(run), str(folder)])
+    assert result.exit_code == 1, result.output
+    shown = flat(result.output)
+    assert "scan [left].png" in shown and "bad [pa].png: not an image" in shown
+    missing = runner.invoke(app, ["predict", str(tmp_path / "[x]run"), str(folder)])
+    assert missing.exit_code == 2 and "[x]run does not exist" in flat(missing.output)
+
+
 def test_globs_and_missing_files(run, films):
     predictions = predict(run, [str(films / "**" / "*.png"), films / "gone.png",
                                 films / "a" / "normal_0.png"])  # already matched: once
@@ -131,6 +147,10 @@ def test_globs_and_missing_files(run, films):
     assert names == ["normal_0.png", "pneumonia_1.png", "corrupt.png", "pneumonia_2.png",
                      "gone.png"]
     assert predictions[-1].error == "file not found"
+    # One path given as a plain str (or Path) is one path, not its characters ('.' = all).
+    for one in (str(films / "a" / "normal_0.png"), films / "a" / "normal_0.png"):
+        [p] = predict(run, one)
+        assert p.ok and p.path.endswith("normal_0.png")
 
 
 @requires_real_data
@@ -139,7 +159,8 @@ def test_dicom_monochrome1_predicts_like_the_png(run, tmp_path):
     without the .dcm suffix is predicted like the same film as a PNG."""
     film = Image.open(next((REAL_DATA / "test" / "PNEUMONIA").glob("*.jpeg"))).convert("L")
     pixels = np.asarray(film).astype(np.float64)
-    pixels = np.round((pixels - pixels.min()) * 255 / (pixels.max() - pixels.min()))
+    lo, hi = np.percentile(pixels, STRETCH_PERCENTILES)  # the PNG as a deep film is stretched
+    pixels = np.round(np.clip((pixels - lo) * 255 / (hi - lo), 0, 255))
     Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "film.png")
     write_dicom(tmp_path / "film.dcm", (255 - pixels) * 16, "MONOCHROME1")
     shutil.copy(tmp_path / "film.dcm", tmp_path / "film_without_suffix")

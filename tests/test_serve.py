@@ -54,6 +54,7 @@ def test_health_model_and_schema(server):
     assert info["name"] == "simple_cnn" and info["labels"] == ["NORMAL", "PNEUMONIA"]
     assert (info["input_size"], info["threshold"], info["temperature"]) == (64, 0.5, 1.0)
     assert info["backend"] == "torch" and info["gradcam"] is True
+    assert (info["positive_label"], info["bias"]) == ("PNEUMONIA", [])
     schema = requests.get(f"{server}/openapi.json", timeout=10).json()
     assert {"/predict", "/model", "/health"} <= set(schema["paths"])
     assert "multipart/form-data" in schema["paths"]["/predict"]["post"]["requestBody"]["content"]
@@ -70,7 +71,7 @@ def test_png_jpeg_and_dicom_predicted_like_the_python_api(server, trained_run, f
         body = response.json()
         assert body["filename"] == name and body["cam_png"] is None
         assert body["label"] == expected[name].label
-        assert body["threshold"] == 0.5
+        assert (body["threshold"], body["positive_label"]) == (0.5, "PNEUMONIA")
         np.testing.assert_allclose(list(body["probabilities"].values()),
                                    list(expected[name].probabilities.values()), atol=1e-6)
 
@@ -85,7 +86,7 @@ def test_gradcam_overlay_comes_back_as_png(server, films):
     ("notes.png", b"patient 12: follow-up in 2 weeks\n" * 20, 415, "not an image"),
     ("film.dcm", b"\x00" * 128 + b"DICM" + b"\x00" * 64, 415, "PNG, JPEG or DICOM"),
     ("cut.png", None, 415, "PNG, JPEG or DICOM"),  # truncated
-    ("bomb.png", tiny_png_claiming(9_000, 9_000), 415, "too many pixels"),
+    ("bomb.png", tiny_png_claiming(9_000, 9_000), 413, "too many pixels"),
     ("empty.png", b"", 400, "empty"),
 ])
 def test_bad_files_get_a_4xx_with_a_message(server, films, name, content, status, words):
@@ -94,6 +95,13 @@ def test_bad_files_get_a_4xx_with_a_message(server, films, name, content, status
     response = post(server, name, content)
     assert response.status_code == status
     assert name in response.json()["detail"] and words in response.json()["detail"]
+
+
+def test_a_dicom_claiming_too_many_pixels_gets_413_before_decoding(server, tmp_path):
+    bomb = write_dicom(tmp_path / "bomb.dcm", np.zeros((4, 4), np.uint16), Rows=12_000,
+                       Columns=12_000)
+    response = post(server, "bomb.dcm", bomb.read_bytes())
+    assert response.status_code == 413 and "12000 x 12000" in response.json()["detail"]
 
 
 def test_oversized_upload_is_refused_with_413(server):

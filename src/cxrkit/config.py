@@ -36,7 +36,21 @@ from typing import Any
 
 import yaml
 
-from cxrkit.data.transforms import AugmentConfig
+
+@dataclass
+class AugmentConfig:
+    """Augmentation suited to chest films. No horizontal flip by default: it moves the heart."""
+
+    scale: tuple[float, float] = (0.75, 1.0)
+    degrees: float = 7.0
+    translate: float = 0.05
+    brightness: float = 0.25
+    contrast: float = 0.25
+    gamma: tuple[float, float] = (0.8, 1.25)
+    blur_p: float = 0.2
+    noise_std: float = 0.02
+    hflip: bool = False
+
 
 TASKS = ("binary", "3class")
 OPTIMIZERS = ("adamw", "sgd")

@@ -22,6 +22,7 @@ from PIL import Image
 from pytorch_grad_cam import GradCAM
 
 from cxrkit.data.dataset import load_prepared
+from cxrkit.data.io import path_list
 from cxrkit.data.transforms import eval_transform
 from cxrkit.models import Classifier
 
@@ -54,8 +55,8 @@ def _as_batch(model: Classifier, images) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
         return images[None] if images.dim() == 3 else images
     spec, transform = model.spec, eval_transform(model.spec)
-    return torch.stack([transform(load_prepared(str(p), spec.input_size, spec.equalize))
-                        for p in images])
+    return torch.stack([transform(load_prepared(p, spec.input_size, spec.equalize))
+                        for p in path_list(images)])
 
 
 def _make_autograd_ready(model: torch.nn.Module) -> None:
@@ -96,7 +97,7 @@ def _predicted_classes(model: Classifier, x: torch.Tensor, batch_size: int) -> l
                 for c in model.eval()(x[start:start + batch_size].to(device)).argmax(1)]
 
 
-def gradcam(model: Classifier, images: Sequence[str | Path] | torch.Tensor,
+def gradcam(model: Classifier, images: str | Path | Sequence[str | Path] | torch.Tensor,
             class_index: int | Sequence[int] | None = None,
             target_layer: torch.nn.Module | None = None,
             batch_size: int = DEFAULT_BATCH) -> np.ndarray:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from cxrkit.models import Classifier, ModelSpec
-from cxrkit.runs import Calibration, load_model, model_folder, read_calibration
+from cxrkit.runs import Calibration, load_model, model_folder, positive_index, read_calibration
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,19 @@ SIDECAR = "model.json"
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 
 PREPROCESS = (
-    "Read the film as 8-bit grayscale (colour -> luminance; 16-bit PNG and DICOM stretched from "
-    "their min..max to 0..255, DICOM after its rescale slope/intercept and VOI window, "
-    "MONOCHROME1 inverted). If `equalize`, histogram-equalise it. Resize to input_size x "
-    "input_size (bilinear). Scale to [0, 1], repeat the gray channel to `in_chans`, then per "
-    "channel (x - mean) / std. Feed float32 NCHW as `image`. The output `logits` [N, classes]: "
+    "Read the film as 8-bit grayscale: turn it upright by its EXIF orientation; composite "
+    "transparency on black; colour -> luminance (PIL convert('L'); DICOM colour: the mean of "
+    "its channels); 16-bit PNG and DICOM (after its rescale slope/intercept and VOI window) "
+    "stretched linearly to 0..255 between their 0.1th and 99.9th percentiles, clipped, and "
+    "MONOCHROME1 then inverted. If `equalize`, histogram-equalise it (PIL ImageOps.equalize). "
+    "Resize to input_size x input_size with PIL: img.resize((s, s), Image.BILINEAR, "
+    "reducing_gap=3.0), which antialiases; a plain bilinear interpolation of a large film "
+    "(most non-PIL resizers) gives other probabilities. Scale to [0, 1], repeat the gray "
+    "channel to `in_chans`, then per channel (x - mean) / std. Feed float32 NCHW as `image`. "
+    "The output `logits` [N, classes]: "
     "probabilities = softmax(logits / temperature + bias) (bias: one number per class, "
-    "added to each row; empty: none). With two labels the prediction is the last "
-    "label when its probability >= threshold, else the first; with more, the most probable."
+    "added to each row; empty: none). With two labels the prediction is `positive_label` "
+    "when its probability >= threshold, else the other; with more, the most probable."
 )
 
 
@@ -120,6 +125,8 @@ def write_sidecar(folder: str | Path, spec: ModelSpec, calibration: Calibration)
         "threshold": calibration.threshold,
         "temperature": calibration.temperature,
         "bias": calibration.bias,
+        "positive_label": spec.labels[positive_index(spec.labels)] if len(spec.labels) == 2
+        else None,
         "threshold_chosen_on": calibration.chosen_on,
         "input": INPUT_NAME,
         "output": OUTPUT_NAME,

@@ -6,9 +6,10 @@
 
 The model is a run folder (PyTorch) or an ONNX export folder (model.onnx +
 model.json, run by ONNX Runtime); both go through `cxrkit.inference.predict_logits`,
-so the preprocessing is the same code. Probabilities use the temperature chosen
-on validation; with two classes the prediction is the last label (e.g. PNEUMONIA)
-when its probability reaches the run's validation-chosen threshold (0.5 if none),
+so the preprocessing is the same code. Probabilities use the calibration chosen
+on validation; with two classes the prediction is the positive label (PNEUMONIA where
+present, else the last: `positive_label`) when its probability reaches the run's
+validation-chosen threshold (0.5 if none),
 with more classes the most probable label. A file that cannot be read gets a
 `Prediction` with `error` set; it never stops the others.
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cxrkit.data.io import read_image
+from cxrkit.data.io import path_list, read_image
 from cxrkit.data.layout import images_under
 from cxrkit.export import FILE_NAMES, is_onnx_export, load_onnx
 from cxrkit.inference import predict_logits
@@ -51,7 +52,7 @@ class Prediction:
     path: str
     label: str | None = None  # None when the file could not be read
     probabilities: dict[str, float] = field(default_factory=dict)
-    threshold: float | None = None  # on P(last label); None with more than two classes
+    threshold: float | None = None  # on P(positive label); None with more than two classes
     error: str | None = None  # why the file could not be read
     cam: str | None = None  # the Grad-CAM overlay written for this file
 
@@ -60,14 +61,14 @@ class Prediction:
         return self.error is None
 
 
-def collect_images(paths: Iterable[str | Path]) -> list[str]:
+def collect_images(paths: str | Path | Iterable[str | Path]) -> list[str]:
     """Files as given, folders searched recursively for image files, globs expanded.
 
     A file is taken whatever its suffix (DICOM is recognised by content); a
     missing path is kept so that it is reported as such. Order kept, no repeats.
     """
     found: list[str] = []
-    for arg in map(str, paths):
+    for arg in path_list(paths):
         path = Path(arg)
         if path.is_dir():
             found += [str(p) for p in images_under(path)]
@@ -127,9 +128,10 @@ class Predictor:
         deployed = read_calibration(path)  # the run's, which a later evaluation may have moved
         if ((exported.threshold, exported.temperature, exported.bias)
                 != (deployed.threshold, deployed.temperature, deployed.bias)):
-            log.warning("%s holds an earlier calibration (threshold %.4f); using the run's "
-                        "calibration.json (%.4f). `cxr export %s` updates the export.",
-                        export, exported.threshold, deployed.threshold, path)
+            log.warning("%s holds an earlier calibration (threshold %.4f, %s); using the "
+                        "run's calibration.json (threshold %.4f, %s). `cxr export %s` updates "
+                        "the export.", export, exported.threshold, exported.describe(),
+                        deployed.threshold, deployed.describe(), path)
         return cls(model, deployed, "onnx")
 
     def require_torch(self, what: str) -> None:
@@ -137,8 +139,13 @@ class Predictor:
             raise ValueError(f"{what} needs the PyTorch model: use the run folder "
                              f"(--backend torch), not an ONNX export")
 
+    @property
+    def positive_label(self) -> str | None:
+        """The label the threshold is about (two classes); None with more."""
+        return self.labels[positive_index(self.labels)] if len(self.labels) == 2 else None
+
     def threshold(self, override: float | None = None) -> float | None:
-        """The threshold on P(last label) in use: `override`, else the run's; None (argmax)
+        """The threshold on P(positive label) in use: `override`, else the run's; None (argmax)
         with more than two classes."""
         if len(self.labels) != 2:
             if override is not None:
@@ -149,10 +156,10 @@ class Predictor:
             raise ValueError(f"threshold {override} is not a probability: use a value in [0, 1]")
         return self.calibration.threshold if override is None else override
 
-    def predict(self, paths: Sequence[str | Path], batch_size: int = 32,
+    def predict(self, paths: str | Path | Sequence[str | Path], batch_size: int = 32,
                 threshold: float | None = None, num_workers: int = 0) -> list[Prediction]:
         """One Prediction per path, in order; unreadable files carry their `error`."""
-        paths = [str(p) for p in paths]
+        paths = path_list(paths)
         threshold = self.threshold(threshold)
         with self._lock:
             logits, failures = predict_logits(self.model, paths, batch_size, num_workers,
@@ -207,7 +214,8 @@ class Predictor:
             p.cam = str(folder / name)
 
 
-def predict(model_path: str | Path, paths: Iterable[str | Path], backend: str | None = None,
+def predict(model_path: str | Path, paths: str | Path | Iterable[str | Path],
+            backend: str | None = None,
             batch_size: int = 32, threshold: float | None = None,
             cam_dir: str | Path | None = None, num_workers: int = 0,
             device: str | None = None) -> list[Prediction]:

@@ -21,7 +21,6 @@ from jinja2 import Environment
 from cxrkit import __version__
 from cxrkit.data.split import read_manifest, shared_patients
 from cxrkit.evaluation import EVAL_DIR, evaluate_run
-from cxrkit.evaluation.evaluate import calibration_text
 from cxrkit.evaluation.paired import paired_difference, read_scored
 from cxrkit.runs import load_spec, model_folder, read_calibration
 
@@ -53,6 +52,8 @@ HEADLINE = ("accuracy", "roc_auc", "sensitivity", "specificity", "f1")
 # validation chose (a reading, not a way to choose one).
 SPEC_AT_SENS = "specificity_at_sensitivity/0.97"
 COMPARED = (*HEADLINE, SPEC_AT_SENS)
+SHORT_NAMES = {"accuracy": "Acc", "roc_auc": "AUC", "sensitivity": "Sens", "specificity": "Spec",
+               "f1": "F1", SPEC_AT_SENS: "Spec@97"}  # `cxr compare`'s column headers
 
 LIMITATIONS = [
     "Dataset shift: the Kermany/Kaggle films come from one hospital (Guangzhou Women and "
@@ -319,8 +320,8 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 <section id="metrics"><h2>Metrics</h2>
 {% if evals %}
 <p>95% bootstrap intervals in parentheses, resampling patients ({{ evals[0].bootstrap.resamples }}
- resamples). Probabilities are calibrated ({{ calibration_text }}).{% if positive %} The deployed
- threshold ({{ calibration.chosen_on }}) is the one <code>cxr predict</code> uses
+ resamples). Probabilities are calibrated ({{ calibration.describe() }}).{% if positive %} The
+ deployed threshold ({{ calibration.chosen_on }}) is the one <code>cxr predict</code> uses
  ({{ "%.4f"|format(calibration.threshold) }}).{% endif %} Neither was chosen on test data.</p>
 <table><tr><th class="name">metric</th>{% for m in evals %}<th>{{ m.title }}</th>
 {% endfor %}</tr>
@@ -373,7 +374,7 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 {% else %}<p class="missing">Not evaluated.</p>{% endif %}
 <h3>Decision rule</h3><p>{% if positive %}P({{ positive }})
  ≥ {{ "%.4f"|format(calibration.threshold) }}{% else %}The most probable class{% endif %}
- on calibrated probabilities ({{ calibration_text }}),
+ on calibrated probabilities ({{ calibration.describe() }}),
  chosen on: {{ calibration.chosen_on }}. Never chosen on test data.</p>
 <h3>Known limitations</h3><ul>{% for item in limitations %}<li>{{ item }}</li>{% endfor %}</ul>
 </div></section>
@@ -437,7 +438,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
                      for k, v in val_metrics.items() if not isinstance(v, dict | list)},
         config_text=yaml.safe_dump(config, sort_keys=False) if config else "",
         evals=evals, rows=metric_rows(evals) if evals else [],
-        calibration=calibration, calibration_text=calibration_text(calibration),
+        calibration=calibration,
         variants=variant_tables(test) if test else [],
         published=published_rows(binary_test) if binary_test else None,
         published_source=PUBLISHED["source"], test_n=test["n"] if test else 0,

@@ -51,6 +51,13 @@ class Calibration:
         """[N, classes] logits -> calibrated probabilities."""
         return softmax(logits, self.temperature, self.bias)
 
+    def describe(self) -> str:
+        """'T=1.23', or with a bias 'T=1.23, bias (+0.00, +0.84)' (one number per class)."""
+        text = f"T={self.temperature:.2f}"
+        if not self.bias:
+            return text
+        return f"{text}, bias ({', '.join(f'{b:+.2f}' for b in self.bias)})"
+
     def to_dict(self) -> dict:
         return {"threshold": self.threshold, "temperature": self.temperature,
                 "bias": self.bias, "chosen_on": self.chosen_on, "chosen_with": self.chosen_with}

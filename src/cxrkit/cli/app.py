@@ -5,6 +5,7 @@ import logging
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 app = typer.Typer(
     name="cxr",
@@ -39,6 +40,7 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print an actionable error (no traceback) and exit."""
-    console.print(f"[bold red]error:[/] {message}")
+    """Print an actionable error (no traceback) and exit. The message is shown as written:
+    a path like `scan [left].png` is not Rich markup."""
+    console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)

@@ -1,4 +1,8 @@
-"""`cxr evaluate | report | compare`: thin wrappers over cxrkit.evaluation and cxrkit.report."""
+"""`cxr evaluate | report | compare`: thin wrappers over cxrkit.evaluation and cxrkit.report.
+
+Like every `cxrkit.cli` module, it imports the API inside each command: importing it here
+would load PyTorch (seconds) for every `cxr` call, `cxr --help` included.
+"""
 
 from __future__ import annotations
 
@@ -11,29 +15,15 @@ from rich.table import Table
 from cxrkit.cli.app import app, console, fail
 from cxrkit.data.kaggle import KaggleDownloadError
 from cxrkit.data.layout import DataLayoutError
-from cxrkit.evaluation import evaluate_run
-from cxrkit.evaluation.evaluate import calibration_text
-from cxrkit.report import (
-    COMPARED,
-    RATES,
-    SCORES,
-    SPEC_AT_SENS,
-    build_report,
-    compare_runs,
-    format_metric,
-    variant_tables,
-    write_compare_csv,
-)
-from cxrkit.runs import read_calibration
 
-SHORT_NAMES = {"accuracy": "Acc", "roc_auc": "AUC", "sensitivity": "Sens", "specificity": "Spec",
-               "f1": "F1", SPEC_AT_SENS: "Spec@97"}
 SPEC_AT_97 = "Spec@97: the best specificity any threshold gives at 97% sensitivity"
 USER_ERRORS = (FileNotFoundError, ValueError, DataLayoutError, KaggleDownloadError)
 
 
 def _summary(metrics: dict) -> Table:
     """One evaluation: threshold-free metrics in their own column, then each operating point."""
+    from cxrkit.report import RATES, SCORES, format_metric
+
     deployed = metrics.get("deployed_operating_point")
     table = Table(title=f"{metrics['name']}: n={metrics['n']} images, "
                         f"{metrics['n_patients']} patients (95% CI)",
@@ -101,6 +91,10 @@ def evaluate_command(
 ) -> None:
     """Metrics with patient-bootstrap intervals, threshold and calibration chosen on
     validation, and figures, in RUN/eval/<split>/."""
+    from cxrkit.evaluation import evaluate_run
+    from cxrkit.report import variant_tables
+    from cxrkit.runs import read_calibration
+
     if split not in ("test", "val") and data is None:
         fail(f"--split {split}: choose test or val (a model is never scored on its train split)")
     try:
@@ -125,7 +119,7 @@ def evaluate_command(
     calibration = read_calibration(run)
     threshold = metrics["deployed_threshold"]
     chosen = f"threshold {threshold:.4f} and " if threshold is not None else ""
-    console.print(f"{chosen}calibration {calibration_text(calibration)} "
+    console.print(f"{chosen}calibration {calibration.describe()} "
                   f"({metrics['threshold_chosen_on']}) written to {Path(run) / 'calibration.json'}")
     console.print(f"[green]wrote[/] {out}")
 
@@ -137,6 +131,8 @@ def report_command(
                               "does not exist yet."),
 ) -> None:
     """One self-contained RUN/report.html: data, training, metrics, figures, model card."""
+    from cxrkit.report import build_report
+
     try:
         out = build_report(run, split)
     except USER_ERRORS as e:
@@ -155,6 +151,8 @@ def compare_command(
 ) -> None:
     """Headline metrics of several runs at their validation thresholds, and the best
     specificity any threshold gives at 97% sensitivity, with 95% intervals."""
+    from cxrkit.report import COMPARED, SHORT_NAMES, compare_runs, format_metric, write_compare_csv
+
     if paired and len(runs) < 2:
         fail("--paired compares every run with the first one: give at least two runs")
     try:
@@ -183,6 +181,8 @@ def compare_command(
 def _paired_table(rows: list[dict]) -> Table:
     """Each run minus the first, on their shared films: an interval that excludes 0 is a
     difference these films show; the separate intervals above overlap far more often."""
+    from cxrkit.report import COMPARED, SHORT_NAMES, format_metric
+
     table = Table(title=f"minus {Path(rows[0]['run']).name}, same films, same patient "
                         f"resamples (95% CI)", caption=SPEC_AT_97)
     table.add_column("run", overflow="fold")

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import typer
-from lightning.pytorch.utilities import rank_zero_only
 from rich.table import Table
 
 from cxrkit.cli.app import app, console, fail
@@ -116,6 +115,8 @@ def train(
     set_: list[str] = SET,
 ) -> None:
     """Train a classifier; prints validation metrics, and last the run folder."""
+    from lightning.pytorch.utilities import rank_zero_only
+
     from cxrkit.training import train as train_run
 
     try:

@@ -1,5 +1,5 @@
 """`cxr predict | export | serve`: use a trained model (thin wrappers over cxrkit.predict,
-cxrkit.export and cxrkit.serve)."""
+cxrkit.export and cxrkit.serve, imported inside each command: see cxrkit.cli.evaluate)."""
 
 from __future__ import annotations
 
@@ -7,34 +7,38 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cxrkit.cli.app import app, console, fail
-from cxrkit.export import FORMATS, SIDECAR, export_model
-from cxrkit.predict import BACKENDS, Prediction, predict, write_predictions
-from cxrkit.runs import positive_index
+
+if TYPE_CHECKING:
+    from cxrkit.predict import Prediction
 
 MODEL_HELP = "A run folder (from `cxr train`), or an ONNX export folder (model.onnx + model.json)."
 TABLE_ROWS = 50  # more than this on screen helps nobody: --out has them all
 
 
 def predictions_table(predictions: list[Prediction]) -> Table:
+    from cxrkit.runs import positive_index
+
     readable = [p for p in predictions if p.ok]
     labels = list(readable[0].probabilities) if readable else []
     # Files under one folder are shown relative to it: the names, not one long prefix.
     paths = [os.path.abspath(p.path) for p in readable]
     root = os.path.commonpath(paths) if len(paths) > 1 else ""
-    table = Table(title=f"Predictions, files in {root}" if root else "Predictions")
+    table = Table(title=f"Predictions, files in {escape(root)}" if root else "Predictions")
     table.add_column("file", overflow="fold")
     table.add_column("label")
     for label in labels:
         table.add_column(f"P({label})", justify="right")
     for p, path in zip(readable[:TABLE_ROWS], paths, strict=False):
         name = os.path.relpath(path, root) if root else p.path
-        table.add_row(name, p.label, *[f"{p.probabilities[k]:.3f}" for k in labels])
+        table.add_row(escape(name), p.label, *[f"{p.probabilities[k]:.3f}" for k in labels])
     notes = []
     if readable and readable[0].threshold is not None:  # why a 0.38 can still be PNEUMONIA
         positive = labels[positive_index(labels)]
@@ -54,15 +58,18 @@ def predict_command(
                                     ".csv or .json file."),
     cam: Path | None = typer.Option(None, "--cam", help="Folder for Grad-CAM overlays "
                                     "(torch backend)."),
-    backend: str | None = typer.Option(None, "--backend", help=f"{' or '.join(BACKENDS)}; "
-                                       "default: torch for a run folder, onnx for an export."),
+    backend: str | None = typer.Option(None, "--backend", help="torch or onnx; default: "
+                                       "torch for a run folder, onnx for an export."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     threshold: float | None = typer.Option(
         None, "--threshold", min=0.0, max=1.0,
-        help="Probability of the positive (last) label from which it is predicted; default: "
+        help="Probability of the positive label (PNEUMONIA, else the last) from which it is "
+             "predicted; default: "
              "the threshold chosen on validation, 0.5 if none."),
 ) -> None:
     """Label X-ray files. Exit code 1 when some files could not be read (listed, skipped)."""
+    from cxrkit.predict import predict, write_predictions
+
     if out is not None and out.suffix.lower() not in (".csv", ".json"):
         fail(f"--out {out}: give a file name ending in .csv or .json")
     start = time.perf_counter()
@@ -78,7 +85,7 @@ def predict_command(
         Console().print(predictions_table(predictions))
     failed = [p for p in predictions if not p.ok]
     for p in failed:
-        console.print(f"[red]unreadable, skipped:[/] {p.path}: {p.error}")
+        console.print(f"[red]unreadable, skipped:[/] {escape(p.path)}: {escape(p.error)}")
     counts = Counter(p.label for p in predictions if p.ok)
     console.print(f"{len(predictions) - len(failed)} predicted in {seconds:.1f} s ("
                   + ", ".join(f"{label} {n}" for label, n in sorted(counts.items()))
@@ -94,16 +101,18 @@ def predict_command(
 @app.command("export")
 def export_command(
     run: Path = typer.Argument(..., help="The run folder to export."),
-    format: str = typer.Option("onnx", "--format", help=" or ".join(FORMATS)),
+    format: str = typer.Option("onnx", "--format", help="onnx or torchscript"),
     out: Path | None = typer.Option(None, "--out", help="Folder to write to; default RUN/export."),
     opset: int | None = typer.Option(None, "--opset", help="ONNX opset; default: the exporter's."),
 ) -> None:
     """Export the model (logits out) with a JSON sidecar, usable without cxrkit."""
+    from cxrkit.export import SIDECAR, export_model
+
     try:
         path = export_model(run, format, out, opset)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    console.print(f"exported {path}, with the preprocessing, labels, threshold and temperature "
+    console.print(f"exported {path}, with the preprocessing, labels, threshold and calibration "
                   f"in {path.parent / SIDECAR}")
     typer.echo(path)
 
@@ -116,7 +125,7 @@ def serve_command(
     port: int = typer.Option(8000, "--port"),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.1,
                                         help="Larger uploads get 413."),
-    backend: str | None = typer.Option(None, "--backend", help=" or ".join(BACKENDS)),
+    backend: str | None = typer.Option(None, "--backend", help="torch or onnx"),
 ) -> None:
     """A web page to try the model, and a JSON API (POST /predict; schema at /docs)."""
     import uvicorn

@@ -6,6 +6,9 @@ perceptual hash (near duplicates), an intensity histogram, and, for the few
 images the figures show, the film as the model will see it. The rest is
 bookkeeping on those facts. `audit_dataset` writes `audit.json`, PNG figures and
 one self-contained `audit.html` into the output folder.
+
+Only the previews and figures need PyTorch; they import it where they draw, so that
+`cxr --help` and the CLI's other commands start without loading it.
 """
 
 from __future__ import annotations
@@ -21,19 +24,20 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import imagehash
 import numpy as np
 from PIL import Image
 
-from cxrkit.data.audit_figures import write_audit_figures
 from cxrkit.data.audit_report import write_audit_html
 from cxrkit.data.io import UnreadableImageError, read_image
 from cxrkit.data.layout import DataSource, Sample, load_source
 from cxrkit.data.patients import SUBTYPE_PATTERN, kermany_subtype
 from cxrkit.data.split import shared_patients
-from cxrkit.data.transforms import prepare
-from cxrkit.models import ModelSpec, create_model
+
+if TYPE_CHECKING:
+    from cxrkit.models import ModelSpec
 
 # A 256-bit perceptual hash: at 64 bits, films of different patients often differ in 2-4 bits
 # only. At 256 bits a re-encoded, resized or brightened copy differs in <= 10 bits and no two
@@ -167,6 +171,8 @@ def inspect_image(path: str, preview_size: int = 0) -> ImageFacts:
     counts = np.bincount(np.asarray(img).ravel(), minlength=256)
     facts.histogram = (counts / counts.sum()).astype(np.float32)
     if preview_size:
+        from cxrkit.data.transforms import prepare
+
         facts.preview = prepare(img, preview_size)[0].numpy()
     return facts
 
@@ -311,6 +317,8 @@ def _preview_paths(source: DataSource) -> set[str]:
 
 def default_spec() -> ModelSpec:
     """The input spec of the default model, for the augmentation preview."""
+    from cxrkit.models import create_model
+
     return create_model(pretrained=False).spec
 
 
@@ -354,6 +362,8 @@ def audit_dataset(data_path: str | Path, out_dir: str | Path, patient_pattern: s
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if figures:
+        from cxrkit.data.audit_figures import write_audit_figures
+
         result.figures = write_audit_figures(samples, facts, spec, out_dir)
     result.seconds = round(time.perf_counter() - start, 2)
     (out_dir / "audit.json").write_text(json.dumps(result.to_dict(), indent=2))

@@ -8,6 +8,7 @@ expansion, normalisation) happens later in the transforms.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,11 @@ SUPPORTED_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
 # A chest film is at most ~4k x 4k; anything far larger is a decompression bomb.
 MAX_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# Deep films (16-bit PNG, DICOM) are stretched to 0..255 between these percentiles, not their
+# min..max: one burned-in marker or hot pixel at full scale would otherwise squeeze the film
+# into a few gray levels (and a model reads a washed-out NORMAL film as PNEUMONIA).
+STRETCH_PERCENTILES = (0.1, 99.9)
+TOO_MANY_PIXELS = "refused: too many pixels"  # how an oversized film's reason starts
 
 
 class UnreadableImageError(ValueError):
@@ -29,6 +35,12 @@ class UnreadableImageError(ValueError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{path}: {reason}")
+
+
+def path_list(paths: str | Path | Iterable[str | Path]) -> list[str]:
+    """One path or many -> a list of str paths. A str is one path: iterating it would give
+    its characters, each taken for a file ('.' being the whole current folder)."""
+    return [str(paths)] if isinstance(paths, str | Path) else [str(p) for p in paths]
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -55,24 +67,35 @@ def _looks_like_dicom(path: Path) -> bool:
 
 
 def _to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """Stretch any numeric range to 0..255 (16-bit PNGs and DICOMs use 10-16 bits)."""
-    pixels = pixels.astype(np.float64)
-    lo, hi = float(pixels.min()), float(pixels.max())
+    """Stretch any numeric range to 0..255 (16-bit PNGs and DICOMs use 10-16 bits), between
+    the STRETCH_PERCENTILES; values beyond them clip to black or white."""
+    pixels = pixels.astype(np.float32)
+    lo, hi = np.percentile(pixels, STRETCH_PERCENTILES)
+    if hi <= lo:  # flat but for a few pixels: the plain range, if there is one
+        lo, hi = float(pixels.min()), float(pixels.max())
     if hi <= lo:
         return np.zeros(pixels.shape, dtype=np.uint8)
-    return np.round((pixels - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    scaled = (pixels - lo) * (255.0 / (hi - lo))
+    return np.round(np.clip(scaled, 0, 255)).astype(np.uint8)
 
 
 def _read_dicom(path: Path) -> Image.Image:
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
-    ds = pydicom.dcmread(path)
+    # `force`: a file named .dcm may lack the 128-byte preamble and "DICM" (older exports).
+    force = path.suffix.lower() in DICOM_SUFFIXES
+    header = pydicom.dcmread(path, stop_before_pixels=True, force=force)
+    rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
+    if rows * columns > MAX_PIXELS:  # before decoding: a few compressed MB can hold GBs
+        raise UnreadableImageError(path, f"{TOO_MANY_PIXELS} ({columns} x {rows} > "
+                                         f"{MAX_PIXELS:,}); a chest film is at most ~4k x 4k")
+    ds = pydicom.dcmread(path, force=force)
     if "PixelData" not in ds:
         raise UnreadableImageError(path, "DICOM file has no pixel data")
-    pixels = ds.pixel_array
-    if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4):
-        pixels = pixels[0]  # a multi-frame file: the first frame is the film
+    # A multi-frame file: the first frame is the film; decoding only it spares the others.
+    frames = int(ds.get("NumberOfFrames") or 1)
+    pixels = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array
     pixels = apply_modality_lut(pixels, ds)  # rescale slope / intercept
     if pixels.ndim == 2:
         pixels = apply_voi_lut(pixels, ds, prefer_lut=True)  # window centre / width
@@ -116,7 +139,7 @@ def read_image(path: str | Path) -> Image.Image:
     except UnreadableImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UnreadableImageError(path, f"refused: too many pixels ({e})") from e
+        raise UnreadableImageError(path, f"{TOO_MANY_PIXELS} ({e})") from e
     except UnidentifiedImageError as e:
         raise UnreadableImageError(path, "not an image PIL or pydicom can read") from e
     except Exception as e:  # truncated JPEG, broken DICOM, ...: report, never crash a run

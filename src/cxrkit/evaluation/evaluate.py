@@ -140,8 +140,9 @@ def _data_name(data: str | Path) -> str:
 
 
 def refuse_overlap(chosen_on: Sequence[Sample], evaluated: Sequence[Sample], source: str,
-                   origin: str) -> None:
-    """Films that chose the threshold must not be among the films it is measured on."""
+                   origin: str, reapplied: bool = False) -> None:
+    """Films that chose the threshold must not be among the films it is measured on;
+    `reapplied`: the choice is calibration.json's, not one asked for now."""
     shared = ({str(Path(s.path).resolve()) for s in chosen_on}
               & {str(Path(s.path).resolve()) for s in evaluated})
     if shared:
@@ -149,6 +150,9 @@ def refuse_overlap(chosen_on: Sequence[Sample], evaluated: Sequence[Sample], sou
             f"{len(shared)} films are both in {source}, which chooses the threshold, and in "
             f"{origin}, which is evaluated (e.g. {min(shared)}): choose on films you do not "
             f"evaluate on (split the site's films into two folders or manifests)."
+            + (f" {source} is where the deployed calibration (calibration.json) was chosen: "
+               f"--reset-calibration chooses on the run's validation split instead, "
+               f"--calibrate-on OTHER_FILMS on others." if reapplied else "")
         )
 
 
@@ -249,14 +253,6 @@ def choose_calibration(val: Scored, positive: int | None, target_sensitivity: fl
                  "target_sensitivity": f"{source}: sensitivity >= {target_sensitivity}"}
     calibration.threshold, calibration.chosen_on = thresholds[deployed], chosen_on[deployed]
     return calibration, thresholds
-
-
-def calibration_text(calibration: Calibration) -> str:
-    """'T=1.23', or with a bias 'T=1.23, bias (+0.00, +0.84)' (one number per class)."""
-    text = f"T={calibration.temperature:.2f}"
-    if not calibration.bias:
-        return text
-    return f"{text}, bias ({', '.join(f'{b:+.2f}' for b in calibration.bias)})"
 
 
 def deployed_name(thresholds: dict[str, float]) -> str | None:
@@ -369,7 +365,7 @@ def write_figures(out: Path, model: Classifier, scored: Scored, probs: np.ndarra
 
     what = "confidence (top class)" if positive is None else f"P({labels[positive]})"
     figures.reliability_figure(events(softmax(scored.logits, 1.0)), events(probs),
-                               calibration_text(calibration), what, out / "reliability.png")
+                               calibration.describe(), what, out / "reliability.png")
     figures.histograms_figure(y, probs, labels, positive, thresholds, out / "histograms.png")
 
     # The model's own view of each film (resized, as it saw it) for the image grids.
@@ -437,8 +433,9 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     operating point; `reset_calibration`: choose afresh, Youden's J on the run's validation.
     """
     run = model_folder(run).resolve()
-    if not (reset_calibration or target_sensitivity is not None or framing_threshold
-            or calibrate_on is not None):
+    reapplied = not (reset_calibration or target_sensitivity is not None or framing_threshold
+                     or calibrate_on is not None)
+    if reapplied:
         target_sensitivity, framing_threshold, calibrate_on = deployed_options(run)
     chosen_with = {k: v for k, v in (("target_sensitivity", target_sensitivity),
                                      ("framing_threshold", framing_threshold),
@@ -470,7 +467,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         name, origin, used_split, samples = external_samples(data, split)
         where = origin
     if calibrate_on is not None:  # before any film is scored
-        refuse_overlap(val_samples, samples, source, origin)
+        refuse_overlap(val_samples, samples, source, origin, reapplied)
 
     val = infer(val_samples, val_where)
     reuse = data is None and split == "val" and calibrate_on is None
@@ -497,7 +494,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         write_calibration(run, calibration)
     else:
         notes.append("No validation images: threshold 0.5 and temperature 1 (nothing chosen).")
-    log.info("%s: %s, threshold %.4f (%s)", run.name, calibration_text(calibration),
+    log.info("%s: %s, threshold %.4f (%s)", run.name, calibration.describe(),
              calibration.threshold, calibration.chosen_on)
 
     measure = partial(compute_metrics, labels=labels, positive=positive,

@@ -36,6 +36,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 
 from cxrkit import __version__
+from cxrkit.data.io import TOO_MANY_PIXELS
 from cxrkit.predict import Predictor
 
 DEFAULT_MAX_UPLOAD_MB = 20.0
@@ -48,7 +49,9 @@ class ModelInfo(BaseModel):
     labels: list[str]
     input_size: int
     in_chans: int
-    threshold: float | None = Field(description="on P(last label); null with > 2 classes")
+    threshold: float | None = Field(description="on P(positive_label); null with > 2 classes")
+    positive_label: str | None = Field(description="the label predicted when its probability "
+                                       "reaches the threshold; null with > 2 classes")
     temperature: float
     bias: list[float] = Field(description="added per class after the temperature; [] for none")
     threshold_chosen_on: str
@@ -62,6 +65,7 @@ class PredictResult(BaseModel):
     label: str
     probabilities: dict[str, float]
     threshold: float | None
+    positive_label: str | None
     cam_png: str | None = Field(None, description="base64 PNG: Grad-CAM over the film (?cam)")
 
 
@@ -139,6 +143,7 @@ def create_app(model_path: str | Path, backend: str | None = None,
         spec, calibration = predictor.spec, predictor.calibration
         return ModelInfo(name=spec.name, labels=predictor.labels, input_size=spec.input_size,
                          in_chans=spec.in_chans, threshold=predictor.threshold(),
+                         positive_label=predictor.positive_label,
                          temperature=calibration.temperature, bias=calibration.bias,
                          threshold_chosen_on=calibration.chosen_on, backend=predictor.backend,
                          gradcam=predictor.backend == "torch", max_upload_mb=max_upload_mb)
@@ -158,12 +163,14 @@ def create_app(model_path: str | Path, backend: str | None = None,
             with open(path, "wb") as out:
                 shutil.copyfileobj(file.file, out)
             [result] = predictor.predict([path])
+            if not result.ok and result.error.startswith(TOO_MANY_PIXELS):
+                raise HTTPException(413, f"{file.filename}: {result.error}")
             if not result.ok:
                 raise HTTPException(415, f"{file.filename}: {result.error}. Send a chest X-ray "
                                          f"as PNG, JPEG or DICOM.")
             cam_png = _png_base64(predictor.cam_overlays([result])[0]) if cam else None
         return PredictResult(filename=file.filename, label=result.label,
                              probabilities=result.probabilities, threshold=result.threshold,
-                             cam_png=cam_png)
+                             positive_label=predictor.positive_label, cam_png=cam_png)
 
     return app
