@@ -105,3 +105,21 @@ def test_a_dicom_is_predicted_and_shown_through_its_overlay(page, run, tmp_path)
     page.wait_for_function("document.getElementById('cam').naturalWidth === 224")
     expect(page.locator("#error")).to_be_hidden()
     page.screenshot(path=str(SCREENSHOTS / "cxrkit_serve_dicom.png"), full_page=True)
+
+
+def test_dropping_several_films_says_only_the_first_was_analysed(page, run):
+    from playwright.sync_api import expect
+
+    films = sorted((REAL_DATA / "test" / "PNEUMONIA").glob("*.jpeg"))[:2]
+    [expected] = Predictor.load(run).predict([films[0]])
+    transfer = page.evaluate_handle("""async (films) => {
+        const t = new DataTransfer();
+        for (const [name, bytes] of films) {
+            t.items.add(new File([new Uint8Array(bytes)], name, {type: "image/jpeg"}));
+        }
+        return t; }""", [[f.name, list(f.read_bytes())] for f in films])
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+    expect(page.locator("#file-name")).to_have_text(films[0].name)
+    expect(page.locator("#label")).to_have_text(expected.label)
+    expect(page.locator("#status")).to_have_text(
+        "Only the first of the 2 files dropped was analysed: one at a time.")

@@ -136,6 +136,8 @@ def test_file_names_with_brackets_are_shown_as_they_are(run, films, tmp_path):
     assert result.exit_code == 1, result.output
     shown = flat(result.output)
     assert "scan [left].png" in shown and "bad [pa].png: not an image" in shown
+    only_bad = runner.invoke(app, ["predict", str(run), str(folder / "bad [pa].png")])
+    assert "0 predicted in" in flat(only_bad.output) and "()" not in only_bad.output
     missing = runner.invoke(app, ["predict", str(tmp_path / "[x]run"), str(folder)])
     assert missing.exit_code == 2 and "[x]run does not exist" in flat(missing.output)
 

@@ -87,9 +87,9 @@ def predict_command(
     for p in failed:
         console.print(f"[red]unreadable, skipped:[/] {escape(p.path)}: {escape(p.error)}")
     counts = Counter(p.label for p in predictions if p.ok)
-    console.print(f"{len(predictions) - len(failed)} predicted in {seconds:.1f} s ("
-                  + ", ".join(f"{label} {n}" for label, n in sorted(counts.items()))
-                  + f"); {len(failed)} unreadable")
+    by_label = ", ".join(f"{label} {n}" for label, n in sorted(counts.items()))
+    console.print(f"{len(predictions) - len(failed)} predicted in {seconds:.1f} s"
+                  + (f" ({by_label})" if counts else "") + f"; {len(failed)} unreadable")
     if cam is not None:
         console.print(f"Grad-CAM overlays in {cam}")
     if out is not None:
