@@ -407,3 +407,27 @@ def test_cli_evaluate(trained_run, tmp_path):
     assert code == 2 and "not a cxrkit run" in output
     code, output = cxr("evaluate", run, "--split", "train")
     assert code == 2 and "choose test or val" in output
+
+
+def test_evaluating_again_reuses_the_logits_until_a_film_or_the_weights_change(trained_run,
+                                                                               tmp_path):
+    run = copy_run(trained_run, tmp_path)
+    cache = run / "eval" / "logits"
+
+    def evaluate(**options) -> dict:
+        out = evaluate_run(run, bootstrap=50, make_figures=False, device="cpu", **options)
+        return json.loads((out / "metrics.json").read_text())
+
+    first = evaluate()
+    assert len(list(cache.glob("*.npz"))) == 2  # the validation films and the test films
+    again = evaluate()
+    assert len(list(cache.glob("*.npz"))) == 2  # both read back, nothing scored afresh
+    for key in ("roc_auc", "operating_points", "calibrated", "confusion_matrix"):
+        assert again[key] == first[key]
+    val_film = next(s.path for s in read_manifest(run / "split.csv") if s.split == "val")
+    Path(val_film).touch()  # a film changed: its split is scored again
+    evaluate()
+    assert len(list(cache.glob("*.npz"))) == 3
+    save_model(load_model(run), run)  # new weights: everything is scored again
+    evaluate()
+    assert len(list(cache.glob("*.npz"))) == 5

@@ -111,7 +111,7 @@ def test_cli_lists_the_corrupt_file_and_exits_1(run, films, tmp_path):
         if suffix == "csv":
             rows = list(csv.DictReader(out.open()))
             assert list(rows[0]) == ["path", "label", "p_NORMAL", "p_PNEUMONIA", "threshold",
-                                     "error", "cam"]
+                                     "error", "warning", "cam"]
         else:
             rows = json.loads(out.read_text())
         by_name = {r["path"].rsplit("/", 1)[1]: r for r in rows}
@@ -246,3 +246,21 @@ def test_predictor_is_reusable_and_keeps_order(run, films):
         assert a.probabilities.keys() == b.probabilities.keys()
         np.testing.assert_allclose(list(a.probabilities.values()),
                                    list(b.probabilities.values()), atol=1e-6)
+
+
+def test_images_that_are_hardly_films_are_predicted_with_a_warning(run, films, tmp_path):
+    """A model calls a thumbnail or a blank image something, confidently: say it is doubtful."""
+    Image.new("L", (8, 8), 128).save(tmp_path / "thumb.png")
+    Image.new("L", (256, 256), 0).save(tmp_path / "black.png")
+    Image.fromarray(np.tile(np.arange(600, dtype=np.uint8)[None] % 200, (100, 1))).save(
+        tmp_path / "strip.png")
+    shutil.copy(films / "a" / "normal_0.png", tmp_path / "film.png")
+    by_name = {p.path.rsplit("/", 1)[1]: p for p in predict(run, [tmp_path])}
+    assert all(p.ok for p in by_name.values())  # still predicted
+    assert by_name["film.png"].warning is None
+    assert "8 x 8 px: a thumbnail" in by_name["thumb.png"].warning
+    assert "almost uniform" in by_name["black.png"].warning
+    assert "600 x 100 px: not a chest film's shape" in by_name["strip.png"].warning
+    result = runner.invoke(app, ["predict", str(run), str(tmp_path / "thumb.png")])
+    assert result.exit_code == 0 and "warning:" in flat(result.output)
+    assert "label is unreliable" in flat(result.output)

@@ -97,6 +97,14 @@ def test_bad_files_get_a_4xx_with_a_message(server, films, name, content, status
     assert name in response.json()["detail"] and words in response.json()["detail"]
 
 
+def test_a_thumbnail_is_answered_with_a_warning(server, films):
+    buffer = io.BytesIO()
+    Image.open(films["normal.png"]).resize((16, 16)).save(buffer, format="PNG")
+    body = post(server, "thumb.png", buffer.getvalue()).json()
+    assert body["label"] and "16 x 16 px: a thumbnail" in body["warning"]
+    assert post(server, "normal.png", films["normal.png"].read_bytes()).json()["warning"] is None
+
+
 def test_a_dicom_claiming_too_many_pixels_gets_413_before_decoding(server, tmp_path):
     bomb = write_dicom(tmp_path / "bomb.dcm", np.zeros((4, 4), np.uint16), Rows=12_000,
                        Columns=12_000)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cxrkit.data.io import path_list, read_image
+from cxrkit.data.io import film_doubt, path_list, read_image
 from cxrkit.data.layout import images_under
 from cxrkit.export import FILE_NAMES, is_onnx_export, load_onnx
 from cxrkit.inference import predict_logits
@@ -55,6 +55,7 @@ class Prediction:
     threshold: float | None = None  # on P(positive label); None with more than two classes
     error: str | None = None  # why the file could not be read
     cam: str | None = None  # the Grad-CAM overlay written for this file
+    warning: str | None = None  # readable, but hardly a chest film (`film_doubt`)
 
     @property
     def ok(self) -> bool:
@@ -158,7 +159,9 @@ class Predictor:
 
     def predict(self, paths: str | Path | Sequence[str | Path], batch_size: int = 32,
                 threshold: float | None = None, num_workers: int = 0) -> list[Prediction]:
-        """One Prediction per path, in order; unreadable files carry their `error`."""
+        """One Prediction per path, in order; unreadable files carry their `error`, doubtful
+        ones (thumbnails, strips, blank images) a `warning`. The doubt check decodes each
+        film a second time: a small cost beside the model's."""
         paths = path_list(paths)
         threshold = self.threshold(threshold)
         with self._lock:
@@ -176,7 +179,8 @@ class Predictor:
             index = (int(np.argmax(probs)) if threshold is None
                      else positive if probs[positive] >= threshold else 1 - positive)
             by_label = {k: float(p) for k, p in zip(self.labels, probs, strict=True)}
-            predictions.append(Prediction(path, self.labels[index], by_label, threshold))
+            predictions.append(Prediction(path, self.labels[index], by_label, threshold,
+                                          warning=film_doubt(read_image(path))))
         return predictions
 
     def cam_overlays(self, predictions: Sequence[Prediction],
@@ -241,10 +245,11 @@ def write_predictions(predictions: Sequence[Prediction], path: str | Path) -> Pa
     labels = list(dict.fromkeys(k for p in predictions for k in p.probabilities))
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "label", *[f"p_{k}" for k in labels], "threshold", "error", "cam"])
+        writer.writerow(["path", "label", *[f"p_{k}" for k in labels], "threshold", "error",
+                         "warning", "cam"])
         for p in predictions:
             probs = [f"{p.probabilities[k]:.6f}" if k in p.probabilities else "" for k in labels]
             writer.writerow([p.path, p.label or "", *probs,
                              "" if p.threshold is None else p.threshold, p.error or "",
-                             p.cam or ""])
+                             p.warning or "", p.cam or ""])
     return path

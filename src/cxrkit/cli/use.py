@@ -84,6 +84,10 @@ def predict_command(
     if any(p.ok for p in predictions):  # the result, on stdout: `cxr predict ... | grep`
         Console().print(predictions_table(predictions))
     failed = [p for p in predictions if not p.ok]
+    for p in predictions:
+        if p.warning:
+            console.print(f"[yellow]warning:[/] {escape(p.path)}: {escape(p.warning)}; its "
+                          f"label is unreliable")
     for p in failed:
         console.print(f"[red]unreadable, skipped:[/] {escape(p.path)}: {escape(p.error)}")
     counts = Counter(p.label for p in predictions if p.ok)

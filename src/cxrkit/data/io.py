@@ -26,6 +26,11 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 # into a few gray levels (and a model reads a washed-out NORMAL film as PNEUMONIA).
 STRETCH_PERCENTILES = (0.1, 99.9)
 TOO_MANY_PIXELS = "refused: too many pixels"  # how an oversized film's reason starts
+# Below these a readable image is hardly a chest film; a model still scores it (calling
+# nearly anything PNEUMONIA, confidently), so predictions carry a warning.
+MIN_FILM_SIDE = 64  # pixels
+MAX_ASPECT = 2.5  # longer side over shorter
+MIN_CONTRAST = 2.0  # standard deviation of the gray levels
 
 
 class UnreadableImageError(ValueError):
@@ -144,6 +149,18 @@ def read_image(path: str | Path) -> Image.Image:
         raise UnreadableImageError(path, "not an image PIL or pydicom can read") from e
     except Exception as e:  # truncated JPEG, broken DICOM, ...: report, never crash a run
         raise UnreadableImageError(path, f"{type(e).__name__}: {e}") from e
+
+
+def film_doubt(img: Image.Image) -> str | None:
+    """Why a decoded image is unlikely to be a chest film a model can read, or None."""
+    width, height = img.size
+    if min(width, height) < MIN_FILM_SIDE:
+        return f"only {width} x {height} px: a thumbnail, not a film"
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        return f"{width} x {height} px: not a chest film's shape (squashed to a square)"
+    if float(np.asarray(img).std()) < MIN_CONTRAST:
+        return "almost uniform gray levels: no film content"
+    return None
 
 
 def try_read_image(path: str | Path) -> tuple[Image.Image | None, str | None]:

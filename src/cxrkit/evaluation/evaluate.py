@@ -5,6 +5,7 @@
     RUN/eval/<split or data name>/*.png             curves, calibration, errors, Grad-CAM
     RUN/calibration.json                            threshold, temperature (and bias), for
                                                     `cxr predict`
+    RUN/eval/logits/<key>.npz                       logits already computed (see `cached`)
 
 Nothing is tuned on the data it is measured on:
 - the temperature T is fitted on the validation split's logits;
@@ -26,6 +27,7 @@ Nothing is tuned on the data it is measured on:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import re
@@ -59,6 +61,7 @@ from cxrkit.explain import gradcam, overlay
 from cxrkit.inference import Failure, predict_logits, softmax
 from cxrkit.models import Classifier
 from cxrkit.runs import (
+    MODEL_WEIGHTS,
     Calibration,
     load_model,
     model_folder,
@@ -187,6 +190,51 @@ def score(model: Classifier, samples: Sequence[Sample], where: str,
     kept = [s for s, good in zip(samples, ok, strict=True) if good]
     # float64: a confident model's float32 probabilities round to exactly 1.0 and tie.
     return Scored(kept, y[ok], logits[ok].astype(np.float64), failures)
+
+
+LOGITS_CACHE = "logits"
+
+
+def cached(run: Path, labels: Sequence[str],
+           score_films: Callable[..., Scored]) -> Callable[..., Scored]:
+    """`score_films` with its logits kept in RUN/eval/logits/, so that evaluating again (another
+    split, --data, --tta, --framing) does not score the validation films again (~16 s for
+    Kermany's on a laptop CPU). The key holds the weights file's size and time and every
+    film's path, size and time: new weights or a changed film score afresh. TTA views are
+    functions without a stable name, so scores with views are not kept."""
+    def scored(samples: Sequence[Sample], where: str, views: Sequence[Callable] = (),
+               crop: float = 1.0) -> Scored:
+        if views:
+            return score_films(samples, where, views=views, crop=crop)
+        stamp = (run / MODEL_WEIGHTS).stat()
+        key = hashlib.sha256(repr((stamp.st_size, stamp.st_mtime_ns, crop, [
+            (s.path, *_file_stamp(s.path)) for s in samples])).encode()).hexdigest()[:20]
+        file = run / EVAL_DIR / LOGITS_CACHE / f"{key}.npz"
+        if file.is_file():
+            with np.load(file) as kept:
+                index, logits = kept["index"], kept["logits"]
+            failures = [Failure(p, r) for p, r in
+                        json.loads(file.with_suffix(".json").read_text())]
+            films = [samples[i] for i in index]
+            return Scored(films, label_indices(films, labels, where), logits, failures)
+        result = score_films(samples, where, crop=crop)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        where_kept = {s.path: i for i, s in enumerate(samples)}
+        np.savez(file, index=np.array([where_kept[s.path] for s in result.samples], int),
+                 logits=result.logits)
+        file.with_suffix(".json").write_text(json.dumps([[f.path, f.reason]
+                                                         for f in result.failures]))
+        return result
+    return scored
+
+
+def _file_stamp(path: str) -> tuple[int, int]:
+    """(size, modification time) of a film; (-1, -1) if it is gone (scored as unreadable)."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return -1, -1
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _as_stored(films: str | Path | None) -> str | None:
@@ -447,7 +495,8 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
                          f"{model.spec.num_classes} classes")
     positive = positive_index(labels) if len(labels) == 2 else None
     manifest = run_manifest(run)
-    infer = partial(score, model, batch_size=batch_size, num_workers=num_workers, device=device)
+    infer = cached(run, labels, partial(score, model, batch_size=batch_size,
+                                        num_workers=num_workers, device=device))
     notes = []
 
     if calibrate_on is None:

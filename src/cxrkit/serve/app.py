@@ -66,6 +66,8 @@ class PredictResult(BaseModel):
     probabilities: dict[str, float]
     threshold: float | None
     positive_label: str | None
+    warning: str | None = Field(None, description="set when the image is hardly a chest film "
+                                "(a thumbnail, a strip, blank): the label is unreliable")
     cam_png: str | None = Field(None, description="base64 PNG: Grad-CAM over the film (?cam)")
 
 
@@ -171,6 +173,7 @@ def create_app(model_path: str | Path, backend: str | None = None,
             cam_png = _png_base64(predictor.cam_overlays([result])[0]) if cam else None
         return PredictResult(filename=file.filename, label=result.label,
                              probabilities=result.probabilities, threshold=result.threshold,
-                             positive_label=predictor.positive_label, cam_png=cam_png)
+                             positive_label=predictor.positive_label,
+                             warning=result.warning, cam_png=cam_png)
 
     return app
