@@ -149,3 +149,50 @@ def test_bad_split_value_in_csv(tmp_path):
     manifest.write_text("path,label,split\na.png,NORMAL,training\nb.png,PNEUMONIA,test\n")
     with pytest.raises(DataLayoutError, match="training"):
         load_source(manifest)
+
+
+def numbered_films(folders: list[Path], n: int = 2) -> None:
+    """0000.png, 0001.png, ... in each folder: names that carry no patient id."""
+    for folder in folders:
+        folder.mkdir(parents=True)
+        for i in range(n):
+            synthetic_film(folder.name.upper(), i, (32, 32)).save(folder / f"{i:04d}.png")
+
+
+def test_a_film_without_a_patient_id_in_its_name_is_its_own_patient(tmp_path):
+    """Named by its path under the dataset: NORMAL/0000 and PNEUMONIA/0000, or train/ and
+    test/'s 0000, are different people."""
+    numbered_films([tmp_path / s / c for s in ("train", "test") for c in ("NORMAL", "PNEUMONIA")])
+    source = load_source(tmp_path)
+    ids = [s.patient_id for s in source.samples]
+    assert len(set(ids)) == len(ids) == 8
+    assert "train/NORMAL/0000" in ids and "test/PNEUMONIA/0001" in ids
+
+
+def test_a_patient_pattern_can_take_the_id_from_a_folder(tmp_path):
+    numbered_films([tmp_path / c / "siteA" / p for c in ("NORMAL", "PNEUMONIA")
+                    for p in ("p1", "p2")], n=3)
+    source = load_source(tmp_path, patient_pattern=r"/(?P<patient>p\d+)/")
+    assert sorted({s.patient_id for s in source.samples}) == ["p1", "p2"]
+
+
+def test_split_folders_without_test_are_not_taken_for_classes(tmp_path):
+    numbered_films([tmp_path / s / c for s in ("train", "val") for c in ("NORMAL", "PNEUMONIA")])
+    with pytest.raises(DataLayoutError, match=r"holds train/, val/ but no test/") as error:
+        load_source(tmp_path)
+    assert_shows_layouts(error)
+
+
+def test_class_names_that_differ_only_in_case_are_refused(tmp_path):
+    numbered_films([tmp_path / "train" / "NORMAL", tmp_path / "train" / "PNEUMONIA",
+                    tmp_path / "test" / "normal", tmp_path / "test" / "PNEUMONIA"])
+    with pytest.raises(DataLayoutError, match="differ only in case: NORMAL and normal"):
+        load_source(tmp_path)
+
+
+def test_a_manifest_row_without_a_label_is_refused(tmp_path, tiny_kaggle):
+    films = sorted((tiny_kaggle / "train" / "NORMAL").glob("*.jpeg"))[:2]
+    manifest = tmp_path / "list.csv"
+    manifest.write_text(f"path,label\n{films[0]},NORMAL\n{films[1]},\n")
+    with pytest.raises(DataLayoutError, match=r"1 films have no label, e\.g\. .*jpeg"):
+        load_source(manifest)

@@ -110,3 +110,21 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_kaggle, tmp_path
     assert float(final["val_accuracy"]) == pytest.approx(float(expected["val_accuracy"]), abs=0.13)
     for name in ("model.safetensors", "val_metrics.json", "training_curves.png", "best.ckpt"):
         assert (killed / name).is_file()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_with_exit_143_and_says_how_to_resume(tiny_kaggle, tmp_path):
+    """A scheduler's SIGTERM: Lightning stops after the batch; the command must not exit 0
+    (a job chain would take it for success) and must name the resume command."""
+    run = tmp_path / "runs" / "stopped"
+    process = subprocess.Popen([*CXR, *train_args(tiny_kaggle, tmp_path, "stopped")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and not (run / "last.ckpt").exists():
+        assert time.monotonic() < deadline, "no checkpoint within two minutes"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-3000:]
+    assert "".join(f"cxr train --resume {run}".split()) in "".join(stderr.split())
+    assert not (run / "model.safetensors").exists() and stdout == ""

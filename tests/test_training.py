@@ -19,11 +19,11 @@ import cxrkit.data.dataset
 from cxrkit.adapt import adapt_batchnorm
 from cxrkit.cli import app
 from cxrkit.config import OptimConfig, TrainConfig
-from cxrkit.data.layout import DataLayoutError, load_source
+from cxrkit.data.layout import DataLayoutError, Sample, load_source
 from cxrkit.data.split import patient_split, read_manifest, shared_patients, write_manifest
 from cxrkit.data.transforms import ModelInput, eval_transform
 from cxrkit.models import create_model
-from cxrkit.runs import load_model
+from cxrkit.runs import load_model, positive_index
 from cxrkit.training import train
 from cxrkit.training.callbacks import ProgressBar, make_callbacks, make_loggers, make_trainer
 from cxrkit.training.curves import step_losses
@@ -548,3 +548,14 @@ def test_quick_preset_on_real_films(tmp_path):
     metrics = json.loads((run / "val_metrics.json").read_text())
     assert metrics["images"] == 64
     assert metrics["roc_auc"] > 0.8
+
+
+def test_binary_task_needs_exactly_two_classes_and_pneumonia_is_positive_in_any_case():
+    films = [Sample(f"{label}{i}.png", label, "train", f"p{i}")
+             for i, label in enumerate(["normal", "Pneumonia", "VIRUS"])]
+    with pytest.raises(DataLayoutError, match="binary needs two classes; .* 3: 'Pneumonia', "
+                                              "'VIRUS', 'normal'"):
+        task_classes("binary", films)
+    labels = task_classes("binary", films[:2])
+    assert labels == ["Pneumonia", "normal"] and positive_index(labels) == 0
+    assert positive_index(["NORMAL", "PNEUMONIA"]) == 1 and positive_index(["A", "B"]) == 1

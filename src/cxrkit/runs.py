@@ -115,6 +115,8 @@ POSITIVE_CLASS = "PNEUMONIA"
 
 
 def positive_index(labels: list[str]) -> int:
-    """The class binary metrics score and `Calibration.threshold` is about: PNEUMONIA where
-    present, else the last label. Training, evaluation and prediction all use this one rule."""
-    return labels.index(POSITIVE_CLASS) if POSITIVE_CLASS in labels else len(labels) - 1
+    """The class binary metrics score and `Calibration.threshold` is about: PNEUMONIA (in any
+    case: a folder named `Pneumonia` too) where present, else the last label. Training,
+    evaluation and prediction all use this one rule."""
+    upper = [label.upper() for label in labels]
+    return upper.index(POSITIVE_CLASS) if POSITIVE_CLASS in upper else len(labels) - 1

@@ -8,7 +8,7 @@ import typer
 
 from cxrkit.cli.app import app, console, fail
 from cxrkit.cli.evaluate import FRAMING_THRESHOLD
-from cxrkit.cli.train import CONFIG, PRESET, SET, USER_ERRORS, build_config
+from cxrkit.cli.train import CONFIG, PRESET, SET, USER_ERRORS, build_config, interrupted
 
 
 @app.command("run")
@@ -32,7 +32,7 @@ def run_all(
     from cxrkit.data.audit import audit_dataset
     from cxrkit.evaluation import evaluate_run
     from cxrkit.report import build_report
-    from cxrkit.training import train
+    from cxrkit.training import TrainingInterrupted, train
 
     try:
         if resume is not None:
@@ -47,6 +47,8 @@ def run_all(
         report = build_report(run, split="test")
     except USER_ERRORS as e:
         fail(str(e))
+    except TrainingInterrupted as e:
+        interrupted(e)
     console.print(f"report: {report}")
     typer.echo(run)
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from cxrkit.cli.app import app, console, fail
@@ -66,6 +67,13 @@ def build_config(data: str | None, preset: str, config: Path | None,
     return cfg.updated({**overrides, **parse_assignments(assignments)})
 
 
+def interrupted(stop) -> None:
+    """Say how to continue a run that a signal stopped, and exit as killed by it (130 for
+    Ctrl+C, 143 for SIGTERM: a scheduler or `&&` chain must not take it for success)."""
+    console.print(f"[yellow]{escape(str(stop))}[/]")
+    raise typer.Exit(143 if stop.signal_name == "SIGTERM" else 130)
+
+
 def metrics_table(metrics: dict) -> Table:
     if metrics.get("members"):
         chosen = f"ensemble of {len(metrics['members'])} members"
@@ -117,6 +125,7 @@ def train(
     """Train a classifier; prints validation metrics, and last the run folder."""
     from lightning.pytorch.utilities import rank_zero_only
 
+    from cxrkit.training import TrainingInterrupted
     from cxrkit.training import train as train_run
 
     try:
@@ -139,6 +148,8 @@ def train(
             run = train_run(build_config(data, preset, config, options, set_))
     except USER_ERRORS as e:
         fail(str(e))
+    except TrainingInterrupted as e:
+        interrupted(e)
     if rank_zero_only.rank != 0:  # a process Lightning launched: rank 0 reports
         return
     console.print(metrics_table(json.loads((run / "val_metrics.json").read_text())))

@@ -90,12 +90,33 @@ def _find_kaggle_root(root: Path) -> Path | None:
     return None
 
 
-def _read_class_tree(folder: Path, split: str, parse: PatientIdParser) -> list[Sample]:
+def _read_class_tree(folder: Path, split: str, parse: PatientIdParser,
+                     root: Path) -> list[Sample]:
+    """The films under folder/<class>/, each with its patient from its path under `root`."""
     samples = []
     for class_dir in _subdirs(folder):
         for path in images_under(class_dir):
-            samples.append(Sample(str(path), class_dir.name, split, parse(path.name)))
+            samples.append(Sample(str(path), class_dir.name, split,
+                                  parse(path.relative_to(root))))
     return samples
+
+
+def _check_class_names(samples: list[Sample], where: Path) -> None:
+    """Every film has a class, and no two class names differ only in case (`normal/` beside
+    `NORMAL/` would be two classes of one)."""
+    unlabelled = [s.path for s in samples if not s.label]
+    if unlabelled:
+        raise DataLayoutError(f"{where}: {len(unlabelled)} films have no label, e.g. "
+                              f"{unlabelled[0]}: give each one its class.")
+    by_upper: dict[str, set[str]] = {}
+    for s in samples:
+        by_upper.setdefault(s.label.upper(), set()).add(s.label)
+    clashes = [sorted(names) for names in by_upper.values() if len(names) > 1]
+    if clashes:
+        raise DataLayoutError(
+            f"{where}: class names that differ only in case: "
+            f"{'; '.join(' and '.join(names) for names in clashes)}. Give each class one "
+            f"name, spelt the same everywhere (folders and manifest labels).")
 
 
 def _from_kaggle(root: Path, parse: PatientIdParser) -> DataSource:
@@ -109,7 +130,8 @@ def _from_kaggle(root: Path, parse: PatientIdParser) -> DataSource:
     for split in SPLIT_NAMES:
         if (root / split).is_dir():
             # Only class folders count: the nested chest_xray/ copy is not a class.
-            samples += _read_class_tree(root / split, split, parse)
+            samples += _read_class_tree(root / split, split, parse, root)
+    _check_class_names(samples, root)
     classes = sorted({s.label for s in samples})
     for split in ("train", "test"):
         missing = sorted(set(classes) - {s.label for s in samples if s.split == split})
@@ -122,7 +144,15 @@ def _from_kaggle(root: Path, parse: PatientIdParser) -> DataSource:
 
 
 def _from_class_folders(root: Path, parse: PatientIdParser) -> DataSource:
-    samples = _read_class_tree(root, "", parse)
+    samples = _read_class_tree(root, "", parse, root)
+    split_folders = sorted({s.label for s in samples if s.label.lower() in SPLIT_NAMES})
+    if split_folders:
+        raise DataLayoutError(
+            f"{root} holds {', '.join(f'{name}/' for name in split_folders)} but no "
+            f"{'test/' if (root / 'train').is_dir() else 'train/'}: a dataset with splits needs "
+            f"train/ and test/ (val/ is optional), each with a folder per class; class folders "
+            f"are not named after splits.\n{EXPECTED_LAYOUTS}")
+    _check_class_names(samples, root)
     classes = sorted({s.label for s in samples})
     empty = [d.name for d in _subdirs(root) if d.name not in classes]
     notes = [f"ignored empty folders: {', '.join(empty)}"] if empty else []
@@ -138,11 +168,12 @@ def _from_manifest(csv_path: Path, parse: PatientIdParser) -> DataSource:
         )
     samples = []
     for row in rows:
-        path = Path(row["path"])
-        path = path if path.is_absolute() else csv_path.parent / path
-        patient = (row.get("patient_id") or "").strip() or parse(path.name)
+        given = Path(row["path"])
+        path = given if given.is_absolute() else csv_path.parent / given
+        patient = (row.get("patient_id") or "").strip() or parse(given)
         samples.append(Sample(str(path), row["label"].strip(), (row.get("split") or "").strip(),
                               patient))
+    _check_class_names(samples, csv_path)
     bad_splits = {s.split for s in samples} - {*SPLIT_NAMES, ""}
     if bad_splits:
         raise DataLayoutError(

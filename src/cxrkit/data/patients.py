@@ -21,7 +21,13 @@ SUBTYPE_PATTERN = re.compile(r"_(bacteria|virus)_", re.IGNORECASE)
 
 
 class PatientIdParser:
-    """Callable file name -> patient id; a name no pattern matches is its own patient."""
+    """Callable: a film's path relative to its dataset -> patient id.
+
+    Each pattern is tried on the file name, then on the relative path (so that a pattern
+    can take the id from a folder: `(?P<patient>p\\d+)/`). A film no pattern matches is its own
+    patient, named by its relative path: two `0001.png` in different class or split
+    folders are two patients, not one.
+    """
 
     def __init__(self, pattern: str | None = None):
         patterns = (pattern,) if pattern else DEFAULT_PATTERNS
@@ -35,12 +41,13 @@ class PatientIdParser:
                     f"patient pattern {p.pattern!r} needs a group, e.g. (?P<patient>...)"
                 )
 
-    def __call__(self, file_name: str) -> str:
+    def __call__(self, relative_path: str | Path) -> str:
+        relative = Path(relative_path)
         for p in self.patterns:
-            m = p.search(file_name)
+            m = p.search(relative.name) or p.search(relative.as_posix())
             if m:
                 return m.group("patient") if "patient" in p.groupindex else m.group(1)
-        return Path(file_name).stem
+        return relative.with_suffix("").as_posix()
 
 
 def kermany_subtype(file_name: str, label: str) -> str:

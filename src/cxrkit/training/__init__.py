@@ -16,6 +16,6 @@ Pieces, each usable alone: `datamodule` (split + LightningDataModule), `features
 """
 
 from cxrkit.config import TrainConfig
-from cxrkit.training.fit import find_lr, train
+from cxrkit.training.fit import TrainingInterrupted, find_lr, train
 
-__all__ = ["TrainConfig", "find_lr", "train"]
+__all__ = ["TrainConfig", "TrainingInterrupted", "find_lr", "train"]

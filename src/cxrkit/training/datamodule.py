@@ -56,6 +56,11 @@ def prepare_samples(data: DataConfig, seed: int = 0) -> list[Sample]:
 def task_classes(task: str, samples: list[Sample]) -> list[str]:
     """Class names in index order: sorted for binary; NORMAL, BACTERIA, VIRUS for 3class."""
     labels = {s.label for s in samples if s.split in ("train", "val")}
+    if task != "3class" and len(labels) != 2:
+        raise DataLayoutError(
+            f"--task binary needs two classes; the training films have {len(labels)}: "
+            f"{', '.join(repr(label) for label in sorted(labels))}. Fix the folder names (or "
+            f"the manifest's label column) so that there are exactly two.")
     if task != "3class":
         return sorted(labels)
     if labels != set(SUBTYPES):

@@ -39,6 +39,7 @@ import torch
 from lightning.pytorch import LightningDataModule, seed_everything
 from lightning.pytorch.tuner import Tuner
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cxrkit.adapt import adapt_batchnorm
 from cxrkit.config import ConfigError, TrainConfig, to_dict
@@ -312,13 +313,29 @@ def train_ensemble(run: Run) -> Path:
     return run.folder
 
 
+class TrainingInterrupted(Exception):
+    """Training stopped by Ctrl+C or SIGTERM (a scheduler's time limit, `kill`): `folder`
+    continues from its last checkpoint with `train(resume=folder)`."""
+
+    def __init__(self, folder: Path, signal_name: str):
+        self.folder, self.signal_name = folder, signal_name
+        super().__init__(f"training interrupted ({signal_name}); continue it with "
+                         f"`cxr train --resume {folder}`")
+
+
 def train(config: TrainConfig | None = None, resume: str | Path | None = None) -> Path:
     """Train `config` (default: `TrainConfig()`), or continue the run folder `resume`.
 
     Returns the run folder; `cxrkit.runs.load_model(folder)` loads the trained model.
+    Raises `TrainingInterrupted` on Ctrl+C or SIGTERM.
     """
     run = open_run(resume) if resume is not None else new_run(config or TrainConfig())
-    return train_run(run)
+    try:
+        return train_run(run)
+    except SIGTERMException as e:  # a SystemExit without a code: it would exit with success
+        raise TrainingInterrupted(run.folder, "SIGTERM") from e
+    except (KeyboardInterrupt, SystemExit) as e:  # Lightning turns Ctrl+C into exit(1)
+        raise TrainingInterrupted(run.folder, "Ctrl+C") from e
 
 
 def train_run(run: Run) -> Path:
