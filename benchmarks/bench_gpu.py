@@ -59,7 +59,7 @@ def default_run(data: Path, epochs: int, runs_dir: Path) -> dict:
             "batch_size": config.data.batch_size,
             "epoch_seconds": [round(float(r["epoch_seconds"]), 1) for r in epochs_logged],
             "train_images_per_s": [round(float(r["train_images_per_s"])) for r in epochs_logged],
-            "best_epoch": metrics["best_epoch"] + 1, "val_roc_auc": metrics["roc_auc"],
+            "best_epoch": metrics["best_epoch"], "val_roc_auc": metrics["roc_auc"],
             "val_loss": metrics["loss"], "val_accuracy": metrics["accuracy"]}
 
 

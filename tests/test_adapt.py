@@ -1,12 +1,15 @@
 """BatchNorm adaptation re-estimates statistics on target images, without labels."""
 
 import json
+import shutil
 
 import torch
 
 from cxrkit.adapt import adapt_batchnorm, adapt_run, target_images
+from cxrkit.evaluation import evaluate_run
 from cxrkit.inference import file_batches
 from cxrkit.models import create_model
+from cxrkit.report import build_report
 from cxrkit.runs import load_model, save_model
 from tests.conftest import make_kaggle_tree
 
@@ -98,3 +101,18 @@ def test_a_frozen_stage_on_training_film_statistics_is_adapted_without_warning(t
     target = make_kaggle_tree(tmp_path / "site", {"train": 2, "test": 2})
     adapt_run(run, target, split="test")
     assert "frozen-backbone" not in caplog.text
+
+
+def test_an_adapted_run_says_so_in_its_evaluations_and_report(trained_run, tiny_kaggle,
+                                                               tmp_path):
+    """Adapted to the test films, then evaluated on them: honest only if it says so."""
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    adapted = adapt_run(run, tiny_kaggle, split="test")
+    notes = json.loads((evaluate_run(adapted, bootstrap=10, make_figures=False, device="cpu")
+                        / "metrics.json").read_text())["notes"]
+    assert any("adapted with `cxr adapt`" in n and "16 of the 16 films evaluated are among "
+               "them (transductive" in n for n in notes)
+    plain = evaluate_run(run, bootstrap=10, make_figures=False, device="cpu")
+    assert not any("adapt" in n for n in json.loads((plain / "metrics.json").read_text())["notes"])
+    page = " ".join(build_report(adapted).read_text().split())
+    assert "adapted with `cxr adapt` from" in page and "transductive" in page

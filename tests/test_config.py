@@ -83,6 +83,12 @@ def test_set_assignments_are_parsed_as_yaml():
     ({"stages.1.ema_decay": 1.5}, r"stages.1.ema_decay must be in \(0, 1\)"),
     ({"model.norm_stats": "imagenet"}, r"model.norm_stats must be one of pretrained, train"),
     ({"loss.mixup": -0.2}, r"loss.mixup must be >= 0"),
+    ({"loss.label_smoothing": 2}, r"loss.label_smoothing must be in \[0, 1\), e.g. 0.1, got 2"),
+    ({"model.dropout": 1.5}, r"model.dropout must be in \[0, 1\), got 1.5"),
+    ({"data.batch_size": 0}, r"data.batch_size must be >= 1, got 0"),
+    ({"model.input_size": 8}, r"model.input_size must be >= 32 or null"),
+    ({"data.max_train_images": 0}, r"data.max_train_images must be >= 1 or null"),
+    ({"stages.1.lr_decay": 0}, r"stages.1 needs lr_decay in \(0, 1\]"),
 ])
 def test_bad_overrides_say_what_is_wrong(overrides, message):
     with pytest.raises(ConfigError, match=message):

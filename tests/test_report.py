@@ -60,7 +60,8 @@ def reported(trained_run, tmp_path_factory):
     (run.parent / "audit.json").write_text(json.dumps(audit))
     Image.new("RGB", (300, 120), "white").save(run / "training_curves.png")
     (run / "val_metrics.json").write_text(json.dumps({"val_roc_auc": 0.987654}))
-    (run / "config.yaml").write_text("model:\n  name: simple_cnn\ndata:\n  path: /data/x\n")
+    (run / "config.yaml").write_text("model:\n  name: simple_cnn\n"
+                                     "data:\n  path: /data/chest_xray\n")
     return run, build_report(run)  # evaluates the internal test split first
 
 
@@ -92,8 +93,16 @@ def test_report_contents(reported):
     assert "not for diagnosis" in text and "Shortcut learning" in text
     assert "validation loss and metrics per epoch" in text
     assert "0.9877" in text and "0.987654" not in text  # val_metrics.json, to 4 places
-    assert "Trained on /data/x" in text  # the data path from config.yaml
+    assert "Trained on /data/chest_xray" in text  # the data path from config.yaml
     assert "Patients shared between splits" in text
+
+
+def test_an_audit_of_other_data_beside_the_run_is_not_shown(reported):
+    run, _ = reported
+    other = shutil.copytree(run, run.parent / "other")
+    (other / "config.yaml").write_text("model:\n  name: simple_cnn\ndata:\n  path: /data/y\n")
+    text = build_report(other).read_text()
+    assert "AUDIT-NOTE-MARKER" not in text and "No audit.json found" in text
 
 
 def test_report_shows_tta_and_the_framing_check_beside_the_plain_result(trained_run, tmp_path):
@@ -109,10 +118,16 @@ def test_report_shows_tta_and_the_framing_check_beside_the_plain_result(trained_
     assert "<h3>Test-time augmentation</h3>" in text and "<th>with TTA</th>" in text
 
 
-def test_compare_runs_table_and_csv(reported, tmp_path):
+def test_compare_runs_table_and_csv(reported, tmp_path, caplog):
     run, _ = reported
     other = shutil.copytree(run, tmp_path / "other")
     rows = compare_runs([run, other])
+    assert "different films" not in caplog.text  # the same test films
+    fewer = shutil.copytree(run, tmp_path / "fewer")
+    predictions = fewer / "eval" / "test" / "predictions.csv"
+    predictions.write_text("".join(predictions.read_text().splitlines(keepends=True)[:-3]))
+    compare_runs([run, fewer])
+    assert "evaluated on different films (16, 13)" in caplog.text
     assert [r["run"] for r in rows] == [str(run), str(other)]
     metrics = json.loads((run / "eval" / "test" / "metrics.json").read_text())
     at_val = metrics["operating_points"]["validation"]

@@ -559,3 +559,25 @@ def test_binary_task_needs_exactly_two_classes_and_pneumonia_is_positive_in_any_
     labels = task_classes("binary", films[:2])
     assert labels == ["Pneumonia", "normal"] and positive_index(labels) == 0
     assert positive_index(["NORMAL", "PNEUMONIA"]) == 1 and positive_index(["A", "B"]) == 1
+
+
+def test_a_runs_config_yaml_alone_reproduces_it_from_any_folder(tiny_kaggle, tmp_path,
+                                                                monkeypatch):
+    """config.yaml holds the data as an absolute path, and `--config` it is enough."""
+    monkeypatch.chdir(tiny_kaggle.parent)
+    args = ["--preset", "scratch", "--epochs", "1", "--runs-dir", str(tmp_path / "runs"),
+            "--no-cache", *[f"--set={k}={v}" for k, v in TINY.items()]]
+    first = CliRunner().invoke(app, ["train", "--data", tiny_kaggle.name, "--name", "a", *args])
+    assert first.exit_code == 0, first.output
+    config = tmp_path / "runs" / "a" / "config.yaml"
+    assert TrainConfig.load(config).data.path == str(tiny_kaggle.resolve())
+    monkeypatch.chdir(tmp_path)
+    again = CliRunner().invoke(app, ["train", "--config", str(config), "--name", "b",
+                                     "--runs-dir", str(tmp_path / "runs")])
+    assert again.exit_code == 0, again.output
+    runs = [tmp_path / "runs" / name for name in ("a", "b")]
+    assert (runs[0] / "split.csv").read_text() == (runs[1] / "split.csv").read_text()
+    metrics = [json.loads((run / "val_metrics.json").read_text()) for run in runs]
+    assert metrics[0]["roc_auc"] == metrics[1]["roc_auc"]  # deterministic: the same run
+    missing = CliRunner().invoke(app, ["train", "--runs-dir", str(tmp_path / "runs")])
+    assert missing.exit_code == 2 and "--data is required" in missing.output

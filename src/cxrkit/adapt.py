@@ -89,6 +89,36 @@ def frozen_backbone_warning(run: Path) -> str | None:
 
 
 MIN_TARGET_IMAGES = 100  # below this, re-estimated statistics are mostly noise
+ADAPTATION = "adaptation.json"
+
+
+def describe_adaptation(done: dict) -> str:
+    """One sentence from an adaptation.json."""
+    return (f"This model was adapted with `cxr adapt` from {done['source_run']}: BatchNorm "
+            f"statistics re-estimated on {done['n_images']} unlabelled films of "
+            f"{done['target_data']} (split {done['target_split']}).")
+
+
+def adaptation_note(run: Path, evaluated: list[str]) -> str | None:
+    """What `cxr adapt` did to RUN's model, for its evaluations and report (None if nothing),
+    and whether the films evaluated are among those it adapted to: that is transductive, a
+    result to report apart from one on films the model never saw."""
+    file = run / ADAPTATION
+    if not file.is_file():
+        return None
+    done = json.loads(file.read_text())
+    note = describe_adaptation(done)
+    try:
+        adapted_on = {str(Path(p).resolve()) for p in target_images(done["target_data"],
+                                                                   done["target_split"])}
+    except (DataLayoutError, OSError, ValueError):
+        return note + " Those films are no longer where they were: overlap not checked."
+    shared = sum(str(Path(p).resolve()) in adapted_on for p in evaluated)
+    if shared:
+        note += (f" {shared} of the {len(evaluated)} films evaluated are among them "
+                 f"(transductive: their labels were never used, but report this apart from "
+                 f"results on films the model never saw).")
+    return note
 
 
 def adapt_run(run: str | Path, data: str | Path, split: str | None = "test",
@@ -113,7 +143,7 @@ def adapt_run(run: str | Path, data: str | Path, split: str | None = "test",
     for name in COPIED_FILES:
         if (run / name).is_file() and out.resolve() != run.resolve():
             shutil.copy2(run / name, out / name)
-    (out / "adaptation.json").write_text(json.dumps({
+    (out / ADAPTATION).write_text(json.dumps({
         "method": "batchnorm statistics re-estimated on unlabelled target images (AdaBN)",
         "source_run": str(run),
         "target_data": str(data),

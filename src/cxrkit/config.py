@@ -52,6 +52,7 @@ class AugmentConfig:
     hflip: bool = False
 
 
+MIN_INPUT_SIZE = 32  # pixels: five stride-2 stages leave 1 x 1 below this
 TASKS = ("binary", "3class")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -230,10 +231,32 @@ class TrainConfig:
         _check_choice("loss.name", self.loss.name, LOSSES)
         _check_choice("loss.class_weights", self.loss.class_weights, CLASS_WEIGHTS)
         _check_choice("trainer.monitor", self.trainer.monitor, tuple(MONITORS))
-        if self.loss.mixup < 0:
-            raise ConfigError(f"loss.mixup must be >= 0 (0: off, e.g. 0.2), got {self.loss.mixup}")
-        if not 0 <= self.data.val_fraction < 1:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
+        # Ranges checked here, before a run folder exists: PyTorch would only refuse them
+        # mid-way, with a traceback, leaving a run that cannot be resumed.
+        for name, value, ok, rule in (
+            ("loss.mixup", self.loss.mixup, self.loss.mixup >= 0, ">= 0 (0: off, e.g. 0.2)"),
+            ("loss.label_smoothing", self.loss.label_smoothing,
+             0 <= self.loss.label_smoothing < 1, "in [0, 1), e.g. 0.1"),
+            ("loss.focal_gamma", self.loss.focal_gamma, self.loss.focal_gamma >= 0, ">= 0"),
+            ("model.dropout", self.model.dropout, 0 <= self.model.dropout < 1, "in [0, 1)"),
+            ("model.input_size", self.model.input_size,
+             self.model.input_size is None or self.model.input_size >= MIN_INPUT_SIZE,
+             f">= {MIN_INPUT_SIZE} or null (the model's own)"),
+            ("data.val_fraction", self.data.val_fraction, 0 <= self.data.val_fraction < 1,
+             "in [0, 1)"),
+            ("data.batch_size", self.data.batch_size, self.data.batch_size >= 1, ">= 1"),
+            ("data.max_train_images", self.data.max_train_images,
+             self.data.max_train_images is None or self.data.max_train_images >= 1,
+             ">= 1 or null (all)"),
+            ("data.max_val_images", self.data.max_val_images,
+             self.data.max_val_images is None or self.data.max_val_images >= 1,
+             ">= 1 or null (all)"),
+            ("optim.weight_decay", self.optim.weight_decay, self.optim.weight_decay >= 0, ">= 0"),
+            ("optim.warmup_fraction", self.optim.warmup_fraction,
+             0 <= self.optim.warmup_fraction < 1, "in [0, 1)"),
+        ):
+            if not ok:
+                raise ConfigError(f"{name} must be {rule}, got {value}")
         if self.model.ensemble_with and (self.trainer.devices not in ("auto", "1")
                                          or self.trainer.num_nodes > 1):
             raise ConfigError("model.ensemble_with trains its members one after another on one "
@@ -258,6 +281,9 @@ class TrainConfig:
                                   f"got {s.ema_decay}")
             if s.epochs < 1 or s.lr <= 0:
                 raise ConfigError(f"stages.{i} needs epochs >= 1 and lr > 0")
+            if not 0 < s.lr_decay <= 1 or (s.batch_size is not None and s.batch_size < 1):
+                raise ConfigError(f"stages.{i} needs lr_decay in (0, 1] and batch_size >= 1 "
+                                  f"or null, got {s.lr_decay} and {s.batch_size}")
 
 
 def to_dict(config: Any) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import logging
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,10 +20,13 @@ import yaml
 from jinja2 import Environment
 
 from cxrkit import __version__
+from cxrkit.adapt import ADAPTATION, describe_adaptation
 from cxrkit.data.split import read_manifest, shared_patients
 from cxrkit.evaluation import EVAL_DIR, evaluate_run
 from cxrkit.evaluation.paired import paired_difference, read_scored
-from cxrkit.runs import load_spec, model_folder, read_calibration
+from cxrkit.runs import load_spec, model_folder, positive_index, read_calibration
+
+log = logging.getLogger(__name__)
 
 REPORT = "report.html"
 
@@ -126,11 +130,20 @@ def _split_summary(run: Path) -> dict | None:
     }
 
 
-def _find_audit(run: Path) -> dict | None:
-    for path in (run / "audit" / "audit.json", run / "audit.json", run.parent / "audit.json"):
+def _find_audit(run: Path, data_path: str | None) -> dict | None:
+    """The run's own audit (RUN/audit/, as `cxr run` writes it), or an audit.json beside the
+    run folder if it audited the run's training data (not whatever was audited there last)."""
+    for path in (run / "audit" / "audit.json", run / "audit.json"):
         if (audit := _read_json(path)) is not None:
             return audit
+    beside = _read_json(run.parent / "audit.json")
+    if beside and data_path and _same_place(beside.get("root"), data_path):
+        return beside
     return None
+
+
+def _same_place(a: str | None, b: str) -> bool:
+    return a is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def evaluations(run: Path) -> list[dict]:
@@ -303,6 +316,8 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 </section>
 
 <section id="training"><h2>Training</h2>
+{% if adaptation %}<div class="note">{{ adaptation_text }} No labels were read; evaluations of
+ those same films are transductive (their notes below say so).</div>{% endif %}
 {% if curves %}<figure><img alt="training curves" src="data:image/png;base64,{{ curves }}">
 <figcaption>Training loss per logged step and per epoch, validation loss and metrics per epoch
  (from metrics.csv).</figcaption></figure>
@@ -368,7 +383,8 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 <h3>Data</h3><p>Trained on {{ data_path or "the data listed in split.csv" }}{% if split %}
  ({% for r in split.rows %}{{ r.split }}: {{ r.total }} images / {{ r.patients }} patients
  {%- if not loop.last %}; {% endif %}{% endfor %}){% endif %}. The validation images are
- carved from the training images by patient: no patient is in both.</p>
+ carved from the training images by patient: no patient is in both.{% if adaptation %}
+ {{ adaptation_text }}{% endif %}</p>
 <h3>Metrics</h3>{% if card_metrics %}<p>At the validation threshold, with 95% intervals:</p>
 <ul>{% for title, text in card_metrics %}<li>{{ title }}: {{ text }}.</li>{% endfor %}</ul>
 {% else %}<p class="missing">Not evaluated.</p>{% endif %}
@@ -428,21 +444,23 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
                     for m in evals]
     val_metrics = _read_json(run / "val_metrics.json") or {}
     calibration = read_calibration(run)
+    adaptation = _read_json(run / ADAPTATION)
     page = Environment(autoescape=True).from_string(TEMPLATE).render(
         run_name=run.name, run_path=str(run), spec=spec, version=__version__,
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        audit=_find_audit(run), split=_split_summary(run),
+        audit=_find_audit(run, _data_path(config)), split=_split_summary(run),
         curves=_b64_png(run / "training_curves.png"),
         members=val_metrics.get("members", []),
         val_metrics={k: round(v, 4) if isinstance(v, float) else v
                      for k, v in val_metrics.items() if not isinstance(v, dict | list)},
         config_text=yaml.safe_dump(config, sort_keys=False) if config else "",
         evals=evals, rows=metric_rows(evals) if evals else [],
-        calibration=calibration,
+        calibration=calibration, adaptation=adaptation,
+        adaptation_text=adaptation and describe_adaptation(adaptation),
         variants=variant_tables(test) if test else [],
         published=published_rows(binary_test) if binary_test else None,
         published_source=PUBLISHED["source"], test_n=test["n"] if test else 0,
-        positive=spec.labels[-1] if spec.num_classes == 2 else None,
+        positive=spec.labels[positive_index(spec.labels)] if spec.num_classes == 2 else None,
         data_path=_data_path(config), card_metrics=card_metrics, limitations=LIMITATIONS,
     )
     out = run / REPORT
@@ -465,11 +483,22 @@ def compare_runs(runs: list[str | Path], split: str = "test", paired: bool = Fal
                      "split": split, "n": metrics["n"], "threshold": threshold,
                      **headline(metrics),
                      SPEC_AT_SENS: metrics.get(block, {}).get(level)})
+    films = [_films(folder) for folder in folders]
+    if any(f != films[0] for f in films[1:]):
+        log.warning("these runs were evaluated on different films (%s): their rows do not "
+                    "compare like with like%s", ", ".join(str(len(f)) for f in films),
+                    "; --paired uses the films they share" if paired else "")
     if paired:
         base = read_scored(folders[0])
         for row, folder in zip(rows[1:], folders[1:], strict=True):
             row["paired"] = paired_difference(base, read_scored(folder), COMPARED)
     return rows
+
+
+def _films(folder: Path) -> set[str]:
+    """The films an evaluation scored (its predictions.csv)."""
+    with open(folder / "predictions.csv", newline="") as f:
+        return {str(Path(row["path"]).resolve()) for row in csv.DictReader(f)}
 
 
 def write_compare_csv(rows: list[dict], path: str | Path) -> Path:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import typer
+import yaml
 from rich.markup import escape
 from rich.table import Table
 
@@ -30,7 +31,10 @@ PRESET = typer.Option("default", "--preset", help=f"One of {', '.join(PRESETS)}:
                       "(head on frozen features, then fine-tune all), scratch (simple_cnn from "
                       "scratch).")
 CONFIG = typer.Option(None, "--config", help="YAML with the config fields to change (a run's "
-                      "config.yaml reproduces it), applied on top of the preset.")
+                      "config.yaml reproduces it), applied on top of the preset. A `stages:` "
+                      "list replaces the preset's stages, each starting from the stage "
+                      "defaults; to change one field of a preset's stage, --set "
+                      "stages.0.epochs=1.")
 MODEL = typer.Option(None, "--model", help="efficientnet_lite0/1/2, simple_cnn or timm:<name>.")
 WEIGHTS = typer.Option(None, "--weights", help="Start from these weights (.safetensors or a "
                        "state dict).")
@@ -67,6 +71,18 @@ def build_config(data: str | None, preset: str, config: Path | None,
     return cfg.updated({**overrides, **parse_assignments(assignments)})
 
 
+def _sets_data(config: Path | None) -> bool:
+    """Whether a --config YAML names the data (a run's config.yaml does)."""
+    if config is None or not config.is_file():
+        return False
+    try:
+        settings = yaml.safe_load(config.read_text()) or {}
+    except yaml.YAMLError:
+        return False  # TrainConfig.load reports it properly
+    data = settings.get("data") if isinstance(settings, dict) else None
+    return isinstance(data, dict) and bool(data.get("path"))
+
+
 def interrupted(stop) -> None:
     """Say how to continue a run that a signal stopped, and exit as killed by it (130 for
     Ctrl+C, 143 for SIGTERM: a scheduler or `&&` chain must not take it for success)."""
@@ -78,7 +94,7 @@ def metrics_table(metrics: dict) -> Table:
     if metrics.get("members"):
         chosen = f"ensemble of {len(metrics['members'])} members"
     else:
-        chosen = f"best of stage {metrics['best_stage']}, epoch {metrics['best_epoch'] + 1}"
+        chosen = f"best of stage {metrics['best_stage']}, epoch {metrics['best_epoch']}"
     table = Table(title=f"Validation ({metrics['images']} images, {chosen})")
     for name in ("accuracy", "roc_auc", "sensitivity", "specificity", "f1", "loss"):
         table.add_column(name.replace("_", "-"), justify="right")
@@ -132,8 +148,9 @@ def train(
         if resume is not None:
             run = train_run(resume=resume)
         else:
-            if data is None:
-                fail("--data is required (or --resume RUN): `kaggle` or a dataset folder.")
+            if data is None and not _sets_data(config):
+                fail("--data is required (or --resume RUN, or a --config that sets data.path): "
+                     "`kaggle` or a dataset folder.")
             options = {
                 "model.name": model, "model.weights": weights and str(weights),
                 "model.pretrained": pretrained, "data.task": task, "epochs": epochs,

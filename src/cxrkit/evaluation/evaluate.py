@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cxrkit.adapt import adaptation_note
 from cxrkit.data.dataset import load_prepared
 from cxrkit.data.kaggle import resolve_data
 from cxrkit.data.layout import Sample, load_source
@@ -517,6 +518,8 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         where = origin
     if calibrate_on is not None:  # before any film is scored
         refuse_overlap(val_samples, samples, source, origin, reapplied)
+    if adapted := adaptation_note(run, [s.path for s in samples]):
+        notes.append(adapted)
 
     val = infer(val_samples, val_where)
     reuse = data is None and split == "val" and calibrate_on is None

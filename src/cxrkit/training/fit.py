@@ -151,6 +151,10 @@ def _run_folder(config: TrainConfig) -> Path:
 
 def new_run(config: TrainConfig) -> Run:
     config.validate()
+    local = Path(config.data.path).expanduser()
+    if config.data.path.lower() != "kaggle" and local.exists():
+        # Absolute, so that `--config RUN/config.yaml` reproduces the run from any folder.
+        config = config.updated({"data.path": str(local.resolve())})
     samples = prepare_samples(config.data, config.seed)
     classes = task_classes(config.data.task, samples)
     folder = _run_folder(config)
@@ -260,7 +264,8 @@ def finish(run: Run) -> dict:
     save_model(module.model.eval(), run.folder)
     meta = _checkpoint(best)
     metrics = validation_metrics(module.model, module.criterion, run)
-    metrics.update(best_stage=module.stage.name, best_epoch=meta["epoch"],
+    # best_epoch counts from 1 within its stage, as the progress bar, CLI and report show it
+    metrics.update(best_stage=module.stage.name, best_epoch=meta["epoch"] + 1,
                    best_global_step=meta["global_step"], monitor=run.config.trainer.monitor)
     (run.folder / VAL_METRICS).write_text(json.dumps(metrics, indent=2))
     collect_metrics(run.folder, [s.name for s in run.config.stages])
