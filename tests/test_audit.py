@@ -84,6 +84,16 @@ def test_exact_duplicates(audited):
     assert any("1 group(s) span splits" in n for n in r.notes)
 
 
+def test_an_identical_film_under_two_labels_is_called_out(tmp_path):
+    root = make_kaggle_tree(tmp_path / "data", {"train": 4, "test": 2})
+    shutil.copy(root / "train" / "NORMAL" / "IM-0000-0000.jpeg",
+                root / "test" / "PNEUMONIA" / "person1009_bacteria_9.jpeg")
+    result = audit_dataset(root, tmp_path / "out", figures=False)
+    [note] = [n for n in result.notes if "different labels" in n]
+    assert note.startswith("1 group(s) of identical files carry different labels, e.g. ")
+    assert "IM-0000-0000.jpeg (NORMAL)" in note and "bacteria_9.jpeg (PNEUMONIA)" in note
+
+
 def test_near_duplicates_find_the_reencoded_copy_and_nothing_else(audited, planted, tmp_path):
     r, _ = audited
     assert r.hash_bits == HASH_BITS

@@ -160,6 +160,17 @@ def test_external_data_goes_to_its_own_folder(trained_run, tmp_path):
     assert not (run / "eval" / "test").exists()  # the internal test is left alone
 
 
+def test_a_site_with_normal_films_only_measures_specificity(trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path)
+    normals = make_class_folders(tmp_path / "clinic_normals", ["NORMAL"])
+    out = evaluate_run(run, data=normals, bootstrap=20, make_figures=False, device="cpu")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 3 and "The external data has no PNEUMONIA images." in metrics["notes"]
+    specificity = metrics["operating_points"]["validation"]["specificity"]["value"]
+    assert specificity == np.mean([r["predicted"] == "NORMAL"
+                                   for r in read_rows(out / "predictions.csv")])
+
+
 def test_external_kaggle_tree_uses_its_test_split(trained_run, tiny_kaggle, tmp_path):
     run = copy_run(trained_run, tmp_path)
     out = evaluate_run(run, data=tiny_kaggle, bootstrap=0, make_figures=False, device="cpu")

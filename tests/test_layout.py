@@ -196,3 +196,17 @@ def test_a_manifest_row_without_a_label_is_refused(tmp_path, tiny_kaggle):
     manifest.write_text(f"path,label\n{films[0]},NORMAL\n{films[1]},\n")
     with pytest.raises(DataLayoutError, match=r"1 films have no label, e\.g\. .*jpeg"):
         load_source(manifest)
+
+
+def test_a_manifest_saved_by_excel_is_read_and_a_wrong_header_is_named(tmp_path, tiny_kaggle):
+    films = sorted((tiny_kaggle / "train" / "NORMAL").glob("*.jpeg"))[:1] + sorted(
+        (tiny_kaggle / "train" / "PNEUMONIA").glob("*.jpeg"))[:1]
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes(b"\xef\xbb\xbfpath,label\r\n" + f"{films[0]},NORMAL\r\n{films[1]},"
+                      f"PNEUMONIA\r\n".encode())
+    assert load_source(excel).classes == ["NORMAL", "PNEUMONIA"]
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text(f"file,class\n{films[0]},NORMAL\n")
+    with pytest.raises(DataLayoutError, match="needs the header `path,label.*; it has 'file', "
+                                              "'class'"):
+        load_source(wrong)

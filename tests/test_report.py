@@ -89,12 +89,33 @@ def test_report_contents(reported):
     _, path = reported
     text = path.read_text()
     assert "AUDIT-NOTE-MARKER" in text and "5856" in text  # the audit beside the run
-    assert "Kermany et al. 2018" in text and "92.8%" in text and "0.968" in text
+    # 16 test films are not Kermany's 624: no published comparison, no Guangzhou claim
+    assert "no evaluation of it to compare" in text and "92.8%" not in text
+    assert "Guangzhou" not in text and "training films only" in text
     assert "not for diagnosis" in text and "Shortcut learning" in text
     assert "validation loss and metrics per epoch" in text
     assert "0.9877" in text and "0.987654" not in text  # val_metrics.json, to 4 places
     assert "Trained on /data/chest_xray" in text  # the data path from config.yaml
     assert "Patients shared between splits" in text
+
+
+def test_the_kermany_test_split_is_compared_with_the_published_results(reported):
+    """An evaluation of 624 Kermany-named films (the tiny run's rows, repeated and renamed)."""
+    run, _ = reported
+    kermany = shutil.copytree(run, run.parent / "kermany")
+    folder = kermany / "eval" / "test"
+    with open(folder / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(folder / "predictions.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for i in range(624):
+            writer.writerow(rows[i % len(rows)] | {"path": f"/t/person{i}_bacteria_{i}.jpeg"})
+    metrics = json.loads((folder / "metrics.json").read_text())
+    (folder / "metrics.json").write_text(json.dumps(metrics | {"n": 624}))
+    text = " ".join(build_report(kermany).read_text().split())
+    assert "Kermany et al. 2018" in text and "92.8%" in text and "0.968" in text
+    assert "(624 films)" in text and "Guangzhou" in text
 
 
 def test_an_audit_of_other_data_beside_the_run_is_not_shown(reported):
@@ -163,4 +184,4 @@ def test_three_class_report(tiny_kaggle, tmp_path):
     text = build_report(run).read_text()
     assert Page(text).sections == SECTIONS
     assert "Macro ROC-AUC" in text and "class VIRUS" in text and "The most probable class" in text
-    assert "PR-AUC" not in text and "No binary internal test evaluation" in text
+    assert "PR-AUC" not in text and "no evaluation of it to compare" in text

@@ -12,6 +12,7 @@ import base64
 import csv
 import json
 import logging
+import re
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +22,7 @@ from jinja2 import Environment
 
 from cxrkit import __version__
 from cxrkit.adapt import ADAPTATION, describe_adaptation
+from cxrkit.data.patients import DEFAULT_PATTERNS
 from cxrkit.data.split import read_manifest, shared_patients
 from cxrkit.evaluation import EVAL_DIR, evaluate_run
 from cxrkit.evaluation.paired import paired_difference, read_scored
@@ -59,11 +61,17 @@ COMPARED = (*HEADLINE, SPEC_AT_SENS)
 SHORT_NAMES = {"accuracy": "Acc", "roc_auc": "AUC", "sensitivity": "Sens", "specificity": "Spec",
                "f1": "F1", SPEC_AT_SENS: "Spec@97"}  # `cxr compare`'s column headers
 
-LIMITATIONS = [
+KERMANY_SHIFT = (
     "Dataset shift: the Kermany/Kaggle films come from one hospital (Guangzhou Women and "
     "Children's Medical Center), of children aged one to five. Other hospitals, scanners, "
     "adults or portable films may behave very differently: validate externally before "
-    "trusting any number here.",
+    "trusting any number here.")
+OTHER_SHIFT = (
+    "Dataset shift: the model knows the hospitals, scanners and patients of its training "
+    "films only. Others may behave very differently: validate externally before trusting any "
+    "number here.")
+KERMANY_TEST_FILMS = 624
+LIMITATIONS = [
     "The internal test split comes from the same source as the training data, so it measures "
     "in-distribution performance only; it is an optimistic estimate for any other setting.",
     "Shortcut learning: a model can key on text markers, laterality letters, positioning, "
@@ -246,6 +254,14 @@ def headline(metrics: dict) -> dict[str, dict | None]:
     return {k: metrics.get(k) if k == "roc_auc" or not at else at.get(k) for k in HEADLINE}
 
 
+def is_kermany_test(folder: Path) -> bool:
+    """Whether an evaluation scored the Kermany test split: 624 films, all Kermany-named."""
+    with open(folder / "predictions.csv", newline="") as f:
+        names = [Path(row["path"]).name for row in csv.DictReader(f)]
+    return len(names) == KERMANY_TEST_FILMS and all(
+        any(re.match(pattern, name) for pattern in DEFAULT_PATTERNS) for name in names)
+
+
 def published_rows(test: dict) -> list[dict]:
     ours = headline(test)
     return [{"name": NAMES[k], "published": format_metric(k, {"value": PUBLISHED[k]}),
@@ -359,10 +375,11 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 <th>this model, internal test, validation threshold</th></tr>
 {% for r in published %}<tr><td class="name">{{ r.name }}</td><td>{{ r.published }}</td>
 <td>{{ r.ours }}</td></tr>{% endfor %}</table>
-<p>Only comparable if this run's test split is the Kaggle/Kermany test folder (624 images;
- this one has {{ test_n }}). The paper used another architecture and reports no intervals;
- a published number inside this model's interval is no evidence of a difference.</p>
-{% else %}<p class="missing">No binary internal test evaluation to compare.</p>{% endif %}
+<p>This run's test split is the Kaggle/Kermany test folder ({{ test_n }} films). The paper
+ used another architecture and reports no intervals; a published number inside this model's
+ interval is no evidence of a difference.</p>
+{% else %}<p class="missing">The published results are on the Kermany test split (624
+ Kermany-named films, two classes); this run has no evaluation of it to compare.</p>{% endif %}
 </section>
 
 <section id="figures"><h2>Figures</h2>
@@ -439,6 +456,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
         m["figures"], m["title"] = _figures(m["folder"]), _title(m)
     test = next((m for m in evals if m["name"] == "test" and not m.get("external")), None)
     binary_test = test if test and test.get("positive_class") else None
+    kermany = binary_test is not None and is_kermany_test(binary_test["folder"])
     card_metrics = [(m["title"], ", ".join(f"{NAMES[k]} {format_metric(k, v)}"
                                            for k, v in headline(m).items() if v is not None))
                     for m in evals]
@@ -458,10 +476,11 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
         calibration=calibration, adaptation=adaptation,
         adaptation_text=adaptation and describe_adaptation(adaptation),
         variants=variant_tables(test) if test else [],
-        published=published_rows(binary_test) if binary_test else None,
+        published=published_rows(binary_test) if kermany else None,
         published_source=PUBLISHED["source"], test_n=test["n"] if test else 0,
         positive=spec.labels[positive_index(spec.labels)] if spec.num_classes == 2 else None,
-        data_path=_data_path(config), card_metrics=card_metrics, limitations=LIMITATIONS,
+        data_path=_data_path(config), card_metrics=card_metrics,
+        limitations=[KERMANY_SHIFT if kermany else OTHER_SHIFT, *LIMITATIONS],
     )
     out = run / REPORT
     out.write_text(page, encoding="utf-8")

@@ -39,6 +39,16 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
     )
 
 
+def route_lightning_logs() -> None:
+    """Lightning's package adds a console handler of its own when imported; the root logger's
+    (Rich, set up above) already shows its messages, which would otherwise print twice."""
+    import lightning  # noqa: F401  (the import adds the handler taken off here)
+
+    logger = logging.getLogger("lightning")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print an actionable error (no traceback) and exit. The message is shown as written:
     a path like `scan [left].png` is not Rich markup."""

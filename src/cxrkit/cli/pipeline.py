@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cxrkit.cli.app import app, console, fail
+from cxrkit.cli.app import app, console, fail, route_lightning_logs
 from cxrkit.cli.evaluate import FRAMING_THRESHOLD
 from cxrkit.cli.train import CONFIG, PRESET, SET, USER_ERRORS, build_config, interrupted
 
@@ -33,6 +33,8 @@ def run_all(
     from cxrkit.evaluation import evaluate_run
     from cxrkit.report import build_report
     from cxrkit.training import TrainingInterrupted, train
+
+    route_lightning_logs()
 
     try:
         if resume is not None:

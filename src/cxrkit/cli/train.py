@@ -15,7 +15,7 @@ import yaml
 from rich.markup import escape
 from rich.table import Table
 
-from cxrkit.cli.app import app, console, fail
+from cxrkit.cli.app import app, console, fail, route_lightning_logs
 from cxrkit.config import PRESETS, ConfigError, TrainConfig, parse_assignments
 from cxrkit.data.kaggle import KaggleDownloadError
 from cxrkit.data.layout import DataLayoutError
@@ -144,6 +144,8 @@ def train(
     from cxrkit.training import TrainingInterrupted
     from cxrkit.training import train as train_run
 
+    route_lightning_logs()
+
     try:
         if resume is not None:
             run = train_run(resume=resume)
@@ -194,6 +196,8 @@ def lr_find(
 ) -> None:
     """Lightning's learning-rate range test: saves the loss-vs-LR plot, prints a suggestion."""
     from cxrkit.training import find_lr
+
+    route_lightning_logs()
 
     if data is None:
         fail("--data is required: `kaggle` or a dataset folder.")

@@ -283,6 +283,13 @@ def _notes(source: DataSource, result: AuditResult) -> list[str]:
         if mixed:
             notes.append(f"{len(mixed)} group(s) of identical files carry different patient ids:"
                          " a patient split may put copies of one image on both sides.")
+        conflicting = [g for g in result.exact_duplicates
+                       if len({by_path[p].label for p in g}) > 1]
+        if conflicting:
+            example = ", ".join(f"{p} ({by_path[p].label})" for p in conflicting[0])
+            notes.append(f"{len(conflicting)} group(s) of identical files carry different "
+                         f"labels, e.g. {example}: at most one label is right; fix or remove "
+                         "them before training.")
     if result.near_across_splits:
         notes.append(f"{result.near_across_splits} near-duplicate pair(s) span splits "
                      f"(perceptual hashes within {result.near_threshold} of {HASH_BITS} bits): "

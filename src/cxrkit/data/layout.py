@@ -160,11 +160,14 @@ def _from_class_folders(root: Path, parse: PatientIdParser) -> DataSource:
 
 
 def _from_manifest(csv_path: Path, parse: PatientIdParser) -> DataSource:
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"path", "label"} <= set(rows[0]):
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
+        reader = csv.DictReader(f)
+        rows, found = list(reader), reader.fieldnames or []
+    if not rows or not {"path", "label"} <= set(found):
         raise DataLayoutError(
-            f"{csv_path} needs the header `path,label[,split,patient_id]`.\n{EXPECTED_LAYOUTS}"
+            f"{csv_path} needs the header `path,label[,split,patient_id]`; it has "
+            f"{', '.join(map(repr, found)) or 'no header'}"
+            f"{'' if rows or not found else ' and no rows'}.\n{EXPECTED_LAYOUTS}"
         )
     samples = []
     for row in rows:
@@ -184,8 +187,10 @@ def _from_manifest(csv_path: Path, parse: PatientIdParser) -> DataSource:
     return DataSource(csv_path, "manifest", samples, classes)
 
 
-def load_source(path: str | Path, patient_pattern: str | None = None) -> DataSource:
-    """Detect the layout of `path` and list its samples."""
+def load_source(path: str | Path, patient_pattern: str | None = None,
+                min_classes: int = 2) -> DataSource:
+    """Detect the layout of `path` and list its samples. Training needs two classes; an
+    evaluation may take one (`min_classes=1`: a site's NORMAL films measure specificity)."""
     root = Path(path).expanduser()
     parse = PatientIdParser(patient_pattern)
     if not root.exists():
@@ -203,7 +208,7 @@ def load_source(path: str | Path, patient_pattern: str | None = None) -> DataSou
         problem = (f"{root} holds images but no class folders: move each class's images "
                    "into a folder named after the class" if loose else f"no images found in {root}")
         raise DataLayoutError(f"{problem}.\n{EXPECTED_LAYOUTS}")
-    if len(source.classes) < 2:
+    if len(source.classes) < min_classes:
         raise DataLayoutError(
             f"{root} has only the class {source.classes}; a classifier needs at least two "
             f"class folders.\n{EXPECTED_LAYOUTS}"

@@ -163,7 +163,7 @@ def refuse_overlap(chosen_on: Sequence[Sample], evaluated: Sequence[Sample], sou
 def external_samples(data: str | Path, split: str) -> tuple[str, str, str, list[Sample]]:
     """(eval name, where it is, split used, samples) of another dataset: its `split` if it
     has splits, else all of it (a class-per-folder tree has none)."""
-    source = load_source(resolve_data(data))
+    source = load_source(resolve_data(data), min_classes=1)
     if split in source.splits:
         return _data_name(data), str(source.root), split, source.split(split)
     if source.splits == [""]:
