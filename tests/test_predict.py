@@ -264,3 +264,23 @@ def test_images_that_are_hardly_films_are_predicted_with_a_warning(run, films, t
     result = runner.invoke(app, ["predict", str(run), str(tmp_path / "thumb.png")])
     assert result.exit_code == 0 and "warning:" in flat(result.output)
     assert "label is unreliable" in flat(result.output)
+
+
+def test_films_in_memory_are_predicted_like_their_files(run, films):
+    """A notebook's PIL image or array goes through the same rules as the file it came from."""
+    path = films / "a" / "pneumonia_1.png"
+    [from_file] = predict(run, path, device="cpu")
+    image = Image.open(path)
+    as_image, as_array, as_rgb = predict(run, [image, np.asarray(image.convert("L")),
+                                               np.asarray(image.convert("RGB"))], device="cpu")
+    for p in (as_image, as_array, as_rgb):
+        assert p.label == from_file.label
+        np.testing.assert_allclose(list(p.probabilities.values()),
+                                   list(from_file.probabilities.values()), atol=1e-5)
+    assert [as_image.path, as_array.path] == ["<image 0>", "<image 1>"]
+    [one] = predict(run, np.asarray(image.convert("L")), device="cpu")  # one array: one film
+    assert one.path == "<image 0>" and one.ok
+    [bad] = predict(run, [np.zeros((2, 3, 4, 5))], device="cpu")
+    assert not bad.ok and "is not a film" in bad.error
+    with pytest.raises(ValueError, match="overlays are written for files"):
+        predict(run, [image], cam_dir=films / "cams")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -22,7 +21,7 @@ from PIL import Image
 from pytorch_grad_cam import GradCAM
 
 from cxrkit.data.dataset import load_prepared
-from cxrkit.data.io import path_list
+from cxrkit.data.io import Film, film_list
 from cxrkit.data.transforms import eval_transform
 from cxrkit.models import Classifier
 
@@ -56,7 +55,7 @@ def _as_batch(model: Classifier, images) -> torch.Tensor:
         return images[None] if images.dim() == 3 else images
     spec, transform = model.spec, eval_transform(model.spec)
     return torch.stack([transform(load_prepared(p, spec.input_size, spec.equalize))
-                        for p in path_list(images)])
+                        for p in film_list(images)])
 
 
 def _make_autograd_ready(model: torch.nn.Module) -> None:
@@ -97,7 +96,7 @@ def _predicted_classes(model: Classifier, x: torch.Tensor, batch_size: int) -> l
                 for c in model.eval()(x[start:start + batch_size].to(device)).argmax(1)]
 
 
-def gradcam(model: Classifier, images: str | Path | Sequence[str | Path] | torch.Tensor,
+def gradcam(model: Classifier, images: Film | Sequence[Film] | torch.Tensor,
             class_index: int | Sequence[int] | None = None,
             target_layer: torch.nn.Module | None = None,
             batch_size: int = DEFAULT_BATCH) -> np.ndarray:

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cxrkit.data.dataset import load_prepared
-from cxrkit.data.io import UnreadableImageError
+from cxrkit.data.io import Film, UnreadableImageError, film_name
 from cxrkit.data.transforms import eval_transform
 from cxrkit.models import Classifier, ModelSpec
 
@@ -67,7 +67,7 @@ def default_device() -> torch.device:
 
 def predict_logits(
     model: Classifier,
-    paths: Sequence[str],
+    paths: Sequence[str | Film],
     batch_size: int = 32,
     num_workers: int = 0,
     device: torch.device | str | None = None,
@@ -88,7 +88,7 @@ def predict_logits(
     failures: list[Failure] = []
     with torch.inference_mode():
         for x, indices, bad in file_batches(model.spec, paths, batch_size, num_workers, crop):
-            failures += [Failure(paths[i], reason) for i, reason in bad]
+            failures += [Failure(film_name(paths[i], i), reason) for i, reason in bad]
             if x is None:
                 continue
             x = x.to(device).contiguous(memory_format=torch.channels_last)

@@ -3,6 +3,7 @@
     from cxrkit.predict import predict
     for p in predict("runs/lite0", ["films/", "new.dcm"]):
         print(p.path, p.label, p.probabilities, p.error)
+    predict("runs/lite0", pil_image_or_array)  # films already in memory, as `<image 0>`
 
 The model is a run folder (PyTorch) or an ONNX export folder (model.onnx +
 model.json, run by ONNX Runtime); both go through `cxrkit.inference.predict_logits`,
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cxrkit.data.io import film_doubt, path_list, read_image
+from cxrkit.data.io import Film, film_doubt, film_list, film_name, read_image
 from cxrkit.data.layout import images_under
 from cxrkit.export import FILE_NAMES, is_onnx_export, load_onnx
 from cxrkit.inference import predict_logits
@@ -62,14 +63,18 @@ class Prediction:
         return self.error is None
 
 
-def collect_images(paths: str | Path | Iterable[str | Path]) -> list[str]:
-    """Files as given, folders searched recursively for image files, globs expanded.
+def collect_images(paths: Film | Iterable[Film]) -> list[str | Film]:
+    """Files as given, folders searched recursively for image files, globs expanded; images
+    already in memory (PIL images, arrays) as they are.
 
     A file is taken whatever its suffix (DICOM is recognised by content); a
-    missing path is kept so that it is reported as such. Order kept, no repeats.
+    missing path is kept so that it is reported as such. Order kept, no repeated path.
     """
-    found: list[str] = []
-    for arg in path_list(paths):
+    found: list[str | Film] = []
+    for arg in film_list(paths):
+        if not isinstance(arg, str):
+            found.append(arg)
+            continue
         path = Path(arg)
         if path.is_dir():
             found += [str(p) for p in images_under(path)]
@@ -77,7 +82,13 @@ def collect_images(paths: str | Path | Iterable[str | Path]) -> list[str]:
             found += collect_images(sorted(glob.glob(arg, recursive=True))) or [arg]
         else:
             found.append(arg)
-    return list(dict.fromkeys(found))
+    unique, seen = [], set()
+    for film in found:
+        if isinstance(film, str) and film in seen:
+            continue
+        seen.add(film if isinstance(film, str) else id(film))
+        unique.append(film)
+    return unique
 
 
 class Predictor:
@@ -157,21 +168,22 @@ class Predictor:
             raise ValueError(f"threshold {override} is not a probability: use a value in [0, 1]")
         return self.calibration.threshold if override is None else override
 
-    def predict(self, paths: str | Path | Sequence[str | Path], batch_size: int = 32,
+    def predict(self, paths: Film | Sequence[Film], batch_size: int = 32,
                 threshold: float | None = None, num_workers: int = 0) -> list[Prediction]:
         """One Prediction per path, in order; unreadable files carry their `error`, doubtful
         ones (thumbnails, strips, blank images) a `warning`. The doubt check decodes each
         film a second time: a small cost beside the model's."""
-        paths = path_list(paths)
+        paths = film_list(paths)
+        names = [film_name(film, i) for i, film in enumerate(paths)]
         threshold = self.threshold(threshold)
         with self._lock:
             logits, failures = predict_logits(self.model, paths, batch_size, num_workers,
                                               self.device)
         reasons = {f.path: f.reason for f in failures}
         predictions = []
-        for path, row in zip(paths, logits, strict=True):
-            if path in reasons:
-                predictions.append(Prediction(path, threshold=threshold, error=reasons[path]))
+        for name, film, row in zip(names, paths, logits, strict=True):
+            if name in reasons:
+                predictions.append(Prediction(name, threshold=threshold, error=reasons[name]))
                 continue
             probs = self.calibration.probabilities(row[None])[0]
             # Two classes: the positive label from the threshold on; else the argmax.
@@ -179,8 +191,8 @@ class Predictor:
             index = (int(np.argmax(probs)) if threshold is None
                      else positive if probs[positive] >= threshold else 1 - positive)
             by_label = {k: float(p) for k, p in zip(self.labels, probs, strict=True)}
-            predictions.append(Prediction(path, self.labels[index], by_label, threshold,
-                                          warning=film_doubt(read_image(path))))
+            predictions.append(Prediction(name, self.labels[index], by_label, threshold,
+                                          warning=film_doubt(read_image(film))))
         return predictions
 
     def cam_overlays(self, predictions: Sequence[Prediction],
@@ -218,16 +230,21 @@ class Predictor:
             p.cam = str(folder / name)
 
 
-def predict(model_path: str | Path, paths: str | Path | Iterable[str | Path],
+def predict(model_path: str | Path, paths: Film | Iterable[Film],
             backend: str | None = None,
             batch_size: int = 32, threshold: float | None = None,
             cam_dir: str | Path | None = None, num_workers: int = 0,
             device: str | None = None) -> list[Prediction]:
-    """Predict every image among `paths` (files, folders, globs); see the module docstring."""
+    """Predict every image among `paths` (files, folders, globs, or images in memory: PIL
+    images and arrays, named `<image i>`); see the module docstring."""
     predictor = Predictor.load(model_path, backend, device)
-    if cam_dir is not None:
-        predictor.require_torch("Grad-CAM")  # before the predictions, not after them
-    predictions = predictor.predict(collect_images(paths), batch_size, threshold, num_workers)
+    films = collect_images(paths)
+    if cam_dir is not None:  # checked before the predictions, not after them
+        predictor.require_torch("Grad-CAM")
+        if any(not isinstance(film, str) for film in films):
+            raise ValueError("Grad-CAM overlays are written for files: save the images first, "
+                             "or call `cxrkit.explain.gradcam` on them")
+    predictions = predictor.predict(films, batch_size, threshold, num_workers)
     if cam_dir is not None:
         predictor.write_cams(predictions, cam_dir, batch_size)
     return predictions

@@ -42,10 +42,22 @@ class UnreadableImageError(ValueError):
         super().__init__(f"{path}: {reason}")
 
 
-def path_list(paths: str | Path | Iterable[str | Path]) -> list[str]:
-    """One path or many -> a list of str paths. A str is one path: iterating it would give
-    its characters, each taken for a file ('.' being the whole current folder)."""
-    return [str(paths)] if isinstance(paths, str | Path) else [str(p) for p in paths]
+Film = str | Path | Image.Image | np.ndarray  # a file, or a film already in memory
+IN_MEMORY = (Image.Image, np.ndarray)
+
+
+def film_list(films: Film | Iterable[Film]) -> list[str | Image.Image | np.ndarray]:
+    """One film or many -> a list of str paths and in-memory images. A str is one path
+    (iterating it would give its characters, '.' being the whole current folder) and an
+    array is one image (give a list of arrays for several)."""
+    if isinstance(films, str | Path | Image.Image | np.ndarray):
+        films = [films]
+    return [f if isinstance(f, IN_MEMORY) else str(f) for f in films]
+
+
+def film_name(film: str | Image.Image | np.ndarray, index: int) -> str:
+    """How a film is named in predictions and errors: its path, or `<image i>`."""
+    return f"<image {index}>" if isinstance(film, IN_MEMORY) else film
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -126,8 +138,11 @@ def _pil_to_gray(img: Image.Image) -> Image.Image:
     return img.convert("RGB").convert("L")
 
 
-def read_image(path: str | Path) -> Image.Image:
-    """Decode one file into an 8-bit grayscale image, or raise UnreadableImageError."""
+def read_image(path: Film) -> Image.Image:
+    """Decode one file (or convert an image already in memory, by the same rules) into an
+    8-bit grayscale image, or raise UnreadableImageError."""
+    if isinstance(path, IN_MEMORY):
+        return _in_memory_to_gray(path)
     path = Path(path)
     try:
         if not path.is_file():
@@ -161,6 +176,19 @@ def film_doubt(img: Image.Image) -> str | None:
     if float(np.asarray(img).std()) < MIN_CONTRAST:
         return "almost uniform gray levels: no film content"
     return None
+
+
+def _in_memory_to_gray(image: Image.Image | np.ndarray) -> Image.Image:
+    """A PIL image, or an array [H, W] (any numeric type) or [H, W, 3 or 4] (uint8)."""
+    if isinstance(image, Image.Image):
+        return _pil_to_gray(image)
+    if image.ndim == 2:
+        return Image.fromarray(image if image.dtype == np.uint8 else _to_uint8(image), mode="L")
+    if image.ndim == 3 and image.shape[-1] in (3, 4) and image.dtype == np.uint8:
+        return _pil_to_gray(Image.fromarray(image))
+    raise UnreadableImageError("<array>", f"an array of shape {image.shape} and type "
+                                          f"{image.dtype} is not a film: give [H, W] (any "
+                                          "numbers) or [H, W, 3 or 4] (uint8)")
 
 
 def try_read_image(path: str | Path) -> tuple[Image.Image | None, str | None]:
