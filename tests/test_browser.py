@@ -123,3 +123,16 @@ def test_dropping_several_films_says_only_the_first_was_analysed(page, run):
     expect(page.locator("#label")).to_have_text(expected.label)
     expect(page.locator("#status")).to_have_text(
         "Only the first of the 2 files dropped was analysed: one at a time.")
+
+
+def test_the_api_docs_render_without_the_internet(page):
+    """Swagger UI's files come from the server itself (the browser has no internet here)."""
+    from playwright.sync_api import expect
+
+    docs = page.context.browser.new_page()
+    requested = []
+    docs.on("request", lambda request: requested.append(request.url))
+    docs.goto(page.url.rstrip("/") + "/docs")
+    expect(docs.locator(".opblock-summary-path", has_text="/predict")).to_be_visible()
+    assert requested and all(url.startswith(page.url.rstrip("/")) for url in requested)
+    docs.close()

@@ -61,6 +61,10 @@ def test_health_model_and_schema(server):
     page = requests.get(server, timeout=10)
     assert page.status_code == 200 and 'id="file-input"' in page.text
     assert "http" not in page.text.split("<script>")[1]  # self-contained: no CDN
+    docs = requests.get(f"{server}/docs", timeout=10).text
+    assert "cdn" not in docs and "/static-offline-docs/swagger-ui-bundle.js" in docs
+    assert requests.get(f"{server}/static-offline-docs/swagger-ui-bundle.js",
+                        timeout=10).status_code == 200
 
 
 def test_png_jpeg_and_dicom_predicted_like_the_python_api(server, trained_run, films):

@@ -5,7 +5,8 @@
                         the Grad-CAM overlay as a base64 PNG
     GET  /model         what is served: name, labels, input size, threshold, calibration
     GET  /health        liveness
-    GET  /openapi.json, /docs   the schema, and Swagger UI (which loads from a CDN)
+    GET  /openapi.json, /docs   the schema, and Swagger UI (its files served from here:
+                                it works offline)
 
 Why FastAPI + uvicorn and not Gradio: the product is a JSON API other programs
 call, and FastAPI gives it request validation and an OpenAPI schema for free;
@@ -33,6 +34,7 @@ from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 
 from cxrkit import __version__
@@ -126,8 +128,9 @@ def create_app(model_path: str | Path, backend: str | None = None,
     """The web app for one model (a run folder or an ONNX export folder), loaded once."""
     predictor = Predictor.load(model_path, backend)
     page = (resources.files("cxrkit.serve") / "static" / "index.html").read_text()
-    app = FastAPI(title="cxrkit", version=__version__,
-                  description="Chest X-ray classification. " + HOW_TO_POST)
+    # FastAPI as it is, but /docs loads Swagger UI from this server instead of a CDN.
+    app = FastAPIOffline(title="cxrkit", version=__version__, redoc_url=None,
+                         description="Chest X-ray classification. " + HOW_TO_POST)
     app.add_middleware(UploadLimit, max_bytes=int(max_upload_mb * 2**20))
     app.add_exception_handler(RequestValidationError, _validation_problem)
     errors = {code: {"model": Problem} for code in (400, 413, 415, 422)}
