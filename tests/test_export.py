@@ -89,6 +89,10 @@ def test_export_folder_is_self_describing(lite0_export):
     assert "softmax(logits / temperature + bias)" in sidecar["preprocess"]
     assert sidecar["positive_label"] == "PNEUMONIA"
     assert {o.domain: o.version for o in model.opset_import}[""] == 19  # --opset
+    # model.onnx alone carries the same facts, as ONNX Runtime reads them
+    meta = ort.InferenceSession(str(folder / "model.onnx"), providers=[
+        "CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    assert {key: json.loads(value) for key, value in meta.items()} == sidecar
 
 
 def test_the_sidecar_recipe_alone_reproduces_predictions(lite0_export, lite0_predictors,

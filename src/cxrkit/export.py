@@ -67,8 +67,20 @@ def export_model(run: str | Path, format: str = "onnx", out: str | Path | None =
         export_onnx(model, path, opset)
     else:
         export_torchscript(model, path)
-    write_sidecar(out, model.spec, read_calibration(run))
+    sidecar = write_sidecar(out, model.spec, read_calibration(run))
+    if format == "onnx":
+        embed_sidecar(path, sidecar)
     return path
+
+
+def embed_sidecar(onnx_path: Path, sidecar: Path) -> None:
+    """The sidecar's entries also as the ONNX file's metadata (values as JSON), so that
+    model.onnx alone still says its labels, preprocessing and threshold (Netron shows them;
+    `onnxruntime.InferenceSession(...).get_modelmeta().custom_metadata_map` reads them)."""
+    graph = onnx.load(str(onnx_path))
+    onnx.helper.set_model_props(graph, {key: json.dumps(value) for key, value in
+                                        json.loads(sidecar.read_text()).items()})
+    onnx.save(graph, str(onnx_path))
 
 
 def _example_batch(spec: ModelSpec) -> torch.Tensor:
