@@ -372,7 +372,7 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 
 <section id="published"><h2>Published results on the same test split</h2>
 {% if published %}<table><tr><th class="name">metric</th><th>{{ published_source }}</th>
-<th>this model, internal test, validation threshold</th></tr>
+<th>this model, internal test, deployed threshold</th></tr>
 {% for r in published %}<tr><td class="name">{{ r.name }}</td><td>{{ r.published }}</td>
 <td>{{ r.ours }}</td></tr>{% endfor %}</table>
 <p>This run's test split is the Kaggle/Kermany test folder ({{ test_n }} films). The paper
@@ -402,7 +402,7 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
  {%- if not loop.last %}; {% endif %}{% endfor %}){% endif %}. The validation images are
  carved from the training images by patient: no patient is in both.{% if adaptation %}
  {{ adaptation_text }}{% endif %}</p>
-<h3>Metrics</h3>{% if card_metrics %}<p>At the validation threshold, with 95% intervals:</p>
+<h3>Metrics</h3>{% if card_metrics %}<p>At the deployed threshold, with 95% intervals:</p>
 <ul>{% for title, text in card_metrics %}<li>{{ title }}: {{ text }}.</li>{% endfor %}</ul>
 {% else %}<p class="missing">Not evaluated.</p>{% endif %}
 <h3>Decision rule</h3><p>{% if positive %}P({{ positive }})

@@ -67,9 +67,9 @@ def evaluate_command(
                                  "Use with --split val to compare models without test data."),
     framing_threshold: bool = FRAMING_THRESHOLD,
     target_sensitivity: float | None = typer.Option(
-        None, "--target-sensitivity", min=0.0, max=1.0,
+        None, "--target-sensitivity",
         help="Also choose (and deploy) the highest validation threshold reaching this "
-             "sensitivity, e.g. 0.95; default: Youden's J."),
+             "sensitivity, in (0, 1], e.g. 0.95; default: Youden's J."),
     calibrate_on: str | None = typer.Option(
         None, "--calibrate-on", help="Choose threshold, temperature and a bias per class "
         "(the site's class mix) on these labelled films (a folder or CSV manifest: its val "
@@ -149,8 +149,8 @@ def compare_command(
         False, "--paired", help="Also each run minus the first on the films both scored, "
                                 "with paired bootstrap intervals: is it really better?"),
 ) -> None:
-    """Headline metrics of several runs at their validation thresholds, and the best
-    specificity any threshold gives at 97% sensitivity, with 95% intervals."""
+    """Headline metrics of several runs at their deployed thresholds (calibration.json), and
+    the best specificity any threshold gives at 97% sensitivity, with 95% intervals."""
     from cxrkit.report import COMPARED, SHORT_NAMES, compare_runs, format_metric, write_compare_csv
 
     if paired and len(runs) < 2:
@@ -159,7 +159,7 @@ def compare_command(
         rows = compare_runs(runs, split, paired=paired)
     except USER_ERRORS as e:
         fail(str(e))
-    table = Table(title=f"{split} split, at each run's validation threshold (95% CI)",
+    table = Table(title=f"{split} split, at each run's deployed threshold (95% CI)",
                   caption=SPEC_AT_97)
     table.add_column("run", overflow="fold")
     table.add_column("n", justify="right")

@@ -26,14 +26,14 @@ USER_ERRORS = (ConfigError, DataLayoutError, KaggleDownloadError, FileExistsErro
 DATA = typer.Option(None, "--data", help="`kaggle` (download or kagglehub cache), a dataset "
                     "folder or a CSV manifest.")
 PRESET = typer.Option("default", "--preset", help=f"One of {', '.join(PRESETS)}: quick (default's "
-                      "recipe for one epoch, earliest layers frozen, mixup: ~4 min on a CPU), "
-                      "default (the whole pretrained Lite0 fine-tuned, ~33 min on a CPU), finetune "
-                      "(head on frozen features, then fine-tune all), scratch (simple_cnn from "
-                      "scratch).")
+                      "recipe for one epoch at twice the learning rate, earliest layers "
+                      "frozen, mixup: ~3.5 min on a CPU), default (the whole pretrained Lite0 "
+                      "fine-tuned, ~34 min on a CPU), finetune (head on frozen features, then "
+                      "fine-tune all), scratch (simple_cnn from scratch).")
 CONFIG = typer.Option(None, "--config", help="YAML with the config fields to change (a run's "
-                      "config.yaml reproduces it), applied on top of the preset. A `stages:` "
-                      "list replaces the preset's stages, each starting from the stage "
-                      "defaults; to change one field of a preset's stage, --set "
+                      "config.yaml reproduces it, with --name NEW), applied on top of the "
+                      "preset. A `stages:` list replaces the preset's stages, each starting "
+                      "from the stage defaults; to change one field of a preset's stage, --set "
                       "stages.0.epochs=1.")
 MODEL = typer.Option(None, "--model", help="efficientnet_lite0/1/2, simple_cnn or timm:<name>.")
 WEIGHTS = typer.Option(None, "--weights", help="Start from these weights (.safetensors or a "
