@@ -39,7 +39,7 @@ PUBLISHED = {"source": "Kermany et al. 2018 (Cell), Inception V3 transfer learni
 FIGURES = (
     ("confusion_matrix.png", "Confusion matrix at the deployed decision rule"),
     ("roc_pr.png", "ROC and precision-recall curves with the operating points"),
-    ("reliability.png", "Reliability before and after temperature scaling"),
+    ("reliability.png", "Reliability before and after calibration"),
     ("histograms.png", "Predicted probabilities by true class, with thresholds"),
     ("worst_errors.png", "The most confident mistakes"),
     ("gradcam_errors.png", "Grad-CAM on mistakes: where the evidence for the wrong call was"),
@@ -341,7 +341,10 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 ({% for m in members %}<code>{{ m }}/training_curves.png</code>
 {%- if not loop.last %}, {% endif %}{% endfor %}).</p>
 {% else %}<p class="missing">No training_curves.png in the run folder.</p>{% endif %}
-{% if val_metrics %}<p>Validation metrics of the best checkpoint (val_metrics.json):</p>
+{% if val_metrics %}<p>Validation metrics of the best checkpoint (val_metrics.json). Accuracy,
+ sensitivity, specificity and F1 there are at probability 0.5 of the raw model, before
+ <code>cxr evaluate</code> chooses a threshold on validation (the Metrics below use that one);
+ with class weights or mixup they can look poor beside a high ROC-AUC.</p>
 <table>{% for k, v in val_metrics.items() %}<tr><td class="name">{{ k }}</td><td>{{ v }}</td></tr>
 {% endfor %}</table>{% endif %}
 {% if config_text %}<details><summary>config.yaml</summary><pre>{{ config_text }}</pre></details>

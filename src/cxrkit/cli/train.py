@@ -95,7 +95,9 @@ def metrics_table(metrics: dict) -> Table:
         chosen = f"ensemble of {len(metrics['members'])} members"
     else:
         chosen = f"best of stage {metrics['best_stage']}, epoch {metrics['best_epoch']}"
-    table = Table(title=f"Validation ({metrics['images']} images, {chosen})")
+    table = Table(title=f"Validation ({metrics['images']} images, {chosen})",
+                  caption="accuracy, sensitivity, specificity, f1 at P = 0.5: `cxr evaluate` "
+                          "chooses the threshold on validation")
     for name in ("accuracy", "roc_auc", "sensitivity", "specificity", "f1", "loss"):
         table.add_column(name.replace("_", "-"), justify="right")
     table.add_row(*(f"{metrics[name]:.4f}" for name in

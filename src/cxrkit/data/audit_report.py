@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 ROWS_SHOWN = 200  # longer tables are cut here; audit.json has every row
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222;
+       padding: 0 1.5rem; }
 h1 { font-size: 1.6rem; } h2 { font-size: 1.2rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; margin: 0.5rem 0; font-size: 0.85rem; }
 th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; vertical-align: top; }
