@@ -37,7 +37,7 @@ def imagenet_features(paths: list[str], batch_size: int = 64) -> np.ndarray:
     model = create_model("efficientnet_lite0").eval().to(memory_format=torch.channels_last)
     features = np.zeros((len(paths), model.backbone.num_features), np.float32)
     with torch.no_grad():
-        for x, index, _ in file_batches(model.spec, paths, batch_size, num_workers=1):
+        for x, index, *_ in file_batches(model.spec, paths, batch_size, num_workers=1):
             if x is not None:
                 features[index] = model.backbone(
                     x.contiguous(memory_format=torch.channels_last)).numpy()

@@ -17,7 +17,7 @@ from tests.conftest import make_kaggle_tree
 def _first_bn_input_mean(model, paths):
     """Per-channel mean of the first conv's output over all target images."""
     conv = model.backbone.blocks[0][0]
-    outs = [conv(x) for x, _, _ in file_batches(model.spec, paths, 8)]
+    outs = [conv(x) for x, *_ in file_batches(model.spec, paths, 8)]
     return torch.cat(outs).mean(dim=(0, 2, 3))
 
 

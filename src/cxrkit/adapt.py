@@ -46,7 +46,7 @@ def target_images(data: str | Path, split: str | None = "test") -> list[str]:
 
 def _image_batches(model: Classifier, paths: list[str], batch_size: int,
                    device: torch.device) -> Iterator[torch.Tensor]:
-    for x, _, _ in file_batches(model.spec, paths, batch_size):
+    for x, *_ in file_batches(model.spec, paths, batch_size):
         if x is not None:
             yield x.to(device).contiguous(memory_format=torch.channels_last)
 

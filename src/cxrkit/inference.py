@@ -13,9 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cxrkit.data.dataset import load_prepared
-from cxrkit.data.io import Film, UnreadableImageError, film_name
-from cxrkit.data.transforms import eval_transform
+from cxrkit.data.io import Film, UnreadableImageError, film_doubt, film_name, read_image
+from cxrkit.data.transforms import eval_transform, prepare
 from cxrkit.models import Classifier, ModelSpec
 
 
@@ -26,34 +25,37 @@ class Failure:
 
 
 class _Files(Dataset):
-    def __init__(self, paths: Sequence[str], size: int, equalize: bool, transform: Callable,
-                 crop: float):
+    def __init__(self, paths: Sequence[str | Film], size: int, equalize: bool,
+                 transform: Callable, crop: float, doubts: bool):
         self.paths, self.size, self.equalize, self.crop = list(paths), size, equalize, crop
-        self.transform = transform
+        self.transform, self.doubts = transform, doubts
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            image = load_prepared(self.paths[i], self.size, self.equalize, self.crop)
-            return self.transform(image), i, ""
+            film = read_image(self.paths[i])
         except UnreadableImageError as e:
-            return torch.zeros(0), i, e.reason
+            return torch.zeros(0), i, e.reason, ""
+        doubt = (film_doubt(film) or "") if self.doubts else ""  # from this one decode
+        return self.transform(prepare(film, self.size, self.equalize, self.crop)), i, "", doubt
 
 
 def _collate(batch):
-    good = [(x, i) for x, i, reason in batch if not reason]
-    bad = [(i, reason) for _, i, reason in batch if reason]
+    good = [(x, i) for x, i, reason, _ in batch if not reason]
+    bad = [(i, reason) for _, i, reason, _ in batch if reason]
+    doubts = [(i, doubt) for _, i, _, doubt in batch if doubt]
     x = torch.stack([x for x, _ in good]) if good else None
-    return x, [i for _, i in good], bad
+    return x, [i for _, i in good], bad, doubts
 
 
-def file_batches(spec: ModelSpec, paths: Sequence[str], batch_size: int = 32,
-                 num_workers: int = 0, crop: float = 1.0) -> DataLoader:
-    """Batches (x [B,C,S,S] or None, indices into `paths`, [(index, reason)] unreadable);
+def file_batches(spec: ModelSpec, paths: Sequence[str | Film], batch_size: int = 32,
+                 num_workers: int = 0, crop: float = 1.0, doubts: bool = False) -> DataLoader:
+    """Batches (x [B,C,S,S] or None, indices into `paths`, [(index, reason)] unreadable,
+    [(index, doubt)] readable but hardly films: `doubts` asks for them, see `film_doubt`);
     `crop` < 1: each image's central fraction of its sides only (see `prepare`)."""
-    files = _Files(paths, spec.input_size, spec.equalize, eval_transform(spec), crop)
+    files = _Files(paths, spec.input_size, spec.equalize, eval_transform(spec), crop, doubts)
     return DataLoader(files, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
 
 
@@ -73,12 +75,14 @@ def predict_logits(
     device: torch.device | str | None = None,
     views: Sequence[Callable[[torch.Tensor], torch.Tensor]] = (),
     crop: float = 1.0,
+    doubts: dict[int, str] | None = None,
 ) -> tuple[np.ndarray, list[Failure]]:
     """Logits [N, C] for `paths` (NaN rows for unreadable files) and the failures.
 
     `views` are extra batch -> batch transforms (test-time augmentation); when
     given, the logits are averaged over the plain batch and every view. `crop` < 1
-    scores the films framed more tightly (the central fraction of each side).
+    scores the films framed more tightly (the central fraction of each side). `doubts`, when
+    given, is filled with {index: why that readable image is hardly a chest film}.
     """
     device = torch.device(device) if device else default_device()
     # Outside inference_mode: `.to()` replaces the parameters in place, and parameters made
@@ -87,8 +91,11 @@ def predict_logits(
     logits = np.full((len(paths), model.spec.num_classes), np.nan, dtype=np.float32)
     failures: list[Failure] = []
     with torch.inference_mode():
-        for x, indices, bad in file_batches(model.spec, paths, batch_size, num_workers, crop):
+        for x, indices, bad, doubtful in file_batches(model.spec, paths, batch_size,
+                                                      num_workers, crop, doubts is not None):
             failures += [Failure(film_name(paths[i], i), reason) for i, reason in bad]
+            if doubts is not None:
+                doubts.update(doubtful)
             if x is None:
                 continue
             x = x.to(device).contiguous(memory_format=torch.channels_last)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cxrkit.data.io import Film, film_doubt, film_list, film_name, read_image
+from cxrkit.data.io import Film, film_list, film_name, read_image
 from cxrkit.data.layout import images_under
 from cxrkit.export import FILE_NAMES, is_onnx_export, load_onnx
 from cxrkit.inference import predict_logits
@@ -171,17 +171,17 @@ class Predictor:
     def predict(self, paths: Film | Sequence[Film], batch_size: int = 32,
                 threshold: float | None = None, num_workers: int = 0) -> list[Prediction]:
         """One Prediction per path, in order; unreadable files carry their `error`, doubtful
-        ones (thumbnails, strips, blank images) a `warning`. The doubt check decodes each
-        film a second time: a small cost beside the model's."""
+        ones (thumbnails, strips, blank images) a `warning`."""
         paths = film_list(paths)
         names = [film_name(film, i) for i, film in enumerate(paths)]
         threshold = self.threshold(threshold)
+        doubts: dict[int, str] = {}
         with self._lock:
             logits, failures = predict_logits(self.model, paths, batch_size, num_workers,
-                                              self.device)
+                                              self.device, doubts=doubts)
         reasons = {f.path: f.reason for f in failures}
         predictions = []
-        for name, film, row in zip(names, paths, logits, strict=True):
+        for i, (name, row) in enumerate(zip(names, logits, strict=True)):
             if name in reasons:
                 predictions.append(Prediction(name, threshold=threshold, error=reasons[name]))
                 continue
@@ -192,7 +192,7 @@ class Predictor:
                      else positive if probs[positive] >= threshold else 1 - positive)
             by_label = {k: float(p) for k, p in zip(self.labels, probs, strict=True)}
             predictions.append(Prediction(name, self.labels[index], by_label, threshold,
-                                          warning=film_doubt(read_image(film))))
+                                          warning=doubts.get(i)))
         return predictions
 
     def cam_overlays(self, predictions: Sequence[Prediction],
