@@ -84,9 +84,10 @@ def collect_images(paths: Film | Iterable[Film]) -> list[str | Film]:
             found.append(arg)
     unique, seen = [], set()
     for film in found:
-        if isinstance(film, str) and film in seen:
-            continue
-        seen.add(film if isinstance(film, str) else id(film))
+        if isinstance(film, str):  # an image in memory is never a repeat
+            if film in seen:
+                continue
+            seen.add(film)
         unique.append(film)
     return unique
 

@@ -212,6 +212,8 @@ def cached(run: Path, labels: Sequence[str],
             (s.path, *_file_stamp(s.path)) for s in samples])).encode()).hexdigest()[:20]
         file = run / EVAL_DIR / LOGITS_CACHE / f"{key}.npz"
         if file.is_file():
+            log.info("%s: logits of these %d films read back from %s", where, len(samples),
+                     file.relative_to(run))
             with np.load(file) as kept:
                 index, logits = kept["index"], kept["logits"]
             failures = [Failure(p, r) for p, r in
@@ -220,8 +222,8 @@ def cached(run: Path, labels: Sequence[str],
             return Scored(films, label_indices(films, labels, where), logits, failures)
         result = score_films(samples, where, crop=crop)
         file.parent.mkdir(parents=True, exist_ok=True)
-        where_kept = {s.path: i for i, s in enumerate(samples)}
-        np.savez(file, index=np.array([where_kept[s.path] for s in result.samples], int),
+        position = {s.path: i for i, s in enumerate(samples)}
+        np.savez(file, index=np.array([position[s.path] for s in result.samples], int),
                  logits=result.logits)
         file.with_suffix(".json").write_text(json.dumps([[f.path, f.reason]
                                                          for f in result.failures]))
