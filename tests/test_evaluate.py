@@ -53,6 +53,9 @@ def evaluated(trained_run, tmp_path_factory):
 
 def test_writes_predictions_metrics_and_figures(evaluated):
     run, out, metrics = evaluated
+    # a handful of validation films chose the threshold: the notes say how rough that is
+    assert any("validation has only" in n and "films: the threshold" in n
+               for n in metrics["notes"])
     assert out == run / "eval" / "test"
     assert metrics["split"] == "test" and metrics["n"] == 16 and metrics["n_patients"] == 8
     assert metrics["positive_class"] == "PNEUMONIA"
@@ -332,6 +335,9 @@ def make_three_class_run(data, run):
 def test_three_class_run(tiny_kaggle, tmp_path):
     """NORMAL/BACTERIA/VIRUS model on NORMAL/PNEUMONIA data: subtypes from the file names."""
     run = make_three_class_run(tiny_kaggle, tmp_path / "three")
+    for option in ({"target_sensitivity": 0.95}, {"framing_threshold": True}):
+        with pytest.raises(ValueError, match="which only two-class models have"):
+            evaluate_run(run, bootstrap=0, make_figures=False, device="cpu", **option)
     out = evaluate_run(run, bootstrap=50, device="cpu")
     metrics = json.loads((out / "metrics.json").read_text())
     assert "operating_points" not in metrics and metrics["positive_class"] is None

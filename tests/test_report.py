@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from cxrkit.cli import app
 from cxrkit.evaluation import evaluate_run
 from cxrkit.report import build_report, compare_runs, write_compare_csv
+from cxrkit.runs import read_calibration
 from tests.test_evaluate import make_class_folders, make_three_class_run
 
 SECTIONS = {"data", "training", "metrics", "published", "figures", "model-card"}
@@ -185,3 +186,20 @@ def test_three_class_report(tiny_kaggle, tmp_path):
     assert Page(text).sections == SECTIONS
     assert "Macro ROC-AUC" in text and "class VIRUS" in text and "The most probable class" in text
     assert "PR-AUC" not in text and "no evaluation of it to compare" in text
+
+
+def test_report_and_compare_follow_the_deployed_calibration(trained_run, tmp_path):
+    """An evaluation made before another operating point was deployed is not shown as the
+    deployed model's: compare evaluates again, the report marks the old one."""
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    site = make_class_folders(tmp_path / "site", ["NORMAL", "PNEUMONIA"])
+    evaluate_run(run, bootstrap=20, make_figures=False, device="cpu")  # Youden's J
+    evaluate_run(run, data=site, bootstrap=20, make_figures=False, device="cpu")
+    evaluate_run(run, split="val", framing_threshold=True, bootstrap=20, make_figures=False,
+                 device="cpu")  # deploys another operating point
+    [row] = compare_runs([run])
+    test = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    assert test["deployed_operating_point"] == "validation_framing"  # evaluated again
+    assert row["threshold"] == read_calibration(run).threshold == test["deployed_threshold"]
+    page = " ".join(build_report(run).read_text().split())
+    assert page.count("evaluated with an earlier calibration") == 1  # the site's, not test

@@ -581,3 +581,18 @@ def test_a_runs_config_yaml_alone_reproduces_it_from_any_folder(tiny_kaggle, tmp
     assert metrics[0]["roc_auc"] == metrics[1]["roc_auc"]  # deterministic: the same run
     missing = CliRunner().invoke(app, ["train", "--runs-dir", str(tmp_path / "runs")])
     assert missing.exit_code == 2 and "--data is required" in missing.output
+
+
+def test_a_model_that_cannot_be_built_is_one_line_and_leaves_no_run(tiny_kaggle, tmp_path,
+                                                                     monkeypatch):
+    """timm weights are unreachable offline: a clear error, and --name stays free."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    result = CliRunner().invoke(app, ["train", "--data", str(tiny_kaggle), "--model",
+                                      "timm:resnet18", "--name", "r18", "--runs-dir",
+                                      str(tmp_path / "runs"), "--no-cache"])
+    assert result.exit_code == 2, result.output
+    assert "could not fetch pretrained weights for timm:resnet18" in " ".join(
+        result.output.split()) and "Traceback" not in result.output
+    assert not (tmp_path / "runs" / "r18").exists()

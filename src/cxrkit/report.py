@@ -26,7 +26,7 @@ from cxrkit.data.patients import DEFAULT_PATTERNS
 from cxrkit.data.split import read_manifest, shared_patients
 from cxrkit.evaluation import EVAL_DIR, evaluate_run
 from cxrkit.evaluation.paired import paired_difference, read_scored
-from cxrkit.runs import load_spec, model_folder, positive_index, read_calibration
+from cxrkit.runs import Calibration, load_spec, model_folder, positive_index, read_calibration
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,9 @@ OTHER_SHIFT = (
     "films only. Others may behave very differently: validate externally before trusting any "
     "number here.")
 KERMANY_TEST_FILMS = 624
+STALE = ("evaluated with an earlier calibration (threshold {:.4f}, T={:.3f}), not the deployed "
+         "one: these numbers are not those of the decision rule `cxr predict` uses. Run `cxr "
+         "evaluate` again to update them.")
 LIMITATIONS = [
     "The internal test split comes from the same source as the training data, so it measures "
     "in-distribution performance only; it is an optimistic estimate for any other setting.",
@@ -161,17 +164,37 @@ def evaluations(run: Path) -> list[dict]:
 
     def rank(m: dict) -> tuple[int, str]:
         internal = not m.get("external")
-        return (0 if internal and m["name"] == "test" else 2 if internal and m["name"] == "val"
+        return (0 if internal and m["split"] == "test" else 2 if internal and m["split"] == "val"
                 else 1), m["name"]
 
     return sorted(found, key=rank)
 
 
+def at_calibration(metrics: dict, calibration: Calibration) -> bool:
+    """Whether an evaluation was made with this calibration: its threshold, temperature and
+    bias. A later `cxr evaluate --target-sensitivity ...` (say) deploys another one, and the
+    numbers of earlier evaluations are then not those of the model `cxr predict` runs."""
+    made = metrics.get("calibrated", {})
+    threshold = metrics.get("deployed_threshold")
+    return ((threshold is None or threshold == calibration.threshold)
+            and made.get("temperature") == calibration.temperature
+            and made.get("bias", []) == calibration.bias)
+
+
 def ensure_evaluated(run: str | Path, split: str = "test", **evaluate_options) -> Path:
-    """RUN/eval/<split>/, evaluating first if that has not been done."""
-    folder = model_folder(run) / EVAL_DIR / split
-    if (folder / "metrics.json").is_file():
-        return folder
+    """RUN's evaluation of its `split` at the deployed calibration (calibration.json):
+    RUN/eval/<split>/ (or <split>-calibrated-<films>/ after --calibrate-on), evaluated (again)
+    when there is none yet or it was made with an earlier calibration."""
+    run = model_folder(run)
+    calibration = read_calibration(run)
+    candidates = [run / EVAL_DIR / split, *sorted((run / EVAL_DIR).glob(f"{split}-calibrated-*"))]
+    for folder in candidates:
+        metrics = _read_json(folder / "metrics.json")
+        if metrics is not None and at_calibration(metrics, calibration):
+            return folder
+    if any((folder / "metrics.json").is_file() for folder in candidates):
+        log.info("%s: the %s evaluation predates the deployed calibration: evaluating again",
+                 run.name, split)
     return evaluate_run(run, split=split, **evaluate_options)
 
 
@@ -199,7 +222,7 @@ def _title(m: dict) -> str:
     if m.get("external"):
         return f"external: {m['name']} ({m['split']}, n={m['n']})"
     suffix = " (selection split)" if m["split"] == "val" else ""
-    return f"{m['split']}{suffix} (n={m['n']})"
+    return f"{m['name']}{suffix} (n={m['n']})"
 
 
 def metric_rows(evals: list[dict]) -> list[dict]:
@@ -454,17 +477,21 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
     if evaluate_missing:
         ensure_evaluated(run, split)
     spec, config = load_spec(run), _read_config(run)
+    calibration = read_calibration(run)
     evals = evaluations(run)
     for m in evals:
         m["figures"], m["title"] = _figures(m["folder"]), _title(m)
-    test = next((m for m in evals if m["name"] == "test" and not m.get("external")), None)
+        if not at_calibration(m, calibration):
+            m["notes"] = [*m.get("notes", []), STALE.format(
+                m.get("deployed_threshold") or 0.0, m.get("calibrated", {}).get("temperature"))]
+    current = [m for m in evals if at_calibration(m, calibration)]
+    test = next((m for m in current if m["split"] == "test" and not m.get("external")), None)
     binary_test = test if test and test.get("positive_class") else None
     kermany = binary_test is not None and is_kermany_test(binary_test["folder"])
     card_metrics = [(m["title"], ", ".join(f"{NAMES[k]} {format_metric(k, v)}"
                                            for k, v in headline(m).items() if v is not None))
-                    for m in evals]
+                    for m in current]
     val_metrics = _read_json(run / "val_metrics.json") or {}
-    calibration = read_calibration(run)
     adaptation = _read_json(run / ADAPTATION)
     page = Environment(autoescape=True).from_string(TEMPLATE).render(
         run_name=run.name, run_path=str(run), spec=spec, version=__version__,

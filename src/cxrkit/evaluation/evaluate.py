@@ -47,7 +47,11 @@ from cxrkit.data.layout import Sample, load_source
 from cxrkit.data.patients import kermany_subtype
 from cxrkit.data.split import read_manifest
 from cxrkit.evaluation import figures
-from cxrkit.evaluation.calibration import fit_temperature, fit_temperature_and_bias
+from cxrkit.evaluation.calibration import (
+    TEMPERATURE_RANGE,
+    fit_temperature,
+    fit_temperature_and_bias,
+)
 from cxrkit.evaluation.metrics import (
     confusion_matrix,
     multiclass_metrics,
@@ -306,6 +310,26 @@ def choose_calibration(val: Scored, positive: int | None, target_sensitivity: fl
     return calibration, thresholds
 
 
+MIN_CHOOSING_FILMS = 50  # fewer, and the threshold and temperature are rough guesses
+
+
+def calibration_doubts(val: Scored, calibration: Calibration, source: str) -> list[str]:
+    """What makes a calibration chosen on `val` doubtful, said in the evaluation's notes (and
+    the log): too few films, or a temperature at the end of its search range."""
+    doubts = []
+    if 0 < len(val.y) < MIN_CHOOSING_FILMS:
+        doubts.append(f"{source} has only {len(val.y)} films: the threshold and temperature "
+                      f"chosen on it are rough; use at least {MIN_CHOOSING_FILMS}.")
+    at_bound = any(abs(np.log(calibration.temperature / end)) < 1e-3 for end in TEMPERATURE_RANGE)
+    if len(val.y) and at_bound:
+        doubts.append(f"the temperature fitted on {source} hit the end of its range "
+                      f"({calibration.temperature:g}): the probabilities there are degenerate "
+                      "(e.g. the classes are not separated at all, or perfectly).")
+    for doubt in doubts:
+        log.warning(doubt)
+    return doubts
+
+
 def deployed_name(thresholds: dict[str, float]) -> str | None:
     """The operating point deployed (calibration.json, `cxr predict`): the first one chosen
     of `DEPLOYED_FIRST`; None for multi-class models, which have no threshold."""
@@ -497,6 +521,10 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         raise ValueError(f"{run}/model.json lists labels {labels} for "
                          f"{model.spec.num_classes} classes")
     positive = positive_index(labels) if len(labels) == 2 else None
+    if positive is None and (target_sensitivity is not None or framing_threshold):
+        raise ValueError(f"{run.name} has {len(labels)} classes and predicts the most probable "
+                         "one: --target-sensitivity and --framing-threshold choose a threshold, "
+                         "which only two-class models have")
     manifest = run_manifest(run)
     infer = cached(run, labels, partial(score, model, batch_size=batch_size,
                                         num_workers=num_workers, device=device))
@@ -544,6 +572,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     calibration, thresholds = choose_calibration(val, positive, target_sensitivity, framed_val,
                                                  source, with_bias=calibrate_on is not None)
     calibration.chosen_with = chosen_with
+    notes += calibration_doubts(val, calibration, source)
     if len(val.y):
         write_calibration(run, calibration)
     else:

@@ -19,6 +19,7 @@ import timm
 import torch
 from torch import nn
 
+from cxrkit.config import ConfigError
 from cxrkit.models.efficientnet_lite import LITE_VARIANTS, load_lite_weights
 from cxrkit.models.simple_cnn import SimpleCNN
 
@@ -96,7 +97,7 @@ def _timm_backbone(arch: str, pretrained: bool) -> nn.Module:
             raise ValueError(f"timm has no model {arch!r}; see timm.list_models()") from e
         raise
     except Exception as e:  # no network, hub down, gated model, ...
-        raise RuntimeError(
+        raise ConfigError(
             f"could not fetch pretrained weights for timm:{arch} ({type(e).__name__}: {e}). "
             f"Offline choices: {', '.join(OFFLINE_MODELS)}; or pass --weights FILE; "
             f"or --no-pretrained to train from scratch. (Offline, HF_HUB_OFFLINE=1 skips the "

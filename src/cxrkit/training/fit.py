@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 import warnings
@@ -318,6 +319,13 @@ def train_ensemble(run: Run) -> Path:
     return run.folder
 
 
+def _remove_if_unstarted(folder: Path) -> None:
+    """A new run that failed before its first checkpoint (a model that cannot be built, say)
+    holds only what `new_run` wrote: remove it, so that its --name is free for the retry."""
+    if folder.is_dir() and {p.name for p in folder.iterdir()} <= {CONFIG, SPLIT}:
+        shutil.rmtree(folder)
+
+
 class TrainingInterrupted(Exception):
     """Training stopped by Ctrl+C or SIGTERM (a scheduler's time limit, `kill`): `folder`
     continues from its last checkpoint with `train(resume=folder)`."""
@@ -337,6 +345,10 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None) -
     run = open_run(resume) if resume is not None else new_run(config or TrainConfig())
     try:
         return train_run(run)
+    except Exception:
+        if resume is None:
+            _remove_if_unstarted(run.folder)
+        raise
     except SIGTERMException as e:  # a SystemExit without a code: it would exit with success
         raise TrainingInterrupted(run.folder, "SIGTERM") from e
     except (KeyboardInterrupt, SystemExit) as e:  # Lightning turns Ctrl+C into exit(1)
