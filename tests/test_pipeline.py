@@ -32,6 +32,9 @@ def test_cxr_run_does_the_whole_job_on_the_default_recipe_as_an_ensemble(tiny_ka
     assert metrics["deployed_operating_point"] == "validation_framing"
     report = (run / "report.html").read_text()
     assert "members/1-simple_cnn" in report and "audit" in report.lower()
+    said = " ".join(result.output.split())  # the job's results, not only a folder
+    assert "Validation (" in said and "ensemble of 2 members" in said
+    assert "test (16 films, at the deployed threshold): Accuracy " in said
 
 
 def test_version():

@@ -109,8 +109,8 @@ def evaluate_command(
     metrics = json.loads((out / "metrics.json").read_text())
     console.print(_summary(metrics))
     for variant in variant_tables(metrics):
-        table = Table("metric", *variant["columns"], title=f"{variant['title']} (validation "
-                      "threshold)")
+        rule = "deployed threshold" if metrics["deployed_threshold"] is not None else "argmax"
+        table = Table("metric", *variant["columns"], title=f"{variant['title']} ({rule})")
         for row in variant["rows"]:
             table.add_row(*row)
         console.print(table)

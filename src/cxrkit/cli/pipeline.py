@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
 
 from cxrkit.cli.app import app, console, fail, route_lightning_logs
 from cxrkit.cli.evaluate import FRAMING_THRESHOLD
-from cxrkit.cli.train import CONFIG, PRESET, SET, USER_ERRORS, build_config, interrupted
+from cxrkit.cli.train import (
+    CONFIG,
+    PRESET,
+    SET,
+    USER_ERRORS,
+    build_config,
+    interrupted,
+    metrics_table,
+)
 
 
 @app.command("run")
@@ -31,7 +40,7 @@ def run_all(
     """The main job: train, audit the data, evaluate on the test split, write report.html."""
     from cxrkit.data.audit import audit_dataset
     from cxrkit.evaluation import evaluate_run
-    from cxrkit.report import build_report
+    from cxrkit.report import NAMES, build_report, format_metric, headline
     from cxrkit.training import TrainingInterrupted, train
 
     route_lightning_logs()
@@ -44,13 +53,18 @@ def run_all(
             cfg = build_config(data, preset, config, options, set_)
             run = train(cfg)
         audit_dataset(_run_data(run), run / "audit")
-        evaluate_run(run, split="test", tta=tta, framing=framing,
-                     framing_threshold=framing_threshold)
+        tested = evaluate_run(run, split="test", tta=tta, framing=framing,
+                              framing_threshold=framing_threshold)
         report = build_report(run, split="test")
     except USER_ERRORS as e:
         fail(str(e))
     except TrainingInterrupted as e:
         interrupted(e)
+    console.print(metrics_table(run))
+    test = json.loads((tested / "metrics.json").read_text())
+    rule = "at the deployed threshold" if test["deployed_threshold"] is not None else "argmax"
+    console.print(f"test ({test['n']} films, {rule}): " + ", ".join(
+        f"{NAMES[k]} {format_metric(k, v)}" for k, v in headline(test).items() if v))
     console.print(f"report: {report}")
     typer.echo(run)
 

@@ -90,14 +90,18 @@ def interrupted(stop) -> None:
     raise typer.Exit(143 if stop.signal_name == "SIGTERM" else 130)
 
 
-def metrics_table(metrics: dict) -> Table:
+def metrics_table(run: Path) -> Table:
+    """The validation metrics `cxr train` wrote into RUN/val_metrics.json."""
+    metrics = json.loads((run / "val_metrics.json").read_text())
+    binary = len(json.loads((run / "labels.json").read_text())) == 2
     if metrics.get("members"):
         chosen = f"ensemble of {len(metrics['members'])} members"
     else:
         chosen = f"best of stage {metrics['best_stage']}, epoch {metrics['best_epoch']}"
-    table = Table(title=f"Validation ({metrics['images']} images, {chosen})",
-                  caption="accuracy, sensitivity, specificity, f1 at P = 0.5: `cxr evaluate` "
-                          "chooses the threshold on validation")
+    caption = ("accuracy, sensitivity, specificity, f1 at P = 0.5: `cxr evaluate` chooses the "
+               "threshold on validation" if binary else "of the most probable class; "
+               "sensitivity, specificity, f1: macro averages over the classes")
+    table = Table(title=f"Validation ({metrics['images']} images, {chosen})", caption=caption)
     for name in ("accuracy", "roc_auc", "sensitivity", "specificity", "f1", "loss"):
         table.add_column(name.replace("_", "-"), justify="right")
     table.add_row(*(f"{metrics[name]:.4f}" for name in
@@ -173,7 +177,7 @@ def train(
         interrupted(e)
     if rank_zero_only.rank != 0:  # a process Lightning launched: rank 0 reports
         return
-    console.print(metrics_table(json.loads((run / "val_metrics.json").read_text())))
+    console.print(metrics_table(run))
     typer.echo(run)
 
 

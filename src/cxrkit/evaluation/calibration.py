@@ -11,7 +11,8 @@ Alexandari et al. 2020), also learns the class mix of the films it is fitted on.
 what films from the deployment site should teach (`cxr evaluate --calibrate-on`), and what
 validation from the training site must not: there it would carry the training site's mix
 (74% pneumonia in Kermany's train/) to every site. BENCHMARKS.md ("Calibration: a bias per
-class") has the measurements. Neither changes the ranking (ROC-AUC).
+class") has the measurements. For two classes neither changes the ranking (ROC-AUC); with
+more, each class's one-vs-rest ranking can move a little.
 """
 
 from __future__ import annotations

@@ -577,8 +577,8 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         write_calibration(run, calibration)
     else:
         notes.append("No validation images: threshold 0.5 and temperature 1 (nothing chosen).")
-    log.info("%s: %s, threshold %.4f (%s)", run.name, calibration.describe(),
-             calibration.threshold, calibration.chosen_on)
+    rule = f"threshold {calibration.threshold:.4f}" if positive is not None else "argmax"
+    log.info("%s: %s, %s (%s)", run.name, calibration.describe(), rule, calibration.chosen_on)
 
     measure = partial(compute_metrics, labels=labels, positive=positive,
                       calibration=calibration, thresholds=thresholds,
