@@ -82,10 +82,11 @@ def test_pairing_sees_a_small_consistent_gain_that_separate_intervals_miss():
     assert separate[0][1] > separate[1][0]
 
 
-def test_only_the_shared_films_are_compared(two_runs):
+def test_only_the_shared_films_are_compared(two_runs, caplog):
     first, second = (read_scored(r / "eval" / "test") for r in two_runs)
     fewer = first.subset(np.arange(10))
     assert paired_difference(fewer, second, HEADLINE, 20)["n"] == 10
+    assert "share only 10 films: their paired intervals are wide" in caplog.text
 
 
 def test_runs_on_different_films_are_refused_with_both_folders_named(two_runs):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from cxrkit.evaluation.metrics import ranking_metrics, threshold_metrics, with_ci
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,6 +62,9 @@ def read_scored(folder: str | Path) -> ScoredFilms:
     )
 
 
+FEW_SHARED_FILMS = 50  # below this a paired bootstrap says little
+
+
 def common_films(base: ScoredFilms, other: ScoredFilms) -> tuple[ScoredFilms, ScoredFilms]:
     """Both evaluations restricted to the films they share, in the same order."""
     where = {path: i for i, path in enumerate(other.paths)}
@@ -84,6 +90,9 @@ def paired_difference(base: ScoredFilms, other: ScoredFilms, names: Sequence[str
     their shared films: {"n": films, name: {"value": difference, "ci95": [lo, hi]}}; both
     runs are scored on every patient resample together."""
     base, other = common_films(base, other)
+    if len(base.paths) < FEW_SHARED_FILMS:
+        log.warning("%s and %s share only %d films: their paired intervals are wide and "
+                    "rough", base.folder, other.folder, len(base.paths))
 
     def differences(w: np.ndarray) -> dict[str, np.ndarray]:
         a, b = _metrics(base, w), _metrics(other, w)

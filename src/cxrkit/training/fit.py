@@ -25,6 +25,7 @@ find the run folder through the environment, and for several nodes give
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -61,6 +62,8 @@ from cxrkit.training.datamodule import (
 from cxrkit.training.features import FeatureDataModule
 from cxrkit.training.losses import balanced_class_weights, make_loss
 from cxrkit.training.module import ClassifierModule, make_metrics, metric_inputs
+
+log = logging.getLogger(__name__)
 
 CONFIG = "config.yaml"
 SPLIT = "split.csv"
@@ -375,6 +378,9 @@ def train_run(run: Run) -> Path:
     return run.folder
 
 
+LR_RANGE = (1e-6, 1.0)  # the learning-rate range test's sweep
+
+
 def find_lr(config: TrainConfig, stage: int = 0, out: str | Path = "lr_find.png",
             num_training: int = 100) -> float | None:
     """Lightning's learning-rate range test on stage `stage`; saves the plot to `out`."""
@@ -389,8 +395,14 @@ def find_lr(config: TrainConfig, stage: int = 0, out: str | Path = "lr_find.png"
                                loggers=False, devices=1, num_nodes=1, strategy="auto",
                                enable_checkpointing=False,
                                max_epochs=num_training)  # every step, however short an epoch
-        result = Tuner(trainer).lr_find(module, datamodule=datamodule, min_lr=1e-6, max_lr=1.0,
-                                        num_training=num_training, update_attr=False)
+        result = Tuner(trainer).lr_find(module, datamodule=datamodule, min_lr=LR_RANGE[0],
+                                        max_lr=LR_RANGE[1], num_training=num_training,
+                                        update_attr=False)
     figure = result.plot(suggest=True)
     figure.savefig(out, dpi=110)
-    return result.suggestion()
+    suggestion = result.suggestion()
+    if suggestion is not None and suggestion < 10 * LR_RANGE[0]:
+        log.warning("the suggested rate %.3g lies in the first decade of the sweep, where the "
+                    "loss mostly shows noise: read the plot (%s) for where it falls fastest, "
+                    "or try more --num-training steps", suggestion, out)
+    return suggestion
