@@ -151,6 +151,7 @@ def test_outputs_json_figures_and_one_self_contained_html(audited):
     for expected in ("IM-0099-0000.jpeg", "empty file", "IM-0002", "person1009_bacteria_9.jpeg",
                      "IM-1050-0000.png", "VIRUS", "I;16"):
         assert expected in page, expected
+    assert "Files found, the 2 unreadable ones included" in page  # the counts say what they count
 
 
 def test_cli_audit_prints_a_summary(planted, tmp_path):

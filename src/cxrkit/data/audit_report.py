@@ -48,6 +48,9 @@ def _counts_section(r: AuditResult) -> str:
     rows = [[split or "(no split)", *c.values(), sum(c.values()), r.patients.get(split, 0),
              r.imbalance[split] or "-"] for split, c in r.counts.items()]
     out = table(["split", *r.classes, "total", "patients", "imbalance"], rows)
+    if r.unreadable:
+        out += (f"<p>Files found, the {len(r.unreadable)} unreadable ones included (listed "
+                "below; training skips them).</p>")
     if r.subtypes:
         kinds = sorted({k for c in r.subtypes.values() for k in c})
         out += "<h3>Subtypes (from file names)</h3>" + table(
