@@ -202,3 +202,12 @@ def test_serve_command_refuses_what_is_not_a_model(tmp_path):
     result = CliRunner().invoke(app, ["serve", str(tmp_path)])
     assert result.exit_code == 2 and "neither a cxrkit run nor an ONNX export" in " ".join(
         result.output.split())
+
+
+def test_two_films_in_one_request_are_refused(server, films):
+    content = films["normal.png"].read_bytes()
+    response = requests.post(f"{server}/predict", timeout=60,
+                             files=[("file", ("a.png", content)), ("file", ("b.png", content))])
+    assert response.status_code == 422
+    assert "2 files were sent in the field 'file'; send one per request" in (
+        response.json()["detail"])

@@ -30,7 +30,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -75,6 +75,15 @@ class PredictResult(BaseModel):
 
 class Problem(BaseModel):
     detail: str
+
+
+async def _one_file(request: Request) -> None:
+    """One film per request: with several in the `file` field FastAPI would silently answer
+    for the last one. (The form is already parsed by then; this reads FastAPI's copy.)"""
+    sent = (await request.form()).getlist("file")
+    if len(sent) > 1:
+        raise HTTPException(422, f"{len(sent)} files were sent in the field 'file'; send one "
+                                 f"per request. {HOW_TO_POST}")
 
 
 class UploadLimit:
@@ -153,7 +162,7 @@ def create_app(model_path: str | Path, backend: str | None = None,
                          threshold_chosen_on=calibration.chosen_on, backend=predictor.backend,
                          gradcam=predictor.backend == "torch", max_upload_mb=max_upload_mb)
 
-    @app.post("/predict", responses=errors)
+    @app.post("/predict", responses=errors, dependencies=[Depends(_one_file)])
     def predict(file: UploadFile = File(..., description="the X-ray: PNG, JPEG or DICOM"),
                 cam: bool = Query(False, description="add the Grad-CAM overlay")) -> PredictResult:
         # A plain `def`: FastAPI runs it in its thread pool; the predictor's lock
