@@ -104,7 +104,8 @@ def gradcam(model: Classifier, images: Film | Sequence[Film] | torch.Tensor,
 
     `class_index`: the class to explain, one for all or one per image; None
     explains each image's predicted class. `target_layer` defaults to
-    `model.gradcam_layer()`.
+    `model.gradcam_layer()`. One map per image given, in order: an unreadable file raises
+    `UnreadableImageError` naming it (`predict` skips such files; explain the readable ones).
     """
     x_all = _as_batch(model, images)
     n = len(x_all)
