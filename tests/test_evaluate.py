@@ -53,6 +53,7 @@ def evaluated(trained_run, tmp_path_factory):
 
 def test_writes_predictions_metrics_and_figures(evaluated):
     run, out, metrics = evaluated
+    assert "not_normal" not in metrics  # two classes: nothing to collapse
     # a handful of validation films chose the threshold: the notes say how rough that is
     assert any("validation has only" in n and "films: the threshold" in n
                for n in metrics["notes"])
@@ -347,6 +348,14 @@ def test_three_class_run(tiny_kaggle, tmp_path):
     assert counts.shape == (3, 3) and counts.sum() == 16
     assert counts[2].sum() == 0  # tiny_kaggle has no virus films
     assert (out / "confusion_matrix.png").is_file() and (out / "roc_pr.png").is_file()
+    # read as NORMAL against pneumonia too, to compare with two-class runs
+    rows = read_rows(out / "predictions.csv")
+    abnormal = np.array([r["label"] != "NORMAL" for r in rows])
+    called = np.array([r["predicted"] != "NORMAL" for r in rows])
+    collapsed = metrics["not_normal"]
+    assert collapsed["accuracy"]["value"] == pytest.approx(np.mean(abnormal == called), abs=1e-6)
+    assert collapsed["sensitivity"]["value"] == pytest.approx(called[abnormal].mean(), abs=1e-6)
+    assert_metric(collapsed["roc_auc"])
 
 
 def test_calibrating_on_another_sites_films_is_validating_on_them(trained_run, tmp_path):

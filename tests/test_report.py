@@ -186,6 +186,7 @@ def test_three_class_report(tiny_kaggle, tmp_path):
     assert Page(text).sections == SECTIONS
     assert "Macro ROC-AUC" in text and "class VIRUS" in text and "The most probable class" in text
     assert "PR-AUC" not in text and "no evaluation of it to compare" in text
+    assert "NORMAL against the other classes (pneumonia)" in text
 
 
 def test_report_and_compare_follow_the_deployed_calibration(trained_run, tmp_path):

@@ -25,6 +25,7 @@ from cxrkit.adapt import ADAPTATION, describe_adaptation
 from cxrkit.data.patients import DEFAULT_PATTERNS
 from cxrkit.data.split import read_manifest, shared_patients
 from cxrkit.evaluation import EVAL_DIR, evaluate_run
+from cxrkit.evaluation.evaluate import COLLAPSED
 from cxrkit.evaluation.paired import paired_difference, read_scored
 from cxrkit.runs import Calibration, load_spec, model_folder, positive_index, read_calibration
 
@@ -256,6 +257,11 @@ def metric_rows(evals: list[dict]) -> list[dict]:
         if any(key in m for m in evals):  # no PR-AUC for several classes
             rows.append({"group": "", "name": name.replace("ROC-AUC", "Macro ROC-AUC"),
                          "cells": [format_metric(key, m.get(key)) for m in evals]})
+    for key in ("roc_auc", "accuracy", "sensitivity", "specificity", "f1"):
+        if any(COLLAPSED in m for m in evals):
+            rows.append({"group": "NORMAL against the other classes (pneumonia)",
+                         "name": NAMES[key], "cells": [
+                             format_metric(key, m.get(COLLAPSED, {}).get(key)) for m in evals]})
     for label in evals[0].get("per_class", {}):
         for key in ("sensitivity", "ppv", "f1", "roc_auc"):
             cells = [format_metric(key, m.get("per_class", {}).get(label, {}).get(key))

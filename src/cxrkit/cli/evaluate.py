@@ -38,6 +38,8 @@ def _summary(metrics: dict) -> Table:
     if not points:  # multi-class
         for key in ("accuracy", "balanced_accuracy"):
             table.add_row(key, format_metric(key, metrics.get(key)))
+        for key, value in metrics.get("not_normal", {}).items():  # NORMAL against the rest
+            table.add_row(f"not NORMAL: {key}", format_metric(key, value))
     for key in SCORES:
         table.add_row(key, format_metric(key, metrics.get(key)), *blank)
     for key in RATES if points else ():

@@ -358,9 +358,14 @@ def compute_metrics(scored: Scored, labels: Sequence[str], positive: int | None,
     y, probs = scored.y, calibration.probabilities(scored.logits)
     raw = softmax(scored.logits, 1.0)
 
+    normal = next((i for i, name in enumerate(labels) if name.upper() == "NORMAL"), None)
+
     def statistics(w: np.ndarray) -> dict[str, np.ndarray]:
         out = probability_metrics(y, probs, positive, w)
         out |= {f"uncalibrated/{k}": v for k, v in probability_metrics(y, raw, positive, w).items()}
+        if positive is None and normal is not None:  # e.g. BACTERIA/VIRUS: also as pneumonia
+            collapsed = collapsed_metrics(y, probs, normal, w)
+            out |= {f"{COLLAPSED}/{k}": v for k, v in collapsed.items()}
         if positive is None:
             return out | multiclass_metrics(y, probs, labels, w)
         is_pos, p = y == positive, probs[:, positive]
@@ -385,6 +390,21 @@ def compute_metrics(scored: Scored, labels: Sequence[str], positive: int | None,
     else:
         metrics["per_class"] = {name: metrics.pop(name) for name in labels}
     return metrics
+
+
+COLLAPSED = "not_normal"  # a multi-class model's NORMAL against every other class
+
+
+def collapsed_metrics(y: np.ndarray, probs: np.ndarray, normal: int,
+                      w: np.ndarray) -> dict[str, np.ndarray]:
+    """A NORMAL/BACTERIA/VIRUS model read as NORMAL against pneumonia, so that it compares with
+    two-class runs: ROC-AUC of 1 - P(NORMAL), and the rates of its own decision (the most
+    probable class is not NORMAL)."""
+    abnormal, p_abnormal = y != normal, 1.0 - probs[:, normal]
+    called = (probs.argmax(1) != normal).astype(float)
+    rates = threshold_metrics(abnormal, called, 0.5, w)
+    return {"roc_auc": ranking_metrics(abnormal, p_abnormal, w)["roc_auc"],
+            **{k: rates[k] for k in ("accuracy", "sensitivity", "specificity", "f1")}}
 
 
 def predicted_classes(probs: np.ndarray, positive: int | None, threshold: float) -> np.ndarray:
