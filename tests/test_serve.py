@@ -13,7 +13,7 @@ import pytest
 import requests
 from PIL import Image
 
-from cxrkit.export import export_onnx, write_sidecar
+from cxrkit.export import export_onnx, sidecar_entries, write_sidecar
 from cxrkit.predict import predict
 from cxrkit.runs import Calibration, load_model
 from cxrkit.serve import create_app
@@ -181,7 +181,7 @@ def _pixels(png_base64: str) -> np.ndarray:
 def test_an_onnx_export_is_served_without_gradcam(trained_run, films, tmp_path):
     model = load_model(trained_run)
     export_onnx(model, tmp_path / "model.onnx", dynamo=False)  # the quick exporter
-    write_sidecar(tmp_path, model.spec, Calibration(threshold=0.3))
+    write_sidecar(tmp_path, sidecar_entries(model.spec, Calibration(threshold=0.3)))
     [expected] = predict(tmp_path, [films["normal.png"]])
     with running_server(create_app(tmp_path)) as url:
         info = requests.get(f"{url}/model", timeout=10).json()

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from cxrkit.models import Classifier, ModelSpec
-from cxrkit.runs import Calibration, load_model, model_folder, positive_index, read_calibration
+from cxrkit.runs import Calibration, load_model, model_folder, positive_label, read_calibration
 
 log = logging.getLogger(__name__)
 
@@ -67,19 +67,20 @@ def export_model(run: str | Path, format: str = "onnx", out: str | Path | None =
         export_onnx(model, path, opset)
     else:
         export_torchscript(model, path)
-    sidecar = write_sidecar(out, model.spec, read_calibration(run))
+    sidecar = sidecar_entries(model.spec, read_calibration(run))
+    write_sidecar(out, sidecar)
     if format == "onnx":
         embed_sidecar(path, sidecar)
     return path
 
 
-def embed_sidecar(onnx_path: Path, sidecar: Path) -> None:
+def embed_sidecar(onnx_path: Path, sidecar: dict) -> None:
     """The sidecar's entries also as the ONNX file's metadata (values as JSON), so that
     model.onnx alone still says its labels, preprocessing and threshold (Netron shows them;
     `onnxruntime.InferenceSession(...).get_modelmeta().custom_metadata_map` reads them)."""
     graph = onnx.load(str(onnx_path))
-    onnx.helper.set_model_props(graph, {key: json.dumps(value) for key, value in
-                                        json.loads(sidecar.read_text()).items()})
+    onnx.helper.set_model_props(graph, {key: json.dumps(value)
+                                        for key, value in sidecar.items()})
     onnx.save(graph, str(onnx_path))
 
 
@@ -131,19 +132,22 @@ def export_torchscript(model: Classifier, path: str | Path) -> Path:
     return Path(path)
 
 
-def write_sidecar(folder: str | Path, spec: ModelSpec, calibration: Calibration) -> Path:
-    sidecar = {
+def sidecar_entries(spec: ModelSpec, calibration: Calibration) -> dict:
+    """What model.json (and model.onnx's metadata) says: enough to use the model elsewhere."""
+    return {
         **spec.to_dict(),
         "threshold": calibration.threshold,
         "temperature": calibration.temperature,
         "bias": calibration.bias,
-        "positive_label": spec.labels[positive_index(spec.labels)] if len(spec.labels) == 2
-        else None,
+        "positive_label": positive_label(spec.labels),
         "threshold_chosen_on": calibration.chosen_on,
         "input": INPUT_NAME,
         "output": OUTPUT_NAME,
         "preprocess": PREPROCESS,
     }
+
+
+def write_sidecar(folder: str | Path, sidecar: dict) -> Path:
     path = Path(folder) / SIDECAR
     path.write_text(json.dumps(sidecar, indent=2))
     return path

@@ -39,6 +39,7 @@ from cxrkit.runs import (
     load_model,
     model_folder,
     positive_index,
+    positive_label,
     read_calibration,
 )
 
@@ -155,7 +156,7 @@ class Predictor:
     @property
     def positive_label(self) -> str | None:
         """The label the threshold is about (two classes); None with more."""
-        return self.labels[positive_index(self.labels)] if len(self.labels) == 2 else None
+        return positive_label(self.labels)
 
     def threshold(self, override: float | None = None) -> float | None:
         """The threshold on P(positive label) in use: `override`, else the run's; None (argmax)

@@ -27,7 +27,7 @@ from cxrkit.data.split import read_manifest, shared_patients
 from cxrkit.evaluation import EVAL_DIR, evaluate_run
 from cxrkit.evaluation.evaluate import COLLAPSED
 from cxrkit.evaluation.paired import paired_difference, read_scored
-from cxrkit.runs import Calibration, load_spec, model_folder, positive_index, read_calibration
+from cxrkit.runs import Calibration, load_spec, model_folder, positive_label, read_calibration
 
 log = logging.getLogger(__name__)
 
@@ -487,10 +487,11 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
     evals = evaluations(run)
     for m in evals:
         m["figures"], m["title"] = _figures(m["folder"]), _title(m)
-        if not at_calibration(m, calibration):
+        m["current"] = at_calibration(m, calibration)
+        if not m["current"]:
             m["notes"] = [*m.get("notes", []), STALE.format(
                 m.get("deployed_threshold") or 0.0, m.get("calibrated", {}).get("temperature"))]
-    current = [m for m in evals if at_calibration(m, calibration)]
+    current = [m for m in evals if m["current"]]
     test = next((m for m in current if m["split"] == "test" and not m.get("external")), None)
     binary_test = test if test and test.get("positive_class") else None
     kermany = binary_test is not None and is_kermany_test(binary_test["folder"])
@@ -514,7 +515,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
         variants=variant_tables(test) if test else [],
         published=published_rows(binary_test) if kermany else None,
         published_source=PUBLISHED["source"], test_n=test["n"] if test else 0,
-        positive=spec.labels[positive_index(spec.labels)] if spec.num_classes == 2 else None,
+        positive=positive_label(spec.labels),
         data_path=_data_path(config), card_metrics=card_metrics,
         limitations=[KERMANY_SHIFT if kermany else OTHER_SHIFT, *LIMITATIONS],
     )

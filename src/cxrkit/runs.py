@@ -120,3 +120,9 @@ def positive_index(labels: list[str]) -> int:
     evaluation and prediction all use this one rule."""
     upper = [label.upper() for label in labels]
     return upper.index(POSITIVE_CLASS) if POSITIVE_CLASS in upper else len(labels) - 1
+
+
+def positive_label(labels: list[str]) -> str | None:
+    """The label a threshold is about, by `positive_index`; None with more than two classes,
+    where the most probable one is predicted."""
+    return labels[positive_index(labels)] if len(labels) == 2 else None

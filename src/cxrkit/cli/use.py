@@ -24,7 +24,7 @@ TABLE_ROWS = 50  # more than this on screen helps nobody: --out has them all
 
 
 def predictions_table(predictions: list[Prediction]) -> Table:
-    from cxrkit.runs import positive_index
+    from cxrkit.runs import positive_label
 
     readable = [p for p in predictions if p.ok]
     labels = list(readable[0].probabilities) if readable else []
@@ -41,7 +41,7 @@ def predictions_table(predictions: list[Prediction]) -> Table:
         table.add_row(escape(name), p.label, *[f"{p.probabilities[k]:.3f}" for k in labels])
     notes = []
     if readable and readable[0].threshold is not None:  # why a 0.38 can still be PNEUMONIA
-        positive = labels[positive_index(labels)]
+        positive = positive_label(labels)
         notes.append(f"label {positive} where P({positive}) >= {readable[0].threshold:.3f}")
     if len(readable) > TABLE_ROWS:
         notes.append(f"first {TABLE_ROWS} of {len(readable)}; --out FILE.csv keeps them all")
