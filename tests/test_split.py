@@ -115,3 +115,22 @@ def test_cli_split_bad_fraction_is_a_message(source, tmp_path):
                                       str(tmp_path / "s.csv"), "--val-fraction", "1.5"])
     assert result.exit_code == 2 and "val_fraction" in result.stderr
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_identical_files_under_two_patient_ids_stay_on_one_side(tmp_path):
+    """One film filed under two patient ids (a re-export, a second accession) must not be
+    trained on and validated on: the split keeps the two ids together at every seed."""
+    root = make_kaggle_tree(tmp_path / "data", {"train": 40, "test": 4}, size=(16, 16))
+    pneumonia = sorted((root / "train" / "PNEUMONIA").iterdir())
+    copy = pneumonia[0].with_name("person9999_virus_1.jpeg")
+    copy.write_bytes(pneumonia[0].read_bytes())
+    source = load_source(root)
+    first = next(s.patient_id for s in source.samples if s.path == str(pneumonia[0]))
+    linked = {first, "person9999"}
+    sides = set()
+    for seed in range(12):
+        samples = patient_split(source.samples, 0.3, seed=seed)
+        side = {s.split for s in samples if s.patient_id in linked}
+        assert len(side) == 1, (seed, side)
+        sides |= side
+    assert sides == {"train", "val"}  # the pair is split as one group, not pinned to train

@@ -277,12 +277,13 @@ def _notes(source: DataSource, result: AuditResult) -> list[str]:
             + (f"{len(across)} group(s) span splits: the same image is in two splits."
                if across else "each group lies within one split.")
         )
-        # A split grouped by patient id keeps one patient's copies together, but not these.
+        # cxrkit's train/val split keeps these together; other tools' patient splits may not.
         mixed = [g for g in result.exact_duplicates
                  if len({by_path[p].patient_id for p in g}) > 1]
         if mixed:
-            notes.append(f"{len(mixed)} group(s) of identical files carry different patient ids:"
-                         " a patient split may put copies of one image on both sides.")
+            notes.append(f"{len(mixed)} group(s) of identical files carry different patient ids"
+                         " (cxrkit's validation split keeps them on one side; a split by"
+                         " patient id alone may not).")
         conflicting = [g for g in result.exact_duplicates
                        if len({by_path[p].label for p in g}) > 1]
         if conflicting:

@@ -2,12 +2,15 @@
 
 Each class's patients are shuffled with the seed and taken until the class has
 `val_fraction` of its images in validation: the split is stratified by class and
-no patient ever has images on both sides. The test split is left as it is.
+no patient ever has images on both sides. Patients whose files are byte-identical copies
+of each other (one film filed under two ids) are kept together too, so that no film is
+trained on and validated on. The test split is left as it is.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import random
 from collections import Counter, defaultdict
@@ -19,12 +22,57 @@ from cxrkit.data.layout import Sample
 MANIFEST_COLUMNS = ("path", "label", "split", "patient_id")
 
 
-def _patient_label(samples: list[Sample]) -> dict[str, str]:
-    """A patient's class is the majority label of their images."""
+def _group_label(samples: list[Sample], group_of: dict[str, str]) -> dict[str, str]:
+    """A group's class is the majority label of its images."""
     votes: dict[str, Counter] = defaultdict(Counter)
     for s in samples:
-        votes[s.patient_id][s.label] += 1
-    return {p: c.most_common(1)[0][0] for p, c in votes.items()}
+        votes[group_of[s.patient_id]][s.label] += 1
+    return {g: c.most_common(1)[0][0] for g, c in votes.items()}
+
+
+def _file_digest(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:  # missing or unreadable: the loader reports it, the split ignores it
+        return None
+
+
+def identical_file_groups(paths: list[str]) -> list[list[str]]:
+    """Groups of byte-identical files. Only files that share their size with another are
+    read, so that a dataset of distinct files costs one stat per file."""
+    by_size: dict[int, list[str]] = defaultdict(list)
+    for path in paths:
+        try:
+            by_size[os.path.getsize(path)].append(path)
+        except OSError:
+            continue
+    by_digest: dict[str, list[str]] = defaultdict(list)
+    for same_size in (g for g in by_size.values() if len(g) > 1):
+        for path in same_size:
+            digest = _file_digest(path)
+            if digest is not None:
+                by_digest[digest].append(path)
+    return [g for g in by_digest.values() if len(g) > 1]
+
+
+def _patient_groups(samples: list[Sample]) -> dict[str, str]:
+    """Patient id -> the id of its group: patients linked by identical files are one group,
+    named by its first id in sorted order (a patient without copies is its own group, so
+    data without such links splits exactly as by patient)."""
+    group_of = {s.patient_id: s.patient_id for s in samples}
+
+    def root(p: str) -> str:
+        while group_of[p] != p:
+            p = group_of[p]
+        return p
+
+    patient_of = {s.path: s.patient_id for s in samples}
+    for files in identical_file_groups(sorted(patient_of)):
+        roots = sorted({root(patient_of[f]) for f in files})
+        for r in roots[1:]:
+            group_of[r] = roots[0]
+    return {p: root(p) for p in group_of}
 
 
 def patient_split(samples: list[Sample], val_fraction: float = 0.15, seed: int = 0,
@@ -42,24 +90,29 @@ def patient_split(samples: list[Sample], val_fraction: float = 0.15, seed: int =
         return list(samples)
     pool = [s for s in samples if s.split in ("train", "val", "")]
     rest = [s for s in samples if s.split not in ("train", "val", "")]
-    images_per_patient = Counter(s.patient_id for s in pool)
-    label_of = _patient_label(pool)
+    group_of = _patient_groups(pool)
+    images_per_group = Counter(group_of[s.patient_id] for s in pool)
+    label_of = _group_label(pool, group_of)
+    members: dict[str, list[str]] = defaultdict(list)
+    for p, g in group_of.items():
+        members[g].append(p)
     rng = random.Random(seed)
-    val_patients: set[str] = set()
+    val_groups: set[str] = set()
     for label in sorted(set(label_of.values())):
-        patients = sorted(p for p, lab in label_of.items() if lab == label)
-        rng.shuffle(patients)
+        groups = sorted(g for g, lab in label_of.items() if lab == label)
+        rng.shuffle(groups)
         if rank is not None:
-            patients.sort(key=lambda p: -rank[p])
-        target = val_fraction * sum(images_per_patient[p] for p in patients)
+            groups.sort(key=lambda g: -max(rank[p] for p in members[g]))
+        target = val_fraction * sum(images_per_group[g] for g in groups)
         taken = 0
-        for p in patients:
+        for g in groups:
             if taken >= target:
                 break
-            val_patients.add(p)
-            taken += images_per_patient[p]
+            val_groups.add(g)
+            taken += images_per_group[g]
     split_pool = [
-        replace(s, split="val" if s.patient_id in val_patients else "train") for s in pool
+        replace(s, split="val" if group_of[s.patient_id] in val_groups else "train")
+        for s in pool
     ]
     return split_pool + rest
 
