@@ -14,11 +14,13 @@ BIN    := $(VENV)/bin
 install: $(VENV)/.installed
 
 # torch first, pinned: pip takes it from this machine's disk (uv/poetry would download GBs).
-$(VENV)/.installed: pyproject.toml
+# Every other package at the version in constraints.txt, so that an upstream release cannot
+# change a run or break CI unnoticed.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 run: install
