@@ -273,10 +273,14 @@ def test_evaluating_again_keeps_the_deployed_operating_point(trained_run, tmp_pa
     again = json.loads((evaluate_run(run, split="val", **options) / "metrics.json").read_text())
     assert read_calibration(run) == deployed
     assert again["deployed_operating_point"] == "target_sensitivity"
+    assert not any("operating point changed" in n for n in again["notes"])
     reset = json.loads((evaluate_run(run, reset_calibration=True, **options)
                         / "metrics.json").read_text())
     fresh = read_calibration(run)
     assert fresh.chosen_with == {} and "Youden" in fresh.chosen_on
+    # a new choice is said out loud, old and new threshold both named
+    moved = [n for n in reset["notes"] if "deployed operating point changed" in n]
+    assert moved and f"{deployed.threshold:.4f}" in moved[0] and f"{fresh.threshold:.4f}" in moved[0]
     assert reset["deployed_operating_point"] == "validation"
     assert fresh.threshold == pytest.approx(reset["operating_points"]["validation"]["threshold"])
     assert fresh.threshold != pytest.approx(deployed.threshold)  # the test can tell them apart

@@ -267,6 +267,22 @@ def deployed_options(run: Path) -> tuple[float | None, bool, str | None]:
             calibrate_on)
 
 
+def operating_point_change(deployed: Calibration, chosen: Calibration) -> str | None:
+    """What a new choice changes in the deployed calibration (what `cxr predict` and `cxr serve`
+    apply), said out loud; None when nothing was deployed yet, or the same rule chose numbers
+    within the noise of scoring the same films again on another machine."""
+    if deployed.chosen_on == Calibration().chosen_on:
+        return None
+    if (deployed.chosen_on == chosen.chosen_on
+            and abs(deployed.threshold - chosen.threshold) < 1e-5
+            and abs(np.log(deployed.temperature / chosen.temperature)) < 1e-3
+            and np.allclose(deployed.bias or 0.0, chosen.bias or 0.0, atol=1e-3)):
+        return None
+    return (f"the deployed operating point changed: threshold {deployed.threshold:.4f}, "
+            f"{deployed.describe()} ({deployed.chosen_on}) -> {chosen.threshold:.4f}, "
+            f"{chosen.describe()} ({chosen.chosen_on}).")
+
+
 def fit_probabilities(val: Scored, with_bias: bool, source: str) -> Calibration:
     """Temperature (and, `with_bias`, a bias per class) fitted on `val`; a class missing
     from its films leaves the bias out, with a warning."""
@@ -594,6 +610,9 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     calibration.chosen_with = chosen_with
     notes += calibration_doubts(val, calibration, source)
     if len(val.y):
+        if moved := operating_point_change(read_calibration(run), calibration):
+            log.warning("%s: %s", run.name, moved)
+            notes.append(moved)
         write_calibration(run, calibration)
     else:
         notes.append("No validation images: threshold 0.5 and temperature 1 (nothing chosen).")
