@@ -61,6 +61,17 @@ def test_dotted_overrides_reach_every_level():
     assert config.trainer.early_stopping_patience is None
 
 
+def test_a_dict_override_merges_into_its_section():
+    """{"loss": {"label_smoothing": 0.1}} changes one field: quick keeps its mixup."""
+    quick = TrainConfig.preset("quick")
+    assert quick.loss.mixup > 0
+    changed = quick.updated({"loss": {"label_smoothing": 0.1}})
+    assert changed.loss.label_smoothing == 0.1 and changed.loss.mixup == quick.loss.mixup
+    assert TrainConfig.preset("quick", overrides={"loss": {"label_smoothing": 0.1}}) == changed
+    with pytest.raises(ConfigError, match="unknown config key"):
+        quick.updated({"loss": {"smoothing": 0.1}})
+
+
 def test_set_assignments_are_parsed_as_yaml():
     assert parse_assignments(["a.b=3", "c=true", "d=[1, 2]", "e=null", "f=bf16-mixed"]) == {
         "a.b": 3, "c": True, "d": [1, 2], "e": None, "f": "bf16-mixed"}

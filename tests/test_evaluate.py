@@ -280,7 +280,7 @@ def test_evaluating_again_keeps_the_deployed_operating_point(trained_run, tmp_pa
     assert fresh.chosen_with == {} and "Youden" in fresh.chosen_on
     # a new choice is said out loud, old and new threshold both named
     moved = [n for n in reset["notes"] if "deployed operating point changed" in n]
-    assert moved and f"{deployed.threshold:.4f}" in moved[0] and f"{fresh.threshold:.4f}" in moved[0]
+    assert moved and all(f"{c.threshold:.4f}" in moved[0] for c in (deployed, fresh))
     assert reset["deployed_operating_point"] == "validation"
     assert fresh.threshold == pytest.approx(reset["operating_points"]["validation"]["threshold"])
     assert fresh.threshold != pytest.approx(deployed.threshold)  # the test can tell them apart

@@ -169,6 +169,15 @@ class TrainerConfig:
 
 @dataclass
 class TrainConfig:
+    """Everything a run needs, saved as RUN/config.yaml. Start from a preset rather than from
+    `TrainConfig()` (the plain field defaults, not a tuned recipe):
+
+        config = TrainConfig.preset("quick", data="chest_xray", overrides={"stages.0.epochs": 2})
+        config = TrainConfig.load("runs/quick/config.yaml")   # a run's own config reproduces it
+
+    Each section's fields are commented where they are defined (DataConfig, ModelConfig,
+    OptimConfig, StageConfig, LossConfig, TrainerConfig)."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -182,6 +191,10 @@ class TrainConfig:
     @classmethod
     def preset(cls, name: str = "default", data: str | None = None,
                overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """A named recipe: `quick` (one end-to-end epoch of pretrained Lite0, minutes on a CPU),
+        `default` (the whole pretrained Lite0 fine-tuned, 8 epochs), `finetune` (a head on
+        frozen features, then fine-tuning) or `scratch` (simple_cnn from scratch); `data` is a
+        folder, a CSV manifest or "kaggle"; `overrides` as in `updated`."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         config = _PRESETS[name]()
@@ -217,7 +230,9 @@ class TrainConfig:
         return path
 
     def updated(self, overrides: dict[str, Any]) -> TrainConfig:
-        """A copy with dotted keys set, e.g. {"optim.lr": 0.01, "stages.0.epochs": 2}."""
+        """A copy with dotted keys set, e.g. {"stages.0.lr": 2e-3, "loss.mixup": 0.2}. A dict
+        value merges into its section ({"loss": {"mixup": 0.2}} keeps the other loss fields);
+        a list (e.g. "stages") replaces the whole list, each item from the field defaults."""
         values = to_dict(self)
         for key, value in overrides.items():
             _set_dotted(values, key, value)
@@ -402,7 +417,7 @@ def _set_dotted(values: dict, key: str, value: Any) -> None:
         else:
             raise ConfigError(f"unknown config key {key!r}: {where} is a value, not a section")
         if last:
-            node[index] = value
+            node[index] = _merge(node[index], value, key)
         else:
             node = node[index]
 

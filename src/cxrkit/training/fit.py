@@ -340,12 +340,17 @@ class TrainingInterrupted(Exception):
 
 
 def train(config: TrainConfig | None = None, resume: str | Path | None = None) -> Path:
-    """Train `config` (default: `TrainConfig()`), or continue the run folder `resume`.
+    """Train `config` (default: the `default` preset, as `cxr train`), or continue the run
+    folder `resume`:
+
+        run = train(TrainConfig.preset("quick", data="chest_xray"))
+        run = train(resume="runs/quick")   # after a crash or Ctrl+C: loses nothing
 
     Returns the run folder; `cxrkit.runs.load_model(folder)` loads the trained model.
     Raises `TrainingInterrupted` on Ctrl+C or SIGTERM.
     """
-    run = open_run(resume) if resume is not None else new_run(config or TrainConfig())
+    run = (open_run(resume) if resume is not None
+           else new_run(config or TrainConfig.preset("default")))
     try:
         return train_run(run)
     except Exception:
