@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from cxrkit.adapt import target_images
 from cxrkit.cli import app
 from cxrkit.data.kaggle import (
     KAGGLE_DATASET,
@@ -25,6 +26,7 @@ from cxrkit.data.kaggle import (
     download_kaggle,
     resolve_data,
 )
+from cxrkit.data.layout import load_source
 from tests.conftest import make_kaggle_zip_tree
 
 CREDENTIAL_VARS = ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN", "KAGGLE_API_V1_TOKEN",
@@ -66,6 +68,15 @@ def test_pinned_version_resolves_from_the_cache_offline(kaggle_cache):
     assert download_kaggle() == folder
     assert resolve_data("kaggle") == folder
     assert resolve_data("Kaggle") == folder
+
+
+def test_kaggle_is_a_data_source_everywhere_in_the_api(kaggle_cache):
+    """The README: everywhere a data argument is taken, `kaggle` works (not only in the CLI)."""
+    folder = seed_cache(kaggle_cache)
+    source = load_source("kaggle")
+    assert source.layout == "kaggle" and all(s.path.startswith(str(folder))
+                                             for s in source.samples)
+    assert target_images("kaggle") == [s.path for s in source.split("test")]
 
 
 def test_local_paths_pass_through(tmp_path):

@@ -23,6 +23,7 @@ import torch
 import yaml
 from torch.optim.swa_utils import update_bn
 
+from cxrkit.data.kaggle import resolve_data
 from cxrkit.data.layout import DataLayoutError, images_under, load_source
 from cxrkit.inference import default_device, file_batches
 from cxrkit.models import Classifier
@@ -125,6 +126,7 @@ def adapt_run(run: str | Path, data: str | Path, split: str | None = "test",
               out: str | Path | None = None, batch_size: int = 32) -> Path:
     """Adapt a trained run to the unlabelled images of `data`; returns the new run folder."""
     run = model_folder(run)
+    data = resolve_data(data)  # "kaggle": recorded as the folder it stands for
     paths = target_images(data, split)
     if not paths:
         raise ValueError(f"no images to adapt on in {data} (split {split!r})")

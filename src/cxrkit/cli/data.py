@@ -9,7 +9,7 @@ from rich.table import Table
 
 from cxrkit.cli.app import console, data_app, fail
 from cxrkit.data.audit import DEFAULT_NEAR_THRESHOLD, AuditResult, audit_dataset
-from cxrkit.data.kaggle import KAGGLE_VERSION, KaggleDownloadError, download_kaggle, resolve_data
+from cxrkit.data.kaggle import KAGGLE_VERSION, KaggleDownloadError, download_kaggle
 from cxrkit.data.layout import DataLayoutError, DataSource, load_source
 from cxrkit.data.split import patient_split, shared_patients, write_manifest
 
@@ -84,7 +84,7 @@ def audit(
 ) -> None:
     """Counts, sizes, unreadable files, duplicates and patients, with an HTML report."""
     try:
-        result = audit_dataset(resolve_data(data), out, patient_pattern, near_threshold, workers)
+        result = audit_dataset(data, out, patient_pattern, near_threshold, workers)
     except (DataLayoutError, KaggleDownloadError, ValueError) as e:
         fail(str(e))
     console.print(counts_table(f"{result.root} ({result.layout} layout)", result.classes,
@@ -107,7 +107,7 @@ def split(
 ) -> None:
     """Carve a validation split out of train, grouped by patient; write a manifest CSV."""
     try:
-        source = load_source(resolve_data(data), patient_pattern)
+        source = load_source(data, patient_pattern)
         samples = patient_split(source.samples, val_fraction, seed)
     except (DataLayoutError, KaggleDownloadError, ValueError) as e:
         fail(str(e))

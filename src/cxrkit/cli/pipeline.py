@@ -93,10 +93,9 @@ def adapt(
     Writes a new run folder that `cxr evaluate`, `predict`, `export` and `serve` accept.
     """
     from cxrkit.adapt import adapt_run
-    from cxrkit.data.kaggle import resolve_data
 
     try:
-        folder = adapt_run(run, resolve_data(data), split, out, batch_size)
+        folder = adapt_run(run, data, split, out, batch_size)
     except (*USER_ERRORS, ValueError) as e:
         fail(str(e))
     console.print(f"adapted {run} to {data}; evaluate it with `cxr evaluate {folder}`")

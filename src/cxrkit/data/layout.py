@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxrkit.data.io import is_image_file
+from cxrkit.data.kaggle import resolve_data
 from cxrkit.data.patients import PatientIdParser
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -189,9 +190,10 @@ def _from_manifest(csv_path: Path, parse: PatientIdParser) -> DataSource:
 
 def load_source(path: str | Path, patient_pattern: str | None = None,
                 min_classes: int = 2) -> DataSource:
-    """Detect the layout of `path` and list its samples. Training needs two classes; an
-    evaluation may take one (`min_classes=1`: a site's NORMAL films measure specificity)."""
-    root = Path(path).expanduser()
+    """Detect the layout of `path` ("kaggle": the Kaggle dataset, downloaded or from
+    kagglehub's cache) and list its samples. Training needs two classes; an evaluation may
+    take one (`min_classes=1`: a site's NORMAL films measure specificity)."""
+    root = resolve_data(path)
     parse = PatientIdParser(patient_pattern)
     if not root.exists():
         raise DataLayoutError(f"{root} does not exist.\n{EXPECTED_LAYOUTS}")

@@ -42,7 +42,6 @@ from PIL import Image
 
 from cxrkit.adapt import adaptation_note
 from cxrkit.data.dataset import load_prepared
-from cxrkit.data.kaggle import resolve_data
 from cxrkit.data.layout import Sample, load_source
 from cxrkit.data.patients import kermany_subtype
 from cxrkit.data.split import read_manifest
@@ -167,7 +166,7 @@ def refuse_overlap(chosen_on: Sequence[Sample], evaluated: Sequence[Sample], sou
 def external_samples(data: str | Path, split: str) -> tuple[str, str, str, list[Sample]]:
     """(eval name, where it is, split used, samples) of another dataset: its `split` if it
     has splits, else all of it (a class-per-folder tree has none)."""
-    source = load_source(resolve_data(data), min_classes=1)
+    source = load_source(data, min_classes=1)
     if split in source.splits:
         return _data_name(data), str(source.root), split, source.split(split)
     if source.splits == [""]:
