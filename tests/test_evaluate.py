@@ -437,6 +437,8 @@ def test_cli_evaluate(trained_run, tmp_path):
     assert code == 2 and "not a cxrkit run" in output
     code, output = cxr("evaluate", run, "--split", "train")
     assert code == 2 and "choose test or val" in output
+    with pytest.raises(ValueError, match="choose test or val"):  # the API refuses it too
+        evaluate_run(run, split="train")
 
 
 def test_evaluating_again_reuses_the_logits_until_a_film_or_the_weights_change(trained_run,

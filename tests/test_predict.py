@@ -284,3 +284,16 @@ def test_films_in_memory_are_predicted_like_their_files(run, films):
     assert not bad.ok and "is not a film" in bad.error
     with pytest.raises(ValueError, match="overlays are written for files"):
         predict(run, [image], cam_dir=films / "cams")
+
+
+def test_what_is_not_a_film_is_refused_before_anything_is_read(run, films, tmp_path):
+    """A torch tensor was read as a path named by its printout; an empty folder gave []."""
+    import torch
+
+    with pytest.raises(TypeError, match=r"tensor\.numpy\(\)"):
+        predict(run, torch.rand(3, 8, 8), device="cpu")
+    with pytest.raises(TypeError, match="from a int"):
+        predict(run, [str(films / "a" / "pneumonia_1.png"), 3], device="cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images found in .*empty"):
+        predict(run, tmp_path / "empty", device="cpu")

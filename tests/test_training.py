@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import cxrkit.data.dataset
 from cxrkit.adapt import adapt_batchnorm
 from cxrkit.cli import app
-from cxrkit.config import OptimConfig, TrainConfig
+from cxrkit.config import ConfigError, OptimConfig, TrainConfig
 from cxrkit.data.layout import DataLayoutError, Sample, load_source
 from cxrkit.data.split import patient_split, read_manifest, shared_patients, write_manifest
 from cxrkit.data.transforms import ModelInput, eval_transform
@@ -29,7 +29,7 @@ from cxrkit.training.callbacks import ProgressBar, make_callbacks, make_loggers,
 from cxrkit.training.curves import step_losses
 from cxrkit.training.datamodule import prepare_samples, task_classes
 from cxrkit.training.features import extract_features
-from cxrkit.training.fit import Run, build_model, build_stage, loss_class_weights
+from cxrkit.training.fit import Run, build_model, build_stage, find_lr, loss_class_weights
 from cxrkit.training.losses import FocalLoss, balanced_class_weights, mixup
 from cxrkit.training.module import (
     ClassifierModule,
@@ -532,6 +532,12 @@ def test_lr_find_runs_its_steps_past_the_stages_epochs(tiny_kaggle, tmp_path):
         f"--set=data.cache_dir={tmp_path / 'cache'}"])
     assert result.exit_code == 0, result.output
     assert "stopped early" not in result.output
+
+
+def test_lr_find_refuses_a_stage_the_config_lacks(tmp_path):
+    """Before any film is read (the data folder does not even exist)."""
+    with pytest.raises(ConfigError, match=r"stage 2: this config has stages 0\.\.1"):
+        find_lr(TrainConfig.preset("finetune", data=str(tmp_path / "none")), stage=2)
 
 
 @pytest.mark.integration

@@ -240,7 +240,11 @@ def predict(model_path: str | Path, paths: Film | Iterable[Film],
     """Predict every image among `paths` (files, folders, globs, or images in memory: PIL
     images and arrays, named `<image i>`); see the module docstring."""
     predictor = Predictor.load(model_path, backend, device)
-    films = collect_images(paths)
+    given = film_list(paths)  # once: `paths` may be a generator
+    films = collect_images(given)
+    if not films:
+        raise FileNotFoundError(f"no images found in {' '.join(map(str, given)) or 'nothing'} "
+                                "(JPEG, PNG or DICOM files, or folders holding them)")
     if cam_dir is not None:  # checked before the predictions, not after them
         predictor.require_torch("Grad-CAM")
         if any(not isinstance(film, str) for film in films):

@@ -97,8 +97,6 @@ def evaluate_command(
     from cxrkit.report import variant_tables
     from cxrkit.runs import read_calibration
 
-    if split not in ("test", "val") and data is None:
-        fail(f"--split {split}: choose test or val (a model is never scored on its train split)")
     try:
         out = evaluate_run(run, split=split, data=data, tta=tta, framing=framing,
                            framing_threshold=framing_threshold,

@@ -213,8 +213,6 @@ def lr_find(
                "data.num_workers": num_workers, "data.cache": cache}
     try:
         cfg = build_config(data, preset, config, options, set_)
-        if not 0 <= stage < len(cfg.stages):
-            fail(f"--stage {stage}: this config has stages 0..{len(cfg.stages) - 1}")
         suggestion = find_lr(cfg, stage, out, num_training)
     except USER_ERRORS as e:
         fail(str(e))

@@ -77,9 +77,6 @@ def predict_command(
         predictions = predict(model, paths, backend, batch_size, threshold, cam)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    if not predictions:
-        fail(f"no images found in {' '.join(paths)} (JPEG, PNG or DICOM files, or folders "
-             f"holding them)")
     seconds = time.perf_counter() - start
     if any(p.ok for p in predictions):  # the result, on stdout: `cxr predict ... | grep`
         Console().print(predictions_table(predictions))

@@ -52,7 +52,14 @@ def film_list(films: Film | Iterable[Film]) -> list[str | Image.Image | np.ndarr
     array is one image (give a list of arrays for several)."""
     if isinstance(films, str | Path | Image.Image | np.ndarray):
         films = [films]
-    return [f if isinstance(f, IN_MEMORY) else str(f) for f in films]
+    listed = []
+    for film in films if isinstance(films, Iterable) else [films]:
+        if not isinstance(film, (str, Path, *IN_MEMORY)):  # str() of it would read as a path
+            raise TypeError(f"cannot read a film from a {type(film).__name__}: give file paths, "
+                            "folders, PIL images or numpy arrays ([H, W] or [H, W, 3]; a torch "
+                            "tensor: tensor.numpy())")
+        listed.append(film if isinstance(film, IN_MEMORY) else str(film))
+    return listed
 
 
 def film_name(film: str | Image.Image | np.ndarray, index: int) -> str:

@@ -542,6 +542,9 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     calibration (its `chosen_with`), so evaluating again never quietly deploys another
     operating point; `reset_calibration`: choose afresh, Youden's J on the run's validation.
     """
+    if data is None and split not in ("test", "val"):
+        raise ValueError(f"split {split!r}: choose test or val (a model is never scored on its "
+                         "train split)")
     run = model_folder(run).resolve()
     reapplied = not (reset_calibration or target_sensitivity is not None or framing_threshold
                      or calibrate_on is not None)

@@ -390,6 +390,8 @@ def find_lr(config: TrainConfig, stage: int = 0, out: str | Path = "lr_find.png"
             num_training: int = 100) -> float | None:
     """Lightning's learning-rate range test on stage `stage`; saves the plot to `out`."""
     config.validate()
+    if not 0 <= stage < len(config.stages):
+        raise ConfigError(f"stage {stage}: this config has stages 0..{len(config.stages) - 1}")
     samples = prepare_samples(config.data, config.seed)
     seed_everything(config.seed, workers=True)
     with tempfile.TemporaryDirectory() as tmp:
