@@ -91,7 +91,15 @@ def test_model_used_by_predict_logits_still_explains(trained_run, tiny_kaggle):
     heat = gradcam(model, paths, class_index=[1, 1, 0])
     assert heat.shape == (3, 64, 64)  # the run's input size
     np.testing.assert_allclose(gradcam(model, paths[0], class_index=1), heat[:1], atol=1e-5)
-    with pytest.raises(ValueError, match="2 class indices for 3 images"):
+    with pytest.raises(ValueError, match="2 classes to explain for 3 images"):
         gradcam(model, paths, class_index=[1, 0])
+    # a run folder and label names do as well as the model and indices
+    labels = model.spec.labels
+    by_name = gradcam(trained_run, paths, class_index=[labels[1], labels[1], labels[0]])
+    np.testing.assert_allclose(by_name, heat, atol=1e-5)
+    with pytest.raises(ValueError, match="no class 'pneumonia' to explain"):
+        gradcam(model, paths, class_index="pneumonia")
+    with pytest.raises(ValueError, match=r"shape \(64, 64\) is not a batch"):
+        gradcam(model, torch.rand(64, 64))
     image = overlay(np.full((80, 96), 128, np.uint8), heat[0])
     assert image.size == (96, 80) and image.mode == "RGB"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -52,7 +53,13 @@ class LogOddsTarget:
 def _as_batch(model: Classifier, images) -> torch.Tensor:
     """Paths -> the model's own preprocessing; a tensor [C,H,W] or [N,C,H,W] is taken as is."""
     if isinstance(images, torch.Tensor):
-        return images[None] if images.dim() == 3 else images
+        x = images[None] if images.dim() == 3 else images
+        if x.dim() != 4:
+            raise ValueError(f"a tensor of shape {tuple(images.shape)} is not a batch of "
+                             "prepared films: give [C, H, W] or [N, C, H, W] from "
+                             "eval_transform(model.spec), or the films themselves (paths, PIL "
+                             "images, arrays)")
+        return x
     spec, transform = model.spec, eval_transform(model.spec)
     return torch.stack([transform(load_prepared(p, spec.input_size, spec.equalize))
                         for p in film_list(images)])
@@ -96,25 +103,40 @@ def _predicted_classes(model: Classifier, x: torch.Tensor, batch_size: int) -> l
                 for c in model.eval()(x[start:start + batch_size].to(device)).argmax(1)]
 
 
-def gradcam(model: Classifier, images: Film | Sequence[Film] | torch.Tensor,
-            class_index: int | Sequence[int] | None = None,
+def _class_indices(labels: list[str], class_index, n: int) -> list[int | None]:
+    """One class (index or label) for all `n` images, or one per image; None: the predicted."""
+    given = [class_index] * n if class_index is None or isinstance(class_index, int | str) \
+        else list(class_index)
+    if len(given) != n:
+        raise ValueError(f"{len(given)} classes to explain for {n} images")
+    for c in given:
+        if isinstance(c, str) and c not in labels:
+            raise ValueError(f"no class {c!r} to explain: the model's classes are {labels}")
+    return [labels.index(c) if isinstance(c, str) else c for c in given]
+
+
+def gradcam(model: Classifier | str | Path, images: Film | Sequence[Film] | torch.Tensor,
+            class_index: int | str | Sequence[int | str] | None = None,
             target_layer: torch.nn.Module | None = None,
             batch_size: int = DEFAULT_BATCH) -> np.ndarray:
-    """Grad-CAM heatmaps [N, H, W] in [0, 1] at the input size, one per image.
+    """Grad-CAM heatmaps [N, H, W] in [0, 1] at the input size, one per image:
 
-    `class_index`: the class to explain, one for all or one per image; None
-    explains each image's predicted class. `target_layer` defaults to
-    `model.gradcam_layer()`. One map per image given, in order: an unreadable file raises
-    `UnreadableImageError` naming it (`predict` skips such files; explain the readable ones).
+        maps = gradcam("runs/quick", ["a.jpeg", "b.jpeg"], class_index="PNEUMONIA")
+
+    `model`: a loaded model or a run folder. `class_index`: the class to explain (an index
+    or a label), one for all or one per image; None explains each image's predicted class.
+    `target_layer` defaults to `model.gradcam_layer()`. One map per image given, in order:
+    an unreadable file raises `UnreadableImageError` naming it (`predict` skips such files;
+    explain the readable ones).
     """
+    if isinstance(model, str | Path):
+        from cxrkit.runs import load_model
+
+        model = load_model(model)
     x_all = _as_batch(model, images)
     n = len(x_all)
-    if class_index is None or isinstance(class_index, int):
-        classes = [class_index] * n
-    else:
-        classes = list(class_index)
-        if len(classes) != n:
-            raise ValueError(f"{len(classes)} class indices for {n} images")
+    classes = _class_indices(model.spec.labels if hasattr(model, "spec") else [],
+                             class_index, n)
     if None in classes:
         predicted = _predicted_classes(model, x_all, batch_size)
         classes = [p if c is None else c for c, p in zip(classes, predicted, strict=True)]
