@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from cxrkit.config import ConfigError
+from cxrkit.config import ConfigError, TrainConfig
 from cxrkit.models import OFFLINE_MODELS, create_model, imagenet_model
 from cxrkit.runs import load_model, save_model
 
@@ -77,6 +77,21 @@ def test_unknown_names_are_rejected_clearly():
         create_model("resnet9000")
     with pytest.raises(ValueError, match="timm has no model"):
         create_model("timm:not_a_model_at_all", pretrained=False)
+
+
+@pytest.mark.parametrize(("name", "suggestion"), [
+    ("efficientnet-lite0", r"did you mean efficientnet_lite0\?"),
+    ("resnet18", "timm has it: timm:resnet18"),
+    ("timm:resnet1", "did you mean timm:resnet1"),
+])
+def test_a_near_miss_names_the_model_meant(name, suggestion):
+    with pytest.raises(ValueError, match=suggestion):
+        create_model(name, pretrained=False)
+
+
+def test_a_config_naming_no_model_fails_before_any_data_is_read():
+    with pytest.raises(ConfigError, match=r"model.ensemble_with.0: .*efficientnet_lite2"):
+        TrainConfig.preset("quick", overrides={"model.ensemble_with": ["efficientnet_lite3"]})
 
 
 def test_weights_file_safetensors_and_state_dict(tmp_path):

@@ -239,6 +239,15 @@ class TrainConfig:
         return TrainConfig.from_dict(values)
 
     def validate(self) -> None:
+        from cxrkit.models import check_model_name  # torch and timm: imported when needed
+
+        for key, name in (("model.name", self.model.name),
+                          *((f"model.ensemble_with.{i}", n)
+                            for i, n in enumerate(self.model.ensemble_with))):
+            try:
+                check_model_name(name)
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}") from None
         _check_choice("data.task", self.data.task, TASKS)
         _check_choice("model.norm_stats", self.model.norm_stats, NORM_STATS)
         _check_choice("optim.optimizer", self.optim.optimizer, OPTIMIZERS)

@@ -13,6 +13,7 @@ has to remember them. Names:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from difflib import get_close_matches
 from pathlib import Path
 
 import timm
@@ -86,15 +87,30 @@ class Classifier(nn.Module):
 
 
 def list_models() -> list[str]:
-    return [*OFFLINE_MODELS, "timm:<name>"]
+    """The models that work offline; any timm architecture also works as `timm:<name>`
+    (`timm.list_models()`), with its pretrained weights where the hub can be reached."""
+    return list(OFFLINE_MODELS)
+
+
+def check_model_name(name: str) -> None:
+    """Raise a ValueError that suggests the names meant, for a name no model has."""
+    if name in OFFLINE_MODELS or (name.startswith("timm:") and name[5:] in timm.list_models()):
+        return
+    if name.startswith("timm:"):
+        close = get_close_matches(name[5:], timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
+        raise ValueError(f"timm has no model {name[5:]!r}{hint} (see timm.list_models())")
+    close = get_close_matches(name, OFFLINE_MODELS, n=1)
+    hint = (f" (did you mean {close[0]}?)" if close
+            else f" (timm has it: timm:{name})" if name in timm.list_models() else "")
+    raise ValueError(f"unknown model {name!r}{hint}; choose one of {', '.join(OFFLINE_MODELS)}"
+                     ", or timm:<name> for any timm model")
 
 
 def _timm_backbone(arch: str, pretrained: bool) -> nn.Module:
     try:
         return timm.create_model(arch, pretrained=pretrained, num_classes=0)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise ValueError(f"timm has no model {arch!r}; see timm.list_models()") from e
+    except RuntimeError:  # not a download problem (unknown names are checked before)
         raise
     except Exception as e:  # no network, hub down, gated model, ...
         raise ConfigError(
@@ -136,6 +152,7 @@ def create_model(
     dropout: float = 0.2,
 ) -> Classifier:
     """Build a classifier by name; `weights` (a file) overrides `pretrained`."""
+    check_model_name(name)
     labels = list(labels or [])
     if labels and len(labels) != num_classes:
         num_classes = len(labels)
@@ -155,8 +172,8 @@ def create_model(
         cfg = backbone.pretrained_cfg
         spec = ModelSpec(name, num_classes, cfg["input_size"][-1], 3, tuple(cfg["mean"]),
                          tuple(cfg["std"]), dropout, labels)
-    else:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
+    else:  # a name check_model_name accepts but no branch builds: a bug here, not the user's
+        raise AssertionError(f"create_model has no branch for {name!r}")
     model = Classifier(backbone, spec)
     if weights is not None:
         _load_weights_file(model, weights)
