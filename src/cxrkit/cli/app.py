@@ -7,6 +7,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from cxrkit.data.kaggle import KaggleDownloadError
+
 app = typer.Typer(
     name="cxr",
     help="cxrkit: chest X-ray classification from data to a deployable model.",
@@ -17,6 +19,13 @@ data_app = typer.Typer(help="Download, audit and split datasets.", no_args_is_he
 app.add_typer(data_app, name="data")
 
 console = Console(stderr=True)
+
+# The API's errors for a user's mistake, each saying the fix: printed as one line, no traceback.
+# (KaggleDownloadError is a RuntimeError; DataLayoutError, ConfigError and UnreadableImageError
+# are ValueErrors.)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KaggleDownloadError)
+
+DATA_HELP = "`kaggle` (download or kagglehub cache), a dataset folder or a CSV manifest."
 
 
 def _print_version(asked: bool) -> None:

@@ -7,13 +7,12 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cxrkit.cli.app import console, data_app, fail
+from cxrkit.cli.app import DATA_HELP, USER_ERRORS, console, data_app, fail
 from cxrkit.data.audit import DEFAULT_NEAR_THRESHOLD, AuditResult, audit_dataset
 from cxrkit.data.kaggle import KAGGLE_VERSION, KaggleDownloadError, download_kaggle
-from cxrkit.data.layout import DataLayoutError, DataSource, load_source
+from cxrkit.data.layout import DataSource, load_source
 from cxrkit.data.split import patient_split, shared_patients, write_manifest
 
-DATA_HELP = "`kaggle` (download or kagglehub cache), a dataset folder or a CSV manifest."
 PATTERN_HELP = ("Regex whose `patient` group (or first group) is the patient id in a file name; "
                 "default: the Kermany names.")
 
@@ -85,7 +84,7 @@ def audit(
     """Counts, sizes, unreadable files, duplicates and patients, with an HTML report."""
     try:
         result = audit_dataset(data, out, patient_pattern, near_threshold, workers)
-    except (DataLayoutError, KaggleDownloadError, ValueError) as e:
+    except USER_ERRORS as e:
         fail(str(e))
     console.print(counts_table(f"{result.root} ({result.layout} layout)", result.classes,
                                result.counts, result.patients))
@@ -109,7 +108,7 @@ def split(
     try:
         source = load_source(data, patient_pattern)
         samples = patient_split(source.samples, val_fraction, seed)
-    except (DataLayoutError, KaggleDownloadError, ValueError) as e:
+    except USER_ERRORS as e:
         fail(str(e))
     write_manifest(samples, out)
     split_source = DataSource(source.root, source.layout, samples, source.classes)

@@ -12,12 +12,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cxrkit.cli.app import app, console, fail
-from cxrkit.data.kaggle import KaggleDownloadError
-from cxrkit.data.layout import DataLayoutError
+from cxrkit.cli.app import USER_ERRORS, app, console, fail
 
 SPEC_AT_97 = "Spec@97: the best specificity any threshold gives at 97% sensitivity"
-USER_ERRORS = (FileNotFoundError, ValueError, DataLayoutError, KaggleDownloadError)
 
 
 def _summary(metrics: dict) -> Table:

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import typer
 
-from cxrkit.cli.app import app, console, fail, route_lightning_logs
+from cxrkit.cli.app import DATA_HELP, USER_ERRORS, app, console, fail, route_lightning_logs
 from cxrkit.cli.evaluate import FRAMING_THRESHOLD
 from cxrkit.cli.train import (
     CONFIG,
     PRESET,
     SET,
-    USER_ERRORS,
+    TRAINING_ERRORS,
     build_config,
     interrupted,
     metrics_table,
@@ -22,8 +22,7 @@ from cxrkit.cli.train import (
 
 @app.command("run")
 def run_all(
-    data: str = typer.Argument("kaggle", help="`kaggle` (download or kagglehub cache), a "
-                               "dataset folder or a CSV manifest."),
+    data: str = typer.Argument("kaggle", help=DATA_HELP),
     preset: str = PRESET,
     config: Path | None = CONFIG,
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run folders go."),
@@ -56,7 +55,7 @@ def run_all(
         tested = evaluate_run(run, split="test", tta=tta, framing=framing,
                               framing_threshold=framing_threshold)
         report = build_report(run, split="test")
-    except USER_ERRORS as e:
+    except TRAINING_ERRORS as e:
         fail(str(e))
     except TrainingInterrupted as e:
         interrupted(e)
@@ -96,7 +95,7 @@ def adapt(
 
     try:
         folder = adapt_run(run, data, split, out, batch_size)
-    except (*USER_ERRORS, ValueError) as e:
+    except USER_ERRORS as e:
         fail(str(e))
     console.print(f"adapted {run} to {data}; evaluate it with `cxr evaluate {folder}`")
     typer.echo(folder)

@@ -15,16 +15,17 @@ import yaml
 from rich.markup import escape
 from rich.table import Table
 
-from cxrkit.cli.app import app, console, fail, route_lightning_logs
+from cxrkit.cli.app import DATA_HELP, app, console, fail, route_lightning_logs
 from cxrkit.config import PRESETS, ConfigError, TrainConfig, parse_assignments
 from cxrkit.data.kaggle import KaggleDownloadError
 from cxrkit.data.layout import DataLayoutError
 
-USER_ERRORS = (ConfigError, DataLayoutError, KaggleDownloadError, FileExistsError,
-               FileNotFoundError)
+# Narrower than the other commands' USER_ERRORS: a bare ValueError from deep inside a
+# training run is a bug, and keeps its traceback.
+TRAINING_ERRORS = (ConfigError, DataLayoutError, KaggleDownloadError, FileExistsError,
+                   FileNotFoundError)
 
-DATA = typer.Option(None, "--data", help="`kaggle` (download or kagglehub cache), a dataset "
-                    "folder or a CSV manifest.")
+DATA = typer.Option(None, "--data", help=DATA_HELP)
 PRESET = typer.Option("default", "--preset", help=f"One of {', '.join(PRESETS)}: quick (default's "
                       "recipe for one epoch at twice the learning rate, earliest layers "
                       "frozen, mixup: ~3.5 min on a CPU), default (the whole pretrained Lite0 "
@@ -171,7 +172,7 @@ def train(
                 "data.num_workers": num_workers, "data.cache": cache,
             }
             run = train_run(build_config(data, preset, config, options, set_))
-    except USER_ERRORS as e:
+    except TRAINING_ERRORS as e:
         fail(str(e))
     except TrainingInterrupted as e:
         interrupted(e)
@@ -214,7 +215,7 @@ def lr_find(
     try:
         cfg = build_config(data, preset, config, options, set_)
         suggestion = find_lr(cfg, stage, out, num_training)
-    except USER_ERRORS as e:
+    except TRAINING_ERRORS as e:
         fail(str(e))
     console.print(f"learning-rate plot: {out}")
     if suggestion is None:

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cxrkit.cli.app import app, console, fail
+from cxrkit.cli.app import USER_ERRORS, app, console, fail
 
 if TYPE_CHECKING:
     from cxrkit.predict import Prediction
@@ -75,7 +75,7 @@ def predict_command(
     start = time.perf_counter()
     try:
         predictions = predict(model, paths, backend, batch_size, threshold, cam)
-    except (FileNotFoundError, ValueError) as e:
+    except USER_ERRORS as e:
         fail(str(e))
     seconds = time.perf_counter() - start
     if any(p.ok for p in predictions):  # the result, on stdout: `cxr predict ... | grep`
@@ -111,7 +111,7 @@ def export_command(
 
     try:
         path = export_model(run, format, out, opset)
-    except (FileNotFoundError, ValueError) as e:
+    except USER_ERRORS as e:
         fail(str(e))
     console.print(f"exported {path}, with the preprocessing, labels, threshold and calibration "
                   f"in {path.parent / SIDECAR}")
@@ -135,7 +135,7 @@ def serve_command(
 
     try:
         web_app = create_app(model, backend, max_upload_mb)
-    except (FileNotFoundError, ValueError) as e:
+    except USER_ERRORS as e:
         fail(str(e))
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach this "
