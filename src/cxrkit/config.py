@@ -212,6 +212,8 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+        """A YAML file of config fields (all or some) on top of `base` (default: the plain
+        defaults); a run's config.yaml holds them all."""
         path = Path(path)
         try:
             values = yaml.safe_load(path.read_text()) or {}
@@ -225,6 +227,7 @@ class TrainConfig:
             raise ConfigError(f"{path}: {e}") from e
 
     def save(self, path: str | Path) -> Path:
+        """Every field, as YAML that `TrainConfig.load` reads back."""
         path = Path(path)
         path.write_text(yaml.safe_dump(to_dict(self), sort_keys=False))
         return path

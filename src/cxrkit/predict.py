@@ -238,7 +238,13 @@ def predict(model_path: str | Path, paths: Film | Iterable[Film],
             cam_dir: str | Path | None = None, num_workers: int = 0,
             device: str | None = None) -> list[Prediction]:
     """Predict every image among `paths` (files, folders, globs, or images in memory: PIL
-    images and arrays, named `<image i>`); see the module docstring."""
+    images and arrays, named `<image i>`), in order:
+
+        for p in predict("runs/quick", "films/"):
+            print(p.path, p.label, p.probabilities, p.error or p.warning or "")
+
+    `model_path`: a run folder or an ONNX export folder. An unreadable file is an entry with
+    `.error`, never an exception. See the module docstring for the rest."""
     predictor = Predictor.load(model_path, backend, device)
     given = film_list(paths)  # once: `paths` may be a generator
     films = collect_images(given)

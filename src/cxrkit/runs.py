@@ -64,6 +64,8 @@ class Calibration:
 
 
 def save_model(model: Classifier | Ensemble, folder: str | Path) -> Path:
+    """Weights (safetensors), model.json and labels.json into `folder`; `load_model` reads
+    them back."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -87,6 +89,7 @@ def model_folder(path: str | Path) -> Path:
 
 
 def load_spec(path: str | Path) -> ModelSpec:
+    """A run's ModelSpec (input size, mean, std, labels, ...) without loading its weights."""
     return ModelSpec.from_dict(json.loads((model_folder(path) / MODEL_SPEC).read_text()))
 
 
@@ -99,6 +102,8 @@ def load_model(path: str | Path) -> Classifier | Ensemble:
 
 
 def read_calibration(path: str | Path) -> Calibration:
+    """The deployed threshold and calibration of a run (calibration.json, written by
+    `evaluate_run`); a threshold of 0.5 and no calibration when it has none yet."""
     file = model_folder(path) / CALIBRATION
     if not file.is_file():
         return Calibration()
@@ -106,6 +111,7 @@ def read_calibration(path: str | Path) -> Calibration:
 
 
 def write_calibration(path: str | Path, calibration: Calibration) -> Path:
+    """Deploy `calibration`: `predict`, `serve` and `export` apply it from then on."""
     file = model_folder(path) / CALIBRATION
     file.write_text(json.dumps(calibration.to_dict(), indent=2))
     return file

@@ -140,6 +140,8 @@ def write_manifest(samples: list[Sample], path: str | Path) -> Path:
 
 
 def read_manifest(path: str | Path) -> list[Sample]:
+    """The samples of a manifest `write_manifest` wrote (columns path, label, split,
+    patient_id); `load_source` reads any manifest, with checks and friendlier errors."""
     with open(path, newline="") as f:
         rows = csv.DictReader(f)
         return [Sample(r["path"], r["label"], r["split"], r["patient_id"]) for r in rows]
