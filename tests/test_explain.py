@@ -103,3 +103,14 @@ def test_model_used_by_predict_logits_still_explains(trained_run, tiny_kaggle):
         gradcam(model, torch.rand(64, 64))
     image = overlay(np.full((80, 96), 128, np.uint8), heat[0])
     assert image.size == (96, 80) and image.mode == "RGB"
+
+
+def test_overlay_leaves_the_film_as_it_is_where_there_is_no_evidence():
+    """Opacity follows the heat: no tint over the anatomy the map says nothing about."""
+    film = np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (48, 1))
+    heat = np.zeros((48, 64), np.float32)
+    heat[10:20, 30:40] = 1.0
+    out = np.asarray(overlay(film, heat), np.int16)
+    gray = np.repeat(film[..., None], 3, axis=2).astype(np.int16)
+    assert np.abs(out[30:, :] - gray[30:, :]).max() <= 1  # far from the hot patch: untouched
+    assert np.abs(out[12:18, 32:38] - gray[12:18, 32:38]).max() > 60  # the patch: coloured

@@ -27,6 +27,7 @@ from cxrkit.data.transforms import eval_transform
 from cxrkit.models import Classifier
 
 DEFAULT_BATCH = 16
+CAM_COLORMAP = "inferno"  # perceptually ordered: brighter is more, unlike jet's rainbow
 
 
 class LogOddsTarget:
@@ -154,14 +155,18 @@ def gradcam(model: Classifier | str | Path, images: Film | Sequence[Film] | torc
     return np.concatenate(heatmaps).astype(np.float32)
 
 
-def overlay(image: Image.Image | np.ndarray, heatmap: np.ndarray, alpha: float = 0.4,
-            colormap: str = "jet") -> Image.Image:
-    """The heatmap, coloured, blended over the (grayscale or RGB) image at the image's size."""
+def overlay(image: Image.Image | np.ndarray, heatmap: np.ndarray, alpha: float = 0.6,
+            colormap: str = CAM_COLORMAP) -> Image.Image:
+    """The heatmap, coloured, blended over the (grayscale or RGB) image at the image's size.
+    Each pixel's opacity is `alpha` times its heat: where the map is 0 the film shows as it
+    is, not under a tint, so the anatomy stays readable beside the evidence."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     base = image.convert("RGB")
     heat = Image.fromarray(np.uint8(np.clip(heatmap, 0, 1) * 255)).resize(
         base.size, Image.Resampling.BILINEAR)
-    colored = matplotlib.colormaps[colormap](np.asarray(heat) / 255.0)[..., :3]
-    mixed = (1 - alpha) * np.asarray(base, np.float32) / 255 + alpha * colored
+    heat = np.asarray(heat, np.float32) / 255
+    colored = matplotlib.colormaps[colormap](heat)[..., :3]
+    opacity = alpha * heat[..., None]
+    mixed = (1 - opacity) * np.asarray(base, np.float32) / 255 + opacity * colored
     return Image.fromarray(np.uint8(np.clip(mixed, 0, 1) * 255))

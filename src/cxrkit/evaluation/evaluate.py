@@ -450,23 +450,27 @@ def write_predictions(path: Path, scored: Scored, probs: np.ndarray, predicted: 
     return path
 
 
-def _caption(sample: Sample, truth: str, prob_name: str, prob: float) -> str:
+def _caption(sample: Sample, truth: str, called: str, prob_name: str, prob: float) -> str:
+    """'IM-0001-0001.jpeg / true NORMAL, called PNEUMONIA / P(PNEUMONIA)=0.99'."""
     name = Path(sample.path).name
     name = name if len(name) <= 30 else name[:13] + "..." + name[-14:]
-    return f"{name}\ntrue {truth}, P({prob_name})={prob:.2f}"
+    return f"{name}\ntrue {truth}, called {called}\nP({prob_name})={prob:.2f}"
 
 
 def write_figures(out: Path, model: Classifier, scored: Scored, probs: np.ndarray,
                   metrics: dict, thresholds: dict[str, float], calibration: Calibration,
-                  seed: int = 0) -> None:
+                  seed: int = 0, where: str = "") -> None:
+    """The evaluation's figures; `where` names the films in each title ('test, 624 films')."""
     labels, y = model.spec.labels, scored.y
     positive = positive_index(labels) if len(labels) == 2 else None
     predicted = predicted_classes(probs, positive, calibration.threshold)
     counts = confusion_matrix(y, predicted, len(labels))
-    at = f"(threshold {calibration.threshold:.3f})" if positive is not None else ""
-    figures.confusion_figure(counts, labels, out / "confusion_matrix.png", at)
+    deployed = deployed_name(thresholds)
+    rule = (f"deployed threshold {calibration.threshold:.3f}" if positive is not None
+            else "most probable class")
+    figures.confusion_figure(counts, labels, out / "confusion_matrix.png", f"{where}, {rule}")
     figures.curves_figure(y, probs, labels, positive, metrics.get("operating_points", {}),
-                          out / "roc_pr.png")
+                          out / "roc_pr.png", deployed, where)
     def events(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(predicted probability, whether it happened), as the ECE counts them."""
         if positive is None:
@@ -475,8 +479,9 @@ def write_figures(out: Path, model: Classifier, scored: Scored, probs: np.ndarra
 
     what = "confidence (top class)" if positive is None else f"P({labels[positive]})"
     figures.reliability_figure(events(softmax(scored.logits, 1.0)), events(probs),
-                               calibration.describe(), what, out / "reliability.png")
-    figures.histograms_figure(y, probs, labels, positive, thresholds, out / "histograms.png")
+                               calibration.describe(), what, out / "reliability.png", where)
+    figures.histograms_figure(y, probs, labels, positive, thresholds, out / "histograms.png",
+                              deployed, where)
 
     # The model's own view of each film (resized, as it saw it) for the image grids.
     wrong = np.flatnonzero(predicted != y)
@@ -492,12 +497,16 @@ def write_figures(out: Path, model: Classifier, scored: Scored, probs: np.ndarra
                                              spec.equalize)[0].numpy())
 
     def captions(indices) -> list[str]:
-        return [_caption(scored.samples[i], labels[y[i]], labels[predicted[i]],
-                         confidence[i]) for i in indices]
+        """The positive class's probability where there is one (beside the threshold),
+        else the called class's."""
+        shown = [positive if positive is not None else predicted[i] for i in indices]
+        return [_caption(scored.samples[i], labels[y[i]], labels[predicted[i]], labels[c],
+                         probs[i, c]) for i, c in zip(indices, shown, strict=True)]
 
     if len(worst):
         figures.image_grid([film(i) for i in worst], captions(worst),
-                           "Most confident mistakes", out / "worst_errors.png")
+                           f"The {len(worst)} most confident of {len(wrong)} mistakes "
+                           f"({where}, {rule})", out / "worst_errors.png")
     for name, indices in (("errors", worst[:GRADCAM_IMAGES]), ("correct", correct)):
         if not len(indices):
             continue
@@ -505,10 +514,14 @@ def write_figures(out: Path, model: Classifier, scored: Scored, probs: np.ndarra
         heatmaps = gradcam(model, paths, class_index=[int(predicted[i]) for i in indices])
         images = [overlay(film(i), h) for i, h in zip(indices, heatmaps, strict=True)]
         # An all-zero map is an answer too: nothing in the film raised the predicted class.
-        notes = [c + (" (no evidence)" if h.max() == 0 else "")
-                 for c, h in zip(captions(indices), heatmaps, strict=True)]
+        notes = [f"{c}\nmap: for {labels[predicted[i]]}" + (" (no evidence)" if h.max() == 0
+                                                              else "")
+                 for i, c, h in zip(indices, captions(indices), heatmaps, strict=True)]
         figures.image_grid(images, notes,
-                           f"Grad-CAM of the predicted class: {name}", out / f"gradcam_{name}.png")
+                           f"Grad-CAM of the called class, {name} ({where})",
+                           out / f"gradcam_{name}.png",
+                           colorbar="evidence for the called class, relative to the film's "
+                                    "strongest")
 
 
 # ---- the whole evaluation --------------------------------------------------------------------
@@ -674,6 +687,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     write_predictions(out / "predictions.csv", scored, probs, predicted, labels, tta_probs)
     (out / "metrics.json").write_text(json.dumps(report, indent=2, allow_nan=False))
     if make_figures:
-        write_figures(out, model, scored, probs, metrics, thresholds, calibration, seed)
+        where = f"{name}, {len(scored.y)} films"
+        write_figures(out, model, scored, probs, metrics, thresholds, calibration, seed, where)
     log.info("wrote %s", out)
     return out

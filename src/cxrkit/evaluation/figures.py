@@ -6,14 +6,27 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 from PIL import Image
 
-from cxrkit.evaluation.calibration import reliability_curve
+from cxrkit.evaluation.calibration import expected_calibration_error, reliability_curve
 from cxrkit.evaluation.metrics import ranked_counts, rates
+from cxrkit.explain import CAM_COLORMAP
 
 DPI = 110
-MARKERS = {"default_0.5": "o", "validation": "s", "target_sensitivity": "^"}
+MARKERS = {"default_0.5": ("o", "tab:gray"), "validation": ("s", "tab:red"),
+           "validation_framing": ("D", "tab:purple"), "target_sensitivity": ("^", "tab:green")}
+# How the operating points read in a legend; all were chosen before the films plotted.
+POINT_NAMES = {"default_0.5": "fixed 0.5", "validation": "Youden's J",
+               "validation_framing": "Youden's J, framing-robust",
+               "target_sensitivity": "sensitivity target"}
+
+
+def point_label(name: str, threshold: float, deployed: str | None) -> str:
+    """'Youden's J, t=0.156 (deployed)': the legend entry of an operating point."""
+    label = f"{POINT_NAMES.get(name, name)}, t={threshold:.3f}"
+    return f"{label} (deployed)" if name == deployed else label
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -23,12 +36,13 @@ def _save(fig: Figure, path: Path) -> Path:
 
 def confusion_figure(counts: np.ndarray, labels: Sequence[str], path: Path,
                      subtitle: str = "") -> Path:
-    """Counts and row-normalised rates (each row: how one true class was called)."""
-    fig = Figure(figsize=(9, 4), layout="constrained")
+    """Counts and row-normalised rates (each row: how one true class was called); both
+    shaded by the rate."""
+    fig = Figure(figsize=(7, 3.4), layout="constrained")
     rows = counts.sum(1, keepdims=True)
     normalised = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
     for ax, values, title, fmt in zip(fig.subplots(1, 2), (counts, normalised),
-                                      ("counts", "fraction of each true class"), ("d", ".2f"),
+                                      ("films", "fraction of each true class"), ("d", ".2f"),
                                       strict=True):
         ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
         for (i, j), v in np.ndenumerate(values):
@@ -41,9 +55,11 @@ def confusion_figure(counts: np.ndarray, labels: Sequence[str], path: Path,
 
 
 def curves_figure(y: np.ndarray, probs: np.ndarray, labels: Sequence[str],
-                  positive: int | None, operating_points: dict[str, dict], path: Path) -> Path:
-    """ROC and precision-recall curves (one-vs-rest per class when multi-class),
-    with the binary operating points marked."""
+                  positive: int | None, operating_points: dict[str, dict], path: Path,
+                  deployed: str | None = None, where: str = "") -> Path:
+    """ROC and precision-recall curves (one-vs-rest per class when multi-class), each with
+    its area, the PR panel with each class's prevalence (a classifier without skill), and
+    the binary operating points marked. `where`: the films, e.g. 'test split, 624 films'."""
     fig = Figure(figsize=(10, 4.5), layout="constrained")
     roc_ax, pr_ax = fig.subplots(1, 2)
     classes = [positive] if positive is not None else range(len(labels))
@@ -53,70 +69,92 @@ def curves_figure(y: np.ndarray, probs: np.ndarray, labels: Sequence[str],
         tpr, fpr, _ = rates(is_c, p, ones)
         pos, neg, _ = ranked_counts(is_c, p, ones)
         tp, fp = pos.cumsum(1)[0], neg.cumsum(1)[0]
-        name = labels[c]
-        roc_ax.plot(fpr[0], tpr[0], label=name)
-        pr_ax.step(tp / max(tp[-1], 1), tp / (tp + fp), where="post", label=name)
+        recall, precision = tp / max(tp[-1], 1), tp / np.maximum(tp + fp, 1)
+        auc = np.trapezoid(tpr[0], fpr[0])
+        average_precision = np.sum(np.diff(recall, prepend=0) * precision)
+        line, = roc_ax.plot(fpr[0], tpr[0], label=f"{labels[c]}: AUC {auc:.3f}")
+        pr_ax.step(recall, precision, where="post", color=line.get_color(),
+                   label=f"{labels[c]}: AP {average_precision:.3f}")
+        pr_ax.axhline(is_c.mean(), ls=":", color=line.get_color(),
+                      label=f"prevalence {is_c.mean():.2f}")
     for name, point in operating_points.items():
         sens, spec, ppv = (point[k]["value"] for k in ("sensitivity", "specificity", "ppv"))
         if None in (sens, spec, ppv):
             continue
-        label = f"{name} (t={point['threshold']:.3f})"
-        roc_ax.plot(1 - spec, sens, MARKERS.get(name, "x"), ms=8, label=label)
-        pr_ax.plot(sens, ppv, MARKERS.get(name, "x"), ms=8, label=label)
+        label = point_label(name, point["threshold"], deployed)
+        marker, color = MARKERS.get(name, ("x", "black"))
+        roc_ax.plot(1 - spec, sens, marker, color=color, ms=8, label=label)
+        pr_ax.plot(sens, ppv, marker, color=color, ms=8, label=label)
     roc_ax.plot([0, 1], [0, 1], ":", color="gray")
     roc_ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC", xlim=(0, 1),
-               ylim=(0, 1.02))
+               ylim=(0, 1.02), aspect="equal")
     pr_ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="Precision-recall",
               xlim=(0, 1), ylim=(0, 1.02))
     for ax in (roc_ax, pr_ax):
         ax.legend(loc="lower right" if ax is roc_ax else "lower left", fontsize=8)
         ax.grid(alpha=0.3)
+    if where:
+        fig.suptitle(where)
     return _save(fig, path)
 
 
 def reliability_figure(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, np.ndarray],
-                       calibration: str, what: str, path: Path) -> Path:
+                       calibration: str, what: str, path: Path, where: str = "") -> Path:
     """Observed frequency against predicted probability, before and after calibration
-    (`calibration` names it in the legend, e.g. 'T=1.23').
+    (`calibration` names it in the legend, e.g. 'T=1.23'), each with its ECE on these films;
+    a marker's area is its bin's share of the films (a bin of three films swings freely).
 
     `before`/`after`: (confidence, outcome) pairs, as for `expected_calibration_error`."""
     fig = Figure(figsize=(10, 4.5), layout="constrained")
     curve_ax, hist_ax = fig.subplots(1, 2)
     curve_ax.plot([0, 1], [0, 1], ":", color="gray", label="perfect calibration")
     for (conf, outcome), name in ((before, "before"), (after, f"after ({calibration})")):
-        mean_conf, freq, _ = reliability_curve(conf, outcome)
-        curve_ax.plot(mean_conf, freq, "o-", label=name)
-        hist_ax.hist(conf, bins=20, range=(0, 1), alpha=0.5, label=name)
+        mean_conf, freq, counts = reliability_curve(conf, outcome)
+        ece = expected_calibration_error(conf, outcome)[0]
+        line, = curve_ax.plot(mean_conf, freq, "-", label=f"{name}: ECE {ece:.3f}")
+        curve_ax.scatter(mean_conf, freq, s=8 + 400 * counts / counts.sum(),
+                         color=line.get_color(), zorder=3)
+        hist_ax.hist(conf, bins=20, range=(0, 1), histtype="step", lw=1.5, label=name)
     curve_ax.set(xlabel=f"predicted {what}", ylabel="observed frequency", xlim=(0, 1),
-                 ylim=(0, 1), title="Reliability diagram")
-    hist_ax.set(xlabel=f"predicted {what}", ylabel="images", title="Distribution")
+                 ylim=(0, 1), title="Reliability diagram (marker area: films in the bin)")
+    hist_ax.set(xlabel=f"predicted {what}", ylabel="films (log scale)", yscale="log",
+                title="Distribution")
     for ax in (curve_ax, hist_ax):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+    if where:
+        fig.suptitle(where)
     return _save(fig, path)
 
 
 def histograms_figure(y: np.ndarray, probs: np.ndarray, labels: Sequence[str],
-                      positive: int | None, thresholds: dict[str, float], path: Path) -> Path:
-    """Per class of interest: its predicted probability, split by the true class."""
+                      positive: int | None, thresholds: dict[str, float], path: Path,
+                      deployed: str | None = None, where: str = "") -> Path:
+    """Per class of interest: its predicted (calibrated) probability, split by the true
+    class, on a log scale so that the few films between the peaks, where the errors are,
+    stay visible."""
     classes = [positive] if positive is not None else list(range(len(labels)))
     fig = Figure(figsize=(5.5 * len(classes), 4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(classes)))
     for ax, c in zip(axes, classes, strict=True):
         for true in range(len(labels)):
-            ax.hist(probs[y == true, c], bins=25, range=(0, 1), alpha=0.55,
+            ax.hist(probs[y == true, c], bins=25, range=(0, 1), histtype="step", lw=1.5,
                     label=f"true {labels[true]} (n={int((y == true).sum())})")
         for name, t in thresholds.items():
-            ax.axvline(t, ls="--", color="black" if name == "validation" else "gray",
-                       label=f"{name} threshold {t:.3f}")
-        ax.set(xlabel=f"P({labels[c]})", ylabel="images", title=f"P({labels[c]}) by true class")
+            ax.axvline(t, ls="--", color="black" if name == deployed else "gray",
+                       label=point_label(name, t, deployed))
+        ax.set(xlabel=f"calibrated P({labels[c]})", ylabel="films (log scale)", yscale="log",
+               title=f"P({labels[c]}) by true class")
         ax.legend(fontsize=8, loc="upper center")
+    if where:
+        fig.suptitle(where)
     return _save(fig, path)
 
 
 def image_grid(images: Sequence[Image.Image], captions: Sequence[str], title: str, path: Path,
-               columns: int = 4) -> Path:
-    """Images in a grid, each with a small caption (file name, truth, probability)."""
+               columns: int = 4, colorbar: str | None = None) -> Path:
+    """Images in a grid, each with a small caption (file name, truth, probability);
+    `colorbar`: the label of a Grad-CAM colour key beside the grid."""
     rows = max(1, -(-len(images) // columns))
     # ~2.6 inches at DPI: about the 224-256 px the films were seen at, no larger
     fig = Figure(figsize=(2.6 * columns, 3.0 * rows), layout="constrained")
@@ -126,5 +164,8 @@ def image_grid(images: Sequence[Image.Image], captions: Sequence[str], title: st
     for ax, image, caption in zip(axes, images, captions, strict=False):
         ax.imshow(image, cmap="gray" if image.mode == "L" else None)
         ax.set_title(caption, fontsize=8)
+    if colorbar:
+        fig.colorbar(ScalarMappable(cmap=CAM_COLORMAP), ax=axes.tolist(), shrink=0.6,
+                     label=colorbar)
     fig.suptitle(title)
     return _save(fig, path)
