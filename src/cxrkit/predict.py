@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
 from cxrkit.data.io import Film, film_list, film_name, read_image
 from cxrkit.data.layout import images_under
@@ -228,8 +229,35 @@ class Predictor:
                 n += 1
                 name = f"{Path(p.path).stem}_{n}_cam.png"
             taken.add(name)
-            image.save(folder / name)
+            lines = self.cam_caption(p)
+            info = PngInfo()
+            info.add_text("Description", "; ".join(lines))
+            with_caption(image, lines).save(folder / name, pnginfo=info)
             p.cam = str(folder / name)
+
+    def cam_caption(self, p: Prediction) -> list[str]:
+        """['map: evidence for PNEUMONIA', 'P(PNEUMONIA)=0.99, threshold 0.156']: what a saved
+        overlay shows, once it is apart from its CSV row (the map explains the called label)."""
+        shown = positive_label(self.labels) or p.label
+        rule = f", threshold {p.threshold:.3f}" if p.threshold is not None else ""
+        return [f"map: evidence for {p.label}", f"P({shown})={p.probabilities[shown]:.2f}{rule}"]
+
+
+def with_caption(image: Image.Image, lines: list[str]) -> Image.Image:
+    """`image` with a strip of text lines below it; the film keeps its pixels and its place
+    (the top-left `image.size`), so the overlay stays registered to it."""
+    size = max(10, image.height // 28)
+    font = ImageFont.load_default(size=size)
+    while max(font.getlength(t) for t in lines) > image.width - 8 and size > 8:  # narrow films
+        size -= 1
+        font = ImageFont.load_default(size=size)
+    line_height = size + size // 3
+    out = Image.new("RGB", (image.width, image.height + line_height * len(lines) + 4), "black")
+    out.paste(image, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for i, text in enumerate(lines):
+        draw.text((4, image.height + 2 + i * line_height), text, fill="white", font=font)
+    return out
 
 
 def predict(model_path: str | Path, paths: Film | Iterable[Film],
