@@ -100,6 +100,18 @@ def test_run_folder_holds_every_artifact(two_stage_run):
     assert json.loads((run / "labels.json").read_text()) == ["NORMAL", "PNEUMONIA"]
 
 
+def test_best_epoch_names_the_epoch_whose_weights_were_kept(two_stage_run):
+    """val_metrics.json's best_epoch (from 1, within best_stage) is the first epoch with the
+    lowest val_loss in metrics.csv: the training curves mark it, the CLI and report print it."""
+    chosen = json.loads((two_stage_run / "val_metrics.json").read_text())
+    losses = [(float(r["val_loss"]), int(r["epoch"]))
+              for r in read_rows(two_stage_run / "metrics.csv")
+              if r["stage"] == chosen["best_stage"] and r["val_loss"]]
+    assert len(losses) >= 2
+    assert chosen["best_epoch"] == min(losses)[1] + 1
+    assert chosen["loss"] == pytest.approx(min(losses)[0], rel=1e-4)
+
+
 def test_split_is_grouped_by_patient_and_keeps_test_apart(two_stage_run):
     samples = read_manifest(two_stage_run / "split.csv")
     assert shared_patients(samples, "train", "val") == set()

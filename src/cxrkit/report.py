@@ -477,6 +477,14 @@ def variant_tables(m: dict) -> list[dict]:
     return tables
 
 
+def _training_curves(run: Path) -> Path:
+    """RUN/training_curves.png drawn again from metrics.csv, so that a run trained by an
+    older cxrkit shows today's figure (its caption describes it); as it is without one."""
+    from cxrkit.training.curves import CURVES_PNG, METRICS_CSV, plot_curves
+
+    return plot_curves(run) if (run / METRICS_CSV).is_file() else run / CURVES_PNG
+
+
 def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = True) -> Path:
     """Write RUN/report.html (evaluating RUN's `split` first if it has no evaluation yet)."""
     run = model_folder(run).resolve()
@@ -504,7 +512,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
         run_name=run.name, run_path=str(run), spec=spec, version=__version__,
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         audit=_find_audit(run, _data_path(config)), split=_split_summary(run),
-        curves=_b64_png(run / "training_curves.png"),
+        curves=_b64_png(_training_curves(run)),
         members=val_metrics.get("members", []),
         val_metrics={k: round(v, 4) if isinstance(v, float) else v
                      for k, v in val_metrics.items() if not isinstance(v, dict | list)},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import matplotlib
@@ -63,10 +64,21 @@ def step_losses(rows: list[dict[str, str]]) -> tuple[list[float], list[float]]:
     return [(s + 1) / steps_per_epoch for s, _ in steps], [loss for _, loss in steps]
 
 
+def _best(run: Path) -> tuple[str, int] | None:
+    """(stage, 1-based epoch) of the checkpoint training kept, from val_metrics.json."""
+    path = run / "val_metrics.json"
+    if not path.is_file():
+        return None
+    chosen = json.loads(path.read_text())
+    stage, epoch = chosen.get("best_stage"), chosen.get("best_epoch")
+    return (stage, epoch) if stage and epoch else None
+
+
 def plot_curves(run: Path) -> Path:
     """Loss (train per logged step and per epoch, val per epoch) and validation ROC-AUC /
-    accuracy per epoch, stages marked."""
+    accuracy per epoch, stages marked, and the epoch whose weights were kept."""
     rows = _read_rows(run / METRICS_CSV)
+    best = _best(run)
     stages = list(dict.fromkeys(r["stage"] for r in rows))
     fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(11, 4))
     offset = 0
@@ -76,7 +88,7 @@ def plot_curves(run: Path) -> Path:
             (ax_loss, "train_loss_epoch", "train loss", "tab:blue"),
             (ax_loss, "val_loss", "val loss", "tab:orange"),
             (ax_score, "val_roc_auc", "val ROC-AUC", "tab:green"),
-            (ax_score, "val_accuracy", "val accuracy", "tab:purple"),
+            (ax_score, "val_accuracy", "val accuracy at P=0.5", "tab:purple"),
         ]
         x, loss = step_losses(stage_rows)
         ax_loss.plot([offset + v for v in x], loss, "-", color="tab:blue", alpha=0.3,
@@ -92,17 +104,26 @@ def plot_curves(run: Path) -> Path:
         if i > 0:
             for ax in (ax_loss, ax_score):
                 ax.axvline(offset, color="gray", linestyle="--", linewidth=1)  # its start
-                ax.text(offset + 0.1, 0.98, stage, transform=ax.get_xaxis_transform(),
-                        va="top", fontsize=8, color="gray")
+                ax.text(offset + 0.1, 1.01, stage, transform=ax.get_xaxis_transform(),
+                        va="bottom", fontsize=8, color="gray", clip_on=False)
+        if best and best[0] == stage:
+            for ax in (ax_loss, ax_score):
+                ax.axvline(offset + best[1], color="black", linewidth=1, alpha=0.6,
+                           label="weights kept" if ax is ax_score else None)
         offset += last_epoch
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
-    ax_score.set(xlabel="epoch", ylabel="score", title="Validation", ylim=(0, 1.02))
+    # From the lowest point, not from 0: a ROC-AUC rising from 0.96 to 0.997 would be a flat
+    # line at the top.
+    low = min([v for line in ax_score.get_lines() if line.get_marker() == "o"  # not vlines
+               for v in line.get_ydata()] or [0.0])
+    ax_score.set(xlabel="epoch", ylabel="validation metric", title="Validation",
+                 ylim=(max(0.0, low - 0.02), 1.005))
     for ax in (ax_loss, ax_score):
         ax.grid(alpha=0.3)
         ax.set_xlim(0, max(offset, 1) + 0.1)  # from the start: the first epoch ends at 1
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(loc="best", fontsize=8)
-    fig.suptitle(f"{run.name}: stages {' -> '.join(stages)}", fontsize=10)
+    fig.suptitle(f"{run.name}: {len(stages)} stage(s), {' -> '.join(stages)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(run / CURVES_PNG, dpi=110)
     plt.close(fig)
