@@ -54,3 +54,27 @@ def test_the_cli_starts_without_loading_pytorch():
                             check=True).stdout.strip()
     assert loaded == "[]"
     assert "evaluate" in CliRunner().invoke(app, ["--help"]).stdout  # and the commands are there
+
+
+def test_every_option_reads_in_full_in_an_80_column_help():
+    """An option name cut to `--framing-thresho…` cannot be copied from the help."""
+    import typer.main
+
+    root = typer.main.get_command(app)
+
+    def commands(group, prefix=()):
+        for name, command in group.commands.items():
+            if hasattr(command, "commands"):
+                yield from commands(command, (*prefix, name))
+            else:
+                yield (*prefix, name), command
+
+    checked = 0
+    for path, command in commands(root):
+        result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "80"}, color=False)
+        assert result.exit_code == 0, result.output
+        assert "…" not in result.output, path
+        for option in (o for p in command.params for o in p.opts if o.startswith("--")):
+            assert option in result.output, (path, option)
+            checked += 1
+    assert checked > 50

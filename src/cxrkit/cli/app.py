@@ -14,6 +14,9 @@ app = typer.Typer(
     help="cxrkit: chest X-ray classification from data to a deployable model.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    # Click's plain help: Rich's boxed tables cut long option names (--framing-thresho…) at
+    # 80 columns, and an option you cannot read you cannot copy.
+    rich_markup_mode=None,
 )
 data_app = typer.Typer(help="Download, audit and split datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")

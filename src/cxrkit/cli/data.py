@@ -81,7 +81,8 @@ def audit(
         help="Near duplicates: at most this many of the 256 perceptual-hash bits differ."),
     workers: int | None = typer.Option(None, "--workers", help="Processes; default: all cores."),
 ) -> None:
-    """Counts, sizes, unreadable files, duplicates and patients, with an HTML report."""
+    """Counts, sizes, unreadable files, duplicates and patients, with an HTML report and
+    figures (class balance, sample films, sizes, intensity histograms, augmentations)."""
     try:
         result = audit_dataset(data, out, patient_pattern, near_threshold, workers)
     except USER_ERRORS as e:

@@ -81,7 +81,9 @@ def evaluate_command(
     workers: int = typer.Option(0, "--workers", min=0, help="Image loading processes."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, mps; default: best."),
     figures: bool = typer.Option(True, "--figures/--no-figures",
-                                 help="Write the PNG figures (curves, errors, Grad-CAM)."),
+                                 help="Write the PNG figures: ROC/PR curves, confusion "
+                                 "matrix, reliability diagram, probability histograms, "
+                                 "worst mistakes, Grad-CAM grids."),
     reset_calibration: bool = typer.Option(
         False, "--reset-calibration", help="Choose the operating point afresh (Youden's J on "
         "the run's validation split). Without it, and without --target-sensitivity, "
