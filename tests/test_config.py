@@ -100,6 +100,17 @@ def test_set_assignments_are_parsed_as_yaml():
     ({"model.input_size": 8}, r"model.input_size must be >= 32 or null"),
     ({"data.max_train_images": 0}, r"data.max_train_images must be >= 1 or null"),
     ({"stages.1.lr_decay": 0}, r"stages.1 needs lr_decay in \(0, 1\]"),
+    # each of these crashed mid-run with a traceback, or silently disabled resuming
+    ({"trainer.checkpoint_every_n_steps": 0}, r"checkpoint_every_n_steps must be >= 1"),
+    ({"trainer.accumulate_grad_batches": 0}, r"accumulate_grad_batches must be >= 1"),
+    ({"trainer.log_every_n_steps": 0}, r"log_every_n_steps must be >= 1"),
+    ({"trainer.early_stopping_patience": -1}, r"early_stopping_patience must be >= 0 or null"),
+    ({"trainer.gradient_clip_val": -1}, r"gradient_clip_val must be > 0 or null"),
+    ({"trainer.devices": "abc"}, r"trainer.devices must be auto or a count >= 1, got abc"),
+    ({"trainer.precision": "17"}, r"trainer.precision must be one of auto, 32"),
+    ({"data.num_workers": -1}, r"data.num_workers must be >= 0 or null"),
+    ({"seed": -1}, r"seed must be in \[0, 2\*\*32\)"),
+    ({"stages.0.epochs": 0}, r"stages.0 needs epochs >= 1 and lr > 0, got 0 and"),
 ])
 def test_bad_overrides_say_what_is_wrong(overrides, message):
     with pytest.raises(ConfigError, match=message):

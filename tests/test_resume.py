@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from typer.testing import CliRunner
 
 from cxrkit.cli import app
@@ -129,3 +130,91 @@ def test_sigterm_stops_with_exit_143_and_says_how_to_resume(tiny_kaggle, tmp_pat
     assert process.returncode == 143, stderr[-3000:]
     assert "".join(f"cxr train --resume {run}".split()) in "".join(stderr.split())
     assert not (run / "model.safetensors").exists() and stdout == ""
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_previous_one_whole(tmp_path):
+    """Written beside and renamed over: a crash mid-write (here: something torch.save cannot
+    pickle, raised half way) must not truncate the last good checkpoint."""
+    from cxrkit.training.callbacks import AtomicCheckpointIO
+
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 3, "w": torch.ones(1000)}, path)
+    with pytest.raises(Exception):  # noqa: B017 (pickle's error type is not the point)
+        io.save_checkpoint({"global_step": 4, "w": torch.ones(1000), "bad": lambda: 0}, path)
+    assert torch.load(path, weights_only=True)["global_step"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no partial file left
+
+
+def test_a_moved_run_folder_keeps_its_best_score(tmp_path):
+    """Lightning drops the restored best score when the folder's path changed; the next,
+    worse epoch would then replace best.ckpt."""
+    from cxrkit.config import TrainerConfig
+    from cxrkit.training.callbacks import best_checkpoint
+
+    old, new = tmp_path / "old" / "run", tmp_path / "new" / "run"
+    new.mkdir(parents=True)
+    state = {"monitor": "val_roc_auc", "best_model_score": torch.tensor(0.99),
+             "best_model_path": str(old / "best.ckpt"), "current_score": torch.tensor(0.99),
+             "dirpath": str(old), "best_k_models": {str(old / "best.ckpt"): torch.tensor(0.99)},
+             "kth_best_model_path": str(old / "best.ckpt"), "kth_value": torch.tensor(0.99),
+             "last_model_path": ""}
+    callback = best_checkpoint(new, TrainerConfig())
+    torch.save({"callbacks": {callback.state_key: state}}, new / "best.ckpt")
+    callback = best_checkpoint(new, TrainerConfig())
+    assert float(callback.best_model_score) == pytest.approx(0.99)
+    assert callback.best_model_path == str(new / "best.ckpt")
+    assert list(callback.best_k_models) == [str(new / "best.ckpt")]
+
+
+class StopAtStep(Callback):
+    """Ctrl+C, delivered at the end of training step `step` of stage `stage`."""
+
+    def __init__(self, stage: str, step: int):
+        self.stage, self.step = stage, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.stage.name == self.stage and trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupt_saves_where_it_stopped_and_a_changed_config_is_refused(
+        tiny_kaggle, tmp_path, monkeypatch):
+    """Ctrl+C mid-stage writes last.ckpt at that step (step checkpoints alone would lose up to
+    checkpoint_every_n_steps) with the logs flushed; resuming after config.yaml was edited
+    is refused (the restored schedule would crash at the end); a damaged last.ckpt says what
+    to delete."""
+    from cxrkit.config import ConfigError, DamagedCheckpointError, TrainConfig
+    from cxrkit.training import TrainingInterrupted, fit, train
+
+    config = TrainConfig.preset("scratch", data=str(tiny_kaggle), overrides={
+        "model.name": "simple_cnn", "model.pretrained": False, "model.input_size": 32,
+        "data.batch_size": 4, "data.num_workers": 0, "data.cache_dir": str(tmp_path / "cache"),
+        "trainer.progress_bar": False, "trainer.log_every_n_steps": 1,
+        "trainer.checkpoint_every_n_steps": 1000, "trainer.early_stopping_patience": None,
+        "stages.0.epochs": 2, "runs_dir": str(tmp_path / "runs"), "name": "stopped"})
+    make_callbacks = fit.make_callbacks
+    monkeypatch.setattr(fit, "make_callbacks", lambda *a, **k: [*make_callbacks(*a, **k),
+                                                                 StopAtStep("train", 13)])
+    with pytest.raises(TrainingInterrupted):
+        train(config)
+    monkeypatch.setattr(fit, "make_callbacks", make_callbacks)
+    run = tmp_path / "runs" / "stopped"
+    assert checkpoint(run / "last.ckpt")["global_step"] == 13
+    with open(next((run / "logs").rglob("metrics.csv")), newline="") as f:
+        assert any(r["val_loss"] for r in csv.DictReader(f))  # the first epoch's validation
+
+    original = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(original.replace("epochs: 2", "epochs: 3"))
+    with pytest.raises(ConfigError, match=r"changed since last.ckpt.*stage.epochs"):
+        train(resume=run)
+    (run / "config.yaml").write_text(original)
+
+    good = (run / "last.ckpt").read_bytes()
+    (run / "last.ckpt").write_bytes(b"")
+    with pytest.raises(DamagedCheckpointError, match="delete it and resume"):
+        train(resume=run)
+    (run / "last.ckpt").write_bytes(good)
+
+    train(resume=run)
+    assert json.loads((run / "stages.json").read_text())["train"]["global_step"] == 2 * 10

@@ -61,10 +61,19 @@ CLASS_WEIGHTS = ("auto", "balanced", "none")
 NORM_STATS = ("pretrained", "train")
 MONITORS = {"val_roc_auc": "max", "val_loss": "min", "val_accuracy": "max", "val_f1": "max"}
 PRESETS = ("quick", "default", "finetune", "scratch")
+# Lightning's precision names (and their short forms), and ours: auto.
+PRECISIONS = ("auto", "32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed",
+              "bf16-true", "64", "64-true", "transformer-engine", "transformer-engine-float16")
 
 
 class ConfigError(ValueError):
     """A config key or value that does not fit; the message names the key and the choices."""
+
+
+class DamagedCheckpointError(RuntimeError):
+    """A run's checkpoint that cannot be read (cut short by a crash); the message says what
+    to delete to go on. Here, beside ConfigError, so that the CLI can name it without
+    importing the training stack."""
 
 
 @dataclass
@@ -260,6 +269,7 @@ class TrainConfig:
         _check_choice("trainer.monitor", self.trainer.monitor, tuple(MONITORS))
         # Ranges checked here, before a run folder exists: PyTorch would only refuse them
         # mid-way, with a traceback, leaving a run that cannot be resumed.
+        t = self.trainer
         for name, value, ok, rule in (
             ("loss.mixup", self.loss.mixup, self.loss.mixup >= 0, ">= 0 (0: off, e.g. 0.2)"),
             ("loss.label_smoothing", self.loss.label_smoothing,
@@ -281,6 +291,25 @@ class TrainConfig:
             ("optim.weight_decay", self.optim.weight_decay, self.optim.weight_decay >= 0, ">= 0"),
             ("optim.warmup_fraction", self.optim.warmup_fraction,
              0 <= self.optim.warmup_fraction < 1, "in [0, 1)"),
+            ("data.num_workers", self.data.num_workers,
+             self.data.num_workers is None or self.data.num_workers >= 0,
+             ">= 0 or null (chosen for this machine)"),
+            ("seed", self.seed, 0 <= self.seed < 2**32, "in [0, 2**32)"),
+            ("trainer.num_nodes", t.num_nodes, t.num_nodes >= 1, ">= 1"),
+            ("trainer.devices", t.devices, t.devices == "auto" or t.devices.isdigit()
+             and int(t.devices) >= 1, "auto or a count >= 1"),
+            ("trainer.precision", t.precision, t.precision in PRECISIONS,
+             f"one of {', '.join(PRECISIONS)}"),
+            ("trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps,
+             t.checkpoint_every_n_steps >= 1, ">= 1 (last.ckpt every that many steps)"),
+            ("trainer.log_every_n_steps", t.log_every_n_steps, t.log_every_n_steps >= 1, ">= 1"),
+            ("trainer.accumulate_grad_batches", t.accumulate_grad_batches,
+             t.accumulate_grad_batches >= 1, ">= 1"),
+            ("trainer.early_stopping_patience", t.early_stopping_patience,
+             t.early_stopping_patience is None or t.early_stopping_patience >= 0,
+             ">= 0 or null (off)"),
+            ("trainer.gradient_clip_val", t.gradient_clip_val,
+             t.gradient_clip_val is None or t.gradient_clip_val > 0, "> 0 or null (off)"),
         ):
             if not ok:
                 raise ConfigError(f"{name} must be {rule}, got {value}")
@@ -307,7 +336,8 @@ class TrainConfig:
                 raise ConfigError(f"stages.{i}.ema_decay must be in (0, 1) (e.g. 0.998) or null, "
                                   f"got {s.ema_decay}")
             if s.epochs < 1 or s.lr <= 0:
-                raise ConfigError(f"stages.{i} needs epochs >= 1 and lr > 0")
+                raise ConfigError(f"stages.{i} needs epochs >= 1 and lr > 0, got {s.epochs} and "
+                                  f"{s.lr}")
             if not 0 < s.lr_decay <= 1 or (s.batch_size is not None and s.batch_size < 1):
                 raise ConfigError(f"stages.{i} needs lr_decay in (0, 1] and batch_size >= 1 "
                                   f"or null, got {s.lr_decay} and {s.batch_size}")

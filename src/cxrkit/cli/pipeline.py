@@ -17,11 +17,13 @@ from cxrkit.cli.train import (
     build_config,
     interrupted,
     metrics_table,
+    refuse_options_beside_resume,
 )
 
 
 @app.command("run")
 def run_all(
+    ctx: typer.Context,
     data: str = typer.Argument("kaggle", help=DATA_HELP),
     preset: str = PRESET,
     config: Path | None = CONFIG,
@@ -44,6 +46,8 @@ def run_all(
 
     route_lightning_logs()
 
+    if resume is not None:  # the evaluation's options still apply
+        refuse_options_beside_resume(ctx, allowed=("tta", "framing", "framing_threshold"))
     try:
         if resume is not None:
             run = train(resume=resume)

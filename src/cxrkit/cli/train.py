@@ -16,14 +16,20 @@ from rich.markup import escape
 from rich.table import Table
 
 from cxrkit.cli.app import DATA_HELP, app, console, fail, route_lightning_logs
-from cxrkit.config import PRESETS, ConfigError, TrainConfig, parse_assignments
+from cxrkit.config import (
+    PRESETS,
+    ConfigError,
+    DamagedCheckpointError,
+    TrainConfig,
+    parse_assignments,
+)
 from cxrkit.data.kaggle import KaggleDownloadError
 from cxrkit.data.layout import DataLayoutError
 
 # Narrower than the other commands' USER_ERRORS: a bare ValueError from deep inside a
 # training run is a bug, and keeps its traceback.
 TRAINING_ERRORS = (ConfigError, DataLayoutError, KaggleDownloadError, FileExistsError,
-                   FileNotFoundError)
+                   FileNotFoundError, DamagedCheckpointError)
 
 DATA = typer.Option(None, "--data", help=DATA_HELP)
 PRESET = typer.Option("default", "--preset", help=f"One of {', '.join(PRESETS)}: quick (default's "
@@ -52,6 +58,23 @@ WORKERS = typer.Option(None, "--num-workers", help="DataLoader processes (defaul
 CACHE = typer.Option(None, "--cache/--no-cache", help="Decode every image once into a "
                      "memory-mapped cache (default on).")
 SET = typer.Option([], "--set", help="Any config field: key=value, dotted, repeatable.")
+
+
+def refuse_options_beside_resume(ctx: typer.Context, allowed: tuple[str, ...] = ()) -> None:
+    """`--resume RUN` continues RUN exactly as it was configured (its config.yaml): any other
+    training option given beside it would be ignored, or half applied over the restored
+    optimiser state, so it is refused instead."""
+    def given_by_user(name: str) -> bool:  # by the source's name: typer vendors its own click
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    given = [param.opts[-1] if param.opts[-1].startswith("--") else param.name
+             for param in ctx.command.params
+             if param.name not in ("resume", *allowed) and given_by_user(param.name)]
+    if given:
+        fail(f"--resume continues {ctx.params['resume']} with its own config.yaml, so "
+             f"{', '.join(given)} would be ignored: drop them, or start a new run from that "
+             f"config (--config {ctx.params['resume']}/config.yaml --name NEW plus your changes)")
 
 
 def build_config(data: str | None, preset: str, config: Path | None,
@@ -112,6 +135,7 @@ def metrics_table(run: Path) -> Table:
 
 @app.command()
 def train(
+    ctx: typer.Context,
     data: str | None = DATA,
     preset: str = PRESET,
     config: Path | None = CONFIG,
@@ -153,6 +177,8 @@ def train(
 
     route_lightning_logs()
 
+    if resume is not None:
+        refuse_options_beside_resume(ctx)
     try:
         if resume is not None:
             run = train_run(resume=resume)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
@@ -27,9 +29,11 @@ from lightning.pytorch.callbacks import (
     WeightAveraging,
 )
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch.optim.swa_utils import get_ema_avg_fn
 
-from cxrkit.config import MONITORS, StageConfig, TrainerConfig
+from cxrkit.config import MONITORS, ConfigError, StageConfig, TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +51,76 @@ BEST = "best.ckpt"
 LAST = "last.ckpt"
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Each checkpoint is written beside its final name, synced, then renamed over it: a crash
+    or `kill -9` mid-write leaves the previous checkpoint whole. (Lightning's own writes
+    through $TMPDIR; where that is another filesystem, e.g. a tmpfs /tmp or a node's local
+    disk under an NFS run folder, the move copies over the old file in place.)"""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+
+
+class RunFolderCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint whose saved state follows the run folder: Lightning drops the best
+    score it restores when the folder's path changed (a run copied or moved before it is
+    resumed), and the next epoch, however worse, would then replace best.ckpt."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old = state_dict.get("dirpath")
+        if old and self.dirpath and old != self.dirpath:
+            def moved(path: str) -> str:
+                return str(Path(self.dirpath) / Path(path).name) if path else path
+
+            state_dict = {**state_dict, "dirpath": self.dirpath,
+                          "best_model_path": moved(state_dict.get("best_model_path", "")),
+                          "kth_best_model_path": moved(state_dict.get("kth_best_model_path", "")),
+                          "last_model_path": moved(state_dict.get("last_model_path", "")),
+                          "best_k_models": {moved(k): v for k, v in
+                                            state_dict.get("best_k_models", {}).items()}}
+        super().load_state_dict(state_dict)
+
+
+class CheckpointOnInterrupt(Callback):
+    """RUN/last.ckpt where Ctrl+C or SIGTERM stopped training, so that a resumed run trains
+    none of its steps again (the step checkpoints alone would lose up to
+    `checkpoint_every_n_steps` of them)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt | SIGTERMException):
+            trainer.save_checkpoint(self.path)
+
+
+class FlushLogsWithCheckpoints(Callback):
+    """Every logger writes out what it holds whenever a checkpoint is saved: the CSV logger
+    buffers rows, and a run killed after a checkpoint resumes after rows that were never
+    written (an epoch missing from metrics.csv and the curves)."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+
+
 def best_checkpoint(run: Path, trainer: TrainerConfig) -> ModelCheckpoint:
     """Keeps RUN/best.ckpt; seeded with the previous stage's best so a stage only replaces it
     when it does better."""
-    callback = ModelCheckpoint(dirpath=run, filename=Path(BEST).stem, monitor=trainer.monitor,
-                               mode=MONITORS[trainer.monitor], save_top_k=1,
-                               auto_insert_metric_name=False, enable_version_counter=False)
+    callback = RunFolderCheckpoint(dirpath=run, filename=Path(BEST).stem,
+                                   monitor=trainer.monitor, mode=MONITORS[trainer.monitor],
+                                   save_top_k=1, auto_insert_metric_name=False,
+                                   enable_version_counter=False)
     if (run / BEST).is_file():
         saved = torch.load(run / BEST, map_location="cpu", weights_only=True)["callbacks"]
         if callback.state_key in saved:
@@ -88,8 +156,10 @@ def make_callbacks(run: Path, trainer: TrainerConfig,
     callbacks: list[Callback] = [
         best_checkpoint(run, trainer),
         # last.ckpt every N steps, so a run killed mid-epoch resumes losing little
-        ModelCheckpoint(dirpath=run, every_n_train_steps=trainer.checkpoint_every_n_steps,
-                        save_top_k=0, save_last=True, enable_version_counter=False),
+        RunFolderCheckpoint(dirpath=run, every_n_train_steps=trainer.checkpoint_every_n_steps,
+                            save_top_k=0, save_last=True, enable_version_counter=False),
+        CheckpointOnInterrupt(run / LAST),
+        FlushLogsWithCheckpoints(),
         LearningRateMonitor(logging_interval="step"),
         EpochThroughput(),
     ]
@@ -149,4 +219,11 @@ def make_trainer(run: Path, stage: StageConfig, trainer: TrainerConfig,
         accumulate_grad_batches=trainer.accumulate_grad_batches, default_root_dir=run,
         enable_progress_bar=trainer.progress_bar, enable_model_summary=False,
     )
-    return Trainer(**{**options, **overrides})
+    if "fsdp" not in str(trainer.strategy):  # FSDP writes sharded checkpoints its own way
+        options["plugins"] = [AtomicCheckpointIO()]
+    try:
+        return Trainer(**{**options, **overrides})
+    except (MisconfigurationException, ValueError) as e:  # e.g. an unknown strategy, no GPU
+        raise ConfigError(f"Lightning refuses the trainer settings (trainer.accelerator "
+                          f"{trainer.accelerator}, devices {trainer.devices}, strategy "
+                          f"{trainer.strategy}, precision {trainer.precision}): {e}") from e

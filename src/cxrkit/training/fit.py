@@ -44,7 +44,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cxrkit.adapt import adapt_batchnorm
-from cxrkit.config import ConfigError, TrainConfig, to_dict
+from cxrkit.config import ConfigError, DamagedCheckpointError, TrainConfig, to_dict
 from cxrkit.data.layout import Sample
 from cxrkit.data.split import read_manifest, write_manifest
 from cxrkit.inference import predict_logits
@@ -184,22 +184,61 @@ def finished_stages(folder: Path) -> dict[str, dict]:
     return json.loads(file.read_text()) if file.is_file() else {}
 
 
+def _write_json(path: Path, values: dict) -> None:
+    """Whole or not at all: written beside, then renamed over (a crash mid-write would leave
+    stages.json cut short, and the run unable to resume)."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(values, indent=2))
+    os.replace(partial, path)
+
+
 def _mark_finished(folder: Path, stage: str, record: dict) -> None:
     done = finished_stages(folder)
     done[stage] = record
-    (folder / PROGRESS).write_text(json.dumps(done, indent=2))
+    _write_json(folder / PROGRESS, done)
 
 
 def _checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # cut short, emptied, or not a checkpoint (weights_only refuses pickles)
+        then = ("the run resumes from the start of the stage it was in" if path.name == LAST
+                else "the stage that wrote it is trained again")
+        reason = (str(e).splitlines() or [""])[0][:200]
+        raise DamagedCheckpointError(
+            f"{path} cannot be read as a checkpoint ({type(e).__name__}: {reason}). If a crash "
+            f"cut it short, delete it and resume: {then}") from e
 
 
-def resume_point(folder: Path, stage: str) -> Path | None:
-    """RUN/last.ckpt if it was written by `stage` (a stage interrupted part way)."""
+def _differences(saved: object, current: object, where: str = "") -> list[str]:
+    """Dotted keys whose values differ (keys only one side has are not compared: checkpoints
+    of an older cxrkit lack newer fields)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [d for key in saved.keys() & current.keys()
+                for d in _differences(saved[key], current[key], f"{where}.{key}".strip("."))]
+    normalise = json.loads(json.dumps(current))  # tuples read back from YAML as lists
+    return [] if saved == normalise else [where]
+
+
+def resume_point(folder: Path, config: TrainConfig, index: int) -> Path | None:
+    """RUN/last.ckpt if stage `index` wrote it (the stage was interrupted part way). Refused
+    when config.yaml changed since: the restored optimiser and schedule would not fit it."""
     last = folder / LAST
     if not last.is_file():
         return None
-    return last if _checkpoint(last)["hyper_parameters"]["stage"]["name"] == stage else None
+    saved = _checkpoint(last)["hyper_parameters"]
+    stage = config.stages[index]
+    if saved["stage"]["name"] != stage.name:
+        return None
+    changed = _differences({k: saved[k] for k in ("stage", "optim", "loss") if k in saved},
+                           {"stage": to_dict(stage), "optim": to_dict(config.optim),
+                            "loss": to_dict(config.loss)})
+    if changed:
+        raise ConfigError(
+            f"{folder / CONFIG} changed since {LAST} was written ({', '.join(sorted(changed))}): "
+            f"a stage resumes with the config it started with. Put it back, or train anew "
+            f"with `cxr train --config {folder / CONFIG} --name NEW`")
+    return last
 
 
 def load_weights(model: Classifier, checkpoint: Path) -> None:
@@ -271,7 +310,7 @@ def finish(run: Run) -> dict:
     # best_epoch counts from 1 within its stage, as the progress bar, CLI and report show it
     metrics.update(best_stage=module.stage.name, best_epoch=meta["epoch"] + 1,
                    best_global_step=meta["global_step"], monitor=run.config.trainer.monitor)
-    (run.folder / VAL_METRICS).write_text(json.dumps(metrics, indent=2))
+    _write_json(run.folder / VAL_METRICS, metrics)
     collect_metrics(run.folder, [s.name for s in run.config.stages])
     plot_curves(run.folder)
     return metrics
@@ -318,7 +357,7 @@ def train_ensemble(run: Run) -> Path:
     metrics = validation_metrics(model, criterion, run)
     metrics.update(best_stage=None, members=[str(m.relative_to(run.folder)) for m in members],
                    monitor=run.config.trainer.monitor)
-    (run.folder / VAL_METRICS).write_text(json.dumps(metrics, indent=2))
+    _write_json(run.folder / VAL_METRICS, metrics)
     return run.folder
 
 
@@ -373,7 +412,7 @@ def train_run(run: Run) -> Path:
     done = finished_stages(run.folder)
     pending = [i for i, stage in enumerate(run.config.stages) if stage.name not in done]
     if pending:  # decided once, before any process writes another checkpoint
-        first = resume_point(run.folder, run.config.stages[pending[0]].name)
+        first = resume_point(run.folder, run.config, pending[0])
         if run.config.model.norm_stats == "train" and not done and first is None:
             estimate_train_norm_stats(run, model)
         for i in pending:
