@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -185,9 +186,11 @@ def test_an_interrupt_saves_where_it_stopped_and_a_changed_config_is_refused(
     is refused (the restored schedule would crash at the end); a damaged last.ckpt says what
     to delete."""
     from cxrkit.config import ConfigError, DamagedCheckpointError, TrainConfig
+    from cxrkit.data.layout import DataLayoutError
     from cxrkit.training import TrainingInterrupted, fit, train
 
-    config = TrainConfig.preset("scratch", data=str(tiny_kaggle), overrides={
+    data = shutil.copytree(tiny_kaggle, tmp_path / "data")  # moved below
+    config = TrainConfig.preset("scratch", data=str(data), overrides={
         "model.name": "simple_cnn", "model.pretrained": False, "model.input_size": 32,
         "data.batch_size": 4, "data.num_workers": 0, "data.cache_dir": str(tmp_path / "cache"),
         "trainer.progress_bar": False, "trainer.log_every_n_steps": 1,
@@ -216,5 +219,20 @@ def test_an_interrupt_saves_where_it_stopped_and_a_changed_config_is_refused(
         train(resume=run)
     (run / "last.ckpt").write_bytes(good)
 
+    data.rename(tmp_path / "moved")  # the data moved since the run started: one clear error
+    with pytest.raises(DataLayoutError, match=r"none of the \d+ train/val films.*moved"):
+        train(resume=run)
+    (tmp_path / "moved").rename(data)
+
     train(resume=run)
     assert json.loads((run / "stages.json").read_text())["train"]["global_step"] == 2 * 10
+
+
+def test_resume_refuses_the_options_it_would_ignore(tmp_path):
+    result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path), "--epochs", "2",
+                                      "--set", "optim.schedule=constant"])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and "--epochs, --set would be ignored" in message
+    assert f"--config {tmp_path}/config.yaml --name NEW" in message
+    result = CliRunner().invoke(app, ["run", "--resume", str(tmp_path), "--tta", "--name", "x"])
+    assert result.exit_code == 2 and "--name would be ignored" in " ".join(result.output.split())

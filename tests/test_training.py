@@ -546,6 +546,15 @@ def test_lr_find_runs_its_steps_past_the_stages_epochs(tiny_kaggle, tmp_path):
     assert "stopped early" not in result.output
 
 
+def test_trainer_settings_lightning_refuses_are_config_errors(tiny_kaggle, tmp_path):
+    """A traceback from deep inside Lightning before; and no run folder is left to block the
+    name."""
+    config = tiny_config(tiny_kaggle, tmp_path, **{"trainer.strategy": "bogus", "name": "x"})
+    with pytest.raises(ConfigError, match="Lightning refuses the trainer settings.*bogus"):
+        train(config)
+    assert not (tmp_path / "runs" / "x").exists()
+
+
 def test_lr_find_refuses_a_stage_the_config_lacks(tmp_path):
     """Before any film is read (the data folder does not even exist)."""
     with pytest.raises(ConfigError, match=r"stage 2: this config has stages 0\.\.1"):

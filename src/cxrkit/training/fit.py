@@ -45,7 +45,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cxrkit.adapt import adapt_batchnorm
 from cxrkit.config import ConfigError, DamagedCheckpointError, TrainConfig, to_dict
-from cxrkit.data.layout import Sample
+from cxrkit.data.layout import DataLayoutError, Sample
 from cxrkit.data.split import read_manifest, write_manifest
 from cxrkit.inference import predict_logits
 from cxrkit.models import Classifier, create_model
@@ -176,7 +176,27 @@ def open_run(folder: str | Path) -> Run:
                                 " pass the folder `cxr train` printed")
     config = TrainConfig.load(folder / CONFIG)
     samples = read_manifest(folder / SPLIT)
+    _check_films_still_there(folder, samples)
     return Run(folder, config, samples, task_classes(config.data.task, samples))
+
+
+def _check_films_still_there(folder: Path, samples: list[Sample]) -> None:
+    """Before a resume: split.csv names each film by the absolute path it had when the run
+    started. All gone means the data moved; some gone, that it changed. Said once, here,
+    rather than as one warning per film while the caches are built."""
+    used = [s.path for s in samples if s.split in ("train", "val")]
+    gone = [p for p in used if not os.path.exists(p)]
+    if not gone:
+        return
+    where = os.path.commonpath(gone) if len(gone) > 1 else gone[0]
+    if len(gone) == len(used):
+        raise DataLayoutError(
+            f"none of the {len(used)} train/val films {folder / SPLIT} lists exists any more "
+            f"(they were under {where}): the data moved since this run started. Put it back "
+            f"there, or rewrite the path column of {folder / SPLIT} to where it is now")
+    log.warning("%d of the %d train/val films %s lists are gone since the run started (e.g. "
+                "%s): the resumed run trains and validates without them", len(gone), len(used),
+                folder / SPLIT, gone[0])
 
 
 def finished_stages(folder: Path) -> dict[str, dict]:
