@@ -546,6 +546,23 @@ def test_lr_find_runs_its_steps_past_the_stages_epochs(tiny_kaggle, tmp_path):
     assert "stopped early" not in result.output
 
 
+def test_unreadable_films_are_listed_in_the_run_and_said_every_run(tmp_path, caplog):
+    """The decode cache warned only on the run that built it; now each run says how many
+    films it skips, and RUN/skipped_files.csv lists them."""
+    data = make_kaggle_tree(tmp_path / "data", {"train": 12, "test": 2})
+    bad = data / "train" / "PNEUMONIA" / "person9999_bacteria_1.jpeg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    for name in ("first", "second"):  # the second run reuses the decode cache
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="cxrkit"):
+            run = train(tiny_config(data, tmp_path, **{"stages.0.epochs": 1, "name": name,
+                                                        "data.val_fraction": 0.3}))
+        assert any("cannot be read and are skipped" in r.getMessage() and str(bad) in
+                   r.getMessage() for r in caplog.records), name
+        split = next(s.split for s in read_manifest(run / "split.csv") if s.path == str(bad))
+        assert read_rows(run / "skipped_files.csv") == [{"split": split, "path": str(bad)}]
+
+
 def test_trainer_settings_lightning_refuses_are_config_errors(tiny_kaggle, tmp_path):
     """A traceback from deep inside Lightning before; and no run folder is left to block the
     name."""

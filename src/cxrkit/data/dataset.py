@@ -101,6 +101,7 @@ class XrayDataset(Dataset):
         self.equalize = equalize
         self.transform = transform
         self.cache = cache
+        self.reported: set[int] = set()  # unreadable films already warned about
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -111,7 +112,9 @@ class XrayDataset(Dataset):
         try:
             return load_prepared(self.samples[i].path, self.size, self.equalize)
         except UnreadableImageError as e:
-            log.warning("skipping unreadable image %s", e)
+            if i not in self.reported:  # once per process, not once per epoch
+                self.reported.add(i)
+                log.warning("skipping unreadable image %s", e)
             return None
 
     def __getitem__(self, i: int):

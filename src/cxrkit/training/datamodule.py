@@ -8,6 +8,7 @@ evaluation: nothing in training ever reads a test image.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from collections import Counter
@@ -26,6 +27,8 @@ from cxrkit.data.patients import kermany_subtype
 from cxrkit.data.split import patient_split
 from cxrkit.data.transforms import eval_transform, train_transform
 from cxrkit.models import ModelSpec
+
+log = logging.getLogger(__name__)
 
 SUBTYPES = ("NORMAL", "BACTERIA", "VIRUS")
 
@@ -139,6 +142,22 @@ class XrayDataModule(LightningDataModule):
         for split in self.samples:
             self.datasets[split] = self._dataset(split, split == "train" and self.augment)
             self._require_readable(split)
+        for split, paths in self.unreadable().items():  # every run, not only the cache's first
+            log.warning("%d of the %d %s films cannot be read and are skipped, e.g. %s; "
+                        "`cxr data audit` lists each with its reason: delete or re-export them",
+                        len(paths), len(self.samples[split]), split, paths[0])
+
+    def unreadable(self) -> dict[str, list[str]]:
+        """Per split, the films the decode cache could not read (none known without a cache:
+        each is then skipped, with a warning, when it is loaded)."""
+        found = {}
+        for split, dataset in self.datasets.items():
+            if dataset.cache is not None:
+                paths = [s.path for s, ok in zip(dataset.samples, dataset.cache.valid,
+                                                 strict=True) if not ok]
+                if paths:
+                    found[split] = paths
+        return found
 
     def _require_readable(self, split: str) -> None:
         """Fail before training when not one of a split's images can be read: the usual

@@ -24,6 +24,7 @@ find the run folder through the environment, and for several nodes give
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -69,6 +70,7 @@ CONFIG = "config.yaml"
 SPLIT = "split.csv"
 PROGRESS = "stages.json"
 VAL_METRICS = "val_metrics.json"
+SKIPPED = "skipped_files.csv"
 RUN_DIR_ENV = "CXRKIT_RUN_DIR"  # hands the run folder to processes Lightning launches
 
 # Lightning warnings that are expected here: the run folder already holds config.yaml,
@@ -296,11 +298,23 @@ def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None)
         seconds = time.perf_counter() - start  # of this process's fit: a resumed stage's remainder
     trainer.save_checkpoint(run.folder / LAST, weights_only=False)
     if trainer.is_global_zero:
+        images = datamodule.images if isinstance(datamodule, FeatureDataModule) else datamodule
+        _write_skipped(run.folder, images.unreadable())
         _mark_finished(run.folder, stage.name, {"global_step": trainer.global_step,
                                                 "epochs": trainer.current_epoch,
                                                 "seconds": round(seconds, 1)})
         if isinstance(datamodule, FeatureDataModule):
             datamodule.file.unlink(missing_ok=True)
+
+
+def _write_skipped(folder: Path, unreadable: dict[str, list[str]]) -> None:
+    """RUN/skipped_files.csv: the train and val films training could not read, if any."""
+    if unreadable:
+        with open(folder / SKIPPED, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["split", "path"])
+            writer.writerows([split, path] for split, paths in unreadable.items()
+                             for path in paths)
 
 
 def validation_metrics(model: Classifier | Ensemble, criterion: torch.nn.Module,
