@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,33 @@ def test_ddp_on_two_cpu_processes(tiny_kaggle, tmp_path):
                  "labels.json", "metrics.csv", "training_curves.png", "val_metrics.json"):
         assert (run / name).is_file(), name
     assert json.loads((run / "val_metrics.json").read_text())["images"] == 8
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_ddp_process_and_says_how_to_resume(tiny_kaggle, tmp_path):
+    """A scheduler's time limit on a DDP job: Lightning 2.6's own handler broadcast inside
+    the signal handler and hung both processes for good."""
+    settings = {"model.name": "simple_cnn", "model.pretrained": "false", "model.input_size": 32,
+                "trainer.progress_bar": "false", "trainer.checkpoint_every_n_steps": 2,
+                "data.cache_dir": tmp_path / "cache"}
+    run = tmp_path / "runs" / "stopped"
+    process = subprocess.Popen(
+        [CXR, "train", "--data", str(tiny_kaggle), "--preset", "scratch",
+         "--runs-dir", str(tmp_path / "runs"), "--name", "stopped", "--accelerator", "cpu",
+         "--devices", str(PROCESSES), "--strategy", "ddp", "--epochs", "50",
+         "--batch-size", str(BATCH), "--num-workers", "0",
+         *[f"--set={k}={v}" for k, v in settings.items()]],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 150
+    while process.poll() is None and not (run / "last.ckpt").exists():
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        subprocess.run(["pkill", "-9", "-f", str(run)], check=False)
+        pytest.fail("SIGTERM left the DDP processes hanging")
+    assert process.returncode == 143, stderr[-3000:]
+    assert "".join(f"cxr train --resume {run}".split()) in "".join(stderr.split())

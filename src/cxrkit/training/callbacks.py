@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,28 @@ class CheckpointOnInterrupt(Callback):
             trainer.save_checkpoint(self.path)
 
 
+class SigtermWithoutCollectives(Callback):
+    """Several processes: SIGTERM only recorded, never a collective inside the handler.
+
+    Lightning 2.6's handler broadcasts from within the signal handler; arriving while a
+    gloo/NCCL collective is in flight, that deadlocks every rank (a scheduler's time limit
+    then hangs the job until its SIGKILL). This handler does the rest of what Lightning's
+    does (records the signal, passes it once to the processes the launcher started);
+    Lightning's own per-batch broadcast of the flag then stops every rank together."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        connector = getattr(trainer, "_signal_connector", None)
+        if trainer.world_size == 1 or connector is None:
+            return
+
+        def record(signum, frame) -> None:
+            if not connector.received_sigterm and trainer.strategy.launcher is not None:
+                trainer.strategy.launcher.kill(signum)
+            connector.received_sigterm = True
+
+        signal.signal(signal.SIGTERM, record)
+
+
 class FlushLogsWithCheckpoints(Callback):
     """Every logger writes out what it holds whenever a checkpoint is saved: the CSV logger
     buffers rows, and a run killed after a checkpoint resumes after rows that were never
@@ -160,6 +183,7 @@ def make_callbacks(run: Path, trainer: TrainerConfig,
                             save_top_k=0, save_last=True, enable_version_counter=False),
         CheckpointOnInterrupt(run / LAST),
         FlushLogsWithCheckpoints(),
+        SigtermWithoutCollectives(),
         LearningRateMonitor(logging_interval="step"),
         EpochThroughput(),
     ]
