@@ -80,7 +80,11 @@ EXPECTED_WARNINGS = (r"Checkpoint directory .* exists and is not empty",
                      r"You have overridden `on_after_batch_transfer`",
                      r"Found \d+ module\(s\) in eval mode",
                      r".*isinstance\(treespec, LeafSpec\)",
-                     r"You're using the WeightAveraging callback with a model that overrides")
+                     r"You're using the WeightAveraging callback with a model that overrides",
+                     # DDP: epoch means of this process's steps, by choice (an all-reduce on
+                     # every step would cost more than these numbers are worth)
+                     r"It is recommended to use `self.log\('(train_loss|epoch_seconds|"
+                     r"train_images_per_s)', \.\.\., sync_dist=True\)`")
 
 
 @dataclass
@@ -283,7 +287,7 @@ def estimate_train_norm_stats(run: Run, model: Classifier) -> None:
 
 def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None) -> None:
     stage = run.config.stages[index]
-    seed_everything(run.config.seed, workers=True)
+    seed_everything(run.config.seed, workers=True, verbose=False)  # said once, in train_run
     if resume_from is None and index > 0:
         load_weights(model, run.folder / BEST)  # start from the best of the stages before
     module, datamodule = build_stage(run, index, model, run.folder)
