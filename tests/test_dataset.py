@@ -140,3 +140,27 @@ def test_finishing_a_batch_on_the_device_equals_finishing_each_image(augment):
     assert grey.dtype == (torch.float32 if augment else torch.uint8)  # uint8: a twelfth
     assert whole.shape == (4, 3, *size)
     assert torch.equal(ModelInput(spec)(grey), whole)
+
+
+def test_an_epoch_order_is_drawn_from_seed_and_epoch_alone_and_can_start_part_way():
+    from cxrkit.training.datamodule import EpochOrder
+
+    order = EpochOrder(20, seed=3)
+    order.set_epoch(2)
+    whole = list(order)
+    assert sorted(i for i, _ in whole) == list(range(20))  # a permutation
+    assert list(EpochOrder(20, seed=3)) != whole  # epoch 0: another order
+    torch.manual_seed(123)  # nothing global matters
+    again = EpochOrder(20, seed=3)
+    again.set_epoch(2)
+    again.start = 8
+    assert list(again) == whole[8:]
+
+
+def test_a_film_with_a_seed_is_augmented_the_same_whatever_ran_before(samples):
+    spec = create_model("simple_cnn", pretrained=False).spec
+    dataset = XrayDataset(samples, CLASSES, SIZE, train_transform(spec))
+    first = dataset[(0, 42)][0]
+    torch.rand(1000)  # the global generator moves on
+    assert torch.equal(dataset[(0, 42)][0], first)
+    assert not torch.equal(dataset[(0, 43)][0], first)

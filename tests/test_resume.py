@@ -1,4 +1,4 @@
-"""`cxr train --resume` after a SIGKILL part way through an epoch of the second stage."""
+"""`cxr train --resume` after a SIGKILL part way through an epoch: the same run as without it."""
 
 from __future__ import annotations
 
@@ -104,13 +104,11 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_kaggle, tmp_path
         assert min(int(r["step"]) for r in csv.DictReader(f)) >= step
     rows, expected_rows = val_rows(killed), val_rows(uninterrupted)
     assert [r["epoch"] for r in rows] == [str(e) for e in range(FINETUNE_EPOCHS)]
-    # before the kill the two runs are the same run (deterministic, same seed)
-    assert rows[0]["val_loss"] == expected_rows[0]["val_loss"]
-    # after it, Lightning replays the rest of the interrupted epoch with freshly shuffled
-    # batches (a plain DataLoader cannot resume mid-epoch): close, not identical
-    final, expected = rows[-1], expected_rows[-1]
-    assert float(final["val_loss"]) == pytest.approx(float(expected["val_loss"]), abs=0.15)
-    assert float(final["val_accuracy"]) == pytest.approx(float(expected["val_accuracy"]), abs=0.13)
+    # the interrupted epoch went on with its own remaining films, their augmentations and
+    # dropout as drawn before: the resumed run is the uninterrupted one, epoch for epoch
+    for row, expected in zip(rows, expected_rows, strict=True):
+        assert float(row["val_loss"]) == pytest.approx(float(expected["val_loss"]), abs=1e-5)
+        assert row["val_accuracy"] == expected["val_accuracy"]
     for name in ("model.safetensors", "val_metrics.json", "training_curves.png", "best.ckpt"):
         assert (killed / name).is_file()
 

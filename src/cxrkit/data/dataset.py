@@ -117,11 +117,20 @@ class XrayDataset(Dataset):
                 log.warning("skipping unreadable image %s", e)
             return None
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        """`key`: an index, or (index, seed): the transform's randomness then comes from that
+        seed alone, whatever the process, the worker or the films before it."""
+        i, seed = key if isinstance(key, tuple) else (key, None)
         pixels = self.load(i)
         if pixels is None:
             return None
-        return self.transform(pixels), self.class_to_idx[self.samples[i].label], i
+        if seed is None:
+            image = self.transform(pixels)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                image = self.transform(pixels)
+        return image, self.class_to_idx[self.samples[i].label], i
 
 
 def collate_skip_bad(batch: list):

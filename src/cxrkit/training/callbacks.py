@@ -35,6 +35,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from torch.optim.swa_utils import get_ema_avg_fn
 
 from cxrkit.config import MONITORS, ConfigError, StageConfig, TrainerConfig
+from cxrkit.training.datamodule import mixed_seed
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,18 @@ class SigtermWithoutCollectives(Callback):
         signal.signal(signal.SIGTERM, record)
 
 
+class StepSeeds(Callback):
+    """Before each training step, the global RNG (dropout, mixup) seeded from (seed, step,
+    rank): a resumed run draws at step k what the uninterrupted one drew, whatever ran
+    before it in this process."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        torch.manual_seed(mixed_seed(self.seed, trainer.global_step, trainer.global_rank))
+
+
 class FlushLogsWithCheckpoints(Callback):
     """Every logger writes out what it holds whenever a checkpoint is saved: the CSV logger
     buffers rows, and a run killed after a checkpoint resumes after rows that were never
@@ -174,8 +187,8 @@ class EpochThroughput(Callback):
                             "train_images_per_s": self.images / max(seconds, 1e-9)})
 
 
-def make_callbacks(run: Path, trainer: TrainerConfig,
-                   stage: StageConfig | None = None) -> list[Callback]:
+def make_callbacks(run: Path, trainer: TrainerConfig, stage: StageConfig | None = None,
+                   seed: int = 0) -> list[Callback]:
     callbacks: list[Callback] = [
         best_checkpoint(run, trainer),
         # last.ckpt every N steps, so a run killed mid-epoch resumes losing little
@@ -184,6 +197,7 @@ def make_callbacks(run: Path, trainer: TrainerConfig,
         CheckpointOnInterrupt(run / LAST),
         FlushLogsWithCheckpoints(),
         SigtermWithoutCollectives(),
+        StepSeeds(seed),
         LearningRateMonitor(logging_interval="step"),
         EpochThroughput(),
     ]

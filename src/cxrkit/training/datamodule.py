@@ -8,16 +8,18 @@ evaluation: nothing in training ever reads a test image.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
 
 from cxrkit.config import DataConfig
 from cxrkit.data.dataset import DEFAULT_CACHE_DIR, DecodeCache, XrayDataset, collate_skip_bad
@@ -89,11 +91,62 @@ def default_num_workers() -> int:
     return min(4, cores // 2)
 
 
+def balanced_weights(labels: list[int]) -> torch.Tensor:
+    """Per film, 1 / its class's count: drawn by these, every class comes equally often."""
+    counts = Counter(labels)
+    return torch.tensor([1.0 / counts[y] for y in labels], dtype=torch.double)
+
+
 def balanced_sampler(labels: list[int]) -> WeightedRandomSampler:
     """Draws every class equally often (with replacement), one epoch = len(labels) draws."""
-    counts = Counter(labels)
-    weights = torch.tensor([1.0 / counts[y] for y in labels], dtype=torch.double)
-    return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True)
+    return WeightedRandomSampler(balanced_weights(labels), num_samples=len(labels),
+                                 replacement=True)
+
+
+def mixed_seed(*numbers: int) -> int:
+    """One 63-bit seed from several integers (run seed, epoch, step, ...)."""
+    digest = hashlib.sha256(":".join(map(str, numbers)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class EpochOrder(Sampler):
+    """Epoch e's training order, drawn from (seed, e) alone, and with each film an
+    augmentation seed of its own (the dataset takes `(index, seed)`): so an epoch can be
+    played again, or continued from its `start`-th film, exactly as it went."""
+
+    def __init__(self, n: int, seed: int, weights: torch.Tensor | None = None):
+        self.n, self.seed, self.weights = n, seed, weights
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls it before each epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(mixed_seed(self.seed, self.epoch))
+        order = (torch.randperm(self.n, generator=g) if self.weights is None
+                 else torch.multinomial(self.weights, self.n, replacement=True, generator=g))
+        seeds = torch.randint(0, 2**62, (self.n,), generator=g)
+        for position in range(self.start, self.n):
+            yield int(order[position]), int(seeds[position])
+
+
+class ResumableLoader(DataLoader):
+    """The training loader of one process: an epoch interrupted part way goes on with its own
+    remaining films. `position()` says how many of the epoch's batches were trained (Lightning
+    restores that count from the checkpoint; 0 at an epoch's start); the `EpochOrder`
+    sampler starts after them. (A plain loader starts that epoch over in a fresh order and
+    stops after the remaining number of batches: some films twice, others not at all.)"""
+
+    def position(self) -> int:
+        return 0
+
+    def __iter__(self):
+        order: EpochOrder = self.sampler
+        order.start = self.position() * self.batch_size  # read at the first batch, not before
+        yield from super().__iter__()
 
 
 class XrayDataModule(LightningDataModule):
@@ -105,8 +158,9 @@ class XrayDataModule(LightningDataModule):
     """
 
     def __init__(self, samples: list[Sample], classes: list[str], spec: ModelSpec,
-                 data: DataConfig, batch_size: int, augment: bool = True):
+                 data: DataConfig, batch_size: int, augment: bool = True, seed: int = 0):
         super().__init__()
+        self.seed = seed
         self.samples = {split: [s for s in samples if s.split == split]
                         for split in ("train", "val")}
         self.class_to_idx = {c: i for i, c in enumerate(classes)}
@@ -177,17 +231,30 @@ class XrayDataModule(LightningDataModule):
         return [self.class_to_idx[s.label] for s in self.samples[split]]
 
     def loader(self, split: str, shuffle: bool, augment: bool | None = None) -> DataLoader:
-        """`split`'s images; `augment` None: as set up (train augmented unless augment=False)."""
+        """`split`'s images; `augment` None: as set up (train augmented unless augment=False).
+        Shuffled in one process: a `ResumableLoader`. With several, Lightning puts in a
+        DistributedSampler (its order is (seed, epoch)'s too), which cannot start part way."""
         dataset = (self.datasets[split] if augment is None
                    else self._dataset(split, augment))
+        options = dict(batch_size=self.batch_size, num_workers=self.num_workers,
+                       pin_memory=torch.cuda.is_available(),
+                       persistent_workers=self.num_workers > 0, collate_fn=collate_skip_bad)
+        weights = balanced_weights(self.labels(split)) if self.data.balanced_sampler else None
+        if shuffle and (self.trainer is None or self.trainer.world_size == 1):
+            loader = ResumableLoader(dataset, sampler=EpochOrder(len(dataset), self.seed, weights),
+                                     **options)
+            loader.position = self._batches_trained_this_epoch
+            return loader
         sampler = None
-        if shuffle and self.data.balanced_sampler:
-            sampler, shuffle = balanced_sampler(self.labels(split)), False
-        return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, sampler=sampler,
-            num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0, collate_fn=collate_skip_bad,
-        )
+        if shuffle and weights is not None:
+            sampler, shuffle = WeightedRandomSampler(weights, len(weights)), False
+        return DataLoader(dataset, shuffle=shuffle, sampler=sampler, **options)
+
+    def _batches_trained_this_epoch(self) -> int:
+        """Lightning's count (restored from a checkpoint on resume, reset at each epoch)."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train", shuffle=True)

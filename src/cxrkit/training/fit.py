@@ -81,6 +81,8 @@ EXPECTED_WARNINGS = (r"Checkpoint directory .* exists and is not empty",
                      r"Found \d+ module\(s\) in eval mode",
                      r".*isinstance\(treespec, LeafSpec\)",
                      r"You're using the WeightAveraging callback with a model that overrides",
+                     # ResumableLoader resumes from the batch count Lightning restores itself
+                     r"You're resuming from a checkpoint that ended before the epoch ended",
                      # DDP: epoch means of this process's steps, by choice (an all-reduce on
                      # every step would cost more than these numbers are worth)
                      r"It is recommended to use `self.log\('(train_loss|epoch_seconds|"
@@ -124,7 +126,7 @@ def build_stage(run: Run, index: int, model: Classifier,
     )
     batch_size = stage.batch_size or config.data.batch_size
     images = XrayDataModule(run.samples, run.classes, model.spec, config.data, batch_size,
-                            augment=stage.augment)
+                            augment=stage.augment, seed=config.seed)
     if stage.frozen_features:
         file = work_dir / f"features-{stage.name}.safetensors"
         return module, FeatureDataModule(images, model.backbone, file, batch_size,
@@ -292,7 +294,8 @@ def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None)
         load_weights(model, run.folder / BEST)  # start from the best of the stages before
     module, datamodule = build_stage(run, index, model, run.folder)
     trainer = make_trainer(run.folder, stage, run.config.trainer,
-                           callbacks=make_callbacks(run.folder, run.config.trainer, stage),
+                           callbacks=make_callbacks(run.folder, run.config.trainer, stage,
+                                                    run.config.seed),
                            loggers=make_loggers(run.folder, stage.name, run.config.trainer))
     with warnings.catch_warnings():
         for message in EXPECTED_WARNINGS:
