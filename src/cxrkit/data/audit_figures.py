@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from cxrkit.config import AugmentConfig
 from cxrkit.data.layout import Sample
 from cxrkit.data.transforms import train_transform
 from cxrkit.models import ModelSpec
@@ -56,33 +57,49 @@ def plot_sample_grid(samples: list[Sample], facts: list[ImageFacts], path: Path)
             rows[label_of[f.path]].append(f)
     classes = sorted(rows)
     cols = max((len(r) for r in rows.values()), default=1)
-    fig = Figure(figsize=(1.6 * cols, 1.8 * max(len(classes), 1)))
+    fig = Figure(figsize=(2.2 * cols, 2.5 * max(len(classes), 1)))
     axes = np.array(fig.subplots(max(len(classes), 1), cols, squeeze=False))
     for ax in axes.ravel():
         ax.axis("off")
     for i, label in enumerate(classes):
         for j, f in enumerate(rows[label]):
             axes[i, j].imshow(f.preview, cmap="gray", vmin=0, vmax=255)
-            axes[i, j].set_title(Path(f.path).name[:22], fontsize=6)
+            # the model sees every film square: say when that squashed this one
+            squashed = "" if f.width == f.height else f"\n{f.width}x{f.height}, squashed"
+            axes[i, j].set_title(_short(Path(f.path).name) + squashed, fontsize=8)
         axes[i, 0].text(-0.1, 0.5, label, transform=axes[i, 0].transAxes, rotation=90,
-                        ha="right", va="center", fontsize=10)
+                        ha="right", va="center", fontsize=11)
+    fig.suptitle("Films evenly spaced in file order, resized to the model's input", fontsize=10)
     return _save(fig, path)
 
 
+def _short(name: str, width: int = 24) -> str:
+    """The start and the end of a long file name (its number and suffix stay readable)."""
+    return name if len(name) <= width else f"{name[:width // 2 - 1]}…{name[-(width // 2):]}"
+
+
 def plot_image_sizes(facts: list[ImageFacts], path: Path) -> str:
-    """Width against height of every readable file, as stored."""
-    ok = [f for f in facts if not f.error]
+    """Width against height of every readable file, as stored: one marker per distinct size,
+    its area growing with the number of files of that size."""
+    sizes = Counter((f.width, f.height) for f in facts if not f.error)
     fig = Figure(figsize=(5, 4))
     ax = fig.subplots()
-    ax.scatter([f.width for f in ok], [f.height for f in ok], s=6, alpha=0.3)
+    if sizes:
+        counts = np.array(list(sizes.values()))
+        ax.scatter([w for w, _ in sizes], [h for _, h in sizes],
+                   s=12 + 300 * np.sqrt(counts / counts.max()), alpha=0.5)
+        for (w, h), n in sizes.most_common(5):
+            ax.annotate(f"{n}", (w, h), fontsize=8, ha="center", va="center")
     ax.set_xlabel("width (px)")
     ax.set_ylabel("height (px)")
-    ax.set_title(f"Image sizes ({len({(f.width, f.height) for f in ok})} distinct)")
+    ax.set_title(f"Stored image sizes: {len(sizes)} distinct, {sum(sizes.values())} files "
+                 "(largest groups counted)", fontsize=9)
     return _save(fig, path)
 
 
 def plot_intensity_histograms(samples: list[Sample], facts: list[ImageFacts], path: Path) -> str:
-    """The mean 8-bit intensity distribution of each class: exposure or source differences."""
+    """Each class's average per-film pixel histogram (8-bit): exposure or source differences.
+    Log scale, so that the black borders' spike at 0 does not flatten the rest."""
     label_of = {s.path: s.label for s in samples}
     by_class: dict[str, list[np.ndarray]] = defaultdict(list)
     for f in facts:
@@ -91,10 +108,12 @@ def plot_intensity_histograms(samples: list[Sample], facts: list[ImageFacts], pa
     fig = Figure(figsize=(6, 3.6))
     ax = fig.subplots()
     for label in sorted(by_class):
-        ax.plot(np.arange(256), np.mean(by_class[label], axis=0), label=label)
-    ax.set_xlabel("pixel intensity")
-    ax.set_ylabel("fraction of pixels")
-    ax.set_title("Mean intensity histogram per class")
+        ax.plot(np.arange(256), np.mean(by_class[label], axis=0),
+                label=f"{label} ({len(by_class[label])} films)")
+    ax.set_xlabel("pixel intensity (0-255)")
+    ax.set_ylabel("fraction of pixels (log scale)")
+    ax.set_yscale("log")
+    ax.set_title("Average pixel histogram of a film, by class")
     if by_class:
         ax.legend()
     return _save(fig, path)
@@ -107,15 +126,21 @@ def plot_augmentation_preview(film: np.ndarray, spec: ModelSpec, path: Path) -> 
     with torch.random.fork_rng():  # a fixed preview that leaves the caller's RNG alone
         torch.manual_seed(0)
         views = [transform(pixels)[0].numpy() for _ in range(AUGMENTATIONS_SHOWN)]
-    fig = Figure(figsize=(1.8 * (AUGMENTATIONS_SHOWN + 1), 2.1))
+    fig = Figure(figsize=(2.0 * (AUGMENTATIONS_SHOWN + 1), 2.5))
     axes = fig.subplots(1, AUGMENTATIONS_SHOWN + 1)
     axes[0].imshow(film, cmap="gray", vmin=0, vmax=255)
     axes[0].set_title("original", fontsize=8)
     for k, (ax, view) in enumerate(zip(axes[1:], views, strict=True), start=1):
         ax.imshow(view, cmap="gray", vmin=0, vmax=1)
-        ax.set_title(f"augmented {k}", fontsize=8)
+        # saturated regions are a fact of this augmentation worth seeing, not hiding
+        ax.set_title(f"draw {k}: {np.mean(view >= 0.99):.0%} white", fontsize=8)
     for ax in axes:
         ax.axis("off")
+    aug = AugmentConfig()
+    fig.suptitle(f"Random training augmentations of one film (the defaults: rotation "
+                 f"±{aug.degrees:g}°, scale {aug.scale[0]:g}-{aug.scale[1]:g}, brightness and "
+                 f"contrast ±{aug.brightness:g}, gamma {aug.gamma[0]:g}-{aug.gamma[1]:g})",
+                 fontsize=9)
     return _save(fig, path)
 
 

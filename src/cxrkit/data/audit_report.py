@@ -92,9 +92,30 @@ def _duplicates_section(r: AuditResult) -> str:
             f"{r.near_pairs_total} pairs, {r.near_across_splits} across splits</h3>{near}")
 
 
+# What each figure shows and how to read it: the page's captions and the images' alt text.
+FIGURE_CAPTIONS = {
+    "class_balance": "Images per class in each split: the imbalance a loss or sampler must "
+                     "handle, and whether the splits share it.",
+    "samples": "A few films of each class, evenly spaced in file order, as the model sees "
+               "them (resized square; films stored at another shape are marked squashed).",
+    "image_sizes": "Width and height of the files as stored; a marker's area grows with the "
+                   "number of files of that size.",
+    "intensity": "Each class's average pixel histogram (log scale): a class whose films are "
+                 "exposed or processed differently is a shortcut a model can learn.",
+    "augmentation": "One film and random training augmentations of it, with the share of "
+                    "pixels each draw saturates to white.",
+}
+
+
+def _figure(name: str, path: str) -> str:
+    caption = FIGURE_CAPTIONS.get(name, name.replace("_", " "))
+    return (f"<figure><h3>{html.escape(name.replace('_', ' '))}</h3>"
+            f"{embedded_png(path, caption)}<figcaption>{html.escape(caption)}</figcaption>"
+            "</figure>")
+
+
 def write_audit_html(r: AuditResult, path: str | Path) -> Path:
-    figures = "".join(f"<h3>{html.escape(name.replace('_', ' '))}</h3>{embedded_png(p, name)}"
-                      for name, p in r.figures.items())
+    figures = "".join(_figure(name, p) for name, p in r.figures.items())
     shared = [[pair, len(ids), ", ".join(ids[:50]) + (" ..." if len(ids) > 50 else "")]
               for pair, ids in r.shared_patients.items()]
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in r.notes) or "<li>none</li>"
