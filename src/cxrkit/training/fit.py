@@ -124,7 +124,7 @@ def build_stage(run: Run, index: int, model: Classifier,
         positive_index=positive_index(run.classes), channels_last=config.trainer.channels_last,
         compile=config.trainer.compile, model=model,
     )
-    batch_size = stage.batch_size or config.data.batch_size
+    batch_size = stage_batch_size(config, index)
     images = XrayDataModule(run.samples, run.classes, model.spec, config.data, batch_size,
                             augment=stage.augment, seed=config.seed)
     if stage.frozen_features:
@@ -466,6 +466,11 @@ def train_run(run: Run) -> Path:
 LR_RANGE = (1e-6, 1.0)  # the learning-rate range test's sweep
 
 
+def stage_batch_size(config: TrainConfig, stage: int) -> int:
+    """The batch size stage `stage` trains with (its own, else the data's)."""
+    return config.stages[stage].batch_size or config.data.batch_size
+
+
 def find_lr(config: TrainConfig, stage: int = 0, out: str | Path = "lr_find.png",
             num_training: int = 100) -> float | None:
     """Lightning's learning-rate range test on stage `stage`; saves the plot to `out`."""
@@ -485,9 +490,18 @@ def find_lr(config: TrainConfig, stage: int = 0, out: str | Path = "lr_find.png"
         result = Tuner(trainer).lr_find(module, datamodule=datamodule, min_lr=LR_RANGE[0],
                                         max_lr=LR_RANGE[1], num_training=num_training,
                                         update_attr=False)
-    figure = result.plot(suggest=True)
-    figure.savefig(out, dpi=110)
     suggestion = result.suggestion()
+    figure = result.plot(suggest=True)
+    ax = figure.axes[0]
+    ax.set_title(f"Learning-rate range test: stage {config.stages[stage].name}, "
+                 f"{num_training} steps, batch {stage_batch_size(config, stage)}",
+                 fontsize=10)
+    ax.set_ylabel("training loss (smoothed)")
+    if suggestion is not None:
+        ax.annotate(f"suggested {suggestion:.2g}", (suggestion, ax.get_lines()[-1].get_ydata()[0]),
+                    textcoords="offset points", xytext=(8, 8), color="red", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
     if suggestion is not None and suggestion < 10 * LR_RANGE[0]:
         log.warning("the suggested rate %.3g lies in the first decade of the sweep, where the "
                     "loss mostly shows noise: read the plot (%s) for where it falls fastest, "
