@@ -21,7 +21,7 @@ from cxrkit.evaluation import evaluate_run
 from cxrkit.evaluation.evaluate import Scored, choose_calibration
 from cxrkit.inference import predict_logits, softmax
 from cxrkit.models import create_model
-from cxrkit.report import headline
+from cxrkit.report import headline, summary
 from cxrkit.runs import load_model, read_calibration, save_model
 from tests.conftest import synthetic_film
 
@@ -80,6 +80,14 @@ def test_writes_predictions_metrics_and_figures(evaluated):
     for name in ("confusion_matrix", "roc_pr", "reliability", "histograms", "worst_errors",
                  "gradcam_errors", "gradcam_correct"):
         assert (out / f"{name}.png").stat().st_size > 5000, name
+    # a notebook reads the headline without knowing metrics.json's layout
+    deployed = metrics["operating_points"][metrics["deployed_operating_point"]]
+    assert summary(out) == {"accuracy": deployed["accuracy"]["value"],
+                            "roc_auc": metrics["roc_auc"]["value"],
+                            "sensitivity": deployed["sensitivity"]["value"],
+                            "specificity": deployed["specificity"]["value"],
+                            "f1": deployed["f1"]["value"],
+                            "threshold": metrics["deployed_threshold"], "n": 16}
 
 
 def test_validation_threshold_is_chosen_on_val_and_used_on_test(evaluated):

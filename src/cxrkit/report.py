@@ -283,6 +283,18 @@ def headline(metrics: dict) -> dict[str, dict | None]:
     return {k: metrics.get(k) if k == "roc_auc" or not at else at.get(k) for k in HEADLINE}
 
 
+def summary(folder: str | Path) -> dict[str, float | int | None]:
+    """An evaluation folder's headline as plain numbers, for a notebook:
+
+        summary(evaluate_run(run))  # {'accuracy': 0.907, 'roc_auc': 0.959, ..., 'n': 624}
+
+    At the deployed threshold (`threshold`; None for multi-class runs); each value's 95%
+    interval is in the folder's metrics.json."""
+    metrics = json.loads((Path(folder) / "metrics.json").read_text())
+    values = {k: v and v["value"] for k, v in headline(metrics).items()}
+    return {**values, "threshold": metrics.get("deployed_threshold"), "n": metrics["n"]}
+
+
 def is_kermany_test(folder: Path) -> bool:
     """Whether an evaluation scored the Kermany test split: 624 films, all Kermany-named."""
     with open(folder / "predictions.csv", newline="") as f:
