@@ -179,3 +179,14 @@ def running_server(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+def signal_once_checkpointed(process, run: Path, sig: int, within: float = 150) -> None:
+    """Send `sig` to a training `process` once it has written RUN/last.ckpt."""
+    import time
+
+    deadline = time.monotonic() + within
+    while process.poll() is None and not (run / "last.ckpt").exists():
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.02)
+    process.send_signal(sig)

@@ -6,11 +6,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.conftest import signal_once_checkpointed
 
 CXR = str(Path(sys.executable).with_name("cxr"))
 TRAIN_IMAGES = 40  # tiny_kaggle: 48 train images, 8 of them (4 patients a class) for val
@@ -60,11 +61,7 @@ def test_sigterm_stops_every_ddp_process_and_says_how_to_resume(tiny_kaggle, tmp
          "--batch-size", str(BATCH), "--num-workers", "0",
          *[f"--set={k}={v}" for k, v in settings.items()]],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 150
-    while process.poll() is None and not (run / "last.ckpt").exists():
-        assert time.monotonic() < deadline, "no checkpoint in time"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    signal_once_checkpointed(process, run, signal.SIGTERM)
     try:
         _, stderr = process.communicate(timeout=60)
     except subprocess.TimeoutExpired:

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from typer.testing import CliRunner
 
 from cxrkit.cli import app
+from tests.conftest import signal_once_checkpointed
 
 CXR = [str(Path(sys.executable).with_name("cxr"))]  # the installed command
 STEPS_PER_EPOCH = 10  # 40 training images, batches of 4
@@ -120,11 +121,7 @@ def test_sigterm_stops_with_exit_143_and_says_how_to_resume(tiny_kaggle, tmp_pat
     run = tmp_path / "runs" / "stopped"
     process = subprocess.Popen([*CXR, *train_args(tiny_kaggle, tmp_path, "stopped")],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while process.poll() is None and not (run / "last.ckpt").exists():
-        assert time.monotonic() < deadline, "no checkpoint within two minutes"
-        time.sleep(0.01)
-    process.send_signal(signal.SIGTERM)
+    signal_once_checkpointed(process, run, signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr[-3000:]
     assert "".join(f"cxr train --resume {run}".split()) in "".join(stderr.split())
