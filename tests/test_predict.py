@@ -16,7 +16,7 @@ from cxrkit.cli import app
 from cxrkit.data.dataset import load_prepared
 from cxrkit.data.io import STRETCH_PERCENTILES
 from cxrkit.data.transforms import eval_transform
-from cxrkit.predict import Predictor, collect_images, predict, write_predictions
+from cxrkit.predict import Prediction, Predictor, collect_images, predict, write_predictions
 from cxrkit.runs import Calibration, load_model, write_calibration
 from tests.conftest import REAL_DATA, requires_real_data, synthetic_film
 from tests.test_io import write_dicom
@@ -123,6 +123,25 @@ def test_cli_lists_the_corrupt_file_and_exits_1(run, films, tmp_path):
     assert ok.exit_code == 0, ok.output
     assert "label PNEUMONIA where P(PNEUMONIA) >= 0.400" in flat(ok.output)
     assert "normal_0.png" in ok.stdout and "normal_0.png" not in ok.stderr  # pipes see it
+
+
+@pytest.mark.parametrize(("paths", "title", "shown"), [
+    (["/data/a/x.png", "/data/b/y.png"], "Predictions, files in /data", ["a/x.png", "b/y.png"]),
+    (["/tmp/x.png", "/work/y.png"], "Predictions", ["/tmp/x.png", "/work/y.png"]),
+])
+def test_the_table_shortens_paths_to_their_common_folder_only(paths, title, shown):
+    """Files with only the filesystem root in common were shown without their leading /."""
+    from rich.console import Console
+
+    from cxrkit.cli.use import predictions_table
+
+    table = predictions_table([Prediction(p, "NORMAL", {"NORMAL": 0.9, "PNEUMONIA": 0.1}, 0.5)
+                               for p in paths])
+    console = Console(width=120, record=True)
+    console.print(table)
+    text = console.export_text()
+    assert table.title == title
+    assert all(f" {name} " in text for name in shown)
 
 
 def test_file_names_with_brackets_are_shown_as_they_are(run, films, tmp_path):

@@ -31,6 +31,8 @@ def predictions_table(predictions: list[Prediction]) -> Table:
     # Files under one folder are shown relative to it: the names, not one long prefix.
     paths = [os.path.abspath(p.path) for p in readable]
     root = os.path.commonpath(paths) if len(paths) > 1 else ""
+    if root == os.path.dirname(root):  # only the filesystem's root in common: full paths
+        root = ""
     table = Table(title=f"Predictions, files in {escape(root)}" if root else "Predictions")
     table.add_column("file", overflow="fold")
     table.add_column("label")
