@@ -675,7 +675,9 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         "deployed_threshold": report_threshold,
         "deployed_operating_point": deployed_name(thresholds),
         "bootstrap": {"resamples": bootstrap, "seed": seed, "ci": "95% percentile interval",
-                      "unit": "patient (the image where unknown)"},
+                      "unit": "patient (the image where unknown)",
+                      "note": "binned ECE is biased upwards in resamples (repeated films fill "
+                              "bins unevenly), so its interval can lie above its value"},
         **metrics,
         "confusion_matrix": {"labels": labels, "threshold": report_threshold,
                              "counts": confusion_matrix(scored.y, predicted, len(labels)).tolist()},
