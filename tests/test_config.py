@@ -106,7 +106,9 @@ def test_set_assignments_are_parsed_as_yaml():
     ({"trainer.log_every_n_steps": 0}, r"log_every_n_steps must be >= 1"),
     ({"trainer.early_stopping_patience": -1}, r"early_stopping_patience must be >= 0 or null"),
     ({"trainer.gradient_clip_val": -1}, r"gradient_clip_val must be > 0 or null"),
-    ({"trainer.devices": "abc"}, r"trainer.devices must be auto or a count >= 1, got abc"),
+    ({"trainer.devices": "abc"}, r"trainer.devices must be auto, a count >= 1, -1 \(all\) or "
+                                 r"device indices such as 0,1, got abc"),
+    ({"trainer.devices": "0"}, r"trainer.devices must be auto, a count >= 1"),
     ({"trainer.precision": "17"}, r"trainer.precision must be one of auto, 32"),
     ({"data.num_workers": -1}, r"data.num_workers must be >= 0 or null"),
     ({"seed": -1}, r"seed must be in \[0, 2\*\*32\)"),
@@ -115,6 +117,12 @@ def test_set_assignments_are_parsed_as_yaml():
 def test_bad_overrides_say_what_is_wrong(overrides, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig.preset("finetune").updated(overrides)
+
+
+@pytest.mark.parametrize("devices", ["auto", "2", "-1", "0,1", "1,"])
+def test_every_device_form_lightning_takes_is_accepted(devices):
+    assert TrainConfig.preset("quick").updated({"trainer.devices": devices}).trainer.devices \
+        == devices
 
 
 def test_bad_yaml_key_names_the_file(tmp_path):

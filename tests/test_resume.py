@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from typer.testing import CliRunner
 
 from cxrkit.cli import app
@@ -155,31 +155,36 @@ def test_a_moved_run_folder_keeps_its_best_score(tmp_path):
              "dirpath": str(old), "best_k_models": {str(old / "best.ckpt"): torch.tensor(0.99)},
              "kth_best_model_path": str(old / "best.ckpt"), "kth_value": torch.tensor(0.99),
              "last_model_path": ""}
+    # saved under Lightning's own ModelCheckpoint key, as runs before this class were
+    key = ModelCheckpoint(dirpath=new, filename="best", monitor="val_roc_auc", mode="max",
+                          save_top_k=1, auto_insert_metric_name=False,
+                          enable_version_counter=False).state_key
+    torch.save({"callbacks": {key: state}}, new / "best.ckpt")
     callback = best_checkpoint(new, TrainerConfig())
-    torch.save({"callbacks": {callback.state_key: state}}, new / "best.ckpt")
-    callback = best_checkpoint(new, TrainerConfig())
+    assert callback.state_key == key
     assert float(callback.best_model_score) == pytest.approx(0.99)
     assert callback.best_model_path == str(new / "best.ckpt")
     assert list(callback.best_k_models) == [str(new / "best.ckpt")]
 
 
-class StopAtStep(Callback):
-    """Ctrl+C, delivered at the end of training step `step` of stage `stage`."""
+class CtrlCDuringStep(Callback):
+    """A real Ctrl+C (SIGINT to this process), delivered in the middle of training step
+    `step`: after its forward pass, before its optimiser step."""
 
-    def __init__(self, stage: str, step: int):
-        self.stage, self.step = stage, step
+    def __init__(self, step: int):
+        self.step = step
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if pl_module.stage.name == self.stage and trainer.global_step == self.step:
-            raise KeyboardInterrupt
+    def on_before_backward(self, trainer, pl_module, loss):
+        if trainer.global_step == self.step:
+            signal.raise_signal(signal.SIGINT)
 
 
-def test_an_interrupt_saves_where_it_stopped_and_a_changed_config_is_refused(
+def test_ctrl_c_stops_after_its_step_and_the_resumed_run_is_the_uninterrupted_one(
         tiny_kaggle, tmp_path, monkeypatch):
-    """Ctrl+C mid-stage writes last.ckpt at that step (step checkpoints alone would lose up to
-    checkpoint_every_n_steps) with the logs flushed; resuming after config.yaml was edited
-    is refused (the restored schedule would crash at the end); a damaged last.ckpt says what
-    to delete."""
+    """Ctrl+C mid-step finishes that step, writes last.ckpt there (step checkpoints alone
+    would lose up to checkpoint_every_n_steps) and exits as interrupted; resuming after
+    config.yaml was edited, with a damaged last.ckpt or after the data moved is refused with
+    the fix; the resumed run then equals one never interrupted."""
     from cxrkit.config import ConfigError, DamagedCheckpointError, TrainConfig
     from cxrkit.data.layout import DataLayoutError
     from cxrkit.training import TrainingInterrupted, fit, train
@@ -193,19 +198,23 @@ def test_an_interrupt_saves_where_it_stopped_and_a_changed_config_is_refused(
         "stages.0.epochs": 2, "runs_dir": str(tmp_path / "runs"), "name": "stopped"})
     make_callbacks = fit.make_callbacks
     monkeypatch.setattr(fit, "make_callbacks", lambda *a, **k: [*make_callbacks(*a, **k),
-                                                                 StopAtStep("train", 13)])
-    with pytest.raises(TrainingInterrupted):
+                                                                 CtrlCDuringStep(12)])
+    with pytest.raises(TrainingInterrupted, match=r"Ctrl\+C"):
         train(config)
     monkeypatch.setattr(fit, "make_callbacks", make_callbacks)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
     run = tmp_path / "runs" / "stopped"
-    assert checkpoint(run / "last.ckpt")["global_step"] == 13
-    with open(next((run / "logs").rglob("metrics.csv")), newline="") as f:
-        assert any(r["val_loss"] for r in csv.DictReader(f))  # the first epoch's validation
+    assert checkpoint(run / "last.ckpt")["global_step"] == 13  # step 12 finished, none lost
 
     original = (run / "config.yaml").read_text()
     (run / "config.yaml").write_text(original.replace("epochs: 2", "epochs: 3"))
-    with pytest.raises(ConfigError, match=r"changed since last.ckpt.*stage.epochs"):
+    with pytest.raises(ConfigError, match=r"changed since last.ckpt.*\(stages.0.epochs\)"):
         train(resume=run)
+    (run / "config.yaml").write_text(original.replace("batch_size: 4", "batch_size: 8", 1))
+    with pytest.raises(ConfigError, match=r"\(data.batch_size\)"):  # not only the stage keys
+        train(resume=run)
+    (run / "config.yaml").write_text(original.replace("num_workers: 0", "num_workers: 1"))
+    assert fit.resume_point(run, TrainConfig.load(run / "config.yaml"), 0) == run / "last.ckpt"
     (run / "config.yaml").write_text(original)
 
     good = (run / "last.ckpt").read_bytes()
@@ -221,6 +230,13 @@ def test_an_interrupt_saves_where_it_stopped_and_a_changed_config_is_refused(
 
     train(resume=run)
     assert json.loads((run / "stages.json").read_text())["train"]["global_step"] == 2 * 10
+    reference = train(config.updated({"name": "reference"}))
+    assert val_losses(run) == val_losses(reference)
+
+
+def val_losses(run: Path) -> list[float]:
+    with open(run / "metrics.csv", newline="") as f:
+        return [round(float(r["val_loss"]), 6) for r in csv.DictReader(f) if r["val_loss"]]
 
 
 def test_resume_refuses_the_options_it_would_ignore(tmp_path):

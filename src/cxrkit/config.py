@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -296,8 +297,9 @@ class TrainConfig:
              ">= 0 or null (chosen for this machine)"),
             ("seed", self.seed, 0 <= self.seed < 2**32, "in [0, 2**32)"),
             ("trainer.num_nodes", t.num_nodes, t.num_nodes >= 1, ">= 1"),
-            ("trainer.devices", t.devices, t.devices == "auto" or t.devices.isdigit()
-             and int(t.devices) >= 1, "auto or a count >= 1"),
+            ("trainer.devices", t.devices, t.devices in ("auto", "-1")
+             or re.fullmatch(r"[1-9]\d*|(\d+,)+\d*", t.devices) is not None,
+             "auto, a count >= 1, -1 (all) or device indices such as 0,1"),
             ("trainer.precision", t.precision, t.precision in PRECISIONS,
              f"one of {', '.join(PRECISIONS)}"),
             ("trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps,

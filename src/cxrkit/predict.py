@@ -238,7 +238,7 @@ class Predictor:
     def cam_caption(self, p: Prediction) -> list[str]:
         """['map: evidence for PNEUMONIA', 'P(PNEUMONIA)=0.99, threshold 0.156']: what a saved
         overlay shows, once it is apart from its CSV row (the map explains the called label)."""
-        shown = positive_label(self.labels) or p.label
+        shown = self.positive_label or p.label
         rule = f", threshold {p.threshold:.3f}" if p.threshold is not None else ""
         return [f"map: evidence for {p.label}", f"P({shown})={p.probabilities[shown]:.2f}{rule}"]
 

@@ -30,30 +30,43 @@ def _group_label(samples: list[Sample], group_of: dict[str, str]) -> dict[str, s
     return {g: c.most_common(1)[0][0] for g, c in votes.items()}
 
 
-def _file_digest(path: str) -> str | None:
+HEAD_BYTES = 1 << 16  # compared before whole files: distinct films differ within it
+
+
+def _file_digest(path: str, limit: int | None = None) -> str | None:
+    """SHA-256 of the file (of its first `limit` bytes); None if it cannot be read (the
+    loader reports such files, the split ignores them)."""
     try:
         with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
-    except OSError:  # missing or unreadable: the loader reports it, the split ignores it
+            return hashlib.sha256(f.read(limit) if limit else f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def _same(paths: list[str], key) -> list[list[str]]:
+    """`paths` grouped by key(path), groups of one and unreadable files dropped."""
+    groups: dict[object, list[str]] = defaultdict(list)
+    for path in paths:
+        value = key(path)
+        if value is not None:
+            groups[value].append(path)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
         return None
 
 
 def identical_file_groups(paths: list[str]) -> list[list[str]]:
-    """Groups of byte-identical files. Only files that share their size with another are
-    read, so that a dataset of distinct files costs one stat per file."""
-    by_size: dict[int, list[str]] = defaultdict(list)
-    for path in paths:
-        try:
-            by_size[os.path.getsize(path)].append(path)
-        except OSError:
-            continue
-    by_digest: dict[str, list[str]] = defaultdict(list)
-    for same_size in (g for g in by_size.values() if len(g) > 1):
-        for path in same_size:
-            digest = _file_digest(path)
-            if digest is not None:
-                by_digest[digest].append(path)
-    return [g for g in by_digest.values() if len(g) > 1]
+    """Groups of byte-identical files, narrowed step by step: a stat per file, then the
+    first 64 KiB of the files that share a size (fixed-size exports all do), then the
+    whole of the files whose starts match."""
+    return [group for same_size in _same(paths, _size)
+            for same_start in _same(same_size, lambda p: _file_digest(p, HEAD_BYTES))
+            for group in _same(same_start, _file_digest)]
 
 
 def _patient_groups(samples: list[Sample]) -> dict[str, str]:

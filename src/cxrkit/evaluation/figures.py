@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from cxrkit.evaluation.calibration import expected_calibration_error, reliability_curve
-from cxrkit.evaluation.metrics import ranked_counts, rates
+from cxrkit.evaluation.metrics import average_precision, ranked_counts, rates, roc_auc
 from cxrkit.explain import CAM_COLORMAP
 
 DPI = 110
@@ -70,11 +70,10 @@ def curves_figure(y: np.ndarray, probs: np.ndarray, labels: Sequence[str],
         pos, neg, _ = ranked_counts(is_c, p, ones)
         tp, fp = pos.cumsum(1)[0], neg.cumsum(1)[0]
         recall, precision = tp / max(tp[-1], 1), tp / np.maximum(tp + fp, 1)
-        auc = np.trapezoid(tpr[0], fpr[0])
-        average_precision = np.sum(np.diff(recall, prepend=0) * precision)
-        line, = roc_ax.plot(fpr[0], tpr[0], label=f"{labels[c]}: AUC {auc:.3f}")
+        line, = roc_ax.plot(fpr[0], tpr[0],
+                            label=f"{labels[c]}: AUC {roc_auc(is_c, p, ones)[0]:.3f}")
         pr_ax.step(recall, precision, where="post", color=line.get_color(),
-                   label=f"{labels[c]}: AP {average_precision:.3f}")
+                   label=f"{labels[c]}: AP {average_precision(is_c, p, ones)[0]:.3f}")
         pr_ax.axhline(is_c.mean(), ls=":", color=line.get_color(),
                       label=f"prevalence {is_c.mean():.2f}")
     for name, point in operating_points.items():

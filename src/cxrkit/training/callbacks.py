@@ -34,7 +34,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch.optim.swa_utils import get_ema_avg_fn
 
-from cxrkit.config import MONITORS, ConfigError, StageConfig, TrainerConfig
+from cxrkit.config import MONITORS, ConfigError, DamagedCheckpointError, StageConfig, TrainerConfig
 from cxrkit.training.datamodule import mixed_seed
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,12 @@ class RunFolderCheckpoint(ModelCheckpoint):
     score it restores when the folder's path changed (a run copied or moved before it is
     resumed), and the next epoch, however worse, would then replace best.ckpt."""
 
+    @property
+    def state_key(self) -> str:
+        """ModelCheckpoint's key, so that checkpoints of runs saved before this class keep
+        restoring its state."""
+        return "ModelCheckpoint" + super().state_key.removeprefix(type(self).__qualname__)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         old = state_dict.get("dirpath")
         if old and self.dirpath and old != self.dirpath:
@@ -93,39 +99,61 @@ class RunFolderCheckpoint(ModelCheckpoint):
         super().load_state_dict(state_dict)
 
 
-class CheckpointOnInterrupt(Callback):
-    """RUN/last.ckpt where Ctrl+C or SIGTERM stopped training, so that a resumed run trains
-    none of its steps again (the step checkpoints alone would lose up to
-    `checkpoint_every_n_steps` of them)."""
+STOP_SIGNALS = {signal.SIGINT: "Ctrl+C", signal.SIGTERM: "SIGTERM"}
+
+
+class StopAtBatchEnd(Callback):
+    """Ctrl+C and SIGTERM stop training where a batch ends, and leave RUN/last.ckpt there.
+
+    Both only set Lightning's stop flag: Lightning then stops after the batch in hand, on
+    every process together (its per-batch broadcast). A KeyboardInterrupt raised wherever
+    Ctrl+C lands could cut an optimiser step in half, and Lightning 2.6's own SIGTERM
+    handler broadcasts from within the handler, which deadlocks every rank when it meets a
+    collective in flight. A second Ctrl+C stops at once. With one process, the stop saves
+    last.ckpt at that step (the step checkpoints alone lose up to checkpoint_every_n_steps);
+    with several, saving there would need every rank at the same barrier, so the last step
+    checkpoint stays. `signal_name` says which signal stopped training, if one did."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.signal_name: str | None = None
+        self._previous_sigint = None
 
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt | SIGTERMException):
-            trainer.save_checkpoint(self.path)
-
-
-class SigtermWithoutCollectives(Callback):
-    """Several processes: SIGTERM only recorded, never a collective inside the handler.
-
-    Lightning 2.6's handler broadcasts from within the signal handler; arriving while a
-    gloo/NCCL collective is in flight, that deadlocks every rank (a scheduler's time limit
-    then hangs the job until its SIGKILL). This handler does the rest of what Lightning's
-    does (records the signal, passes it once to the processes the launcher started);
-    Lightning's own per-batch broadcast of the flag then stops every rank together."""
-
-    def on_train_start(self, trainer, pl_module) -> None:
+    def _install(self, trainer) -> None:
         connector = getattr(trainer, "_signal_connector", None)
-        if trainer.world_size == 1 or connector is None:
+        if connector is None or self._previous_sigint is not None:
             return
 
-        def record(signum, frame) -> None:
-            if not connector.received_sigterm and trainer.strategy.launcher is not None:
-                trainer.strategy.launcher.kill(signum)
-            connector.received_sigterm = True
+        def stop(signum, frame) -> None:
+            if signum == signal.SIGINT and self.signal_name is not None:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt  # the second Ctrl+C: now
+            if self.signal_name is None and trainer.strategy.launcher is not None:
+                trainer.strategy.launcher.kill(signum)  # the processes Lightning started
+            self.signal_name = self.signal_name or STOP_SIGNALS[signum]
+            connector.received_sigterm = True  # Lightning's flag, whatever the signal
 
-        signal.signal(signal.SIGTERM, record)
+        self._previous_sigint = signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)  # Lightning puts its own back at teardown
+
+    # Lightning registers its handlers before the sanity check: ours replace them from there.
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self._install(trainer)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._install(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Not in validation: Lightning would skip the rest of it on resume, and the epoch
+        # would never be validated.
+        if (isinstance(exception, SIGTERMException) and trainer.world_size == 1
+                and trainer.training and not trainer.sanity_checking):
+            trainer.save_checkpoint(self.path)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
 
 
 class StepSeeds(Callback):
@@ -137,7 +165,21 @@ class StepSeeds(Callback):
         self.seed = seed
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        torch.manual_seed(mixed_seed(self.seed, trainer.global_step, trainer.global_rank))
+        # the batch's place within an accumulated step too (0 without accumulation)
+        micro = batch_idx % trainer.accumulate_grad_batches
+        torch.manual_seed(mixed_seed(self.seed, trainer.global_step, trainer.global_rank,
+                                     *([micro] if micro else [])))
+
+
+class RecordConfig(Callback):
+    """The run's whole config in every checkpoint, under `key`: a resume compares it with
+    config.yaml, which may have been edited since."""
+
+    def __init__(self, key: str, config: dict):
+        self.key, self.config = key, config
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint[self.key] = self.config
 
 
 class FlushLogsWithCheckpoints(Callback):
@@ -150,6 +192,21 @@ class FlushLogsWithCheckpoints(Callback):
             logger.save()
 
 
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint's contents (tensors and plain values only: `weights_only`), or a
+    DamagedCheckpointError that says what to do."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # cut short, emptied, or not a checkpoint (weights_only refuses pickles)
+        then = ("delete it and resume: the run goes on from the start of the stage it was in"
+                if path.name == LAST else
+                f"the run cannot go on without it: train anew with `cxr train --config "
+                f"{path.parent / 'config.yaml'} --name NEW`")
+        reason = (str(e).splitlines() or [""])[0][:200]
+        raise DamagedCheckpointError(f"{path} cannot be read as a checkpoint ({type(e).__name__}:"
+                                     f" {reason}). If a crash cut it short, {then}") from e
+
+
 def best_checkpoint(run: Path, trainer: TrainerConfig) -> ModelCheckpoint:
     """Keeps RUN/best.ckpt; seeded with the previous stage's best so a stage only replaces it
     when it does better."""
@@ -158,7 +215,7 @@ def best_checkpoint(run: Path, trainer: TrainerConfig) -> ModelCheckpoint:
                                    save_top_k=1, auto_insert_metric_name=False,
                                    enable_version_counter=False)
     if (run / BEST).is_file():
-        saved = torch.load(run / BEST, map_location="cpu", weights_only=True)["callbacks"]
+        saved = read_checkpoint(run / BEST)["callbacks"]
         if callback.state_key in saved:
             callback.load_state_dict(saved[callback.state_key])
     return callback
@@ -194,9 +251,8 @@ def make_callbacks(run: Path, trainer: TrainerConfig, stage: StageConfig | None 
         # last.ckpt every N steps, so a run killed mid-epoch resumes losing little
         RunFolderCheckpoint(dirpath=run, every_n_train_steps=trainer.checkpoint_every_n_steps,
                             save_top_k=0, save_last=True, enable_version_counter=False),
-        CheckpointOnInterrupt(run / LAST),
+        StopAtBatchEnd(run / LAST),
         FlushLogsWithCheckpoints(),
-        SigtermWithoutCollectives(),
         StepSeeds(seed),
         LearningRateMonitor(logging_interval="step"),
         EpochThroughput(),

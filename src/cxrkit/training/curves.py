@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -115,7 +116,7 @@ def plot_curves(run: Path) -> Path:
     # From the lowest point, not from 0: a ROC-AUC rising from 0.96 to 0.997 would be a flat
     # line at the top.
     low = min([v for line in ax_score.get_lines() if line.get_marker() == "o"  # not vlines
-               for v in line.get_ydata()] or [0.0])
+               for v in line.get_ydata() if math.isfinite(v)] or [0.0])
     ax_score.set(xlabel="epoch", ylabel="validation metric", title="Validation",
                  ylim=(max(0.0, low - 0.02), 1.005))
     for ax in (ax_loss, ax_score):

@@ -13,12 +13,13 @@ import logging
 import os
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
 
 from cxrkit.config import DataConfig
@@ -140,8 +141,9 @@ class ResumableLoader(DataLoader):
     sampler starts after them. (A plain loader starts that epoch over in a fresh order and
     stops after the remaining number of batches: some films twice, others not at all.)"""
 
-    def position(self) -> int:
-        return 0
+    def __init__(self, *args, position: Callable[[], int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.position = position
 
     def __iter__(self):
         order: EpochOrder = self.sampler
@@ -240,11 +242,12 @@ class XrayDataModule(LightningDataModule):
                        pin_memory=torch.cuda.is_available(),
                        persistent_workers=self.num_workers > 0, collate_fn=collate_skip_bad)
         weights = balanced_weights(self.labels(split)) if self.data.balanced_sampler else None
-        if shuffle and (self.trainer is None or self.trainer.world_size == 1):
-            loader = ResumableLoader(dataset, sampler=EpochOrder(len(dataset), self.seed, weights),
-                                     **options)
-            loader.position = self._batches_trained_this_epoch
-            return loader
+        # One device: Lightning keeps this loader as it is (a distributed strategy, even on one
+        # device, rebuilds it with a DistributedSampler).
+        if shuffle and (self.trainer is None
+                        or isinstance(self.trainer.strategy, SingleDeviceStrategy)):
+            return ResumableLoader(dataset, sampler=EpochOrder(len(dataset), self.seed, weights),
+                                   position=self._batches_trained_this_epoch, **options)
         sampler = None
         if shuffle and weights is not None:
             sampler, shuffle = WeightedRandomSampler(weights, len(weights)), False

@@ -40,19 +40,29 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule, seed_everything
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.tuner import Tuner
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cxrkit.adapt import adapt_batchnorm
-from cxrkit.config import ConfigError, DamagedCheckpointError, TrainConfig, to_dict
+from cxrkit.config import ConfigError, TrainConfig, to_dict
 from cxrkit.data.layout import DataLayoutError, Sample
 from cxrkit.data.split import read_manifest, write_manifest
 from cxrkit.inference import predict_logits
 from cxrkit.models import Classifier, create_model
 from cxrkit.models.ensemble import Ensemble
 from cxrkit.runs import MODEL_WEIGHTS, load_model, positive_index, save_model
-from cxrkit.training.callbacks import BEST, LAST, make_callbacks, make_loggers, make_trainer
+from cxrkit.training.callbacks import (
+    BEST,
+    LAST,
+    RecordConfig,
+    StopAtBatchEnd,
+    make_callbacks,
+    make_loggers,
+    make_trainer,
+    read_checkpoint,
+)
 from cxrkit.training.curves import collect_metrics, plot_curves
 from cxrkit.training.datamodule import (
     XrayDataModule,
@@ -81,8 +91,6 @@ EXPECTED_WARNINGS = (r"Checkpoint directory .* exists and is not empty",
                      r"Found \d+ module\(s\) in eval mode",
                      r".*isinstance\(treespec, LeafSpec\)",
                      r"You're using the WeightAveraging callback with a model that overrides",
-                     # ResumableLoader resumes from the batch count Lightning restores itself
-                     r"You're resuming from a checkpoint that ended before the epoch ended",
                      # DDP: epoch means of this process's steps, by choice (an all-reduce on
                      # every step would cost more than these numbers are worth)
                      r"It is recommended to use `self.log\('(train_loss|epoch_seconds|"
@@ -226,26 +234,29 @@ def _mark_finished(folder: Path, stage: str, record: dict) -> None:
     _write_json(folder / PROGRESS, done)
 
 
-def _checkpoint(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # cut short, emptied, or not a checkpoint (weights_only refuses pickles)
-        then = ("the run resumes from the start of the stage it was in" if path.name == LAST
-                else "the stage that wrote it is trained again")
-        reason = (str(e).splitlines() or [""])[0][:200]
-        raise DamagedCheckpointError(
-            f"{path} cannot be read as a checkpoint ({type(e).__name__}: {reason}). If a crash "
-            f"cut it short, delete it and resume: {then}") from e
-
-
 def _differences(saved: object, current: object, where: str = "") -> list[str]:
     """Dotted keys whose values differ (keys only one side has are not compared: checkpoints
     of an older cxrkit lack newer fields)."""
     if isinstance(saved, dict) and isinstance(current, dict):
         return [d for key in saved.keys() & current.keys()
                 for d in _differences(saved[key], current[key], f"{where}.{key}".strip("."))]
+    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        return [d for i, (a, b) in enumerate(zip(saved, current, strict=True))
+                for d in _differences(a, b, f"{where}.{i}".strip("."))]
     normalise = json.loads(json.dumps(current))  # tuples read back from YAML as lists
     return [] if saved == normalise else [where]
+
+
+# Lightning's warning for a loader it cannot resume part way through an epoch; the image
+# loader (ResumableLoader) goes on from the batch count Lightning restores itself.
+RESUMABLE_LOADER_WARNING = r"You're resuming from a checkpoint that ended before the epoch ended"
+
+# In every checkpoint (`RecordConfig`): a resumed stage must train with the config it
+# started with. These keys only say where things are or how progress shows: free to change.
+CONFIG_KEY = "cxrkit_config"
+FREE_ON_RESUME = {"data.path", "data.num_workers", "data.cache", "data.cache_dir", "runs_dir",
+                  "name", "trainer.progress_bar", "trainer.mlflow", "trainer.log_every_n_steps",
+                  "trainer.checkpoint_every_n_steps"}
 
 
 def resume_point(folder: Path, config: TrainConfig, index: int) -> Path | None:
@@ -254,13 +265,19 @@ def resume_point(folder: Path, config: TrainConfig, index: int) -> Path | None:
     last = folder / LAST
     if not last.is_file():
         return None
-    saved = _checkpoint(last)["hyper_parameters"]
+    checkpoint = read_checkpoint(last)
+    saved = checkpoint["hyper_parameters"]
     stage = config.stages[index]
     if saved["stage"]["name"] != stage.name:
         return None
-    changed = _differences({k: saved[k] for k in ("stage", "optim", "loss") if k in saved},
-                           {"stage": to_dict(stage), "optim": to_dict(config.optim),
-                            "loss": to_dict(config.loss)})
+    if CONFIG_KEY in checkpoint:  # the whole config, but what only says where or how to show
+        current = to_dict(config)
+        changed = [key for key in _differences(checkpoint[CONFIG_KEY], current)
+                   if key not in FREE_ON_RESUME]
+    else:  # a checkpoint of an older cxrkit: what its module recorded
+        changed = _differences({k: saved[k] for k in ("stage", "optim", "loss") if k in saved},
+                               {"stage": to_dict(stage), "optim": to_dict(config.optim),
+                                "loss": to_dict(config.loss)})
     if changed:
         raise ConfigError(
             f"{folder / CONFIG} changed since {LAST} was written ({', '.join(sorted(changed))}): "
@@ -270,7 +287,7 @@ def resume_point(folder: Path, config: TrainConfig, index: int) -> Path | None:
 
 
 def load_weights(model: Classifier, checkpoint: Path) -> None:
-    state = _checkpoint(checkpoint)["state_dict"]
+    state = read_checkpoint(checkpoint)["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()
                            if k.startswith("model.")})
 
@@ -293,15 +310,22 @@ def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None)
     if resume_from is None and index > 0:
         load_weights(model, run.folder / BEST)  # start from the best of the stages before
     module, datamodule = build_stage(run, index, model, run.folder)
-    trainer = make_trainer(run.folder, stage, run.config.trainer,
-                           callbacks=make_callbacks(run.folder, run.config.trainer, stage,
-                                                    run.config.seed),
+    callbacks = [*make_callbacks(run.folder, run.config.trainer, stage, run.config.seed),
+                 RecordConfig(CONFIG_KEY, to_dict(run.config))]
+    trainer = make_trainer(run.folder, stage, run.config.trainer, callbacks=callbacks,
                            loggers=make_loggers(run.folder, stage.name, run.config.trainer))
     with warnings.catch_warnings():
         for message in EXPECTED_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
+        if (isinstance(datamodule, XrayDataModule)  # its one-device loader resumes part way
+                and isinstance(trainer.strategy, SingleDeviceStrategy)):
+            warnings.filterwarnings("ignore", message=RESUMABLE_LOADER_WARNING)
         start = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        except SIGTERMException as e:  # Lightning's stop flag, set by Ctrl+C or SIGTERM
+            stop = next(c for c in callbacks if isinstance(c, StopAtBatchEnd))
+            raise _Stopped(stop.signal_name or "SIGTERM") from e
         seconds = time.perf_counter() - start  # of this process's fit: a resumed stage's remainder
     trainer.save_checkpoint(run.folder / LAST, weights_only=False)
     if trainer.is_global_zero:
@@ -346,7 +370,7 @@ def finish(run: Run) -> dict:
     best = run.folder / BEST
     module = ClassifierModule.load_from_checkpoint(best, map_location="cpu", weights_only=True)
     save_model(module.model.eval(), run.folder)
-    meta = _checkpoint(best)
+    meta = read_checkpoint(best)
     metrics = validation_metrics(module.model, module.criterion, run)
     # best_epoch counts from 1 within its stage, as the progress bar, CLI and report show it
     metrics.update(best_stage=module.stage.name, best_epoch=meta["epoch"] + 1,
@@ -409,6 +433,15 @@ def _remove_if_unstarted(folder: Path) -> None:
         shutil.rmtree(folder)
 
 
+class _Stopped(BaseException):
+    """A stage stopped by a signal; `train` names the run to resume (an ensemble's, not its
+    member's)."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
 class TrainingInterrupted(Exception):
     """Training stopped by Ctrl+C or SIGTERM (a scheduler's time limit, `kill`): `folder`
     continues from its last checkpoint with `train(resume=folder)`."""
@@ -437,7 +470,9 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None) -
         if resume is None:
             _remove_if_unstarted(run.folder)
         raise
-    except SIGTERMException as e:  # a SystemExit without a code: it would exit with success
+    except _Stopped as e:
+        raise TrainingInterrupted(run.folder, e.signal_name) from e
+    except SIGTERMException as e:  # outside a stage's fit; a SystemExit: it would exit 0
         raise TrainingInterrupted(run.folder, "SIGTERM") from e
     except (KeyboardInterrupt, SystemExit) as e:  # Lightning turns Ctrl+C into exit(1)
         raise TrainingInterrupted(run.folder, "Ctrl+C") from e
