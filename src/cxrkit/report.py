@@ -27,6 +27,7 @@ from cxrkit.data.split import read_manifest, shared_patients
 from cxrkit.evaluation import EVAL_DIR, evaluate_run
 from cxrkit.evaluation.evaluate import COLLAPSED
 from cxrkit.evaluation.paired import paired_difference, read_scored
+from cxrkit.evaluation.thresholds import point_name
 from cxrkit.runs import Calibration, load_spec, model_folder, positive_label, read_calibration
 
 log = logging.getLogger(__name__)
@@ -245,9 +246,10 @@ def metric_rows(evals: list[dict]) -> list[dict]:
         points.sort(key=lambda p: p != "validation")  # the deployed default first
         for point in points:
             ops = [m.get("operating_points", {}).get(point, {}) for m in evals]
-            rows.append({"group": point, "name": "Threshold",
+            group = f"at the {point_name(point)} threshold"
+            rows.append({"group": group, "name": "Threshold",
                          "cells": [f"{o['threshold']:.4f}" if o else "–" for o in ops]})
-            rows += [{"group": point, "name": NAMES[k], "cells": [format_metric(k, o.get(k))
+            rows += [{"group": group, "name": NAMES[k], "cells": [format_metric(k, o.get(k))
                                                                   for o in ops]} for k in RATES]
         return rows
     for key in ("accuracy", "balanced_accuracy"):

@@ -19,18 +19,19 @@ SPEC_AT_97 = "Spec@97: the best specificity any threshold gives at 97% sensitivi
 
 def _summary(metrics: dict) -> Table:
     """One evaluation: threshold-free metrics in their own column, then each operating point."""
+    from cxrkit.evaluation.thresholds import point_name
     from cxrkit.report import RATES, SCORES, format_metric
 
     deployed = metrics.get("deployed_operating_point")
     table = Table(title=f"{metrics['name']}: n={metrics['n']} images, "
                         f"{metrics['n_patients']} patients (95% CI)",
-                  caption=deployed and f"deployed: {deployed}, chosen on "
+                  caption=deployed and f"deployed: {point_name(deployed)}, chosen on "
                                        f"{metrics['threshold_chosen_on']}")
     table.add_column("metric")
     table.add_column("any threshold", justify="right")
     points = metrics.get("operating_points", {})
     for name, point in points.items():
-        table.add_column(f"{name} (t={point['threshold']:.3f})", justify="right")
+        table.add_column(f"{point_name(name)} (t={point['threshold']:.3f})", justify="right")
     blank = [""] * len(points)
     if not points:  # multi-class
         for key in ("accuracy", "balanced_accuracy"):

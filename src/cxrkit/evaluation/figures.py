@@ -12,20 +12,17 @@ from PIL import Image
 
 from cxrkit.evaluation.calibration import expected_calibration_error, reliability_curve
 from cxrkit.evaluation.metrics import average_precision, ranked_counts, rates, roc_auc
+from cxrkit.evaluation.thresholds import point_name
 from cxrkit.explain import CAM_COLORMAP
 
 DPI = 110
 MARKERS = {"default_0.5": ("o", "tab:gray"), "validation": ("s", "tab:red"),
            "validation_framing": ("D", "tab:purple"), "target_sensitivity": ("^", "tab:green")}
-# How the operating points read in a legend; all were chosen before the films plotted.
-POINT_NAMES = {"default_0.5": "fixed 0.5", "validation": "Youden's J",
-               "validation_framing": "Youden's J, framing-robust",
-               "target_sensitivity": "sensitivity target"}
 
 
 def point_label(name: str, threshold: float, deployed: str | None) -> str:
     """'Youden's J, t=0.156 (deployed)': the legend entry of an operating point."""
-    label = f"{POINT_NAMES.get(name, name)}, t={threshold:.3f}"
+    label = f"{point_name(name)}, t={threshold:.3f}"
     return f"{label} (deployed)" if name == deployed else label
 
 

@@ -11,6 +11,16 @@ import numpy as np
 
 from cxrkit.evaluation.metrics import rates
 
+# How each operating point of an evaluation (metrics.json's `operating_points`) reads in a
+# figure, table or report; every one was chosen before the films it is applied to.
+POINT_NAMES = {"default_0.5": "fixed 0.5", "validation": "Youden's J",
+               "validation_framing": "Youden's J, framing-robust",
+               "target_sensitivity": "sensitivity target"}
+
+
+def point_name(name: str) -> str:
+    return POINT_NAMES.get(name, name)
+
 
 def _check_both_classes(y: np.ndarray) -> None:
     if y.all() or not y.any():
