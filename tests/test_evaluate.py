@@ -405,7 +405,7 @@ def test_calibrating_on_another_sites_films_is_validating_on_them(trained_run, t
                                       "--bootstrap", "10", "--no-figures"])
     assert result.exit_code == 0, result.output
     unwrapped = "".join(result.output.split())  # Rich wraps lines, even inside a path
-    assert "".join(f"deployed: validation, chosen on {site}: Youden's J".split()) in unwrapped
+    assert "".join(f"deployed: Youden's J, chosen on {site}: Youden's J".split()) in unwrapped
 
 
 def test_calibrating_on_the_evaluated_films_is_refused(trained_run, tmp_path):
