@@ -339,7 +339,9 @@ def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None)
 
 
 def _write_skipped(folder: Path, unreadable: dict[str, list[str]]) -> None:
-    """RUN/skipped_files.csv: the train and val films training could not read, if any."""
+    """RUN/skipped_files.csv: the train and val films training could not read; none, no file
+    (one left by an earlier attempt, before the films were fixed, goes)."""
+    (folder / SKIPPED).unlink(missing_ok=True)
     if unreadable:
         with open(folder / SKIPPED, "w", newline="") as f:
             writer = csv.writer(f)
