@@ -1,7 +1,8 @@
 """Lightning callbacks and loggers of a run, and the Trainer that uses them.
 
     RUN/best.ckpt       best `trainer.monitor` over all stages (val ROC-AUC by default)
-    RUN/last.ckpt       every `checkpoint_every_n_steps` optimiser steps and at a stage's end
+    RUN/last.ckpt       every `checkpoint_every_n_steps` optimiser steps, at a stage's end and
+                        where Ctrl+C or SIGTERM stopped training (`StopAtBatchEnd`)
                         (with `stage.ema_decay`: the averaged weights, the raw ones beside them)
     RUN/logs/STAGE/version_N/metrics.csv   one CSVLogger per stage and attempt
     RUN/tb/STAGE/       TensorBoard
