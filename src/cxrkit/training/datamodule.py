@@ -241,17 +241,16 @@ class XrayDataModule(LightningDataModule):
         options = dict(batch_size=self.batch_size, num_workers=self.num_workers,
                        pin_memory=torch.cuda.is_available(),
                        persistent_workers=self.num_workers > 0, collate_fn=collate_skip_bad)
-        weights = balanced_weights(self.labels(split)) if self.data.balanced_sampler else None
+        balanced = shuffle and self.data.balanced_sampler
         # One device: Lightning keeps this loader as it is (a distributed strategy, even on one
         # device, rebuilds it with a DistributedSampler).
         if shuffle and (self.trainer is None
                         or isinstance(self.trainer.strategy, SingleDeviceStrategy)):
+            weights = balanced_weights(self.labels(split)) if balanced else None
             return ResumableLoader(dataset, sampler=EpochOrder(len(dataset), self.seed, weights),
                                    position=self._batches_trained_this_epoch, **options)
-        sampler = None
-        if shuffle and weights is not None:
-            sampler, shuffle = WeightedRandomSampler(weights, len(weights)), False
-        return DataLoader(dataset, shuffle=shuffle, sampler=sampler, **options)
+        sampler = balanced_sampler(self.labels(split)) if balanced else None
+        return DataLoader(dataset, shuffle=shuffle and not balanced, sampler=sampler, **options)
 
     def _batches_trained_this_epoch(self) -> int:
         """Lightning's count (restored from a checkpoint on resume, reset at each epoch)."""
