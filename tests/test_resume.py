@@ -240,10 +240,12 @@ def val_losses(run: Path) -> list[float]:
 
 
 def test_resume_refuses_the_options_it_would_ignore(tmp_path):
-    result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path), "--epochs", "2",
-                                      "--set", "optim.schedule=constant"])
+    run = tmp_path / ("a-run-folder-with-a-long-name-" * 3)  # longer than the terminal is wide
+    result = CliRunner().invoke(app, ["train", "--resume", str(run), "--epochs", "2",
+                                      "--set", "optim.schedule=constant"], env={"COLUMNS": "80"})
     message = " ".join(result.output.split())
     assert result.exit_code == 2 and "--epochs, --set would be ignored" in message
-    assert f"--config {tmp_path}/config.yaml --name NEW" in message
+    # the command to run instead is printed whole, never cut inside a path: it stays copyable
+    assert f"--config {run}/config.yaml --name NEW" in result.output
     result = CliRunner().invoke(app, ["run", "--resume", str(tmp_path), "--tta", "--name", "x"])
     assert result.exit_code == 2 and "--name would be ignored" in " ".join(result.output.split())

@@ -76,8 +76,9 @@ def test_png_jpeg_and_dicom_predicted_like_the_python_api(server, trained_run, f
         assert body["filename"] == name and body["cam_png"] is None
         assert body["label"] == expected[name].label
         assert (body["threshold"], body["positive_label"]) == (0.5, "PNEUMONIA")
+        # atol: a GPU's kernels for a batch of one and of three differ in the last digits
         np.testing.assert_allclose(list(body["probabilities"].values()),
-                                   list(expected[name].probabilities.values()), atol=1e-6)
+                                   list(expected[name].probabilities.values()), atol=1e-5)
 
 
 def test_gradcam_overlay_comes_back_as_png(server, films):

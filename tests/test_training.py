@@ -111,7 +111,8 @@ def test_best_epoch_names_the_epoch_whose_weights_were_kept(two_stage_run):
     assert len({stage for _, stage, _ in losses}) == 2
     loss, stage, epoch = min(losses)
     assert (chosen["best_stage"], chosen["best_epoch"]) == (stages[stage], epoch + 1)
-    assert chosen["loss"] == pytest.approx(loss, rel=1e-4)
+    # on a GPU, training validates under bf16 autocast; the final score is fp32, as deployed
+    assert chosen["loss"] == pytest.approx(loss, rel=1e-2 if torch.cuda.is_available() else 1e-4)
 
 
 def test_split_is_grouped_by_patient_and_keeps_test_apart(two_stage_run):
@@ -258,7 +259,8 @@ def test_norm_stats_train_starts_from_the_training_films_statistics(tiny_kaggle,
     torch.manual_seed(config.seed)  # the same initial weights as the run's
     fresh = build_model(config, ["NORMAL", "PNEUMONIA"])
     train_paths = [s.path for s in read_manifest(run / "split.csv") if s.split == "train"]
-    expected = adapt_batchnorm(copy.deepcopy(fresh), train_paths, 8, "cpu").state_dict()
+    # on the device the run used: a GPU's TF32 convolutions differ from the CPU's at 1e-3
+    expected = adapt_batchnorm(copy.deepcopy(fresh), train_paths, 8).state_dict()
     trained = load_model(run).state_dict()
     stats = [k for k in expected if k.startswith("backbone.") and "running_" in k]
     assert stats
@@ -274,7 +276,8 @@ class _RecordWeights(Callback):
         self.steps: list[dict[str, torch.Tensor]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.steps.append({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()
+        self.steps.append({k: v.detach().cpu().clone()
+                           for k, v in pl_module.model.state_dict().items()
                            if v.is_floating_point()})
 
 

@@ -21,7 +21,8 @@ app = typer.Typer(
 data_app = typer.Typer(help="Download, audit and split datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-console = Console(stderr=True)
+# soft_wrap: the terminal wraps long lines, Rich never cuts a path or command in two (copyable)
+console = Console(stderr=True, soft_wrap=True)
 
 # The API's errors for a user's mistake, each saying the fix: printed as one line, no traceback.
 # (KaggleDownloadError is a RuntimeError; DataLayoutError, ConfigError and UnreadableImageError
