@@ -42,7 +42,8 @@ CONFIG = typer.Option(None, "--config", help="YAML with the config fields to cha
                       "preset. A `stages:` list replaces the preset's stages, each starting "
                       "from the stage defaults; to change one field of a preset's stage, --set "
                       "stages.0.epochs=1.")
-MODEL = typer.Option(None, "--model", help="efficientnet_lite0/1/2, simple_cnn or timm:<name>.")
+MODEL = typer.Option(None, "--model", help="efficientnet_lite0/1/2, simple_cnn, timm:<name>, "
+                     "or one a package registers (cxrkit.models.register_model).")
 WEIGHTS = typer.Option(None, "--weights", help="Start from these weights (.safetensors or a "
                        "state dict).")
 PRETRAINED = typer.Option(None, "--pretrained/--no-pretrained", help="ImageNet weights "

