@@ -141,12 +141,15 @@ def test_inspect_image_facts(planted):
 def test_outputs_json_figures_and_one_self_contained_html(audited):
     r, out = audited
     assert json.loads((out / "audit.json").read_text()) == json.loads(json.dumps(r.to_dict()))
-    assert set(r.figures) == FIGURES
+    assert set(r.figures) == FIGURES | {"near_duplicates"}  # the planted pair, to look at
     for path in r.figures.values():
         assert Path(path).parent == out
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(r.figures["near_duplicates"]) as pairs:  # one pair: one row of three
+        assert pairs.width > 2 * pairs.height
     page = (out / "audit.html").read_text()
-    assert page.count("data:image/png;base64,") == len(FIGURES)
+    assert page.count("data:image/png;base64,") == len(FIGURES) + 1
+    assert "one film twice (a black difference) across train and test is a leak" in page
     assert "http" not in page.replace("http-equiv", "")  # nothing fetched from elsewhere
     for expected in ("IM-0099-0000.jpeg", "empty file", "IM-0002", "person1009_bacteria_9.jpeg",
                      "IM-1050-0000.png", "VIRUS", "I;16"):

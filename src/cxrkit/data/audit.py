@@ -372,7 +372,7 @@ def audit_dataset(data_path: str | Path, out_dir: str | Path, patient_pattern: s
     if figures:
         from cxrkit.data.audit_figures import write_audit_figures
 
-        result.figures = write_audit_figures(samples, facts, spec, out_dir)
+        result.figures = write_audit_figures(samples, facts, spec, out_dir, near)
     result.seconds = round(time.perf_counter() - start, 2)
     (out_dir / "audit.json").write_text(json.dumps(result.to_dict(), indent=2))
     write_audit_html(result, out_dir / "audit.html")

@@ -16,9 +16,10 @@ from cxrkit.data.transforms import train_transform
 from cxrkit.models import ModelSpec
 
 if TYPE_CHECKING:
-    from cxrkit.data.audit import ImageFacts
+    from cxrkit.data.audit import ImageFacts, NearDuplicate
 
 AUGMENTATIONS_SHOWN = 7
+NEAR_PAIRS_SHOWN = 6
 DPI = 100
 
 
@@ -144,8 +145,35 @@ def plot_augmentation_preview(film: np.ndarray, spec: ModelSpec, path: Path) -> 
     return _save(fig, path)
 
 
+def plot_near_duplicates(pairs: list[NearDuplicate], path: Path, size: int = 224) -> str:
+    """The closest near-duplicate pairs side by side with their difference, pairs across
+    splits first: whether two films are one film (a leak between splits) or two films of
+    one patient taken apart is a judgement a look settles, a hash distance does not."""
+    from cxrkit.data.io import read_image
+    from cxrkit.data.transforms import prepare
+
+    shown = sorted(pairs, key=lambda p: (p.split_a == p.split_b, p.distance))[:NEAR_PAIRS_SHOWN]
+    fig = Figure(figsize=(6.6, 2.5 * len(shown)))
+    axes = np.array(fig.subplots(len(shown), 3, squeeze=False))
+    for row, pair in zip(axes, shown, strict=True):
+        films = [prepare(read_image(f), size)[0].numpy() for f in (pair.a, pair.b)]
+        difference = np.abs(films[0].astype(np.int16) - films[1]).astype(np.uint8)
+        for ax, film, file, split in ((row[0], films[0], pair.a, pair.split_a),
+                                      (row[1], films[1], pair.b, pair.split_b)):
+            ax.imshow(film, cmap="gray", vmin=0, vmax=255)
+            ax.set_title(f"{_short(Path(file).name)} ({split or 'no split'})", fontsize=8)
+        row[2].imshow(difference, cmap="gray", vmin=0, vmax=255)
+        row[2].set_title(f"|difference|: mean {difference.mean():.1f} of 255\n"
+                         f"hash distance {pair.distance}", fontsize=8)
+        for ax in row:
+            ax.axis("off")
+    fig.suptitle(f"The {len(shown)} closest near-duplicate pairs, those across splits first",
+                 fontsize=10)
+    return _save(fig, path)
+
+
 def write_audit_figures(samples: list[Sample], facts: list[ImageFacts], spec: ModelSpec,
-                        out_dir: Path) -> dict[str, str]:
+                        out_dir: Path, near: list[NearDuplicate] = ()) -> dict[str, str]:
     """All figures into out_dir; returns {name: path}."""
     figures = {
         "class_balance": plot_class_balance(samples, out_dir / "class_balance.png"),
@@ -157,4 +185,7 @@ def write_audit_figures(samples: list[Sample], facts: list[ImageFacts], spec: Mo
     if previews:
         figures["augmentation"] = plot_augmentation_preview(previews[0], spec,
                                                             out_dir / "augmentation.png")
+    if near:
+        figures["near_duplicates"] = plot_near_duplicates(near, out_dir / "near_duplicates.png",
+                                                          spec.input_size)
     return figures

@@ -104,6 +104,10 @@ FIGURE_CAPTIONS = {
                  "exposed or processed differently is a shortcut a model can learn.",
     "augmentation": "One film and random training augmentations of it, with the share of "
                     "pixels each draw saturates to white.",
+    "near_duplicates": "The closest pairs of films whose perceptual hashes nearly agree, "
+                       "pairs across splits first, each with the two films' pixel difference: "
+                       "one film twice (a black difference) across train and test is a leak; "
+                       "two films of one patient taken apart show anatomy in the difference.",
 }
 
 
