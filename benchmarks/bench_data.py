@@ -41,7 +41,8 @@ from PIL import Image, ImageEnhance
 from torch.utils.data import DataLoader
 
 from cxrkit.data.audit import PHASH_SIZE, audit_dataset
-from cxrkit.data.dataset import DecodeCache, XrayDataset, collate_skip_bad
+from cxrkit.data.cache import DecodeCache
+from cxrkit.data.dataset import XrayDataset, collate_skip_bad
 from cxrkit.data.io import read_image
 from cxrkit.data.layout import Sample, load_source
 from cxrkit.data.transforms import ModelInput, train_transform

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from cxrkit.data.dataset import DecodeCache, XrayDataset, collate_skip_bad, load_prepared
+from cxrkit.data.cache import DecodeCache
+from cxrkit.data.dataset import XrayDataset, collate_skip_bad, load_prepared
 from cxrkit.data.layout import Sample, load_source
 from cxrkit.data.transforms import ModelInput, eval_transform, train_transform
 from cxrkit.models import ModelSpec, create_model

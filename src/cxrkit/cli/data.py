@@ -1,4 +1,4 @@
-"""`cxr data download | audit | split`: thin wrappers over cxrkit.data."""
+"""`cxr data download | audit | split | cache`: thin wrappers over cxrkit.data."""
 
 from __future__ import annotations
 
@@ -120,3 +120,27 @@ def split(
     leaked = shared_patients(samples, "train", "val")
     console.print(f"{len(leaked)} patients shared between train and val")
     typer.echo(out)
+
+
+@data_app.command()
+def cache(
+    folder: Path | None = typer.Option(None, "--dir", help="The decode cache: "
+                                       "`data.cache_dir`/decoded; default: "
+                                       "$CXRKIT_CACHE/decoded, else ~/.cache/cxrkit/decoded."),
+    clear_all: bool = typer.Option(False, "--clear", help="Remove every entry; the next run "
+                                   "decodes its films again."),
+) -> None:
+    """Show the decode cache (films decoded and resized once, reused by later runs), or clear
+    it. It stays under CXRKIT_CACHE_MAX_GB (default 20), least recently used entries first."""
+    from cxrkit.data import cache as decoded  # torch: imported when needed
+
+    folder = folder or decoded.DEFAULT_CACHE_DIR / decoded.DECODED
+    if clear_all:
+        console.print(f"freed {decoded.clear(folder) / 2**20:,.0f} MB in {folder}")
+        return
+    entries = decoded.cache_entries(folder)
+    for entry in reversed(entries):  # the most recently used first
+        console.print(entry.describe())
+    total = sum(e.nbytes for e in entries)
+    console.print(f"{folder}: {len(entries)} entries, {total / 2**20:,.0f} MB of at most "
+                  f"{decoded.cache_limit_bytes() / 2**30:g} GB; `cxr data cache --clear` frees it")

@@ -1,4 +1,4 @@
-"""A torch Dataset over samples, with an optional decode-once cache.
+"""A torch Dataset over samples, reading films through an optional decode-once cache.
 
 A file that cannot be read yields `None`; `collate_skip_bad` drops it from the
 batch and the file is logged once, so one bad image never kills a long run.
@@ -6,15 +6,10 @@ batch and the file is logged once, so one bad image never kills a long run.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
@@ -22,72 +17,15 @@ from cxrkit.data.io import UnreadableImageError, read_image
 from cxrkit.data.layout import Sample
 from cxrkit.data.transforms import prepare
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from cxrkit.data.cache import DecodeCache
 
-DEFAULT_CACHE_DIR = Path(os.environ.get("CXRKIT_CACHE", Path.home() / ".cache" / "cxrkit"))
+log = logging.getLogger(__name__)
 
 
 def load_prepared(path: str, size: int, equalize: bool, crop: float = 1.0) -> torch.Tensor:
     return prepare(read_image(path), size, equalize, crop)
 
-
-def _prepare_or_none(args: tuple[str, int, bool]) -> np.ndarray | None:
-    try:
-        return load_prepared(*args)[0].numpy()
-    except UnreadableImageError as e:
-        log.warning("skipping unreadable image %s", e)
-        return None
-
-
-class DecodeCache:
-    """Every sample decoded and resized once into a memory-mapped uint8 array.
-
-    The file name hashes the paths, sizes, modification times and preprocessing,
-    so a changed dataset or input size builds a new cache instead of reusing a stale one.
-    """
-
-    def __init__(self, samples: Sequence[Sample], size: int, equalize: bool = False,
-                 cache_dir: str | Path = DEFAULT_CACHE_DIR / "decoded", workers: int | None = None):
-        self.size = size
-        key = self._key(samples, size, equalize)
-        cache_dir = Path(cache_dir)
-        self.array_path = cache_dir / f"{key}.u8"
-        self.valid_path = cache_dir / f"{key}.valid.json"
-        if not self.valid_path.exists():
-            self._build(samples, equalize, workers or min(4, os.cpu_count() or 1))
-        self.valid = json.loads(self.valid_path.read_text())
-        self.array = np.memmap(self.array_path, dtype=np.uint8, mode="r",
-                               shape=(len(samples), size, size))
-
-    @staticmethod
-    def _key(samples: Sequence[Sample], size: int, equalize: bool) -> str:
-        h = hashlib.sha256(f"{size}:{equalize}".encode())
-        for s in samples:
-            st = os.stat(s.path) if os.path.exists(s.path) else None
-            h.update(f"{s.path}:{st and st.st_size}:{st and st.st_mtime_ns}\n".encode())
-        return h.hexdigest()[:20]
-
-    def _build(self, samples: Sequence[Sample], equalize: bool, workers: int) -> None:
-        self.array_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.array_path.with_suffix(".tmp")
-        array = np.memmap(tmp, dtype=np.uint8, mode="w+",
-                          shape=(max(len(samples), 1), self.size, self.size))
-        valid = []
-        jobs = [(s.path, self.size, equalize) for s in samples]
-        with ProcessPoolExecutor(workers) as pool:
-            for i, pixels in enumerate(pool.map(_prepare_or_none, jobs, chunksize=32)):
-                valid.append(pixels is not None)
-                if pixels is not None:
-                    array[i] = pixels
-        array.flush()
-        del array
-        os.replace(tmp, self.array_path)  # atomic: a killed build leaves no half cache
-        self.valid_path.write_text(json.dumps(valid))
-
-    def __getitem__(self, i: int) -> torch.Tensor | None:
-        if not self.valid[i]:
-            return None
-        return torch.from_numpy(np.array(self.array[i]))[None]
 
 
 class XrayDataset(Dataset):

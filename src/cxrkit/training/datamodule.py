@@ -23,7 +23,8 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
 
 from cxrkit.config import DataConfig
-from cxrkit.data.dataset import DEFAULT_CACHE_DIR, DecodeCache, XrayDataset, collate_skip_bad
+from cxrkit.data.cache import DECODED, DEFAULT_CACHE_DIR, DecodeCache
+from cxrkit.data.dataset import XrayDataset, collate_skip_bad
 from cxrkit.data.kaggle import resolve_data
 from cxrkit.data.layout import DataLayoutError, Sample, load_source
 from cxrkit.data.patients import kermany_subtype
@@ -179,7 +180,7 @@ class XrayDataModule(LightningDataModule):
             return None
         cache_dir = Path(self.data.cache_dir) if self.data.cache_dir else DEFAULT_CACHE_DIR
         return DecodeCache(self.samples[split], self.spec.input_size, self.data.equalize,
-                           cache_dir / "decoded")
+                           cache_dir / DECODED)
 
     def prepare_data(self) -> None:
         for split in self.samples:  # decode once, on one process per node
