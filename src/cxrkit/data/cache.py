@@ -2,7 +2,7 @@
 
 One entry per (films, size, preprocessing): a `.u8` array and a `.valid.json` of which
 films decoded. Each new split or input size adds one (Kermany's train split at 224 px:
-262 MB), so the folder is kept under a limit, least recently used entries going first
+212 MB), so the folder is kept under a limit, least recently used entries going first
 (`CXRKIT_CACHE_MAX_GB`, default 20), and `cxr data cache` shows or clears it.
 """
 
