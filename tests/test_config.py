@@ -137,6 +137,15 @@ def test_unknown_preset():
         TrainConfig.preset("fast")
 
 
+def test_preset_takes_the_clis_shortcuts_and_overrides_win():
+    config = TrainConfig.preset("finetune", data="data/x", epochs=4, lr=0.01, batch_size=16,
+                                overrides={"stages.0.batch_size": 8})
+    assert [s.epochs for s in config.stages] == [15, 4]  # epochs: the last stage's
+    assert config.stages[1].lr == 0.01 and config.stages[0].lr == 3e-3
+    assert config.data.batch_size == 16 and [s.batch_size for s in config.stages] == [8, 16]
+    assert TrainConfig.preset("finetune") == TrainConfig.preset("finetune", epochs=None)
+
+
 def test_cli_options_map_onto_the_config(tmp_path):
     config = build_config(
         "data/x", "finetune", None,

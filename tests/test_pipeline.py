@@ -10,6 +10,9 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from cxrkit.cli import app
+from cxrkit.config import TrainConfig
+from cxrkit.pipeline import run
+from cxrkit.report import summary
 from tests.test_training import TINY
 
 
@@ -35,6 +38,20 @@ def test_cxr_run_does_the_whole_job_on_the_default_recipe_as_an_ensemble(tiny_ka
     said = " ".join(result.output.split())  # the job's results, not only a folder
     assert "Validation (" in said and "ensemble of 2 members" in said
     assert "test (16 films, at the deployed threshold): Accuracy " in said
+
+
+def test_the_main_job_from_python(tiny_kaggle, tmp_path):
+    """`cxrkit.pipeline.run`, what `cxr run` calls: one call from config to report."""
+    config = TrainConfig.preset("scratch", data=str(tiny_kaggle), epochs=2, overrides={
+        **TINY, "data.cache_dir": str(tmp_path / "cache"), "runs_dir": str(tmp_path / "runs"),
+        "name": "job"})
+    job = run(config)
+    assert job.folder == tmp_path / "runs" / "job"
+    assert job.evaluation == job.folder / "eval" / "test" and job.report.is_file()
+    assert (job.folder / "audit" / "audit.html").is_file()
+    numbers = summary(job.evaluation)
+    assert numbers["n"] == 16 and 0 <= numbers["roc_auc"] <= 1
+    assert run(resume=job.folder).evaluation == job.evaluation  # a finished run: evaluated again
 
 
 def test_version():

@@ -200,17 +200,39 @@ class TrainConfig:
 
     @classmethod
     def preset(cls, name: str = "default", data: str | None = None,
-               overrides: dict[str, Any] | None = None) -> TrainConfig:
+               overrides: dict[str, Any] | None = None, *, epochs: int | None = None,
+               lr: float | None = None, batch_size: int | None = None) -> TrainConfig:
         """A named recipe: `quick` (one end-to-end epoch of pretrained Lite0, minutes on a CPU),
         `default` (the whole pretrained Lite0 fine-tuned, 8 epochs), `finetune` (a head on
         frozen features, then fine-tuning) or `scratch` (simple_cnn from scratch); `data` is a
-        folder, a CSV manifest or "kaggle"; `overrides` as in `updated`."""
+        folder, a CSV manifest or "kaggle"; `epochs`, `lr`, `batch_size` as in `shortcuts`;
+        `overrides` as in `updated`, applied last.
+
+            TrainConfig.preset("default", data="chest_xray/", epochs=4)
+        """
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         config = _PRESETS[name]()
         if data is not None:
             config.data.path = str(data)
-        return config.updated(overrides or {})
+        return config.updated({**config.shortcuts(epochs, lr, batch_size), **(overrides or {})})
+
+    def shortcuts(self, epochs: int | None = None, lr: float | None = None,
+                  batch_size: int | None = None) -> dict[str, Any]:
+        """The overrides that `cxr train --epochs/--lr/--batch-size` mean: the epochs and
+        learning rate of the last stage (the one that fine-tunes the whole model), the batch
+        size of every stage. None leaves a field as it is."""
+        last = len(self.stages) - 1
+        overrides: dict[str, Any] = {}
+        if batch_size is not None:
+            overrides["data.batch_size"] = batch_size
+            overrides.update({f"stages.{i}.batch_size": batch_size
+                              for i in range(len(self.stages))})
+        if epochs is not None:
+            overrides[f"stages.{last}.epochs"] = epochs
+        if lr is not None:
+            overrides[f"stages.{last}.lr"] = lr
+        return overrides
 
     @classmethod
     def from_dict(cls, values: dict, base: TrainConfig | None = None) -> TrainConfig:

@@ -39,45 +39,30 @@ def run_all(
     set_: list[str] = SET,
 ) -> None:
     """The main job: train, audit the data, evaluate on the test split, write report.html."""
-    from cxrkit.data.audit import audit_dataset
-    from cxrkit.evaluation import evaluate_run
-    from cxrkit.report import NAMES, build_report, format_metric, headline
-    from cxrkit.training import TrainingInterrupted, train
+    from cxrkit.pipeline import run
+    from cxrkit.report import NAMES, format_metric, headline
+    from cxrkit.training import TrainingInterrupted
 
     route_lightning_logs()
 
     if resume is not None:  # the evaluation's options still apply
         refuse_options_beside_resume(ctx, allowed=("tta", "framing", "framing_threshold"))
     try:
-        if resume is not None:
-            run = train(resume=resume)
-        else:
-            options = {"runs_dir": str(runs_dir), "name": name}
-            cfg = build_config(data, preset, config, options, set_)
-            run = train(cfg)
-        audit_dataset(_run_data(run), run / "audit")
-        tested = evaluate_run(run, split="test", tta=tta, framing=framing,
-                              framing_threshold=framing_threshold)
-        report = build_report(run, split="test")
+        cfg = None if resume is not None else build_config(
+            data, preset, config, {"runs_dir": str(runs_dir), "name": name}, set_)
+        job = run(cfg, resume=resume, tta=tta, framing=framing,
+                  framing_threshold=framing_threshold)
     except TRAINING_ERRORS as e:
         fail(str(e))
     except TrainingInterrupted as e:
         interrupted(e)
-    console.print(metrics_table(run))
-    test = json.loads((tested / "metrics.json").read_text())
+    console.print(metrics_table(job.folder))
+    test = json.loads((job.evaluation / "metrics.json").read_text())
     rule = "at the deployed threshold" if test["deployed_threshold"] is not None else "argmax"
     console.print(f"test ({test['n']} films, {rule}): " + ", ".join(
         f"{NAMES[k]} {format_metric(k, v)}" for k, v in headline(test).items() if v))
-    console.print(f"report: {report}")
-    typer.echo(run)
-
-
-def _run_data(run: Path) -> Path:
-    """The data a run was trained on, from its config.yaml."""
-    from cxrkit.config import TrainConfig
-    from cxrkit.data.kaggle import resolve_data
-
-    return resolve_data(TrainConfig.load(run / "config.yaml").data.path)
+    console.print(f"report: {job.report}")
+    typer.echo(job.folder)
 
 
 @app.command()

@@ -86,13 +86,8 @@ def build_config(data: str | None, preset: str, config: Path | None,
     overrides = {key: value for key, value in options.items() if value is not None}
     if data is not None:
         overrides["data.path"] = data
-    if "data.batch_size" in overrides:
-        for i in range(len(cfg.stages)):
-            overrides[f"stages.{i}.batch_size"] = overrides["data.batch_size"]
-    last = len(cfg.stages) - 1
-    for key in ("epochs", "lr"):
-        if key in overrides:
-            overrides[f"stages.{last}.{key}"] = overrides.pop(key)
+    overrides.update(cfg.shortcuts(overrides.pop("epochs", None), overrides.pop("lr", None),
+                                   overrides.pop("data.batch_size", None)))
     return cfg.updated({**overrides, **parse_assignments(assignments)})
 
 
