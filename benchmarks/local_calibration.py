@@ -88,7 +88,7 @@ def main() -> None:
     for run in args.runs:
         copy, local_folders = copy_of(run, args.out), []
         for evaluated, chooser in (halves, halves[::-1]):
-            options = dict(data=evaluated, bootstrap=1000, make_figures=False,
+            options = dict(data=evaluated, bootstrap=1000, figures=False,
                            target_sensitivity=args.target_sensitivity)
             # reset: else the copy re-applies the previous half's --calibrate-on choice
             plain = evaluate_run(copy, reset_calibration=True, **options)

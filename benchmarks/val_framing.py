@@ -34,7 +34,7 @@ def main() -> None:
           "70% crop: same |")
     print("|---|---|---|---|")
     for run in args.runs:
-        out = evaluate_run(run, split="val", framing=True, make_figures=False, bootstrap=0)
+        out = evaluate_run(run, split="val", framing=True, figures=False, bootstrap=0)
         metrics = json.loads((out / "metrics.json").read_text())
         blocks = [metrics, *(metrics["framing"][c] for c in metrics["framing"]["crops"])]
         print(f"| `{run.name}` | " + " | ".join(" / ".join(cells(b)) for b in blocks) + " |",

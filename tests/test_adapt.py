@@ -108,11 +108,11 @@ def test_an_adapted_run_says_so_in_its_evaluations_and_report(trained_run, tiny_
     """Adapted to the test films, then evaluated on them: honest only if it says so."""
     run = shutil.copytree(trained_run, tmp_path / "run")
     adapted = adapt_run(run, tiny_kaggle, split="test")
-    notes = json.loads((evaluate_run(adapted, bootstrap=10, make_figures=False, device="cpu")
+    notes = json.loads((evaluate_run(adapted, bootstrap=10, figures=False, device="cpu")
                         / "metrics.json").read_text())["notes"]
     assert any("adapted with `cxr adapt`" in n and "16 of the 16 films evaluated are among "
                "them (transductive" in n for n in notes)
-    plain = evaluate_run(run, bootstrap=10, make_figures=False, device="cpu")
+    plain = evaluate_run(run, bootstrap=10, figures=False, device="cpu")
     assert not any("adapt" in n for n in json.loads((plain / "metrics.json").read_text())["notes"])
     page = " ".join(build_report(adapted).read_text().split())
     assert "adapted with `cxr adapt` from" in page and "transductive" in page

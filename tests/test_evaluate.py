@@ -125,7 +125,7 @@ def test_test_labels_never_influence_threshold_or_temperature(evaluated, trained
     samples = [replace(s, label=flipped[s.label]) if s.split == "test" else s
                for s in read_manifest(run / "split.csv")]
     write_manifest(samples, run / "split.csv")
-    other = json.loads((evaluate_run(run, bootstrap=0, make_figures=False, device="cpu")
+    other = json.loads((evaluate_run(run, bootstrap=0, figures=False, device="cpu")
                         / "metrics.json").read_text())
     assert (other["operating_points"]["validation"]["threshold"]
             == metrics["operating_points"]["validation"]["threshold"])
@@ -135,7 +135,7 @@ def test_test_labels_never_influence_threshold_or_temperature(evaluated, trained
 
 def test_target_sensitivity_threshold_is_deployed(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path)
-    out = evaluate_run(run, target_sensitivity=1.0, bootstrap=0, make_figures=False,
+    out = evaluate_run(run, target_sensitivity=1.0, bootstrap=0, figures=False,
                        device="cpu")
     metrics = json.loads((out / "metrics.json").read_text())
     threshold = metrics["operating_points"]["target_sensitivity"]["threshold"]
@@ -164,7 +164,7 @@ def test_external_data_goes_to_its_own_folder(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path)
     # Another hospital's class-per-folder tree, folder names in another case.
     hospital = make_class_folders(tmp_path / "hospital_b", ["normal", "pneumonia"])
-    out = evaluate_run(run, data=hospital, bootstrap=50, make_figures=False, device="cpu")
+    out = evaluate_run(run, data=hospital, bootstrap=50, figures=False, device="cpu")
     assert out == run / "eval" / "hospital_b"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["external"] and metrics["split"] == "all" and metrics["n"] == 6
@@ -175,7 +175,7 @@ def test_external_data_goes_to_its_own_folder(trained_run, tmp_path):
 def test_a_site_with_normal_films_only_measures_specificity(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path)
     normals = make_class_folders(tmp_path / "clinic_normals", ["NORMAL"])
-    out = evaluate_run(run, data=normals, bootstrap=20, make_figures=False, device="cpu")
+    out = evaluate_run(run, data=normals, bootstrap=20, figures=False, device="cpu")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 3 and "The external data has no PNEUMONIA images." in metrics["notes"]
     specificity = metrics["operating_points"]["validation"]["specificity"]["value"]
@@ -185,7 +185,7 @@ def test_a_site_with_normal_films_only_measures_specificity(trained_run, tmp_pat
 
 def test_external_kaggle_tree_uses_its_test_split(trained_run, tiny_kaggle, tmp_path):
     run = copy_run(trained_run, tmp_path)
-    out = evaluate_run(run, data=tiny_kaggle, bootstrap=0, make_figures=False, device="cpu")
+    out = evaluate_run(run, data=tiny_kaggle, bootstrap=0, figures=False, device="cpu")
     metrics = json.loads((out / "metrics.json").read_text())
     assert out.name == "chest_xray" and metrics["split"] == "test" and metrics["n"] == 16
 
@@ -194,12 +194,12 @@ def test_external_labels_must_match_by_name(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path)
     other = make_class_folders(tmp_path / "covid", ["NORMAL", "COVID"])
     with pytest.raises(ValueError, match="COVID.*not among the model's labels"):
-        evaluate_run(run, data=other, bootstrap=0, make_figures=False, device="cpu")
+        evaluate_run(run, data=other, bootstrap=0, figures=False, device="cpu")
 
 
 def test_tta_is_reported_beside_the_plain_result(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path)
-    out = evaluate_run(run, tta=True, bootstrap=50, make_figures=False, device="cpu")
+    out = evaluate_run(run, tta=True, bootstrap=50, figures=False, device="cpu")
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["tta"]["views"]) == 5
     assert_metric(metrics["tta"]["roc_auc"])
@@ -210,7 +210,7 @@ def test_tta_is_reported_beside_the_plain_result(trained_run, tmp_path):
 
 def test_framing_check_scores_the_same_films_framed_more_tightly(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path)
-    out = evaluate_run(run, framing=True, bootstrap=50, make_figures=False, device="cpu")
+    out = evaluate_run(run, framing=True, bootstrap=50, figures=False, device="cpu")
     metrics = json.loads((out / "metrics.json").read_text())
     framing = metrics["framing"]
     assert framing["crops"] == ["85%", "70%"]
@@ -256,7 +256,7 @@ def test_framing_threshold_rises_above_tightly_framed_normal_films():
 
 def test_framing_threshold_is_deployed_and_reported(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path)
-    out = evaluate_run(run, framing_threshold=True, bootstrap=0, make_figures=False,
+    out = evaluate_run(run, framing_threshold=True, bootstrap=0, figures=False,
                        device="cpu")
     metrics = json.loads((out / "metrics.json").read_text())
     points = metrics["operating_points"]
@@ -272,7 +272,7 @@ def test_evaluating_again_keeps_the_deployed_operating_point(trained_run, tmp_pa
     """A plain evaluation (as `cxr report` and `cxr compare` make when one is missing)
     re-applies what chose the deployed threshold; --reset-calibration chooses afresh."""
     run = copy_run(trained_run, tmp_path)
-    options = {"bootstrap": 0, "make_figures": False, "device": "cpu"}
+    options = {"bootstrap": 0, "figures": False, "device": "cpu"}
     evaluate_run(run, target_sensitivity=1.0, **options)
     deployed = read_calibration(run)
     assert deployed.chosen_with == {"target_sensitivity": 1.0}
@@ -323,7 +323,7 @@ def test_unreadable_image_is_skipped_and_listed(trained_run, tmp_path):
     broken.write_bytes(b"not a jpeg")
     samples = read_manifest(run / "split.csv")
     write_manifest(samples + [replace(samples[-1], path=str(broken))], run / "split.csv")
-    out = evaluate_run(run, bootstrap=0, make_figures=False, device="cpu")
+    out = evaluate_run(run, bootstrap=0, figures=False, device="cpu")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 16
     assert [u["path"] for u in metrics["unreadable"]] == [str(broken)]
@@ -331,7 +331,7 @@ def test_unreadable_image_is_skipped_and_listed(trained_run, tmp_path):
 
 def test_evaluating_val_is_labelled(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path)
-    metrics = json.loads((evaluate_run(run, split="val", bootstrap=0, make_figures=False,
+    metrics = json.loads((evaluate_run(run, split="val", bootstrap=0, figures=False,
                                        device="cpu") / "metrics.json").read_text())
     assert metrics["split"] == "val" and "optimistic" in " ".join(metrics["notes"])
 
@@ -350,7 +350,7 @@ def test_three_class_run(tiny_kaggle, tmp_path):
     run = make_three_class_run(tiny_kaggle, tmp_path / "three")
     for option in ({"target_sensitivity": 0.95}, {"framing_threshold": True}):
         with pytest.raises(ValueError, match="which only two-class models have"):
-            evaluate_run(run, bootstrap=0, make_figures=False, device="cpu", **option)
+            evaluate_run(run, bootstrap=0, figures=False, device="cpu", **option)
     out = evaluate_run(run, bootstrap=50, device="cpu")
     metrics = json.loads((out / "metrics.json").read_text())
     assert "operating_points" not in metrics and metrics["positive_class"] is None
@@ -377,14 +377,14 @@ def test_calibrating_on_another_sites_films_is_validating_on_them(trained_run, t
     follows."""
     site = make_class_folders(tmp_path / "site_b", ["NORMAL", "PNEUMONIA"], n=8)
     run = copy_run(trained_run, tmp_path)
-    out = evaluate_run(run, calibrate_on=site, bootstrap=50, make_figures=False, device="cpu")
+    out = evaluate_run(run, calibrate_on=site, bootstrap=50, figures=False, device="cpu")
     assert out == run / "eval" / "test-calibrated-site_b"
     as_validation = shutil.copytree(trained_run, tmp_path / "as_validation")
     manifest = read_manifest(as_validation / "split.csv")
     write_manifest([s for s in manifest if s.split != "val"]
                    + [replace(s, split="val") for s in load_source(site).samples],
                    as_validation / "split.csv")
-    reference = evaluate_run(as_validation, bootstrap=50, make_figures=False, device="cpu")
+    reference = evaluate_run(as_validation, bootstrap=50, figures=False, device="cpu")
     got, expected = (json.loads((f / "metrics.json").read_text()) for f in (out, reference))
     assert got["confusion_matrix"]["counts"] == expected["confusion_matrix"]["counts"]
     assert expected["calibrated"]["bias"] == [] and len(got["calibrated"]["bias"]) == 2
@@ -393,10 +393,10 @@ def test_calibrating_on_another_sites_films_is_validating_on_them(trained_run, t
     assert str(site) in got["threshold_chosen_on"] and got["calibrated"]["fitted_on"] == str(site)
     assert read_calibration(run).threshold == pytest.approx(got["deployed_threshold"])
     assert read_calibration(run).chosen_with == {"calibrate_on": str(site.resolve())}
-    again = evaluate_run(run, bootstrap=0, make_figures=False, device="cpu")  # re-applied
+    again = evaluate_run(run, bootstrap=0, figures=False, device="cpu")  # re-applied
     assert again == out and read_calibration(run).threshold == pytest.approx(
         got["deployed_threshold"])
-    internal = evaluate_run(run, bootstrap=0, make_figures=False, device="cpu",
+    internal = evaluate_run(run, bootstrap=0, figures=False, device="cpu",
                             reset_calibration=True)
     assert json.loads((internal / "metrics.json").read_text())["deployed_threshold"] != (
         pytest.approx(got["deployed_threshold"]))  # the two choices differ on these films
@@ -412,7 +412,7 @@ def test_calibrating_on_the_evaluated_films_is_refused(trained_run, tmp_path):
     site = make_class_folders(tmp_path / "site_b", ["NORMAL", "PNEUMONIA"], n=4)
     run = copy_run(trained_run, tmp_path)
     with pytest.raises(ValueError, match="both in") as error:
-        evaluate_run(run, data=site, calibrate_on=site, bootstrap=10, make_figures=False,
+        evaluate_run(run, data=site, calibrate_on=site, bootstrap=10, figures=False,
                      device="cpu")
     assert "do not evaluate on" in str(error.value)
     assert "--reset-calibration" not in str(error.value)  # asked for now: no hint needed
@@ -422,11 +422,11 @@ def test_calibrating_on_the_evaluated_films_is_refused(trained_run, tmp_path):
     # Deployed from the site's films, then those films evaluated with no option: the choice
     # is re-applied, so refused, and the error names the way out.
     other = make_class_folders(tmp_path / "site_c", ["NORMAL", "PNEUMONIA"], n=4)
-    evaluate_run(run, data=other, calibrate_on=site, bootstrap=10, make_figures=False,
+    evaluate_run(run, data=other, calibrate_on=site, bootstrap=10, figures=False,
                  device="cpu")
     with pytest.raises(ValueError, match="deployed calibration .* --reset-calibration"):
-        evaluate_run(run, data=site, bootstrap=10, make_figures=False, device="cpu")
-    assert evaluate_run(run, data=site, bootstrap=10, make_figures=False, device="cpu",
+        evaluate_run(run, data=site, bootstrap=10, figures=False, device="cpu")
+    assert evaluate_run(run, data=site, bootstrap=10, figures=False, device="cpu",
                         reset_calibration=True).name == "site_b"
 
 
@@ -455,7 +455,7 @@ def test_evaluating_again_reuses_the_logits_until_a_film_or_the_weights_change(t
     cache = run / "eval" / "logits"
 
     def evaluate(**options) -> dict:
-        out = evaluate_run(run, bootstrap=50, make_figures=False, device="cpu", **options)
+        out = evaluate_run(run, bootstrap=50, figures=False, device="cpu", **options)
         return json.loads((out / "metrics.json").read_text())
 
     first = evaluate()

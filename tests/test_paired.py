@@ -31,7 +31,7 @@ def two_runs(tiny_kaggle, trained_run, tmp_path_factory):
     first = shutil.copytree(trained_run, root / "first")
     second = train_tiny_run(tiny_kaggle, root / "second", steps=3)
     for run in (first, second):
-        evaluate_run(run, bootstrap=50, make_figures=False, device="cpu")
+        evaluate_run(run, bootstrap=50, figures=False, device="cpu")
     return first, second
 
 
@@ -100,7 +100,7 @@ def test_runs_on_different_films_are_refused_with_both_folders_named(two_runs):
 
 def test_a_multiclass_evaluation_is_refused(tiny_kaggle, tmp_path):
     run = make_three_class_run(tiny_kaggle, tmp_path / "three")
-    folder = evaluate_run(run, bootstrap=10, make_figures=False, device="cpu")
+    folder = evaluate_run(run, bootstrap=10, figures=False, device="cpu")
     with pytest.raises(ValueError, match="binary model"):
         read_scored(folder)
 

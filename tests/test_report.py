@@ -52,7 +52,7 @@ def reported(trained_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     run = shutil.copytree(trained_run, root / "runs" / "tiny")
     hospital = make_class_folders(root / "hospital_b", ["NORMAL", "PNEUMONIA"])
-    evaluate_run(run, data=hospital, bootstrap=50, make_figures=False, device="cpu")
+    evaluate_run(run, data=hospital, bootstrap=50, figures=False, device="cpu")
     audit = {"root": "/data/chest_xray", "layout": "kaggle", "n_images": 5856,
              "classes": ["NORMAL", "PNEUMONIA"],
              "counts": {"train": {"NORMAL": 1341, "PNEUMONIA": 3875},
@@ -129,7 +129,7 @@ def test_an_audit_of_other_data_beside_the_run_is_not_shown(reported):
 
 def test_report_shows_tta_and_the_framing_check_beside_the_plain_result(trained_run, tmp_path):
     run = shutil.copytree(trained_run, tmp_path / "run")
-    evaluate_run(run, tta=True, framing=True, bootstrap=20, make_figures=False, device="cpu")
+    evaluate_run(run, tta=True, framing=True, bootstrap=20, figures=False, device="cpu")
     text = build_report(run, evaluate_missing=False).read_text()
     Page(text)  # still well formed
     framing = text[text.index("<h3>Framing check</h3>"):]
@@ -181,7 +181,7 @@ def test_cli_report(trained_run, tmp_path):
 
 def test_three_class_report(tiny_kaggle, tmp_path):
     run = make_three_class_run(tiny_kaggle, tmp_path / "three")
-    evaluate_run(run, bootstrap=20, make_figures=False, device="cpu")
+    evaluate_run(run, bootstrap=20, figures=False, device="cpu")
     text = build_report(run).read_text()
     assert Page(text).sections == SECTIONS
     assert "Macro ROC-AUC" in text and "class VIRUS" in text and "The most probable class" in text
@@ -194,9 +194,9 @@ def test_report_and_compare_follow_the_deployed_calibration(trained_run, tmp_pat
     deployed model's: compare evaluates again, the report marks the old one."""
     run = shutil.copytree(trained_run, tmp_path / "run")
     site = make_class_folders(tmp_path / "site", ["NORMAL", "PNEUMONIA"])
-    evaluate_run(run, bootstrap=20, make_figures=False, device="cpu")  # Youden's J
-    evaluate_run(run, data=site, bootstrap=20, make_figures=False, device="cpu")
-    evaluate_run(run, split="val", framing_threshold=True, bootstrap=20, make_figures=False,
+    evaluate_run(run, bootstrap=20, figures=False, device="cpu")  # Youden's J
+    evaluate_run(run, data=site, bootstrap=20, figures=False, device="cpu")
+    evaluate_run(run, split="val", framing_threshold=True, bootstrap=20, figures=False,
                  device="cpu")  # deploys another operating point
     [row] = compare_runs([run])
     test = json.loads((run / "eval" / "test" / "metrics.json").read_text())

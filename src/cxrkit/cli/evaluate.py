@@ -79,7 +79,8 @@ def evaluate_command(
     bootstrap: int = typer.Option(1000, "--bootstrap", min=0,
                                   help="Bootstrap resamples (by patient) for the 95% intervals."),
     seed: int = typer.Option(0, "--seed"),
-    workers: int = typer.Option(0, "--workers", min=0, help="Image loading processes."),
+    workers: int = typer.Option(0, "--num-workers", "--workers", min=0,
+                                help="Image loading processes."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, mps; default: best."),
     figures: bool = typer.Option(True, "--figures/--no-figures",
                                  help="Write the PNG figures: ROC/PR curves, confusion "
@@ -102,7 +103,7 @@ def evaluate_command(
                            framing_threshold=framing_threshold,
                            target_sensitivity=target_sensitivity, batch_size=batch_size,
                            bootstrap=bootstrap, seed=seed, num_workers=workers, device=device,
-                           make_figures=figures, calibrate_on=calibrate_on,
+                           figures=figures, calibrate_on=calibrate_on,
                            reset_calibration=reset_calibration)
     except USER_ERRORS as e:
         fail(str(e))

@@ -58,8 +58,8 @@ def predict_command(
                                       "or globs. JPEG, PNG and DICOM."),
     out: Path | None = typer.Option(None, "--out", help="Also write the predictions to a "
                                     ".csv or .json file."),
-    cam: Path | None = typer.Option(None, "--cam", help="Folder for Grad-CAM overlays "
-                                    "(torch backend)."),
+    cam: Path | None = typer.Option(None, "--cam", "--cam-dir", help="Folder for Grad-CAM "
+                                    "overlays (torch backend)."),
     backend: str | None = typer.Option(None, "--backend", help="torch or onnx; default: "
                                        "torch for a run folder, onnx for an export."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),

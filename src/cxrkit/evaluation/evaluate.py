@@ -530,7 +530,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
                  tta: bool = False, target_sensitivity: float | None = None,
                  batch_size: int = 32, bootstrap: int = 1000, seed: int = 0,
                  num_workers: int = 0, device: str | None = None,
-                 make_figures: bool = True, framing: bool = False,
+                 figures: bool = True, framing: bool = False,
                  framing_threshold: bool = False,
                  calibrate_on: str | Path | None = None,
                  reset_calibration: bool = False) -> Path:
@@ -688,7 +688,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     out.mkdir(parents=True, exist_ok=True)
     write_predictions(out / "predictions.csv", scored, probs, predicted, labels, tta_probs)
     (out / "metrics.json").write_text(json.dumps(report, indent=2, allow_nan=False))
-    if make_figures:
+    if figures:
         where = f"{name}, {len(scored.y)} films"
         write_figures(out, model, scored, probs, metrics, thresholds, calibration, seed, where)
     log.info("wrote %s", out)
