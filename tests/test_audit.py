@@ -214,3 +214,21 @@ def test_real_data_duplicates_match_the_published_checksums(tmp_path):
     assert {frozenset(str(Path(p).resolve()) for p in g) for g in r.exact_duplicates} == expected
     assert (len(r.exact_duplicates), r.duplicate_files, r.redundant_copies) == (30, 62, 32)
     assert r.n_images == 5840 and r.unreadable == []
+
+
+def test_files_that_decode_but_are_hardly_films_are_listed(tmp_path):
+    root = make_kaggle_tree(tmp_path / "data", {"train": 4, "test": 2})
+    normal = root / "train" / "NORMAL"
+    synthetic_film("NORMAL", 90, (40, 40)).save(normal / "IM-0090-0000.jpeg")  # a thumbnail
+    synthetic_film("NORMAL", 91, (400, 100)).save(normal / "IM-0091-0000.jpeg")  # a strip
+    Image.new("L", (128, 128), 128).save(normal / "IM-0092-0000.png")  # no content
+    r = audit_dataset(root, tmp_path / "out", figures=False)
+    reasons = {name(u.path): u.reason for u in r.doubtful}
+    assert set(reasons) == {"IM-0090-0000.jpeg", "IM-0091-0000.jpeg", "IM-0092-0000.png"}
+    assert "thumbnail" in reasons["IM-0090-0000.jpeg"]
+    assert "shape" in reasons["IM-0091-0000.jpeg"]
+    assert "uniform" in reasons["IM-0092-0000.png"]
+    assert any(n.startswith("3 file(s) decode but are hardly chest films") for n in r.notes)
+    assert "train/NORMAL/IM-0092-0000.png" in (tmp_path / "out" / "audit.html").read_text()
+    result = CliRunner().invoke(app, ["data", "audit", str(root), "--out", str(tmp_path / "o")])
+    assert "readable, hardly films │ 3" in " ".join(result.stderr.split())

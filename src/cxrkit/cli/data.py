@@ -35,6 +35,7 @@ def checks_table(r: AuditResult) -> Table:
     table.add_column("result")
     sizes = r.sizes
     table.add_row("unreadable files", str(len(r.unreadable)))
+    table.add_row("readable, hardly films", str(len(r.doubtful)))
     table.add_row("exact duplicates", f"{len(r.exact_duplicates)} groups, "
                   f"{r.duplicate_files} files, {r.redundant_copies} redundant copies")
     table.add_row(f"near duplicates (<= {r.near_threshold}/{r.hash_bits} bits)",

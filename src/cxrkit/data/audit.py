@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from cxrkit.data.audit_report import write_audit_html
-from cxrkit.data.io import UnreadableImageError, read_image
+from cxrkit.data.io import UnreadableImageError, film_doubt, read_image
 from cxrkit.data.layout import DataSource, Sample, load_source
 from cxrkit.data.patients import SUBTYPE_PATTERN, kermany_subtype
 from cxrkit.data.split import shared_patients
@@ -57,6 +57,7 @@ class ImageFacts:
 
     path: str
     error: str = ""  # why the file cannot be decoded; empty when it can
+    doubt: str = ""  # why a decoded image is hardly a chest film (`film_doubt`); empty if none
     sha256: str = ""
     file_format: str = ""  # JPEG, PNG, DICOM, ...
     mode: str = ""  # as stored: L, RGB, I;16, MONOCHROME1, ...
@@ -96,6 +97,7 @@ class AuditResult:
     patients: dict[str, int]  # {split: distinct patients}
     shared_patients: dict[str, list[str]]  # {"train/test": [patient, ...]}
     unreadable: list[Unreadable]
+    doubtful: list[Unreadable]  # decoded, but thumbnails, strips or blank: trained on as films
     exact_duplicates: list[list[str]]  # groups of byte-identical files
     near_duplicates: list[NearDuplicate]  # closest first, at most MAX_NEAR_PAIRS
     near_pairs_total: int
@@ -167,6 +169,7 @@ def inspect_image(path: str, preview_size: int = 0) -> ImageFacts:
     facts.sha256 = hashlib.sha256(data).hexdigest()
     facts.file_format, facts.mode = _stored_format(data)
     facts.width, facts.height = img.size
+    facts.doubt = film_doubt(img) or ""
     facts.phash = np.packbits(imagehash.phash(img, hash_size=PHASH_SIZE).hash).tobytes()
     counts = np.bincount(np.asarray(img).ravel(), minlength=256)
     facts.histogram = (counts / counts.sum()).astype(np.float32)
@@ -268,6 +271,10 @@ def _notes(source: DataSource, result: AuditResult) -> list[str]:
     notes = list(source.notes)
     if result.unreadable:
         notes.append(f"{len(result.unreadable)} file(s) cannot be decoded: training skips them.")
+    if result.doubtful:
+        notes.append(f"{len(result.doubtful)} file(s) decode but are hardly chest films "
+                     f"(e.g. {result.doubtful[0].path}: {result.doubtful[0].reason}): training "
+                     "would use them as films; look at them and remove those that are not.")
     if result.exact_duplicates:
         by_path = {s.path: s for s in source.samples}
         across = [g for g in result.exact_duplicates if len({by_path[p].split for p in g}) > 1]
@@ -360,6 +367,7 @@ def audit_dataset(data_path: str | Path, out_dir: str | Path, patient_pattern: s
                   for split in source.splits},
         shared_patients=_shared_patients(samples, source.splits),
         unreadable=[Unreadable(f.path, f.error) for f in facts if f.error],
+        doubtful=[Unreadable(f.path, f.doubt) for f in facts if f.doubt],
         exact_duplicates=exact_duplicates(facts),
         near_duplicates=near,
         near_pairs_total=near_total,

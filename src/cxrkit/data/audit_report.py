@@ -125,6 +125,9 @@ def write_audit_html(r: AuditResult, path: str | Path) -> Path:
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in r.notes) or "<li>none</li>"
     unreadable = table(["path", "reason"], [[_relative(u.path, r), u.reason]
                                             for u in r.unreadable], "every file decodes")
+    doubtful = table(["path", "why it is hardly a film"],
+                     [[_relative(u.path, r), u.reason] for u in r.doubtful],
+                     "every decoded file looks like a film (size, shape, contrast)")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>cxrkit data audit</title>
 <style>{STYLE}</style></head><body>
@@ -134,6 +137,7 @@ def write_audit_html(r: AuditResult, path: str | Path) -> Path:
 <h2>Notes</h2><ul>{notes}</ul>
 <h2>Counts</h2>{_counts_section(r)}
 <h2>Unreadable files</h2>{unreadable}
+<h2>Readable, but hardly films</h2>{doubtful}
 <h2>Duplicates</h2>{_duplicates_section(r)}
 <h2>Patients shared between splits</h2>{table(["splits", "patients", "ids"], shared)}
 <h2>Images</h2>{_images_section(r)}
