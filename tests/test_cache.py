@@ -1,16 +1,26 @@
-"""The decode cache folder: kept under its limit, least recently used first; shown and
-cleared by `cxr data cache`."""
+"""The decode cache folder: kept under its limit, least recently opened entries first, never
+one in use or a build under way; shown and cleared by `cxr data cache`."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
 from typer.testing import CliRunner
 
 from cxrkit.cli import app
-from cxrkit.data.cache import DecodeCache, cache_entries, cache_limit_bytes, prune
+from cxrkit.config import ConfigError
+from cxrkit.data.cache import (
+    DecodeCache,
+    _lock,
+    cache_entries,
+    cache_limit_bytes,
+    clear,
+    prune,
+)
 from cxrkit.data.layout import load_source
 from tests.conftest import make_kaggle_tree
 
@@ -18,59 +28,98 @@ FILMS = 12  # 6 per class
 
 
 @pytest.fixture
-def films(tmp_path):
+def films(tmp_path, monkeypatch):
+    monkeypatch.delenv("CXRKIT_CACHE_MAX_GB", raising=False)
     return load_source(make_kaggle_tree(tmp_path / "data", {"train": 6, "test": 1})).split("train")
 
 
-def build(films, size, folder) -> DecodeCache:
-    cache = DecodeCache(films, size, cache_dir=folder, workers=1)
-    time.sleep(0.05)  # the next use is later by more than the filesystem's clock resolution
-    return cache
+def opened_at(cache: DecodeCache, seconds_ago: float) -> None:
+    """Say when the entry was last opened (the filesystem's clock is too coarse to wait for)."""
+    then = time.time() - seconds_ago
+    os.utime(cache.valid_path, (then, then))
 
 
-def test_a_full_cache_drops_its_least_recently_used_entry(films, tmp_path, monkeypatch):
+def test_a_new_entry_makes_room_by_removing_the_least_recently_opened(films, tmp_path,
+                                                                      monkeypatch):
     folder = tmp_path / "decoded"
-    small, medium = build(films, 32, folder), build(films, 40, folder)
-    build(films, 32, folder)  # used again: now more recent than the 40 px entry
+    opened_at(DecodeCache(films, 32, cache_dir=folder, workers=1), 200)
+    medium = DecodeCache(films, 40, cache_dir=folder, workers=1)
+    opened_at(medium, 100)
+    DecodeCache(films, 32, cache_dir=folder, workers=1)  # opened again: now the most recent
+    del medium  # closed: nothing holds these entries any more
     # room for the 32 and 48 px entries, not for the 40 px one beside them
-    limit = FILMS * (32 * 32 + 48 * 48) + 100
-    monkeypatch.setenv("CXRKIT_CACHE_MAX_GB", str(limit / 2**30))
-    large = build(films, 48, folder)
-    assert [e.size for e in cache_entries(folder)] == [32, 48]  # least recently used first
-    assert not medium.array_path.exists() and not medium.valid_path.exists()
-    assert small.array_path.exists() and large.array_path.exists()
+    monkeypatch.setenv("CXRKIT_CACHE_MAX_GB", str((FILMS * (32**2 + 48**2) + 100) / 2**30))
+    DecodeCache(films, 48, cache_dir=folder, workers=1)
+    assert sorted(e.size for e in cache_entries(folder)) == [32, 48]
     assert [e.films for e in cache_entries(folder)] == [FILMS, FILMS]
-    # an entry in use is never removed, even alone over the limit
-    assert prune(folder, 0, keep=large.array_path.stem) and cache_entries(folder)[0].size == 48
+    assert list(folder.glob("*.tmp")) == [] and list(folder.glob("*.part")) == []
 
 
-def test_a_killed_builds_leftover_goes_after_a_day(films, tmp_path):
+def test_entries_in_use_stay_even_over_the_limit_and_are_not_rebuilt(films, tmp_path,
+                                                                     monkeypatch):
+    """A run's train and val entries, both open, over a limit of 0: neither removes the
+    other (before, each build pruned the other, and every stage decoded both again)."""
     folder = tmp_path / "decoded"
-    build(films, 32, folder)
-    old, fresh = folder / "killed.tmp", folder / "building.tmp"
-    old.write_bytes(b"\0" * 100)
-    fresh.write_bytes(b"\0" * 100)
-    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    monkeypatch.setenv("CXRKIT_CACHE_MAX_GB", "0")
+    train, val = DecodeCache(films[:8], 32, cache_dir=folder), DecodeCache(films[8:], 32,
+                                                                           cache_dir=folder)
+    built = {train.array_path.stat().st_ino, val.array_path.stat().st_ino}
+    again = DecodeCache(films[:8], 32, cache_dir=folder), DecodeCache(films[8:], 32,
+                                                                      cache_dir=folder)
+    assert {c.array_path.stat().st_ino for c in again} == built  # reused, not rebuilt
+    assert prune(folder, 0) == [] and clear(folder) == 0
+    del train, val, again
+    assert len(prune(folder, 0)) == 2 and cache_entries(folder) == []
+
+
+def test_an_entry_another_process_has_open_is_not_removed(films, tmp_path):
+    folder = tmp_path / "decoded"
+    entry = DecodeCache(films, 32, cache_dir=folder)
+    holder = subprocess.Popen(  # another run reading the same entry
+        [sys.executable, "-c", "import sys, fcntl; h = open(sys.argv[1], 'rb'); "
+         "fcntl.flock(h, fcntl.LOCK_SH); print('open', flush=True); sys.stdin.read()",
+         str(entry.valid_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        del entry
+        assert clear(folder) == 0 and len(cache_entries(folder)) == 1
+    finally:
+        holder.communicate("")
+    assert clear(folder) == FILMS * 32**2 and cache_entries(folder) == []
+
+
+def test_a_killed_builds_leftover_goes_and_a_build_under_way_stays(films, tmp_path):
+    folder = tmp_path / "decoded"
+    folder.mkdir()
+    killed, building = folder / "a.111.tmp", folder / "b.222.tmp"
+    killed.write_bytes(b"\0" * 100)
+    held = _lock(building, exclusive=True, create=True)  # as a build holds its file
     prune(folder, 2**40)
-    assert not old.exists() and fresh.exists()
-    assert len(cache_entries(folder)) == 1  # under the limit: every entry stays
+    assert not killed.exists() and building.exists()
+    assert clear(folder) == 0 and building.exists()
+    held.close()
+    assert clear(folder) == 0 and not building.exists()  # empty: 0 bytes freed
 
 
-def test_a_limit_that_is_not_a_number_says_how_to_set_it(monkeypatch):
+def test_the_limit_must_be_a_number_and_may_be_none(monkeypatch):
     monkeypatch.setenv("CXRKIT_CACHE_MAX_GB", "20GB")
-    with pytest.raises(ValueError, match=r"CXRKIT_CACHE_MAX_GB='20GB'.*number of gigabytes"):
+    with pytest.raises(ConfigError, match=r"CXRKIT_CACHE_MAX_GB='20GB'.*number of gigabytes"):
         cache_limit_bytes()
+    result = CliRunner().invoke(app, ["data", "cache"])
+    assert result.exit_code == 2 and "CXRKIT_CACHE_MAX_GB='20GB'" in result.output
+    monkeypatch.setenv("CXRKIT_CACHE_MAX_GB", "inf")
+    assert cache_limit_bytes() == sys.maxsize
 
 
 def test_cli_shows_and_clears_the_cache(films, tmp_path):
     folder = tmp_path / "decoded"
-    build(films, 32, folder)
-    build(films, 40, folder)
+    opened_at(DecodeCache(films, 32, cache_dir=folder, workers=1), 100)
+    DecodeCache(films, 40, cache_dir=folder, workers=1)
     shown = CliRunner().invoke(app, ["data", "cache", "--dir", str(folder)])
     assert shown.exit_code == 0, shown.output
-    lines = shown.output.splitlines()
+    lines = shown.output.splitlines()  # the most recently opened first
     assert f"{FILMS} films at 40 px" in lines[0] and f"{FILMS} films at 32 px" in lines[1]
-    assert f"{folder}: 2 entries" in shown.output and "of at most 20 GB" in shown.output
+    assert f"{folder}: 2 entries" in shown.output and "(at most 20 GiB)" in shown.output
     cleared = CliRunner().invoke(app, ["data", "cache", "--dir", str(folder), "--clear"])
     assert cleared.exit_code == 0 and f"in {folder}" in cleared.output
     assert list(folder.iterdir()) == []

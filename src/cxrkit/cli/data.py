@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from cxrkit.cli.app import DATA_HELP, USER_ERRORS, console, data_app, fail
@@ -129,19 +131,27 @@ def cache(
                                        "`data.cache_dir`/decoded; default: "
                                        "$CXRKIT_CACHE/decoded, else ~/.cache/cxrkit/decoded."),
     clear_all: bool = typer.Option(False, "--clear", help="Remove every entry; the next run "
-                                   "decodes its films again."),
+                                   "decodes its films again (entries in use stay)."),
 ) -> None:
     """Show the decode cache (films decoded and resized once, reused by later runs), or clear
     it. It stays under CXRKIT_CACHE_MAX_GB (default 20), least recently used entries first."""
     from cxrkit.data import cache as decoded  # torch: imported when needed
 
     folder = folder or decoded.DEFAULT_CACHE_DIR / decoded.DECODED
+    try:
+        limit = decoded.cache_limit_bytes()
+    except USER_ERRORS as e:
+        fail(str(e))
     if clear_all:
-        console.print(f"freed {decoded.clear(folder) / 2**20:,.0f} MB in {folder}")
+        freed = decoded.clear(folder)
+        kept = decoded.cache_entries(folder)
+        console.print(f"freed {freed / 2**20:,.0f} MiB in {escape(str(folder))}"
+                      + (f"; {len(kept)} entries in use stay" if kept else ""))
         return
     entries = decoded.cache_entries(folder)
-    for entry in reversed(entries):  # the most recently used first
+    for entry in reversed(entries):  # the most recently opened first
         console.print(entry.describe())
     total = sum(e.nbytes for e in entries)
-    console.print(f"{folder}: {len(entries)} entries, {total / 2**20:,.0f} MB of at most "
-                  f"{decoded.cache_limit_bytes() / 2**30:g} GB; `cxr data cache --clear` frees it")
+    bound = "no limit" if limit == sys.maxsize else f"at most {limit / 2**30:g} GiB"
+    console.print(f"{escape(str(folder))}: {len(entries)} entries, {total / 2**20:,.0f} MiB "
+                  f"({bound}); `cxr data cache --clear` frees it")

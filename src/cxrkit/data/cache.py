@@ -1,48 +1,84 @@
 """The decode cache: every film decoded and resized once, memory-mapped, reused by runs.
 
 One entry per (films, size, preprocessing): a `.u8` array and a `.valid.json` of which
-films decoded. Each new split or input size adds one (Kermany's train split at 224 px:
-212 MB), so the folder is kept under a limit, least recently used entries going first
-(`CXRKIT_CACHE_MAX_GB`, default 20), and `cxr data cache` shows or clears it.
+films decoded, in `data.cache_dir`/decoded (default `$CXRKIT_CACHE/decoded`, else
+`~/.cache/cxrkit/decoded`). Each new split or input size adds one (Kermany's train split at
+224 px: 212 MiB), so before a new entry is built the least recently opened ones go until it
+fits under `CXRKIT_CACHE_MAX_GB` (default 20 GiB). An entry some process has open (a
+shared lock on its `.valid.json`) and a build under way (a lock on its `.tmp`) are never
+removed, so the limit can be exceeded while they run. `cxr data cache` shows or clears it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
 
+from cxrkit.config import ConfigError
 from cxrkit.data.dataset import load_prepared
 from cxrkit.data.io import UnreadableImageError
 from cxrkit.data.layout import Sample
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, but an open file cannot be removed there
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("CXRKIT_CACHE", Path.home() / ".cache" / "cxrkit"))
 DECODED = "decoded"
-UNFINISHED_GRACE_SECONDS = 24 * 3600  # a .tmp untouched this long is a killed build's
 
 
 def cache_limit_bytes() -> int:
+    """CXRKIT_CACHE_MAX_GB in bytes (default 20 GiB; `inf`: no limit)."""
     value = os.environ.get("CXRKIT_CACHE_MAX_GB", "20")
     try:
         gigabytes = float(value)
     except ValueError:
         gigabytes = -1.0
     if not gigabytes >= 0:
-        raise ValueError(f"CXRKIT_CACHE_MAX_GB={value!r}: set it to a number of gigabytes "
-                         "(e.g. 20), or unset it for the default of 20")
-    return int(gigabytes * 2**30)
+        raise ConfigError(f"CXRKIT_CACHE_MAX_GB={value!r}: set it to a number of gigabytes "
+                          "(e.g. 20; inf for no limit), or unset it for the default of 20")
+    return sys.maxsize if math.isinf(gigabytes) else int(gigabytes * 2**30)
+
+
+def _lock(path: Path, exclusive: bool = False, create: bool = False) -> IO[bytes]:
+    """Open `path` (a new empty file with `create`) and lock it, shared for an entry in use,
+    exclusive for a build, for as long as the returned file stays open. Without locks
+    (Windows) the open file alone keeps it from being removed."""
+    handle = open(path, "wb" if create else "rb")  # noqa: SIM115 (held: the lock lasts with it)
+    if fcntl is not None:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    return handle
+
+
+def _in_use(path: Path) -> bool:
+    """Whether some process holds a lock on `path` (this one too, through another handle)."""
+    if fcntl is None:
+        return False
+    try:
+        with open(path, "rb") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on close
+    except BlockingIOError:
+        return True
+    except FileNotFoundError:  # removed meanwhile: nobody's
+        return False
+    return False
 
 
 def _prepare_or_none(args: tuple[str, int, bool]) -> np.ndarray | None:
@@ -58,6 +94,7 @@ class DecodeCache:
 
     The file name hashes the paths, sizes, modification times and preprocessing,
     so a changed dataset or input size builds a new cache instead of reusing a stale one.
+    While this object lives, its entry is locked against pruning.
     """
 
     def __init__(self, samples: Sequence[Sample], size: int, equalize: bool = False,
@@ -68,13 +105,19 @@ class DecodeCache:
         self.array_path = cache_dir / f"{key}.u8"
         self.valid_path = cache_dir / f"{key}.valid.json"
         try:
-            os.utime(self.valid_path)  # used now: the last to go when the folder is pruned
+            self._held = _lock(self.valid_path)
         except FileNotFoundError:
             self._build(samples, equalize, workers or min(4, os.cpu_count() or 1))
-            prune(cache_dir, cache_limit_bytes(), keep=key)
+            self._held = _lock(self.valid_path)
+        with contextlib.suppress(OSError):  # another user's cache, or a read-only one
+            os.utime(self.valid_path)  # opened now: the last to go when the folder is pruned
         self.valid = json.loads(self.valid_path.read_text())
         self.array = np.memmap(self.array_path, dtype=np.uint8, mode="r",
                                shape=(len(samples), size, size))
+
+    def __getstate__(self) -> dict:
+        """For DataLoader workers started by spawn: the lock stays with this process."""
+        return {k: v for k, v in self.__dict__.items() if k != "_held"}
 
     @staticmethod
     def _key(samples: Sequence[Sample], size: int, equalize: bool) -> str:
@@ -85,8 +128,11 @@ class DecodeCache:
         return h.hexdigest()[:20]
 
     def _build(self, samples: Sequence[Sample], equalize: bool, workers: int) -> None:
-        self.array_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.array_path.with_suffix(".tmp")
+        cache_dir = self.array_path.parent
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        prune(cache_dir, cache_limit_bytes() - len(samples) * self.size ** 2)  # room first
+        tmp = self.array_path.with_name(f"{self.array_path.stem}.{os.getpid()}.tmp")  # its own
+        building = _lock(tmp, exclusive=True, create=True)  # `clear` and `prune` leave it
         array = np.memmap(tmp, dtype=np.uint8, mode="w+",
                           shape=(max(len(samples), 1), self.size, self.size))
         valid = []
@@ -98,8 +144,13 @@ class DecodeCache:
                     array[i] = pixels
         array.flush()
         del array
+        if fcntl is None:
+            building.close()  # Windows renames no open file
         os.replace(tmp, self.array_path)  # atomic: a killed build leaves no half cache
-        self.valid_path.write_text(json.dumps(valid))
+        building.close()
+        marker = tmp.with_suffix(".part")  # not a .tmp: nothing prunes it in between
+        marker.write_text(json.dumps(valid))
+        os.replace(marker, self.valid_path)  # last: an entry with a marker is whole
 
     def __getitem__(self, i: int) -> torch.Tensor | None:
         if not self.valid[i]:
@@ -118,7 +169,7 @@ class CacheEntry:
     def describe(self) -> str:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.last_used))
         return (f"{self.key}: {self.films} films at {self.size} px, "
-                f"{self.nbytes / 2**20:,.0f} MB, last used {used}")
+                f"{self.nbytes / 2**20:,.0f} MiB, last opened {used}")
 
 
 def cache_entries(cache_dir: str | Path = DEFAULT_CACHE_DIR / DECODED) -> list[CacheEntry]:
@@ -137,48 +188,64 @@ def cache_entries(cache_dir: str | Path = DEFAULT_CACHE_DIR / DECODED) -> list[C
     return sorted(entries, key=lambda e: e.last_used)
 
 
-def _remove(cache_dir: Path, key: str) -> None:
-    for suffix in (".valid.json", ".u8"):  # the marker first: never a marker without data
-        (cache_dir / f"{key}{suffix}").unlink(missing_ok=True)
+def _remove(cache_dir: Path, key: str) -> bool:
+    """Remove an entry no process has open; whether it went."""
+    valid = cache_dir / f"{key}.valid.json"
+    if _in_use(valid):
+        return False
+    for path in (valid, cache_dir / f"{key}.u8"):  # the marker first: never one without data
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:  # Windows: open elsewhere
+            return False
+    return True
 
 
-def _unfinished(cache_dir: Path, older_than: float) -> list[Path]:
-    """Builds that were killed part way (a build in progress keeps writing its .tmp)."""
-    now = time.time()
-    return [p for p in cache_dir.glob("*.tmp") if now - p.stat().st_mtime > older_than]
+def _remove_killed_builds(cache_dir: Path) -> int:
+    """Remove the .tmp files no build holds (a build killed part way); bytes freed."""
+    freed = 0
+    for leftover in cache_dir.glob("*.tmp"):
+        try:
+            size = leftover.stat().st_size
+            if not _in_use(leftover):
+                leftover.unlink()
+                freed += size
+        except OSError:  # its build finished meanwhile (or, on Windows, holds it open)
+            pass
+    return freed
 
 
-def prune(cache_dir: str | Path, limit: int, keep: str | None = None) -> list[CacheEntry]:
-    """Remove least recently used entries until the folder holds at most `limit` bytes,
-    never `keep` (the entry in use); and killed builds' leftovers. Returns what went."""
+def prune(cache_dir: str | Path, limit: int) -> list[CacheEntry]:
+    """Remove the least recently opened entries no process has open until the folder holds
+    at most `limit` bytes, and killed builds' leftovers. Returns the entries removed."""
     cache_dir = Path(cache_dir)
-    for leftover in _unfinished(cache_dir, UNFINISHED_GRACE_SECONDS):
-        leftover.unlink(missing_ok=True)
+    if not cache_dir.is_dir():
+        return []
+    _remove_killed_builds(cache_dir)
     entries = cache_entries(cache_dir)
     total = sum(e.nbytes for e in entries)
     removed = []
     for entry in entries:
         if total <= limit:
             break
-        if entry.key != keep:
-            _remove(cache_dir, entry.key)
+        if _remove(cache_dir, entry.key):
             total -= entry.nbytes
             removed.append(entry)
     if removed:
-        log.info("decode cache over %.1f GB: removed %d least recently used entries (%s MB)",
-                 limit / 2**30, len(removed), f"{sum(e.nbytes for e in removed) / 2**20:,.0f}")
+        log.info("decode cache: removed %d least recently opened entries (%s MiB) to stay "
+                 "under CXRKIT_CACHE_MAX_GB", len(removed),
+                 f"{sum(e.nbytes for e in removed) / 2**20:,.0f}")
     return removed
 
 
 def clear(cache_dir: str | Path = DEFAULT_CACHE_DIR / DECODED) -> int:
-    """Remove every entry and leftover; returns the bytes freed. A run that is using an
-    entry keeps reading it (the open mapping outlives the file); the next run rebuilds it."""
+    """Remove every entry no process has open, and killed builds' leftovers; returns the
+    bytes freed. Entries in use and builds under way stay (`cache_entries` lists them)."""
     cache_dir = Path(cache_dir)
-    freed = 0
+    if not cache_dir.is_dir():
+        return 0
+    freed = _remove_killed_builds(cache_dir)
     for entry in cache_entries(cache_dir):
-        _remove(cache_dir, entry.key)
-        freed += entry.nbytes
-    for leftover in _unfinished(cache_dir, 0):
-        freed += leftover.stat().st_size
-        leftover.unlink(missing_ok=True)
+        if _remove(cache_dir, entry.key):
+            freed += entry.nbytes
     return freed
