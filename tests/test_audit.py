@@ -14,7 +14,8 @@ from PIL import Image, ImageEnhance
 from typer.testing import CliRunner
 
 from cxrkit.cli import app
-from cxrkit.data.audit import HASH_BITS, audit_dataset, inspect_image
+from cxrkit.data.audit import HASH_BITS, NearDuplicate, audit_dataset, inspect_image
+from cxrkit.data.audit_figures import NEAR_PAIRS_SHOWN, pairs_to_show
 from tests.conftest import REAL_DATA, make_kaggle_tree, requires_real_data, synthetic_film
 
 FIGURES = {"class_balance", "samples", "image_sizes", "intensity", "augmentation"}
@@ -232,3 +233,13 @@ def test_files_that_decode_but_are_hardly_films_are_listed(tmp_path):
     assert "train/NORMAL/IM-0092-0000.png" in (tmp_path / "out" / "audit.html").read_text()
     result = CliRunner().invoke(app, ["data", "audit", str(root), "--out", str(tmp_path / "o")])
     assert "readable, hardly films │ 3" in " ".join(result.stderr.split())
+
+
+def test_near_duplicate_pairs_across_splits_are_shown_first():
+    pairs = [NearDuplicate(f"a{i}", f"b{i}", d, "train", split)
+             for i, (d, split) in enumerate([(1, "train"), (9, "test"), (3, "train"), (5, "val")]
+                                            + [(0, "train")] * 5)]
+    shown = pairs_to_show(pairs)
+    assert [(p.distance, p.split_b) for p in shown[:4]] == [(5, "val"), (9, "test"),
+                                                           (0, "train"), (0, "train")]
+    assert len(shown) == NEAR_PAIRS_SHOWN

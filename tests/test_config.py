@@ -144,6 +144,9 @@ def test_preset_takes_the_clis_shortcuts_and_overrides_win():
     assert config.stages[1].lr == 0.01 and config.stages[0].lr == 3e-3
     assert config.data.batch_size == 16 and [s.batch_size for s in config.stages] == [8, 16]
     assert TrainConfig.preset("finetune") == TrainConfig.preset("finetune", epochs=None)
+    replaced = TrainConfig.preset("quick", epochs=3, overrides={
+        "stages": [{"name": "head", "epochs": 1}, {"name": "all"}]})
+    assert [s.epochs for s in replaced.stages] == [1, 3]  # on the stages the overrides give
 
 
 def test_cli_options_map_onto_the_config(tmp_path):

@@ -7,11 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from cxrkit.cli import app
-from cxrkit.config import TrainConfig
-from cxrkit.pipeline import run
+from cxrkit.config import ConfigError, TrainConfig
+from cxrkit.pipeline import run_pipeline
 from cxrkit.report import summary
 from tests.test_training import TINY
 
@@ -41,17 +42,22 @@ def test_cxr_run_does_the_whole_job_on_the_default_recipe_as_an_ensemble(tiny_ka
 
 
 def test_the_main_job_from_python(tiny_kaggle, tmp_path):
-    """`cxrkit.pipeline.run`, what `cxr run` calls: one call from config to report."""
+    """`cxrkit.pipeline.run_pipeline`, what `cxr run` calls: one call from config to report."""
     config = TrainConfig.preset("scratch", data=str(tiny_kaggle), epochs=2, overrides={
         **TINY, "data.cache_dir": str(tmp_path / "cache"), "runs_dir": str(tmp_path / "runs"),
         "name": "job"})
-    job = run(config)
+    job = run_pipeline(config)
     assert job.folder == tmp_path / "runs" / "job"
     assert job.evaluation == job.folder / "eval" / "test" and job.report.is_file()
     assert (job.folder / "audit" / "audit.html").is_file()
     numbers = summary(job.evaluation)
     assert numbers["n"] == 16 and 0 <= numbers["roc_auc"] <= 1
-    assert run(resume=job.folder).evaluation == job.evaluation  # a finished run: evaluated again
+    stages = (job.folder / "stages.json").read_text()  # each stage's steps and seconds
+    with pytest.raises(ConfigError, match="not both"):
+        run_pipeline(config, resume=job.folder)
+    again = run_pipeline(resume=job.folder)  # a finished run: evaluated again, not retrained
+    assert (job.folder / "stages.json").read_text() == stages
+    assert summary(again.evaluation) == numbers
 
 
 def test_version():

@@ -74,6 +74,24 @@ def test_registering_a_name_again_replaces_it_with_a_warning(registered):
         register_model("timm:mine")
 
 
+def test_a_bare_decorator_names_the_model_after_its_function_and_bad_returns_say_why():
+    @register_model
+    def bare_net(pretrained: bool) -> Backbone:
+        return Backbone(TwoConvs(), 40, (0.5,), (0.25,), in_chans=1)
+
+    @register_model
+    def returns_a_module(pretrained: bool):
+        return TwoConvs()
+
+    try:
+        assert create_model("bare_net").spec.input_size == 40
+        with pytest.raises(TypeError, match=r"'returns_a_module' must return Backbone\("):
+            create_model("returns_a_module")
+    finally:
+        models._REGISTRY.pop("bare_net")
+        models._REGISTRY.pop("returns_a_module")
+
+
 PLUGIN = '''
 from torch import nn
 from cxrkit.models import Backbone, register_model
@@ -92,6 +110,11 @@ class Net(nn.Module):
 
 @register_model("plugin_net")
 def plugin_net(pretrained: bool) -> Backbone:
+    return Backbone(Net(), input_size=32, mean=(0.5,), std=(0.25,), in_chans=1)
+
+
+@register_model("simple_cnn")  # a name taken: the built-in model stays
+def not_the_baseline(pretrained: bool) -> Backbone:
     return Backbone(Net(), input_size=32, mean=(0.5,), std=(0.25,), in_chans=1)
 '''
 
@@ -127,8 +150,11 @@ def test_cxr_trains_and_predicts_with_a_model_an_installed_package_registers(tin
                              text=True, timeout=120)
     assert trained.returncode == 0, trained.stderr[-3000:]
     # the broken package is named and skipped; the working one trained
-    skipped = "plugin broken (cxr_plugin_not_installed) failed to load, skipped"
-    assert "".join(skipped.split()) in "".join(trained.stderr.split())
+    said = "".join(trained.stderr.split())
+    for message in ("plugin broken (cxr_plugin_not_installed) failed to load, skipped",
+                    "plugin demo (cxr_plugin_demo): its model 'simple_cnn' is not registered, "
+                    "the name is taken"):
+        assert "".join(message.split()) in said, message
     film = next((tiny_kaggle / "test" / "PNEUMONIA").iterdir())
     predicted = subprocess.run([CXR, "predict", str(runs / "plugin"), str(film), "--out",
                                 str(tmp_path / "p.json"), "--cam", str(tmp_path / "cam")],

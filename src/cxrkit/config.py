@@ -205,8 +205,9 @@ class TrainConfig:
         """A named recipe: `quick` (one end-to-end epoch of pretrained Lite0, minutes on a CPU),
         `default` (the whole pretrained Lite0 fine-tuned, 8 epochs), `finetune` (a head on
         frozen features, then fine-tuning) or `scratch` (simple_cnn from scratch); `data` is a
-        folder, a CSV manifest or "kaggle"; `epochs`, `lr`, `batch_size` as in `shortcuts`;
-        `overrides` as in `updated`, applied last.
+        folder, a CSV manifest or "kaggle"; `overrides` as in `updated`; `epochs`, `lr`,
+        `batch_size` as in `shortcuts`, on the stages the overrides leave, where the overrides
+        do not name the same field.
 
             TrainConfig.preset("default", data="chest_xray/", epochs=4)
         """
@@ -215,7 +216,10 @@ class TrainConfig:
         config = _PRESETS[name]()
         if data is not None:
             config.data.path = str(data)
-        return config.updated({**config.shortcuts(epochs, lr, batch_size), **(overrides or {})})
+        overrides = overrides or {}
+        config = config.updated(overrides)  # a `stages` list given: the shortcuts apply to it
+        shortcuts = config.shortcuts(epochs, lr, batch_size)
+        return config.updated({k: v for k, v in shortcuts.items() if k not in overrides})
 
     def shortcuts(self, epochs: int | None = None, lr: float | None = None,
                   batch_size: int | None = None) -> dict[str, Any]:
@@ -223,6 +227,8 @@ class TrainConfig:
         learning rate of the last stage (the one that fine-tunes the whole model), the batch
         size of every stage. None leaves a field as it is."""
         last = len(self.stages) - 1
+        if last < 0 and (epochs, lr, batch_size) != (None, None, None):
+            raise ConfigError("epochs, lr and batch_size set a stage's: this config has none")
         overrides: dict[str, Any] = {}
         if batch_size is not None:
             overrides["data.batch_size"] = batch_size

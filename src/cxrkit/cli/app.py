@@ -6,6 +6,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
+from rich.table import Table
 
 from cxrkit.data.kaggle import KaggleDownloadError
 
@@ -23,6 +24,11 @@ app.add_typer(data_app, name="data")
 
 # soft_wrap: the terminal wraps long lines, Rich never cuts a path or command in two (copyable)
 console = Console(stderr=True, soft_wrap=True)
+
+
+def show_table(table: Table) -> None:
+    """A table keeps Rich's layout: title centred, cells wrapped to the terminal."""
+    console.print(table, soft_wrap=False)
 
 # The API's errors for a user's mistake, each saying the fix: printed as one line, no traceback.
 # (KaggleDownloadError is a RuntimeError; DataLayoutError, ConfigError and UnreadableImageError

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cxrkit.cli.app import DATA_HELP, USER_ERRORS, console, data_app, fail
+from cxrkit.cli.app import DATA_HELP, USER_ERRORS, console, data_app, fail, show_table
 from cxrkit.data.audit import DEFAULT_NEAR_THRESHOLD, AuditResult, audit_dataset
 from cxrkit.data.kaggle import KAGGLE_VERSION, KaggleDownloadError, download_kaggle
 from cxrkit.data.layout import DataSource, load_source
@@ -90,9 +90,9 @@ def audit(
         result = audit_dataset(data, out, patient_pattern, near_threshold, workers)
     except USER_ERRORS as e:
         fail(str(e))
-    console.print(counts_table(f"{result.root} ({result.layout} layout)", result.classes,
+    show_table(counts_table(f"{result.root} ({result.layout} layout)", result.classes,
                                result.counts, result.patients))
-    console.print(checks_table(result))
+    show_table(checks_table(result))
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
     console.print(f"audited {result.n_images} images in {result.seconds} s; "
@@ -118,7 +118,7 @@ def split(
     split_source = DataSource(source.root, source.layout, samples, source.classes)
     patients = {name: len({s.patient_id for s in split_source.split(name)})
                 for name in split_source.splits}
-    console.print(counts_table(f"{out} (val fraction {val_fraction}, seed {seed})",
+    show_table(counts_table(f"{out} (val fraction {val_fraction}, seed {seed})",
                                source.classes, split_source.counts(), patients))
     leaked = shared_patients(samples, "train", "val")
     console.print(f"{len(leaked)} patients shared between train and val")

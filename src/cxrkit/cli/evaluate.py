@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cxrkit.cli.app import USER_ERRORS, app, console, fail
+from cxrkit.cli.app import USER_ERRORS, app, console, fail, show_table
 
 SPEC_AT_97 = "Spec@97: the best specificity any threshold gives at 97% sensitivity"
 
@@ -108,13 +108,13 @@ def evaluate_command(
     except USER_ERRORS as e:
         fail(str(e))
     metrics = json.loads((out / "metrics.json").read_text())
-    console.print(_summary(metrics))
+    show_table(_summary(metrics))
     for variant in variant_tables(metrics):
         rule = "deployed threshold" if metrics["deployed_threshold"] is not None else "argmax"
         table = Table("metric", *variant["columns"], title=f"{variant['title']} ({rule})")
         for row in variant["rows"]:
             table.add_row(*row)
-        console.print(table)
+        show_table(table)
     for note in metrics["notes"]:
         console.print(f"[yellow]note:[/] {note}")
     calibration = read_calibration(run)
@@ -172,9 +172,9 @@ def compare_command(
         cells = [format_metric(k, r[k]).replace(" (", "\n(") for k in COMPARED]
         table.add_row(f"{Path(r['run']).name}\n[dim]{r['model']}[/]", str(r["n"]), threshold,
                       *cells)
-    console.print(table)
+    show_table(table)
     if paired:
-        console.print(_paired_table(rows))
+        show_table(_paired_table(rows))
     if out is not None:
         console.print(f"[green]wrote[/] {write_compare_csv(rows, out)}")
 

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import typer
 
-from cxrkit.cli.app import DATA_HELP, USER_ERRORS, app, console, fail, route_lightning_logs
+from cxrkit.cli.app import (
+    DATA_HELP,
+    USER_ERRORS,
+    app,
+    console,
+    fail,
+    route_lightning_logs,
+    show_table,
+)
 from cxrkit.cli.evaluate import FRAMING_THRESHOLD
 from cxrkit.cli.train import (
     CONFIG,
@@ -39,7 +47,7 @@ def run_all(
     set_: list[str] = SET,
 ) -> None:
     """The main job: train, audit the data, evaluate on the test split, write report.html."""
-    from cxrkit.pipeline import run
+    from cxrkit.pipeline import run_pipeline
     from cxrkit.report import NAMES, format_metric, headline
     from cxrkit.training import TrainingInterrupted
 
@@ -50,13 +58,13 @@ def run_all(
     try:
         cfg = None if resume is not None else build_config(
             data, preset, config, {"runs_dir": str(runs_dir), "name": name}, set_)
-        job = run(cfg, resume=resume, tta=tta, framing=framing,
+        job = run_pipeline(cfg, resume=resume, tta=tta, framing=framing,
                   framing_threshold=framing_threshold)
     except TRAINING_ERRORS as e:
         fail(str(e))
     except TrainingInterrupted as e:
         interrupted(e)
-    console.print(metrics_table(job.folder))
+    show_table(metrics_table(job.folder))
     test = json.loads((job.evaluation / "metrics.json").read_text())
     rule = "at the deployed threshold" if test["deployed_threshold"] is not None else "argmax"
     console.print(f"test ({test['n']} films, {rule}): " + ", ".join(

@@ -15,7 +15,7 @@ import yaml
 from rich.markup import escape
 from rich.table import Table
 
-from cxrkit.cli.app import DATA_HELP, app, console, fail, route_lightning_logs
+from cxrkit.cli.app import DATA_HELP, app, console, fail, route_lightning_logs, show_table
 from cxrkit.config import (
     PRESETS,
     ConfigError,
@@ -200,7 +200,7 @@ def train(
         interrupted(e)
     if rank_zero_only.rank != 0:  # a process Lightning launched: rank 0 reports
         return
-    console.print(metrics_table(run))
+    show_table(metrics_table(run))
     typer.echo(run)
 
 

@@ -145,18 +145,22 @@ def plot_augmentation_preview(film: np.ndarray, spec: ModelSpec, path: Path) -> 
     return _save(fig, path)
 
 
+def pairs_to_show(pairs: list[NearDuplicate]) -> list[NearDuplicate]:
+    """The pairs worth a look first: across splits (a possible leak), then the closest."""
+    return sorted(pairs, key=lambda p: (p.split_a == p.split_b, p.distance))[:NEAR_PAIRS_SHOWN]
+
+
 def plot_near_duplicates(pairs: list[NearDuplicate], path: Path, size: int = 224) -> str:
     """The closest near-duplicate pairs side by side with their difference, pairs across
     splits first: whether two films are one film (a leak between splits) or two films of
     one patient taken apart is a judgement a look settles, a hash distance does not."""
-    from cxrkit.data.io import read_image
-    from cxrkit.data.transforms import prepare
+    from cxrkit.data.dataset import load_prepared
 
-    shown = sorted(pairs, key=lambda p: (p.split_a == p.split_b, p.distance))[:NEAR_PAIRS_SHOWN]
+    shown = pairs_to_show(pairs)
     fig = Figure(figsize=(6.6, 2.5 * len(shown)))
     axes = np.array(fig.subplots(len(shown), 3, squeeze=False))
     for row, pair in zip(axes, shown, strict=True):
-        films = [prepare(read_image(f), size)[0].numpy() for f in (pair.a, pair.b)]
+        films = [load_prepared(f, size, equalize=False)[0].numpy() for f in (pair.a, pair.b)]
         difference = np.abs(films[0].astype(np.int16) - films[1]).astype(np.uint8)
         for ax, film, file, split in ((row[0], films[0], pair.a, pair.split_a),
                                       (row[1], films[1], pair.b, pair.split_b)):

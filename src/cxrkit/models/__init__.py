@@ -33,15 +33,17 @@ from cxrkit.models.efficientnet_lite import LITE_VARIANTS, load_lite_weights
 from cxrkit.models.simple_cnn import SimpleCNN
 
 DEFAULT_MODEL = "efficientnet_lite0"
+OFFLINE_MODELS = (*LITE_VARIANTS, "simple_cnn")  # their weights need no download
 PLUGIN_GROUP = "cxrkit.models"
 
 
 @dataclass(frozen=True)
 class Backbone:
     """What a registered model function returns: the feature extractor and how it reads
-    images. `module` maps a batch to pooled features and has `num_features`; it may define
-    `layer_groups()` (parameters from input to output, for discriminative learning rates)
-    and `gradcam_layer()`, else timm's `group_matcher` and last feature stage are used."""
+    images. `module` maps a batch to pooled features [N, num_features] and has the attribute
+    `num_features`. It may define `layer_groups()` (its parameters from input to output, for
+    discriminative learning rates; else timm's `group_matcher` where it has one, else one
+    group) and `gradcam_layer()` (else timm's last feature stage, else its last Conv2d)."""
 
     module: nn.Module
     input_size: int
@@ -51,18 +53,28 @@ class Backbone:
 
 
 _REGISTRY: dict[str, Callable[[bool], Backbone]] = {}
+_loading_plugin: str | None = None  # the entry point being imported, if any
 
 
-def register_model(name: str) -> Callable:
-    """Decorator: `@register_model("my_net")` on `def my_net(pretrained: bool) -> Backbone`
-    makes `create_model("my_net")`, `--model my_net` and runs saved with it work.
+def register_model(name: str | Callable[[bool], Backbone]) -> Callable:
+    """Decorator: `@register_model("my_net")` (or a bare `@register_model`, named after the
+    function) on `def my_net(pretrained: bool) -> Backbone` makes `create_model("my_net")`,
+    `--model my_net` and runs saved with it work.
 
-    Registering a name again replaces it, with a warning (a notebook cell run twice).
+    Registering a name again replaces it, with a warning (a notebook cell run twice); an
+    installed package's model never replaces one of the same name already registered.
     """
+    if callable(name):
+        return register_model(name.__name__)(name)
     if name.startswith("timm:"):
         raise ValueError(f"{name!r}: names starting with timm: are timm's models")
 
     def add(builder: Callable[[bool], Backbone]) -> Callable[[bool], Backbone]:
+        if name in _REGISTRY and _loading_plugin is not None:
+            logging.getLogger(__name__).warning(
+                "cxrkit model plugin %s: its model %r is not registered, the name is taken",
+                _loading_plugin, name)
+            return builder
         if name in _REGISTRY:
             warnings.warn(f"model {name!r} registered again: the new definition replaces it",
                           stacklevel=2)
@@ -76,13 +88,17 @@ def register_model(name: str) -> Callable:
 def _import_plugins() -> None:
     """Import the modules installed packages list under the `cxrkit.models` entry points:
     their `@register_model` calls add their models. A broken one is skipped, said once."""
+    global _loading_plugin
     for plugin in entry_points(group=PLUGIN_GROUP):
+        _loading_plugin = f"{plugin.name} ({plugin.value})"
         try:
             plugin.load()
         except Exception as e:  # one broken package must not stop every other model
             logging.getLogger(__name__).warning(
-                "cxrkit model plugin %s (%s) failed to load, skipped: %s: %s",
-                plugin.name, plugin.value, type(e).__name__, e)
+                "cxrkit model plugin %s failed to load, skipped: %s: %s",
+                _loading_plugin, type(e).__name__, e)
+        finally:
+            _loading_plugin = None
 
 
 def _lite(name: str) -> Callable[[bool], Backbone]:
@@ -209,7 +225,7 @@ def _timm_backbone(arch: str, pretrained: bool) -> Backbone:
     except Exception as e:  # no network, hub down, gated model, ...
         raise ConfigError(
             f"could not fetch pretrained weights for timm:{arch} ({type(e).__name__}: {e}). "
-            f"Offline choices: {', '.join(list_models())}; or pass --weights FILE; "
+            f"Offline choices: {', '.join(OFFLINE_MODELS)}; or pass --weights FILE; "
             f"or --no-pretrained to train from scratch. (Offline, HF_HUB_OFFLINE=1 skips the "
             f"hub's network retries.)"
         ) from e
@@ -253,6 +269,10 @@ def create_model(
     pretrained = pretrained and weights is None
     backbone = (_timm_backbone(name[5:], pretrained) if name.startswith("timm:")
                 else _REGISTRY[name](pretrained))
+    if not isinstance(backbone, Backbone) or not hasattr(backbone.module, "num_features"):
+        raise TypeError(f"the function registered as {name!r} must return "
+                        "Backbone(module, input_size, mean, std[, in_chans]) whose module has "
+                        f"num_features (the size of its pooled features); it returned {backbone!r}")
     spec = ModelSpec(name, num_classes, backbone.input_size, backbone.in_chans,
                      tuple(backbone.mean), tuple(backbone.std), dropout, labels)
     model = Classifier(backbone.module, spec)

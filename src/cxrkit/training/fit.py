@@ -464,6 +464,10 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None) -
     Returns the run folder; `cxrkit.runs.load_model(folder)` loads the trained model.
     Raises `TrainingInterrupted` on Ctrl+C or SIGTERM.
     """
+    if config is not None and resume is not None:
+        raise ConfigError("give a config or a run folder to resume, not both: a resumed run "
+                          "keeps its own config (to change it, train anew from its "
+                          "config.yaml under another name)")
     run = (open_run(resume) if resume is not None
            else new_run(config or TrainConfig.preset("default")))
     try:
