@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cxrkit.cli import app
-from cxrkit.export import export_onnx
+from cxrkit.export import export_model, export_onnx
 from cxrkit.predict import Predictor
 from cxrkit.runs import Calibration, load_model, write_calibration
 from tests.conftest import REAL_DATA, pretrained_run, requires_real_data, synthetic_film
@@ -127,6 +127,15 @@ def test_the_fallback_exporter_gives_a_dynamic_batch(trained_run, tmp_path):
         [logits] = session.run(None, {"image": x.numpy()})
         assert logits.shape == (batch, 2)
         np.testing.assert_allclose(logits, expected, atol=1e-4)
+
+
+def test_an_old_opset_is_honoured_or_refused_and_out_is_a_folder(trained_run, tmp_path):
+    path = export_model(trained_run, out=tmp_path / "op16", opset=16)  # torch.export: >= 18
+    assert {o.domain: o.version for o in onnx.load(str(path)).opset_import}[""] == 16
+    with pytest.raises(ValueError, match="ONNX opset 1: the exporter wrote an invalid model"):
+        export_model(trained_run, out=tmp_path / "op1", opset=1)
+    with pytest.raises(ValueError, match=r"give a folder.*--out .*/mine\)"):
+        export_model(trained_run, out=tmp_path / "mine.onnx")
 
 
 def test_torchscript_export_matches_eager(trained_run, tmp_path):

@@ -12,6 +12,7 @@ from PIL import Image
 
 from cxrkit.data.io import UnreadableImageError, read_image, try_read_image
 from cxrkit.data.layout import images_under
+from tests.conftest import synthetic_film
 
 
 def gradient(w: int = 64, h: int = 48) -> np.ndarray:
@@ -144,6 +145,17 @@ def test_dicom_files_without_a_suffix_are_found_in_folders(tmp_path):
     assert all(np.asarray(read_image(folder / n))[0, -1] == 255 for n in found)
 
 
+def test_folders_are_searched_through_links_once_but_not_hidden_ones(tmp_path):
+    films = tmp_path / "films"
+    for folder in ("a", "elsewhere", ".thumbnails"):
+        (films / folder).mkdir(parents=True)
+        synthetic_film("NORMAL", 1).save(films / folder / f"{folder.strip('.')}.png")
+    (films / "a" / "linked").symlink_to(films / "elsewhere")
+    (films / "a" / "loop").symlink_to(films)  # a link back up the tree: no endless walk
+    found = [p.relative_to(films).as_posix() for p in images_under(films)]
+    assert found == ["a/a.png", "a/linked/elsewhere.png"]  # "elsewhere" once, first by name
+
+
 def with_hot_patch(pixels: np.ndarray, value: int) -> np.ndarray:
     """A 2 x 2 patch at full scale in a corner: a burned-in marker, or hot pixels."""
     marked = pixels.copy()
@@ -183,6 +195,32 @@ def test_a_dcm_file_without_the_preamble_is_read(tmp_path):
     bare = tmp_path / "bare.dcm"
     bare.write_bytes(full.read_bytes()[132:])
     np.testing.assert_array_equal(np.asarray(read_image(bare)), np.asarray(read_image(full)))
+
+
+@pytest.mark.parametrize("implicit_vr", [True, False])
+def test_a_bare_dicom_data_set_without_its_file_meta_header_is_read(tmp_path, implicit_vr):
+    """Some exports write the data set alone: no preamble, no header naming its encoding."""
+    import pydicom
+
+    full = write_dicom(tmp_path / "full.dcm", dicom_ramp())
+    ds = pydicom.dcmread(full)
+    ds.preamble, ds.file_meta = None, pydicom.dataset.FileMetaDataset()
+    bare = tmp_path / "bare.dcm"
+    pydicom.dcmwrite(bare, ds, enforce_file_format=False, implicit_vr=implicit_vr,
+                     little_endian=True)
+    assert bare.read_bytes()[128:132] != b"DICM"
+    np.testing.assert_array_equal(np.asarray(read_image(bare)), np.asarray(read_image(full)))
+
+
+def test_a_png_named_dcm_is_read_as_the_png_it_is(tmp_path):
+    film = synthetic_film("NORMAL", 3)
+    film.save(tmp_path / "film.png")
+    (tmp_path / "film.dcm").write_bytes((tmp_path / "film.png").read_bytes())
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "film.dcm")),
+                                  np.asarray(film))
+    (tmp_path / "junk.dcm").write_bytes(b"neither a DICOM nor an image " * 10)
+    with pytest.raises(UnreadableImageError, match="junk.dcm.*DICOM"):  # the DICOM reason
+        read_image(tmp_path / "junk.dcm")
 
 
 def test_dicom_rescale_then_window(tmp_path):

@@ -240,6 +240,8 @@ def test_multiclass_uses_argmax_and_refuses_a_threshold(tmp_path, films):
     (["predict", "{tmp}", "{films}"], "neither a cxrkit run nor an ONNX export"),
     (["predict", "{run}", "{tmp}"], "no images found"),
     (["predict", "{run}", "{films}", "--out", "{tmp}/preds.txt"], ".csv or .json"),
+    (["predict", "{run}", "{films}", "--out", "/proc/nowhere/p.csv"], "cannot create its folder"),
+    (["predict", "{run}", "{films}", "--out", "{tmp}"], "ending in .csv or .json"),
     (["predict", "{run}", "{films}", "--backend", "onnx"], "cxr export"),
     (["predict", "{run}", "{films}", "--backend", "tensorflow"], "unknown backend"),
     (["predict", "{run}", "{films}", "--threshold", "1.5"], "'--threshold'"),
@@ -256,6 +258,14 @@ def test_predictions_file_must_be_csv_or_json(tmp_path):
         write_predictions([], tmp_path / "new" / "preds.xlsx")
     assert not (tmp_path / "new").exists()  # refused before anything was made
     assert write_predictions([], tmp_path / "new" / "deeper" / "preds.json").is_file()
+
+
+def test_an_image_in_memory_and_a_missing_file_of_the_same_name_each_get_their_own(run,
+                                                                                   films):
+    film = Image.open(films / "a" / "normal_0.png")  # shown as "<image 0>"
+    readable, missing = Predictor.load(run).predict([film, "<image 0>"])
+    assert readable.ok and readable.path == "<image 0>"
+    assert missing.error == "file not found"
 
 
 def test_predictor_is_reusable_and_keeps_order(run, films):

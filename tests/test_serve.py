@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -46,6 +47,20 @@ def server(trained_run):
 def post(url, name, content, params=None, field="file"):
     return requests.post(f"{url}/predict", files={field: (name, content)}, params=params,
                          timeout=60)
+
+
+def test_health_answers_while_every_worker_waits_for_the_model(trained_run, films):
+    """A liveness probe must not wait behind predictions: with the model busy and every
+    thread of the pool (40) holding a /predict, /health still answers at once."""
+    app = create_app(trained_run)
+    content = films["normal.png"].read_bytes()
+    with running_server(app) as url, ThreadPoolExecutor(45) as pool:
+        with app.state.predictor._lock:  # the model is busy: each /predict waits for it
+            waiting = [pool.submit(post, url, "normal.png", content) for _ in range(45)]
+            time.sleep(1.0)  # they reach the thread pool and block there
+            assert requests.get(f"{url}/health", timeout=5).json() == {"status": "ok"}
+            assert requests.get(f"{url}/model", timeout=5).json()["labels"]
+        assert [f.result().status_code for f in waiting] == [200] * 45
 
 
 def test_health_model_and_schema(server):

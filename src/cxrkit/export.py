@@ -54,11 +54,17 @@ PREPROCESS = (
 )
 
 
+DYNAMO_MIN_OPSET = 18
+
+
 def export_model(run: str | Path, format: str = "onnx", out: str | Path | None = None,
                  opset: int | None = None) -> Path:
     """Write RUN's model as `format` into `out` (default RUN/export) with its sidecar."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if out is not None and Path(out).suffix.lower() in (".onnx", ".pt", ".json"):
+        raise ValueError(f"--out {out}: give a folder; it gets {FILE_NAMES[format]} and "
+                         f"model.json (e.g. --out {Path(out).with_suffix('')})")
     model = load_model(run).cpu()
     out = Path(out) if out else model_folder(run) / "export"
     out.mkdir(parents=True, exist_ok=True)
@@ -101,6 +107,8 @@ def export_onnx(model: Classifier, path: str | Path, opset: int | None = None,
     for noisy in ("onnxscript", "onnx_ir"):  # their optimiser logs every pass at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
     names = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": opset}
+    if opset is not None and opset < DYNAMO_MIN_OPSET:
+        dynamo = False  # torch.export's exporter writes opset 18 or later, whatever is asked
     if dynamo:
         try:
             torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False,
@@ -114,7 +122,17 @@ def export_onnx(model: Classifier, path: str | Path, opset: int | None = None,
         torch.onnx.export(model, (example,), str(path), dynamo=False,
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                           **names)
-    onnx.checker.check_model(str(path), full_check=True)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as e:
+        if opset is None:
+            raise
+        raise ValueError(f"ONNX opset {opset}: the exporter wrote an invalid model ({e}); "
+                         "choose a later opset, or leave --opset out") from e
+    written = {o.domain: o.version for o in onnx.load(str(path)).opset_import}.get("")
+    if opset is not None and written != opset:
+        raise ValueError(f"asked for ONNX opset {opset}, the exporter wrote opset {written}: "
+                         "choose an opset this torch can export to, or leave --opset out")
     return Path(path)
 
 

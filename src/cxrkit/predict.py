@@ -21,6 +21,7 @@ import csv
 import glob
 import json
 import logging
+import shlex
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -137,7 +138,8 @@ class Predictor:
             return cls(*load_onnx(folder), "onnx")
         export = model_folder(folder) / "export"  # the run's own export
         if not is_onnx_export(export):
-            raise FileNotFoundError(f"no ONNX export in {export}: run `cxr export {path}` "
+            raise FileNotFoundError(f"no ONNX export in {export}: run `cxr export "
+                                    f"{shlex.quote(str(path))}` "
                                     f"first, or use --backend torch")
         model, exported = load_onnx(export)
         deployed = read_calibration(path)  # the run's, which a later evaluation may have moved
@@ -146,7 +148,7 @@ class Predictor:
             log.warning("%s holds an earlier calibration (threshold %.4f, %s); using the "
                         "run's calibration.json (threshold %.4f, %s). `cxr export %s` updates "
                         "the export.", export, exported.threshold, exported.describe(),
-                        deployed.threshold, deployed.describe(), path)
+                        deployed.threshold, deployed.describe(), shlex.quote(str(path)))
         return cls(model, deployed, "onnx")
 
     def require_torch(self, what: str) -> None:
@@ -185,7 +187,7 @@ class Predictor:
         reasons = {f.path: f.reason for f in failures}
         predictions = []
         for i, (name, row) in enumerate(zip(names, logits, strict=True)):
-            if name in reasons:
+            if np.isnan(row).any():  # unreadable (by its row: two films may share a name)
                 predictions.append(Prediction(name, threshold=threshold, error=reasons[name]))
                 continue
             probs = self.calibration.probabilities(row[None])[0]

@@ -51,6 +51,18 @@ def predictions_table(predictions: list[Prediction]) -> Table:
     return table
 
 
+def _check_writable(out: Path) -> None:
+    """Refuse an --out that cannot be written before the predictions, not after them."""
+    if out.suffix.lower() not in (".csv", ".json"):
+        fail(f"--out {out}: give a file name ending in .csv or .json")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--out {out}: cannot create its folder ({e})")
+    if out.is_dir() or not os.access(out.parent, os.W_OK):
+        fail(f"--out {out}: cannot write there; choose a file in a folder you can write to")
+
+
 @app.command("predict")
 def predict_command(
     model: Path = typer.Argument(..., help=MODEL_HELP),
@@ -72,8 +84,8 @@ def predict_command(
     """Label X-ray files. Exit code 1 when some files could not be read (listed, skipped)."""
     from cxrkit.predict import predict, write_predictions
 
-    if out is not None and out.suffix.lower() not in (".csv", ".json"):
-        fail(f"--out {out}: give a file name ending in .csv or .json")
+    if out is not None:
+        _check_writable(out)
     start = time.perf_counter()
     try:
         predictions = predict(model, paths, backend, batch_size, threshold, cam)
@@ -96,7 +108,10 @@ def predict_command(
     if cam is not None:
         console.print(f"Grad-CAM overlays in {cam}")
     if out is not None:
-        console.print(f"predictions written to {write_predictions(predictions, out)}")
+        try:
+            console.print(f"predictions written to {write_predictions(predictions, out)}")
+        except OSError as e:  # the disk filled up, or the folder went, while predicting
+            fail(f"--out {out}: could not write it ({e})")
     if failed:
         raise typer.Exit(1)
 
@@ -125,7 +140,7 @@ def serve_command(
     model: Path = typer.Argument(..., help=MODEL_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on; 0.0.0.0 "
                              "exposes the model to the whole network."),
-    port: int = typer.Option(8000, "--port"),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.1,
                                         help="Larger uploads get 413."),
     backend: str | None = typer.Option(None, "--backend", help="torch or onnx"),
@@ -142,5 +157,6 @@ def serve_command(
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach this "
                       "machine can send images; there is no authentication.")
-    console.print(f"open http://{host}:{port}/ (API docs at /docs); Ctrl+C stops")
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # "all interfaces": not a URL
+    console.print(f"open http://{shown}:{port}/ (API docs at /docs); Ctrl+C stops")
     uvicorn.run(web_app, host=host, port=port, log_level="info")

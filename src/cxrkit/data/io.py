@@ -86,10 +86,6 @@ def _has_dicom_magic(path: Path) -> bool:
         return False
 
 
-def _looks_like_dicom(path: Path) -> bool:
-    return path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_magic(path)
-
-
 def _to_uint8(pixels: np.ndarray) -> np.ndarray:
     """Stretch any numeric range to 0..255 (16-bit PNGs and DICOMs use 10-16 bits), between
     the STRETCH_PERCENTILES; values beyond them clip to black or white."""
@@ -101,6 +97,16 @@ def _to_uint8(pixels: np.ndarray) -> np.ndarray:
         return np.zeros(pixels.shape, dtype=np.uint8)
     scaled = (pixels - lo) * (255.0 / (hi - lo))
     return np.round(np.clip(scaled, 0, 255)).astype(np.uint8)
+
+
+def _uncompressed_syntax(implicit_vr: bool, little_endian: bool) -> str:
+    """The transfer syntax of a data set read without a file-meta header: uncompressed, in
+    the encoding pydicom found it in (a header-less file cannot hold compressed pixels)."""
+    from pydicom import uid
+
+    if implicit_vr:
+        return uid.ImplicitVRLittleEndian
+    return uid.ExplicitVRLittleEndian if little_endian else uid.ExplicitVRBigEndian
 
 
 def _read_dicom(path: Path) -> Image.Image:
@@ -117,6 +123,8 @@ def _read_dicom(path: Path) -> Image.Image:
     ds = pydicom.dcmread(path, force=force)
     if "PixelData" not in ds:
         raise UnreadableImageError(path, "DICOM file has no pixel data")
+    if "TransferSyntaxUID" not in ds.file_meta:  # a bare data set: no header says how it is
+        ds.file_meta.TransferSyntaxUID = _uncompressed_syntax(*ds.original_encoding)
     # A multi-frame file: the first frame is the film; decoding only it spares the others.
     frames = int(ds.get("NumberOfFrames") or 1)
     pixels = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array
@@ -145,6 +153,14 @@ def _pil_to_gray(img: Image.Image) -> Image.Image:
     return img.convert("RGB").convert("L")
 
 
+def _read_with_pil(path: Path) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.load()  # decode now, so truncated files fail here
+            return _pil_to_gray(img)
+
+
 def read_image(path: Film) -> Image.Image:
     """Decode one file (or convert an image already in memory, by the same rules) into an
     8-bit grayscale image, or raise UnreadableImageError."""
@@ -156,13 +172,17 @@ def read_image(path: Film) -> Image.Image:
             raise UnreadableImageError(path, "file not found")
         if path.stat().st_size == 0:
             raise UnreadableImageError(path, "empty file (0 bytes)")
-        if _looks_like_dicom(path):
+        if _has_dicom_magic(path):
             return _read_dicom(path)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()  # decode now, so truncated files fail here
-                return _pil_to_gray(img)
+        if path.suffix.lower() in DICOM_SUFFIXES:  # no "DICM": an old export, or misnamed
+            try:
+                return _read_dicom(path)
+            except Exception as dicom_error:
+                try:
+                    return _read_with_pil(path)
+                except Exception:  # neither: the DICOM reader's reason is the one to give
+                    raise dicom_error from None
+        return _read_with_pil(path)
     except UnreadableImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

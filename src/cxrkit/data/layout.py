@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,12 +69,20 @@ class DataSource:
 
 
 def images_under(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and is_image_file(p) and not (JUNK_DIRS & set(p.parts))
-        and not p.name.startswith("._")
-    )
+    """The image files below `folder`, through linked folders too (each real folder once, by
+    the first path to it in name order), but not in hidden or junk folders (.git, __MACOSX,
+    ...) nor macOS's `._` shadows."""
+    found, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a link back up the tree, or a second link to one folder
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if d not in JUNK_DIRS and not d.startswith("."))
+        found += [p for p in map(Path(top).joinpath, files)
+                  if not p.name.startswith("._") and p.is_file() and is_image_file(p)]
+    return sorted(found)
 
 
 def _subdirs(folder: Path) -> list[Path]:

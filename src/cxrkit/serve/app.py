@@ -38,7 +38,7 @@ from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 
 from cxrkit import __version__
-from cxrkit.data.io import TOO_MANY_PIXELS
+from cxrkit.data.io import DICOM_SUFFIXES, TOO_MANY_PIXELS
 from cxrkit.predict import Predictor
 
 DEFAULT_MAX_UPLOAD_MB = 20.0
@@ -140,6 +140,7 @@ def create_app(model_path: str | Path, backend: str | None = None,
     # FastAPI as it is, but /docs loads Swagger UI from this server instead of a CDN.
     app = FastAPIOffline(title="cxrkit", version=__version__, redoc_url=None,
                          description="Chest X-ray classification. " + HOW_TO_POST)
+    app.state.predictor = predictor  # the loaded model, for an application that embeds this
     app.add_middleware(UploadLimit, max_bytes=int(max_upload_mb * 2**20))
     app.add_exception_handler(RequestValidationError, _validation_problem)
     errors = {code: {"model": Problem} for code in (400, 413, 415, 422)}
@@ -148,12 +149,14 @@ def create_app(model_path: str | Path, backend: str | None = None,
     def index() -> str:
         return page
 
+    # `async`: on the event loop, not in the thread pool where /predict waits for the model,
+    # so a busy server still answers its liveness probe at once
     @app.get("/health")
-    def health() -> dict[str, str]:
+    async def health() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/model")
-    def model_info() -> ModelInfo:
+    async def model_info() -> ModelInfo:
         spec, calibration = predictor.spec, predictor.calibration
         return ModelInfo(name=spec.name, labels=predictor.labels, input_size=spec.input_size,
                          in_chans=spec.in_chans, threshold=predictor.threshold(),
@@ -173,7 +176,9 @@ def create_app(model_path: str | Path, backend: str | None = None,
         if not file.size:
             raise HTTPException(400, f"{file.filename}: the upload is empty. {HOW_TO_POST}")
         with tempfile.TemporaryDirectory(prefix="cxr-upload-") as tmp:
-            path = Path(tmp) / "upload"  # no suffix: the content alone says what it is
+            # the content says what it is, but a DICOM without its preamble only its name
+            suffix = Path(file.filename or "").suffix.lower()
+            path = Path(tmp) / ("upload" + (suffix if suffix in DICOM_SUFFIXES else ""))
             with open(path, "wb") as out:
                 shutil.copyfileobj(file.file, out)
             [result] = predictor.predict([path])
