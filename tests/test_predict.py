@@ -331,3 +331,10 @@ def test_what_is_not_a_film_is_refused_before_anything_is_read(run, films, tmp_p
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no images found in .*empty"):
         predict(run, tmp_path / "empty", device="cpu")
+
+
+def test_one_file_named_two_ways_is_predicted_once(films, monkeypatch):
+    monkeypatch.chdir(films)
+    assert collect_images(["a/normal_0.png", "./a/normal_0.png", str(films / "a"),
+                           "a//normal_0.png"]) == ["a/normal_0.png", str(films / "a" /
+                                                                       "pneumonia_1.png")]

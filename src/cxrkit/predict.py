@@ -21,6 +21,7 @@ import csv
 import glob
 import json
 import logging
+import os
 import shlex
 import threading
 from collections.abc import Iterable, Sequence
@@ -88,9 +89,10 @@ def collect_images(paths: Film | Iterable[Film]) -> list[str | Film]:
     unique, seen = [], set()
     for film in found:
         if isinstance(film, str):  # an image in memory is never a repeat
-            if film in seen:
+            where = os.path.abspath(film)  # ./a.png and a.png are one file
+            if where in seen:
                 continue
-            seen.add(film)
+            seen.add(where)
         unique.append(film)
     return unique
 
