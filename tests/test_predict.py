@@ -315,7 +315,11 @@ def test_films_in_memory_are_predicted_like_their_files(run, films):
     [one] = predict(run, np.asarray(image.convert("L")), device="cpu")  # one array: one film
     assert one.path == "<image 0>" and one.ok
     [bad] = predict(run, [np.zeros((2, 3, 4, 5))], device="cpu")
-    assert not bad.ok and "is not a film" in bad.error
+    assert not bad.ok and "is not a film" in bad.error and bad.threshold is None
+    holed = np.asarray(image.convert("L"), np.float32)
+    holed[10, 10] = np.nan  # a failed computation upstream: not a black film
+    [nan] = predict(run, holed, device="cpu")
+    assert not nan.ok and "NaN or infinite" in nan.error
     with pytest.raises(ValueError, match="overlays are written for files"):
         predict(run, [image], cam_dir=films / "cams")
 
@@ -338,3 +342,11 @@ def test_one_file_named_two_ways_is_predicted_once(films, monkeypatch):
     assert collect_images(["a/normal_0.png", "./a/normal_0.png", str(films / "a"),
                            "a//normal_0.png"]) == ["a/normal_0.png", str(films / "a" /
                                                                        "pneumonia_1.png")]
+
+
+def test_a_device_this_machine_lacks_is_refused_with_the_choices(run, films):
+    with pytest.raises(ValueError, match="device 'tpu': use cpu, cuda, cuda:N or mps"):
+        predict(run, films, device="tpu")
+    missing = "mps" if torch.cuda.is_available() else "cuda"
+    with pytest.raises(ValueError, match=rf"device '{missing}': this machine has none; use cpu"):
+        Predictor.load(run, device=missing)

@@ -25,7 +25,7 @@ from torch.optim.swa_utils import update_bn
 
 from cxrkit.data.kaggle import resolve_data
 from cxrkit.data.layout import DataLayoutError, images_under, load_source
-from cxrkit.inference import default_device, file_batches
+from cxrkit.inference import file_batches, resolve_device
 from cxrkit.models import Classifier
 from cxrkit.runs import load_model, model_folder, save_model
 
@@ -55,7 +55,7 @@ def _image_batches(model: Classifier, paths: list[str], batch_size: int,
 def adapt_batchnorm(model: Classifier, paths: list[str], batch_size: int = 32,
                     device: torch.device | str | None = None) -> Classifier:
     """Replace every BatchNorm's running mean/var with their average over `paths`."""
-    device = torch.device(device) if device else default_device()
+    device = resolve_device(device)
     model = model.to(device, memory_format=torch.channels_last)
     # update_bn resets the statistics and averages them over all batches (momentum=None).
     update_bn(_image_batches(model, paths, batch_size, device), model, device=device)

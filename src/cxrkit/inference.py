@@ -67,6 +67,23 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device` as asked (None: the best there is), refused with the choices when this
+    machine has no such device."""
+    if device is None:
+        return default_device()
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    present = {"cpu": True, "cuda": torch.cuda.is_available(),
+               "mps": torch.backends.mps.is_available()}
+    if not present.get(chosen.type, False):
+        raise ValueError(f"device {device!r}: this machine has none; use "
+                         + ", ".join(kind for kind, there in present.items() if there))
+    return chosen
+
+
 def predict_logits(
     model: Classifier,
     paths: Sequence[str | Film],
@@ -84,7 +101,7 @@ def predict_logits(
     scores the films framed more tightly (the central fraction of each side). `doubts`, when
     given, is filled with {index: why that readable image is hardly a chest film}.
     """
-    device = torch.device(device) if device else default_device()
+    device = resolve_device(device)
     # Outside inference_mode: `.to()` replaces the parameters in place, and parameters made
     # inside it are inference tensors that autograd refuses later (Grad-CAM, fine-tuning).
     model = model.eval().to(device, memory_format=torch.channels_last)

@@ -35,7 +35,7 @@ from PIL.PngImagePlugin import PngInfo
 from cxrkit.data.io import Film, film_list, film_name, read_image
 from cxrkit.data.layout import images_under
 from cxrkit.export import FILE_NAMES, is_onnx_export, load_onnx
-from cxrkit.inference import predict_logits
+from cxrkit.inference import predict_logits, resolve_device
 from cxrkit.runs import (
     MODEL_WEIGHTS,
     Calibration,
@@ -110,7 +110,7 @@ class Predictor:
         self.spec = model.spec
         self.labels = self.spec.labels or [f"class_{i}" for i in range(self.spec.num_classes)]
         # ONNX Runtime runs on the CPU here; for PyTorch None means the best device there is.
-        self.device = "cpu" if backend == "onnx" else device
+        self.device = "cpu" if backend == "onnx" else resolve_device(device)
         self._lock = threading.Lock()
 
     @classmethod
@@ -190,7 +190,7 @@ class Predictor:
         predictions = []
         for i, (name, row) in enumerate(zip(names, logits, strict=True)):
             if np.isnan(row).any():  # unreadable (by its row: two films may share a name)
-                predictions.append(Prediction(name, threshold=threshold, error=reasons[name]))
+                predictions.append(Prediction(name, error=reasons[name]))  # no threshold
                 continue
             probs = self.calibration.probabilities(row[None])[0]
             # Two classes: the positive label from the threshold on; else the argmax.

@@ -209,6 +209,9 @@ def _in_memory_to_gray(image: Image.Image | np.ndarray) -> Image.Image:
     """A PIL image, or an array [H, W] (any numeric type) or [H, W, 3 or 4] (uint8)."""
     if isinstance(image, Image.Image):
         return _pil_to_gray(image)
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        raise UnreadableImageError("<array>", "the array holds NaN or infinite values: "
+                                              "no film has them")
     if image.ndim == 2:
         return Image.fromarray(image if image.dtype == np.uint8 else _to_uint8(image), mode="L")
     if image.ndim == 3 and image.shape[-1] in (3, 4) and image.dtype == np.uint8:
