@@ -168,6 +168,8 @@ def test_globs_and_missing_files(run, films):
     assert names == ["normal_0.png", "pneumonia_1.png", "corrupt.png", "pneumonia_2.png",
                      "gone.png"]
     assert predictions[-1].error == "file not found"
+    [unmatched] = predict(run, str(films / "*.dcm"))
+    assert unmatched.error == "no file matches this pattern"
     # One path given as a plain str (or Path) is one path, not its characters ('.' = all).
     for one in (str(films / "a" / "normal_0.png"), films / "a" / "normal_0.png"):
         [p] = predict(run, one)

@@ -168,8 +168,9 @@ def read_image(path: Film) -> Image.Image:
         return _in_memory_to_gray(path)
     path = Path(path)
     try:
-        if not path.is_file():
-            raise UnreadableImageError(path, "file not found")
+        if not path.is_file():  # a pattern left as it was: nothing matched it
+            raise UnreadableImageError(path, "no file matches this pattern"
+                                       if any(c in path.name for c in "*?") else "file not found")
         if path.stat().st_size == 0:
             raise UnreadableImageError(path, "empty file (0 bytes)")
         if _has_dicom_magic(path):
