@@ -23,8 +23,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
+# A run folder already there (same NAME): continue it if interrupted, else evaluate and
+# report it again; NAME=another starts a new run.
 run: install
-	$(BIN)/cxr run $(DATA) --preset $(PRESET) --runs-dir $(RUNS) --name $(NAME)
+	@if [ -f $(RUNS)/$(NAME)/config.yaml ]; then \
+	  echo "continuing $(RUNS)/$(NAME) (NAME=another for a new run)"; \
+	  $(BIN)/cxr run --resume $(RUNS)/$(NAME); \
+	else \
+	  $(BIN)/cxr run $(DATA) --preset $(PRESET) --runs-dir $(RUNS) --name $(NAME); \
+	fi
 
 # The browser test drives Debian's Chromium (Playwright cannot download its own here).
 browser:

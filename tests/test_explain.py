@@ -1,5 +1,8 @@
 """Grad-CAM: shapes for every backbone family, and maps that point at the evidence."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +11,8 @@ from torch import nn
 from cxrkit.explain import gradcam, overlay
 from cxrkit.inference import predict_logits
 from cxrkit.models import create_model
-from cxrkit.runs import load_model
+from cxrkit.predict import predict
+from cxrkit.runs import CALIBRATION, Calibration, load_model
 
 
 class BrightPatchModel(nn.Module):
@@ -114,3 +118,15 @@ def test_overlay_leaves_the_film_as_it_is_where_there_is_no_evidence():
     gray = np.repeat(film[..., None], 3, axis=2).astype(np.int16)
     assert np.abs(out[30:, :] - gray[30:, :]).max() <= 1  # far from the hot patch: untouched
     assert np.abs(out[12:18, 32:38] - gray[12:18, 32:38]).max() > 60  # the patch: coloured
+
+
+@pytest.mark.parametrize(("threshold", "called"), [(0.0, "PNEUMONIA"), (1.0, "NORMAL")])
+def test_a_run_explains_the_class_predict_calls_at_its_threshold(trained_run, tiny_kaggle,
+                                                               tmp_path, threshold, called):
+    """Not the argmax: the deployed threshold decides, as `cxr predict --cam` does."""
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    (run / CALIBRATION).write_text(json.dumps(Calibration(threshold=threshold).to_dict()))
+    paths = sorted(str(p) for p in (tiny_kaggle / "test").glob("*/*.jpeg"))[:4]
+    assert {p.label for p in predict(run, paths)} == {called}
+    np.testing.assert_allclose(gradcam(run, paths), gradcam(run, paths, class_index=called),
+                               atol=1e-6)

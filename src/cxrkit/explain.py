@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 import numpy as np
@@ -25,6 +26,9 @@ from cxrkit.data.dataset import load_prepared
 from cxrkit.data.io import Film, film_list
 from cxrkit.data.transforms import eval_transform
 from cxrkit.models import Classifier
+
+if TYPE_CHECKING:
+    from cxrkit.runs import Calibration
 
 DEFAULT_BATCH = 16
 CAM_COLORMAP = "inferno"  # perceptually ordered: brighter is more, unlike jet's rainbow
@@ -97,11 +101,18 @@ def _gradients_from(layer: torch.nn.Module, model: torch.nn.Module) -> Iterator[
             p.requires_grad_(flag)
 
 
-def _predicted_classes(model: Classifier, x: torch.Tensor, batch_size: int) -> list[int]:
+def _predicted_classes(model: Classifier, x: torch.Tensor, batch_size: int,
+                       calibration: Calibration | None) -> list[int]:
+    """Each film's class as `predict` calls it: at a run's deployed threshold and
+    calibration, or, for a model alone, the most probable."""
     device = next(model.parameters()).device
     with torch.no_grad():
-        return [int(c) for start in range(0, len(x), batch_size)
-                for c in model.eval()(x[start:start + batch_size].to(device)).argmax(1)]
+        logits = torch.cat([model.eval()(x[start:start + batch_size].to(device)).float().cpu()
+                            for start in range(0, len(x), batch_size)]).numpy()
+    if calibration is None:
+        return [int(c) for c in logits.argmax(1)]
+    return [int(c) for c in calibration.classes(calibration.probabilities(logits),
+                                                model.spec.labels)]
 
 
 def _class_indices(labels: list[str], class_index, n: int) -> list[int | None]:
@@ -125,21 +136,24 @@ def gradcam(model: Classifier | str | Path, images: Film | Sequence[Film] | torc
         maps = gradcam("runs/quick", ["a.jpeg", "b.jpeg"], class_index="PNEUMONIA")
 
     `model`: a loaded model or a run folder. `class_index`: the class to explain (an index
-    or a label), one for all or one per image; None explains each image's predicted class.
+    or a label), one for all or one per image; None explains each image's predicted class
+    (for a run folder, at its deployed threshold, as `predict` calls it).
     `target_layer` defaults to `model.gradcam_layer()`. One map per image given, in order:
     an unreadable file raises `UnreadableImageError` naming it (`predict` skips such files;
     explain the readable ones).
     """
+    calibration = None
     if isinstance(model, str | Path):
-        from cxrkit.runs import load_model
+        from cxrkit.runs import load_model, read_calibration
 
+        calibration = read_calibration(model)
         model = load_model(model)
     x_all = _as_batch(model, images)
     n = len(x_all)
     classes = _class_indices(model.spec.labels if hasattr(model, "spec") else [],
                              class_index, n)
     if None in classes:
-        predicted = _predicted_classes(model, x_all, batch_size)
+        predicted = _predicted_classes(model, x_all, batch_size, calibration)
         classes = [p if c is None else c for c, p in zip(classes, predicted, strict=True)]
     layer = target_layer if target_layer is not None else model.gradcam_layer()
     _make_autograd_ready(model)

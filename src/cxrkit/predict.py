@@ -41,7 +41,6 @@ from cxrkit.runs import (
     Calibration,
     load_model,
     model_folder,
-    positive_index,
     positive_label,
     read_calibration,
 )
@@ -193,10 +192,7 @@ class Predictor:
                 predictions.append(Prediction(name, error=reasons[name]))  # no threshold
                 continue
             probs = self.calibration.probabilities(row[None])[0]
-            # Two classes: the positive label from the threshold on; else the argmax.
-            positive = positive_index(self.labels)
-            index = (int(np.argmax(probs)) if threshold is None
-                     else positive if probs[positive] >= threshold else 1 - positive)
+            index = int(self.calibration.classes(probs[None], self.labels, threshold)[0])
             by_label = {k: float(p) for k, p in zip(self.labels, probs, strict=True)}
             predictions.append(Prediction(name, self.labels[index], by_label, threshold,
                                           warning=doubts.get(i)))

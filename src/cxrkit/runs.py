@@ -51,6 +51,16 @@ class Calibration:
         """[N, classes] logits -> calibrated probabilities."""
         return softmax(logits, self.temperature, self.bias)
 
+    def classes(self, probs: np.ndarray, labels: list[str],
+                threshold: float | None = None) -> np.ndarray:
+        """Each row's class as deployed: of two, the positive one (`positive_index`) where its
+        probability reaches `threshold` (default: this calibration's); else the most probable."""
+        threshold = self.threshold if threshold is None else threshold
+        if len(labels) != 2 or threshold is None:
+            return probs.argmax(1)
+        positive = positive_index(labels)
+        return np.where(probs[:, positive] >= threshold, positive, 1 - positive)
+
     def describe(self) -> str:
         """'T=1.23', or with a bias 'T=1.23, bias (+0.00, +0.84)' (one number per class)."""
         text = f"T={self.temperature:.2f}"

@@ -422,13 +422,6 @@ def collapsed_metrics(y: np.ndarray, probs: np.ndarray, normal: int,
             **{k: rates[k] for k in ("accuracy", "sensitivity", "specificity", "f1")}}
 
 
-def predicted_classes(probs: np.ndarray, positive: int | None, threshold: float) -> np.ndarray:
-    """Binary: positive where P(positive) >= threshold; multi-class: the most probable."""
-    if positive is None:
-        return probs.argmax(1)
-    return np.where(probs[:, positive] >= threshold, positive, 1 - positive)
-
-
 # ---- files -----------------------------------------------------------------------------------
 
 def write_predictions(path: Path, scored: Scored, probs: np.ndarray, predicted: np.ndarray,
@@ -463,7 +456,7 @@ def write_figures(out: Path, model: Classifier, scored: Scored, probs: np.ndarra
     """The evaluation's figures; `where` names the films in each title ('test, 624 films')."""
     labels, y = model.spec.labels, scored.y
     positive = positive_index(labels) if len(labels) == 2 else None
-    predicted = predicted_classes(probs, positive, calibration.threshold)
+    predicted = calibration.classes(probs, labels)
     counts = confusion_matrix(y, predicted, len(labels))
     deployed = deployed_name(thresholds)
     rule = (f"deployed threshold {calibration.threshold:.3f}" if positive is not None
@@ -640,7 +633,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
                       fitted_on="val" if calibrate_on is None else source)
     metrics = measure(scored)
     probs = calibration.probabilities(scored.logits)
-    predicted = predicted_classes(probs, positive, calibration.threshold)
+    predicted = calibration.classes(probs, labels)
     tta_probs = None
     if tta:
         views = list(DEFAULT_VIEWS.values())
