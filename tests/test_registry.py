@@ -163,3 +163,19 @@ def test_cxr_trains_and_predicts_with_a_model_an_installed_package_registers(tin
     [row] = json.loads((tmp_path / "p.json").read_text())
     assert row["path"] == str(film) and row["label"] in ("NORMAL", "PNEUMONIA")
     assert len(list((tmp_path / "cam").glob("*.png"))) == 1  # Grad-CAM on its last conv
+
+
+def test_a_run_of_a_model_nothing_registers_here_says_what_to_install(registered, tiny_kaggle,
+                                                                     tmp_path):
+    config = TrainConfig.preset("scratch", data=str(tiny_kaggle), overrides={
+        "model.name": registered, "data.batch_size": 8, "data.num_workers": 0,
+        "data.cache_dir": str(tmp_path / "cache"), "trainer.progress_bar": False,
+        "stages.0.epochs": 1, "runs_dir": str(tmp_path / "runs")})
+    run = train(config)
+    models._REGISTRY.pop(registered)  # a new process, where its package is not installed
+    try:
+        with pytest.raises(ValueError, match=r"trained as 'two_convs', which nothing "
+                                             r"registers here: install the package"):
+            predict(run, [next((tiny_kaggle / "test" / "NORMAL").iterdir())])
+    finally:
+        register_model(registered)(lambda pretrained: None)  # for the fixture to remove

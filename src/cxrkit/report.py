@@ -397,7 +397,8 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 <section id="metrics"><h2>Metrics</h2>
 {% if evals %}
 <p>95% bootstrap intervals in parentheses, resampling patients ({{ evals[0].bootstrap.resamples }}
- resamples). Probabilities are calibrated ({{ calibration.describe() }}).{% if positive %} The
+ resamples). Probabilities are temperature-scaled ({{ calibration.describe() }}); the reliability
+ diagram shows whether that helped on these films.{% if positive %} The
  deployed threshold ({{ calibration.chosen_on }}) is the one <code>cxr predict</code> uses
  ({{ "%.4f"|format(calibration.threshold) }}).{% endif %} Neither was chosen on test data.</p>
 <table><tr><th class="name">metric</th>{% for m in evals %}<th>{{ m.title }}</th>

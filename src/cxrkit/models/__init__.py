@@ -283,6 +283,10 @@ def create_model(
 
 def model_from_spec(spec: ModelSpec) -> Classifier:
     """An untrained model with the architecture `spec` describes (weights come next)."""
+    if not spec.name.startswith("timm:") and spec.name not in list_models():
+        raise ValueError(f"this model was trained as {spec.name!r}, which nothing registers "
+                         "here: install the package that registers it (entry point group "
+                         f"{PLUGIN_GROUP!r}), or call its @register_model before loading")
     model = create_model(spec.name, spec.num_classes, pretrained=False, labels=spec.labels,
                          dropout=spec.dropout)
     model.spec = spec  # keep the trained input size, normalisation and equalisation
