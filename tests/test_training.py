@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import logging
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +26,13 @@ from cxrkit.data.transforms import ModelInput, eval_transform
 from cxrkit.models import create_model
 from cxrkit.runs import load_model, positive_index
 from cxrkit.training import train
-from cxrkit.training.callbacks import ProgressBar, make_callbacks, make_loggers, make_trainer
+from cxrkit.training.callbacks import (
+    ProgressBar,
+    ProgressLog,
+    make_callbacks,
+    make_loggers,
+    make_trainer,
+)
 from cxrkit.training.curves import step_losses
 from cxrkit.training.datamodule import prepare_samples, task_classes
 from cxrkit.training.features import extract_features
@@ -306,13 +313,38 @@ def test_ema_stage_ends_with_the_moving_average_of_its_weights(tiny_kaggle, tmp_
     assert not torch.allclose(final["head.1.weight"], recorder.steps[-1]["head.1.weight"])
 
 
-def test_the_progress_bar_shows_no_cut_version_name(tmp_path):
+def test_the_progress_bar_shows_no_cut_version_name_and_counts_epochs_from_1(tmp_path):
     stage = TrainConfig().stages[0]
     loggers = make_loggers(tmp_path, "train", TrainConfig().trainer)
     trainer = make_trainer(tmp_path, stage, TrainConfig().trainer, callbacks=[ProgressBar()],
-                           loggers=loggers)
+                           loggers=loggers, enable_progress_bar=True)  # as on a terminal
     assert RichProgressBar().get_metrics(trainer, None)["v_num"] == "rain"  # what it hides
     assert "v_num" not in trainer.progress_bar_callback.get_metrics(trainer, None)
+    bar = trainer.progress_bar_callback
+    bar.setup(trainer, None, "fit")
+    assert bar._get_train_description(0) == f"Epoch 1/{stage.epochs}"
+
+
+def test_without_a_terminal_progress_comes_as_log_lines(tiny_kaggle, tmp_path, caplog):
+    """A log file or a pipe shows no bar: `make run | tee` printed nothing for minutes."""
+    config = tiny_config(tiny_kaggle, tmp_path, **{"stages.0.epochs": 2,
+                                                   "trainer.progress_bar": True})
+    callbacks = make_callbacks(tmp_path, config.trainer, config.stages[0])
+    [progress] = [c for c in callbacks if isinstance(c, ProgressLog)]  # pytest: no terminal
+    progress.every = 0.0  # a line after every step
+    samples = prepare_samples(config.data, config.seed)
+    run = Run(tmp_path, config, samples, task_classes("binary", samples))
+    module, datamodule = build_stage(run, 0, build_model(config, run.classes), tmp_path)
+    trainer = make_trainer(tmp_path, config.stages[0], config.trainer, callbacks=[progress],
+                           loggers=False, enable_checkpointing=False)
+    with caplog.at_level(logging.INFO, logger="cxrkit.training.callbacks"):
+        trainer.fit(module, datamodule=datamodule)
+    lines = [r.getMessage() for r in caplog.records if r.name == "cxrkit.training.callbacks"]
+    steps = trainer.num_training_batches
+    assert lines[0].startswith(f"train, epoch 1/2: step 1/{steps}, train loss ")
+    assert lines[steps].startswith("train, epoch 1/2: val_accuracy ")
+    assert "val_loss " in lines[steps] and len(lines) == 2 * (steps + 1)
+    assert lines[-1].startswith("train, epoch 2/2: val_accuracy ")
 
 
 def test_param_groups_give_each_depth_its_learning_rate():

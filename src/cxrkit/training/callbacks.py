@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -265,18 +266,62 @@ def make_callbacks(run: Path, trainer: TrainerConfig, stage: StageConfig | None 
         # Lightning's own: validation and checkpoints (best.ckpt too) see the averaged weights.
         callbacks.append(WeightAveraging(avg_fn=get_ema_avg_fn(stage.ema_decay)))
     if trainer.progress_bar:
-        callbacks.append(ProgressBar())
+        callbacks.append(ProgressBar() if shows_a_bar() else ProgressLog())
     return callbacks
 
 
+def shows_a_bar() -> bool:
+    """Whether a progress bar can draw: on a terminal, not in a log file or a pipe."""
+    return sys.stdout.isatty()
+
+
 class ProgressBar(RichProgressBar):
-    """Lightning's rich bar without `v_num`: our logger versions are stage names, which it
-    cuts to their last four letters ("rain")."""
+    """Lightning's rich bar without `v_num` (our logger versions are stage names, which it
+    cuts to their last four letters, "rain"), epochs counted from 1 as everywhere else."""
 
     def get_metrics(self, trainer, pl_module):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return metrics
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"Epoch {current_epoch + 1}/{self.trainer.max_epochs}"
+
+
+class ProgressLog(Callback):
+    """Progress as log lines where no bar can draw (a log file, CI, `make run | tee`): a line
+    every `every` seconds of training, and one with each epoch's validation."""
+
+    def __init__(self, every: float = 30.0):
+        self.every = every
+        self.start = self.last = 0.0
+
+    def _epoch(self, trainer) -> str:
+        stage = getattr(trainer.lightning_module, "stage", None)  # a run's stages have names
+        return (f"{stage.name + ', ' if stage else ''}"
+                f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.start = self.last = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.monotonic()
+        if now - self.last < self.every or not trainer.is_global_zero:
+            return
+        self.last = now
+        done, total = batch_idx + 1, trainer.num_training_batches
+        loss = trainer.callback_metrics.get("train_loss_step")
+        left = (total - done) * (now - self.start) / done
+        log.info("%s: step %d/%d%s, %.0f s to the epoch's end", self._epoch(trainer), done,
+                 total, "" if loss is None else f", train loss {float(loss):.4f}", left)
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        scores = {k: float(v) for k, v in trainer.callback_metrics.items()
+                  if k.startswith("val_")}
+        log.info("%s: %s", self._epoch(trainer),
+                 ", ".join(f"{k} {v:.4f}" for k, v in sorted(scores.items())))
 
 
 def make_loggers(run: Path, stage: str, trainer: TrainerConfig) -> list[Logger]:
@@ -312,7 +357,7 @@ def make_trainer(run: Path, stage: StageConfig, trainer: TrainerConfig,
         callbacks=callbacks, logger=loggers,
         log_every_n_steps=trainer.log_every_n_steps, gradient_clip_val=trainer.gradient_clip_val,
         accumulate_grad_batches=trainer.accumulate_grad_batches, default_root_dir=run,
-        enable_progress_bar=trainer.progress_bar, enable_model_summary=False,
+        enable_progress_bar=trainer.progress_bar and shows_a_bar(), enable_model_summary=False,
     )
     if "fsdp" not in str(trainer.strategy):  # FSDP writes sharded checkpoints its own way
         options["plugins"] = [AtomicCheckpointIO()]
