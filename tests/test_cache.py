@@ -118,7 +118,8 @@ def test_cli_shows_and_clears_the_cache(films, tmp_path):
     shown = CliRunner().invoke(app, ["data", "cache", "--dir", str(folder)])
     assert shown.exit_code == 0, shown.output
     lines = shown.output.splitlines()  # the most recently opened first
-    assert f"{FILMS} films at 40 px" in lines[0] and f"{FILMS} films at 32 px" in lines[1]
+    assert f"{FILMS} films at 40 px from {films[0].path.rsplit('/train/', 1)[0]}/train," \
+        in lines[0] and f"{FILMS} films at 32 px" in lines[1]
     assert f"{folder}: 2 entries" in shown.output and "(at most 20 GiB)" in shown.output
     cleared = CliRunner().invoke(app, ["data", "cache", "--dir", str(folder), "--clear"])
     assert cleared.exit_code == 0 and f"in {folder}" in cleared.output

@@ -111,7 +111,7 @@ class DecodeCache:
             self._held = _lock(self.valid_path)
         with contextlib.suppress(OSError):  # another user's cache, or a read-only one
             os.utime(self.valid_path)  # opened now: the last to go when the folder is pruned
-        self.valid = json.loads(self.valid_path.read_text())
+        self.valid = _read_marker(self.valid_path)["valid"]
         self.array = np.memmap(self.array_path, dtype=np.uint8, mode="r",
                                shape=(len(samples), size, size))
 
@@ -149,7 +149,8 @@ class DecodeCache:
         os.replace(tmp, self.array_path)  # atomic: a killed build leaves no half cache
         building.close()
         marker = tmp.with_suffix(".part")  # not a .tmp: nothing prunes it in between
-        marker.write_text(json.dumps(valid))
+        source = os.path.commonpath([s.path for s in samples]) if samples else ""
+        marker.write_text(json.dumps({"valid": valid, "source": source}))
         os.replace(marker, self.valid_path)  # last: an entry with a marker is whole
 
     def __getitem__(self, i: int) -> torch.Tensor | None:
@@ -165,11 +166,19 @@ class CacheEntry:
     size: int  # pixels per side
     nbytes: int
     last_used: float  # seconds since the epoch
+    source: str  # the folder the films share (a split's, typically)
 
     def describe(self) -> str:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.last_used))
-        return (f"{self.key}: {self.films} films at {self.size} px, "
+        return (f"{self.key}: {self.films} films at {self.size} px from {self.source or '?'}, "
                 f"{self.nbytes / 2**20:,.0f} MiB, last opened {used}")
+
+
+def _read_marker(path: Path) -> dict:
+    """{"valid": [one bool per film], "source": their common folder}; entries built before
+    the folder was recorded hold the list alone."""
+    marker = json.loads(path.read_text())
+    return marker if isinstance(marker, dict) else {"valid": marker, "source": ""}
 
 
 def cache_entries(cache_dir: str | Path = DEFAULT_CACHE_DIR / DECODED) -> list[CacheEntry]:
@@ -179,12 +188,13 @@ def cache_entries(cache_dir: str | Path = DEFAULT_CACHE_DIR / DECODED) -> list[C
         key = valid.name.removesuffix(".valid.json")
         array = valid.with_name(f"{key}.u8")
         try:
-            films = len(json.loads(valid.read_text()))
+            marker = _read_marker(valid)
             nbytes, last_used = array.stat().st_size, valid.stat().st_mtime
         except (OSError, ValueError):  # half removed, or another process is removing it
             continue
+        films = len(marker["valid"])
         size = math.isqrt(nbytes // max(films, 1))
-        entries.append(CacheEntry(key, films, size, nbytes, last_used))
+        entries.append(CacheEntry(key, films, size, nbytes, last_used, marker["source"]))
     return sorted(entries, key=lambda e: e.last_used)
 
 
