@@ -23,7 +23,7 @@ from cxrkit.inference import predict_logits, softmax
 from cxrkit.models import create_model
 from cxrkit.report import headline, summary
 from cxrkit.runs import load_model, read_calibration, save_model
-from tests.conftest import synthetic_film
+from tests.conftest import make_kaggle_tree, synthetic_film
 
 TOP_LEVEL = ("roc_auc", "pr_auc", "brier", "ece")
 AT_THRESHOLD = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
@@ -471,3 +471,22 @@ def test_evaluating_again_reuses_the_logits_until_a_film_or_the_weights_change(t
     save_model(load_model(run), run)  # new weights: everything is scored again
     evaluate()
     assert len(list(cache.glob("*.npz"))) == 5
+
+
+def test_external_data_that_holds_the_runs_own_films_or_no_patient_ids_says_so(
+        trained_run, tiny_kaggle, tmp_path):
+    run = copy_run(trained_run, tmp_path)
+    site = make_class_folders(tmp_path / "site", ["NORMAL", "PNEUMONIA"], n=2)
+    for label in ("NORMAL", "PNEUMONIA"):  # a test film of the run's, copied under a new name
+        own = sorted((tiny_kaggle / "test" / label).iterdir())[0]
+        shutil.copy(own, site / label / f"copied{own.suffix}")
+    notes = json.loads((evaluate_run(run, data=site, bootstrap=0, figures=False,
+                                     device="cpu") / "metrics.json").read_text())["notes"]
+    assert ("2 of these 6 films are files of the run's own data (test 2): this is not "
+            "independent external data.") in notes
+    assert any(n.startswith("No patient id could be read from the file names") for n in notes)
+    # Kermany names carry patient ids; films of no run: neither note
+    other = make_kaggle_tree(tmp_path / "other", {"train": 2, "test": 2}, seed=7)
+    notes = json.loads((evaluate_run(run, data=other, bootstrap=0, figures=False,
+                                     device="cpu") / "metrics.json").read_text())["notes"]
+    assert not any("own data" in n or "patient id" in n for n in notes), notes

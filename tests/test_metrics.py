@@ -9,9 +9,12 @@ from cxrkit.evaluation.metrics import (
     confusion_matrix,
     multiclass_metrics,
     probability_metrics,
+    proportion_counts,
     ranking_metrics,
     roc_auc,
     threshold_metrics,
+    widen_to_wilson,
+    wilson_interval,
     with_ci,
 )
 from cxrkit.evaluation.thresholds import sensitivity_threshold, youden_threshold
@@ -153,3 +156,26 @@ def test_undefined_metrics_are_none_not_nan():
     ci = with_ci(lambda w: threshold_metrics(y, np.full(4, 0.9), 0.5, w), np.arange(4), 50)
     assert ci["specificity"] == {"value": None, "ci95": [None, None]}
     assert ci["sensitivity"]["value"] == 1.0
+
+
+@pytest.mark.parametrize(("k", "n"), [(12, 12), (0, 12), (156, 157), (184, 234)])
+def test_wilson_interval_agrees_with_scipy(k, n):
+    from scipy.stats import binomtest
+
+    expected = binomtest(k, n).proportion_ci(method="wilson")
+    np.testing.assert_allclose(wilson_interval(k, n), (expected.low, expected.high), atol=1e-9)
+
+
+def test_a_rate_at_100_percent_gets_an_interval_not_a_point():
+    """12 of 12 normal films called normal: every bootstrap resample says 100%."""
+    y = np.array([0] * 12 + [1] * 12)
+    p = np.array([0.1] * 12 + [0.9] * 11 + [0.2])
+    rates = with_ci(lambda w: threshold_metrics(y, p, 0.5, w), list(range(24)), 200)
+    assert rates["specificity"]["ci95"] == [1.0, 1.0]  # what the percentile interval gives
+    k, n = proportion_counts(y, p, 0.5)["specificity"]
+    widened = widen_to_wilson(rates["specificity"], k, n)
+    assert widened["value"] == 1.0 and widened["ci95"][1] == 1.0
+    assert widened["ci95"][0] == pytest.approx(wilson_interval(12, 12)[0], abs=1e-6)
+    assert widened["ci95"][0] < 0.76
+    wide = {"value": 0.5, "ci95": [0.1, 0.9]}  # a bootstrap interval wider than Wilson's stays
+    assert widen_to_wilson(wide, 12, 24) == wide

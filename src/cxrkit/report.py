@@ -77,8 +77,10 @@ STALE = ("evaluated with an earlier calibration (threshold {:.4f}, T={:.3f}), no
          "one: these numbers are not those of the decision rule `cxr predict` uses. Run `cxr "
          "evaluate` again to update them.")
 LIMITATIONS = [
-    "The internal test split comes from the same source as the training data, so it measures "
-    "in-distribution performance only; it is an optimistic estimate for any other setting.",
+    "The internal test split comes from the same source as the training data, yet it differs "
+    "from the films validation was carved from (on Kermany's test folder the validation "
+    "threshold and temperature shift: specificity falls); another hospital's films may differ "
+    "more. Validate on the deployment site's films (`cxr evaluate RUN --data SITE`).",
     "Shortcut learning: a model can key on text markers, laterality letters, positioning, "
     "cropping or film borders that correlate with the label. Check the Grad-CAM figures for "
     "attention outside the lungs, and run the framing check (`cxr evaluate RUN --split val "
@@ -240,8 +242,9 @@ def metric_rows(evals: list[dict]) -> list[dict]:
                              ("specificity_at_sensitivity", "Specificity at sensitivity {}")):
             for level in evals[0].get(block, {}):
                 cells = [format_metric(block, m.get(block, {}).get(level)) for m in evals]
-                rows.append({"group": "threshold-free", "name": title.format(level),
-                             "cells": cells})
+                rows.append({"group": "best any threshold gives on these films (an upper "
+                                      "bound, not an operating point)",
+                             "name": title.format(level), "cells": cells})
         points = list(dict.fromkeys(p for m in evals for p in m.get("operating_points", {})))
         points.sort(key=lambda p: p != "validation")  # the deployed default first
         for point in points:
@@ -454,7 +457,7 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 {% else %}<p class="missing">Not evaluated.</p>{% endif %}
 <h3>Decision rule</h3><p>{% if positive %}P({{ positive }})
  ≥ {{ "%.4f"|format(calibration.threshold) }}{% else %}The most probable class{% endif %}
- on calibrated probabilities ({{ calibration.describe() }}),
+ on temperature-scaled probabilities ({{ calibration.describe() }}),
  chosen on: {{ calibration.chosen_on }}. Never chosen on test data.</p>
 <h3>Known limitations</h3><ul>{% for item in limitations %}<li>{{ item }}</li>{% endfor %}</ul>
 </div></section>

@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -55,8 +56,10 @@ from cxrkit.evaluation.metrics import (
     confusion_matrix,
     multiclass_metrics,
     probability_metrics,
+    proportion_counts,
     ranking_metrics,
     threshold_metrics,
+    widen_to_wilson,
     with_ci,
 )
 from cxrkit.evaluation.thresholds import sensitivity_threshold, youden_threshold
@@ -161,6 +164,49 @@ def refuse_overlap(chosen_on: Sequence[Sample], evaluated: Sequence[Sample], sou
                f"--reset-calibration chooses on the run's validation split instead, "
                f"--calibrate-on OTHER_FILMS on others." if reapplied else "")
         )
+
+
+def _file_size(path: str) -> int | None:
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return None
+
+
+def external_data_doubts(run_samples: Sequence[Sample], samples: Sequence[Sample]) -> list[str]:
+    """Why `samples` may not be the independent data an external evaluation needs: films
+    byte-identical to the run's own (train, val or test: compared where sizes match, so
+    few files are read), and no patient ids (each film then counts as its own patient)."""
+    by_size: dict[int | None, list[Sample]] = {}
+    for own in run_samples:
+        by_size.setdefault(_file_size(own.path), []).append(own)
+    digests: dict[str, str] = {}
+
+    def digest(path: str) -> str:
+        if path not in digests:
+            digests[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return digests[path]
+
+    theirs: dict[str, str] = {}  # film -> the split of the run's file it is
+    for sample in samples:
+        size = _file_size(sample.path)
+        same = [own for own in by_size.get(size, []) if size is not None
+                and (own.path == sample.path or digest(own.path) == digest(sample.path))]
+        if same:
+            theirs[sample.path] = same[0].split
+    doubts = []
+    if theirs:
+        splits = Counter(theirs.values())
+        doubts.append(f"{len(theirs)} of these {len(samples)} films are files of the run's own "
+                      f"data ({', '.join(f'{split} {n}' for split, n in splits.items())}): "
+                      "this is not independent external data.")
+    unparsed = [s for s in samples  # the fallback id: the file's own path, suffix dropped
+                if Path(s.path).with_suffix("").as_posix().endswith(s.patient_id or "\0")]
+    if samples and len(unparsed) == len(samples):
+        doubts.append("No patient id could be read from the file names: each film counts as "
+                      "its own patient, so the intervals are too narrow where a patient has "
+                      "several films (a CSV manifest with a patient_id column gives them).")
+    return doubts
 
 
 def external_samples(data: str | Path, split: str) -> tuple[str, str, str, list[Sample]]:
@@ -399,9 +445,14 @@ def compute_metrics(scored: Scored, labels: Sequence[str], positive: int | None,
         "brier_before": before["brier"], "brier_after": metrics["brier"],
     }
     if positive is not None:
-        metrics["operating_points"] = {name: {"threshold": t,
-                                              **metrics["operating_points"][name]}
-                                       for name, t in thresholds.items()}
+        is_pos, p = y == positive, probs[:, positive]
+        points = {}
+        for name, t in thresholds.items():
+            point = metrics["operating_points"][name]
+            for rate, (k, n) in proportion_counts(is_pos, p, t).items():
+                point[rate] = widen_to_wilson(point[rate], k, n)
+            points[name] = {"threshold": t, **point}
+        metrics["operating_points"] = points
     else:
         metrics["per_class"] = {name: metrics.pop(name) for name in labels}
     return metrics
@@ -435,10 +486,10 @@ def write_predictions(path: Path, scored: Scored, probs: np.ndarray, predicted: 
         w.writerow(columns)
         for i, s in enumerate(scored.samples):
             row = [s.path, s.patient_id, labels[scored.y[i]], labels[predicted[i]],
-                   int(predicted[i] == scored.y[i]), *(f"{v:.6f}" for v in probs[i]),
-                   *(f"{v:.6f}" for v in scored.logits[i])]
+                   int(predicted[i] == scored.y[i]), *(f"{v:.9g}" for v in probs[i]),
+                   *(f"{v:.9g}" for v in scored.logits[i])]
             if tta_probs is not None:
-                row += [f"{v:.6f}" for v in tta_probs[i]]
+                row += [f"{v:.9g}" for v in tta_probs[i]]
             w.writerow(row)
     return path
 
@@ -602,6 +653,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         notes.append("This is the validation split that chose the threshold and "
                      "temperature: its numbers are optimistic.")
     if data is not None:
+        notes += external_data_doubts(read_manifest(run / "split.csv"), scored.samples)
         missing = sorted(set(labels) - {labels[i] for i in scored.y})
         if missing:
             notes.append(f"The external data has no {', '.join(missing)} images.")
@@ -667,7 +719,9 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         "threshold_chosen_on": calibration.chosen_on,
         "deployed_threshold": report_threshold,
         "deployed_operating_point": deployed_name(thresholds),
-        "bootstrap": {"resamples": bootstrap, "seed": seed, "ci": "95% percentile interval",
+        "bootstrap": {"resamples": bootstrap, "seed": seed, "ci": "95% percentile interval; "
+                      "accuracy, sensitivity, specificity, PPV and NPV widened to their Wilson "
+                      "interval (on films) where that is wider, as at 0% and 100%",
                       "unit": "patient (the image where unknown)",
                       "note": "binned ECE is biased upwards in resamples (repeated films fill "
                               "bins unevenly), so its interval can lie above its value"},

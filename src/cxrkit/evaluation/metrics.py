@@ -12,6 +12,7 @@ were independent would give intervals that are too narrow.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -143,6 +144,37 @@ def threshold_metrics(y: np.ndarray, p: np.ndarray, threshold: float,
         "npv": _ratio(tn, tn + fn),
         "f1": _ratio(2 * tp, 2 * tp + fp + fn),
     }
+
+
+def proportion_counts(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, tuple]:
+    """(successes, trials) in films of the rates that are plain proportions."""
+    y, called = y.astype(bool), p >= threshold
+    tp, fp = int(np.sum(y & called)), int(np.sum(~y & called))
+    fn, tn = int(np.sum(y & ~called)), int(np.sum(~y & ~called))
+    return {"accuracy": (tp + tn, tp + tn + fp + fn), "sensitivity": (tp, tp + fn),
+            "specificity": (tn, tn + fp), "ppv": (tp, tp + fp), "npv": (tn, tn + fn)}
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% by default)."""
+    if trials == 0:
+        return math.nan, math.nan
+    rate = successes / trials
+    centre = (rate + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z / (1 + z * z / trials) * math.sqrt(rate * (1 - rate) / trials
+                                                  + z * z / (4 * trials * trials))
+    return centre - half, centre + half
+
+
+def widen_to_wilson(entry: dict, successes: int, trials: int) -> dict:
+    """A proportion's bootstrap interval, widened to its Wilson interval where that is wider:
+    at 0% or 100% every resample agrees, and the percentile interval shrinks to a point
+    (0 false positives of 12 is not a specificity of exactly 100%)."""
+    low, high = wilson_interval(successes, trials)
+    ci = entry["ci95"]
+    if None in ci or not math.isfinite(low):
+        return entry
+    return {**entry, "ci95": [round(min(ci[0], low), 6), round(max(ci[1], high), 6)]}
 
 
 def confusion_matrix(y: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
