@@ -25,6 +25,7 @@ from cxrkit.adapt import ADAPTATION, describe_adaptation
 from cxrkit.data.patients import DEFAULT_PATTERNS
 from cxrkit.data.split import read_manifest, shared_patients
 from cxrkit.evaluation import EVAL_DIR, evaluate_run
+from cxrkit.evaluation.calibration import N_BINS
 from cxrkit.evaluation.evaluate import COLLAPSED
 from cxrkit.evaluation.paired import paired_difference, read_scored
 from cxrkit.evaluation.thresholds import point_name
@@ -49,7 +50,8 @@ FIGURES = (
 )
 RATES = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
 THRESHOLD_FREE = (("roc_auc", "ROC-AUC"), ("pr_auc", "PR-AUC"), ("brier", "Brier score"),
-                  ("ece", "ECE"))
+                  ("ece", f"ECE of P(positive), {N_BINS} equal-width bins (its interval "
+                          "runs high)"))
 NAMES = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy",
          "sensitivity": "Sensitivity", "specificity": "Specificity", "ppv": "PPV (precision)",
          "npv": "NPV", "f1": "F1", "roc_auc": "ROC-AUC"}
