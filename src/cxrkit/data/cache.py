@@ -1,7 +1,7 @@
 """The decode cache: every film decoded and resized once, memory-mapped, reused by runs.
 
-One entry per (films, size, preprocessing): a `.u8` array and a `.valid.json` of which
-films decoded, in `data.cache_dir`/decoded (default `$CXRKIT_CACHE/decoded`, else
+One entry per (films, size, preprocessing): a `.u8` array and a `.valid.json` saying which
+films decoded and from where, in `data.cache_dir`/decoded (default `$CXRKIT_CACHE/decoded`, else
 `~/.cache/cxrkit/decoded`). Each new split or input size adds one (Kermany's train split at
 224 px: 212 MiB), so before a new entry is built the least recently opened ones go until it
 fits under `CXRKIT_CACHE_MAX_GB` (default 20 GiB). An entry some process has open (a
