@@ -3,6 +3,7 @@
 
 import csv
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -439,6 +440,11 @@ def test_cli_evaluate(trained_run, tmp_path):
 
     code, output = cxr("evaluate", run, "--bootstrap", 20, "--device", "cpu", "--no-figures")
     assert code == 0, output
+    # no terminal: each log record one plain line, never wrapped inside its path
+    logged = CliRunner().invoke(app, ["evaluate", str(run), "--bootstrap", "0", "--device",
+                                      "cpu", "--no-figures"]).stderr.splitlines()
+    assert re.search(rf"^\[\d\d:\d\d:\d\d\] INFO wrote {run}/eval/test$", "\n".join(logged),
+                     re.MULTILINE), logged
     assert "validation" in output and (run / "eval" / "test" / "metrics.json").is_file()
     assert not list((run / "eval" / "test").glob("*.png"))
     code, output = cxr("evaluate", tmp_path / "nowhere")

@@ -51,11 +51,22 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
          version: bool = typer.Option(False, "--version", callback=_print_version,
                                       is_eager=True, help="Print the version and exit.")
          ) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-    )
+    # force: each invocation writes to the stderr it has (tests run several in one process)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        handlers=[_log_handler()], force=True)
+
+
+def _log_handler() -> logging.Handler:
+    """Rich's columns on a terminal; in a log file or a pipe one plain line per record, which
+    Rich would wrap at 80 columns and cut inside paths."""
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        return handler
+    handler = logging.StreamHandler(console.file)
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)s %(message)s",
+                                           "%H:%M:%S"))
+    return handler
 
 
 def route_lightning_logs() -> None:
