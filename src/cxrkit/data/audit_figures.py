@@ -14,6 +14,7 @@ from cxrkit.config import AugmentConfig
 from cxrkit.data.layout import Sample
 from cxrkit.data.transforms import train_transform
 from cxrkit.models import ModelSpec
+from cxrkit.plots import save_figure
 
 if TYPE_CHECKING:
     from cxrkit.data.audit import ImageFacts, NearDuplicate
@@ -25,8 +26,7 @@ DPI = 100
 
 def _save(fig: Figure, path: Path) -> str:
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    return str(path)
+    return str(save_figure(fig, path, DPI))
 
 
 def plot_class_balance(samples: list[Sample], path: Path) -> str:

@@ -67,6 +67,7 @@ from cxrkit.evaluation.tta import DEFAULT_VIEWS
 from cxrkit.explain import gradcam, overlay
 from cxrkit.inference import Failure, predict_logits, softmax
 from cxrkit.models import Classifier
+from cxrkit.plots import extra_formats
 from cxrkit.runs import (
     MODEL_WEIGHTS,
     Calibration,
@@ -623,6 +624,8 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     manifest = run_manifest(run)
     infer = cached(run, labels, partial(score, model, batch_size=batch_size,
                                         num_workers=num_workers, device=device))
+    if figures:
+        extra_formats()  # a bad CXRKIT_FIGURE_FORMATS is said before the films are scored
     notes = []
 
     if calibrate_on is None:

@@ -14,6 +14,7 @@ from cxrkit.evaluation.calibration import expected_calibration_error, reliabilit
 from cxrkit.evaluation.metrics import average_precision, ranked_counts, rates, roc_auc
 from cxrkit.evaluation.thresholds import point_name
 from cxrkit.explain import CAM_COLORMAP
+from cxrkit.plots import save_figure
 
 DPI = 110
 MARKERS = {"default_0.5": ("o", "tab:gray"), "validation": ("s", "tab:red"),
@@ -27,8 +28,7 @@ def point_label(name: str, threshold: float, deployed: str | None) -> str:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI)  # the constrained layout already fits everything in
-    return path
+    return save_figure(fig, path, DPI)  # the constrained layout already fits everything in
 
 
 def confusion_figure(counts: np.ndarray, labels: Sequence[str], path: Path,

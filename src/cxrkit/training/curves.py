@@ -13,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from cxrkit.plots import save_figure  # noqa: E402
+
 METRICS_CSV = "metrics.csv"
 CURVES_PNG = "training_curves.png"
 
@@ -126,6 +128,6 @@ def plot_curves(run: Path) -> Path:
         ax.legend(loc="best", fontsize=8)
     fig.suptitle(f"{run.name}: {len(stages)} stage(s), {' -> '.join(stages)}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(run / CURVES_PNG, dpi=110)
+    save_figure(fig, run / CURVES_PNG, 110)
     plt.close(fig)
     return run / CURVES_PNG

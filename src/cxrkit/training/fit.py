@@ -52,6 +52,7 @@ from cxrkit.data.split import read_manifest, write_manifest
 from cxrkit.inference import predict_logits
 from cxrkit.models import Classifier, create_model
 from cxrkit.models.ensemble import Ensemble
+from cxrkit.plots import extra_formats, save_figure
 from cxrkit.runs import MODEL_WEIGHTS, load_model, positive_index, save_model
 from cxrkit.training.callbacks import (
     BEST,
@@ -464,6 +465,7 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None) -
     Returns the run folder; `cxrkit.runs.load_model(folder)` loads the trained model.
     Raises `TrainingInterrupted` on Ctrl+C or SIGTERM.
     """
+    extra_formats()  # a bad CXRKIT_FIGURE_FORMATS is said now, not after the training
     if config is not None and resume is not None:
         raise ConfigError("give a config or a run folder to resume, not both: a resumed run "
                           "keeps its own config (to change it, train anew from its "
@@ -542,7 +544,7 @@ def find_lr(config: TrainConfig, stage: int = 0, out: str | Path = "lr_find.png"
         ax.annotate(f"suggested {suggestion:.2g}", (suggestion, ax.get_lines()[-1].get_ydata()[0]),
                     textcoords="offset points", xytext=(8, 8), color="red", fontsize=9)
     figure.tight_layout()
-    figure.savefig(out, dpi=110)
+    save_figure(figure, out, 110)
     if suggestion is not None and suggestion < 10 * LR_RANGE[0]:
         log.warning("the suggested rate %.3g lies in the first decade of the sweep, where the "
                     "loss mostly shows noise: read the plot (%s) for where it falls fastest, "

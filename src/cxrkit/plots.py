@@ -1,0 +1,35 @@
+"""Saving a figure: the PNG the reports embed and, for a paper, the same figure in each
+vector format `CXRKIT_FIGURE_FORMATS` names (e.g. `svg,pdf`), beside it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cxrkit.config import ConfigError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+VECTOR_FORMATS = ("svg", "pdf", "eps")
+
+
+def extra_formats() -> list[str]:
+    """The formats CXRKIT_FIGURE_FORMATS asks for besides PNG (none by default)."""
+    value = os.environ.get("CXRKIT_FIGURE_FORMATS", "")
+    formats = [f.strip().lower().lstrip(".") for f in value.split(",") if f.strip()]
+    unknown = sorted(set(formats) - {*VECTOR_FORMATS, "png"})
+    if unknown:
+        raise ConfigError(f"CXRKIT_FIGURE_FORMATS={value!r}: {', '.join(unknown)} is not a "
+                          f"figure format here; choose from {', '.join(VECTOR_FORMATS)}")
+    return [f for f in dict.fromkeys(formats) if f != "png"]
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int) -> Path:
+    """`fig` as PNG at `path`, and in every extra format beside it (same name)."""
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    for suffix in extra_formats():
+        fig.savefig(path.with_suffix(f".{suffix}"))
+    return path
