@@ -24,7 +24,8 @@ from cxrkit.data.layout import DataLayoutError, Sample, load_source
 from cxrkit.data.split import patient_split, read_manifest, shared_patients, write_manifest
 from cxrkit.data.transforms import ModelInput, eval_transform
 from cxrkit.models import create_model
-from cxrkit.runs import load_model, positive_index
+from cxrkit.predict import predict
+from cxrkit.runs import CALIBRATION, Calibration, load_model, positive_index
 from cxrkit.training import train
 from cxrkit.training.callbacks import (
     ProgressBar,
@@ -526,6 +527,12 @@ def test_cli_trains_three_classes_without_reading_a_test_image(tmp_path, monkeyp
     assert 0 <= json.loads((run / "val_metrics.json").read_text())["roc_auc"] <= 1
     assert read and not [p for p in read if "/test/" in p]
     assert any("/train/" in p for p in read)
+    # three classes: each film's most probable class once calibrated (no threshold); here a
+    # bias that makes NORMAL the most probable everywhere
+    (run / CALIBRATION).write_text(json.dumps(Calibration(bias=[9.0, 0.0, 0.0]).to_dict()))
+    predictions = predict(run, data / "test")
+    assert {p.label for p in predictions} == {"NORMAL"}
+    assert all(p.label == max(p.probabilities, key=p.probabilities.get) for p in predictions)
 
 
 def test_three_class_task_needs_the_subtypes(tiny_kaggle, tmp_path):
