@@ -123,6 +123,11 @@ def test_cli_lists_the_corrupt_file_and_exits_1(run, films, tmp_path):
     assert ok.exit_code == 0, ok.output
     assert "label PNEUMONIA where P(PNEUMONIA) >= 0.400" in flat(ok.output)
     assert "normal_0.png" in ok.stdout and "normal_0.png" not in ok.stderr  # pipes see it
+    # no terminal: one tab-separated line per film, its whole path first (for grep, cut)
+    header, *rows = [line.split("\t") for line in ok.stdout.splitlines()]
+    assert header == ["path", "label", "P(NORMAL)", "P(PNEUMONIA)"]
+    assert sorted(row[0] for row in rows) == sorted(str(p) for p in (films / "a").iterdir())
+    assert all(row[1] == ("PNEUMONIA" if float(row[3]) >= 0.4 else "NORMAL") for row in rows)
 
 
 @pytest.mark.parametrize(("paths", "title", "shown"), [

@@ -4,6 +4,7 @@ cxrkit.export and cxrkit.serve, imported inside each command: see cxrkit.cli.eva
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,9 +24,27 @@ MODEL_HELP = "A run folder (from `cxr train`), or an ONNX export folder (model.o
 TABLE_ROWS = 50  # more than this on screen helps nobody: --out has them all
 
 
-def predictions_table(predictions: list[Prediction]) -> Table:
+def threshold_note(readable: list[Prediction]) -> str | None:
+    """Why a 0.38 can still be PNEUMONIA: the rule the labels follow (two classes)."""
     from cxrkit.runs import positive_label
 
+    if not readable or readable[0].threshold is None:
+        return None
+    positive = positive_label(list(readable[0].probabilities))
+    return f"label {positive} where P({positive}) >= {readable[0].threshold:.3f}"
+
+
+def predictions_tsv(readable: list[Prediction]) -> str:
+    """Every readable film on a line of its own, its whole path first, tab-separated: for
+    `| grep`, `| cut`, a spreadsheet."""
+    labels = list(readable[0].probabilities)
+    rows = [["path", "label", *[f"P({label})" for label in labels]]]
+    rows += [[p.path, p.label, *[f"{p.probabilities[k]:.6f}" for k in labels]]
+             for p in readable]
+    return "".join("\t".join(row) + "\n" for row in rows)
+
+
+def predictions_table(predictions: list[Prediction]) -> Table:
     readable = [p for p in predictions if p.ok]
     labels = list(readable[0].probabilities) if readable else []
     # Files under one folder are shown relative to it: the names, not one long prefix.
@@ -41,10 +60,7 @@ def predictions_table(predictions: list[Prediction]) -> Table:
     for p, path in zip(readable[:TABLE_ROWS], paths, strict=False):
         name = os.path.relpath(path, root) if root else p.path
         table.add_row(escape(name), p.label, *[f"{p.probabilities[k]:.3f}" for k in labels])
-    notes = []
-    if readable and readable[0].threshold is not None:  # why a 0.38 can still be PNEUMONIA
-        positive = positive_label(labels)
-        notes.append(f"label {positive} where P({positive}) >= {readable[0].threshold:.3f}")
+    notes = [note] if (note := threshold_note(readable)) else []
     if len(readable) > TABLE_ROWS:
         notes.append(f"first {TABLE_ROWS} of {len(readable)}; --out FILE.csv keeps them all")
     table.caption = "; ".join(notes) or None
@@ -92,8 +108,13 @@ def predict_command(
     except USER_ERRORS as e:
         fail(str(e))
     seconds = time.perf_counter() - start
-    if any(p.ok for p in predictions):  # the result, on stdout: `cxr predict ... | grep`
+    readable = [p for p in predictions if p.ok]
+    if readable and sys.stdout.isatty():  # the result, on stdout: a table on a terminal,
         Console().print(predictions_table(predictions))
+    elif readable:  # and whole lines in a pipe or a file (`cxr predict ... | grep VIRUS`)
+        typer.echo(predictions_tsv(readable), nl=False)
+        if note := threshold_note(readable):
+            console.print(note)
     failed = [p for p in predictions if not p.ok]
     for p in predictions:
         if p.warning:
