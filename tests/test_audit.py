@@ -243,3 +243,15 @@ def test_near_duplicate_pairs_across_splits_are_shown_first():
     assert [(p.distance, p.split_b) for p in shown[:4]] == [(5, "val"), (9, "test"),
                                                            (0, "train"), (0, "train")]
     assert len(shown) == NEAR_PAIRS_SHOWN
+
+
+def test_a_near_duplicate_pair_with_two_labels_is_noted(tmp_path):
+    root = make_kaggle_tree(tmp_path / "data", {"train": 4, "test": 2})
+    film = Image.open(root / "train" / "NORMAL" / "IM-0000-0000.jpeg")
+    ImageEnhance.Brightness(film).enhance(1.1).save(root / "train" / "PNEUMONIA" /
+                                                    "person99_bacteria_0.png")
+    r = audit_dataset(root, tmp_path / "out", figures=False)
+    [pair] = [p for p in r.near_duplicates if {p.label_a, p.label_b} == {"NORMAL", "PNEUMONIA"}]
+    assert any(n.startswith("1 near-duplicate pair(s) carry different labels") for n in r.notes)
+    page = (tmp_path / "out" / "audit.html").read_text()
+    assert "<th>label A</th>" in page and "train/PNEUMONIA/person99_bacteria_0.png" in page

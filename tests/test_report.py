@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import shutil
 from html.parser import HTMLParser
 
@@ -98,6 +99,12 @@ def test_report_contents(reported):
     assert "0.9877" in text and "0.987654" not in text  # val_metrics.json, to 4 places
     assert "Trained on /data/chest_xray" in text  # the data path from config.yaml
     assert "Patients shared between splits" in text
+    assert "Youden&#39;s J threshold (deployed)" in text  # the rule predict applies, marked
+    before_after = re.search(r"test \(n=16\): ECE\s+(\d\.\d{3}) before scaling,\s+(\d\.\d{3})"
+                             r" after", text)  # did the temperature help on these films?
+    assert before_after, "the ECE before and after scaling"
+    worse = float(before_after[2]) > float(before_after[1])
+    assert ("<b>worse</b>" in text[before_after.end():before_after.end() + 40]) == worse
 
 
 def test_the_kermany_test_split_is_compared_with_the_published_results(reported):
@@ -130,14 +137,17 @@ def test_an_audit_of_other_data_beside_the_run_is_not_shown(reported):
 def test_report_shows_tta_and_the_framing_check_beside_the_plain_result(trained_run, tmp_path):
     run = shutil.copytree(trained_run, tmp_path / "run")
     evaluate_run(run, tta=True, framing=True, bootstrap=20, figures=False, device="cpu")
+    evaluate_run(run, split="val", framing=True, bootstrap=0, figures=False, device="cpu")
     text = build_report(run, evaluate_missing=False).read_text()
     Page(text)  # still well formed
-    framing = text[text.index("<h3>Framing check</h3>"):]
+    # each evaluation's own check, named: the validation one showed a shortcut unseen
+    assert "<h3>Framing check: val (selection split) (n=" in text
+    framing = text[text.index("<h3>Framing check: test (n=16)</h3>"):]
     table = framing[:framing.index("</table>")]
     for column in ("as filmed", "85%", "70%"):
         assert f"<th>{column}</th>" in table
     assert table.count("<tr>") == 1 + 5  # header, then accuracy, ROC-AUC, sens., spec., F1
-    assert "<h3>Test-time augmentation</h3>" in text and "<th>with TTA</th>" in text
+    assert "<h3>Test-time augmentation: test (n=16)</h3>" in text and "<th>with TTA</th>" in text
 
 
 def test_compare_runs_table_and_csv(reported, tmp_path, caplog):

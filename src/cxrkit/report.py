@@ -248,10 +248,12 @@ def metric_rows(evals: list[dict]) -> list[dict]:
                                       "bound, not an operating point)",
                              "name": title.format(level), "cells": cells})
         points = list(dict.fromkeys(p for m in evals for p in m.get("operating_points", {})))
-        points.sort(key=lambda p: p != "validation")  # the deployed default first
+        deployed = evals[0].get("deployed_operating_point") or "validation"
+        points.sort(key=lambda p: p != deployed)  # the deployed one first
         for point in points:
             ops = [m.get("operating_points", {}).get(point, {}) for m in evals]
-            group = f"at the {point_name(point)} threshold"
+            group = (f"at the {point_name(point)} threshold"
+                     + (" (deployed)" if point == deployed else ""))
             rows.append({"group": group, "name": "Threshold",
                          "cells": [f"{o['threshold']:.4f}" if o else "–" for o in ops]})
             rows += [{"group": group, "name": NAMES[k], "cells": [format_metric(k, o.get(k))
@@ -332,6 +334,7 @@ h1 { margin-bottom: 0; } h2 { border-bottom: 2px solid #dde3ec; padding-bottom: 
 nav a { margin-right: 14px; }
 table { border-collapse: collapse; margin: 10px 0 18px; font-size: 14px; }
 th, td { border: 1px solid #d5dbe5; padding: 4px 10px; text-align: right; white-space: nowrap; }
+table { display: block; overflow-x: auto; max-width: 100%; }  /* scrolls, not the page */
 th { background: #f1f4f9; } td.name, th.name { text-align: left; }
 tr.group td { background: #f8f9fc; text-align: left; font-weight: 600; color: #3a4456; }
 img { max-width: 100%; border: 1px solid #e3e7ee; margin: 6px 0 4px; }
@@ -340,7 +343,7 @@ figure { margin: 0 0 22px; } figcaption { color: #5b6577; font-size: 13px; }
 .card { background: #f6f8fb; border: 1px solid #dde3ec; padding: 4px 20px 12px;
         border-radius: 6px; }
 pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
-.missing { color: #8a93a3; font-style: italic; }
+.missing { color: #5b6577; font-style: italic; }
 </style></head><body>
 <h1>cxrkit report: {{ run_name }}</h1>
 <p class="sub">{{ spec.name }} · input {{ spec.input_size }} px
@@ -403,7 +406,12 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 {% if evals %}
 <p>95% bootstrap intervals in parentheses, resampling patients ({{ evals[0].bootstrap.resamples }}
  resamples). Probabilities are temperature-scaled ({{ calibration.describe() }}); the reliability
- diagram shows whether that helped on these films.{% if positive %} The
+ diagram shows whether that helped on these films.{% for m in evals %}{% if m.calibrated
+ and m.calibrated.ece_before and m.calibrated.ece_after %} {{ m.title }}: ECE
+ {{ "%.3f"|format(m.calibrated.ece_before.value) }} before scaling,
+ {{ "%.3f"|format(m.calibrated.ece_after.value) }} after{% if m.calibrated.ece_after.value
+ > m.calibrated.ece_before.value %} (<b>worse</b>: read these probabilities as scores, not
+ as frequencies){% endif %}.{% endif %}{% endfor %}{% if positive %} The
  deployed threshold ({{ calibration.chosen_on }}) is the one <code>cxr predict</code> uses
  ({{ "%.4f"|format(calibration.threshold) }}).{% endif %} Neither was chosen on test data.</p>
 <table><tr><th class="name">metric</th>{% for m in evals %}<th>{{ m.title }}</th>
@@ -483,13 +491,14 @@ def variant_tables(m: dict) -> list[dict]:
     """The test-time augmentation and framing-check tables of one evaluation, where run."""
     tables = []
     if "tta" in m:
-        tables.append({"title": "Test-time augmentation", "columns": ["plain", "with TTA"],
+        tables.append({"title": f"Test-time augmentation: {m['title']}",
+                       "columns": ["plain", "with TTA"],
                        "note": f"Views: {', '.join(m['tta']['views'])}; logits averaged, same "
                                "temperature and threshold.",
                        "rows": variant_rows(m, [m["tta"]])})
     if "framing" in m:
         crops = m["framing"]["crops"]
-        tables.append({"title": "Framing check", "columns": ["as filmed", *crops],
+        tables.append({"title": f"Framing check: {m['title']}", "columns": ["as filmed", *crops],
                        "note": f"{m['framing']['note'].capitalize()}. A model that reads the "
                                "lungs keeps its specificity; one that learned framing as a "
                                "shortcut calls tightly framed NORMAL films pneumonia.",
@@ -540,7 +549,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
         evals=evals, rows=metric_rows(evals) if evals else [],
         calibration=calibration, adaptation=adaptation,
         adaptation_text=adaptation and describe_adaptation(adaptation),
-        variants=variant_tables(test) if test else [],
+        variants=[table for m in current for table in variant_tables(m)],
         published=published_rows(binary_test) if kermany else None,
         published_source=PUBLISHED["source"], test_n=test["n"] if test else 0,
         positive=positive_label(spec.labels),

@@ -81,6 +81,8 @@ class NearDuplicate:
     distance: int  # Hamming distance of the perceptual hashes
     split_a: str
     split_b: str
+    label_a: str = ""
+    label_b: str = ""
 
 
 @dataclass
@@ -209,7 +211,7 @@ def exact_duplicates(facts: list[ImageFacts]) -> list[list[str]]:
     return sorted(groups, key=lambda g: (-len(g), g[0]))
 
 
-def near_duplicates(facts: list[ImageFacts], split_of: dict[str, str],
+def near_duplicates(facts: list[ImageFacts], samples: dict[str, Sample],
                     threshold: int) -> tuple[list[NearDuplicate], int]:
     """Pairs of different files whose perceptual hashes differ in <= threshold bits.
 
@@ -225,8 +227,9 @@ def near_duplicates(facts: list[ImageFacts], split_of: dict[str, str],
         for j in np.flatnonzero(distances <= threshold):
             a, b = ok[i], ok[i + 1 + j]
             if a.sha256 != b.sha256:
-                pairs.append(NearDuplicate(a.path, b.path, int(distances[j]),
-                                           split_of[a.path], split_of[b.path]))
+                sa, sb = samples[a.path], samples[b.path]
+                pairs.append(NearDuplicate(a.path, b.path, int(distances[j]), sa.split,
+                                           sb.split, sa.label, sb.label))
     pairs.sort(key=lambda p: (p.distance, p.a, p.b))
     return pairs[:MAX_NEAR_PAIRS], len(pairs)
 
@@ -298,6 +301,12 @@ def _notes(source: DataSource, result: AuditResult) -> list[str]:
             notes.append(f"{len(conflicting)} group(s) of identical files carry different "
                          f"labels, e.g. {example}: at most one label is right; fix or remove "
                          "them before training.")
+    relabelled = [p for p in result.near_duplicates if p.label_a != p.label_b]
+    if relabelled:
+        p = relabelled[0]
+        notes.append(f"{len(relabelled)} near-duplicate pair(s) carry different labels, e.g. "
+                     f"{p.a} ({p.label_a}) and {p.b} ({p.label_b}): if they are one film, at "
+                     "most one label is right.")
     if result.near_across_splits:
         notes.append(f"{result.near_across_splits} near-duplicate pair(s) span splits "
                      f"(perceptual hashes within {result.near_threshold} of {HASH_BITS} bits): "
@@ -350,9 +359,8 @@ def audit_dataset(data_path: str | Path, out_dir: str | Path, patient_pattern: s
     samples = source.samples
     facts = scan_images([s.path for s in samples], _preview_paths(source), spec.input_size,
                         workers)
-    split_of = {s.path: s.split for s in samples}
     ok = [f for f in facts if not f.error]
-    near, near_total = near_duplicates(facts, split_of, near_threshold)
+    near, near_total = near_duplicates(facts, {s.path: s for s in samples}, near_threshold)
     result = AuditResult(
         root=str(source.root),
         layout=source.layout,

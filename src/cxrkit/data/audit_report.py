@@ -78,14 +78,15 @@ def _relative(path: str, r: AuditResult) -> str:
 
 
 def _duplicates_section(r: AuditResult) -> str:
-    exact = table(["group", "files", "paths"],
+    exact = table(["group", "files", "paths (split/class/file)"],
                   [[i + 1, len(g), " | ".join(_relative(p, r) for p in g)]
                    for i, g in enumerate(r.exact_duplicates)],
                   "no byte-identical files")
-    near = table(["distance", "file A", "split A", "file B", "split B"],
-                 [[p.distance, _relative(p.a, r), p.split_a or "-",
-                   _relative(p.b, r), p.split_b or "-"] for p in r.near_duplicates],
-                 f"no near duplicates within {r.near_threshold} bits")
+    near = table(["distance", "file A", "split A", "label A", "file B", "split B", "label B"],
+                 [[p.distance, _relative(p.a, r), p.split_a or "-", p.label_a,
+                   _relative(p.b, r), p.split_b or "-", p.label_b] for p in r.near_duplicates],
+                 f"no near duplicates within {r.near_threshold} bits (byte-identical files "
+                 "are listed above, not here)")
     return (f"<h3>Exact (SHA-256): {len(r.exact_duplicates)} groups, {r.duplicate_files} files, "
             f"{r.redundant_copies} redundant copies</h3>{exact}"
             f"<h3>Near (perceptual hash within {r.near_threshold} of {r.hash_bits} bits): "
@@ -129,7 +130,8 @@ def write_audit_html(r: AuditResult, path: str | Path) -> Path:
                      [[_relative(u.path, r), u.reason] for u in r.doubtful],
                      "every decoded file looks like a film (size, shape, contrast)")
     page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>cxrkit data audit</title>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>cxrkit data audit</title>
 <style>{STYLE}</style></head><body>
 <h1>Data audit</h1>
 <p>{html.escape(r.root)} &middot; layout <b>{html.escape(r.layout)}</b> &middot;
