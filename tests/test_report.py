@@ -58,7 +58,8 @@ def reported(trained_run, tmp_path_factory):
              "classes": ["NORMAL", "PNEUMONIA"],
              "counts": {"train": {"NORMAL": 1341, "PNEUMONIA": 3875},
                         "test": {"NORMAL": 234, "PNEUMONIA": 390}},
-             "patients": {"train": 2000, "test": 400}, "notes": ["AUDIT-NOTE-MARKER"]}
+             "patients": {"train": 2000, "test": 400},
+             "notes": ["AUDIT-NOTE-MARKER", "no val split: `cxr data split` carves one"]}
     (run.parent / "audit.json").write_text(json.dumps(audit))
     Image.new("RGB", (300, 120), "white").save(run / "training_curves.png")
     (run / "val_metrics.json").write_text(json.dumps({"val_roc_auc": 0.987654}))
@@ -91,6 +92,7 @@ def test_report_contents(reported):
     _, path = reported
     text = path.read_text()
     assert "AUDIT-NOTE-MARKER" in text and "5856" in text  # the audit beside the run
+    assert "no val split" not in text  # the audit's advice: the run carved its own
     # 16 test films are not Kermany's 624: no published comparison, no Guangzhou claim
     assert "no evaluation of it to compare" in text and "92.8%" not in text
     assert "Guangzhou" not in text and "training films only" in text

@@ -75,6 +75,8 @@ OTHER_SHIFT = (
     "films only. Others may behave very differently: validate externally before trusting any "
     "number here.")
 KERMANY_TEST_FILMS = 624
+# The audit's advice to carve a validation split: a run carves its own (split.csv, below).
+RUN_SPLITS_ITSELF = "no val split:"
 STALE = ("evaluated with an earlier calibration (threshold {:.4f}, T={:.3f}), not the deployed "
          "one: these numbers are not those of the decision rule `cxr predict` uses. Run `cxr "
          "evaluate` again to update them.")
@@ -366,7 +368,8 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
  {{ audit["exact_duplicate_summary"].get("groups", 0) }} groups; near-duplicate pairs:
  {{ audit.get("near_pairs_total", "?") }}; unreadable files:
  {{ (audit.get("unreadable") or [])|length }}.</p>{% endif %}
-{% for note in audit.get("notes") or [] %}<div class="note">{{ note }}</div>{% endfor %}
+{% for note in audit.get("notes") or [] if not note.startswith(RUN_SPLITS_ITSELF) %}
+<div class="note">{{ note }}</div>{% endfor %}
 {% else %}<p class="missing">No audit.json found (run <code>cxr data audit</code>); counts below
  are from the run's split.csv.</p>{% endif %}
 {% if split %}<h3>The run's split (split.csv)</h3>
@@ -468,7 +471,7 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 <h3>Decision rule</h3><p>{% if positive %}P({{ positive }})
  ≥ {{ "%.4f"|format(calibration.threshold) }}{% else %}The most probable class{% endif %}
  on temperature-scaled probabilities ({{ calibration.describe() }}),
- chosen on: {{ calibration.chosen_on }}. Never chosen on test data.</p>
+ chosen on {{ calibration.chosen_on }}. Never chosen on test data.</p>
 <h3>Known limitations</h3><ul>{% for item in limitations %}<li>{{ item }}</li>{% endfor %}</ul>
 </div></section>
 </body></html>
@@ -555,6 +558,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
         positive=positive_label(spec.labels),
         data_path=_data_path(config), card_metrics=card_metrics,
         limitations=[KERMANY_SHIFT if kermany else OTHER_SHIFT, *LIMITATIONS],
+        RUN_SPLITS_ITSELF=RUN_SPLITS_ITSELF,
     )
     out = run / REPORT
     out.write_text(page, encoding="utf-8")
