@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from cxrkit.cli import app
 from cxrkit.evaluation import evaluate_run
-from cxrkit.report import build_report, compare_runs, write_compare_csv
+from cxrkit.report import build_report, caveats, compare_runs, write_compare_csv
 from cxrkit.runs import read_calibration
 from tests.test_evaluate import make_class_folders, make_three_class_run
 
@@ -216,3 +216,27 @@ def test_report_and_compare_follow_the_deployed_calibration(trained_run, tmp_pat
     assert row["threshold"] == read_calibration(run).threshold == test["deployed_threshold"]
     page = " ".join(build_report(run).read_text().split())
     assert page.count("evaluated with an earlier calibration") == 1  # the site's, not test
+
+
+def test_the_summary_names_a_framing_shortcut_worse_calibration_and_shared_ids():
+    def point(specificity):
+        return {"deployed_operating_point": "validation", "operating_points": {
+            "validation": {"specificity": {"value": specificity}}}}
+
+    val = {**point(0.95), "title": "val", "framing": {
+        "crops": ["85%", "70%"], "85%": point(0.86), "70%": point(0.20)},
+        "calibrated": {"ece_before": {"value": 0.12}, "ece_after": {"value": 0.13}}}
+    found = caveats([val], {"leaks": {"train/val": 0, "train/test": 170}})
+    assert found[0].startswith("on val, framed to 70% the specificity falls from 95% to 20%")
+    assert "less calibrated (ECE 0.120 → 0.130)" in found[1]
+    assert found[2].startswith("170 patient ids of the test split also occur in train")
+    steady = {**point(0.95), "title": "test", "framing": {"crops": ["85%"], "85%": point(0.9)}}
+    assert caveats([steady], {"leaks": {"train/test": 0}}) == []
+
+
+def test_the_report_opens_with_a_summary(reported):
+    _, path = reported
+    text = path.read_text()
+    brief = text[text.index('<div class="card" id="summary">'):text.index("<nav>")]
+    assert "test (n=16): Accuracy" in brief and "Decision rule: PNEUMONIA where" in brief
+    assert "not for diagnosis" in brief

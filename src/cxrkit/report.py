@@ -75,6 +75,7 @@ OTHER_SHIFT = (
     "films only. Others may behave very differently: validate externally before trusting any "
     "number here.")
 KERMANY_TEST_FILMS = 624
+FRAMING_DROP = 0.10  # specificity lost to a tighter framing that the summary calls a shortcut
 # The audit's advice to carve a validation split: a run carves its own (split.csv, below).
 RUN_SPLITS_ITSELF = "no val split:"
 STALE = ("evaluated with an earlier calibration (threshold {:.4f}, T={:.3f}), not the deployed "
@@ -350,6 +351,13 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 <h1>cxrkit report: {{ run_name }}</h1>
 <p class="sub">{{ spec.name }} · input {{ spec.input_size }} px
  · labels {{ spec.labels|join(", ") }} · generated {{ generated }} by cxrkit {{ version }}</p>
+<div class="card" id="summary"><h2>In brief</h2><ul>
+{% for title, text in card_metrics[:1] %}<li>{{ title }}: {{ text }}.</li>{% endfor %}
+<li>Decision rule: {% if positive %}{{ positive }} where P({{ positive }}) ≥
+ {{ "%.4f"|format(calibration.threshold) }} (chosen on {{ calibration.chosen_on }}){% else %}the
+ most probable class{% endif %}.</li>
+{% for caveat in caveats %}<li><strong>Caveat:</strong> {{ caveat }}</li>{% endfor %}
+<li><strong>Not a medical device and not for diagnosis.</strong></li></ul></div>
 <nav><a href="#data">Data</a><a href="#training">Training</a><a href="#metrics">Metrics</a>
 <a href="#published">Published results</a><a href="#figures">Figures</a>
 <a href="#model-card">Model card</a></nav>
@@ -509,6 +517,34 @@ def variant_tables(m: dict) -> list[dict]:
     return tables
 
 
+def caveats(evals: list[dict], split: dict | None) -> list[str]:
+    """What a reader must know before trusting the headline: a framing shortcut, probabilities
+    the temperature made worse, patient ids the test split shares with training."""
+    found = []
+    for m in evals:
+        framing = m.get("framing")
+        plain = (headline(m).get("specificity") or {}).get("value")
+        if framing and plain is not None:
+            crop, worst = min(((c, (headline(framing[c]).get("specificity") or {}).get("value"))
+                               for c in framing["crops"]), key=lambda cv: cv[1] or 0.0)
+            if worst is not None and plain - worst > FRAMING_DROP:
+                found.append(f"on {m['title']}, framed to {crop} the specificity falls from "
+                             f"{plain:.0%} to {worst:.0%}: the model reads how a film is "
+                             "framed, a shortcut (Framing check below).")
+        made = m.get("calibrated") or {}
+        before, after = made.get("ece_before"), made.get("ece_after")
+        if before and after and after["value"] > before["value"]:
+            found.append(f"on {m['title']}, the temperature chosen on validation made the "
+                         f"probabilities less calibrated (ECE {before['value']:.3f} → "
+                         f"{after['value']:.3f}): read them as scores.")
+    shared = (split or {}).get("leaks", {}).get("train/test")
+    if shared:
+        found.append(f"{shared} patient ids of the test split also occur in train: a leak if "
+                     "they name the same people (on Kermany's data the numbering likely "
+                     "restarts per folder).")
+    return found
+
+
 def _training_curves(run: Path) -> Path:
     """RUN/training_curves.png drawn again from metrics.csv, so that a run trained by an
     older cxrkit shows today's figure (its caption describes it); as it is without one."""
@@ -540,10 +576,11 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
                     for m in current]
     val_metrics = _read_json(run / "val_metrics.json") or {}
     adaptation = _read_json(run / ADAPTATION)
+    split = _split_summary(run)
     page = Environment(autoescape=True).from_string(TEMPLATE).render(
         run_name=run.name, run_path=str(run), spec=spec, version=__version__,
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        audit=_find_audit(run, _data_path(config)), split=_split_summary(run),
+        audit=_find_audit(run, _data_path(config)), split=split,
         curves=_b64_png(_training_curves(run)),
         members=val_metrics.get("members", []),
         val_metrics={k: round(v, 4) if isinstance(v, float) else v
@@ -558,7 +595,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
         positive=positive_label(spec.labels),
         data_path=_data_path(config), card_metrics=card_metrics,
         limitations=[KERMANY_SHIFT if kermany else OTHER_SHIFT, *LIMITATIONS],
-        RUN_SPLITS_ITSELF=RUN_SPLITS_ITSELF,
+        RUN_SPLITS_ITSELF=RUN_SPLITS_ITSELF, caveats=caveats(current, split),
     )
     out = run / REPORT
     out.write_text(page, encoding="utf-8")
