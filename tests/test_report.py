@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from cxrkit.cli import app
 from cxrkit.evaluation import evaluate_run
-from cxrkit.report import build_report, caveats, compare_runs, write_compare_csv
+from cxrkit.report import build_report, caveats, compare_runs, val_rows, write_compare_csv
 from cxrkit.runs import read_calibration
 from tests.test_evaluate import make_class_folders, make_three_class_run
 
@@ -240,3 +240,22 @@ def test_the_report_opens_with_a_summary(reported):
     brief = text[text.index('<div class="card" id="summary">'):text.index("<nav>")]
     assert "test (n=16): Accuracy" in brief and "Decision rule: PNEUMONIA where" in brief
     assert "not for diagnosis" in brief
+
+
+def test_validation_metrics_are_named_and_rates_in_percent():
+    rows = val_rows({"accuracy": 0.94148, "roc_auc": 0.985176, "loss": 0.27063, "images": 786,
+                     "best_global_step": 139, "unreadable": 0, "monitor": "val_roc_auc",
+                     "members": [{"name": "x"}], "val_extra": 0.123456})
+    assert rows == [("Accuracy at P = 0.5", "94.1%"), ("ROC-AUC", "0.9852"), ("Loss", "0.2706"),
+                    ("Validation films", "786"), ("Kept by", "val_roc_auc"),
+                    ("val_extra", "0.1235")]
+
+
+def test_a_mistakes_caption_names_the_films_folder():
+    from cxrkit.data.layout import Sample
+    from cxrkit.evaluation.evaluate import _caption
+
+    caption = _caption(Sample("/site/PNEUMONIA/0.png", "PNEUMONIA"), "PNEUMONIA", "NORMAL",
+                       "PNEUMONIA", 0.12)
+    assert caption.splitlines() == ["PNEUMONIA/0.png", "true PNEUMONIA, called NORMAL",
+                                    "P(PNEUMONIA)=0.12"]

@@ -407,8 +407,8 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
  sensitivity, specificity and F1 there are at probability 0.5 of the raw model, before
  <code>cxr evaluate</code> chooses a threshold on validation (the Metrics below use that one);
  with class weights or mixup they can look poor beside a high ROC-AUC.</p>
-<table>{% for k, v in val_metrics.items() %}<tr><td class="name">{{ k }}</td><td>{{ v }}</td></tr>
-{% endfor %}</table>{% endif %}
+<table>{% for name, text in val_metrics %}<tr><td class="name">{{ name }}</td><td>{{ text }}</td>
+</tr>{% endfor %}</table>{% endif %}
 {% if config_text %}<details><summary>config.yaml</summary><pre>{{ config_text }}</pre></details>
 {% else %}<p class="missing">No config.yaml in the run folder.</p>{% endif %}
 </section>
@@ -517,6 +517,29 @@ def variant_tables(m: dict) -> list[dict]:
     return tables
 
 
+# val_metrics.json's fields as the Training section names them (rates at P = 0.5, in %);
+# bookkeeping (global step, counts of unreadable films) stays in the file.
+VAL_ROWS = {"accuracy": "Accuracy at P = 0.5", "sensitivity": "Sensitivity at P = 0.5",
+            "specificity": "Specificity at P = 0.5", "f1": "F1 at P = 0.5",
+            "roc_auc": "ROC-AUC", "loss": "Loss", "images": "Validation films",
+            "best_stage": "Kept: stage", "best_epoch": "Kept: epoch", "monitor": "Kept by"}
+VAL_BOOKKEEPING = {"best_global_step", "unreadable"}
+
+
+def val_rows(values: dict) -> list[tuple[str, str]]:
+    """(name, text) per scalar of val_metrics.json, known fields named and formatted."""
+    rows = []
+    for key, value in values.items():
+        if isinstance(value, dict | list) or key in VAL_BOOKKEEPING:
+            continue
+        if key in VAL_ROWS and key in RATES and isinstance(value, float):
+            text = f"{100 * value:.1f}%"
+        else:
+            text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        rows.append((VAL_ROWS.get(key, key), text))
+    return rows
+
+
 def caveats(evals: list[dict], split: dict | None) -> list[str]:
     """What a reader must know before trusting the headline: a framing shortcut, probabilities
     the temperature made worse, patient ids the test split shares with training."""
@@ -583,8 +606,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
         audit=_find_audit(run, _data_path(config)), split=split,
         curves=_b64_png(_training_curves(run)),
         members=val_metrics.get("members", []),
-        val_metrics={k: round(v, 4) if isinstance(v, float) else v
-                     for k, v in val_metrics.items() if not isinstance(v, dict | list)},
+        val_metrics=val_rows(val_metrics),
         config_text=yaml.safe_dump(config, sort_keys=False) if config else "",
         evals=evals, rows=metric_rows(evals) if evals else [],
         calibration=calibration, adaptation=adaptation,

@@ -496,10 +496,10 @@ def write_predictions(path: Path, scored: Scored, probs: np.ndarray, predicted: 
 
 
 def _caption(sample: Sample, truth: str, called: str, prob_name: str, prob: float) -> str:
-    """'IM-0001-0001.jpeg / true NORMAL, called PNEUMONIA / P(PNEUMONIA)=0.99'."""
-    name = Path(sample.path).name
-    name = name if len(name) <= 30 else name[:13] + "..." + name[-14:]
-    return f"{name}\ntrue {truth}, called {called}\nP({prob_name})={prob:.2f}"
+    """'NORMAL/IM-0001-0001.jpeg / true NORMAL, called PNEUMONIA / P(PNEUMONIA)=0.99'."""
+    path = Path(sample.path)  # its folder too: 0.png of NORMAL/ and of PNEUMONIA/ differ
+    name = path.name if len(path.name) <= 30 else path.name[:13] + "..." + path.name[-14:]
+    return f"{path.parent.name}/{name}\ntrue {truth}, called {called}\nP({prob_name})={prob:.2f}"
 
 
 def write_figures(out: Path, model: Classifier, scored: Scored, probs: np.ndarray,
