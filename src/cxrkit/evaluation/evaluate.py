@@ -191,8 +191,9 @@ def external_data_doubts(run_samples: Sequence[Sample], samples: Sequence[Sample
     theirs: dict[str, str] = {}  # film -> the split of the run's file it is
     for sample in samples:
         size = _file_size(sample.path)
-        same = [own for own in by_size.get(size, []) if size is not None
-                and (own.path == sample.path or digest(own.path) == digest(sample.path))]
+        candidates = by_size.get(size, []) if size is not None else []
+        same = [own for own in candidates
+                if own.path == sample.path or digest(own.path) == digest(sample.path)]
         if same:
             theirs[sample.path] = same[0].split
     doubts = []

@@ -128,12 +128,17 @@ def probability_metrics(y: np.ndarray, probs: np.ndarray, positive: int | None,
 
 # ---- metrics at a decision threshold --------------------------------------------------------
 
+def confusion_counts(y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndarray) -> tuple:
+    """(tp, fp, fn, tn), each weighted by `w` ([B, N] or [N]), when `p >= threshold` is
+    called positive."""
+    y, called = y.astype(bool), p >= threshold
+    return w @ (y & called), w @ (~y & called), w @ (y & ~called), w @ (~y & ~called)
+
+
 def threshold_metrics(y: np.ndarray, p: np.ndarray, threshold: float,
                       w: np.ndarray) -> dict[str, np.ndarray]:
     """Confusion-matrix metrics when `p >= threshold` is called positive."""
-    y, called = y.astype(bool), p >= threshold
-    tp, fp = w @ (y & called), w @ (~y & called)
-    fn, tn = w @ (y & ~called), w @ (~y & ~called)
+    tp, fp, fn, tn = confusion_counts(y, p, threshold, w)
     sensitivity, specificity = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
     return {
         "accuracy": _ratio(tp + tn, tp + tn + fp + fn),
@@ -148,9 +153,7 @@ def threshold_metrics(y: np.ndarray, p: np.ndarray, threshold: float,
 
 def proportion_counts(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, tuple]:
     """(successes, trials) in films of the rates that are plain proportions."""
-    y, called = y.astype(bool), p >= threshold
-    tp, fp = int(np.sum(y & called)), int(np.sum(~y & called))
-    fn, tn = int(np.sum(y & ~called)), int(np.sum(~y & ~called))
+    tp, fp, fn, tn = map(int, confusion_counts(y, p, threshold, np.ones(len(y), dtype=int)))
     return {"accuracy": (tp + tn, tp + tn + fp + fn), "sensitivity": (tp, tp + fn),
             "specificity": (tn, tn + fp), "ppv": (tp, tp + fp), "npv": (tn, tn + fn)}
 
