@@ -12,7 +12,14 @@ from typer.testing import CliRunner
 
 from cxrkit.cli import app
 from cxrkit.evaluation import evaluate_run
-from cxrkit.report import build_report, caveats, compare_runs, val_rows, write_compare_csv
+from cxrkit.report import (
+    at_published_point,
+    build_report,
+    caveats,
+    compare_runs,
+    val_rows,
+    write_compare_csv,
+)
 from cxrkit.runs import read_calibration
 from tests.test_evaluate import make_class_folders, make_three_class_run
 
@@ -126,6 +133,23 @@ def test_the_kermany_test_split_is_compared_with_the_published_results(reported)
     text = " ".join(build_report(kermany).read_text().split())
     assert "Kermany et al. 2018" in text and "92.8%" in text and "0.968" in text
     assert "(624 films)" in text and "Guangzhou" in text
+    # The model's ROC curve read where the paper operated, checked threshold by threshold
+    ours = at_published_point(folder, resamples=0)
+    positive = metrics["positive_class"]
+    truth = [r["label"] == positive for r in rows]
+    p = [float(r[f"p_{positive}"]) for r in rows]
+    pairs = []  # (sensitivity, specificity) of every threshold
+    for t in {*p, 1.1}:
+        called = [q >= t for q in p]
+        hits = sum(c and y for c, y in zip(called, truth, strict=True))
+        passes = sum(not (c or y) for c, y in zip(called, truth, strict=True))
+        pairs.append((hits / truth.count(True), passes / truth.count(False)))
+    assert ours["sensitivity"]["value"] == pytest.approx(max(a for a, b in pairs if b >= 0.901))
+    assert ours["specificity"]["value"] == pytest.approx(max(b for a, b in pairs if a >= 0.932))
+    row = re.search(r"Sensitivity at specificity ≥ 90.1% \(the paper&#39;s\)</td><td>93.2%</td> ?"
+                    r"<td>([\d.]+)%", text)
+    assert row and float(row[1]) == pytest.approx(100 * ours["sensitivity"]["value"], abs=0.06)
+    assert "Specificity at sensitivity ≥ 93.2% (the paper&#39;s)</td><td>90.1%</td>" in text
 
 
 def test_an_audit_of_other_data_beside_the_run_is_not_shown(reported):
