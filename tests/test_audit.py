@@ -13,6 +13,7 @@ import pytest
 from PIL import Image, ImageEnhance
 from typer.testing import CliRunner
 
+import cxrkit
 from cxrkit.cli import app
 from cxrkit.data.audit import HASH_BITS, NearDuplicate, audit_dataset, inspect_image
 from cxrkit.data.audit_figures import NEAR_PAIRS_SHOWN, pairs_to_show
@@ -93,6 +94,15 @@ def test_an_identical_film_under_two_labels_is_called_out(tmp_path):
     [note] = [n for n in result.notes if "different labels" in n]
     assert note.startswith("1 group(s) of identical files carry different labels, e.g. ")
     assert "IM-0000-0000.jpeg (NORMAL)" in note and "bacteria_9.jpeg (PNEUMONIA)" in note
+    # The notes come most severe first, each with its level, on the page too
+    levels = dict(zip(result.notes, result.note_levels, strict=True))
+    assert levels[note] == "fix" and levels[result.notes[-1]] == "info"
+    assert result.note_levels == sorted(result.note_levels, key=["fix", "check", "info"].index)
+    assert result.notes.index(note) < result.notes.index(next(
+        n for n in result.notes if n.startswith("no val split")))
+    page = (tmp_path / "out" / "audit.html").read_text()
+    assert page.index("Fix before training:") < page.index("no val split")
+    assert f"by cxrkit {cxrkit.__version__}" in page and result.audited_at[:10] in page
 
 
 def test_near_duplicates_find_the_reencoded_copy_and_nothing_else(audited, planted, tmp_path):
@@ -254,4 +264,4 @@ def test_a_near_duplicate_pair_with_two_labels_is_noted(tmp_path):
     [pair] = [p for p in r.near_duplicates if {p.label_a, p.label_b} == {"NORMAL", "PNEUMONIA"}]
     assert any(n.startswith("1 near-duplicate pair(s) carry different labels") for n in r.notes)
     page = (tmp_path / "out" / "audit.html").read_text()
-    assert "<th>label A</th>" in page and "train/PNEUMONIA/person99_bacteria_0.png" in page
+    assert "label A</th>" in page and "train/PNEUMONIA/person99_bacteria_0.png" in page

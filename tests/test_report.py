@@ -93,6 +93,16 @@ def test_report_shows_internal_and_external_side_by_side(reported):
     text = path.read_text()
     assert "test (n=16)" in text and "external: hospital_b (all, n=6)" in text
     assert text.index("test (n=16)") < text.index("external: hospital_b")
+    # Figures: the internal test's open, other evaluations' folded; alt text names which
+    figures = text[text.index('<section id="figures">'):]
+    folded = figures[figures.index("<details>"):figures.index("</details>")]
+    assert "external: hospital_b" in folded and "test (n=16)" not in folded
+    assert 'alt="test (n=16): Confusion matrix' in figures
+    assert "shown on request" in folded  # (evaluated without figures)
+    # When and by which cxrkit each evaluation was made
+    evaluated = " ".join(text[text.index("Evaluated: "):].split("</p>")[0].split())
+    assert re.fullmatch(r"Evaluated: test \(n=16\) \d{4}-\d\d-\d\dT[\d:]+\+00:00 by cxrkit "
+                        r"\S+; external: hospital_b \(all, n=6\) \S+ by cxrkit \S+\.", evaluated)
 
 
 def test_report_contents(reported):
@@ -171,9 +181,10 @@ def test_report_shows_tta_and_the_framing_check_beside_the_plain_result(trained_
     framing = text[text.index("<h3>Framing check: test (n=16)</h3>"):]
     table = framing[:framing.index("</table>")]
     for column in ("as filmed", "85%", "70%"):
-        assert f"<th>{column}</th>" in table
+        assert f"<th scope=\"col\">{column}</th>" in table
     assert table.count("<tr>") == 1 + 5  # header, then accuracy, ROC-AUC, sens., spec., F1
-    assert "<h3>Test-time augmentation: test (n=16)</h3>" in text and "<th>with TTA</th>" in text
+    assert "<h3>Test-time augmentation: test (n=16)</h3>" in text
+    assert '<th scope="col">with TTA</th>' in text
 
 
 def test_compare_runs_table_and_csv(reported, tmp_path, caplog):

@@ -404,9 +404,9 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 <p>From the data audit ({{ audit.get("root", "audit.json") }}):
  {{ audit.get("n_images", "?") }} images, layout {{ audit.get("layout", "?") }}.</p>
 {% if audit.get("counts") %}{% set classes = audit.get("classes") or [] %}
-<table><tr><th class="name">split</th>{% for c in classes %}<th>{{ c }}</th>{% endfor %}
-<th>patients</th></tr>
-{% for split, row in audit["counts"].items() %}<tr><td class="name">{{ split or "(none)" }}</td>
+<table><tr><th scope="col" class="name">folder on disk</th>{% for c in classes %}
+<th scope="col">{{ c }}</th>{% endfor %}<th scope="col">patients</th></tr>
+{% for split, row in audit["counts"].items() %}<tr><td class="name">{{ split or "(none)" }}/</td>
 {% for c in classes %}<td>{{ row.get(c, 0) }}</td>{% endfor %}
 <td>{{ (audit.get("patients") or {}).get(split, "–") }}</td></tr>{% endfor %}</table>{% endif %}
 {% if audit.get("exact_duplicate_summary") %}<p>Exact duplicates:
@@ -418,8 +418,8 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 {% else %}<p class="missing">No audit.json found (run <code>cxr data audit</code>); counts below
  are from the run's split.csv.</p>{% endif %}
 {% if split %}<h3>The run's split (split.csv)</h3>
-<table><tr><th class="name">split</th>{% for c in split.classes %}<th>{{ c }}</th>{% endfor %}
-<th>total</th><th>patients</th></tr>
+<table><tr><th scope="col" class="name">split</th>{% for c in split.classes %}
+<th scope="col">{{ c }}</th>{% endfor %}<th scope="col">total</th><th scope="col">patients</th></tr>
 {% for r in split.rows %}<tr><td class="name">{{ r.split }}</td>
 {% for n in r.counts %}<td>{{ n }}</td>{% endfor %}<td>{{ r.total }}</td><td>{{ r.patients }}</td>
 </tr>{% endfor %}</table>
@@ -462,8 +462,8 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
  as frequencies){% endif %}.{% endif %}{% endfor %}{% if positive %} The
  deployed threshold ({{ calibration.chosen_on }}) is the one <code>cxr predict</code> uses
  ({{ "%.4f"|format(calibration.threshold) }}).{% endif %} Neither was chosen on test data.</p>
-<table><tr><th class="name">metric</th>{% for m in evals %}<th>{{ m.title }}</th>
-{% endfor %}</tr>
+<table><tr><th scope="col" class="name">metric</th>{% for m in evals %}
+<th scope="col">{{ m.title }}</th>{% endfor %}</tr>
 {% for row in rows %}{% if row.group and (loop.first or rows[loop.index0 - 1].group != row.group) %}
 <tr class="group"><td colspan="{{ evals|length + 1 }}">{{ row.group }}</td></tr>{% endif %}
 <tr><td class="name">{{ row.name }}</td>{% for c in row.cells %}<td>{{ c }}</td>{% endfor %}</tr>
@@ -472,15 +472,20 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
  {{ note }}</div>{% endfor %}{% if m.unreadable %}<div class="note">{{ m.name }}:
  {{ m.unreadable|length }} unreadable images were left out.</div>{% endif %}{% endfor %}
 {% for v in variants %}<h3>{{ v.title }}</h3><p>{{ v.note }}</p><table><tr>
-<th class="name">metric</th>{% for c in v.columns %}<th>{{ c }}</th>{% endfor %}</tr>
+<th scope="col" class="name">metric</th>{% for c in v.columns %}<th scope="col">{{ c }}</th>
+{% endfor %}</tr>
 {% for r in v.rows %}<tr><td class="name">{{ r[0] }}</td>{% for c in r[1:] %}<td>{{ c }}</td>
 {% endfor %}</tr>{% endfor %}</table>{% endfor %}
+<p class="sub">Evaluated: {% for m in evals %}{{ m.title }} {{ m.evaluated_at or "(date not
+ recorded)" }}{% if m.version %} by cxrkit {{ m.version }}{% endif %}{% if not loop.last %};
+ {% endif %}{% endfor %}.</p>
 {% else %}<p class="missing">No evaluation found.</p>{% endif %}
 </section>
 
 <section id="published"><h2>Published results on the same test split</h2>
-{% if published %}<table><tr><th class="name">metric</th><th>{{ published_source }}</th>
-<th>this model, internal test, deployed threshold</th></tr>
+{% if published %}<table><tr><th scope="col" class="name">metric</th>
+<th scope="col">{{ published_source }}</th>
+<th scope="col">this model, internal test, deployed threshold</th></tr>
 {% for r in published %}<tr><td class="name">{{ r.name }}</td><td>{{ r.published }}</td>
 <td>{{ r.ours }}</td></tr>{% endfor %}
 <tr class="group"><td colspan="3">at the paper's operating point: the best any threshold
@@ -498,10 +503,13 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 </section>
 
 <section id="figures"><h2>Figures</h2>
-{% for m in evals %}<h3>{{ m.title }}</h3>
-{% for f in m.figures %}<figure><img alt="{{ f.caption }}" src="data:image/png;base64,{{ f.data }}">
-<figcaption>{{ f.caption }}</figcaption></figure>{% else %}<p class="missing">No figures.</p>
-{% endfor %}{% endfor %}
+{% for m in evals %}{% set folded = test and m is not sameas test %}
+{% if folded %}<details><summary>{% endif %}<h3>{{ m.title }}</h3>{% if folded %}
+ (shown on request)</summary>{% endif %}
+{% for f in m.figures %}<figure><img alt="{{ m.title }}: {{ f.caption }}"
+ src="data:image/png;base64,{{ f.data }}"><figcaption>{{ f.caption }}</figcaption></figure>
+{% else %}<p class="missing">No figures.</p>{% endfor %}{% if folded %}</details>{% endif %}
+{% endfor %}
 </section>
 
 <section id="model-card"><h2>Model card</h2><div class="card">
@@ -658,7 +666,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
         variants=[table for m in current for table in variant_tables(m)],
         published=published_rows(binary_test) if kermany else None,
         published_curve=published_curve_rows(binary_test["folder"]) if kermany else None,
-        published_source=PUBLISHED["source"], test_n=test["n"] if test else 0,
+        published_source=PUBLISHED["source"], test=test, test_n=test["n"] if test else 0,
         positive=positive_label(spec.labels),
         data_path=_data_path(config), card_metrics=card_metrics,
         limitations=[KERMANY_SHIFT if kermany else OTHER_SHIFT, *LIMITATIONS],

@@ -22,6 +22,7 @@ from collections import Counter, defaultdict
 from collections.abc import Collection
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ import imagehash
 import numpy as np
 from PIL import Image
 
+from cxrkit import __version__
 from cxrkit.data.audit_report import write_audit_html
 from cxrkit.data.io import UnreadableImageError, film_doubt, read_image
 from cxrkit.data.layout import DataSource, Sample, load_source
@@ -104,10 +106,13 @@ class AuditResult:
     near_duplicates: list[NearDuplicate]  # closest first, at most MAX_NEAR_PAIRS
     near_pairs_total: int
     near_threshold: int
-    notes: list[str]
+    notes: list[str]  # most severe first
     hash_bits: int = HASH_BITS  # size of the perceptual hash near_threshold counts bits of
     figures: dict[str, str] = field(default_factory=dict)  # name -> PNG path
     seconds: float = 0.0
+    note_levels: list[str] = field(default_factory=list)  # NOTE_LEVELS, one per note
+    audited_at: str = ""  # UTC, ISO 8601
+    version: str = ""  # of cxrkit
 
     @property
     def n_images(self) -> int:
@@ -269,60 +274,68 @@ def _shared_patients(samples: list[Sample], splits: list[str]) -> dict[str, list
             for a, b in combinations([s for s in splits if s], 2)}
 
 
-def _notes(source: DataSource, result: AuditResult) -> list[str]:
-    """Source notes plus what a user should act on before training."""
-    notes = list(source.notes)
+# How much a note matters, most first: the audit page and audit.json list notes in this order.
+NOTE_LEVELS = ("fix", "check", "info")
+
+
+def _notes(source: DataSource, result: AuditResult) -> list[tuple[str, str]]:
+    """(level, note) pairs, most severe first: what a user must fix before training (one image
+    with two labels, or in two splits), what to look at, and what is worth knowing."""
+    notes = [("info", note) for note in source.notes]
     if result.unreadable:
-        notes.append(f"{len(result.unreadable)} file(s) cannot be decoded: training skips them.")
+        notes.append(("check", f"{len(result.unreadable)} file(s) cannot be decoded: training "
+                      "skips them."))
     if result.doubtful:
-        notes.append(f"{len(result.doubtful)} file(s) decode but are hardly chest films "
-                     f"(e.g. {result.doubtful[0].path}: {result.doubtful[0].reason}): training "
-                     "would use them as films; look at them and remove those that are not.")
+        notes.append(("check", f"{len(result.doubtful)} file(s) decode but are hardly chest "
+                      f"films (e.g. {result.doubtful[0].path}: {result.doubtful[0].reason}): "
+                      "training would use them as films; look at them and remove those that "
+                      "are not."))
     if result.exact_duplicates:
         by_path = {s.path: s for s in source.samples}
         across = [g for g in result.exact_duplicates if len({by_path[p].split for p in g}) > 1]
-        notes.append(
+        notes.append((
+            "fix" if across else "info",
             f"{len(result.exact_duplicates)} groups of byte-identical files "
             f"({result.duplicate_files} files, {result.redundant_copies} redundant copies); "
             + (f"{len(across)} group(s) span splits: the same image is in two splits."
-               if across else "each group lies within one split.")
-        )
+               if across else "each group lies within one split.")))
         # cxrkit's train/val split keeps these together; other tools' patient splits may not.
         mixed = [g for g in result.exact_duplicates
                  if len({by_path[p].patient_id for p in g}) > 1]
         if mixed:
-            notes.append(f"{len(mixed)} group(s) of identical files carry different patient ids"
-                         " (cxrkit's validation split keeps them on one side; a split by"
-                         " patient id alone may not).")
+            notes.append(("check", f"{len(mixed)} group(s) of identical files carry different "
+                          "patient ids (cxrkit's validation split keeps them on one side; a "
+                          "split by patient id alone may not)."))
         conflicting = [g for g in result.exact_duplicates
                        if len({by_path[p].label for p in g}) > 1]
         if conflicting:
             example = ", ".join(f"{p} ({by_path[p].label})" for p in conflicting[0])
-            notes.append(f"{len(conflicting)} group(s) of identical files carry different "
-                         f"labels, e.g. {example}: at most one label is right; fix or remove "
-                         "them before training.")
+            notes.append(("fix", f"{len(conflicting)} group(s) of identical files carry "
+                          f"different labels, e.g. {example}: at most one label is right; fix "
+                          "or remove them before training."))
     relabelled = [p for p in result.near_duplicates if p.label_a != p.label_b]
     if relabelled:
         p = relabelled[0]
-        notes.append(f"{len(relabelled)} near-duplicate pair(s) carry different labels, e.g. "
-                     f"{p.a} ({p.label_a}) and {p.b} ({p.label_b}): if they are one film, at "
-                     "most one label is right.")
+        notes.append(("check", f"{len(relabelled)} near-duplicate pair(s) carry different "
+                      f"labels, e.g. {p.a} ({p.label_a}) and {p.b} ({p.label_b}): if they are "
+                      "one film, at most one label is right."))
     if result.near_across_splits:
-        notes.append(f"{result.near_across_splits} near-duplicate pair(s) span splits "
-                     f"(perceptual hashes within {result.near_threshold} of {HASH_BITS} bits): "
-                     "check them for leakage.")
+        notes.append(("check", f"{result.near_across_splits} near-duplicate pair(s) span "
+                      f"splits (perceptual hashes within {result.near_threshold} of "
+                      f"{HASH_BITS} bits): check them for leakage."))
     for pair, patients in result.shared_patients.items():
         if patients:
             a, b = pair.split("/")
-            notes.append(f"{len(patients)} patient id(s) parsed from file names have images in "
-                         f"both {a} and {b}.")
+            notes.append(("check", f"{len(patients)} patient id(s) parsed from file names "
+                          f"have images in both {a} and {b}."))
     train_imbalance = result.imbalance.get("train") or result.imbalance.get("")
     if train_imbalance and train_imbalance >= 1.5:
-        notes.append(f"the training data is imbalanced {train_imbalance:.2f}:1: "
-                     "use class weights or a balanced sampler.")
+        notes.append(("info", f"the training data is imbalanced {train_imbalance:.2f}:1: "
+                      "use class weights or a balanced sampler."))
     if "val" not in source.splits and source.split("train"):
-        notes.append("no val split: `cxr data split` carves one out of train, grouped by patient.")
-    return notes
+        notes.append(("info", "no val split: `cxr data split` carves one out of train, "
+                              "grouped by patient."))
+    return sorted(notes, key=lambda note: NOTE_LEVELS.index(note[0]))  # stable within a level
 
 
 def _preview_paths(source: DataSource) -> set[str]:
@@ -381,8 +394,11 @@ def audit_dataset(data_path: str | Path, out_dir: str | Path, patient_pattern: s
         near_pairs_total=near_total,
         near_threshold=near_threshold,
         notes=[],
+        audited_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        version=__version__,
     )
-    result.notes = _notes(source, result)
+    notes = _notes(source, result)
+    result.note_levels, result.notes = [lv for lv, _ in notes], [text for _, text in notes]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if figures:

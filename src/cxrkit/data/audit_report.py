@@ -20,7 +20,10 @@ table { border-collapse: collapse; margin: 0.5rem 0; font-size: 0.85rem; }
 th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; } td.num { text-align: right; }
 img { max-width: 100%; margin: 0.5rem 0; } .muted { color: #777; }
+li.fix { color: #9b1c1c; }
 """
+# The audit's notes come most severe first (cxrkit.data.audit.NOTE_LEVELS); each says which.
+NOTE_WORDS = {"fix": "<b>Fix before training:</b> ", "check": "<b>Check:</b> ", "info": ""}
 
 
 def _cell(value) -> str:
@@ -32,7 +35,7 @@ def table(headers: list[str], rows: list[list], empty: str = "none") -> str:
     """An HTML table; `empty` is shown instead when there are no rows."""
     if not rows:
         return f'<p class="muted">{html.escape(empty)}</p>'
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    head = "".join(f'<th scope="col">{html.escape(h)}</th>' for h in headers)
     body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows[:ROWS_SHOWN])
     more = (f'<p class="muted">{len(rows) - ROWS_SHOWN} more rows in audit.json</p>'
             if len(rows) > ROWS_SHOWN else "")
@@ -123,19 +126,24 @@ def write_audit_html(r: AuditResult, path: str | Path) -> Path:
     figures = "".join(_figure(name, p) for name, p in r.figures.items())
     shared = [[pair, len(ids), ", ".join(ids[:50]) + (" ..." if len(ids) > 50 else "")]
               for pair, ids in r.shared_patients.items()]
-    notes = "".join(f"<li>{html.escape(n)}</li>" for n in r.notes) or "<li>none</li>"
+    levels = r.note_levels or [""] * len(r.notes)
+    notes = "".join(f'<li class="{level}">{NOTE_WORDS.get(level, "")}{html.escape(n)}</li>'
+                    for level, n in zip(levels, r.notes, strict=True)) or "<li>none</li>"
     unreadable = table(["path", "reason"], [[_relative(u.path, r), u.reason]
                                             for u in r.unreadable], "every file decodes")
     doubtful = table(["path", "why it is hardly a film"],
                      [[_relative(u.path, r), u.reason] for u in r.doubtful],
                      "every decoded file looks like a film (size, shape, contrast)")
+    made = f" &middot; {html.escape(r.audited_at)} by cxrkit {html.escape(r.version)}" \
+        if r.version else ""
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>cxrkit data audit</title>
 <style>{STYLE}</style></head><body>
 <h1>Data audit</h1>
 <p>{html.escape(r.root)} &middot; layout <b>{html.escape(r.layout)}</b> &middot;
-{r.n_images} images &middot; audited in {r.seconds} s</p>
+{r.n_images} images &middot; audited in {r.seconds} s
+{made}</p>
 <h2>Notes</h2><ul>{notes}</ul>
 <h2>Counts</h2>{_counts_section(r)}
 <h2>Unreadable files</h2>{unreadable}

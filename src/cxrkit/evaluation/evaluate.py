@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cxrkit import __version__
 from cxrkit.adapt import adaptation_note
 from cxrkit.data.dataset import load_prepared
 from cxrkit.data.layout import Sample, load_source
@@ -718,6 +719,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         "positive_class": labels[positive] if positive is not None else None,
         "labels": labels, "model": model.spec.name, "data": origin, "external": data is not None,
         "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "version": __version__,
         "probabilities": f"calibrated: softmax(logits / temperature"
                          f"{' + bias' if calibration.bias else ''}), fitted on {source}",
         "threshold_chosen_on": calibration.chosen_on,
