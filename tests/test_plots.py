@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from cxrkit.config import ConfigError
-from cxrkit.evaluation import evaluate_run
+from cxrkit.evaluation import evaluate_run, figures
 from cxrkit.training import train
 from tests.test_evaluate import copy_run
 from tests.test_training import tiny_config
@@ -31,3 +32,26 @@ def test_a_format_matplotlib_should_not_write_is_refused_before_any_work(trained
     with pytest.raises(ConfigError, match="jpeg is not a figure format here; choose from svg"):
         evaluate_run(run, bootstrap=0, device="cpu")
     assert not (run / "eval" / "test").exists()
+
+
+def test_curves_differ_by_line_style_as_well_as_colour(monkeypatch, tmp_path):
+    """A colour-blind reader or a greyscale print still tells the classes apart."""
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path, dpi: drawn.append(fig) or path)
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 20)
+    probs = rng.dirichlet(np.ones(3), size=len(y))
+    labels = ["NORMAL", "BACTERIA", "VIRUS"]
+    figures.histograms_figure(y, probs, labels, None, {}, tmp_path / "h.png")
+    figures.curves_figure(y, probs, labels, None, {}, tmp_path / "c.png")
+    conf, outcome = probs.max(1), (probs.argmax(1) == y).astype(float)
+    figures.reliability_figure((conf, outcome), (conf ** 2, outcome), "T=2.0", "P", tmp_path / "r")
+    histograms, curves, reliability = drawn
+    for ax in histograms.axes:  # one panel per class, a step histogram per true class
+        assert len({patch.get_linestyle() for patch in ax.patches}) == 3
+    roc = curves.axes[0]
+    assert len({line.get_linestyle() for line in roc.lines if "AUC" in line.get_label()}) == 3
+    curve, spread = reliability.axes
+    assert len({line.get_linestyle() for line in curve.lines
+                if "ECE" in line.get_label()}) == 2
+    assert len({patch.get_linestyle() for patch in spread.patches}) == 2

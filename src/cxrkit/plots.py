@@ -13,6 +13,13 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 VECTOR_FORMATS = ("svg", "pdf", "eps")
+# One per curve of a figure, beside its colour: curves stay apart for a colour-blind reader
+# and on a greyscale print.
+LINE_STYLES = ("-", "--", "-.", ":")
+
+
+def line_style(i: int) -> str:
+    return LINE_STYLES[i % len(LINE_STYLES)]
 
 
 def extra_formats() -> list[str]:

@@ -14,7 +14,7 @@ from cxrkit.config import AugmentConfig
 from cxrkit.data.layout import Sample
 from cxrkit.data.transforms import train_transform
 from cxrkit.models import ModelSpec
-from cxrkit.plots import save_figure
+from cxrkit.plots import line_style, save_figure
 
 if TYPE_CHECKING:
     from cxrkit.data.audit import ImageFacts, NearDuplicate
@@ -108,8 +108,8 @@ def plot_intensity_histograms(samples: list[Sample], facts: list[ImageFacts], pa
             by_class[label_of[f.path]].append(f.histogram)
     fig = Figure(figsize=(6, 3.6))
     ax = fig.subplots()
-    for label in sorted(by_class):
-        ax.plot(np.arange(256), np.mean(by_class[label], axis=0),
+    for i, label in enumerate(sorted(by_class)):
+        ax.plot(np.arange(256), np.mean(by_class[label], axis=0), ls=line_style(i),
                 label=f"{label} ({len(by_class[label])} films)")
     ax.set_xlabel("pixel intensity (0-255)")
     ax.set_ylabel("fraction of pixels (log scale)")

@@ -14,7 +14,7 @@ from cxrkit.evaluation.calibration import expected_calibration_error, reliabilit
 from cxrkit.evaluation.metrics import average_precision, ranked_counts, rates, roc_auc
 from cxrkit.evaluation.thresholds import point_name
 from cxrkit.explain import CAM_COLORMAP
-from cxrkit.plots import save_figure
+from cxrkit.plots import line_style, save_figure
 
 DPI = 110
 MARKERS = {"default_0.5": ("o", "tab:gray"), "validation": ("s", "tab:red"),
@@ -61,15 +61,15 @@ def curves_figure(y: np.ndarray, probs: np.ndarray, labels: Sequence[str],
     roc_ax, pr_ax = fig.subplots(1, 2)
     classes = [positive] if positive is not None else range(len(labels))
     ones = np.ones((1, len(y)))
-    for c in classes:
+    for i, c in enumerate(classes):
         is_c, p = y == c, probs[:, c]
         tpr, fpr, _ = rates(is_c, p, ones)
         pos, neg, _ = ranked_counts(is_c, p, ones)
         tp, fp = pos.cumsum(1)[0], neg.cumsum(1)[0]
         recall, precision = tp / max(tp[-1], 1), tp / np.maximum(tp + fp, 1)
-        line, = roc_ax.plot(fpr[0], tpr[0],
+        line, = roc_ax.plot(fpr[0], tpr[0], ls=line_style(i),
                             label=f"{labels[c]}: AUC {roc_auc(is_c, p, ones)[0]:.3f}")
-        pr_ax.step(recall, precision, where="post", color=line.get_color(),
+        pr_ax.step(recall, precision, where="post", color=line.get_color(), ls=line_style(i),
                    label=f"{labels[c]}: AP {average_precision(is_c, p, ones)[0]:.3f}")
         pr_ax.axhline(is_c.mean(), ls=":", color=line.get_color(),
                       label=f"prevalence {is_c.mean():.2f}")
@@ -104,13 +104,15 @@ def reliability_figure(before: tuple[np.ndarray, np.ndarray], after: tuple[np.nd
     fig = Figure(figsize=(10, 4.5), layout="constrained")
     curve_ax, hist_ax = fig.subplots(1, 2)
     curve_ax.plot([0, 1], [0, 1], ":", color="gray", label="perfect calibration")
-    for (conf, outcome), name in ((before, "before"), (after, f"after ({calibration})")):
+    for i, ((conf, outcome), name) in enumerate(((before, "before"),
+                                                 (after, f"after ({calibration})"))):
         mean_conf, freq, counts = reliability_curve(conf, outcome)
         ece = expected_calibration_error(conf, outcome)[0]
-        line, = curve_ax.plot(mean_conf, freq, "-", label=f"{name}: ECE {ece:.3f}")
+        line, = curve_ax.plot(mean_conf, freq, ls=line_style(i), label=f"{name}: ECE {ece:.3f}")
         curve_ax.scatter(mean_conf, freq, s=8 + 400 * counts / counts.sum(),
                          color=line.get_color(), zorder=3)
-        hist_ax.hist(conf, bins=20, range=(0, 1), histtype="step", lw=1.5, label=name)
+        hist_ax.hist(conf, bins=20, range=(0, 1), histtype="step", lw=1.5, ls=line_style(i),
+                     label=name)
     curve_ax.set(xlabel=f"predicted {what}", ylabel="observed frequency", xlim=(0, 1),
                  ylim=(0, 1), title="Reliability diagram (marker area: films in the bin)")
     hist_ax.set(xlabel=f"predicted {what}", ylabel="films (log scale)", yscale="log",
@@ -135,9 +137,10 @@ def histograms_figure(y: np.ndarray, probs: np.ndarray, labels: Sequence[str],
     for ax, c in zip(axes, classes, strict=True):
         for true in range(len(labels)):
             ax.hist(probs[y == true, c], bins=25, range=(0, 1), histtype="step", lw=1.5,
-                    label=f"true {labels[true]} (n={int((y == true).sum())})")
-        for name, t in thresholds.items():
-            ax.axvline(t, ls="--", color="black" if name == deployed else "gray",
+                    ls=line_style(true), label=f"true {labels[true]} (n={int((y == true).sum())})")
+        for name, t in thresholds.items():  # dotted: apart from the histograms; deployed bold
+            ax.axvline(t, ls=":", lw=2.2 if name == deployed else 1.2,
+                       color="black" if name == deployed else "gray",
                        label=point_label(name, t, deployed))
         ax.set(xlabel=f"calibrated P({labels[c]})", ylabel="films (log scale)", yscale="log",
                title=f"P({labels[c]}) by true class")
