@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from cxrkit.cli import app
@@ -148,7 +149,31 @@ def test_torchscript_export_matches_eager(trained_run, tmp_path):
         x = torch.randn(batch, 1, 64, 64)
         with torch.no_grad():
             torch.testing.assert_close(scripted(x), model(x), atol=1e-5, rtol=1e-4)
-    assert json.loads((run / "export" / "model.json").read_text())["input_size"] == 64
+    sidecar = json.loads((run / "export" / "model.json").read_text())
+    assert sidecar["input_size"] == 64
+    extra = {"model.json": ""}  # the file alone carries the sidecar too
+    torch.jit.load(str(run / "export" / "model.pt"), _extra_files=extra)
+    assert json.loads(extra["model.json"]) == sidecar
+
+
+def test_one_export_folder_holds_one_model_and_one_current_sidecar(trained_run, tmp_path):
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    onnx_file = export_model(run)
+    write_calibration(run, Calibration(0.77, 1.3, "site films"))  # recalibrated since
+    export_model(run, format="torchscript")  # same weights, same folder
+    sidecar = json.loads((run / "export" / "model.json").read_text())
+    assert (sidecar["threshold"], sidecar["temperature"]) == (0.77, 1.3)
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(onnx_file)).metadata_props}
+    assert meta == sidecar  # model.onnx follows the new sidecar
+
+    other = shutil.copytree(trained_run, tmp_path / "other")
+    weights = load_file(other / "model.safetensors")  # another model: other weights
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()},
+              other / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model.onnx holds other weights .* export to another "
+                                         r"folder \(--out\), or delete .*model.onnx first"):
+        export_model(other, format="torchscript", out=run / "export")
+    assert json.loads((run / "export" / "model.json").read_text()) == sidecar  # untouched
 
 
 def test_onnx_on_a_run_follows_its_calibration_after_the_export(lite0_export, tmp_path,

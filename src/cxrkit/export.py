@@ -4,6 +4,10 @@
     OUT/model.pt     the same network as TorchScript (`--format torchscript`)
     OUT/model.json   the sidecar: preprocessing, labels, threshold, temperature, bias
 
+Each model file also carries the sidecar (ONNX metadata; a TorchScript extra file), with a
+digest of the weights: a folder holding both formats keeps them of one model, and a new
+sidecar (after recalibration) is written into both.
+
 The graph outputs *logits*, not probabilities: temperature and bias are then numbers
 in the sidecar that recalibration can change without a new export, and every
 consumer (cxrkit's own `predict --backend onnx` included) applies the same
@@ -17,9 +21,11 @@ both with one preprocessing path.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -67,27 +73,68 @@ def export_model(run: str | Path, format: str = "onnx", out: str | Path | None =
                          f"model.json (e.g. --out {Path(out).with_suffix('')})")
     model = load_model(run).cpu()
     out = Path(out) if out else model_folder(run) / "export"
+    sidecar = sidecar_entries(model.spec, read_calibration(run)) | {
+        "weights_sha256": weights_digest(model)}
+    others = [out / FILE_NAMES[f] for f in FORMATS if f != format]
+    for other in others:
+        refuse_other_weights(other, sidecar["weights_sha256"])
     out.mkdir(parents=True, exist_ok=True)
     path = out / FILE_NAMES[format]
     if format == "onnx":
         export_onnx(model, path, opset)
     else:
         export_torchscript(model, path)
-    sidecar = sidecar_entries(model.spec, read_calibration(run))
     write_sidecar(out, sidecar)
-    if format == "onnx":
-        embed_sidecar(path, sidecar)
+    for file in (path, *others):  # the other format's file, if any, gets today's sidecar too
+        if file.is_file():
+            embed_sidecar(file, sidecar)
     return path
 
 
-def embed_sidecar(onnx_path: Path, sidecar: dict) -> None:
-    """The sidecar's entries also as the ONNX file's metadata (values as JSON), so that
-    model.onnx alone still says its labels, preprocessing and threshold (Netron shows them;
-    `onnxruntime.InferenceSession(...).get_modelmeta().custom_metadata_map` reads them)."""
-    graph = onnx.load(str(onnx_path))
-    onnx.helper.set_model_props(graph, {key: json.dumps(value)
-                                        for key, value in sidecar.items()})
-    onnx.save(graph, str(onnx_path))
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's parameters and buffers, by name: which weights an export holds."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def embedded_sidecar(path: Path) -> dict:
+    """The sidecar a model file carries ({} when none: an export by an older cxrkit)."""
+    if path.suffix == ".onnx":
+        props = onnx.load(str(path), load_external_data=False).metadata_props
+        return {p.key: json.loads(p.value) for p in props}
+    with zipfile.ZipFile(path) as archive:  # TorchScript: a zip with extra/<name> entries
+        names = [n for n in archive.namelist() if n.endswith(f"/extra/{SIDECAR}")]
+        return json.loads(archive.read(names[0])) if names else {}
+
+
+def refuse_other_weights(path: Path, digest: str) -> None:
+    """An export folder has one model.json: refuse to write it beside a model file of
+    other (or unknown) weights, which it would then describe wrongly."""
+    if path.is_file() and embedded_sidecar(path).get("weights_sha256") != digest:
+        raise ValueError(f"{path} holds other weights (another run, or an export by an older "
+                         f"cxrkit) and shares model.json with this export: export to another "
+                         f"folder (--out), or delete {path} first")
+
+
+def embed_sidecar(path: Path, sidecar: dict) -> None:
+    """The sidecar's entries also inside the model file, so that it alone still says its
+    labels, preprocessing and threshold. ONNX: as metadata, values as JSON (Netron shows
+    them; `onnxruntime.InferenceSession(...).get_modelmeta().custom_metadata_map` reads
+    them). TorchScript: as the extra file model.json (`torch.jit.load(path, _extra_files=
+    {"model.json": ""})` fills it in)."""
+    if path.suffix == ".onnx":
+        graph = onnx.load(str(path))
+        onnx.helper.set_model_props(graph, {key: json.dumps(value)
+                                            for key, value in sidecar.items()})
+        onnx.save(graph, str(path))
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
+            module = torch.jit.load(str(path), map_location="cpu")
+        module.save(str(path), _extra_files={SIDECAR: json.dumps(sidecar, indent=2)})
 
 
 def _example_batch(spec: ModelSpec) -> torch.Tensor:
