@@ -210,10 +210,13 @@ def test_compare_runs_table_and_csv(reported, tmp_path, caplog):
     assert float(table[0]["accuracy"]) == pytest.approx(at_val["accuracy"]["value"])
     assert float(table[0]["accuracy_ci_low"]) == pytest.approx(at_val["accuracy"]["ci95"][0])
 
-    result = CliRunner().invoke(app, ["compare", str(run), str(other), "--out",
+    deep = shutil.copytree(run, tmp_path / ("a-run-name-that-goes-on-" * 6 + "end"))
+    result = CliRunner().invoke(app, ["compare", str(run), str(deep), "--out",
                                       str(tmp_path / "cli.csv")])
     assert result.exit_code == 0, result.output
-    assert "Sens" in result.output and "other" in result.output and (tmp_path / "cli.csv").is_file()
+    assert "Sens" in result.output and (tmp_path / "cli.csv").is_file()
+    # Not a terminal: the table is as wide as its cells, each run's whole name on one line
+    assert any(deep.name in line for line in result.output.splitlines())
 
 
 def test_cli_report(trained_run, tmp_path):

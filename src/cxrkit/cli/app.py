@@ -6,6 +6,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 from cxrkit.data.kaggle import KaggleDownloadError
@@ -27,8 +28,15 @@ console = Console(stderr=True, soft_wrap=True)
 
 
 def show_table(table: Table) -> None:
-    """A table keeps Rich's layout: title centred, cells wrapped to the terminal."""
-    console.print(table, soft_wrap=False)
+    """A table keeps Rich's layout: title centred, cells wrapped to the terminal. A log file
+    or a pipe has no width (Rich would assume 80 columns and cut run names and paths): there
+    the table is laid out as wide as its cells need."""
+    if console.is_terminal:
+        console.print(table, soft_wrap=False)
+        return
+    unbounded = console.options.update(max_width=100_000)
+    width = max(Measurement.get(console, unbounded, table).maximum, console.width)
+    Console(file=console.file, width=width).print(table, soft_wrap=False)
 
 # The API's errors for a user's mistake, each saying the fix: printed as one line, no traceback.
 # (KaggleDownloadError is a RuntimeError; DataLayoutError, ConfigError and UnreadableImageError
