@@ -2,7 +2,9 @@
 (threshold and temperature from validation only, then applied to test)."""
 
 import csv
+import io
 import json
+import logging
 import re
 import shutil
 from dataclasses import replace
@@ -11,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from rich.console import Console
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 from typer.testing import CliRunner
 
 from cxrkit.cli import app
+from cxrkit.cli.app import log_handler
 from cxrkit.data.layout import load_source
 from cxrkit.data.split import patient_split, read_manifest, write_manifest
 from cxrkit.data.transforms import prepare
@@ -429,6 +433,19 @@ def test_calibrating_on_the_evaluated_films_is_refused(trained_run, tmp_path):
         evaluate_run(run, data=site, bootstrap=10, figures=False, device="cpu")
     assert evaluate_run(run, data=site, bootstrap=10, figures=False, device="cpu",
                         reset_calibration=True).name == "site_b"
+
+
+def test_on_a_terminal_log_records_are_coloured_lines_never_folded_inside_a_path():
+    screen = io.StringIO()
+    terminal = Console(file=screen, force_terminal=True, width=40, color_system="standard")
+    logger = logging.getLogger("cxrkit.test.terminal")
+    logger.addHandler(log_handler(terminal))
+    path = "/data/" + "a-long-folder-name/" * 6 + "film.jpeg"
+    logger.warning("could not read %s", path)
+    written = screen.getvalue()
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", written)
+    assert re.fullmatch(rf"\[\d\d:\d\d:\d\d\] WARNING could not read {path}\n", plain)
+    assert written != plain  # the level is coloured
 
 
 def test_cli_evaluate(trained_run, tmp_path):

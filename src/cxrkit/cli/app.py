@@ -4,10 +4,10 @@ import logging
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from cxrkit.data.kaggle import KaggleDownloadError
 
@@ -61,19 +61,37 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
          ) -> None:
     # force: each invocation writes to the stderr it has (tests run several in one process)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        handlers=[_log_handler()], force=True)
+                        handlers=[log_handler(console)], force=True)
 
 
-def _log_handler() -> logging.Handler:
-    """Rich's columns on a terminal; in a log file or a pipe one plain line per record, which
-    Rich would wrap at 80 columns and cut inside paths."""
-    if console.is_terminal:
-        handler: logging.Handler = RichHandler(console=console, show_path=False)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        return handler
-    handler = logging.StreamHandler(console.file)
-    handler.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)s %(message)s",
-                                           "%H:%M:%S"))
+LOG_FORMAT = logging.Formatter("[%(asctime)s] %(levelname)s %(message)s", "%H:%M:%S")
+LEVEL_STYLES = {"DEBUG": "dim", "INFO": "blue", "WARNING": "yellow", "ERROR": "bold red",
+                "CRITICAL": "bold red"}
+
+
+class TerminalLogHandler(logging.Handler):
+    """One line per record, its level coloured. Rich's own handler lays records out in
+    columns and folds a long path inside its message column; here the terminal wraps the
+    line, so a path or command copied from it comes whole."""
+
+    def __init__(self, terminal: Console):
+        super().__init__()
+        self.terminal = terminal
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = Text(self.format(record))
+            line.highlight_words([record.levelname], LEVEL_STYLES.get(record.levelname, ""))
+            self.terminal.print(line, soft_wrap=True)
+        except Exception:  # logging must never raise into the program
+            self.handleError(record)
+
+
+def log_handler(terminal: Console) -> logging.Handler:
+    """Coloured lines on a terminal; plain lines in a log file or a pipe."""
+    handler = TerminalLogHandler(terminal) if terminal.is_terminal else \
+        logging.StreamHandler(terminal.file)
+    handler.setFormatter(LOG_FORMAT)
     return handler
 
 
