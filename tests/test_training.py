@@ -535,6 +535,22 @@ def test_cli_trains_three_classes_without_reading_a_test_image(tmp_path, monkeyp
     assert all(p.label == max(p.probabilities, key=p.probabilities.get) for p in predictions)
 
 
+def test_three_class_labels_of_a_manifest_are_kept_over_file_names(tmp_path, caplog):
+    """A curated manifest's NORMAL/BACTERIA/VIRUS is the truth; only PNEUMONIA films take
+    their subtype from the Kermany file name."""
+    data = _three_class_tree(tmp_path / "data")
+    samples = load_source(data).samples
+    virus = next(s for s in samples if "_virus_" in s.path and s.split == "train")
+    relabelled = [replace(s, label="NORMAL") if s is virus else s for s in samples]
+    write_manifest(relabelled, tmp_path / "curated.csv")
+    config = tiny_config(tmp_path / "curated.csv", tmp_path, **{"data.task": "3class"})
+    labels = {s.path: s.label for s in prepare_samples(config.data)}
+    assert labels[virus.path] == "NORMAL"
+    assert {labels[s.path] for s in samples if "_bacteria_" in s.path} == {"BACTERIA"}
+    assert (f"1 film(s) are labelled otherwise than their file names say, e.g. {virus.path} "
+            "labelled NORMAL: the label is kept") in caplog.text
+
+
 def test_three_class_task_needs_the_subtypes(tiny_kaggle, tmp_path):
     config = tiny_config(tiny_kaggle, tmp_path, **{"data.task": "3class"})
     with pytest.raises(DataLayoutError, match="3class needs NORMAL, BACTERIA and VIRUS"):

@@ -18,6 +18,7 @@ DEFAULT_PATTERNS = (
 )
 
 SUBTYPE_PATTERN = re.compile(r"_(bacteria|virus)_", re.IGNORECASE)
+SUBTYPES = ("NORMAL", "BACTERIA", "VIRUS")  # the 3-class task's labels, in index order
 
 
 class PatientIdParser:
@@ -51,6 +52,16 @@ class PatientIdParser:
 
 
 def kermany_subtype(file_name: str, label: str) -> str:
-    """NORMAL / BACTERIA / VIRUS for the 3-class task, from the file name."""
+    """NORMAL / BACTERIA / VIRUS for the 3-class task: the label itself when it is one of
+    them (a manifest's curated label is the truth), else (PNEUMONIA) from the Kermany file
+    name, person1_virus_2.jpeg."""
+    if label.upper() in SUBTYPES:
+        return label.upper()
     m = SUBTYPE_PATTERN.search(file_name)
     return m.group(1).upper() if m else label.upper()
+
+
+def name_disagrees(file_name: str, label: str) -> bool:
+    """Whether a film labelled NORMAL, BACTERIA or VIRUS has another subtype in its name."""
+    m = SUBTYPE_PATTERN.search(file_name)
+    return label.upper() in SUBTYPES and m is not None and m.group(1).upper() != label.upper()

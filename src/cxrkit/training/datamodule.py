@@ -27,15 +27,12 @@ from cxrkit.data.cache import DECODED, DEFAULT_CACHE_DIR, DecodeCache
 from cxrkit.data.dataset import XrayDataset, collate_skip_bad
 from cxrkit.data.kaggle import resolve_data
 from cxrkit.data.layout import DataLayoutError, Sample, load_source
-from cxrkit.data.patients import kermany_subtype
+from cxrkit.data.patients import SUBTYPES, kermany_subtype, name_disagrees
 from cxrkit.data.split import patient_split
 from cxrkit.data.transforms import eval_transform, train_transform
 from cxrkit.models import ModelSpec
 
 log = logging.getLogger(__name__)
-
-SUBTYPES = ("NORMAL", "BACTERIA", "VIRUS")
-
 
 def _subsample(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
     if limit is None or len(samples) <= limit:
@@ -48,6 +45,11 @@ def prepare_samples(data: DataConfig, seed: int = 0) -> list[Sample]:
     """Train, val and test samples of `data.path`, labelled for `data.task`."""
     samples = load_source(resolve_data(data.path).absolute(), data.patient_pattern).samples
     if data.task == "3class":
+        disagree = [s for s in samples if name_disagrees(Path(s.path).name, s.label)]
+        if disagree:
+            log.warning("%d film(s) are labelled otherwise than their file names say, e.g. %s "
+                        "labelled %s: the label is kept", len(disagree), disagree[0].path,
+                        disagree[0].label)
         samples = [replace(s, label=kermany_subtype(Path(s.path).name, s.label)) for s in samples]
     samples = patient_split(samples, data.val_fraction, seed)
     train = _subsample([s for s in samples if s.split == "train"], data.max_train_images, seed)
