@@ -37,7 +37,14 @@ from cxrkit.training.callbacks import (
 from cxrkit.training.curves import step_losses
 from cxrkit.training.datamodule import prepare_samples, task_classes
 from cxrkit.training.features import extract_features
-from cxrkit.training.fit import Run, build_model, build_stage, find_lr, loss_class_weights
+from cxrkit.training.fit import (
+    Run,
+    build_model,
+    build_stage,
+    find_lr,
+    loss_class_weights,
+    new_run,
+)
 from cxrkit.training.losses import FocalLoss, balanced_class_weights, mixup
 from cxrkit.training.module import (
     ClassifierModule,
@@ -663,6 +670,20 @@ def test_binary_task_needs_exactly_two_classes_and_pneumonia_is_positive_in_any_
     labels = task_classes("binary", films[:2])
     assert labels == ["Pneumonia", "normal"] and positive_index(labels) == 0
     assert positive_index(["NORMAL", "PNEUMONIA"]) == 1 and positive_index(["A", "B"]) == 1
+    # a negative class named as such: the other label is the finding, wherever it sorts
+    assert positive_index(["ABNORMAL", "NORMAL"]) == 0 and positive_index(["TB", "healthy"]) == 0
+
+
+def test_two_labels_neither_naming_the_finding_get_a_warning(tmp_path, caplog):
+    data = make_kaggle_tree(tmp_path / "data", {"train": 4, "test": 1})
+    for split in ("train", "test"):
+        for old, new in (("NORMAL", "LEFT"), ("PNEUMONIA", "RIGHT")):
+            (data / split / old).rename(data / split / new)
+    run = new_run(tiny_config(data, tmp_path))
+    assert run.classes == ["LEFT", "RIGHT"] and positive_index(run.classes) == 1
+    assert ("labels LEFT and RIGHT: sensitivity, specificity and the threshold will be about "
+            "RIGHT (the last label)") in caplog.text
+    assert "If the finding is LEFT, name the other class NORMAL" in caplog.text
 
 
 def test_a_runs_config_yaml_alone_reproduces_it_from_any_folder(tiny_kaggle, tmp_path,

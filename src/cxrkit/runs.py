@@ -128,14 +128,30 @@ def write_calibration(path: str | Path, calibration: Calibration) -> Path:
 
 
 POSITIVE_CLASS = "PNEUMONIA"
+# Names of a binary task's negative class: the other label is then the finding.
+NEGATIVE_NAMES = ("NORMAL", "HEALTHY", "NEGATIVE", "NO_FINDING", "NO FINDING", "NO-FINDING",
+                  "CONTROL")
 
 
 def positive_index(labels: list[str]) -> int:
     """The class binary metrics score and `Calibration.threshold` is about: PNEUMONIA (in any
-    case: a folder named `Pneumonia` too) where present, else the last label. Training,
-    evaluation and prediction all use this one rule."""
+    case: a folder named `Pneumonia` too) where present; else the label beside one named as
+    a negative (NORMAL/ABNORMAL: ABNORMAL); else the last label. Training, evaluation and
+    prediction all use this one rule."""
     upper = [label.upper() for label in labels]
-    return upper.index(POSITIVE_CLASS) if POSITIVE_CLASS in upper else len(labels) - 1
+    if POSITIVE_CLASS in upper:
+        return upper.index(POSITIVE_CLASS)
+    negatives = [i for i, label in enumerate(upper) if label in NEGATIVE_NAMES]
+    if len(labels) == 2 and len(negatives) == 1:
+        return 1 - negatives[0]
+    return len(labels) - 1
+
+
+def positive_is_guessed(labels: list[str]) -> bool:
+    """Whether `positive_index` fell back to the last of two labels, neither naming it."""
+    upper = [label.upper() for label in labels]
+    return (len(labels) == 2 and POSITIVE_CLASS not in upper
+            and sum(label in NEGATIVE_NAMES for label in upper) != 1)
 
 
 def positive_label(labels: list[str]) -> str | None:

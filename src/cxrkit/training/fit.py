@@ -53,7 +53,7 @@ from cxrkit.inference import predict_logits
 from cxrkit.models import Classifier, create_model
 from cxrkit.models.ensemble import Ensemble
 from cxrkit.plots import extra_formats, save_figure
-from cxrkit.runs import MODEL_WEIGHTS, load_model, positive_index, save_model
+from cxrkit.runs import MODEL_WEIGHTS, load_model, positive_index, positive_is_guessed, save_model
 from cxrkit.training.callbacks import (
     BEST,
     LAST,
@@ -178,6 +178,11 @@ def new_run(config: TrainConfig) -> Run:
         config = config.updated({"data.path": str(local.resolve())})
     samples = prepare_samples(config.data, config.seed)
     classes = task_classes(config.data.task, samples)
+    if positive_is_guessed(classes):
+        log.warning("labels %s and %s: sensitivity, specificity and the threshold will be about "
+                    "%s (the last label), the finding to detect. If the finding is %s, name "
+                    "the other class NORMAL (its folder or the manifest's label)", *classes,
+                    classes[1], classes[0])
     folder = _run_folder(config)
     if rank_zero_only.rank == 0:
         config.save(folder / CONFIG)
