@@ -205,3 +205,16 @@ def test_predict_cli_on_onnx_and_its_usage_errors(lite0_export, generated_films,
     for args in (["export", str(tmp_path)], ["export", str(lite0_export), "--format", "tflite"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, result.output
+
+
+def test_a_run_never_evaluated_is_exported_and_loaded_with_a_warning(trained_run, tmp_path,
+                                                                     caplog):
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    (run / "calibration.json").unlink(missing_ok=True)
+    export_model(run)
+    said = f"{run} has no calibration.json (it was never evaluated): using threshold 0.5"
+    assert said in caplog.text
+    assert json.loads((run / "export" / "model.json").read_text())["threshold"] == 0.5
+    caplog.clear()
+    Predictor.load(run, device="cpu")
+    assert said in caplog.text

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from cxrkit.models import Classifier, ModelSpec
-from cxrkit.runs import Calibration, load_model, model_folder, positive_label, read_calibration
+from cxrkit.runs import Calibration, deployed_calibration, load_model, model_folder, positive_label
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def export_model(run: str | Path, format: str = "onnx", out: str | Path | None =
                          f"model.json (e.g. --out {Path(out).with_suffix('')})")
     model = load_model(run).cpu()
     out = Path(out) if out else model_folder(run) / "export"
-    sidecar = sidecar_entries(model.spec, read_calibration(run)) | {
+    sidecar = sidecar_entries(model.spec, deployed_calibration(run)) | {
         "weights_sha256": weights_digest(model)}
     others = [out / FILE_NAMES[f] for f in FORMATS if f != format]
     for other in others:

@@ -39,10 +39,10 @@ from cxrkit.inference import predict_logits, resolve_device
 from cxrkit.runs import (
     MODEL_WEIGHTS,
     Calibration,
+    deployed_calibration,
     load_model,
     model_folder,
     positive_label,
-    read_calibration,
 )
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class Predictor:
             if not is_run:
                 raise ValueError(f"{path} is an ONNX export: use --backend onnx, or pass the run "
                                  f"folder it was exported from for --backend torch")
-            return cls(load_model(path), read_calibration(path), "torch", device)
+            return cls(load_model(path), deployed_calibration(path), "torch", device)
         if not is_run:
             return cls(*load_onnx(folder), "onnx")
         export = model_folder(folder) / "export"  # the run's own export
@@ -143,7 +143,7 @@ class Predictor:
                                     f"{shlex.quote(str(path))}` "
                                     f"first, or use --backend torch")
         model, exported = load_onnx(export)
-        deployed = read_calibration(path)  # the run's, which a later evaluation may have moved
+        deployed = deployed_calibration(path)  # the run's: a later evaluation may move it
         if ((exported.threshold, exported.temperature, exported.bias)
                 != (deployed.threshold, deployed.temperature, deployed.bias)):
             log.warning("%s holds an earlier calibration (threshold %.4f, %s); using the "

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from safetensors.torch import load_file, save_file
 from cxrkit.inference import softmax
 from cxrkit.models import Classifier, ModelSpec
 from cxrkit.models.ensemble import Ensemble, model_from_description
+
+log = logging.getLogger(__name__)
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_SPEC = "model.json"
@@ -118,6 +121,17 @@ def read_calibration(path: str | Path) -> Calibration:
     if not file.is_file():
         return Calibration()
     return Calibration(**json.loads(file.read_text()))
+
+
+def deployed_calibration(path: str | Path) -> Calibration:
+    """`read_calibration` for a model about to predict or be exported: a run never evaluated
+    would ship threshold 0.5 and temperature 1 unnoticed, so that is said."""
+    if not (model_folder(path) / CALIBRATION).is_file():
+        log.warning("%s has no %s (it was never evaluated): using threshold 0.5 and "
+                    "temperature 1, chosen on no films. `cxr evaluate RUN` (Python: "
+                    "evaluate_run(RUN)) chooses them on validation first", model_folder(path),
+                    CALIBRATION)
+    return read_calibration(path)
 
 
 def write_calibration(path: str | Path, calibration: Calibration) -> Path:
