@@ -103,6 +103,10 @@ def test_model_used_by_predict_logits_still_explains(trained_run, tiny_kaggle):
     np.testing.assert_allclose(by_name, heat, atol=1e-5)
     with pytest.raises(ValueError, match="no class 'pneumonia' to explain"):
         gradcam(model, paths, class_index="pneumonia")
+    for index in (2, -1):
+        with pytest.raises(ValueError, match=rf"no class index {index} to explain: .* "
+                                             r"\(indices 0 to 1\)"):
+            gradcam(model, paths, class_index=index)
     with pytest.raises(ValueError, match=r"shape \(64, 64\) is not a batch"):
         gradcam(model, torch.rand(64, 64))
     image = overlay(np.full((80, 96), 128, np.uint8), heat[0])

@@ -219,8 +219,12 @@ def test_a_png_named_dcm_is_read_as_the_png_it_is(tmp_path):
     np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "film.dcm")),
                                   np.asarray(film))
     (tmp_path / "junk.dcm").write_bytes(b"neither a DICOM nor an image " * 10)
-    with pytest.raises(UnreadableImageError, match="junk.dcm.*DICOM"):  # the DICOM reason
+    with pytest.raises(UnreadableImageError, match="junk.dcm: neither a DICOM file .* nor an "
+                                                   "image PIL can read"):
         read_image(tmp_path / "junk.dcm")
+    (tmp_path / "note.dcm").write_text("this is not a dicom\n")
+    with pytest.raises(UnreadableImageError, match="note.dcm: neither a DICOM file"):
+        read_image(tmp_path / "note.dcm")
 
 
 def test_dicom_rescale_then_window(tmp_path):

@@ -121,6 +121,11 @@ def _read_dicom(path: Path) -> Image.Image:
         raise UnreadableImageError(path, f"{TOO_MANY_PIXELS} ({columns} x {rows} > "
                                          f"{MAX_PIXELS:,}); a chest film is at most ~4k x 4k")
     ds = pydicom.dcmread(path, force=force)
+    looks_dicom = _has_dicom_magic(path) or any(k in ds for k in ("SOPClassUID", "Modality",
+                                                                  "Rows"))
+    if "PixelData" not in ds and not looks_dicom:
+        raise UnreadableImageError(path, "neither a DICOM file (no DICM header, no DICOM "
+                                         "image attributes) nor an image PIL can read")
     if "PixelData" not in ds:
         raise UnreadableImageError(path, "DICOM file has no pixel data")
     if "TransferSyntaxUID" not in ds.file_meta:  # a bare data set: no header says how it is
