@@ -124,7 +124,7 @@ def _class_indices(labels: list[str], class_index, n: int) -> list[int | None]:
     for c in given:
         if isinstance(c, str) and c not in labels:
             raise ValueError(f"no class {c!r} to explain: the model's classes are {labels}")
-        if isinstance(c, int) and not 0 <= c < len(labels):
+        if isinstance(c, int) and labels and not 0 <= c < len(labels):
             raise ValueError(f"no class index {c} to explain: the model's classes are {labels} "
                              f"(indices 0 to {len(labels) - 1})")
     return [labels.index(c) if isinstance(c, str) else c for c in given]
