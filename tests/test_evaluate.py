@@ -156,12 +156,12 @@ def test_target_sensitivity_threshold_is_deployed(trained_run, tmp_path):
     assert p[positives].min() == pytest.approx(calibration.threshold)  # the highest such
 
 
-def make_class_folders(root, names, n=3):
+def make_class_folders(root, names, n=3, seed=500):
     for name in names:
         (root / name).mkdir(parents=True)
         label = "PNEUMONIA" if name.upper() != "NORMAL" else "NORMAL"
         for i in range(n):
-            synthetic_film(label, 500 + i).save(root / name / f"{name}_{i}.png")
+            synthetic_film(label, seed + i).save(root / name / f"{name}_{i}.png")
     return root
 
 
@@ -426,13 +426,21 @@ def test_calibrating_on_the_evaluated_films_is_refused(trained_run, tmp_path):
     assert code != 0 and not (run / "eval").exists()
     # Deployed from the site's films, then those films evaluated with no option: the choice
     # is re-applied, so refused, and the error names the way out.
-    other = make_class_folders(tmp_path / "site_c", ["NORMAL", "PNEUMONIA"], n=4)
+    other = make_class_folders(tmp_path / "site_c", ["NORMAL", "PNEUMONIA"], n=4, seed=600)
     evaluate_run(run, data=other, calibrate_on=site, bootstrap=10, figures=False,
                  device="cpu")
     with pytest.raises(ValueError, match="deployed calibration .* --reset-calibration"):
         evaluate_run(run, data=site, bootstrap=10, figures=False, device="cpu")
     assert evaluate_run(run, data=site, bootstrap=10, figures=False, device="cpu",
                         reset_calibration=True).name == "site_b"
+    # Copies of the evaluated films, under other names, are the same films
+    copies = shutil.copytree(site, tmp_path / "site_b_copy")
+    for film in list(copies.rglob("*.png")):
+        film.rename(film.with_name(f"copy_{film.name}"))
+    with pytest.raises(ValueError, match=r"8 films are both in .*site_b_copy.* the same file or "
+                                         r"a byte-identical copy as .*site_b_copy"):
+        evaluate_run(run, data=site, calibrate_on=copies, bootstrap=10, figures=False,
+                     device="cpu")
 
 
 def test_on_a_terminal_log_records_are_coloured_lines_never_folded_inside_a_path():

@@ -30,6 +30,7 @@ import csv
 import hashlib
 import json
 import logging
+import os
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -153,15 +154,16 @@ def _data_name(data: str | Path) -> str:
 
 def refuse_overlap(chosen_on: Sequence[Sample], evaluated: Sequence[Sample], source: str,
                    origin: str, reapplied: bool = False) -> None:
-    """Films that chose the threshold must not be among the films it is measured on;
-    `reapplied`: the choice is calibration.json's, not one asked for now."""
-    shared = ({str(Path(s.path).resolve()) for s in chosen_on}
-              & {str(Path(s.path).resolve()) for s in evaluated})
+    """Films that chose the threshold must not be among the films it is measured on, not
+    even as copies; `reapplied`: the choice is calibration.json's, not one asked for now."""
+    shared = identical_files(chosen_on, evaluated)
     if shared:
+        example = min(shared)
         raise ValueError(
             f"{len(shared)} films are both in {source}, which chooses the threshold, and in "
-            f"{origin}, which is evaluated (e.g. {min(shared)}): choose on films you do not "
-            f"evaluate on (split the site's films into two folders or manifests)."
+            f"{origin}, which is evaluated (e.g. {example}, the same file or a byte-identical "
+            f"copy as {shared[example].path}): choose on films you do not evaluate on (split "
+            f"the site's films into two folders or manifests)."
             + (f" {source} is where the deployed calibration (calibration.json) was chosen: "
                f"--reset-calibration chooses on the run's validation split instead, "
                f"--calibrate-on OTHER_FILMS on others." if reapplied else "")
@@ -175,13 +177,13 @@ def _file_size(path: str) -> int | None:
         return None
 
 
-def external_data_doubts(run_samples: Sequence[Sample], samples: Sequence[Sample]) -> list[str]:
-    """Why `samples` may not be the independent data an external evaluation needs: films
-    byte-identical to the run's own (train, val or test: compared where sizes match, so
-    few files are read), and no patient ids (each film then counts as its own patient)."""
-    by_size: dict[int | None, list[Sample]] = {}
-    for own in run_samples:
-        by_size.setdefault(_file_size(own.path), []).append(own)
+def identical_files(reference: Sequence[Sample], samples: Sequence[Sample]) -> dict[str, Sample]:
+    """Each of `samples` that is a file of `reference` (the same path, or the same bytes),
+    by its path, with that reference film. Only files of equal size are read and hashed."""
+    by_size: dict[int, list[Sample]] = {}
+    for own in reference:
+        if (size := _file_size(own.path)) is not None:
+            by_size.setdefault(size, []).append(own)
     digests: dict[str, str] = {}
 
     def digest(path: str) -> str:
@@ -189,14 +191,21 @@ def external_data_doubts(run_samples: Sequence[Sample], samples: Sequence[Sample
             digests[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
         return digests[path]
 
-    theirs: dict[str, str] = {}  # film -> the split of the run's file it is
+    found = {}
     for sample in samples:
         size = _file_size(sample.path)
-        candidates = by_size.get(size, []) if size is not None else []
-        same = [own for own in candidates
-                if own.path == sample.path or digest(own.path) == digest(sample.path)]
+        same = [own for own in by_size.get(size, []) if size is not None and (
+            os.path.samefile(own.path, sample.path) or digest(own.path) == digest(sample.path))]
         if same:
-            theirs[sample.path] = same[0].split
+            found[sample.path] = same[0]
+    return found
+
+
+def external_data_doubts(run_samples: Sequence[Sample], samples: Sequence[Sample]) -> list[str]:
+    """Why `samples` may not be the independent data an external evaluation needs: films
+    byte-identical to the run's own (train, val or test), and no patient ids (each film then
+    counts as its own patient)."""
+    theirs = {path: own.split for path, own in identical_files(run_samples, samples).items()}
     doubts = []
     if theirs:
         splits = Counter(theirs.values())
