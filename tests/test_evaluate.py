@@ -24,6 +24,7 @@ from cxrkit.data.split import patient_split, read_manifest, write_manifest
 from cxrkit.data.transforms import prepare
 from cxrkit.evaluation import evaluate_run
 from cxrkit.evaluation.evaluate import Scored, choose_calibration
+from cxrkit.evaluation.metrics import wilson_interval
 from cxrkit.inference import predict_logits, softmax
 from cxrkit.models import create_model
 from cxrkit.report import headline, summary
@@ -373,6 +374,20 @@ def test_three_class_run(tiny_kaggle, tmp_path):
     assert collapsed["accuracy"]["value"] == pytest.approx(np.mean(abnormal == called), abs=1e-6)
     assert collapsed["sensitivity"]["value"] == pytest.approx(called[abnormal].mean(), abs=1e-6)
     assert_metric(collapsed["roc_auc"])
+    # every proportion's interval holds its Wilson interval (a rate of 0 or 1 on few films
+    # is no point): NORMAL against the rest, and each class's sensitivity and PPV
+    truth = np.array([r["label"] for r in rows])
+    said = np.array([r["predicted"] for r in rows])
+    proportions = [(collapsed["specificity"], (~called[~abnormal]).sum(), (~abnormal).sum()),
+                   (metrics["accuracy"], (truth == said).sum(), len(rows))]
+    for name in ("BACTERIA", "NORMAL"):  # (no VIRUS films: its sensitivity is undefined)
+        hits = ((truth == name) & (said == name)).sum()
+        proportions += [(metrics["per_class"][name]["sensitivity"], hits, (truth == name).sum()),
+                        (metrics["per_class"][name]["ppv"], hits, (said == name).sum())]
+    for entry, k, n in proportions:
+        if n:
+            low, high = wilson_interval(int(k), int(n))
+            assert entry["ci95"][0] <= low + 1e-6 and entry["ci95"][1] >= high - 1e-6, entry
 
 
 def test_calibrating_on_another_sites_films_is_validating_on_them(trained_run, tmp_path):
