@@ -536,3 +536,19 @@ def test_external_data_that_holds_the_runs_own_films_or_no_patient_ids_says_so(
     notes = json.loads((evaluate_run(run, data=other, bootstrap=0, figures=False,
                                      device="cpu") / "metrics.json").read_text())["notes"]
     assert not any("own data" in n or "patient id" in n for n in notes), notes
+
+
+def test_test_patients_seen_in_training_are_noted(trained_run, tmp_path, caplog):
+    run = copy_run(trained_run, tmp_path)
+    samples = read_manifest(run / "split.csv")
+    train_patient = next(s.patient_id for s in samples if s.split == "train")
+    first_test = next(i for i, s in enumerate(samples) if s.split == "test")
+    samples[first_test] = replace(samples[first_test], patient_id=train_patient)
+    write_manifest(samples, run / "split.csv")
+    out = evaluate_run(run, bootstrap=0, figures=False, device="cpu")
+    said = f"1 patient id(s) of the test split also occur in train or val (e.g. {train_patient})"
+    assert any(n.startswith(said) for n in json.loads((out / "metrics.json").read_text())["notes"])
+    assert said in caplog.text
+    caplog.clear()
+    evaluate_run(run, split="val", bootstrap=0, figures=False, device="cpu")
+    assert said not in caplog.text  # a note of the test split's numbers only

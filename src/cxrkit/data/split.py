@@ -136,6 +136,19 @@ def shared_patients(samples: list[Sample], a: str, b: str) -> set[str]:
     return left & {s.patient_id for s in samples if s.split == b}
 
 
+def test_patients_seen_in_training(samples: list[Sample]) -> str | None:
+    """A note when patient ids of the test split also occur in train or val: a leak, if the
+    ids name the same people, that makes test numbers optimistic."""
+    seen = {s.patient_id for s in samples if s.split in ("train", "val")}
+    shared = sorted({s.patient_id for s in samples if s.split == "test"} & seen)
+    if not shared:
+        return None
+    return (f"{len(shared)} patient id(s) of the test split also occur in train or val (e.g. "
+            f"{shared[0]}): a leak if they name the same people, and the test numbers are then "
+            "optimistic (Kermany's ids likely restart per folder; elsewhere keep each "
+            "patient's films on one side).")
+
+
 def write_manifest(samples: list[Sample], path: str | Path) -> Path:
     """Relative paths are written absolute: they would be read later from the manifest's own
     folder (`load_source`) or the reader's working directory, not the writer's. Absolute ones

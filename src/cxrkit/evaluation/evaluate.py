@@ -47,7 +47,7 @@ from cxrkit.adapt import adaptation_note
 from cxrkit.data.dataset import load_prepared
 from cxrkit.data.layout import Sample, load_source
 from cxrkit.data.patients import kermany_subtype
-from cxrkit.data.split import read_manifest
+from cxrkit.data.split import read_manifest, test_patients_seen_in_training
 from cxrkit.evaluation import figures
 from cxrkit.evaluation.calibration import (
     TEMPERATURE_RANGE,
@@ -685,6 +685,9 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     if reuse:
         notes.append("This is the validation split that chose the threshold and "
                      "temperature: its numbers are optimistic.")
+    if data is None and split == "test" and (leak := test_patients_seen_in_training(manifest)):
+        log.warning("%s: %s", run.name, leak)
+        notes.append(leak)
     if data is not None:
         notes += external_data_doubts(read_manifest(run / "split.csv"), scored.samples)
         missing = sorted(set(labels) - {labels[i] for i in scored.y})

@@ -48,7 +48,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from cxrkit.adapt import adapt_batchnorm
 from cxrkit.config import ConfigError, TrainConfig, to_dict
 from cxrkit.data.layout import DataLayoutError, Sample
-from cxrkit.data.split import read_manifest, write_manifest
+from cxrkit.data.split import read_manifest, test_patients_seen_in_training, write_manifest
 from cxrkit.inference import predict_logits
 from cxrkit.models import Classifier, create_model
 from cxrkit.models.ensemble import Ensemble
@@ -183,6 +183,8 @@ def new_run(config: TrainConfig) -> Run:
                     "%s (the last label), the finding to detect. If the finding is %s, name "
                     "the other class NORMAL (its folder or the manifest's label)", *classes,
                     classes[1], classes[0])
+    if leak := test_patients_seen_in_training(samples):
+        log.warning("%s", leak)
     folder = _run_folder(config)
     if rank_zero_only.rank == 0:
         config.save(folder / CONFIG)
