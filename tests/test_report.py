@@ -19,6 +19,7 @@ from cxrkit.report import (
     build_report,
     caveats,
     compare_runs,
+    summary,
     val_rows,
     write_compare_csv,
 )
@@ -233,7 +234,17 @@ def test_cli_report(trained_run, tmp_path):
 
 def test_three_class_report(tiny_kaggle, tmp_path):
     run = make_three_class_run(tiny_kaggle, tmp_path / "three")
-    evaluate_run(run, bootstrap=20, figures=False, device="cpu")
+    out = evaluate_run(run, bootstrap=20, figures=False, device="cpu", tta=True)
+    # summary(): NORMAL against the rest where a two-class run has its rates; TTA on request
+    metrics = json.loads((out / "metrics.json").read_text())
+    plain, augmented = summary(out), summary(out, tta=True)
+    for key in ("sensitivity", "specificity", "f1"):
+        assert plain[key] == metrics["not_normal"][key]["value"]
+        assert augmented[key] == metrics["tta"]["not_normal"][key]["value"]
+    assert plain["balanced_accuracy"] == metrics["balanced_accuracy"]["value"]
+    assert augmented["roc_auc"] == metrics["tta"]["roc_auc"]["value"]
+    with pytest.raises(ValueError, match="paired differences need two-class runs"):
+        compare_runs([run, run], paired=True)
     text = build_report(run).read_text()
     assert Page(text).sections == SECTIONS
     assert "Macro ROC-AUC" in text and "class VIRUS" in text and "The most probable class" in text

@@ -303,15 +303,28 @@ def headline(metrics: dict) -> dict[str, dict | None]:
     return {k: metrics.get(k) if k == "roc_auc" or not at else at.get(k) for k in HEADLINE}
 
 
-def summary(folder: str | Path) -> dict[str, float | int | None]:
+def summary(folder: str | Path, tta: bool = False) -> dict[str, float | int | None]:
     """An evaluation folder's headline as plain numbers, for a notebook:
 
         summary(evaluate_run(run))  # {'accuracy': 0.907, 'roc_auc': 0.959, ..., 'n': 624}
 
-    At the deployed threshold (`threshold`; None for multi-class runs); each value's 95%
-    interval is in the folder's metrics.json."""
+    At the deployed threshold (`threshold`; None for multi-class runs); `tta`: with test-time
+    augmentation (an evaluation made with `tta=True`). A multi-class run's sensitivity,
+    specificity and F1 are those of NORMAL against the other classes (its own calls, read
+    as pneumonia or not), comparable with a two-class run's; its accuracy and ROC-AUC are
+    over its classes (macro ROC-AUC), beside `balanced_accuracy`. Each value's 95% interval
+    is in the folder's metrics.json."""
     metrics = json.loads((Path(folder) / "metrics.json").read_text())
-    values = {k: v and v["value"] for k, v in headline(metrics).items()}
+    if tta and "tta" not in metrics:
+        raise ValueError(f"{folder} was evaluated without test-time augmentation: "
+                         "evaluate_run(run, tta=True) first (`cxr evaluate RUN --tta`)")
+    block = as_deployed(metrics["tta"], metrics) if tta else metrics
+    values = {k: v and v["value"] for k, v in headline(block).items()}
+    if not metrics.get("positive_class"):
+        collapsed = block.get(COLLAPSED, {})
+        values |= {k: (collapsed.get(k) or {}).get("value")
+                   for k in ("sensitivity", "specificity", "f1")}
+        values["balanced_accuracy"] = (block.get("balanced_accuracy") or {}).get("value")
     return {**values, "threshold": metrics.get("deployed_threshold"), "n": metrics["n"]}
 
 
@@ -544,9 +557,14 @@ def _figures(folder: Path) -> list[dict]:
             if (data := _b64_png(folder / name))]
 
 
+def as_deployed(variant: dict, metrics: dict) -> dict:
+    """A TTA or framing block of `metrics`, read at the evaluation's deployed threshold."""
+    return {**variant, "deployed_operating_point": metrics.get("deployed_operating_point")}
+
+
 def variant_rows(m: dict, variants: list[dict]) -> list[tuple[str, ...]]:
     """Headline metrics of an evaluation (first column) beside those of its variants."""
-    blocks = [headline(m), *map(headline, variants)]
+    blocks = [headline(m), *(headline(as_deployed(v, m)) for v in variants)]
     return [(NAMES[k], *(format_metric(k, b[k]) for b in blocks))
             for k in HEADLINE if blocks[0][k] is not None]
 
@@ -601,8 +619,10 @@ def caveats(evals: list[dict], split: dict | None) -> list[str]:
         framing = m.get("framing")
         plain = (headline(m).get("specificity") or {}).get("value")
         if framing and plain is not None:
-            crop, worst = min(((c, (headline(framing[c]).get("specificity") or {}).get("value"))
-                               for c in framing["crops"]), key=lambda cv: cv[1] or 0.0)
+            framed = {c: headline(as_deployed(framing[c], m)).get("specificity") or {}
+                      for c in framing["crops"]}
+            crop, worst = min(((c, spec.get("value")) for c, spec in framed.items()),
+                              key=lambda cv: cv[1] or 0.0)
             if worst is not None and plain - worst > FRAMING_DROP:
                 found.append(f"on {m['title']}, framed to {crop} the specificity falls from "
                              f"{plain:.0%} to {worst:.0%}: the model reads how a film is "
@@ -681,6 +701,11 @@ def compare_runs(runs: list[str | Path], split: str = "test", paired: bool = Fal
     """One row per run: its headline metrics on `split` (evaluated first where missing).
     `paired`: every row after the first also holds "paired", its headline metrics minus the
     first run's on the films both scored, with paired bootstrap intervals."""
+    if paired:  # said before any run is evaluated
+        several = [str(run) for run in runs if len(load_spec(run).labels) != 2]
+        if several:
+            raise ValueError(f"paired differences need two-class runs; {', '.join(several)} "
+                             "predict(s) more classes: compare them unpaired")
     rows, folders = [], [ensure_evaluated(run, split) for run in runs]
     block, level = SPEC_AT_SENS.split("/")  # metrics.json nests such keys
     for run, folder in zip(runs, folders, strict=True):
