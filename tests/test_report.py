@@ -173,6 +173,24 @@ def test_an_audit_of_other_data_beside_the_run_is_not_shown(reported):
     assert "AUDIT-NOTE-MARKER" not in text and "No audit.json found" in text
 
 
+def test_the_audit_where_the_readme_puts_it_or_named_is_shown(reported, tmp_path):
+    run, _ = reported
+    runs = tmp_path / "runs"
+    mine = shutil.copytree(run, runs / "mine")
+    (runs / "audit").mkdir()  # `cxr data audit DATA --out runs/audit/`
+    audit = {"root": "/data/chest_xray", "layout": "kaggle", "notes": ["README-AUDIT"]}
+    (runs / "audit" / "audit.json").write_text(json.dumps(audit))
+    assert "README-AUDIT" in build_report(mine).read_text()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "audit.json").write_text(json.dumps(audit | {"notes": ["NAMED-AUDIT"]}))
+    result = CliRunner().invoke(app, ["report", str(mine), "--audit", str(elsewhere)])
+    assert result.exit_code == 0, result.output
+    assert "NAMED-AUDIT" in (mine / "report.html").read_text()
+    result = CliRunner().invoke(app, ["report", str(mine), "--audit", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "no audit.json to read" in result.output
+
+
 def test_report_shows_tta_and_the_framing_check_beside_the_plain_result(trained_run, tmp_path):
     run = shutil.copytree(trained_run, tmp_path / "run")
     evaluate_run(run, tta=True, framing=True, bootstrap=20, figures=False, device="cpu")

@@ -158,15 +158,24 @@ def _split_summary(run: Path) -> dict | None:
     }
 
 
-def _find_audit(run: Path, data_path: str | None) -> dict | None:
-    """The run's own audit (RUN/audit/, as `cxr run` writes it), or an audit.json beside the
-    run folder if it audited the run's training data (not whatever was audited there last)."""
+def _find_audit(run: Path, data_path: str | None, given: str | Path | None = None) -> dict | None:
+    """The audit `given` (an audit folder or its audit.json); else the run's own (RUN/audit/,
+    as `cxr run` writes it); else one beside the run folder (RUNS/audit.json, or RUNS/audit/
+    as README's `cxr data audit --out runs/audit/` writes it) if it audited the run's
+    training data (not whatever was audited there last)."""
+    if given is not None:
+        path = Path(given) / "audit.json" if Path(given).is_dir() else Path(given)
+        if (audit := _read_json(path)) is None:
+            raise FileNotFoundError(f"{given}: no audit.json to read; give the folder "
+                                    "`cxr data audit --out` wrote, or its audit.json")
+        return audit
     for path in (run / "audit" / "audit.json", run / "audit.json"):
         if (audit := _read_json(path)) is not None:
             return audit
-    beside = _read_json(run.parent / "audit.json")
-    if beside and data_path and _same_place(beside.get("root"), data_path):
-        return beside
+    for path in (run.parent / "audit.json", run.parent / "audit" / "audit.json"):
+        beside = _read_json(path)
+        if beside and data_path and _same_place(beside.get("root"), data_path):
+            return beside
     return None
 
 
@@ -646,8 +655,11 @@ def _training_curves(run: Path) -> Path:
     return plot_curves(run) if (run / METRICS_CSV).is_file() else run / CURVES_PNG
 
 
-def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = True) -> Path:
-    """Write RUN/report.html (evaluating RUN's `split` first if it has no evaluation yet)."""
+def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = True,
+                 audit: str | Path | None = None) -> Path:
+    """Write RUN/report.html (evaluating RUN's `split` first if it has no evaluation yet).
+    `audit`: the data audit to show (a `cxr data audit` folder or its audit.json); by
+    default the run's own, or one of its training data beside the run folder."""
     run = model_folder(run).resolve()
     if evaluate_missing:
         ensure_evaluated(run, split)
@@ -673,7 +685,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
     page = Environment(autoescape=True).from_string(TEMPLATE).render(
         run_name=run.name, run_path=str(run), spec=spec, version=__version__,
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        audit=_find_audit(run, _data_path(config)), split=split,
+        audit=_find_audit(run, _data_path(config), audit), split=split,
         curves=_b64_png(_training_curves(run)),
         members=val_metrics.get("members", []),
         val_metrics=val_rows(val_metrics),

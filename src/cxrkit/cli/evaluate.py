@@ -130,12 +130,15 @@ def report_command(
     run: Path = typer.Argument(..., help="A run folder from `cxr train`."),
     split: str = typer.Option("test", "--split", help="Evaluated first if RUN/eval/<split>/ "
                               "does not exist yet."),
+    audit: Path | None = typer.Option(
+        None, "--audit", help="The data audit to show (a `cxr data audit --out` folder); by "
+                              "default the run's own, or one of its data beside the run folder."),
 ) -> None:
     """One self-contained RUN/report.html: data, training, metrics, figures, model card."""
     from cxrkit.report import build_report
 
     try:
-        out = build_report(run, split)
+        out = build_report(run, split, audit=audit)
     except USER_ERRORS as e:
         fail(str(e))
     console.print(f"[green]wrote[/] {out}")
