@@ -147,6 +147,9 @@ def test_preset_takes_the_clis_shortcuts_and_overrides_win():
     replaced = TrainConfig.preset("quick", epochs=3, overrides={
         "stages": [{"name": "head", "epochs": 1}, {"name": "all"}]})
     assert [s.epochs for s in replaced.stages] == [1, 3]  # on the stages the overrides give
+    assert TrainConfig.preset("quick", task="3class").data.task == "3class"  # --task
+    with pytest.raises(ConfigError, match="data.task must be one of binary, 3class"):
+        TrainConfig.preset("quick", task="4class")
 
 
 def test_cli_options_map_onto_the_config(tmp_path):

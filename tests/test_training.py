@@ -669,6 +669,11 @@ def test_binary_task_needs_exactly_two_classes_and_pneumonia_is_positive_in_any_
         task_classes("binary", films)
     labels = task_classes("binary", films[:2])
     assert labels == ["Pneumonia", "normal"] and positive_index(labels) == 0
+    subtypes = [Sample(f"{label}.png", label, "train", label)
+                for label in ("NORMAL", "BACTERIA", "VIRUS")]
+    with pytest.raises(DataLayoutError, match=r"or train three classes: --task 3class \(Python: "
+                                              r"overrides=\{'data.task': '3class'\}\)"):
+        task_classes("binary", subtypes)
     assert positive_index(["NORMAL", "PNEUMONIA"]) == 1 and positive_index(["A", "B"]) == 1
     # a negative class named as such: the other label is the finding, wherever it sorts
     assert positive_index(["ABNORMAL", "NORMAL"]) == 0 and positive_index(["TB", "healthy"]) == 0

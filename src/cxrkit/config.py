@@ -201,13 +201,14 @@ class TrainConfig:
     @classmethod
     def preset(cls, name: str = "default", data: str | None = None,
                overrides: dict[str, Any] | None = None, *, epochs: int | None = None,
-               lr: float | None = None, batch_size: int | None = None) -> TrainConfig:
+               lr: float | None = None, batch_size: int | None = None,
+               task: str | None = None) -> TrainConfig:
         """A named recipe: `quick` (one end-to-end epoch of pretrained Lite0, minutes on a CPU),
         `default` (the whole pretrained Lite0 fine-tuned, 8 epochs), `finetune` (a head on
         frozen features, then fine-tuning) or `scratch` (simple_cnn from scratch); `data` is a
         folder, a CSV manifest or "kaggle"; `overrides` as in `updated`; `epochs`, `lr`,
         `batch_size` as in `shortcuts`, on the stages the overrides leave, where the overrides
-        do not name the same field.
+        do not name the same field; `task`: "binary" or "3class" (data.task, `--task`).
 
             TrainConfig.preset("default", data="chest_xray/", epochs=4)
         """
@@ -216,6 +217,8 @@ class TrainConfig:
         config = _PRESETS[name]()
         if data is not None:
             config.data.path = str(data)
+        if task is not None:
+            config.data.task = task
         overrides = overrides or {}
         config = config.updated(overrides)  # a `stages` list given: the shortcuts apply to it
         shortcuts = config.shortcuts(epochs, lr, batch_size)

@@ -69,7 +69,9 @@ def task_classes(task: str, samples: list[Sample]) -> list[str]:
         raise DataLayoutError(
             f"--task binary needs two classes; the training films have {len(labels)}: "
             f"{', '.join(repr(label) for label in sorted(labels))}. Fix the folder names (or "
-            f"the manifest's label column) so that there are exactly two.")
+            f"the manifest's label column) so that there are exactly two"
+            + (", or train three classes: --task 3class (Python: overrides={'data.task': "
+               "'3class'})." if labels == set(SUBTYPES) else "."))
     if task != "3class":
         return sorted(labels)
     if labels != set(SUBTYPES):
@@ -203,7 +205,8 @@ class XrayDataModule(LightningDataModule):
             self._require_readable(split)
         for split, paths in self.unreadable().items():  # every run, not only the cache's first
             log.warning("%d of the %d %s films cannot be read and are skipped, e.g. %s; "
-                        "`cxr data audit` lists each with its reason: delete or re-export them",
+                        "`cxr data audit` (Python: audit_dataset) lists each with its reason: "
+                        "delete or re-export them",
                         len(paths), len(self.samples[split]), split, paths[0])
 
     def unreadable(self) -> dict[str, list[str]]:

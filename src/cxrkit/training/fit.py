@@ -158,7 +158,8 @@ def _run_folder(config: TrainConfig) -> Path:
         folder = runs / config.name
         if rank_zero_only.rank == 0 and (folder / CONFIG).exists():
             raise FileExistsError(f"{folder} already holds a run: continue it with "
-                                  f"`cxr train --resume {folder}`, or choose another --name")
+                                  f"`cxr train --resume {folder}` (Python: train(resume=...)), "
+                                  f"or choose another --name (overrides={{'name': ...}})")
     else:
         stem = f"{datetime.now():%Y%m%d-%H%M%S}-{_file_safe(config.model.name)}"
         folder, n = runs / stem, 2
@@ -459,7 +460,7 @@ class TrainingInterrupted(Exception):
     def __init__(self, folder: Path, signal_name: str):
         self.folder, self.signal_name = folder, signal_name
         super().__init__(f"training interrupted ({signal_name}); continue it with "
-                         f"`cxr train --resume {folder}`")
+                         f"`cxr train --resume {folder}` (Python: train(resume=...))")
 
 
 def train(config: TrainConfig | None = None, resume: str | Path | None = None) -> Path:
