@@ -62,6 +62,11 @@ THRESHOLD_FREE = (("roc_auc", "ROC-AUC"), ("pr_auc", "PR-AUC"), ("brier", "Brier
 NAMES = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy",
          "sensitivity": "Sensitivity", "specificity": "Specificity", "ppv": "PPV (precision)",
          "npv": "NPV", "f1": "F1", "roc_auc": "ROC-AUC"}
+# A multi-class model's threshold-free scores are other quantities than a binary one's.
+MULTICLASS_NAMES = {"roc_auc": "Macro ROC-AUC (one class against the rest, averaged)",
+                    "brier": "Brier score, summed over the classes (0 to 2)",
+                    "ece": f"Top-label ECE (confidence of the most probable class), {N_BINS} "
+                           "equal-width bins (its interval runs high)"}
 SCORES = ("roc_auc", "pr_auc", "brier", "ece")  # shown as decimals; everything else in percent
 HEADLINE = ("accuracy", "roc_auc", "sensitivity", "specificity", "f1")
 # `cxr compare` adds the best specificity any threshold reaches at 97% sensitivity on the
@@ -284,7 +289,7 @@ def metric_rows(evals: list[dict]) -> list[dict]:
                      "cells": [format_metric(key, m.get(key)) for m in evals]})
     for key, name in THRESHOLD_FREE:
         if any(key in m for m in evals):  # no PR-AUC for several classes
-            rows.append({"group": "", "name": name.replace("ROC-AUC", "Macro ROC-AUC"),
+            rows.append({"group": "", "name": MULTICLASS_NAMES.get(key, name),
                          "cells": [format_metric(key, m.get(key)) for m in evals]})
     for key in ("roc_auc", "accuracy", "sensitivity", "specificity", "f1"):
         if any(COLLAPSED in m for m in evals):
@@ -463,10 +468,12 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 ({% for m in members %}<code>{{ m }}/training_curves.png</code>
 {%- if not loop.last %}, {% endif %}{% endfor %}).</p>
 {% else %}<p class="missing">No training_curves.png in the run folder.</p>{% endif %}
-{% if val_metrics %}<p>Validation metrics of the best checkpoint (val_metrics.json). Accuracy,
- sensitivity, specificity and F1 there are at probability 0.5 of the raw model, before
- <code>cxr evaluate</code> chooses a threshold on validation (the Metrics below use that one);
- with class weights or mixup they can look poor beside a high ROC-AUC.</p>
+{% if val_metrics %}<p>Validation metrics of the best checkpoint (val_metrics.json).
+{% if positive %} Accuracy, sensitivity, specificity and F1 there are at probability 0.5 of the
+ raw model, before <code>cxr evaluate</code> chooses a threshold on validation (the Metrics
+ below use that one); with class weights or mixup they can look poor beside a high
+ ROC-AUC.{% else %} Each film is called its most probable class; sensitivity, specificity and
+ F1 are averaged over the classes.{% endif %}</p>
 <table>{% for name, text in val_metrics %}<tr><td class="name">{{ name }}</td><td>{{ text }}</td>
 </tr>{% endfor %}</table>{% endif %}
 {% if config_text %}<details><summary>config.yaml</summary><pre>{{ config_text }}</pre></details>
@@ -603,20 +610,27 @@ VAL_ROWS = {"accuracy": "Accuracy at P = 0.5", "sensitivity": "Sensitivity at P 
             "specificity": "Specificity at P = 0.5", "f1": "F1 at P = 0.5",
             "roc_auc": "ROC-AUC", "loss": "Loss", "images": "Validation films",
             "best_stage": "Kept: stage", "best_epoch": "Kept: epoch", "monitor": "Kept by"}
+VAL_ROWS_MULTICLASS = VAL_ROWS | {
+    "accuracy": "Accuracy (the most probable class)",
+    "sensitivity": "Sensitivity, macro (the most probable class)",
+    "specificity": "Specificity, macro (the most probable class)",
+    "f1": "F1, macro (the most probable class)", "roc_auc": "Macro ROC-AUC"}
 VAL_BOOKKEEPING = {"best_global_step", "unreadable"}
 
 
-def val_rows(values: dict) -> list[tuple[str, str]]:
-    """(name, text) per scalar of val_metrics.json, known fields named and formatted."""
+def val_rows(values: dict, binary: bool = True) -> list[tuple[str, str]]:
+    """(name, text) per scalar of val_metrics.json, known fields named and formatted (a
+    multi-class run's rates are macro averages of its most probable class, no threshold)."""
+    names = VAL_ROWS if binary else VAL_ROWS_MULTICLASS
     rows = []
     for key, value in values.items():
         if isinstance(value, dict | list) or key in VAL_BOOKKEEPING:
             continue
-        if key in VAL_ROWS and key in RATES and isinstance(value, float):
+        if key in names and key in RATES and isinstance(value, float):
             text = f"{100 * value:.1f}%"
         else:
             text = f"{value:.4f}" if isinstance(value, float) else str(value)
-        rows.append((VAL_ROWS.get(key, key), text))
+        rows.append((names.get(key, key), text))
     return rows
 
 
@@ -688,7 +702,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
         audit=_find_audit(run, _data_path(config), audit), split=split,
         curves=_b64_png(_training_curves(run)),
         members=val_metrics.get("members", []),
-        val_metrics=val_rows(val_metrics),
+        val_metrics=val_rows(val_metrics, binary=len(spec.labels) == 2),
         config_text=yaml.safe_dump(config, sort_keys=False) if config else "",
         evals=evals, rows=metric_rows(evals) if evals else [],
         calibration=calibration, adaptation=adaptation,
