@@ -174,6 +174,9 @@ def test_one_export_folder_holds_one_model_and_one_current_sidecar(trained_run, 
                                          r"folder \(--out\), or delete .*model.onnx first"):
         export_model(other, format="torchscript", out=run / "export")
     assert json.loads((run / "export" / "model.json").read_text()) == sidecar  # untouched
+    (run / "export" / "model.pt").write_bytes(b"not a TorchScript archive")  # any other file
+    with pytest.raises(ValueError, match="model.pt holds other weights"):
+        export_model(run, out=run / "export")
 
 
 def test_onnx_on_a_run_follows_its_calibration_after_the_export(lite0_export, tmp_path,

@@ -101,13 +101,17 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def embedded_sidecar(path: Path) -> dict:
-    """The sidecar a model file carries ({} when none: an export by an older cxrkit)."""
-    if path.suffix == ".onnx":
-        props = onnx.load(str(path), load_external_data=False).metadata_props
-        return {p.key: json.loads(p.value) for p in props}
-    with zipfile.ZipFile(path) as archive:  # TorchScript: a zip with extra/<name> entries
-        names = [n for n in archive.namelist() if n.endswith(f"/extra/{SIDECAR}")]
-        return json.loads(archive.read(names[0])) if names else {}
+    """The sidecar a model file carries ({} when none: an export by an older cxrkit, another
+    tool's file, or one that does not parse)."""
+    try:
+        if path.suffix == ".onnx":
+            props = onnx.load(str(path), load_external_data=False).metadata_props
+            return {p.key: json.loads(p.value) for p in props}
+        with zipfile.ZipFile(path) as archive:  # TorchScript: a zip with extra/<name> entries
+            names = [n for n in archive.namelist() if n.endswith(f"/extra/{SIDECAR}")]
+            return json.loads(archive.read(names[0])) if names else {}
+    except Exception:  # protobuf, zip or JSON errors alike: no sidecar of ours to read
+        return {}
 
 
 def refuse_other_weights(path: Path, digest: str) -> None:
