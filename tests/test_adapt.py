@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import pytest
 import torch
 
 from cxrkit.adapt import adapt_batchnorm, adapt_run, target_images
@@ -27,7 +28,8 @@ def test_adapted_statistics_are_the_target_statistics(tmp_path):
     assert len(paths) == 12
     model = create_model("simple_cnn", labels=["NORMAL", "PNEUMONIA"])
     before = model.backbone.blocks[0][1].running_mean.clone()
-    adapted = adapt_batchnorm(model, paths, batch_size=4, device="cpu")  # equal batches
+    adapted, read = adapt_batchnorm(model, paths, batch_size=4, device="cpu")  # equal batches
+    assert read == len(paths)
     bn = adapted.backbone.blocks[0][1]
     with torch.no_grad():
         expected = _first_bn_input_mean(adapted, paths)
@@ -70,9 +72,9 @@ def test_adapting_a_frozen_backbone_run_warns(tmp_path, caplog):
     assert "frozen-backbone stage 'head'" in caplog.text
     assert "ImageNet" in json.loads((out / "adaptation.json").read_text())["warning"]
     (run / "val_metrics.json").write_text(json.dumps({"best_stage": "finetune"}))
-    warning = json.loads((adapt_run(run, target, "test") / "adaptation.json").read_text())[
-        "warning"]
-    assert "ImageNet" not in warning and "only 4 target image(s)" in warning  # a tiny site
+    again = adapt_run(run, target, "test", out=tmp_path / "again")
+    warning = json.loads((again / "adaptation.json").read_text())["warning"]
+    assert "ImageNet" not in warning and "only 4 target film(s) read" in warning  # a tiny site
 
 
 def test_adapting_on_a_few_films_warns_and_enough_do_not(tmp_path, caplog, monkeypatch):
@@ -80,11 +82,37 @@ def test_adapting_on_a_few_films_warns_and_enough_do_not(tmp_path, caplog, monke
     save_model(create_model("simple_cnn", labels=["NORMAL", "PNEUMONIA"]), run)
     target = make_kaggle_tree(tmp_path / "site", {"test": 4})
     out = adapt_run(run, target, split="test")
-    assert "only 8 target image(s)" in caplog.text
+    assert "only 8 target film(s) read" in caplog.text
     assert "fewer than 100 films" in json.loads((out / "adaptation.json").read_text())["warning"]
     monkeypatch.setattr("cxrkit.adapt.MIN_TARGET_IMAGES", 8)
-    assert json.loads((adapt_run(run, target, "test") / "adaptation.json").read_text())[
-        "warning"] is None
+    again = adapt_run(run, target, "test", out=tmp_path / "again")
+    assert json.loads((again / "adaptation.json").read_text())["warning"] is None
+
+
+def test_adapt_never_overwrites_a_run_nor_adapts_on_films_it_cannot_read(tmp_path, caplog):
+    run = tmp_path / "run"
+    save_model(create_model("simple_cnn", labels=["NORMAL", "PNEUMONIA"]), run)
+    weights = (run / "model.safetensors").read_bytes()
+    target = make_kaggle_tree(tmp_path / "site", {"train": 2, "test": 2})
+    for out in (run, adapt_run(run, target, "test")):  # the source run, an earlier adaptation
+        with pytest.raises(FileExistsError, match="already holds a run: .* give another --out"):
+            adapt_run(run, target, "test", out=out)
+    assert (run / "model.safetensors").read_bytes() == weights
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    for i in range(3):
+        (fake / f"film{i}.jpeg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=r"none of the 3 files to adapt on can be read as a "
+                                         r"film \(e.g. .*film0.jpeg"):
+        adapt_run(run, fake, split=None, out=tmp_path / "from_fake")
+    assert not (tmp_path / "from_fake").exists()
+    with pytest.raises(ValueError, match="has the splits train, test, no 'val'"):
+        adapt_run(run, target, split="val", out=tmp_path / "from_val")
+    shutil.copy(target / "test" / "NORMAL" / next(iter(sorted(
+        p.name for p in (target / "test" / "NORMAL").iterdir()))), fake / "real.jpeg")
+    out = adapt_run(run, fake, split=None, out=tmp_path / "one_real")
+    assert json.loads((out / "adaptation.json").read_text())["n_images"] == 1
+    assert "3 of the 4 files could not be read and were left out" in caplog.text
 
 
 def test_adapting_an_ensemble_judges_its_members(tmp_path, caplog):

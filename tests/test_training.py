@@ -275,7 +275,7 @@ def test_norm_stats_train_starts_from_the_training_films_statistics(tiny_kaggle,
     fresh = build_model(config, ["NORMAL", "PNEUMONIA"])
     train_paths = [s.path for s in read_manifest(run / "split.csv") if s.split == "train"]
     # on the device the run used: a GPU's TF32 convolutions differ from the CPU's at 1e-3
-    expected = adapt_batchnorm(copy.deepcopy(fresh), train_paths, 8).state_dict()
+    expected = adapt_batchnorm(copy.deepcopy(fresh), train_paths, 8)[0].state_dict()
     trained = load_model(run).state_dict()
     stats = [k for k in expected if k.startswith("backbone.") and "running_" in k]
     assert stats

@@ -27,7 +27,7 @@ from cxrkit.data.kaggle import resolve_data
 from cxrkit.data.layout import DataLayoutError, images_under, load_source
 from cxrkit.inference import file_batches, resolve_device
 from cxrkit.models import Classifier
-from cxrkit.runs import load_model, model_folder, save_model
+from cxrkit.runs import MODEL_WEIGHTS, load_model, model_folder, save_model
 
 log = logging.getLogger(__name__)
 
@@ -41,25 +41,42 @@ def target_images(data: str | Path, split: str | None = "test") -> list[str]:
         source = load_source(data)
     except DataLayoutError:
         return [str(p) for p in images_under(Path(data))]
-    samples = source.split(split) if split and split in source.splits else source.samples
+    named = [name for name in source.splits if name]
+    if split and named and split not in named:  # never every film, test films included
+        raise ValueError(f"{data} has the splits {', '.join(named)}, no {split!r}: choose one "
+                         f"of them (--split)")
+    samples = source.split(split) if split and split in named else source.samples
     return [s.path for s in samples]
 
 
 def _image_batches(model: Classifier, paths: list[str], batch_size: int,
-                   device: torch.device) -> Iterator[torch.Tensor]:
-    for x, *_ in file_batches(model.spec, paths, batch_size):
+                   device: torch.device, read: list[int],
+                   unreadable: list[str]) -> Iterator[torch.Tensor]:
+    """The films of `paths` as batches; counts those read into `read` and names those not."""
+    for x, _, failed, *_ in file_batches(model.spec, paths, batch_size):
+        unreadable += [f"{paths[i]} ({reason})" for i, reason in failed]
         if x is not None:
+            read[0] += len(x)
             yield x.to(device).contiguous(memory_format=torch.channels_last)
 
 
 def adapt_batchnorm(model: Classifier, paths: list[str], batch_size: int = 32,
-                    device: torch.device | str | None = None) -> Classifier:
-    """Replace every BatchNorm's running mean/var with their average over `paths`."""
+                    device: torch.device | str | None = None) -> tuple[Classifier, int]:
+    """Replace every BatchNorm's running mean/var with their average over the films of
+    `paths` that can be read; returns the model and how many films that was. None readable:
+    a ValueError naming one (the model given has lost its statistics by then: adapt a copy,
+    as `adapt_run` does)."""
     device = resolve_device(device)
     model = model.to(device, memory_format=torch.channels_last)
+    read, unreadable = [0], []
     # update_bn resets the statistics and averages them over all batches (momentum=None).
-    update_bn(_image_batches(model, paths, batch_size, device), model, device=device)
-    return model.eval().cpu()
+    update_bn(_image_batches(model, paths, batch_size, device, read, unreadable), model,
+              device=device)
+    if not read[0]:
+        raise ValueError(f"none of the {len(paths)} files to adapt on can be read as a film "
+                         f"(e.g. {unreadable[0] if unreadable else paths[0]}): nothing to "
+                         "re-estimate BatchNorm statistics on")
+    return model.eval().cpu(), read[0]
 
 
 def frozen_backbone_warning(run: Path) -> str | None:
@@ -127,30 +144,37 @@ def adapt_run(run: str | Path, data: str | Path, split: str | None = "test",
     """Adapt a trained run to the unlabelled images of `data`; returns the new run folder."""
     run = model_folder(run)
     data = resolve_data(data)  # "kaggle": recorded as the folder it stands for
+    out = Path(out) if out else run.with_name(f"{run.name}-adapted")
+    if (out / MODEL_WEIGHTS).exists() or (out / "config.yaml").exists():
+        raise FileExistsError(f"{out} already holds a run: adapting into it would replace its "
+                              "model under its evaluations and calibration; give another --out "
+                              "(Python: out=...)")
     paths = target_images(data, split)
     if not paths:
         raise ValueError(f"no images to adapt on in {data} (split {split!r})")
+    model, n_read = adapt_batchnorm(load_model(run), paths, batch_size)
     warnings = [frozen_backbone_warning(run)]
-    if len(paths) < MIN_TARGET_IMAGES:
-        warnings.append(f"only {len(paths)} target image(s): BatchNorm statistics from fewer "
+    if n_read < MIN_TARGET_IMAGES:
+        warnings.append(f"only {n_read} target film(s) read: BatchNorm statistics from fewer "
                         f"than {MIN_TARGET_IMAGES} films are noisy and can shift every "
                         "prediction; adapt on a few hundred of the new site's films")
+    if n_read < len(paths):
+        warnings.append(f"{len(paths) - n_read} of the {len(paths)} files could not be read "
+                        "and were left out")
     warning = " ".join(filter(None, warnings)) or None
     if warning:
         log.warning(warning)
-    out = Path(out) if out else run.with_name(f"{run.name}-adapted")
     out.mkdir(parents=True, exist_ok=True)
-    model = adapt_batchnorm(load_model(run), paths, batch_size)
     save_model(model, out)
     for name in COPIED_FILES:
-        if (run / name).is_file() and out.resolve() != run.resolve():
+        if (run / name).is_file():
             shutil.copy2(run / name, out / name)
     (out / ADAPTATION).write_text(json.dumps({
         "method": "batchnorm statistics re-estimated on unlabelled target images (AdaBN)",
         "source_run": str(run),
         "target_data": str(data),
         "target_split": split,
-        "n_images": len(paths),
+        "n_images": n_read,
         "labels_used": False,
         "warning": warning,
     }, indent=2))
