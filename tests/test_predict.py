@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -357,3 +358,36 @@ def test_a_device_this_machine_lacks_is_refused_with_the_choices(run, films):
     missing = "mps" if torch.cuda.is_available() else "cuda"
     with pytest.raises(ValueError, match=rf"device '{missing}': this machine has none; use cpu"):
         Predictor.load(run, device=missing)
+
+
+def test_a_half_written_or_damaged_run_is_named_with_the_fix(trained_run, tmp_path):
+    def broken(name: str, change) -> Path:
+        run = shutil.copytree(trained_run, tmp_path / name)
+        change(run)
+        return run
+
+    def interrupted(run: Path) -> None:  # what `cxr train` writes before the model
+        (run / "config.yaml").write_text("model: {name: simple_cnn}\n")
+        (run / "model.safetensors").unlink()
+
+    unfinished = broken("unfinished", interrupted)
+    with pytest.raises(FileNotFoundError, match=r"unfinished is a training run that has not "
+                                                r"finished \(interrupted\?\).*--resume"):
+        Predictor.load(unfinished, device="cpu")
+    truncated = broken("truncated", lambda run: (run / "model.safetensors").write_bytes(
+        (trained_run / "model.safetensors").read_bytes()[:100]))
+    with pytest.raises(ValueError, match=r"truncated/model.safetensors is damaged"):
+        Predictor.load(truncated, device="cpu")
+    spec = json.loads((trained_run / "model.json").read_text())
+    no_mean = broken("no_mean", lambda run: (run / "model.json").write_text(
+        json.dumps({k: v for k, v in spec.items() if k != "mean"})))
+    with pytest.raises(ValueError, match=r"no_mean/model.json is damaged \(KeyError"):
+        Predictor.load(no_mean, device="cpu")
+    for name, text in (("not_json", "{threshold: "), ("text_threshold", json.dumps(
+            {"threshold": "abc", "temperature": 1.0}))):
+        run = broken(name, lambda run, text=text: (run / "calibration.json").write_text(text))
+        with pytest.raises(ValueError, match=rf"{name}/calibration.json is damaged .* run "
+                                             r"`cxr evaluate`"):
+            Predictor.load(run, device="cpu")
+    result = CliRunner().invoke(app, ["predict", str(unfinished), str(tmp_path)])
+    assert result.exit_code == 2 and "has not finished" in result.output

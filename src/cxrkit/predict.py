@@ -43,6 +43,7 @@ from cxrkit.runs import (
     load_model,
     model_folder,
     positive_label,
+    refuse_unfinished,
 )
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ class Predictor:
         folder = path.parent if path.is_file() else path
         is_run, is_export = (folder / MODEL_WEIGHTS).is_file(), is_onnx_export(folder)
         if not is_run and not is_export:
+            refuse_unfinished(folder)
             raise FileNotFoundError(
                 f"{path} is neither a cxrkit run nor an ONNX export: expected {MODEL_WEIGHTS} "
                 f"(a run from `cxr train`) or {FILE_NAMES['onnx']} + model.json (from "

@@ -94,6 +94,7 @@ def model_folder(path: str | Path) -> Path:
     path = Path(path)
     folder = path.parent if path.is_file() else path
     if not (folder / MODEL_WEIGHTS).is_file() or not (folder / MODEL_SPEC).is_file():
+        refuse_unfinished(folder)
         raise FileNotFoundError(
             f"{path} is not a cxrkit run: expected {MODEL_WEIGHTS} and {MODEL_SPEC} in "
             f"{folder}. Train one with `cxr train`, or pass the folder `cxr train` printed."
@@ -101,16 +102,45 @@ def model_folder(path: str | Path) -> Path:
     return folder
 
 
+def refuse_unfinished(folder: Path) -> None:
+    """A training run without its model yet (interrupted, or still training) is said to be
+    one, with the way to finish it."""
+    if (folder / "config.yaml").is_file() and (folder / "split.csv").is_file():
+        raise FileNotFoundError(
+            f"{folder} is a training run that has not finished (interrupted?): it has no "
+            f"{MODEL_WEIGHTS} yet. Continue it with `cxr train --resume {folder}` (Python: "
+            f"train(resume=...)); `cxr run --resume` also evaluates and reports it.")
+
+
+def _damaged(file: Path, error: Exception) -> ValueError:
+    return ValueError(f"{file} is damaged ({type(error).__name__}: {error}): restore it from a "
+                      "copy, or train the run again")
+
+
+def _model_description(folder: Path) -> dict:
+    file = folder / MODEL_SPEC
+    try:
+        described = json.loads(file.read_text())
+        ModelSpec.from_dict(described)  # every field a model needs is there
+    except (ValueError, KeyError, TypeError) as e:
+        raise _damaged(file, e) from None
+    return described
+
+
 def load_spec(path: str | Path) -> ModelSpec:
     """A run's ModelSpec (input size, mean, std, labels, ...) without loading its weights."""
-    return ModelSpec.from_dict(json.loads((model_folder(path) / MODEL_SPEC).read_text()))
+    return ModelSpec.from_dict(_model_description(model_folder(path)))
 
 
 def load_model(path: str | Path) -> Classifier | Ensemble:
     """The trained classifier of a run (safetensors: no pickle is ever loaded), in eval mode."""
     folder = model_folder(path)
-    model = model_from_description(json.loads((folder / MODEL_SPEC).read_text()))
-    model.load_state_dict(load_file(str(folder / MODEL_WEIGHTS)))
+    model = model_from_description(_model_description(folder))
+    try:
+        weights = load_file(str(folder / MODEL_WEIGHTS))
+    except Exception as e:  # safetensors raises its own error type for a truncated file
+        raise _damaged(folder / MODEL_WEIGHTS, e) from None
+    model.load_state_dict(weights)
     return model.eval()
 
 
@@ -120,7 +150,17 @@ def read_calibration(path: str | Path) -> Calibration:
     file = model_folder(path) / CALIBRATION
     if not file.is_file():
         return Calibration()
-    return Calibration(**json.loads(file.read_text()))
+    try:
+        calibration = Calibration(**json.loads(file.read_text()))
+        numbers = [calibration.threshold, calibration.temperature, *calibration.bias]
+        if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in numbers):
+            raise TypeError("threshold, temperature and bias must be numbers")
+        if not 0 <= calibration.threshold <= 1 or calibration.temperature <= 0:
+            raise ValueError("a threshold in 0..1 and a temperature above 0 are needed")
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{file} is damaged ({type(e).__name__}: {e}): delete it and run "
+                         f"`cxr evaluate` (Python: evaluate_run) to choose them again") from None
+    return calibration
 
 
 def deployed_calibration(path: str | Path) -> Calibration:
