@@ -180,8 +180,11 @@ def _from_manifest(csv_path: Path, parse: PatientIdParser) -> DataSource:
             f"{'' if rows or not found else ' and no rows'}.\n{EXPECTED_LAYOUTS}"
         )
     samples = []
-    for row in rows:
-        given = Path(row["path"])
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        if row["label"] is None or not (row["path"] or "").strip():  # a short or blank row
+            raise DataLayoutError(f"{csv_path}, line {line}: every row needs a path and a "
+                                  f"label (this one reads {dict(row)}); fix or delete it")
+        given = Path(row["path"].strip())
         path = given if given.is_absolute() else csv_path.parent / given
         patient = (row.get("patient_id") or "").strip() or parse(given)
         samples.append(Sample(str(path), row["label"].strip(), (row.get("split") or "").strip(),
