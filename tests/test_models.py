@@ -122,8 +122,24 @@ def test_a_bare_backbone_state_dict_loads_into_the_backbone(tmp_path):
 def test_a_pickled_object_is_refused(tmp_path):
     """weights_only=True: a file holding arbitrary objects is never unpickled."""
     torch.save({"state_dict": {"x": torch.zeros(1)}, "evil": object()}, tmp_path / "bad.pt")
-    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+    with pytest.raises(ConfigError, match=r"bad.pt: not weights cxrkit can load safely "
+                                          r"\(UnpicklingError\): give a .safetensors file"):
         create_model("simple_cnn", weights=tmp_path / "bad.pt")
+
+
+def test_weights_from_a_runs_checkpoint_and_the_wrong_ones_are_said(tmp_path):
+    source = create_model("simple_cnn", labels=["NORMAL", "PNEUMONIA"]).eval()
+    checkpoint = {"state_dict": {f"model.{k}": v for k, v in source.state_dict().items()},
+                  "epoch": 3}  # how Lightning stores a cxrkit run's module (RUN/best.ckpt)
+    torch.save(checkpoint, tmp_path / "best.ckpt")
+    loaded = create_model("simple_cnn", weights=tmp_path / "best.ckpt").eval()
+    x = torch.randn(2, 1, 48, 48)
+    torch.testing.assert_close(loaded(x), source(x))
+    with pytest.raises(ConfigError, match=r"best.ckpt does not fit timm:resnet18 with 2 "
+                                          r"classes: .* \(--model must be the architecture"):
+        create_model("timm:resnet18", pretrained=False, weights=tmp_path / "best.ckpt")
+    with pytest.raises(ConfigError, match=r"--weights .*nothing.pt: no such file"):
+        create_model("simple_cnn", weights=tmp_path / "nothing.pt")
 
 
 def test_saved_run_model_reloads_with_its_spec(tmp_path):

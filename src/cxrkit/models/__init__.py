@@ -232,25 +232,41 @@ def _timm_backbone(arch: str, pretrained: bool) -> Backbone:
 
 
 def _load_weights_file(model: Classifier, path: str | Path) -> None:
-    """Load safetensors or a plain state dict (never an arbitrary pickle)."""
+    """Load safetensors or a plain state dict (never an arbitrary pickle); a Lightning
+    checkpoint of a cxrkit run (RUN/best.ckpt) works too."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    if not path.is_file():
+        raise ConfigError(f"--weights {path}: no such file (a run's model.safetensors, or a "
+                          "state dict saved with torch.save)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-    if any(k.startswith("backbone.") for k in state):
-        model.load_state_dict(state)
-        return
-    # A bare backbone state dict (e.g. timm weights): drop its own classifier.
-    backbone_keys = set(model.backbone.state_dict())
-    missing = backbone_keys - set(state)
-    if missing:
-        raise ValueError(f"{path} does not fit this backbone: {len(missing)} weights missing, "
-                         f"e.g. {sorted(missing)[:3]}")
-    model.backbone.load_state_dict({k: v for k, v in state.items() if k in backbone_keys})
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state)
+    except Exception as e:  # a pickle with code in it, a damaged file, not weights at all
+        raise ConfigError(f"--weights {path}: not weights cxrkit can load safely "
+                          f"({type(e).__name__}): give a .safetensors file (a run's "
+                          f"model.safetensors) or a plain state dict") from None
+    if any(k.startswith("model.backbone.") for k in state):  # a cxrkit Lightning checkpoint
+        state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    try:
+        if any(k.startswith("backbone.") for k in state):
+            model.load_state_dict(state)
+            return
+        # A bare backbone state dict (e.g. timm weights): drop its own classifier.
+        backbone_keys = set(model.backbone.state_dict())
+        missing = backbone_keys - set(state)
+        if missing:
+            raise ConfigError(f"--weights {path} does not fit this backbone: {len(missing)} "
+                              f"weights missing, e.g. {sorted(missing)[:3]}")
+        model.backbone.load_state_dict({k: v for k, v in state.items() if k in backbone_keys})
+    except RuntimeError as e:  # names or shapes of another architecture or class count
+        raise ConfigError(f"--weights {path} does not fit {model.spec.name} with "
+                          f"{model.spec.num_classes} classes: {str(e).splitlines()[0]} (--model "
+                          "must be the architecture the weights were trained as)") from None
 
 
 def create_model(
