@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import shutil
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,7 +14,9 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
+from typer.testing import CliRunner
 
+from cxrkit.cli import app
 from cxrkit.export import export_onnx, sidecar_entries, write_sidecar
 from cxrkit.predict import predict
 from cxrkit.runs import Calibration, load_model
@@ -227,3 +230,14 @@ def test_two_films_in_one_request_are_refused(server, films):
     assert response.status_code == 422
     assert "2 files were sent in the field 'file'; send one per request" in (
         response.json()["detail"])
+
+
+def test_serving_on_a_port_in_use_is_refused_before_any_address_is_shown(trained_run):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", str(trained_run), "--port", str(port)])
+    assert result.exit_code == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.output
+    assert "choose another --port" in result.output and "open http" not in result.output

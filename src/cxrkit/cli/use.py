@@ -4,6 +4,7 @@ cxrkit.export and cxrkit.serve, imported inside each command: see cxrkit.cli.eva
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from collections import Counter
@@ -178,6 +179,23 @@ def serve_command(
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach this "
                       "machine can send images; there is no authentication.")
+    if problem := port_problem(host, port):
+        fail(problem)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # "all interfaces": not a URL
     console.print(f"open http://{shown}:{port}/ (API docs at /docs); Ctrl+C stops")
     uvicorn.run(web_app, host=host, port=port, log_level="info")
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why `cxr serve` could not listen on host:port (None: it can), said before the page's
+    address is printed: a port in use would show another server's page."""
+    try:
+        [(family, kind, proto, _, address), *_] = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM)
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            probe.bind(address)
+    except OSError as e:
+        return (f"cannot listen on {host}:{port} ({e.strerror or e}): another server may be "
+                f"using it; choose another --port (or stop that server)")
+    return None
