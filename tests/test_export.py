@@ -135,6 +135,10 @@ def test_an_old_opset_is_honoured_or_refused_and_out_is_a_folder(trained_run, tm
     assert {o.domain: o.version for o in onnx.load(str(path)).opset_import}[""] == 16
     with pytest.raises(ValueError, match="ONNX opset 1: the exporter wrote an invalid model"):
         export_model(trained_run, out=tmp_path / "op1", opset=1)
+    for opset in (3, 99):  # too old for an operator; newer than the exporter writes
+        with pytest.raises(ValueError, match=f"ONNX opset {opset}.*leave --opset out"):
+            export_model(trained_run, out=tmp_path / f"op{opset}", opset=opset)
+        assert not list((tmp_path / f"op{opset}").iterdir())  # nothing half written
     with pytest.raises(ValueError, match=r"give a folder.*--out .*/mine\)"):
         export_model(trained_run, out=tmp_path / "mine.onnx")
 

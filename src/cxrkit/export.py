@@ -80,14 +80,21 @@ def export_model(run: str | Path, format: str = "onnx", out: str | Path | None =
         refuse_other_weights(other, sidecar["weights_sha256"])
     out.mkdir(parents=True, exist_ok=True)
     path = out / FILE_NAMES[format]
-    if format == "onnx":
-        export_onnx(model, path, opset)
-    else:
-        export_torchscript(model, path)
+    # Written beside, then moved into place: a failed export leaves the folder as it was.
+    partial = path.with_name(f"partial-{path.name}")
+    try:
+        if format == "onnx":
+            export_onnx(model, partial, opset)
+        else:
+            export_torchscript(model, partial)
+        embed_sidecar(partial, sidecar)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
     write_sidecar(out, sidecar)
-    for file in (path, *others):  # the other format's file, if any, gets today's sidecar too
-        if file.is_file():
-            embed_sidecar(file, sidecar)
+    for other in others:  # the other format's file, if any, gets today's sidecar too
+        if other.is_file():
+            embed_sidecar(other, sidecar)
     return path
 
 
@@ -170,9 +177,16 @@ def export_onnx(model: Classifier, path: str | Path, opset: int | None = None,
                         type(e).__name__, e)
             dynamo = False
     if not dynamo:
-        torch.onnx.export(model, (example,), str(path), dynamo=False,
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                          **names)
+        try:
+            torch.onnx.export(model, (example,), str(path), dynamo=False,
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                              **names)
+        except Exception as e:  # an opset too old (or too new) for some operator
+            if opset is None:
+                raise
+            raise ValueError(f"ONNX opset {opset}: the exporter cannot write this model at it "
+                             f"({type(e).__name__}: {str(e).splitlines()[0]}); choose another "
+                             "opset, or leave --opset out") from None
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as e:
