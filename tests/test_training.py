@@ -637,6 +637,10 @@ def test_trainer_settings_lightning_refuses_are_config_errors(tiny_kaggle, tmp_p
     with pytest.raises(ConfigError, match="Lightning refuses the trainer settings.*bogus"):
         train(config)
     assert not (tmp_path / "runs" / "x").exists()
+    tpu = tiny_config(tiny_kaggle, tmp_path, **{"trainer.accelerator": "tpu", "name": "y"})
+    with pytest.raises(ConfigError, match="Lightning refuses the trainer settings.*accelerator "
+                                          "tpu"):  # its package (torch_xla) is not installed
+        train(tpu)
 
 
 def test_lr_find_refuses_a_stage_the_config_lacks(tmp_path):

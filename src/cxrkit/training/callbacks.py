@@ -363,7 +363,8 @@ def make_trainer(run: Path, stage: StageConfig, trainer: TrainerConfig,
         options["plugins"] = [AtomicCheckpointIO()]
     try:
         return Trainer(**{**options, **overrides})
-    except (MisconfigurationException, ValueError) as e:  # e.g. an unknown strategy, no GPU
+    # e.g. an unknown strategy, no GPU, an accelerator whose package is missing (tpu: torch_xla)
+    except (MisconfigurationException, ValueError, ImportError) as e:
         raise ConfigError(f"Lightning refuses the trainer settings (trainer.accelerator "
                           f"{trainer.accelerator}, devices {trainer.devices}, strategy "
                           f"{trainer.strategy}, precision {trainer.precision}): {e}") from e
