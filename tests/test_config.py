@@ -165,3 +165,10 @@ def test_cli_options_map_onto_the_config(tmp_path):
     assert config.data.batch_size == 16 and all(s.batch_size == 16 for s in config.stages)
     assert config.model.name == "simple_cnn" and config.optim.schedule == "constant"
     assert config.trainer.precision == "auto"  # not given: the preset's
+
+
+def test_a_config_file_that_is_not_text_is_a_config_error(tmp_path):
+    binary = tmp_path / "model.safetensors"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match="cannot read config .*model.safetensors as YAML text"):
+        TrainConfig.load(binary)

@@ -391,3 +391,12 @@ def test_a_half_written_or_damaged_run_is_named_with_the_fix(trained_run, tmp_pa
             Predictor.load(run, device="cpu")
     result = CliRunner().invoke(app, ["predict", str(unfinished), str(tmp_path)])
     assert result.exit_code == 2 and "has not finished" in result.output
+
+
+def test_a_cam_folder_that_is_a_file_is_refused_before_predicting(trained_run, tmp_path):
+    film = tmp_path / "film.png"
+    synthetic_film("NORMAL", 1).save(film)
+    (tmp_path / "cams").write_text("a file")
+    with pytest.raises(ValueError, match=r"--cam .*cams is a file: Grad-CAM overlays go into a "
+                                         r"folder"):
+        predict(trained_run, [film], cam_dir=tmp_path / "cams", device="cpu")

@@ -606,11 +606,13 @@ def test_lr_find_runs_its_steps_past_the_stages_epochs(tiny_kaggle, tmp_path):
     """A one-epoch stage of a few batches: the range test still takes all its steps."""
     result = CliRunner().invoke(app, [
         "lr-find", "--data", str(tiny_kaggle), "--preset", "scratch", "--out",
-        str(tmp_path / "lr.png"), "--num-training", "20", "--batch-size", "8",
+        str(tmp_path), "--num-training", "20", "--batch-size", "8",
         *[f"--set={k}={v}" for k, v in TINY.items()], "--set=stages.0.epochs=1",
         f"--set=data.cache_dir={tmp_path / 'cache'}"])
     assert result.exit_code == 0, result.output
     assert "stopped early" not in result.output
+    plot = tmp_path / "lr_find.png"  # --out a folder: the plot goes in it, and is named
+    assert plot.is_file() and str(plot) in "".join(result.output.split())
 
 
 def test_unreadable_films_are_listed_in_the_run_and_said_every_run(tmp_path, caplog):

@@ -258,8 +258,8 @@ class TrainConfig:
         path = Path(path)
         try:
             values = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot read config {path}: {e}") from e
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:  # also a binary file
+            raise ConfigError(f"cannot read config {path} as YAML text: {e}") from e
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of config sections, e.g. `optim: ...`")
         try:

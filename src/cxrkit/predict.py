@@ -286,6 +286,9 @@ def predict(model_path: str | Path, paths: Film | Iterable[Film],
         if any(not isinstance(film, str) for film in films):
             raise ValueError("Grad-CAM overlays are written for files: save the images first, "
                              "or call `cxrkit.explain.gradcam` on them")
+        if Path(cam_dir).exists() and not Path(cam_dir).is_dir():
+            raise ValueError(f"--cam {cam_dir} is a file: Grad-CAM overlays go into a folder; "
+                             "give a folder's name (Python: cam_dir=...)")
     predictions = predictor.predict(films, batch_size, threshold, num_workers)
     if cam_dir is not None:
         predictor.write_cams(predictions, cam_dir, batch_size)

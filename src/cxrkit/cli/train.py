@@ -219,7 +219,8 @@ def lr_find(
     num_workers: int | None = WORKERS,
     cache: bool | None = CACHE,
     stage: int = typer.Option(0, "--stage", help="Index of the stage to test (0: the first)."),
-    num_training: int = typer.Option(100, "--num-training", help="Steps of the range test."),
+    num_training: int = typer.Option(100, "--num-training", min=2,
+                                     help="Steps of the range test."),
     out: Path = typer.Option(Path("lr_find.png"), "--out", help="Where the plot goes."),
     set_: list[str] = SET,
 ) -> None:
@@ -234,6 +235,10 @@ def lr_find(
                "model.pretrained": pretrained, "data.task": task, "data.batch_size": batch_size,
                "seed": seed, "data.max_train_images": max_train_images,
                "data.num_workers": num_workers, "data.cache": cache}
+    if out.is_dir():  # a folder: the plot goes in it
+        out = out / "lr_find.png"
+    elif not out.suffix:  # matplotlib would add .png: say the name it writes
+        out = out.with_suffix(".png")
     try:
         cfg = build_config(data, preset, config, options, set_)
         suggestion = find_lr(cfg, stage, out, num_training)

@@ -158,8 +158,9 @@ def _run_folder(config: TrainConfig) -> Path:
         folder = runs / config.name
         if rank_zero_only.rank == 0 and (folder / CONFIG).exists():
             raise FileExistsError(f"{folder} already holds a run: continue it with "
-                                  f"`cxr train --resume {folder}` (Python: train(resume=...)), "
-                                  f"or choose another --name (overrides={{'name': ...}})")
+                                  f"`cxr train --resume {folder}` (`cxr run --resume` also "
+                                  f"evaluates and reports it; Python: train(resume=...)), or "
+                                  f"choose another --name (overrides={{'name': ...}})")
     else:
         stem = f"{datetime.now():%Y%m%d-%H%M%S}-{_file_safe(config.model.name)}"
         folder, n = runs / stem, 2
