@@ -145,6 +145,16 @@ def test_dicom_files_without_a_suffix_are_found_in_folders(tmp_path):
     assert all(np.asarray(read_image(folder / n))[0, -1] == 255 for n in found)
 
 
+def test_webp_gif_and_suffixless_jpeg_and_png_are_found_in_folders(tmp_path):
+    film = synthetic_film("NORMAL", 4)
+    for name, kind in (("a.webp", "WEBP"), ("b.gif", "GIF"), ("c", "JPEG"), ("d.0001", "PNG")):
+        film.save(tmp_path / name, format=kind)
+    (tmp_path / "notes").write_text("not a film")
+    found = [p.name for p in images_under(tmp_path)]
+    assert found == ["a.webp", "b.gif", "c", "d.0001"]
+    assert all(read_image(tmp_path / name).size == film.size for name in found)
+
+
 def test_folders_are_searched_through_links_once_but_not_hidden_ones(tmp_path):
     films = tmp_path / "films"
     for folder in ("a", "elsewhere", ".thumbnails"):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 SUPPORTED_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
 
@@ -68,13 +68,23 @@ def film_name(film: str | Image.Image | np.ndarray, index: int) -> str:
 
 
 def is_image_file(path: str | Path) -> bool:
-    """A supported suffix; or no suffix (or a numeric one, as in UIDs) and the DICOM magic:
-    PACS exports often name files `IM0001` or `1.2.840.113619.2.55.3.1`."""
+    """A supported suffix; or no suffix (or a numeric one, as in UIDs) and the magic bytes
+    of DICOM, JPEG or PNG: PACS exports often name files `IM0001` or
+    `1.2.840.113619.2.55.3.1`."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in SUPPORTED_SUFFIXES:
         return True
-    return (suffix == "" or suffix[1:].isdigit()) and _has_dicom_magic(path)
+    return (suffix == "" or suffix[1:].isdigit()) and _has_image_magic(path)
+
+
+def _has_image_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM" or head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n"))
 
 
 def _has_dicom_magic(path: Path) -> bool:
