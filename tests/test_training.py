@@ -44,6 +44,7 @@ from cxrkit.training.fit import (
     find_lr,
     loss_class_weights,
     new_run,
+    training_lock,
 )
 from cxrkit.training.losses import FocalLoss, balanced_class_weights, mixup
 from cxrkit.training.module import (
@@ -742,3 +743,12 @@ def test_training_warns_of_test_patients_seen_in_train(tmp_path, caplog):
     new_run(tiny_config(tmp_path / "leaky.csv", tmp_path))
     assert (f"1 patient id(s) of the test split also occur in train or val (e.g. "
             f"{samples[0].patient_id})") in caplog.text
+
+
+def test_a_run_is_trained_by_one_process_at_a_time(tiny_kaggle, tmp_path):
+    run = new_run(tiny_config(tiny_kaggle, tmp_path, name="busy")).folder
+    busy = "busy is being trained by another process now: wait for it to end"
+    # as another `cxr train --resume` holds it while it trains
+    with training_lock(run), pytest.raises(FileExistsError, match=busy):
+        train(resume=run)
+    assert (run / "config.yaml").is_file()  # left as it was

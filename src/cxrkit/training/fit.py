@@ -33,6 +33,8 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -74,6 +76,11 @@ from cxrkit.training.datamodule import (
 from cxrkit.training.features import FeatureDataModule
 from cxrkit.training.losses import balanced_class_weights, make_loss
 from cxrkit.training.module import ClassifierModule, make_metrics, metric_inputs
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -441,8 +448,29 @@ def train_ensemble(run: Run) -> Path:
 def _remove_if_unstarted(folder: Path) -> None:
     """A new run that failed before its first checkpoint (a model that cannot be built, say)
     holds only what `new_run` wrote: remove it, so that its --name is free for the retry."""
-    if folder.is_dir() and {p.name for p in folder.iterdir()} <= {CONFIG, SPLIT}:
+    if folder.is_dir() and {p.name for p in folder.iterdir()} <= {CONFIG, SPLIT, TRAINING_LOCK}:
         shutil.rmtree(folder)
+
+
+TRAINING_LOCK = ".training.lock"
+
+
+@contextmanager
+def training_lock(folder: Path) -> Iterator[None]:
+    """One process trains a run folder at a time (of a distributed job, rank 0 holds it):
+    two would write the same checkpoints and logs over each other. The lock goes with the
+    process, however it ends."""
+    if rank_zero_only.rank != 0 or fcntl is None:  # (Windows: no advisory locks)
+        yield
+        return
+    with open(folder / TRAINING_LOCK, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"{folder} is being trained by another process now: wait "
+                                  f"for it to end (or stop it); if it was interrupted, `cxr "
+                                  f"train --resume {folder}` continues it") from None
+        yield
 
 
 class _Stopped(BaseException):
@@ -482,7 +510,8 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None) -
     run = (open_run(resume) if resume is not None
            else new_run(config or TrainConfig.preset("default")))
     try:
-        return train_run(run)
+        with training_lock(run.folder):
+            return train_run(run)
     except Exception:
         if resume is None:
             _remove_if_unstarted(run.folder)
