@@ -225,6 +225,7 @@ def test_compare_runs_table_and_csv(reported, tmp_path, caplog):
     assert rows[0]["roc_auc"] == metrics["roc_auc"]
     assert rows[0]["threshold"] == at_val["threshold"]
     out = write_compare_csv(rows, tmp_path / "new" / "table.csv")  # its folder made
+    assert write_compare_csv(rows, tmp_path) == tmp_path / "compare.csv"  # a folder given
     with open(out, newline="") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 2

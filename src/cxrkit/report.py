@@ -760,8 +760,10 @@ def _films(folder: Path) -> set[str]:
 
 
 def write_compare_csv(rows: list[dict], path: str | Path) -> Path:
-    """Flat CSV: each metric as value, ci_low, ci_high columns."""
+    """Flat CSV: each metric as value, ci_low, ci_high columns; a folder gets compare.csv."""
     path = Path(path)
+    if path.is_dir():
+        path = path / "compare.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = ["run", "model", "split", "n", "threshold"]
     parts = ("", "_ci_low", "_ci_high")
