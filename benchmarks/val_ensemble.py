@@ -17,13 +17,14 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from cxrkit.data.split import read_manifest
 from cxrkit.inference import predict_logits, softmax
-from cxrkit.runs import load_model, positive_index
+from cxrkit.labels import positive_index
+from cxrkit.runs import load_model
 
 
 def validation_probabilities(run: Path, paths: list[str]) -> np.ndarray:
     model = load_model(run)
     logits, _ = predict_logits(model, paths, batch_size=64)
-    return softmax(logits)[:, positive_index(model.spec.labels)]
+    return softmax(logits)[:, positive_index(model.spec.labels, model.spec.positive_label)]
 
 
 def main() -> None:

@@ -29,12 +29,13 @@ from cxrkit.evaluation.evaluate import (
 from cxrkit.evaluation.metrics import resample_weights, threshold_metrics
 from cxrkit.evaluation.thresholds import youden_cuts
 from cxrkit.inference import softmax
-from cxrkit.runs import load_model, positive_index
+from cxrkit.labels import positive_index
+from cxrkit.runs import load_model
 
 
 def threshold_spread(run: Path, resamples: int) -> dict:
     model = load_model(run)
-    positive = positive_index(model.spec.labels)
+    positive = positive_index(model.spec.labels, model.spec.positive_label)
     val = score(model, [s for s in run_manifest(run) if s.split == "val"], f"{run} val")
     cropped = score(model, val.samples, f"{run} val (framed 85%)", crop=FRAMING_THRESHOLD_CROP)
     calibration, thresholds = choose_calibration(val, positive, None, framed_val=cropped)

@@ -17,8 +17,10 @@ from cxrkit.cli import app
 from cxrkit.data.dataset import load_prepared
 from cxrkit.data.io import STRETCH_PERCENTILES
 from cxrkit.data.transforms import eval_transform
+from cxrkit.export import export_model
+from cxrkit.models import create_model
 from cxrkit.predict import Prediction, Predictor, collect_images, predict, write_predictions
-from cxrkit.runs import Calibration, load_model, write_calibration
+from cxrkit.runs import Calibration, load_model, load_spec, save_model, write_calibration
 from tests.conftest import REAL_DATA, requires_real_data, synthetic_film
 from tests.test_io import write_dicom
 
@@ -400,3 +402,22 @@ def test_a_cam_folder_that_is_a_file_is_refused_before_predicting(trained_run, t
     with pytest.raises(ValueError, match=r"--cam .*cams is a file: Grad-CAM overlays go into a "
                                          r"folder"):
         predict(trained_run, [film], cam_dir=tmp_path / "cams", device="cpu")
+
+
+def test_the_finding_is_recorded_with_the_model_and_old_runs_keep_their_rule(tmp_path):
+    """A run's threshold is about the class its model recorded; one saved before the record
+    (model.json without positive_label) keeps the rule it was made under (the last label)."""
+    film = tmp_path / "film.png"
+    synthetic_film("NORMAL", 2).save(film)
+    new = save_model(create_model("simple_cnn", labels=["ABNORMAL", "NORMAL"]), tmp_path / "new")
+    new = new.parent
+    assert load_spec(new).positive_label == "ABNORMAL"
+    old = shutil.copytree(new, tmp_path / "old")
+    spec = json.loads((old / "model.json").read_text())
+    (old / "model.json").write_text(json.dumps({k: v for k, v in spec.items()
+                                                if k != "positive_label"}))
+    for run, finding in ((new, "ABNORMAL"), (old, "NORMAL")):
+        [called] = predict(run, [film], threshold=0.0, device="cpu")  # all called the finding
+        assert (called.label, called.positive_label) == (finding, finding)
+    export_model(new)  # the export alone says it too
+    assert Predictor.load(new / "export").positive_label == "ABNORMAL"

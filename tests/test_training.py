@@ -23,9 +23,10 @@ from cxrkit.config import ConfigError, OptimConfig, TrainConfig
 from cxrkit.data.layout import DataLayoutError, Sample, load_source
 from cxrkit.data.split import patient_split, read_manifest, shared_patients, write_manifest
 from cxrkit.data.transforms import ModelInput, eval_transform
+from cxrkit.labels import choose_positive, positive_index
 from cxrkit.models import create_model
 from cxrkit.predict import predict
-from cxrkit.runs import CALIBRATION, Calibration, load_model, positive_index
+from cxrkit.runs import CALIBRATION, Calibration, load_model
 from cxrkit.training import train
 from cxrkit.training.callbacks import (
     ProgressBar,
@@ -683,7 +684,8 @@ def test_binary_task_needs_exactly_two_classes_and_pneumonia_is_positive_in_any_
         task_classes("binary", subtypes)
     assert positive_index(["NORMAL", "PNEUMONIA"]) == 1 and positive_index(["A", "B"]) == 1
     # a negative class named as such: the other label is the finding, wherever it sorts
-    assert positive_index(["ABNORMAL", "NORMAL"]) == 0 and positive_index(["TB", "healthy"]) == 0
+    assert choose_positive(["ABNORMAL", "NORMAL"]) == "ABNORMAL"
+    assert choose_positive(["TB", "healthy"]) == "TB"
 
 
 def test_two_labels_neither_naming_the_finding_get_a_warning(tmp_path, caplog):

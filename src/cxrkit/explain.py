@@ -112,7 +112,8 @@ def _predicted_classes(model: Classifier, x: torch.Tensor, batch_size: int,
     if calibration is None:
         return [int(c) for c in logits.argmax(1)]
     return [int(c) for c in calibration.classes(calibration.probabilities(logits),
-                                                model.spec.labels)]
+                                                model.spec.labels,
+                                                positive_label=model.spec.positive_label)]
 
 
 def _class_indices(labels: list[str], class_index, n: int) -> list[int | None]:

@@ -33,8 +33,9 @@ import onnx
 import torch
 from torch import nn
 
+from cxrkit.labels import positive_label
 from cxrkit.models import Classifier, ModelSpec
-from cxrkit.runs import Calibration, deployed_calibration, load_model, model_folder, positive_label
+from cxrkit.runs import Calibration, deployed_calibration, load_model, model_folder
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +223,7 @@ def sidecar_entries(spec: ModelSpec, calibration: Calibration) -> dict:
         "threshold": calibration.threshold,
         "temperature": calibration.temperature,
         "bias": calibration.bias,
-        "positive_label": positive_label(spec.labels),
+        "positive_label": positive_label(spec.labels, spec.positive_label),
         "threshold_chosen_on": calibration.chosen_on,
         "input": INPUT_NAME,
         "output": OUTPUT_NAME,

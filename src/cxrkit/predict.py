@@ -8,9 +8,9 @@
 The model is a run folder (PyTorch) or an ONNX export folder (model.onnx +
 model.json, run by ONNX Runtime); both go through `cxrkit.inference.predict_logits`,
 so the preprocessing is the same code. Probabilities use the calibration chosen
-on validation; with two classes the prediction is the positive label (PNEUMONIA where
-present, else the last: `positive_label`) when its probability reaches the run's
-validation-chosen threshold (0.5 if none),
+on validation; with two classes the prediction is the finding (the model's recorded
+`positive_label`: PNEUMONIA where present, see `cxrkit.labels`) when its probability
+reaches the run's validation-chosen threshold (0.5 if none),
 with more classes the most probable label. A file that cannot be read gets a
 `Prediction` with `error` set; it never stops the others.
 """
@@ -36,13 +36,13 @@ from cxrkit.data.io import Film, film_list, film_name, read_image
 from cxrkit.data.layout import images_under
 from cxrkit.export import FILE_NAMES, is_onnx_export, load_onnx
 from cxrkit.inference import predict_logits, resolve_device
+from cxrkit.labels import positive_label
 from cxrkit.runs import (
     MODEL_WEIGHTS,
     Calibration,
     deployed_calibration,
     load_model,
     model_folder,
-    positive_label,
     refuse_unfinished,
 )
 
@@ -58,6 +58,7 @@ class Prediction:
     label: str | None = None  # None when the file could not be read
     probabilities: dict[str, float] = field(default_factory=dict)
     threshold: float | None = None  # on P(positive label); None with more than two classes
+    positive_label: str | None = None  # the label the threshold is about (two classes)
     error: str | None = None  # why the file could not be read
     cam: str | None = None  # the Grad-CAM overlay written for this file
     warning: str | None = None  # readable, but hardly a chest film (`film_doubt`)
@@ -162,7 +163,7 @@ class Predictor:
     @property
     def positive_label(self) -> str | None:
         """The label the threshold is about (two classes); None with more."""
-        return positive_label(self.labels)
+        return positive_label(self.labels, self.spec.positive_label)
 
     def threshold(self, override: float | None = None) -> float | None:
         """The threshold on P(positive label) in use: `override`, else the run's; None (argmax)
@@ -194,10 +195,11 @@ class Predictor:
                 predictions.append(Prediction(name, error=reasons[name]))  # no threshold
                 continue
             probs = self.calibration.probabilities(row[None])[0]
-            index = int(self.calibration.classes(probs[None], self.labels, threshold)[0])
+            index = int(self.calibration.classes(probs[None], self.labels, threshold,
+                                                 self.positive_label)[0])
             by_label = {k: float(p) for k, p in zip(self.labels, probs, strict=True)}
             predictions.append(Prediction(name, self.labels[index], by_label, threshold,
-                                          warning=doubts.get(i)))
+                                          self.positive_label, warning=doubts.get(i)))
         return predictions
 
     def cam_overlays(self, predictions: Sequence[Prediction],

@@ -36,7 +36,8 @@ from cxrkit.evaluation.metrics import (
 )
 from cxrkit.evaluation.paired import paired_difference, read_scored
 from cxrkit.evaluation.thresholds import point_name
-from cxrkit.runs import Calibration, load_spec, model_folder, positive_label, read_calibration
+from cxrkit.labels import positive_label
+from cxrkit.runs import Calibration, load_spec, model_folder, read_calibration
 
 log = logging.getLogger(__name__)
 
@@ -711,7 +712,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
         published=published_rows(binary_test) if kermany else None,
         published_curve=published_curve_rows(binary_test["folder"]) if kermany else None,
         published_source=PUBLISHED["source"], test=test, test_n=test["n"] if test else 0,
-        positive=positive_label(spec.labels),
+        positive=positive_label(spec.labels, spec.positive_label),
         data_path=_data_path(config), card_metrics=card_metrics,
         limitations=[KERMANY_SHIFT if kermany else OTHER_SHIFT, *LIMITATIONS],
         RUN_SPLITS_ITSELF=RUN_SPLITS_ITSELF, caveats=caveats(current, split),

@@ -22,6 +22,7 @@ import numpy as np
 from safetensors.torch import load_file, save_file
 
 from cxrkit.inference import softmax
+from cxrkit.labels import positive_index
 from cxrkit.models import Classifier, ModelSpec
 from cxrkit.models.ensemble import Ensemble, model_from_description
 
@@ -54,14 +55,15 @@ class Calibration:
         """[N, classes] logits -> calibrated probabilities."""
         return softmax(logits, self.temperature, self.bias)
 
-    def classes(self, probs: np.ndarray, labels: list[str],
-                threshold: float | None = None) -> np.ndarray:
-        """Each row's class as deployed: of two, the positive one (`positive_index`) where its
-        probability reaches `threshold` (default: this calibration's); else the most probable."""
+    def classes(self, probs: np.ndarray, labels: list[str], threshold: float | None = None,
+                positive_label: str | None = None) -> np.ndarray:
+        """Each row's class as deployed: of two, the finding (`positive_index`, given the
+        model's recorded `positive_label`) where its probability reaches `threshold` (default:
+        this calibration's); else the most probable."""
         threshold = self.threshold if threshold is None else threshold
         if len(labels) != 2 or threshold is None:
             return probs.argmax(1)
-        positive = positive_index(labels)
+        positive = positive_index(labels, positive_label)
         return np.where(probs[:, positive] >= threshold, positive, 1 - positive)
 
     def describe(self) -> str:
@@ -181,34 +183,3 @@ def write_calibration(path: str | Path, calibration: Calibration) -> Path:
     return file
 
 
-POSITIVE_CLASS = "PNEUMONIA"
-# Names of a binary task's negative class: the other label is then the finding.
-NEGATIVE_NAMES = ("NORMAL", "HEALTHY", "NEGATIVE", "NO_FINDING", "NO FINDING", "NO-FINDING",
-                  "CONTROL")
-
-
-def positive_index(labels: list[str]) -> int:
-    """The class binary metrics score and `Calibration.threshold` is about: PNEUMONIA (in any
-    case: a folder named `Pneumonia` too) where present; else the label beside one named as
-    a negative (NORMAL/ABNORMAL: ABNORMAL); else the last label. Training, evaluation and
-    prediction all use this one rule."""
-    upper = [label.upper() for label in labels]
-    if POSITIVE_CLASS in upper:
-        return upper.index(POSITIVE_CLASS)
-    negatives = [i for i, label in enumerate(upper) if label in NEGATIVE_NAMES]
-    if len(labels) == 2 and len(negatives) == 1:
-        return 1 - negatives[0]
-    return len(labels) - 1
-
-
-def positive_is_guessed(labels: list[str]) -> bool:
-    """Whether `positive_index` fell back to the last of two labels, neither naming it."""
-    upper = [label.upper() for label in labels]
-    return (len(labels) == 2 and POSITIVE_CLASS not in upper
-            and sum(label in NEGATIVE_NAMES for label in upper) != 1)
-
-
-def positive_label(labels: list[str]) -> str | None:
-    """The label a threshold is about, by `positive_index`; None with more than two classes,
-    where the most probable one is predicted."""
-    return labels[positive_index(labels)] if len(labels) == 2 else None

@@ -27,11 +27,9 @@ TABLE_ROWS = 50  # more than this on screen helps nobody: --out has them all
 
 def threshold_note(readable: list[Prediction]) -> str | None:
     """Why a 0.38 can still be PNEUMONIA: the rule the labels follow (two classes)."""
-    from cxrkit.runs import positive_label
-
     if not readable or readable[0].threshold is None:
         return None
-    positive = positive_label(list(readable[0].probabilities))
+    positive = readable[0].positive_label
     return f"label {positive} where P({positive}) >= {readable[0].threshold:.3f}"
 
 
@@ -94,9 +92,9 @@ def predict_command(
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     threshold: float | None = typer.Option(
         None, "--threshold", min=0.0, max=1.0,
-        help="Probability of the positive label (PNEUMONIA, else the last) from which it is "
-             "predicted; default: "
-             "the threshold chosen on validation, 0.5 if none."),
+        help="Probability of the finding (the model's positive label, e.g. PNEUMONIA) from "
+             "which it is predicted; default: the threshold chosen on validation, 0.5 if "
+             "none."),
 ) -> None:
     """Label X-ray files. Exit code 1 when some files could not be read (listed, skipped)."""
     from cxrkit.predict import predict, write_predictions

@@ -68,6 +68,7 @@ from cxrkit.evaluation.thresholds import sensitivity_threshold, youden_threshold
 from cxrkit.evaluation.tta import DEFAULT_VIEWS
 from cxrkit.explain import gradcam, overlay
 from cxrkit.inference import Failure, predict_logits, softmax
+from cxrkit.labels import positive_index
 from cxrkit.models import Classifier
 from cxrkit.plots import extra_formats
 from cxrkit.runs import (
@@ -75,7 +76,6 @@ from cxrkit.runs import (
     Calibration,
     load_model,
     model_folder,
-    positive_index,
     read_calibration,
     write_calibration,
 )
@@ -537,8 +537,8 @@ def write_figures(out: Path, model: Classifier, scored: Scored, probs: np.ndarra
                   seed: int = 0, where: str = "") -> None:
     """The evaluation's figures; `where` names the films in each title ('test, 624 films')."""
     labels, y = model.spec.labels, scored.y
-    positive = positive_index(labels) if len(labels) == 2 else None
-    predicted = calibration.classes(probs, labels)
+    positive = positive_index(labels, model.spec.positive_label) if len(labels) == 2 else None
+    predicted = calibration.classes(probs, labels, positive_label=model.spec.positive_label)
     counts = confusion_matrix(y, predicted, len(labels))
     deployed = deployed_name(thresholds)
     rule = (f"deployed threshold {calibration.threshold:.3f}" if positive is not None
@@ -646,7 +646,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     if len(labels) != model.spec.num_classes:
         raise ValueError(f"{run}/model.json lists labels {labels} for "
                          f"{model.spec.num_classes} classes")
-    positive = positive_index(labels) if len(labels) == 2 else None
+    positive = positive_index(labels, model.spec.positive_label) if len(labels) == 2 else None
     if positive is None and (target_sensitivity is not None or framing_threshold):
         raise ValueError(f"{run.name} has {len(labels)} classes and predicts the most probable "
                          "one: --target-sensitivity and --framing-threshold choose a threshold, "
@@ -721,7 +721,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
                       fitted_on="val" if calibrate_on is None else source)
     metrics = measure(scored)
     probs = calibration.probabilities(scored.logits)
-    predicted = calibration.classes(probs, labels)
+    predicted = calibration.classes(probs, labels, positive_label=model.spec.positive_label)
     tta_probs = None
     if tta:
         views = list(DEFAULT_VIEWS.values())

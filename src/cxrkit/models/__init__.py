@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from cxrkit.config import ConfigError
+from cxrkit.labels import choose_positive
 from cxrkit.models.efficientnet_lite import LITE_VARIANTS, load_lite_weights
 from cxrkit.models.simple_cnn import SimpleCNN
 
@@ -134,6 +135,9 @@ class ModelSpec:
     dropout: float = 0.2
     labels: list[str] = field(default_factory=list)
     equalize: bool = False  # histogram-equalise each film before resizing
+    # Of two labels, the finding (threshold, sensitivity, Grad-CAM), chosen when the model is
+    # made (`cxrkit.labels`); None in runs saved before it was recorded.
+    positive_label: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -290,7 +294,8 @@ def create_model(
                         "Backbone(module, input_size, mean, std[, in_chans]) whose module has "
                         f"num_features (the size of its pooled features); it returned {backbone!r}")
     spec = ModelSpec(name, num_classes, backbone.input_size, backbone.in_chans,
-                     tuple(backbone.mean), tuple(backbone.std), dropout, labels)
+                     tuple(backbone.mean), tuple(backbone.std), dropout, labels,
+                     positive_label=choose_positive(labels))
     model = Classifier(backbone.module, spec)
     if weights is not None:
         _load_weights_file(model, weights)

@@ -37,7 +37,8 @@ class Ensemble(nn.Module):
                     f"from {first.name} {_reading(first)}")
         self.members = nn.ModuleList(members)
         self.spec = ModelSpec("ensemble", first.num_classes, first.input_size, first.in_chans,
-                              first.mean, first.std, 0.0, list(first.labels), first.equalize)
+                              first.mean, first.std, 0.0, list(first.labels), first.equalize,
+                              first.positive_label)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = [m(_resized(x, m.spec.input_size)).softmax(dim=1) for m in self.members]

@@ -52,10 +52,11 @@ from cxrkit.config import ConfigError, TrainConfig, to_dict
 from cxrkit.data.layout import DataLayoutError, Sample
 from cxrkit.data.split import read_manifest, test_patients_seen_in_training, write_manifest
 from cxrkit.inference import predict_logits
+from cxrkit.labels import positive_index, positive_is_guessed
 from cxrkit.models import Classifier, create_model
 from cxrkit.models.ensemble import Ensemble
 from cxrkit.plots import extra_formats, save_figure
-from cxrkit.runs import MODEL_WEIGHTS, load_model, positive_index, positive_is_guessed, save_model
+from cxrkit.runs import MODEL_WEIGHTS, load_model, save_model
 from cxrkit.training.callbacks import (
     BEST,
     LAST,
@@ -137,7 +138,8 @@ def build_stage(run: Run, index: int, model: Classifier,
         spec=to_dict(model.spec), stage=to_dict(stage), optim=to_dict(config.optim),
         loss=to_dict(config.loss),
         class_weights=loss_class_weights(config, class_counts(run.samples, run.classes)),
-        positive_index=positive_index(run.classes), channels_last=config.trainer.channels_last,
+        positive_index=positive_index(run.classes, model.spec.positive_label),
+        channels_last=config.trainer.channels_last,
         compile=config.trainer.compile, model=model,
     )
     batch_size = stage_batch_size(config, index)
@@ -377,7 +379,8 @@ def validation_metrics(model: Classifier | Ensemble, criterion: torch.nn.Module,
     target = torch.tensor([run.classes.index(s.label) for s in val])[torch.from_numpy(readable)]
     logits = torch.from_numpy(logits[readable])
     metrics = make_metrics(len(run.classes), sync=False)  # rank 0 alone scores
-    metrics.update(*metric_inputs(logits, target, positive_index(run.classes)))
+    metrics.update(*metric_inputs(logits, target,
+                                  positive_index(run.classes, model.spec.positive_label)))
     values = {name: float(v) for name, v in metrics.compute().items()}
     values["loss"] = float(criterion(logits, target))
     values.update(images=int(readable.sum()), unreadable=len(failures))
