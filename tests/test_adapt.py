@@ -106,6 +106,11 @@ def test_adapt_never_overwrites_a_run_nor_adapts_on_films_it_cannot_read(tmp_pat
                                          r"film \(e.g. .*film0.jpeg"):
         adapt_run(run, fake, split=None, out=tmp_path / "from_fake")
     assert not (tmp_path / "from_fake").exists()
+    model = load_model(run)
+    before = model.state_dict()["backbone.blocks.0.1.running_mean"].clone()
+    with pytest.raises(ValueError, match="no films to adapt on"):
+        adapt_batchnorm(model, [])
+    assert torch.equal(model.state_dict()["backbone.blocks.0.1.running_mean"], before)
     with pytest.raises(ValueError, match="has the splits train, test, no 'val'"):
         adapt_run(run, target, split="val", out=tmp_path / "from_val")
     shutil.copy(target / "test" / "NORMAL" / next(iter(sorted(

@@ -196,8 +196,8 @@ def test_a_manifest_row_without_a_label_is_refused(tmp_path, tiny_kaggle):
     manifest.write_text(f"path,label\n{films[0]},NORMAL\n{films[1]},\n")
     with pytest.raises(DataLayoutError, match=r"1 films have no label, e\.g\. .*jpeg"):
         load_source(manifest)
-    manifest.write_text(f"path,label,split\n{films[0]},NORMAL,train\n{films[1]}\n")  # too short
-    with pytest.raises(DataLayoutError, match=r"list.csv, line 3: every row needs a path and a "
+    manifest.write_text(f"path,label,split\n{films[0]},NORMAL,train\n\n{films[1]}\n")  # short
+    with pytest.raises(DataLayoutError, match=r"list.csv, line 4: every row needs a path and a "
                                               r"label \(this one reads .*\); fix or delete it"):
         load_source(manifest)
 

@@ -189,6 +189,10 @@ def test_the_audit_where_the_readme_puts_it_or_named_is_shown(reported, tmp_path
     assert "NAMED-AUDIT" in (mine / "report.html").read_text()
     result = CliRunner().invoke(app, ["report", str(mine), "--audit", str(tmp_path / "none")])
     assert result.exit_code == 2 and "no audit.json to read" in result.output
+    fresh = shutil.copytree(mine, runs / "fresh")
+    shutil.rmtree(fresh / "eval")
+    result = CliRunner().invoke(app, ["report", str(fresh), "--audit", str(tmp_path / "none")])
+    assert result.exit_code == 2 and not (fresh / "eval").exists()  # said before evaluating
 
 
 def test_report_shows_tta_and_the_framing_check_beside_the_plain_result(trained_run, tmp_path):

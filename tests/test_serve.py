@@ -241,3 +241,5 @@ def test_serving_on_a_port_in_use_is_refused_before_any_address_is_shown(trained
     assert result.exit_code == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.output
     assert "choose another --port" in result.output and "open http" not in result.output
+    result = CliRunner().invoke(app, ["serve", str(trained_run), "--host", "192.0.2.1"])
+    assert result.exit_code == 2 and "check --host" in result.output  # an address not ours

@@ -65,7 +65,9 @@ def adapt_batchnorm(model: Classifier, paths: list[str], batch_size: int = 32,
     """Replace every BatchNorm's running mean/var with their average over the films of
     `paths` that can be read; returns the model and how many films that was. None readable:
     a ValueError naming one (the model given has lost its statistics by then: adapt a copy,
-    as `adapt_run` does)."""
+    as `adapt_run` does); no paths at all: a ValueError before the model is touched."""
+    if not paths:
+        raise ValueError("no films to adapt on: give the new site's image files")
     device = resolve_device(device)
     model = model.to(device, memory_format=torch.channels_last)
     read, unreadable = [0], []

@@ -14,11 +14,11 @@ if TYPE_CHECKING:
 
 VECTOR_FORMATS = ("svg", "pdf", "eps")
 # One per curve of a figure, beside its colour: curves stay apart for a colour-blind reader
-# and on a greyscale print.
-LINE_STYLES = ("-", "--", "-.", ":")
+# and on a greyscale print. Dotted (":") is kept for reference lines (thresholds, chance).
+LINE_STYLES = ("-", "--", "-.", (0, (6, 2, 1, 2, 1, 2)))
 
 
-def line_style(i: int) -> str:
+def line_style(i: int) -> str | tuple:
     return LINE_STYLES[i % len(LINE_STYLES)]
 
 

@@ -676,9 +676,10 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
     `audit`: the data audit to show (a `cxr data audit` folder or its audit.json); by
     default the run's own, or one of its training data beside the run folder."""
     run = model_folder(run).resolve()
+    spec, config = load_spec(run), _read_config(run)
+    found_audit = _find_audit(run, _data_path(config), audit)  # a wrong path said before work
     if evaluate_missing:
         ensure_evaluated(run, split)
-    spec, config = load_spec(run), _read_config(run)
     calibration = read_calibration(run)
     evals = evaluations(run)
     for m in evals:
@@ -700,7 +701,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
     page = Environment(autoescape=True).from_string(TEMPLATE).render(
         run_name=run.name, run_path=str(run), spec=spec, version=__version__,
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        audit=_find_audit(run, _data_path(config), audit), split=split,
+        audit=found_audit, split=split,
         curves=_b64_png(_training_curves(run)),
         members=val_metrics.get("members", []),
         val_metrics=val_rows(val_metrics, binary=len(spec.labels) == 2),

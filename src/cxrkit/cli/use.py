@@ -3,6 +3,7 @@ cxrkit.export and cxrkit.serve, imported inside each command: see cxrkit.cli.eva
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import sys
@@ -194,6 +195,9 @@ def port_problem(host: str, port: int) -> str | None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
             probe.bind(address)
     except OSError as e:
-        return (f"cannot listen on {host}:{port} ({e.strerror or e}): another server may be "
-                f"using it; choose another --port (or stop that server)")
+        if e.errno == errno.EADDRINUSE:
+            return (f"cannot listen on {host}:{port} ({e.strerror}): another server is using "
+                    f"it; choose another --port (or stop that server)")
+        return (f"cannot listen on {host}:{port} ({e.strerror or e}): check --host (this "
+                f"machine's address, 127.0.0.1 or 0.0.0.0)")
     return None

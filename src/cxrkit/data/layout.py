@@ -172,7 +172,8 @@ def _from_class_folders(root: Path, parse: PatientIdParser) -> DataSource:
 def _from_manifest(csv_path: Path, parse: PatientIdParser) -> DataSource:
     with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
         reader = csv.DictReader(f)
-        rows, found = list(reader), reader.fieldnames or []
+        rows = [(reader.line_num, row) for row in reader]  # the line a row ends on
+        found = reader.fieldnames or []
     if not rows or not {"path", "label"} <= set(found):
         raise DataLayoutError(
             f"{csv_path} needs the header `path,label[,split,patient_id]`; it has "
@@ -180,7 +181,7 @@ def _from_manifest(csv_path: Path, parse: PatientIdParser) -> DataSource:
             f"{'' if rows or not found else ' and no rows'}.\n{EXPECTED_LAYOUTS}"
         )
     samples = []
-    for line, row in enumerate(rows, start=2):  # line 1 is the header
+    for line, row in rows:
         if row["label"] is None or not (row["path"] or "").strip():  # a short or blank row
             raise DataLayoutError(f"{csv_path}, line {line}: every row needs a path and a "
                                   f"label (this one reads {dict(row)}); fix or delete it")

@@ -473,6 +473,9 @@ def training_lock(folder: Path) -> Iterator[None]:
             raise FileExistsError(f"{folder} is being trained by another process now: wait "
                                   f"for it to end (or stop it); if it was interrupted, `cxr "
                                   f"train --resume {folder}` continues it") from None
+        except OSError as e:  # a file system without flock (some NFS, Lustre, FUSE mounts)
+            log.warning("%s: no lock on this file system (%s): nothing stops a second process "
+                        "from training this run at the same time", folder, e)
         yield
 
 
