@@ -1,12 +1,15 @@
 """The HTML report (self-contained, every section) and the comparison of runs."""
 
+import base64
 import csv
+import io
 import json
 import re
 import shutil
 from dataclasses import replace
 from html.parser import HTMLParser
 
+import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -15,10 +18,12 @@ from cxrkit.cli import app
 from cxrkit.data.split import read_manifest, write_manifest
 from cxrkit.evaluation import evaluate_run
 from cxrkit.report import (
+    FILM_GRIDS,
     at_published_point,
     build_report,
     caveats,
     compare_runs,
+    embedded_figure,
     summary,
     val_rows,
     write_compare_csv,
@@ -78,7 +83,7 @@ def reported(trained_run, tmp_path_factory):
     return run, build_report(run)  # evaluates the internal test split first
 
 
-def test_report_is_self_contained_with_every_section(reported):
+def test_report_is_self_contained_with_every_section(reported, tmp_path):
     run, path = reported
     assert path == run / "report.html"
     text = path.read_text()
@@ -86,9 +91,23 @@ def test_report_is_self_contained_with_every_section(reported):
     assert page.sections == SECTIONS
     assert page.external == []  # opens offline
     assert "<link" not in text and "<script" not in text
-    assert len(page.images) >= 8 and all(s.startswith("data:image/png;base64,") for s in
-                                         page.images)
+    assert len(page.images) >= 8
+    assert all(s.startswith(("data:image/png;base64,", "data:image/jpeg;base64,"))
+               for s in page.images)
     assert (run / "eval" / "test" / "metrics.json").is_file()  # evaluated on the way
+    # film grids go in as JPEG where that is smaller than their PNG files (real films; these
+    # drawn ones compress better as PNG); the charts stay PNG
+    folder = run / "eval" / "test"
+    for name in FILM_GRIDS:
+        png = (folder / name).read_bytes()
+        embedded = embedded_figure(folder / name)
+        data = base64.b64decode(embedded["data"])
+        assert Image.open(io.BytesIO(data)).size == Image.open(folder / name).size
+        assert len(data) <= len(png)
+        assert (embedded["mime"] == "image/jpeg") == (data != png)
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400), np.uint8))
+    noisy.save(tmp_path / "worst_errors.png")  # a film's grain: JPEG wins
+    assert embedded_figure(tmp_path / "worst_errors.png")["mime"] == "image/jpeg"
 
 
 def test_report_shows_internal_and_external_side_by_side(reported):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import io
 import json
 import logging
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from jinja2 import Environment
+from PIL import Image
 
 from cxrkit import __version__
 from cxrkit.adapt import ADAPTATION, describe_adaptation
@@ -118,6 +120,28 @@ LIMITATIONS = [
 
 def _b64_png(path: Path) -> str | None:
     return base64.b64encode(path.read_bytes()).decode() if path.is_file() else None
+
+
+# Grids of films: photographs, which PNG stores at ~600 KB each. The page embeds them as
+# JPEG where that is smaller (real films: a fraction; flat drawings: not); the PNG files
+# stay as they are.
+FILM_GRIDS = {"worst_errors.png", "gradcam_errors.png", "gradcam_correct.png"}
+GRID_JPEG_QUALITY = 85
+
+
+def embedded_figure(path: Path) -> dict | None:
+    """{"mime", "data"} of a figure file for an <img src="data:...">, None if missing."""
+    if path.name not in FILM_GRIDS:
+        data = _b64_png(path)
+        return data and {"mime": "image/png", "data": data}
+    if not path.is_file():
+        return None
+    buffer = io.BytesIO()
+    with Image.open(path) as grid:
+        grid.convert("RGB").save(buffer, "JPEG", quality=GRID_JPEG_QUALITY, optimize=True)
+    if buffer.tell() >= path.stat().st_size:
+        return {"mime": "image/png", "data": _b64_png(path)}
+    return {"mime": "image/jpeg", "data": base64.b64encode(buffer.getvalue()).decode()}
 
 
 def _read_json(path: Path) -> dict | None:
@@ -538,7 +562,7 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 {% if folded %}<details><summary>{% endif %}<h3>{{ m.title }}</h3>{% if folded %}
  (shown on request)</summary>{% endif %}
 {% for f in m.figures %}<figure><img alt="{{ m.title }}: {{ f.caption }}"
- src="data:image/png;base64,{{ f.data }}"><figcaption>{{ f.caption }}</figcaption></figure>
+ src="data:{{ f.mime }};base64,{{ f.data }}"><figcaption>{{ f.caption }}</figcaption></figure>
 {% else %}<p class="missing">No figures.</p>{% endfor %}{% if folded %}</details>{% endif %}
 {% endfor %}
 </section>
@@ -570,8 +594,8 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 
 
 def _figures(folder: Path) -> list[dict]:
-    return [{"caption": caption, "data": data} for name, caption in FIGURES
-            if (data := _b64_png(folder / name))]
+    return [{"caption": caption, **image} for name, caption in FIGURES
+            if (image := embedded_figure(folder / name))]
 
 
 def as_deployed(variant: dict, metrics: dict) -> dict:
