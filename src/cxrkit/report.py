@@ -428,8 +428,10 @@ nav a { margin-right: 14px; }
 table { border-collapse: collapse; margin: 10px 0 18px; font-size: 14px; }
 th, td { border: 1px solid #d5dbe5; padding: 4px 10px; text-align: right; white-space: nowrap; }
 table { display: block; overflow-x: auto; max-width: 100%; }  /* scrolls, not the page */
-th { background: #f1f4f9; } td.name, th.name { text-align: left; }
-tr.group td { background: #f8f9fc; text-align: left; font-weight: 600; color: #3a4456; }
+th { background: #f1f4f9; white-space: normal; }  /* headers wrap, numbers do not */
+td.name, th.name { text-align: left; }
+tr.group td { background: #f8f9fc; text-align: left; font-weight: 600; color: #3a4456;
+            white-space: normal; }  /* a group's title wraps: it must not widen the table */
 img { max-width: 100%; border: 1px solid #e3e7ee; margin: 6px 0 4px; }
 figure { margin: 0 0 22px; } figcaption { color: #5b6577; font-size: 13px; }
 .note { background: #fff8e1; border-left: 4px solid #f2b600; padding: 8px 12px; margin: 10px 0; }
