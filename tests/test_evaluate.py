@@ -27,7 +27,7 @@ from cxrkit.evaluation.evaluate import Scored, choose_calibration
 from cxrkit.evaluation.metrics import wilson_interval
 from cxrkit.inference import predict_logits, softmax
 from cxrkit.models import create_model
-from cxrkit.report import headline, summary
+from cxrkit.report import build_report, headline, summary
 from cxrkit.runs import load_model, read_calibration, save_model
 from tests.conftest import make_kaggle_tree, synthetic_film
 
@@ -547,8 +547,18 @@ def test_test_patients_seen_in_training_are_noted(trained_run, tmp_path, caplog)
     write_manifest(samples, run / "split.csv")
     out = evaluate_run(run, bootstrap=0, figures=False, device="cpu")
     said = f"1 patient id(s) of the test split also occur in train or val (e.g. {train_patient})"
-    assert any(n.startswith(said) for n in json.loads((out / "metrics.json").read_text())["notes"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert any(n.startswith(said) for n in metrics["notes"])
     assert said in caplog.text
+    # the same numbers on the films of the test patients not seen in training, beside them
+    rows = [r for r in read_rows(out / "predictions.csv") if r["patient_id"] != train_patient]
+    unseen = metrics["unseen_patients"]
+    assert unseen["n"] == len(rows) == metrics["n"] - 1
+    deployed = unseen["operating_points"]["validation"]
+    assert deployed["accuracy"]["value"] == pytest.approx(
+        np.mean([r["correct"] == "1" for r in rows]), abs=1e-6)
+    page = " ".join(build_report(run).read_text().split())
+    assert f"Test patients not in train or val: test (n={metrics['n']})" in page
     caplog.clear()
     evaluate_run(run, split="val", bootstrap=0, figures=False, device="cpu")
     assert said not in caplog.text  # a note of the test split's numbers only

@@ -613,7 +613,8 @@ def variant_rows(m: dict, variants: list[dict]) -> list[tuple[str, ...]]:
 
 
 def variant_tables(m: dict) -> list[dict]:
-    """The test-time augmentation and framing-check tables of one evaluation, where run."""
+    """The test-time augmentation, unseen-patient and framing-check tables of one evaluation,
+    where made."""
     tables = []
     if "tta" in m:
         tables.append({"title": f"Test-time augmentation: {m['title']}",
@@ -621,6 +622,13 @@ def variant_tables(m: dict) -> list[dict]:
                        "note": f"Views: {', '.join(m['tta']['views'])}; logits averaged, same "
                                "temperature and threshold.",
                        "rows": variant_rows(m, [m["tta"]])})
+    if "unseen_patients" in m:
+        unseen = m["unseen_patients"]
+        tables.append({"title": f"Test patients not in train or val: {m['title']}",
+                       "columns": ["all test films", f"those patients' {unseen['n']} films"],
+                       "note": f"{unseen['note'].capitalize()}. If the two columns agree, "
+                               "the shared ids did not make the test numbers optimistic.",
+                       "rows": variant_rows(m, [unseen])})
     if "framing" in m:
         crops = m["framing"]["crops"]
         tables.append({"title": f"Framing check: {m['title']}", "columns": ["as filmed", *crops],

@@ -109,6 +109,17 @@ class Scored:
         return [s.patient_id or s.path for s in self.samples]
 
 
+def unseen_patients(scored: Scored, manifest: Sequence[Sample]) -> Scored | None:
+    """The scored films of patients whose ids are not in the run's train or val split; None
+    when there are none."""
+    seen = {s.patient_id for s in manifest if s.split in ("train", "val")}
+    keep = np.array([i for i, s in enumerate(scored.samples) if s.patient_id not in seen],
+                    dtype=int)
+    if not len(keep):
+        return None
+    return Scored([scored.samples[i] for i in keep], scored.y[keep], scored.logits[keep], [])
+
+
 # ---- which images, which labels --------------------------------------------------------------
 
 def label_indices(samples: Sequence[Sample], labels: Sequence[str], where: str) -> np.ndarray:
@@ -685,7 +696,8 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     if reuse:
         notes.append("This is the validation split that chose the threshold and "
                      "temperature: its numbers are optimistic.")
-    if data is None and split == "test" and (leak := test_patients_seen_in_training(manifest)):
+    leak = data is None and split == "test" and test_patients_seen_in_training(manifest)
+    if leak:
         log.warning("%s: %s", run.name, leak)
         notes.append(leak)
     if data is not None:
@@ -720,6 +732,13 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
                       n_resamples=bootstrap, seed=seed,
                       fitted_on="val" if calibrate_on is None else source)
     metrics = measure(scored)
+    if leak and (unseen := unseen_patients(scored, manifest)):
+        metrics["unseen_patients"] = {
+            "n": len(unseen.y),
+            "note": "the films of test patients whose ids are not in train or val: numbers a "
+                    "leak cannot have raised; the same calibration and thresholds",
+            **measure(unseen),
+        }
     probs = calibration.probabilities(scored.logits)
     predicted = calibration.classes(probs, labels, positive_label=model.spec.positive_label)
     tta_probs = None
