@@ -486,6 +486,10 @@ def test_cli_evaluate(trained_run, tmp_path):
     assert re.search(rf"^\[\d\d:\d\d:\d\d\] INFO wrote {run}/eval/test$", "\n".join(logged),
                      re.MULTILINE), logged
     assert "validation" in output and (run / "eval" / "test" / "metrics.json").is_file()
+    code, output = cxr("evaluate", run, "--bootstrap", 0, "--device", "cpu", "--no-figures",
+                       "--tta", "--framing")  # their tables beside the plain numbers
+    assert code == 0, output
+    assert "Test-time augmentation: test (n=16)" in output and "Framing check: test" in output
     assert not list((run / "eval" / "test").glob("*.png"))
     code, output = cxr("evaluate", tmp_path / "nowhere")
     assert code == 2 and "not a cxrkit run" in output

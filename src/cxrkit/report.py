@@ -615,23 +615,24 @@ def variant_rows(m: dict, variants: list[dict]) -> list[tuple[str, ...]]:
 def variant_tables(m: dict) -> list[dict]:
     """The test-time augmentation, unseen-patient and framing-check tables of one evaluation,
     where made."""
+    title = m.get("title") or _title(m)  # (a report sets it; `cxr evaluate` has metrics.json)
     tables = []
     if "tta" in m:
-        tables.append({"title": f"Test-time augmentation: {m['title']}",
+        tables.append({"title": f"Test-time augmentation: {title}",
                        "columns": ["plain", "with TTA"],
                        "note": f"Views: {', '.join(m['tta']['views'])}; logits averaged, same "
                                "temperature and threshold.",
                        "rows": variant_rows(m, [m["tta"]])})
     if "unseen_patients" in m:
         unseen = m["unseen_patients"]
-        tables.append({"title": f"Test patients not in train or val: {m['title']}",
+        tables.append({"title": f"Test patients not in train or val: {title}",
                        "columns": ["all test films", f"those patients' {unseen['n']} films"],
                        "note": f"{unseen['note'].capitalize()}. If the two columns agree, "
                                "the shared ids did not make the test numbers optimistic.",
                        "rows": variant_rows(m, [unseen])})
     if "framing" in m:
         crops = m["framing"]["crops"]
-        tables.append({"title": f"Framing check: {m['title']}", "columns": ["as filmed", *crops],
+        tables.append({"title": f"Framing check: {title}", "columns": ["as filmed", *crops],
                        "note": f"{m['framing']['note'].capitalize()}. A model that reads the "
                                "lungs keeps its specificity; one that learned framing as a "
                                "shortcut calls tightly framed NORMAL films pneumonia.",
