@@ -627,8 +627,11 @@ def variant_tables(m: dict) -> list[dict]:
         unseen = m["unseen_patients"]
         tables.append({"title": f"Test patients not in train or val: {title}",
                        "columns": ["all test films", f"those patients' {unseen['n']} films"],
-                       "note": f"{unseen['note'].capitalize()}. If the two columns agree, "
-                               "the shared ids did not make the test numbers optimistic.",
+                       "note": f"{unseen['note'].capitalize()}. Compare sensitivity, "
+                               "specificity and ROC-AUC, which do not depend on the class "
+                               "mix (accuracy and F1 also move with those patients' mix): "
+                               "where they agree, the shared ids did not make the test "
+                               "numbers optimistic.",
                        "rows": variant_rows(m, [unseen])})
     if "framing" in m:
         crops = m["framing"]["crops"]
