@@ -262,6 +262,8 @@ def test_compare_runs_table_and_csv(reported, tmp_path, caplog):
     assert "Sens" in result.output and (tmp_path / "cli.csv").is_file()
     # Not a terminal: the table is as wide as its cells, each run's whole name on one line
     assert any(deep.name in line for line in result.output.splitlines())
+    result = CliRunner().invoke(app, ["compare", str(run), "--out", f"{tmp_path / 'tables'}/"])
+    assert result.exit_code == 0 and (tmp_path / "tables" / "compare.csv").is_file()
 
 
 def test_cli_report(trained_run, tmp_path):

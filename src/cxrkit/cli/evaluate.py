@@ -7,6 +7,7 @@ would load PyTorch (seconds) for every `cxr` call, `cxr --help` included.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -148,7 +149,8 @@ def report_command(
 def compare_command(
     runs: list[Path] = typer.Argument(..., help="Run folders to compare."),
     split: str = typer.Option("test", "--split"),
-    out: Path | None = typer.Option(None, "--out", help="Also write the table as CSV."),
+    out: str | None = typer.Option(None, "--out", help="Also write the table as CSV (a folder, "
+                                   "existing or ending in /, gets compare.csv)."),
     paired: bool = typer.Option(
         False, "--paired", help="Also each run minus the first on the films both scored, "
                                 "with paired bootstrap intervals: is it really better?"),
@@ -178,8 +180,9 @@ def compare_command(
     show_table(table)
     if paired:
         show_table(_paired_table(rows))
-    if out is not None:
-        console.print(f"[green]wrote[/] {write_compare_csv(rows, out)}")
+    if out is not None:  # (a str: a trailing slash says a folder, which Path would drop)
+        where = Path(out) / "compare.csv" if out.endswith(("/", os.sep)) else Path(out)
+        console.print(f"[green]wrote[/] {write_compare_csv(rows, where)}")
 
 
 def _paired_table(rows: list[dict]) -> Table:
