@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from cxrkit.evaluation import evaluate_run
 from cxrkit.inference import file_batches
 from cxrkit.models import create_model
 from cxrkit.report import build_report
-from cxrkit.runs import load_model, save_model
+from cxrkit.runs import Calibration, load_model, save_model, write_calibration
 from tests.conftest import make_kaggle_tree
 
 
@@ -92,9 +93,14 @@ def test_adapting_on_a_few_films_warns_and_enough_do_not(tmp_path, caplog, monke
 def test_adapt_never_overwrites_a_run_nor_adapts_on_films_it_cannot_read(tmp_path, caplog):
     run = tmp_path / "run"
     save_model(create_model("simple_cnn", labels=["NORMAL", "PNEUMONIA"]), run)
+    write_calibration(run, Calibration(0.3, 1.5, "validation: Youden's J"))
     weights = (run / "model.safetensors").read_bytes()
     target = make_kaggle_tree(tmp_path / "site", {"train": 2, "test": 2})
-    for out in (run, adapt_run(run, target, "test")):  # the source run, an earlier adaptation
+    adapted = adapt_run(run, target, "test")
+    # its logits differ: the source's operating point is not carried over, but chosen again
+    assert not (adapted / "calibration.json").exists()
+    assert Path(json.loads((adapted / "adaptation.json").read_text())["target_data"]).is_absolute()
+    for out in (run, adapted):  # the source run, an earlier adaptation
         with pytest.raises(FileExistsError, match="already holds a run: .* give another --out"):
             adapt_run(run, target, "test", out=out)
     assert (run / "model.safetensors").read_bytes() == weights

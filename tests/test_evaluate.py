@@ -566,3 +566,15 @@ def test_test_patients_seen_in_training_are_noted(trained_run, tmp_path, caplog)
     caplog.clear()
     evaluate_run(run, split="val", bootstrap=0, figures=False, device="cpu")
     assert said not in caplog.text  # a note of the test split's numbers only
+
+
+def test_the_same_site_named_relatively_is_the_same_choice(trained_run, tmp_path, caplog,
+                                                           monkeypatch):
+    site = make_class_folders(tmp_path / "site_b", ["NORMAL", "PNEUMONIA"], n=6)
+    run = copy_run(trained_run, tmp_path)
+    evaluate_run(run, calibrate_on=site, bootstrap=0, figures=False, device="cpu")
+    caplog.clear()
+    monkeypatch.chdir(tmp_path)
+    evaluate_run(run, calibrate_on="site_b", bootstrap=0, figures=False, device="cpu")
+    assert "deployed operating point changed" not in caplog.text
+    assert read_calibration(run).chosen_on.startswith(str(site))  # named absolutely

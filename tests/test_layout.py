@@ -10,6 +10,7 @@ import pytest
 
 from cxrkit.data.layout import EXPECTED_LAYOUTS, DataLayoutError, load_source
 from tests.conftest import make_kaggle_tree, make_kaggle_zip_tree, synthetic_film
+from tests.test_io import dicom_ramp, write_dicom
 
 
 def test_kaggle_layout(tiny_kaggle):
@@ -167,6 +168,15 @@ def test_a_film_without_a_patient_id_in_its_name_is_its_own_patient(tmp_path):
     ids = [s.patient_id for s in source.samples]
     assert len(set(ids)) == len(ids) == 8
     assert "train/NORMAL/0000" in ids and "test/PNEUMONIA/0001" in ids
+
+
+def test_films_named_by_dicom_uids_are_each_their_own_patient(tmp_path):
+    """1.2.840.0001 and 1.2.840.0002: the last component is part of the name, not a suffix."""
+    for i, label in enumerate(["NORMAL", "NORMAL", "PNEUMONIA", "PNEUMONIA"]):
+        (tmp_path / label).mkdir(exist_ok=True)
+        write_dicom(tmp_path / label / f"1.2.840.113619.{i + 1:04d}", dicom_ramp())
+    ids = [s.patient_id for s in load_source(tmp_path).samples]
+    assert len(set(ids)) == 4 and "NORMAL/1.2.840.113619.0001" in ids
 
 
 def test_a_patient_pattern_can_take_the_id_from_a_folder(tmp_path):

@@ -31,7 +31,9 @@ from cxrkit.runs import MODEL_WEIGHTS, load_model, model_folder, save_model
 
 log = logging.getLogger(__name__)
 
-COPIED_FILES = ("config.yaml", "split.csv", "calibration.json", "labels.json")
+# Not calibration.json: the adapted model's logits differ, so its threshold, temperature and
+# bias are chosen again by evaluating it (`cxr evaluate`); until then predict warns.
+COPIED_FILES = ("config.yaml", "split.csv", "labels.json")
 
 
 def target_images(data: str | Path, split: str | None = "test") -> list[str]:
@@ -145,7 +147,8 @@ def adapt_run(run: str | Path, data: str | Path, split: str | None = "test",
               out: str | Path | None = None, batch_size: int = 32) -> Path:
     """Adapt a trained run to the unlabelled images of `data`; returns the new run folder."""
     run = model_folder(run)
-    data = resolve_data(data)  # "kaggle": recorded as the folder it stands for
+    data = resolve_data(data).resolve()  # "kaggle": the folder it stands for; absolute, so
+    # that the transductive check finds those films from any working folder
     out = Path(out) if out else run.with_name(f"{run.name}-adapted")
     if (out / MODEL_WEIGHTS).exists() or (out / "config.yaml").exists():
         raise FileExistsError(f"{out} already holds a run: adapting into it would replace its "

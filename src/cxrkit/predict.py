@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from cxrkit.data.io import Film, film_list, film_name, read_image
+from cxrkit.data.io import SUPPORTED_SUFFIXES, Film, film_list, film_name, read_image
 from cxrkit.data.layout import images_under
 from cxrkit.export import FILE_NAMES, is_onnx_export, load_onnx
 from cxrkit.inference import predict_logits, resolve_device
@@ -228,10 +228,12 @@ class Predictor:
         readable = [p for p in predictions if p.ok]
         taken: set[str] = set()
         for p, image in zip(readable, self.cam_overlays(readable, batch_size), strict=True):
-            name, n = f"{Path(p.path).stem}_cam.png", 1
+            stem = Path(p.path).stem if Path(p.path).suffix.lower() in SUPPORTED_SUFFIXES \
+                else Path(p.path).name  # a DICOM UID keeps its last component
+            name, n = f"{stem}_cam.png", 1
             while name in taken:  # the same file name in two folders
                 n += 1
-                name = f"{Path(p.path).stem}_{n}_cam.png"
+                name = f"{stem}_{n}_cam.png"
             taken.add(name)
             lines = self.cam_caption(p)
             info = PngInfo()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from cxrkit.data.io import SUPPORTED_SUFFIXES
+
 # Each pattern's `patient` group is the id; tried in order, first match wins.
 DEFAULT_PATTERNS = (
     r"^(?P<patient>person\d+)_(?:bacteria|virus)_\d+",
@@ -48,7 +50,10 @@ class PatientIdParser:
             m = p.search(relative.name) or p.search(relative.as_posix())
             if m:
                 return m.group("patient") if "patient" in p.groupindex else m.group(1)
-        return relative.with_suffix("").as_posix()
+        # No rule matched: the film is its own patient. Only an image suffix is dropped: a
+        # DICOM UID (1.2.840.113619.2.55) keeps its last component.
+        image_suffix = relative.suffix.lower() in SUPPORTED_SUFFIXES
+        return (relative.with_suffix("") if image_suffix else relative).as_posix()
 
 
 def kermany_subtype(file_name: str, label: str) -> str:

@@ -236,10 +236,11 @@ def external_samples(data: str | Path, split: str) -> tuple[str, str, str, list[
     """(eval name, where it is, split used, samples) of another dataset: its `split` if it
     has splits, else all of it (a class-per-folder tree has none)."""
     source = load_source(data, min_classes=1)
+    where = str(Path(source.root).resolve())  # one name for the films from any working folder
     if split in source.splits:
-        return _data_name(data), str(source.root), split, source.split(split)
+        return _data_name(data), where, split, source.split(split)
     if source.splits == [""]:
-        return _data_name(data), str(source.root), "all", source.samples
+        return _data_name(data), where, "all", source.samples
     raise ValueError(f"{source.root} has no {split!r} split (it has {', '.join(source.splits)})")
 
 

@@ -25,8 +25,9 @@ def point_name(name: str) -> str:
 def _check_both_classes(y: np.ndarray) -> None:
     if y.all() or not y.any():
         raise ValueError(
-            "choosing a threshold needs positive and negative validation images; "
-            f"this validation split has only {'positive' if y.all() else 'negative'} ones"
+            "choosing a threshold needs films of both classes; the films it is chosen on "
+            f"(the validation split, or --calibrate-on's) have only "
+            f"{'positive' if y.all() else 'negative'} ones"
         )
 
 
