@@ -578,3 +578,20 @@ def test_the_same_site_named_relatively_is_the_same_choice(trained_run, tmp_path
     evaluate_run(run, calibrate_on="site_b", bootstrap=0, figures=False, device="cpu")
     assert "deployed operating point changed" not in caplog.text
     assert read_calibration(run).chosen_on.startswith(str(site))  # named absolutely
+
+
+def test_calibrating_on_other_films_of_the_evaluated_patients_is_refused(trained_run, tmp_path):
+    """Re-saved films (other bytes, the same patients) are not new evidence either."""
+    def site(name: str, seed: int) -> Path:
+        for label, stem in (("NORMAL", "IM-{:04d}-0001"), ("PNEUMONIA", "person{}_bacteria_1")):
+            (tmp_path / name / label).mkdir(parents=True)
+            for i in range(4):
+                synthetic_film(label, seed + i).save(tmp_path / name / label /
+                                                     f"{stem.format(i + 1)}.png")
+        return tmp_path / name
+    evaluated, resaved = site("site_eval", 700), site("site_resaved", 800)
+    run = copy_run(trained_run, tmp_path)
+    with pytest.raises(ValueError, match=r"8 patient\(s\) have films both in .*site_resaved.* "
+                                         r"choose on other patients' films"):
+        evaluate_run(run, data=evaluated, calibrate_on=resaved, bootstrap=0, figures=False,
+                     device="cpu")

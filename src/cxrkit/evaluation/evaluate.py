@@ -167,6 +167,14 @@ def refuse_overlap(chosen_on: Sequence[Sample], evaluated: Sequence[Sample], sou
                    origin: str, reapplied: bool = False) -> None:
     """Films that chose the threshold must not be among the films it is measured on, not
     even as copies; `reapplied`: the choice is calibration.json's, not one asked for now."""
+    patients = ({s.patient_id for s in chosen_on if has_parsed_patient(s)}
+                & {s.patient_id for s in evaluated if has_parsed_patient(s)})
+    if patients:  # re-saved or re-exported films of one patient are no new evidence either
+        raise ValueError(
+            f"{len(patients)} patient(s) have films both in {source}, which chooses the "
+            f"threshold, and in {origin}, which is evaluated (e.g. {min(patients)}): choose on "
+            f"other patients' films than those you evaluate on (split the site's films by "
+            f"patient).")
     shared = identical_files(chosen_on, evaluated)
     if shared:
         example = min(shared)
@@ -212,6 +220,14 @@ def identical_files(reference: Sequence[Sample], samples: Sequence[Sample]) -> d
     return found
 
 
+def has_parsed_patient(sample: Sample) -> bool:
+    """Whether a film's patient id was read (a manifest, a file-name rule), not the fallback
+    that makes a film its own patient (its path)."""
+    path = Path(sample.path).as_posix()
+    return bool(sample.patient_id) and not (path.endswith(sample.patient_id) or Path(
+        sample.path).with_suffix("").as_posix().endswith(sample.patient_id))
+
+
 def external_data_doubts(run_samples: Sequence[Sample], samples: Sequence[Sample]) -> list[str]:
     """Why `samples` may not be the independent data an external evaluation needs: films
     byte-identical to the run's own (train, val or test), and no patient ids (each film then
@@ -223,9 +239,7 @@ def external_data_doubts(run_samples: Sequence[Sample], samples: Sequence[Sample
         doubts.append(f"{len(theirs)} of these {len(samples)} films are files of the run's own "
                       f"data ({', '.join(f'{split} {n}' for split, n in splits.items())}): "
                       "this is not independent external data.")
-    unparsed = [s for s in samples  # the fallback id: the file's own path, suffix dropped
-                if Path(s.path).with_suffix("").as_posix().endswith(s.patient_id or "\0")]
-    if samples and len(unparsed) == len(samples):
+    if samples and not any(map(has_parsed_patient, samples)):
         doubts.append("No patient id could be read from the file names: each film counts as "
                       "its own patient, so the intervals are too narrow where a patient has "
                       "several films (a CSV manifest with a patient_id column gives them).")
