@@ -225,3 +225,16 @@ def test_a_run_never_evaluated_is_exported_and_loaded_with_a_warning(trained_run
     caplog.clear()
     Predictor.load(run, device="cpu")
     assert said in caplog.text
+
+
+def test_a_runs_export_older_than_its_calibration_is_said_when_used_alone(trained_run, tmp_path,
+                                                                         caplog):
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    write_calibration(run, Calibration(0.4, 1.0, "validation: Youden's J"))
+    export_model(run)
+    Predictor.load(run / "export")
+    assert "holds an earlier calibration" not in caplog.text
+    write_calibration(run, Calibration(0.6, 1.2, "site_b: Youden's J"))
+    assert Predictor.load(run / "export").calibration.threshold == 0.4  # the export's own
+    assert ("export holds an earlier calibration (threshold 0.4000, T=1.00) than its run's "
+            "deployed one (threshold 0.6000, T=1.20)") in caplog.text

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from cxrkit.cli import app
 from cxrkit.export import export_onnx, sidecar_entries, write_sidecar
 from cxrkit.predict import predict
-from cxrkit.runs import Calibration, load_model
+from cxrkit.runs import Calibration, load_model, write_calibration
 from cxrkit.serve import create_app
 from tests.conftest import running_server, synthetic_film
 from tests.test_io import tiny_png_claiming, write_dicom
@@ -243,3 +243,17 @@ def test_serving_on_a_port_in_use_is_refused_before_any_address_is_shown(trained
     assert "choose another --port" in result.output and "open http" not in result.output
     result = CliRunner().invoke(app, ["serve", str(trained_run), "--host", "192.0.2.1"])
     assert result.exit_code == 2 and "check --host" in result.output  # an address not ours
+
+
+def test_a_running_server_takes_up_a_newly_deployed_calibration(trained_run, films, tmp_path):
+    """`cxr evaluate --calibrate-on SITE` while `cxr serve RUN` runs: the next request uses it."""
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    write_calibration(run, Calibration(0.4, 1.0, "validation: Youden's J"))
+    with running_server(create_app(run)) as url:
+        assert requests.get(f"{url}/model", timeout=10).json()["threshold"] == 0.4
+        time.sleep(0.01)  # another modification time, whatever the file system's resolution
+        write_calibration(run, Calibration(0.123, 1.3, "site_b: Youden's J"))
+        model = requests.get(f"{url}/model", timeout=10).json()
+        assert (model["threshold"], model["threshold_chosen_on"]) == (0.123, "site_b: Youden's J")
+        answer = post(url, "normal.png", films["normal.png"].read_bytes()).json()
+        assert answer["threshold"] == 0.123

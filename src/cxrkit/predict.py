@@ -38,11 +38,13 @@ from cxrkit.export import FILE_NAMES, is_onnx_export, load_onnx
 from cxrkit.inference import predict_logits, resolve_device
 from cxrkit.labels import positive_label
 from cxrkit.runs import (
+    CALIBRATION,
     MODEL_WEIGHTS,
     Calibration,
     deployed_calibration,
     load_model,
     model_folder,
+    read_calibration,
     refuse_unfinished,
 )
 
@@ -98,6 +100,30 @@ def collect_images(paths: Film | Iterable[Film]) -> list[str | Film]:
     return unique
 
 
+def _stamp(file: Path) -> tuple[int, int] | None:
+    """(mtime, size) of a file, None when it is missing: enough to notice a rewrite."""
+    try:
+        info = file.stat()
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size
+
+
+def _warn_if_the_run_moved_on(export: Path, exported: Calibration) -> None:
+    """An export folder inside a run (RUN/export) whose run has deployed another calibration
+    since: the export alone still applies its own, which is said."""
+    run = export.resolve().parent
+    if not (run / MODEL_WEIGHTS).is_file() or not (run / CALIBRATION).is_file():
+        return
+    deployed = read_calibration(run)
+    if ((exported.threshold, exported.temperature, exported.bias)
+            != (deployed.threshold, deployed.temperature, deployed.bias)):
+        log.warning("%s holds an earlier calibration (threshold %.4f, %s) than its run's "
+                    "deployed one (threshold %.4f, %s): `cxr export %s` updates it, or predict "
+                    "with the run folder", export, exported.threshold, exported.describe(),
+                    deployed.threshold, deployed.describe(), shlex.quote(str(run)))
+
+
 class Predictor:
     """A model loaded once and ready to label files; one inference at a time (thread-safe).
 
@@ -106,8 +132,11 @@ class Predictor:
     """
 
     def __init__(self, model, calibration: Calibration, backend: str,
-                 device: str | None = None):
+                 device: str | None = None, run: Path | None = None):
         self.model, self.calibration, self.backend = model, calibration, backend
+        # A run's calibration.json can be re-chosen while a server runs: followed when it does.
+        self.run = run
+        self._calibration_stamp = _stamp(run / CALIBRATION) if run else None
         self.spec = model.spec
         self.labels = self.spec.labels or [f"class_{i}" for i in range(self.spec.num_classes)]
         # ONNX Runtime runs on the CPU here; for PyTorch None means the best device there is.
@@ -137,9 +166,12 @@ class Predictor:
             if not is_run:
                 raise ValueError(f"{path} is an ONNX export: use --backend onnx, or pass the run "
                                  f"folder it was exported from for --backend torch")
-            return cls(load_model(path), deployed_calibration(path), "torch", device)
+            return cls(load_model(path), deployed_calibration(path), "torch", device,
+                       run=model_folder(path))
         if not is_run:
-            return cls(*load_onnx(folder), "onnx")
+            model, exported = load_onnx(folder)
+            _warn_if_the_run_moved_on(folder, exported)
+            return cls(model, exported, "onnx")
         export = model_folder(folder) / "export"  # the run's own export
         if not is_onnx_export(export):
             raise FileNotFoundError(f"no ONNX export in {export}: run `cxr export "
@@ -153,7 +185,19 @@ class Predictor:
                         "run's calibration.json (threshold %.4f, %s). `cxr export %s` updates "
                         "the export.", export, exported.threshold, exported.describe(),
                         deployed.threshold, deployed.describe(), shlex.quote(str(path)))
-        return cls(model, deployed, "onnx")
+        return cls(model, deployed, "onnx", run=model_folder(path))
+
+    def follow_calibration(self) -> None:
+        """Take up a calibration the run deployed since this predictor was loaded (`cxr
+        evaluate` while `cxr serve` runs), saying so."""
+        if self.run is None or (stamp := _stamp(self.run / CALIBRATION)) == \
+                self._calibration_stamp:
+            return
+        self._calibration_stamp = stamp
+        self.calibration = read_calibration(self.run)
+        log.info("%s: now using its newly deployed calibration (threshold %.4f, %s; %s)",
+                 self.run, self.calibration.threshold, self.calibration.describe(),
+                 self.calibration.chosen_on)
 
     def require_torch(self, what: str) -> None:
         if self.backend != "torch":
@@ -183,6 +227,7 @@ class Predictor:
         ones (thumbnails, strips, blank images) a `warning`."""
         paths = film_list(paths)
         names = [film_name(film, i) for i, film in enumerate(paths)]
+        self.follow_calibration()
         threshold = self.threshold(threshold)
         doubts: dict[int, str] = {}
         with self._lock:

@@ -157,6 +157,7 @@ def create_app(model_path: str | Path, backend: str | None = None,
 
     @app.get("/model")
     async def model_info() -> ModelInfo:
+        predictor.follow_calibration()  # a stat: the decision rule /predict now applies
         spec, calibration = predictor.spec, predictor.calibration
         return ModelInfo(name=spec.name, labels=predictor.labels, input_size=spec.input_size,
                          in_chans=spec.in_chans, threshold=predictor.threshold(),
