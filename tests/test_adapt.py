@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from cxrkit.adapt import adapt_batchnorm, adapt_run, target_images
+from cxrkit.cli import app
 from cxrkit.evaluation import evaluate_run
 from cxrkit.inference import file_batches
 from cxrkit.models import create_model
@@ -155,3 +157,8 @@ def test_an_adapted_run_says_so_in_its_evaluations_and_report(trained_run, tiny_
     assert not any("adapt" in n for n in json.loads((plain / "metrics.json").read_text())["notes"])
     page = " ".join(build_report(adapted).read_text().split())
     assert "adapted with `cxr adapt` from" in page and "transductive" in page
+    brief = page[page.index("In brief"):page.index("</ul>")]
+    assert "the model was adapted (`cxr adapt`) to these very films" in brief
+    result = CliRunner().invoke(app, ["compare", str(run), str(adapted)])
+    assert result.exit_code == 0 and "run-adapted was adapted (`cxr adapt`) to these films" in (
+        " ".join(result.output.split()))

@@ -444,7 +444,7 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 <p class="sub">{{ spec.name }} · input {{ spec.input_size }} px
  · labels {{ spec.labels|join(", ") }} · generated {{ generated }} by cxrkit {{ version }}</p>
 <div class="card" id="summary"><h2>In brief</h2><ul>
-{% for title, text in card_metrics[:1] %}<li>{{ title }}: {{ text }}.</li>{% endfor %}
+{% for title, text in card_metrics %}<li>{{ title }}: {{ text }}.</li>{% endfor %}
 <li>Decision rule: {% if positive %}{{ positive }} where P({{ positive }}) ≥
  {{ "%.4f"|format(calibration.threshold) }} (chosen on {{ calibration.chosen_on }}){% else %}the
  most probable class{% endif %}.</li>
@@ -551,10 +551,10 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 <td>{{ r.ours }}</td></tr>{% endfor %}</table>
 <p>This run's test split is the Kaggle/Kermany test folder ({{ test_n }} films). The paper
  used another architecture and reports no intervals; a published number inside this model's
- interval is no evidence of a difference. The first rows hold this model at the threshold it
- chose on validation; the last two read its ROC curve where the paper operated, choosing the
- threshold on the test films themselves: they compare how well the two models rank these
- films, not two decision rules.</p>
+ interval is no evidence of a difference. The first rows hold this model at its deployed
+ threshold (chosen on {{ calibration.chosen_on }}); the last two read its ROC curve where the
+ paper operated, choosing the threshold on the test films themselves: they compare how well
+ the two models rank these films, not two decision rules.</p>
 {% else %}<p class="missing">The published results are on the Kermany test split (624
  Kermany-named films, two classes); this run has no evaluation of it to compare.</p>{% endif %}
 </section>
@@ -675,7 +675,8 @@ def val_rows(values: dict, binary: bool = True) -> list[tuple[str, str]]:
 
 def caveats(evals: list[dict], split: dict | None) -> list[str]:
     """What a reader must know before trusting the headline: a framing shortcut, probabilities
-    the temperature made worse, patient ids the test split shares with train or val."""
+    the temperature made worse, a model adapted to the films it is scored on, patient ids the
+    test split shares with train or val."""
     found = []
     for m in evals:
         framing = m.get("framing")
@@ -695,6 +696,11 @@ def caveats(evals: list[dict], split: dict | None) -> list[str]:
             found.append(f"on {m['title']}, the temperature chosen on validation made the "
                          f"probabilities less calibrated (ECE {before['value']:.3f} → "
                          f"{after['value']:.3f}): read them as scores.")
+    for m in evals:
+        if any("transductive" in note for note in m.get("notes", [])):
+            found.append(f"on {m['title']}, the model was adapted (`cxr adapt`) to these very "
+                         "films: a transductive result, to report apart from films it never "
+                         "saw.")
     if leak := (split or {}).get("test_leak"):
         found.append(leak)
     return found
@@ -779,6 +785,7 @@ def compare_runs(runs: list[str | Path], split: str = "test", paired: bool = Fal
         threshold = deployed_point(metrics).get("threshold")
         rows.append({"run": str(model_folder(run)), "model": metrics.get("model", ""),
                      "split": split, "n": metrics["n"], "threshold": threshold,
+                     "transductive": any("transductive" in n for n in metrics.get("notes", [])),
                      **headline(metrics),
                      SPEC_AT_SENS: metrics.get(block, {}).get(level)})
     films = [_films(folder) for folder in folders]

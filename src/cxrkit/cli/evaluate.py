@@ -178,6 +178,10 @@ def compare_command(
         table.add_row(f"{Path(r['run']).name}\n[dim]{r['model']}[/]", str(r["n"]), threshold,
                       *cells)
     show_table(table)
+    for r in rows:
+        if r["transductive"]:
+            console.print(f"[yellow]note:[/] {Path(r['run']).name} was adapted (`cxr adapt`) to "
+                          f"these films: a transductive result, not one on films it never saw")
     if paired:
         show_table(_paired_table(rows))
     if out is not None:  # (a str: a trailing slash says a folder, which Path would drop)
