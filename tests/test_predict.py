@@ -421,3 +421,14 @@ def test_the_finding_is_recorded_with_the_model_and_old_runs_keep_their_rule(tmp
         assert (called.label, called.positive_label) == (finding, finding)
     export_model(new)  # the export alone says it too
     assert Predictor.load(new / "export").positive_label == "ABNORMAL"
+
+
+def test_files_a_folder_search_passes_over_are_said(trained_run, tmp_path, caplog):
+    """A PACS file without suffix or DICOM preamble would vanish from the count silently."""
+    synthetic_film("NORMAL", 3).save(tmp_path / "film.png")
+    (tmp_path / "IM0007").write_bytes(b"\0" * 64 + b"no preamble, no header")
+    (tmp_path / "notes.txt").write_text("a text file is no film, and says nothing")
+    [prediction] = predict(trained_run, [tmp_path], device="cpu")
+    assert prediction.path.endswith("film.png")
+    assert (f"1 file(s) under {tmp_path} have no image suffix and no DICOM, JPEG or PNG header, "
+            f"and were skipped (e.g. {tmp_path / 'IM0007'})") in caplog.text

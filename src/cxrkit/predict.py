@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from cxrkit.data.io import SUPPORTED_SUFFIXES, Film, film_list, film_name, read_image
-from cxrkit.data.layout import images_under
+from cxrkit.data.layout import images_under, unrecognised_under
 from cxrkit.export import FILE_NAMES, is_onnx_export, load_onnx
 from cxrkit.inference import predict_logits, resolve_device
 from cxrkit.labels import positive_label
@@ -85,6 +85,11 @@ def collect_images(paths: Film | Iterable[Film]) -> list[str | Film]:
         path = Path(arg)
         if path.is_dir():
             found += [str(p) for p in images_under(path)]
+            if skipped := unrecognised_under(path):
+                log.warning("%d file(s) under %s have no image suffix and no DICOM, JPEG or PNG "
+                            "header, and were skipped (e.g. %s); a DICOM file without its "
+                            "128-byte preamble is read when named .dcm", len(skipped), path,
+                            skipped[0])
         elif not path.exists() and any(c in arg for c in "*?["):
             found += collect_images(sorted(glob.glob(arg, recursive=True))) or [arg]
         else:

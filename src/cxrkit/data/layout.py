@@ -72,6 +72,17 @@ def images_under(folder: Path) -> list[Path]:
     """The image files below `folder`, through linked folders too (each real folder once, by
     the first path to it in name order), but not in hidden or junk folders (.git, __MACOSX,
     ...) nor macOS's `._` shadows."""
+    return sorted(p for p in _files_under(folder) if is_image_file(p))
+
+
+def unrecognised_under(folder: Path) -> list[Path]:
+    """Files below `folder` named like PACS exports (no suffix, or a numeric one) that
+    `images_under` passes over: no DICOM preamble, no JPEG or PNG header."""
+    return sorted(p for p in _files_under(folder)
+                  if (not p.suffix or p.suffix[1:].isdigit()) and not is_image_file(p))
+
+
+def _files_under(folder: Path) -> list[Path]:
     found, seen = [], set()
     for top, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
@@ -81,8 +92,8 @@ def images_under(folder: Path) -> list[Path]:
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if d not in JUNK_DIRS and not d.startswith("."))
         found += [p for p in map(Path(top).joinpath, files)
-                  if not p.name.startswith("._") and p.is_file() and is_image_file(p)]
-    return sorted(found)
+                  if not p.name.startswith("._") and p.is_file()]
+    return found
 
 
 def _subdirs(folder: Path) -> list[Path]:
