@@ -121,8 +121,7 @@ def _warn_if_the_run_moved_on(export: Path, exported: Calibration) -> None:
     if not (run / MODEL_WEIGHTS).is_file() or not (run / CALIBRATION).is_file():
         return
     deployed = read_calibration(run)
-    if ((exported.threshold, exported.temperature, exported.bias)
-            != (deployed.threshold, deployed.temperature, deployed.bias)):
+    if not exported.decides_as(deployed):
         log.warning("%s holds an earlier calibration (threshold %.4f, %s) than its run's "
                     "deployed one (threshold %.4f, %s): `cxr export %s` updates it, or predict "
                     "with the run folder", export, exported.threshold, exported.describe(),
@@ -184,8 +183,7 @@ class Predictor:
                                     f"first, or use --backend torch")
         model, exported = load_onnx(export)
         deployed = deployed_calibration(path)  # the run's: a later evaluation may move it
-        if ((exported.threshold, exported.temperature, exported.bias)
-                != (deployed.threshold, deployed.temperature, deployed.bias)):
+        if not exported.decides_as(deployed):
             log.warning("%s holds an earlier calibration (threshold %.4f, %s); using the "
                         "run's calibration.json (threshold %.4f, %s). `cxr export %s` updates "
                         "the export.", export, exported.threshold, exported.describe(),

@@ -66,6 +66,11 @@ class Calibration:
         positive = positive_index(labels, positive_label)
         return np.where(probs[:, positive] >= threshold, positive, 1 - positive)
 
+    def decides_as(self, other: Calibration) -> bool:
+        """Whether `other` turns logits into the same probabilities and labels."""
+        return ((self.threshold, self.temperature, list(self.bias))
+                == (other.threshold, other.temperature, list(other.bias)))
+
     def describe(self) -> str:
         """'T=1.23', or with a bias 'T=1.23, bias (+0.00, +0.84)' (one number per class)."""
         text = f"T={self.temperature:.2f}"
