@@ -249,3 +249,31 @@ def test_resume_refuses_the_options_it_would_ignore(tmp_path):
     assert f"--config {run}/config.yaml --name NEW" in result.output
     result = CliRunner().invoke(app, ["run", "--resume", str(tmp_path), "--tta", "--name", "x"])
     assert result.exit_code == 2 and "--name would be ignored" in " ".join(result.output.split())
+
+
+def test_a_frozen_features_stage_resumed_part_way_is_the_uninterrupted_one(tiny_kaggle, tmp_path,
+                                                                         monkeypatch):
+    """The head fit on features extracted once goes on, after Ctrl+C mid-epoch, with that
+    epoch's own remaining batches, as the image stages do."""
+    from cxrkit.config import TrainConfig
+    from cxrkit.training import TrainingInterrupted, fit, train
+
+    config = TrainConfig.preset("scratch", data=str(tiny_kaggle), overrides={
+        "model.name": "simple_cnn", "model.pretrained": False, "model.input_size": 32,
+        "data.batch_size": 4, "data.num_workers": 0, "data.cache_dir": str(tmp_path / "cache"),
+        "trainer.progress_bar": False, "trainer.log_every_n_steps": 1,
+        "trainer.checkpoint_every_n_steps": 1000, "trainer.early_stopping_patience": None,
+        "stages": [{"name": "head", "epochs": 2, "lr": 3e-3, "unfreeze": "none",
+                    "frozen_features": True}],
+        "runs_dir": str(tmp_path / "runs"), "name": "stopped"})
+    make_callbacks = fit.make_callbacks
+    monkeypatch.setattr(fit, "make_callbacks", lambda *a, **k: [*make_callbacks(*a, **k),
+                                                                 CtrlCDuringStep(13)])
+    with pytest.raises(TrainingInterrupted, match=r"Ctrl\+C"):
+        train(config)
+    monkeypatch.setattr(fit, "make_callbacks", make_callbacks)
+    run = tmp_path / "runs" / "stopped"
+    assert checkpoint(run / "last.ckpt")["global_step"] == 14  # in the second epoch
+    train(resume=run)
+    reference = train(config.updated({"name": "reference"}))
+    assert val_losses(run) == val_losses(reference)

@@ -139,6 +139,19 @@ class EpochOrder(Sampler):
             yield int(order[position]), int(seeds[position])
 
 
+def one_process(trainer) -> bool:
+    """Whether Lightning keeps a training loader as it is: one device and no distributed
+    strategy (which, even on one device, rebuilds it with a DistributedSampler)."""
+    return trainer is None or isinstance(trainer.strategy, SingleDeviceStrategy)
+
+
+def batches_trained_this_epoch(trainer) -> int:
+    """Lightning's count (restored from a checkpoint on resume, reset at each epoch)."""
+    if trainer is None:
+        return 0
+    return trainer.fit_loop.epoch_loop.batch_progress.current.completed
+
+
 class ResumableLoader(DataLoader):
     """The training loader of one process: an epoch interrupted part way goes on with its own
     remaining films. `position()` says how many of the epoch's batches were trained (Lightning
@@ -248,21 +261,14 @@ class XrayDataModule(LightningDataModule):
                        pin_memory=torch.cuda.is_available(),
                        persistent_workers=self.num_workers > 0, collate_fn=collate_skip_bad)
         balanced = shuffle and self.data.balanced_sampler
-        # One device: Lightning keeps this loader as it is (a distributed strategy, even on one
-        # device, rebuilds it with a DistributedSampler).
-        if shuffle and (self.trainer is None
-                        or isinstance(self.trainer.strategy, SingleDeviceStrategy)):
+        if shuffle and one_process(self.trainer):
             weights = balanced_weights(self.labels(split)) if balanced else None
             return ResumableLoader(dataset, sampler=EpochOrder(len(dataset), self.seed, weights),
-                                   position=self._batches_trained_this_epoch, **options)
+                                   position=lambda: batches_trained_this_epoch(self.trainer),
+                                   **options)
         sampler = balanced_sampler(self.labels(split)) if balanced else None
         return DataLoader(dataset, shuffle=shuffle and not balanced, sampler=sampler, **options)
 
-    def _batches_trained_this_epoch(self) -> int:
-        """Lightning's count (restored from a checkpoint on resume, reset at each epoch)."""
-        if self.trainer is None:
-            return 0
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train", shuffle=True)

@@ -21,10 +21,33 @@ import torch
 from lightning.pytorch import LightningDataModule
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from cxrkit.data.transforms import ModelInput
-from cxrkit.training.datamodule import XrayDataModule, balanced_sampler
+from cxrkit.training.datamodule import (
+    EpochOrder,
+    ResumableLoader,
+    XrayDataModule,
+    balanced_sampler,
+    balanced_weights,
+    batches_trained_this_epoch,
+    one_process,
+)
+
+
+class SeededIndex(Dataset):
+    """A dataset read by `EpochOrder`'s (index, seed) pairs; features need no augmentation
+    seed, so it is dropped."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, _ = item
+        return self.dataset[index]
 
 
 def extract_features(backbone: nn.Module, loader: DataLoader, model_input: ModelInput,
@@ -87,10 +110,18 @@ class FeatureDataModule(LightningDataModule):
             self.datasets[split] = TensorDataset(tensors[f"{split}_x"], tensors[f"{split}_y"])
 
     def train_dataloader(self) -> DataLoader:
+        """As the image stages': one process goes on part way through an interrupted epoch
+        with that epoch's own order (`ResumableLoader`); several get a DistributedSampler."""
         train = self.datasets["train"]
-        if self.images.data.balanced_sampler:
-            sampler = balanced_sampler(train.tensors[1].tolist())
-            return DataLoader(train, batch_size=self.batch_size, sampler=sampler)
+        labels = train.tensors[1].tolist()
+        balanced = self.images.data.balanced_sampler
+        if one_process(self.trainer):
+            weights = balanced_weights(labels) if balanced else None
+            return ResumableLoader(SeededIndex(train), batch_size=self.batch_size,
+                                   sampler=EpochOrder(len(train), self.images.seed, weights),
+                                   position=lambda: batches_trained_this_epoch(self.trainer))
+        if balanced:
+            return DataLoader(train, batch_size=self.batch_size, sampler=balanced_sampler(labels))
         return DataLoader(train, batch_size=self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
