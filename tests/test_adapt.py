@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from cxrkit.adapt import adapt_batchnorm, adapt_run, target_images
 from cxrkit.cli import app
 from cxrkit.evaluation import evaluate_run
+from cxrkit.evaluation.evaluate import deployed_options
 from cxrkit.inference import file_batches
 from cxrkit.models import create_model
 from cxrkit.report import build_report
@@ -95,12 +96,15 @@ def test_adapting_on_a_few_films_warns_and_enough_do_not(tmp_path, caplog, monke
 def test_adapt_never_overwrites_a_run_nor_adapts_on_films_it_cannot_read(tmp_path, caplog):
     run = tmp_path / "run"
     save_model(create_model("simple_cnn", labels=["NORMAL", "PNEUMONIA"]), run)
-    write_calibration(run, Calibration(0.3, 1.5, "validation: Youden's J"))
+    write_calibration(run, Calibration(0.3, 1.5, "validation: sensitivity >= 0.9",
+                                       chosen_with={"target_sensitivity": 0.9}))
     weights = (run / "model.safetensors").read_bytes()
     target = make_kaggle_tree(tmp_path / "site", {"train": 2, "test": 2})
     adapted = adapt_run(run, target, "test")
     # its logits differ: the source's operating point is not carried over, but chosen again
     assert not (adapted / "calibration.json").exists()
+    assert deployed_options(adapted) == (0.9, False, None)  # chosen again the source's way
+    assert not list(run.glob(".calibration.json.*"))  # written whole, nothing left beside
     assert Path(json.loads((adapted / "adaptation.json").read_text())["target_data"]).is_absolute()
     for out in (run, adapted):  # the source run, an earlier adaptation
         with pytest.raises(FileExistsError, match="already holds a run: .* give another --out"):

@@ -19,11 +19,11 @@ from typer.testing import CliRunner
 
 from cxrkit.cli import app
 from cxrkit.cli.app import log_handler
-from cxrkit.data.layout import load_source
+from cxrkit.data.layout import Sample, load_source
 from cxrkit.data.split import patient_split, read_manifest, write_manifest
 from cxrkit.data.transforms import prepare
 from cxrkit.evaluation import evaluate_run
-from cxrkit.evaluation.evaluate import Scored, choose_calibration
+from cxrkit.evaluation.evaluate import Scored, choose_calibration, has_parsed_patient
 from cxrkit.evaluation.metrics import wilson_interval
 from cxrkit.inference import predict_logits, softmax
 from cxrkit.models import create_model
@@ -595,3 +595,14 @@ def test_calibrating_on_other_films_of_the_evaluated_patients_is_refused(trained
                                          r"choose on other patients' films"):
         evaluate_run(run, data=evaluated, calibrate_on=resaved, bootstrap=0, figures=False,
                      device="cpu")
+
+
+def test_a_patient_id_read_from_a_name_is_told_from_the_fallback_path():
+    def film(path: str, patient: str) -> Sample:
+        return Sample(path, "NORMAL", "test", patient)
+
+    assert has_parsed_patient(film("/d/cxr_12345.png", "12345"))  # a rule read it
+    assert has_parsed_patient(film("/d/NORMAL/img_17.png", "7"))
+    assert not has_parsed_patient(film("/d/NORMAL/film0.png", "NORMAL/film0"))  # the fallback
+    assert not has_parsed_patient(film("/d/NORMAL/1.2.840.0001", "NORMAL/1.2.840.0001"))
+    assert not has_parsed_patient(film("/d/NORMAL/a.png", ""))

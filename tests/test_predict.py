@@ -428,6 +428,8 @@ def test_files_a_folder_search_passes_over_are_said(trained_run, tmp_path, caplo
     synthetic_film("NORMAL", 3).save(tmp_path / "film.png")
     (tmp_path / "IM0007").write_bytes(b"\0" * 64 + b"no preamble, no header")
     (tmp_path / "notes.txt").write_text("a text file is no film, and says nothing")
+    for quiet in (".DS_Store", "README", "LICENSE"):  # no PACS names: not worth a word
+        (tmp_path / quiet).write_text("not a film")
     [prediction] = predict(trained_run, [tmp_path], device="cpu")
     assert prediction.path.endswith("film.png")
     assert (f"1 file(s) under {tmp_path} have no image suffix and no DICOM, JPEG or PNG header, "

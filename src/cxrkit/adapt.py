@@ -27,7 +27,7 @@ from cxrkit.data.kaggle import resolve_data
 from cxrkit.data.layout import DataLayoutError, images_under, load_source
 from cxrkit.inference import file_batches, resolve_device
 from cxrkit.models import Classifier
-from cxrkit.runs import MODEL_WEIGHTS, load_model, model_folder, save_model
+from cxrkit.runs import MODEL_WEIGHTS, load_model, model_folder, read_calibration, save_model
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,14 @@ def adaptation_note(run: Path, evaluated: list[str]) -> str | None:
     return note
 
 
+def source_calibration_options(run: Path) -> dict:
+    """For an adapted run not evaluated yet: the options that chose its source run's
+    operating point (--target-sensitivity, --framing-threshold, --calibrate-on), so that
+    its first evaluation chooses again the same way, on its own logits."""
+    done = run / ADAPTATION
+    return json.loads(done.read_text()).get("source_chosen_with", {}) if done.is_file() else {}
+
+
 def adapt_run(run: str | Path, data: str | Path, split: str | None = "test",
               out: str | Path | None = None, batch_size: int = 32) -> Path:
     """Adapt a trained run to the unlabelled images of `data`; returns the new run folder."""
@@ -181,6 +189,7 @@ def adapt_run(run: str | Path, data: str | Path, split: str | None = "test",
         "target_split": split,
         "n_images": n_read,
         "labels_used": False,
+        "source_chosen_with": read_calibration(run).chosen_with,
         "warning": warning,
     }, indent=2))
     return out

@@ -141,6 +141,7 @@ class Predictor:
         # A run's calibration.json can be re-chosen while a server runs: followed when it does.
         self.run = run
         self._calibration_stamp = _stamp(run / CALIBRATION) if run else None
+        self._calibration_lock = threading.Lock()
         self.spec = model.spec
         self.labels = self.spec.labels or [f"class_{i}" for i in range(self.spec.num_classes)]
         # ONNX Runtime runs on the CPU here; for PyTorch None means the best device there is.
@@ -193,11 +194,14 @@ class Predictor:
     def follow_calibration(self) -> None:
         """Take up a calibration the run deployed since this predictor was loaded (`cxr
         evaluate` while `cxr serve` runs), saying so."""
-        if self.run is None or (stamp := _stamp(self.run / CALIBRATION)) == \
-                self._calibration_stamp:
+        if self.run is None:
             return
-        self._calibration_stamp = stamp
-        self.calibration = read_calibration(self.run)
+        with self._calibration_lock:  # one refresh at a time; readers take self.calibration whole
+            stamp = _stamp(self.run / CALIBRATION)
+            if stamp == self._calibration_stamp:
+                return
+            self.calibration = read_calibration(self.run)  # only then is the new stamp kept
+            self._calibration_stamp = stamp
         log.info("%s: now using its newly deployed calibration (threshold %.4f, %s; %s)",
                  self.run, self.calibration.threshold, self.calibration.describe(),
                  self.calibration.chosen_on)
@@ -212,9 +216,10 @@ class Predictor:
         """The label the threshold is about (two classes); None with more."""
         return positive_label(self.labels, self.spec.positive_label)
 
-    def threshold(self, override: float | None = None) -> float | None:
-        """The threshold on P(positive label) in use: `override`, else the run's; None (argmax)
-        with more than two classes."""
+    def threshold(self, override: float | None = None,
+                  calibration: Calibration | None = None) -> float | None:
+        """The threshold on P(positive label) in use: `override`, else `calibration`'s (this
+        predictor's); None (argmax) with more than two classes."""
         if len(self.labels) != 2:
             if override is not None:
                 raise ValueError("a threshold applies to two-class models only; "
@@ -222,7 +227,7 @@ class Predictor:
             return None
         if override is not None and not 0.0 <= override <= 1.0:
             raise ValueError(f"threshold {override} is not a probability: use a value in [0, 1]")
-        return self.calibration.threshold if override is None else override
+        return (calibration or self.calibration).threshold if override is None else override
 
     def predict(self, paths: Film | Sequence[Film], batch_size: int = 32,
                 threshold: float | None = None, num_workers: int = 0) -> list[Prediction]:
@@ -231,7 +236,8 @@ class Predictor:
         paths = film_list(paths)
         names = [film_name(film, i) for i, film in enumerate(paths)]
         self.follow_calibration()
-        threshold = self.threshold(threshold)
+        calibration = self.calibration  # one for the whole request, whatever a refresh does
+        threshold = self.threshold(threshold, calibration)
         doubts: dict[int, str] = {}
         with self._lock:
             logits, failures = predict_logits(self.model, paths, batch_size, num_workers,
@@ -242,9 +248,9 @@ class Predictor:
             if np.isnan(row).any():  # unreadable (by its row: two films may share a name)
                 predictions.append(Prediction(name, error=reasons[name]))  # no threshold
                 continue
-            probs = self.calibration.probabilities(row[None])[0]
-            index = int(self.calibration.classes(probs[None], self.labels, threshold,
-                                                 self.positive_label)[0])
+            probs = calibration.probabilities(row[None])[0]
+            index = int(calibration.classes(probs[None], self.labels, threshold,
+                                            self.positive_label)[0])
             by_label = {k: float(p) for k, p in zip(self.labels, probs, strict=True)}
             predictions.append(Prediction(name, self.labels[index], by_label, threshold,
                                           self.positive_label, warning=doubts.get(i)))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,7 +185,9 @@ def deployed_calibration(path: str | Path) -> Calibration:
 def write_calibration(path: str | Path, calibration: Calibration) -> Path:
     """Deploy `calibration`: `predict`, `serve` and `export` apply it from then on."""
     file = model_folder(path) / CALIBRATION
-    file.write_text(json.dumps(calibration.to_dict(), indent=2))
+    partial = file.with_name(f".{CALIBRATION}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(calibration.to_dict(), indent=2))
+    os.replace(partial, file)  # whole: a server reading it never sees it half written
     return file
 
 

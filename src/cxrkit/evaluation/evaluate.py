@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 from cxrkit import __version__
-from cxrkit.adapt import adaptation_note
+from cxrkit.adapt import adaptation_note, source_calibration_options
 from cxrkit.data.dataset import load_prepared
 from cxrkit.data.layout import Sample, load_source
 from cxrkit.data.patients import kermany_subtype
@@ -163,6 +163,11 @@ def _data_name(data: str | Path) -> str:
     return f"external_{name}" if name in ("train", "val", "test") else name
 
 
+REAPPLIED_HINT = (" {} is where the deployed calibration (calibration.json) was chosen: "
+                  "--reset-calibration chooses on the run's validation split instead, "
+                  "--calibrate-on OTHER_FILMS on others.")
+
+
 def refuse_overlap(chosen_on: Sequence[Sample], evaluated: Sequence[Sample], source: str,
                    origin: str, reapplied: bool = False) -> None:
     """Films that chose the threshold must not be among the films it is measured on, not
@@ -174,7 +179,7 @@ def refuse_overlap(chosen_on: Sequence[Sample], evaluated: Sequence[Sample], sou
             f"{len(patients)} patient(s) have films both in {source}, which chooses the "
             f"threshold, and in {origin}, which is evaluated (e.g. {min(patients)}): choose on "
             f"other patients' films than those you evaluate on (split the site's films by "
-            f"patient).")
+            f"patient)." + (REAPPLIED_HINT.format(source) if reapplied else ""))
     shared = identical_files(chosen_on, evaluated)
     if shared:
         example = min(shared)
@@ -183,9 +188,7 @@ def refuse_overlap(chosen_on: Sequence[Sample], evaluated: Sequence[Sample], sou
             f"{origin}, which is evaluated (e.g. {example}, the same file or a byte-identical "
             f"copy as {shared[example].path}): choose on films you do not evaluate on (split "
             f"the site's films into two folders or manifests)."
-            + (f" {source} is where the deployed calibration (calibration.json) was chosen: "
-               f"--reset-calibration chooses on the run's validation split instead, "
-               f"--calibrate-on OTHER_FILMS on others." if reapplied else "")
+            + (REAPPLIED_HINT.format(source) if reapplied else "")
         )
 
 
@@ -222,10 +225,12 @@ def identical_files(reference: Sequence[Sample], samples: Sequence[Sample]) -> d
 
 def has_parsed_patient(sample: Sample) -> bool:
     """Whether a film's patient id was read (a manifest, a file-name rule), not the fallback
-    that makes a film its own patient (its path)."""
-    path = Path(sample.path).as_posix()
-    return bool(sample.patient_id) and not (path.endswith(sample.patient_id) or Path(
-        sample.path).with_suffix("").as_posix().endswith(sample.patient_id))
+    that makes a film its own patient: its path below the dataset, whole path components
+    (with or without the suffix), never part of a name (`12345` of cxr_12345.png is read)."""
+    if not sample.patient_id:
+        return False
+    ends = ("/" + Path(sample.path).as_posix(), "/" + Path(sample.path).with_suffix("").as_posix())
+    return not any(end.endswith("/" + sample.patient_id) for end in ends)
 
 
 def external_data_doubts(run_samples: Sequence[Sample], samples: Sequence[Sample]) -> list[str]:
@@ -336,7 +341,7 @@ def _as_stored(films: str | Path | None) -> str | None:
 
 def deployed_options(run: Path) -> tuple[float | None, bool, str | None]:
     """(target_sensitivity, framing_threshold, calibrate_on) that chose RUN's calibration."""
-    stored = read_calibration(run).chosen_with
+    stored = read_calibration(run).chosen_with or source_calibration_options(run)
     if stored:
         log.info("%s: re-applying what chose the deployed operating point (%s); "
                  "--reset-calibration chooses afresh", run.name,

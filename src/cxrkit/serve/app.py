@@ -158,9 +158,9 @@ def create_app(model_path: str | Path, backend: str | None = None,
     @app.get("/model")
     async def model_info() -> ModelInfo:
         predictor.follow_calibration()  # a stat: the decision rule /predict now applies
-        spec, calibration = predictor.spec, predictor.calibration
+        spec, calibration = predictor.spec, predictor.calibration  # one, taken whole
         return ModelInfo(name=spec.name, labels=predictor.labels, input_size=spec.input_size,
-                         in_chans=spec.in_chans, threshold=predictor.threshold(),
+                         in_chans=spec.in_chans, threshold=predictor.threshold(None, calibration),
                          positive_label=predictor.positive_label,
                          temperature=calibration.temperature, bias=calibration.bias,
                          threshold_chosen_on=calibration.chosen_on, backend=predictor.backend,

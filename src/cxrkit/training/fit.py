@@ -336,7 +336,8 @@ def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None)
     with warnings.catch_warnings():
         for message in EXPECTED_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
-        if (isinstance(datamodule, XrayDataModule)  # its one-device loader resumes part way
+        # their one-device loaders resume part way (ResumableLoader)
+        if (isinstance(datamodule, XrayDataModule | FeatureDataModule)
                 and isinstance(trainer.strategy, SingleDeviceStrategy)):
             warnings.filterwarnings("ignore", message=RESUMABLE_LOADER_WARNING)
         start = time.perf_counter()
