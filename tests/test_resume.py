@@ -187,7 +187,7 @@ def test_ctrl_c_stops_after_its_step_and_the_resumed_run_is_the_uninterrupted_on
     the fix; the resumed run then equals one never interrupted."""
     from cxrkit.config import ConfigError, DamagedCheckpointError, TrainConfig
     from cxrkit.data.layout import DataLayoutError
-    from cxrkit.training import TrainingInterrupted, fit, train
+    from cxrkit.training import fit, train
 
     data = shutil.copytree(tiny_kaggle, tmp_path / "data")  # moved below
     config = TrainConfig.preset("scratch", data=str(data), overrides={
@@ -196,12 +196,7 @@ def test_ctrl_c_stops_after_its_step_and_the_resumed_run_is_the_uninterrupted_on
         "trainer.progress_bar": False, "trainer.log_every_n_steps": 1,
         "trainer.checkpoint_every_n_steps": 1000, "trainer.early_stopping_patience": None,
         "stages.0.epochs": 2, "runs_dir": str(tmp_path / "runs"), "name": "stopped"})
-    make_callbacks = fit.make_callbacks
-    monkeypatch.setattr(fit, "make_callbacks", lambda *a, **k: [*make_callbacks(*a, **k),
-                                                                 CtrlCDuringStep(12)])
-    with pytest.raises(TrainingInterrupted, match=r"Ctrl\+C"):
-        train(config)
-    monkeypatch.setattr(fit, "make_callbacks", make_callbacks)
+    interrupt_at_step(config, 12, monkeypatch)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
     run = tmp_path / "runs" / "stopped"
     assert checkpoint(run / "last.ckpt")["global_step"] == 13  # step 12 finished, none lost
@@ -234,6 +229,18 @@ def test_ctrl_c_stops_after_its_step_and_the_resumed_run_is_the_uninterrupted_on
     assert val_losses(run) == val_losses(reference)
 
 
+def interrupt_at_step(config, step: int, monkeypatch) -> None:
+    """Train `config` with a real Ctrl+C in the middle of training step `step`."""
+    from cxrkit.training import TrainingInterrupted, fit, train
+
+    make_callbacks = fit.make_callbacks
+    monkeypatch.setattr(fit, "make_callbacks", lambda *a, **k: [*make_callbacks(*a, **k),
+                                                                 CtrlCDuringStep(step)])
+    with pytest.raises(TrainingInterrupted, match=r"Ctrl\+C"):
+        train(config)
+    monkeypatch.setattr(fit, "make_callbacks", make_callbacks)
+
+
 def val_losses(run: Path) -> list[float]:
     with open(run / "metrics.csv", newline="") as f:
         return [round(float(r["val_loss"]), 6) for r in csv.DictReader(f) if r["val_loss"]]
@@ -256,7 +263,7 @@ def test_a_frozen_features_stage_resumed_part_way_is_the_uninterrupted_one(tiny_
     """The head fit on features extracted once goes on, after Ctrl+C mid-epoch, with that
     epoch's own remaining batches, as the image stages do."""
     from cxrkit.config import TrainConfig
-    from cxrkit.training import TrainingInterrupted, fit, train
+    from cxrkit.training import train
 
     config = TrainConfig.preset("scratch", data=str(tiny_kaggle), overrides={
         "model.name": "simple_cnn", "model.pretrained": False, "model.input_size": 32,
@@ -266,12 +273,7 @@ def test_a_frozen_features_stage_resumed_part_way_is_the_uninterrupted_one(tiny_
         "stages": [{"name": "head", "epochs": 2, "lr": 3e-3, "unfreeze": "none",
                     "frozen_features": True}],
         "runs_dir": str(tmp_path / "runs"), "name": "stopped"})
-    make_callbacks = fit.make_callbacks
-    monkeypatch.setattr(fit, "make_callbacks", lambda *a, **k: [*make_callbacks(*a, **k),
-                                                                 CtrlCDuringStep(13)])
-    with pytest.raises(TrainingInterrupted, match=r"Ctrl\+C"):
-        train(config)
-    monkeypatch.setattr(fit, "make_callbacks", make_callbacks)
+    interrupt_at_step(config, 13, monkeypatch)
     run = tmp_path / "runs" / "stopped"
     assert checkpoint(run / "last.ckpt")["global_step"] == 14  # in the second epoch
     train(resume=run)
