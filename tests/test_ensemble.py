@@ -55,6 +55,13 @@ def test_members_that_read_films_differently_are_refused():
     cnn = create_model("simple_cnn", labels=LABELS)
     with pytest.raises(ValueError, match="must read films the same way"):
         Ensemble([cnn, lite])
+    # same films, another finding: their thresholds would be about different classes
+    labels = ["ABNORMAL", "NORMAL"]
+    new, old = (create_model("simple_cnn", labels=labels) for _ in range(2))
+    old.spec.positive_label = None  # a run saved before the finding was recorded: NORMAL
+    with pytest.raises(ValueError, match="must read films the same way .*'ABNORMAL'\\).* "
+                                         "differs from .*'NORMAL'\\)"):
+        Ensemble([old, new])
 
 
 def test_ensemble_run_folder_round_trips_and_exports_to_onnx(tmp_path):

@@ -15,12 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cxrkit.labels import positive_label
 from cxrkit.models import Classifier, ModelSpec, model_from_spec
 
 
 def _reading(spec: ModelSpec) -> tuple:
-    """What must match for members to share one prepared input."""
-    return spec.labels, spec.in_chans, tuple(spec.mean), tuple(spec.std), spec.equalize
+    """What must match for members to share one prepared input and one decision rule (the
+    finding their threshold is about)."""
+    return (spec.labels, spec.in_chans, tuple(spec.mean), tuple(spec.std), spec.equalize,
+            positive_label(spec.labels, spec.positive_label))
 
 
 class Ensemble(nn.Module):
@@ -33,8 +36,8 @@ class Ensemble(nn.Module):
             if _reading(member.spec) != _reading(first):
                 raise ValueError(
                     f"ensemble members must read films the same way (labels, channels, mean, "
-                    f"std, equalisation): {member.spec.name} {_reading(member.spec)} differs "
-                    f"from {first.name} {_reading(first)}")
+                    f"std, equalisation, finding): {member.spec.name} "
+                    f"{_reading(member.spec)} differs from {first.name} {_reading(first)}")
         self.members = nn.ModuleList(members)
         self.spec = ModelSpec("ensemble", first.num_classes, first.input_size, first.in_chans,
                               first.mean, first.std, 0.0, list(first.labels), first.equalize,
