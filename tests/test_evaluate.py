@@ -20,10 +20,11 @@ from typer.testing import CliRunner
 from cxrkit.cli import app
 from cxrkit.cli.app import log_handler
 from cxrkit.data.layout import Sample, load_source
+from cxrkit.data.patients import has_parsed_patient
 from cxrkit.data.split import patient_split, read_manifest, write_manifest
 from cxrkit.data.transforms import prepare
 from cxrkit.evaluation import evaluate_run
-from cxrkit.evaluation.evaluate import Scored, choose_calibration, has_parsed_patient
+from cxrkit.evaluation.evaluate import Scored, choose_calibration
 from cxrkit.evaluation.metrics import wilson_interval
 from cxrkit.inference import predict_logits, softmax
 from cxrkit.models import create_model

@@ -32,7 +32,14 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from cxrkit.data.io import SUPPORTED_SUFFIXES, Film, film_list, film_name, read_image
+from cxrkit.data.io import (
+    SUPPORTED_SUFFIXES,
+    Film,
+    file_stamp,
+    film_list,
+    film_name,
+    read_image,
+)
 from cxrkit.data.layout import images_under, unrecognised_under
 from cxrkit.export import FILE_NAMES, is_onnx_export, load_onnx
 from cxrkit.inference import predict_logits, resolve_device
@@ -105,15 +112,6 @@ def collect_images(paths: Film | Iterable[Film]) -> list[str | Film]:
     return unique
 
 
-def _stamp(file: Path) -> tuple[int, int] | None:
-    """(mtime, size) of a file, None when it is missing: enough to notice a rewrite."""
-    try:
-        info = file.stat()
-    except OSError:
-        return None
-    return info.st_mtime_ns, info.st_size
-
-
 def _warn_if_the_run_moved_on(export: Path, exported: Calibration) -> None:
     """An export folder inside a run (RUN/export) whose run has deployed another calibration
     since: the export alone still applies its own, which is said."""
@@ -140,7 +138,7 @@ class Predictor:
         self.model, self.calibration, self.backend = model, calibration, backend
         # A run's calibration.json can be re-chosen while a server runs: followed when it does.
         self.run = run
-        self._calibration_stamp = _stamp(run / CALIBRATION) if run else None
+        self._calibration_stamp = file_stamp(run / CALIBRATION) if run else None
         self._calibration_lock = threading.Lock()
         self.spec = model.spec
         self.labels = self.spec.labels or [f"class_{i}" for i in range(self.spec.num_classes)]
@@ -197,7 +195,7 @@ class Predictor:
         if self.run is None:
             return
         with self._calibration_lock:  # one refresh at a time; readers take self.calibration whole
-            stamp = _stamp(self.run / CALIBRATION)
+            stamp = file_stamp(self.run / CALIBRATION)
             if stamp == self._calibration_stamp:
                 return
             self.calibration = read_calibration(self.run)  # only then is the new stamp kept

@@ -67,6 +67,16 @@ def film_name(film: str | Image.Image | np.ndarray, index: int) -> str:
     return f"<image {index}>" if isinstance(film, IN_MEMORY) else film
 
 
+def file_stamp(path: str | Path) -> tuple[int, int]:
+    """(size, modification time) of a file, (-1, -1) if it is gone: enough to notice that it
+    was rewritten since."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return -1, -1
+    return stat.st_size, stat.st_mtime_ns
+
+
 def is_image_file(path: str | Path) -> bool:
     """A supported suffix; or no suffix (or a numeric one, as in UIDs) and the magic bytes
     of DICOM, JPEG or PNG: PACS exports often name files `IM0001` or

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cxrkit.data.io import SUPPORTED_SUFFIXES
+
+if TYPE_CHECKING:
+    from cxrkit.data.layout import Sample
 
 # Each pattern's `patient` group is the id; tried in order, first match wins.
 DEFAULT_PATTERNS = (
@@ -54,6 +58,16 @@ class PatientIdParser:
         # DICOM UID (1.2.840.113619.2.55) keeps its last component.
         image_suffix = relative.suffix.lower() in SUPPORTED_SUFFIXES
         return (relative.with_suffix("") if image_suffix else relative).as_posix()
+
+
+def has_parsed_patient(sample: Sample) -> bool:
+    """Whether a film's patient id was read (a manifest, a file-name rule), not the fallback
+    that makes a film its own patient: its path below the dataset, whole path components
+    (with or without the suffix), never part of a name (`12345` of cxr_12345.png is read)."""
+    if not sample.patient_id:
+        return False
+    ends = ("/" + Path(sample.path).as_posix(), "/" + Path(sample.path).with_suffix("").as_posix())
+    return not any(end.endswith("/" + sample.patient_id) for end in ends)
 
 
 def kermany_subtype(file_name: str, label: str) -> str:

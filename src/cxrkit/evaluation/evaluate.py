@@ -45,8 +45,9 @@ from PIL import Image
 from cxrkit import __version__
 from cxrkit.adapt import adaptation_note, source_calibration_options
 from cxrkit.data.dataset import load_prepared
+from cxrkit.data.io import file_stamp
 from cxrkit.data.layout import Sample, load_source
-from cxrkit.data.patients import kermany_subtype
+from cxrkit.data.patients import has_parsed_patient, kermany_subtype
 from cxrkit.data.split import read_manifest, test_patients_seen_in_training
 from cxrkit.evaluation import figures
 from cxrkit.evaluation.calibration import (
@@ -223,16 +224,6 @@ def identical_files(reference: Sequence[Sample], samples: Sequence[Sample]) -> d
     return found
 
 
-def has_parsed_patient(sample: Sample) -> bool:
-    """Whether a film's patient id was read (a manifest, a file-name rule), not the fallback
-    that makes a film its own patient: its path below the dataset, whole path components
-    (with or without the suffix), never part of a name (`12345` of cxr_12345.png is read)."""
-    if not sample.patient_id:
-        return False
-    ends = ("/" + Path(sample.path).as_posix(), "/" + Path(sample.path).with_suffix("").as_posix())
-    return not any(end.endswith("/" + sample.patient_id) for end in ends)
-
-
 def external_data_doubts(run_samples: Sequence[Sample], samples: Sequence[Sample]) -> list[str]:
     """Why `samples` may not be the independent data an external evaluation needs: films
     byte-identical to the run's own (train, val or test), and no patient ids (each film then
@@ -301,7 +292,7 @@ def cached(run: Path, labels: Sequence[str],
             return score_films(samples, where, views=views, crop=crop)
         stamp = (run / MODEL_WEIGHTS).stat()
         key = hashlib.sha256(repr((stamp.st_size, stamp.st_mtime_ns, crop, [
-            (s.path, *_file_stamp(s.path)) for s in samples])).encode()).hexdigest()[:20]
+            (s.path, *file_stamp(s.path)) for s in samples])).encode()).hexdigest()[:20]
         file = run / EVAL_DIR / LOGITS_CACHE / f"{key}.npz"
         if file.is_file():
             log.info("%s: logits of these %d films read back from %s", where, len(samples),
@@ -321,15 +312,6 @@ def cached(run: Path, labels: Sequence[str],
                                                          for f in result.failures]))
         return result
     return scored
-
-
-def _file_stamp(path: str) -> tuple[int, int]:
-    """(size, modification time) of a film; (-1, -1) if it is gone (scored as unreadable)."""
-    try:
-        stat = Path(path).stat()
-    except OSError:
-        return -1, -1
-    return stat.st_size, stat.st_mtime_ns
 
 
 def _as_stored(films: str | Path | None) -> str | None:
