@@ -222,6 +222,27 @@ def test_a_bare_dicom_data_set_without_its_file_meta_header_is_read(tmp_path, im
     np.testing.assert_array_equal(np.asarray(read_image(bare)), np.asarray(read_image(full)))
 
 
+def test_dicoms_without_preamble_or_suffix_are_found_and_read(tmp_path):
+    """PACS exports named by UID may also lack the preamble: found by their first tag."""
+    import pydicom
+
+    full = write_dicom(tmp_path / "full.dcm", dicom_ramp())
+    films = tmp_path / "films"
+    films.mkdir()
+    (films / "IM0001").write_bytes(full.read_bytes()[132:])  # file meta group first
+    ds = pydicom.dcmread(full)
+    ds.preamble, ds.file_meta = None, pydicom.dataset.FileMetaDataset()
+    for name, implicit_vr in (("IM0002", True), ("1.2.840.3", False)):  # data set alone
+        pydicom.dcmwrite(films / name, ds, enforce_file_format=False, implicit_vr=implicit_vr,
+                         little_endian=True)
+    (films / "IM0004").write_bytes(b"\0" * 64 + b"a number in its name, but no film")
+    found = [p.name for p in images_under(films)]
+    assert found == ["1.2.840.3", "IM0001", "IM0002"]
+    for name in found:
+        np.testing.assert_array_equal(np.asarray(read_image(films / name)),
+                                      np.asarray(read_image(full)))
+
+
 def test_a_png_named_dcm_is_read_as_the_png_it_is(tmp_path):
     film = synthetic_film("NORMAL", 3)
     film.save(tmp_path / "film.png")

@@ -94,8 +94,8 @@ def collect_images(paths: Film | Iterable[Film]) -> list[str | Film]:
             found += [str(p) for p in images_under(path)]
             if skipped := unrecognised_under(path):
                 log.warning("%d file(s) under %s have no image suffix and no DICOM, JPEG or PNG "
-                            "header, and were skipped (e.g. %s); a DICOM file without its "
-                            "128-byte preamble is read when named .dcm", len(skipped), path,
+                            "header, and were skipped (e.g. %s); a DICOM file that starts in an "
+                            "unusual way is read when named .dcm", len(skipped), path,
                             skipped[0])
         elif not path.exists() and any(c in arg for c in "*?["):
             found += collect_images(sorted(glob.glob(arg, recursive=True))) or [arg]

@@ -7,6 +7,7 @@ expansion, normalisation) happens later in the transforms.
 
 from __future__ import annotations
 
+import struct
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,6 +32,12 @@ TOO_MANY_PIXELS = "refused: too many pixels"  # how an oversized film's reason s
 MIN_FILM_SIDE = 64  # pixels
 MAX_ASPECT = 2.5  # longer side over shorter
 MIN_CONTRAST = 2.0  # standard deviation of the gray levels
+# A DICOM file written without its 128-byte preamble and "DICM" (older exports) starts with
+# its first data element: a tag of the file meta group (0002) or, with no meta header at all,
+# of the identifying group (0008); then a value representation, or an implicit length.
+BARE_DICOM_GROUPS = (0x0002, 0x0008)
+DICOM_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS "
+                      b"ST SV TM UC UI UL UN UR US UT UV".split())
 
 
 class UnreadableImageError(ValueError):
@@ -88,22 +95,26 @@ def is_image_file(path: str | Path) -> bool:
     return (suffix == "" or suffix[1:].isdigit()) and _has_image_magic(path)
 
 
+def _file_head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)
+    except OSError:
+        return b""
+
+
 def _has_image_magic(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return head[128:132] == b"DICM" or head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n"))
+    head = _file_head(path)
+    return _is_dicom_head(head) or head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n"))
 
 
-def _has_dicom_magic(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
+def _is_dicom_head(head: bytes) -> bool:
+    """"DICM" after the preamble, or a bare data set's first element (BARE_DICOM_GROUPS)."""
+    if head[128:132] == b"DICM":
+        return True
+    if len(head) < 8 or struct.unpack_from("<H", head)[0] not in BARE_DICOM_GROUPS:
         return False
+    return head[4:6] in DICOM_VRS or struct.unpack_from("<I", head, 4)[0] < 1024
 
 
 def _to_uint8(pixels: np.ndarray) -> np.ndarray:
@@ -133,16 +144,15 @@ def _read_dicom(path: Path) -> Image.Image:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
-    # `force`: a file named .dcm may lack the 128-byte preamble and "DICM" (older exports).
-    force = path.suffix.lower() in DICOM_SUFFIXES
-    header = pydicom.dcmread(path, stop_before_pixels=True, force=force)
+    # `force`: older exports lack the 128-byte preamble and "DICM".
+    header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
     if rows * columns > MAX_PIXELS:  # before decoding: a few compressed MB can hold GBs
         raise UnreadableImageError(path, f"{TOO_MANY_PIXELS} ({columns} x {rows} > "
                                          f"{MAX_PIXELS:,}); a chest film is at most ~4k x 4k")
-    ds = pydicom.dcmread(path, force=force)
-    looks_dicom = _has_dicom_magic(path) or any(k in ds for k in ("SOPClassUID", "Modality",
-                                                                  "Rows"))
+    ds = pydicom.dcmread(path, force=True)
+    looks_dicom = _is_dicom_head(_file_head(path)) or any(
+        k in ds for k in ("SOPClassUID", "Modality", "Rows"))
     if "PixelData" not in ds and not looks_dicom:
         raise UnreadableImageError(path, "neither a DICOM file (no DICM header, no DICOM "
                                          "image attributes) nor an image PIL can read")
@@ -198,9 +208,9 @@ def read_image(path: Film) -> Image.Image:
                                        if any(c in path.name for c in "*?") else "file not found")
         if path.stat().st_size == 0:
             raise UnreadableImageError(path, "empty file (0 bytes)")
-        if _has_dicom_magic(path):
+        if _is_dicom_head(_file_head(path)):
             return _read_dicom(path)
-        if path.suffix.lower() in DICOM_SUFFIXES:  # no "DICM": an old export, or misnamed
+        if path.suffix.lower() in DICOM_SUFFIXES:  # no DICOM start: misnamed, or damaged
             try:
                 return _read_dicom(path)
             except Exception as dicom_error:

@@ -77,8 +77,9 @@ def images_under(folder: Path) -> list[Path]:
 
 def unrecognised_under(folder: Path) -> list[Path]:
     """Files below `folder` named like PACS exports (a number in a name without a suffix, or
-    with a numeric one: IM0001, 1.2.840.1) that `images_under` passes over: no DICOM
-    preamble, no JPEG or PNG header. (.DS_Store, README, LICENSE are no such names.)"""
+    with a numeric one: IM0001, 1.2.840.1) that `images_under` passes over: no DICOM,
+    JPEG or PNG start (data/io.is_image_file). (.DS_Store, README, LICENSE are no such
+    names.)"""
     return sorted(p for p in _files_under(folder)
                   if (not p.suffix or p.suffix[1:].isdigit()) and not p.name.startswith(".")
                   and any(c.isdigit() for c in p.name) and not is_image_file(p))

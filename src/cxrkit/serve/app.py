@@ -177,7 +177,7 @@ def create_app(model_path: str | Path, backend: str | None = None,
         if not file.size:
             raise HTTPException(400, f"{file.filename}: the upload is empty. {HOW_TO_POST}")
         with tempfile.TemporaryDirectory(prefix="cxr-upload-") as tmp:
-            # the content says what it is, but a DICOM without its preamble only its name
+            # the content says what it is; an unusually written DICOM only its name
             suffix = Path(file.filename or "").suffix.lower()
             path = Path(tmp) / ("upload" + (suffix if suffix in DICOM_SUFFIXES else ""))
             with open(path, "wb") as out:
