@@ -102,6 +102,7 @@ def test_an_identical_film_under_two_labels_is_called_out(tmp_path):
         n for n in result.notes if n.startswith("no val split")))
     page = (tmp_path / "out" / "audit.html").read_text()
     assert page.index("Fix before training:") < page.index("no val split")
+    assert page.count("<table>") == page.count("<table><caption>") > 3  # each says what it is
     assert f"by cxrkit {cxrkit.__version__}" in page and result.audited_at[:10] in page
 
 

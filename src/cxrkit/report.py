@@ -430,6 +430,7 @@ th, td { border: 1px solid #d5dbe5; padding: 4px 10px; text-align: right; white-
 table { display: block; overflow-x: auto; max-width: 100%; }  /* scrolls, not the page */
 th { background: #f1f4f9; white-space: normal; }  /* headers wrap, numbers do not */
 td.name, th.name { text-align: left; }
+caption { text-align: left; color: #5b6577; font-size: 13px; padding-bottom: 4px; }
 tr.group td { background: #f8f9fc; text-align: left; font-weight: 600; color: #3a4456;
             white-space: normal; }  /* a group's title wraps: it must not widen the table */
 img { max-width: 100%; border: 1px solid #e3e7ee; margin: 6px 0 4px; }
@@ -459,7 +460,8 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 <p>From the data audit ({{ audit.get("root", "audit.json") }}):
  {{ audit.get("n_images", "?") }} images, layout {{ audit.get("layout", "?") }}.</p>
 {% if audit.get("counts") %}{% set classes = audit.get("classes") or [] %}
-<table><tr><th scope="col" class="name">folder on disk</th>{% for c in classes %}
+<table><caption>Films per class in each folder on disk, and their patients</caption>
+<tr><th scope="col" class="name">folder on disk</th>{% for c in classes %}
 <th scope="col">{{ c }}</th>{% endfor %}<th scope="col">patients</th></tr>
 {% for split, row in audit["counts"].items() %}<tr><td class="name">{{ split or "(none)" }}/</td>
 {% for c in classes %}<td>{{ row.get(c, 0) }}</td>{% endfor %}
@@ -473,7 +475,8 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 {% else %}<p class="missing">No audit.json found (run <code>cxr data audit</code>); counts below
  are from the run's split.csv.</p>{% endif %}
 {% if split %}<h3>The run's split (split.csv)</h3>
-<table><tr><th scope="col" class="name">split</th>{% for c in split.classes %}
+<table><caption>Films per class in each split the run used, and their patients</caption>
+<tr><th scope="col" class="name">split</th>{% for c in split.classes %}
 <th scope="col">{{ c }}</th>{% endfor %}<th scope="col">total</th><th scope="col">patients</th></tr>
 {% for r in split.rows %}<tr><td class="name">{{ r.split }}</td>
 {% for n in r.counts %}<td>{{ n }}</td>{% endfor %}<td>{{ r.total }}</td><td>{{ r.patients }}</td>
@@ -501,7 +504,8 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
  below use that one); with class weights or mixup they can look poor beside a high
  ROC-AUC.{% else %} Each film is called its most probable class; sensitivity, specificity and
  F1 are averaged over the classes.{% endif %}</p>
-<table>{% for name, text in val_metrics %}<tr><td class="name">{{ name }}</td><td>{{ text }}</td>
+<table><caption>Validation, best checkpoint</caption>
+{% for name, text in val_metrics %}<tr><td class="name">{{ name }}</td><td>{{ text }}</td>
 </tr>{% endfor %}</table>{% endif %}
 {% if config_text %}<details><summary>config.yaml</summary><pre>{{ config_text }}</pre></details>
 {% else %}<p class="missing">No config.yaml in the run folder.</p>{% endif %}
@@ -519,7 +523,8 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
  as frequencies){% endif %}.{% endif %}{% endfor %}{% if positive %} The
  deployed threshold ({{ calibration.chosen_on }}) is the one <code>cxr predict</code> uses
  ({{ "%.4f"|format(calibration.threshold) }}).{% endif %} Neither was chosen on test data.</p>
-<table><tr><th scope="col" class="name">metric</th>{% for m in evals %}
+<table><caption>Each evaluation at the deployed threshold, 95% intervals in parentheses
+</caption><tr><th scope="col" class="name">metric</th>{% for m in evals %}
 <th scope="col">{{ m.title }}</th>{% endfor %}</tr>
 {% for row in rows %}{% if row.group and (loop.first or rows[loop.index0 - 1].group != row.group) %}
 <tr class="group"><td colspan="{{ evals|length + 1 }}">{{ row.group }}</td></tr>{% endif %}
@@ -528,7 +533,8 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 {% for m in evals %}{% for note in m.notes %}<div class="note">{{ m.title }}:
  {{ note }}</div>{% endfor %}{% if m.unreadable %}<div class="note">{{ m.name }}:
  {{ m.unreadable|length }} unreadable images were left out.</div>{% endif %}{% endfor %}
-{% for v in variants %}<h3>{{ v.title }}</h3><p>{{ v.note }}</p><table><tr>
+{% for v in variants %}<h3 id="variant-{{ loop.index }}">{{ v.title }}</h3><p>{{ v.note }}</p>
+<table aria-labelledby="variant-{{ loop.index }}"><tr>
 <th scope="col" class="name">metric</th>{% for c in v.columns %}<th scope="col">{{ c }}</th>
 {% endfor %}</tr>
 {% for r in v.rows %}<tr><td class="name">{{ r[0] }}</td>{% for c in r[1:] %}<td>{{ c }}</td>
@@ -540,7 +546,8 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 </section>
 
 <section id="published"><h2>Published results on the same test split</h2>
-{% if published %}<table><tr><th scope="col" class="name">metric</th>
+{% if published %}<table><caption>{{ published_source }} beside this model</caption>
+<tr><th scope="col" class="name">metric</th>
 <th scope="col">{{ published_source }}</th>
 <th scope="col">this model, internal test, deployed threshold</th></tr>
 {% for r in published %}<tr><td class="name">{{ r.name }}</td><td>{{ r.published }}</td>

@@ -19,6 +19,7 @@ h1 { font-size: 1.6rem; } h2 { font-size: 1.2rem; margin-top: 2rem; border-botto
 table { border-collapse: collapse; margin: 0.5rem 0; font-size: 0.85rem; }
 th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; } td.num { text-align: right; }
+caption { text-align: left; color: #555; padding-bottom: 4px; }
 img { max-width: 100%; margin: 0.5rem 0; } .muted { color: #777; }
 li.fix { color: #9b1c1c; }
 """
@@ -31,15 +32,16 @@ def _cell(value) -> str:
     return f"<td{css}>{html.escape(str(value))}</td>"
 
 
-def table(headers: list[str], rows: list[list], empty: str = "none") -> str:
-    """An HTML table; `empty` is shown instead when there are no rows."""
+def table(caption: str, headers: list[str], rows: list[list], empty: str = "none") -> str:
+    """An HTML table that says what it holds; `empty` is shown instead when there are no
+    rows."""
     if not rows:
         return f'<p class="muted">{html.escape(empty)}</p>'
     head = "".join(f'<th scope="col">{html.escape(h)}</th>' for h in headers)
     body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows[:ROWS_SHOWN])
     more = (f'<p class="muted">{len(rows) - ROWS_SHOWN} more rows in audit.json</p>'
             if len(rows) > ROWS_SHOWN else "")
-    return f"<table><tr>{head}</tr>{body}</table>{more}"
+    return f"<table><caption>{html.escape(caption)}</caption><tr>{head}</tr>{body}</table>{more}"
 
 
 def embedded_png(path: str | Path, alt: str) -> str:
@@ -50,15 +52,16 @@ def embedded_png(path: str | Path, alt: str) -> str:
 def _counts_section(r: AuditResult) -> str:
     rows = [[split or "(no split)", *c.values(), sum(c.values()), r.patients.get(split, 0),
              r.imbalance[split] or "-"] for split, c in r.counts.items()]
-    out = table(["split", *r.classes, "total", "patients", "imbalance"], rows)
+    out = table("Films per class in each split, with patients and the class imbalance",
+                ["split", *r.classes, "total", "patients", "imbalance"], rows)
     if r.unreadable:
         out += (f"<p>Files found, the {len(r.unreadable)} unreadable ones included (listed "
                 "below; training skips them).</p>")
     if r.subtypes:
         kinds = sorted({k for c in r.subtypes.values() for k in c})
         out += "<h3>Subtypes (from file names)</h3>" + table(
-            ["split", *kinds], [[s or "(no split)", *(c.get(k, 0) for k in kinds)]
-                                for s, c in r.subtypes.items()])
+            "Films per subtype in each split", ["split", *kinds],
+            [[s or "(no split)", *(c.get(k, 0) for k in kinds)] for s, c in r.subtypes.items()])
     return out
 
 
@@ -67,11 +70,13 @@ def _images_section(r: AuditResult) -> str:
     rows = [[axis, sizes[axis]["min"], sizes[axis]["median"], sizes[axis]["max"]]
             for axis in ("width", "height") if axis in sizes]
     common = ", ".join(f"{w}x{h} ({n})" for w, h, n in sizes.get("most_common", []))
-    return (table(["", "min", "median", "max"], rows)
+    return (table("Film sizes in pixels, as stored", ["", "min", "median", "max"], rows)
             + f"<p>{sizes.get('distinct_sizes', 0)} distinct sizes; most common: "
             f"{html.escape(common)}</p>"
-            + table(["mode as stored", "files"], [[m, n] for m, n in r.modes.items()])
-            + table(["format", "files"], [[f, n] for f, n in r.formats.items()]))
+            + table("Pixel modes as stored", ["mode as stored", "files"],
+                    [[m, n] for m, n in r.modes.items()])
+            + table("File formats", ["format", "files"],
+                    [[f, n] for f, n in r.formats.items()]))
 
 
 def _relative(path: str, r: AuditResult) -> str:
@@ -81,11 +86,12 @@ def _relative(path: str, r: AuditResult) -> str:
 
 
 def _duplicates_section(r: AuditResult) -> str:
-    exact = table(["group", "files", "paths (split/class/file)"],
+    exact = table("Groups of byte-identical files", ["group", "files", "paths (split/class/file)"],
                   [[i + 1, len(g), " | ".join(_relative(p, r) for p in g)]
                    for i, g in enumerate(r.exact_duplicates)],
                   "no byte-identical files")
-    near = table(["distance", "file A", "split A", "label A", "file B", "split B", "label B"],
+    near = table("Pairs of near-duplicate films, closest first",
+                 ["distance", "file A", "split A", "label A", "file B", "split B", "label B"],
                  [[p.distance, _relative(p.a, r), p.split_a or "-", p.label_a,
                    _relative(p.b, r), p.split_b or "-", p.label_b] for p in r.near_duplicates],
                  f"no near duplicates within {r.near_threshold} bits (byte-identical files "
@@ -129,9 +135,11 @@ def write_audit_html(r: AuditResult, path: str | Path) -> Path:
     levels = r.note_levels or [""] * len(r.notes)
     notes = "".join(f'<li class="{level}">{NOTE_WORDS.get(level, "")}{html.escape(n)}</li>'
                     for level, n in zip(levels, r.notes, strict=True)) or "<li>none</li>"
-    unreadable = table(["path", "reason"], [[_relative(u.path, r), u.reason]
-                                            for u in r.unreadable], "every file decodes")
-    doubtful = table(["path", "why it is hardly a film"],
+    unreadable = table("Files that do not decode, and why", ["path", "reason"],
+                       [[_relative(u.path, r), u.reason] for u in r.unreadable],
+                       "every file decodes")
+    doubtful = table("Files that decode but are hardly films",
+                     ["path", "why it is hardly a film"],
                      [[_relative(u.path, r), u.reason] for u in r.doubtful],
                      "every decoded file looks like a film (size, shape, contrast)")
     made = f" &middot; {html.escape(r.audited_at)} by cxrkit {html.escape(r.version)}" \
@@ -149,7 +157,8 @@ def write_audit_html(r: AuditResult, path: str | Path) -> Path:
 <h2>Unreadable files</h2>{unreadable}
 <h2>Readable, but hardly films</h2>{doubtful}
 <h2>Duplicates</h2>{_duplicates_section(r)}
-<h2>Patients shared between splits</h2>{table(["splits", "patients", "ids"], shared)}
+<h2>Patients shared between splits</h2>{table("Patient ids found in two splits",
+                                          ["splits", "patients", "ids"], shared)}
 <h2>Images</h2>{_images_section(r)}
 <h2>Figures</h2>{figures or '<p class="muted">figures were not drawn</p>'}
 </body></html>
