@@ -417,8 +417,11 @@ def test_calibrating_on_another_sites_films_is_validating_on_them(trained_run, t
     again = evaluate_run(run, bootstrap=0, figures=False, device="cpu")  # re-applied
     assert again == out and read_calibration(run).threshold == pytest.approx(
         got["deployed_threshold"])
+    said = "(`--calibrate-on`), the site this model is deployed to: every result here"
+    assert said in build_report(run, evaluate_missing=False).read_text()  # In brief says so
     internal = evaluate_run(run, bootstrap=0, figures=False, device="cpu",
                             reset_calibration=True)
+    assert said not in build_report(run, evaluate_missing=False).read_text()
     assert json.loads((internal / "metrics.json").read_text())["deployed_threshold"] != (
         pytest.approx(got["deployed_threshold"]))  # the two choices differ on these films
     assert read_calibration(run).bias == []  # the training site's mix is not learnt

@@ -680,11 +680,16 @@ def val_rows(values: dict, binary: bool = True) -> list[tuple[str, str]]:
     return rows
 
 
-def caveats(evals: list[dict], split: dict | None) -> list[str]:
+def caveats(evals: list[dict], split: dict | None,
+            calibration: Calibration | None = None) -> list[str]:
     """What a reader must know before trusting the headline: a framing shortcut, probabilities
     the temperature made worse, a model adapted to the films it is scored on, patient ids the
-    test split shares with train or val."""
+    test split shares with train or val, an operating point chosen on another site's films."""
     found = []
+    if calibration and calibration.chosen_with.get("calibrate_on"):
+        found.append(f"the threshold and probabilities were chosen on {calibration.chosen_on} "
+                     "(`--calibrate-on`), the site this model is deployed to: every result "
+                     "here, the internal test's too, is scored at that site's operating point.")
     for m in evals:
         framing = m.get("framing")
         plain = (headline(m).get("specificity") or {}).get("value")
@@ -767,7 +772,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
         positive=positive_label(spec.labels, spec.positive_label),
         data_path=_data_path(config), card_metrics=card_metrics,
         limitations=[KERMANY_SHIFT if kermany else OTHER_SHIFT, *LIMITATIONS],
-        RUN_SPLITS_ITSELF=RUN_SPLITS_ITSELF, caveats=caveats(current, split),
+        RUN_SPLITS_ITSELF=RUN_SPLITS_ITSELF, caveats=caveats(current, split, calibration),
     )
     out = run / REPORT
     out.write_text(page, encoding="utf-8")
