@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from cxrkit.data.dataset import load_prepared
 from cxrkit.data.io import STRETCH_PERCENTILES
 from cxrkit.data.transforms import eval_transform
 from cxrkit.export import export_model
+from cxrkit.inference import predict_logits
 from cxrkit.models import create_model
 from cxrkit.predict import Prediction, Predictor, collect_images, predict, write_predictions
 from cxrkit.runs import Calibration, load_model, load_spec, save_model, write_calibration
@@ -393,6 +395,27 @@ def test_a_half_written_or_damaged_run_is_named_with_the_fix(trained_run, tmp_pa
             Predictor.load(run, device="cpu")
     result = CliRunner().invoke(app, ["predict", str(unfinished), str(tmp_path)])
     assert result.exit_code == 2 and "has not finished" in result.output
+
+
+def test_a_model_scoring_nan_is_named_not_taken_for_unreadable_films(trained_run, tmp_path):
+    """Rows of NaN logits mean films that could not be read; a diverged model's NaN scores
+    must not pass for that (evaluation and prediction crashed on the missing reasons)."""
+    from safetensors.torch import load_file, save_file
+
+    run = shutil.copytree(trained_run, tmp_path / "diverged")
+    weights = load_file(str(run / "model.safetensors"))
+    name = next(k for k, w in weights.items() if k.endswith("bias") and w.is_floating_point())
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, str(run / "model.safetensors"))
+    with pytest.raises(ValueError, match=rf"model.safetensors holds NaN or infinite weights "
+                                         rf"\({re.escape(name)}\): the training diverged"):
+        Predictor.load(run, device="cpu")
+    film = tmp_path / "film.png"
+    synthetic_film("NORMAL", 1).save(film)
+    model = load_model(trained_run)
+    model.head[-1].bias.data.fill_(float("inf"))  # a model made in memory: caught scoring
+    with pytest.raises(ValueError, match=rf"NaN or infinite scores for {film}: its weights"):
+        predict_logits(model, [str(tmp_path / "gone.png"), str(film)], device="cpu")
 
 
 def test_a_cam_folder_that_is_a_file_is_refused_before_predicting(trained_run, tmp_path):

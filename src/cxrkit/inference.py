@@ -117,6 +117,11 @@ def predict_logits(
                 continue
             x = x.to(device).contiguous(memory_format=torch.channels_last)
             out = torch.stack([model(v(x)) for v in (lambda t: t, *views)]).mean(0)
+            if not out.isfinite().all():  # NaN rows mean unreadable films: never mix the two
+                first = indices[int((~out.isfinite().all(1)).nonzero()[0, 0])]
+                raise ValueError(f"the model gives NaN or infinite scores for "
+                                 f"{film_name(paths[first], first)}: its weights are damaged "
+                                 "or its training diverged")
             logits[indices] = out.float().cpu().numpy()
     return logits, failures
 

@@ -148,6 +148,11 @@ def load_model(path: str | Path) -> Classifier | Ensemble:
         weights = load_file(str(folder / MODEL_WEIGHTS))
     except Exception as e:  # safetensors raises its own error type for a truncated file
         raise _damaged(folder / MODEL_WEIGHTS, e) from None
+    if broken := next((name for name, w in weights.items()
+                       if w.is_floating_point() and not w.isfinite().all()), None):
+        raise ValueError(f"{folder / MODEL_WEIGHTS} holds NaN or infinite weights ({broken}): "
+                         "the training diverged or the file was damaged. Restore it from a "
+                         "copy, or train the run again (a lower learning rate)")
     model.load_state_dict(weights)
     return model.eval()
 
