@@ -97,6 +97,15 @@ def test_writes_predictions_metrics_and_figures(evaluated):
                             "threshold": metrics["deployed_threshold"], "n": 16}
 
 
+def test_evaluating_again_leaves_no_figure_of_the_last_evaluation(evaluated, tmp_path):
+    """Figures drawn at another threshold must not sit beside new metrics (the report would
+    embed them): an evaluation without figures leaves none."""
+    run = shutil.copytree(evaluated[0], tmp_path / "run")
+    out = evaluate_run(run, target_sensitivity=0.3, bootstrap=0, figures=False, device="cpu")
+    assert out == run / "eval" / "test" and (out / "metrics.json").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "predictions.csv"]
+
+
 def test_validation_threshold_is_chosen_on_val_and_used_on_test(evaluated):
     run, out, metrics = evaluated
     temperature = metrics["calibrated"]["temperature"]

@@ -71,7 +71,7 @@ from cxrkit.explain import gradcam, overlay
 from cxrkit.inference import Failure, predict_logits, softmax
 from cxrkit.labels import positive_index
 from cxrkit.models import Classifier
-from cxrkit.plots import extra_formats
+from cxrkit.plots import VECTOR_FORMATS, extra_formats
 from cxrkit.runs import (
     MODEL_WEIGHTS,
     Calibration,
@@ -791,6 +791,11 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     }
     out = run / EVAL_DIR / name
     out.mkdir(parents=True, exist_ok=True)
+    # The last evaluation's figures go: kept, they would show another threshold beside these
+    # metrics (--no-figures), or mistakes these films no longer have.
+    for old in out.iterdir():
+        if old.suffix[1:] in ("png", *VECTOR_FORMATS):
+            old.unlink()
     write_predictions(out / "predictions.csv", scored, probs, predicted, labels, tta_probs)
     (out / "metrics.json").write_text(json.dumps(report, indent=2, allow_nan=False))
     if figures:
