@@ -186,6 +186,15 @@ def test_external_data_goes_to_its_own_folder(trained_run, tmp_path):
     assert metrics["external"] and metrics["split"] == "all" and metrics["n"] == 6
     assert {r["label"] for r in read_rows(out / "predictions.csv")} == {"NORMAL", "PNEUMONIA"}
     assert not (run / "eval" / "test").exists()  # the internal test is left alone
+    # Another site's folder of the same name, or another split, never replaces this one
+    other = make_class_folders(tmp_path / "site_c" / "hospital_b", ["NORMAL", "PNEUMONIA"], n=2)
+    second = evaluate_run(run, data=other, bootstrap=0, figures=False, device="cpu")
+    assert second.name.startswith("hospital_b-") and json.loads(
+        (second / "metrics.json").read_text())["data"] == str(other.resolve())
+    assert json.loads((out / "metrics.json").read_text()) == metrics  # untouched
+    again = evaluate_run(run, data=other, bootstrap=0, figures=False, device="cpu")
+    assert again == second  # the same folder each time
+    assert evaluate_run(run, data=hospital, bootstrap=0, figures=False, device="cpu") == out
 
 
 def test_a_site_with_normal_films_only_measures_specificity(trained_run, tmp_path):

@@ -164,6 +164,22 @@ def _data_name(data: str | Path) -> str:
     return f"external_{name}" if name in ("train", "val", "test") else name
 
 
+def unclaimed_name(run: Path, name: str, origin: str, split: str) -> str:
+    """`name`, unless RUN/eval/name holds an evaluation of other films (two sites' folders
+    both named chest_xray, or another split of the same data): then name-<digest of these
+    films' place>, the same folder each time they are evaluated."""
+    try:
+        held = json.loads((run / EVAL_DIR / name / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return name
+    if held.get("data", origin) == origin and held.get("split", split) == split:
+        return name
+    other = f"{name}-{hashlib.sha256(f'{origin} {split}'.encode()).hexdigest()[:8]}"
+    log.info("%s/%s/%s holds the evaluation of %s (%s): this one of %s (%s) goes to %s",
+             run.name, EVAL_DIR, name, held.get("data"), held.get("split"), origin, split, other)
+    return other
+
+
 REAPPLIED_HINT = (" {} is where the deployed calibration (calibration.json) was chosen: "
                   "--reset-calibration chooses on the run's validation split instead, "
                   "--calibrate-on OTHER_FILMS on others.")
@@ -789,6 +805,8 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         "unreadable": [{"path": f.path, "reason": f.reason} for f in scored.failures],
         "notes": notes,
     }
+    if data is not None:
+        report["name"] = name = unclaimed_name(run, name, origin, used_split)
     out = run / EVAL_DIR / name
     out.mkdir(parents=True, exist_ok=True)
     # The last evaluation's figures go: kept, they would show another threshold beside these
