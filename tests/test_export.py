@@ -181,6 +181,12 @@ def test_one_export_folder_holds_one_model_and_one_current_sidecar(trained_run, 
     (run / "export" / "model.pt").write_bytes(b"not a TorchScript archive")  # any other file
     with pytest.raises(ValueError, match="model.pt holds other weights"):
         export_model(run, out=run / "export")
+    spec = (other / "model.json").read_text()
+    for folder in (run, other):  # a run folder's model.json is the run's own
+        with pytest.raises(ValueError, match=rf"--out {folder} is a run folder: the export's "
+                                             r"model.json would replace the run's own"):
+            export_model(run, format="torchscript", out=folder)
+    assert (other / "model.json").read_text() == spec and not (other / "model.pt").exists()
 
 
 def test_onnx_on_a_run_follows_its_calibration_after_the_export(lite0_export, tmp_path,

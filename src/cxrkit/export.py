@@ -35,7 +35,13 @@ from torch import nn
 
 from cxrkit.labels import positive_label
 from cxrkit.models import Classifier, ModelSpec
-from cxrkit.runs import Calibration, deployed_calibration, load_model, model_folder
+from cxrkit.runs import (
+    MODEL_WEIGHTS,
+    Calibration,
+    deployed_calibration,
+    load_model,
+    model_folder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +78,9 @@ def export_model(run: str | Path, format: str = "onnx", out: str | Path | None =
     if out is not None and Path(out).suffix.lower() in (".onnx", ".pt", ".json"):
         raise ValueError(f"--out {out}: give a folder; it gets {FILE_NAMES[format]} and "
                          f"model.json (e.g. --out {Path(out).with_suffix('')})")
+    if out is not None and (Path(out) / MODEL_WEIGHTS).is_file():  # its model.json is the run's
+        raise ValueError(f"--out {out} is a run folder: the export's model.json would replace "
+                         f"the run's own. Export to a folder of its own (default: RUN/export)")
     model = load_model(run).cpu()
     out = Path(out) if out else model_folder(run) / "export"
     sidecar = sidecar_entries(model.spec, deployed_calibration(run)) | {
