@@ -42,6 +42,20 @@ def test_adapted_statistics_are_the_target_statistics(tmp_path):
     assert not adapted.training
 
 
+def test_a_model_without_batchnorm_is_refused_not_blamed_on_the_films(tmp_path):
+    """LayerNorm models (ConvNeXt, ViT) have nothing to re-estimate; update_bn then reads no
+    film, and the films were said to be unreadable."""
+    target = make_kaggle_tree(tmp_path / "target", {"test": 2})
+    model = create_model("simple_cnn", labels=["NORMAL", "PNEUMONIA"])
+    for block in model.backbone.blocks:
+        for i, layer in enumerate(block):
+            if isinstance(layer, torch.nn.BatchNorm2d):
+                block[i] = torch.nn.Identity()
+    with pytest.raises(ValueError, match="simple_cnn has no BatchNorm layers, so no statistics "
+                                         "to re-estimate"):
+        adapt_batchnorm(model, target_images(target, "test"), device="cpu")
+
+
 def test_adapt_run_writes_a_new_run_and_reads_no_labels(tmp_path):
     run = tmp_path / "run"
     save_model(create_model("simple_cnn", labels=["NORMAL", "PNEUMONIA"]), run)

@@ -70,6 +70,11 @@ def adapt_batchnorm(model: Classifier, paths: list[str], batch_size: int = 32,
     as `adapt_run` does); no paths at all: a ValueError before the model is touched."""
     if not paths:
         raise ValueError("no films to adapt on: give the new site's image files")
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        # update_bn would read no film at all, and the error below would blame the films
+        raise ValueError(f"{model.spec.name} has no BatchNorm layers, so no statistics to "
+                         "re-estimate: `cxr adapt` and model.norm_stats: train need a model "
+                         "with BatchNorm (EfficientNet-Lite, ResNet, simple_cnn)")
     device = resolve_device(device)
     model = model.to(device, memory_format=torch.channels_last)
     read, unreadable = [0], []
