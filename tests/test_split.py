@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cxrkit.cli import app
-from cxrkit.data.layout import load_source
+from cxrkit.data.layout import Sample, load_source
 from cxrkit.data.split import patient_split, read_manifest, shared_patients, write_manifest
 from tests.conftest import REAL_DATA, make_kaggle_tree, requires_real_data
 
@@ -44,6 +44,19 @@ def test_split_is_stratified_and_grouped_by_patient(source):
     assert shared_patients(samples, "train", "val") == set()
     val_patients = {s.patient_id for s in samples if s.split == "val"}
     assert len(val_patients) > 5
+
+
+def test_a_class_of_few_patients_is_never_taken_whole_into_validation(caplog):
+    """The first patient used to be taken whatever its size: a class of one patient went
+    to validation whole, and training never saw it."""
+    samples = ([Sample(f"/n/{i}.png", "NORMAL", "train", f"n{i}") for i in range(40)]
+               + [Sample(f"/v/{i}.png", "VIRUS", "train", "v0") for i in range(5)]
+               + [Sample(f"/b/{i}.png", "BACTERIA", "train", f"b{i // 4}") for i in range(8)])
+    split = patient_split(samples, 0.15, seed=0)
+    in_train = Counter(s.label for s in split if s.split == "train")
+    assert in_train == {"NORMAL": 34, "VIRUS": 5, "BACTERIA": 4}  # of two patients, one
+    assert "VIRUS: all 5 films come from 1 patient(s), too few to split" in caplog.text
+    assert "BACTERIA" not in caplog.text
 
 
 def test_split_only_touches_train(source):

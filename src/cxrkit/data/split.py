@@ -1,8 +1,9 @@
 """A deterministic validation split carved from `train`, grouped by patient.
 
 Each class's patients are shuffled with the seed and taken until the class has
-`val_fraction` of its images in validation: the split is stratified by class and
-no patient ever has images on both sides. Patients whose files are byte-identical copies
+`val_fraction` of its images in validation, never all of them (a class of one patient
+stays in train): the split is stratified by class and no patient ever has images on both
+sides. Patients whose files are byte-identical copies
 of each other (one film filed under two ids) are kept together too, so that no film is
 trained on and validated on. The test split is left as it is.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import os
 import random
 from collections import Counter, defaultdict
@@ -20,6 +22,7 @@ from pathlib import Path
 from cxrkit.data.layout import Sample
 
 MANIFEST_COLUMNS = ("path", "label", "split", "patient_id")
+log = logging.getLogger(__name__)
 
 
 def _group_label(samples: list[Sample], group_of: dict[str, str]) -> dict[str, str]:
@@ -116,13 +119,18 @@ def patient_split(samples: list[Sample], val_fraction: float = 0.15, seed: int =
         rng.shuffle(groups)
         if rank is not None:
             groups.sort(key=lambda g: -max(rank[p] for p in members[g]))
-        target = val_fraction * sum(images_per_group[g] for g in groups)
+        total = sum(images_per_group[g] for g in groups)
         taken = 0
         for g in groups:
-            if taken >= target:
+            if taken >= val_fraction * total:
                 break
-            val_groups.add(g)
-            taken += images_per_group[g]
+            if taken + images_per_group[g] < total:  # train keeps some of every class
+                val_groups.add(g)
+                taken += images_per_group[g]
+        if not taken:
+            log.warning("%s: all %d films come from %d patient(s), too few to split: they "
+                        "stay in train, and validation has none of them", label, total,
+                        len(groups))
     split_pool = [
         replace(s, split="val" if group_of[s.patient_id] in val_groups else "train")
         for s in pool
