@@ -677,6 +677,10 @@ def test_binary_task_needs_exactly_two_classes_and_pneumonia_is_positive_in_any_
         task_classes("binary", films)
     labels = task_classes("binary", films[:2])
     assert labels == ["Pneumonia", "normal"] and positive_index(labels) == 0
+    films[1] = replace(films[1], split="val")  # a class validation has and train has not
+    with pytest.raises(DataLayoutError, match="no training film is labelled Pneumonia: only "
+                                              "validation has them"):
+        task_classes("binary", films[:2])
     subtypes = [Sample(f"{label}.png", label, "train", label)
                 for label in ("NORMAL", "BACTERIA", "VIRUS")]
     with pytest.raises(DataLayoutError, match=r"or train three classes: --task 3class \(Python: "

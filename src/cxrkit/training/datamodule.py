@@ -72,6 +72,11 @@ def task_classes(task: str, samples: list[Sample]) -> list[str]:
             f"the manifest's label column) so that there are exactly two"
             + (", or train three classes: --task 3class (Python: overrides={'data.task': "
                "'3class'})." if labels == set(SUBTYPES) else "."))
+    if untrained := sorted(labels - {s.label for s in samples if s.split == "train"}):
+        raise DataLayoutError(
+            f"no training film is labelled {', '.join(untrained)}: only validation has them. "
+            "Every class needs training films: move some of them to train (or keep the data's "
+            "val split with train, data.val_fraction > 0, so validation is carved by patient)")
     if task != "3class":
         return sorted(labels)
     if labels != set(SUBTYPES):
