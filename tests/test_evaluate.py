@@ -541,8 +541,16 @@ def test_evaluating_again_reuses_the_logits_until_a_film_or_the_weights_change(t
     evaluate()
     assert len(list(cache.glob("*.npz"))) == 3
     save_model(load_model(run), run)  # new weights: everything is scored again
-    evaluate()
+    latest = evaluate()
     assert len(list(cache.glob("*.npz"))) == 5
+    # An evaluation killed while writing leaves whole files or none; a damaged one (cut
+    # short, or without its list of unreadable films) is scored again, not a crash
+    assert not [p for p in cache.iterdir() if p.suffix not in (".npz", ".json")]
+    newest = sorted(cache.glob("*.npz"), key=lambda p: p.stat().st_mtime_ns)[-2:]
+    newest[0].write_bytes(newest[0].read_bytes()[:100])
+    newest[1].with_suffix(".json").unlink()
+    assert evaluate()["confusion_matrix"] == latest["confusion_matrix"]
+    assert len(list(cache.glob("*.npz"))) == 5 and newest[1].with_suffix(".json").is_file()
 
 
 def test_external_data_that_holds_the_runs_own_films_or_no_patient_ids_says_so(

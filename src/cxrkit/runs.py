@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from safetensors.torch import load_file, save_file
 
+from cxrkit.data.io import written_whole
 from cxrkit.inference import softmax
 from cxrkit.labels import positive_index
 from cxrkit.models import Classifier, ModelSpec
@@ -190,9 +190,8 @@ def deployed_calibration(path: str | Path) -> Calibration:
 def write_calibration(path: str | Path, calibration: Calibration) -> Path:
     """Deploy `calibration`: `predict`, `serve` and `export` apply it from then on."""
     file = model_folder(path) / CALIBRATION
-    partial = file.with_name(f".{CALIBRATION}.{os.getpid()}.tmp")
-    partial.write_text(json.dumps(calibration.to_dict(), indent=2))
-    os.replace(partial, file)  # whole: a server reading it never sees it half written
+    with written_whole(file) as partial:  # a server reading it never sees it half written
+        partial.write_text(json.dumps(calibration.to_dict(), indent=2))
     return file
 
 

@@ -7,9 +7,11 @@ expansion, normalisation) happens later in the transforms.
 
 from __future__ import annotations
 
+import os
 import struct
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +84,18 @@ def file_stamp(path: str | Path) -> tuple[int, int]:
     except OSError:
         return -1, -1
     return stat.st_size, stat.st_mtime_ns
+
+
+@contextmanager
+def written_whole(path: Path) -> Iterator[Path]:
+    """A file beside `path` to write instead, renamed over `path` once written and removed if
+    writing fails: a reader (a server, a resumed run) never sees `path` half written."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def is_image_file(path: str | Path) -> bool:

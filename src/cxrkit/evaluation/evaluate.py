@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from PIL import Image
 from cxrkit import __version__
 from cxrkit.adapt import adaptation_note, source_calibration_options
 from cxrkit.data.dataset import load_prepared
-from cxrkit.data.io import file_stamp
+from cxrkit.data.io import file_stamp, written_whole
 from cxrkit.data.layout import Sample, load_source
 from cxrkit.data.patients import has_parsed_patient, kermany_subtype
 from cxrkit.data.split import read_manifest, test_patients_seen_in_training
@@ -311,21 +312,26 @@ def cached(run: Path, labels: Sequence[str],
             (s.path, *file_stamp(s.path)) for s in samples])).encode()).hexdigest()[:20]
         file = run / EVAL_DIR / LOGITS_CACHE / f"{key}.npz"
         if file.is_file():
-            log.info("%s: logits of these %d films read back from %s", where, len(samples),
-                     file.relative_to(run))
-            with np.load(file) as kept:
-                index, logits = kept["index"], kept["logits"]
-            failures = [Failure(p, r) for p, r in
-                        json.loads(file.with_suffix(".json").read_text())]
-            films = [samples[i] for i in index]
-            return Scored(films, label_indices(films, labels, where), logits, failures)
+            try:
+                with np.load(file) as kept:
+                    index, logits = kept["index"], kept["logits"]
+                failures = [Failure(p, r) for p, r in
+                            json.loads(file.with_suffix(".json").read_text())]
+                films = [samples[i] for i in index]
+                log.info("%s: logits of these %d films read back from %s", where,
+                         len(samples), file.relative_to(run))
+                return Scored(films, label_indices(films, labels, where), logits, failures)
+            except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as e:
+                log.warning("%s is damaged (%s): scoring the films again", file, e)
         result = score_films(samples, where, crop=crop)
         file.parent.mkdir(parents=True, exist_ok=True)
         position = {s.path: i for i, s in enumerate(samples)}
-        np.savez(file, index=np.array([position[s.path] for s in result.samples], int),
-                 logits=result.logits)
-        file.with_suffix(".json").write_text(json.dumps([[f.path, f.reason]
-                                                         for f in result.failures]))
+        # The .npz last: it is what a reader looks for, and either file is whole or absent.
+        with written_whole(file.with_suffix(".json")) as partial:
+            partial.write_text(json.dumps([[f.path, f.reason] for f in result.failures]))
+        with written_whole(file) as partial, open(partial, "wb") as out:
+            np.savez(out, index=np.array([position[s.path] for s in result.samples], int),
+                     logits=result.logits)
         return result
     return scored
 

@@ -14,7 +14,6 @@ can read how tightly a film is framed (`benchmarks/val_framing.py`).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from cxrkit.data.io import written_whole
 from cxrkit.data.transforms import ModelInput
 from cxrkit.training.datamodule import (
     EpochOrder,
@@ -98,9 +98,8 @@ class FeatureDataModule(LightningDataModule):
                 for view in range(views)]
             tensors[f"{split}_x"] = torch.cat([x for x, _ in passes])
             tensors[f"{split}_y"] = torch.cat([y for _, y in passes])
-        tmp = self.file.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.file)  # atomic: a killed extraction leaves nothing half written
+        with written_whole(self.file) as partial:  # a killed extraction leaves nothing half written
+            save_file(tensors, str(partial))
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:

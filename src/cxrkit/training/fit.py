@@ -49,6 +49,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cxrkit.adapt import adapt_batchnorm
 from cxrkit.config import ConfigError, TrainConfig, to_dict
+from cxrkit.data.io import written_whole
 from cxrkit.data.layout import DataLayoutError, Sample
 from cxrkit.data.split import read_manifest, test_patients_seen_in_training, write_manifest
 from cxrkit.inference import predict_logits
@@ -240,11 +241,10 @@ def finished_stages(folder: Path) -> dict[str, dict]:
 
 
 def _write_json(path: Path, values: dict) -> None:
-    """Whole or not at all: written beside, then renamed over (a crash mid-write would leave
-    stages.json cut short, and the run unable to resume)."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(values, indent=2))
-    os.replace(partial, path)
+    """Whole or not at all (a crash mid-write would leave stages.json cut short, and the run
+    unable to resume)."""
+    with written_whole(path) as partial:
+        partial.write_text(json.dumps(values, indent=2))
 
 
 def _mark_finished(folder: Path, stage: str, record: dict) -> None:
