@@ -332,6 +332,11 @@ def test_films_in_memory_are_predicted_like_their_files(run, films):
     holed[10, 10] = np.nan  # a failed computation upstream: not a black film
     [nan] = predict(run, holed, device="cpu")
     assert not nan.ok and "NaN or infinite" in nan.error
+    # empty images beside a good film: each an entry with its reason, the film predicted
+    *empty, good = predict(run, [np.zeros((0, 5), np.float32), np.zeros((0, 0), np.uint8),
+                                 Image.new("L", (0, 0)), image], device="cpu")
+    assert [e.error for e in empty] == ["an empty image (a side of 0 pixels) is not a film"] * 3
+    assert good.ok and good.label == from_file.label
     with pytest.raises(ValueError, match="overlays are written for files"):
         predict(run, [image], cam_dir=films / "cams")
 

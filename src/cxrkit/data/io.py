@@ -214,7 +214,12 @@ def read_image(path: Film) -> Image.Image:
     """Decode one file (or convert an image already in memory, by the same rules) into an
     8-bit grayscale image, or raise UnreadableImageError."""
     if isinstance(path, IN_MEMORY):
-        return _in_memory_to_gray(path)
+        try:
+            return _in_memory_to_gray(path)
+        except UnreadableImageError:
+            raise
+        except Exception as e:  # an odd PIL mode or array: an entry with a reason, no crash
+            raise UnreadableImageError("<image>", f"{type(e).__name__}: {e}") from e
     path = Path(path)
     try:
         if not path.is_file():  # a pattern left as it was: nothing matched it
@@ -257,6 +262,8 @@ def film_doubt(img: Image.Image) -> str | None:
 
 def _in_memory_to_gray(image: Image.Image | np.ndarray) -> Image.Image:
     """A PIL image, or an array [H, W] (any numeric type) or [H, W, 3 or 4] (uint8)."""
+    if 0 in (image.size if isinstance(image, Image.Image) else image.shape):
+        raise UnreadableImageError("<image>", "an empty image (a side of 0 pixels) is not a film")
     if isinstance(image, Image.Image):
         return _pil_to_gray(image)
     if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
@@ -270,10 +277,3 @@ def _in_memory_to_gray(image: Image.Image | np.ndarray) -> Image.Image:
                                           f"{image.dtype} is not a film: give [H, W] (any "
                                           "numbers) or [H, W, 3 or 4] (uint8)")
 
-
-def try_read_image(path: str | Path) -> tuple[Image.Image | None, str | None]:
-    """Like read_image, but returns (None, reason) instead of raising."""
-    try:
-        return read_image(path), None
-    except UnreadableImageError as e:
-        return None, e.reason
