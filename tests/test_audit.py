@@ -266,3 +266,32 @@ def test_a_near_duplicate_pair_with_two_labels_is_noted(tmp_path):
     assert any(n.startswith("1 near-duplicate pair(s) carry different labels") for n in r.notes)
     page = (tmp_path / "out" / "audit.html").read_text()
     assert "label A</th>" in page and "train/PNEUMONIA/person99_bacteria_0.png" in page
+
+
+def test_a_manifest_listing_one_file_twice_is_named(tiny_kaggle, tmp_path):
+    """Merged manifests repeat rows: an exact repeat is read once; the same file with another
+    label or split is what the audit must flag to fix, and training refuses it."""
+    from cxrkit.config import DataConfig
+    from cxrkit.data.layout import DataLayoutError, load_source, refuse_conflicting_rows
+    from cxrkit.training.datamodule import prepare_samples
+
+    rows = [f"{p},{label},{split}" for split in ("train", "test")
+            for label in ("NORMAL", "PNEUMONIA")
+            for p in sorted((tiny_kaggle / split / label).iterdir())[:4]]
+    twice = rows[0].split(",")[0]
+    manifest = tmp_path / "merged.csv"
+    manifest.write_text("\n".join(["path,label,split", *rows, rows[1], f"{twice},PNEUMONIA,test"]))
+    source = load_source(manifest)
+    assert len(source.samples) == len(rows) + 1  # the exact repeat read once
+    assert "1 row(s) repeat an earlier row exactly: each file is read once" in source.notes
+    result = audit_dataset(manifest, tmp_path / "audit", figures=False)
+    levels = dict(zip(result.notes, result.note_levels, strict=True))
+    [spans] = [n for n in result.notes if "span splits" in n]
+    [labels] = [n for n in result.notes if "carry different labels" in n]
+    assert levels[spans] == levels[labels] == "fix"
+    assert f"{twice} (NORMAL), {twice} (PNEUMONIA)" in labels
+    message = rf"merged.csv lists {twice} twice: as NORMAL in train and as PNEUMONIA in test"
+    with pytest.raises(DataLayoutError, match=message):
+        refuse_conflicting_rows(source)
+    with pytest.raises(DataLayoutError, match=message):
+        prepare_samples(DataConfig(path=str(manifest)))

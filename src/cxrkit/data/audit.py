@@ -291,8 +291,14 @@ def _notes(source: DataSource, result: AuditResult) -> list[tuple[str, str]]:
                       "training would use them as films; look at them and remove those that "
                       "are not."))
     if result.exact_duplicates:
-        by_path = {s.path: s for s in source.samples}
-        across = [g for g in result.exact_duplicates if len({by_path[p].split for p in g}) > 1]
+        rows = defaultdict(list)  # a manifest may list one file twice, in two ways
+        for s in source.samples:
+            rows[s.path].append(s)
+
+        def values(group: list[str], field: str) -> set[str]:
+            return {getattr(s, field) for p in group for s in rows[p]}
+
+        across = [g for g in result.exact_duplicates if len(values(g, "split")) > 1]
         notes.append((
             "fix" if across else "info",
             f"{len(result.exact_duplicates)} groups of byte-identical files "
@@ -300,16 +306,15 @@ def _notes(source: DataSource, result: AuditResult) -> list[tuple[str, str]]:
             + (f"{len(across)} group(s) span splits: the same image is in two splits."
                if across else "each group lies within one split.")))
         # cxrkit's train/val split keeps these together; other tools' patient splits may not.
-        mixed = [g for g in result.exact_duplicates
-                 if len({by_path[p].patient_id for p in g}) > 1]
+        mixed = [g for g in result.exact_duplicates if len(values(g, "patient_id")) > 1]
         if mixed:
             notes.append(("check", f"{len(mixed)} group(s) of identical files carry different "
                           "patient ids (cxrkit's validation split keeps them on one side; a "
                           "split by patient id alone may not)."))
-        conflicting = [g for g in result.exact_duplicates
-                       if len({by_path[p].label for p in g}) > 1]
+        conflicting = [g for g in result.exact_duplicates if len(values(g, "label")) > 1]
         if conflicting:
-            example = ", ".join(f"{p} ({by_path[p].label})" for p in conflicting[0])
+            example = ", ".join(f"{s.path} ({s.label})" for p in dict.fromkeys(conflicting[0])
+                                for s in rows[p])
             notes.append(("fix", f"{len(conflicting)} group(s) of identical files carry "
                           f"different labels, e.g. {example}: at most one label is right; fix "
                           "or remove them before training."))

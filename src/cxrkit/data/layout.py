@@ -205,6 +205,10 @@ def _from_manifest(csv_path: Path, parse: PatientIdParser) -> DataSource:
         samples.append(Sample(str(path), row["label"].strip(), (row.get("split") or "").strip(),
                               patient))
     _check_class_names(samples, csv_path)
+    unique = list(dict.fromkeys(samples))  # merged manifests repeat rows: each film once
+    notes = [f"{len(samples) - len(unique)} row(s) repeat an earlier row exactly: each file "
+             "is read once"] if len(unique) < len(samples) else []
+    samples = unique
     bad_splits = {s.split for s in samples} - {*SPLIT_NAMES, ""}
     if bad_splits:
         raise DataLayoutError(
@@ -212,7 +216,21 @@ def _from_manifest(csv_path: Path, parse: PatientIdParser) -> DataSource:
             "use train, val, test or leave it empty."
         )
     classes = sorted({s.label for s in samples})
-    return DataSource(csv_path, "manifest", samples, classes)
+    return DataSource(csv_path, "manifest", samples, classes, notes)
+
+
+def refuse_conflicting_rows(source: DataSource) -> None:
+    """A file a manifest lists twice with two labels or in two splits (merged manifests): at
+    most one row is right, and using the file both ways would hide which."""
+    first: dict[str, Sample] = {}
+    for s in source.samples:
+        seen = first.setdefault(s.path, s)
+        if (seen.label, seen.split) != (s.label, s.split):
+            raise DataLayoutError(
+                f"{source.root} lists {s.path} twice: as {seen.label} in "
+                f"{seen.split or 'no split'} and as {s.label} in {s.split or 'no split'}. A "
+                "film has one label and one split: fix or delete one row (`cxr data audit` "
+                "lists every such file)")
 
 
 def load_source(path: str | Path, patient_pattern: str | None = None,

@@ -47,7 +47,7 @@ from cxrkit import __version__
 from cxrkit.adapt import adaptation_note, source_calibration_options
 from cxrkit.data.dataset import load_prepared
 from cxrkit.data.io import file_stamp, written_whole
-from cxrkit.data.layout import Sample, load_source
+from cxrkit.data.layout import Sample, load_source, refuse_conflicting_rows
 from cxrkit.data.patients import has_parsed_patient, kermany_subtype
 from cxrkit.data.split import read_manifest, test_patients_seen_in_training
 from cxrkit.evaluation import figures
@@ -263,6 +263,7 @@ def external_samples(data: str | Path, split: str) -> tuple[str, str, str, list[
     """(eval name, where it is, split used, samples) of another dataset: its `split` if it
     has splits, else all of it (a class-per-folder tree has none)."""
     source = load_source(data, min_classes=1)
+    refuse_conflicting_rows(source)
     where = str(Path(source.root).resolve())  # one name for the films from any working folder
     if split in source.splits:
         return _data_name(data), where, split, source.split(split)

@@ -26,7 +26,7 @@ from cxrkit.config import DataConfig
 from cxrkit.data.cache import DECODED, DEFAULT_CACHE_DIR, DecodeCache
 from cxrkit.data.dataset import XrayDataset, collate_skip_bad
 from cxrkit.data.kaggle import resolve_data
-from cxrkit.data.layout import DataLayoutError, Sample, load_source
+from cxrkit.data.layout import DataLayoutError, Sample, load_source, refuse_conflicting_rows
 from cxrkit.data.patients import SUBTYPES, kermany_subtype, name_disagrees
 from cxrkit.data.split import patient_split
 from cxrkit.data.transforms import eval_transform, train_transform
@@ -43,7 +43,9 @@ def _subsample(samples: list[Sample], limit: int | None, seed: int) -> list[Samp
 
 def prepare_samples(data: DataConfig, seed: int = 0) -> list[Sample]:
     """Train, val and test samples of `data.path`, labelled for `data.task`."""
-    samples = load_source(resolve_data(data.path).absolute(), data.patient_pattern).samples
+    source = load_source(resolve_data(data.path).absolute(), data.patient_pattern)
+    refuse_conflicting_rows(source)
+    samples = source.samples
     if data.task == "3class":
         disagree = [s for s in samples if name_disagrees(Path(s.path).name, s.label)]
         if disagree:
