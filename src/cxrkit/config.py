@@ -12,12 +12,14 @@ and wrongly typed values raise `ConfigError` naming the key and the choices.
 
 Presets:
 - ``default``: the whole ImageNet EfficientNet-Lite0 fine-tuned from the start, 8 epochs,
-  one-cycle, discriminative learning rates (about 33 minutes on a 2-core CPU): the recipe
-  whose validation films hold up best when framed more tightly (BENCHMARKS.md, third round),
-  trained longer where that lowered the validation loss (fourth round).
+  one-cycle, discriminative learning rates (34-44 minutes on a 2-core CPU): the recipe
+  whose validation films hold up best when framed more tightly (BENCHMARKS.md, third round;
+  that criterion was picked after earlier test results were seen), trained longer where that
+  lowered the validation loss (fourth round).
 - ``quick``: ``default``'s recipe for one epoch at twice its learning rate, with the stem
   and first two blocks frozen, and mixup 0.2 (under 4 minutes on a 2-core CPU;
-  BENCHMARKS.md, fourth, ninth and fourteenth rounds).
+  BENCHMARKS.md, fourth, ninth and fourteenth rounds: rules on validation, but the one-epoch
+  recipe and the rate were candidates because of earlier test results).
 - ``finetune``: a head fit on frozen features extracted once, then the whole network
   fine-tuned with augmentation and discriminative learning rates (lower for earlier layers).
 - ``scratch``: the small ``simple_cnn`` trained from scratch at 128 px, 8 epochs (the
@@ -420,7 +422,8 @@ def _quick() -> TrainConfig:
     config = _default()
     # Stem and first two blocks frozen: their backward pass, at the highest resolutions, is
     # skipped (1.4x faster than every layer, and better on validation after one epoch).
-    # Twice default's rate: one epoch has a fifth of the steps (BENCHMARKS.md, ninth round).
+    # Twice default's rate: one epoch has a fifth of the steps (BENCHMARKS.md, ninth round: a
+    # rule on validation, for a candidate proposed by an earlier test result).
     config.stages[0].epochs, config.stages[0].unfreeze, config.stages[0].lr = 1, "5", 2e-3
     # Holds up better on tighter-framed validation films, over three seeds (fourteenth round;
     # `default` with it did not pass the same check, so it stays without).
