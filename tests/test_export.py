@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from cxrkit.cli import app
-from cxrkit.export import export_model, export_onnx
+from cxrkit.export import export_model, export_onnx, read_sidecar
 from cxrkit.predict import Predictor
-from cxrkit.runs import Calibration, load_model, write_calibration
+from cxrkit.runs import Calibration, load_model, read_calibration, write_calibration
 from tests.conftest import REAL_DATA, pretrained_run, requires_real_data, synthetic_film
 from tests.test_predict import flat
 
@@ -163,10 +163,15 @@ def test_torchscript_export_matches_eager(trained_run, tmp_path):
 def test_one_export_folder_holds_one_model_and_one_current_sidecar(trained_run, tmp_path):
     run = shutil.copytree(trained_run, tmp_path / "run")
     onnx_file = export_model(run)
-    write_calibration(run, Calibration(0.77, 1.3, "site films"))  # recalibrated since
+    site = "/home/someone/hospital_b/films"  # recalibrated since, on a site's films
+    write_calibration(run, Calibration(0.77, 1.3, f"{site}: Youden's J",
+                                       {"calibrate_on": site}))
     export_model(run, format="torchscript")  # same weights, same folder
     sidecar = json.loads((run / "export" / "model.json").read_text())
     assert (sidecar["threshold"], sidecar["temperature"]) == (0.77, 1.3)
+    assert sidecar["bias"] == [0.0, 0.0]  # none: one number per class all the same
+    assert sidecar["threshold_chosen_on"] == "films: Youden's J"  # not this machine's folders
+    assert read_sidecar(run / "export")[1].decides_as(read_calibration(run))
     meta = {p.key: json.loads(p.value) for p in onnx.load(str(onnx_file)).metadata_props}
     assert meta == sidecar  # model.onnx follows the new sidecar
 

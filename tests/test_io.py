@@ -166,24 +166,26 @@ def test_folders_are_searched_through_links_once_but_not_hidden_ones(tmp_path):
     assert found == ["a/a.png", "a/linked/elsewhere.png"]  # "elsewhere" once, first by name
 
 
-def with_hot_patch(pixels: np.ndarray, value: int) -> np.ndarray:
-    """A 2 x 2 patch at full scale in a corner: a burned-in marker, or hot pixels."""
+def with_hot_patch(pixels: np.ndarray, value: int, side: int = 2) -> np.ndarray:
+    """A patch at full scale in a corner: hot pixels, or a burned-in marker."""
     marked = pixels.copy()
-    marked[:2, :2] = value
+    marked[:side, :side] = value
     return marked
 
 
-def test_a_hot_patch_does_not_wash_out_a_deep_film(tmp_path):
-    """Stretched between percentiles, not min..max: four pixels at 65535 in a 12-bit film
-    leave the film as it was, instead of squeezing it into the darkest 16 gray levels."""
+@pytest.mark.parametrize("side", [2, 16])  # 4 pixels; a marker on 1.6% of the film
+def test_a_full_scale_marker_does_not_wash_out_a_deep_film(tmp_path, side):
+    """Stretched between percentiles of the pixels between the extremes, not min..max: a
+    patch at 65535 in a 12-bit film, of any size, leaves the film as it was instead of
+    squeezing it into the darkest 16 gray levels (which a model read as PNEUMONIA)."""
     film = np.tile(np.linspace(0, 4095, 256).round().astype(np.uint16), (64, 1))
     for name, write in (("png", lambda p, x: save(Image.fromarray(x), p)),
                         ("dcm", write_dicom)):
         clean = np.asarray(read_image(write(tmp_path / f"clean.{name}", film)), int)
         marked = np.asarray(read_image(write(tmp_path / f"marked.{name}",
-                                             with_hot_patch(film, 65535))), int)
-        assert clean.max() == 255 and np.abs(clean[2:] - marked[2:]).max() <= 2, name
-        assert (marked[:2, :2] == 255).all()  # the marker itself clips to white
+                                             with_hot_patch(film, 65535, side))), int)
+        assert clean.max() == 255 and np.abs(clean[side:] - marked[side:]).max() <= 2, name
+        assert (marked[:side, :side] == 255).all()  # the marker itself clips to white
 
 
 def test_a_dicom_claiming_too_many_pixels_is_refused_before_decoding(tmp_path):

@@ -53,17 +53,24 @@ INPUT_NAME, OUTPUT_NAME = "image", "logits"
 PREPROCESS = (
     "Read the film as 8-bit grayscale: turn it upright by its EXIF orientation; composite "
     "transparency on black; colour -> luminance (PIL convert('L'); DICOM colour: the mean of "
-    "its channels); 16-bit PNG and DICOM (after its rescale slope/intercept and VOI window) "
-    "stretched linearly to 0..255 between their 0.1th and 99.9th percentiles, clipped, and "
-    "MONOCHROME1 then inverted. If `equalize`, histogram-equalise it (PIL ImageOps.equalize). "
-    "Resize to input_size x input_size with PIL: img.resize((s, s), Image.BILINEAR, "
-    "reducing_gap=3.0), which antialiases; a plain bilinear interpolation of a large film "
-    "(most non-PIL resizers) gives other probabilities. Scale to [0, 1], repeat the gray "
-    "channel to `in_chans`, then per channel (x - mean) / std. Feed float32 NCHW as `image`. "
-    "The output `logits` [N, classes]: "
-    "probabilities = softmax(logits / temperature + bias) (bias: one number per class, "
-    "added to each row; empty: none). With two labels the prediction is `positive_label` "
-    "when its probability >= threshold, else the other; with more, the most probable."
+    "its channels). A film that is not 8-bit (16-bit PNG or TIFF, float TIFF) and every DICOM "
+    "(after pydicom's apply_modality_lut) is stretched to 0..255 in float32 between lo and "
+    "hi: for a DICOM with a VOI LUT or window, its minimum and maximum after pydicom's "
+    "apply_voi_lut(prefer_lut=True) with its defaults (a VOI LUT before a window, the first "
+    "window, its VOILUTFunction); otherwise numpy's 0.1th and 99.9th percentiles of the "
+    "pixels strictly between the film's minimum and maximum (the minimum and maximum where "
+    "there are none or hi <= lo). Then round(clip((x - lo) * (255 / (hi - lo)), 0, 255)) with "
+    "numpy's round half to even; DICOM MONOCHROME1 then inverted (255 - x). If `equalize`, "
+    "histogram-equalise it (PIL ImageOps.equalize). Resize the whole film, squashed to a "
+    "square and never cropped, to input_size x input_size with PIL: img.resize((s, s), "
+    "Image.BILINEAR, reducing_gap=3.0), which antialiases; a plain bilinear interpolation of "
+    "a large film (most non-PIL resizers) gives other probabilities. Scale to [0, 1], repeat "
+    "the gray channel to `in_chans`, then per channel (x - mean) / std. Feed float32 NCHW as "
+    "`image`. The output `logits` [N, classes] has column i for labels[i]: probabilities = "
+    "softmax(logits / temperature + bias), bias one number per class added to each row. With "
+    "two labels the prediction is `positive_label` when its probability >= threshold, else "
+    "the other; with more, the most probable. model.onnx's metadata holds these same fields, "
+    "each value JSON-encoded."
 )
 
 
@@ -231,13 +238,22 @@ def sidecar_entries(spec: ModelSpec, calibration: Calibration) -> dict:
         **spec.to_dict(),
         "threshold": calibration.threshold,
         "temperature": calibration.temperature,
-        "bias": calibration.bias,
+        "bias": calibration.bias or [0.0] * spec.num_classes,
         "positive_label": positive_label(spec.labels, spec.positive_label),
-        "threshold_chosen_on": calibration.chosen_on,
+        "threshold_chosen_on": _without_local_folders(calibration),
         "input": INPUT_NAME,
         "output": OUTPUT_NAME,
         "preprocess": PREPROCESS,
     }
+
+
+def _without_local_folders(calibration: Calibration) -> str:
+    """Where the threshold was chosen, naming a site's films by their folder's name only: an
+    export travels, and the folders above it are this machine's business."""
+    films = calibration.chosen_with.get("calibrate_on")
+    if not films or films == "kaggle":
+        return calibration.chosen_on
+    return calibration.chosen_on.replace(str(Path(films).parent).rstrip("/") + "/", "")
 
 
 def write_sidecar(folder: str | Path, sidecar: dict) -> Path:
@@ -256,9 +272,10 @@ def read_sidecar(path: str | Path) -> tuple[ModelSpec, Calibration]:
     path = Path(path)
     folder = path.parent if path.is_file() else path
     meta = json.loads((folder / SIDECAR).read_text())
+    bias = meta.get("bias", [])  # exports before the bias had none
     calibration = Calibration(meta["threshold"], meta["temperature"],
                               meta.get("threshold_chosen_on", "default"),
-                              bias=meta.get("bias", []))  # exports before the bias had none
+                              bias=bias if any(bias) else [])  # zeros: no bias, as in the run
     return ModelSpec.from_dict(meta), calibration
 
 
