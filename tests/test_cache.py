@@ -125,3 +125,16 @@ def test_cli_shows_and_clears_the_cache(films, tmp_path):
     assert cleared.exit_code == 0 and f"in {folder}" in cleared.output
     assert list(folder.iterdir()) == []
     assert "0 entries" in CliRunner().invoke(app, ["data", "cache", "--dir", str(folder)]).output
+
+
+def test_films_are_decoded_again_when_the_reader_changes(films, tmp_path, monkeypatch):
+    """A reader that decodes some files otherwise (e.g. deep films stretched anew) must not
+    reuse images the earlier one cached."""
+    import cxrkit.data.cache as cache
+
+    folder = tmp_path / "decoded"
+    first = DecodeCache(films, 32, cache_dir=folder, workers=1)
+    assert DecodeCache(films, 32, cache_dir=folder, workers=1).array_path == first.array_path
+    monkeypatch.setattr(cache, "READER_VERSION", cache.READER_VERSION + 1)
+    again = DecodeCache(films, 32, cache_dir=folder, workers=1)
+    assert again.array_path != first.array_path and len(cache_entries(folder)) == 2

@@ -1,12 +1,13 @@
 """The decode cache: every film decoded and resized once, memory-mapped, reused by runs.
 
-One entry per (films, size, preprocessing): a `.u8` array and a `.valid.json` saying which
-films decoded and from where, in `data.cache_dir`/decoded (default `$CXRKIT_CACHE/decoded`, else
-`~/.cache/cxrkit/decoded`). Each new split or input size adds one (Kermany's train split at
-224 px: 212 MiB), so before a new entry is built the least recently opened ones go until it
-fits under `CXRKIT_CACHE_MAX_GB` (default 20 GiB). An entry some process has open (a
-shared lock on its `.valid.json`) and a build under way (a lock on its `.tmp`) are never
-removed, so the limit can be exceeded while they run. `cxr data cache` shows or clears it.
+One entry per (films, size, preprocessing, reader version): a `.u8` array and a
+`.valid.json` saying which films decoded and from where, in `data.cache_dir`/decoded
+(default `$CXRKIT_CACHE/decoded`, else `~/.cache/cxrkit/decoded`). Each new split or input
+size adds one (Kermany's train split at 224 px: 212 MiB), so before a new entry is built
+the least recently opened ones go until it fits under `CXRKIT_CACHE_MAX_GB` (default 20
+GiB). An entry some process has open (a shared lock on its `.valid.json`) and a build under
+way (a lock on its `.tmp`) are never removed, so the limit can be exceeded while they run.
+`cxr data cache` shows or clears it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 
 from cxrkit.config import ConfigError
 from cxrkit.data.dataset import load_prepared
-from cxrkit.data.io import UnreadableImageError
+from cxrkit.data.io import READER_VERSION, UnreadableImageError
 from cxrkit.data.layout import Sample
 
 try:
@@ -121,7 +122,7 @@ class DecodeCache:
 
     @staticmethod
     def _key(samples: Sequence[Sample], size: int, equalize: bool) -> str:
-        h = hashlib.sha256(f"{size}:{equalize}".encode())
+        h = hashlib.sha256(f"{size}:{equalize}:{READER_VERSION}".encode())
         for s in samples:
             st = os.stat(s.path) if os.path.exists(s.path) else None
             h.update(f"{s.path}:{st and st.st_size}:{st and st.st_mtime_ns}\n".encode())

@@ -29,6 +29,9 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 # a burned-in marker at full scale of any size, would otherwise squeeze the film into a few
 # gray levels (and a model reads a washed-out NORMAL film as PNEUMONIA).
 STRETCH_PERCENTILES = (0.1, 99.9)
+# Raised whenever read_image gives another image for some file than before: the caches keyed
+# by files (decoded films, evaluation logits) then decode and score again.
+READER_VERSION = 2
 TOO_MANY_PIXELS = "refused: too many pixels"  # how an oversized film's reason starts
 # Below these a readable image is hardly a chest film; a model still scores it (calling
 # nearly anything PNEUMONIA, confidently), so predictions carry a warning.

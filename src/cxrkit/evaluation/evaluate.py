@@ -46,7 +46,7 @@ from PIL import Image
 from cxrkit import __version__
 from cxrkit.adapt import adaptation_note, source_calibration_options
 from cxrkit.data.dataset import load_prepared
-from cxrkit.data.io import file_stamp, written_whole
+from cxrkit.data.io import READER_VERSION, file_stamp, written_whole
 from cxrkit.data.layout import Sample, load_source, refuse_conflicting_rows
 from cxrkit.data.patients import has_parsed_patient, kermany_subtype
 from cxrkit.data.split import read_manifest, test_patients_seen_in_training
@@ -309,7 +309,7 @@ def cached(run: Path, labels: Sequence[str],
         if views:
             return score_films(samples, where, views=views, crop=crop)
         stamp = (run / MODEL_WEIGHTS).stat()
-        key = hashlib.sha256(repr((stamp.st_size, stamp.st_mtime_ns, crop, [
+        key = hashlib.sha256(repr((stamp.st_size, stamp.st_mtime_ns, crop, READER_VERSION, [
             (s.path, *file_stamp(s.path)) for s in samples])).encode()).hexdigest()[:20]
         file = run / EVAL_DIR / LOGITS_CACHE / f"{key}.npz"
         if file.is_file():
