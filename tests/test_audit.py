@@ -281,6 +281,12 @@ def test_a_manifest_listing_one_file_twice_is_named(tiny_kaggle, tmp_path):
     twice = rows[0].split(",")[0]
     manifest = tmp_path / "merged.csv"
     manifest.write_text("\n".join(["path,label,split", *rows, rows[1], f"{twice},PNEUMONIA,test"]))
+    other_patient = tmp_path / "patients.csv"
+    other_patient.write_text(f"path,label,split,patient_id\n{twice},NORMAL,train,a\n"
+                             f"{twice},NORMAL,train,b\n{rows[-1]},p9\n")
+    with pytest.raises(DataLayoutError, match=rf"lists {twice} twice: as NORMAL in train of "
+                                              r"patient a and as NORMAL in train of patient b"):
+        refuse_conflicting_rows(load_source(other_patient))
     source = load_source(manifest)
     assert len(source.samples) == len(rows) + 1  # the exact repeat read once
     assert "1 row(s) repeat an earlier row exactly: each file is read once" in source.notes

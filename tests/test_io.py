@@ -166,26 +166,42 @@ def test_folders_are_searched_through_links_once_but_not_hidden_ones(tmp_path):
     assert found == ["a/a.png", "a/linked/elsewhere.png"]  # "elsewhere" once, first by name
 
 
-def with_hot_patch(pixels: np.ndarray, value: int, side: int = 2) -> np.ndarray:
-    """A patch at full scale in a corner: hot pixels, or a burned-in marker."""
+def with_markers(pixels: np.ndarray, kind: str) -> np.ndarray:
+    """Burned-in marks at or near full scale: hot pixels, a marker on 1.6% of the film, two
+    markers of different values, a marker with a graded rim (anti-aliasing, JPEG ringing)."""
     marked = pixels.copy()
-    marked[:side, :side] = value
+    if kind == "hot":
+        marked[:2, :2] = 65535
+    elif kind == "block":
+        marked[:16, :16] = 65535
+    elif kind == "two":
+        marked[:12, :12], marked[-12:, -12:] = 65535, 60000
+    elif kind == "rim":
+        marked[:18, :18] = 30000
+        marked[:16, :16] = 65535
     return marked
 
 
-@pytest.mark.parametrize("side", [2, 16])  # 4 pixels; a marker on 1.6% of the film
-def test_a_full_scale_marker_does_not_wash_out_a_deep_film(tmp_path, side):
-    """Stretched between percentiles of the pixels between the extremes, not min..max: a
-    patch at 65535 in a 12-bit film, of any size, leaves the film as it was instead of
-    squeezing it into the darkest 16 gray levels (which a model read as PNEUMONIA)."""
+@pytest.mark.parametrize("kind", ["hot", "block", "two", "rim"])
+def test_burned_in_marks_do_not_wash_out_a_deep_film(tmp_path, kind):
+    """Stretched between percentiles of the pixels inside Tukey's far-out fences, not
+    min..max: marks far above a 12-bit film leave it as it was instead of squeezing it into
+    the darkest 16 gray levels (which a model read as PNEUMONIA, at 0.999999); also in a
+    16-bit DICOM, and one whose window spans its whole stored range (a common default)."""
     film = np.tile(np.linspace(0, 4095, 256).round().astype(np.uint16), (64, 1))
-    for name, write in (("png", lambda p, x: save(Image.fromarray(x), p)),
-                        ("dcm", write_dicom)):
+    marked_film = with_markers(film, kind)
+    deep = dict(BitsStored=16, HighBit=15)
+    writers = {"png": lambda p, x: save(Image.fromarray(x), p),
+               "dcm": lambda p, x: write_dicom(p, x, **deep),
+               "windowed.dcm": lambda p, x: write_dicom(p, x, WindowCenter=32768,
+                                                       WindowWidth=65536, **deep)}
+    for name, write in writers.items():
         clean = np.asarray(read_image(write(tmp_path / f"clean.{name}", film)), int)
-        marked = np.asarray(read_image(write(tmp_path / f"marked.{name}",
-                                             with_hot_patch(film, 65535, side))), int)
-        assert clean.max() == 255 and np.abs(clean[side:] - marked[side:]).max() <= 2, name
-        assert (marked[:side, :side] == 255).all()  # the marker itself clips to white
+        marked = np.asarray(read_image(write(tmp_path / f"marked.{name}", marked_film)), int)
+        untouched = marked_film == film
+        assert clean.max() == 255 and clean.min() == 0, name
+        assert np.abs(clean - marked)[untouched].max() <= 2, name
+        assert (marked[marked_film >= 60000] == 255).all(), name  # marks clip to white
 
 
 def test_a_dicom_claiming_too_many_pixels_is_refused_before_decoding(tmp_path):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -54,13 +55,13 @@ PREPROCESS = (
     "Read the film as 8-bit grayscale: turn it upright by its EXIF orientation; composite "
     "transparency on black; colour -> luminance (PIL convert('L'); DICOM colour: the mean of "
     "its channels). A film that is not 8-bit (16-bit PNG or TIFF, float TIFF) and every DICOM "
-    "(after pydicom's apply_modality_lut) is stretched to 0..255 in float32 between lo and "
-    "hi: for a DICOM with a VOI LUT or window, its minimum and maximum after pydicom's "
-    "apply_voi_lut(prefer_lut=True) with its defaults (a VOI LUT before a window, the first "
-    "window, its VOILUTFunction); otherwise numpy's 0.1th and 99.9th percentiles of the "
-    "pixels strictly between the film's minimum and maximum (the minimum and maximum where "
-    "there are none or hi <= lo). Then round(clip((x - lo) * (255 / (hi - lo)), 0, 255)) with "
-    "numpy's round half to even; DICOM MONOCHROME1 then inverted (255 - x). If `equalize`, "
+    "(after pydicom's apply_modality_lut, then apply_voi_lut(prefer_lut=True) with its "
+    "defaults: a VOI LUT before a window, the first window, its VOILUTFunction) is stretched "
+    "to 0..255 in float32 between lo and hi, numpy's 0.1th and 99.9th percentiles of its "
+    "pixels x with q1 - 3 (q3 - q1) <= x <= q3 + 3 (q3 - q1), q1 and q3 its 25th and 75th "
+    "percentiles (if then hi <= lo: those percentiles of all its pixels; if still, its "
+    "minimum and maximum): round(clip((x - lo) * (255 / (hi - lo)), 0, 255)) with numpy's "
+    "round half to even; DICOM MONOCHROME1 then inverted (255 - x). If `equalize`, "
     "histogram-equalise it (PIL ImageOps.equalize). Resize the whole film, squashed to a "
     "square and never cropped, to input_size x input_size with PIL: img.resize((s, s), "
     "Image.BILINEAR, reducing_gap=3.0), which antialiases; a plain bilinear interpolation of "
@@ -248,12 +249,10 @@ def sidecar_entries(spec: ModelSpec, calibration: Calibration) -> dict:
 
 
 def _without_local_folders(calibration: Calibration) -> str:
-    """Where the threshold was chosen, naming a site's films by their folder's name only: an
-    export travels, and the folders above it are this machine's business."""
-    films = calibration.chosen_with.get("calibrate_on")
-    if not films or films == "kaggle":
-        return calibration.chosen_on
-    return calibration.chosen_on.replace(str(Path(films).parent).rstrip("/") + "/", "")
+    """Where the threshold was chosen, each folder named by its last part only ("/home/ann/
+    site_b/films: ..." -> "films: ..."): an export travels, and the folders above are this
+    machine's business."""
+    return re.sub(r"(?<![\w.])/(?:[^/\s:]+/)+", "", calibration.chosen_on)
 
 
 def write_sidecar(folder: str | Path, sidecar: dict) -> Path:

@@ -24,11 +24,12 @@ SUPPORTED_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
 # A chest film is at most ~4k x 4k; anything far larger is a decompression bomb.
 MAX_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-# Deep films (16-bit PNG, DICOM) are stretched to 0..255 between these percentiles of the
-# pixels strictly between their lowest and highest value, not their min..max: hot pixels, or
-# a burned-in marker at full scale of any size, would otherwise squeeze the film into a few
+# Deep films (16-bit PNG, DICOM) are stretched to 0..255 between these percentiles of their
+# pixels within OUTLIER_FENCE interquartile ranges of the quartiles, not their min..max: hot
+# pixels, or a burned-in marker at full scale, would otherwise squeeze the film into a few
 # gray levels (and a model reads a washed-out NORMAL film as PNEUMONIA).
 STRETCH_PERCENTILES = (0.1, 99.9)
+OUTLIER_FENCE = 3.0
 # Raised whenever read_image gives another image for some file than before: the caches keyed
 # by files (decoded films, evaluation logits) then decode and score again.
 READER_VERSION = 2
@@ -38,7 +39,7 @@ TOO_MANY_PIXELS = "refused: too many pixels"  # how an oversized film's reason s
 MIN_FILM_SIDE = 64  # pixels
 MAX_ASPECT = 2.5  # longer side over shorter
 MIN_CONTRAST = 2.0  # standard deviation of the gray levels
-FILM_MEDIAN_RANGE = (16, 239)  # Kermany's films: medians 58..203
+FILM_MEDIAN_RANGE = (16, 239)  # Kermany's 5,840 films: medians 56..227
 # A DICOM file written without its 128-byte preamble and "DICM" (older exports) starts with
 # its first data element: a tag of the file meta group (0002) or, with no meta header at all,
 # of the identifying group (0008); then a value representation, or an implicit length.
@@ -136,25 +137,30 @@ def _is_dicom_head(head: bytes) -> bool:
     return head[4:6] in DICOM_VRS or struct.unpack_from("<I", head, 4)[0] < 1024
 
 
-def _to_uint8(pixels: np.ndarray, windowed: bool = False) -> np.ndarray:
-    """Stretch any numeric range to 0..255 (16-bit PNGs and DICOMs use 10-16 bits), between
-    the STRETCH_PERCENTILES of the pixels strictly between the film's lowest and highest
-    value, or (`windowed`: a DICOM VOI window or LUT chose the range) its min..max; values
-    beyond them clip to black or white."""
+def _to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Stretch any numeric range to 0..255 (16-bit PNGs and DICOMs use 10-16 bits) between
+    `stretch_range`; values beyond it clip to black or white."""
     pixels = pixels.astype(np.float32)
-    lo, hi = float(pixels.min()), float(pixels.max())
-    if not windowed:
-        # The extremes are left out: a burned-in marker or label at full scale (or a border
-        # at zero) of any size would otherwise set the range and squeeze the film.
-        inner = pixels[(pixels > lo) & (pixels < hi)]
-        if inner.size:
-            inner_lo, inner_hi = np.percentile(inner, STRETCH_PERCENTILES)
-            if inner_hi > inner_lo:  # else flat but for a few pixels: the plain range
-                lo, hi = float(inner_lo), float(inner_hi)
+    lo, hi = stretch_range(pixels)
     if hi <= lo:
         return np.zeros(pixels.shape, dtype=np.uint8)
     scaled = (pixels - lo) * (255.0 / (hi - lo))
     return np.round(np.clip(scaled, 0, 255)).astype(np.uint8)
+
+
+def stretch_range(pixels: np.ndarray) -> tuple[float, float]:
+    """The STRETCH_PERCENTILES of the film's pixels inside Tukey's far-out fences (three
+    interquartile ranges beyond the quartiles): a burned-in marker or label far brighter
+    than the film, of any size or number of values, then clips instead of setting the range.
+    A film too flat for fences: the percentiles of all its pixels; then its min..max."""
+    q1, q3 = np.percentile(pixels, (25, 75))
+    fence = OUTLIER_FENCE * (q3 - q1)
+    body = pixels[(pixels >= q1 - fence) & (pixels <= q3 + fence)]
+    for values in (body, pixels):
+        lo, hi = np.percentile(values, STRETCH_PERCENTILES)
+        if hi > lo:
+            return float(lo), float(hi)
+    return float(pixels.min()), float(pixels.max())
 
 
 def _uncompressed_syntax(implicit_vr: bool, little_endian: bool) -> str:
@@ -191,12 +197,11 @@ def _read_dicom(path: Path) -> Image.Image:
     frames = int(ds.get("NumberOfFrames") or 1)
     pixels = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array
     pixels = apply_modality_lut(pixels, ds)  # rescale slope / intercept
-    windowed = pixels.ndim == 2 and ("VOILUTSequence" in ds or "WindowCenter" in ds)
-    if windowed:  # the range the film is meant to be seen in: kept whole, markers clip in it
-        pixels = apply_voi_lut(pixels, ds, prefer_lut=True)
+    if pixels.ndim == 2:
+        pixels = apply_voi_lut(pixels, ds, prefer_lut=True)  # window centre / width
     if pixels.ndim == 3:
         pixels = pixels.mean(axis=-1)
-    pixels = _to_uint8(np.asarray(pixels), windowed)
+    pixels = _to_uint8(np.asarray(pixels))
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         pixels = 255 - pixels  # MONOCHROME1 stores bone dark: flip to the usual look
     return Image.fromarray(pixels, mode="L")

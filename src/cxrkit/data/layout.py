@@ -220,17 +220,23 @@ def _from_manifest(csv_path: Path, parse: PatientIdParser) -> DataSource:
 
 
 def refuse_conflicting_rows(source: DataSource) -> None:
-    """A file a manifest lists twice with two labels or in two splits (merged manifests): at
-    most one row is right, and using the file both ways would hide which."""
+    """A file a manifest lists twice, with two labels, splits or patients (merged manifests):
+    at most one row is right, and using the file both ways would hide which (or, under two
+    patient ids, put it on both sides of the validation split)."""
     first: dict[str, Sample] = {}
     for s in source.samples:
         seen = first.setdefault(s.path, s)
-        if (seen.label, seen.split) != (s.label, s.split):
+        if seen != s:
+            patients = seen.patient_id != s.patient_id  # named only where they differ
             raise DataLayoutError(
-                f"{source.root} lists {s.path} twice: as {seen.label} in "
-                f"{seen.split or 'no split'} and as {s.label} in {s.split or 'no split'}. A "
-                "film has one label and one split: fix or delete one row (`cxr data audit` "
-                "lists every such file)")
+                f"{source.root} lists {s.path} twice: as {_row(seen, patients)} and as "
+                f"{_row(s, patients)}. A film has one label, split and patient: fix or delete "
+                "one row (`cxr data audit` lists every such file)")
+
+
+def _row(s: Sample, patient: bool) -> str:
+    return f"{s.label} in {s.split or 'no split'}" + (f" of patient {s.patient_id or '?'}"
+                                                       if patient else "")
 
 
 def load_source(path: str | Path, patient_pattern: str | None = None,

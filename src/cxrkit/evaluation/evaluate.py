@@ -319,11 +319,12 @@ def cached(run: Path, labels: Sequence[str],
                 failures = [Failure(p, r) for p, r in
                             json.loads(file.with_suffix(".json").read_text())]
                 films = [samples[i] for i in index]
+            except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as e:
+                log.warning("%s is damaged (%s): scoring the films again", file, e)
+            else:
                 log.info("%s: logits of these %d films read back from %s", where,
                          len(samples), file.relative_to(run))
                 return Scored(films, label_indices(films, labels, where), logits, failures)
-            except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as e:
-                log.warning("%s is damaged (%s): scoring the films again", file, e)
         result = score_films(samples, where, crop=crop)
         file.parent.mkdir(parents=True, exist_ok=True)
         position = {s.path: i for i, s in enumerate(samples)}

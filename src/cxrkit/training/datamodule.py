@@ -78,7 +78,8 @@ def task_classes(task: str, samples: list[Sample]) -> list[str]:
         raise DataLayoutError(
             f"no training film is labelled {', '.join(untrained)}: only validation has them. "
             "Every class needs training films: move some of them to train (or keep the data's "
-            "val split with train, data.val_fraction > 0, so validation is carved by patient)")
+            "val split with train, data.val_fraction > 0, so validation is carved by patient), "
+            "or raise data.max_train_images if it left them out")
     if task != "3class":
         return sorted(labels)
     if labels != set(SUBTYPES):
