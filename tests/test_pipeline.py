@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 
 from cxrkit.cli import app
 from cxrkit.config import ConfigError, TrainConfig
+from cxrkit.data.layout import DataLayoutError
 from cxrkit.pipeline import run_pipeline
 from cxrkit.report import summary
 from tests.test_training import TINY
@@ -58,6 +60,13 @@ def test_the_main_job_from_python(tiny_kaggle, tmp_path):
     again = run_pipeline(resume=job.folder)  # a finished run: evaluated again, not retrained
     assert (job.folder / "stages.json").read_text() == stages
     assert summary(again.evaluation) == numbers
+    # data without a test split is refused before the training, not after it
+    untested = replace(config, data=replace(config.data, path=str(tiny_kaggle / "train")),
+                       name="untested")
+    with pytest.raises(DataLayoutError, match=r"train has no test split, and `cxr run` ends "
+                                              r"by evaluating on it"):
+        run_pipeline(untested)
+    assert not (tmp_path / "runs" / "untested").exists()
 
 
 def test_version():

@@ -37,6 +37,7 @@ def run_pipeline(config: TrainConfig | None = None, *, resume: str | Path | None
     from cxrkit.runs import load_spec
     from cxrkit.training import train
 
+    _refuse_data_without_test(config, resume)  # before the training, not after it
     folder = train(config, resume)
     trained = TrainConfig.load(folder / "config.yaml").data
     audit_dataset(trained.path, folder / "audit", trained.patient_pattern,
@@ -44,3 +45,21 @@ def run_pipeline(config: TrainConfig | None = None, *, resume: str | Path | None
     evaluation = evaluate_run(folder, split="test", tta=tta, framing=framing,
                               framing_threshold=framing_threshold)
     return RunResult(folder, evaluation, build_report(folder, split="test"))
+
+
+def _refuse_data_without_test(config: TrainConfig | None, resume: str | Path | None) -> None:
+    """The job ends by evaluating on the data's test split: data without one is said now."""
+    from cxrkit.data.kaggle import resolve_data
+    from cxrkit.data.layout import DataLayoutError, load_source
+
+    saved = Path(resume) / "config.yaml" if resume is not None else None
+    if saved is not None and not saved.is_file():
+        return  # not a run folder: `train` says so
+    data = (TrainConfig.load(saved) if saved else config or TrainConfig.preset("default")).data
+    source = load_source(resolve_data(data.path), data.patient_pattern)
+    if "test" not in source.splits:
+        raise DataLayoutError(
+            f"{data.path} has no test split, and `cxr run` ends by evaluating on it. Train "
+            "with `cxr train --data ...`, then evaluate with `cxr evaluate RUN --data "
+            "OTHER_FILMS` (or --split val); or give data with a test split: the Kaggle "
+            "layout, or a manifest with test rows")
