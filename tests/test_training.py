@@ -357,6 +357,26 @@ def test_without_a_terminal_progress_comes_as_log_lines(tiny_kaggle, tmp_path, c
     assert lines[-1].startswith("train, epoch 2/2: val_accuracy ")
 
 
+def test_a_resumed_epoch_estimates_its_end_from_the_steps_it_timed(monkeypatch, caplog):
+    """A run resumed part way through an epoch gets no epoch start: the estimate used the
+    machine's uptime over every step of the epoch (187309 s left where 4 minutes were)."""
+    from types import SimpleNamespace
+
+    import cxrkit.training.callbacks as callbacks
+
+    clock = iter([1e6, 1e6 + 10.0, 1e6 + 20.0])  # uptime: one step every 10 s from step 40
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: next(clock))
+    trainer = SimpleNamespace(is_global_zero=True, num_training_batches=100, current_epoch=0,
+                              max_epochs=1, callback_metrics={}, lightning_module=None)
+    progress = ProgressLog(every=0.0)
+    with caplog.at_level(logging.INFO, logger="cxrkit.training.callbacks"):
+        for step in (40, 41, 42):  # no on_train_epoch_start: resumed at step 41
+            progress.on_train_batch_end(trainer, None, None, None, step)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["epoch 1/1: step 41/100", "epoch 1/1: step 42/100, 580 s to the epoch's end",
+                     "epoch 1/1: step 43/100, 570 s to the epoch's end"]
+
+
 def test_param_groups_give_each_depth_its_learning_rate():
     model = create_model("efficientnet_lite0", pretrained=False)
     set_trainable(model, "all")

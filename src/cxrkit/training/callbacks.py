@@ -294,7 +294,9 @@ class ProgressLog(Callback):
 
     def __init__(self, every: float = 30.0):
         self.every = every
-        self.start = self.last = 0.0
+        self.start: float | None = None  # when this process saw its first batch of the epoch
+        self.first = 0  # that batch's index: a resumed epoch starts part way through
+        self.last = 0.0
 
     def _epoch(self, trainer) -> str:
         stage = getattr(trainer.lightning_module, "stage", None)  # a run's stages have names
@@ -302,18 +304,22 @@ class ProgressLog(Callback):
                 f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self.start = self.last = time.monotonic()
+        self.start = None  # (not called when a resumed run re-enters an epoch part way)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         now = time.monotonic()
+        if self.start is None:
+            self.start, self.first, self.last = now, batch_idx, now
         if now - self.last < self.every or not trainer.is_global_zero:
             return
         self.last = now
         done, total = batch_idx + 1, trainer.num_training_batches
         loss = trainer.callback_metrics.get("train_loss_step")
-        left = (total - done) * (now - self.start) / done
-        log.info("%s: step %d/%d%s, %.0f s to the epoch's end", self._epoch(trainer), done,
-                 total, "" if loss is None else f", train loss {float(loss):.4f}", left)
+        timed = batch_idx - self.first  # steps since the first one this process saw
+        left = (f", {(total - done) * (now - self.start) / timed:.0f} s to the epoch's end"
+                if timed else "")
+        log.info("%s: step %d/%d%s%s", self._epoch(trainer), done, total,
+                 "" if loss is None else f", train loss {float(loss):.4f}", left)
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking or not trainer.is_global_zero:
