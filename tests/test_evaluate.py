@@ -553,6 +553,19 @@ def test_evaluating_again_reuses_the_logits_until_a_film_or_the_weights_change(t
     assert len(list(cache.glob("*.npz"))) == 5 and newest[1].with_suffix(".json").is_file()
 
 
+def test_films_left_out_are_said_again_when_the_logits_are_read_back(trained_run, tmp_path,
+                                                                     caplog):
+    run = copy_run(trained_run, tmp_path)
+    site = make_class_folders(tmp_path / "site", ["NORMAL", "PNEUMONIA"], n=2)
+    (site / "NORMAL" / "cut.jpeg").write_bytes(b"\xff\xd8\xff\xe0 not the rest of a JPEG")
+    for _ in range(2):  # scored, then read back from eval/logits/
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="cxrkit.evaluation.evaluate"):
+            evaluate_run(run, data=site, bootstrap=0, figures=False, device="cpu")
+        assert "site: skipped unreadable image" in caplog.text and "cut.jpeg" in caplog.text
+    assert "read back from" in caplog.text
+
+
 def test_external_data_that_holds_the_runs_own_films_or_no_patient_ids_says_so(
         trained_run, tiny_kaggle, tmp_path):
     run = copy_run(trained_run, tmp_path)

@@ -274,6 +274,11 @@ def external_samples(data: str | Path, split: str) -> tuple[str, str, str, list[
 
 # ---- predictions -----------------------------------------------------------------------------
 
+def say_skipped(where: str, failures: Sequence[Failure]) -> None:
+    for f in failures:
+        log.warning("%s: skipped unreadable image %s (%s)", where, f.path, f.reason)
+
+
 def score(model: Classifier, samples: Sequence[Sample], where: str,
           views: Sequence[Callable] = (), **inference) -> Scored:
     """Logits for `samples`; unreadable files are logged and left out."""
@@ -281,8 +286,7 @@ def score(model: Classifier, samples: Sequence[Sample], where: str,
     y = label_indices(samples, labels, where) if samples else np.zeros(0, int)
     logits, failures = predict_logits(model, [s.path for s in samples], views=views, **inference)
     ok = ~np.isnan(logits).any(1)
-    for f in failures:
-        log.warning("%s: skipped unreadable image %s (%s)", where, f.path, f.reason)
+    say_skipped(where, failures)
     if samples and not ok.any():
         raise ValueError(
             f"{where}: none of the {len(samples)} images could be read, e.g. "
@@ -324,6 +328,7 @@ def cached(run: Path, labels: Sequence[str],
             else:
                 log.info("%s: logits of these %d films read back from %s", where,
                          len(samples), file.relative_to(run))
+                say_skipped(where, failures)  # every evaluation says what it left out
                 return Scored(films, label_indices(films, labels, where), logits, failures)
         result = score_films(samples, where, crop=crop)
         file.parent.mkdir(parents=True, exist_ok=True)
