@@ -654,7 +654,9 @@ def variant_tables(m: dict) -> list[dict]:
 # bookkeeping (global step, counts of unreadable films) stays in the file.
 VAL_ROWS = {"accuracy": "Accuracy at P = 0.5", "sensitivity": "Sensitivity at P = 0.5",
             "specificity": "Specificity at P = 0.5", "f1": "F1 at P = 0.5",
-            "roc_auc": "ROC-AUC", "loss": "Loss", "images": "Validation films",
+            "roc_auc": "ROC-AUC",
+            "loss": "Loss over all films at once (the curves' val loss: a mean over batches)",
+            "images": "Validation films",
             "best_stage": "Kept: stage", "best_epoch": "Kept: epoch", "monitor": "Kept by"}
 VAL_ROWS_MULTICLASS = VAL_ROWS | {
     "accuracy": "Accuracy (the most probable class)",

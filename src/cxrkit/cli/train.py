@@ -121,6 +121,8 @@ def metrics_table(run: Path) -> Table:
     caption = ("accuracy, sensitivity, specificity, f1 at P = 0.5: `cxr evaluate` chooses the "
                "threshold on validation" if binary else "of the most probable class; "
                "sensitivity, specificity, f1: macro averages over the classes")
+    caption += ("; loss: the training loss over all films at once (class weights included), "
+                "not the log's mean over batches")
     table = Table(title=f"Validation ({metrics['images']} images, {chosen})", caption=caption)
     for name in ("accuracy", "roc_auc", "sensitivity", "specificity", "f1", "loss"):
         table.add_column(name.replace("_", "-"), justify="right")

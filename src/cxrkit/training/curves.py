@@ -89,7 +89,7 @@ def plot_curves(run: Path) -> Path:
         stage_rows = [r for r in rows if r["stage"] == stage]
         series = [
             (ax_loss, "train_loss_epoch", "train loss", "tab:blue"),
-            (ax_loss, "val_loss", "val loss", "tab:orange"),
+            (ax_loss, "val_loss", "val loss (mean over batches)", "tab:orange"),
             (ax_score, "val_roc_auc", "val ROC-AUC", "tab:green"),
             (ax_score, "val_accuracy", "val accuracy at P=0.5", "tab:purple"),
         ]
