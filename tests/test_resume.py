@@ -227,6 +227,14 @@ def test_ctrl_c_stops_after_its_step_and_the_resumed_run_is_the_uninterrupted_on
     assert json.loads((run / "stages.json").read_text())["train"]["global_step"] == 2 * 10
     reference = train(config.updated({"name": "reference"}))
     assert val_losses(run) == val_losses(reference)
+    # finished: resuming trains nothing, and an edited config.yaml is refused there too
+    (run / "config.yaml").write_text(original.replace("lr: 0.002", "lr: 0.003", 1))
+    with pytest.raises(ConfigError, match=r"changed since the run was trained "
+                                          r"\(stages.0.lr\): it no longer describes"):
+        train(resume=run)
+    (run / "config.yaml").write_text(original)
+    stages = (run / "stages.json").read_text()
+    assert train(resume=run) == run and (run / "stages.json").read_text() == stages
 
 
 def interrupt_at_step(config, step: int, monkeypatch) -> None:

@@ -48,7 +48,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cxrkit.adapt import adapt_batchnorm
-from cxrkit.config import ConfigError, TrainConfig, to_dict
+from cxrkit.config import ConfigError, StageConfig, TrainConfig, to_dict
 from cxrkit.data.io import written_whole
 from cxrkit.data.layout import DataLayoutError, Sample
 from cxrkit.data.split import read_manifest, test_patients_seen_in_training, write_manifest
@@ -285,24 +285,45 @@ def resume_point(folder: Path, config: TrainConfig, index: int) -> Path | None:
     if not last.is_file():
         return None
     checkpoint = read_checkpoint(last)
-    saved = checkpoint["hyper_parameters"]
     stage = config.stages[index]
-    if saved["stage"]["name"] != stage.name:
+    if checkpoint["hyper_parameters"]["stage"]["name"] != stage.name:
         return None
-    if CONFIG_KEY in checkpoint:  # the whole config, but what only says where or how to show
-        current = to_dict(config)
-        changed = [key for key in _differences(checkpoint[CONFIG_KEY], current)
-                   if key not in FREE_ON_RESUME]
-    else:  # a checkpoint of an older cxrkit: what its module recorded
-        changed = _differences({k: saved[k] for k in ("stage", "optim", "loss") if k in saved},
-                               {"stage": to_dict(stage), "optim": to_dict(config.optim),
-                                "loss": to_dict(config.loss)})
-    if changed:
+    if changed := config_changes(checkpoint, config, stage):
         raise ConfigError(
             f"{folder / CONFIG} changed since {LAST} was written ({', '.join(sorted(changed))}): "
             f"a stage resumes with the config it started with. Put it back, or train anew "
             f"with `cxr train --config {folder / CONFIG} --name NEW`")
     return last
+
+
+def config_changes(checkpoint: dict, config: TrainConfig, stage: StageConfig) -> list[str]:
+    """The keys of `config` that differ from those `checkpoint` was trained with."""
+    if CONFIG_KEY in checkpoint:  # the whole config, but what only says where or how to show
+        return [key for key in _differences(checkpoint[CONFIG_KEY], to_dict(config))
+                if key not in FREE_ON_RESUME]
+    saved = checkpoint["hyper_parameters"]  # a checkpoint of an older cxrkit: its module's
+    return _differences({k: saved[k] for k in ("stage", "optim", "loss") if k in saved},
+                        {"stage": to_dict(stage), "optim": to_dict(config.optim),
+                         "loss": to_dict(config.loss)})
+
+
+def refuse_edited_finished_run(run: Run) -> None:
+    """A finished run resumed: nothing to train. Its config.yaml must still be the one that
+    trained it (a report or a reproduction reads it), which best.ckpt recorded."""
+    best = run.folder / BEST
+    if best.is_file():
+        checkpoint = read_checkpoint(best)
+        stage = next((s for s in run.config.stages
+                      if s.name == checkpoint["hyper_parameters"]["stage"]["name"]), None)
+        changed = config_changes(checkpoint, run.config, stage) if stage else ["stages"]
+        if changed:
+            raise ConfigError(
+                f"{run.folder / CONFIG} changed since the run was trained "
+                f"({', '.join(sorted(changed))}): it no longer describes this run's model. "
+                f"Put it back, or train anew with `cxr train --config {run.folder / CONFIG} "
+                "--name NEW`")
+    log.info("%s has finished training: nothing to resume (its model and metrics are "
+             "written again from %s)", run.folder, BEST)
 
 
 def load_weights(model: Classifier, checkpoint: Path) -> None:
@@ -546,6 +567,8 @@ def train_run(run: Run) -> Path:
             estimate_train_norm_stats(run, model)
         for i in pending:
             fit_stage(run, i, model, first if i == pending[0] else None)
+    else:
+        refuse_edited_finished_run(run)
     if rank_zero_only.rank == 0:
         finish(run)
     return run.folder
