@@ -34,9 +34,9 @@ TRAINING_ERRORS = (ConfigError, DataLayoutError, KaggleDownloadError, FileExists
 DATA = typer.Option(None, "--data", help=DATA_HELP)
 PRESET = typer.Option("default", "--preset", help=f"One of {', '.join(PRESETS)}: quick (default's "
                       "recipe for one epoch at twice the learning rate, earliest layers "
-                      "frozen, mixup: ~3.5 min on a CPU), default (the whole pretrained Lite0 "
-                      "fine-tuned, ~34 min on a CPU), finetune (head on frozen features, then "
-                      "fine-tune all), scratch (simple_cnn from scratch).")
+                      "frozen, mixup: ~3 min on a 2-core CPU), default (the whole pretrained "
+                      "Lite0 fine-tuned, 34-44 min on a 2-core CPU), finetune (head on frozen "
+                      "features, then fine-tune all), scratch (simple_cnn from scratch).")
 CONFIG = typer.Option(None, "--config", help="YAML with the config fields to change (a run's "
                       "config.yaml reproduces it, with --name NEW), applied on top of the "
                       "preset. A `stages:` list replaces the preset's stages, each starting "
