@@ -635,6 +635,10 @@ def test_lr_find_runs_its_steps_past_the_stages_epochs(tiny_kaggle, tmp_path):
     assert "stopped early" not in result.output
     plot = tmp_path / "lr_find.png"  # --out a folder: the plot goes in it, and is named
     assert plot.is_file() and str(plot) in "".join(result.output.split())
+    # too few steps for Lightning's suggestion: said before any step, not as its error twice
+    result = CliRunner().invoke(app, ["lr-find", "--data", str(tiny_kaggle), "--num-training",
+                                      "10", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "the range test needs at least 20 steps" in result.output
 
 
 def test_unreadable_films_are_listed_in_the_run_and_said_every_run(tmp_path, caplog):

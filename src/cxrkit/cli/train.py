@@ -221,8 +221,8 @@ def lr_find(
     num_workers: int | None = WORKERS,
     cache: bool | None = CACHE,
     stage: int = typer.Option(0, "--stage", help="Index of the stage to test (0: the first)."),
-    num_training: int = typer.Option(100, "--num-training", min=2,
-                                     help="Steps of the range test."),
+    num_training: int = typer.Option(100, "--num-training",
+                                     help="Steps of the range test (at least 20)."),
     out: Path = typer.Option(Path("lr_find.png"), "--out", help="Where the plot goes."),
     set_: list[str] = SET,
 ) -> None:

@@ -575,6 +575,7 @@ def train_run(run: Run) -> Path:
 
 
 LR_RANGE = (1e-6, 1.0)  # the learning-rate range test's sweep
+LR_FIND_MIN_STEPS = 20  # Lightning's suggestion leaves out the first 10 steps and the last
 
 
 def stage_batch_size(config: TrainConfig, stage: int) -> int:
@@ -588,6 +589,9 @@ def find_lr(config: TrainConfig, stage: int = 0, out: str | Path = "lr_find.png"
     config.validate()
     if not 0 <= stage < len(config.stages):
         raise ConfigError(f"stage {stage}: this config has stages 0..{len(config.stages) - 1}")
+    if num_training < LR_FIND_MIN_STEPS:
+        raise ConfigError(f"--num-training {num_training}: the range test needs at least "
+                          f"{LR_FIND_MIN_STEPS} steps (its suggestion leaves out the first 10)")
     samples = prepare_samples(config.data, config.seed)
     seed_everything(config.seed, workers=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -602,7 +606,7 @@ def find_lr(config: TrainConfig, stage: int = 0, out: str | Path = "lr_find.png"
                                         max_lr=LR_RANGE[1], num_training=num_training,
                                         update_attr=False)
     suggestion = result.suggestion()
-    figure = result.plot(suggest=True)
+    figure = result.plot(suggest=suggestion is not None)  # (else Lightning logs its error again)
     ax = figure.axes[0]
     ax.set_title(f"Learning-rate range test: stage {config.stages[stage].name}, "
                  f"{num_training} steps, batch {stage_batch_size(config, stage)}",
