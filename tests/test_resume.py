@@ -125,6 +125,7 @@ def test_sigterm_stops_with_exit_143_and_says_how_to_resume(tiny_kaggle, tmp_pat
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr[-3000:]
     assert "".join(f"cxr train --resume {run}".split()) in "".join(stderr.split())
+    assert "weights_only" not in stderr  # Lightning's word on saving read as an unsafe load
     assert not (run / "model.safetensors").exists() and stdout == ""
 
 

@@ -150,7 +150,8 @@ class StopAtBatchEnd(Callback):
         # would never be validated.
         if (isinstance(exception, SIGTERMException) and trainer.world_size == 1
                 and trainer.training and not trainer.sanity_checking):
-            trainer.save_checkpoint(self.path)
+            # (weights_only here: whether to leave the optimiser out; said, Lightning logs it)
+            trainer.save_checkpoint(self.path, weights_only=False)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self._previous_sigint is not None:
