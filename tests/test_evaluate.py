@@ -519,6 +519,10 @@ def test_cli_evaluate(trained_run, tmp_path):
     assert code == 2 and "choose test or val" in output
     with pytest.raises(ValueError, match="choose test or val"):  # the API refuses it too
         evaluate_run(run, split="train")
+    shutil.rmtree(run / "eval" / "logits")
+    code, output = cxr("evaluate", run, "--target-sensitivity", 95)  # meant 95%
+    assert code == 2 and "give a fraction in (0, 1], e.g. 0.95 for 95%" in output
+    assert not (run / "eval" / "logits").exists()  # said before any film was scored
 
 
 def test_evaluating_again_reuses_the_logits_until_a_film_or_the_weights_change(trained_run,

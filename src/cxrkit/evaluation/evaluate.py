@@ -675,6 +675,10 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     if data is None and split not in ("test", "val"):
         raise ValueError(f"split {split!r}: choose test or val (a model is never scored on its "
                          "train split)")
+    if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
+        raise ValueError(f"target sensitivity {target_sensitivity}: give a fraction in (0, 1]"
+                         + (f", e.g. {target_sensitivity / 100:g} for {target_sensitivity:g}%"
+                            if 1 < target_sensitivity <= 100 else ""))
     run = model_folder(run).resolve()
     reapplied = not (reset_calibration or target_sensitivity is not None or framing_threshold
                      or calibrate_on is not None)
