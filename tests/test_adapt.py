@@ -63,10 +63,11 @@ def test_adapt_run_writes_a_new_run_and_reads_no_labels(tmp_path):
     target = make_kaggle_tree(tmp_path / "site", {"test": 4})
     (target / "test" / "NORMAL").rename(target / "test" / "unknown_a")
     (target / "test" / "PNEUMONIA").rename(target / "test" / "unknown_b")
-    out = adapt_run(run, target / "test", split=None)
+    out = adapt_run(run, target / "test", split="test")  # (the CLI's default split)
     assert out == tmp_path / "run-adapted"
     info = json.loads((out / "adaptation.json").read_text())
     assert info["n_images"] == 8 and info["labels_used"] is False
+    assert info["target_split"] is None  # a plain folder has no splits: all of it was read
     original, adapted = load_model(run), load_model(out)
     assert not torch.allclose(original.backbone.blocks[0][1].running_var,
                               adapted.backbone.blocks[0][1].running_var)
@@ -98,8 +99,9 @@ def test_adapting_a_frozen_backbone_run_warns(tmp_path, caplog):
 def test_adapting_on_a_few_films_warns_and_enough_do_not(tmp_path, caplog, monkeypatch):
     run = tmp_path / "run"
     save_model(create_model("simple_cnn", labels=["NORMAL", "PNEUMONIA"]), run)
-    target = make_kaggle_tree(tmp_path / "site", {"test": 4})
+    target = make_kaggle_tree(tmp_path / "site", {"train": 1, "test": 4})
     out = adapt_run(run, target, split="test")
+    assert json.loads((out / "adaptation.json").read_text())["target_split"] == "test"
     assert "only 8 target film(s) read" in caplog.text
     assert "fewer than 100 films" in json.loads((out / "adaptation.json").read_text())["warning"]
     monkeypatch.setattr("cxrkit.adapt.MIN_TARGET_IMAGES", 8)

@@ -39,16 +39,22 @@ COPIED_FILES = ("config.yaml", "split.csv", "labels.json")
 def target_images(data: str | Path, split: str | None = "test") -> list[str]:
     """The image paths of `data`: one split of a dataset with splits, else every image
     under the folder (unlabelled films need no class folders). Labels are never read."""
+    return _target(data, split)[0]
+
+
+def _target(data: str | Path, split: str | None) -> tuple[list[str], str | None]:
+    """(`target_images`, the split they are: None where `data` has no splits)."""
     try:
         source = load_source(data)
     except DataLayoutError:
-        return [str(p) for p in images_under(Path(data))]
+        return [str(p) for p in images_under(Path(data))], None
     named = [name for name in source.splits if name]
     if split and named and split not in named:  # never every film, test films included
         raise ValueError(f"{data} has the splits {', '.join(named)}, no {split!r}: choose one "
                          f"of them (--split)")
-    samples = source.split(split) if split and split in named else source.samples
-    return [s.path for s in samples]
+    if split and split in named:
+        return [s.path for s in source.split(split)], split
+    return [s.path for s in source.samples], None
 
 
 def _image_batches(model: Classifier, paths: list[str], batch_size: int,
@@ -123,7 +129,8 @@ def describe_adaptation(done: dict) -> str:
     """One sentence from an adaptation.json."""
     return (f"This model was adapted with `cxr adapt` from {done['source_run']}: BatchNorm "
             f"statistics re-estimated on {done['n_images']} unlabelled films of "
-            f"{done['target_data']} (split {done['target_split']}).")
+            f"{done['target_data']}"
+            + (f" (split {done['target_split']})." if done.get("target_split") else "."))
 
 
 def adaptation_note(run: Path, evaluated: list[str]) -> str | None:
@@ -167,7 +174,7 @@ def adapt_run(run: str | Path, data: str | Path, split: str | None = "test",
         raise FileExistsError(f"{out} already holds a run: adapting into it would replace its "
                               "model under its evaluations and calibration; give another --out "
                               "(Python: out=...)")
-    paths = target_images(data, split)
+    paths, split = _target(data, split)
     if not paths:
         raise ValueError(f"no images to adapt on in {data} (split {split!r})")
     model, n_read = adapt_batchnorm(load_model(run), paths, batch_size)
