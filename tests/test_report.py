@@ -200,7 +200,7 @@ def test_an_audit_of_other_data_beside_the_run_is_not_shown(reported):
     assert "AUDIT-NOTE-MARKER" not in text and "No audit.json found" in text
 
 
-def test_the_audit_where_the_readme_puts_it_or_named_is_shown(reported, tmp_path):
+def test_the_audit_where_the_readme_puts_it_or_named_is_shown(reported, tmp_path, caplog):
     run, _ = reported
     runs = tmp_path / "runs"
     mine = shutil.copytree(run, runs / "mine")
@@ -210,10 +210,15 @@ def test_the_audit_where_the_readme_puts_it_or_named_is_shown(reported, tmp_path
     assert "README-AUDIT" in build_report(mine).read_text()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    (elsewhere / "audit.json").write_text(json.dumps(audit | {"root": "/data/another_site"}))
+    build_report(mine, audit=elsewhere)  # an audit of other data: shown as asked, but said
+    assert "audited /data/another_site, not /data/chest_xray, which mine trained on" in (
+        caplog.text)
     (elsewhere / "audit.json").write_text(json.dumps(audit | {"notes": ["NAMED-AUDIT"]}))
     result = CliRunner().invoke(app, ["report", str(mine), "--audit", str(elsewhere)])
     assert result.exit_code == 0, result.output
     assert "NAMED-AUDIT" in (mine / "report.html").read_text()
+    assert "audited" not in result.output  # the run's own data (config.yaml: /data/chest_xray)
     result = CliRunner().invoke(app, ["report", str(mine), "--audit", str(tmp_path / "none")])
     assert result.exit_code == 2 and "no audit.json to read" in result.output
     fresh = shutil.copytree(mine, runs / "fresh")

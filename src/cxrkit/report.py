@@ -198,6 +198,10 @@ def _find_audit(run: Path, data_path: str | None, given: str | Path | None = Non
         if (audit := _read_json(path)) is None:
             raise FileNotFoundError(f"{given}: no audit.json to read; give the folder "
                                     "`cxr data audit --out` wrote, or its audit.json")
+        if (data_path and data_path != "kaggle" and audit.get("root")
+                and not _nested(audit["root"], data_path)):
+            log.warning("%s audited %s, not %s, which %s trained on: the report shows it as "
+                        "given", path, audit["root"], data_path, run.name)
         return audit
     for path in (run / "audit" / "audit.json", run / "audit.json"):
         if (audit := _read_json(path)) is not None:
@@ -211,6 +215,12 @@ def _find_audit(run: Path, data_path: str | None, given: str | Path | None = Non
 
 def _same_place(a: str | None, b: str) -> bool:
     return a is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _nested(a: str, b: str) -> bool:
+    """`a` and `b` are one folder, or one holds the other (DATA and DATA/chest_xray)."""
+    a_path, b_path = (Path(p).expanduser().resolve() for p in (a, b))
+    return a_path == b_path or a_path in b_path.parents or b_path in a_path.parents
 
 
 def evaluations(run: Path) -> list[dict]:
