@@ -83,7 +83,8 @@ def _check_writable(out: Path) -> None:
 def predict_command(
     model: Path = typer.Argument(..., help=MODEL_HELP),
     paths: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) "
-                                      "or globs. JPEG, PNG and DICOM."),
+                                      "or globs. JPEG, PNG (8/16-bit), DICOM; also BMP, "
+                                      "TIFF, WebP, GIF."),
     out: Path | None = typer.Option(None, "--out", help="Also write the predictions to a "
                                     ".csv or .json file."),
     cam: Path | None = typer.Option(None, "--cam", "--cam-dir", help="Folder for Grad-CAM "
