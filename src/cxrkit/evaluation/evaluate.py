@@ -189,15 +189,8 @@ REAPPLIED_HINT = (" {} is where the deployed calibration (calibration.json) was 
 def refuse_overlap(chosen_on: Sequence[Sample], evaluated: Sequence[Sample], source: str,
                    origin: str, reapplied: bool = False) -> None:
     """Films that chose the threshold must not be among the films it is measured on, not
-    even as copies; `reapplied`: the choice is calibration.json's, not one asked for now."""
-    patients = ({s.patient_id for s in chosen_on if has_parsed_patient(s)}
-                & {s.patient_id for s in evaluated if has_parsed_patient(s)})
-    if patients:  # re-saved or re-exported films of one patient are no new evidence either
-        raise ValueError(
-            f"{len(patients)} patient(s) have films both in {source}, which chooses the "
-            f"threshold, and in {origin}, which is evaluated (e.g. {min(patients)}): choose on "
-            f"other patients' films than those you evaluate on (split the site's films by "
-            f"patient)." + (REAPPLIED_HINT.format(source) if reapplied else ""))
+    even as copies (said first: the plainer mistake), nor films of the same patients;
+    `reapplied`: the choice is calibration.json's, not one asked for now."""
     shared = identical_files(chosen_on, evaluated)
     if shared:
         example = min(shared)
@@ -208,6 +201,14 @@ def refuse_overlap(chosen_on: Sequence[Sample], evaluated: Sequence[Sample], sou
             f"the site's films into two folders or manifests)."
             + (REAPPLIED_HINT.format(source) if reapplied else "")
         )
+    patients = ({s.patient_id for s in chosen_on if has_parsed_patient(s)}
+                & {s.patient_id for s in evaluated if has_parsed_patient(s)})
+    if patients:  # re-saved or re-exported films of one patient are no new evidence either
+        raise ValueError(
+            f"{len(patients)} patient(s) have films both in {source}, which chooses the "
+            f"threshold, and in {origin}, which is evaluated (e.g. {min(patients)}): choose on "
+            f"other patients' films than those you evaluate on (split the site's films by "
+            f"patient)." + (REAPPLIED_HINT.format(source) if reapplied else ""))
 
 
 def _file_size(path: str) -> int | None:
