@@ -653,3 +653,18 @@ def test_a_patient_id_read_from_a_name_is_told_from_the_fallback_path():
     assert not has_parsed_patient(film("/d/NORMAL/film0.png", "NORMAL/film0"))  # the fallback
     assert not has_parsed_patient(film("/d/NORMAL/1.2.840.0001", "NORMAL/1.2.840.0001"))
     assert not has_parsed_patient(film("/d/NORMAL/a.png", ""))
+
+
+def test_the_worst_mistakes_shown_include_each_kind():
+    """At a high threshold every false positive is more confident than any false negative:
+    ranked all together, the figures never showed a false negative."""
+    from cxrkit.evaluation.evaluate import worst_mistakes
+
+    y = np.array([1] * 5 + [0] * 20 + [1] * 3)  # 5 false negatives, 20 false positives, 3 right
+    predicted = np.array([0] * 5 + [1] * 20 + [1] * 3)
+    confidence = np.r_[[0.6, 0.7, 0.55, 0.8, 0.5], np.linspace(0.81, 0.99, 20), [0.9] * 3]
+    shown = worst_mistakes(y, predicted, confidence, 8)
+    assert list(y[shown]) == [0] * 4 + [1] * 4  # four of each kind, grouped
+    assert list(confidence[shown]) == [*np.linspace(0.81, 0.99, 20)[::-1][:4], 0.8, 0.7, 0.6,
+                                       0.55]  # each kind's most confident first
+    assert len(worst_mistakes(y, predicted, confidence, 100)) == 25  # every mistake, no more

@@ -54,7 +54,8 @@ FIGURES = (
     ("roc_pr.png", "ROC and precision-recall curves with the operating points"),
     ("reliability.png", "Reliability before and after calibration"),
     ("histograms.png", "Predicted probabilities by true class, with thresholds"),
-    ("worst_errors.png", "The most confident mistakes"),
+    ("worst_errors.png", "The most confident mistakes of each true class (false negatives and "
+                         "false positives alike)"),
     ("gradcam_errors.png", "Grad-CAM on mistakes: where the evidence for the wrong call was"),
     ("gradcam_correct.png", "Grad-CAM on a random sample of correct cases"),
 )

@@ -604,7 +604,7 @@ def write_figures(out: Path, model: Classifier, scored: Scored, probs: np.ndarra
     # The model's own view of each film (resized, as it saw it) for the image grids.
     wrong = np.flatnonzero(predicted != y)
     confidence = probs[np.arange(len(y)), predicted]
-    worst = wrong[np.argsort(-confidence[wrong], kind="stable")][:WORST_ERRORS]
+    worst = worst_mistakes(y, predicted, confidence, WORST_ERRORS)
     rng = np.random.default_rng(seed)
     right = np.flatnonzero(predicted == y)
     correct = rng.choice(right, min(GRADCAM_IMAGES, len(right)), replace=False)
@@ -623,9 +623,10 @@ def write_figures(out: Path, model: Classifier, scored: Scored, probs: np.ndarra
 
     if len(worst):
         figures.image_grid([film(i) for i in worst], captions(worst),
-                           f"The {len(worst)} most confident of {len(wrong)} mistakes "
-                           f"({where}, {rule})", out / "worst_errors.png")
-    for name, indices in (("errors", worst[:GRADCAM_IMAGES]), ("correct", correct)):
+                           f"{len(worst)} of {len(wrong)} mistakes, the most confident of each "
+                           f"true class in turn ({where}, {rule})", out / "worst_errors.png")
+    for name, indices in (("errors", worst_mistakes(y, predicted, confidence, GRADCAM_IMAGES)),
+                          ("correct", correct)):
         if not len(indices):
             continue
         paths = [scored.samples[i].path for i in indices]
@@ -640,6 +641,21 @@ def write_figures(out: Path, model: Classifier, scored: Scored, probs: np.ndarra
                            out / f"gradcam_{name}.png",
                            colorbar="evidence for the called class, relative to the film's "
                                     "strongest")
+
+
+def worst_mistakes(y: np.ndarray, predicted: np.ndarray, confidence: np.ndarray,
+                   k: int) -> np.ndarray:
+    """Up to `k` mistakes, the true classes taking turns, each's most confident first; then
+    grouped by true class. Ranked all together, a high threshold made every false positive
+    more confident than any false negative, and no false negative was ever shown."""
+    wrong = np.flatnonzero(predicted != y)
+    queues = [list(wrong[y[wrong] == c][np.argsort(-confidence[wrong[y[wrong] == c]],
+                                                   kind="stable")])
+              for c in np.unique(y[wrong])]
+    taken: list[int] = []
+    while len(taken) < k and any(queues):
+        taken += [q.pop(0) for q in queues if q][:k - len(taken)]
+    return np.array(sorted(taken, key=lambda i: (y[i], -confidence[i])), dtype=int)
 
 
 # ---- the whole evaluation --------------------------------------------------------------------
