@@ -103,6 +103,7 @@ def test_an_identical_film_under_two_labels_is_called_out(tmp_path):
     page = (tmp_path / "out" / "audit.html").read_text()
     assert page.index("Fix before training:") < page.index("no val split")
     assert page.count("<table>") == page.count("<table><caption>") > 3  # each says what it is
+    assert "<code>cxr data split</code>" in page and "`" not in page
     assert f"by cxrkit {cxrkit.__version__}" in page and result.audited_at[:10] in page
 
 

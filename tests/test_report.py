@@ -139,6 +139,7 @@ def test_report_contents(reported):
     _, path = reported
     text = path.read_text()
     assert "AUDIT-NOTE-MARKER" in text and "5856" in text  # the audit beside the run
+    assert "`" not in text and "<code>cxr evaluate RUN" in text  # commands set as code
     assert "no val split" not in text  # the audit's advice: the run carved its own
     # 16 test films are not Kermany's 624: no published comparison, no Guangzhou claim
     assert "no evaluation of it to compare" in text and "92.8%" not in text

@@ -21,10 +21,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 from jinja2 import Environment
+from markupsafe import Markup
 from PIL import Image
 
 from cxrkit import __version__
 from cxrkit.adapt import ADAPTATION, describe_adaptation
+from cxrkit.data.audit_report import with_code
 from cxrkit.data.patients import DEFAULT_PATTERNS
 from cxrkit.data.split import read_manifest, shared_patients, test_patients_seen_in_training
 from cxrkit.evaluation import EVAL_DIR, evaluate_run
@@ -460,7 +462,7 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 <li>Decision rule: {% if positive %}{{ positive }} where P({{ positive }}) ≥
  {{ "%.4f"|format(calibration.threshold) }} (chosen on {{ calibration.chosen_on }}){% else %}the
  most probable class{% endif %}.</li>
-{% for caveat in caveats %}<li><strong>Caveat:</strong> {{ caveat }}</li>{% endfor %}
+{% for caveat in caveats %}<li><strong>Caveat:</strong> {{ caveat|code }}</li>{% endfor %}
 <li><strong>Not a medical device and not for diagnosis.</strong></li></ul></div>
 <nav><a href="#data">Data</a><a href="#training">Training</a><a href="#metrics">Metrics</a>
 <a href="#published">Published results</a><a href="#figures">Figures</a>
@@ -482,7 +484,7 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
  {{ audit.get("near_pairs_total", "?") }}; unreadable files:
  {{ (audit.get("unreadable") or [])|length }}.</p>{% endif %}
 {% for note in audit.get("notes") or [] if not note.startswith(RUN_SPLITS_ITSELF) %}
-<div class="note">{{ note }}</div>{% endfor %}
+<div class="note">{{ note|code }}</div>{% endfor %}
 {% else %}<p class="missing">No audit.json found (run <code>cxr data audit</code>); counts below
  are from the run's split.csv.</p>{% endif %}
 {% if split %}<h3>The run's split (split.csv)</h3>
@@ -542,7 +544,7 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 <tr><td class="name">{{ row.name }}</td>{% for c in row.cells %}<td>{{ c }}</td>{% endfor %}</tr>
 {% endfor %}</table>
 {% for m in evals %}{% for note in m.notes %}<div class="note">{{ m.title }}:
- {{ note }}</div>{% endfor %}{% if m.unreadable %}<div class="note">{{ m.name }}:
+ {{ note|code }}</div>{% endfor %}{% if m.unreadable %}<div class="note">{{ m.name }}:
  {{ m.unreadable|length }} unreadable images were left out.</div>{% endif %}{% endfor %}
 {% for v in variants %}<h3 id="variant-{{ loop.index }}">{{ v.title }}</h3><p>{{ v.note }}</p>
 <table aria-labelledby="variant-{{ loop.index }}"><tr>
@@ -607,7 +609,7 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
  ≥ {{ "%.4f"|format(calibration.threshold) }}{% else %}The most probable class{% endif %}
  on temperature-scaled probabilities ({{ calibration.describe() }}),
  chosen on {{ calibration.chosen_on }}. Never chosen on test data.</p>
-<h3>Known limitations</h3><ul>{% for item in limitations %}<li>{{ item }}</li>{% endfor %}</ul>
+<h3>Known limitations</h3><ul>{% for item in limitations %}<li>{{ item|code }}</li>{% endfor %}</ul>
 </div></section>
 </body></html>
 """
@@ -767,7 +769,9 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
     val_metrics = _read_json(run / "val_metrics.json") or {}
     adaptation = _read_json(run / ADAPTATION)
     split = _split_summary(run)
-    page = Environment(autoescape=True).from_string(TEMPLATE).render(
+    environment = Environment(autoescape=True)
+    environment.filters["code"] = lambda text: Markup(with_code(str(text)))
+    page = environment.from_string(TEMPLATE).render(
         run_name=run.name, run_path=str(run), spec=spec, version=__version__,
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         audit=found_audit, split=split,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,11 @@ NOTE_WORDS = {"fix": "<b>Fix before training:</b> ", "check": "<b>Check:</b> ", 
 def _cell(value) -> str:
     css = ' class="num"' if isinstance(value, int | float) else ""
     return f"<td{css}>{html.escape(str(value))}</td>"
+
+
+def with_code(text: str) -> str:
+    """`text` escaped for HTML, its `backquoted` commands set as <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
 
 
 def table(caption: str, headers: list[str], rows: list[list], empty: str = "none") -> str:
@@ -133,7 +139,7 @@ def write_audit_html(r: AuditResult, path: str | Path) -> Path:
     shared = [[pair, len(ids), ", ".join(ids[:50]) + (" ..." if len(ids) > 50 else "")]
               for pair, ids in r.shared_patients.items()]
     levels = r.note_levels or [""] * len(r.notes)
-    notes = "".join(f'<li class="{level}">{NOTE_WORDS.get(level, "")}{html.escape(n)}</li>'
+    notes = "".join(f'<li class="{level}">{NOTE_WORDS.get(level, "")}{with_code(n)}</li>'
                     for level, n in zip(levels, r.notes, strict=True)) or "<li>none</li>"
     unreadable = table("Files that do not decode, and why", ["path", "reason"],
                        [[_relative(u.path, r), u.reason] for u in r.unreadable],
