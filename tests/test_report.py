@@ -375,9 +375,8 @@ def test_validation_metrics_are_named_and_rates_in_percent():
                      "best_global_step": 139, "unreadable": 0, "monitor": "val_roc_auc",
                      "members": [{"name": "x"}], "val_extra": 0.123456})
     assert rows == [("Accuracy at P = 0.5", "94.1%"), ("ROC-AUC", "0.9852"),
-                    ("Loss over all films at once (the curves' val loss: a mean over batches)",
-                     "0.2706"), ("Validation films", "786"), ("Kept by", "val_roc_auc"),
-                    ("val_extra", "0.1235")]
+                    ("Loss (all films at once)", "0.2706"), ("Validation films", "786"),
+                    ("Kept by", "val_roc_auc"), ("val_extra", "0.1235")]
 
 
 def test_a_mistakes_caption_names_the_films_folder():

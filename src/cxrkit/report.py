@@ -443,6 +443,8 @@ th, td { border: 1px solid #d5dbe5; padding: 4px 10px; text-align: right; white-
 table { display: block; overflow-x: auto; max-width: 100%; }  /* scrolls, not the page */
 th { background: #f1f4f9; white-space: normal; }  /* headers wrap, numbers do not */
 td.name, th.name { text-align: left; }
+td.name { white-space: normal; min-width: 9em; }  /* labels wrap: a phone sees the numbers */
+.card h2 { margin-top: 16px; }
 caption { text-align: left; color: #5b6577; font-size: 13px; padding-bottom: 4px; }
 tr.group td { background: #f8f9fc; text-align: left; font-weight: 600; color: #3a4456;
             white-space: normal; }  /* a group's title wraps: it must not widen the table */
@@ -464,9 +466,9 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
  most probable class{% endif %}.</li>
 {% for caveat in caveats %}<li><strong>Caveat:</strong> {{ caveat|code }}</li>{% endfor %}
 <li><strong>Not a medical device and not for diagnosis.</strong></li></ul></div>
-<nav><a href="#data">Data</a><a href="#training">Training</a><a href="#metrics">Metrics</a>
-<a href="#published">Published results</a><a href="#figures">Figures</a>
-<a href="#model-card">Model card</a></nav>
+<nav><a href="#data">Data</a><a href="#training">Training</a><a href="#metrics">Metrics</a><a
+ href="#published">Published results</a><a href="#figures">Figures</a><a
+ href="#model-card">Model card</a></nav>
 
 <section id="data"><h2>Data</h2>
 {% if audit %}
@@ -517,7 +519,8 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
  below use that one); with class weights or mixup they can look poor beside a high
  ROC-AUC.{% else %} Each film is called its most probable class; sensitivity, specificity and
  F1 are averaged over the classes.{% endif %}</p>
-<table><caption>Validation, best checkpoint</caption>
+<table><caption>Validation, best checkpoint (its loss over all films at once; the curves'
+ val loss is a mean over batches)</caption>
 {% for name, text in val_metrics %}<tr><td class="name">{{ name }}</td><td>{{ text }}</td>
 </tr>{% endfor %}</table>{% endif %}
 {% if config_text %}<details><summary>config.yaml</summary><pre>{{ config_text }}</pre></details>
@@ -668,7 +671,7 @@ def variant_tables(m: dict) -> list[dict]:
 VAL_ROWS = {"accuracy": "Accuracy at P = 0.5", "sensitivity": "Sensitivity at P = 0.5",
             "specificity": "Specificity at P = 0.5", "f1": "F1 at P = 0.5",
             "roc_auc": "ROC-AUC",
-            "loss": "Loss over all films at once (the curves' val loss: a mean over batches)",
+            "loss": "Loss (all films at once)",
             "images": "Validation films",
             "best_stage": "Kept: stage", "best_epoch": "Kept: epoch", "monitor": "Kept by"}
 VAL_ROWS_MULTICLASS = VAL_ROWS | {
