@@ -435,7 +435,7 @@ def test_calibrating_on_another_sites_films_is_validating_on_them(trained_run, t
     again = evaluate_run(run, bootstrap=0, figures=False, device="cpu")  # re-applied
     assert again == out and read_calibration(run).threshold == pytest.approx(
         got["deployed_threshold"])
-    said = "(`--calibrate-on`), the site this model is deployed to: every result here"
+    said = "(<code>--calibrate-on</code>), the site this model is deployed to: every result here"
     assert said in build_report(run, evaluate_missing=False).read_text()  # In brief says so
     internal = evaluate_run(run, bootstrap=0, figures=False, device="cpu",
                             reset_calibration=True)

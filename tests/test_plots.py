@@ -19,8 +19,9 @@ def test_every_figure_also_comes_as_svg_and_pdf_when_asked(trained_run, tiny_kag
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) >= 5
     for png in pngs:
-        assert png.with_suffix(".svg").read_text().lstrip().startswith("<?xml")
-        assert png.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
+        svg, pdf = png.with_suffix(".svg").read_text(), png.with_suffix(".pdf").read_bytes()
+        assert svg.lstrip().startswith("<?xml") and "<text" in svg  # text stays editable
+        assert pdf[:5] == b"%PDF-" and b"/Type3" not in pdf  # TrueType, as journals ask
     run = train(tiny_config(tiny_kaggle, tmp_path, **{"stages.0.epochs": 1}))
     assert (run / "training_curves.svg").is_file()
 

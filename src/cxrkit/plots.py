@@ -35,8 +35,12 @@ def extra_formats() -> list[str]:
 
 def save_figure(fig: Figure, path: str | Path, dpi: int) -> Path:
     """`fig` as PNG at `path`, and in every extra format beside it (same name)."""
+    import matplotlib
+
     path = Path(path)
     fig.savefig(path, dpi=dpi)
-    for suffix in extra_formats():
-        fig.savefig(path.with_suffix(f".{suffix}"))
+    # Text as text: TrueType fonts in PDF/EPS (journals refuse Type 3), editable SVG text.
+    with matplotlib.rc_context({"pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "none"}):
+        for suffix in extra_formats():
+            fig.savefig(path.with_suffix(f".{suffix}"))
     return path

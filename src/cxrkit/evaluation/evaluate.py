@@ -625,6 +625,8 @@ def write_figures(out: Path, model: Classifier, scored: Scored, probs: np.ndarra
         figures.image_grid([film(i) for i in worst], captions(worst),
                            f"{len(worst)} of {len(wrong)} mistakes, the most confident of each "
                            f"true class in turn ({where}, {rule})", out / "worst_errors.png")
+    chosen = {"errors": f"of {len(wrong)} mistakes, the most confident of each true class",
+              "correct": f"random of {len(right)} correct calls"}
     for name, indices in (("errors", worst_mistakes(y, predicted, confidence, GRADCAM_IMAGES)),
                           ("correct", correct)):
         if not len(indices):
@@ -637,7 +639,8 @@ def write_figures(out: Path, model: Classifier, scored: Scored, probs: np.ndarra
                                                               else "")
                  for i, c, h in zip(indices, captions(indices), heatmaps, strict=True)]
         figures.image_grid(images, notes,
-                           f"Grad-CAM of the called class, {name} ({where})",
+                           f"Grad-CAM of the called class: {len(indices)} {chosen[name]} "
+                           f"({where}, {rule})",
                            out / f"gradcam_{name}.png",
                            colorbar="evidence for the called class, relative to the film's "
                                     "strongest")

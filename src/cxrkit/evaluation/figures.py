@@ -10,7 +10,11 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 from PIL import Image
 
-from cxrkit.evaluation.calibration import expected_calibration_error, reliability_curve
+from cxrkit.evaluation.calibration import (
+    N_BINS,
+    expected_calibration_error,
+    reliability_curve,
+)
 from cxrkit.evaluation.metrics import average_precision, ranked_counts, rates, roc_auc
 from cxrkit.evaluation.thresholds import point_name
 from cxrkit.explain import CAM_COLORMAP
@@ -47,7 +51,7 @@ def confusion_figure(counts: np.ndarray, labels: Sequence[str], path: Path,
                     color="white" if normalised[i, j] > 0.6 else "black", fontsize=12)
         ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels,
                yticklabels=labels, xlabel="predicted", ylabel="true", title=title)
-    fig.suptitle(f"Confusion matrix {subtitle}".strip())
+    fig.suptitle(f"Confusion matrix: {subtitle}" if subtitle else "Confusion matrix")
     return _save(fig, path)
 
 
@@ -79,8 +83,9 @@ def curves_figure(y: np.ndarray, probs: np.ndarray, labels: Sequence[str],
             continue
         label = point_label(name, point["threshold"], deployed)
         marker, color = MARKERS.get(name, ("x", "black"))
-        roc_ax.plot(1 - spec, sens, marker, color=color, ms=8, label=label)
-        pr_ax.plot(sens, ppv, marker, color=color, ms=8, label=label)
+        # clip_on=False: a point at sensitivity 1 is drawn whole on the axis' edge
+        roc_ax.plot(1 - spec, sens, marker, color=color, ms=8, label=label, clip_on=False)
+        pr_ax.plot(sens, ppv, marker, color=color, ms=8, label=label, clip_on=False)
     roc_ax.plot([0, 1], [0, 1], ":", color="gray")
     roc_ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC", xlim=(0, 1),
                ylim=(0, 1.02), aspect="equal")
@@ -110,9 +115,9 @@ def reliability_figure(before: tuple[np.ndarray, np.ndarray], after: tuple[np.nd
         ece = expected_calibration_error(conf, outcome)[0]
         line, = curve_ax.plot(mean_conf, freq, ls=line_style(i), label=f"{name}: ECE {ece:.3f}")
         curve_ax.scatter(mean_conf, freq, s=8 + 400 * counts / counts.sum(),
-                         color=line.get_color(), zorder=3)
-        hist_ax.hist(conf, bins=20, range=(0, 1), histtype="step", lw=1.5, ls=line_style(i),
-                     label=name)
+                         color=line.get_color(), zorder=3, clip_on=False)
+        hist_ax.hist(conf, bins=N_BINS, range=(0, 1), histtype="step", lw=1.5,
+                     ls=line_style(i), label=name)  # the diagram's bins
     curve_ax.set(xlabel=f"predicted {what}", ylabel="observed frequency", xlim=(0, 1),
                  ylim=(0, 1), title="Reliability diagram (marker area: films in the bin)")
     hist_ax.set(xlabel=f"predicted {what}", ylabel="films (log scale)", yscale="log",
@@ -142,7 +147,8 @@ def histograms_figure(y: np.ndarray, probs: np.ndarray, labels: Sequence[str],
             ax.axvline(t, ls=":", lw=2.2 if name == deployed else 1.2,
                        color="black" if name == deployed else "gray",
                        label=point_label(name, t, deployed))
-        ax.set(xlabel=f"calibrated P({labels[c]})", ylabel="films (log scale)", yscale="log",
+        ax.set(xlabel=f"P({labels[c]}) as deployed (after the calibration)",
+               ylabel="films (log scale)", yscale="log",
                title=f"P({labels[c]}) by true class")
         ax.legend(fontsize=8, loc="upper center")
     if where:
