@@ -134,3 +134,13 @@ def test_a_run_explains_the_class_predict_calls_at_its_threshold(trained_run, ti
     assert {p.label for p in predict(run, paths)} == {called}
     np.testing.assert_allclose(gradcam(run, paths), gradcam(run, paths, class_index=called),
                                atol=1e-6)
+
+
+def test_the_colour_key_is_the_overlays_own_blend():
+    """Heat 0 leaves the film as it is: a plain colour bar showed it black."""
+    from cxrkit.explain import overlay_key
+
+    key = np.asarray(overlay_key(width=8, height=64), int)
+    ramp = np.linspace(0, 255, 8).astype(np.uint8).astype(int)
+    assert (np.abs(key[-1] - ramp[:, None]) <= 1).all()  # bottom row, heat 0: the film
+    assert (np.abs(key[0] - ramp[:, None]) > 20).any()  # top row, heat 1: tinted

@@ -188,3 +188,11 @@ def overlay(image: Image.Image | np.ndarray, heatmap: np.ndarray, alpha: float =
     opacity = alpha * heat[..., None]
     mixed = (1 - opacity) * np.asarray(base, np.float32) / 255 + opacity * colored
     return Image.fromarray(np.uint8(np.clip(mixed, 0, 1) * 255))
+
+
+def overlay_key(width: int = 48, height: int = 256) -> Image.Image:
+    """`overlay`'s colour key: each heat (rows, 1 at the top) as it shows over films from
+    dark to bright (columns); a plain colour bar would show heat 0 as black, not as the film."""
+    film = np.tile(np.linspace(0, 255, width).astype(np.uint8), (height, 1))
+    heat = np.tile(np.linspace(1, 0, height, dtype=np.float32)[:, None], (1, width))
+    return overlay(film, heat)

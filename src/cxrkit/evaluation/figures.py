@@ -17,7 +17,7 @@ from cxrkit.evaluation.calibration import (
 )
 from cxrkit.evaluation.metrics import average_precision, ranked_counts, rates, roc_auc
 from cxrkit.evaluation.thresholds import point_name
-from cxrkit.explain import CAM_COLORMAP
+from cxrkit.explain import CAM_COLORMAP, overlay_key
 from cxrkit.plots import line_style, save_figure
 
 DPI = 110
@@ -169,8 +169,10 @@ def image_grid(images: Sequence[Image.Image], captions: Sequence[str], title: st
     for ax, image, caption in zip(axes, images, captions, strict=False):
         ax.imshow(image, cmap="gray" if image.mode == "L" else None)
         ax.set_title(caption, fontsize=8)
-    if colorbar:
-        fig.colorbar(ScalarMappable(cmap=CAM_COLORMAP), ax=axes.tolist(), shrink=0.6,
-                     label=colorbar)
+    if colorbar:  # the bar's place and ticks, drawn as the overlay's own blend
+        bar = fig.colorbar(ScalarMappable(cmap=CAM_COLORMAP), ax=axes.tolist(), shrink=0.8)
+        bar.set_label(f"{colorbar}\n(over films dark to bright;\n0: the film as it is)",
+                      fontsize=8)
+        bar.ax.imshow(overlay_key(), extent=(0, 1, 0, 1), aspect="auto", zorder=3)
     fig.suptitle(title)
     return _save(fig, path)
