@@ -114,7 +114,7 @@ def plot_curves(run: Path) -> Path:
                 ax.axvline(offset + best[1], color="black", linewidth=1, alpha=0.6,
                            label="weights kept" if ax is ax_score else None)
         offset += last_epoch
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_loss.set(xlabel="epoch", ylabel="loss (the training objective)", title="Loss")
     # From the lowest point, not from 0: a ROC-AUC rising from 0.96 to 0.997 would be a flat
     # line at the top.
     low = min([v for line in ax_score.get_lines() if line.get_marker() == "o"  # not vlines
@@ -126,7 +126,8 @@ def plot_curves(run: Path) -> Path:
         ax.set_xlim(0, max(offset, 1) + 0.1)  # from the start: the first epoch ends at 1
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(loc="best", fontsize=8)
-    fig.suptitle(f"{run.name}: {len(stages)} stage(s), {' -> '.join(stages)}", fontsize=10)
+    fig.suptitle(f"Training of {run.name}: stage{'s' if len(stages) > 1 else ''} "
+                 f"{' -> '.join(stages)}", fontsize=10)
     fig.tight_layout()
     save_figure(fig, run / CURVES_PNG, 110)
     plt.close(fig)
