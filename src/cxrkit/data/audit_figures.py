@@ -127,21 +127,23 @@ def plot_augmentation_preview(film: np.ndarray, spec: ModelSpec, path: Path) -> 
     with torch.random.fork_rng():  # a fixed preview that leaves the caller's RNG alone
         torch.manual_seed(0)
         views = [transform(pixels)[0].numpy() for _ in range(AUGMENTATIONS_SHOWN)]
-    fig = Figure(figsize=(2.0 * (AUGMENTATIONS_SHOWN + 1), 2.5))
-    axes = fig.subplots(1, AUGMENTATIONS_SHOWN + 1)
+    columns = -(-(AUGMENTATIONS_SHOWN + 1) // 2)  # two rows: legible at a page's width
+    fig = Figure(figsize=(2.0 * columns, 5.0), layout="constrained")
+    axes = fig.subplots(2, columns).ravel()
     axes[0].imshow(film, cmap="gray", vmin=0, vmax=255)
-    axes[0].set_title("original", fontsize=8)
+    axes[0].set_title("original", fontsize=9)
     for k, (ax, view) in enumerate(zip(axes[1:], views, strict=True), start=1):
         ax.imshow(view, cmap="gray", vmin=0, vmax=1)
         # saturated regions are a fact of this augmentation worth seeing, not hiding
-        ax.set_title(f"draw {k}: {np.mean(view >= 0.99):.0%} white", fontsize=8)
+        ax.set_title(f"draw {k}: {np.mean(view >= 0.99):.0%} clipped white", fontsize=9)
     for ax in axes:
         ax.axis("off")
     aug = AugmentConfig()
     fig.suptitle(f"Random training augmentations of one film (the defaults: rotation "
-                 f"±{aug.degrees:g}°, scale {aug.scale[0]:g}-{aug.scale[1]:g}, brightness and "
-                 f"contrast ±{aug.brightness:g}, gamma {aug.gamma[0]:g}-{aug.gamma[1]:g})",
-                 fontsize=9)
+                 f"±{aug.degrees:g}°, shift ±{aug.translate:.0%}, scale "
+                 f"{aug.scale[0]:g}-{aug.scale[1]:g},\nbrightness ±{aug.brightness:g}, contrast "
+                 f"±{aug.contrast:g}, gamma {aug.gamma[0]:g}-{aug.gamma[1]:g}, blur "
+                 f"{aug.blur_p:.0%} of draws, noise σ {aug.noise_std:g})", fontsize=10)
     return _save(fig, path)
 
 
