@@ -73,16 +73,24 @@ def _counts_section(r: AuditResult) -> str:
 
 def _images_section(r: AuditResult) -> str:
     sizes = r.sizes
-    rows = [[axis, sizes[axis]["min"], sizes[axis]["median"], sizes[axis]["max"]]
+    rows = [[axis, sizes[axis]["min"], _whole(sizes[axis]["median"]), sizes[axis]["max"]]
             for axis in ("width", "height") if axis in sizes]
     common = ", ".join(f"{w}x{h} ({n})" for w, h, n in sizes.get("most_common", []))
     return (table("Film sizes in pixels, as stored", ["", "min", "median", "max"], rows)
-            + f"<p>{sizes.get('distinct_sizes', 0)} distinct sizes; most common: "
+            + f"<p>{_count(sizes.get('distinct_sizes', 0), 'distinct size')}; most common: "
             f"{html.escape(common)}</p>"
             + table("Pixel modes as stored", ["mode as stored", "files"],
                     [[m, n] for m, n in r.modes.items()])
             + table("File formats", ["format", "files"],
                     [[f, n] for f, n in r.formats.items()]))
+
+
+def _whole(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x  # "224", not "224.0"
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}{'' if n == 1 else 's'}"
 
 
 def _relative(path: str, r: AuditResult) -> str:
