@@ -176,9 +176,10 @@ def test_an_adapted_run_says_so_in_its_evaluations_and_report(trained_run, tiny_
     plain = evaluate_run(run, bootstrap=10, figures=False, device="cpu")
     assert not any("adapt" in n for n in json.loads((plain / "metrics.json").read_text())["notes"])
     page = " ".join(build_report(adapted).read_text().split())
-    assert "adapted with `cxr adapt` from" in page and "transductive" in page
+    assert "adapted with <code>cxr adapt</code> from" in page and "transductive" in page
+    assert "`" not in page  # commands set as code everywhere on the page
     brief = page[page.index("In brief"):page.index("</ul>")]
-    assert "the model was adapted (`cxr adapt`) to these very films" in brief
+    assert "the model was adapted (<code>cxr adapt</code>) to these very films" in brief
     result = CliRunner().invoke(app, ["compare", str(run), str(adapted)])
     assert result.exit_code == 0 and "run-adapted was adapted (`cxr adapt`) to these films" in (
         " ".join(result.output.split()))

@@ -504,7 +504,7 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 </section>
 
 <section id="training"><h2>Training</h2>
-{% if adaptation %}<div class="note">{{ adaptation_text }} No labels were read; evaluations of
+{% if adaptation %}<div class="note">{{ adaptation_text|code }} No labels were read; evaluations of
  those same films are transductive (their notes below say so).</div>{% endif %}
 {% if curves %}<figure><img alt="training curves" src="data:image/png;base64,{{ curves }}">
 <figcaption>Training loss per logged step and per epoch, validation loss and metrics per epoch
@@ -604,7 +604,7 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
  ({% for r in split.rows %}{{ r.split }}: {{ r.total }} images / {{ r.patients }} patients
  {%- if not loop.last %}; {% endif %}{% endfor %}){% endif %}. The validation images are
  carved from the training images by patient: no patient is in both.{% if adaptation %}
- {{ adaptation_text }}{% endif %}</p>
+ {{ adaptation_text|code }}{% endif %}</p>
 <h3>Metrics</h3>{% if card_metrics %}<p>At the deployed threshold, with 95% intervals:</p>
 <ul>{% for title, text in card_metrics %}<li>{{ title }}: {{ text }}.</li>{% endfor %}</ul>
 {% else %}<p class="missing">Not evaluated.</p>{% endif %}
