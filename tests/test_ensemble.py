@@ -134,6 +134,11 @@ def test_a_resumed_ensemble_keeps_its_finished_members(ensemble_run, tmp_path):
     x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(load_model(run)(x), load_model(ensemble_run)(x))
+    config = (run / "config.yaml").read_text()  # edited since: no longer what trained it
+    (run / "config.yaml").write_text(config.replace("dropout: 0.3", "dropout: 0.1", 1))
+    with pytest.raises(ConfigError, match=r"changed since its member 0-simple_cnn started "
+                                          r"\(model.dropout\)"):
+        train(resume=run)
 
 
 def test_members_that_cannot_share_an_input_fail_before_training(tiny_kaggle, tmp_path):

@@ -430,16 +430,33 @@ def finish(run: Run) -> dict:
 MEMBERS = "members"
 
 
-def member_run(run: Run, index: int, name: str, folder: Path) -> Run:
-    """Member `index` of an ensemble: the run's recipe and split, its own model and seed."""
-    devices = "1" if run.config.trainer.devices == "auto" else run.config.trainer.devices
-    config = run.config.updated({
-        "model.name": name, "model.ensemble_with": [], "seed": run.config.seed + index,
+def member_config(config: TrainConfig, index: int, name: str, folder: Path) -> TrainConfig:
+    """Member `index` of an ensemble: the run's recipe, its own model and seed."""
+    devices = "1" if config.trainer.devices == "auto" else config.trainer.devices
+    return config.updated({
+        "model.name": name, "model.ensemble_with": [], "seed": config.seed + index,
         "name": folder.name, "runs_dir": str(folder.parent), "trainer.devices": devices})
+
+
+def member_run(run: Run, index: int, name: str, folder: Path) -> Run:
+    """Member `index` of an ensemble, with the run's split."""
+    config = member_config(run.config, index, name, folder)
     folder.mkdir(parents=True, exist_ok=True)
     config.save(folder / CONFIG)
     write_manifest(run.samples, folder / SPLIT)  # the run's split, whatever the member's seed
     return Run(folder, config, run.samples, run.classes)
+
+
+def refuse_edited_member(run: Run, folder: Path, expected: TrainConfig) -> None:
+    saved = TrainConfig.load(folder / CONFIG)
+    changed = [key for key in _differences(to_dict(saved), to_dict(expected))
+               if key not in FREE_ON_RESUME]
+    if changed:
+        raise ConfigError(
+            f"{run.folder / CONFIG} changed since its member {folder.name} started "
+            f"({', '.join(sorted(changed))}): a resumed ensemble keeps the config it started "
+            f"with. Put it back, or train anew with `cxr train --config {run.folder / CONFIG} "
+            "--name NEW`")
 
 
 def train_ensemble(run: Run) -> Path:
@@ -455,9 +472,11 @@ def train_ensemble(run: Run) -> Path:
     members = []
     for index, name in enumerate(names):
         folder = run.folder / MEMBERS / f"{index}-{_file_safe(name)}"
+        started = (folder / CONFIG).is_file()
+        if started:  # the run's config.yaml must still give this member the config it has
+            refuse_edited_member(run, folder, member_config(run.config, index, name, folder))
         if not (folder / MODEL_WEIGHTS).is_file():
-            resumable = (folder / CONFIG).is_file()
-            train_run(open_run(folder) if resumable else member_run(run, index, name, folder))
+            train_run(open_run(folder) if started else member_run(run, index, name, folder))
         members.append(folder)
     model = Ensemble([load_model(m) for m in members]).eval()
     save_model(model, run.folder)
