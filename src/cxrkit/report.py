@@ -201,7 +201,8 @@ def _find_audit(run: Path, data_path: str | None, given: str | Path | None = Non
         if (audit := _read_json(path)) is None:
             raise FileNotFoundError(f"{given}: no audit.json to read; give the folder "
                                     "`cxr data audit --out` wrote, or its audit.json")
-        if (data_path and data_path != "kaggle" and audit.get("root")
+        if (data_path and audit.get("root") and Path(data_path).is_absolute()
+                and Path(audit["root"]).is_absolute()  # (relative: to a folder unknown here)
                 and not _nested(audit["root"], data_path)):
             log.warning("%s audited %s, not %s, which %s trained on: the report shows it as "
                         "given", path, audit["root"], data_path, run.name)
@@ -222,7 +223,7 @@ def _same_place(a: str | None, b: str) -> bool:
 
 def _nested(a: str, b: str) -> bool:
     """`a` and `b` are one folder, or one holds the other (DATA and DATA/chest_xray)."""
-    a_path, b_path = (Path(p).expanduser().resolve() for p in (a, b))
+    a_path, b_path = (Path(p).resolve() for p in (a, b))
     return a_path == b_path or a_path in b_path.parents or b_path in a_path.parents
 
 
