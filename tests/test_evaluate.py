@@ -452,6 +452,8 @@ def test_calibrating_on_another_sites_films_is_validating_on_them(trained_run, t
 
 def test_calibrating_on_the_evaluated_films_is_refused(trained_run, tmp_path):
     site = make_class_folders(tmp_path / "site_b", ["NORMAL", "PNEUMONIA"], n=4)
+    for i, film in enumerate(sorted(site.glob("*/*.png"))):  # Kermany names: patient ids too
+        film.rename(film.with_name(f"person{i}_bacteria_{i}.png"))
     run = copy_run(trained_run, tmp_path)
     with pytest.raises(ValueError, match="8 films are both in .* the same file") as error:
         evaluate_run(run, data=site, calibrate_on=site, bootstrap=10, figures=False,
