@@ -174,9 +174,10 @@ def adapt_run(run: str | Path, data: str | Path, split: str | None = "test",
         raise FileExistsError(f"{out} already holds a run: adapting into it would replace its "
                               "model under its evaluations and calibration; give another --out "
                               "(Python: out=...)")
-    paths, split = _target(data, split)
+    paths, used = _target(data, split)
     if not paths:
-        raise ValueError(f"no images to adapt on in {data} (split {split!r})")
+        raise ValueError(f"no images to adapt on in {data}"
+                         + (f" (split {used!r})" if used else ""))
     model, n_read = adapt_batchnorm(load_model(run), paths, batch_size)
     warnings = [frozen_backbone_warning(run)]
     if n_read < MIN_TARGET_IMAGES:
@@ -198,7 +199,7 @@ def adapt_run(run: str | Path, data: str | Path, split: str | None = "test",
         "method": "batchnorm statistics re-estimated on unlabelled target images (AdaBN)",
         "source_run": str(run),
         "target_data": str(data),
-        "target_split": split,
+        "target_split": used,
         "n_images": n_read,
         "labels_used": False,
         "source_chosen_with": read_calibration(run).chosen_with,

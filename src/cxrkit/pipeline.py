@@ -49,14 +49,13 @@ def run_pipeline(config: TrainConfig | None = None, *, resume: str | Path | None
 
 def _refuse_data_without_test(config: TrainConfig | None, resume: str | Path | None) -> None:
     """The job ends by evaluating on the data's test split: data without one is said now."""
-    from cxrkit.data.kaggle import resolve_data
     from cxrkit.data.layout import DataLayoutError, load_source
 
     saved = Path(resume) / "config.yaml" if resume is not None else None
     if saved is not None and not saved.is_file():
         return  # not a run folder: `train` says so
     data = (TrainConfig.load(saved) if saved else config or TrainConfig.preset("default")).data
-    source = load_source(resolve_data(data.path), data.patient_pattern)
+    source = load_source(data.path, data.patient_pattern)
     if "test" not in source.splits:
         raise DataLayoutError(
             f"{data.path} has no test split, and `cxr run` ends by evaluating on it. Train "

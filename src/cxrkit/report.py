@@ -438,7 +438,7 @@ body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; color: #
 h1 { margin-bottom: 0; } h2 { border-bottom: 2px solid #dde3ec; padding-bottom: 4px;
      margin-top: 44px; } h3 { margin-top: 28px; }
 .sub { color: #5b6577; margin-top: 4px; }
-nav a { margin-right: 14px; }
+nav a { margin-right: 14px; display: inline-block; }  /* a link never breaks inside */
 table { border-collapse: collapse; margin: 10px 0 18px; font-size: 14px; }
 th, td { border: 1px solid #d5dbe5; padding: 4px 10px; text-align: right; white-space: nowrap; }
 table { display: block; overflow-x: auto; max-width: 100%; }  /* scrolls, not the page */

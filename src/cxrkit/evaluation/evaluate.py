@@ -642,7 +642,7 @@ def write_figures(out: Path, model: Classifier, scored: Scored, probs: np.ndarra
                            f"Grad-CAM of the called class: {len(indices)} {chosen[name]} "
                            f"({where}, {rule})",
                            out / f"gradcam_{name}.png",
-                           colorbar="evidence for the called class,\n1: the film's most")
+                           colorbar="evidence for the called class\n(1: the film's strongest)")
 
 
 def worst_mistakes(y: np.ndarray, predicted: np.ndarray, confidence: np.ndarray,

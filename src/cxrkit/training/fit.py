@@ -309,7 +309,8 @@ def config_changes(checkpoint: dict, config: TrainConfig, stage: StageConfig) ->
 
 def refuse_edited_finished_run(run: Run) -> None:
     """A finished run resumed: nothing to train. Its config.yaml must still be the one that
-    trained it (a report or a reproduction reads it), which best.ckpt recorded."""
+    trained it (a report or a reproduction reads it), which best.ckpt recorded (a checkpoint
+    of an older cxrkit recorded only its stage, optimiser and loss: those are compared)."""
     best = run.folder / BEST
     if best.is_file():
         checkpoint = read_checkpoint(best)
