@@ -290,31 +290,44 @@ class Predictor:
             lines = self.cam_caption(p)
             info = PngInfo()
             info.add_text("Description", "; ".join(lines))
-            with_caption(image, lines).save(folder / name, pnginfo=info)
+            with_caption(image, lines, key=True).save(folder / name, pnginfo=info)
             p.cam = str(folder / name)
 
     def cam_caption(self, p: Prediction) -> list[str]:
-        """['map: evidence for PNEUMONIA', 'P(PNEUMONIA)=0.99, threshold 0.156']: what a saved
-        overlay shows, once it is apart from its CSV row (the map explains the called label)."""
+        """['map: evidence for PNEUMONIA, the called label', 'P(PNEUMONIA)=0.99, threshold
+        0.156']: what a saved overlay shows, once it is apart from its CSV row."""
         shown = self.positive_label or p.label
         rule = f", threshold {p.threshold:.3f}" if p.threshold is not None else ""
-        return [f"map: evidence for {p.label}", f"P({shown})={p.probabilities[shown]:.2f}{rule}"]
+        return [f"map: evidence for {p.label}, the label called",
+                f"P({shown})={p.probabilities[shown]:.2f}{rule}"]
 
 
-def with_caption(image: Image.Image, lines: list[str]) -> Image.Image:
-    """`image` with a strip of text lines below it; the film keeps its pixels and its place
-    (the top-left `image.size`), so the overlay stays registered to it."""
+def with_caption(image: Image.Image, lines: list[str], key: bool = False) -> Image.Image:
+    """`image` with a strip of text lines below it (`key`: and the overlay's colour key);
+    the film keeps its pixels and its place (the top-left `image.size`), so the overlay
+    stays registered to it."""
+    from cxrkit.explain import overlay_key
+
+    ends = ("evidence 0", "1 (strongest)")
     size = max(10, image.height // 28)
     font = ImageFont.load_default(size=size)
     while max(font.getlength(t) for t in lines) > image.width - 8 and size > 8:  # narrow films
         size -= 1
         font = ImageFont.load_default(size=size)
     line_height = size + size // 3
-    out = Image.new("RGB", (image.width, image.height + line_height * len(lines) + 4), "black")
+    rows = len(lines) + key
+    out = Image.new("RGB", (image.width, image.height + line_height * rows + 4), "black")
     out.paste(image, (0, 0))
     draw = ImageDraw.Draw(out)
     for i, text in enumerate(lines):
         draw.text((4, image.height + 2 + i * line_height), text, fill="white", font=font)
+    if key:  # heat 0 to 1 left to right, over film dark (top) to bright (bottom)
+        top, left = image.height + 2 + len(lines) * line_height, 4 + font.getlength(ends[0]) + 4
+        width = max(16, int(image.width - left - font.getlength(ends[1]) - 12))
+        draw.text((4, top), ends[0], fill="white", font=font)
+        out.paste(overlay_key().rotate(-90, expand=True).resize((width, size)),
+                  (int(left), top + 1))
+        draw.text((left + width + 4, top), ends[1], fill="white", font=font)
     return out
 
 
