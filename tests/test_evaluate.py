@@ -250,6 +250,9 @@ def test_framing_check_scores_the_same_films_framed_more_tightly(trained_run, tm
         p = softmax(logits, metrics["calibrated"]["temperature"])[:, 1]
         assert framing[crop]["roc_auc"]["value"] == pytest.approx(roc_auc_score(y, p), abs=0.02)
     assert framing["70%"]["brier"]["value"] != metrics["brier"]["value"]
+    assert not (out / "framing.png").exists()  # figures=False
+    evaluate_run(run, framing=True, bootstrap=20, device="cpu")  # the check drawn
+    assert (out / "framing.png").stat().st_size > 10_000
 
 
 def two_class_scores(y, z) -> Scored:

@@ -60,6 +60,8 @@ FIGURES = (
                          "false positives alike)"),
     ("gradcam_errors.png", "Grad-CAM on mistakes: where the evidence for the wrong call was"),
     ("gradcam_correct.png", "Grad-CAM on a random sample of correct cases"),
+    ("framing.png", "The framing check: sensitivity and specificity as the same films are "
+                    "framed tighter (a model reading framing loses specificity)"),
 )
 RATES = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
 THRESHOLD_FREE = (("roc_auc", "ROC-AUC"), ("pr_auc", "PR-AUC"), ("brier", "Brier score"),

@@ -600,6 +600,11 @@ def write_figures(out: Path, model: Classifier, scored: Scored, probs: np.ndarra
                                calibration.describe(), what, out / "reliability.png", where)
     figures.histograms_figure(y, probs, labels, positive, thresholds, out / "histograms.png",
                               deployed, where)
+    if "framing" in metrics and deployed:
+        points = {"as filmed": metrics["operating_points"][deployed],
+                  **{c: metrics["framing"][c]["operating_points"][deployed]
+                     for c in metrics["framing"]["crops"]}}
+        figures.framing_figure(points, out / "framing.png", f"{where}, {rule}")
 
     # The model's own view of each film (resized, as it saw it) for the image grids.
     wrong = np.flatnonzero(predicted != y)

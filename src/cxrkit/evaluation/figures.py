@@ -156,6 +156,30 @@ def histograms_figure(y: np.ndarray, probs: np.ndarray, labels: Sequence[str],
     return _save(fig, path)
 
 
+def framing_figure(points: dict[str, dict], path: Path, where: str = "") -> Path:
+    """Sensitivity and specificity, with their 95% intervals, on the same films as filmed and
+    framed tighter (`points`: {'as filmed': operating point, '85%': ..., ...}): a model that
+    reads how tightly a film is framed, not its lungs, loses specificity as the crop tightens."""
+    fig = Figure(figsize=(5.5, 4), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(points))
+    for i, rate in enumerate(("sensitivity", "specificity")):
+        values = np.array([p[rate]["value"] for p in points.values()], dtype=float)
+        spans = [p[rate].get("ci95") or [v, v] for p, v in zip(points.values(), values,
+                                                               strict=True)]
+        errors = np.abs(np.array(spans, dtype=float).T - values)
+        ax.errorbar(x + (i - 0.5) * 0.06, values, yerr=errors, ls=line_style(i), marker="o",
+                    capsize=4, label=rate, clip_on=False)  # (side by side: intervals apart)
+    ax.set(xticks=x, xticklabels=list(points), ylim=(0, 1), ylabel="rate (95% interval)",
+           xlabel="framing (the central share of each side kept)",
+           title="Framing check at the deployed threshold")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    if where:
+        fig.suptitle(where)
+    return _save(fig, path)
+
+
 def image_grid(images: Sequence[Image.Image], captions: Sequence[str], title: str, path: Path,
                columns: int = 4, colorbar: str | None = None) -> Path:
     """Images in a grid, each with a small caption (file name, truth, probability);
