@@ -629,7 +629,7 @@ def write_figures(out: Path, model: Classifier, scored: Scored, probs: np.ndarra
     if len(worst):
         figures.image_grid([film(i) for i in worst], captions(worst),
                            f"{len(worst)} of {len(wrong)} mistakes, the most confident of each "
-                           f"true class in turn ({where}, {rule})", out / "worst_errors.png")
+                           f"true class in turn\n({where}, {rule})", out / "worst_errors.png")
     chosen = {"errors": f"of {len(wrong)} mistakes, the most confident of each true class",
               "correct": f"random of {len(right)} correct calls"}
     for name, indices in (("errors", worst_mistakes(y, predicted, confidence, GRADCAM_IMAGES)),
@@ -644,7 +644,7 @@ def write_figures(out: Path, model: Classifier, scored: Scored, probs: np.ndarra
                                                               else "")
                  for i, c, h in zip(indices, captions(indices), heatmaps, strict=True)]
         figures.image_grid(images, notes,
-                           f"Grad-CAM of the called class: {len(indices)} {chosen[name]} "
+                           f"Grad-CAM of the called class: {len(indices)} {chosen[name]}\n"
                            f"({where}, {rule})",
                            out / f"gradcam_{name}.png",
                            colorbar="evidence for the called class\n(1: the film's strongest)")
