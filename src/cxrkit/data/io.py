@@ -139,16 +139,16 @@ def _is_dicom_head(head: bytes) -> bool:
 
 def _to_uint8(pixels: np.ndarray) -> np.ndarray:
     """Stretch any numeric range to 0..255 (16-bit PNGs and DICOMs use 10-16 bits) between
-    `stretch_range`; values beyond it clip to black or white."""
+    `_stretch_range`; values beyond it clip to black or white."""
     pixels = pixels.astype(np.float32)
-    lo, hi = stretch_range(pixels)
+    lo, hi = _stretch_range(pixels)
     if hi <= lo:
         return np.zeros(pixels.shape, dtype=np.uint8)
     scaled = (pixels - lo) * (255.0 / (hi - lo))
     return np.round(np.clip(scaled, 0, 255)).astype(np.uint8)
 
 
-def stretch_range(pixels: np.ndarray) -> tuple[float, float]:
+def _stretch_range(pixels: np.ndarray) -> tuple[float, float]:
     """The STRETCH_PERCENTILES of the film's pixels inside Tukey's far-out fences (three
     interquartile ranges beyond the quartiles): a burned-in marker or label far brighter
     than the film, of any size or number of values, then clips instead of setting the range.
