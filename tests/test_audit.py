@@ -302,3 +302,13 @@ def test_a_manifest_listing_one_file_twice_is_named(tiny_kaggle, tmp_path):
         refuse_conflicting_rows(source)
     with pytest.raises(DataLayoutError, match=message):
         prepare_samples(DataConfig(path=str(manifest)))
+
+
+def test_film_names_on_the_figures_stay_whole_so_the_files_can_be_found():
+    from cxrkit.data.audit_figures import _short
+
+    assert _short("IM-0115-0001.jpeg") == "IM-0115-0001.jpeg"
+    assert _short("person1000_bacteria_2931.jpeg") == "person1000_bacteria_2931\n.jpeg"
+    assert _short("NORMAL2-IM-0474-0001.jpeg") == "NORMAL2-IM-0474-0001\n.jpeg"
+    very_long = "x" * 30 + "_" + "y" * 30 + ".png"
+    assert _short(very_long).endswith("y" * 19 + ".png") and "…" in _short(very_long)

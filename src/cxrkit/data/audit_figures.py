@@ -25,7 +25,8 @@ DPI = 100
 
 
 def _save(fig: Figure, path: Path) -> str:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # (film grids lay themselves out, titles and all)
+        fig.tight_layout()
     return str(save_figure(fig, path, DPI))
 
 
@@ -58,7 +59,7 @@ def plot_sample_grid(samples: list[Sample], facts: list[ImageFacts], path: Path)
             rows[label_of[f.path]].append(f)
     classes = sorted(rows)
     cols = max((len(r) for r in rows.values()), default=1)
-    fig = Figure(figsize=(2.2 * cols, 2.5 * max(len(classes), 1)))
+    fig = Figure(figsize=(2.2 * cols, 2.7 * max(len(classes), 1)), layout="constrained")
     axes = np.array(fig.subplots(max(len(classes), 1), cols, squeeze=False))
     for ax in axes.ravel():
         ax.axis("off")
@@ -75,8 +76,16 @@ def plot_sample_grid(samples: list[Sample], facts: list[ImageFacts], path: Path)
 
 
 def _short(name: str, width: int = 24) -> str:
-    """The start and the end of a long file name (its number and suffix stay readable)."""
-    return name if len(name) <= width else f"{name[:width // 2 - 1]}…{name[-(width // 2):]}"
+    """A file name on at most two lines of `width`, whole where it fits (so that the file can
+    be found again); a longer one keeps its start and its end (number and suffix)."""
+    if len(name) <= width:
+        return name
+    # break after a _ or -, or before the suffix's dot, where one is in the line's second half
+    cuts = [i + 1 for i, c in enumerate(name) if c in "_-"] + [i for i, c in enumerate(name)
+                                                              if c == "."]
+    cut = max((c for c in cuts if width // 2 <= c <= width), default=width)
+    rest = name[cut:]
+    return f"{name[:cut]}\n{rest if len(rest) <= width else '…' + rest[-(width - 1):]}"
 
 
 def plot_image_sizes(facts: list[ImageFacts], path: Path) -> str:
