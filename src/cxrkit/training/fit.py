@@ -289,18 +289,26 @@ def resume_point(folder: Path, config: TrainConfig, index: int) -> Path | None:
     if checkpoint["hyper_parameters"]["stage"]["name"] != stage.name:
         return None
     if changed := config_changes(checkpoint, config, stage):
-        raise ConfigError(
-            f"{folder / CONFIG} changed since {LAST} was written ({', '.join(sorted(changed))}): "
-            f"a stage resumes with the config it started with. Put it back, or train anew "
-            f"with `cxr train --config {folder / CONFIG} --name NEW`")
+        raise _edited(folder, f"{LAST} was written", changed,
+                      "a stage resumes with the config it started with")
     return last
+
+
+def _edited(folder: Path, since: str, changed: list[str], why: str) -> ConfigError:
+    return ConfigError(
+        f"{folder / CONFIG} changed since {since} ({', '.join(sorted(changed))}): {why}. Put "
+        f"it back, or train anew with `cxr train --config {folder / CONFIG} --name NEW`")
+
+
+def _changed_keys(saved: dict, config: TrainConfig) -> list[str]:
+    """Keys of `config` other than `saved`'s, but those that only say where or how to show."""
+    return [key for key in _differences(saved, to_dict(config)) if key not in FREE_ON_RESUME]
 
 
 def config_changes(checkpoint: dict, config: TrainConfig, stage: StageConfig) -> list[str]:
     """The keys of `config` that differ from those `checkpoint` was trained with."""
-    if CONFIG_KEY in checkpoint:  # the whole config, but what only says where or how to show
-        return [key for key in _differences(checkpoint[CONFIG_KEY], to_dict(config))
-                if key not in FREE_ON_RESUME]
+    if CONFIG_KEY in checkpoint:  # the whole config
+        return _changed_keys(checkpoint[CONFIG_KEY], config)
     saved = checkpoint["hyper_parameters"]  # a checkpoint of an older cxrkit: its module's
     return _differences({k: saved[k] for k in ("stage", "optim", "loss") if k in saved},
                         {"stage": to_dict(stage), "optim": to_dict(config.optim),
@@ -318,11 +326,8 @@ def refuse_edited_finished_run(run: Run) -> None:
                       if s.name == checkpoint["hyper_parameters"]["stage"]["name"]), None)
         changed = config_changes(checkpoint, run.config, stage) if stage else ["stages"]
         if changed:
-            raise ConfigError(
-                f"{run.folder / CONFIG} changed since the run was trained "
-                f"({', '.join(sorted(changed))}): it no longer describes this run's model. "
-                f"Put it back, or train anew with `cxr train --config {run.folder / CONFIG} "
-                "--name NEW`")
+            raise _edited(run.folder, "the run was trained", changed,
+                          "it no longer describes this run's model")
     log.info("%s has finished training: nothing to resume (its model and metrics are "
              "written again from %s)", run.folder, BEST)
 
@@ -449,15 +454,9 @@ def member_run(run: Run, index: int, name: str, folder: Path) -> Run:
 
 
 def refuse_edited_member(run: Run, folder: Path, expected: TrainConfig) -> None:
-    saved = TrainConfig.load(folder / CONFIG)
-    changed = [key for key in _differences(to_dict(saved), to_dict(expected))
-               if key not in FREE_ON_RESUME]
-    if changed:
-        raise ConfigError(
-            f"{run.folder / CONFIG} changed since its member {folder.name} started "
-            f"({', '.join(sorted(changed))}): a resumed ensemble keeps the config it started "
-            f"with. Put it back, or train anew with `cxr train --config {run.folder / CONFIG} "
-            "--name NEW`")
+    if changed := _changed_keys(to_dict(TrainConfig.load(folder / CONFIG)), expected):
+        raise _edited(run.folder, f"its member {folder.name} started", changed,
+                      "a resumed ensemble keeps the config it started with")
 
 
 def train_ensemble(run: Run) -> Path:
