@@ -302,6 +302,8 @@ def test_images_that_are_hardly_films_are_predicted_with_a_warning(run, films, t
         tmp_path / "strip.png")
     ramp = np.tile(np.arange(256, dtype=np.uint8), (256, 1))
     Image.fromarray(ramp // 10).save(tmp_path / "dark.png")  # a film crushed into 26 levels
+    flat_noise = 1000 + np.random.default_rng(0).integers(0, 5, (256, 256), dtype=np.uint16)
+    Image.fromarray(flat_noise).save(tmp_path / "flat16.png")  # stretched to 0..255: noise
     shutil.copy(films / "a" / "normal_0.png", tmp_path / "film.png")
     by_name = {p.path.rsplit("/", 1)[1]: p for p in predict(run, [tmp_path])}
     assert all(p.ok for p in by_name.values())  # still predicted
@@ -310,6 +312,7 @@ def test_images_that_are_hardly_films_are_predicted_with_a_warning(run, films, t
     assert "almost uniform" in by_name["black.png"].warning
     assert "600 x 100 px: not a chest film's shape" in by_name["strip.png"].warning
     assert "nearly all black (median gray level 12 of 255)" in by_name["dark.png"].warning
+    assert "only 5 distinct gray levels" in by_name["flat16.png"].warning
     result = runner.invoke(app, ["predict", str(run), str(tmp_path / "thumb.png")])
     assert result.exit_code == 0 and "warning:" in flat(result.output)
     assert "label is unreliable" in flat(result.output)

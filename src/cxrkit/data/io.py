@@ -40,6 +40,7 @@ MIN_FILM_SIDE = 64  # pixels
 MAX_ASPECT = 2.5  # longer side over shorter
 MIN_CONTRAST = 2.0  # standard deviation of the gray levels
 FILM_MEDIAN_RANGE = (16, 239)  # Kermany's 5,840 films: medians 56..227
+MIN_GRAY_LEVELS = 32  # Kermany's films use 113..256 of the 256 levels
 # A DICOM file written without its 128-byte preamble and "DICM" (older exports) starts with
 # its first data element: a tag of the file meta group (0002) or, with no meta header at all,
 # of the identifying group (0008); then a value representation, or an implicit length.
@@ -277,12 +278,16 @@ def film_doubt(img: Image.Image) -> str | None:
     pixels = np.asarray(img)
     if float(pixels.std()) < MIN_CONTRAST:
         return "almost uniform gray levels: no film content"
-    levels = np.bincount(pixels.ravel(), minlength=256).cumsum()  # 4x np.median's speed
-    median = int(np.searchsorted(levels, pixels.size / 2))
+    counts = np.bincount(pixels.ravel(), minlength=256)  # 4x np.median's speed
+    median = int(np.searchsorted(counts.cumsum(), pixels.size / 2))
     if not FILM_MEDIAN_RANGE[0] <= median <= FILM_MEDIAN_RANGE[1]:
         return (f"nearly all {'black' if median < FILM_MEDIAN_RANGE[0] else 'white'} (median "
                 f"gray level {median:.0f} of 255): too dark or bright to read as a film (a "
                 "wrong window or inversion?)")
+    used = int(np.count_nonzero(counts))
+    if used < MIN_GRAY_LEVELS:  # e.g. a nearly flat 16-bit film, its noise stretched to 0..255
+        return (f"only {used} distinct gray levels (a film has over 100): a nearly flat "
+                "image stretched to full contrast, or posterised")
     return None
 
 
