@@ -3,13 +3,16 @@ probabilities and the Grad-CAM; drop a text file, see the error."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from cxrkit.data.audit import audit_dataset
 from cxrkit.predict import Predictor
+from cxrkit.report import build_report
 from cxrkit.serve import create_app
 from tests.conftest import REAL_DATA, pretrained_run, requires_real_data, running_server
 from tests.test_io import write_dicom
@@ -137,3 +140,28 @@ def test_the_api_docs_render_without_the_internet(page):
     expect(docs.locator(".opblock-summary-path", has_text="/predict")).to_be_visible()
     assert requested and all(url.startswith(page.url.rstrip("/")) for url in requested)
     docs.close()
+
+
+# Everything a phone reader must read without scrolling sideways: a table itself may scroll.
+TEXT_ELEMENTS = "h1, h2, h3, p, li, caption, figcaption, nav"
+
+
+def test_the_report_and_the_audit_fit_a_phone(page, trained_run, tiny_kaggle, tmp_path):
+    """At 420 px the page does not scroll sideways (its tables may) and no caption, heading
+    or paragraph runs past the screen's edge."""
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    pages = [build_report(run), audit_html(tiny_kaggle, tmp_path / "audit")]
+    phone = page.context.browser.new_page(viewport={"width": 420, "height": 800})
+    for path in pages:
+        phone.goto(path.as_uri())
+        cut = phone.evaluate("""selector => [...document.querySelectorAll(selector)]
+            .filter(e => e.getBoundingClientRect().right > window.innerWidth + 1)
+            .map(e => e.tagName + ': ' + e.textContent.trim().slice(0, 50))""", TEXT_ELEMENTS)
+        assert cut == [], f"{path.name}: {cut}"
+        assert phone.evaluate("document.documentElement.scrollWidth") <= 420, path.name
+    phone.close()
+
+
+def audit_html(data: Path, out: Path) -> Path:
+    audit_dataset(data, out)
+    return out / "audit.html"

@@ -448,7 +448,8 @@ th { background: #f1f4f9; white-space: normal; }  /* headers wrap, numbers do no
 td.name, th.name { text-align: left; }
 td.name { white-space: normal; min-width: 9em; }  /* labels wrap: a phone sees the numbers */
 .card h2 { margin-top: 16px; }
-caption { text-align: left; color: #5b6577; font-size: 13px; padding-bottom: 4px; }
+caption { display: block; text-align: left; color: #5b6577; font-size: 13px;
+          padding-bottom: 4px; }  /* wraps at the screen, not at the scrolled table's width */
 tr.group td { background: #f8f9fc; text-align: left; font-weight: 600; color: #3a4456;
             white-space: normal; }  /* a group's title wraps: it must not widen the table */
 img { max-width: 100%; border: 1px solid #e3e7ee; margin: 6px 0 4px; }

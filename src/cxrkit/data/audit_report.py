@@ -17,10 +17,11 @@ STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222;
        padding: 0 1.5rem; }
 h1 { font-size: 1.6rem; } h2 { font-size: 1.2rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; margin: 0.5rem 0; font-size: 0.85rem; }
+table { border-collapse: collapse; margin: 0.5rem 0; font-size: 0.85rem;
+        display: block; overflow-x: auto; max-width: 100%; }  /* scrolls, not the page */
 th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; } td.num { text-align: right; }
-caption { text-align: left; color: #555; padding-bottom: 4px; }
+caption { display: block; text-align: left; color: #555; padding-bottom: 4px; }
 img { max-width: 100%; margin: 0.5rem 0; } .muted { color: #777; }
 li.fix { color: #9b1c1c; }
 """
