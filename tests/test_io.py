@@ -217,6 +217,53 @@ def test_a_multiframe_dicom_reads_its_first_frame(tmp_path):
     np.testing.assert_array_equal(np.asarray(read_image(path)), np.asarray(read_image(first)))
 
 
+def gdcm_compressed(source: Path, out: Path, syntax: str) -> Path:
+    """`source` re-encoded by GDCM (an independent DICOM toolkit) in another transfer syntax."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(source))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(out))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
+    return out
+
+
+@pytest.mark.parametrize("syntax", ["JPEGLosslessProcess14_1", "JPEGLSLossless",
+                                    "JPEG2000Lossless"])
+def test_losslessly_compressed_dicoms_read_as_their_original(tmp_path, syntax):
+    """PACS archives store films compressed (JPEG Lossless above all): the same pixels."""
+    import pydicom
+
+    film = np.random.default_rng(0).integers(0, 4096, (64, 80)).astype(np.uint16)
+    original = write_dicom(tmp_path / "film.dcm", film)
+    compressed = gdcm_compressed(original, tmp_path / "compressed.dcm", syntax)
+    assert pydicom.dcmread(compressed).file_meta.TransferSyntaxUID.is_compressed
+    np.testing.assert_array_equal(np.asarray(read_image(compressed)),
+                                  np.asarray(read_image(original)))
+
+
+def test_a_dicom_compressed_beyond_the_decoders_says_how_to_fix_it(tmp_path):
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGExtended12Bit
+
+    ds = pydicom.dcmread(write_dicom(tmp_path / "film.dcm", dicom_ramp()))
+    ds.file_meta.TransferSyntaxUID = JPEGExtended12Bit
+    ds.PixelData = encapsulate([b"\xff\xd8 twelve-bit JPEG \xff\xd9"])
+    ds.save_as(tmp_path / "film.dcm", enforce_file_format=True)
+    with pytest.raises(UnreadableImageError, match=r"film\.dcm: its pixels are compressed as "
+                       r"JPEG Extended .*; decompress the file first, e\.g\. dcmtk's `dcmdjpeg"):
+        read_image(tmp_path / "film.dcm")
+
+
 def test_a_dcm_file_without_the_preamble_is_read(tmp_path):
     """Older exports leave out the 128-byte preamble and 'DICM': the .dcm name is enough."""
     full = write_dicom(tmp_path / "full.dcm", dicom_ramp())

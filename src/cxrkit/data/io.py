@@ -196,7 +196,17 @@ def _read_dicom(path: Path) -> Image.Image:
         ds.file_meta.TransferSyntaxUID = _uncompressed_syntax(*ds.original_encoding)
     # A multi-frame file: the first frame is the film; decoding only it spares the others.
     frames = int(ds.get("NumberOfFrames") or 1)
-    pixels = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array
+    try:
+        pixels = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array
+    except Exception as e:
+        syntax = ds.file_meta.TransferSyntaxUID
+        if not syntax.is_compressed:
+            raise
+        why = str(e).strip().splitlines()[-1].strip()  # pydicom's last decoder's reason
+        raise UnreadableImageError(path, f"its pixels are compressed as {syntax.name}, which "
+                                         f"no installed decoder reads ({why}); decompress the "
+                                         "file first, e.g. dcmtk's `dcmdjpeg IN.dcm OUT.dcm`"
+                                   ) from e
     pixels = apply_modality_lut(pixels, ds)  # rescale slope / intercept
     if pixels.ndim == 2:
         pixels = apply_voi_lut(pixels, ds, prefer_lut=True)  # window centre / width
