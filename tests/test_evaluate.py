@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from rich.console import Console
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
@@ -545,13 +546,22 @@ def test_evaluating_again_reuses_the_logits_until_a_film_or_the_weights_change(t
     assert len(list(cache.glob("*.npz"))) == 2  # both read back, nothing scored afresh
     for key in ("roc_auc", "operating_points", "calibrated", "confusion_matrix"):
         assert again[key] == first[key]
+    tta = evaluate(tta=True)["tta"]
+    assert len(list(cache.glob("*.npz"))) == 3  # the test films' TTA logits
+    assert evaluate(tta=True)["tta"] == tta and len(list(cache.glob("*.npz"))) == 3
     val_film = next(s.path for s in read_manifest(run / "split.csv") if s.split == "val")
     Path(val_film).touch()  # a film changed: its split is scored again
     evaluate()
-    assert len(list(cache.glob("*.npz"))) == 3
-    save_model(load_model(run), run)  # new weights: everything is scored again
+    assert len(list(cache.glob("*.npz"))) == 4
+    save_model(load_model(run), run)  # the same weights again (a finished run resumed)
+    evaluate()
+    assert len(list(cache.glob("*.npz"))) == 4
+    model = load_model(run)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    save_model(model, run)  # new weights: everything is scored again
     latest = evaluate()
-    assert len(list(cache.glob("*.npz"))) == 5
+    assert len(list(cache.glob("*.npz"))) == 6
     # An evaluation killed while writing leaves whole files or none; a damaged one (cut
     # short, or without its list of unreadable films) is scored again, not a crash
     assert not [p for p in cache.iterdir() if p.suffix not in (".npz", ".json")]
@@ -559,7 +569,7 @@ def test_evaluating_again_reuses_the_logits_until_a_film_or_the_weights_change(t
     newest[0].write_bytes(newest[0].read_bytes()[:100])
     newest[1].with_suffix(".json").unlink()
     assert evaluate()["confusion_matrix"] == latest["confusion_matrix"]
-    assert len(list(cache.glob("*.npz"))) == 5 and newest[1].with_suffix(".json").is_file()
+    assert len(list(cache.glob("*.npz"))) == 6 and newest[1].with_suffix(".json").is_file()
 
 
 def test_films_left_out_are_said_again_when_the_logits_are_read_back(trained_run, tmp_path,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from dataclasses import replace
@@ -43,12 +44,17 @@ def test_cxr_run_does_the_whole_job_on_the_default_recipe_as_an_ensemble(tiny_ka
     assert "test (16 films, at the deployed threshold): Accuracy " in said
 
 
-def test_the_main_job_from_python(tiny_kaggle, tmp_path):
+def test_the_main_job_from_python(tiny_kaggle, tmp_path, caplog):
     """`cxrkit.pipeline.run_pipeline`, what `cxr run` calls: one call from config to report."""
     config = TrainConfig.preset("scratch", data=str(tiny_kaggle), epochs=2, overrides={
         **TINY, "data.cache_dir": str(tmp_path / "cache"), "runs_dir": str(tmp_path / "runs"),
         "name": "job"})
-    job = run_pipeline(config)
+    with caplog.at_level(logging.INFO, logger="cxrkit.evaluation.evaluate"):
+        job = run_pipeline(config)
+    # the validation films, scored once for val_metrics.json, are read back by the evaluation
+    assert "split.csv val: logits of these 8 films read back" in caplog.text
+    logits = sorted((job.folder / "eval" / "logits").glob("*.npz"))
+    assert len(logits) == 2  # validation and test
     assert job.folder == tmp_path / "runs" / "job"
     assert job.evaluation == job.folder / "eval" / "test" and job.report.is_file()
     assert (job.folder / "audit" / "audit.html").is_file()
@@ -59,6 +65,7 @@ def test_the_main_job_from_python(tiny_kaggle, tmp_path):
         run_pipeline(config, resume=job.folder)
     again = run_pipeline(resume=job.folder)  # a finished run: evaluated again, not retrained
     assert (job.folder / "stages.json").read_text() == stages
+    assert sorted((job.folder / "eval" / "logits").glob("*.npz")) == logits  # no film rescored
     assert summary(again.evaluation) == numbers
     # data without a test split is refused before the training, not after it
     untested = replace(config, data=replace(config.data, path=str(tiny_kaggle / "train")),

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from cxrkit.data.io import written_whole
 from cxrkit.inference import softmax
@@ -90,7 +90,12 @@ def save_model(model: Classifier | Ensemble, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / MODEL_WEIGHTS))
+    weights, data = folder / MODEL_WEIGHTS, save(state)
+    # The same weights again (a finished run resumed) keep the file and its time, which the
+    # evaluation's logits cache keys on: re-running a finished run scores no film again.
+    if not (weights.is_file() and weights.read_bytes() == data):
+        with written_whole(weights) as partial:
+            partial.write_bytes(data)
     described = model.describe() if isinstance(model, Ensemble) else model.spec.to_dict()
     (folder / MODEL_SPEC).write_text(json.dumps(described, indent=2))
     (folder / LABELS).write_text(json.dumps(model.spec.labels, indent=2))

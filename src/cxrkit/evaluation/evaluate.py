@@ -306,16 +306,17 @@ def cached(run: Path, labels: Sequence[str],
            score_films: Callable[..., Scored]) -> Callable[..., Scored]:
     """`score_films` with its logits kept in RUN/eval/logits/, so that evaluating again (another
     split, --data, --tta, --framing) does not score the validation films again (~16 s for
-    Kermany's on a laptop CPU). The key holds the weights file's size and time and every
-    film's path, size and time: new weights or a changed film score afresh. TTA views are
-    functions without a stable name, so scores with views are not kept."""
-    def scored(samples: Sequence[Sample], where: str, views: Sequence[Callable] = (),
+    Kermany's on a laptop CPU). The key holds the weights file's size and time, the crop,
+    every film's path, size and time, and the names of the TTA views (`DEFAULT_VIEWS`): new
+    weights or a changed film score afresh."""
+    def scored(samples: Sequence[Sample], where: str, views: dict[str, Callable] | None = None,
                crop: float = 1.0) -> Scored:
-        if views:
-            return score_films(samples, where, views=views, crop=crop)
         stamp = (run / MODEL_WEIGHTS).stat()
-        key = hashlib.sha256(repr((stamp.st_size, stamp.st_mtime_ns, crop, READER_VERSION, [
-            (s.path, *file_stamp(s.path)) for s in samples])).encode()).hexdigest()[:20]
+        parts = (stamp.st_size, stamp.st_mtime_ns, crop, READER_VERSION,
+                 [(s.path, *file_stamp(s.path)) for s in samples])
+        if views:  # appended only then: the plain scores keep the keys they always had
+            parts += (tuple(views),)
+        key = hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
         file = run / EVAL_DIR / LOGITS_CACHE / f"{key}.npz"
         if file.is_file():
             try:
@@ -331,7 +332,7 @@ def cached(run: Path, labels: Sequence[str],
                          len(samples), file.relative_to(run))
                 say_skipped(where, failures)  # every evaluation says what it left out
                 return Scored(films, label_indices(films, labels, where), logits, failures)
-        result = score_films(samples, where, crop=crop)
+        result = score_films(samples, where, views=list((views or {}).values()), crop=crop)
         file.parent.mkdir(parents=True, exist_ok=True)
         position = {s.path: i for i, s in enumerate(samples)}
         # The .npz last: it is what a reader looks for, and either file is whole or absent.
@@ -802,8 +803,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     predicted = calibration.classes(probs, labels, positive_label=model.spec.positive_label)
     tta_probs = None
     if tta:
-        views = list(DEFAULT_VIEWS.values())
-        augmented = infer(scored.samples, f"{origin} (TTA)", views=views)
+        augmented = infer(scored.samples, f"{origin} (TTA)", views=DEFAULT_VIEWS)
         tta_probs = calibration.probabilities(augmented.logits)
         metrics["tta"] = {
             "views": list(DEFAULT_VIEWS),

@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ from cxrkit.config import ConfigError, StageConfig, TrainConfig, to_dict
 from cxrkit.data.io import written_whole
 from cxrkit.data.layout import DataLayoutError, Sample
 from cxrkit.data.split import read_manifest, test_patients_seen_in_training, write_manifest
-from cxrkit.inference import predict_logits
+from cxrkit.evaluation.evaluate import cached, run_manifest, score
 from cxrkit.labels import positive_index, positive_is_guessed
 from cxrkit.models import Classifier, create_model
 from cxrkit.models.ensemble import Ensemble
@@ -243,8 +244,8 @@ def finished_stages(folder: Path) -> dict[str, dict]:
 def _write_json(path: Path, values: dict) -> None:
     """Whole or not at all (a crash mid-write would leave stages.json cut short, and the run
     unable to resume)."""
-    with written_whole(path) as partial:
-        partial.write_text(json.dumps(values, indent=2))
+    with written_whole(path) as whole:
+        whole.write_text(json.dumps(values, indent=2))
 
 
 def _mark_finished(folder: Path, stage: str, record: dict) -> None:
@@ -399,19 +400,20 @@ def _write_skipped(folder: Path, unreadable: dict[str, list[str]]) -> None:
 
 def validation_metrics(model: Classifier | Ensemble, criterion: torch.nn.Module,
                        run: Run) -> dict:
-    """The final model scored on the validation images, read from disk as `cxr predict` does."""
-    val = [s for s in run.samples if s.split == "val"]
-    logits, failures = predict_logits(model, [s.path for s in val],
-                                      batch_size=run.config.data.batch_size)
-    readable = ~np.isnan(logits).any(axis=1)
-    target = torch.tensor([run.classes.index(s.label) for s in val])[torch.from_numpy(readable)]
-    logits = torch.from_numpy(logits[readable])
+    """The final model scored on the validation images, read from disk as `cxr predict` does,
+    through the evaluation's logits cache: `cxr evaluate` then reads these scores back."""
+    val = [s for s in run_manifest(run.folder) if s.split == "val"]  # as evaluate_run reads it
+    score_val = cached(run.folder, model.spec.labels,
+                       partial(score, model, batch_size=run.config.data.batch_size))
+    scored = score_val(val, f"{run.folder}/split.csv val")
+    target = torch.tensor([run.classes.index(s.label) for s in scored.samples])
+    logits = torch.from_numpy(scored.logits.astype(np.float32))
     metrics = make_metrics(len(run.classes), sync=False)  # rank 0 alone scores
     metrics.update(*metric_inputs(logits, target,
                                   positive_index(run.classes, model.spec.positive_label)))
     values = {name: float(v) for name, v in metrics.compute().items()}
     values["loss"] = float(criterion(logits, target))
-    values.update(images=int(readable.sum()), unreadable=len(failures))
+    values.update(images=len(scored.samples), unreadable=len(scored.failures))
     return values
 
 
