@@ -144,3 +144,39 @@ def test_the_colour_key_is_the_overlays_own_blend():
     ramp = np.linspace(0, 255, 8).astype(np.uint8).astype(int)
     assert (np.abs(key[-1] - ramp[:, None]) <= 1).all()  # bottom row, heat 0: the film
     assert (np.abs(key[0] - ramp[:, None]) > 20).any()  # top row, heat 1: tinted
+
+
+def test_many_films_are_explained_a_batch_at_a_time(trained_run, tiny_kaggle, tmp_path,
+                                                    monkeypatch):
+    """A folder of thousands of films: no more than one batch of prepared films and overlays
+    is held at once (all of them used to be, ~0.6 MB per film at 224 px, 3 MB per overlay)."""
+    import cxrkit.explain
+    import cxrkit.predict
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    paths = sorted(str(p) for p in (tiny_kaggle / "train").glob("*/*.jpeg"))[:12]
+    prepared, first_use = [], {}  # films prepared so far; how many at the first forward/save
+    real_load, real_caption = cxrkit.explain.load_prepared, cxrkit.predict.with_caption
+
+    def counted_load(*args, **kwargs):
+        prepared.append(args[0])
+        return real_load(*args, **kwargs)
+
+    def noted_caption(*args, **kwargs):
+        first_use.setdefault("saved", len(prepared))
+        return real_caption(*args, **kwargs)
+
+    monkeypatch.setattr(cxrkit.explain, "load_prepared", counted_load)
+    monkeypatch.setattr(cxrkit.predict, "with_caption", noted_caption)
+    model = load_model(run)
+    model.register_forward_hook(lambda *_: first_use.setdefault("forward", len(prepared))
+                                and None)  # a hook returning a value replaces the output
+    maps = gradcam(model, paths, class_index=1, batch_size=4)
+    assert maps.shape == (12, 64, 64) and first_use["forward"] == 4
+    # every map is the one the film gets on its own
+    np.testing.assert_allclose(maps[9], gradcam(model, paths[9], class_index=1)[0], atol=1e-5)
+
+    prepared.clear()
+    predictor = cxrkit.predict.Predictor.load(run)
+    predictor.write_cams(predictor.predict(paths), tmp_path / "cams", batch_size=4)
+    assert first_use["saved"] == 4 and len(list((tmp_path / "cams").glob("*.png"))) == 12

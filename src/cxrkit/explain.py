@@ -56,7 +56,8 @@ class LogOddsTarget:
 
 
 def _as_batch(model: Classifier, images) -> torch.Tensor:
-    """Paths -> the model's own preprocessing; a tensor [C,H,W] or [N,C,H,W] is taken as is."""
+    """Films (paths, images, arrays) -> the model's own preprocessing; a tensor [C,H,W] or
+    [N,C,H,W] is taken as is."""
     if isinstance(images, torch.Tensor):
         x = images[None] if images.dim() == 3 else images
         if x.dim() != 4:
@@ -101,14 +102,12 @@ def _gradients_from(layer: torch.nn.Module, model: torch.nn.Module) -> Iterator[
             p.requires_grad_(flag)
 
 
-def _predicted_classes(model: Classifier, x: torch.Tensor, batch_size: int,
+def _predicted_classes(model: Classifier, batches: Iterator[torch.Tensor],
                        calibration: Calibration | None) -> list[int]:
     """Each film's class as `predict` calls it: at a run's deployed threshold and
     calibration, or, for a model alone, the most probable."""
-    device = next(model.parameters()).device
     with torch.no_grad():
-        logits = torch.cat([model.eval()(x[start:start + batch_size].to(device)).float().cpu()
-                            for start in range(0, len(x), batch_size)]).numpy()
+        logits = torch.cat([model.eval()(x).float().cpu() for x in batches]).numpy()
     if calibration is None:
         return [int(c) for c in logits.argmax(1)]
     return [int(c) for c in calibration.classes(calibration.probabilities(logits),
@@ -152,22 +151,27 @@ def gradcam(model: Classifier | str | Path, images: Film | Sequence[Film] | torc
 
         calibration = read_calibration(model)
         model = load_model(model)
-    x_all = _as_batch(model, images)
-    n = len(x_all)
+    # Films are prepared a batch at a time: memory stays that of one batch for any number.
+    films = _as_batch(model, images) if isinstance(images, torch.Tensor) else film_list(images)
+    n = len(films)
+    device = next(model.parameters()).device
+
+    def batches() -> Iterator[torch.Tensor]:
+        for start in range(0, n, batch_size):
+            yield _as_batch(model, films[start:start + batch_size]).to(device)
+
     classes = _class_indices(model.spec.labels if hasattr(model, "spec") else [],
                              class_index, n)
     if None in classes:
-        predicted = _predicted_classes(model, x_all, batch_size, calibration)
+        predicted = _predicted_classes(model, batches(), calibration)
         classes = [p if c is None else c for c, p in zip(classes, predicted, strict=True)]
     layer = target_layer if target_layer is not None else model.gradcam_layer()
     _make_autograd_ready(model)
-    device = next(model.parameters()).device
     heatmaps = []
     # Grad-CAM needs gradients: leave any surrounding inference_mode/no_grad.
     with (torch.inference_mode(False), torch.enable_grad(), _gradients_from(layer, model),
           GradCAM(model, [layer]) as cam):
-        for start in range(0, n, batch_size):
-            x = x_all[start:start + batch_size].to(device)
+        for start, x in zip(range(0, n, batch_size), batches(), strict=True):
             targets = [LogOddsTarget(c) for c in classes[start:start + batch_size]]
             heatmaps.append(cam(x, targets))
     return np.concatenate(heatmaps).astype(np.float32)

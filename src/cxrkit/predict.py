@@ -24,7 +24,7 @@ import logging
 import os
 import shlex
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -279,7 +279,7 @@ class Predictor:
         folder.mkdir(parents=True, exist_ok=True)
         readable = [p for p in predictions if p.ok]
         taken: set[str] = set()
-        for p, image in zip(readable, self.cam_overlays(readable, batch_size), strict=True):
+        for p, image in self._overlays_by_batch(readable, batch_size):
             stem = Path(p.path).stem if Path(p.path).suffix.lower() in SUPPORTED_SUFFIXES \
                 else Path(p.path).name  # a DICOM UID keeps its last component
             name, n = f"{stem}_cam.png", 1
@@ -292,6 +292,14 @@ class Predictor:
             info.add_text("Description", "; ".join(lines))
             with_caption(image, lines, key=True).save(folder / name, pnginfo=info)
             p.cam = str(folder / name)
+
+    def _overlays_by_batch(self, readable: Sequence[Prediction],
+                           batch_size: int) -> Iterator[tuple[Prediction, Image.Image]]:
+        """(prediction, overlay) a batch at a time: a folder of thousands of films never
+        holds more than one batch of overlays (each up to 1024 px RGB) in memory."""
+        for start in range(0, len(readable), batch_size):
+            chunk = readable[start:start + batch_size]
+            yield from zip(chunk, self.cam_overlays(chunk, batch_size), strict=True)
 
     def cam_caption(self, p: Prediction) -> list[str]:
         """['map: evidence for PNEUMONIA, the called label', 'P(PNEUMONIA)=0.99, threshold
