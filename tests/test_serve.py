@@ -232,15 +232,20 @@ def test_two_films_in_one_request_are_refused(server, films):
         response.json()["detail"])
 
 
-def test_serving_on_a_port_in_use_is_refused_before_any_address_is_shown(trained_run):
+def test_serving_on_a_port_in_use_is_refused_before_any_address_is_shown(trained_run,
+                                                                         tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         result = CliRunner().invoke(app, ["serve", str(trained_run), "--port", str(port)])
+        # said before the model is loaded (seconds of imports and loading): a folder that is
+        # no model at all gets the same answer
+        no_model = CliRunner().invoke(app, ["serve", str(tmp_path), "--port", str(port)])
     assert result.exit_code == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.output
     assert "choose another --port" in result.output and "open http" not in result.output
+    assert no_model.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in no_model.output
     result = CliRunner().invoke(app, ["serve", str(trained_run), "--host", "192.0.2.1"])
     assert result.exit_code == 2 and "check --host" in result.output  # an address not ours
 

@@ -168,6 +168,8 @@ def serve_command(
     backend: str | None = typer.Option(None, "--backend", help="torch or onnx"),
 ) -> None:
     """A web page to try the model, and a JSON API (POST /predict; schema at /docs)."""
+    if problem := port_problem(host, port):  # before seconds of imports and model loading
+        fail(problem)
     import uvicorn
 
     from cxrkit.serve import create_app
@@ -179,8 +181,6 @@ def serve_command(
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach this "
                       "machine can send images; there is no authentication.")
-    if problem := port_problem(host, port):
-        fail(problem)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # "all interfaces": not a URL
     console.print(f"open http://{shown}:{port}/ (API docs at /docs); Ctrl+C stops")
     uvicorn.run(web_app, host=host, port=port, log_level="info")
