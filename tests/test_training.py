@@ -782,3 +782,10 @@ def test_a_run_is_trained_by_one_process_at_a_time(tiny_kaggle, tmp_path):
     with training_lock(run), pytest.raises(FileExistsError, match=busy):
         train(resume=run)
     assert (run / "config.yaml").is_file()  # left as it was
+    # two new runs of one --name started together: the one that loses the lock fails and
+    # leaves the folder alone (it removed the other's config.yaml and split.csv mid-training)
+    race = tmp_path / "runs" / "race"
+    race.mkdir(parents=True)
+    with training_lock(race), pytest.raises(FileExistsError, match="being trained"):
+        train(tiny_config(tiny_kaggle, tmp_path, name="race"))
+    assert (race / "config.yaml").is_file() and (race / "split.csv").is_file()

@@ -560,11 +560,12 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None) -
            else new_run(config or TrainConfig.preset("default")))
     try:
         with training_lock(run.folder):
-            return train_run(run)
-    except Exception:
-        if resume is None:
-            _remove_if_unstarted(run.folder)
-        raise
+            try:
+                return train_run(run)
+            except Exception:
+                if resume is None:  # inside the lock: never a folder another process trains
+                    _remove_if_unstarted(run.folder)
+                raise
     except _Stopped as e:
         raise TrainingInterrupted(run.folder, e.signal_name) from e
     except SIGTERMException as e:  # outside a stage's fit; a SystemExit: it would exit 0
