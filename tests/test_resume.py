@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from typer.testing import CliRunner
@@ -288,3 +289,49 @@ def test_a_frozen_features_stage_resumed_part_way_is_the_uninterrupted_one(tiny_
     train(resume=run)
     reference = train(config.updated({"name": "reference"}))
     assert val_losses(run) == val_losses(reference)
+
+
+class Killed(BaseException):
+    """The process dies here: no handler runs, nothing more is written (as with SIGKILL)."""
+
+
+class KillAtEpoch(Callback):
+    def __init__(self, stage: str, epoch: int):
+        self.stage, self.epoch = stage, epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if pl_module.stage.name == self.stage and trainer.current_epoch == self.epoch:
+            raise Killed
+
+
+def test_a_later_stage_killed_before_its_own_last_ckpt_starts_again_from_its_start(
+        tiny_kaggle, tmp_path, monkeypatch):
+    """Killed in stage 2 after one of its validations rewrote best.ckpt but before any step
+    checkpoint of its own: the resume trains stage 2 again from the best of stage 1, not
+    from the killed attempt's weights that best.ckpt then held."""
+    import cxrkit.training.fit
+    from cxrkit.training import train
+    from tests.test_training import tiny_config
+
+    settings = {"stages.0.epochs": 1, "stages.1.epochs": 3, "stages.1.lr": 3e-3,
+                "trainer.monitor": "val_loss", "trainer.checkpoint_every_n_steps": 1000}
+    uninterrupted = train(tiny_config(tiny_kaggle, tmp_path, "finetune", name="whole",
+                                      **settings))
+    real_callbacks = cxrkit.training.fit.make_callbacks
+    monkeypatch.setattr(cxrkit.training.fit, "make_callbacks", lambda *a, **k: [
+        *real_callbacks(*a, **k), KillAtEpoch("finetune", 2)])
+    config = tiny_config(tiny_kaggle, tmp_path, "finetune", name="killed", **settings)
+    with pytest.raises(Killed):
+        train(config)
+    killed = Path(config.runs_dir) / "killed"
+    stage = {name: checkpoint(killed / name)["hyper_parameters"]["stage"]["name"]
+             for name in ("best.ckpt", "last.ckpt")}
+    assert stage == {"best.ckpt": "finetune", "last.ckpt": "head"}  # the case in question
+    monkeypatch.undo()
+    train(resume=killed)
+    assert not list(killed.glob("start-*.ckpt"))  # kept only while its stage runs
+    weights = [safetensors.torch.load_file(run / "model.safetensors")
+               for run in (killed, uninterrupted)]
+    assert weights[0].keys() == weights[1].keys()
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(tensor, weights[1][name], rtol=0, atol=1e-6, msg=name)

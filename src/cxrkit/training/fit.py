@@ -355,6 +355,7 @@ def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None)
     stage = run.config.stages[index]
     seed_everything(run.config.seed, workers=True, verbose=False)  # said once, in train_run
     if resume_from is None and index > 0:
+        keep_stage_start(run.folder, stage.name)
         load_weights(model, run.folder / BEST)  # start from the best of the stages before
     module, datamodule = build_stage(run, index, model, run.folder)
     callbacks = [*make_callbacks(run.folder, run.config.trainer, stage, run.config.seed),
@@ -384,6 +385,25 @@ def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None)
                                                 "seconds": round(seconds, 1)})
         if isinstance(datamodule, FeatureDataModule):
             datamodule.file.unlink(missing_ok=True)
+        stage_start(run.folder, stage.name).unlink(missing_ok=True)
+
+
+def stage_start(folder: Path, stage: str) -> Path:
+    return folder / f"start-{stage}.ckpt"
+
+
+def keep_stage_start(folder: Path, stage: str) -> None:
+    """best.ckpt as stage `stage` (not the first) found it, the best of the stages before,
+    kept in RUN/start-STAGE.ckpt until the stage ends. A stage killed before it wrote a
+    last.ckpt of its own starts again from its beginning, while best.ckpt may by then hold
+    the killed attempt's weights: best.ckpt is put back first, so the stage trains what it
+    would have trained without the kill."""
+    if rank_zero_only.rank != 0:  # the processes Lightning starts later read what rank 0 left
+        return
+    kept = stage_start(folder, stage)
+    source, target = (kept, folder / BEST) if kept.is_file() else (folder / BEST, kept)
+    with written_whole(target) as whole:
+        shutil.copyfile(source, whole)
 
 
 def _write_skipped(folder: Path, unreadable: dict[str, list[str]]) -> None:
