@@ -387,3 +387,30 @@ def test_a_mistakes_caption_names_the_films_folder():
                        "PNEUMONIA", 0.12)
     assert caption.splitlines() == ["PNEUMONIA/0.png", "true PNEUMONIA, called NORMAL",
                                     "P(PNEUMONIA)=0.12"]
+
+
+def test_an_evaluation_killed_while_drawing_leaves_no_metrics_and_is_done_again(
+        trained_run, tmp_path, monkeypatch):
+    """metrics.json is written last: a kill among the figures leaves none, and the report
+    evaluates again rather than show half a set of figures (or fail on a cut-off PNG)."""
+    import cxrkit.evaluation.evaluate as evaluate_module
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    evaluate_run(run, bootstrap=50, device="cpu")
+    test = run / "eval" / "test"
+    figures = sorted(p.name for p in test.glob("*.png"))
+    real_write_figures = evaluate_module.write_figures
+
+    def killed_while_drawing(out, *args):
+        (out / "worst_errors.png").write_bytes(b"")  # the figure the kill cut off
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate_module, "write_figures", killed_while_drawing)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_run(run, bootstrap=50, device="cpu")
+    assert not (test / "metrics.json").exists()
+    monkeypatch.setattr(evaluate_module, "write_figures", real_write_figures)
+    build_report(run)  # evaluates again: every figure, whole
+    assert (test / "metrics.json").is_file()
+    assert sorted(p.name for p in test.glob("*.png")) == figures
+    assert all(Image.open(test / name).size[0] > 100 for name in figures)

@@ -851,14 +851,17 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     out = run / EVAL_DIR / name
     out.mkdir(parents=True, exist_ok=True)
     # The last evaluation's figures go: kept, they would show another threshold beside these
-    # metrics (--no-figures), or mistakes these films no longer have.
+    # metrics (--no-figures), or mistakes these films no longer have. Its metrics.json goes
+    # too, and the new one is written last: an evaluation killed part way leaves none, and
+    # `cxr report` evaluates again rather than show half a set of figures.
     for old in out.iterdir():
-        if old.suffix[1:] in ("png", *VECTOR_FORMATS):
+        if old.suffix[1:] in ("png", *VECTOR_FORMATS) or old.name == "metrics.json":
             old.unlink()
     write_predictions(out / "predictions.csv", scored, probs, predicted, labels, tta_probs)
-    (out / "metrics.json").write_text(json.dumps(report, indent=2, allow_nan=False))
     if figures:
         where = f"{name}, {len(scored.y)} films"
         write_figures(out, model, scored, probs, metrics, thresholds, calibration, seed, where)
+    with written_whole(out / "metrics.json") as whole:
+        whole.write_text(json.dumps(report, indent=2, allow_nan=False))
     log.info("wrote %s", out)
     return out
