@@ -128,6 +128,18 @@ def test_sigterm_stops_with_exit_143_and_says_how_to_resume(tiny_kaggle, tmp_pat
     assert "".join(f"cxr train --resume {run}".split()) in "".join(stderr.split())
     assert "weights_only" not in stderr  # Lightning's word on saving read as an unsafe load
     assert not (run / "model.safetensors").exists() and stdout == ""
+    # `cxr run` (`make run`) names itself: `cxr train --resume` would not evaluate or report
+    args = train_args(tiny_kaggle, tmp_path, "job")
+    sets = [a for a in args if a.startswith("--set=")] + [
+        "--set=trainer.deterministic=true", "--set=data.num_workers=0", "--set=data.batch_size=4"]
+    process = subprocess.Popen([*CXR, "run", str(tiny_kaggle), "--preset", "finetune",
+                                "--runs-dir", str(tmp_path / "runs"), "--name", "job", *sets],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    signal_once_checkpointed(process, tmp_path / "runs" / "job", signal.SIGTERM)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 143, stderr[-3000:]
+    said = "".join(stderr.split())
+    assert "".join(f"cxr run --resume {tmp_path / 'runs' / 'job'}".split()) in said
 
 
 def test_a_checkpoint_write_that_fails_leaves_the_previous_one_whole(tmp_path):

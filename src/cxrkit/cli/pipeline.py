@@ -63,7 +63,7 @@ def run_all(
     except TRAINING_ERRORS as e:
         fail(str(e))
     except TrainingInterrupted as e:
-        interrupted(e)
+        interrupted(e, "cxr run")  # which evaluates and reports too
     show_table(metrics_table(job.folder))
     test = json.loads((job.evaluation / "metrics.json").read_text())
     rule = "at the deployed threshold" if test["deployed_threshold"] is not None else "argmax"

@@ -103,10 +103,12 @@ def _sets_data(config: Path | None) -> bool:
     return isinstance(data, dict) and bool(data.get("path"))
 
 
-def interrupted(stop) -> None:
-    """Say how to continue a run that a signal stopped, and exit as killed by it (130 for
-    Ctrl+C, 143 for SIGTERM: a scheduler or `&&` chain must not take it for success)."""
-    console.print(f"[yellow]{escape(str(stop))}[/]")
+def interrupted(stop, command: str = "cxr train") -> None:
+    """Say how to continue a run that a signal stopped (with `command`, the one that was
+    running), and exit as killed by it (130 for Ctrl+C, 143 for SIGTERM: a scheduler or `&&`
+    chain must not take it for success)."""
+    console.print(f"[yellow]training interrupted ({stop.signal_name}); continue it with "
+                  f"`{command} --resume {escape(str(stop.folder))}`[/]")
     raise typer.Exit(143 if stop.signal_name == "SIGTERM" else 130)
 
 
