@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -345,5 +346,47 @@ def test_a_later_stage_killed_before_its_own_last_ckpt_starts_again_from_its_sta
     weights = [safetensors.torch.load_file(run / "model.safetensors")
                for run in (killed, uninterrupted)]
     assert weights[0].keys() == weights[1].keys()
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(tensor, weights[1][name], rtol=0, atol=1e-6, msg=name)
+
+
+class SignalAtBatch(Callback):
+    """Ctrl+C delivered to this process as training batch `index` ends."""
+
+    def __init__(self, index: int):
+        self.index, self.sent = index, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.index and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_stop_with_accumulated_gradients_waits_for_the_end_of_the_step(
+        tiny_kaggle, tmp_path, monkeypatch):
+    """Ctrl+C in the middle of an optimiser step's batches: the stop waits for the step's
+    last batch (the gradients of a step part done are in no checkpoint), and the resumed
+    run is the uninterrupted one."""
+    import cxrkit.training.fit
+    from cxrkit.training import TrainingInterrupted, train
+    from tests.test_training import tiny_config
+
+    settings = {"data.batch_size": 4, "trainer.accumulate_grad_batches": 4, "stages.0.epochs": 2,
+                "trainer.checkpoint_every_n_steps": 1000}
+    uninterrupted = train(tiny_config(tiny_kaggle, tmp_path, name="whole", **settings))
+    real_callbacks = cxrkit.training.fit.make_callbacks
+    monkeypatch.setattr(cxrkit.training.fit, "make_callbacks", lambda *a, **k: [
+        *real_callbacks(*a, **k), SignalAtBatch(5)])  # batches 4-7 make the second step
+    config = tiny_config(tiny_kaggle, tmp_path, name="stopped", **settings)
+    with pytest.raises(TrainingInterrupted):
+        train(config)
+    stopped = Path(config.runs_dir) / "stopped"
+    progress = checkpoint(stopped / "last.ckpt")["loops"]["fit_loop"]
+    assert progress["epoch_loop.batch_progress"]["current"]["completed"] == 8
+    assert checkpoint(stopped / "last.ckpt")["global_step"] == 2
+    monkeypatch.undo()
+    train(resume=stopped)
+    weights = [safetensors.torch.load_file(run / "model.safetensors")
+               for run in (stopped, uninterrupted)]
     for name, tensor in weights[0].items():
         torch.testing.assert_close(tensor, weights[1][name], rtol=0, atol=1e-6, msg=name)

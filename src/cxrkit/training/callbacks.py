@@ -114,12 +114,16 @@ class StopAtBatchEnd(Callback):
     collective in flight. A second Ctrl+C stops at once. With one process, the stop saves
     last.ckpt at that step (the step checkpoints alone lose up to checkpoint_every_n_steps);
     with several, saving there would need every rank at the same barrier, so the last step
-    checkpoint stays. `signal_name` says which signal stopped training, if one did."""
+    checkpoint stays. With gradients accumulated over several batches, the stop waits for
+    the batch that ends an optimiser step: the gradients of a step part done are in no
+    checkpoint, and the resumed step would be taken on part of its batches.
+    `signal_name` says which signal stopped training, if one did."""
 
     def __init__(self, path: Path):
         self.path = path
         self.signal_name: str | None = None
         self._previous_sigint = None
+        self._stop_at_step_end = False
 
     def _install(self, trainer) -> None:
         connector = getattr(trainer, "_signal_connector", None)
@@ -133,7 +137,10 @@ class StopAtBatchEnd(Callback):
             if self.signal_name is None and trainer.strategy.launcher is not None:
                 trainer.strategy.launcher.kill(signum)  # the processes Lightning started
             self.signal_name = self.signal_name or STOP_SIGNALS[signum]
-            connector.received_sigterm = True  # Lightning's flag, whatever the signal
+            if trainer.training and trainer.accumulate_grad_batches > 1:
+                self._stop_at_step_end = True  # see on_train_batch_end
+            else:
+                connector.received_sigterm = True  # Lightning's flag, whatever the signal
 
         self._previous_sigint = signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGTERM, stop)  # Lightning puts its own back at teardown
@@ -144,6 +151,12 @@ class StopAtBatchEnd(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._install(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stepped = ((batch_idx + 1) % trainer.accumulate_grad_batches == 0
+                   or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+        if self._stop_at_step_end and stepped:  # Lightning stops once this batch ends
+            trainer._signal_connector.received_sigterm = True
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # Not in validation: Lightning would skip the rest of it on resume, and the epoch
