@@ -246,6 +246,13 @@ def test_feature_views_add_augmented_passes_over_the_train_films_only(tiny_kaggl
     for view in (first_view, second_view):  # every other pass an augmented one
         assert (view - plain).abs().mean() > 0.05 * plain.abs().mean()
     assert not torch.equal(first_view, second_view)
+    # each pass's augmentations are the seed's alone: the same with any number of workers
+    # (a machine-chosen default), so the same config trains the same model anywhere
+    images.num_workers = 2
+    again, _ = extract_features(model.backbone, images.loader("train", shuffle=False,
+                                                              augment=True, draw=1),
+                                ModelInput(model.spec), "cpu")
+    torch.testing.assert_close(again, first_view)
 
 
 def test_partly_unfrozen_backbone_trains_only_its_last_groups(tiny_kaggle, tmp_path):

@@ -147,6 +147,22 @@ class EpochOrder(Sampler):
             yield int(order[position]), int(seeds[position])
 
 
+class FilmSeeds(Sampler):
+    """Every film in order, each with an augmentation seed drawn from `seed` alone: an
+    augmented pass (feature extraction's views) that is the same with any number of
+    workers, on any machine."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(self.seed)
+        yield from enumerate(torch.randint(0, 2**62, (self.n,), generator=g).tolist())
+
+
 def one_process(trainer) -> bool:
     """Whether Lightning keeps a training loader as it is: one device and no distributed
     strategy (which, even on one device, rebuilds it with a DistributedSampler)."""
@@ -259,10 +275,12 @@ class XrayDataModule(LightningDataModule):
     def labels(self, split: str) -> list[int]:
         return [self.class_to_idx[s.label] for s in self.samples[split]]
 
-    def loader(self, split: str, shuffle: bool, augment: bool | None = None) -> DataLoader:
+    def loader(self, split: str, shuffle: bool, augment: bool | None = None,
+               draw: int = 0) -> DataLoader:
         """`split`'s images; `augment` None: as set up (train augmented unless augment=False).
         Shuffled in one process: a `ResumableLoader`. With several, Lightning puts in a
-        DistributedSampler (its order is (seed, epoch)'s too), which cannot start part way."""
+        DistributedSampler (its order is (seed, epoch)'s too), which cannot start part way.
+        In order and augmented: the films' augmentations are those of (seed, `draw`)."""
         dataset = (self.datasets[split] if augment is None
                    else self._dataset(split, augment))
         options = dict(batch_size=self.batch_size, num_workers=self.num_workers,
@@ -274,6 +292,9 @@ class XrayDataModule(LightningDataModule):
             return ResumableLoader(dataset, sampler=EpochOrder(len(dataset), self.seed, weights),
                                    position=lambda: batches_trained_this_epoch(self.trainer),
                                    **options)
+        if augment and not shuffle:
+            return DataLoader(dataset, sampler=FilmSeeds(len(dataset), mixed_seed(self.seed, draw)),
+                              **options)
         sampler = balanced_sampler(self.labels(split)) if balanced else None
         return DataLoader(dataset, shuffle=shuffle and not balanced, sampler=sampler, **options)
 

@@ -94,7 +94,7 @@ class FeatureDataModule(LightningDataModule):
         tensors = {}
         for split, views in (("train", self.views), ("val", 1)):
             passes = [extract_features(self.backbone, self.images.loader(
-                split, shuffle=False, augment=view > 0), model_input, device)
+                split, shuffle=False, augment=view > 0, draw=view), model_input, device)
                 for view in range(views)]
             tensors[f"{split}_x"] = torch.cat([x for x, _ in passes])
             tensors[f"{split}_y"] = torch.cat([y for _, y in passes])
