@@ -150,3 +150,7 @@ def test_saved_run_model_reloads_with_its_spec(tmp_path):
     assert again.spec == model.spec
     x = torch.randn(1, 1, 96, 96)
     torch.testing.assert_close(again(x), model.eval()(x))
+    # readable as the run's other files are (safetensors' save_file made it 0600: a
+    # colleague on a shared machine could not load the model)
+    weights = tmp_path / "model.safetensors"
+    assert weights.stat().st_mode & 0o777 == (tmp_path / "model.json").stat().st_mode & 0o777
