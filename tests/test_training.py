@@ -789,6 +789,12 @@ def test_a_run_is_trained_by_one_process_at_a_time(tiny_kaggle, tmp_path):
     with training_lock(run), pytest.raises(FileExistsError, match=busy):
         train(resume=run)
     assert (run / "config.yaml").is_file()  # left as it was
+    # using it meanwhile is told to wait, not to resume it (the lock would refuse that)
+    with training_lock(run), pytest.raises(FileNotFoundError, match="busy is being trained "
+                                           "now: it has no model.safetensors yet; use it once"):
+        load_model(run)
+    with pytest.raises(FileNotFoundError, match="has not finished"):  # no one trains it now
+        load_model(run)
     # two new runs of one --name started together: the one that loses the lock fails and
     # leaves the folder alone (it removed the other's config.yaml and split.csv mid-training)
     race = tmp_path / "runs" / "race"

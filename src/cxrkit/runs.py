@@ -27,9 +27,15 @@ from cxrkit.labels import positive_index
 from cxrkit.models import Classifier, ModelSpec
 from cxrkit.models.ensemble import Ensemble, model_from_description
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 log = logging.getLogger(__name__)
 
 MODEL_WEIGHTS = "model.safetensors"
+TRAINING_LOCK = ".training.lock"  # held by the process training the run
 MODEL_SPEC = "model.json"
 CALIBRATION = "calibration.json"
 LABELS = "labels.json"
@@ -115,9 +121,26 @@ def model_folder(path: str | Path) -> Path:
     return folder
 
 
+def being_trained(folder: Path) -> bool:
+    """Whether a process holds the run's training lock now (`training.fit.training_lock`)."""
+    if fcntl is None or not (folder / TRAINING_LOCK).is_file():
+        return False
+    with open(folder / TRAINING_LOCK) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released as it closes
+        except BlockingIOError:
+            return True
+        except OSError:  # a file system without locks: nothing to tell
+            return False
+    return False
+
+
 def refuse_unfinished(folder: Path) -> None:
     """A training run without its model yet (interrupted, or still training) is said to be
     one, with the way to finish it."""
+    if being_trained(folder):
+        raise FileNotFoundError(f"{folder} is being trained now: it has no {MODEL_WEIGHTS} "
+                                "yet; use it once its training ends")
     if (folder / "config.yaml").is_file() and (folder / "split.csv").is_file():
         raise FileNotFoundError(
             f"{folder} is a training run that has not finished (interrupted?): it has no "

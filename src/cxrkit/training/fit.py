@@ -60,7 +60,7 @@ from cxrkit.labels import positive_index, positive_is_guessed
 from cxrkit.models import Classifier, create_model
 from cxrkit.models.ensemble import Ensemble
 from cxrkit.plots import extra_formats, save_figure
-from cxrkit.runs import MODEL_WEIGHTS, load_model, save_model
+from cxrkit.runs import MODEL_WEIGHTS, TRAINING_LOCK, load_model, save_model
 from cxrkit.training.callbacks import (
     BEST,
     LAST,
@@ -518,9 +518,6 @@ def _remove_if_unstarted(folder: Path) -> None:
     holds only what `new_run` wrote: remove it, so that its --name is free for the retry."""
     if folder.is_dir() and {p.name for p in folder.iterdir()} <= {CONFIG, SPLIT, TRAINING_LOCK}:
         shutil.rmtree(folder)
-
-
-TRAINING_LOCK = ".training.lock"
 
 
 @contextmanager
