@@ -130,11 +130,14 @@ def test_sigterm_stops_with_exit_143_and_says_how_to_resume(tiny_kaggle, tmp_pat
     assert "weights_only" not in stderr  # Lightning's word on saving read as an unsafe load
     assert not (run / "model.safetensors").exists() and stdout == ""
     # `cxr run` (`make run`) names itself: `cxr train --resume` would not evaluate or report
-    args = train_args(tiny_kaggle, tmp_path, "job")
-    sets = [a for a in args if a.startswith("--set=")] + [
-        "--set=trainer.deterministic=true", "--set=data.num_workers=0", "--set=data.batch_size=4"]
-    process = subprocess.Popen([*CXR, "run", str(tiny_kaggle), "--preset", "finetune",
-                                "--runs-dir", str(tmp_path / "runs"), "--name", "job", *sets],
+    sets = {"model.name": "simple_cnn", "model.pretrained": "false", "model.input_size": 32,
+            "stages.0.epochs": FINETUNE_EPOCHS, "trainer.checkpoint_every_n_steps": 3,
+            "trainer.early_stopping_patience": "null", "trainer.progress_bar": "false",
+            "trainer.deterministic": "true", "data.num_workers": 0, "data.batch_size": 4,
+            "data.cache_dir": tmp_path / "cache"}
+    process = subprocess.Popen([*CXR, "run", str(tiny_kaggle), "--preset", "scratch",
+                                "--runs-dir", str(tmp_path / "runs"), "--name", "job",
+                                *[f"--set={k}={v}" for k, v in sets.items()]],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     signal_once_checkpointed(process, tmp_path / "runs" / "job", signal.SIGTERM)
     stderr = process.communicate(timeout=120)[1]

@@ -30,9 +30,7 @@ import logging
 import os
 import re
 import shutil
-import signal
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -541,26 +539,6 @@ def training_lock(folder: Path) -> Iterator[None]:
         yield
 
 
-@contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """SIGTERM outside a stage's fit (feature extraction, the decode cache, between stages)
-    raises SIGTERMException where it lands, as Ctrl+C raises KeyboardInterrupt: the command
-    then names the resume, where it died silently. Inside a fit, StopAtBatchEnd's handler
-    takes over (and Lightning puts this one back after)."""
-    if threading.current_thread() is not threading.main_thread():  # signals go to it alone
-        yield
-        return
-
-    def stop(signum, frame):
-        raise SIGTERMException
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 class _Stopped(BaseException):
     """A stage stopped by a signal; `train` names the run to resume (an ensemble's, not its
     member's)."""
@@ -598,7 +576,7 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None) -
     run = (open_run(resume) if resume is not None
            else new_run(config or TrainConfig.preset("default")))
     try:
-        with training_lock(run.folder), sigterm_raises():
+        with training_lock(run.folder):
             try:
                 return train_run(run)
             except Exception:
