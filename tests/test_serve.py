@@ -7,6 +7,7 @@ import base64
 import io
 import shutil
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -58,9 +59,13 @@ def test_health_answers_while_every_worker_waits_for_the_model(trained_run, film
     app = create_app(trained_run)
     content = films["normal.png"].read_bytes()
     with running_server(app) as url, ThreadPoolExecutor(45) as pool:
+        threads = threading.active_count()
         with app.state.predictor._lock:  # the model is busy: each /predict waits for it
             waiting = [pool.submit(post, url, "normal.png", content) for _ in range(45)]
-            time.sleep(1.0)  # they reach the thread pool and block there
+            deadline = time.monotonic() + 60  # until they hold the server's 40 threads
+            while threading.active_count() < threads + 45 + 40:  # (and the 45 clients)
+                assert time.monotonic() < deadline, "the requests never filled the pool"
+                time.sleep(0.05)
             assert requests.get(f"{url}/health", timeout=5).json() == {"status": "ok"}
             assert requests.get(f"{url}/model", timeout=5).json()["labels"]
         assert [f.result().status_code for f in waiting] == [200] * 45
