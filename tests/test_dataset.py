@@ -14,6 +14,7 @@ from cxrkit.data.dataset import XrayDataset, collate_skip_bad, load_prepared
 from cxrkit.data.layout import Sample, load_source
 from cxrkit.data.transforms import ModelInput, eval_transform, train_transform
 from cxrkit.models import ModelSpec, create_model
+from cxrkit.training.datamodule import EpochOrder, balanced_weights
 from tests.conftest import make_kaggle_tree, synthetic_film
 
 SIZE = 32
@@ -165,3 +166,11 @@ def test_a_film_with_a_seed_is_augmented_the_same_whatever_ran_before(samples):
     torch.rand(1000)  # the global generator moves on
     assert torch.equal(dataset[(0, 42)][0], first)
     assert not torch.equal(dataset[(0, 43)][0], first)
+
+
+def test_the_balanced_sampler_draws_classes_equally():
+    """data.balanced_sampler turns the class weights off: it must balance by itself."""
+    labels = [0] * 90 + [1] * 10
+    assert balanced_weights([0, 0, 0, 1]).tolist() == pytest.approx([1 / 3] * 3 + [1.0])
+    drawn = [labels[i] for i, _ in EpochOrder(len(labels), 0, balanced_weights(labels))]
+    assert 0.35 < np.mean(drawn) < 0.65

@@ -26,7 +26,7 @@ from cxrkit.data.split import patient_split, read_manifest, write_manifest
 from cxrkit.data.transforms import prepare
 from cxrkit.evaluation import evaluate_run
 from cxrkit.evaluation.evaluate import Scored, choose_calibration
-from cxrkit.evaluation.metrics import wilson_interval
+from cxrkit.evaluation.metrics import ranking_metrics, wilson_interval, with_ci
 from cxrkit.inference import predict_logits, softmax
 from cxrkit.models import create_model
 from cxrkit.report import build_report, headline, summary
@@ -683,3 +683,18 @@ def test_the_worst_mistakes_shown_include_each_kind():
     assert list(confidence[shown]) == [*np.linspace(0.81, 0.99, 20)[::-1][:4], 0.8, 0.7, 0.6,
                                        0.55]  # each kind's most confident first
     assert len(worst_mistakes(y, predicted, confidence, 100)) == 25  # every mistake, no more
+
+
+def test_evaluation_intervals_resample_patients(trained_run, tmp_path):
+    """metrics.json's intervals are the patient-level bootstrap's (films resampled alone
+    give narrower, wrong ones: a patient's films are not independent)."""
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    out = evaluate_run(run, bootstrap=200, seed=0, figures=False, device="cpu")
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = list(csv.DictReader((out / "predictions.csv").read_text().splitlines()))
+    y = np.array([r["label"] == "PNEUMONIA" for r in rows])
+    p = np.array([float(r["p_PNEUMONIA"]) for r in rows])
+    groups = [r["patient_id"] for r in rows]
+    assert len(set(groups)) < len(groups)  # several films per patient
+    expected = with_ci(lambda w: ranking_metrics(y, p, w), groups, 200, seed=0)["roc_auc"]
+    assert metrics["roc_auc"]["ci95"] == expected["ci95"]

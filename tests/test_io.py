@@ -383,3 +383,11 @@ def test_broken_files_raise_an_error_naming_the_file(tmp_path, name, make, reaso
 def test_missing_file(tmp_path):
     with pytest.raises(UnreadableImageError, match="file not found"):
         read_image(tmp_path / "nope.png")
+
+
+def test_a_16bit_array_reads_like_its_16bit_png(tmp_path):
+    """A notebook's DICOM pixel array is stretched as its file would be, not cut to 8 bits."""
+    deep = np.tile(np.linspace(0, 4095, 128).round().astype(np.uint16), (32, 1))
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    from_file = np.asarray(read_image(tmp_path / "deep.png"))
+    assert np.array_equal(np.asarray(read_image(deep)), from_file)

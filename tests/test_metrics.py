@@ -11,6 +11,7 @@ from cxrkit.evaluation.metrics import (
     probability_metrics,
     proportion_counts,
     ranking_metrics,
+    resample_weights,
     roc_auc,
     threshold_metrics,
     widen_to_wilson,
@@ -179,3 +180,12 @@ def test_a_rate_at_100_percent_gets_an_interval_not_a_point():
     assert widened["ci95"][0] < 0.76
     wide = {"value": 0.5, "ci95": [0.1, 0.9]}  # a bootstrap interval wider than Wilson's stays
     assert widen_to_wilson(wide, 12, 24) == wide
+
+
+def test_the_interval_is_the_2_5th_to_97_5th_percentile_of_the_resamples():
+    """The 95% level is pinned: a change would narrow every interval in every report."""
+    right = np.random.default_rng(1).random(60) < 0.7
+    groups = np.arange(60) // 2
+    ci = with_ci(lambda w: {"a": w @ right / w.sum(1)}, groups, 400, seed=1)["a"]["ci95"]
+    draws = np.concatenate([w @ right / w.sum(1) for w in resample_weights(groups, 400, 1)])
+    assert ci == pytest.approx(np.percentile(draws, [2.5, 97.5]), abs=1e-6)

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from cxrkit.cli import app
 from cxrkit.data.layout import Sample, load_source
+from cxrkit.data.patients import PatientIdParser
 from cxrkit.data.split import patient_split, read_manifest, shared_patients, write_manifest
 from tests.conftest import REAL_DATA, make_kaggle_tree, requires_real_data
 
@@ -147,3 +148,21 @@ def test_identical_files_under_two_patient_ids_stay_on_one_side(tmp_path):
         assert len(side) == 1, (seed, side)
         sides |= side
     assert sides == {"train", "val"}  # the pair is split as one group, not pinned to train
+
+
+def test_kermany_normal2_names_are_their_own_series():
+    """744 of Kermany's 1,341 NORMAL training films are NORMAL2-IM-*: without this rule each
+    would be a patient of its own, and a patient's films could land in train and val."""
+    parse = PatientIdParser()
+    assert parse("NORMAL/NORMAL2-IM-1427-0001.jpeg") == "NORMAL2-IM-1427"
+    assert parse("NORMAL/NORMAL2-IM-1427-0002.jpeg") == "NORMAL2-IM-1427"
+    assert parse("NORMAL/IM-1427-0001.jpeg") == "IM-1427"
+
+
+def test_the_datas_own_val_films_are_split_by_patient_with_train():
+    """Kaggle's own val/ folder (16 films) is pooled and split again by patient."""
+    samples = [Sample(f"/t/{i}.png", lab, "train", f"{lab}{i // 2}") for lab in ("N", "P")
+               for i in range(40)]
+    samples += [Sample(f"/v/{lab}.png", lab, "val", f"{lab}0") for lab in ("N", "P")]
+    split = patient_split(samples, 0.2, seed=0)
+    assert shared_patients(split, "train", "val") == set()
