@@ -56,6 +56,13 @@ def test_ranking_metrics_by_hand():
     assert m["sensitivity_at_specificity/0.90"][0] == pytest.approx(0.5)
     # sensitivity >= 0.95 needs 0.35 called positive, which also calls 0.4: specificity 1/2
     assert m["specificity_at_sensitivity/0.95"][0] == pytest.approx(0.5)
+    # exactly at the target counts: with 20 negatives, 2 false positives is specificity 0.90,
+    # and that threshold calls 8 of 10 positives (with 1 false positive, only 5)
+    scores = [0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.905, 0.05, 0.02,
+              *np.linspace(0.1, 0.5, 18)]
+    truth = np.array([1] * 5 + [0, 0] + [1] * 5 + [0] * 18, bool)
+    exact = ranking_metrics(truth, np.array(scores), ones(30))
+    assert exact["sensitivity_at_specificity/0.90"][0] == pytest.approx(0.8)
 
 
 def test_probability_metrics_by_hand():

@@ -230,6 +230,16 @@ def test_gradcam_overlays_written_per_readable_file(run, films, tmp_path):
         assert (rgb[82:, :, :] > 128).any()  # the caption is drawn, not only stored
 
 
+def test_gradcam_of_films_of_one_name_in_two_folders_are_both_kept(run, tmp_path):
+    for folder, seed in (("a", 1), ("b", 2)):
+        (tmp_path / folder).mkdir()
+        synthetic_film("PNEUMONIA", seed).save(tmp_path / folder / "x.png")
+    first, second = predict(run, [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png"],
+                            cam_dir=tmp_path / "cams")
+    assert [Path(first.cam).name, Path(second.cam).name] == ["x_cam.png", "x_2_cam.png"]
+    assert Image.open(first.cam).tobytes() != Image.open(second.cam).tobytes()
+
+
 def test_multiclass_uses_argmax_and_refuses_a_threshold(tmp_path, films):
     from cxrkit.models import create_model
     from cxrkit.runs import save_model
@@ -313,6 +323,9 @@ def test_images_that_are_hardly_films_are_predicted_with_a_warning(run, films, t
     assert "600 x 100 px: not a chest film's shape" in by_name["strip.png"].warning
     assert "nearly all black (median gray level 12 of 255)" in by_name["dark.png"].warning
     assert "only 5 distinct gray levels" in by_name["flat16.png"].warning
+    out = write_predictions(list(by_name.values()), tmp_path / "out" / "predictions.csv")
+    rows = {r["path"].rsplit("/", 1)[1]: r for r in csv.DictReader(out.open())}
+    assert "thumbnail" in rows["thumb.png"]["warning"] and rows["film.png"]["warning"] == ""
     result = runner.invoke(app, ["predict", str(run), str(tmp_path / "thumb.png")])
     assert result.exit_code == 0 and "warning:" in flat(result.output)
     assert "label is unreliable" in flat(result.output)
@@ -399,13 +412,18 @@ def test_a_half_written_or_damaged_run_is_named_with_the_fix(trained_run, tmp_pa
     with pytest.raises(ValueError, match=r"no_mean/model.json is damaged \(KeyError"):
         Predictor.load(no_mean, device="cpu")
     for name, text in (("not_json", "{threshold: "), ("text_threshold", json.dumps(
-            {"threshold": "abc", "temperature": 1.0}))):
+            {"threshold": "abc", "temperature": 1.0})), ("threshold_5", json.dumps(
+            {"threshold": 5, "temperature": 1.0})), ("temperature_0", json.dumps(
+            {"threshold": 0.5, "temperature": 0}))):
         run = broken(name, lambda run, text=text: (run / "calibration.json").write_text(text))
         with pytest.raises(ValueError, match=rf"{name}/calibration.json is damaged .* run "
                                              r"`cxr evaluate`"):
             Predictor.load(run, device="cpu")
     result = CliRunner().invoke(app, ["predict", str(unfinished), str(tmp_path)])
     assert result.exit_code == 2 and "has not finished" in result.output
+    synthetic_film("NORMAL", 0).save(tmp_path / "film.png")
+    with pytest.raises(ValueError, match="threshold 1.5 is not a probability"):  # the API's too
+        predict(trained_run, tmp_path / "film.png", threshold=1.5)
 
 
 def test_a_model_scoring_nan_is_named_not_taken_for_unreadable_films(trained_run, tmp_path):
