@@ -85,8 +85,14 @@ def test_cache_key_follows_size_preprocessing_and_file_changes(samples, tmp_path
         base.array_path
 
     changed = samples[0].path
-    synthetic_film("PNEUMONIA", 12345, (50, 40)).save(changed, format="JPEG")
+    # rewritten in place at the very same size (BMP, DICOM and raw exports are fixed-size):
+    # only the modification time tells
+    synthetic_film("PNEUMONIA", 12345).save(changed, format="BMP")
+    base = DecodeCache(samples, SIZE, cache_dir=cache_dir, workers=1)
+    size = os.stat(changed).st_size
+    synthetic_film("NORMAL", 54321).save(changed, format="BMP")
     st = os.stat(changed)
+    assert st.st_size == size
     os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later modification
     fresh = DecodeCache(samples, SIZE, cache_dir=cache_dir, workers=1)
     assert fresh.array_path != base.array_path
