@@ -698,3 +698,23 @@ def test_evaluation_intervals_resample_patients(trained_run, tmp_path):
     assert len(set(groups)) < len(groups)  # several films per patient
     expected = with_ci(lambda w: ranking_metrics(y, p, w), groups, 200, seed=0)["roc_auc"]
     assert metrics["roc_auc"]["ci95"] == expected["ci95"]
+
+
+def test_tta_averages_the_plain_film_and_each_view_and_the_views_do_as_named(trained_run,
+                                                                            tiny_kaggle):
+    from cxrkit.evaluation.tta import center_zoom, shift
+
+    model = load_model(trained_run)
+    paths = sorted(str(p) for p in (tiny_kaggle / "test").glob("*/*.jpeg"))[:4]
+    plain, _ = predict_logits(model, paths, device="cpu")
+    with_blank, _ = predict_logits(model, paths, views=[torch.zeros_like], device="cpu")
+    size = model.spec.input_size
+    with torch.no_grad():
+        blank = model.eval()(torch.zeros(1, model.spec.in_chans, size, size)).numpy()
+    np.testing.assert_allclose(with_blank, (plain + blank) / 2, atol=1e-5)
+    centre = torch.zeros(1, 1, 8, 8)
+    centre[..., 2:6, 2:6] = 1.0
+    assert torch.equal(center_zoom(0.5)(centre), torch.ones(1, 1, 8, 8))  # the centre, whole
+    ramp = torch.arange(8.0).repeat(1, 1, 8, 1)  # columns 0..7
+    moved = shift(0.25, 0)(ramp)  # right by 2 columns, the left edge repeated
+    assert moved[0, 0, 0].tolist() == [0, 0, 0, 1, 2, 3, 4, 5]
