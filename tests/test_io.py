@@ -391,3 +391,16 @@ def test_a_16bit_array_reads_like_its_16bit_png(tmp_path):
     Image.fromarray(deep).save(tmp_path / "deep.png")
     from_file = np.asarray(read_image(tmp_path / "deep.png"))
     assert np.array_equal(np.asarray(read_image(deep)), from_file)
+
+
+def test_deep_films_are_stretched_between_the_documented_percentiles(tmp_path):
+    """model.json tells other programs: 0.1th..99.9th percentiles (inside the fences), then
+    0..255. A few pixels above the film, within the fences, clip; min..max would darken
+    the whole film (its top to ~212)."""
+    ramp = np.tile(np.arange(4096, dtype=np.uint16), (8, 1))
+    ramp.flat[::2000] = 4914  # 0.05% of the pixels at 1.2x the film's top
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    lo, hi = np.percentile(ramp.astype(np.float32), (0.1, 99.9))
+    expected = np.clip(np.round((ramp - lo) * 255 / (hi - lo)), 0, 255)
+    read = np.asarray(read_image(tmp_path / "deep.png")).astype(int)
+    assert np.abs(read - expected).max() <= 1 and read[0, 4095] == 255  # the film's top
