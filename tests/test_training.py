@@ -802,3 +802,17 @@ def test_a_run_is_trained_by_one_process_at_a_time(tiny_kaggle, tmp_path):
     with training_lock(race), pytest.raises(FileExistsError, match="being trained"):
         train(tiny_config(tiny_kaggle, tmp_path, name="race"))
     assert (race / "config.yaml").is_file() and (race / "split.csv").is_file()
+
+
+def test_max_images_take_a_seeded_subset_of_train_and_val_and_leave_test_whole(tiny_kaggle):
+    from cxrkit.config import DataConfig
+
+    def subset(seed: int) -> list[Sample]:
+        return prepare_samples(DataConfig(path=str(tiny_kaggle), max_train_images=10,
+                                          max_val_images=3), seed)
+
+    def counts(samples: list[Sample]) -> dict[str, int]:
+        return {split: sum(s.split == split for s in samples) for split in ("train", "val", "test")}
+
+    assert counts(subset(0)) == {"train": 10, "val": 3, "test": 16}
+    assert subset(0) == subset(0) and subset(0) != subset(1)
