@@ -394,3 +394,55 @@ def test_a_stop_with_accumulated_gradients_waits_for_the_end_of_the_step(
                for run in (stopped, uninterrupted)]
     for name, tensor in weights[0].items():
         torch.testing.assert_close(tensor, weights[1][name], rtol=0, atol=1e-6, msg=name)
+
+
+class SigtermWhilePickled:
+    """Sends SIGTERM to this process while torch.save pickles it."""
+
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return (dict, ())
+
+
+def test_a_sigterm_during_a_checkpoint_write_waits_for_the_write(tmp_path):
+    """Raised inside torch.save, SIGTERM turned into torch's RuntimeError (a traceback, no
+    resume command): it is raised once the checkpoint is whole."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from cxrkit.training.callbacks import AtomicCheckpointIO, sigterm_raises
+
+    with sigterm_raises(), pytest.raises(SIGTERMException):
+        AtomicCheckpointIO().save_checkpoint({"state": torch.ones(3), "x": SigtermWhilePickled()},
+                                             tmp_path / "last.ckpt")
+    # whole (this test's own file; its object pickles by a reduce weights_only refuses)
+    written = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert torch.equal(written["state"], torch.ones(3)) and written["x"] == {}
+
+
+def test_a_sigterm_during_feature_extraction_stops_with_the_resume_command(
+        tiny_kaggle, tmp_path, monkeypatch):
+    """Outside a stage's fit SIGTERM killed the process silently; now it stops as inside
+    one (TrainingInterrupted: exit 143 and the command), and the resume loses nothing."""
+    import cxrkit.training.features
+    from cxrkit.training import TrainingInterrupted, train
+    from tests.test_training import tiny_config
+
+    settings = {"stages.0.epochs": 1, "stages.1.epochs": 1}
+    uninterrupted = train(tiny_config(tiny_kaggle, tmp_path, "finetune", name="whole",
+                                      **settings))
+    real_extract = cxrkit.training.features.extract_features
+
+    def terminated_extraction(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_extract(*args, **kwargs)
+
+    monkeypatch.setattr(cxrkit.training.features, "extract_features", terminated_extraction)
+    config = tiny_config(tiny_kaggle, tmp_path, "finetune", name="stopped", **settings)
+    with pytest.raises(TrainingInterrupted, match=r"interrupted \(SIGTERM\).*--resume"):
+        train(config)
+    monkeypatch.undo()
+    stopped = train(resume=Path(config.runs_dir) / "stopped")
+    weights = [safetensors.torch.load_file(run / "model.safetensors")
+               for run in (stopped, uninterrupted)]
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(tensor, weights[1][name], rtol=0, atol=1e-6, msg=name)

@@ -17,7 +17,10 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,49 @@ BEST = "best.ckpt"
 LAST = "last.ckpt"
 
 
+# SIGTERM outside a stage's fit (feature extraction, the decode cache, the final scoring)
+# raises SIGTERMException where it lands, as Ctrl+C raises KeyboardInterrupt, so the command
+# names the resume instead of dying silently; inside a fit, StopAtBatchEnd's handler takes
+# over. Never inside a checkpoint write: raised in torch.save it would turn into torch's
+# RuntimeError (and half a file), so it waits for the write to end.
+_sigterm = {"held": 0, "pending": False}
+
+
+def _raise_sigterm(signum, frame) -> None:
+    if _sigterm["held"]:
+        _sigterm["pending"] = True
+    else:
+        raise SIGTERMException
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises SIGTERMException within this block (see `_sigterm`)."""
+    if threading.current_thread() is not threading.main_thread():  # handlers: main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_sigterm)
+    _sigterm["pending"] = False  # none carried over from an earlier block (a notebook's)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _sigterm["pending"] = False
+
+
+@contextmanager
+def sigterm_held() -> Iterator[None]:
+    """A SIGTERM that arrives within this block is raised once it ends."""
+    _sigterm["held"] += 1
+    try:
+        yield
+    finally:
+        _sigterm["held"] -= 1
+    if not _sigterm["held"] and _sigterm["pending"]:
+        _sigterm["pending"] = False
+        raise SIGTERMException
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Each checkpoint is written beside its final name, synced, then renamed over it: a crash
     or `kill -9` mid-write leaves the previous checkpoint whole. (Lightning's own writes
@@ -65,14 +111,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial")
-        try:
-            with open(partial, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
+        with sigterm_held():
+            try:
+                with open(partial, "wb") as f:
+                    torch.save(checkpoint, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(partial, path)
+            finally:
+                partial.unlink(missing_ok=True)
 
 
 class RunFolderCheckpoint(ModelCheckpoint):

@@ -68,6 +68,7 @@ from cxrkit.training.callbacks import (
     make_loggers,
     make_trainer,
     read_checkpoint,
+    sigterm_raises,
 )
 from cxrkit.training.curves import collect_metrics, plot_curves
 from cxrkit.training.datamodule import (
@@ -576,7 +577,7 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None) -
     run = (open_run(resume) if resume is not None
            else new_run(config or TrainConfig.preset("default")))
     try:
-        with training_lock(run.folder):
+        with training_lock(run.folder), sigterm_raises():
             try:
                 return train_run(run)
             except Exception:
