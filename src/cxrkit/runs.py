@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,8 +123,29 @@ def model_folder(path: str | Path) -> Path:
     return folder
 
 
+@contextmanager
+def training_lock(folder: Path, held_here: bool = True) -> Iterator[None]:
+    """One process trains a run folder at a time (of a distributed job, rank 0 holds it:
+    `held_here` is False on the others): two would write the same checkpoints and logs over
+    each other. The lock goes with the process, however it ends."""
+    if not held_here or fcntl is None:  # (Windows: no advisory locks)
+        yield
+        return
+    with open(folder / TRAINING_LOCK, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"{folder} is being trained by another process now: wait "
+                                  f"for it to end (or stop it); if it was interrupted, `cxr "
+                                  f"train --resume {folder}` continues it") from None
+        except OSError as e:  # a file system without flock (some NFS, Lustre, FUSE mounts)
+            log.warning("%s: no lock on this file system (%s): nothing stops a second process "
+                        "from training this run at the same time", folder, e)
+        yield
+
+
 def being_trained(folder: Path) -> bool:
-    """Whether a process holds the run's training lock now (`training.fit.training_lock`)."""
+    """Whether a process holds the run's `training_lock` now."""
     if fcntl is None or not (folder / TRAINING_LOCK).is_file():
         return False
     with open(folder / TRAINING_LOCK) as handle:

@@ -33,8 +33,6 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -58,7 +56,7 @@ from cxrkit.labels import positive_index, positive_is_guessed
 from cxrkit.models import Classifier, create_model
 from cxrkit.models.ensemble import Ensemble
 from cxrkit.plots import extra_formats, save_figure
-from cxrkit.runs import MODEL_WEIGHTS, TRAINING_LOCK, load_model, save_model
+from cxrkit.runs import MODEL_WEIGHTS, TRAINING_LOCK, load_model, save_model, training_lock
 from cxrkit.training.callbacks import (
     BEST,
     LAST,
@@ -80,11 +78,6 @@ from cxrkit.training.datamodule import (
 from cxrkit.training.features import FeatureDataModule
 from cxrkit.training.losses import balanced_class_weights, make_loss
 from cxrkit.training.module import ClassifierModule, make_metrics, metric_inputs
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -519,27 +512,6 @@ def _remove_if_unstarted(folder: Path) -> None:
         shutil.rmtree(folder)
 
 
-@contextmanager
-def training_lock(folder: Path) -> Iterator[None]:
-    """One process trains a run folder at a time (of a distributed job, rank 0 holds it):
-    two would write the same checkpoints and logs over each other. The lock goes with the
-    process, however it ends."""
-    if rank_zero_only.rank != 0 or fcntl is None:  # (Windows: no advisory locks)
-        yield
-        return
-    with open(folder / TRAINING_LOCK, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FileExistsError(f"{folder} is being trained by another process now: wait "
-                                  f"for it to end (or stop it); if it was interrupted, `cxr "
-                                  f"train --resume {folder}` continues it") from None
-        except OSError as e:  # a file system without flock (some NFS, Lustre, FUSE mounts)
-            log.warning("%s: no lock on this file system (%s): nothing stops a second process "
-                        "from training this run at the same time", folder, e)
-        yield
-
-
 class _Stopped(BaseException):
     """A stage stopped by a signal; `train` names the run to resume (an ensemble's, not its
     member's)."""
@@ -577,7 +549,7 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None) -
     run = (open_run(resume) if resume is not None
            else new_run(config or TrainConfig.preset("default")))
     try:
-        with training_lock(run.folder), sigterm_raises():
+        with training_lock(run.folder, rank_zero_only.rank == 0), sigterm_raises():
             try:
                 return train_run(run)
             except Exception:
