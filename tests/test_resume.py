@@ -245,7 +245,9 @@ def test_ctrl_c_stops_after_its_step_and_the_resumed_run_is_the_uninterrupted_on
     train(resume=run)
     assert json.loads((run / "stages.json").read_text())["train"]["global_step"] == 2 * 10
     reference = train(config.updated({"name": "reference"}))
-    assert val_losses(run) == val_losses(reference)
+    assert column(run, "val_loss") == column(reference, "val_loss")
+    # the interrupted epoch's mean training loss covers its steps before the stop too
+    assert column(run, "train_loss_epoch") == column(reference, "train_loss_epoch")
     # finished: resuming trains nothing, and an edited config.yaml is refused there too
     (run / "config.yaml").write_text(original.replace("lr: 0.002", "lr: 0.003", 1))
     with pytest.raises(ConfigError, match=r"changed since the run was trained "
@@ -268,9 +270,10 @@ def interrupt_at_step(config, step: int, monkeypatch) -> None:
     monkeypatch.setattr(fit, "make_callbacks", make_callbacks)
 
 
-def val_losses(run: Path) -> list[float]:
+def column(run: Path, name: str) -> list[float]:
+    """The values of metrics.csv's column `name`, in order, to 6 decimals."""
     with open(run / "metrics.csv", newline="") as f:
-        return [round(float(r["val_loss"]), 6) for r in csv.DictReader(f) if r["val_loss"]]
+        return [round(float(r[name]), 6) for r in csv.DictReader(f) if r[name]]
 
 
 def test_resume_refuses_the_options_it_would_ignore(tmp_path):
@@ -305,7 +308,7 @@ def test_a_frozen_features_stage_resumed_part_way_is_the_uninterrupted_one(tiny_
     assert checkpoint(run / "last.ckpt")["global_step"] == 14  # in the second epoch
     train(resume=run)
     reference = train(config.updated({"name": "reference"}))
-    assert val_losses(run) == val_losses(reference)
+    assert column(run, "val_loss") == column(reference, "val_loss")
 
 
 class Killed(BaseException):

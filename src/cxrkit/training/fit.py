@@ -98,7 +98,7 @@ EXPECTED_WARNINGS = (r"Checkpoint directory .* exists and is not empty",
                      r"You're using the WeightAveraging callback with a model that overrides",
                      # DDP: epoch means of this process's steps, by choice (an all-reduce on
                      # every step would cost more than these numbers are worth)
-                     r"It is recommended to use `self.log\('(train_loss|epoch_seconds|"
+                     r"It is recommended to use `self.log\('(train_loss_epoch|epoch_seconds|"
                      r"train_images_per_s)', \.\.\., sync_dist=True\)`")
 
 

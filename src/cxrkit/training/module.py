@@ -145,6 +145,8 @@ class ClassifierModule(LightningModule):
         self._compiled = False
         self.val_metrics = make_metrics(self.model.spec.num_classes).clone(prefix="val_")
         set_trainable(self.model, self.stage.unfreeze)
+        self.epoch_loss_sum: torch.Tensor | float = 0.0  # a tensor: no device sync per step
+        self.epoch_images = 0
 
     @property
     def on_features(self) -> bool:
@@ -171,6 +173,22 @@ class ClassifierModule(LightningModule):
     def on_fit_start(self) -> None:
         self.train()  # Lightning keeps the modes it finds: set them, frozen norms in eval
 
+    def on_train_epoch_start(self) -> None:
+        # Lightning skips this hook when a resumed run re-enters an epoch part way: the sums
+        # then come from the checkpoint, so the epoch's mean loss covers all of its steps
+        # (Lightning's own epoch means are not checkpointed and would cover only the rest).
+        self.epoch_loss_sum, self.epoch_images = 0.0, 0
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["train_epoch_loss"] = [float(self.epoch_loss_sum), self.epoch_images]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.epoch_loss_sum, self.epoch_images = checkpoint.get("train_epoch_loss", [0.0, 0])
+
+    def on_train_epoch_end(self) -> None:
+        if self.epoch_images:  # this process's films, as for every training number
+            self.log("train_loss_epoch", self.epoch_loss_sum / self.epoch_images, prog_bar=True)
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Image batches arrive grayscale and unnormalised (`XrayDataModule`): finish them here,
         on the device, where it costs the workers nothing."""
@@ -189,8 +207,10 @@ class ClassifierModule(LightningModule):
             loss = lam * self.criterion(logits, y) + (1 - lam) * self.criterion(logits, partner)
         else:
             loss = self.criterion(self(x), y)
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True,
+        self.log("train_loss_step", loss, on_step=True, on_epoch=False, prog_bar=True,
                  batch_size=len(y))  # this process's: no all-reduce on every step
+        self.epoch_loss_sum = self.epoch_loss_sum + loss.detach() * len(y)
+        self.epoch_images += len(y)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
