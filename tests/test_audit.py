@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,14 @@ from typer.testing import CliRunner
 
 import cxrkit
 from cxrkit.cli import app
-from cxrkit.data.audit import HASH_BITS, NearDuplicate, audit_dataset, inspect_image
+from cxrkit.data.audit import (
+    HASH_BITS,
+    NearDuplicate,
+    audit_dataset,
+    audit_is_current,
+    default_spec,
+    inspect_image,
+)
 from cxrkit.data.audit_figures import NEAR_PAIRS_SHOWN, pairs_to_show
 from tests.conftest import REAL_DATA, make_kaggle_tree, requires_real_data, synthetic_film
 
@@ -168,6 +177,33 @@ def test_outputs_json_figures_and_one_self_contained_html(audited):
                      "IM-1050-0000.png", "VIRUS", "I;16"):
         assert expected in page, expected
     assert "Files found, the 2 unreadable ones included" in page  # the counts say what they count
+
+
+def test_an_audit_is_current_until_the_data_or_its_pages_change(tmp_path):
+    """`cxr run` on a run it audited skips the audit only while it would find the same."""
+    data = make_kaggle_tree(tmp_path / "data", {"train": 4, "test": 2})
+    out = tmp_path / "audit"
+    assert not audit_is_current(out, data)  # never audited
+    audit_dataset(data, out)
+    assert audit_is_current(out, data)
+    assert not audit_is_current(out, data, patient_pattern=r"(IM|person)-?(\d+)")
+    assert not audit_is_current(out, data, near_threshold=17)
+    bigger = replace(default_spec(), input_size=256)  # previews are drawn at the input size
+    assert not audit_is_current(out, data, spec=bigger)
+
+    film = next((data / "train" / "NORMAL").iterdir())
+    os.utime(film, ns=(film.stat().st_atime_ns, film.stat().st_mtime_ns + 10**9))  # rewritten
+    assert not audit_is_current(out, data)
+    audit_dataset(data, out)
+    assert audit_is_current(out, data)
+    (data / "test" / "NORMAL" / film.name).write_bytes(film.read_bytes())  # a film added
+    assert not audit_is_current(out, data)
+    audit_dataset(data, out)
+    (out / "intensity.png").unlink()  # part of the audit gone
+    assert not audit_is_current(out, data)
+    audit_dataset(data, out)
+    (out / "audit.html").unlink()
+    assert not audit_is_current(out, data)
 
 
 def test_cli_audit_prints_a_summary(planted, tmp_path):

@@ -63,7 +63,10 @@ def test_the_main_job_from_python(tiny_kaggle, tmp_path, caplog):
     stages = (job.folder / "stages.json").read_text()  # each stage's steps and seconds
     with pytest.raises(ConfigError, match="not both"):
         run_pipeline(config, resume=job.folder)
+    audited = (job.folder / "audit" / "audit.json").stat().st_mtime_ns
     again = run_pipeline(resume=job.folder)  # a finished run: evaluated again, not retrained
+    # nor audited again: the data has not changed
+    assert (job.folder / "audit" / "audit.json").stat().st_mtime_ns == audited
     assert (job.folder / "stages.json").read_text() == stages
     assert sorted((job.folder / "eval" / "logits").glob("*.npz")) == logits  # no film rescored
     assert summary(again.evaluation) == numbers

@@ -28,10 +28,11 @@ def run_pipeline(config: TrainConfig | None = None, *, resume: str | Path | None
                  framing_threshold: bool = False) -> RunResult:
     """Train `config` (default: the `default` preset on Kaggle's data), or continue the run
     folder `resume`; audit the data it trained on into RUN/audit/ (its patient rule, its
-    model's input size); evaluate it once on the test split (its threshold and calibration
-    chosen on validation); write RUN/report.html. `tta`, `framing`, `framing_threshold`: as
-    in `cxrkit.evaluation.evaluate_run`."""
-    from cxrkit.data.audit import audit_dataset
+    model's input size; unless the audit there is of the data as it is now); evaluate it
+    once on the test split (its threshold and calibration chosen on validation); write
+    RUN/report.html. `tta`, `framing`, `framing_threshold`: as in
+    `cxrkit.evaluation.evaluate_run`."""
+    from cxrkit.data.audit import audit_dataset, audit_is_current
     from cxrkit.evaluation import evaluate_run
     from cxrkit.report import build_report
     from cxrkit.runs import load_spec
@@ -39,9 +40,9 @@ def run_pipeline(config: TrainConfig | None = None, *, resume: str | Path | None
 
     _refuse_data_without_test(config, resume)  # before the training, not after it
     folder = train(config, resume)
-    trained = TrainConfig.load(folder / "config.yaml").data
-    audit_dataset(trained.path, folder / "audit", trained.patient_pattern,
-                  spec=load_spec(folder))
+    trained, spec = TrainConfig.load(folder / "config.yaml").data, load_spec(folder)
+    if not audit_is_current(folder / "audit", trained.path, trained.patient_pattern, spec):
+        audit_dataset(trained.path, folder / "audit", trained.patient_pattern, spec=spec)
     evaluation = evaluate_run(folder, split="test", tta=tta, framing=framing,
                               framing_threshold=framing_threshold)
     return RunResult(folder, evaluation, build_report(folder, split="test"))

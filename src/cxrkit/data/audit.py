@@ -113,6 +113,7 @@ class AuditResult:
     note_levels: list[str] = field(default_factory=list)  # NOTE_LEVELS, one per note
     audited_at: str = ""  # UTC, ISO 8601
     version: str = ""  # of cxrkit
+    fingerprint: str = ""  # `audit_fingerprint` of what was audited
 
     @property
     def n_images(self) -> int:
@@ -201,6 +202,39 @@ def scan_images(paths: list[str], preview: Collection[str] = (), preview_size: i
         return [_inspect_job(j) for j in jobs]
     with ProcessPoolExecutor(workers) as pool:
         return list(pool.map(_inspect_job, jobs, chunksize=64))
+
+
+def audit_fingerprint(source: DataSource, spec: ModelSpec, near_threshold: int) -> str:
+    """What an audit's findings depend on: each film's path, split, label, patient, size and
+    modification time, the model's input (the previews), the threshold and cxrkit's version."""
+    digest = hashlib.sha256(json.dumps([__version__, spec.to_dict(), near_threshold,
+                                        str(source.root), source.layout]).encode())
+    for s in source.samples:
+        try:
+            stat = os.stat(s.path)
+            size, mtime = stat.st_size, stat.st_mtime_ns
+        except OSError:  # a manifest's missing file: the audit reports it
+            size, mtime = -1, -1
+        digest.update(f"{s.path}\0{s.split}\0{s.label}\0{s.patient_id}\0{size}\0{mtime}\n"
+                      .encode())
+    return digest.hexdigest()
+
+
+def audit_is_current(out_dir: str | Path, data_path: str | Path,
+                     patient_pattern: str | None = None, spec: ModelSpec | None = None,
+                     near_threshold: int = DEFAULT_NEAR_THRESHOLD) -> bool:
+    """Whether `out_dir` holds a whole audit of the data as it is now (`audit_dataset` with
+    these arguments would find the same): `cxr run` on a run it audited skips the audit."""
+    out_dir = Path(out_dir)
+    try:
+        saved = json.loads((out_dir / "audit.json").read_text())
+    except (OSError, ValueError):
+        return False
+    source = load_source(data_path, patient_pattern)
+    whole = (out_dir / "audit.html").is_file() and all(  # by name: the folder may have moved
+        (out_dir / Path(png).name).is_file() for png in saved.get("figures", {}).values())
+    return whole and saved.get("fingerprint") == audit_fingerprint(
+        source, spec or default_spec(), near_threshold)
 
 
 # --- bookkeeping on the facts ----------------------------------------------------------------
@@ -375,6 +409,7 @@ def audit_dataset(data_path: str | Path, out_dir: str | Path, patient_pattern: s
     source = load_source(data_path, patient_pattern)
     spec = spec or default_spec()
     samples = source.samples
+    fingerprint = audit_fingerprint(source, spec, near_threshold)
     facts = scan_images([s.path for s in samples], _preview_paths(source), spec.input_size,
                         workers)
     ok = [f for f in facts if not f.error]
@@ -401,6 +436,7 @@ def audit_dataset(data_path: str | Path, out_dir: str | Path, patient_pattern: s
         notes=[],
         audited_at=datetime.now(UTC).isoformat(timespec="seconds"),
         version=__version__,
+        fingerprint=fingerprint,
     )
     notes = _notes(source, result)
     result.note_levels, result.notes = [lv for lv, _ in notes], [text for _, text in notes]
@@ -411,6 +447,7 @@ def audit_dataset(data_path: str | Path, out_dir: str | Path, patient_pattern: s
 
         result.figures = write_audit_figures(samples, facts, spec, out_dir, near)
     result.seconds = round(time.perf_counter() - start, 2)
-    (out_dir / "audit.json").write_text(json.dumps(result.to_dict(), indent=2))
     write_audit_html(result, out_dir / "audit.html")
+    # last: an audit.json with its fingerprint says the whole audit was written
+    (out_dir / "audit.json").write_text(json.dumps(result.to_dict(), indent=2))
     return result
