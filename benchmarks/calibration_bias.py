@@ -29,7 +29,7 @@ from cxrkit.evaluation.calibration import (
     fit_temperature_and_bias,
     negative_log_likelihood,
 )
-from cxrkit.inference import softmax
+from cxrkit.runs import softmax
 
 Fitted = tuple[float, list[float]]
 

@@ -16,9 +16,9 @@ import numpy as np
 from sklearn.metrics import log_loss, roc_auc_score
 
 from cxrkit.data.split import read_manifest
-from cxrkit.inference import predict_logits, softmax
+from cxrkit.inference import predict_logits
 from cxrkit.labels import positive_index
-from cxrkit.runs import load_model
+from cxrkit.runs import load_model, softmax
 
 
 def validation_probabilities(run: Path, paths: list[str]) -> np.ndarray:

@@ -28,9 +28,8 @@ from cxrkit.evaluation.evaluate import (
 )
 from cxrkit.evaluation.metrics import resample_weights, threshold_metrics
 from cxrkit.evaluation.thresholds import youden_cuts
-from cxrkit.inference import softmax
 from cxrkit.labels import positive_index
-from cxrkit.runs import load_model
+from cxrkit.runs import load_model, softmax
 
 
 def threshold_spread(run: Path, resamples: int) -> dict:

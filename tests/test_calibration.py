@@ -11,7 +11,7 @@ from cxrkit.evaluation.calibration import (
     reliability_curve,
 )
 from cxrkit.evaluation.metrics import roc_auc
-from cxrkit.inference import softmax
+from cxrkit.runs import softmax
 
 
 def overconfident(n: int, factor: float, seed: int = 0):

@@ -27,10 +27,10 @@ from cxrkit.data.transforms import prepare
 from cxrkit.evaluation import evaluate_run
 from cxrkit.evaluation.evaluate import Scored, choose_calibration
 from cxrkit.evaluation.metrics import ranking_metrics, wilson_interval, with_ci
-from cxrkit.inference import predict_logits, softmax
+from cxrkit.inference import predict_logits
 from cxrkit.models import create_model
 from cxrkit.report import build_report, headline, summary
-from cxrkit.runs import load_model, read_calibration, save_model
+from cxrkit.runs import load_model, read_calibration, save_model, softmax
 from tests.conftest import make_kaggle_tree, synthetic_film
 
 TOP_LEVEL = ("roc_auc", "pr_auc", "brier", "ece")

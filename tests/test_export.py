@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -16,9 +18,12 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from cxrkit.cli import app
-from cxrkit.export import export_model, export_onnx, read_sidecar
+from cxrkit.data.transforms import ModelInput
+from cxrkit.export import export_model, export_onnx
+from cxrkit.onnx_backend import model_input, read_sidecar
 from cxrkit.predict import Predictor
 from cxrkit.runs import Calibration, load_model, read_calibration, write_calibration
+from cxrkit.spec import ModelSpec
 from tests.conftest import REAL_DATA, pretrained_run, requires_real_data, synthetic_film
 from tests.test_predict import flat
 
@@ -70,6 +75,45 @@ def test_onnx_runtime_agrees_with_pytorch(lite0_predictors, generated_films, sou
         p, q = list(a.probabilities.values()), list(b.probabilities.values())
         assert np.abs(np.subtract(p, q)).max() < 1e-4
         assert a.label == b.label and a.threshold == b.threshold == 0.35
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_onnx_backend_scales_and_normalises_as_the_pytorch_models_do(channels):
+    spec = ModelSpec("any", 2, input_size=8, in_chans=channels, mean=(0.485, 0.456, 0.406)[
+        :channels], std=(0.229, 0.224, 0.225)[:channels])
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 1, 8, 8), dtype=np.uint8)
+    expected = ModelInput(spec)(torch.from_numpy(pixels)).numpy()
+    assert model_input(pixels, spec).shape == (4, channels, 8, 8)
+    np.testing.assert_array_equal(model_input(pixels, spec), expected)  # to the last bit
+
+
+def test_an_onnx_export_predicts_and_serves_without_importing_pytorch(
+        lite0_export, lite0_predictors, generated_films, tmp_path):
+    """Importing PyTorch, torchvision and timm takes seconds, most of a one-film `cxr predict`:
+    an export runs without them, with the run's numbers, failures and warnings."""
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    synthetic_film("NORMAL", 7, (40, 40)).save(tmp_path / "thumbnail.png")  # doubtful
+    films = [*generated_films, str(tmp_path / "broken.png"), str(tmp_path / "thumbnail.png")]
+    export = str(lite0_export / "export")
+    code = ("import json, sys; from cxrkit.predict import predict; "
+            "from cxrkit.serve import create_app; "
+            f"ps = predict({export!r}, {films!r}, batch_size=3, num_workers=2); "
+            f"create_app({export!r}); "
+            "print(json.dumps([[p.label, p.probabilities, p.error, p.warning] for p in ps])); "
+            "print(sorted(m for m in ('torch', 'torchvision', 'timm', 'lightning') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    *_, printed, loaded = out.stdout.splitlines()
+    assert loaded == "[]"
+    eager = lite0_predictors[0].predict(films)
+    for (label, probabilities, error, warning), p in zip(json.loads(printed), eager,
+                                                         strict=True):
+        assert (label, error, warning) == (p.label, p.error, p.warning)
+        if p.ok:
+            np.testing.assert_allclose(list(probabilities.values()),
+                                       list(p.probabilities.values()), atol=1e-4)
+    assert eager[-2].error and eager[-1].warning  # both kinds were there to compare
 
 
 def test_export_folder_is_self_describing(lite0_export):

@@ -14,9 +14,8 @@ consumer (cxrkit's own `predict --backend onnx` included) applies the same
 `softmax(logits / temperature + bias)`. The sidecar repeats the preprocessing facts in
 words (`preprocess`) so that the file is usable from any language.
 
-`OnnxClassifier` runs an exported model with ONNX Runtime behind the same
-interface as a PyTorch `Classifier`, so `cxrkit.inference.predict_logits` feeds
-both with one preprocessing path.
+`cxrkit.onnx_backend` runs an ONNX export with ONNX Runtime and no PyTorch, with the
+preprocessing every model shares (`cxrkit.data.io.at_input_size`).
 """
 
 from __future__ import annotations
@@ -29,13 +28,13 @@ import warnings
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
 
 from cxrkit.labels import positive_label
 from cxrkit.models import Classifier, ModelSpec
+from cxrkit.onnx_backend import FILE_NAMES, INPUT_NAME, OUTPUT_NAME, SIDECAR
 from cxrkit.runs import (
     MODEL_WEIGHTS,
     Calibration,
@@ -47,9 +46,6 @@ from cxrkit.runs import (
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
-FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.pt"}
-SIDECAR = "model.json"
-INPUT_NAME, OUTPUT_NAME = "image", "logits"
 
 PREPROCESS = (
     "Read the film as 8-bit grayscale: turn it upright by its EXIF orientation; composite "
@@ -259,43 +255,3 @@ def write_sidecar(folder: str | Path, sidecar: dict) -> Path:
     path = Path(folder) / SIDECAR
     path.write_text(json.dumps(sidecar, indent=2))
     return path
-
-
-def is_onnx_export(path: str | Path) -> bool:
-    path = Path(path)
-    folder = path.parent if path.is_file() else path
-    return (folder / FILE_NAMES["onnx"]).is_file() and (folder / SIDECAR).is_file()
-
-
-def read_sidecar(path: str | Path) -> tuple[ModelSpec, Calibration]:
-    path = Path(path)
-    folder = path.parent if path.is_file() else path
-    meta = json.loads((folder / SIDECAR).read_text())
-    bias = meta.get("bias", [])  # exports before the bias had none
-    calibration = Calibration(meta["threshold"], meta["temperature"],
-                              meta.get("threshold_chosen_on", "default"),
-                              bias=bias if any(bias) else [])  # zeros: no bias, as in the run
-    return ModelSpec.from_dict(meta), calibration
-
-
-class OnnxClassifier(nn.Module):
-    """An exported model on ONNX Runtime (CPU), shaped like a `Classifier` (`.spec`, forward)."""
-
-    def __init__(self, path: str | Path, spec: ModelSpec):
-        super().__init__()
-        import onnxruntime as ort  # imported here: only this backend needs it
-
-        self.spec = spec
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        image = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        return torch.from_numpy(self.session.run([OUTPUT_NAME], {INPUT_NAME: image})[0])
-
-
-def load_onnx(path: str | Path) -> tuple[OnnxClassifier, Calibration]:
-    """An export folder (model.onnx + model.json) -> the runnable model and its calibration."""
-    path = Path(path)
-    folder = path.parent if path.is_file() else path
-    spec, calibration = read_sidecar(folder)
-    return OnnxClassifier(folder / FILE_NAMES["onnx"], spec), calibration

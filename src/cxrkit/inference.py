@@ -7,21 +7,15 @@ web server all turn files into logits here, with the model's own preprocessing.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cxrkit.data.io import Film, UnreadableImageError, film_doubt, film_name, read_image
-from cxrkit.data.transforms import eval_transform, prepare
+from cxrkit.data.io import Failure, Film, film_name, read_for_model
+from cxrkit.data.transforms import eval_transform
 from cxrkit.models import Classifier, ModelSpec
-
-
-@dataclass
-class Failure:
-    path: str
-    reason: str
+from cxrkit.runs import finite_logits
 
 
 class _Files(Dataset):
@@ -34,12 +28,11 @@ class _Files(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        try:
-            film = read_image(self.paths[i])
-        except UnreadableImageError as e:
-            return torch.zeros(0), i, e.reason, ""
-        doubt = (film_doubt(film) or "") if self.doubts else ""  # from this one decode
-        return self.transform(prepare(film, self.size, self.equalize, self.crop)), i, "", doubt
+        pixels, reason, doubt = read_for_model(self.paths[i], self.size, self.equalize,
+                                               self.crop, self.doubts)
+        if pixels is None:
+            return torch.zeros(0), i, reason, ""
+        return self.transform(torch.from_numpy(pixels)), i, "", doubt
 
 
 def _collate(batch):
@@ -117,19 +110,5 @@ def predict_logits(
                 continue
             x = x.to(device).contiguous(memory_format=torch.channels_last)
             out = torch.stack([model(v(x)) for v in (lambda t: t, *views)]).mean(0)
-            if not out.isfinite().all():  # NaN rows mean unreadable films: never mix the two
-                first = indices[int((~out.isfinite().all(1)).nonzero()[0, 0])]
-                raise ValueError(f"the model gives NaN or infinite scores for "
-                                 f"{film_name(paths[first], first)}: its weights are damaged "
-                                 "or its training diverged")
-            logits[indices] = out.float().cpu().numpy()
+            logits[indices] = finite_logits(out.float().cpu().numpy(), indices, paths)
     return logits, failures
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0,
-            bias: Sequence[float] | None = None) -> np.ndarray:
-    """softmax(logits / temperature + bias) per row; no bias: zero."""
-    z = logits / temperature + (np.asarray(bias) if bias else 0.0)
-    z = z - np.nanmax(z, axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)

@@ -5,14 +5,14 @@
         print(p.path, p.label, p.probabilities, p.error)
     predict("runs/lite0", pil_image_or_array)  # films already in memory, as `<image 0>`
 
-The model is a run folder (PyTorch) or an ONNX export folder (model.onnx +
-model.json, run by ONNX Runtime); both go through `cxrkit.inference.predict_logits`,
-so the preprocessing is the same code. Probabilities use the calibration chosen
-on validation; with two classes the prediction is the finding (the model's recorded
-`positive_label`: PNEUMONIA where present, see `cxrkit.labels`) when its probability
-reaches the run's validation-chosen threshold (0.5 if none),
-with more classes the most probable label. A file that cannot be read gets a
-`Prediction` with `error` set; it never stops the others.
+The model is a run folder (PyTorch, `cxrkit.inference.predict_logits`) or an ONNX export
+folder (model.onnx + model.json, run by ONNX Runtime without importing PyTorch,
+`cxrkit.onnx_backend`); both read and resize films with the same code. Probabilities use
+the calibration chosen on validation; with two classes the prediction is the finding
+(the model's recorded `positive_label`: PNEUMONIA where present, see `cxrkit.labels`)
+when its probability reaches the run's validation-chosen threshold (0.5 if none), with
+more classes the most probable label. A file that cannot be read gets a `Prediction`
+with `error` set; it never stops the others.
 """
 
 from __future__ import annotations
@@ -41,9 +41,8 @@ from cxrkit.data.io import (
     read_image,
 )
 from cxrkit.data.layout import images_under, unrecognised_under
-from cxrkit.export import FILE_NAMES, is_onnx_export, load_onnx
-from cxrkit.inference import predict_logits, resolve_device
 from cxrkit.labels import positive_label
+from cxrkit.onnx_backend import FILE_NAMES, is_onnx_export, load_onnx, onnx_logits
 from cxrkit.runs import (
     CALIBRATION,
     MODEL_WEIGHTS,
@@ -126,6 +125,12 @@ def _warn_if_the_run_moved_on(export: Path, exported: Calibration) -> None:
                     deployed.threshold, deployed.describe(), shlex.quote(str(run)))
 
 
+def _torch_device(device: str | None):
+    from cxrkit.inference import resolve_device  # PyTorch: not imported for an ONNX export
+
+    return resolve_device(device)
+
+
 class Predictor:
     """A model loaded once and ready to label files; one inference at a time (thread-safe).
 
@@ -143,7 +148,7 @@ class Predictor:
         self.spec = model.spec
         self.labels = self.spec.labels or [f"class_{i}" for i in range(self.spec.num_classes)]
         # ONNX Runtime runs on the CPU here; for PyTorch None means the best device there is.
-        self.device = "cpu" if backend == "onnx" else resolve_device(device)
+        self.device = "cpu" if backend == "onnx" else _torch_device(device)
         self._lock = threading.Lock()
 
     @classmethod
@@ -238,8 +243,14 @@ class Predictor:
         threshold = self.threshold(threshold, calibration)
         doubts: dict[int, str] = {}
         with self._lock:
-            logits, failures = predict_logits(self.model, paths, batch_size, num_workers,
-                                              self.device, doubts=doubts)
+            if self.backend == "onnx":
+                logits, failures = onnx_logits(self.model, paths, batch_size, num_workers,
+                                               doubts=doubts)
+            else:
+                from cxrkit.inference import predict_logits
+
+                logits, failures = predict_logits(self.model, paths, batch_size, num_workers,
+                                                  self.device, doubts=doubts)
         reasons = {f.path: f.reason for f in failures}
         predictions = []
         for i, (name, row) in enumerate(zip(names, logits, strict=True)):

@@ -9,25 +9,30 @@
                              (an ensemble's also lists its members' specs)
     RUN/calibration.json     threshold, temperature (and bias) chosen by `cxr evaluate`
     RUN/metrics.csv, tb/, training_curves.png, eval/<split>/, report.html
+
+Reading a run's spec and calibration imports no PyTorch (an ONNX export is used without it);
+saving and loading weights import it when called.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from safetensors.torch import load_file, save
 
-from cxrkit.data.io import written_whole
-from cxrkit.inference import softmax
+from cxrkit.data.io import film_name, written_whole
 from cxrkit.labels import positive_index
-from cxrkit.models import Classifier, ModelSpec
-from cxrkit.models.ensemble import Ensemble, model_from_description
+from cxrkit.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from cxrkit.models import Classifier
+    from cxrkit.models.ensemble import Ensemble
 
 try:
     import fcntl
@@ -41,6 +46,26 @@ TRAINING_LOCK = ".training.lock"  # held by the process training the run
 MODEL_SPEC = "model.json"
 CALIBRATION = "calibration.json"
 LABELS = "labels.json"
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0,
+            bias: Sequence[float] | None = None) -> np.ndarray:
+    """softmax(logits / temperature + bias) per row; no bias: zero."""
+    z = logits / temperature + (np.asarray(bias) if bias else 0.0)
+    z = z - np.nanmax(z, axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def finite_logits(rows: np.ndarray, indices: Sequence[int], films: Sequence) -> np.ndarray:
+    """`rows`, the logits of films[indices], refused if any is NaN or infinite: NaN rows mean
+    unreadable films, and a model that gives them has damaged weights."""
+    if not np.isfinite(rows).all():
+        first = indices[int(np.flatnonzero(~np.isfinite(rows).all(1))[0])]
+        raise ValueError(f"the model gives NaN or infinite scores for "
+                         f"{film_name(films[first], first)}: its weights are damaged or its "
+                         "training diverged")
+    return rows
 
 
 @dataclass
@@ -95,6 +120,10 @@ class Calibration:
 def save_model(model: Classifier | Ensemble, folder: str | Path) -> Path:
     """Weights (safetensors), model.json and labels.json into `folder`; `load_model` reads
     them back."""
+    from safetensors.torch import save
+
+    from cxrkit.models.ensemble import Ensemble
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -193,6 +222,10 @@ def load_spec(path: str | Path) -> ModelSpec:
 
 def load_model(path: str | Path) -> Classifier | Ensemble:
     """The trained classifier of a run (safetensors: no pickle is ever loaded), in eval mode."""
+    from safetensors.torch import load_file
+
+    from cxrkit.models.ensemble import model_from_description
+
     folder = model_folder(path)
     model = model_from_description(_model_description(folder))
     try:

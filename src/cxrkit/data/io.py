@@ -12,6 +12,7 @@ import struct
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -299,6 +300,43 @@ def film_doubt(img: Image.Image) -> str | None:
         return (f"only {used} distinct gray levels (a film has over 100): a nearly flat "
                 "image stretched to full contrast, or posterised")
     return None
+
+
+def at_input_size(img: Image.Image, size: int, equalize: bool = False,
+                  crop: float = 1.0) -> np.ndarray:
+    """Grayscale PIL image -> uint8 array [1, size, size]: the film as every model reads it
+    (`cxrkit.data.transforms.prepare` for PyTorch, `cxrkit.onnx_backend` for an export).
+
+    `crop` < 1 keeps only the central fraction of each side, resized in the same single
+    step: the film as it would have been prepared had it been framed that much tighter.
+    """
+    if equalize:
+        img = ImageOps.equalize(img)
+    w, h = img.size
+    cw, ch = w * crop, h * crop
+    box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
+    img = img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
+    return np.array(img, dtype=np.uint8)[None]
+
+
+@dataclass
+class Failure:
+    """A film that could not be read, and why."""
+
+    path: str
+    reason: str
+
+
+def read_for_model(film: Film, size: int, equalize: bool = False, crop: float = 1.0,
+                   doubts: bool = False) -> tuple[np.ndarray | None, str, str]:
+    """(pixels from `at_input_size`, "", doubt) for a readable film; (None, why, "") for one
+    that cannot be read. The doubt (`film_doubt`, from the same decode) only if `doubts`."""
+    try:
+        img = read_image(film)
+    except UnreadableImageError as e:
+        return None, e.reason, ""
+    doubt = (film_doubt(img) or "") if doubts else ""
+    return at_input_size(img, size, equalize, crop), "", doubt
 
 
 def _in_memory_to_gray(image: Image.Image | np.ndarray) -> Image.Image:

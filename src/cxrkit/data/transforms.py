@@ -19,27 +19,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torchvision.transforms import v2
 
 from cxrkit.config import AugmentConfig
+from cxrkit.data.io import at_input_size
 from cxrkit.models import ModelSpec
 
 
 def prepare(img: Image.Image, size: int, equalize: bool = False,
             crop: float = 1.0) -> torch.Tensor:
-    """Grayscale PIL image -> uint8 tensor [1, size, size].
-
-    `crop` < 1 keeps only the central fraction of each side, resized in the same single
-    step: the film as it would have been prepared had it been framed that much tighter.
-    """
-    if equalize:
-        img = ImageOps.equalize(img)
-    w, h = img.size
-    cw, ch = w * crop, h * crop
-    box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
-    img = img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
-    return v2.functional.pil_to_tensor(img)
+    """Grayscale PIL image -> uint8 tensor [1, size, size] (`at_input_size`)."""
+    return torch.from_numpy(at_input_size(img, size, equalize, crop))
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from PIL import Image
 from cxrkit import __version__
 from cxrkit.adapt import adaptation_note, source_calibration_options
 from cxrkit.data.dataset import load_prepared
-from cxrkit.data.io import READER_VERSION, file_stamp, written_whole
+from cxrkit.data.io import READER_VERSION, Failure, file_stamp, written_whole
 from cxrkit.data.layout import Sample, load_source, refuse_conflicting_rows
 from cxrkit.data.patients import has_parsed_patient, kermany_subtype
 from cxrkit.data.split import read_manifest, test_patients_seen_in_training
@@ -69,7 +69,7 @@ from cxrkit.evaluation.metrics import (
 from cxrkit.evaluation.thresholds import sensitivity_threshold, youden_threshold
 from cxrkit.evaluation.tta import DEFAULT_VIEWS
 from cxrkit.explain import gradcam, overlay
-from cxrkit.inference import Failure, predict_logits, softmax
+from cxrkit.inference import predict_logits
 from cxrkit.labels import positive_index
 from cxrkit.models import Classifier
 from cxrkit.plots import VECTOR_FORMATS, extra_formats
@@ -79,6 +79,7 @@ from cxrkit.runs import (
     load_model,
     model_folder,
     read_calibration,
+    softmax,
     write_calibration,
 )
 

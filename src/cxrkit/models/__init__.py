@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from difflib import get_close_matches
 from functools import cache
 from importlib.metadata import entry_points
@@ -32,6 +32,7 @@ from cxrkit.config import ConfigError
 from cxrkit.labels import choose_positive
 from cxrkit.models.efficientnet_lite import LITE_VARIANTS, load_lite_weights
 from cxrkit.models.simple_cnn import SimpleCNN
+from cxrkit.spec import ModelSpec
 
 DEFAULT_MODEL = "efficientnet_lite0"
 OFFLINE_MODELS = (*LITE_VARIANTS, "simple_cnn")  # their weights need no download
@@ -120,33 +121,6 @@ for _name in LITE_VARIANTS:
 def _simple_cnn(pretrained: bool) -> Backbone:
     """The from-scratch baseline: one channel, its own input size and normalisation."""
     return Backbone(SimpleCNN(in_chans=1), 128, (0.5,), (0.25,), in_chans=1)
-
-
-@dataclass
-class ModelSpec:
-    """What a model needs of its input; saved beside every set of weights."""
-
-    name: str
-    num_classes: int
-    input_size: int = 224
-    in_chans: int = 3
-    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    std: tuple[float, ...] = (0.5, 0.5, 0.5)
-    dropout: float = 0.2
-    labels: list[str] = field(default_factory=list)
-    equalize: bool = False  # histogram-equalise each film before resizing
-    # Of two labels, the finding (threshold, sensitivity, Grad-CAM), chosen when the model is
-    # made (`cxrkit.labels`); None in runs saved before it was recorded.
-    positive_label: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelSpec:
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        known["mean"], known["std"] = tuple(known["mean"]), tuple(known["std"])
-        return cls(**known)
 
 
 class Classifier(nn.Module):

@@ -1,0 +1,107 @@
+"""Run an ONNX export (`cxr export`) with ONNX Runtime, without PyTorch.
+
+    EXPORT/model.onnx   float32 "image" [N, C, S, S] -> float32 "logits" [N, K]
+    EXPORT/model.json   the sidecar: `ModelSpec` fields, threshold, temperature, bias
+
+`cxr predict EXPORT` and `cxr serve EXPORT` come here: nothing on this path imports
+PyTorch, torchvision or timm, whose imports take seconds (most of a one-film prediction's
+time). Films are read and resized by the code every model uses
+(`cxrkit.data.io.read_for_model`); scaling and normalising are `ModelInput`'s, in NumPy
+(a test holds the two to the same numbers).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from cxrkit.data.io import Failure, Film, film_name, read_for_model
+from cxrkit.runs import Calibration, finite_logits
+from cxrkit.spec import ModelSpec
+
+FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+SIDECAR = "model.json"
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+
+
+def is_onnx_export(path: str | Path) -> bool:
+    path = Path(path)
+    folder = path.parent if path.is_file() else path
+    return (folder / FILE_NAMES["onnx"]).is_file() and (folder / SIDECAR).is_file()
+
+
+def read_sidecar(path: str | Path) -> tuple[ModelSpec, Calibration]:
+    path = Path(path)
+    folder = path.parent if path.is_file() else path
+    meta = json.loads((folder / SIDECAR).read_text())
+    bias = meta.get("bias", [])  # exports before the bias had none
+    calibration = Calibration(meta["threshold"], meta["temperature"],
+                              meta.get("threshold_chosen_on", "default"),
+                              bias=bias if any(bias) else [])  # zeros: no bias, as in the run
+    return ModelSpec.from_dict(meta), calibration
+
+
+def model_input(pixels: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """uint8 [N, 1, S, S] -> float32 [N, C, S, S] as the network takes it: scaled to [0, 1],
+    the gray channel repeated, normalised per channel; `ModelInput`'s operations in its order."""
+    x = pixels.astype(np.float32) * np.float32(1 / 255)
+    x = np.repeat(x, spec.in_chans, axis=1) if x.shape[1] != spec.in_chans else x
+    mean = np.asarray(spec.mean, np.float32)[:, None, None]
+    std = np.asarray(spec.std, np.float32)[:, None, None]
+    return np.ascontiguousarray((x - mean) / std)
+
+
+class OnnxClassifier:
+    """An exported model on ONNX Runtime (CPU): normalised float32 batches -> logits."""
+
+    def __init__(self, path: str | Path, spec: ModelSpec):
+        import onnxruntime as ort  # imported here: only this backend needs it
+
+        self.spec = spec
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: image})[0]
+
+
+def load_onnx(path: str | Path) -> tuple[OnnxClassifier, Calibration]:
+    """An export folder (model.onnx + model.json) -> the runnable model and its calibration."""
+    path = Path(path)
+    folder = path.parent if path.is_file() else path
+    spec, calibration = read_sidecar(folder)
+    return OnnxClassifier(folder / FILE_NAMES["onnx"], spec), calibration
+
+
+def onnx_logits(model: OnnxClassifier, paths: Sequence[Film], batch_size: int = 32,
+                num_workers: int = 0,
+                doubts: dict[int, str] | None = None) -> tuple[np.ndarray, list[Failure]]:
+    """Logits [N, C] for `paths` (NaN rows for unreadable files) and the failures; films read
+    by `num_workers` threads (decoders release the GIL); `doubts`, when given, is filled as
+    `cxrkit.inference.predict_logits` fills it."""
+    spec = model.spec
+    read = partial(read_for_model, size=spec.input_size, equalize=spec.equalize,
+                   doubts=doubts is not None)
+    logits = np.full((len(paths), spec.num_classes), np.nan, dtype=np.float32)
+    failures: list[Failure] = []
+    with ThreadPoolExecutor(max(num_workers, 1)) as pool:
+        for start in range(0, len(paths), batch_size):  # a batch read at a time: bounded memory
+            indices = range(start, min(start + batch_size, len(paths)))
+            readable, batch = [], []
+            films = pool.map(read, [paths[i] for i in indices])
+            for i, (pixels, reason, doubt) in zip(indices, films, strict=True):
+                if pixels is None:
+                    failures.append(Failure(film_name(paths[i], i), reason))
+                    continue
+                if doubt and doubts is not None:
+                    doubts[i] = doubt
+                readable.append(i)
+                batch.append(pixels)
+            if batch:
+                logits[readable] = finite_logits(model(model_input(np.stack(batch), spec)),
+                                                 readable, paths)
+    return logits, failures
