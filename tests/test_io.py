@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -378,6 +379,26 @@ def test_broken_files_raise_an_error_naming_the_file(tmp_path, name, make, reaso
     assert info.value.path == str(path)
     assert str(path) in str(info.value)
     assert reason in info.value.reason
+
+
+def test_postscript_posing_as_a_film_never_reaches_ghostscript(tmp_path, monkeypatch):
+    """PIL's EPS plugin runs Ghostscript on a file's bytes (a film named .png can be
+    PostScript, from an upload or a dataset someone sent): only image formats are decoded."""
+    from PIL import EpsImagePlugin
+
+    called = tmp_path / "gs-called"
+    gs = tmp_path / "bin" / "gs"
+    gs.parent.mkdir()
+    gs.write_text(f"#!/bin/sh\ntouch {called}\nexit 1\n")
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{gs.parent}:{os.environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # found again, on this PATH
+    film = tmp_path / "IM-0001-0001.png"
+    film.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\n"
+                     b"0 0 moveto 100 100 lineto stroke\nshowpage\n")
+    with pytest.raises(UnreadableImageError, match="not an image"):
+        read_image(film)
+    assert not called.exists()
 
 
 def test_missing_file(tmp_path):

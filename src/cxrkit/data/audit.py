@@ -33,7 +33,7 @@ from PIL import Image
 
 from cxrkit import __version__
 from cxrkit.data.audit_report import write_audit_html
-from cxrkit.data.io import UnreadableImageError, film_doubt, read_image
+from cxrkit.data.io import PIL_FORMATS, UnreadableImageError, film_doubt, read_image
 from cxrkit.data.layout import DataSource, Sample, load_source
 from cxrkit.data.patients import SUBTYPE_PATTERN, kermany_subtype
 from cxrkit.data.split import shared_patients
@@ -149,7 +149,7 @@ class AuditResult:
 def _stored_format(data: bytes) -> tuple[str, str]:
     """(format, mode) from the header only, without decoding the pixels again."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as img:
             return img.format or "?", img.mode
     except Exception:  # a file read_image decoded but PIL cannot open is a DICOM
         return "DICOM", _dicom_photometric(data)

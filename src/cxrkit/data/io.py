@@ -20,6 +20,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
+# What PIL may decode: the formats of IMAGE_SUFFIXES, by content. Never all of PIL's: its EPS
+# plugin hands a file's bytes to Ghostscript (a film named .png can be PostScript), others
+# are rarely audited decoders. JPEG covers MPO (cameras' multi-picture JPEGs).
+PIL_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF")
 SUPPORTED_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
 
 # A chest film is at most ~4k x 4k; anything far larger is a decompression bomb.
@@ -236,7 +240,7 @@ def _pil_to_gray(img: Image.Image) -> Image.Image:
 def _read_with_pil(path: Path) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
+        with Image.open(path, formats=PIL_FORMATS) as img:
             img.load()  # decode now, so truncated files fail here
             return _pil_to_gray(img)
 
