@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from cxrkit.cli import app
 from cxrkit.data.transforms import ModelInput
-from cxrkit.export import export_model, export_onnx
+from cxrkit.export import export_model, export_onnx, weights_digest
 from cxrkit.onnx_backend import model_input, read_sidecar
 from cxrkit.predict import Predictor
 from cxrkit.runs import Calibration, load_model, read_calibration, write_calibration
@@ -236,6 +236,43 @@ def test_one_export_folder_holds_one_model_and_one_current_sidecar(trained_run, 
                                              r"model.json would replace the run's own"):
             export_model(run, format="torchscript", out=folder)
     assert (other / "model.json").read_text() == spec and not (other / "model.pt").exists()
+
+
+class RunsCodeWhenLoaded(torch.nn.Module):
+    """TorchScript whose loading runs its own code: a received run's export/model.pt."""
+
+    def __init__(self):
+        super().__init__()
+        self.state = torch.zeros(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[torch.Tensor, bool]:
+        return self.state, self.training
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, bool]) -> None:
+        raise RuntimeError("code from the received model.pt ran")
+
+
+def test_exporting_a_received_run_never_loads_its_torchscript(trained_run, tmp_path):
+    """`cxr export RUN` gives RUN/export/model.pt today's sidecar too: written anew from the
+    run's weights, never by loading the file there (TorchScript runs code when loaded)."""
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    (run / "export").mkdir()
+    digest = weights_digest(load_model(run))  # the file claims the run's weights
+    torch.jit.script(RunsCodeWhenLoaded()).save(
+        str(run / "export" / "model.pt"),
+        _extra_files={"model.json": json.dumps({"weights_sha256": digest})})
+    export_model(run)  # onnx
+    traced = torch.jit.load(str(run / "export" / "model.pt"), map_location="cpu")
+    model = load_model(run)
+    size = model.spec.input_size
+    x = torch.rand(2, model.spec.in_chans, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x))
 
 
 def test_onnx_on_a_run_follows_its_calibration_after_the_export(lite0_export, tmp_path,

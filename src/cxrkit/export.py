@@ -93,22 +93,31 @@ def export_model(run: str | Path, format: str = "onnx", out: str | Path | None =
     for other in others:
         refuse_other_weights(other, sidecar["weights_sha256"])
     out.mkdir(parents=True, exist_ok=True)
+    path = _write(model, format, out, sidecar, opset)
+    write_sidecar(out, sidecar)
+    for other in others:  # the other format's file, if any, gets today's sidecar too
+        if other.suffix == ".onnx" and other.is_file():
+            embed_onnx_sidecar(other, sidecar)  # metadata only: parsing ONNX runs nothing
+        elif other.is_file():  # loading TorchScript would run its code: written anew instead
+            _write(model, "torchscript", out, sidecar)
+    return path
+
+
+def _write(model: Classifier, format: str, out: Path, sidecar: dict,
+           opset: int | None = None) -> Path:
+    """OUT/model.onnx or OUT/model.pt carrying `sidecar`, written beside and then moved into
+    place: a failed export leaves the folder as it was."""
     path = out / FILE_NAMES[format]
-    # Written beside, then moved into place: a failed export leaves the folder as it was.
     partial = path.with_name(f"partial-{path.name}")
     try:
         if format == "onnx":
             export_onnx(model, partial, opset)
+            embed_onnx_sidecar(partial, sidecar)
         else:
-            export_torchscript(model, partial)
-        embed_sidecar(partial, sidecar)
+            export_torchscript(model, partial, sidecar)
         partial.replace(path)
     finally:
         partial.unlink(missing_ok=True)
-    write_sidecar(out, sidecar)
-    for other in others:  # the other format's file, if any, gets today's sidecar too
-        if other.is_file():
-            embed_sidecar(other, sidecar)
     return path
 
 
@@ -144,22 +153,13 @@ def refuse_other_weights(path: Path, digest: str) -> None:
                          f"folder (--out), or delete {path} first")
 
 
-def embed_sidecar(path: Path, sidecar: dict) -> None:
-    """The sidecar's entries also inside the model file, so that it alone still says its
-    labels, preprocessing and threshold. ONNX: as metadata, values as JSON (Netron shows
-    them; `onnxruntime.InferenceSession(...).get_modelmeta().custom_metadata_map` reads
-    them). TorchScript: as the extra file model.json (`torch.jit.load(path, _extra_files=
-    {"model.json": ""})` fills it in)."""
-    if path.suffix == ".onnx":
-        graph = onnx.load(str(path))
-        onnx.helper.set_model_props(graph, {key: json.dumps(value)
-                                            for key, value in sidecar.items()})
-        onnx.save(graph, str(path))
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
-            module = torch.jit.load(str(path), map_location="cpu")
-        module.save(str(path), _extra_files={SIDECAR: json.dumps(sidecar, indent=2)})
+def embed_onnx_sidecar(path: Path, sidecar: dict) -> None:
+    """The sidecar's entries also inside model.onnx, as metadata with JSON values, so that
+    the file alone still says its labels, preprocessing and threshold (Netron shows them;
+    `onnxruntime.InferenceSession(...).get_modelmeta().custom_metadata_map` reads them)."""
+    graph = onnx.load(str(path))
+    onnx.helper.set_model_props(graph, {key: json.dumps(value) for key, value in sidecar.items()})
+    onnx.save(graph, str(path))
 
 
 def _example_batch(spec: ModelSpec) -> torch.Tensor:
@@ -215,8 +215,10 @@ def export_onnx(model: Classifier, path: str | Path, opset: int | None = None,
     return Path(path)
 
 
-def export_torchscript(model: Classifier, path: str | Path) -> Path:
-    """A traced TorchScript module (`torch.jit.load` runs it without cxrkit or timm).
+def export_torchscript(model: Classifier, path: str | Path, sidecar: dict | None = None) -> Path:
+    """A traced TorchScript module (`torch.jit.load` runs it without cxrkit or timm), with
+    `sidecar` as its extra file model.json (`torch.jit.load(path, _extra_files={"model.json":
+    ""})` fills it in).
 
     PyTorch now marks TorchScript deprecated; it stays here for runtimes that
     still load it (LibTorch C++, older mobile stacks). ONNX is the format to prefer.
@@ -225,7 +227,8 @@ def export_torchscript(model: Classifier, path: str | Path) -> Path:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # the deprecation notice, said above
         traced = torch.jit.trace(model, _example_batch(model.spec))
-    traced.save(str(path))
+    traced.save(str(path), _extra_files={SIDECAR: json.dumps(sidecar, indent=2)} if sidecar
+                else {})
     return Path(path)
 
 
