@@ -80,10 +80,16 @@ def test_the_main_job_from_python(tiny_kaggle, tmp_path, caplog):
 
 
 def test_version():
+    from importlib.metadata import version
+
     from cxrkit import __version__
 
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout.strip() == f"cxrkit {__version__}"
+    assert version("cxrkit") == __version__  # the package's metadata takes it from there
+    as_module = subprocess.run([sys.executable, "-m", "cxrkit", "--version"],
+                               capture_output=True, text=True)  # `cxr` not on PATH
+    assert as_module.stdout.strip() == f"cxrkit {__version__}", as_module.stderr
 
 
 def test_the_cli_starts_without_loading_pytorch():
