@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -200,6 +201,45 @@ def test_concurrent_requests_get_their_own_answers(server, films):
 
 def _pixels(png_base64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(png_base64))), dtype=int)
+
+
+def test_pages_of_other_sites_and_other_host_names_are_refused(server, films):
+    """A page on another site can POST a form to 127.0.0.1 (browsers send it without asking)
+    and rebind its DNS name to this server: 403 for both. The server's own page, and
+    clients that send no Origin, are answered."""
+    files = {"file": ("normal.png", films["normal.png"].read_bytes())}
+    port = urlsplit(server).port
+    foreign = requests.post(f"{server}/predict", files=files, timeout=30,
+                            headers={"Origin": "http://evil.example"})
+    assert foreign.status_code == 403 and "may not send films" in foreign.json()["detail"]
+    own = requests.post(f"{server}/predict", files=files, timeout=30, headers={"Origin": server})
+    assert own.status_code == 200 and own.json()["label"]
+    for host, status in ((f"attacker.example:{port}", 403), (f"localhost:{port}", 200),
+                         (f"[::1]:{port}", 200)):
+        answer = requests.get(f"{server}/model", headers={"Host": host}, timeout=30)
+        assert answer.status_code == status, (host, answer.text)
+    assert "answers requests for 127.0.0.1" in requests.get(
+        f"{server}/model", headers={"Host": "attacker.example"}, timeout=30).json()["detail"]
+
+
+def test_films_are_decoded_and_scored_on_one_thread(trained_run, films):
+    """Each thread keeps its own malloc arena: decoding films on the 40 request threads would
+    keep up to 40 films' peak memory, so every request's work runs on one."""
+    app = create_app(trained_run, hosts=None)  # any host name: a server others reach
+    predictor, threads = app.state.predictor, set()
+    score = predictor.predict
+
+    def predict_noting_the_thread(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return score(*args, **kwargs)
+
+    predictor.predict = predict_noting_the_thread
+    content = films["normal.png"].read_bytes()
+    with running_server(app) as url, ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: post(url, "normal.png", content), range(16)))
+        assert requests.get(f"{url}/model", headers={"Host": "192.0.2.7"}).status_code == 200
+    assert [a.status_code for a in answers] == [200] * 16
+    assert len(threads) == 1 and threads.pop().startswith("cxr-model")
 
 
 def test_an_onnx_export_is_served_without_gradcam(trained_run, films, tmp_path):

@@ -172,13 +172,15 @@ def serve_command(
         fail(problem)
     import uvicorn
 
-    from cxrkit.serve import create_app
+    from cxrkit.serve.app import LOOPBACK_HOSTS, create_app
 
     try:
-        web_app = create_app(model, backend, max_upload_mb)
+        # on a loopback address: requests addressed to it only (`SameSiteOnly`)
+        web_app = create_app(model, backend, max_upload_mb,
+                             hosts=LOOPBACK_HOSTS if host in LOOPBACK_HOSTS else None)
     except USER_ERRORS as e:
         fail(str(e))
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in LOOPBACK_HOSTS:
         console.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach this "
                       "machine can send images; there is no authentication.")
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # "all interfaces": not a URL

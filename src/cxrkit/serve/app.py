@@ -14,7 +14,8 @@ the page is one static HTML file using that same API. Gradio would pull a large
 dependency tree, serve assets from elsewhere, and hide the API behind its own
 protocol.
 
-Safe by default: binds 127.0.0.1 (the CLI warns otherwise); request bodies are
+Safe by default: binds 127.0.0.1 (the CLI warns otherwise) and answers only requests
+addressed to it, never a POST from another site's page (`SameSiteOnly`); request bodies are
 capped (413 as soon as the declared or received size passes the cap, before the
 rest is read); images are recognised by decoding their content, never by the
 file name; the decoder refuses decompression bombs; nothing a client sends is
@@ -27,8 +28,11 @@ import base64
 import io
 import shutil
 import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.encoders import jsonable_encoder
@@ -118,6 +122,45 @@ class UploadLimit:
         await self.app(scope, limited_receive, send)
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class SameSiteOnly:
+    """ASGI middleware against other web pages. A browser lets any page POST a form to
+    127.0.0.1 (no preflight needed), and a page can rebind its own DNS name to this server.
+    So 403 for a POST whose Origin is another site than the one it is sent to (curl and
+    scripts send no Origin), and, given `hosts`, for a Host header naming another host."""
+
+    def __init__(self, app, hosts: Sequence[str] | None):
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        problem = None
+        if self.hosts is not None and _host_name(host) not in self.hosts:
+            problem = (f"this server answers requests for {', '.join(self.hosts)} only, not "
+                       f"{host!r}: open it as http://127.0.0.1:PORT/ (`cxr serve --host` sets "
+                       "what it listens on)")
+        elif origin and scope["method"] not in ("GET", "HEAD") and \
+                urlsplit(origin).netloc.lower() != host.lower():
+            problem = (f"a page from {origin} may not send films to this server; use its own "
+                       "page, or a client that sends no Origin (curl, Python)")
+        if problem:
+            return await JSONResponse({"detail": problem}, status_code=403)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def _host_name(host: str) -> str:
+    """'127.0.0.1:8000' -> '127.0.0.1'; '[::1]:8000' -> '::1'."""
+    if host.startswith("["):
+        return host[1:host.find("]")]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 async def _validation_problem(request: Request, exc: RequestValidationError) -> JSONResponse:
     problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
     return JSONResponse(status_code=422, content={
@@ -133,15 +176,22 @@ def _png_base64(image) -> str:
 
 
 def create_app(model_path: str | Path, backend: str | None = None,
-               max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> FastAPI:
-    """The web app for one model (a run folder or an ONNX export folder), loaded once."""
+               max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+               hosts: Sequence[str] | None = LOOPBACK_HOSTS) -> FastAPI:
+    """The web app for one model (a run folder or an ONNX export folder), loaded once.
+    `hosts`: the host names requests may be addressed to (None: any, for a server other
+    machines reach by names this one cannot know)."""
     predictor = Predictor.load(model_path, backend)
+    # Films are decoded and scored on one thread: each thread keeps its own malloc arena,
+    # so a decode spread over the 40 request threads would keep up to 40 films' peak memory.
+    model_thread = ThreadPoolExecutor(1, thread_name_prefix="cxr-model")
     page = (resources.files("cxrkit.serve") / "static" / "index.html").read_text()
     # FastAPI as it is, but /docs loads Swagger UI from this server instead of a CDN.
     app = FastAPIOffline(title="cxrkit", version=__version__, redoc_url=None,
                          description="Chest X-ray classification. " + HOW_TO_POST)
     app.state.predictor = predictor  # the loaded model, for an application that embeds this
     app.add_middleware(UploadLimit, max_bytes=int(max_upload_mb * 2**20))
+    app.add_middleware(SameSiteOnly, hosts=hosts)  # added last: runs first
     app.add_exception_handler(RequestValidationError, _validation_problem)
     errors = {code: {"model": Problem} for code in (400, 413, 415, 422)}
 
@@ -166,11 +216,15 @@ def create_app(model_path: str | Path, backend: str | None = None,
                          threshold_chosen_on=calibration.chosen_on, backend=predictor.backend,
                          gradcam=predictor.backend == "torch", max_upload_mb=max_upload_mb)
 
+    def predict_one(path: Path, cam: bool):  # on model_thread
+        [result] = predictor.predict([path])
+        return result, predictor.cam_overlays([result])[0] if cam and result.ok else None
+
     @app.post("/predict", responses=errors, dependencies=[Depends(_one_file)])
     def predict(file: UploadFile = File(..., description="the X-ray: PNG, JPEG or DICOM"),
                 cam: bool = Query(False, description="add the Grad-CAM overlay")) -> PredictResult:
-        # A plain `def`: FastAPI runs it in its thread pool; the predictor's lock
-        # makes the model see one request at a time.
+        # A plain `def`: FastAPI runs it in its thread pool, where it waits for the model's
+        # one thread.
         if cam and predictor.backend != "torch":
             raise HTTPException(400, "this server runs an ONNX export, which has no Grad-CAM: "
                                      "ask without ?cam=true")
@@ -182,13 +236,14 @@ def create_app(model_path: str | Path, backend: str | None = None,
             path = Path(tmp) / ("upload" + (suffix if suffix in DICOM_SUFFIXES else ""))
             with open(path, "wb") as out:
                 shutil.copyfileobj(file.file, out)
-            [result] = predictor.predict([path])
-            if not result.ok and result.error.startswith(TOO_MANY_PIXELS):
-                raise HTTPException(413, f"{file.filename}: {result.error}")
+            result, overlay = model_thread.submit(predict_one, path, cam).result()
+            error = (result.error or "").replace(str(path), "the upload")  # not this server's
+            if not result.ok and error.startswith(TOO_MANY_PIXELS):
+                raise HTTPException(413, f"{file.filename}: {error}")
             if not result.ok:
-                raise HTTPException(415, f"{file.filename}: {result.error}. Send a chest X-ray "
+                raise HTTPException(415, f"{file.filename}: {error}. Send a chest X-ray "
                                          f"as PNG, JPEG or DICOM.")
-            cam_png = _png_base64(predictor.cam_overlays([result])[0]) if cam else None
+            cam_png = _png_base64(overlay) if overlay else None
         return PredictResult(filename=file.filename, label=result.label,
                              probabilities=result.probabilities, threshold=result.threshold,
                              positive_label=predictor.positive_label,
