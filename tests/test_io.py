@@ -251,6 +251,24 @@ def test_losslessly_compressed_dicoms_read_as_their_original(tmp_path, syntax):
                                   np.asarray(read_image(original)))
 
 
+@pytest.mark.parametrize("syntax", ["JPEGLosslessProcess14_1", "JPEGLSLossless",
+                                    "JPEG2000Lossless"])
+def test_a_compressed_film_larger_than_its_header_says_is_not_decoded(tmp_path, syntax):
+    """Decoders allocate the size the codestream declares (a 285 KB file declaring 30000 x
+    30000 took 3.6 GB): a codestream of another size than the header's is refused first."""
+    import pydicom
+
+    film = np.random.default_rng(0).integers(0, 4096, (64, 80)).astype(np.uint16)
+    compressed = gdcm_compressed(write_dicom(tmp_path / "film.dcm", film),
+                                 tmp_path / "compressed.dcm", syntax)
+    ds = pydicom.dcmread(compressed)
+    ds.Rows, ds.Columns = 32, 40  # the header says less than the codestream holds
+    ds.save_as(compressed)
+    with pytest.raises(UnreadableImageError, match=r"compressed\.dcm: its compressed image is "
+                       r"80 x 64 pixels but its header says 40 x 32: a damaged or forged file"):
+        read_image(compressed)
+
+
 def test_a_dicom_compressed_beyond_the_decoders_says_how_to_fix_it(tmp_path):
     import pydicom
     from pydicom.encaps import encapsulate

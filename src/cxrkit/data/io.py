@@ -179,6 +179,47 @@ def _uncompressed_syntax(implicit_vr: bool, little_endian: bool) -> str:
     return uid.ExplicitVRLittleEndian if little_endian else uid.ExplicitVRBigEndian
 
 
+# JPEG's start-of-frame markers (SOF0-SOF15 but DHT, JPG and DAC), and JPEG-LS's SOF55
+JPEG_FRAME_MARKERS = frozenset([*range(0xC0, 0xD0)]) - {0xC4, 0xC8, 0xCC} | {0xF7}
+
+
+def _codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """(columns, rows) a JPEG, JPEG-LS or JPEG 2000 codestream declares; None if unknown."""
+    if frame.startswith(b"\xff\x4f\xff\x51"):  # J2K: SOC, SIZ: Lsiz Rsiz Xsiz Ysiz XO YO
+        xsiz, ysiz, x0, y0 = struct.unpack_from(">IIII", frame, 8)
+        return xsiz - x0, ysiz - y0
+    if not frame.startswith(b"\xff\xd8"):
+        return None
+    at = 2
+    while at + 9 <= len(frame) and frame[at] == 0xFF:  # marker segments up to the frame's
+        marker = frame[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in JPEG_FRAME_MARKERS:  # Lf, P, Y (rows), X (columns)
+            rows, columns = struct.unpack_from(">HH", frame, at + 5)
+            return (columns, rows) if rows else None  # 0 rows: a DNL marker says later
+        at += 2 + struct.unpack_from(">H", frame, at + 2)[0]
+    return None
+
+
+def _refuse_another_size(path: Path, ds, frames: int, columns: int, rows: int) -> None:
+    """A compressed film must be the size its header says: decoders allocate what the
+    codestream declares, so a few hundred KB declaring 30000 x 30000 took GBs before any
+    check (the header's size is the one checked against MAX_PIXELS)."""
+    from pydicom.encaps import generate_frames
+
+    try:
+        first = next(generate_frames(ds.PixelData, number_of_frames=frames))
+    except Exception:  # damaged encapsulation: the decoder says so, with its own words
+        return
+    size = _codestream_size(first[:4096])
+    if size is not None and size != (columns, rows):
+        raise UnreadableImageError(path, f"its compressed image is {size[0]} x {size[1]} "
+                                         f"pixels but its header says {columns} x {rows}: a "
+                                         "damaged or forged file; not decoded")
+
+
 def _read_dicom(path: Path) -> Image.Image:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
@@ -201,6 +242,8 @@ def _read_dicom(path: Path) -> Image.Image:
         ds.file_meta.TransferSyntaxUID = _uncompressed_syntax(*ds.original_encoding)
     # A multi-frame file: the first frame is the film; decoding only it spares the others.
     frames = int(ds.get("NumberOfFrames") or 1)
+    if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        _refuse_another_size(path, ds, frames, columns, rows)
     try:
         pixels = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array
     except Exception as e:
