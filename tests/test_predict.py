@@ -331,6 +331,23 @@ def test_images_that_are_hardly_films_are_predicted_with_a_warning(run, films, t
     assert "label is unreliable" in flat(result.output)
 
 
+def test_a_file_name_a_spreadsheet_would_run_is_written_as_text(run, films, tmp_path,
+                                                                monkeypatch):
+    """`cxr predict RUN --out p.csv -- *` writes bare names: `=...` must not be a formula."""
+    names = ["=2+5+cmd.png", "@SUM(1+1).png", "+1.png", "-1.png", "plain.png"]
+    for name in names:
+        shutil.copy(films / "a" / "normal_0.png", tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "p.csv"
+    result = runner.invoke(app, ["predict", str(run), "--out", str(out), "--", *names])
+    assert result.exit_code == 0, result.output
+    paths = [row["path"] for row in csv.DictReader(out.open())]
+    assert paths == ["'=2+5+cmd.png", "'@SUM(1+1).png", "'+1.png", "'-1.png", "plain.png"]
+    json_out = tmp_path / "p.json"
+    runner.invoke(app, ["predict", str(run), "--out", str(json_out), "--", *names])
+    assert [p["path"] for p in json.loads(json_out.read_text())] == names  # JSON: as they are
+
+
 def test_films_in_memory_are_predicted_like_their_files(run, films):
     """A notebook's PIL image or array goes through the same rules as the file it came from."""
     path = films / "a" / "pneumonia_1.png"
