@@ -428,6 +428,19 @@ def test_a_half_written_or_damaged_run_is_named_with_the_fix(trained_run, tmp_pa
         json.dumps({k: v for k, v in spec.items() if k != "mean"})))
     with pytest.raises(ValueError, match=r"no_mean/model.json is damaged \(KeyError"):
         Predictor.load(no_mean, device="cpu")
+    huge = broken("huge", lambda run: (run / "model.json").write_text(  # someone else's run
+        json.dumps(spec | {"input_size": 10**6})))  # would allocate terabytes per batch
+    with pytest.raises(ValueError, match=r"huge/model.json is damaged \(ValueError: model spec "
+                                         r"'simple_cnn': input_size 1000000 is not 1..4096\)"):
+        Predictor.load(huge, device="cpu")
+    export = tmp_path / "huge_export"
+    export.mkdir()
+    (export / "model.onnx").write_bytes(b"")
+    (export / "model.json").write_text(json.dumps(spec | {"input_size": 10**6, "threshold": 0.5,
+                                                          "temperature": 1.0}))
+    with pytest.raises(ValueError, match=r"huge_export/model.json is damaged .*input_size "
+                                         r"1000000 .*export the run again"):
+        Predictor.load(export)
     for name, text in (("not_json", "{threshold: "), ("text_threshold", json.dumps(
             {"threshold": "abc", "temperature": 1.0})), ("threshold_5", json.dumps(
             {"threshold": 5, "temperature": 1.0})), ("temperature_0", json.dumps(

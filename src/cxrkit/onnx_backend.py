@@ -38,12 +38,16 @@ def is_onnx_export(path: str | Path) -> bool:
 def read_sidecar(path: str | Path) -> tuple[ModelSpec, Calibration]:
     path = Path(path)
     folder = path.parent if path.is_file() else path
-    meta = json.loads((folder / SIDECAR).read_text())
-    bias = meta.get("bias", [])  # exports before the bias had none
-    calibration = Calibration(meta["threshold"], meta["temperature"],
-                              meta.get("threshold_chosen_on", "default"),
-                              bias=bias if any(bias) else [])  # zeros: no bias, as in the run
-    return ModelSpec.from_dict(meta), calibration
+    try:
+        meta = json.loads((folder / SIDECAR).read_text())
+        bias = meta.get("bias", [])  # exports before the bias had none
+        calibration = Calibration(meta["threshold"], meta["temperature"],
+                                  meta.get("threshold_chosen_on", "default"),
+                                  bias=bias if any(bias) else [])  # zeros: no bias, as in the run
+        return ModelSpec.from_dict(meta), calibration
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{folder / SIDECAR} is damaged ({type(e).__name__}: {e}): export the "
+                         "run again (`cxr export RUN`)") from None
 
 
 def model_input(pixels: np.ndarray, spec: ModelSpec) -> np.ndarray:

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+# A film's side in pixels, at most: a model.json from elsewhere (a run or an export someone
+# sent) asking for more would allocate GBs per film before anything else went wrong.
+MAX_INPUT_SIZE = 4096
+
 
 @dataclass
 class ModelSpec:
@@ -25,6 +29,20 @@ class ModelSpec:
     # Of two labels, the finding (threshold, sensitivity, Grad-CAM), chosen when the model is
     # made (`cxrkit.labels`); None in runs saved before it was recorded.
     positive_label: str | None = None
+
+    def __post_init__(self) -> None:
+        problems = [
+            *([f"input_size {self.input_size} is not 1..{MAX_INPUT_SIZE}"]
+              if not 1 <= self.input_size <= MAX_INPUT_SIZE else []),
+            *([f"num_classes {self.num_classes} is below 2"] if self.num_classes < 2 else []),
+            *([f"mean and std need {self.in_chans} values each (in_chans)"]
+              if not len(self.mean) == len(self.std) == self.in_chans else []),
+            *(["std must be above 0"] if any(s <= 0 for s in self.std) else []),
+            *([f"{len(self.labels)} labels for {self.num_classes} classes"]
+              if self.labels and len(self.labels) != self.num_classes else []),
+        ]
+        if problems:
+            raise ValueError(f"model spec {self.name!r}: {'; '.join(problems)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
