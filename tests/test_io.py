@@ -211,11 +211,23 @@ def test_a_dicom_claiming_too_many_pixels_is_refused_before_decoding(tmp_path):
         read_image(path)
 
 
-def test_a_multiframe_dicom_reads_its_first_frame(tmp_path):
+def test_a_multiframe_dicom_reads_its_first_frame_alone(tmp_path):
+    import tracemalloc
+
     frames = np.stack([dicom_ramp(), dicom_ramp()[:, ::-1]])
     path = write_dicom(tmp_path / "two.dcm", frames, NumberOfFrames=2)
     first = write_dicom(tmp_path / "one.dcm", dicom_ramp())
     np.testing.assert_array_equal(np.asarray(read_image(path)), np.asarray(read_image(first)))
+    film = np.tile(np.linspace(0, 4095, 512).round().astype(np.uint16), (512, 1))
+    many = write_dicom(tmp_path / "many.dcm", np.repeat(film[None], 80, axis=0),
+                       NumberOfFrames=80)  # 40 MB: 80 films of 512 KB
+    tracemalloc.start()
+    try:
+        read_image(many)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < many.stat().st_size / 4, peak  # not the whole file in memory
 
 
 def gdcm_compressed(source: Path, out: Path, syntax: str) -> Path:

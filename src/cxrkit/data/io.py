@@ -230,7 +230,7 @@ def _read_dicom(path: Path) -> Image.Image:
     if rows * columns > MAX_PIXELS:  # before decoding: a few compressed MB can hold GBs
         raise UnreadableImageError(path, f"{TOO_MANY_PIXELS} ({columns} x {rows} > "
                                          f"{MAX_PIXELS:,}); a chest film is at most ~4k x 4k")
-    ds = pydicom.dcmread(path, force=True)
+    ds = pydicom.dcmread(path, force=True, defer_size="1 MB")  # pixels read when used
     looks_dicom = _is_dicom_head(_file_head(path)) or any(
         k in ds for k in ("SOPClassUID", "Modality", "Rows"))
     if "PixelData" not in ds and not looks_dicom:
@@ -244,8 +244,10 @@ def _read_dicom(path: Path) -> Image.Image:
     frames = int(ds.get("NumberOfFrames") or 1)
     if ds.file_meta.TransferSyntaxUID.is_encapsulated:
         _refuse_another_size(path, ds, frames, columns, rows)
+    # From the file, pydicom reads only the first frame's bytes (the data set would hold all).
+    source = path if frames > 1 and "TransferSyntaxUID" in header.file_meta else ds
     try:
-        pixels = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array
+        pixels = pixel_array(source, index=0) if frames > 1 else ds.pixel_array
     except Exception as e:
         syntax = ds.file_meta.TransferSyntaxUID
         if not syntax.is_compressed:
