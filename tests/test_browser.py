@@ -73,7 +73,55 @@ def test_an_uploaded_xray_shows_label_probabilities_and_heatmap(page, run):
     assert cam_size == [224, 224]  # the overlay, at the film's size
     expect(page.locator("#cam-caption")).to_contain_text(expected.label)
     expect(page.locator("#error")).to_be_hidden()
+    expect(page.locator("#warning")).to_be_hidden()
+    # the status region, which a screen reader announces, says the result in one line
+    p = 100 * expected.probabilities["PNEUMONIA"]
+    expect(page.locator("#status")).to_have_text(
+        f"{film.name}: {expected.label}, P(PNEUMONIA) {p:.1f}% (threshold 0.45).")
     page.screenshot(path=str(SCREENSHOTS / "cxrkit_serve_result.png"), full_page=True)
+
+
+def test_the_page_works_from_the_keyboard_and_shows_where_it_is(page):
+    page.locator("body").focus()
+    page.keyboard.press("Tab")  # to the file chooser, inside the drop zone: outlined
+    assert page.evaluate("document.activeElement.id") == "file-input"
+    assert page.evaluate("getComputedStyle(document.getElementById('drop')).outlineStyle") \
+        == "solid"
+
+
+def test_a_doubtful_image_says_so_in_the_result_itself(page, tmp_path):
+    from playwright.sync_api import expect
+
+    Image.new("L", (256, 256), 255).save(tmp_path / "white.png")
+    page.set_input_files("#file-input", tmp_path / "white.png")
+    warning = page.locator("#result #warning")
+    expect(warning).to_be_visible()
+    expect(warning).to_have_text("Warning: almost uniform gray levels: no film content; the "
+                                 "label is unreliable.")
+    expect(page.locator("#status")).to_contain_text("the label is unreliable")
+
+
+def test_high_contrast_mode_keeps_the_bars_and_no_script_says_what_to_do(page):
+    """Forced colours (Windows High Contrast) blank backgrounds: the bars are drawn in system
+    colours. Without JavaScript the page says how to use the API instead of loading forever."""
+    from playwright.sync_api import expect
+
+    browser = page.context.browser
+    film = sorted((REAL_DATA / "test" / "NORMAL").glob("*.jpeg"))[0]
+    contrast = browser.new_page(forced_colors="active")
+    contrast.goto(page.url)
+    contrast.set_input_files("#file-input", film)
+    expect(contrast.locator(".bar-row")).to_have_count(2)
+    fill, track, mark = contrast.evaluate("""() => [".bar span", ".bar", ".bar i"].map(
+        s => getComputedStyle(document.querySelector(s)).backgroundColor)""")
+    assert fill != track and mark != track, (fill, track, mark)
+    contrast.close()
+    scriptless = browser.new_context(java_script_enabled=False)
+    without = scriptless.new_page()
+    without.goto(page.url)
+    expect(without.locator("#nojs")).to_contain_text("curl -F file=@film.jpeg")
+    expect(without.locator("#model")).to_have_text("")  # no "Loading..." forever
+    scriptless.close()
 
 
 def test_a_dropped_text_file_shows_the_error(page):
@@ -125,7 +173,7 @@ def test_dropping_several_films_says_only_the_first_was_analysed(page, run):
     page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
     expect(page.locator("#file-name")).to_have_text(films[0].name)
     expect(page.locator("#label")).to_have_text(expected.label)
-    expect(page.locator("#status")).to_have_text(
+    expect(page.locator("#status")).to_contain_text(
         "Only the first of the 2 files dropped was analysed: one at a time.")
 
 
