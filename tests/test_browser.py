@@ -213,3 +213,25 @@ def test_the_report_and_the_audit_fit_a_phone(page, trained_run, tiny_kaggle, tm
 def audit_html(data: Path, out: Path) -> Path:
     audit_dataset(data, out)
     return out / "audit.html"
+
+
+def axe_violations(page) -> list[str]:
+    """axe-core's accessibility rules (WCAG 2.x A and AA, best practices) broken on the page."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    found = Axe().run(page).response["violations"]
+    return [f"{v['id']} ({v['impact']}): {v['nodes'][0]['target']}" for v in found]
+
+
+def test_no_page_breaks_an_accessibility_rule(page, trained_run, tiny_kaggle, tmp_path):
+    """The serve page (with a result), the report and the audit, checked by axe-core."""
+    page.set_input_files("#file-input", sorted((REAL_DATA / "test" / "NORMAL").glob("*.jpeg"))[0])
+    page.wait_for_function("document.getElementById('cam').naturalWidth > 0")
+    assert axe_violations(page) == []
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    reader = page.context.browser.new_page()
+    for path in (build_report(run), audit_html(tiny_kaggle, tmp_path / "audit")):
+        reader.goto(path.as_uri())
+        assert axe_violations(reader) == [], path.name
+    reader.close()
+

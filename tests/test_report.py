@@ -187,10 +187,10 @@ def test_the_kermany_test_split_is_compared_with_the_published_results(reported)
         pairs.append((hits / truth.count(True), passes / truth.count(False)))
     assert ours["sensitivity"]["value"] == pytest.approx(max(a for a, b in pairs if b >= 0.901))
     assert ours["specificity"]["value"] == pytest.approx(max(b for a, b in pairs if a >= 0.932))
-    row = re.search(r"Sensitivity at specificity ≥ 90.1% \(the paper&#39;s\)</td><td>93.2%</td> ?"
+    row = re.search(r"Sensitivity at specificity ≥ 90.1% \(the paper&#39;s\)</th><td>93.2%</td> ?"
                     r"<td>([\d.]+)%", text)
     assert row and float(row[1]) == pytest.approx(100 * ours["sensitivity"]["value"], abs=0.06)
-    assert "Specificity at sensitivity ≥ 93.2% (the paper&#39;s)</td><td>90.1%</td>" in text
+    assert "Specificity at sensitivity ≥ 93.2% (the paper&#39;s)</th><td>90.1%</td>" in text
 
 
 def test_an_audit_of_other_data_beside_the_run_is_not_shown(reported):

@@ -445,8 +445,8 @@ table { border-collapse: collapse; margin: 10px 0 18px; font-size: 14px; }
 th, td { border: 1px solid #d5dbe5; padding: 4px 10px; text-align: right; white-space: nowrap; }
 table { display: block; overflow-x: auto; max-width: 100%; }  /* scrolls, not the page */
 th { background: #f1f4f9; white-space: normal; }  /* headers wrap, numbers do not */
-td.name, th.name { text-align: left; }
-td.name { white-space: normal; min-width: 9em; }  /* labels wrap: a phone sees the numbers */
+th.name { text-align: left; }
+th[scope=row] { background: none; font-weight: normal; min-width: 9em; }  /* labels wrap */
 .card h2 { margin-top: 16px; }
 caption { display: block; text-align: left; color: #5b6577; font-size: 13px;
           padding-bottom: 4px; }  /* wraps at the screen, not at the scrolled table's width */
@@ -459,7 +459,7 @@ figure { margin: 0 0 22px; } figcaption { color: #5b6577; font-size: 13px; }
         border-radius: 6px; }
 pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 .missing { color: #5b6577; font-style: italic; }
-</style></head><body>
+</style></head><body><main>
 <h1>cxrkit report: {{ run_name }}</h1>
 <p class="sub">{{ spec.name }} · input {{ spec.input_size }} px
  · labels {{ spec.labels|join(", ") }} · generated {{ generated }} by cxrkit {{ version }}</p>
@@ -482,7 +482,7 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 <table><caption>Films per class in each folder on disk, and their patients</caption>
 <tr><th scope="col" class="name">folder on disk</th>{% for c in classes %}
 <th scope="col">{{ c }}</th>{% endfor %}<th scope="col">patients</th></tr>
-{% for split, row in audit["counts"].items() %}<tr><td class="name">{{ split or "(none)" }}/</td>
+{% for split, row in audit["counts"].items() %}<tr><th scope="row" class="name">{{ split or "(none)" }}/</th>
 {% for c in classes %}<td>{{ row.get(c, 0) }}</td>{% endfor %}
 <td>{{ (audit.get("patients") or {}).get(split, "–") }}</td></tr>{% endfor %}</table>{% endif %}
 {% if audit.get("exact_duplicate_summary") %}<p>Exact duplicates:
@@ -497,7 +497,7 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 <table><caption>Films per class in each split the run used, and their patients</caption>
 <tr><th scope="col" class="name">split</th>{% for c in split.classes %}
 <th scope="col">{{ c }}</th>{% endfor %}<th scope="col">total</th><th scope="col">patients</th></tr>
-{% for r in split.rows %}<tr><td class="name">{{ r.split }}</td>
+{% for r in split.rows %}<tr><th scope="row" class="name">{{ r.split }}</th>
 {% for n in r.counts %}<td>{{ n }}</td>{% endfor %}<td>{{ r.total }}</td><td>{{ r.patients }}</td>
 </tr>{% endfor %}</table>
 <p>Patients shared between splits: {% for pair, n in split.leaks.items() %}{{ pair }}: {{ n }}
@@ -525,7 +525,7 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
  F1 are averaged over the classes.{% endif %}</p>
 <table><caption>Validation, best checkpoint (its loss over all films at once; the curves'
  val loss is a mean over batches)</caption>
-{% for name, text in val_metrics %}<tr><td class="name">{{ name }}</td><td>{{ text }}</td>
+{% for name, text in val_metrics %}<tr><th scope="row" class="name">{{ name }}</th><td>{{ text }}</td>
 </tr>{% endfor %}</table>{% endif %}
 {% if config_text %}<details><summary>config.yaml</summary><pre>{{ config_text }}</pre></details>
 {% else %}<p class="missing">No config.yaml in the run folder.</p>{% endif %}
@@ -548,7 +548,7 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 <th scope="col">{{ m.title }}</th>{% endfor %}</tr>
 {% for row in rows %}{% if row.group and (loop.first or rows[loop.index0 - 1].group != row.group) %}
 <tr class="group"><td colspan="{{ evals|length + 1 }}">{{ row.group }}</td></tr>{% endif %}
-<tr><td class="name">{{ row.name }}</td>{% for c in row.cells %}<td>{{ c }}</td>{% endfor %}</tr>
+<tr><th scope="row" class="name">{{ row.name }}</th>{% for c in row.cells %}<td>{{ c }}</td>{% endfor %}</tr>
 {% endfor %}</table>
 {% for m in evals %}{% for note in m.notes %}<div class="note">{{ m.title }}:
  {{ note|code }}</div>{% endfor %}{% if m.unreadable %}<div class="note">{{ m.name }}:
@@ -557,7 +557,7 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 <table aria-labelledby="variant-{{ loop.index }}"><tr>
 <th scope="col" class="name">metric</th>{% for c in v.columns %}<th scope="col">{{ c }}</th>
 {% endfor %}</tr>
-{% for r in v.rows %}<tr><td class="name">{{ r[0] }}</td>{% for c in r[1:] %}<td>{{ c }}</td>
+{% for r in v.rows %}<tr><th scope="row" class="name">{{ r[0] }}</th>{% for c in r[1:] %}<td>{{ c }}</td>
 {% endfor %}</tr>{% endfor %}</table>{% endfor %}
 <p class="sub">Evaluated: {% for m in evals %}{{ m.title }} {{ m.evaluated_at or "(date not
  recorded)" }}{% if m.version %} by cxrkit {{ m.version }}{% endif %}{% if not loop.last %};
@@ -570,11 +570,11 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 <tr><th scope="col" class="name">metric</th>
 <th scope="col">{{ published_source }}</th>
 <th scope="col">this model, internal test, deployed threshold</th></tr>
-{% for r in published %}<tr><td class="name">{{ r.name }}</td><td>{{ r.published }}</td>
+{% for r in published %}<tr><th scope="row" class="name">{{ r.name }}</th><td>{{ r.published }}</td>
 <td>{{ r.ours }}</td></tr>{% endfor %}
 <tr class="group"><td colspan="3">at the paper's operating point: the best any threshold
  gives on these films (an upper bound, not an operating point)</td></tr>
-{% for r in published_curve %}<tr><td class="name">{{ r.name }}</td><td>{{ r.published }}</td>
+{% for r in published_curve %}<tr><th scope="row" class="name">{{ r.name }}</th><td>{{ r.published }}</td>
 <td>{{ r.ours }}</td></tr>{% endfor %}</table>
 <p>This run's test split is the Kaggle/Kermany test folder ({{ test_n }} films). The paper
  used another architecture and reports no intervals; a published number inside this model's
@@ -618,7 +618,7 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
  chosen on {{ calibration.chosen_on }}. Never chosen on test data.</p>
 <h3>Known limitations</h3><ul>{% for item in limitations %}<li>{{ item|code }}</li>{% endfor %}</ul>
 </div></section>
-</body></html>
+</main></body></html>
 """
 
 

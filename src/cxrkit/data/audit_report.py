@@ -22,7 +22,8 @@ table { border-collapse: collapse; margin: 0.5rem 0; font-size: 0.85rem;
 th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; } td.num { text-align: right; }
 caption { display: block; text-align: left; color: #555; padding-bottom: 4px; }
-img { max-width: 100%; margin: 0.5rem 0; } .muted { color: #777; }
+th[scope=row] { background: none; font-weight: normal; }
+img { max-width: 100%; margin: 0.5rem 0; } .muted { color: #666; }
 li.fix { color: #9b1c1c; }
 """
 # The audit's notes come most severe first (cxrkit.data.audit.NOTE_LEVELS); each says which.
@@ -32,6 +33,13 @@ NOTE_WORDS = {"fix": "<b>Fix before training:</b> ", "check": "<b>Check:</b> ", 
 def _cell(value) -> str:
     css = ' class="num"' if isinstance(value, int | float) else ""
     return f"<td{css}>{html.escape(str(value))}</td>"
+
+
+def _row(values: list) -> str:
+    """A table row, its first cell the row's header (what a screen reader names each cell by)."""
+    first, *rest = values
+    return (f'<tr><th scope="row">{html.escape(str(first))}</th>'
+            + "".join(_cell(v) for v in rest) + "</tr>")
 
 
 def with_code(text: str) -> str:
@@ -45,7 +53,7 @@ def table(caption: str, headers: list[str], rows: list[list], empty: str = "none
     if not rows:
         return f'<p class="muted">{html.escape(empty)}</p>'
     head = "".join(f'<th scope="col">{html.escape(h)}</th>' for h in headers)
-    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows[:ROWS_SHOWN])
+    body = "".join(_row(row) for row in rows[:ROWS_SHOWN])
     more = (f'<p class="muted">{len(rows) - ROWS_SHOWN} more rows in audit.json</p>'
             if len(rows) > ROWS_SHOWN else "")
     return f"<table><caption>{html.escape(caption)}</caption><tr>{head}</tr>{body}</table>{more}"
@@ -77,7 +85,7 @@ def _images_section(r: AuditResult) -> str:
     rows = [[axis, sizes[axis]["min"], _whole(sizes[axis]["median"]), sizes[axis]["max"]]
             for axis in ("width", "height") if axis in sizes]
     common = ", ".join(f"{w}x{h} ({n})" for w, h, n in sizes.get("most_common", []))
-    return (table("Film sizes in pixels, as stored", ["", "min", "median", "max"], rows)
+    return (table("Film sizes in pixels, as stored", ["side", "min", "median", "max"], rows)
             + f"<p>{_count(sizes.get('distinct_sizes', 0), 'distinct size')}; most common: "
             f"{html.escape(common)}</p>"
             + table("Pixel modes as stored", ["mode as stored", "files"],
@@ -162,7 +170,7 @@ def write_audit_html(r: AuditResult, path: str | Path) -> Path:
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>cxrkit data audit</title>
-<style>{STYLE}</style></head><body>
+<style>{STYLE}</style></head><body><main>
 <h1>Data audit</h1>
 <p>{html.escape(r.root)} &middot; layout <b>{html.escape(r.layout)}</b> &middot;
 {r.n_images} images &middot; audited in {r.seconds} s
@@ -176,7 +184,7 @@ def write_audit_html(r: AuditResult, path: str | Path) -> Path:
                                           ["splits", "patients", "ids"], shared)}
 <h2>Images</h2>{_images_section(r)}
 <h2>Figures</h2>{figures or '<p class="muted">figures were not drawn</p>'}
-</body></html>
+</main></body></html>
 """
     path = Path(path)
     path.write_text(page, encoding="utf-8")
