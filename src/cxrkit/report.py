@@ -482,7 +482,8 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 <table><caption>Films per class in each folder on disk, and their patients</caption>
 <tr><th scope="col" class="name">folder on disk</th>{% for c in classes %}
 <th scope="col">{{ c }}</th>{% endfor %}<th scope="col">patients</th></tr>
-{% for split, row in audit["counts"].items() %}<tr><th scope="row" class="name">{{ split or "(none)" }}/</th>
+{% for split, row in audit["counts"].items() %}
+<tr><th scope="row" class="name">{{ split or "(none)" }}/</th>
 {% for c in classes %}<td>{{ row.get(c, 0) }}</td>{% endfor %}
 <td>{{ (audit.get("patients") or {}).get(split, "–") }}</td></tr>{% endfor %}</table>{% endif %}
 {% if audit.get("exact_duplicate_summary") %}<p>Exact duplicates:
@@ -525,7 +526,8 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
  F1 are averaged over the classes.{% endif %}</p>
 <table><caption>Validation, best checkpoint (its loss over all films at once; the curves'
  val loss is a mean over batches)</caption>
-{% for name, text in val_metrics %}<tr><th scope="row" class="name">{{ name }}</th><td>{{ text }}</td>
+{% for name, text in val_metrics %}
+<tr><th scope="row" class="name">{{ name }}</th><td>{{ text }}</td>
 </tr>{% endfor %}</table>{% endif %}
 {% if config_text %}<details><summary>config.yaml</summary><pre>{{ config_text }}</pre></details>
 {% else %}<p class="missing">No config.yaml in the run folder.</p>{% endif %}
@@ -548,7 +550,8 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 <th scope="col">{{ m.title }}</th>{% endfor %}</tr>
 {% for row in rows %}{% if row.group and (loop.first or rows[loop.index0 - 1].group != row.group) %}
 <tr class="group"><td colspan="{{ evals|length + 1 }}">{{ row.group }}</td></tr>{% endif %}
-<tr><th scope="row" class="name">{{ row.name }}</th>{% for c in row.cells %}<td>{{ c }}</td>{% endfor %}</tr>
+<tr><th scope="row" class="name">{{ row.name }}</th>
+{% for c in row.cells %}<td>{{ c }}</td>{% endfor %}</tr>
 {% endfor %}</table>
 {% for m in evals %}{% for note in m.notes %}<div class="note">{{ m.title }}:
  {{ note|code }}</div>{% endfor %}{% if m.unreadable %}<div class="note">{{ m.name }}:
@@ -557,7 +560,8 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 <table aria-labelledby="variant-{{ loop.index }}"><tr>
 <th scope="col" class="name">metric</th>{% for c in v.columns %}<th scope="col">{{ c }}</th>
 {% endfor %}</tr>
-{% for r in v.rows %}<tr><th scope="row" class="name">{{ r[0] }}</th>{% for c in r[1:] %}<td>{{ c }}</td>
+{% for r in v.rows %}
+<tr><th scope="row" class="name">{{ r[0] }}</th>{% for c in r[1:] %}<td>{{ c }}</td>
 {% endfor %}</tr>{% endfor %}</table>{% endfor %}
 <p class="sub">Evaluated: {% for m in evals %}{{ m.title }} {{ m.evaluated_at or "(date not
  recorded)" }}{% if m.version %} by cxrkit {{ m.version }}{% endif %}{% if not loop.last %};
@@ -574,7 +578,8 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 <td>{{ r.ours }}</td></tr>{% endfor %}
 <tr class="group"><td colspan="3">at the paper's operating point: the best any threshold
  gives on these films (an upper bound, not an operating point)</td></tr>
-{% for r in published_curve %}<tr><th scope="row" class="name">{{ r.name }}</th><td>{{ r.published }}</td>
+{% for r in published_curve %}
+<tr><th scope="row" class="name">{{ r.name }}</th><td>{{ r.published }}</td>
 <td>{{ r.ours }}</td></tr>{% endfor %}</table>
 <p>This run's test split is the Kaggle/Kermany test folder ({{ test_n }} films). The paper
  used another architecture and reports no intervals; a published number inside this model's
