@@ -87,21 +87,21 @@ def plot_curves(run: Path) -> Path:
     offset = 0
     for i, stage in enumerate(stages):
         stage_rows = [r for r in rows if r["stage"] == stage]
-        series = [
-            (ax_loss, "train_loss_epoch", "train loss", "tab:blue"),
-            (ax_loss, "val_loss", "val loss (mean over batches)", "tab:orange"),
-            (ax_score, "val_roc_auc", "val ROC-AUC", "tab:green"),
-            (ax_score, "val_accuracy", "val accuracy at P=0.5", "tab:purple"),
+        series = [  # the second of each panel dashed, squares: apart without colour too
+            (ax_loss, "train_loss_epoch", "train loss", "tab:blue", "o-"),
+            (ax_loss, "val_loss", "val loss (mean over batches)", "tab:orange", "s--"),
+            (ax_score, "val_roc_auc", "val ROC-AUC", "tab:green", "o-"),
+            (ax_score, "val_accuracy", "val accuracy at P=0.5", "tab:purple", "s--"),
         ]
         x, loss = step_losses(stage_rows)
         ax_loss.plot([offset + v for v in x], loss, "-", color="tab:blue", alpha=0.3,
                      linewidth=1, label="train loss per step" if i == 0 and x else None)
         last_epoch = 0
-        for ax, key, label, color in series:
+        for ax, key, label, color, style in series:
             points = _per_epoch(stage_rows, key)
             if points:
                 epochs = sorted(points)
-                ax.plot([offset + e + 1 for e in epochs], [points[e] for e in epochs], "o-",
+                ax.plot([offset + e + 1 for e in epochs], [points[e] for e in epochs], style,
                         color=color, label=label if i == 0 else None, markersize=3)
                 last_epoch = max(last_epoch, epochs[-1] + 1)
         if i > 0:
@@ -117,7 +117,7 @@ def plot_curves(run: Path) -> Path:
     ax_loss.set(xlabel="epoch", ylabel="loss (the training objective)", title="Loss")
     # From the lowest point, not from 0: a ROC-AUC rising from 0.96 to 0.997 would be a flat
     # line at the top.
-    low = min([v for line in ax_score.get_lines() if line.get_marker() == "o"  # not vlines
+    low = min([v for line in ax_score.get_lines() if line.get_marker() in ("o", "s")  # no vline
                for v in line.get_ydata() if math.isfinite(v)] or [0.0])
     ax_score.set(xlabel="epoch", ylabel="validation metric", title="Validation",
                  ylim=(max(0.0, low - 0.02), 1.005))
