@@ -128,6 +128,12 @@ def test_report_shows_internal_and_external_side_by_side(reported):
     folded = figures[figures.index("<details>"):figures.index("</details>")]
     assert "external: hospital_b" in folded and "test (n=16)" not in folded
     assert 'alt="test (n=16): Confusion matrix' in figures
+    # its counts in words, for a reader who cannot see the figure
+    matrix = json.loads((path.parent / "eval" / "test" / "metrics.json").read_text())[
+        "confusion_matrix"]
+    (tn, fp), (fn, tp) = matrix["counts"]
+    assert (f"true NORMAL: {tn} called NORMAL, {fp} called PNEUMONIA; true PNEUMONIA: {fn} "
+            f"called NORMAL, {tp} called PNEUMONIA") in figures
     assert "shown on request" in folded  # (evaluated without figures)
     # When and by which cxrkit each evaluation was made
     evaluated = " ".join(text[text.index("Evaluated: "):].split("</p>")[0].split())

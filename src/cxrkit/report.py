@@ -595,7 +595,7 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 {% for m in evals %}{% set folded = test and m is not sameas test %}
 {% if folded %}<details><summary>{% endif %}<h3>{{ m.title }}</h3>{% if folded %}
  (shown on request)</summary>{% endif %}
-{% for f in m.figures %}<figure><img alt="{{ m.title }}: {{ f.caption }}"
+{% for f in m.figures %}<figure><img alt="{{ m.title }}: {{ f.alt or f.caption }}"
  src="data:{{ f.mime }};base64,{{ f.data }}"><figcaption>{{ f.caption }}</figcaption></figure>
 {% else %}<p class="missing">No figures.</p>{% endfor %}{% if folded %}</details>{% endif %}
 {% endfor %}
@@ -627,9 +627,22 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 """
 
 
-def _figures(folder: Path) -> list[dict]:
-    return [{"caption": caption, **image} for name, caption in FIGURES
-            if (image := embedded_figure(folder / name))]
+def _figures(folder: Path, metrics: dict) -> list[dict]:
+    return [{"caption": caption, "alt": _alt_text(name, metrics), **image}
+            for name, caption in FIGURES if (image := embedded_figure(folder / name))]
+
+
+def _alt_text(figure: str, metrics: dict) -> str | None:
+    """What a figure shows, in words, where the page does not say it otherwise: the confusion
+    matrix's counts (None: the caption says enough)."""
+    matrix = metrics.get("confusion_matrix")
+    if figure != "confusion_matrix.png" or not matrix:
+        return None
+    labels = matrix["labels"]
+    rows = [f"true {truth}: " + ", ".join(f"{n} called {called}"
+                                          for called, n in zip(labels, row, strict=True))
+            for truth, row in zip(labels, matrix["counts"], strict=True)]
+    return f"Confusion matrix at threshold {matrix['threshold']:.3f}: {'; '.join(rows)}"
 
 
 def as_deployed(variant: dict, metrics: dict) -> dict:
@@ -766,7 +779,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
     calibration = read_calibration(run)
     evals = evaluations(run)
     for m in evals:
-        m["figures"], m["title"] = _figures(m["folder"]), _title(m)
+        m["figures"], m["title"] = _figures(m["folder"], m), _title(m)
         m["current"] = at_calibration(m, calibration)
         if not m["current"]:
             m["notes"] = [*m.get("notes", []), STALE.format(
