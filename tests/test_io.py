@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import zlib
@@ -281,6 +282,56 @@ def test_a_compressed_film_larger_than_its_header_says_is_not_decoded(tmp_path, 
         read_image(compressed)
 
 
+def encapsulated_dicom(path: Path, frame: bytes, rows: int, columns: int, syntax) -> Path:
+    """An 8-bit DICOM holding one compressed `frame`, its header saying rows x columns."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(write_dicom(path, np.zeros((rows, columns))))
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def padded_jpeg(film: Image.Image) -> bytes:
+    """A JPEG with 5 KB of ICC-profile segment before its frame header, as cameras write."""
+    buffer = io.BytesIO()
+    film.save(buffer, "JPEG", quality=95)
+    data = buffer.getvalue()
+    return data[:2] + b"\xff\xe2" + struct.pack(">H", 5002) + bytes(5000) + data[2:]
+
+
+def jp2_file(film: Image.Image) -> bytes:
+    """A JPEG 2000 codestream inside a JP2 file's boxes, as some writers store it."""
+    buffer = io.BytesIO()
+    film.save(buffer, "JPEG2000", irreversible=False)  # PIL writes the JP2 boxes by default
+    assert buffer.getvalue()[4:8] == b"jP  "
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("make, syntax", [(padded_jpeg, "JPEGBaseline8Bit"),
+                                          (jp2_file, "JPEG2000Lossless")])
+def test_the_size_check_reads_past_long_headers_and_inside_jp2_boxes(tmp_path, make, syntax):
+    from pydicom import uid
+
+    film = Image.fromarray(gradient(80, 64), "L")  # 80 wide, 64 high
+    frame = make(film)
+    syntax = getattr(uid, syntax)
+    ok = encapsulated_dicom(tmp_path / "ok.dcm", frame, 64, 80, syntax)
+    assert read_image(ok).size == (80, 64)
+    forged = encapsulated_dicom(tmp_path / "forged.dcm", frame, 32, 40, syntax)
+    with pytest.raises(UnreadableImageError, match=r"its compressed image is 80 x 64 pixels "
+                                                   r"but its header says 40 x 32"):
+        read_image(forged)
+    sizeless = encapsulated_dicom(tmp_path / "sizeless.dcm", b"\xff\xd8\xff\xd9", 64, 80,
+                                  uid.JPEGBaseline8Bit)  # no frame header at all
+    with pytest.raises(UnreadableImageError, match="states no size that can be read"):
+        read_image(sizeless)
+
+
 def test_a_dicom_compressed_beyond_the_decoders_says_how_to_fix_it(tmp_path):
     import pydicom
     from pydicom.encaps import encapsulate
@@ -288,7 +339,9 @@ def test_a_dicom_compressed_beyond_the_decoders_says_how_to_fix_it(tmp_path):
 
     ds = pydicom.dcmread(write_dicom(tmp_path / "film.dcm", dicom_ramp()))
     ds.file_meta.TransferSyntaxUID = JPEGExtended12Bit
-    ds.PixelData = encapsulate([b"\xff\xd8 twelve-bit JPEG \xff\xd9"])
+    rows, columns = dicom_ramp().shape  # a 12-bit frame header (SOF1) of the film's size
+    frame_header = b"\xff\xc1" + struct.pack(">HBHHB3s", 11, 12, rows, columns, 1, b"\1\x11\0")
+    ds.PixelData = encapsulate([b"\xff\xd8" + frame_header + b" twelve-bit JPEG \xff\xd9"])
     ds.save_as(tmp_path / "film.dcm", enforce_file_format=True)
     with pytest.raises(UnreadableImageError, match=r"film\.dcm: its pixels are compressed as "
                        r"JPEG Extended .*; decompress the file first, e\.g\. dcmtk's `dcmdjpeg"):

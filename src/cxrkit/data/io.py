@@ -183,41 +183,77 @@ def _uncompressed_syntax(implicit_vr: bool, little_endian: bool) -> str:
 JPEG_FRAME_MARKERS = frozenset([*range(0xC0, 0xD0)]) - {0xC4, 0xC8, 0xCC} | {0xF7}
 
 
+def _jp2_codestream(frame: bytes) -> bytes | None:
+    """The codestream in a JP2 file's `jp2c` box (DICOM's JPEG 2000 frames are bare
+    codestreams or, from some writers, whole JP2 files)."""
+    at = 0
+    while at + 8 <= len(frame):
+        length, kind = struct.unpack_from(">I4s", frame, at)
+        header = 8
+        if length == 1:  # a 64-bit length follows
+            length, header = struct.unpack_from(">Q", frame, at + 8)[0], 16
+        elif length == 0:  # to the end
+            length = len(frame) - at
+        if kind == b"jp2c":
+            return frame[at + header:at + length]
+        if length < header:
+            return None
+        at += length
+    return None
+
+
 def _codestream_size(frame: bytes) -> tuple[int, int] | None:
-    """(columns, rows) a JPEG, JPEG-LS or JPEG 2000 codestream declares; None if unknown."""
-    if frame.startswith(b"\xff\x4f\xff\x51"):  # J2K: SOC, SIZ: Lsiz Rsiz Xsiz Ysiz XO YO
-        xsiz, ysiz, x0, y0 = struct.unpack_from(">IIII", frame, 8)
-        return xsiz - x0, ysiz - y0
-    if not frame.startswith(b"\xff\xd8"):
+    """(columns, rows) a JPEG, JPEG-LS or JPEG 2000 frame declares; None if it declares none
+    that can be read (a damaged or forged frame)."""
+    try:
+        if frame[4:8] == b"jP  ":  # a JP2 file around the codestream
+            frame = _jp2_codestream(frame) or b""
+        if frame.startswith(b"\xff\x4f\xff\x51"):  # J2K: SOC, SIZ: Lsiz Rsiz Xsiz Ysiz XO YO
+            xsiz, ysiz, x0, y0 = struct.unpack_from(">IIII", frame, 8)
+            return xsiz - x0, ysiz - y0
+        if not frame.startswith(b"\xff\xd8"):
+            return None
+        at = 2  # JPEG: every marker segment up to the frame header, however long the ones before
+        while at + 4 <= len(frame):
+            if frame[at] != 0xFF:
+                return None  # not a marker where one must be
+            marker = frame[at + 1]
+            if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:
+                at += 1 if marker == 0xFF else 2  # a fill byte; markers without a length
+                continue
+            if marker in (0xD9, 0xDA):
+                return None  # the image or a scan ends before any frame header
+            if marker in JPEG_FRAME_MARKERS:  # Lf, P, Y (rows), X (columns)
+                rows, columns = struct.unpack_from(">HH", frame, at + 5)
+                return (columns, rows) if rows else None  # 0 rows: a DNL marker says later
+            at += 2 + struct.unpack_from(">H", frame, at + 2)[0]
+    except struct.error:  # cut short
         return None
-    at = 2
-    while at + 9 <= len(frame) and frame[at] == 0xFF:  # marker segments up to the frame's
-        marker = frame[at + 1]
-        if marker == 0xFF:  # fill byte
-            at += 1
-            continue
-        if marker in JPEG_FRAME_MARKERS:  # Lf, P, Y (rows), X (columns)
-            rows, columns = struct.unpack_from(">HH", frame, at + 5)
-            return (columns, rows) if rows else None  # 0 rows: a DNL marker says later
-        at += 2 + struct.unpack_from(">H", frame, at + 2)[0]
     return None
 
 
 def _refuse_another_size(path: Path, ds, frames: int, columns: int, rows: int) -> None:
     """A compressed film must be the size its header says: decoders allocate what the
     codestream declares, so a few hundred KB declaring 30000 x 30000 took GBs before any
-    check (the header's size is the one checked against MAX_PIXELS)."""
+    check (the header's size is the one checked against MAX_PIXELS). JPEG, JPEG-LS and JPEG
+    2000 frames whose size cannot be read are refused too; RLE's decoder goes by the header."""
     from pydicom.encaps import generate_frames
+    from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
 
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax not in (*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes, *JPEG2000TransferSyntaxes):
+        return
     try:
         first = next(generate_frames(ds.PixelData, number_of_frames=frames))
     except Exception:  # damaged encapsulation: the decoder says so, with its own words
         return
-    size = _codestream_size(first[:4096])
-    if size is not None and size != (columns, rows):
-        raise UnreadableImageError(path, f"its compressed image is {size[0]} x {size[1]} "
-                                         f"pixels but its header says {columns} x {rows}: a "
-                                         "damaged or forged file; not decoded")
+    size = _codestream_size(first)
+    if size != (columns, rows):
+        found = "states no size that can be read" if size is None else \
+            f"is {size[0]} x {size[1]} pixels"
+        raise UnreadableImageError(path, f"its compressed image {found} but its header says "
+                                         f"{columns} x {rows}: a damaged or forged file; not "
+                                         "decoded")
 
 
 def _read_dicom(path: Path) -> Image.Image:
