@@ -116,6 +116,21 @@ def test_an_onnx_export_predicts_and_serves_without_importing_pytorch(
     assert eager[-2].error and eager[-1].warning  # both kinds were there to compare
 
 
+def test_the_onnx_path_reads_a_lazy_image_on_several_threads_and_checks_its_arguments(
+        lite0_predictors, generated_films):
+    """One not-yet-loaded PIL image passed several times, read by 4 threads: each copy is
+    read (two threads loading one lazy image at once failed in one of them)."""
+    eager, onnx_export = lite0_predictors
+    for film in generated_films:
+        lazy = Image.open(film)
+        predictions = onnx_export.predict([lazy] * 8, batch_size=8, num_workers=4)
+        assert all(p.ok for p in predictions), [p.error for p in predictions]
+    for predictor in (eager, onnx_export):
+        for batch_size, num_workers in ((0, 0), (-3, 0), (2, -1)):
+            with pytest.raises(ValueError, match=r"a batch holds 1 film or more"):
+                predictor.predict(generated_films, batch_size, num_workers=num_workers)
+
+
 def test_export_folder_is_self_describing(lite0_export):
     folder = lite0_export / "export"
     model = onnx.load(str(folder / "model.onnx"))

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -222,18 +223,33 @@ def test_pages_of_other_sites_and_other_host_names_are_refused(server, films):
         f"{server}/model", headers={"Host": "attacker.example"}, timeout=30).json()["detail"]
 
 
-def test_films_are_decoded_and_scored_on_one_thread(trained_run, films):
+@pytest.fixture(scope="module")
+def onnx_export(trained_run, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("export")
+    model = load_model(trained_run)
+    export_onnx(model, folder / "model.onnx", dynamo=False)  # the quick exporter
+    write_sidecar(folder, sidecar_entries(model.spec, Calibration(threshold=0.3)))
+    return folder
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_films_are_decoded_and_scored_on_one_thread(trained_run, onnx_export, films,
+                                                     monkeypatch, backend):
     """Each thread keeps its own malloc arena: decoding films on the 40 request threads would
     keep up to 40 films' peak memory, so every request's work runs on one."""
-    app = create_app(trained_run, hosts=None)  # any host name: a server others reach
-    predictor, threads = app.state.predictor, set()
-    score = predictor.predict
+    from cxrkit import inference, onnx_backend
 
-    def predict_noting_the_thread(*args, **kwargs):
-        threads.add(threading.current_thread().name)
-        return score(*args, **kwargs)
+    threads = set()
+    for module in (inference, onnx_backend):  # where each backend reads its films
+        read = module.read_for_model
 
-    predictor.predict = predict_noting_the_thread
+        def reading_noting_the_thread(*args, read=read, **kwargs):
+            threads.add(threading.current_thread().name)
+            return read(*args, **kwargs)
+
+        monkeypatch.setattr(module, "read_for_model", reading_noting_the_thread)
+    app = create_app(trained_run if backend == "torch" else onnx_export,
+                     hosts=None)  # any host name: a server others reach
     content = films["normal.png"].read_bytes()
     with running_server(app) as url, ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda _: post(url, "normal.png", content), range(16)))
@@ -242,12 +258,9 @@ def test_films_are_decoded_and_scored_on_one_thread(trained_run, films):
     assert len(threads) == 1 and threads.pop().startswith("cxr-model")
 
 
-def test_an_onnx_export_is_served_without_gradcam(trained_run, films, tmp_path):
-    model = load_model(trained_run)
-    export_onnx(model, tmp_path / "model.onnx", dynamo=False)  # the quick exporter
-    write_sidecar(tmp_path, sidecar_entries(model.spec, Calibration(threshold=0.3)))
-    [expected] = predict(tmp_path, [films["normal.png"]])
-    with running_server(create_app(tmp_path)) as url:
+def test_an_onnx_export_is_served_without_gradcam(onnx_export, films):
+    [expected] = predict(onnx_export, [films["normal.png"]])
+    with running_server(create_app(onnx_export)) as url:
         info = requests.get(f"{url}/model", timeout=10).json()
         assert (info["backend"], info["gradcam"], info["threshold"]) == ("onnx", False, 0.3)
         body = post(url, "normal.png", films["normal.png"].read_bytes()).json()

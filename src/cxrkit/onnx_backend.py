@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from cxrkit.data.io import Failure, Film, film_name, read_for_model
 from cxrkit.runs import Calibration, finite_logits
@@ -85,18 +87,22 @@ def onnx_logits(model: OnnxClassifier, paths: Sequence[Film], batch_size: int = 
                 num_workers: int = 0,
                 doubts: dict[int, str] | None = None) -> tuple[np.ndarray, list[Failure]]:
     """Logits [N, C] for `paths` (NaN rows for unreadable files) and the failures; films read
-    by `num_workers` threads (decoders release the GIL); `doubts`, when given, is filled as
-    `cxrkit.inference.predict_logits` fills it."""
+    on this thread, or by `num_workers` threads (decoders release the GIL) when it is 2 or
+    more; `doubts`, when given, is filled as `cxrkit.inference.predict_logits` fills it."""
     spec = model.spec
     read = partial(read_for_model, size=spec.input_size, equalize=spec.equalize,
                    doubts=doubts is not None)
+    for film in paths:  # a lazy PIL image, loaded by two threads at once, fails in one
+        if isinstance(film, Image.Image):
+            film.load()
     logits = np.full((len(paths), spec.num_classes), np.nan, dtype=np.float32)
     failures: list[Failure] = []
-    with ThreadPoolExecutor(max(num_workers, 1)) as pool:
+    with ThreadPoolExecutor(num_workers) if num_workers > 1 else nullcontext() as pool:
         for start in range(0, len(paths), batch_size):  # a batch read at a time: bounded memory
             indices = range(start, min(start + batch_size, len(paths)))
+            batch_films = [paths[i] for i in indices]
+            films = pool.map(read, batch_films) if pool else map(read, batch_films)
             readable, batch = [], []
-            films = pool.map(read, [paths[i] for i in indices])
             for i, (pixels, reason, doubt) in zip(indices, films, strict=True):
                 if pixels is None:
                     failures.append(Failure(film_name(paths[i], i), reason))

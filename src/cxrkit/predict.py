@@ -236,6 +236,9 @@ class Predictor:
                 threshold: float | None = None, num_workers: int = 0) -> list[Prediction]:
         """One Prediction per path, in order; unreadable files carry their `error`, doubtful
         ones (thumbnails, strips, blank images) a `warning`."""
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"batch_size {batch_size}, num_workers {num_workers}: a batch "
+                             "holds 1 film or more, and 0 workers read on this thread")
         paths = film_list(paths)
         names = [film_name(film, i) for i, film in enumerate(paths)]
         self.follow_calibration()
