@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from typer.testing import CliRunner
 
 from cxrkit.cli import app
@@ -258,6 +258,29 @@ def test_ctrl_c_stops_after_its_step_and_the_resumed_run_is_the_uninterrupted_on
     assert train(resume=run) == run and (run / "stages.json").read_text() == stages
 
 
+def test_a_stop_in_an_epochs_last_batch_resumes_into_its_validation(tiny_kaggle, tmp_path,
+                                                                     monkeypatch):
+    """A step checkpoint that falls on an epoch's last batch (10 steps an epoch, one every
+    10) would resume with that epoch counted as done: its validation never run, its mean
+    loss never logged. Stopped there (Ctrl+C, so during that validation), the resumed run is
+    still the uninterrupted one, epoch for epoch."""
+    from cxrkit.config import TrainConfig
+    from cxrkit.training import train
+
+    config = TrainConfig.preset("scratch", data=str(tiny_kaggle), overrides={
+        "model.name": "simple_cnn", "model.pretrained": False, "model.input_size": 32,
+        "data.batch_size": 4, "data.num_workers": 0, "data.cache_dir": str(tmp_path / "cache"),
+        "trainer.progress_bar": False, "trainer.log_every_n_steps": 1,
+        "trainer.checkpoint_every_n_steps": 10, "trainer.early_stopping_patience": None,
+        "stages.0.epochs": 3, "runs_dir": str(tmp_path / "runs"), "name": "stopped"})
+    interrupt_at_step(config, 19, monkeypatch)  # the last batch of the second epoch
+    run = train(resume=tmp_path / "runs" / "stopped")
+    reference = train(config.updated({"name": "reference"}))
+    for name in ("val_loss", "train_loss_epoch"):
+        assert len(column(reference, name)) == 3
+        assert column(run, name) == column(reference, name), name
+
+
 def interrupt_at_step(config, step: int, monkeypatch) -> None:
     """Train `config` with a real Ctrl+C in the middle of training step `step`."""
     from cxrkit.training import TrainingInterrupted, fit, train
@@ -315,35 +338,46 @@ class Killed(BaseException):
     """The process dies here: no handler runs, nothing more is written (as with SIGKILL)."""
 
 
-class KillAtEpoch(Callback):
-    def __init__(self, stage: str, epoch: int):
-        self.stage, self.epoch = stage, epoch
+class KillOnceBestIsOfStage(Checkpoint):
+    """Dies at an epoch's end between best.ckpt's save and last.ckpt's, once best.ckpt holds
+    `stage`'s weights (a Checkpoint: Lightning runs those in their order, after the rest)."""
 
-    def on_train_epoch_start(self, trainer, pl_module):
-        if pl_module.stage.name == self.stage and trainer.current_epoch == self.epoch:
+    def __init__(self, run: Path, stage: str):
+        self.run, self.stage = run, stage
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        best = checkpoint(self.run / "best.ckpt")
+        if best and best["hyper_parameters"]["stage"]["name"] == self.stage:
             raise Killed
 
 
 def test_a_later_stage_killed_before_its_own_last_ckpt_starts_again_from_its_start(
         tiny_kaggle, tmp_path, monkeypatch):
-    """Killed in stage 2 after one of its validations rewrote best.ckpt but before any step
-    checkpoint of its own: the resume trains stage 2 again from the best of stage 1, not
-    from the killed attempt's weights that best.ckpt then held."""
+    """Killed in stage 2 after its first validation rewrote best.ckpt but before last.ckpt
+    of its own (at that epoch's end, between the two saves): the resume trains stage 2 again
+    from the best of stage 1, not from the killed attempt's weights best.ckpt then held."""
     import cxrkit.training.fit
     from cxrkit.training import train
     from tests.test_training import tiny_config
 
-    settings = {"stages.0.epochs": 1, "stages.1.epochs": 3, "stages.1.lr": 3e-3,
-                "trainer.monitor": "val_loss", "trainer.checkpoint_every_n_steps": 1000}
+    # a head that learns nearly nothing: the first fine-tuning epoch already beats it, and
+    # its end is where the kill can fall between best.ckpt's save and last.ckpt's
+    settings = {"stages.0.epochs": 1, "stages.0.lr": 1e-5, "stages.1.epochs": 3,
+                "stages.1.lr": 2e-3, "trainer.monitor": "val_loss",
+                "trainer.checkpoint_every_n_steps": 1000}
     uninterrupted = train(tiny_config(tiny_kaggle, tmp_path, "finetune", name="whole",
                                       **settings))
-    real_callbacks = cxrkit.training.fit.make_callbacks
-    monkeypatch.setattr(cxrkit.training.fit, "make_callbacks", lambda *a, **k: [
-        *real_callbacks(*a, **k), KillAtEpoch("finetune", 2)])
     config = tiny_config(tiny_kaggle, tmp_path, "finetune", name="killed", **settings)
+    killed = Path(config.runs_dir) / "killed"
+    real_callbacks = cxrkit.training.fit.make_callbacks
+
+    def with_a_kill(*args, **kwargs):  # between best_checkpoint (first) and last.ckpt's
+        best, *rest = real_callbacks(*args, **kwargs)
+        return [best, KillOnceBestIsOfStage(killed, "finetune"), *rest]
+
+    monkeypatch.setattr(cxrkit.training.fit, "make_callbacks", with_a_kill)
     with pytest.raises(Killed):
         train(config)
-    killed = Path(config.runs_dir) / "killed"
     stage = {name: checkpoint(killed / name)["hyper_parameters"]["stage"]["name"]
              for name in ("best.ckpt", "last.ckpt")}
     assert stage == {"best.ckpt": "finetune", "last.ckpt": "head"}  # the case in question

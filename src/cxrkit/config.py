@@ -171,7 +171,7 @@ class TrainerConfig:
     deterministic: bool = False
     monitor: str = "val_roc_auc"  # selects best.ckpt and drives early stopping
     early_stopping_patience: int | None = 5  # epochs without improvement; None: off
-    checkpoint_every_n_steps: int = 50  # last.ckpt, so a killed run loses little
+    checkpoint_every_n_steps: int = 50  # last.ckpt (and at epoch ends): a kill loses little
     log_every_n_steps: int = 10
     gradient_clip_val: float | None = None
     accumulate_grad_batches: int = 1

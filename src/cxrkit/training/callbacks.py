@@ -125,7 +125,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class RunFolderCheckpoint(ModelCheckpoint):
     """A ModelCheckpoint whose saved state follows the run folder: Lightning drops the best
     score it restores when the folder's path changed (a run copied or moved before it is
-    resumed), and the next epoch, however worse, would then replace best.ckpt."""
+    resumed), and the next epoch, however worse, would then replace best.ckpt.
+
+    Its step checkpoints (last.ckpt) are never of an epoch's last batch: resumed from there,
+    Lightning counts the epoch done and never validates it (nor logs its mean loss). The
+    epoch's end is saved once it has been validated instead."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self.save_last:
+            trainer.save_checkpoint(Path(self.dirpath) / LAST)
 
     @property
     def state_key(self) -> str:

@@ -173,11 +173,14 @@ class ClassifierModule(LightningModule):
     def on_fit_start(self) -> None:
         self.train()  # Lightning keeps the modes it finds: set them, frozen norms in eval
 
-    def on_train_epoch_start(self) -> None:
-        # Lightning skips this hook when a resumed run re-enters an epoch part way: the sums
-        # then come from the checkpoint, so the epoch's mean loss covers all of its steps
-        # (Lightning's own epoch means are not checkpointed and would cover only the rest).
-        self.epoch_loss_sum, self.epoch_images = 0.0, 0
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # An epoch's first batch starts its sums. A run resumed part way through an epoch
+        # starts at a later batch and has its sums from the checkpoint, so the epoch's mean
+        # loss covers all of its steps (Lightning's own epoch means are not checkpointed and
+        # would cover only the rest). (Not on_train_epoch_start: Lightning skips it on some
+        # resumes.)
+        if batch_idx == 0:
+            self.epoch_loss_sum, self.epoch_images = 0.0, 0
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["train_epoch_loss"] = [float(self.epoch_loss_sum), self.epoch_images]
