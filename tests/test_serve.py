@@ -24,6 +24,7 @@ from cxrkit.export import export_onnx, sidecar_entries, write_sidecar
 from cxrkit.predict import predict
 from cxrkit.runs import Calibration, load_model, write_calibration
 from cxrkit.serve import create_app
+from cxrkit.serve.app import LOOPBACK_HOSTS
 from tests.conftest import running_server, synthetic_film
 from tests.test_io import tiny_png_claiming, write_dicom
 
@@ -221,6 +222,56 @@ def test_pages_of_other_sites_and_other_host_names_are_refused(server, films):
         assert answer.status_code == status, (host, answer.text)
     assert "answers requests for 127.0.0.1" in requests.get(
         f"{server}/model", headers={"Host": "attacker.example"}, timeout=30).json()["detail"]
+
+
+def test_host_and_origin_checks_follow_names_ports_and_a_reverse_proxy(onnx_export, films):
+    """Names compare without case, a left-out port is the scheme's default, every 127.x
+    address is loopback; behind a proxy, --allowed-host and --allowed-origin let it through."""
+    files = {"file": ("normal.png", films["normal.png"].read_bytes())}
+
+    def status(url, host=None, origin=None):
+        headers = {k: v for k, v in (("Host", host), ("Origin", origin)) if v}
+        return requests.post(f"{url}/predict", files=files, headers=headers,
+                             timeout=30).status_code
+
+    with running_server(create_app(onnx_export)) as url:  # loopback, as `cxr serve` binds
+        port = urlsplit(url).port
+        assert status(url, f"LOCALHOST:{port}", f"http://localhost:{port}") == 200
+        assert status(url, "127.0.0.1:80", "http://127.0.0.1") == 200  # default port
+        assert status(url, f"127.0.1.1:{port}") == 200  # Debian's name for this machine
+        assert status(url, "xray.example.org", "https://xray.example.org") == 403
+        assert status(url, f"127.0.0.1:{port}", "https://xray.example.org") == 403
+        assert status(url, f"127.0.0.1:{port}", "null") == 403  # a sandboxed page
+    proxied = create_app(onnx_export, hosts=[*LOOPBACK_HOSTS, "xray.example.org"],
+                         origins=["https://xray.example.org"])
+    with running_server(proxied) as url:
+        port = urlsplit(url).port
+        assert status(url, "xray.example.org", "https://xray.example.org") == 200  # Host kept
+        assert status(url, f"127.0.0.1:{port}", "https://xray.example.org") == 200  # nginx
+        assert status(url, "elsewhere.example", "https://xray.example.org") == 403
+        assert status(url, f"127.0.0.1:{port}", "https://evil.example") == 403
+
+
+def test_serve_behind_a_proxy_from_the_command_line(onnx_export, films, monkeypatch):
+    """`cxr serve --allowed-host/--allowed-origin` reach the app it serves."""
+    import uvicorn
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app, **kwargs))
+    with socket.socket() as probe:  # a port free now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = CliRunner().invoke(app, [
+        "serve", str(onnx_export), "--port", str(port), "--allowed-host", "xray.example.org",
+        "--allowed-origin", "https://xray.example.org"])
+    assert result.exit_code == 0, result.output
+    assert served["host"] == "127.0.0.1" and "warning" not in result.output
+    files = {"file": ("normal.png", films["normal.png"].read_bytes())}
+    with running_server(served["app"]) as url:
+        for host, status in (("xray.example.org", 200), ("elsewhere.example", 403)):
+            answer = requests.post(f"{url}/predict", files=files, timeout=30, headers={
+                "Host": host, "Origin": "https://xray.example.org"})
+            assert answer.status_code == status, (host, answer.text)
 
 
 @pytest.fixture(scope="module")

@@ -166,21 +166,31 @@ def serve_command(
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.1,
                                         help="Larger uploads get 413."),
     backend: str | None = typer.Option(None, "--backend", help="torch or onnx"),
+    allowed_hosts: list[str] = typer.Option(
+        [], "--allowed-host", help="A host name requests may be addressed to (repeat it): "
+        "behind a reverse proxy that passes its public name on. Bound to 127.0.0.1 the "
+        "server answers only requests for itself; on another interface any host name."),
+    allowed_origins: list[str] = typer.Option(
+        [], "--allowed-origin", help="Another site whose pages may send films (repeat it), "
+        "e.g. https://xray.example.org behind a proxy that sends its own Host."),
 ) -> None:
     """A web page to try the model, and a JSON API (POST /predict; schema at /docs)."""
     if problem := port_problem(host, port):  # before seconds of imports and model loading
         fail(problem)
     import uvicorn
 
-    from cxrkit.serve.app import LOOPBACK_HOSTS, create_app
+    from cxrkit.serve.app import LOOPBACK_HOSTS, create_app, is_loopback
 
+    # On a loopback address: requests addressed to it (or --allowed-host) only; on another
+    # interface, any host name unless --allowed-host names them (`SameSiteOnly`).
+    hosts = ([*LOOPBACK_HOSTS, *allowed_hosts] if is_loopback(host)
+             else allowed_hosts or None)
     try:
-        # on a loopback address: requests addressed to it only (`SameSiteOnly`)
-        web_app = create_app(model, backend, max_upload_mb,
-                             hosts=LOOPBACK_HOSTS if host in LOOPBACK_HOSTS else None)
+        web_app = create_app(model, backend, max_upload_mb, hosts=hosts,
+                             origins=allowed_origins)
     except USER_ERRORS as e:
         fail(str(e))
-    if host not in LOOPBACK_HOSTS:
+    if not is_loopback(host):
         console.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach this "
                       "machine can send images; there is no authentication.")
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # "all interfaces": not a URL

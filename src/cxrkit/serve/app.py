@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import io
+import ipaddress
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -122,17 +123,22 @@ class UploadLimit:
         await self.app(scope, limited_receive, send)
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")  # and any other 127.x.y.z address
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class SameSiteOnly:
     """ASGI middleware against other web pages. A browser lets any page POST a form to
     127.0.0.1 (no preflight needed), and a page can rebind its own DNS name to this server.
     So 403 for a POST whose Origin is another site than the one it is sent to (curl and
-    scripts send no Origin), and, given `hosts`, for a Host header naming another host."""
+    scripts send no Origin) unless it is one of `origins`, and, given `hosts`, for a Host
+    header naming another host. Behind a reverse proxy: `hosts` the public name the proxy
+    passes on, `origins` the public site when the proxy sends its own Host instead."""
 
-    def __init__(self, app, hosts: Sequence[str] | None):
-        self.app, self.hosts = app, hosts
+    def __init__(self, app, hosts: Sequence[str] | None, origins: Sequence[str] = ()):
+        self.app = app
+        self.hosts = None if hosts is None else {_normal(h) for h in hosts}
+        self.origins = {o.lower().rstrip("/") for o in origins}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -141,24 +147,60 @@ class SameSiteOnly:
         host = headers.get(b"host", b"").decode("latin-1")
         origin = headers.get(b"origin", b"").decode("latin-1")
         problem = None
-        if self.hosts is not None and _host_name(host) not in self.hosts:
-            problem = (f"this server answers requests for {', '.join(self.hosts)} only, not "
-                       f"{host!r}: open it as http://127.0.0.1:PORT/ (`cxr serve --host` sets "
-                       "what it listens on)")
+        if self.hosts is not None and not _host_allowed(_split_host(host)[0], self.hosts):
+            problem = (f"this server answers requests for {', '.join(sorted(self.hosts))} "
+                       f"only, not {host!r}: open it as http://127.0.0.1:PORT/, or behind a "
+                       "proxy start it with `cxr serve --allowed-host NAME`")
         elif origin and scope["method"] not in ("GET", "HEAD") and \
-                urlsplit(origin).netloc.lower() != host.lower():
+                origin.lower().rstrip("/") not in self.origins and not _same_site(origin, host):
             problem = (f"a page from {origin} may not send films to this server; use its own "
-                       "page, or a client that sends no Origin (curl, Python)")
+                       "page, a client that sends no Origin (curl, Python), or behind a proxy "
+                       "start it with `cxr serve --allowed-origin ORIGIN`")
         if problem:
             return await JSONResponse({"detail": problem}, status_code=403)(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
-def _host_name(host: str) -> str:
-    """'127.0.0.1:8000' -> '127.0.0.1'; '[::1]:8000' -> '::1'."""
-    if host.startswith("["):
-        return host[1:host.find("]")]
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+def _normal(name: str) -> str:
+    """Host names compare without case or a trailing dot (LOCALHOST, localhost.)."""
+    return name.lower().rstrip(".")
+
+
+def _split_host(host: str) -> tuple[str, int | None]:
+    """'127.0.0.1:8000' -> ('127.0.0.1', 8000); '[::1]' -> ('::1', None)."""
+    parts = urlsplit(f"//{host}")
+    try:
+        port = parts.port
+    except ValueError:  # not a number
+        port = None
+    return _normal(parts.hostname or ""), port
+
+
+def is_loopback(name: str) -> bool:
+    """localhost, 127.x.y.z, ::1 (and ::ffff:127.x.y.z)."""
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return name == "localhost"
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return (mapped or address).is_loopback
+
+
+def _host_allowed(name: str, hosts: set[str]) -> bool:
+    return name in hosts or (is_loopback(name) and any(is_loopback(h) for h in hosts))
+
+
+def _same_site(origin: str, host: str) -> bool:
+    """Whether a page at `origin` is this server as addressed by `host`; a port left out is
+    its scheme's default on either side."""
+    page = urlsplit(origin.lower())
+    default = DEFAULT_PORTS.get(page.scheme)
+    try:
+        page_port = page.port or default
+    except ValueError:
+        return False
+    name, port = _split_host(host)
+    return _normal(page.hostname or "") == name and page_port == (port or default)
 
 
 async def _validation_problem(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -177,10 +219,12 @@ def _png_base64(image) -> str:
 
 def create_app(model_path: str | Path, backend: str | None = None,
                max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-               hosts: Sequence[str] | None = LOOPBACK_HOSTS) -> FastAPI:
+               hosts: Sequence[str] | None = LOOPBACK_HOSTS,
+               origins: Sequence[str] = ()) -> FastAPI:
     """The web app for one model (a run folder or an ONNX export folder), loaded once.
     `hosts`: the host names requests may be addressed to (None: any, for a server other
-    machines reach by names this one cannot know)."""
+    machines reach by names this one cannot know); `origins`: other sites whose pages may
+    POST to it (a reverse proxy's public site). See `SameSiteOnly`."""
     predictor = Predictor.load(model_path, backend)
     # Films are decoded and scored on one thread: each thread keeps its own malloc arena,
     # so a decode spread over the 40 request threads would keep up to 40 films' peak memory.
@@ -191,7 +235,7 @@ def create_app(model_path: str | Path, backend: str | None = None,
                          description="Chest X-ray classification. " + HOW_TO_POST)
     app.state.predictor = predictor  # the loaded model, for an application that embeds this
     app.add_middleware(UploadLimit, max_bytes=int(max_upload_mb * 2**20))
-    app.add_middleware(SameSiteOnly, hosts=hosts)  # added last: runs first
+    app.add_middleware(SameSiteOnly, hosts=hosts, origins=origins)  # added last: runs first
     app.add_exception_handler(RequestValidationError, _validation_problem)
     errors = {code: {"model": Problem} for code in (400, 413, 415, 422)}
 
