@@ -150,6 +150,22 @@ def test_test_labels_never_influence_threshold_or_temperature(evaluated, trained
     assert other["roc_auc"]["value"] == pytest.approx(1 - metrics["roc_auc"]["value"])
 
 
+def test_a_patient_id_a_spreadsheet_would_run_is_written_as_text(trained_run, tmp_path):
+    """A manifest's free-text patient column (`=HYPERLINK(...)`) must not become a formula
+    in eval/<split>/predictions.csv; the paired comparison still reads it back."""
+    from cxrkit.evaluation.paired import read_scored
+
+    run = copy_run(trained_run, tmp_path)
+    samples = [replace(s, patient_id="=HYPERLINK(\"http://evil.example\")")
+               if s.split == "test" else s for s in read_manifest(run / "split.csv")]
+    write_manifest(samples, run / "split.csv")
+    out = evaluate_run(run, bootstrap=0, figures=False, device="cpu")
+    with open(out / "predictions.csv", newline="") as f:
+        ids = {row["patient_id"] for row in csv.DictReader(f)}
+    assert ids == {"'=HYPERLINK(\"http://evil.example\")"}
+    assert len(read_scored(out).groups) == len(samples) - sum(s.split != "test" for s in samples)
+
+
 def test_target_sensitivity_threshold_is_deployed(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path)
     out = evaluate_run(run, target_sensitivity=1.0, bootstrap=0, figures=False,

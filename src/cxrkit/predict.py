@@ -39,6 +39,7 @@ from cxrkit.data.io import (
     film_list,
     film_name,
     read_image,
+    spreadsheet_text,
 )
 from cxrkit.data.layout import images_under, unrecognised_under
 from cxrkit.labels import positive_label
@@ -386,16 +387,6 @@ def predict(model_path: str | Path, paths: Film | Iterable[Film],
     return predictions
 
 
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def _as_text(cell: str) -> str:
-    """A file name such as `=HYPERLINK(...).jpeg` (files given by bare name) would run as a
-    formula where the CSV is opened in a spreadsheet: such cells start with ' (OWASP's rule),
-    which spreadsheets show as text. The JSON output keeps every name as it is."""
-    return f"'{cell}" if cell.startswith(FORMULA_STARTS) else cell
-
-
 def write_predictions(predictions: Sequence[Prediction], path: str | Path) -> Path:
     """CSV (one column per class probability) or JSON, by the file's suffix."""
     path = Path(path)
@@ -412,7 +403,7 @@ def write_predictions(predictions: Sequence[Prediction], path: str | Path) -> Pa
                          "warning", "cam"])
         for p in predictions:
             probs = [f"{p.probabilities[k]:.6f}" if k in p.probabilities else "" for k in labels]
-            writer.writerow([_as_text(p.path), _as_text(p.label or ""), *probs,
+            writer.writerow([spreadsheet_text(p.path), spreadsheet_text(p.label or ""), *probs,
                              "" if p.threshold is None else p.threshold,
-                             *map(_as_text, (p.error or "", p.warning or "", p.cam or ""))])
+                             *map(spreadsheet_text, (p.error or "", p.warning or "", p.cam or ""))])
     return path

@@ -110,6 +110,16 @@ def written_whole(path: Path) -> Iterator[Path]:
         partial.unlink(missing_ok=True)
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_text(cell: str) -> str:
+    """A CSV cell from a file or a manifest (a name such as `=HYPERLINK(...).jpeg`) that a
+    spreadsheet would run as a formula, started with ' (OWASP's rule): shown as text. JSON
+    outputs keep such names as they are."""
+    return f"'{cell}" if cell.startswith(FORMULA_STARTS) else cell
+
+
 def is_image_file(path: str | Path) -> bool:
     """A supported suffix; or no suffix (or a numeric one, as in UIDs) and the magic bytes
     of DICOM, JPEG or PNG: PACS exports often name files `IM0001` or

@@ -46,7 +46,7 @@ from PIL import Image
 from cxrkit import __version__
 from cxrkit.adapt import adaptation_note, source_calibration_options
 from cxrkit.data.dataset import load_prepared
-from cxrkit.data.io import READER_VERSION, Failure, file_stamp, written_whole
+from cxrkit.data.io import READER_VERSION, Failure, file_stamp, spreadsheet_text, written_whole
 from cxrkit.data.layout import Sample, load_source, refuse_conflicting_rows
 from cxrkit.data.patients import has_parsed_patient, kermany_subtype
 from cxrkit.data.split import read_manifest, test_patients_seen_in_training
@@ -561,7 +561,8 @@ def write_predictions(path: Path, scored: Scored, probs: np.ndarray, predicted: 
         w = csv.writer(f)
         w.writerow(columns)
         for i, s in enumerate(scored.samples):
-            row = [s.path, s.patient_id, labels[scored.y[i]], labels[predicted[i]],
+            row = [spreadsheet_text(s.path), spreadsheet_text(s.patient_id),
+                   labels[scored.y[i]], labels[predicted[i]],
                    int(predicted[i] == scored.y[i]), *(f"{v:.9g}" for v in probs[i]),
                    *(f"{v:.9g}" for v in scored.logits[i])]
             if tta_probs is not None:
