@@ -179,7 +179,7 @@ def test_outputs_json_figures_and_one_self_contained_html(audited):
     assert "Files found, the 2 unreadable ones included" in page  # the counts say what they count
 
 
-def test_an_audit_is_current_until_the_data_or_its_pages_change(tmp_path):
+def test_an_audit_is_current_until_the_data_or_its_pages_change(tmp_path, monkeypatch):
     """`cxr run` on a run it audited skips the audit only while it would find the same."""
     data = make_kaggle_tree(tmp_path / "data", {"train": 4, "test": 2})
     out = tmp_path / "audit"
@@ -203,6 +203,14 @@ def test_an_audit_is_current_until_the_data_or_its_pages_change(tmp_path):
     assert not audit_is_current(out, data)
     audit_dataset(data, out)
     (out / "audit.html").unlink()
+    assert not audit_is_current(out, data)
+    audit_dataset(data, out)
+    (data / "__MACOSX").mkdir()  # the zip's junk: a new audit notes it ignored it
+    assert not audit_is_current(out, data)
+    audit_dataset(data, out, figures=False)  # `cxr run` audits with figures
+    assert not audit_is_current(out, data)
+    audit_dataset(data, out)
+    monkeypatch.setenv("CXRKIT_FIGURE_FORMATS", "svg")  # figures also as vector files
     assert not audit_is_current(out, data)
 
 

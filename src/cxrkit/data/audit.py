@@ -37,6 +37,7 @@ from cxrkit.data.io import PIL_FORMATS, UnreadableImageError, film_doubt, read_i
 from cxrkit.data.layout import DataSource, Sample, load_source
 from cxrkit.data.patients import SUBTYPE_PATTERN, kermany_subtype
 from cxrkit.data.split import shared_patients
+from cxrkit.plots import extra_formats
 
 if TYPE_CHECKING:
     from cxrkit.models import ModelSpec
@@ -204,11 +205,16 @@ def scan_images(paths: list[str], preview: Collection[str] = (), preview_size: i
         return list(pool.map(_inspect_job, jobs, chunksize=64))
 
 
-def audit_fingerprint(source: DataSource, spec: ModelSpec, near_threshold: int) -> str:
+def audit_fingerprint(source: DataSource, spec: ModelSpec, near_threshold: int,
+                      figures: bool = True) -> str:
     """What an audit's findings depend on: each film's path, split, label, patient, size and
-    modification time, the model's input (the previews), the threshold and cxrkit's version."""
-    digest = hashlib.sha256(json.dumps([__version__, spec.to_dict(), near_threshold,
-                                        str(source.root), source.layout]).encode())
+    modification time (not its bytes: a film rewritten within the same size and time looks
+    the same, as to the logits cache), the data's own notes (folders ignored, rows
+    repeated), the model's input (the previews), the threshold, the figures and their
+    formats, and cxrkit's version."""
+    digest = hashlib.sha256(json.dumps([
+        __version__, spec.to_dict(), near_threshold, str(source.root), source.layout,
+        source.notes, figures, extra_formats() if figures else []]).encode())
     for s in source.samples:
         try:
             stat = os.stat(s.path)
@@ -409,7 +415,7 @@ def audit_dataset(data_path: str | Path, out_dir: str | Path, patient_pattern: s
     source = load_source(data_path, patient_pattern)
     spec = spec or default_spec()
     samples = source.samples
-    fingerprint = audit_fingerprint(source, spec, near_threshold)
+    fingerprint = audit_fingerprint(source, spec, near_threshold, figures)
     facts = scan_images([s.path for s in samples], _preview_paths(source), spec.input_size,
                         workers)
     ok = [f for f in facts if not f.error]
