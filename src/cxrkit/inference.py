@@ -1,7 +1,8 @@
-"""Batched inference over image files: the one path every consumer shares.
+"""Batched inference over image files with a PyTorch model.
 
-evaluation (metrics on a split), predict (files from the command line) and the
-web server all turn files into logits here, with the model's own preprocessing.
+Evaluation (metrics on a split), predict and the web server (with a run folder) turn
+files into logits here; an ONNX export goes through `cxrkit.onnx_backend` instead, without
+PyTorch. Both read and resize films with `cxrkit.data.io.read_for_model`.
 """
 
 from __future__ import annotations

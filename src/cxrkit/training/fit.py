@@ -96,8 +96,8 @@ EXPECTED_WARNINGS = (r"Checkpoint directory .* exists and is not empty",
                      r"Found \d+ module\(s\) in eval mode",
                      r".*isinstance\(treespec, LeafSpec\)",
                      r"You're using the WeightAveraging callback with a model that overrides",
-                     # DDP: epoch means of this process's steps, by choice (an all-reduce on
-                     # every step would cost more than these numbers are worth)
+                     # DDP: each process's epoch means, logged by rank 0 (its own films;
+                     # a resumed run gives every rank rank 0's sums, which only it logs)
                      r"It is recommended to use `self.log\('(train_loss_epoch|epoch_seconds|"
                      r"train_images_per_s)', \.\.\., sync_dist=True\)`")
 
