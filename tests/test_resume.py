@@ -208,12 +208,7 @@ def test_ctrl_c_stops_after_its_step_and_the_resumed_run_is_the_uninterrupted_on
     from cxrkit.training import fit, train
 
     data = shutil.copytree(tiny_kaggle, tmp_path / "data")  # moved below
-    config = TrainConfig.preset("scratch", data=str(data), overrides={
-        "model.name": "simple_cnn", "model.pretrained": False, "model.input_size": 32,
-        "data.batch_size": 4, "data.num_workers": 0, "data.cache_dir": str(tmp_path / "cache"),
-        "trainer.progress_bar": False, "trainer.log_every_n_steps": 1,
-        "trainer.checkpoint_every_n_steps": 1000, "trainer.early_stopping_patience": None,
-        "stages.0.epochs": 2, "runs_dir": str(tmp_path / "runs"), "name": "stopped"})
+    config = scratch_config(data, tmp_path, epochs=2, checkpoint_every=1000)
     before = signal.getsignal(signal.SIGINT)  # Python's own, or SIG_IGN under `pytest &`
     interrupt_at_step(config, 12, monkeypatch)
     assert signal.getsignal(signal.SIGINT) is before  # given back
@@ -264,21 +259,28 @@ def test_a_stop_in_an_epochs_last_batch_resumes_into_its_validation(tiny_kaggle,
     10) would resume with that epoch counted as done: its validation never run, its mean
     loss never logged. Stopped there (Ctrl+C, so during that validation), the resumed run is
     still the uninterrupted one, epoch for epoch."""
-    from cxrkit.config import TrainConfig
     from cxrkit.training import train
 
-    config = TrainConfig.preset("scratch", data=str(tiny_kaggle), overrides={
-        "model.name": "simple_cnn", "model.pretrained": False, "model.input_size": 32,
-        "data.batch_size": 4, "data.num_workers": 0, "data.cache_dir": str(tmp_path / "cache"),
-        "trainer.progress_bar": False, "trainer.log_every_n_steps": 1,
-        "trainer.checkpoint_every_n_steps": 10, "trainer.early_stopping_patience": None,
-        "stages.0.epochs": 3, "runs_dir": str(tmp_path / "runs"), "name": "stopped"})
+    config = scratch_config(tiny_kaggle, tmp_path, epochs=3, checkpoint_every=10)
     interrupt_at_step(config, 19, monkeypatch)  # the last batch of the second epoch
     run = train(resume=tmp_path / "runs" / "stopped")
     reference = train(config.updated({"name": "reference"}))
     for name in ("val_loss", "train_loss_epoch"):
         assert len(column(reference, name)) == 3
         assert column(run, name) == column(reference, name), name
+
+
+def scratch_config(data: Path, tmp_path: Path, epochs: int, checkpoint_every: int):
+    """A from-scratch simple_cnn run named `stopped`: 40 training films, 10 steps an epoch."""
+    from cxrkit.config import TrainConfig
+
+    return TrainConfig.preset("scratch", data=str(data), overrides={
+        "model.name": "simple_cnn", "model.pretrained": False, "model.input_size": 32,
+        "data.batch_size": 4, "data.num_workers": 0, "data.cache_dir": str(tmp_path / "cache"),
+        "trainer.progress_bar": False, "trainer.log_every_n_steps": 1,
+        "trainer.checkpoint_every_n_steps": checkpoint_every,
+        "trainer.early_stopping_patience": None, "stages.0.epochs": epochs,
+        "runs_dir": str(tmp_path / "runs"), "name": "stopped"})
 
 
 def interrupt_at_step(config, step: int, monkeypatch) -> None:
@@ -315,17 +317,11 @@ def test_a_frozen_features_stage_resumed_part_way_is_the_uninterrupted_one(tiny_
                                                                          monkeypatch):
     """The head fit on features extracted once goes on, after Ctrl+C mid-epoch, with that
     epoch's own remaining batches, as the image stages do."""
-    from cxrkit.config import TrainConfig
     from cxrkit.training import train
 
-    config = TrainConfig.preset("scratch", data=str(tiny_kaggle), overrides={
-        "model.name": "simple_cnn", "model.pretrained": False, "model.input_size": 32,
-        "data.batch_size": 4, "data.num_workers": 0, "data.cache_dir": str(tmp_path / "cache"),
-        "trainer.progress_bar": False, "trainer.log_every_n_steps": 1,
-        "trainer.checkpoint_every_n_steps": 1000, "trainer.early_stopping_patience": None,
+    config = scratch_config(tiny_kaggle, tmp_path, epochs=2, checkpoint_every=1000).updated({
         "stages": [{"name": "head", "epochs": 2, "lr": 3e-3, "unfreeze": "none",
-                    "frozen_features": True}],
-        "runs_dir": str(tmp_path / "runs"), "name": "stopped"})
+                    "frozen_features": True}]})
     interrupt_at_step(config, 13, monkeypatch)
     run = tmp_path / "runs" / "stopped"
     assert checkpoint(run / "last.ckpt")["global_step"] == 14  # in the second epoch
