@@ -6,6 +6,8 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from html.parser import HTMLParser
 
@@ -116,6 +118,19 @@ def test_report_is_self_contained_with_every_section(reported, tmp_path):
     noisy = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400), np.uint8))
     noisy.save(tmp_path / "worst_errors.png")  # a film's grain: JPEG wins
     assert embedded_figure(tmp_path / "worst_errors.png")["mime"] == "image/jpeg"
+
+
+def test_the_report_of_an_evaluated_run_needs_no_pytorch(reported):
+    """Writing the page reads files: importing PyTorch, timm and Lightning would be most of
+    `cxr report`'s time (5.9 s against 1.4 s, BENCHMARKS.md)."""
+    run, _ = reported
+    code = ("import sys; from cxrkit.report import build_report, compare_runs; "
+            f"build_report({str(run)!r}); compare_runs([{str(run)!r}]); "
+            "print(sorted(m for m in ('torch', 'torchvision', 'timm', 'lightning') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_report_shows_internal_and_external_side_by_side(reported):

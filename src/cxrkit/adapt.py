@@ -18,16 +18,25 @@ import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import yaml
-from torch.optim.swa_utils import update_bn
 
 from cxrkit.data.kaggle import resolve_data
 from cxrkit.data.layout import DataLayoutError, images_under, load_source
-from cxrkit.inference import file_batches, resolve_device
-from cxrkit.models import Classifier
-from cxrkit.runs import MODEL_WEIGHTS, load_model, model_folder, read_calibration, save_model
+from cxrkit.runs import (
+    ADAPTATION,
+    MODEL_WEIGHTS,
+    load_model,
+    model_folder,
+    read_calibration,
+    save_model,
+)
+
+if TYPE_CHECKING:  # PyTorch is imported where films are read: reports read adaptation.json
+    import torch
+
+    from cxrkit.models import Classifier
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +70,10 @@ def _image_batches(model: Classifier, paths: list[str], batch_size: int,
                    device: torch.device, read: list[int],
                    unreadable: list[str]) -> Iterator[torch.Tensor]:
     """The films of `paths` as batches; counts those read into `read` and names those not."""
+    import torch
+
+    from cxrkit.inference import file_batches
+
     for x, _, failed, *_ in file_batches(model.spec, paths, batch_size):
         unreadable += [f"{paths[i]} ({reason})" for i, reason in failed]
         if x is not None:
@@ -74,6 +87,11 @@ def adapt_batchnorm(model: Classifier, paths: list[str], batch_size: int = 32,
     `paths` that can be read; returns the model and how many films that was. None readable:
     a ValueError naming one (the model given has lost its statistics by then: adapt a copy,
     as `adapt_run` does); no paths at all: a ValueError before the model is touched."""
+    import torch
+    from torch.optim.swa_utils import update_bn
+
+    from cxrkit.inference import resolve_device
+
     if not paths:
         raise ValueError("no films to adapt on: give the new site's image files")
     if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
@@ -122,7 +140,6 @@ def frozen_backbone_warning(run: Path) -> str | None:
 
 
 MIN_TARGET_IMAGES = 100  # below this, re-estimated statistics are mostly noise
-ADAPTATION = "adaptation.json"
 
 
 def describe_adaptation(done: dict) -> str:

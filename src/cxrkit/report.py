@@ -25,14 +25,13 @@ from markupsafe import Markup
 from PIL import Image
 
 from cxrkit import __version__
-from cxrkit.adapt import ADAPTATION, describe_adaptation
+from cxrkit.adapt import describe_adaptation
 from cxrkit.data.audit_report import with_code
 from cxrkit.data.patients import DEFAULT_PATTERNS
 from cxrkit.data.split import read_manifest, shared_patients, test_patients_seen_in_training
-from cxrkit.evaluation import EVAL_DIR, evaluate_run
 from cxrkit.evaluation.calibration import N_BINS
-from cxrkit.evaluation.evaluate import COLLAPSED
 from cxrkit.evaluation.metrics import (
+    COLLAPSED,
     rates,
     sensitivity_at_specificity,
     specificity_at_sensitivity,
@@ -41,7 +40,14 @@ from cxrkit.evaluation.metrics import (
 from cxrkit.evaluation.paired import paired_difference, read_scored
 from cxrkit.evaluation.thresholds import point_name
 from cxrkit.labels import positive_label
-from cxrkit.runs import Calibration, load_spec, model_folder, read_calibration
+from cxrkit.runs import (
+    ADAPTATION,
+    EVAL_DIR,
+    Calibration,
+    load_spec,
+    model_folder,
+    read_calibration,
+)
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +273,8 @@ def ensure_evaluated(run: str | Path, split: str = "test", **evaluate_options) -
     if any((folder / "metrics.json").is_file() for folder in candidates):
         log.info("%s: the %s evaluation predates the deployed calibration: evaluating again",
                  run.name, split)
+    from cxrkit.evaluation import evaluate_run  # PyTorch: only to evaluate
+
     return evaluate_run(run, split=split, **evaluate_options)
 
 

@@ -46,6 +46,8 @@ TRAINING_LOCK = ".training.lock"  # held by the process training the run
 MODEL_SPEC = "model.json"
 CALIBRATION = "calibration.json"
 LABELS = "labels.json"
+EVAL_DIR = "eval"  # RUN/eval/<split>/: metrics.json, predictions.csv, figures
+ADAPTATION = "adaptation.json"  # what `cxr adapt` did to a run's model
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0,

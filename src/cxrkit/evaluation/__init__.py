@@ -1,6 +1,17 @@
 """Evaluation: metrics with patient-level bootstrap intervals, thresholds and calibration
-chosen on validation, test-time augmentation, and figures. Entry point: `evaluate_run`."""
+chosen on validation, test-time augmentation, and figures. Entry point: `evaluate_run`.
 
-from cxrkit.evaluation.evaluate import EVAL_DIR, evaluate_run
+`evaluate_run` imports PyTorch; it is loaded on first use, so that reading evaluations
+(`cxr report`, `cxr compare`, the metrics and paired modules here) does not."""
+
+from cxrkit.runs import EVAL_DIR
 
 __all__ = ["EVAL_DIR", "evaluate_run"]
+
+
+def __getattr__(name: str):
+    if name == "evaluate_run":
+        from cxrkit.evaluation.evaluate import evaluate_run
+
+        return evaluate_run
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

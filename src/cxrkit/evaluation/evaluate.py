@@ -57,6 +57,7 @@ from cxrkit.evaluation.calibration import (
     fit_temperature_and_bias,
 )
 from cxrkit.evaluation.metrics import (
+    COLLAPSED,
     confusion_matrix,
     multiclass_metrics,
     probability_metrics,
@@ -74,6 +75,7 @@ from cxrkit.labels import positive_index
 from cxrkit.models import Classifier
 from cxrkit.plots import VECTOR_FORMATS, extra_formats
 from cxrkit.runs import (
+    EVAL_DIR,
     MODEL_WEIGHTS,
     Calibration,
     load_model,
@@ -85,7 +87,6 @@ from cxrkit.runs import (
 
 log = logging.getLogger(__name__)
 
-EVAL_DIR = "eval"
 DEFAULT_THRESHOLD = 0.5
 GRADCAM_IMAGES = 8  # errors and correct cases each
 WORST_ERRORS = 12
@@ -534,7 +535,6 @@ def widen_multiclass_rates(metrics: dict, y: np.ndarray, probs: np.ndarray,
             collapsed[rate] = widen_to_wilson(collapsed[rate], *counts[rate])
 
 
-COLLAPSED = "not_normal"  # a multi-class model's NORMAL against every other class
 
 
 def collapsed_metrics(y: np.ndarray, probs: np.ndarray, normal: int,

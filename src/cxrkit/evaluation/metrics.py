@@ -27,6 +27,8 @@ _EPS = 1e-12  # float slack when comparing rates with targets like 0.95
 
 Statistics = Callable[[np.ndarray], dict[str, np.ndarray]]
 
+COLLAPSED = "not_normal"  # a multi-class model's NORMAL against every other class
+
 
 def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a / b, NaN where b == 0 (e.g. specificity of a resample without negatives)."""

@@ -13,9 +13,18 @@ continue a killed run with `train(resume=run)`; find a learning rate with
 Pieces, each usable alone: `datamodule` (split + LightningDataModule), `features`
 (frozen-backbone fast path), `module` (LightningModule, metrics, param groups),
 `losses`, `callbacks` (checkpoints, loggers, Trainer), `curves`, `fit` (the run).
+The names from `fit` (PyTorch, Lightning) load on first use: `curves` alone, which the
+report draws with, needs neither.
 """
 
 from cxrkit.config import TrainConfig
-from cxrkit.training.fit import TrainingInterrupted, find_lr, train
 
 __all__ = ["TrainConfig", "TrainingInterrupted", "find_lr", "train"]
+
+
+def __getattr__(name: str):
+    if name in ("TrainingInterrupted", "find_lr", "train"):
+        from cxrkit.training import fit
+
+        return getattr(fit, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
