@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -330,6 +332,60 @@ def test_the_size_check_reads_past_long_headers_and_inside_jp2_boxes(tmp_path, m
                                   uid.JPEGBaseline8Bit)  # no frame header at all
     with pytest.raises(UnreadableImageError, match="states no size that can be read"):
         read_image(sizeless)
+
+
+def test_a_compressed_frame_unlike_its_header_in_samples_or_tiles_is_not_decoded(tmp_path):
+    """GDCM aborts the whole process (a C++ exception nothing catches) on a JPEG 2000 frame
+    of other components than the header says: a 17 KB upload killed `cxr serve`. Read in a
+    child process, so that a regression fails this test, not the test run."""
+    from pydicom import uid
+
+    buffer = io.BytesIO()
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 80, 3)).astype(np.uint8)
+    Image.fromarray(rgb, "RGB").save(buffer, "JPEG2000", no_jp2=True, irreversible=False)
+    colour = encapsulated_dicom(tmp_path / "rgb-as-gray.dcm", buffer.getvalue(), 64, 80,
+                                uid.JPEG2000Lossless)  # the header: one sample per pixel
+    code = ("from cxrkit.data.io import read_image, UnreadableImageError\n"
+            f"try: read_image({str(colour)!r})\n"
+            "except UnreadableImageError as e: print(e.reason)")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert "has 3 samples per pixel but its header says 1" in child.stdout
+
+    buffer = io.BytesIO()
+    Image.fromarray(gradient(160, 128), "L").save(buffer, "JPEG2000", no_jp2=True,
+                                                  irreversible=False)
+    frame = bytearray(buffer.getvalue())
+    struct.pack_into(">II", frame, 8 + 16, 1, 1)  # SIZ's tile size: 1 x 1, 20,480 tiles
+    tiled = encapsulated_dicom(tmp_path / "tiled.dcm", bytes(frame), 128, 160,
+                               uid.JPEG2000Lossless)
+    with pytest.raises(UnreadableImageError, match="cut into 20,480 tiles"):
+        read_image(tiled)
+
+
+def test_the_frame_checked_is_the_one_the_extended_offset_table_points_to(tmp_path):
+    """pydicom's decoders follow a DICOM's Extended Offset Table: so does the size check."""
+    import pydicom
+    from pydicom.encaps import encapsulate_extended, generate_frames
+
+    def jpeg_ls(name: str, pixels: np.ndarray) -> bytes:
+        file = gdcm_compressed(write_dicom(tmp_path / f"{name}.dcm", pixels),
+                               tmp_path / f"{name}-ls.dcm", "JPEGLSLossless")
+        return next(generate_frames(pydicom.dcmread(file).PixelData, number_of_frames=1))
+
+    small, large = jpeg_ls("small", np.full((64, 80), 1000)), jpeg_ls("large",
+                                                                      np.full((640, 800), 3000))
+    ds = pydicom.dcmread(tmp_path / "small-ls.dcm")
+    ds.NumberOfFrames = 2
+    pixels, offsets, lengths = encapsulate_extended([small, large])
+    ds.PixelData = pixels
+    ds["PixelData"].VR = "OB"
+    ds.ExtendedOffsetTable = struct.pack("<2Q", *struct.unpack("<2Q", offsets)[::-1])
+    ds.ExtendedOffsetTableLengths = struct.pack("<2Q", *struct.unpack("<2Q", lengths)[::-1])
+    ds.save_as(tmp_path / "swapped.dcm")  # the table says frame 0 is the large one
+    with pytest.raises(UnreadableImageError, match="is 800 x 640 pixels but its header says "
+                                                   "80 x 64"):
+        read_image(tmp_path / "swapped.dcm")
 
 
 def test_a_dicom_compressed_beyond_the_decoders_says_how_to_fix_it(tmp_path):

@@ -212,15 +212,32 @@ def _jp2_codestream(frame: bytes) -> bytes | None:
     return None
 
 
-def _codestream_size(frame: bytes) -> tuple[int, int] | None:
-    """(columns, rows) a JPEG, JPEG-LS or JPEG 2000 frame declares; None if it declares none
-    that can be read (a damaged or forged frame)."""
+# JPEG 2000 tiles, at most: each costs the decoder memory, and a 71 KB file of 1 x 1 tiles
+# took 700 MB (a 4k x 4k film in 64 x 64 tiles has 4,096)
+MAX_J2K_TILES = 16_384
+
+
+@dataclass(frozen=True)
+class Codestream:
+    """What a compressed frame says of itself, read before any decoder allocates for it."""
+
+    columns: int
+    rows: int
+    components: int  # samples per pixel
+    tiles: int = 1  # JPEG 2000's
+
+
+def _codestream(frame: bytes) -> Codestream | None:
+    """What a JPEG, JPEG-LS or JPEG 2000 frame declares; None if it declares nothing that
+    can be read (a damaged or forged frame)."""
     try:
         if frame[4:8] == b"jP  ":  # a JP2 file around the codestream
             frame = _jp2_codestream(frame) or b""
-        if frame.startswith(b"\xff\x4f\xff\x51"):  # J2K: SOC, SIZ: Lsiz Rsiz Xsiz Ysiz XO YO
-            xsiz, ysiz, x0, y0 = struct.unpack_from(">IIII", frame, 8)
-            return xsiz - x0, ysiz - y0
+        if frame.startswith(b"\xff\x4f\xff\x51"):  # J2K: SOC, then SIZ
+            # Lsiz Rsiz | Xsiz Ysiz XOsiz YOsiz XTsiz YTsiz XTOsiz YTOsiz Csiz
+            x, y, x0, y0, xt, yt, xt0, yt0, components = struct.unpack_from(">8IH", frame, 8)
+            tiles = -(-(x - xt0) // max(xt, 1)) * -(-(y - yt0) // max(yt, 1))
+            return Codestream(x - x0, y - y0, components, tiles)
         if not frame.startswith(b"\xff\xd8"):
             return None
         at = 2  # JPEG: every marker segment up to the frame header, however long the ones before
@@ -233,9 +250,9 @@ def _codestream_size(frame: bytes) -> tuple[int, int] | None:
                 continue
             if marker in (0xD9, 0xDA):
                 return None  # the image or a scan ends before any frame header
-            if marker in JPEG_FRAME_MARKERS:  # Lf, P, Y (rows), X (columns)
-                rows, columns = struct.unpack_from(">HH", frame, at + 5)
-                return (columns, rows) if rows else None  # 0 rows: a DNL marker says later
+            if marker in JPEG_FRAME_MARKERS:  # Lf, P, Y (rows), X (columns), Nf
+                rows, columns, components = struct.unpack_from(">HHB", frame, at + 5)
+                return Codestream(columns, rows, components) if rows else None  # 0: DNL later
             at += 2 + struct.unpack_from(">H", frame, at + 2)[0]
     except struct.error:  # cut short
         return None
@@ -243,27 +260,38 @@ def _codestream_size(frame: bytes) -> tuple[int, int] | None:
 
 
 def _refuse_another_size(path: Path, ds, frames: int, columns: int, rows: int) -> None:
-    """A compressed film must be the size its header says: decoders allocate what the
+    """A compressed film must be what its header says: decoders allocate what the
     codestream declares, so a few hundred KB declaring 30000 x 30000 took GBs before any
-    check (the header's size is the one checked against MAX_PIXELS). JPEG, JPEG-LS and JPEG
-    2000 frames whose size cannot be read are refused too; RLE's decoder goes by the header."""
-    from pydicom.encaps import generate_frames
+    check (the header's size is the one checked against MAX_PIXELS), and GDCM aborts the
+    whole process on a JPEG 2000 frame of other components than the header's. JPEG, JPEG-LS
+    and JPEG 2000 frames that state no size are refused too; RLE's decoder goes by the
+    header. The frame checked is the one the decoder reads (its Extended Offset Table's)."""
+    from pydicom.encaps import get_frame
     from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
 
     syntax = ds.file_meta.TransferSyntaxUID
     if syntax not in (*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes, *JPEG2000TransferSyntaxes):
         return
+    offsets = ((ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+               if "ExtendedOffsetTable" in ds else None)
     try:
-        first = next(generate_frames(ds.PixelData, number_of_frames=frames))
+        first = get_frame(ds.PixelData, 0, number_of_frames=frames, extended_offsets=offsets)
     except Exception:  # damaged encapsulation: the decoder says so, with its own words
         return
-    size = _codestream_size(first)
-    if size != (columns, rows):
-        found = "states no size that can be read" if size is None else \
-            f"is {size[0]} x {size[1]} pixels"
-        raise UnreadableImageError(path, f"its compressed image {found} but its header says "
-                                         f"{columns} x {rows}: a damaged or forged file; not "
-                                         "decoded")
+    found = _codestream(first)
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    if found is None or (found.columns, found.rows) != (columns, rows):
+        what = "states no size that can be read" if found is None else \
+            f"is {found.columns} x {found.rows} pixels"
+        problem = f"its compressed image {what} but its header says {columns} x {rows}"
+    elif found.components != samples:
+        problem = (f"its compressed image has {found.components} samples per pixel but its "
+                   f"header says {samples}")
+    elif found.tiles > MAX_J2K_TILES:
+        problem = f"its compressed image is cut into {found.tiles:,} tiles"
+    else:
+        return
+    raise UnreadableImageError(path, f"{problem}: a damaged or forged file; not decoded")
 
 
 def _read_dicom(path: Path) -> Image.Image:
