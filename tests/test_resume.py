@@ -429,6 +429,67 @@ def test_a_stop_with_accumulated_gradients_waits_for_the_end_of_the_step(
         torch.testing.assert_close(tensor, weights[1][name], rtol=0, atol=1e-6, msg=name)
 
 
+class SavesAt(Callback):
+    """Notes how many batches of its epoch had run at each checkpoint save."""
+
+    def __init__(self):
+        self.batches: list[int] = []
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.batches.append(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
+
+def test_no_checkpoint_is_taken_part_way_through_an_optimiser_step(tiny_kaggle, tmp_path,
+                                                                   monkeypatch):
+    """With gradients accumulated over 2 batches and a step checkpoint every 5 steps (an
+    epoch's 5), no checkpoint falls between an optimiser step's batches: its gradients
+    would be in no file, and a run resumed there would differ."""
+    import cxrkit.training.fit
+    from cxrkit.training import train
+    from tests.test_training import tiny_config
+
+    saves = SavesAt()
+    real_callbacks = cxrkit.training.fit.make_callbacks
+    monkeypatch.setattr(cxrkit.training.fit, "make_callbacks",
+                        lambda *a, **k: [*real_callbacks(*a, **k), saves])
+    train(tiny_config(tiny_kaggle, tmp_path, name="run", **{
+        "data.batch_size": 4, "trainer.accumulate_grad_batches": 2, "stages.0.epochs": 3,
+        "trainer.checkpoint_every_n_steps": 5}))
+    assert saves.batches and all(n % 2 == 0 for n in saves.batches), saves.batches
+
+
+class KillOnceStopped(Checkpoint):
+    """Dies at the end of the epoch where early stopping ends the stage, its saves made."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.should_stop:
+            raise Killed
+
+
+def test_a_stage_stopped_early_stays_stopped_after_a_kill(tiny_kaggle, tmp_path, monkeypatch):
+    """Lightning does not save that early stopping ended a stage: killed after the stopping
+    epoch's checkpoint, the resume trained on (and replaced best.ckpt)."""
+    import cxrkit.training.fit
+    from cxrkit.training import train
+    from tests.test_training import tiny_config
+
+    settings = {"stages.0.epochs": 8, "trainer.early_stopping_patience": 1,
+                "trainer.monitor": "val_loss"}
+    whole = train(tiny_config(tiny_kaggle, tmp_path, name="whole", **settings))
+    steps = json.loads((whole / "stages.json").read_text())["train"]["global_step"]
+    assert len(column(whole, "val_loss")) < 8  # it did stop early
+    real_callbacks = cxrkit.training.fit.make_callbacks
+    monkeypatch.setattr(cxrkit.training.fit, "make_callbacks",
+                        lambda *a, **k: [*real_callbacks(*a, **k), KillOnceStopped()])
+    config = tiny_config(tiny_kaggle, tmp_path, name="killed", **settings)
+    with pytest.raises(Killed):
+        train(config)
+    monkeypatch.undo()
+    killed = train(resume=Path(config.runs_dir) / "killed")
+    assert json.loads((killed / "stages.json").read_text())["train"]["global_step"] == steps
+    assert column(killed, "val_loss") == column(whole, "val_loss")
+
+
 class SigtermWhilePickled:
     """Sends SIGTERM to this process while torch.save pickles it."""
 

@@ -137,8 +137,11 @@ class RunFolderCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self.save_last:
-            trainer.save_checkpoint(Path(self.dirpath) / LAST)
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            # ModelCheckpoint's own save: it notes the step saved, so that the next epoch's
+            # first batch (mid-way through an optimiser step, with accumulated gradients) is
+            # not saved again as a step checkpoint
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     @property
     def state_key(self) -> str:
@@ -159,6 +162,20 @@ class RunFolderCheckpoint(ModelCheckpoint):
                           "best_k_models": {moved(k): v for k, v in
                                             state_dict.get("best_k_models", {}).items()}}
         super().load_state_dict(state_dict)
+
+
+class StaysStopped(EarlyStopping):
+    """Lightning's EarlyStopping, whose decision survives a kill: Lightning does not save
+    `trainer.should_stop`, so a stage stopped early and killed before it was marked finished
+    resumed into the epochs it had stopped (and replaced best.ckpt with them)."""
+
+    @property
+    def state_key(self) -> str:  # EarlyStopping's: checkpoints saved before this class
+        return "EarlyStopping" + super().state_key.removeprefix(type(self).__qualname__)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.stopped_epoch > 0 or self.wait_count >= max(self.patience, 1):
+            trainer.should_stop = True
 
 
 STOP_SIGNALS = {signal.SIGINT: "Ctrl+C", signal.SIGTERM: "SIGTERM"}
@@ -334,7 +351,7 @@ def make_callbacks(run: Path, trainer: TrainerConfig, stage: StageConfig | None 
         EpochThroughput(),
     ]
     if trainer.early_stopping_patience is not None:
-        callbacks.append(EarlyStopping(monitor=trainer.monitor, mode=MONITORS[trainer.monitor],
+        callbacks.append(StaysStopped(monitor=trainer.monitor, mode=MONITORS[trainer.monitor],
                                        patience=trainer.early_stopping_patience))
     if stage is not None and stage.ema_decay is not None:
         # Lightning's own: validation and checkpoints (best.ckpt too) see the averaged weights.
