@@ -243,7 +243,9 @@ def test_host_and_origin_checks_follow_names_ports_and_a_reverse_proxy(onnx_expo
         assert status(url, f"127.0.0.1:{port}", "https://xray.example.org") == 403
         assert status(url, f"127.0.0.1:{port}", "null") == 403  # a sandboxed page
     proxied = create_app(onnx_export, hosts=[*LOOPBACK_HOSTS, "xray.example.org"],
-                         origins=["https://xray.example.org"])
+                         origins=["https://XRAY.example.org.:443/"])  # the same site
+    with pytest.raises(ValueError, match="'xray.example.org' is not an origin"):
+        create_app(onnx_export, origins=["xray.example.org"])  # no scheme: never matches
     with running_server(proxied) as url:
         port = urlsplit(url).port
         assert status(url, "xray.example.org", "https://xray.example.org") == 200  # Host kept
@@ -262,13 +264,14 @@ def test_serve_behind_a_proxy_from_the_command_line(onnx_export, films, monkeypa
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     result = CliRunner().invoke(app, [
-        "serve", str(onnx_export), "--port", str(port), "--allowed-host", "xray.example.org",
-        "--allowed-origin", "https://xray.example.org"])
+        "serve", str(onnx_export), "--host", "0.0.0.0", "--port", str(port),
+        "--allowed-host", "xray.example.org", "--allowed-origin", "https://xray.example.org"])
     assert result.exit_code == 0, result.output
-    assert served["host"] == "127.0.0.1" and "warning" not in result.output
+    assert served["host"] == "0.0.0.0"  # the address it prints, 127.0.0.1, is answered too
     files = {"file": ("normal.png", films["normal.png"].read_bytes())}
     with running_server(served["app"]) as url:
-        for host, status in (("xray.example.org", 200), ("elsewhere.example", 403)):
+        for host, status in (("xray.example.org", 200), ("elsewhere.example", 403),
+                             (f"127.0.0.1:{port}", 200)):
             answer = requests.post(f"{url}/predict", files=files, timeout=30, headers={
                 "Host": host, "Origin": "https://xray.example.org"})
             assert answer.status_code == status, (host, answer.text)

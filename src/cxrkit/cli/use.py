@@ -182,9 +182,10 @@ def serve_command(
     from cxrkit.serve.app import LOOPBACK_HOSTS, create_app, is_loopback
 
     # On a loopback address: requests addressed to it (or --allowed-host) only; on another
-    # interface, any host name unless --allowed-host names them (`SameSiteOnly`).
-    hosts = ([*LOOPBACK_HOSTS, *allowed_hosts] if is_loopback(host)
-             else allowed_hosts or None)
+    # interface, any host name unless --allowed-host names them, this machine's loopback
+    # names always among them (the address printed below; no page can rebind to them).
+    hosts = ([*LOOPBACK_HOSTS, *allowed_hosts] if is_loopback(host) or allowed_hosts
+             else None)
     try:
         web_app = create_app(model, backend, max_upload_mb, hosts=hosts,
                              origins=allowed_origins)

@@ -138,7 +138,7 @@ class SameSiteOnly:
     def __init__(self, app, hosts: Sequence[str] | None, origins: Sequence[str] = ()):
         self.app = app
         self.hosts = None if hosts is None else {_normal(h) for h in hosts}
-        self.origins = {o.lower().rstrip("/") for o in origins}
+        self.origins = {_site(o) for o in origins}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -152,7 +152,7 @@ class SameSiteOnly:
                        f"only, not {host!r}: open it as http://127.0.0.1:PORT/, or behind a "
                        "proxy start it with `cxr serve --allowed-host NAME`")
         elif origin and scope["method"] not in ("GET", "HEAD") and \
-                origin.lower().rstrip("/") not in self.origins and not _same_site(origin, host):
+                _site(origin, strict=False) not in self.origins and not _same_site(origin, host):
             problem = (f"a page from {origin} may not send films to this server; use its own "
                        "page, a client that sends no Origin (curl, Python), or behind a proxy "
                        "start it with `cxr serve --allowed-origin ORIGIN`")
@@ -190,6 +190,20 @@ def _host_allowed(name: str, hosts: set[str]) -> bool:
     return name in hosts or (is_loopback(name) and any(is_loopback(h) for h in hosts))
 
 
+def _site(origin: str, strict: bool = True) -> tuple[str, str, int | None]:
+    """'https://XRAY.example.org.:443/' -> ('https', 'xray.example.org', 443); with
+    `strict`, a ValueError for what is not an origin (no http(s) scheme, no host)."""
+    parts = urlsplit(origin.strip().lower())
+    try:
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:  # not a number
+        port = None
+    if strict and (parts.scheme not in DEFAULT_PORTS or not parts.hostname):
+        raise ValueError(f"{origin!r} is not an origin: give the site as its browser names "
+                         "it, e.g. https://xray.example.org")
+    return parts.scheme, _normal(parts.hostname or ""), port
+
+
 def _same_site(origin: str, host: str) -> bool:
     """Whether a page at `origin` is this server as addressed by `host`; a port left out is
     its scheme's default on either side."""
@@ -225,6 +239,8 @@ def create_app(model_path: str | Path, backend: str | None = None,
     `hosts`: the host names requests may be addressed to (None: any, for a server other
     machines reach by names this one cannot know); `origins`: other sites whose pages may
     POST to it (a reverse proxy's public site). See `SameSiteOnly`."""
+    for origin in origins:  # said now: the middleware is built at the first request
+        _site(origin)
     predictor = Predictor.load(model_path, backend)
     # Films are decoded and scored on one thread: each thread keeps its own malloc arena,
     # so a decode spread over the 40 request threads would keep up to 40 films' peak memory.
