@@ -490,6 +490,23 @@ def test_a_stage_stopped_early_stays_stopped_after_a_kill(tiny_kaggle, tmp_path,
     assert column(killed, "val_loss") == column(whole, "val_loss")
 
 
+def test_a_resume_clears_what_a_finished_stage_left_behind(tiny_kaggle, tmp_path):
+    """Killed just after a stage was marked finished, before it removed its extracted
+    features and starting point: the next resume removes them (they are tens of MB)."""
+    from cxrkit.training import train
+    from tests.test_training import tiny_config
+
+    run = train(tiny_config(tiny_kaggle, tmp_path, name="run", **{"stages.0.epochs": 1}))
+    [stage] = json.loads((run / "stages.json").read_text())
+    leftovers = [run / f"features-{stage}.safetensors", run / f"start-{stage}.ckpt"]
+    for file in leftovers:
+        file.write_bytes(b"left by a kill")
+    stages = (run / "stages.json").read_text()
+    train(resume=run)
+    assert not any(file.exists() for file in leftovers)
+    assert (run / "stages.json").read_text() == stages  # nothing trained again
+
+
 class SigtermWhilePickled:
     """Sends SIGTERM to this process while torch.save pickles it."""
 

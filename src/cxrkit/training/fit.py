@@ -142,7 +142,7 @@ def build_stage(run: Run, index: int, model: Classifier,
     images = XrayDataModule(run.samples, run.classes, model.spec, config.data, batch_size,
                             augment=stage.augment, seed=config.seed)
     if stage.frozen_features:
-        file = work_dir / f"features-{stage.name}.safetensors"
+        file = stage_features(work_dir, stage.name)
         return module, FeatureDataModule(images, model.backbone, file, batch_size,
                                          stage.feature_views)
     return module, images
@@ -377,13 +377,21 @@ def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None)
         _mark_finished(run.folder, stage.name, {"global_step": trainer.global_step,
                                                 "epochs": trainer.current_epoch,
                                                 "seconds": round(seconds, 1)})
-        if isinstance(datamodule, FeatureDataModule):
-            datamodule.file.unlink(missing_ok=True)
-        stage_start(run.folder, stage.name).unlink(missing_ok=True)
+        remove_stage_files(run.folder, stage.name)
 
 
 def stage_start(folder: Path, stage: str) -> Path:
     return folder / f"start-{stage}.ckpt"
+
+
+def stage_features(folder: Path, stage: str) -> Path:
+    return folder / f"features-{stage}.safetensors"
+
+
+def remove_stage_files(folder: Path, stage: str) -> None:
+    """What a stage keeps only while it trains: its extracted features, its starting point."""
+    stage_features(folder, stage).unlink(missing_ok=True)
+    stage_start(folder, stage).unlink(missing_ok=True)
 
 
 def keep_stage_start(folder: Path, stage: str) -> None:
@@ -572,6 +580,9 @@ def train_run(run: Run) -> Path:
     seed_everything(run.config.seed, workers=True)  # the new head's initial weights too
     model = build_model(run.config, run.classes)
     done = finished_stages(run.folder)
+    if rank_zero_only.rank == 0:  # a kill just after a stage was marked finished left them
+        for name in done:
+            remove_stage_files(run.folder, name)
     pending = [i for i, stage in enumerate(run.config.stages) if stage.name not in done]
     if pending:  # decided once, before any process writes another checkpoint
         first = resume_point(run.folder, run.config, pending[0])
