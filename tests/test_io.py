@@ -351,6 +351,11 @@ def test_a_compressed_frame_unlike_its_header_in_samples_or_tiles_is_not_decoded
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert child.returncode == 0, child.stderr[-2000:]
     assert "has 3 samples per pixel but its header says 1" in child.stdout
+    buffer = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buffer, "JPEG", quality=95)  # JPEG's decoders convert:
+    jpeg = encapsulated_dicom(tmp_path / "rgb-jpeg.dcm", buffer.getvalue(), 64, 80,
+                              uid.JPEGBaseline8Bit)  # read, as before the check
+    assert read_image(jpeg).size == (80, 64)
 
     buffer = io.BytesIO()
     Image.fromarray(gradient(160, 128), "L").save(buffer, "JPEG2000", no_jp2=True,

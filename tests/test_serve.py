@@ -244,8 +244,9 @@ def test_host_and_origin_checks_follow_names_ports_and_a_reverse_proxy(onnx_expo
         assert status(url, f"127.0.0.1:{port}", "null") == 403  # a sandboxed page
     proxied = create_app(onnx_export, hosts=[*LOOPBACK_HOSTS, "xray.example.org"],
                          origins=["https://XRAY.example.org.:443/"])  # the same site
-    with pytest.raises(ValueError, match="'xray.example.org' is not an origin"):
-        create_app(onnx_export, origins=["xray.example.org"])  # no scheme: never matches
+    for origin in ("xray.example.org", "https://xray.example.org:abc"):
+        with pytest.raises(ValueError, match="is not an origin"):  # they would never match
+            create_app(onnx_export, origins=[origin])
     with running_server(proxied) as url:
         port = urlsplit(url).port
         assert status(url, "xray.example.org", "https://xray.example.org") == 200  # Host kept
@@ -275,6 +276,22 @@ def test_serve_behind_a_proxy_from_the_command_line(onnx_export, films, monkeypa
             answer = requests.post(f"{url}/predict", files=files, timeout=30, headers={
                 "Host": host, "Origin": "https://xray.example.org"})
             assert answer.status_code == status, (host, answer.text)
+
+
+def test_cxr_serve_answers_the_address_it_prints():
+    from cxrkit.cli.use import served_host_names
+    from cxrkit.serve.app import _host_allowed
+
+    for host, allowed, answered, refused in (
+            ("127.0.0.1", [], ["127.0.0.1", "localhost", "127.0.1.1"], ["xray.example.org"]),
+            ("192.168.1.5", ["xray.example.org"], ["192.168.1.5", "xray.example.org",
+                                                    "127.0.0.1"], ["evil.example"]),
+            ("0.0.0.0", ["xray.example.org"], ["127.0.0.1", "xray.example.org"],
+             ["0.0.0.0", "evil.example"])):
+        names = set(served_host_names(host, allowed))
+        assert all(_host_allowed(n, names) for n in answered), (host, names)
+        assert not any(_host_allowed(n, names) for n in refused), (host, names)
+    assert served_host_names("0.0.0.0", []) is None  # any name: the CLI warns
 
 
 @pytest.fixture(scope="module")

@@ -179,13 +179,9 @@ def serve_command(
         fail(problem)
     import uvicorn
 
-    from cxrkit.serve.app import LOOPBACK_HOSTS, create_app, is_loopback
+    from cxrkit.serve.app import create_app, is_loopback
 
-    # On a loopback address: requests addressed to it (or --allowed-host) only; on another
-    # interface, any host name unless --allowed-host names them, this machine's loopback
-    # names always among them (the address printed below; no page can rebind to them).
-    hosts = ([*LOOPBACK_HOSTS, *allowed_hosts] if is_loopback(host) or allowed_hosts
-             else None)
+    hosts = served_host_names(host, allowed_hosts)
     try:
         web_app = create_app(model, backend, max_upload_mb, hosts=hosts,
                              origins=allowed_origins)
@@ -197,6 +193,19 @@ def serve_command(
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # "all interfaces": not a URL
     console.print(f"open http://{shown}:{port}/ (API docs at /docs); Ctrl+C stops")
     uvicorn.run(web_app, host=host, port=port, log_level="info")
+
+
+def served_host_names(host: str, allowed: list[str]) -> list[str] | None:
+    """The host names `cxr serve --host HOST` answers requests for (`SameSiteOnly`): on a
+    loopback address its loopback names and `allowed`; on another interface any (None)
+    unless `allowed` names some, and then also the loopback names and HOST itself, which
+    it prints (no page can rebind to them)."""
+    from cxrkit.serve.app import LOOPBACK_HOSTS, is_loopback
+
+    if not allowed and not is_loopback(host):
+        return None
+    names = [*LOOPBACK_HOSTS, *allowed]
+    return names if host in ("0.0.0.0", "::") else [*names, host]
 
 
 def port_problem(host: str, port: int) -> str | None:

@@ -263,7 +263,8 @@ def _refuse_another_size(path: Path, ds, frames: int, columns: int, rows: int) -
     """A compressed film must be what its header says: decoders allocate what the
     codestream declares, so a few hundred KB declaring 30000 x 30000 took GBs before any
     check (the header's size is the one checked against MAX_PIXELS), and GDCM aborts the
-    whole process on a JPEG 2000 frame of other components than the header's. JPEG, JPEG-LS
+    whole process on a JPEG 2000 frame of other components than the header's (JPEG's
+    decoders convert them). JPEG, JPEG-LS
     and JPEG 2000 frames that state no size are refused too; RLE's decoder goes by the
     header. The frame checked is the one the decoder reads (its Extended Offset Table's)."""
     from pydicom.encaps import get_frame
@@ -284,7 +285,7 @@ def _refuse_another_size(path: Path, ds, frames: int, columns: int, rows: int) -
         what = "states no size that can be read" if found is None else \
             f"is {found.columns} x {found.rows} pixels"
         problem = f"its compressed image {what} but its header says {columns} x {rows}"
-    elif found.components != samples:
+    elif found.components != samples and syntax in JPEG2000TransferSyntaxes:
         problem = (f"its compressed image has {found.components} samples per pixel but its "
                    f"header says {samples}")
     elif found.tiles > MAX_J2K_TILES:

@@ -4,9 +4,14 @@ chosen on validation, test-time augmentation, and figures. Entry point: `evaluat
 `evaluate_run` imports PyTorch; it is loaded on first use, so that reading evaluations
 (`cxr report`, `cxr compare`, the metrics and paired modules here) does not."""
 
+from typing import TYPE_CHECKING
+
 from cxrkit.runs import EVAL_DIR
 
 __all__ = ["EVAL_DIR", "evaluate_run"]
+
+if TYPE_CHECKING:  # for type checkers and editors; at run time, on first use below
+    from cxrkit.evaluation.evaluate import evaluate_run
 
 
 def __getattr__(name: str):
@@ -15,3 +20,7 @@ def __getattr__(name: str):
 
         return evaluate_run
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

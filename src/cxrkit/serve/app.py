@@ -197,8 +197,8 @@ def _site(origin: str, strict: bool = True) -> tuple[str, str, int | None]:
     try:
         port = parts.port or DEFAULT_PORTS.get(parts.scheme)
     except ValueError:  # not a number
-        port = None
-    if strict and (parts.scheme not in DEFAULT_PORTS or not parts.hostname):
+        port = -1
+    if strict and (parts.scheme not in DEFAULT_PORTS or not parts.hostname or port == -1):
         raise ValueError(f"{origin!r} is not an origin: give the site as its browser names "
                          "it, e.g. https://xray.example.org")
     return parts.scheme, _normal(parts.hostname or ""), port

@@ -17,9 +17,14 @@ The names from `fit` (PyTorch, Lightning) load on first use: `curves` alone, whi
 report draws with, needs neither.
 """
 
+from typing import TYPE_CHECKING
+
 from cxrkit.config import TrainConfig
 
 __all__ = ["TrainConfig", "TrainingInterrupted", "find_lr", "train"]
+
+if TYPE_CHECKING:  # for type checkers and editors; at run time, on first use below
+    from cxrkit.training.fit import TrainingInterrupted, find_lr, train
 
 
 def __getattr__(name: str):
@@ -28,3 +33,7 @@ def __getattr__(name: str):
 
         return getattr(fit, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -173,8 +173,28 @@ class StaysStopped(EarlyStopping):
     def state_key(self) -> str:  # EarlyStopping's: checkpoints saved before this class
         return "EarlyStopping" + super().state_key.removeprefix(type(self).__qualname__)
 
+    stopped = False  # whether it ended its stage: saved in every checkpoint after
+
+    def _note(self, trainer) -> None:
+        self.stopped = self.stopped or trainer.should_stop
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._note(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._note(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "stopped": self.stopped}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.stopped = state_dict.get("stopped", False)
+
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.stopped_epoch > 0 or self.wait_count >= max(self.patience, 1):
+        if self.stopped:
             trainer.should_stop = True
 
 
