@@ -169,11 +169,11 @@ class StaysStopped(EarlyStopping):
     `trainer.should_stop`, so a stage stopped early and killed before it was marked finished
     resumed into the epochs it had stopped (and replaced best.ckpt with them)."""
 
+    stopped = False  # whether it ended its stage: saved in every checkpoint after
+
     @property
     def state_key(self) -> str:  # EarlyStopping's: checkpoints saved before this class
         return "EarlyStopping" + super().state_key.removeprefix(type(self).__qualname__)
-
-    stopped = False  # whether it ended its stage: saved in every checkpoint after
 
     def _note(self, trainer) -> None:
         self.stopped = self.stopped or trainer.should_stop
