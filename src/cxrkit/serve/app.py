@@ -207,14 +207,9 @@ def _site(origin: str, strict: bool = True) -> tuple[str, str, int | None]:
 def _same_site(origin: str, host: str) -> bool:
     """Whether a page at `origin` is this server as addressed by `host`; a port left out is
     its scheme's default on either side."""
-    page = urlsplit(origin.lower())
-    default = DEFAULT_PORTS.get(page.scheme)
-    try:
-        page_port = page.port or default
-    except ValueError:
-        return False
+    scheme, page_name, page_port = _site(origin, strict=False)
     name, port = _split_host(host)
-    return _normal(page.hostname or "") == name and page_port == (port or default)
+    return page_name == name and page_port == (port or DEFAULT_PORTS.get(scheme))
 
 
 async def _validation_problem(request: Request, exc: RequestValidationError) -> JSONResponse:
