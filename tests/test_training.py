@@ -665,6 +665,20 @@ def test_unreadable_films_are_listed_in_the_run_and_said_every_run(tmp_path, cap
         assert read_rows(run / "skipped_files.csv") == [{"split": split, "path": str(bad)}]
 
 
+def test_films_found_unreadable_without_the_cache_are_listed_too(tmp_path):
+    """--no-cache: loader worker processes find them, each as it loads a film; the list was
+    not written at all before. Two stages read the film (features, then fine-tuning)."""
+    data = make_kaggle_tree(tmp_path / "data", {"train": 12, "test": 2})
+    bad = data / "train" / "NORMAL" / "IM-9999-0001.jpeg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    run = train(tiny_config(data, tmp_path, "finetune", **{
+        "data.cache": False, "data.num_workers": 2, "data.val_fraction": 0.3,
+        "stages.0.epochs": 1, "stages.1.epochs": 1}))
+    split = next(s.split for s in read_manifest(run / "split.csv") if s.path == str(bad))
+    assert read_rows(run / "skipped_files.csv") == [{"split": split, "path": str(bad)}]
+    assert not list(run.glob(".unreadable-*"))  # the stages' own lists go when they end
+
+
 def test_trainer_settings_lightning_refuses_are_config_errors(tiny_kaggle, tmp_path):
     """A traceback from deep inside Lightning before; and no run folder is left to block the
     name."""

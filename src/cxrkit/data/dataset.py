@@ -6,8 +6,11 @@ batch and the file is logged once, so one bad image never kills a long run.
 
 from __future__ import annotations
 
+import csv
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,18 +30,43 @@ def load_prepared(path: str, size: int, equalize: bool, crop: float = 1.0) -> to
     return prepare(read_image(path), size, equalize, crop)
 
 
+@dataclass(frozen=True)
+class UnreadableLog:
+    """`split,path` lines, appended to one file as films are found unreadable. Without the
+    decode cache no one process reads every film (loader workers, DDP ranks), so each
+    appends what it finds, a line at a time, and the run reads the file back."""
+
+    file: Path
+    split: str
+
+    def add(self, path: str) -> None:
+        with open(self.file, "a", newline="") as f:
+            csv.writer(f).writerow([self.split, path])
+
+    @staticmethod
+    def read(file: Path) -> dict[str, list[str]]:
+        """Per split, the films logged, each once, in the order first found."""
+        found: dict[str, dict[str, None]] = {}
+        if file.is_file():
+            with open(file, newline="") as f:
+                for split, path in csv.reader(f):
+                    found.setdefault(split, {})[path] = None
+        return {split: list(paths) for split, paths in found.items()}
+
 
 class XrayDataset(Dataset):
     """(image tensor, class index, sample index); `None` for an unreadable file."""
 
     def __init__(self, samples: Sequence[Sample], class_to_idx: dict[str, int], size: int,
-                 transform: Callable, equalize: bool = False, cache: DecodeCache | None = None):
+                 transform: Callable, equalize: bool = False, cache: DecodeCache | None = None,
+                 unreadable_log: UnreadableLog | None = None):
         self.samples = list(samples)
         self.class_to_idx = class_to_idx
         self.size = size
         self.equalize = equalize
         self.transform = transform
         self.cache = cache
+        self.unreadable_log = unreadable_log
         self.reported: set[int] = set()  # unreadable films already warned about
 
     def __len__(self) -> int:
@@ -53,6 +81,8 @@ class XrayDataset(Dataset):
             if i not in self.reported:  # once per process, not once per epoch
                 self.reported.add(i)
                 log.warning("skipping unreadable image %s", e)
+                if self.unreadable_log is not None:
+                    self.unreadable_log.add(self.samples[i].path)
             return None
 
     def __getitem__(self, key: int | tuple[int, int]):

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
 
 from cxrkit.config import DataConfig
 from cxrkit.data.cache import DECODED, DEFAULT_CACHE_DIR, DecodeCache
-from cxrkit.data.dataset import XrayDataset, collate_skip_bad
+from cxrkit.data.dataset import UnreadableLog, XrayDataset, collate_skip_bad
 from cxrkit.data.kaggle import resolve_data
 from cxrkit.data.layout import DataLayoutError, Sample, load_source, refuse_conflicting_rows
 from cxrkit.data.patients import SUBTYPES, kermany_subtype, name_disagrees
@@ -202,9 +202,11 @@ class XrayDataModule(LightningDataModule):
     """
 
     def __init__(self, samples: list[Sample], classes: list[str], spec: ModelSpec,
-                 data: DataConfig, batch_size: int, augment: bool = True, seed: int = 0):
+                 data: DataConfig, batch_size: int, augment: bool = True, seed: int = 0,
+                 unreadable_file: Path | None = None):
         super().__init__()
         self.seed = seed
+        self.unreadable_file = unreadable_file  # where uncached films found unreadable go
         self.samples = {split: [s for s in samples if s.split == split]
                         for split in ("train", "val")}
         self.class_to_idx = {c: i for i, c in enumerate(classes)}
@@ -231,8 +233,10 @@ class XrayDataModule(LightningDataModule):
         # Unfinished grayscale images: `ModelInput` finishes whole batches on the device.
         transform = (train_transform(self.spec, self.data.augment, finish=False) if augment
                      else eval_transform(self.spec, finish=False))
+        log_to = (UnreadableLog(self.unreadable_file, split)
+                  if self.unreadable_file is not None and not self.data.cache else None)
         return XrayDataset(self.samples[split], self.class_to_idx, self.spec.input_size,
-                           transform, self.data.equalize, self._cache(split))
+                           transform, self.data.equalize, self._cache(split), log_to)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -247,8 +251,10 @@ class XrayDataModule(LightningDataModule):
                         len(paths), len(self.samples[split]), split, paths[0])
 
     def unreadable(self) -> dict[str, list[str]]:
-        """Per split, the films the decode cache could not read (none known without a cache:
-        each is then skipped, with a warning, when it is loaded)."""
+        """Per split, the films the decode cache could not read; without a cache, those found
+        unreadable as they were loaded (known after the films were read: at a stage's end)."""
+        if not self.data.cache:
+            return UnreadableLog.read(self.unreadable_file) if self.unreadable_file else {}
         found = {}
         for split, dataset in self.datasets.items():
             if dataset.cache is not None:

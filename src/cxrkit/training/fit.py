@@ -140,7 +140,8 @@ def build_stage(run: Run, index: int, model: Classifier,
     )
     batch_size = stage_batch_size(config, index)
     images = XrayDataModule(run.samples, run.classes, model.spec, config.data, batch_size,
-                            augment=stage.augment, seed=config.seed)
+                            augment=stage.augment, seed=config.seed,
+                            unreadable_file=stage_unreadable(run.folder, stage.name))
     if stage.frozen_features:
         file = stage_features(work_dir, stage.name)
         return module, FeatureDataModule(images, model.backbone, file, batch_size,
@@ -384,14 +385,20 @@ def stage_start(folder: Path, stage: str) -> Path:
     return folder / f"start-{stage}.ckpt"
 
 
+def stage_unreadable(folder: Path, stage: str) -> Path:
+    return folder / f".unreadable-{stage}.csv"
+
+
 def stage_features(folder: Path, stage: str) -> Path:
     return folder / f"features-{stage}.safetensors"
 
 
 def remove_stage_files(folder: Path, stage: str) -> None:
-    """What a stage keeps only while it trains: its extracted features, its starting point."""
+    """What a stage keeps only while it trains: its extracted features, its starting point,
+    the films it found unreadable without a decode cache (then in skipped_files.csv)."""
     stage_features(folder, stage).unlink(missing_ok=True)
     stage_start(folder, stage).unlink(missing_ok=True)
+    stage_unreadable(folder, stage).unlink(missing_ok=True)
 
 
 def keep_stage_start(folder: Path, stage: str) -> None:
