@@ -671,12 +671,18 @@ def test_films_found_unreadable_without_the_cache_are_listed_too(tmp_path):
     data = make_kaggle_tree(tmp_path / "data", {"train": 12, "test": 2})
     bad = data / "train" / "NORMAL" / "IM-9999-0001.jpeg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    run = train(tiny_config(data, tmp_path, "finetune", **{
-        "data.cache": False, "data.num_workers": 2, "data.val_fraction": 0.3,
-        "stages.0.epochs": 1, "stages.1.epochs": 1}))
+    settings = {**TINY, "data.num_workers": 2, "data.val_fraction": 0.3,
+                "stages.0.epochs": 1, "stages.1.epochs": 1}
+    result = CliRunner().invoke(app, [
+        "train", "--data", str(data), "--preset", "finetune", "--no-cache", "--name", "nc",
+        "--runs-dir", str(tmp_path / "runs"), *[f"--set={k}={v}" for k, v in settings.items()]])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "nc"
     split = next(s.split for s in read_manifest(run / "split.csv") if s.path == str(bad))
     assert read_rows(run / "skipped_files.csv") == [{"split": split, "path": str(bad)}]
     assert not list(run.glob(".unreadable-*"))  # the stages' own lists go when they end
+    said = " ".join(result.output.split())  # the console wraps long lines
+    assert f"1 film(s) could not be read and were skipped: {run / 'skipped_files.csv'}" in said
 
 
 def test_trainer_settings_lightning_refuses_are_config_errors(tiny_kaggle, tmp_path):

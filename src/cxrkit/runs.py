@@ -48,6 +48,7 @@ CALIBRATION = "calibration.json"
 LABELS = "labels.json"
 EVAL_DIR = "eval"  # RUN/eval/<split>/: metrics.json, predictions.csv, figures
 ADAPTATION = "adaptation.json"  # what `cxr adapt` did to a run's model
+SKIPPED = "skipped_files.csv"  # the films training could not read
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0,

@@ -25,6 +25,7 @@ from cxrkit.config import (
 )
 from cxrkit.data.kaggle import KaggleDownloadError
 from cxrkit.data.layout import DataLayoutError
+from cxrkit.runs import SKIPPED
 
 # Narrower than the other commands' USER_ERRORS: a bare ValueError from deep inside a
 # training run is a bug, and keeps its traceback.
@@ -205,7 +206,17 @@ def train(
     if rank_zero_only.rank != 0:  # a process Lightning launched: rank 0 reports
         return
     show_table(metrics_table(run))
+    say_skipped(run)
     typer.echo(run)
+
+
+def say_skipped(run: Path) -> None:
+    """Last before the run folder: the warnings that named them scrolled by long ago."""
+    skipped = run / SKIPPED
+    if skipped.is_file():
+        films = len(skipped.read_text().splitlines()) - 1  # its header
+        console.print(f"[yellow]{films} film(s) could not be read and were skipped: "
+                      f"{escape(str(skipped))} lists them; `cxr data audit` says why[/]")
 
 
 @app.command("lr-find")

@@ -56,7 +56,14 @@ from cxrkit.labels import positive_index, positive_is_guessed
 from cxrkit.models import Classifier, create_model
 from cxrkit.models.ensemble import Ensemble
 from cxrkit.plots import extra_formats, save_figure
-from cxrkit.runs import MODEL_WEIGHTS, TRAINING_LOCK, load_model, save_model, training_lock
+from cxrkit.runs import (
+    MODEL_WEIGHTS,
+    SKIPPED,
+    TRAINING_LOCK,
+    load_model,
+    save_model,
+    training_lock,
+)
 from cxrkit.training.callbacks import (
     BEST,
     LAST,
@@ -85,7 +92,6 @@ CONFIG = "config.yaml"
 SPLIT = "split.csv"
 PROGRESS = "stages.json"
 VAL_METRICS = "val_metrics.json"
-SKIPPED = "skipped_files.csv"
 RUN_DIR_ENV = "CXRKIT_RUN_DIR"  # hands the run folder to processes Lightning launches
 
 # Lightning warnings that are expected here: the run folder already holds config.yaml,
