@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -21,8 +22,12 @@ from tests.test_training import TINY
 
 
 def test_cxr_run_does_the_whole_job_on_the_default_recipe_as_an_ensemble(tiny_kaggle, tmp_path):
+    data = tmp_path / "data"  # with one film that cannot be read
+    shutil.copytree(tiny_kaggle, data)
+    bad = data / "train" / "NORMAL" / "IM-9999-0001.jpeg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     result = CliRunner().invoke(app, [
-        "run", str(tiny_kaggle), "--preset", "default", "--runs-dir", str(tmp_path / "runs"),
+        "run", str(data), "--preset", "default", "--runs-dir", str(tmp_path / "runs"),
         "--name", "main", *[f"--set={k}={v}" for k, v in TINY.items()],
         f"--set=data.cache_dir={tmp_path / 'cache'}", "--set=stages.0.epochs=2",
         "--set=model.ensemble_with=[simple_cnn]", "--framing-threshold"])
@@ -31,7 +36,7 @@ def test_cxr_run_does_the_whole_job_on_the_default_recipe_as_an_ensemble(tiny_ka
     assert run == (tmp_path / "runs" / "main").absolute()
     assert sorted(p.name for p in (run / "members").iterdir()) == ["0-simple_cnn", "1-simple_cnn"]
     audit = json.loads((run / "audit" / "audit.json").read_text())
-    assert audit["n_images"] == 64 and audit["counts"]["test"] == {"NORMAL": 8, "PNEUMONIA": 8}
+    assert audit["n_images"] == 65 and audit["counts"]["test"] == {"NORMAL": 8, "PNEUMONIA": 8}
     metrics = json.loads((run / "eval" / "test" / "metrics.json").read_text())
     assert metrics["n"] == 16 and 0 <= metrics["roc_auc"]["value"] <= 1
     chosen_on = json.loads((run / "calibration.json").read_text())["chosen_on"]
@@ -42,6 +47,8 @@ def test_cxr_run_does_the_whole_job_on_the_default_recipe_as_an_ensemble(tiny_ka
     said = " ".join(result.output.split())  # the job's results, not only a folder
     assert "Validation (" in said and "ensemble of 2 members" in said
     assert "test (16 films, at the deployed threshold): Accuracy " in said
+    assert f"1 film(s) could not be read and were skipped: {run / 'skipped_files.csv'}" in said
+    assert str(bad) in (run / "skipped_files.csv").read_text()
 
 
 def test_the_main_job_from_python(tiny_kaggle, tmp_path, caplog):

@@ -26,6 +26,7 @@ from cxrkit.cli.train import (
     interrupted,
     metrics_table,
     refuse_options_beside_resume,
+    say_skipped,
 )
 
 
@@ -65,6 +66,7 @@ def run_all(
     except TrainingInterrupted as e:
         interrupted(e, "cxr run")  # which evaluates and reports too
     show_table(metrics_table(job.folder))
+    say_skipped(job.folder)
     test = json.loads((job.evaluation / "metrics.json").read_text())
     rule = "at the deployed threshold" if test["deployed_threshold"] is not None else "argmax"
     console.print(f"test ({test['n']} films, {rule}): " + ", ".join(

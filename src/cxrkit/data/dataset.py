@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,13 +45,18 @@ class UnreadableLog:
 
     @staticmethod
     def read(file: Path) -> dict[str, list[str]]:
-        """Per split, the films logged, each once, in the order first found."""
-        found: dict[str, dict[str, None]] = {}
-        if file.is_file():
-            with open(file, newline="") as f:
-                for split, path in csv.reader(f):
-                    found.setdefault(split, {})[path] = None
-        return {split: list(paths) for split, paths in found.items()}
+        if not file.is_file():
+            return {}
+        with open(file, newline="") as f:
+            return films_by_split(csv.reader(f))
+
+
+def films_by_split(rows: Iterable[Sequence[str]]) -> dict[str, list[str]]:
+    """(split, path) rows -> per split, each path once, in the order first found."""
+    found: dict[str, dict[str, None]] = {}
+    for split, path in rows:
+        found.setdefault(split, {})[path] = None
+    return {split: list(paths) for split, paths in found.items()}
 
 
 class XrayDataset(Dataset):

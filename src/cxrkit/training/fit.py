@@ -48,6 +48,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cxrkit.adapt import adapt_batchnorm
 from cxrkit.config import ConfigError, StageConfig, TrainConfig, to_dict
+from cxrkit.data.dataset import films_by_split
 from cxrkit.data.io import written_whole
 from cxrkit.data.layout import DataLayoutError, Sample
 from cxrkit.data.split import read_manifest, test_patients_seen_in_training, write_manifest
@@ -433,6 +434,16 @@ def _write_skipped(folder: Path, unreadable: dict[str, list[str]]) -> None:
                              for path in paths)
 
 
+def _skipped_by_any(runs: list[Path]) -> dict[str, list[str]]:
+    """Per split, the films any of `runs` (an ensemble's members) listed as skipped."""
+    rows = []
+    for folder in runs:
+        if (folder / SKIPPED).is_file():
+            with open(folder / SKIPPED, newline="") as f:
+                rows += [(row["split"], row["path"]) for row in csv.DictReader(f)]
+    return films_by_split(rows)
+
+
 def validation_metrics(model: Classifier | Ensemble, criterion: torch.nn.Module,
                        run: Run) -> dict:
     """The final model scored on the validation images, read from disk as `cxr predict` does,
@@ -515,6 +526,7 @@ def train_ensemble(run: Run) -> Path:
         if not (folder / MODEL_WEIGHTS).is_file():
             train_run(open_run(folder) if started else member_run(run, index, name, folder))
         members.append(folder)
+    _write_skipped(run.folder, _skipped_by_any(members))
     model = Ensemble([load_model(m) for m in members]).eval()
     save_model(model, run.folder)
     counts = class_counts(run.samples, run.classes)
