@@ -26,6 +26,8 @@ from cxrkit.report import (
     caveats,
     compare_runs,
     embedded_figure,
+    metric_rows,
+    stale_note,
     summary,
     val_rows,
     write_compare_csv,
@@ -352,6 +354,29 @@ def test_report_and_compare_follow_the_deployed_calibration(trained_run, tmp_pat
     assert row["threshold"] == read_calibration(run).threshold == test["deployed_threshold"]
     page = " ".join(build_report(run).read_text().split())
     assert page.count("evaluated with an earlier calibration") == 1  # the site's, not test
+
+
+def test_the_deployed_point_is_the_current_evaluations_not_a_stale_ones():
+    """`cxr evaluate`, then `cxr evaluate --split val --target-sensitivity 0.95` (deploys
+    another point), then `cxr report --split val`: the stale test evaluation comes first, and
+    its deployed point was headed "(deployed)"."""
+    def point(threshold):
+        return {"threshold": threshold, "specificity": {"value": 0.9, "ci95": [0.8, 0.95]}}
+
+    stale_test = {"positive_class": "PNEUMONIA", "deployed_operating_point": "validation",
+                  "operating_points": {"validation": point(0.4)}, "current": False}
+    current_val = {"positive_class": "PNEUMONIA", "deployed_operating_point": "target_sensitivity",
+                   "operating_points": {"validation": point(0.4),
+                                        "target_sensitivity": point(0.2)}, "current": True}
+    groups = list(dict.fromkeys(r["group"] for r in metric_rows([stale_test, current_val])
+                                if "threshold (" in r["group"] or "deployed" in r["group"]))
+    assert groups[0].endswith("(deployed)") and "sensitivity" in groups[0]
+    assert not any(g.endswith("(deployed)") for g in groups[1:])
+    # a stale evaluation of several classes had no threshold (it said 0.0000), nor a
+    # temperature if older than the calibration record (it raised)
+    assert stale_note({"deployed_threshold": None, "calibrated": {"temperature": 1.5}}
+                      ).startswith("evaluated with an earlier calibration (argmax, T=1.500)")
+    assert "(threshold 0.2500, T=1.000)" in stale_note({"deployed_threshold": 0.25})
 
 
 def test_the_summary_names_a_framing_shortcut_worse_calibration_and_shared_ids():

@@ -104,7 +104,7 @@ KERMANY_TEST_FILMS = 624
 FRAMING_DROP = 0.10  # specificity lost to a tighter framing that the summary calls a shortcut
 # The audit's advice to carve a validation split: a run carves its own (split.csv, below).
 RUN_SPLITS_ITSELF = "no val split:"
-STALE = ("evaluated with an earlier calibration (threshold {:.4f}, T={:.3f}), not the deployed "
+STALE = ("evaluated with an earlier calibration ({}, T={:.3f}), not the deployed "
          "one: these numbers are not those of the decision rule `cxr predict` uses. Run `cxr "
          "evaluate` again to update them.")
 LIMITATIONS = [
@@ -322,7 +322,9 @@ def metric_rows(evals: list[dict]) -> list[dict]:
                                       "bound, not an operating point)",
                              "name": title.format(level), "cells": cells})
         points = list(dict.fromkeys(p for m in evals for p in m.get("operating_points", {})))
-        deployed = evals[0].get("deployed_operating_point") or "validation"
+        # as the evaluations at today's calibration deployed it, not a stale one before them
+        deployed = next((m.get("deployed_operating_point") for m in evals
+                         if m.get("current", True)), None) or "validation"
         points.sort(key=lambda p: p != deployed)  # the deployed one first
         for point in points:
             ops = [m.get("operating_points", {}).get(point, {}) for m in evals]
@@ -774,6 +776,12 @@ def _training_curves(run: Path) -> Path:
     return plot_curves(run) if (run / METRICS_CSV).is_file() else run / CURVES_PNG
 
 
+def stale_note(metrics: dict) -> str:
+    threshold = metrics.get("deployed_threshold")  # None: several classes, argmax
+    return STALE.format("argmax" if threshold is None else f"threshold {threshold:.4f}",
+                        metrics.get("calibrated", {}).get("temperature", 1.0))
+
+
 def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = True,
                  audit: str | Path | None = None) -> Path:
     """Write RUN/report.html (evaluating RUN's `split` first if it has no evaluation yet).
@@ -790,8 +798,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
         m["figures"], m["title"] = _figures(m["folder"], m), _title(m)
         m["current"] = at_calibration(m, calibration)
         if not m["current"]:
-            m["notes"] = [*m.get("notes", []), STALE.format(
-                m.get("deployed_threshold") or 0.0, m.get("calibrated", {}).get("temperature"))]
+            m["notes"] = [*m.get("notes", []), stale_note(m)]
     current = [m for m in evals if m["current"]]
     test = next((m for m in current if m["split"] == "test" and not m.get("external")), None)
     binary_test = test if test and test.get("positive_class") else None
