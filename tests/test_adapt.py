@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cxrkit.adapt import adapt_batchnorm, adapt_run, target_images
+from cxrkit.adapt import adapt_batchnorm, adapt_run, is_transductive, target_images
 from cxrkit.cli import app
 from cxrkit.evaluation import evaluate_run
 from cxrkit.evaluation.evaluate import deployed_options
@@ -169,10 +169,11 @@ def test_an_adapted_run_says_so_in_its_evaluations_and_report(trained_run, tiny_
     """Adapted to the test films, then evaluated on them: honest only if it says so."""
     run = shutil.copytree(trained_run, tmp_path / "run")
     adapted = adapt_run(run, tiny_kaggle, split="test")
-    notes = json.loads((evaluate_run(adapted, bootstrap=10, figures=False, device="cpu")
-                        / "metrics.json").read_text())["notes"]
+    metrics = json.loads((evaluate_run(adapted, bootstrap=10, figures=False, device="cpu")
+                          / "metrics.json").read_text())
     assert any("adapted with `cxr adapt`" in n and "16 of the 16 films evaluated are among "
-               "them (transductive" in n for n in notes)
+               "them (transductive" in n for n in metrics["notes"])
+    assert metrics["adapted_to_films"] == 16 and is_transductive(metrics)
     plain = evaluate_run(run, bootstrap=10, figures=False, device="cpu")
     assert not any("adapt" in n for n in json.loads((plain / "metrics.json").read_text())["notes"])
     page = " ".join(build_report(adapted).read_text().split())
@@ -183,3 +184,18 @@ def test_an_adapted_run_says_so_in_its_evaluations_and_report(trained_run, tiny_
     result = CliRunner().invoke(app, ["compare", str(run), str(adapted)])
     assert result.exit_code == 0 and "run-adapted was adapted (`cxr adapt`) to these films" in (
         " ".join(result.output.split()))
+
+
+
+def test_a_run_adapted_to_other_films_is_not_transductive_whatever_their_folders_name(
+        trained_run, tiny_kaggle, tmp_path):
+    """Its notes name the site's folder: one called transductive-study made the report and
+    `cxr compare` call the result on the run's own test films transductive."""
+    site = shutil.copytree(tiny_kaggle, tmp_path / "transductive-study")
+    adapted = adapt_run(trained_run, site, split="test", out=tmp_path / "adapted")
+    folder = evaluate_run(adapted, bootstrap=10, figures=False, device="cpu")  # its own test
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["adapted_to_films"] == 0 and not is_transductive(metrics)
+    assert any("transductive-study" in n for n in metrics["notes"])
+    page = " ".join(build_report(adapted).read_text().split())
+    assert "to these very films" not in page

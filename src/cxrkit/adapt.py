@@ -150,26 +150,35 @@ def describe_adaptation(done: dict) -> str:
             + (f" (split {done['target_split']})." if done.get("target_split") else "."))
 
 
-def adaptation_note(run: Path, evaluated: list[str]) -> str | None:
+def adaptation_note(run: Path, evaluated: list[str]) -> tuple[str | None, int]:
     """What `cxr adapt` did to RUN's model, for its evaluations and report (None if nothing),
-    and whether the films evaluated are among those it adapted to: that is transductive, a
-    result to report apart from one on films the model never saw."""
+    and how many of the films evaluated are among those it adapted to: a result on them is
+    transductive, to report apart from one on films the model never saw."""
     file = run / ADAPTATION
     if not file.is_file():
-        return None
+        return None, 0
     done = json.loads(file.read_text())
     note = describe_adaptation(done)
     try:
         adapted_on = {str(Path(p).resolve()) for p in target_images(done["target_data"],
                                                                    done["target_split"])}
     except (DataLayoutError, OSError, ValueError):
-        return note + " Those films are no longer where they were: overlap not checked."
+        return note + " Those films are no longer where they were: overlap not checked.", 0
     shared = sum(str(Path(p).resolve()) in adapted_on for p in evaluated)
     if shared:
         note += (f" {shared} of the {len(evaluated)} films evaluated are among them "
                  f"(transductive: their labels were never used, but report this apart from "
                  f"results on films the model never saw).")
-    return note
+    return note, shared
+
+
+def is_transductive(metrics: dict) -> bool:
+    """Whether an evaluation (its metrics.json) scored films its model was adapted to; those
+    written before the count was recorded say so in a note."""
+    if "adapted_to_films" in metrics:
+        return metrics["adapted_to_films"] > 0
+    return any("films evaluated are among them (transductive:" in note
+               for note in metrics.get("notes", []))
 
 
 def source_calibration_options(run: Path) -> dict:

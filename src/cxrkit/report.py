@@ -25,7 +25,7 @@ from markupsafe import Markup
 from PIL import Image
 
 from cxrkit import __version__
-from cxrkit.adapt import describe_adaptation
+from cxrkit.adapt import describe_adaptation, is_transductive
 from cxrkit.data.audit_report import with_code
 from cxrkit.data.patients import DEFAULT_PATTERNS
 from cxrkit.data.split import read_manifest, shared_patients, test_patients_seen_in_training
@@ -759,7 +759,7 @@ def caveats(evals: list[dict], split: dict | None,
                          f"probabilities less calibrated (ECE {before['value']:.3f} → "
                          f"{after['value']:.3f}): read them as scores.")
     for m in evals:
-        if any("transductive" in note for note in m.get("notes", [])):
+        if is_transductive(m):
             found.append(f"on {m['title']}, the model was adapted (`cxr adapt`) to these very "
                          "films: a transductive result, to report apart from films it never "
                          "saw.")
@@ -854,7 +854,7 @@ def compare_runs(runs: list[str | Path], split: str = "test", paired: bool = Fal
         threshold = deployed_point(metrics).get("threshold")
         rows.append({"run": str(model_folder(run)), "model": metrics.get("model", ""),
                      "split": split, "n": metrics["n"], "threshold": threshold,
-                     "transductive": any("transductive" in n for n in metrics.get("notes", [])),
+                     "transductive": is_transductive(metrics),
                      **headline(metrics),
                      SPEC_AT_SENS: metrics.get(block, {}).get(level)})
     films = [_films(folder) for folder in folders]

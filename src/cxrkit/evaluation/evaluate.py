@@ -749,7 +749,8 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         where = origin
     if calibrate_on is not None:  # before any film is scored
         refuse_overlap(val_samples, samples, source, origin, reapplied)
-    if adapted := adaptation_note(run, [s.path for s in samples]):
+    adapted, adapted_to_films = adaptation_note(run, [s.path for s in samples])
+    if adapted:
         notes.append(adapted)
 
     val = infer(val_samples, val_where)
@@ -836,6 +837,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         "threshold_chosen_on": calibration.chosen_on,
         "deployed_threshold": report_threshold,
         "deployed_operating_point": deployed_name(thresholds),
+        "adapted_to_films": adapted_to_films,  # transductive when > 0 (`cxr adapt`)
         "bootstrap": {"resamples": bootstrap, "seed": seed, "ci": "95% percentile interval; "
                       "accuracy, sensitivity, specificity, PPV and NPV widened to their Wilson "
                       "interval (on films) where that is wider, as at 0% and 100%",
