@@ -224,3 +224,24 @@ def test_a_manifest_saved_by_excel_is_read_and_a_wrong_header_is_named(tmp_path,
     with pytest.raises(DataLayoutError, match="needs the header `path,label.*; it has 'file', "
                                               "'class'"):
         load_source(wrong)
+
+
+def test_links_back_into_the_dataset_never_relabel_its_films(tmp_path, caplog):
+    """`shortcut -> ..` in train/NORMAL read train/PNEUMONIA's films as NORMAL, silently;
+    a link to another class folder did the same. A link out of the dataset is followed."""
+    root = make_kaggle_tree(tmp_path / "data", {"train": 4, "test": 2})
+    normal = root / "train" / "NORMAL"
+    (normal / "shortcut").symlink_to("..")
+    (normal / "more").symlink_to(root / "train" / "PNEUMONIA")
+    (normal / "upper").symlink_to(tmp_path)  # above the dataset: holds it all
+    outside = tmp_path / "second-disk"
+    outside.mkdir()
+    synthetic_film("NORMAL", 7).save(outside / "kept.png")
+    (normal / "external").symlink_to(outside)
+    source = load_source(root)
+    assert source.counts()["train"] == {"NORMAL": 5, "PNEUMONIA": 4}
+    assert str(normal / "external" / "kept.png") in {s.path for s in source.samples}
+    for link in ("shortcut", "more", "upper"):
+        assert sum(f"{normal / link} links to" in n and "not followed" in n
+                   for n in source.notes) == 1, link
+        assert f"{normal / link} links to" in caplog.text  # `cxr train` says it too

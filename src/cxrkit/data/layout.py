@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from pathlib import Path
 from cxrkit.data.io import is_image_file
 from cxrkit.data.kaggle import resolve_data
 from cxrkit.data.patients import PatientIdParser
+
+log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "val", "test")
 JUNK_DIRS = {"__MACOSX", ".ipynb_checkpoints"}
@@ -71,8 +74,15 @@ class DataSource:
 def images_under(folder: Path) -> list[Path]:
     """The image files below `folder`, through linked folders too (each real folder once, by
     the first path to it in name order), but not in hidden or junk folders (.git, __MACOSX,
-    ...) nor macOS's `._` shadows."""
-    return sorted(p for p in _files_under(folder) if is_image_file(p))
+    ...) nor macOS's `._` shadows, nor through a link back up to `folder` or above it."""
+    files, unfollowed = _files_under(folder)
+    _warn(unfollowed)
+    return sorted(p for p in files if is_image_file(p))
+
+
+def _warn(unfollowed: list[str]) -> None:
+    for note in unfollowed:  # said as the films are listed, by every command that lists them
+        log.warning(note)
 
 
 def unrecognised_under(folder: Path) -> list[Path]:
@@ -80,23 +90,47 @@ def unrecognised_under(folder: Path) -> list[Path]:
     with a numeric one: IM0001, 1.2.840.1) that `images_under` passes over: no DICOM,
     JPEG or PNG start (data/io.is_image_file). (.DS_Store, README, LICENSE are no such
     names.)"""
-    return sorted(p for p in _files_under(folder)
+    return sorted(p for p in _files_under(folder)[0]
                   if (not p.suffix or p.suffix[1:].isdigit()) and not p.name.startswith(".")
                   and any(c.isdigit() for c in p.name) and not is_image_file(p))
 
 
-def _files_under(folder: Path) -> list[Path]:
-    found, seen = [], set()
+def _files_under(folder: Path, dataset: Path | None = None) -> tuple[list[Path], list[str]]:
+    """The files below `folder`, and a note for each linked folder not followed: one that
+    holds `folder` (a loop: `shortcut -> ..` would bring in the sibling folders), or one
+    elsewhere in `dataset` (another class's or split's films would take this folder's label).
+    Links to folders outside the dataset are followed: films kept on another disk."""
+    found, seen, unfollowed = [], set(), []
     for top, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
-        if real in seen:  # a link back up the tree, or a second link to one folder
+        if real in seen:  # a second link to one folder
             dirs[:] = []
             continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if d not in JUNK_DIRS and not d.startswith("."))
+        for name in list(dirs):
+            if why := _link_leads_back(Path(top, name), folder, dataset):
+                dirs.remove(name)
+                unfollowed.append(why)
         found += [p for p in map(Path(top).joinpath, files)
                   if not p.name.startswith("._") and p.is_file()]
-    return found
+    return found, unfollowed
+
+
+def _link_leads_back(link: Path, folder: Path, dataset: Path | None) -> str | None:
+    """Why the linked folder `link` is not followed, if it is not."""
+    if not link.is_symlink():
+        return None
+    target, inside = Path(os.path.realpath(link)), Path(os.path.realpath(folder))
+    if inside.is_relative_to(target):
+        return (f"{link} links to {target}, which holds {folder}: not followed (a loop; it "
+                f"would read {folder}'s neighbours as {folder.name}). Remove the link.")
+    if dataset is not None and target.is_relative_to(os.path.realpath(dataset)) \
+            and not target.is_relative_to(inside):
+        return (f"{link} links to {target}, another folder of the dataset: not followed (its "
+                f"films would be read as {folder.name} too). Remove the link, or move the "
+                f"films into {folder}.")
+    return None
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -115,14 +149,17 @@ def _find_kaggle_root(root: Path) -> Path | None:
 
 
 def _read_class_tree(folder: Path, split: str, parse: PatientIdParser,
-                     root: Path) -> list[Sample]:
-    """The films under folder/<class>/, each with its patient from its path under `root`."""
-    samples = []
+                     root: Path) -> tuple[list[Sample], list[str]]:
+    """The films under folder/<class>/, each with its patient from its path under `root`,
+    and a note for each linked folder not followed."""
+    samples, notes = [], []
     for class_dir in _subdirs(folder):
-        for path in images_under(class_dir):
-            samples.append(Sample(str(path), class_dir.name, split,
-                                  parse(path.relative_to(root))))
-    return samples
+        files, unfollowed = _files_under(class_dir, dataset=root)
+        samples += [Sample(str(path), class_dir.name, split, parse(path.relative_to(root)))
+                    for path in sorted(p for p in files if is_image_file(p))]
+        notes += unfollowed
+    _warn(notes)
+    return samples, notes
 
 
 def _check_class_names(samples: list[Sample], where: Path) -> None:
@@ -154,7 +191,9 @@ def _from_kaggle(root: Path, parse: PatientIdParser) -> DataSource:
     for split in SPLIT_NAMES:
         if (root / split).is_dir():
             # Only class folders count: the nested chest_xray/ copy is not a class.
-            samples += _read_class_tree(root / split, split, parse, root)
+            films, unfollowed = _read_class_tree(root / split, split, parse, root)
+            samples += films
+            notes += unfollowed
     _check_class_names(samples, root)
     classes = sorted({s.label for s in samples})
     for split in ("train", "test"):
@@ -168,7 +207,7 @@ def _from_kaggle(root: Path, parse: PatientIdParser) -> DataSource:
 
 
 def _from_class_folders(root: Path, parse: PatientIdParser) -> DataSource:
-    samples = _read_class_tree(root, "", parse, root)
+    samples, notes = _read_class_tree(root, "", parse, root)
     split_folders = sorted({s.label for s in samples if s.label.lower() in SPLIT_NAMES})
     if split_folders:
         raise DataLayoutError(
@@ -179,7 +218,7 @@ def _from_class_folders(root: Path, parse: PatientIdParser) -> DataSource:
     _check_class_names(samples, root)
     classes = sorted({s.label for s in samples})
     empty = [d.name for d in _subdirs(root) if d.name not in classes]
-    notes = [f"ignored empty folders: {', '.join(empty)}"] if empty else []
+    notes += [f"ignored empty folders: {', '.join(empty)}"] if empty else []
     return DataSource(root, "classes", samples, classes, notes)
 
 
