@@ -52,7 +52,7 @@ def default_run(data: Path, epochs: int, runs_dir: Path) -> dict:
     seconds = time.perf_counter() - start
     stage = json.loads((run / "stages.json").read_text())["train"]
     metrics = json.loads((run / "val_metrics.json").read_text())
-    with open(run / "metrics.csv", newline="") as f:
+    with open(run / "metrics.csv", encoding="utf-8", newline="") as f:
         epochs_logged = [row for row in csv.DictReader(f) if row["epoch_seconds"]]
     return {"run": str(run), "run_seconds": round(seconds, 1), "fit_seconds": stage["seconds"],
             "epochs": stage["epochs"], "steps": stage["global_step"],

@@ -36,7 +36,7 @@ Fitted = tuple[float, list[float]]
 
 def read_logits(file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(logits [N, K], class index [N], patient [N]) from an evaluation's predictions.csv."""
-    rows = list(csv.DictReader(file.open()))
+    rows = list(csv.DictReader(file.open(encoding="utf-8")))
     labels = [k.removeprefix("logit_") for k in rows[0] if k.startswith("logit_")]
     logits = np.array([[float(r[f"logit_{name}"]) for name in labels] for r in rows])
     y = np.array([labels.index(r["label"]) for r in rows])

@@ -63,7 +63,7 @@ def cross_fitted(folders: list[Path]) -> str:
     """Accuracy / sensitivity / specificity over the films of every folder together."""
     rows = []
     for folder in folders:
-        with open(folder / "predictions.csv", newline="") as f:
+        with open(folder / "predictions.csv", encoding="utf-8", newline="") as f:
             rows += list(csv.DictReader(f))
     truth = np.array([r["label"] == "PNEUMONIA" for r in rows])
     called = np.array([r["predicted"] == "PNEUMONIA" for r in rows])

@@ -42,7 +42,7 @@ def copy_run(trained_run, tmp_path):
 
 
 def read_rows(path):
-    with open(path, newline="") as f:
+    with open(path, encoding="utf-8", newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -160,7 +160,7 @@ def test_a_patient_id_a_spreadsheet_would_run_is_written_as_text(trained_run, tm
                if s.split == "test" else s for s in read_manifest(run / "split.csv")]
     write_manifest(samples, run / "split.csv")
     out = evaluate_run(run, bootstrap=0, figures=False, device="cpu")
-    with open(out / "predictions.csv", newline="") as f:
+    with open(out / "predictions.csv", encoding="utf-8", newline="") as f:
         ids = {row["patient_id"] for row in csv.DictReader(f)}
     assert ids == {"'=HYPERLINK(\"http://evil.example\")"}
     assert len(read_scored(out).groups) == len(samples) - sum(s.split != "test" for s in samples)

@@ -73,7 +73,7 @@ def test_csv_manifest_with_relative_paths(tmp_path, tiny_kaggle):
             ("images/NORMAL/IM-0000-0001.jpeg", "NORMAL", "val", "p7"),
             ("images/PNEUMONIA/person0_bacteria_0.jpeg", "PNEUMONIA", "test", "")]
     manifest = tmp_path / "list.csv"
-    with open(manifest, "w", newline="") as f:
+    with open(manifest, "w", encoding="utf-8", newline="") as f:
         csv.writer(f).writerows([("path", "label", "split", "patient_id"), *rows])
     source = load_source(manifest)
     assert source.layout == "manifest"
@@ -224,6 +224,16 @@ def test_a_manifest_saved_by_excel_is_read_and_a_wrong_header_is_named(tmp_path,
     with pytest.raises(DataLayoutError, match="needs the header `path,label.*; it has 'file', "
                                               "'class'"):
         load_source(wrong)
+    semicolons = tmp_path / "semicolons.csv"
+    semicolons.write_text(f"path;label\n{films[0]};NORMAL\n")
+    with pytest.raises(DataLayoutError, match="it has 'path;label' .columns separated by "
+                                              "semicolons.*separate them with commas"):
+        load_source(semicolons)
+    windows = tmp_path / "windows.csv"  # Excel's plain "CSV (Comma delimited)" on Windows
+    windows.write_bytes(f"path,label\n{films[0]},NORMAL\n".encode() + b"R\xf6ntgen.png,NORMAL\n")
+    with pytest.raises(DataLayoutError, match=r"windows.csv is not UTF-8 text \(byte 0xf6 on "
+                                              r"line 3\): save it as UTF-8 \(Excel: Save As"):
+        load_source(windows)
 
 
 def test_links_back_into_the_dataset_never_relabel_its_films(tmp_path, caplog):

@@ -110,7 +110,7 @@ def test_compare_paired_rows_csv_and_cli(two_runs, tmp_path):
     rows = compare_runs([first, second], paired=True)
     assert "paired" not in rows[0] and rows[1]["paired"]["n"] == 16
     out = write_compare_csv(rows, tmp_path / "table.csv")
-    with open(out, newline="") as f:
+    with open(out, encoding="utf-8", newline="") as f:
         table = list(csv.DictReader(f))
     assert table[0]["diff_roc_auc"] == "" and table[1]["paired_n"] == "16"
     assert float(table[1]["diff_roc_auc"]) == pytest.approx(

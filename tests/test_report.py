@@ -185,9 +185,9 @@ def test_the_kermany_test_split_is_compared_with_the_published_results(reported)
     run, _ = reported
     kermany = shutil.copytree(run, run.parent / "kermany")
     folder = kermany / "eval" / "test"
-    with open(folder / "predictions.csv", newline="") as f:
+    with open(folder / "predictions.csv", encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
-    with open(folder / "predictions.csv", "w", newline="") as f:
+    with open(folder / "predictions.csv", "w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         for i in range(624):
@@ -288,7 +288,7 @@ def test_compare_runs_table_and_csv(reported, tmp_path, caplog):
     assert rows[0]["threshold"] == at_val["threshold"]
     out = write_compare_csv(rows, tmp_path / "new" / "table.csv")  # its folder made
     assert write_compare_csv(rows, tmp_path) == tmp_path / "compare.csv"  # a folder given
-    with open(out, newline="") as f:
+    with open(out, encoding="utf-8", newline="") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 2
     assert float(table[0]["accuracy"]) == pytest.approx(at_val["accuracy"]["value"])

@@ -71,7 +71,7 @@ def kill_mid_epoch(args: list[str], run: Path) -> dict:
 
 
 def val_rows(run: Path) -> list[dict[str, str]]:
-    with open(run / "metrics.csv", newline="") as f:
+    with open(run / "metrics.csv", encoding="utf-8", newline="") as f:
         return [r for r in csv.DictReader(f) if r["val_loss"] and r["stage"] == "finetune"]
 
 
@@ -103,7 +103,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_kaggle, tmp_path
     assert stages["finetune"]["global_step"] == FINETUNE_EPOCHS * STEPS_PER_EPOCH
     # stage 1 was not trained again; stage 2 went on from the checkpoint, not from step 0
     assert not (killed / "logs" / "head" / "version_1").exists()
-    with open(killed / "logs" / "finetune" / "version_1" / "metrics.csv", newline="") as f:
+    log = killed / "logs" / "finetune" / "version_1" / "metrics.csv"
+    with open(log, encoding="utf-8", newline="") as f:
         assert min(int(r["step"]) for r in csv.DictReader(f)) >= step
     rows, expected_rows = val_rows(killed), val_rows(uninterrupted)
     assert [r["epoch"] for r in rows] == [str(e) for e in range(FINETUNE_EPOCHS)]
@@ -297,7 +298,7 @@ def interrupt_at_step(config, step: int, monkeypatch) -> None:
 
 def column(run: Path, name: str) -> list[float]:
     """The values of metrics.csv's column `name`, in order, to 6 decimals."""
-    with open(run / "metrics.csv", newline="") as f:
+    with open(run / "metrics.csv", encoding="utf-8", newline="") as f:
         return [round(float(r[name]), 6) for r in csv.DictReader(f) if r[name]]
 
 

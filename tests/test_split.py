@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -166,3 +169,23 @@ def test_the_datas_own_val_films_are_split_by_patient_with_train():
     samples += [Sample(f"/v/{lab}.png", lab, "val", f"{lab}0") for lab in ("N", "P")]
     split = patient_split(samples, 0.2, seed=0)
     assert shared_patients(split, "train", "val") == set()
+
+
+def test_manifests_are_utf8_whatever_the_locale(tmp_path):
+    """Where the locale's encoding is not UTF-8 (Windows' code pages; here ASCII), split.csv
+    could not hold a film named in German or Chinese; predictions.csv neither."""
+    script = tmp_path / "names.py"
+    script.write_text(
+        "from cxrkit.data.layout import Sample, load_source\n"
+        "from cxrkit.data.split import read_manifest, write_manifest\n"
+        "from cxrkit.predict import Prediction, write_predictions\n"
+        "name = 'R\\u00f6ntgen \\u80f8\\u90e8.png'\n"
+        "films = [Sample(f'/films/{c}/{name}', c, 'train', 'p1') for c in ('A', 'B')]\n"
+        "path = write_manifest(films, 'split.csv')\n"
+        "assert read_manifest(path) == films and load_source(path).samples == films\n"
+        "write_predictions([Prediction(name, 'A', {'A': 1.0, 'B': 0.0})], 'p.csv')\n"
+        "assert name in open('p.csv', encoding='utf-8').read()\n", encoding="utf-8")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, encoding="utf-8")
+    assert done.returncode == 0, done.stderr

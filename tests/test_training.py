@@ -76,7 +76,7 @@ def tiny_config(data: Path, tmp: Path, preset: str = "scratch", **overrides) -> 
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
+    with open(path, encoding="utf-8", newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -103,7 +103,7 @@ def test_run_folder_holds_every_artifact(two_stage_run):
     assert list(stages) == ["head", "finetune"]
     assert stages["finetune"]["global_step"] == 4 * 5  # 40 training images / 8, 4 epochs
     assert all(record["seconds"] > 0 for record in stages.values())
-    with open(run / "metrics.csv", newline="") as f:
+    with open(run / "metrics.csv", encoding="utf-8", newline="") as f:
         speeds = [r for r in csv.DictReader(f) if r["stage"] == "finetune" and r["epoch_seconds"]]
     assert len(speeds) == 4  # one per epoch
     for row in speeds:  # 40 training images an epoch

@@ -125,8 +125,8 @@ def frozen_backbone_warning(run: Path) -> str | None:
         members = sorted(p for p in (run / "members").iterdir() if p.is_dir())
         return next(filter(None, map(frozen_backbone_warning, members)), None)
     try:
-        best = json.loads((run / "val_metrics.json").read_text())["best_stage"]
-        config = yaml.safe_load((run / "config.yaml").read_text())
+        best = json.loads((run / "val_metrics.json").read_text(encoding="utf-8"))["best_stage"]
+        config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
         stages = config["stages"]
     except (OSError, KeyError, TypeError, yaml.YAMLError):
         return None  # not a `cxr train` run: nothing to judge by
@@ -157,7 +157,7 @@ def adaptation_note(run: Path, evaluated: list[str]) -> tuple[str | None, int]:
     file = run / ADAPTATION
     if not file.is_file():
         return None, 0
-    done = json.loads(file.read_text())
+    done = json.loads(file.read_text(encoding="utf-8"))
     note = describe_adaptation(done)
     try:
         adapted_on = {str(Path(p).resolve()) for p in target_images(done["target_data"],
@@ -186,7 +186,9 @@ def source_calibration_options(run: Path) -> dict:
     operating point (--target-sensitivity, --framing-threshold, --calibrate-on), so that
     its first evaluation chooses again the same way, on its own logits."""
     done = run / ADAPTATION
-    return json.loads(done.read_text()).get("source_chosen_with", {}) if done.is_file() else {}
+    if not done.is_file():
+        return {}
+    return json.loads(done.read_text(encoding="utf-8")).get("source_chosen_with", {})
 
 
 def adapt_run(run: str | Path, data: str | Path, split: str | None = "test",

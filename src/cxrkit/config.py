@@ -259,7 +259,7 @@ class TrainConfig:
         defaults); a run's config.yaml holds them all."""
         path = Path(path)
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:  # also a binary file
             raise ConfigError(f"cannot read config {path} as YAML text: {e}") from e
         if not isinstance(values, dict):

@@ -41,7 +41,7 @@ def read_sidecar(path: str | Path) -> tuple[ModelSpec, Calibration]:
     path = Path(path)
     folder = path.parent if path.is_file() else path
     try:
-        meta = json.loads((folder / SIDECAR).read_text())
+        meta = json.loads((folder / SIDECAR).read_text(encoding="utf-8"))
         bias = meta.get("bias", [])  # exports before the bias had none
         calibration = Calibration(meta["threshold"], meta["temperature"],
                                   meta.get("threshold_chosen_on", "default"),

@@ -397,7 +397,7 @@ def write_predictions(predictions: Sequence[Prediction], path: str | Path) -> Pa
         path.write_text(json.dumps([asdict(p) for p in predictions], indent=2))
         return path
     labels = list(dict.fromkeys(k for p in predictions for k in p.probabilities))
-    with open(path, "w", newline="") as f:
+    with open(path, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label", *[f"p_{k}" for k in labels], "threshold", "error",
                          "warning", "cam"])

@@ -157,14 +157,14 @@ def embedded_figure(path: Path) -> dict | None:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
 
 def _read_config(run: Path) -> dict:
     try:
-        config = yaml.safe_load((run / "config.yaml").read_text())
+        config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return {}
     return config if isinstance(config, dict) else {}
@@ -379,7 +379,7 @@ def summary(folder: str | Path, tta: bool = False) -> dict[str, float | int | No
     as pneumonia or not), comparable with a two-class run's; its accuracy and ROC-AUC are
     over its classes (macro ROC-AUC), beside `balanced_accuracy`. Each value's 95% interval
     is in the folder's metrics.json."""
-    metrics = json.loads((Path(folder) / "metrics.json").read_text())
+    metrics = json.loads((Path(folder) / "metrics.json").read_text(encoding="utf-8"))
     if tta and "tta" not in metrics:
         raise ValueError(f"{folder} was evaluated without test-time augmentation: "
                          "evaluate_run(run, tta=True) first (`cxr evaluate RUN --tta`)")
@@ -395,7 +395,7 @@ def summary(folder: str | Path, tta: bool = False) -> dict[str, float | int | No
 
 def is_kermany_test(folder: Path) -> bool:
     """Whether an evaluation scored the Kermany test split: 624 films, all Kermany-named."""
-    with open(folder / "predictions.csv", newline="") as f:
+    with open(folder / "predictions.csv", encoding="utf-8", newline="") as f:
         names = [Path(row["path"]).name for row in csv.DictReader(f)]
     return len(names) == KERMANY_TEST_FILMS and all(
         any(re.match(pattern, name) for pattern in DEFAULT_PATTERNS) for name in names)
@@ -850,7 +850,7 @@ def compare_runs(runs: list[str | Path], split: str = "test", paired: bool = Fal
     rows, folders = [], [ensure_evaluated(run, split) for run in runs]
     block, level = SPEC_AT_SENS.split("/")  # metrics.json nests such keys
     for run, folder in zip(runs, folders, strict=True):
-        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
         threshold = deployed_point(metrics).get("threshold")
         rows.append({"run": str(model_folder(run)), "model": metrics.get("model", ""),
                      "split": split, "n": metrics["n"], "threshold": threshold,
@@ -871,7 +871,7 @@ def compare_runs(runs: list[str | Path], split: str = "test", paired: bool = Fal
 
 def _films(folder: Path) -> set[str]:
     """The films an evaluation scored (its predictions.csv)."""
-    with open(folder / "predictions.csv", newline="") as f:
+    with open(folder / "predictions.csv", encoding="utf-8", newline="") as f:
         return {str(Path(row["path"]).resolve()) for row in csv.DictReader(f)}
 
 
@@ -887,7 +887,7 @@ def write_compare_csv(rows: list[dict], path: str | Path) -> Path:
     paired = any("paired" in r for r in rows)
     if paired:
         columns += ["paired_n", *(f"diff_{k}{part}" for k in COMPARED for part in parts)]
-    with open(path, "w", newline="") as f:
+    with open(path, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
         w.writerow(columns)
         for r in rows:

@@ -163,7 +163,7 @@ def training_lock(folder: Path, held_here: bool = True) -> Iterator[None]:
     if not held_here or fcntl is None:  # (Windows: no advisory locks)
         yield
         return
-    with open(folder / TRAINING_LOCK, "a") as handle:
+    with open(folder / TRAINING_LOCK, "a", encoding="utf-8") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -180,7 +180,7 @@ def being_trained(folder: Path) -> bool:
     """Whether a process holds the run's `training_lock` now."""
     if fcntl is None or not (folder / TRAINING_LOCK).is_file():
         return False
-    with open(folder / TRAINING_LOCK) as handle:
+    with open(folder / TRAINING_LOCK, encoding="utf-8") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released as it closes
         except BlockingIOError:
@@ -211,7 +211,7 @@ def _damaged(file: Path, error: Exception) -> ValueError:
 def _model_description(folder: Path) -> dict:
     file = folder / MODEL_SPEC
     try:
-        described = json.loads(file.read_text())
+        described = json.loads(file.read_text(encoding="utf-8"))
         ModelSpec.from_dict(described)  # every field a model needs is there
     except (ValueError, KeyError, TypeError) as e:
         raise _damaged(file, e) from None
@@ -251,7 +251,7 @@ def read_calibration(path: str | Path) -> Calibration:
     if not file.is_file():
         return Calibration()
     try:
-        calibration = Calibration(**json.loads(file.read_text()))
+        calibration = Calibration(**json.loads(file.read_text(encoding="utf-8")))
         numbers = [calibration.threshold, calibration.temperature, *calibration.bias]
         if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in numbers):
             raise TypeError("threshold, temperature and bias must be numbers")

@@ -108,7 +108,7 @@ def evaluate_command(
                            reset_calibration=reset_calibration)
     except USER_ERRORS as e:
         fail(str(e))
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     show_table(_summary(metrics))
     for variant in variant_tables(metrics):
         rule = "deployed threshold" if metrics["deployed_threshold"] is not None else "argmax"

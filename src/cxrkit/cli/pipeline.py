@@ -67,7 +67,7 @@ def run_all(
         interrupted(e, "cxr run")  # which evaluates and reports too
     show_table(metrics_table(job.folder))
     say_skipped(job.folder)
-    test = json.loads((job.evaluation / "metrics.json").read_text())
+    test = json.loads((job.evaluation / "metrics.json").read_text(encoding="utf-8"))
     rule = "at the deployed threshold" if test["deployed_threshold"] is not None else "argmax"
     console.print(f"test ({test['n']} films, {rule}): " + ", ".join(
         f"{NAMES[k]} {format_metric(k, v)}" for k, v in headline(test).items() if v))

@@ -97,7 +97,7 @@ def _sets_data(config: Path | None) -> bool:
     if config is None or not config.is_file():
         return False
     try:
-        settings = yaml.safe_load(config.read_text()) or {}
+        settings = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError:
         return False  # TrainConfig.load reports it properly
     data = settings.get("data") if isinstance(settings, dict) else None
@@ -115,8 +115,8 @@ def interrupted(stop, command: str = "cxr train") -> None:
 
 def metrics_table(run: Path) -> Table:
     """The validation metrics `cxr train` wrote into RUN/val_metrics.json."""
-    metrics = json.loads((run / "val_metrics.json").read_text())
-    binary = len(json.loads((run / "labels.json").read_text())) == 2
+    metrics = json.loads((run / "val_metrics.json").read_text(encoding="utf-8"))
+    binary = len(json.loads((run / "labels.json").read_text(encoding="utf-8"))) == 2
     if metrics.get("members"):
         chosen = f"ensemble of {len(metrics['members'])} members"
     else:
@@ -214,7 +214,7 @@ def say_skipped(run: Path) -> None:
     """Last before the run folder: the warnings that named them scrolled by long ago."""
     skipped = run / SKIPPED
     if skipped.is_file():
-        films = len(skipped.read_text().splitlines()) - 1  # its header
+        films = len(skipped.read_text(encoding="utf-8").splitlines()) - 1  # its header
         console.print(f"[yellow]{films} film(s) could not be read and were skipped: "
                       f"{escape(str(skipped))} lists them; `cxr data audit` says why[/]")
 

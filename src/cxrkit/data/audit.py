@@ -233,7 +233,7 @@ def audit_is_current(out_dir: str | Path, data_path: str | Path,
     these arguments would find the same): `cxr run` on a run it audited skips the audit."""
     out_dir = Path(out_dir)
     try:
-        saved = json.loads((out_dir / "audit.json").read_text())
+        saved = json.loads((out_dir / "audit.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     source = load_source(data_path, patient_pattern)

@@ -178,7 +178,7 @@ class CacheEntry:
 def _read_marker(path: Path) -> dict:
     """{"valid": [one bool per film], "source": their common folder}; entries built before
     the folder was recorded hold the list alone."""
-    marker = json.loads(path.read_text())
+    marker = json.loads(path.read_text(encoding="utf-8"))
     return marker if isinstance(marker, dict) else {"valid": marker, "source": ""}
 
 

@@ -40,14 +40,14 @@ class UnreadableLog:
     split: str
 
     def add(self, path: str) -> None:
-        with open(self.file, "a", newline="") as f:
+        with open(self.file, "a", encoding="utf-8", newline="") as f:
             csv.writer(f).writerow([self.split, path])
 
     @staticmethod
     def read(file: Path) -> dict[str, list[str]]:
         if not file.is_file():
             return {}
-        with open(file, newline="") as f:
+        with open(file, encoding="utf-8", newline="") as f:
             return films_by_split(csv.reader(f))
 
 

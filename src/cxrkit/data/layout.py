@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 from collections import Counter
@@ -222,16 +223,32 @@ def _from_class_folders(root: Path, parse: PatientIdParser) -> DataSource:
     return DataSource(root, "classes", samples, classes, notes)
 
 
+SEMICOLONS = (" (columns separated by semicolons, as Excel saves CSV in some languages: "
+              "separate them with commas)")
+
+
+def _manifest_text(csv_path: Path) -> str:
+    raw = csv_path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")  # -sig: Excel's byte-order mark
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataLayoutError(
+            f"{csv_path} is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}): save it "
+            "as UTF-8 (Excel: Save As, 'CSV UTF-8 (Comma delimited)'), or convert it, e.g. "
+            f"`iconv -f cp1252 -t utf-8 {csv_path.name} > utf8.csv`") from None
+
+
 def _from_manifest(csv_path: Path, parse: PatientIdParser) -> DataSource:
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
-        reader = csv.DictReader(f)
-        rows = [(reader.line_num, row) for row in reader]  # the line a row ends on
-        found = reader.fieldnames or []
+    reader = csv.DictReader(io.StringIO(_manifest_text(csv_path), newline=""))
+    rows = [(reader.line_num, row) for row in reader]  # the line a row ends on
+    found = reader.fieldnames or []
     if not rows or not {"path", "label"} <= set(found):
         raise DataLayoutError(
             f"{csv_path} needs the header `path,label[,split,patient_id]`; it has "
             f"{', '.join(map(repr, found)) or 'no header'}"
-            f"{'' if rows or not found else ' and no rows'}.\n{EXPECTED_LAYOUTS}"
+            f"{'' if rows or not found else ' and no rows'}"
+            f"{SEMICOLONS if len(found) == 1 and ';' in found[0] else ''}.\n{EXPECTED_LAYOUTS}"
         )
     samples = []
     for line, row in rows:

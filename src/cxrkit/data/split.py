@@ -164,7 +164,7 @@ def write_manifest(samples: list[Sample], path: str | Path) -> Path:
     reads back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with open(path, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
         w.writerow(MANIFEST_COLUMNS)
         for s in samples:
@@ -176,6 +176,6 @@ def write_manifest(samples: list[Sample], path: str | Path) -> Path:
 def read_manifest(path: str | Path) -> list[Sample]:
     """The samples of a manifest `write_manifest` wrote (columns path, label, split,
     patient_id); `load_source` reads any manifest, with checks and friendlier errors."""
-    with open(path, newline="") as f:
+    with open(path, encoding="utf-8", newline="") as f:
         rows = csv.DictReader(f)
         return [Sample(r["path"], r["label"], r["split"], r["patient_id"]) for r in rows]

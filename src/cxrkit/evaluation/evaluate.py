@@ -172,7 +172,7 @@ def unclaimed_name(run: Path, name: str, origin: str, split: str) -> str:
     both named chest_xray, or another split of the same data): then name-<digest of these
     films' place>, the same folder each time they are evaluated."""
     try:
-        held = json.loads((run / EVAL_DIR / name / "metrics.json").read_text())
+        held = json.loads((run / EVAL_DIR / name / "metrics.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return name
     if held.get("data", origin) == origin and held.get("split", split) == split:
@@ -325,7 +325,7 @@ def cached(run: Path, labels: Sequence[str],
                 with np.load(file) as kept:
                     index, logits = kept["index"], kept["logits"]
                 failures = [Failure(p, r) for p, r in
-                            json.loads(file.with_suffix(".json").read_text())]
+                            json.loads(file.with_suffix(".json").read_text(encoding="utf-8"))]
                 films = [samples[i] for i in index]
             except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as e:
                 log.warning("%s is damaged (%s): scoring the films again", file, e)
@@ -557,7 +557,7 @@ def write_predictions(path: Path, scored: Scored, probs: np.ndarray, predicted: 
                *(f"p_{n}" for n in labels), *(f"logit_{n}" for n in labels)]
     if tta_probs is not None:
         columns += [f"tta_p_{n}" for n in labels]
-    with open(path, "w", newline="") as f:
+    with open(path, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
         w.writerow(columns)
         for i, s in enumerate(scored.samples):

@@ -45,12 +45,12 @@ class ScoredFilms:
 def read_scored(folder: str | Path) -> ScoredFilms:
     """An eval folder (RUN/eval/<split>/) of a binary model, from its two files."""
     folder = Path(folder)
-    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
     positive = metrics.get("positive_class")
     if not positive:
         raise ValueError(f"{folder}: paired differences need a binary model "
                          f"(labels {metrics.get('labels')}); compare multi-class runs unpaired")
-    with open(folder / "predictions.csv", newline="") as f:
+    with open(folder / "predictions.csv", encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
     return ScoredFilms(
         folder=folder,

@@ -240,7 +240,7 @@ def create_app(model_path: str | Path, backend: str | None = None,
     # Films are decoded and scored on one thread: each thread keeps its own malloc arena,
     # so a decode spread over the 40 request threads would keep up to 40 films' peak memory.
     model_thread = ThreadPoolExecutor(1, thread_name_prefix="cxr-model")
-    page = (resources.files("cxrkit.serve") / "static" / "index.html").read_text()
+    page = (resources.files("cxrkit.serve") / "static" / "index.html").read_text(encoding="utf-8")
     # FastAPI as it is, but /docs loads Swagger UI from this server instead of a CDN.
     app = FastAPIOffline(title="cxrkit", version=__version__, redoc_url=None,
                          description="Chest X-ray classification. " + HOW_TO_POST)

@@ -20,7 +20,7 @@ CURVES_PNG = "training_curves.png"
 
 
 def _read_rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
+    with open(path, encoding="utf-8", newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -44,7 +44,7 @@ def collect_metrics(run: Path, stages: list[str]) -> Path:
             for stage in stages for row in _stage_rows(run / "logs" / stage)]
     columns = ["stage", "epoch", "step"]
     columns += sorted({k for r in rows for k in r} - set(columns))
-    with open(run / METRICS_CSV, "w", newline="") as f:
+    with open(run / METRICS_CSV, "w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
@@ -72,7 +72,7 @@ def _best(run: Path) -> tuple[str, int] | None:
     path = run / "val_metrics.json"
     if not path.is_file():
         return None
-    chosen = json.loads(path.read_text())
+    chosen = json.loads(path.read_text(encoding="utf-8"))
     stage, epoch = chosen.get("best_stage"), chosen.get("best_epoch")
     return (stage, epoch) if stage and epoch else None
 

@@ -240,7 +240,7 @@ def _check_films_still_there(folder: Path, samples: list[Sample]) -> None:
 
 def finished_stages(folder: Path) -> dict[str, dict]:
     file = folder / PROGRESS
-    return json.loads(file.read_text()) if file.is_file() else {}
+    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
 
 
 def _write_json(path: Path, values: dict) -> None:
@@ -427,7 +427,7 @@ def _write_skipped(folder: Path, unreadable: dict[str, list[str]]) -> None:
     (one left by an earlier attempt, before the films were fixed, goes)."""
     (folder / SKIPPED).unlink(missing_ok=True)
     if unreadable:
-        with open(folder / SKIPPED, "w", newline="") as f:
+        with open(folder / SKIPPED, "w", encoding="utf-8", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["split", "path"])
             writer.writerows([split, path] for split, paths in unreadable.items()
@@ -439,7 +439,7 @@ def _skipped_by_any(runs: list[Path]) -> dict[str, list[str]]:
     rows = []
     for folder in runs:
         if (folder / SKIPPED).is_file():
-            with open(folder / SKIPPED, newline="") as f:
+            with open(folder / SKIPPED, encoding="utf-8", newline="") as f:
                 rows += [(row["split"], row["path"]) for row in csv.DictReader(f)]
     return films_by_split(rows)
 
