@@ -619,6 +619,18 @@ def test_a_split_with_no_readable_image_stops_before_training(tiny_kaggle, tmp_p
     assert "elsewhere" in message and "relative paths in a CSV manifest" in message
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_class_with_no_readable_training_film_stops_before_training(tmp_path, cache):
+    """Every NORMAL training film emptied (an interrupted copy): it trained a model that never
+    saw NORMAL, and exited 0."""
+    data = make_kaggle_tree(tmp_path / "data", {"train": 6, "test": 2})
+    for film in (data / "train" / "NORMAL").iterdir():
+        film.write_bytes(b"")
+    with pytest.raises(DataLayoutError, match="none of the .* NORMAL training films can be "
+                                              "read, e.g. .*could never call NORMAL"):
+        train(tiny_config(data, tmp_path, **{"data.cache": cache}))
+
+
 def test_cli_lr_find_saves_the_plot(tiny_kaggle, tmp_path):
     """On the finetune recipe's head stage: steps over frozen features cost next to nothing."""
     out = tmp_path / "lr.png"

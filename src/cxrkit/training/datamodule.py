@@ -193,6 +193,22 @@ class ResumableLoader(DataLoader):
         yield from super().__iter__()
 
 
+def _not_empty(path: str) -> bool:
+    return os.path.isfile(path) and os.path.getsize(path) > 0
+
+
+def _require_every_class_readable(samples: list[Sample], readable: list[bool]) -> None:
+    """A class whose training films all fail to read (emptied by an interrupted copy, cloud
+    placeholders): trained on without it, the model could never call it, and said nothing."""
+    read = {s.label for s, ok in zip(samples, readable, strict=True) if ok}
+    for label in sorted({s.label for s in samples} - read):
+        films = [s.path for s in samples if s.label == label]
+        raise DataLayoutError(
+            f"none of the {len(films)} {label} training films can be read, e.g. {films[0]}: "
+            f"a model trained without them could never call {label}. `cxr data audit` says "
+            "why each cannot be read: replace them.")
+
+
 class XrayDataModule(LightningDataModule):
     """Train (augmented unless `augment=False`) and val images of `samples`.
 
@@ -270,13 +286,15 @@ class XrayDataModule(LightningDataModule):
         message about a missing metric."""
         dataset = self.datasets[split]
         readable = (dataset.cache.valid if dataset.cache is not None
-                    else [os.path.exists(s.path) for s in dataset.samples])
+                    else [_not_empty(s.path) for s in dataset.samples])  # not decoded yet
         if dataset.samples and not any(readable):
             raise DataLayoutError(
                 f"none of the {len(dataset.samples)} {split} images can be read, e.g. "
                 f"{dataset.samples[0].path}. Check that the files exist; relative paths in a "
                 f"CSV manifest are read from the manifest's own folder."
             )
+        if split == "train":
+            _require_every_class_readable(dataset.samples, readable)
 
     def labels(self, split: str) -> list[int]:
         return [self.class_to_idx[s.label] for s in self.samples[split]]
