@@ -84,6 +84,17 @@ def test_unreadable_files_are_listed_with_their_reason(audited):
     assert "empty file" in reasons["person1099_bacteria_0.jpeg"]
     assert reasons["IM-0099-0000.jpeg"]  # whatever the decoder says, it is said
     assert all(Path(u.path).is_absolute() for u in r.unreadable)
+    assert not any("none of its" in n for n in r.notes)  # every class keeps readable films
+
+
+def test_a_class_none_of_whose_files_decode_is_a_note_to_fix(tmp_path):
+    root = make_kaggle_tree(tmp_path / "data", {"train": 2, "test": 2})
+    for film in (root / "test" / "NORMAL").iterdir():
+        film.write_bytes(b"")
+    r = audit_dataset(root, tmp_path / "out", figures=False)
+    [(level, note)] = [(lv, n) for lv, n in zip(r.note_levels, r.notes, strict=True)
+                       if "none of its" in n]
+    assert level == "fix" and note.startswith("test/NORMAL: none of its 2 file(s) can be decoded")
 
 
 def test_exact_duplicates(audited):

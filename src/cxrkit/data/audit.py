@@ -318,6 +318,18 @@ def _shared_patients(samples: list[Sample], splits: list[str]) -> dict[str, list
 NOTE_LEVELS = ("fix", "check", "info")
 
 
+def _classes_unread(source: DataSource, result: AuditResult) -> list[str]:
+    """A split's class none of whose files can be decoded: training refuses it (train), or
+    measures nothing of it."""
+    bad = {u.path for u in result.unreadable}
+    by_group: dict[tuple[str, str], list[str]] = {}
+    for s in source.samples:
+        by_group.setdefault((s.split, s.label), []).append(s.path)
+    return [f"{split or 'the data'}/{label}: none of its {len(paths)} file(s) can be decoded "
+            f"(e.g. {paths[0]}): replace them" for (split, label), paths in by_group.items()
+            if all(p in bad for p in paths)]
+
+
 def _notes(source: DataSource, result: AuditResult) -> list[tuple[str, str]]:
     """(level, note) pairs, most severe first: what a user must fix before training (one image
     with two labels, or in two splits), what to look at, and what is worth knowing."""
@@ -325,6 +337,7 @@ def _notes(source: DataSource, result: AuditResult) -> list[tuple[str, str]]:
     if result.unreadable:
         notes.append(("check", f"{len(result.unreadable)} file(s) cannot be decoded: training "
                       "skips them."))
+    notes += [("fix", note) for note in _classes_unread(source, result)]
     if result.doubtful:
         notes.append(("check", f"{len(result.doubtful)} file(s) decode but are hardly chest "
                       f"films (e.g. {result.doubtful[0].path}: {result.doubtful[0].reason}): "
