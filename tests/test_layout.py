@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -255,3 +258,41 @@ def test_links_back_into_the_dataset_never_relabel_its_films(tmp_path, caplog):
         assert sum(f"{normal / link} links to" in n and "not followed" in n
                    for n in source.notes) == 1, link
         assert f"{normal / link} links to" in caplog.text  # `cxr train` says it too
+
+
+def as_a_plain_user(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`code` run where file modes apply: root reads any folder, so as root without the
+    capabilities that let it (setpriv, util-linux)."""
+    command = [sys.executable, "-c", code]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("as root, needs setpriv (util-linux) to drop the override of file modes")
+        command = ["setpriv", "--inh-caps=-all",
+                   "--bounding-set=-dac_override,-dac_read_search", *command]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, encoding="utf-8")
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o000])
+def test_a_folder_that_cannot_be_read_is_named_with_the_fix(tmp_path, mode):
+    """644 (listable, not enterable): a PermissionError traceback; 000: its films left out of
+    the counts, silently."""
+    root = make_kaggle_tree(tmp_path / "data", {"train": 4, "test": 2})
+    locked = root / "train" / "NORMAL" / "batch2"
+    locked.mkdir()
+    synthetic_film("NORMAL", 9).save(locked / "IM-0900-0000.jpeg")
+    locked.chmod(mode)
+    try:
+        done = as_a_plain_user(
+            "from cxrkit.data.layout import load_source, images_under\n"
+            "from pathlib import Path\n"
+            "for read in (lambda: load_source('data'), lambda: images_under(Path('data'))):\n"
+            "    try:\n"
+            "        read()\n"
+            "    except ValueError as e:\n"
+            "        print(e)\n", cwd=tmp_path)
+    finally:
+        locked.chmod(0o755)
+    said = done.stdout.splitlines()
+    assert done.returncode == 0, done.stderr
+    assert len(said) == 2 and all("batch2 cannot be read (Permission denied)" in line
+                                  and "chmod -R u+rwX" in line for line in said), said

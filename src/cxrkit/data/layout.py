@@ -15,6 +15,7 @@ import io
 import logging
 import os
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,8 +102,13 @@ def _files_under(folder: Path, dataset: Path | None = None) -> tuple[list[Path],
     holds `folder` (a loop: `shortcut -> ..` would bring in the sibling folders), or one
     elsewhere in `dataset` (another class's or split's films would take this folder's label).
     Links to folders outside the dataset are followed: films kept on another disk."""
+    with _access_said():
+        return _walk(folder, dataset)
+
+
+def _walk(folder: Path, dataset: Path | None) -> tuple[list[Path], list[str]]:
     found, seen, unfollowed = [], set(), []
-    for top, dirs, files in os.walk(folder, followlinks=True):
+    for top, dirs, files in os.walk(folder, followlinks=True, onerror=_raise):
         real = os.path.realpath(top)
         if real in seen:  # a second link to one folder
             dirs[:] = []
@@ -116,6 +122,25 @@ def _files_under(folder: Path, dataset: Path | None = None) -> tuple[list[Path],
         found += [p for p in map(Path(top).joinpath, files)
                   if not p.name.startswith("._") and p.is_file()]
     return found, unfollowed
+
+
+def _raise(error: OSError) -> None:
+    raise error  # os.walk passes over a folder it cannot list, and its films with it
+
+
+@contextmanager
+def _access_said():
+    """A folder that cannot be listed or entered (a `chmod -R 644` after unzipping) as one
+    line that names it and the fix: its films were left out silently, or a traceback."""
+    try:
+        yield
+    except PermissionError as e:
+        # a folder that cannot be listed, or one whose files cannot even be looked at
+        folder = e.filename if os.path.isdir(e.filename) else os.path.dirname(e.filename)
+        raise DataLayoutError(
+            f"{folder} cannot be read ({e.strerror}): the films in it would be left out. "
+            f"Give yourself access (e.g. `chmod -R u+rwX '{folder}'`), or leave the folder "
+            "out of the data") from None
 
 
 def _link_leads_back(link: Path, folder: Path, dataset: Path | None) -> str | None:
@@ -301,7 +326,17 @@ def load_source(path: str | Path, patient_pattern: str | None = None,
     kagglehub's cache) and list its samples. Training needs two classes; an evaluation may
     take one (`min_classes=1`: a site's NORMAL films measure specificity)."""
     root = resolve_data(path)
-    parse = PatientIdParser(patient_pattern)
+    with _access_said():
+        source = _detect_layout(root, PatientIdParser(patient_pattern))
+    if len(source.classes) < min_classes:
+        raise DataLayoutError(
+            f"{root} has only the class {source.classes}; a classifier needs at least two "
+            f"class folders.\n{EXPECTED_LAYOUTS}"
+        )
+    return source
+
+
+def _detect_layout(root: Path, parse: PatientIdParser) -> DataSource:
     if not root.exists():
         raise DataLayoutError(f"{root} does not exist.\n{EXPECTED_LAYOUTS}")
     if root.is_file():
@@ -317,9 +352,4 @@ def load_source(path: str | Path, patient_pattern: str | None = None,
         problem = (f"{root} holds images but no class folders: move each class's images "
                    "into a folder named after the class" if loose else f"no images found in {root}")
         raise DataLayoutError(f"{problem}.\n{EXPECTED_LAYOUTS}")
-    if len(source.classes) < min_classes:
-        raise DataLayoutError(
-            f"{root} has only the class {source.classes}; a classifier needs at least two "
-            f"class folders.\n{EXPECTED_LAYOUTS}"
-        )
     return source
