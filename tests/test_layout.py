@@ -196,6 +196,37 @@ def test_split_folders_without_test_are_not_taken_for_classes(tmp_path):
     assert_shows_layouts(error)
 
 
+def test_split_folders_in_capitals_are_named_with_the_rename(tmp_path):
+    numbered_films([tmp_path / s / c for s in ("Train", "test") for c in ("NORMAL", "PNEUMONIA")])
+    with pytest.raises(DataLayoutError, match=r"split folders are named in lower case: rename "
+                                              r"Train/ to train/\.\n"):
+        load_source(tmp_path)
+
+
+def test_a_class_folder_with_a_trailing_space_is_named_visibly(tmp_path):
+    """It blamed train/ for lacking class 'PNEUMONIA ', the space unseen."""
+    numbered_films([tmp_path / s / c for s in ("train", "test") for c in ("NORMAL", "PNEUMONIA")])
+    (tmp_path / "test" / "PNEUMONIA").rename(tmp_path / "test" / "PNEUMONIA ")
+    with pytest.raises(DataLayoutError, match=r"spaces at either end: 'PNEUMONIA '\. Rename"):
+        load_source(tmp_path)
+
+
+def test_images_the_kaggle_layout_does_not_read_are_said(tmp_path):
+    """A validation/ folder beside train/ (validation was carved from train instead) and
+    films loose in train/ were left out without a word."""
+    root = make_kaggle_tree(tmp_path / "data", {"train": 2, "test": 2})
+    shutil.copytree(root / "test", root / "validation")
+    shutil.copy(root / "test" / "NORMAL" / "IM-1000-0000.jpeg", root / "train" / "loose.jpeg")
+    (root / "notes").mkdir()  # no images: nothing to say
+    source = load_source(root)
+    assert source.splits == ["train", "test"]
+    assert "ignored validation/ (4 images): name it val/ to use it as the validation split" \
+        in source.notes
+    assert "ignored 1 images directly in train/, e.g. loose.jpeg: move them into their " \
+        "class's folder" in source.notes
+    assert not any("notes/" in n for n in source.notes)
+
+
 def test_class_names_that_differ_only_in_case_are_refused(tmp_path):
     numbered_films([tmp_path / "train" / "NORMAL", tmp_path / "train" / "PNEUMONIA",
                     tmp_path / "test" / "normal", tmp_path / "test" / "PNEUMONIA"])

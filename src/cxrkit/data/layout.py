@@ -195,6 +195,10 @@ def _check_class_names(samples: list[Sample], where: Path) -> None:
     if unlabelled:
         raise DataLayoutError(f"{where}: {len(unlabelled)} films have no label, e.g. "
                               f"{unlabelled[0]}: give each one its class.")
+    if spaced := sorted({s.label for s in samples if s.label != s.label.strip()}):
+        raise DataLayoutError(f"{where}: class names with spaces at either end: "
+                              f"{', '.join(map(repr, spaced))}. Rename their folders (or "
+                              "labels) without them: each would be a class of its own.")
     by_upper: dict[str, set[str]] = {}
     for s in samples:
         by_upper.setdefault(s.label.upper(), set()).add(s.label)
@@ -213,6 +217,7 @@ def _from_kaggle(root: Path, parse: PatientIdParser) -> DataSource:
     for junk in sorted(JUNK_DIRS):
         if (root / junk).exists() or (root.parent / junk).exists():
             notes.append(f"ignored {junk}/ folders")
+    notes += _left_out_of_splits(root)
     samples = []
     for split in SPLIT_NAMES:
         if (root / split).is_dir():
@@ -232,10 +237,34 @@ def _from_kaggle(root: Path, parse: PatientIdParser) -> DataSource:
     return DataSource(root, "kaggle", samples, classes, notes)
 
 
+def _left_out_of_splits(root: Path) -> list[str]:
+    """Images the Kaggle layout does not read, said: a `validation/` or `Val/` folder beside
+    train/ (validation was then carved from train instead), films loose in a split folder."""
+    notes = []
+    for folder in _subdirs(root):
+        if folder.name in (*SPLIT_NAMES, "chest_xray") or not (films := images_under(folder)):
+            continue
+        hint = (" name it val/ to use it as the validation split"
+                if folder.name.lower() in ("val", "valid", "validation") else
+                " only train/, val/ and test/ are read")
+        notes.append(f"ignored {folder.name}/ ({len(films)} images):{hint}")
+    for split in SPLIT_NAMES:
+        loose = [p for p in (root / split).glob("*") if p.is_file() and is_image_file(p)]
+        if loose:
+            notes.append(f"ignored {len(loose)} images directly in {split}/, e.g. "
+                         f"{loose[0].name}: move them into their class's folder")
+    return notes
+
+
 def _from_class_folders(root: Path, parse: PatientIdParser) -> DataSource:
     samples, notes = _read_class_tree(root, "", parse, root)
     split_folders = sorted({s.label for s in samples if s.label.lower() in SPLIT_NAMES})
     if split_folders:
+        if any(name != name.lower() for name in split_folders):
+            renames = ", ".join(f"{name}/ to {name.lower()}/" for name in split_folders
+                                if name != name.lower())
+            raise DataLayoutError(f"{root}: split folders are named in lower case: rename "
+                                  f"{renames}.\n{EXPECTED_LAYOUTS}")
         raise DataLayoutError(
             f"{root} holds {', '.join(f'{name}/' for name in split_folders)} but no "
             f"{'test/' if (root / 'train').is_dir() else 'train/'}: a dataset with splits needs "
