@@ -516,3 +516,18 @@ def test_files_a_folder_search_passes_over_are_said(trained_run, tmp_path, caplo
     assert prediction.path.endswith("film.png")
     assert (f"1 file(s) under {tmp_path} have no image suffix and no DICOM, JPEG or PNG header, "
             f"and were skipped (e.g. {tmp_path / 'IM0007'})") in caplog.text
+
+
+def test_files_the_os_or_a_cd_writes_are_no_films_even_when_named(films, tmp_path, monkeypatch):
+    """`cxr predict RUN folder/*` passed Thumbs.db and desktop.ini in by name: 'unreadable',
+    exit 1. A PACS CD's DICOMDIR (DICOM, no pixels) was counted as an unreadable film."""
+    folder = tmp_path / "copied"
+    shutil.copytree(films / "a", folder)
+    for junk in ("Thumbs.db", "desktop.ini", "._normal_0.png"):
+        (folder / junk).write_bytes(b"\x00junk")
+    write_dicom(folder / "DICOMDIR", np.zeros((4, 4), np.uint16))
+    named = sorted(str(p) for p in folder.iterdir())
+    assert collect_images(named) == collect_images([folder]) == [
+        str(folder / "normal_0.png"), str(folder / "pneumonia_1.png")]
+    monkeypatch.setenv("HOME", str(tmp_path))  # "~/..." quoted: the shell left it
+    assert collect_images(["~/copied/normal_0.png"]) == [str(folder / "normal_0.png")]

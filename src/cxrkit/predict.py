@@ -38,6 +38,7 @@ from cxrkit.data.io import (
     file_stamp,
     film_list,
     film_name,
+    is_not_a_film,
     read_image,
     spreadsheet_text,
 )
@@ -89,8 +90,12 @@ def collect_images(paths: Film | Iterable[Film]) -> list[str | Film]:
         if not isinstance(arg, str):
             found.append(arg)
             continue
+        if arg.startswith("~"):  # quoted, or after --opt=, the shell left it
+            arg = os.path.expanduser(arg)
         path = Path(arg)
-        if path.is_dir():
+        if is_not_a_film(path):  # named by a shell glob: folder/*
+            log.info("passed over %s: the operating system's or a CD's file, not a film", arg)
+        elif path.is_dir():
             found += [str(p) for p in images_under(path)]
             if skipped := unrecognised_under(path):
                 log.warning("%d file(s) under %s have no image suffix and no DICOM, JPEG or PNG "

@@ -120,11 +120,23 @@ def spreadsheet_text(cell: str) -> str:
     return f"'{cell}" if cell.startswith(FORMULA_STARTS) else cell
 
 
+# Files an operating system or a PACS CD writes beside films: never films themselves
+# (DICOMDIR is a DICOM file, the CD's index, without pixels).
+NOT_FILMS = {"thumbs.db", "desktop.ini", ".ds_store", "dicomdir"}
+
+
+def is_not_a_film(path: str | Path) -> bool:
+    name = Path(path).name
+    return name.lower() in NOT_FILMS or name.startswith("._")  # macOS's AppleDouble shadows
+
+
 def is_image_file(path: str | Path) -> bool:
     """A supported suffix; or no suffix (or a numeric one, as in UIDs) and the magic bytes
     of DICOM, JPEG or PNG: PACS exports often name files `IM0001` or
     `1.2.840.113619.2.55.3.1`."""
     path = Path(path)
+    if is_not_a_film(path):
+        return False
     suffix = path.suffix.lower()
     if suffix in SUPPORTED_SUFFIXES:
         return True

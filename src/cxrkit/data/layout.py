@@ -119,8 +119,7 @@ def _walk(folder: Path, dataset: Path | None) -> tuple[list[Path], list[str]]:
             if why := _link_leads_back(Path(top, name), folder, dataset):
                 dirs.remove(name)
                 unfollowed.append(why)
-        found += [p for p in map(Path(top).joinpath, files)
-                  if not p.name.startswith("._") and p.is_file()]
+        found += [p for p in map(Path(top).joinpath, files) if p.is_file()]
     return found, unfollowed
 
 
