@@ -118,8 +118,11 @@ def test_youden_threshold_by_hand():
     # J = 0.5 calling only 0.8 positive (and again calling 0.35 and up): the highest cut,
     # in the middle of the gap between 0.8 and the next score 0.4
     assert youden_threshold(y, p) == pytest.approx(0.6)
-    assert sensitivity_threshold(y, p, 0.5) == pytest.approx(0.8)
-    assert sensitivity_threshold(y, p, 1.0) == pytest.approx(0.35)
+    # between the lowest score that must be called and the next lower one, never on a score
+    assert sensitivity_threshold(y, p, 0.5) == pytest.approx(0.6)  # 0.8 and 0.4
+    assert sensitivity_threshold(y, p, 1.0) == pytest.approx(0.225)  # 0.35 and 0.1
+    # the lowest score of all must be called: the threshold is that score
+    assert sensitivity_threshold(np.array([0, 1], bool), np.array([0.5, 0.2]), 1.0) == 0.2
     with pytest.raises(ValueError, match="only negative"):
         youden_threshold(np.zeros(3, bool), np.array([0.1, 0.2, 0.3]))
 

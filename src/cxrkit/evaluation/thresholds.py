@@ -55,11 +55,15 @@ def youden_cuts(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def sensitivity_threshold(y: np.ndarray, p: np.ndarray, target: float) -> float:
-    """The highest threshold whose sensitivity reaches `target` (e.g. 0.95)."""
+    """A threshold whose sensitivity reaches `target` (e.g. 0.95) calling the fewest films
+    positive: the midpoint between the lowest score it must call positive and the next lower
+    score, as for Youden's J. On that score itself, the film that decides the target was
+    called either way by float rounding (PyTorch's float32 against ONNX Runtime's)."""
     if not 0 < target <= 1:
         raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
     y = np.asarray(y, bool)
     _check_both_classes(y)
     tpr, _, thresholds = rates(y, p, np.ones((1, len(p))))
-    reached = np.flatnonzero(tpr[0] >= target - 1e-12)
-    return float(thresholds[reached[0]])
+    first = np.flatnonzero(tpr[0] >= target - 1e-12)[0]
+    below = thresholds[first + 1] if first + 1 < len(thresholds) else thresholds[first]
+    return float((thresholds[first] + below) / 2)
