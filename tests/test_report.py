@@ -173,11 +173,25 @@ def test_report_contents(reported):
     assert "Trained on /data/chest_xray" in text  # the data path from config.yaml
     assert "Patients shared between splits" in text
     assert "Youden&#39;s J threshold (deployed)" in text  # the rule predict applies, marked
+    card = " ".join(text[text.index('id="model-card"'):].split())
+    assert "Trained with" not in card  # trained by hand: no provenance.json to tell
+    assert "carved from the training images" not in card  # this config.yaml does not say
     before_after = re.search(r"test \(n=16\): ECE\s+(\d\.\d{3}) before scaling,\s+(\d\.\d{3})"
                              r" after", text)  # did the temperature help on these films?
     assert before_after, "the ECE before and after scaling"
     worse = float(before_after[2]) > float(before_after[1])
     assert ("<b>worse</b>" in text[before_after.end():before_after.end() + 40]) == worse
+
+
+def test_the_model_card_says_how_validation_was_made(reported, tmp_path):
+    """It said "carved from the training images by patient" of every run, also of one that
+    kept the data's own val split (data.val_fraction 0)."""
+    run = shutil.copytree(reported[0], tmp_path / "run")
+    for fraction, said in ((0.15, "carved from the training images by patient"),
+                           (0.0, "are the data's own val split, as it is")):
+        (run / "config.yaml").write_text(f"data:\n  path: /data\n  val_fraction: {fraction}\n")
+        card = " ".join(build_report(run).read_text().split())
+        assert said in card[card.index('id="model-card"'):], fraction
 
 
 def test_the_kermany_test_split_is_compared_with_the_published_results(reported):

@@ -40,6 +40,7 @@ from cxrkit.evaluation.metrics import (
 from cxrkit.evaluation.paired import paired_difference, read_scored
 from cxrkit.evaluation.thresholds import point_name
 from cxrkit.labels import positive_label
+from cxrkit.provenance import first_attempt
 from cxrkit.runs import (
     ADAPTATION,
     EVAL_DIR,
@@ -615,14 +616,20 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 <h3>Model</h3><p>{{ spec.name }}, {{ spec.num_classes }} classes ({{ spec.labels|join(", ") }}),
  {{ spec.input_size }}×{{ spec.input_size }} input, {{ spec.in_chans }} channel(s)
  {%- if spec.equalize %}, histogram-equalised films{% endif %}.
- Run folder: <code>{{ run_path }}</code>.</p>
+ Run folder: <code>{{ run_path }}</code>.{% if trained_with %} Trained with cxrkit
+ {{ trained_with.cxrkit }}, PyTorch {{ trained_with.libraries.torch }}, timm
+ {{ trained_with.libraries.timm }}, Lightning {{ trained_with.libraries.lightning }} on
+ {{ trained_with.machine.gpu or trained_with.machine.accelerator }}, precision
+ {{ trained_with.machine.precision }} (every attempt: <code>provenance.json</code>).{% endif %}</p>
 <h3>Intended use</h3><p>Research and education: studying how chest X-ray classifiers behave,
  fail and can be evaluated. <strong>Not a medical device and not for diagnosis</strong> or any
  decision about a patient.</p>
 <h3>Data</h3><p>Trained on {{ data_path or "the data listed in split.csv" }}{% if split %}
  ({% for r in split.rows %}{{ r.split }}: {{ r.total }} images / {{ r.patients }} patients
- {%- if not loop.last %}; {% endif %}{% endfor %}){% endif %}. The validation images are
- carved from the training images by patient: no patient is in both.{% if adaptation %}
+ {%- if not loop.last %}; {% endif %}{% endfor %}){% endif %}.{% if carved %} The
+ validation images are carved from the training images by patient: no patient is in
+ both.{% elif carved is not none %} The validation images are the data's own val split, as
+ it is (data.val_fraction 0).{% endif %}{% if adaptation %}
  {{ adaptation_text|code }}{% endif %}</p>
 <h3>Metrics</h3>{% if card_metrics %}<p>At the deployed threshold, with 95% intervals:</p>
 <ul>{% for title, text in card_metrics %}<li>{{ title }}: {{ text }}.</li>{% endfor %}</ul>
@@ -776,6 +783,12 @@ def _training_curves(run: Path) -> Path:
     return plot_curves(run) if (run / METRICS_CSV).is_file() else run / CURVES_PNG
 
 
+def _carved(config: dict | None) -> bool | None:
+    """Whether the run carved its validation split from train by patient (None: unknown)."""
+    fraction = ((config or {}).get("data") or {}).get("val_fraction")
+    return None if fraction is None else fraction > 0
+
+
 def stale_note(metrics: dict) -> str:
     threshold = metrics.get("deployed_threshold")  # None: several classes, argmax
     return STALE.format("argmax" if threshold is None else f"threshold {threshold:.4f}",
@@ -828,6 +841,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
         published_source=PUBLISHED["source"], test=test, test_n=test["n"] if test else 0,
         positive=positive_label(spec.labels, spec.positive_label),
         data_path=_data_path(config), card_metrics=card_metrics,
+        carved=_carved(config), trained_with=first_attempt(run),
         limitations=[KERMANY_SHIFT if kermany else OTHER_SHIFT, *LIMITATIONS],
         RUN_SPLITS_ITSELF=RUN_SPLITS_ITSELF, caveats=caveats(current, split, calibration),
     )

@@ -57,6 +57,7 @@ from cxrkit.labels import positive_index, positive_is_guessed
 from cxrkit.models import Classifier, create_model
 from cxrkit.models.ensemble import Ensemble
 from cxrkit.plots import extra_formats, save_figure
+from cxrkit.provenance import record_attempt
 from cxrkit.runs import (
     MODEL_WEIGHTS,
     SKIPPED,
@@ -364,6 +365,9 @@ def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None)
                  RecordConfig(CONFIG_KEY, to_dict(run.config))]
     trainer = make_trainer(run.folder, stage, run.config.trainer, callbacks=callbacks,
                            loggers=make_loggers(run.folder, stage.name, run.config.trainer))
+    if trainer.is_global_zero:
+        record_attempt(run.folder, stage.name, trainer, images_of(datamodule).num_workers,
+                       resumed=resume_from is not None)
     with warnings.catch_warnings():
         for message in EXPECTED_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
@@ -380,12 +384,15 @@ def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None)
         seconds = time.perf_counter() - start  # of this process's fit: a resumed stage's remainder
     trainer.save_checkpoint(run.folder / LAST, weights_only=False)
     if trainer.is_global_zero:
-        images = datamodule.images if isinstance(datamodule, FeatureDataModule) else datamodule
-        _write_skipped(run.folder, images.unreadable())
+        _write_skipped(run.folder, images_of(datamodule).unreadable())
         _mark_finished(run.folder, stage.name, {"global_step": trainer.global_step,
                                                 "epochs": trainer.current_epoch,
                                                 "seconds": round(seconds, 1)})
         remove_stage_files(run.folder, stage.name)
+
+
+def images_of(datamodule: XrayDataModule | FeatureDataModule) -> XrayDataModule:
+    return datamodule.images if isinstance(datamodule, FeatureDataModule) else datamodule
 
 
 def stage_start(folder: Path, stage: str) -> Path:

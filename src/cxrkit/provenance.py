@@ -1,0 +1,96 @@
+"""What produced a run: RUN/provenance.json, one record per training attempt.
+
+Each stage's start and each resume appends the code (cxrkit's version, and the git commit
+when it runs from a checkout), the versions of the libraries that decide the numbers, the
+machine, and how Lightning resolved `auto` (precision, accelerator, devices): config.yaml
+holds the settings as asked, not as they ran. A resume on another machine whose precision
+differs (bf16 on a GPU, then fp32 on a CPU) is warned about: the run is then two recipes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import subprocess
+import sys
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+from cxrkit import __version__
+
+log = logging.getLogger(__name__)
+
+PROVENANCE = "provenance.json"
+LIBRARIES = ("torch", "torchvision", "timm", "lightning", "numpy", "pillow", "pydicom",
+             "onnx", "onnxruntime")
+MODULES = {"pillow": "PIL"}  # the import names that differ from the package's
+
+
+def code_version() -> str:
+    """cxrkit's version, with `git describe --always --dirty` when it runs from a checkout
+    (the version string alone does not change from commit to commit)."""
+    here = Path(__file__).resolve().parent
+    try:
+        described = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"],
+                                   capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
+        return __version__
+    return f"{__version__} ({described.stdout.strip()})"
+
+
+def library_versions() -> dict[str, str]:
+    """Each library's version as its loaded module states it (torch's names its build,
+    2.14.1+cu130, which the package metadata does not), else as installed."""
+    found = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        module = sys.modules.get(MODULES.get(name, name))
+        try:
+            found[name] = getattr(module, "__version__", None) or metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def machine(trainer) -> dict:
+    """The hardware and Lightning's resolution of the trainer's `auto` settings."""
+    import torch
+
+    on_gpu = trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "gpu": torch.cuda.get_device_name(trainer.strategy.root_device) if on_gpu else None,
+        "cuda": torch.version.cuda if on_gpu else None,
+        "accelerator": trainer.accelerator.__class__.__name__.removesuffix("Accelerator").lower(),
+        "devices": trainer.num_devices, "nodes": trainer.num_nodes,
+        "strategy": trainer.strategy.__class__.__name__,
+        "precision": str(trainer.precision),
+    }
+
+
+def record_attempt(folder: Path, stage: str, trainer, num_workers: int, resumed: bool) -> None:
+    """Append this attempt to RUN/provenance.json; warn if a resume runs at another precision
+    or on another kind of device than the attempt before it."""
+    file = folder / PROVENANCE
+    attempts = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else []
+    now = {"stage": stage, "resumed": resumed,
+           "started": datetime.now(UTC).isoformat(timespec="seconds"),
+           "command": sys.argv, "cxrkit": code_version(), "libraries": library_versions(),
+           "machine": machine(trainer), "num_workers": num_workers}
+    if resumed and attempts:
+        before, after = attempts[-1]["machine"], now["machine"]
+        changed = [f"{key} {before[key]} -> {after[key]}" for key in ("precision", "accelerator")
+                   if before.get(key) != after[key]]
+        if changed:
+            log.warning("%s resumes with %s: the rest of stage %s trains otherwise than its "
+                        "start did (set trainer.precision and trainer.accelerator to pin them)",
+                        folder, ", ".join(changed), stage)
+    file.write_text(json.dumps([*attempts, now], indent=2), encoding="utf-8")
+
+
+def first_attempt(folder: Path) -> dict | None:
+    file = folder / PROVENANCE
+    attempts = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else []
+    return attempts[0] if attempts else None
