@@ -206,6 +206,18 @@ def test_frozen_backbone_and_its_batchnorm_statistics_do_not_change(tiny_kaggle,
     assert not torch.equal(before["head.1.weight"], after["head.1.weight"])
 
 
+def test_a_manifests_row_order_does_not_change_the_training(tiny_kaggle, tmp_path):
+    """The same films in reversed rows gave the same split but other subsamples and batch
+    orders: another model (val ROC-AUC 0.81 against 0.88 in a review)."""
+    films = load_source(tiny_kaggle).samples
+    runs = []
+    for name, rows in (("forward", films), ("reversed", films[::-1])):
+        manifest = write_manifest(rows, tmp_path / f"{name}.csv")
+        config = tiny_config(manifest, tmp_path, **{"data.max_train_images": 20})
+        runs.append(prepare_samples(config.data, config.seed))
+    assert runs[0] == runs[1]
+
+
 def test_workers_hand_over_grayscale_and_the_module_finishes_batches(tiny_kaggle, tmp_path):
     config = tiny_config(tiny_kaggle, tmp_path, "default")
     samples = prepare_samples(config.data, config.seed)

@@ -45,7 +45,10 @@ def prepare_samples(data: DataConfig, seed: int = 0) -> list[Sample]:
     """Train, val and test samples of `data.path`, labelled for `data.task`."""
     source = load_source(resolve_data(data.path).absolute(), data.patient_pattern)
     refuse_conflicting_rows(source)
-    samples = source.samples
+    # a manifest's rows in their file's order: a query without ORDER BY would train another
+    # model on the same films (the subsample and each epoch's order are drawn by position)
+    samples = (sorted(source.samples, key=lambda s: s.path) if source.layout == "manifest"
+               else source.samples)
     if data.task == "3class":
         disagree = [s for s in samples if name_disagrees(Path(s.path).name, s.label)]
         if disagree:
