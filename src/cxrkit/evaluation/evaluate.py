@@ -308,13 +308,14 @@ def cached(run: Path, labels: Sequence[str],
            score_films: Callable[..., Scored]) -> Callable[..., Scored]:
     """`score_films` with its logits kept in RUN/eval/logits/, so that evaluating again (another
     split, --data, --tta, --framing) does not score the validation films again (~16 s for
-    Kermany's on a laptop CPU). The key holds the weights file's size and time, the crop,
-    every film's path, size and time, and the names of the TTA views (`DEFAULT_VIEWS`): new
-    weights or a changed film score afresh."""
+    Kermany's on a laptop CPU). The key holds the weights file's SHA-256 (not its time: a run
+    copied with `cp -r` keeps its scores), the crop, every film's path, size and time, and
+    the names of the TTA views (`DEFAULT_VIEWS`): new weights or a changed film score
+    afresh."""
     def scored(samples: Sequence[Sample], where: str, views: dict[str, Callable] | None = None,
                crop: float = 1.0) -> Scored:
-        stamp = (run / MODEL_WEIGHTS).stat()
-        parts = (stamp.st_size, stamp.st_mtime_ns, crop, READER_VERSION,
+        weights = hashlib.sha256((run / MODEL_WEIGHTS).read_bytes()).hexdigest()
+        parts = (weights, crop, READER_VERSION,
                  [(s.path, *file_stamp(s.path)) for s in samples])
         if views:  # appended only then: the plain scores keep the keys they always had
             parts += (tuple(views),)
