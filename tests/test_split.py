@@ -14,7 +14,13 @@ from typer.testing import CliRunner
 from cxrkit.cli import app
 from cxrkit.data.layout import Sample, load_source
 from cxrkit.data.patients import PatientIdParser
-from cxrkit.data.split import patient_split, read_manifest, shared_patients, write_manifest
+from cxrkit.data.split import (
+    patient_split,
+    read_manifest,
+    shared_patients,
+    training_films_in_test,
+    write_manifest,
+)
 from tests.conftest import REAL_DATA, make_kaggle_tree, requires_real_data
 
 
@@ -189,3 +195,15 @@ def test_manifests_are_utf8_whatever_the_locale(tmp_path):
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, encoding="utf-8")
     assert done.returncode == 0, done.stderr
+
+
+def test_a_test_film_copied_from_training_is_said(tmp_path):
+    """Only the audit found it, and only `cxr run` audits before training."""
+    root = make_kaggle_tree(tmp_path / "data", {"train": 4, "test": 2}, size=(16, 16))
+    samples = load_source(root).samples
+    assert training_films_in_test(samples) is None
+    source, copy = root / "train" / "NORMAL" / "IM-0001-0000.jpeg", root / "test" / "NORMAL"
+    (copy / "scan_0042.jpeg").write_bytes(source.read_bytes())
+    said = training_films_in_test(load_source(root).samples)
+    assert said.startswith(f"test film {copy / 'scan_0042.jpeg'} is a byte-identical copy of "
+                           f"{source} (train)")

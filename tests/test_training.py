@@ -816,14 +816,17 @@ def test_a_model_that_cannot_be_built_is_one_line_and_leaves_no_run(tiny_kaggle,
     assert not (tmp_path / "runs" / "r18").exists()
 
 
-def test_training_warns_of_test_patients_seen_in_train(tmp_path, caplog):
+def test_training_warns_of_test_patients_and_films_seen_in_train(tmp_path, caplog):
     samples = load_source(make_kaggle_tree(tmp_path / "data", {"train": 4, "test": 1})).samples
     first_test = next(i for i, s in enumerate(samples) if s.split == "test")
     samples[first_test] = replace(samples[first_test], patient_id=samples[0].patient_id)
     write_manifest(samples, tmp_path / "leaky.csv")
+    copied = Path(next(s.path for s in samples if s.split == "test"))
+    copied.write_bytes(Path(samples[0].path).read_bytes())  # and a test film copied from train
     new_run(tiny_config(tmp_path / "leaky.csv", tmp_path))
     assert (f"1 patient id(s) of the test split also occur in train or val (e.g. "
             f"{samples[0].patient_id})") in caplog.text
+    assert f"test film {copied} is a byte-identical copy of {samples[0].path}" in caplog.text
 
 
 def test_a_run_is_trained_by_one_process_at_a_time(tiny_kaggle, tmp_path):

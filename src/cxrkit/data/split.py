@@ -157,6 +157,21 @@ def test_patients_seen_in_training(samples: list[Sample]) -> str | None:
             "patient's films on one side).")
 
 
+def training_films_in_test(samples: list[Sample]) -> str | None:
+    """A note when a test film is a byte-identical copy of a train or val film (a leak the
+    audit finds, but only `cxr run` audits before training)."""
+    split_of = {s.path: s.split for s in samples}
+    for files in identical_file_groups(sorted(split_of)):
+        splits = {split_of[f] for f in files}
+        if "test" in splits and splits & {"train", "val"}:
+            test = next(f for f in files if split_of[f] == "test")
+            seen = next(f for f in files if split_of[f] != "test")
+            return (f"test film {test} is a byte-identical copy of {seen} ({split_of[seen]}), "
+                    "and maybe others: the test numbers are then optimistic. `cxr data audit` "
+                    "lists every copy: remove them from one side.")
+    return None
+
+
 def write_manifest(samples: list[Sample], path: str | Path) -> Path:
     """Relative paths are written absolute: they would be read later from the manifest's own
     folder (`load_source`) or the reader's working directory, not the writer's. Absolute ones

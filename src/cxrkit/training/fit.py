@@ -51,7 +51,12 @@ from cxrkit.config import ConfigError, StageConfig, TrainConfig, to_dict
 from cxrkit.data.dataset import films_by_split
 from cxrkit.data.io import written_whole
 from cxrkit.data.layout import DataLayoutError, Sample
-from cxrkit.data.split import read_manifest, test_patients_seen_in_training, write_manifest
+from cxrkit.data.split import (
+    read_manifest,
+    test_patients_seen_in_training,
+    training_films_in_test,
+    write_manifest,
+)
 from cxrkit.evaluation.evaluate import cached, run_manifest, score
 from cxrkit.labels import positive_index, positive_is_guessed
 from cxrkit.models import Classifier, create_model
@@ -199,8 +204,9 @@ def new_run(config: TrainConfig) -> Run:
                     "%s (the last label), the finding to detect. If the finding is %s, name "
                     "the other class NORMAL (its folder or the manifest's label)", *classes,
                     classes[1], classes[0])
-    if leak := test_patients_seen_in_training(samples):
-        log.warning("%s", leak)
+    for leak in (test_patients_seen_in_training(samples), training_films_in_test(samples)):
+        if leak:
+            log.warning("%s", leak)
     folder = _run_folder(config)
     if rank_zero_only.rank == 0:
         config.save(folder / CONFIG)
