@@ -367,3 +367,17 @@ def test_film_names_on_the_figures_stay_whole_so_the_files_can_be_found():
     assert _short("NORMAL2-IM-0474-0001.jpeg") == "NORMAL2-IM-0474-0001\n.jpeg"
     very_long = "x" * 30 + "_" + "y" * 30 + ".png"
     assert _short(very_long).endswith("y" * 19 + ".png") and "…" in _short(very_long)
+
+
+def test_files_a_manifest_lists_but_that_do_not_exist_are_a_note_to_fix(tmp_path):
+    """They were counted among the files that 'cannot be decoded' (a look, not a fix)."""
+    root = make_kaggle_tree(tmp_path / "data", {"train": 2, "test": 2})
+    rows = [f"{p},{p.parent.name}" for p in sorted(root.rglob("*.jpeg"))]
+    manifest = tmp_path / "films.csv"
+    manifest.write_text("\n".join(["path,label", *rows, f"{root}/gone.jpeg,NORMAL"]) + "\n",
+                        encoding="utf-8")
+    r = audit_dataset(manifest, tmp_path / "out", figures=False)
+    notes = dict(zip(r.notes, r.note_levels, strict=True))
+    said = (f"1 file(s) the manifest lists do not exist (e.g. {root}/gone.jpeg): fix their "
+            "paths, or delete their rows.")
+    assert notes.get(said) == "fix" and not any("cannot be decoded" in n for n in notes)

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -327,3 +328,22 @@ def test_a_folder_that_cannot_be_read_is_named_with_the_fix(tmp_path, mode):
     assert done.returncode == 0, done.stderr
     assert len(said) == 2 and all("batch2 cannot be read (Permission denied)" in line
                                   and "chmod -R u+rwX" in line for line in said), said
+
+
+def test_a_manifest_written_on_windows_or_typed_over_a_mac_name_finds_its_files(tmp_path):
+    """Backslashes, or a name composed (NFC) where the disk holds it decomposed (NFD): the same
+    name on screen, 'file not found' for every such film."""
+    decomposed = unicodedata.normalize("NFD", "Müller 0.png")
+    for label, name in (("NORMAL", "b0.png"), ("PNEUMONIA", decomposed)):
+        (tmp_path / label).mkdir()
+        synthetic_film(label, 3).save(tmp_path / label / name)
+    manifest = tmp_path / "films.csv"
+    manifest.write_text("path,label\nNORMAL\\b0.png,NORMAL\n"
+                        f"PNEUMONIA/{unicodedata.normalize('NFC', 'Müller 0.png')},PNEUMONIA\n",
+                        encoding="utf-8")
+    source = load_source(manifest)
+    assert [s.path for s in source.samples] == [str(tmp_path / "NORMAL" / "b0.png"),
+                                                str(tmp_path / "PNEUMONIA" / decomposed)]
+    assert "1 path(s) written with \\ for /: read as the files on disk are named" in source.notes
+    assert "1 path(s) in Unicode form NFD on disk: read as the files on disk are named" \
+        in source.notes

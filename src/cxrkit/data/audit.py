@@ -33,7 +33,13 @@ from PIL import Image
 
 from cxrkit import __version__
 from cxrkit.data.audit_report import write_audit_html
-from cxrkit.data.io import PIL_FORMATS, UnreadableImageError, film_doubt, read_image
+from cxrkit.data.io import (
+    FILE_NOT_FOUND,
+    PIL_FORMATS,
+    UnreadableImageError,
+    film_doubt,
+    read_image,
+)
 from cxrkit.data.layout import DataSource, Sample, load_source
 from cxrkit.data.patients import SUBTYPE_PATTERN, kermany_subtype
 from cxrkit.data.split import shared_patients
@@ -334,9 +340,13 @@ def _notes(source: DataSource, result: AuditResult) -> list[tuple[str, str]]:
     """(level, note) pairs, most severe first: what a user must fix before training (one image
     with two labels, or in two splits), what to look at, and what is worth knowing."""
     notes = [("info", note) for note in source.notes]
-    if result.unreadable:
-        notes.append(("check", f"{len(result.unreadable)} file(s) cannot be decoded: training "
-                      "skips them."))
+    missing = [u.path for u in result.unreadable if u.reason == FILE_NOT_FOUND]
+    if missing:  # only a manifest lists files that are not there
+        notes.append(("fix", f"{len(missing)} file(s) the manifest lists do not exist (e.g. "
+                      f"{missing[0]}): fix their paths, or delete their rows."))
+    if undecodable := len(result.unreadable) - len(missing):
+        notes.append(("check", f"{undecodable} file(s) cannot be decoded: training skips "
+                      "them."))
     notes += [("fix", note) for note in _classes_unread(source, result)]
     if result.doubtful:
         notes.append(("check", f"{len(result.doubtful)} file(s) decode but are hardly chest "

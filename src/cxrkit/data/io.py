@@ -125,6 +125,9 @@ def spreadsheet_text(cell: str) -> str:
 NOT_FILMS = {"thumbs.db", "desktop.ini", ".ds_store", "dicomdir"}
 
 
+FILE_NOT_FOUND = "file not found"
+
+
 def is_not_a_film(path: str | Path) -> bool:
     name = Path(path).name
     return name.lower() in NOT_FILMS or name.startswith("._")  # macOS's AppleDouble shadows
@@ -391,7 +394,7 @@ def read_image(path: Film) -> Image.Image:
     try:
         if not path.is_file():  # a pattern left as it was: nothing matched it
             raise UnreadableImageError(path, "no file matches this pattern"
-                                       if any(c in path.name for c in "*?") else "file not found")
+                                       if any(c in path.name for c in "*?") else FILE_NOT_FOUND)
         if path.stat().st_size == 0:
             raise UnreadableImageError(path, "empty file (0 bytes)")
         if _is_dicom_head(_file_head(path)):

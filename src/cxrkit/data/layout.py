@@ -14,10 +14,11 @@ import csv
 import io
 import logging
 import os
+import unicodedata
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 from cxrkit.data.io import is_image_file
 from cxrkit.data.kaggle import resolve_data
@@ -303,12 +304,13 @@ def _from_manifest(csv_path: Path, parse: PatientIdParser) -> DataSource:
             f"{'' if rows or not found else ' and no rows'}"
             f"{SEMICOLONS if len(found) == 1 and ';' in found[0] else ''}.\n{EXPECTED_LAYOUTS}"
         )
-    samples = []
+    samples, respellings = [], Counter()
     for line, row in rows:
         if row["label"] is None or not (row["path"] or "").strip():  # a short or blank row
             raise DataLayoutError(f"{csv_path}, line {line}: every row needs a path and a "
                                   f"label (this one reads {dict(row)}); fix or delete it")
-        given = Path(row["path"].strip())
+        given, respelt = _as_on_disk(row["path"].strip(), csv_path.parent)
+        respellings.update([respelt] if respelt else [])
         path = given if given.is_absolute() else csv_path.parent / given
         patient = (row.get("patient_id") or "").strip() or parse(given)
         samples.append(Sample(str(path), row["label"].strip(), (row.get("split") or "").strip(),
@@ -317,6 +319,8 @@ def _from_manifest(csv_path: Path, parse: PatientIdParser) -> DataSource:
     unique = list(dict.fromkeys(samples))  # merged manifests repeat rows: each film once
     notes = [f"{len(samples) - len(unique)} row(s) repeat an earlier row exactly: each file "
              "is read once"] if len(unique) < len(samples) else []
+    notes += [f"{n} path(s) {how}: read as the files on disk are named"
+              for how, n in respellings.items()]
     samples = unique
     bad_splits = {s.split for s in samples} - {*SPLIT_NAMES, ""}
     if bad_splits:
@@ -326,6 +330,23 @@ def _from_manifest(csv_path: Path, parse: PatientIdParser) -> DataSource:
         )
     classes = sorted({s.label for s in samples})
     return DataSource(csv_path, "manifest", samples, classes, notes)
+
+
+def _as_on_disk(written: str, folder: Path) -> tuple[Path, str | None]:
+    """A manifest's path, and how it was respelt where the file exists only otherwise: with
+    / for a Windows \\, or in the other Unicode form (macOS names files decomposed, NFD; a
+    name typed or from Excel is composed, NFC): the same name on screen, no file on disk."""
+    given = Path(written)
+    if (folder / given).exists():  # an absolute `given` stays itself
+        return given, None
+    others = [("written with \\ for /", PureWindowsPath(written).as_posix())] \
+        if "\\" in written else []
+    others += [(f"in Unicode form {form} on disk", unicodedata.normalize(form, written))
+               for form in ("NFC", "NFD")]
+    for how, text in others:
+        if text != written and (folder / text).exists():
+            return Path(text), how
+    return given, None
 
 
 def refuse_conflicting_rows(source: DataSource) -> None:
