@@ -321,11 +321,11 @@ def test_evaluating_again_keeps_the_deployed_operating_point(trained_run, tmp_pa
     re-applies what chose the deployed threshold; --reset-calibration chooses afresh."""
     run = copy_run(trained_run, tmp_path)
     options = {"bootstrap": 0, "figures": False, "device": "cpu"}
-    evaluate_run(run, target_sensitivity=1.0, **options)
+    evaluate_run(run, target_sensitivity=0.5, **options)
     deployed = read_calibration(run)
-    assert deployed.chosen_with == {"target_sensitivity": 1.0}
+    assert deployed.chosen_with == {"target_sensitivity": 0.5}
     assert json.loads((run / "calibration.json").read_text())["chosen_with"] == {
-        "target_sensitivity": 1.0}
+        "target_sensitivity": 0.5}
     again = json.loads((evaluate_run(run, split="val", **options) / "metrics.json").read_text())
     assert read_calibration(run) == deployed
     assert again["deployed_operating_point"] == "target_sensitivity"
