@@ -12,7 +12,7 @@ and wrongly typed values raise `ConfigError` naming the key and the choices.
 
 Presets:
 - ``default``: the whole ImageNet EfficientNet-Lite0 fine-tuned from the start, 8 epochs,
-  one-cycle, discriminative learning rates (34-44 minutes on a 2-core CPU): the recipe
+  one-cycle, discriminative learning rates (34-59 minutes on a 2-core CPU): the recipe
   whose validation films hold up best when framed more tightly (BENCHMARKS.md, third round;
   that criterion was picked after earlier test results were seen), trained longer where that
   lowered the validation loss (fourth round).

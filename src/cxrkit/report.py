@@ -24,7 +24,6 @@ from jinja2 import Environment
 from markupsafe import Markup
 from PIL import Image
 
-from cxrkit import __version__
 from cxrkit.adapt import describe_adaptation, is_transductive
 from cxrkit.data.audit_report import with_code
 from cxrkit.data.patients import DEFAULT_PATTERNS
@@ -40,7 +39,7 @@ from cxrkit.evaluation.metrics import (
 from cxrkit.evaluation.paired import paired_difference, read_scored
 from cxrkit.evaluation.thresholds import point_name
 from cxrkit.labels import positive_label
-from cxrkit.provenance import first_attempt
+from cxrkit.provenance import code_version, first_attempt
 from cxrkit.runs import (
     ADAPTATION,
     EVAL_DIR,
@@ -825,7 +824,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
     environment = Environment(autoescape=True)
     environment.filters["code"] = lambda text: Markup(with_code(str(text)))
     page = environment.from_string(TEMPLATE).render(
-        run_name=run.name, run_path=str(run), spec=spec, version=__version__,
+        run_name=run.name, run_path=str(run), spec=spec, version=code_version(),
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         audit=found_audit, split=split,
         curves=_b64_png(_training_curves(run)),

@@ -15,8 +15,9 @@ from cxrkit.data.kaggle import KAGGLE_VERSION, KaggleDownloadError, download_kag
 from cxrkit.data.layout import DataSource, load_source
 from cxrkit.data.split import patient_split, shared_patients, write_manifest
 
-PATTERN_HELP = ("Regex whose `patient` group (or first group) is the patient id in a file name; "
-                "default: the Kermany names.")
+PATTERN_HELP = ("Regex whose `patient` group (or first group) is the patient id in a file name, "
+                "else in its path below the dataset (e.g. '(?P<patient>p\\d+)/'); default: the "
+                "Kermany names.")
 
 
 def counts_table(title: str, classes: list[str], counts: dict[str, dict[str, int]],
@@ -105,7 +106,7 @@ def split(
     out: Path = typer.Option(Path("split.csv"), "--out", help="Manifest CSV to write."),
     val_fraction: float = typer.Option(0.15, "--val-fraction",
                                        help="Share of each class's train images moved to val."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the patients' shuffle."),
     patient_pattern: str | None = typer.Option(None, "--patient-pattern", help=PATTERN_HELP),
 ) -> None:
     """Carve a validation split out of train, grouped by patient; write a manifest CSV."""
@@ -134,7 +135,8 @@ def cache(
                                    "decodes its films again (entries in use stay)."),
 ) -> None:
     """Show the decode cache (films decoded and resized once, reused by later runs), or clear
-    it. It stays under CXRKIT_CACHE_MAX_GB (default 20), least recently used entries first."""
+    it. It stays under CXRKIT_CACHE_MAX_GB (GiB, default 20; inf: no limit), least recently
+    used entries first."""
     from cxrkit.data import cache as decoded  # torch: imported when needed
 
     folder = folder or decoded.DEFAULT_CACHE_DIR / decoded.DECODED

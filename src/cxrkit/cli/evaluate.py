@@ -76,10 +76,10 @@ def evaluate_command(
         "(the site's class mix) on these labelled films (a folder or CSV manifest: its val "
         "split, or all of it) instead of the run's validation split, e.g. some films of the "
         "site you deploy to; never the films evaluated. Deployed to calibration.json."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Films scored at once."),
     bootstrap: int = typer.Option(1000, "--bootstrap", min=0,
                                   help="Bootstrap resamples (by patient) for the 95% intervals."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
     workers: int = typer.Option(0, "--num-workers", "--workers", min=0,
                                 help="Image loading processes."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, mps; default: best."),
@@ -129,8 +129,8 @@ def evaluate_command(
 @app.command("report")
 def report_command(
     run: Path = typer.Argument(..., help="A run folder from `cxr train`."),
-    split: str = typer.Option("test", "--split", help="Evaluated first if RUN/eval/<split>/ "
-                              "does not exist yet."),
+    split: str = typer.Option("test", "--split", help="The split the report shows (evaluated "
+                              "first if RUN/eval/<split>/ does not exist yet)."),
     audit: Path | None = typer.Option(
         None, "--audit", help="The data audit to show (a `cxr data audit --out` folder); by "
                               "default the run's own, or one of its data beside the run folder."),
@@ -148,7 +148,8 @@ def report_command(
 @app.command("compare")
 def compare_command(
     runs: list[Path] = typer.Argument(..., help="Run folders to compare."),
-    split: str = typer.Option("test", "--split"),
+    split: str = typer.Option("test", "--split", help="The split each run is compared on "
+                              "(evaluated first where it is not yet)."),
     out: str | None = typer.Option(None, "--out", help="Also write the table as CSV (a folder, "
                                    "existing or ending in /, gets compare.csv)."),
     paired: bool = typer.Option(

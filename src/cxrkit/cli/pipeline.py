@@ -84,7 +84,7 @@ def adapt(
                                      "splits to adapt to (ignored for a plain folder)."),
     out: Path | None = typer.Option(None, "--out", help="The adapted run folder "
                                     "(default: RUN-adapted)."),
-    batch_size: int = typer.Option(32, "--batch-size"),
+    batch_size: int = typer.Option(32, "--batch-size", help="Films read at once."),
 ) -> None:
     """Adapt a model to a new hospital's unlabelled films (re-estimated BatchNorm statistics).
 

@@ -32,11 +32,12 @@ from cxrkit.runs import SKIPPED
 TRAINING_ERRORS = (ConfigError, DataLayoutError, KaggleDownloadError, FileExistsError,
                    FileNotFoundError, DamagedCheckpointError)
 
-DATA = typer.Option(None, "--data", help=DATA_HELP)
+DATA = typer.Option(None, "--data", help="Required (unless --resume, or a --config that sets "
+                    f"data.path): {DATA_HELP}")
 PRESET = typer.Option("default", "--preset", help=f"One of {', '.join(PRESETS)}: quick (default's "
                       "recipe for one epoch at twice the learning rate, earliest layers "
-                      "frozen, mixup: ~3 min on a 2-core CPU), default (the whole pretrained "
-                      "Lite0 fine-tuned, 34-44 min on a 2-core CPU), finetune (head on frozen "
+                      "frozen, mixup: 2-3 min on a 2-core CPU), default (the whole pretrained "
+                      "Lite0 fine-tuned, 34-59 min on a 2-core CPU), finetune (head on frozen "
                       "features, then fine-tune all), scratch (simple_cnn from scratch).")
 CONFIG = typer.Option(None, "--config", help="YAML with the config fields to change (a run's "
                       "config.yaml reproduces it, with --name NEW), applied on top of the "
@@ -156,12 +157,15 @@ def train(
                                        "last.ckpt, config.yaml and split.csv."),
     accelerator: str | None = typer.Option(None, "--accelerator", help="auto, cpu, gpu, ..."),
     devices: str | None = typer.Option(None, "--devices", help="auto or a device count."),
-    num_nodes: int | None = typer.Option(None, "--num-nodes"),
+    num_nodes: int | None = typer.Option(None, "--num-nodes", help="Machines of a multi-node "
+                                         "DDP run (Lightning's num_nodes)."),
     strategy: str | None = typer.Option(None, "--strategy", help="auto, ddp, fsdp, ..."),
     precision: str | None = typer.Option(None, "--precision", help="auto, 32, bf16-mixed, "
                                          "16-mixed."),
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile."),
-    deterministic: bool | None = typer.Option(None, "--deterministic/--no-deterministic"),
+    deterministic: bool | None = typer.Option(None, "--deterministic/--no-deterministic",
+                                              help="PyTorch's deterministic algorithms (slower "
+                                              "on a GPU)."),
     seed: int | None = SEED,
     val_fraction: float | None = typer.Option(None, "--val-fraction", help="Of train, by "
                                               "patient, for validation (default 0.15)."),
@@ -221,7 +225,7 @@ def say_skipped(run: Path) -> None:
 
 @app.command("lr-find")
 def lr_find(
-    data: str = DATA,
+    data: str = typer.Option(None, "--data", help=f"Required: {DATA_HELP}"),
     preset: str = PRESET,
     config: Path | None = CONFIG,
     model: str | None = MODEL,

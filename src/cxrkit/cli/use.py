@@ -91,7 +91,7 @@ def predict_command(
                                     "overlays (torch backend)."),
     backend: str | None = typer.Option(None, "--backend", help="torch or onnx; default: "
                                        "torch for a run folder, onnx for an export."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Films scored at once."),
     threshold: float | None = typer.Option(
         None, "--threshold", min=0.0, max=1.0,
         help="Probability of the finding (the model's positive label, e.g. PNEUMONIA) from "
@@ -165,7 +165,8 @@ def serve_command(
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.1,
                                         help="Larger uploads get 413."),
-    backend: str | None = typer.Option(None, "--backend", help="torch or onnx"),
+    backend: str | None = typer.Option(None, "--backend", help="torch or onnx; default: "
+                                       "torch for a run folder, onnx for an export."),
     allowed_hosts: list[str] = typer.Option(
         [], "--allowed-host", help="A host name requests may be addressed to (repeat it): "
         "behind a reverse proxy that passes its public name on. Bound to 127.0.0.1 the "

@@ -31,7 +31,6 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from cxrkit import __version__
 from cxrkit.data.audit_report import write_audit_html
 from cxrkit.data.io import (
     FILE_NOT_FOUND,
@@ -44,6 +43,7 @@ from cxrkit.data.layout import DataSource, Sample, load_source
 from cxrkit.data.patients import SUBTYPE_PATTERN, kermany_subtype
 from cxrkit.data.split import shared_patients
 from cxrkit.plots import extra_formats
+from cxrkit.provenance import code_version
 
 if TYPE_CHECKING:
     from cxrkit.models import ModelSpec
@@ -219,7 +219,7 @@ def audit_fingerprint(source: DataSource, spec: ModelSpec, near_threshold: int,
     repeated), the model's input (the previews), the threshold, the figures and their
     formats, and cxrkit's version."""
     digest = hashlib.sha256(json.dumps([
-        __version__, spec.to_dict(), near_threshold, str(source.root), source.layout,
+        code_version(), spec.to_dict(), near_threshold, str(source.root), source.layout,
         source.notes, figures, extra_formats() if figures else []]).encode())
     for s in source.samples:
         try:
@@ -464,7 +464,7 @@ def audit_dataset(data_path: str | Path, out_dir: str | Path, patient_pattern: s
         near_threshold=near_threshold,
         notes=[],
         audited_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        version=__version__,
+        version=code_version(),
         fingerprint=fingerprint,
     )
     notes = _notes(source, result)

@@ -43,7 +43,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cxrkit import __version__
 from cxrkit.adapt import adaptation_note, source_calibration_options
 from cxrkit.data.dataset import load_prepared
 from cxrkit.data.io import READER_VERSION, Failure, file_stamp, spreadsheet_text, written_whole
@@ -74,6 +73,7 @@ from cxrkit.inference import predict_logits
 from cxrkit.labels import positive_index
 from cxrkit.models import Classifier
 from cxrkit.plots import VECTOR_FORMATS, extra_formats
+from cxrkit.provenance import code_version
 from cxrkit.runs import (
     EVAL_DIR,
     MODEL_WEIGHTS,
@@ -832,7 +832,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         "positive_class": labels[positive] if positive is not None else None,
         "labels": labels, "model": model.spec.name, "data": origin, "external": data is not None,
         "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "version": __version__,
+        "version": code_version(),
         "probabilities": f"calibrated: softmax(logits / temperature"
                          f"{' + bias' if calibration.bias else ''}), fitted on {source}",
         "threshold_chosen_on": calibration.chosen_on,
