@@ -57,7 +57,7 @@ def images_per_second(run: Run, datamodule_of, steps: int, warmup: int) -> float
     """Lightning fit of the recipe's last stage; images/s of its median step after warm-up."""
     seed_everything(0)
     model = build_model(run.config, run.classes)
-    module, images = build_stage(run, len(run.config.stages) - 1, model, run.folder)
+    module, images = build_stage(run, len(run.config.stages) - 1, model)
     timer = StepTimes()
     precision = resolve_precision(run.config.trainer)
     trainer = Trainer(accelerator="auto", devices=1, precision=precision, max_steps=warmup + steps,

@@ -186,7 +186,7 @@ def _fit_steps(data: Path, tmp: Path, steps: int, **stage) -> tuple[dict, dict]:
     run = Run(tmp, config, samples, task_classes("binary", samples))
     model = build_model(config, run.classes)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    module, datamodule = build_stage(run, 0, model, tmp)
+    module, datamodule = build_stage(run, 0, model)
     trainer = make_trainer(tmp, config.stages[0], config.trainer, callbacks=[], loggers=False,
                            max_steps=steps, enable_checkpointing=False, num_sanity_val_steps=0,
                            limit_val_batches=0)
@@ -223,7 +223,7 @@ def test_workers_hand_over_grayscale_and_the_module_finishes_batches(tiny_kaggle
     samples = prepare_samples(config.data, config.seed)
     run = Run(tmp_path, config, samples, task_classes("binary", samples))
     model = build_model(config, run.classes)
-    module, images = build_stage(run, 0, model, tmp_path)
+    module, images = build_stage(run, 0, model)
     images.setup()
     x, y, idx = next(iter(images.loader("val", shuffle=False)))
     assert x.dtype == torch.uint8 and x.shape[1] == 1  # one channel, 8 bits, off the worker
@@ -241,7 +241,7 @@ def test_feature_views_add_augmented_passes_over_the_train_films_only(tiny_kaggl
     samples = prepare_samples(config.data, config.seed)
     run = Run(tmp_path, config, samples, task_classes("binary", samples))
     model = build_model(config, run.classes)
-    _, features = build_stage(run, 0, model, tmp_path)
+    _, features = build_stage(run, 0, model)
     features.prepare_data()
     features.setup()
     train_x, train_y = features.datasets["train"].tensors
@@ -322,7 +322,7 @@ def test_ema_stage_ends_with_the_moving_average_of_its_weights(tiny_kaggle, tmp_
     samples = prepare_samples(config.data, config.seed)
     run = Run(tmp_path, config, samples, task_classes("binary", samples))
     model = build_model(config, run.classes)
-    module, datamodule = build_stage(run, 0, model, tmp_path)
+    module, datamodule = build_stage(run, 0, model)
     averaging = [c for c in make_callbacks(tmp_path, config.trainer, config.stages[0])
                  if isinstance(c, WeightAveraging)]
     recorder = _RecordWeights()
@@ -363,7 +363,7 @@ def test_without_a_terminal_progress_comes_as_log_lines(tiny_kaggle, tmp_path, c
     progress.every = 0.0  # a line after every step
     samples = prepare_samples(config.data, config.seed)
     run = Run(tmp_path, config, samples, task_classes("binary", samples))
-    module, datamodule = build_stage(run, 0, build_model(config, run.classes), tmp_path)
+    module, datamodule = build_stage(run, 0, build_model(config, run.classes))
     trainer = make_trainer(tmp_path, config.stages[0], config.trainer, callbacks=[progress],
                            loggers=False, enable_checkpointing=False)
     with caplog.at_level(logging.INFO, logger="cxrkit.training.callbacks"):

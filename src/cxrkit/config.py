@@ -248,8 +248,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict, base: TrainConfig | None = None) -> TrainConfig:
         """`values` (possibly partial) on top of `base` (default: the plain defaults)."""
-        merged = _merge(to_dict(base or cls()), values, "")
-        config = _build(cls, merged, "")
+        merged = _merge(to_dict(base or cls()), values)
+        config = build(cls, merged, "")
         config.validate()
         return config
 
@@ -402,11 +402,6 @@ def parse_assignments(assignments: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def build(cls: type, values: dict, where: str = "") -> Any:
-    """The dataclass `cls` from plain values (as `to_dict` gives), checked strictly."""
-    return _build(cls, values, where)
-
-
 # --- presets -----------------------------------------------------------------------------
 
 def _default() -> TrainConfig:
@@ -456,22 +451,18 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def _fields(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _unknown_key(cls: type, key: str, where: str) -> ConfigError:
     section = f"under {where}" if where else "at the top level"
     return ConfigError(f"unknown config key {(where + '.' if where else '') + key!r}; "
-                       f"valid keys {section}: {', '.join(_fields(cls))}")
+                       f"valid keys {section}: {', '.join(typing.get_type_hints(cls))}")
 
 
-def _merge(base: Any, values: Any, where: str) -> Any:
+def _merge(base: Any, values: Any) -> Any:
     """`values` on top of `base`; dicts merge key by key, everything else replaces."""
     if isinstance(base, dict) and isinstance(values, dict):
         merged = dict(base)
         for key, value in values.items():
-            merged[key] = _merge(base[key], value, f"{where}.{key}") if key in base else value
+            merged[key] = _merge(base[key], value) if key in base else value
         return merged
     return values
 
@@ -495,15 +486,16 @@ def _set_dotted(values: dict, key: str, value: Any) -> None:
         else:
             raise ConfigError(f"unknown config key {key!r}: {where} is a value, not a section")
         if last:
-            node[index] = _merge(node[index], value, key)
+            node[index] = _merge(node[index], value)
         else:
             node = node[index]
 
 
-def _build(cls: type, values: Any, where: str) -> Any:
+def build(cls: type, values: Any, where: str = "") -> Any:
+    """The dataclass `cls` from plain values (as `to_dict` gives), checked strictly."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where or 'config'} must be a mapping, got {values!r}")
-    hints = _fields(cls)
+    hints = typing.get_type_hints(cls)
     for key in values:
         if key not in hints:
             raise _unknown_key(cls, key, where)
@@ -516,7 +508,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check `value` against the annotation `hint`, converting where it is unambiguous."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key)
+        return build(hint, value, key)
     if origin in (typing.Union, types.UnionType):
         if type(None) in args and (value is None or value in ("None", "none")):
             return None  # YAML's null, or Python's spelling of it

@@ -259,7 +259,7 @@ def at_calibration(metrics: dict, calibration: Calibration) -> bool:
             and made.get("bias", []) == calibration.bias)
 
 
-def ensure_evaluated(run: str | Path, split: str = "test", **evaluate_options) -> Path:
+def ensure_evaluated(run: str | Path, split: str = "test") -> Path:
     """RUN's evaluation of its `split` at the deployed calibration (calibration.json):
     RUN/eval/<split>/ (or <split>-calibrated-<films>/ after --calibrate-on), evaluated (again)
     when there is none yet or it was made with an earlier calibration."""
@@ -275,7 +275,7 @@ def ensure_evaluated(run: str | Path, split: str = "test", **evaluate_options) -
                  run.name, split)
     from cxrkit.evaluation import evaluate_run  # PyTorch: only to evaluate
 
-    return evaluate_run(run, split=split, **evaluate_options)
+    return evaluate_run(run, split=split)
 
 
 # ---- turning metrics into table cells --------------------------------------------------------

@@ -536,8 +536,6 @@ def widen_multiclass_rates(metrics: dict, y: np.ndarray, probs: np.ndarray,
             collapsed[rate] = widen_to_wilson(collapsed[rate], *counts[rate])
 
 
-
-
 def collapsed_metrics(y: np.ndarray, probs: np.ndarray, normal: int,
                       w: np.ndarray) -> dict[str, np.ndarray]:
     """A NORMAL/BACTERIA/VIRUS model read as NORMAL against pneumonia, so that it compares with

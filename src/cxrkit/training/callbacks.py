@@ -357,7 +357,7 @@ class EpochThroughput(Callback):
                             "train_images_per_s": self.images / max(seconds, 1e-9)})
 
 
-def make_callbacks(run: Path, trainer: TrainerConfig, stage: StageConfig | None = None,
+def make_callbacks(run: Path, trainer: TrainerConfig, stage: StageConfig,
                    seed: int = 0) -> list[Callback]:
     callbacks: list[Callback] = [
         best_checkpoint(run, trainer),
@@ -373,7 +373,7 @@ def make_callbacks(run: Path, trainer: TrainerConfig, stage: StageConfig | None 
     if trainer.early_stopping_patience is not None:
         callbacks.append(StaysStopped(monitor=trainer.monitor, mode=MONITORS[trainer.monitor],
                                        patience=trainer.early_stopping_patience))
-    if stage is not None and stage.ema_decay is not None:
+    if stage.ema_decay is not None:
         # Lightning's own: validation and checkpoints (best.ckpt too) see the averaged weights.
         callbacks.append(WeightAveraging(avg_fn=get_ema_avg_fn(stage.ema_decay)))
     if trainer.progress_bar:

@@ -139,8 +139,8 @@ def loss_class_weights(config: TrainConfig, counts: list[int]) -> list[float] | 
     return balanced_class_weights(counts) if mode == "balanced" else None
 
 
-def build_stage(run: Run, index: int, model: Classifier,
-                work_dir: Path) -> tuple[ClassifierModule, LightningDataModule]:
+def build_stage(run: Run, index: int,
+                model: Classifier) -> tuple[ClassifierModule, LightningDataModule]:
     """The LightningModule and DataModule of stage `index`."""
     config, stage = run.config, run.config.stages[index]
     module = ClassifierModule(
@@ -156,7 +156,7 @@ def build_stage(run: Run, index: int, model: Classifier,
                             augment=stage.augment, seed=config.seed,
                             unreadable_file=stage_unreadable(run.folder, stage.name))
     if stage.frozen_features:
-        file = stage_features(work_dir, stage.name)
+        file = stage_features(run.folder, stage.name)
         return module, FeatureDataModule(images, model.backbone, file, batch_size,
                                          stage.feature_views)
     return module, images
@@ -366,7 +366,7 @@ def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None)
     if resume_from is None and index > 0:
         keep_stage_start(run.folder, stage.name)
         load_weights(model, run.folder / BEST)  # start from the best of the stages before
-    module, datamodule = build_stage(run, index, model, run.folder)
+    module, datamodule = build_stage(run, index, model)
     callbacks = [*make_callbacks(run.folder, run.config.trainer, stage, run.config.seed),
                  RecordConfig(CONFIG_KEY, to_dict(run.config))]
     trainer = make_trainer(run.folder, stage, run.config.trainer, callbacks=callbacks,
@@ -658,7 +658,7 @@ def find_lr(config: TrainConfig, stage: int = 0, out: str | Path = "lr_find.png"
     with tempfile.TemporaryDirectory() as tmp:
         run = Run(Path(tmp), config, samples, task_classes(config.data.task, samples))
         model = build_model(config, run.classes)
-        module, datamodule = build_stage(run, stage, model, run.folder)
+        module, datamodule = build_stage(run, stage, model)
         trainer = make_trainer(run.folder, config.stages[stage], config.trainer, callbacks=[],
                                loggers=False, devices=1, num_nodes=1, strategy="auto",
                                enable_checkpointing=False,
