@@ -368,6 +368,12 @@ def headline(metrics: dict) -> dict[str, dict | None]:
     return {k: metrics.get(k) if k == "roc_auc" or not at else at.get(k) for k in HEADLINE}
 
 
+def headline_text(metrics: dict) -> str:
+    """'Accuracy 92.0% (89.6–94.0), ROC-AUC 0.980 (...), ...': the headline in one line."""
+    return ", ".join(f"{NAMES[k]} {format_metric(k, v)}" for k, v in headline(metrics).items()
+                     if v is not None)
+
+
 def summary(folder: str | Path, tta: bool = False) -> dict[str, float | int | None]:
     """An evaluation folder's headline as plain numbers, for a notebook:
 
@@ -815,9 +821,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
     test = next((m for m in current if m["split"] == "test" and not m.get("external")), None)
     binary_test = test if test and test.get("positive_class") else None
     kermany = binary_test is not None and is_kermany_test(binary_test["folder"])
-    card_metrics = [(m["title"], ", ".join(f"{NAMES[k]} {format_metric(k, v)}"
-                                           for k, v in headline(m).items() if v is not None))
-                    for m in current]
+    card_metrics = [(m["title"], headline_text(m)) for m in current]
     val_metrics = _read_json(run / "val_metrics.json") or {}
     adaptation = _read_json(run / ADAPTATION)
     split = _split_summary(run)

@@ -20,6 +20,7 @@ SPEC_AT_97 = "Spec@97: the best specificity any threshold gives at 97% sensitivi
 
 def _summary(metrics: dict) -> Table:
     """One evaluation: threshold-free metrics in their own column, then each operating point."""
+    from cxrkit.evaluation.metrics import COLLAPSED
     from cxrkit.evaluation.thresholds import point_name
     from cxrkit.report import RATES, SCORES, format_metric
 
@@ -37,7 +38,7 @@ def _summary(metrics: dict) -> Table:
     if not points:  # multi-class
         for key in ("accuracy", "balanced_accuracy"):
             table.add_row(key, format_metric(key, metrics.get(key)))
-        for key, value in metrics.get("not_normal", {}).items():  # NORMAL against the rest
+        for key, value in metrics.get(COLLAPSED, {}).items():  # NORMAL against the rest
             table.add_row(f"not NORMAL: {key}", format_metric(key, value))
     for key in SCORES:
         table.add_row(key, format_metric(key, metrics.get(key)), *blank)

@@ -49,7 +49,7 @@ def run_all(
 ) -> None:
     """The main job: train, audit the data, evaluate on the test split, write report.html."""
     from cxrkit.pipeline import run_pipeline
-    from cxrkit.report import NAMES, format_metric, headline
+    from cxrkit.report import headline_text
     from cxrkit.training import TrainingInterrupted
 
     route_lightning_logs()
@@ -69,8 +69,7 @@ def run_all(
     say_skipped(job.folder)
     test = json.loads((job.evaluation / "metrics.json").read_text(encoding="utf-8"))
     rule = "at the deployed threshold" if test["deployed_threshold"] is not None else "argmax"
-    console.print(f"test ({test['n']} films, {rule}): " + ", ".join(
-        f"{NAMES[k]} {format_metric(k, v)}" for k, v in headline(test).items() if v))
+    console.print(f"test ({test['n']} films, {rule}): {headline_text(test)}")
     console.print(f"report: {job.report}")
     typer.echo(job.folder)
 

@@ -465,7 +465,7 @@ def validation_metrics(model: Classifier | Ensemble, criterion: torch.nn.Module,
     score_val = cached(run.folder, model.spec.labels,
                        partial(score, model, batch_size=run.config.data.batch_size))
     scored = score_val(val, f"{run.folder}/split.csv val")
-    target = torch.tensor([run.classes.index(s.label) for s in scored.samples])
+    target = torch.from_numpy(scored.y).long()  # indices into the model's labels (run.classes)
     logits = torch.from_numpy(scored.logits.astype(np.float32))
     metrics = make_metrics(len(run.classes), sync=False)  # rank 0 alone scores
     metrics.update(*metric_inputs(logits, target,
