@@ -56,4 +56,4 @@ def test_the_code_version_names_the_commit_in_a_checkout():
                                capture_output=True, text=True)
     if described.returncode != 0:
         pytest.skip("not a git checkout (an sdist): the version alone is recorded")
-    assert code_version() == f"{__version__} ({described.stdout.strip()})"
+    assert code_version() == f"{__version__}+{described.stdout.strip()}"

@@ -29,15 +29,15 @@ MODULES = {"pillow": "PIL"}  # the import names that differ from the package's
 
 
 def code_version() -> str:
-    """cxrkit's version, with `git describe --always --dirty` when it runs from a checkout
-    (the version string alone does not change from commit to commit)."""
+    """cxrkit's version, with `git describe --always --dirty` after a + when it runs from a
+    checkout (the version string alone does not change from commit to commit)."""
     here = Path(__file__).resolve().parent
     try:
         described = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"],
                                    capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
         return __version__
-    return f"{__version__} ({described.stdout.strip()})"
+    return f"{__version__}+{described.stdout.strip()}"  # one word: 0.1.0+334b196-dirty
 
 
 def library_versions() -> dict[str, str]:
