@@ -20,13 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrkit.evaluation.evaluate import (
-    FRAMING_THRESHOLD_CROP,
-    choose_calibration,
-    run_manifest,
-    score,
-)
+from cxrkit.evaluation.evaluate import FRAMING_THRESHOLD_CROP, choose_calibration
 from cxrkit.evaluation.metrics import resample_weights, threshold_metrics
+from cxrkit.evaluation.scoring import run_manifest, score
 from cxrkit.evaluation.thresholds import youden_cuts
 from cxrkit.labels import positive_index
 from cxrkit.runs import load_model, softmax

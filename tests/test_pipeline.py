@@ -56,7 +56,7 @@ def test_the_main_job_from_python(tiny_kaggle, tmp_path, caplog):
     config = TrainConfig.preset("scratch", data=str(tiny_kaggle), epochs=2, overrides={
         **TINY, "data.cache_dir": str(tmp_path / "cache"), "runs_dir": str(tmp_path / "runs"),
         "name": "job"})
-    with caplog.at_level(logging.INFO, logger="cxrkit.evaluation.evaluate"):
+    with caplog.at_level(logging.INFO, logger="cxrkit.evaluation"):
         job = run_pipeline(config)
     # the validation films, scored once for val_metrics.json, are read back by the evaluation
     assert "split.csv val: logits of these 8 films read back" in caplog.text

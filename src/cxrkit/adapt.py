@@ -26,7 +26,10 @@ from cxrkit.data.kaggle import resolve_data
 from cxrkit.data.layout import DataLayoutError, images_under, load_source
 from cxrkit.runs import (
     ADAPTATION,
+    CONFIG,
     MODEL_WEIGHTS,
+    SPLIT,
+    VAL_METRICS,
     load_model,
     model_folder,
     read_calibration,
@@ -42,7 +45,7 @@ log = logging.getLogger(__name__)
 
 # Not calibration.json: the adapted model's logits differ, so its threshold, temperature and
 # bias are chosen again by evaluating it (`cxr evaluate`); until then predict warns.
-COPIED_FILES = ("config.yaml", "split.csv", "labels.json")
+COPIED_FILES = (CONFIG, SPLIT, "labels.json")
 
 
 def target_images(data: str | Path, split: str | None = "test") -> list[str]:
@@ -125,8 +128,8 @@ def frozen_backbone_warning(run: Path) -> str | None:
         members = sorted(p for p in (run / "members").iterdir() if p.is_dir())
         return next(filter(None, map(frozen_backbone_warning, members)), None)
     try:
-        best = json.loads((run / "val_metrics.json").read_text(encoding="utf-8"))["best_stage"]
-        config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+        best = json.loads((run / VAL_METRICS).read_text(encoding="utf-8"))["best_stage"]
+        config = yaml.safe_load((run / CONFIG).read_text(encoding="utf-8"))
         stages = config["stages"]
     except (OSError, KeyError, TypeError, yaml.YAMLError):
         return None  # not a `cxr train` run: nothing to judge by
@@ -198,7 +201,7 @@ def adapt_run(run: str | Path, data: str | Path, split: str | None = "test",
     data = resolve_data(data).resolve()  # "kaggle": the folder it stands for; absolute, so
     # that the transductive check finds those films from any working folder
     out = Path(out) if out else run.with_name(f"{run.name}-adapted")
-    if (out / MODEL_WEIGHTS).exists() or (out / "config.yaml").exists():
+    if (out / MODEL_WEIGHTS).exists() or (out / CONFIG).exists():
         raise FileExistsError(f"{out} already holds a run: adapting into it would replace its "
                               "model under its evaluations and calibration; give another --out "
                               "(Python: out=...)")

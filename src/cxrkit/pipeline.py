@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxrkit.config import TrainConfig
+from cxrkit.runs import CONFIG
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def run_pipeline(config: TrainConfig | None = None, *, resume: str | Path | None
 
     _refuse_data_without_test(config, resume)  # before the training, not after it
     folder = train(config, resume)
-    trained, spec = TrainConfig.load(folder / "config.yaml").data, load_spec(folder)
+    trained, spec = TrainConfig.load(folder / CONFIG).data, load_spec(folder)
     if not audit_is_current(folder / "audit", trained.path, trained.patient_pattern, spec):
         audit_dataset(trained.path, folder / "audit", trained.patient_pattern, spec=spec)
     evaluation = evaluate_run(folder, split="test", tta=tta, framing=framing,
@@ -52,7 +53,7 @@ def _refuse_data_without_test(config: TrainConfig | None, resume: str | Path | N
     """The job ends by evaluating on the data's test split: data without one is said now."""
     from cxrkit.data.layout import DataLayoutError, load_source
 
-    saved = Path(resume) / "config.yaml" if resume is not None else None
+    saved = Path(resume) / CONFIG if resume is not None else None
     if saved is not None and not saved.is_file():
         return  # not a run folder: `train` says so
     data = (TrainConfig.load(saved) if saved else config or TrainConfig.preset("default")).data

@@ -42,7 +42,12 @@ from cxrkit.labels import positive_label
 from cxrkit.provenance import code_version, first_attempt
 from cxrkit.runs import (
     ADAPTATION,
+    CONFIG,
     EVAL_DIR,
+    METRICS,
+    PREDICTIONS,
+    SPLIT,
+    VAL_METRICS,
     Calibration,
     load_spec,
     model_folder,
@@ -164,7 +169,7 @@ def _read_json(path: Path) -> dict | None:
 
 def _read_config(run: Path) -> dict:
     try:
-        config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+        config = yaml.safe_load((run / CONFIG).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return {}
     return config if isinstance(config, dict) else {}
@@ -180,9 +185,9 @@ def _data_path(config: dict) -> str | None:
 
 def _split_summary(run: Path) -> dict | None:
     """Images per split and class, patients per split, and patients shared by two splits."""
-    if not (run / "split.csv").is_file():
+    if not (run / SPLIT).is_file():
         return None
-    samples = read_manifest(run / "split.csv")
+    samples = read_manifest(run / SPLIT)
     splits = [s for s in ("train", "val", "test", "") if any(x.split == s for x in samples)]
     classes = sorted({s.label for s in samples})
     counts = {split: Counter(s.label for s in samples if s.split == split) for split in splits}
@@ -267,10 +272,10 @@ def ensure_evaluated(run: str | Path, split: str = "test") -> Path:
     calibration = read_calibration(run)
     candidates = [run / EVAL_DIR / split, *sorted((run / EVAL_DIR).glob(f"{split}-calibrated-*"))]
     for folder in candidates:
-        metrics = _read_json(folder / "metrics.json")
+        metrics = _read_json(folder / METRICS)
         if metrics is not None and at_calibration(metrics, calibration):
             return folder
-    if any((folder / "metrics.json").is_file() for folder in candidates):
+    if any((folder / METRICS).is_file() for folder in candidates):
         log.info("%s: the %s evaluation predates the deployed calibration: evaluating again",
                  run.name, split)
     from cxrkit.evaluation import evaluate_run  # PyTorch: only to evaluate
@@ -385,7 +390,7 @@ def summary(folder: str | Path, tta: bool = False) -> dict[str, float | int | No
     as pneumonia or not), comparable with a two-class run's; its accuracy and ROC-AUC are
     over its classes (macro ROC-AUC), beside `balanced_accuracy`. Each value's 95% interval
     is in the folder's metrics.json."""
-    metrics = json.loads((Path(folder) / "metrics.json").read_text(encoding="utf-8"))
+    metrics = json.loads((Path(folder) / METRICS).read_text(encoding="utf-8"))
     if tta and "tta" not in metrics:
         raise ValueError(f"{folder} was evaluated without test-time augmentation: "
                          "evaluate_run(run, tta=True) first (`cxr evaluate RUN --tta`)")
@@ -401,7 +406,7 @@ def summary(folder: str | Path, tta: bool = False) -> dict[str, float | int | No
 
 def is_kermany_test(folder: Path) -> bool:
     """Whether an evaluation scored the Kermany test split: 624 films, all Kermany-named."""
-    with open(folder / "predictions.csv", encoding="utf-8", newline="") as f:
+    with open(folder / PREDICTIONS, encoding="utf-8", newline="") as f:
         names = [Path(row["path"]).name for row in csv.DictReader(f)]
     return len(names) == KERMANY_TEST_FILMS and all(
         any(re.match(pattern, name) for pattern in DEFAULT_PATTERNS) for name in names)
@@ -822,7 +827,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
     binary_test = test if test and test.get("positive_class") else None
     kermany = binary_test is not None and is_kermany_test(binary_test["folder"])
     card_metrics = [(m["title"], headline_text(m)) for m in current]
-    val_metrics = _read_json(run / "val_metrics.json") or {}
+    val_metrics = _read_json(run / VAL_METRICS) or {}
     adaptation = _read_json(run / ADAPTATION)
     split = _split_summary(run)
     environment = Environment(autoescape=True)
@@ -867,7 +872,7 @@ def compare_runs(runs: list[str | Path], split: str = "test", paired: bool = Fal
     rows, folders = [], [ensure_evaluated(run, split) for run in runs]
     block, level = SPEC_AT_SENS.split("/")  # metrics.json nests such keys
     for run, folder in zip(runs, folders, strict=True):
-        metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+        metrics = json.loads((folder / METRICS).read_text(encoding="utf-8"))
         threshold = deployed_point(metrics).get("threshold")
         rows.append({"run": str(model_folder(run)), "model": metrics.get("model", ""),
                      "split": split, "n": metrics["n"], "threshold": threshold,
@@ -888,7 +893,7 @@ def compare_runs(runs: list[str | Path], split: str = "test", paired: bool = Fal
 
 def _films(folder: Path) -> set[str]:
     """The films an evaluation scored (its predictions.csv)."""
-    with open(folder / "predictions.csv", encoding="utf-8", newline="") as f:
+    with open(folder / PREDICTIONS, encoding="utf-8", newline="") as f:
         return {str(Path(row["path"]).resolve()) for row in csv.DictReader(f)}
 
 

@@ -49,6 +49,11 @@ LABELS = "labels.json"
 EVAL_DIR = "eval"  # RUN/eval/<split>/: metrics.json, predictions.csv, figures
 ADAPTATION = "adaptation.json"  # what `cxr adapt` did to a run's model
 SKIPPED = "skipped_files.csv"  # the films training could not read
+CONFIG = "config.yaml"  # the resolved training config
+SPLIT = "split.csv"  # every film of the run: path, label, split, patient
+VAL_METRICS = "val_metrics.json"  # the kept model scored on validation
+METRICS = "metrics.json"  # an evaluation's numbers: RUN/eval/<name>/metrics.json
+PREDICTIONS = "predictions.csv"  # an evaluation's films, one row each
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0,
@@ -196,7 +201,7 @@ def refuse_unfinished(folder: Path) -> None:
     if being_trained(folder):
         raise FileNotFoundError(f"{folder} is being trained now: it has no {MODEL_WEIGHTS} "
                                 "yet; use it once its training ends")
-    if (folder / "config.yaml").is_file() and (folder / "split.csv").is_file():
+    if (folder / CONFIG).is_file() and (folder / SPLIT).is_file():
         raise FileNotFoundError(
             f"{folder} is a training run that has not finished (interrupted?): it has no "
             f"{MODEL_WEIGHTS} yet. Continue it with `cxr train --resume {folder}` (Python: "

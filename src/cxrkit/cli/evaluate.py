@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from cxrkit.cli.app import USER_ERRORS, app, console, fail, show_table
+from cxrkit.runs import METRICS
 
 SPEC_AT_97 = "Spec@97: the best specificity any threshold gives at 97% sensitivity"
 
@@ -109,7 +110,7 @@ def evaluate_command(
                            reset_calibration=reset_calibration)
     except USER_ERRORS as e:
         fail(str(e))
-    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    metrics = json.loads((out / METRICS).read_text(encoding="utf-8"))
     show_table(_summary(metrics))
     for variant in variant_tables(metrics):
         rule = "deployed threshold" if metrics["deployed_threshold"] is not None else "argmax"

@@ -28,6 +28,7 @@ from cxrkit.cli.train import (
     refuse_options_beside_resume,
     say_skipped,
 )
+from cxrkit.runs import METRICS
 
 
 @app.command("run")
@@ -67,7 +68,7 @@ def run_all(
         interrupted(e, "cxr run")  # which evaluates and reports too
     show_table(metrics_table(job.folder))
     say_skipped(job.folder)
-    test = json.loads((job.evaluation / "metrics.json").read_text(encoding="utf-8"))
+    test = json.loads((job.evaluation / METRICS).read_text(encoding="utf-8"))
     rule = "at the deployed threshold" if test["deployed_threshold"] is not None else "argmax"
     console.print(f"test ({test['n']} films, {rule}): {headline_text(test)}")
     console.print(f"report: {job.report}")

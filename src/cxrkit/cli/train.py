@@ -25,7 +25,7 @@ from cxrkit.config import (
 )
 from cxrkit.data.kaggle import KaggleDownloadError
 from cxrkit.data.layout import DataLayoutError
-from cxrkit.runs import SKIPPED
+from cxrkit.runs import SKIPPED, VAL_METRICS
 
 # Narrower than the other commands' USER_ERRORS: a bare ValueError from deep inside a
 # training run is a bug, and keeps its traceback.
@@ -116,7 +116,7 @@ def interrupted(stop, command: str = "cxr train") -> None:
 
 def metrics_table(run: Path) -> Table:
     """The validation metrics `cxr train` wrote into RUN/val_metrics.json."""
-    metrics = json.loads((run / "val_metrics.json").read_text(encoding="utf-8"))
+    metrics = json.loads((run / VAL_METRICS).read_text(encoding="utf-8"))
     binary = len(json.loads((run / "labels.json").read_text(encoding="utf-8"))) == 2
     if metrics.get("members"):
         chosen = f"ensemble of {len(metrics['members'])} members"

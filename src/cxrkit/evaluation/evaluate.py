@@ -32,10 +32,8 @@ import json
 import logging
 import os
 import re
-import zipfile
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -45,9 +43,9 @@ from PIL import Image
 
 from cxrkit.adapt import adaptation_note, source_calibration_options
 from cxrkit.data.dataset import load_prepared
-from cxrkit.data.io import READER_VERSION, Failure, file_stamp, spreadsheet_text, written_whole
+from cxrkit.data.io import spreadsheet_text, written_whole
 from cxrkit.data.layout import Sample, load_source, refuse_conflicting_rows
-from cxrkit.data.patients import has_parsed_patient, kermany_subtype
+from cxrkit.data.patients import has_parsed_patient
 from cxrkit.data.split import read_manifest, test_patients_seen_in_training
 from cxrkit.evaluation import figures
 from cxrkit.evaluation.calibration import (
@@ -66,17 +64,25 @@ from cxrkit.evaluation.metrics import (
     widen_to_wilson,
     with_ci,
 )
+from cxrkit.evaluation.scoring import (
+    Scored,
+    cached,
+    run_manifest,
+    score,
+    unseen_patients,
+)
 from cxrkit.evaluation.thresholds import sensitivity_threshold, youden_threshold
 from cxrkit.evaluation.tta import DEFAULT_VIEWS
 from cxrkit.explain import gradcam, overlay
-from cxrkit.inference import predict_logits
 from cxrkit.labels import positive_index
 from cxrkit.models import Classifier
 from cxrkit.plots import VECTOR_FORMATS, extra_formats
 from cxrkit.provenance import code_version
 from cxrkit.runs import (
     EVAL_DIR,
-    MODEL_WEIGHTS,
+    METRICS,
+    PREDICTIONS,
+    SPLIT,
     Calibration,
     load_model,
     model_folder,
@@ -98,65 +104,6 @@ FRAMING_THRESHOLD_CROP = 0.85
 DEPLOYED_FIRST = ("target_sensitivity", "validation_framing", "validation")
 
 
-@dataclass
-class Scored:
-    """The readable images of one split, their class indices and logits."""
-
-    samples: list[Sample]
-    y: np.ndarray
-    logits: np.ndarray
-    failures: list[Failure]
-
-    @property
-    def groups(self) -> list[str]:
-        """Bootstrap units: the patient, or the image itself when the patient is unknown."""
-        return [s.patient_id or s.path for s in self.samples]
-
-
-def unseen_patients(scored: Scored, manifest: Sequence[Sample]) -> Scored | None:
-    """The scored films of patients whose ids are not in the run's train or val split; None
-    when there are none."""
-    seen = {s.patient_id for s in manifest if s.split in ("train", "val")}
-    keep = np.array([i for i, s in enumerate(scored.samples) if s.patient_id not in seen],
-                    dtype=int)
-    if not len(keep):
-        return None
-    return Scored([scored.samples[i] for i in keep], scored.y[keep], scored.logits[keep], [])
-
-
-# ---- which images, which labels --------------------------------------------------------------
-
-def label_indices(samples: Sequence[Sample], labels: Sequence[str], where: str) -> np.ndarray:
-    """Each sample's class index in the model's `labels`, matched by name (any case).
-
-    A NORMAL/BACTERIA/VIRUS model on NORMAL/PNEUMONIA data takes the subtype from
-    the Kermany file name (person1_bacteria_2.jpeg).
-    """
-    index = {name.lower(): i for i, name in enumerate(labels)}
-    found = []
-    for s in samples:
-        names = (s.label, kermany_subtype(Path(s.path).name, s.label))
-        found.append(next((index[n.lower()] for n in names if n.lower() in index), None))
-    unmatched = sorted({s.label for s, i in zip(samples, found, strict=True) if i is None})
-    if unmatched:
-        raise ValueError(
-            f"{where}: label(s) {', '.join(unmatched)} are not among the model's labels "
-            f"({', '.join(labels)}). Labels are matched by name: rename the class folders "
-            f"(or the manifest's label column) to the model's label names."
-        )
-    return np.array(found, dtype=int)
-
-
-def run_manifest(run: Path) -> list[Sample]:
-    file = run / "split.csv"
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"{file} is missing: evaluation needs the train/val/test manifest `cxr train` writes. "
-            f"To evaluate this model on other data, pass --data."
-        )
-    return read_manifest(file)
-
-
 def _data_name(data: str | Path) -> str:
     """The eval folder name for external data: its folder (or CSV) name."""
     if str(data).lower() == "kaggle":
@@ -172,7 +119,7 @@ def unclaimed_name(run: Path, name: str, origin: str, split: str) -> str:
     both named chest_xray, or another split of the same data): then name-<digest of these
     films' place>, the same folder each time they are evaluated."""
     try:
-        held = json.loads((run / EVAL_DIR / name / "metrics.json").read_text(encoding="utf-8"))
+        held = json.loads((run / EVAL_DIR / name / METRICS).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return name
     if held.get("data", origin) == origin and held.get("split", split) == split:
@@ -273,79 +220,6 @@ def external_samples(data: str | Path, split: str) -> tuple[str, str, str, list[
     if source.splits == [""]:
         return _data_name(data), where, "all", source.samples
     raise ValueError(f"{source.root} has no {split!r} split (it has {', '.join(source.splits)})")
-
-
-# ---- predictions -----------------------------------------------------------------------------
-
-def say_skipped(where: str, failures: Sequence[Failure]) -> None:
-    for f in failures:
-        log.warning("%s: skipped unreadable image %s (%s)", where, f.path, f.reason)
-
-
-def score(model: Classifier, samples: Sequence[Sample], where: str,
-          views: Sequence[Callable] = (), **inference) -> Scored:
-    """Logits for `samples`; unreadable files are logged and left out."""
-    labels = model.spec.labels
-    y = label_indices(samples, labels, where) if samples else np.zeros(0, int)
-    logits, failures = predict_logits(model, [s.path for s in samples], views=views, **inference)
-    ok = ~np.isnan(logits).any(1)
-    say_skipped(where, failures)
-    if samples and not ok.any():
-        raise ValueError(
-            f"{where}: none of the {len(samples)} images could be read, e.g. "
-            f"{failures[0].path}: {failures[0].reason}. split.csv holds the paths as they were "
-            f"at training time: has the data moved?"
-        )
-    kept = [s for s, good in zip(samples, ok, strict=True) if good]
-    # float64: a confident model's float32 probabilities round to exactly 1.0 and tie.
-    return Scored(kept, y[ok], logits[ok].astype(np.float64), failures)
-
-
-LOGITS_CACHE = "logits"
-
-
-def cached(run: Path, labels: Sequence[str],
-           score_films: Callable[..., Scored]) -> Callable[..., Scored]:
-    """`score_films` with its logits kept in RUN/eval/logits/, so that evaluating again (another
-    split, --data, --tta, --framing) does not score the validation films again (~16 s for
-    Kermany's on a laptop CPU). The key holds the weights file's SHA-256 (not its time: a run
-    copied with `cp -r` keeps its scores), the crop, every film's path, size and time, and
-    the names of the TTA views (`DEFAULT_VIEWS`): new weights or a changed film score
-    afresh."""
-    def scored(samples: Sequence[Sample], where: str, views: dict[str, Callable] | None = None,
-               crop: float = 1.0) -> Scored:
-        weights = hashlib.sha256((run / MODEL_WEIGHTS).read_bytes()).hexdigest()
-        parts = (weights, crop, READER_VERSION,
-                 [(s.path, *file_stamp(s.path)) for s in samples])
-        if views:  # appended only then: the plain scores keep the keys they always had
-            parts += (tuple(views),)
-        key = hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
-        file = run / EVAL_DIR / LOGITS_CACHE / f"{key}.npz"
-        if file.is_file():
-            try:
-                with np.load(file) as kept:
-                    index, logits = kept["index"], kept["logits"]
-                failures = [Failure(p, r) for p, r in
-                            json.loads(file.with_suffix(".json").read_text(encoding="utf-8"))]
-                films = [samples[i] for i in index]
-            except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as e:
-                log.warning("%s is damaged (%s): scoring the films again", file, e)
-            else:
-                log.info("%s: logits of these %d films read back from %s", where,
-                         len(samples), file.relative_to(run))
-                say_skipped(where, failures)  # every evaluation says what it left out
-                return Scored(films, label_indices(films, labels, where), logits, failures)
-        result = score_films(samples, where, views=list((views or {}).values()), crop=crop)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        position = {s.path: i for i, s in enumerate(samples)}
-        # The .npz last: it is what a reader looks for, and either file is whole or absent.
-        with written_whole(file.with_suffix(".json")) as partial:
-            partial.write_text(json.dumps([[f.path, f.reason] for f in result.failures]))
-        with written_whole(file) as partial, open(partial, "wb") as out:
-            np.savez(out, index=np.array([position[s.path] for s in result.samples], int),
-                     logits=result.logits)
-        return result
-    return scored
 
 
 def _as_stored(films: str | Path | None) -> str | None:
@@ -741,7 +615,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         if not samples:
             present = sorted({s.split for s in manifest})
             raise ValueError(f"{run}/split.csv has no {split!r} images (it has {present})")
-        name, origin, used_split = split, str(run / "split.csv"), split
+        name, origin, used_split = split, str(run / SPLIT), split
         where = f"{origin} {split}"
     else:
         name, origin, used_split, samples = external_samples(data, split)
@@ -763,7 +637,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         log.warning("%s: %s", run.name, leak)
         notes.append(leak)
     if data is not None:
-        notes += external_data_doubts(read_manifest(run / "split.csv"), scored.samples)
+        notes += external_data_doubts(read_manifest(run / SPLIT), scored.samples)
         missing = sorted(set(labels) - {labels[i] for i in scored.y})
         if missing:
             notes.append(f"The external data has no {', '.join(missing)} images.")
@@ -858,13 +732,13 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     # too, and the new one is written last: an evaluation killed part way leaves none, and
     # `cxr report` evaluates again rather than show half a set of figures.
     for old in out.iterdir():
-        if old.suffix[1:] in ("png", *VECTOR_FORMATS) or old.name == "metrics.json":
+        if old.suffix[1:] in ("png", *VECTOR_FORMATS) or old.name == METRICS:
             old.unlink()
-    write_predictions(out / "predictions.csv", scored, probs, predicted, labels, tta_probs)
+    write_predictions(out / PREDICTIONS, scored, probs, predicted, labels, tta_probs)
     if figures:
         where = f"{name}, {len(scored.y)} films"
         write_figures(out, model, scored, probs, metrics, thresholds, calibration, seed, where)
-    with written_whole(out / "metrics.json") as whole:
+    with written_whole(out / METRICS) as whole:
         whole.write_text(json.dumps(report, indent=2, allow_nan=False))
     log.info("wrote %s", out)
     return out

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrkit.evaluation.metrics import ranking_metrics, threshold_metrics, with_ci
+from cxrkit.runs import METRICS, PREDICTIONS
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,12 @@ class ScoredFilms:
 def read_scored(folder: str | Path) -> ScoredFilms:
     """An eval folder (RUN/eval/<split>/) of a binary model, from its two files."""
     folder = Path(folder)
-    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    metrics = json.loads((folder / METRICS).read_text(encoding="utf-8"))
     positive = metrics.get("positive_class")
     if not positive:
         raise ValueError(f"{folder}: paired differences need a binary model "
                          f"(labels {metrics.get('labels')}); compare multi-class runs unpaired")
-    with open(folder / "predictions.csv", encoding="utf-8", newline="") as f:
+    with open(folder / PREDICTIONS, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
     return ScoredFilms(
         folder=folder,

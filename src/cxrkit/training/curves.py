@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless back
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cxrkit.plots import save_figure  # noqa: E402
+from cxrkit.runs import VAL_METRICS
 
 METRICS_CSV = "metrics.csv"
 CURVES_PNG = "training_curves.png"
@@ -69,7 +70,7 @@ def step_losses(rows: list[dict[str, str]]) -> tuple[list[float], list[float]]:
 
 def _best(run: Path) -> tuple[str, int] | None:
     """(stage, 1-based epoch) of the checkpoint training kept, from val_metrics.json."""
-    path = run / "val_metrics.json"
+    path = run / VAL_METRICS
     if not path.is_file():
         return None
     chosen = json.loads(path.read_text(encoding="utf-8"))

@@ -57,16 +57,19 @@ from cxrkit.data.split import (
     training_films_in_test,
     write_manifest,
 )
-from cxrkit.evaluation.evaluate import cached, run_manifest, score
+from cxrkit.evaluation.scoring import cached, run_manifest, score
 from cxrkit.labels import positive_index, positive_is_guessed
 from cxrkit.models import Classifier, create_model
 from cxrkit.models.ensemble import Ensemble
 from cxrkit.plots import extra_formats, save_figure
 from cxrkit.provenance import record_attempt
 from cxrkit.runs import (
+    CONFIG,
     MODEL_WEIGHTS,
     SKIPPED,
+    SPLIT,
     TRAINING_LOCK,
+    VAL_METRICS,
     load_model,
     save_model,
     training_lock,
@@ -95,10 +98,7 @@ from cxrkit.training.module import ClassifierModule, make_metrics, metric_inputs
 
 log = logging.getLogger(__name__)
 
-CONFIG = "config.yaml"
-SPLIT = "split.csv"
 PROGRESS = "stages.json"
-VAL_METRICS = "val_metrics.json"
 RUN_DIR_ENV = "CXRKIT_RUN_DIR"  # hands the run folder to processes Lightning launches
 
 # Lightning warnings that are expected here: the run folder already holds config.yaml,
