@@ -94,7 +94,7 @@ def test_a_class_none_of_whose_files_decode_is_a_note_to_fix(tmp_path):
     r = audit_dataset(root, tmp_path / "out", figures=False)
     [(level, note)] = [(lv, n) for lv, n in zip(r.note_levels, r.notes, strict=True)
                        if "none of its" in n]
-    assert level == "fix" and note.startswith("test/NORMAL: none of its 2 file(s) can be decoded")
+    assert level == "fix" and note.startswith("test/NORMAL: none of its 2 file(s) can be read")
 
 
 def test_exact_duplicates(audited):

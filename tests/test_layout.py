@@ -226,6 +226,11 @@ def test_images_the_kaggle_layout_does_not_read_are_said(tmp_path):
     assert "ignored 1 images directly in train/, e.g. loose.jpeg: move them into their " \
         "class's folder" in source.notes
     assert not any("notes/" in n for n in source.notes)
+    (root / "val").mkdir()  # beside a val/ of its own: renaming is not the fix
+    shutil.copytree(root / "test" / "NORMAL", root / "val" / "NORMAL")
+    shutil.copytree(root / "test" / "PNEUMONIA", root / "val" / "PNEUMONIA")
+    assert "ignored validation/ (4 images): only train/, val/ and test/ are read" \
+        in load_source(root).notes
 
 
 def test_class_names_that_differ_only_in_case_are_refused(tmp_path):
@@ -269,6 +274,11 @@ def test_a_manifest_saved_by_excel_is_read_and_a_wrong_header_is_named(tmp_path,
     with pytest.raises(DataLayoutError, match=r"windows.csv is not UTF-8 text \(byte 0xf6 on "
                                               r"line 3\): save it as UTF-8 \(Excel: Save As"):
         load_source(windows)
+    utf16 = tmp_path / "utf16.csv"  # Excel's "Unicode Text", Notepad's "Unicode"
+    utf16.write_text(f"path,label\n{films[0]},NORMAL\n", encoding="utf-16")
+    with pytest.raises(DataLayoutError, match=r"utf16.csv is UTF-16 text: save it as UTF-8.*"
+                                              r"iconv -f utf-16 -t utf-8"):
+        load_source(utf16)
 
 
 def test_links_back_into_the_dataset_never_relabel_its_films(tmp_path, caplog):
@@ -284,8 +294,13 @@ def test_links_back_into_the_dataset_never_relabel_its_films(tmp_path, caplog):
     synthetic_film("NORMAL", 7).save(outside / "kept.png")
     (normal / "external").symlink_to(outside)
     source = load_source(root)
-    assert source.counts()["train"] == {"NORMAL": 5, "PNEUMONIA": 4}
+    assert source.counts()["train"] == {"NORMAL": 5, "PNEUMONIA": 4}  # + kept.png
     assert str(normal / "external" / "kept.png") in {s.path for s in source.samples}
+    pool = root / "pool"  # films kept beside the splits, linked into a class: followed
+    pool.mkdir()
+    synthetic_film("NORMAL", 8).save(pool / "pooled.png")
+    (normal / "from-pool").symlink_to(pool)
+    assert str(normal / "from-pool" / "pooled.png") in {s.path for s in load_source(root).samples}
     for link in ("shortcut", "more", "upper"):
         assert sum(f"{normal / link} links to" in n and "not followed" in n
                    for n in source.notes) == 1, link
@@ -305,29 +320,38 @@ def as_a_plain_user(code: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o000])
-def test_a_folder_that_cannot_be_read_is_named_with_the_fix(tmp_path, mode):
-    """644 (listable, not enterable): a PermissionError traceback; 000: its films left out of
-    the counts, silently."""
+def test_a_folder_that_cannot_be_read_is_said_and_stops_nothing(tmp_path, mode):
+    """644 (listable, not enterable): a PermissionError traceback; 000: its films left out
+    of the counts, silently. Now said, with the fix, and the rest is read (a root-owned
+    lost+found/ must not stop a dataset)."""
     root = make_kaggle_tree(tmp_path / "data", {"train": 4, "test": 2})
     locked = root / "train" / "NORMAL" / "batch2"
     locked.mkdir()
     synthetic_film("NORMAL", 9).save(locked / "IM-0900-0000.jpeg")
+    (root / "lost+found").mkdir(mode=0o700)
+    (root / "lost+found").chmod(mode)
     locked.chmod(mode)
     try:
         done = as_a_plain_user(
-            "from cxrkit.data.layout import load_source, images_under\n"
+            "import logging\n"
+            "logging.basicConfig(format='%(levelname)s %(message)s')\n"
             "from pathlib import Path\n"
-            "for read in (lambda: load_source('data'), lambda: images_under(Path('data'))):\n"
-            "    try:\n"
-            "        read()\n"
-            "    except ValueError as e:\n"
-            "        print(e)\n", cwd=tmp_path)
+            "from cxrkit.data.layout import images_under, load_source\n"
+            "source = load_source('data')\n"
+            "print(source.counts()['train'])\n"
+            "print('\\n'.join(source.notes))\n"
+            "print(len(images_under(Path('data/train/NORMAL'))))\n", cwd=tmp_path)
     finally:
         locked.chmod(0o755)
-    said = done.stdout.splitlines()
+        (root / "lost+found").chmod(0o755)
     assert done.returncode == 0, done.stderr
-    assert len(said) == 2 and all("batch2 cannot be read (Permission denied)" in line
-                                  and "chmod -R u+rwX" in line for line in said), said
+    out = done.stdout.splitlines()
+    assert out[0] == "{'NORMAL': 4, 'PNEUMONIA': 4}" and out[-1] == "4"
+    said = (f"{Path('data/train/NORMAL/batch2')} cannot be read (Permission denied): its films "
+            "are left out. To include them, give yourself access (e.g. `chmod -R u+rwX "
+            "'data/train/NORMAL/batch2'`, as its owner).")
+    assert said in out and f"WARNING {said}" in done.stderr.splitlines()
+    assert not any("lost+found" in line for line in out)  # no images in it that were seen
 
 
 def test_a_manifest_written_on_windows_or_typed_over_a_mac_name_finds_its_files(tmp_path):
@@ -347,3 +371,7 @@ def test_a_manifest_written_on_windows_or_typed_over_a_mac_name_finds_its_files(
     assert "1 path(s) written with \\ for /: read as the files on disk are named" in source.notes
     assert "1 path(s) in Unicode form NFD on disk: read as the files on disk are named" \
         in source.notes
+    both = tmp_path / "both.csv"  # Windows' backslash and a composed name in one row
+    both.write_text(f"path,label\nPNEUMONIA\\{unicodedata.normalize('NFC', 'Müller 0.png')},"
+                    "PNEUMONIA\nNORMAL/b0.png,NORMAL\n", encoding="utf-8")
+    assert load_source(both).samples[0].path == str(tmp_path / "PNEUMONIA" / decomposed)

@@ -235,5 +235,5 @@ def adapt_run(run: str | Path, data: str | Path, split: str | None = "test",
         "labels_used": False,
         "source_chosen_with": read_calibration(run).chosen_with,
         "warning": warning,
-    }, indent=2))
+    }, indent=2), encoding="utf-8")
     return out

@@ -272,7 +272,7 @@ class TrainConfig:
     def save(self, path: str | Path) -> Path:
         """Every field, as YAML that `TrainConfig.load` reads back."""
         path = Path(path)
-        path.write_text(yaml.safe_dump(to_dict(self), sort_keys=False))
+        path.write_text(yaml.safe_dump(to_dict(self), sort_keys=False), encoding="utf-8")
         return path
 
     def updated(self, overrides: dict[str, Any]) -> TrainConfig:

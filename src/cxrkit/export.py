@@ -256,5 +256,5 @@ def _without_local_folders(calibration: Calibration) -> str:
 
 def write_sidecar(folder: str | Path, sidecar: dict) -> Path:
     path = Path(folder) / SIDECAR
-    path.write_text(json.dumps(sidecar, indent=2))
+    path.write_text(json.dumps(sidecar, indent=2), encoding="utf-8")
     return path

@@ -399,7 +399,7 @@ def write_predictions(predictions: Sequence[Prediction], path: str | Path) -> Pa
         raise ValueError(f"{path}: write predictions to a .csv or a .json file")
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".json":
-        path.write_text(json.dumps([asdict(p) for p in predictions], indent=2))
+        path.write_text(json.dumps([asdict(p) for p in predictions], indent=2), encoding="utf-8")
         return path
     labels = list(dict.fromkeys(k for p in predictions for k in p.probabilities))
     with open(path, "w", encoding="utf-8", newline="") as f:

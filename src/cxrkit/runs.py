@@ -142,8 +142,8 @@ def save_model(model: Classifier | Ensemble, folder: str | Path) -> Path:
         with written_whole(weights) as partial:
             partial.write_bytes(data)
     described = model.describe() if isinstance(model, Ensemble) else model.spec.to_dict()
-    (folder / MODEL_SPEC).write_text(json.dumps(described, indent=2))
-    (folder / LABELS).write_text(json.dumps(model.spec.labels, indent=2))
+    (folder / MODEL_SPEC).write_text(json.dumps(described, indent=2), encoding="utf-8")
+    (folder / LABELS).write_text(json.dumps(model.spec.labels, indent=2), encoding="utf-8")
     return folder / MODEL_WEIGHTS
 
 
@@ -283,7 +283,7 @@ def write_calibration(path: str | Path, calibration: Calibration) -> Path:
     """Deploy `calibration`: `predict`, `serve` and `export` apply it from then on."""
     file = model_folder(path) / CALIBRATION
     with written_whole(file) as partial:  # a server reading it never sees it half written
-        partial.write_text(json.dumps(calibration.to_dict(), indent=2))
+        partial.write_text(json.dumps(calibration.to_dict(), indent=2), encoding="utf-8")
     return file
 
 

@@ -7,6 +7,7 @@ named options, then every `--set key=value` (any config field, e.g.
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -218,7 +219,8 @@ def say_skipped(run: Path) -> None:
     """Last before the run folder: the warnings that named them scrolled by long ago."""
     skipped = run / SKIPPED
     if skipped.is_file():
-        films = len(skipped.read_text(encoding="utf-8").splitlines()) - 1  # its header
+        with open(skipped, encoding="utf-8", newline="") as f:
+            films = sum(1 for _ in csv.DictReader(f))  # rows, whatever a path holds
         console.print(f"[yellow]{films} film(s) could not be read and were skipped: "
                       f"{escape(str(skipped))} lists them; `cxr data audit` says why[/]")
 

@@ -162,7 +162,7 @@ def serve_command(
     model: Path = typer.Argument(..., help=MODEL_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on; 0.0.0.0 "
                              "exposes the model to the whole network."),
-    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="The port to listen on."),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.1,
                                         help="Larger uploads get 413."),
     backend: str | None = typer.Option(None, "--backend", help="torch or onnx; default: "

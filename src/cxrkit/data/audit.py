@@ -331,9 +331,9 @@ def _classes_unread(source: DataSource, result: AuditResult) -> list[str]:
     by_group: dict[tuple[str, str], list[str]] = {}
     for s in source.samples:
         by_group.setdefault((s.split, s.label), []).append(s.path)
-    return [f"{split or 'the data'}/{label}: none of its {len(paths)} file(s) can be decoded "
-            f"(e.g. {paths[0]}): replace them" for (split, label), paths in by_group.items()
-            if all(p in bad for p in paths)]
+    return [f"{split or 'the data'}/{label}: none of its {len(paths)} file(s) can be read "
+            f"(e.g. {paths[0]}): replace them, or fix the paths that lead to them"
+            for (split, label), paths in by_group.items() if all(p in bad for p in paths)]
 
 
 def _notes(source: DataSource, result: AuditResult) -> list[tuple[str, str]]:
@@ -478,5 +478,5 @@ def audit_dataset(data_path: str | Path, out_dir: str | Path, patient_pattern: s
     result.seconds = round(time.perf_counter() - start, 2)
     write_audit_html(result, out_dir / "audit.html")
     # last: an audit.json with its fingerprint says the whole audit was written
-    (out_dir / "audit.json").write_text(json.dumps(result.to_dict(), indent=2))
+    (out_dir / "audit.json").write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
     return result

@@ -151,7 +151,7 @@ class DecodeCache:
         building.close()
         marker = tmp.with_suffix(".part")  # not a .tmp: nothing prunes it in between
         source = os.path.commonpath([s.path for s in samples]) if samples else ""
-        marker.write_text(json.dumps({"valid": valid, "source": source}))
+        marker.write_text(json.dumps({"valid": valid, "source": source}), encoding="utf-8")
         os.replace(marker, self.valid_path)  # last: an entry with a marker is whole
 
     def __getitem__(self, i: int) -> torch.Tensor | None:

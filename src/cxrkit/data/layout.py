@@ -16,6 +16,7 @@ import logging
 import os
 import unicodedata
 from collections import Counter
+from collections.abc import Collection, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
@@ -83,9 +84,14 @@ def images_under(folder: Path) -> list[Path]:
     return sorted(p for p in files if is_image_file(p))
 
 
-def _warn(unfollowed: list[str]) -> None:
-    for note in unfollowed:  # said as the films are listed, by every command that lists them
-        log.warning(note)
+_SAID: set[str] = set()  # each passed-over folder warned about once per process
+
+
+def _warn(passed_over: list[str]) -> None:
+    for note in passed_over:  # said as the films are listed (audit, train and evaluate alike)
+        if note not in _SAID:
+            _SAID.add(note)
+            log.warning(note)
 
 
 def unrecognised_under(folder: Path) -> list[Path]:
@@ -98,18 +104,20 @@ def unrecognised_under(folder: Path) -> list[Path]:
                   and any(c.isdigit() for c in p.name) and not is_image_file(p))
 
 
-def _files_under(folder: Path, dataset: Path | None = None) -> tuple[list[Path], list[str]]:
-    """The files below `folder`, and a note for each linked folder not followed: one that
-    holds `folder` (a loop: `shortcut -> ..` would bring in the sibling folders), or one
-    elsewhere in `dataset` (another class's or split's films would take this folder's label).
-    Links to folders outside the dataset are followed: films kept on another disk."""
-    with _access_said():
-        return _walk(folder, dataset)
+def _files_under(folder: Path,
+                 labelled: Collection[Path] = ()) -> tuple[list[Path], list[str]]:
+    """The files below `folder`, and a note for each folder passed over: a linked folder that
+    holds `folder` (a loop: `shortcut -> ..` would bring in its neighbours) or reaches into
+    another of the dataset's class folders, `labelled` (their films would take this folder's
+    label too); a folder that cannot be listed or entered (its films left out, said: a
+    `lost+found/` its user cannot open stops nothing). Links anywhere else are followed:
+    films kept in a pool beside the splits, or on another disk."""
+    found, seen, passed_over = [], set(), []
 
+    def unlisted(error: OSError) -> None:
+        passed_over.append(_unreadable_note(error.filename, error))
 
-def _walk(folder: Path, dataset: Path | None) -> tuple[list[Path], list[str]]:
-    found, seen, unfollowed = [], set(), []
-    for top, dirs, files in os.walk(folder, followlinks=True, onerror=_raise):
+    for top, dirs, files in os.walk(folder, followlinks=True, onerror=unlisted):
         real = os.path.realpath(top)
         if real in seen:  # a second link to one folder
             dirs[:] = []
@@ -117,33 +125,35 @@ def _walk(folder: Path, dataset: Path | None) -> tuple[list[Path], list[str]]:
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if d not in JUNK_DIRS and not d.startswith("."))
         for name in list(dirs):
-            if why := _link_leads_back(Path(top, name), folder, dataset):
+            if why := _link_leads_back(Path(top, name), folder, labelled):
                 dirs.remove(name)
-                unfollowed.append(why)
-        found += [p for p in map(Path(top).joinpath, files) if p.is_file()]
-    return found, unfollowed
+                passed_over.append(why)
+        try:
+            found += [p for p in map(Path(top).joinpath, files) if p.is_file()]
+        except OSError as e:  # listed but not entered (`chmod 644` on a folder)
+            passed_over.append(_unreadable_note(top, e))
+    return found, passed_over
 
 
-def _raise(error: OSError) -> None:
-    raise error  # os.walk passes over a folder it cannot list, and its films with it
+def _unreadable_note(folder: str, error: OSError) -> str:
+    return (f"{folder} cannot be read ({error.strerror}): its films are left out. To include "
+            f"them, give yourself access (e.g. `chmod -R u+rwX '{folder}'`, as its owner).")
 
 
 @contextmanager
 def _access_said():
-    """A folder that cannot be listed or entered (a `chmod -R 644` after unzipping) as one
-    line that names it and the fix: its films were left out silently, or a traceback."""
+    """What the layout itself cannot read (a split folder, the manifest) as one line that
+    names it and the fix, not a traceback."""
     try:
         yield
     except PermissionError as e:
-        # a folder that cannot be listed, or one whose files cannot even be looked at
-        folder = e.filename if os.path.isdir(e.filename) else os.path.dirname(e.filename)
-        raise DataLayoutError(
-            f"{folder} cannot be read ({e.strerror}): the films in it would be left out. "
-            f"Give yourself access (e.g. `chmod -R u+rwX '{folder}'`), or leave the folder "
-            "out of the data") from None
+        # the file or folder itself, or the folder that cannot be entered to look at it
+        what = e.filename if os.path.exists(e.filename) else os.path.dirname(e.filename)
+        raise DataLayoutError(f"{what} cannot be read ({e.strerror}): give yourself access "
+                              f"(e.g. `chmod -R u+rwX '{what}'`, as its owner)") from None
 
 
-def _link_leads_back(link: Path, folder: Path, dataset: Path | None) -> str | None:
+def _link_leads_back(link: Path, folder: Path, labelled: Collection[Path]) -> str | None:
     """Why the linked folder `link` is not followed, if it is not."""
     if not link.is_symlink():
         return None
@@ -151,9 +161,10 @@ def _link_leads_back(link: Path, folder: Path, dataset: Path | None) -> str | No
     if inside.is_relative_to(target):
         return (f"{link} links to {target}, which holds {folder}: not followed (a loop; it "
                 f"would read {folder}'s neighbours as {folder.name}). Remove the link.")
-    if dataset is not None and target.is_relative_to(os.path.realpath(dataset)) \
-            and not target.is_relative_to(inside):
-        return (f"{link} links to {target}, another folder of the dataset: not followed (its "
+    other = next((c for c in labelled if c != inside
+                  and (target.is_relative_to(c) or c.is_relative_to(target))), None)
+    if other is not None:
+        return (f"{link} links to {target}, into the class folder {other}: not followed (its "
                 f"films would be read as {folder.name} too). Remove the link, or move the "
                 f"films into {folder}.")
     return None
@@ -174,13 +185,19 @@ def _find_kaggle_root(root: Path) -> Path | None:
     return None
 
 
-def _read_class_tree(folder: Path, split: str, parse: PatientIdParser,
-                     root: Path) -> tuple[list[Sample], list[str]]:
+def _class_folders(root: Path, splits: Iterable[str]) -> set[Path]:
+    """The real paths of the class folders of `splits` ("": the root's own)."""
+    return {Path(os.path.realpath(d)) for split in splits if (root / split).is_dir()
+            for d in _subdirs(root / split)}
+
+
+def _read_class_tree(folder: Path, split: str, parse: PatientIdParser, root: Path,
+                     labelled: Collection[Path]) -> tuple[list[Sample], list[str]]:
     """The films under folder/<class>/, each with its patient from its path under `root`,
-    and a note for each linked folder not followed."""
+    and a note for each folder passed over (`labelled`: the dataset's class folders)."""
     samples, notes = [], []
     for class_dir in _subdirs(folder):
-        files, unfollowed = _files_under(class_dir, dataset=root)
+        files, unfollowed = _files_under(class_dir, labelled)
         samples += [Sample(str(path), class_dir.name, split, parse(path.relative_to(root)))
                     for path in sorted(p for p in files if is_image_file(p))]
         notes += unfollowed
@@ -198,7 +215,8 @@ def _check_class_names(samples: list[Sample], where: Path) -> None:
     if spaced := sorted({s.label for s in samples if s.label != s.label.strip()}):
         raise DataLayoutError(f"{where}: class names with spaces at either end: "
                               f"{', '.join(map(repr, spaced))}. Rename their folders (or "
-                              "labels) without them: each would be a class of its own.")
+                              "labels) without them: the space cannot be seen, and 'PNEUMONIA "
+                              "' is not the class 'PNEUMONIA' anywhere it is named.")
     by_upper: dict[str, set[str]] = {}
     for s in samples:
         by_upper.setdefault(s.label.upper(), set()).add(s.label)
@@ -218,11 +236,12 @@ def _from_kaggle(root: Path, parse: PatientIdParser) -> DataSource:
         if (root / junk).exists() or (root.parent / junk).exists():
             notes.append(f"ignored {junk}/ folders")
     notes += _left_out_of_splits(root)
+    labelled = _class_folders(root, SPLIT_NAMES)
     samples = []
     for split in SPLIT_NAMES:
         if (root / split).is_dir():
             # Only class folders count: the nested chest_xray/ copy is not a class.
-            films, unfollowed = _read_class_tree(root / split, split, parse, root)
+            films, unfollowed = _read_class_tree(root / split, split, parse, root, labelled)
             samples += films
             notes += unfollowed
     _check_class_names(samples, root)
@@ -242,11 +261,12 @@ def _left_out_of_splits(root: Path) -> list[str]:
     train/ (validation was then carved from train instead), films loose in a split folder."""
     notes = []
     for folder in _subdirs(root):
-        if folder.name in (*SPLIT_NAMES, "chest_xray") or not (films := images_under(folder)):
+        if (folder.name in (*SPLIT_NAMES, "chest_xray") or _is_split_folder(root, folder)
+                or not (films := images_under(folder))):
             continue
         hint = (" name it val/ to use it as the validation split"
-                if folder.name.lower() in ("val", "valid", "validation") else
-                " only train/, val/ and test/ are read")
+                if folder.name.lower() in ("val", "valid", "validation")
+                and not (root / "val").is_dir() else " only train/, val/ and test/ are read")
         notes.append(f"ignored {folder.name}/ ({len(films)} images):{hint}")
     for split in SPLIT_NAMES:
         loose = [p for p in (root / split).glob("*") if p.is_file() and is_image_file(p)]
@@ -256,8 +276,14 @@ def _left_out_of_splits(root: Path) -> list[str]:
     return notes
 
 
+def _is_split_folder(root: Path, folder: Path) -> bool:
+    """Train/ on a case-insensitive disk (macOS, Windows): read as train/ itself."""
+    named = root / folder.name.lower()
+    return folder.name.lower() in SPLIT_NAMES and named.is_dir() and named.samefile(folder)
+
+
 def _from_class_folders(root: Path, parse: PatientIdParser) -> DataSource:
-    samples, notes = _read_class_tree(root, "", parse, root)
+    samples, notes = _read_class_tree(root, "", parse, root, _class_folders(root, [""]))
     split_folders = sorted({s.label for s in samples if s.label.lower() in SPLIT_NAMES})
     if split_folders:
         if any(name != name.lower() for name in split_folders):
@@ -283,6 +309,10 @@ SEMICOLONS = (" (columns separated by semicolons, as Excel saves CSV in some lan
 
 def _manifest_text(csv_path: Path) -> str:
     raw = csv_path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # Excel's "Unicode Text", Notepad's "Unicode"
+        raise DataLayoutError(f"{csv_path} is UTF-16 text: save it as UTF-8 (Excel: Save As, "
+                              "'CSV UTF-8 (Comma delimited)'), or convert it, e.g. `iconv -f "
+                              f"utf-16 -t utf-8 {csv_path.name} > utf8.csv`")
     try:
         return raw.decode("utf-8-sig")  # -sig: Excel's byte-order mark
     except UnicodeDecodeError as e:
@@ -337,15 +367,16 @@ def _as_on_disk(written: str, folder: Path) -> tuple[Path, str | None]:
     / for a Windows \\, or in the other Unicode form (macOS names files decomposed, NFD; a
     name typed or from Excel is composed, NFC): the same name on screen, no file on disk."""
     given = Path(written)
-    if (folder / given).exists():  # an absolute `given` stays itself
+    if os.path.exists(folder / given):  # an absolute `given` stays itself; False if locked
         return given, None
-    others = [("written with \\ for /", PureWindowsPath(written).as_posix())] \
-        if "\\" in written else []
-    others += [(f"in Unicode form {form} on disk", unicodedata.normalize(form, written))
-               for form in ("NFC", "NFD")]
-    for how, text in others:
-        if text != written and (folder / text).exists():
-            return Path(text), how
+    slashed = [("", written)] + ([("written with \\ for /", PureWindowsPath(written).as_posix())]
+                                 if "\\" in written else [])
+    for slash, text in slashed:
+        for form in ("", "NFC", "NFD"):
+            respelt = unicodedata.normalize(form, text) if form else text
+            if respelt != written and os.path.exists(folder / respelt):
+                how = [slash, f"in Unicode form {form} on disk" if form else ""]
+                return Path(respelt), ", ".join(h for h in how if h)
     return given, None
 
 

@@ -739,6 +739,6 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         where = f"{name}, {len(scored.y)} films"
         write_figures(out, model, scored, probs, metrics, thresholds, calibration, seed, where)
     with written_whole(out / METRICS) as whole:
-        whole.write_text(json.dumps(report, indent=2, allow_nan=False))
+        whole.write_text(json.dumps(report, indent=2, allow_nan=False), encoding="utf-8")
     log.info("wrote %s", out)
     return out

@@ -152,7 +152,8 @@ def cached(run: Path, labels: Sequence[str],
         position = {s.path: i for i, s in enumerate(samples)}
         # The .npz last: it is what a reader looks for, and either file is whole or absent.
         with written_whole(file.with_suffix(".json")) as partial:
-            partial.write_text(json.dumps([[f.path, f.reason] for f in result.failures]))
+            failed = [[f.path, f.reason] for f in result.failures]
+            partial.write_text(json.dumps(failed), encoding="utf-8")
         with written_whole(file) as partial, open(partial, "wb") as out:
             np.savez(out, index=np.array([position[s.path] for s in result.samples], int),
                      logits=result.logits)

@@ -254,7 +254,7 @@ def _write_json(path: Path, values: dict) -> None:
     """Whole or not at all (a crash mid-write would leave stages.json cut short, and the run
     unable to resume)."""
     with written_whole(path) as whole:
-        whole.write_text(json.dumps(values, indent=2))
+        whole.write_text(json.dumps(values, indent=2), encoding="utf-8")
 
 
 def _mark_finished(folder: Path, stage: str, record: dict) -> None:
