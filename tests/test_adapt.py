@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Trainer
 from typer.testing import CliRunner
 
 from cxrkit.adapt import adapt_batchnorm, adapt_run, is_transductive, target_images
@@ -14,6 +15,7 @@ from cxrkit.evaluation import evaluate_run
 from cxrkit.evaluation.evaluate import deployed_options
 from cxrkit.inference import file_batches
 from cxrkit.models import create_model
+from cxrkit.provenance import read_attempts, record_attempt
 from cxrkit.report import build_report
 from cxrkit.runs import Calibration, load_model, save_model, write_calibration
 from tests.conftest import make_kaggle_tree
@@ -168,7 +170,9 @@ def test_an_adapted_run_says_so_in_its_evaluations_and_report(trained_run, tiny_
                                                                tmp_path):
     """Adapted to the test films, then evaluated on them: honest only if it says so."""
     run = shutil.copytree(trained_run, tmp_path / "run")
+    record_attempt(run, "train", Trainer(accelerator="cpu", logger=False), 0, resumed=False)
     adapted = adapt_run(run, tiny_kaggle, split="test")
+    assert read_attempts(adapted) == read_attempts(run)  # what trained it goes with it
     metrics = json.loads((evaluate_run(adapted, bootstrap=10, figures=False, device="cpu")
                           / "metrics.json").read_text())
     assert any("adapted with `cxr adapt`" in n and "16 of the 16 films evaluated are among "

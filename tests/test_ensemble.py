@@ -20,6 +20,7 @@ from cxrkit.export import export_model
 from cxrkit.inference import predict_logits
 from cxrkit.models import create_model
 from cxrkit.models.ensemble import Ensemble
+from cxrkit.provenance import read_attempts
 from cxrkit.report import build_report
 from cxrkit.runs import load_model, save_model
 from cxrkit.training import train
@@ -109,6 +110,9 @@ def test_training_an_ensemble_trains_each_member_on_the_runs_split(ensemble_run)
     metrics = json.loads((ensemble_run / "val_metrics.json").read_text())
     assert metrics["members"] == ["members/0-simple_cnn", "members/1-simple_cnn"]
     assert metrics["images"] == len(val)
+    # what trained it: every member's attempts, each marked (the model card reads them)
+    attempts = read_attempts(ensemble_run)
+    assert [a["member"] for a in attempts] == ["0-simple_cnn", "1-simple_cnn"]
 
 
 def test_an_ensemble_is_evaluated_like_any_run(ensemble_run):

@@ -121,8 +121,8 @@ def test_youden_threshold_by_hand():
     # between the lowest score that must be called and the next lower one, never on a score
     assert sensitivity_threshold(y, p, 0.5) == pytest.approx(0.6)  # 0.8 and 0.4
     assert sensitivity_threshold(y, p, 1.0) == pytest.approx(0.225)  # 0.35 and 0.1
-    # the lowest score of all must be called: the threshold is that score
-    assert sensitivity_threshold(np.array([0, 1], bool), np.array([0.5, 0.2]), 1.0) == 0.2
+    # the lowest score of all must be called: halfway between it and 0, off every score
+    assert sensitivity_threshold(np.array([0, 1], bool), np.array([0.5, 0.2]), 1.0) == 0.1
     with pytest.raises(ValueError, match="only negative"):
         youden_threshold(np.zeros(3, bool), np.array([0.1, 0.2, 0.3]))
 

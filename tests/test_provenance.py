@@ -44,8 +44,31 @@ def test_a_resume_at_another_precision_is_warned_about(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="cxrkit"):
         record_attempt(tmp_path, "finetune", Trainer(accelerator="cpu", logger=False),
                        num_workers=0, resumed=True)
-    assert "resumes with precision bf16-mixed -> 32-true" in caplog.text
+    assert "goes on with precision bf16-mixed -> 32-true" in caplog.text
     assert len(json.loads((tmp_path / PROVENANCE).read_text(encoding="utf-8"))) == 2
+    caplog.clear()  # the next stage, not a resume itself, after a resume on a GPU
+    record_attempt(tmp_path, "second", Trainer(accelerator="cpu", precision="bf16-mixed",
+                                               logger=False), num_workers=0, resumed=False)
+    assert "precision 32-true -> bf16-mixed: stage second trains otherwise" in caplog.text
+
+
+def test_a_damaged_provenance_is_said_and_stops_nothing(tmp_path, caplog):
+    """It records, it decides nothing: a run cut short while writing it goes on, and its
+    report is written."""
+    (tmp_path / PROVENANCE).write_text('[{"stage": "tra', encoding="utf-8")
+    assert first_attempt(tmp_path) is None and "cannot be read" in caplog.text
+    record_attempt(tmp_path, "train", Trainer(accelerator="cpu", logger=False), num_workers=0,
+                   resumed=True)
+    assert first_attempt(tmp_path)["stage"] == "train"
+
+
+def test_installed_inside_another_repository_the_code_version_is_the_version_alone(tmp_path):
+    """A wheel installed into a venv inside the user's own project: git described the
+    user's repository, and every commit of theirs made the audit look stale."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    package = tmp_path / ".venv" / "lib" / "site-packages" / "cxrkit"
+    package.mkdir(parents=True)
+    assert code_version(package) == __version__
 
 
 def test_the_code_version_names_the_commit_in_a_checkout():

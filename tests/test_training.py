@@ -640,7 +640,8 @@ def test_a_class_with_no_readable_training_film_stops_before_training(tmp_path, 
         film.write_bytes(b"")
     with pytest.raises(DataLayoutError, match="none of the .* NORMAL training films can be "
                                               "read, e.g. .*could never call NORMAL"):
-        train(tiny_config(data, tmp_path, **{"data.cache": cache}))
+        train(tiny_config(data, tmp_path, **{"data.cache": cache, "name": "first"}))
+    assert not (tmp_path / "runs" / "first").exists()  # the name is free for the retry
 
 
 def test_cli_lr_find_saves_the_plot(tiny_kaggle, tmp_path):

@@ -24,6 +24,7 @@ import yaml
 
 from cxrkit.data.kaggle import resolve_data
 from cxrkit.data.layout import DataLayoutError, images_under, load_source
+from cxrkit.provenance import PROVENANCE
 from cxrkit.runs import (
     ADAPTATION,
     CONFIG,
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 
 # Not calibration.json: the adapted model's logits differ, so its threshold, temperature and
 # bias are chosen again by evaluating it (`cxr evaluate`); until then predict warns.
-COPIED_FILES = (CONFIG, SPLIT, "labels.json")
+COPIED_FILES = (CONFIG, SPLIT, "labels.json", PROVENANCE)  # PROVENANCE: what trained it
 
 
 def target_images(data: str | Path, split: str | None = "test") -> list[str]:

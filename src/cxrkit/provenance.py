@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -19,23 +20,31 @@ from importlib import metadata
 from pathlib import Path
 
 from cxrkit import __version__
+from cxrkit.data.io import written_whole
 
 log = logging.getLogger(__name__)
 
 PROVENANCE = "provenance.json"
+PACKAGE = Path(__file__).resolve().parent
 LIBRARIES = ("torch", "torchvision", "timm", "lightning", "numpy", "pillow", "pydicom",
              "onnx", "onnxruntime")
 MODULES = {"pillow": "PIL"}  # the import names that differ from the package's
 
 
-def code_version() -> str:
-    """cxrkit's version, with `git describe --always --dirty` after a + when it runs from a
-    checkout (the version string alone does not change from commit to commit)."""
-    here = Path(__file__).resolve().parent
+def code_version(package: Path = PACKAGE) -> str:
+    """cxrkit's version, with `git describe --always --dirty` after a + when it runs from its
+    own checkout, `package` being the checkout's src/cxrkit (the version string alone does not
+    change from commit to commit). Installed from a wheel into a venv inside some other
+    repository, git would describe that one: then the version alone."""
+    checkout = package.parent.parent
+    if package.parent.name != "src" or not (checkout / ".git").exists():
+        return __version__
     try:
-        described = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"],
-                                   capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
+        described = subprocess.run(
+            ["git", "-C", str(checkout), "describe", "--always", "--dirty"],
+            capture_output=True, text=True, timeout=10, check=True,
+            env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})  # never rewrites .git/index
+    except (OSError, subprocess.SubprocessError):  # no git
         return __version__
     return f"{__version__}+{described.stdout.strip()}"  # one word: 0.1.0+334b196-dirty
 
@@ -71,26 +80,50 @@ def machine(trainer) -> dict:
 
 
 def record_attempt(folder: Path, stage: str, trainer, num_workers: int, resumed: bool) -> None:
-    """Append this attempt to RUN/provenance.json; warn if a resume runs at another precision
-    or on another kind of device than the attempt before it."""
-    file = folder / PROVENANCE
-    attempts = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else []
+    """Append this attempt to RUN/provenance.json; warn if it runs at another precision or on
+    another kind of device than the attempt before it (a resume, or the next stage after
+    one): the run is then two recipes."""
+    attempts = read_attempts(folder)
     now = {"stage": stage, "resumed": resumed,
            "started": datetime.now(UTC).isoformat(timespec="seconds"),
            "command": sys.argv, "cxrkit": code_version(), "libraries": library_versions(),
            "machine": machine(trainer), "num_workers": num_workers}
-    if resumed and attempts:
+    if attempts:
         before, after = attempts[-1]["machine"], now["machine"]
-        changed = [f"{key} {before[key]} -> {after[key]}" for key in ("precision", "accelerator")
-                   if before.get(key) != after[key]]
+        changed = [f"{key} {before.get(key)} -> {after[key]}"
+                   for key in ("precision", "accelerator") if before.get(key) != after[key]]
         if changed:
-            log.warning("%s resumes with %s: the rest of stage %s trains otherwise than its "
-                        "start did (set trainer.precision and trainer.accelerator to pin them)",
+            log.warning("%s goes on with %s: stage %s trains otherwise than the run began "
+                        "(set trainer.precision and trainer.accelerator to pin them)",
                         folder, ", ".join(changed), stage)
-    file.write_text(json.dumps([*attempts, now], indent=2), encoding="utf-8")
+    write_attempts(folder, [*attempts, now])
+
+
+def read_attempts(folder: Path) -> list[dict]:
+    """RUN/provenance.json's attempts; none, said, if it is damaged (it records, it decides
+    nothing: a run goes on without it)."""
+    file = folder / PROVENANCE
+    if not file.is_file():
+        return []
+    try:
+        attempts = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        log.warning("%s cannot be read (%s): what trained the run before is not known", file, e)
+        return []
+    return attempts if isinstance(attempts, list) else []
+
+
+def write_attempts(folder: Path, attempts: list[dict]) -> None:
+    with written_whole(folder / PROVENANCE) as whole:
+        whole.write_text(json.dumps(attempts, indent=2), encoding="utf-8")
+
+
+def gather_members(folder: Path, members: list[Path]) -> None:
+    """An ensemble's provenance: its members' attempts, each marked with its member."""
+    write_attempts(folder, [{**attempt, "member": member.name} for member in members
+                            for attempt in read_attempts(member)])
 
 
 def first_attempt(folder: Path) -> dict | None:
-    file = folder / PROVENANCE
-    attempts = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else []
+    attempts = read_attempts(folder)
     return attempts[0] if attempts else None

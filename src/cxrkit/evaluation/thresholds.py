@@ -65,5 +65,6 @@ def sensitivity_threshold(y: np.ndarray, p: np.ndarray, target: float) -> float:
     _check_both_classes(y)
     tpr, _, thresholds = rates(y, p, np.ones((1, len(p))))
     first = np.flatnonzero(tpr[0] >= target - 1e-12)[0]
-    below = thresholds[first + 1] if first + 1 < len(thresholds) else thresholds[first]
+    # the lowest score of all: halfway to 0, every validation film called as on the score
+    below = thresholds[first + 1] if first + 1 < len(thresholds) else 0.0
     return float((thresholds[first] + below) / 2)

@@ -40,6 +40,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from torch.optim.swa_utils import get_ema_avg_fn
 
 from cxrkit.config import MONITORS, ConfigError, DamagedCheckpointError, StageConfig, TrainerConfig
+from cxrkit.provenance import record_attempt
 from cxrkit.training.datamodule import mixed_seed
 
 log = logging.getLogger(__name__)
@@ -293,6 +294,20 @@ class RecordConfig(Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         checkpoint[self.key] = self.config
+
+
+class RecordProvenance(Callback):
+    """RUN/provenance.json gains this attempt once Lightning has set the devices up, on rank
+    0: not before, since asking CUDA for the GPU's name in the launching process would break
+    a notebook's forked DDP processes."""
+
+    def __init__(self, folder: Path, stage: str, num_workers: int, resumed: bool):
+        self.folder, self.stage, self.num_workers, self.resumed = (folder, stage, num_workers,
+                                                                   resumed)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            record_attempt(self.folder, self.stage, trainer, self.num_workers, self.resumed)
 
 
 class FlushLogsWithCheckpoints(Callback):

@@ -62,7 +62,7 @@ from cxrkit.labels import positive_index, positive_is_guessed
 from cxrkit.models import Classifier, create_model
 from cxrkit.models.ensemble import Ensemble
 from cxrkit.plots import extra_formats, save_figure
-from cxrkit.provenance import record_attempt
+from cxrkit.provenance import PROVENANCE, gather_members
 from cxrkit.runs import (
     CONFIG,
     MODEL_WEIGHTS,
@@ -78,6 +78,7 @@ from cxrkit.training.callbacks import (
     BEST,
     LAST,
     RecordConfig,
+    RecordProvenance,
     StopAtBatchEnd,
     make_callbacks,
     make_loggers,
@@ -368,12 +369,11 @@ def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None)
         load_weights(model, run.folder / BEST)  # start from the best of the stages before
     module, datamodule = build_stage(run, index, model)
     callbacks = [*make_callbacks(run.folder, run.config.trainer, stage, run.config.seed),
-                 RecordConfig(CONFIG_KEY, to_dict(run.config))]
+                 RecordConfig(CONFIG_KEY, to_dict(run.config)),
+                 RecordProvenance(run.folder, stage.name, images_of(datamodule).num_workers,
+                                  resumed=resume_from is not None)]
     trainer = make_trainer(run.folder, stage, run.config.trainer, callbacks=callbacks,
                            loggers=make_loggers(run.folder, stage.name, run.config.trainer))
-    if trainer.is_global_zero:
-        record_attempt(run.folder, stage.name, trainer, images_of(datamodule).num_workers,
-                       resumed=resume_from is not None)
     with warnings.catch_warnings():
         for message in EXPECTED_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
@@ -540,6 +540,7 @@ def train_ensemble(run: Run) -> Path:
             train_run(open_run(folder) if started else member_run(run, index, name, folder))
         members.append(folder)
     _write_skipped(run.folder, _skipped_by_any(members))
+    gather_members(run.folder, members)
     model = Ensemble([load_model(m) for m in members]).eval()
     save_model(model, run.folder)
     counts = class_counts(run.samples, run.classes)
@@ -551,10 +552,15 @@ def train_ensemble(run: Run) -> Path:
     return run.folder
 
 
+# What a new run holds before its first checkpoint: `new_run`'s files, the stage's empty logs
+UNSTARTED = {CONFIG, SPLIT, TRAINING_LOCK, PROVENANCE, "logs", "tb"}
+
+
 def _remove_if_unstarted(folder: Path) -> None:
-    """A new run that failed before its first checkpoint (a model that cannot be built, say)
-    holds only what `new_run` wrote: remove it, so that its --name is free for the retry."""
-    if folder.is_dir() and {p.name for p in folder.iterdir()} <= {CONFIG, SPLIT, TRAINING_LOCK}:
+    """A new run that failed before its first checkpoint (a model that cannot be built, a
+    class none of whose films can be read) holds only what `new_run` and the trainer's set-up
+    wrote: remove it, so that its --name is free for the retry."""
+    if folder.is_dir() and {p.name for p in folder.iterdir()} <= UNSTARTED:
         shutil.rmtree(folder)
 
 
