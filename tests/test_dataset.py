@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cxrkit.data.cache import DecodeCache
-from cxrkit.data.dataset import XrayDataset, collate_skip_bad, load_prepared
+from cxrkit.data.dataset import UnreadableLog, XrayDataset, collate_skip_bad, load_prepared
 from cxrkit.data.layout import Sample, load_source
 from cxrkit.data.transforms import ModelInput, eval_transform, train_transform
 from cxrkit.models import ModelSpec, create_model
@@ -180,3 +180,17 @@ def test_the_balanced_sampler_draws_classes_equally():
     assert balanced_weights([0, 0, 0, 1]).tolist() == pytest.approx([1 / 3] * 3 + [1.0])
     drawn = [labels[i] for i, _ in EpochOrder(len(labels), 0, balanced_weights(labels))]
     assert 0.35 < np.mean(drawn) < 0.65
+
+
+def test_the_unreadable_log_reads_each_film_once_and_passes_over_cut_lines(tmp_path):
+    """Loader workers append to it; a line cut by a full disk raised at the stage's end,
+    after the stage had trained, and again on every resume."""
+    file = tmp_path / ".unreadable-train.csv"
+    UnreadableLog(file, "train").add("/films/a.png")
+    UnreadableLog(file, "val").add("/films/b, with a comma.png")
+    UnreadableLog(file, "train").add("/films/a.png")  # another worker, another epoch
+    with open(file, "a", encoding="utf-8") as f:
+        f.write("trai")  # cut short
+    assert UnreadableLog.read(file) == {"train": ["/films/a.png"],
+                                        "val": ["/films/b, with a comma.png"]}
+    assert UnreadableLog.read(tmp_path / "none.csv") == {}

@@ -48,7 +48,8 @@ class UnreadableLog:
         if not file.is_file():
             return {}
         with open(file, encoding="utf-8", newline="") as f:
-            return films_by_split(csv.reader(f))
+            # a line cut by a full disk, or two appends interleaved on NFS: passed over
+            return films_by_split(row for row in csv.reader(f) if len(row) == 2)
 
 
 def films_by_split(rows: Iterable[Sequence[str]]) -> dict[str, list[str]]:

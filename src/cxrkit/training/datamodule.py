@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
 from cxrkit.config import DataConfig
 from cxrkit.data.cache import DECODED, DEFAULT_CACHE_DIR, DecodeCache
 from cxrkit.data.dataset import UnreadableLog, XrayDataset, collate_skip_bad
+from cxrkit.data.io import UnreadableImageError, read_image
 from cxrkit.data.kaggle import resolve_data
 from cxrkit.data.layout import DataLayoutError, Sample, load_source, refuse_conflicting_rows
 from cxrkit.data.patients import SUBTYPES, kermany_subtype, name_disagrees
@@ -200,12 +201,23 @@ def _not_empty(path: str) -> bool:
     return os.path.isfile(path) and os.path.getsize(path) > 0
 
 
-def _require_every_class_readable(samples: list[Sample], readable: list[bool]) -> None:
-    """A class whose training films all fail to read (emptied by an interrupted copy, cloud
-    placeholders): trained on without it, the model could never call it, and said nothing."""
-    read = {s.label for s, ok in zip(samples, readable, strict=True) if ok}
-    for label in sorted({s.label for s in samples} - read):
-        films = [s.path for s in samples if s.label == label]
+def _decodes(path: str) -> bool:
+    try:
+        read_image(path)
+    except UnreadableImageError:
+        return False
+    return True
+
+
+def _require_every_class_readable(samples: list[Sample], readable: Callable[[int], bool]) -> None:
+    """A class whose training films all fail to read (emptied or cut short by an interrupted
+    copy, cloud placeholders): trained on without it, the model could never call it, and
+    said nothing. `readable(i)` is asked film by film, until one of each class reads."""
+    for label in sorted({s.label for s in samples}):
+        films = [i for i, s in enumerate(samples) if s.label == label]
+        if any(readable(i) for i in films):
+            continue
+        films = [samples[i].path for i in films]
         raise DataLayoutError(
             f"none of the {len(films)} {label} training films can be read, e.g. {films[0]}: "
             f"a model trained without them could never call {label}. `cxr data audit` says "
@@ -296,8 +308,10 @@ class XrayDataModule(LightningDataModule):
                 f"{dataset.samples[0].path}. Check that the files exist; relative paths in a "
                 f"CSV manifest are read from the manifest's own folder."
             )
-        if split == "train":
-            _require_every_class_readable(dataset.samples, readable)
+        if split == "train":  # without a cache, decoded until one film of each class reads
+            _require_every_class_readable(
+                dataset.samples, (lambda i: readable[i]) if dataset.cache is not None
+                else (lambda i: readable[i] and _decodes(dataset.samples[i].path)))
 
     def labels(self, split: str) -> list[int]:
         return [self.class_to_idx[s.label] for s in self.samples[split]]
