@@ -28,7 +28,7 @@ from pathlib import Path
 from cxrkit.adapt import adapt_run
 from cxrkit.config import TrainConfig
 from cxrkit.evaluation import evaluate_run
-from cxrkit.report import PUBLISHED, at_published_point
+from cxrkit.evaluation.published import PUBLISHED, at_published_point
 from cxrkit.training import train
 
 REPO = Path(__file__).resolve().parents[1]

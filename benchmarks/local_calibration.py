@@ -29,7 +29,7 @@ from cxrkit.data.layout import load_source
 from cxrkit.data.split import patient_split, write_manifest
 from cxrkit.evaluation import evaluate_run
 from cxrkit.evaluation.paired import paired_difference, read_scored
-from cxrkit.report import format_metric, headline
+from cxrkit.evaluation.results import format_metric, headline
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("CXRKIT_REAL_DATA", REPO.parent / "shared" / "data" / "chest_xray"))

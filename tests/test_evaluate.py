@@ -24,13 +24,14 @@ from cxrkit.data.layout import Sample, load_source
 from cxrkit.data.patients import has_parsed_patient
 from cxrkit.data.split import patient_split, read_manifest, write_manifest
 from cxrkit.data.transforms import prepare
-from cxrkit.evaluation import evaluate_run
+from cxrkit.evaluation import evaluate_run, summary
 from cxrkit.evaluation.evaluate import choose_calibration
 from cxrkit.evaluation.metrics import ranking_metrics, wilson_interval, with_ci
+from cxrkit.evaluation.results import headline
 from cxrkit.evaluation.scoring import Scored
 from cxrkit.inference import predict_logits
 from cxrkit.models import create_model
-from cxrkit.report import build_report, headline, summary
+from cxrkit.report import build_report
 from cxrkit.runs import load_model, read_calibration, save_model, softmax
 from tests.conftest import make_kaggle_tree, synthetic_film
 

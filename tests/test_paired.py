@@ -10,16 +10,11 @@ import pytest
 from typer.testing import CliRunner
 
 from cxrkit.cli import app
+from cxrkit.compare import SPEC_AT_SENS, compare_runs, write_compare_csv
 from cxrkit.evaluation import evaluate_run
 from cxrkit.evaluation.metrics import roc_auc, with_ci
 from cxrkit.evaluation.paired import ScoredFilms, paired_difference, read_scored
-from cxrkit.report import (
-    HEADLINE,
-    SPEC_AT_SENS,
-    compare_runs,
-    format_metric,
-    write_compare_csv,
-)
+from cxrkit.evaluation.results import HEADLINE, format_metric
 from tests.conftest import train_tiny_run
 from tests.test_evaluate import make_three_class_run
 

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from cxrkit.cli import app
 from cxrkit.config import ConfigError, TrainConfig
 from cxrkit.data.layout import DataLayoutError
+from cxrkit.evaluation import summary
 from cxrkit.pipeline import run_pipeline
-from cxrkit.report import summary
 from tests.test_training import TINY
 
 

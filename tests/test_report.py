@@ -17,20 +17,18 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cxrkit.cli import app
+from cxrkit.compare import compare_runs, write_compare_csv
 from cxrkit.data.split import read_manifest, write_manifest
-from cxrkit.evaluation import evaluate_run
+from cxrkit.evaluation import evaluate_run, summary
+from cxrkit.evaluation.published import at_published_point
 from cxrkit.report import (
     FILM_GRIDS,
-    at_published_point,
     build_report,
     caveats,
-    compare_runs,
     embedded_figure,
     metric_rows,
     stale_note,
-    summary,
     val_rows,
-    write_compare_csv,
 )
 from cxrkit.runs import read_calibration
 from tests.test_evaluate import make_class_folders, make_three_class_run
@@ -126,7 +124,8 @@ def test_the_report_of_an_evaluated_run_needs_no_pytorch(reported):
     """Writing the page reads files: importing PyTorch, timm and Lightning would be most of
     `cxr report`'s time (5.9 s against 1.4 s, BENCHMARKS.md)."""
     run, _ = reported
-    code = ("import sys; from cxrkit.report import build_report, compare_runs; "
+    code = ("import sys; from cxrkit.report import build_report; "
+            "from cxrkit.compare import compare_runs; "
             f"build_report({str(run)!r}); compare_runs([{str(run)!r}]); "
             "print(sorted(m for m in ('torch', 'torchvision', 'timm', 'lightning') "
             "if m in sys.modules))")

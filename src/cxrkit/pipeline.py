@@ -3,7 +3,7 @@ evaluate on the test split, write the report.
 
     from cxrkit.config import TrainConfig
     from cxrkit.pipeline import run_pipeline
-    from cxrkit.report import summary
+    from cxrkit.evaluation import summary
     job = run_pipeline(TrainConfig.preset("quick", data="chest_xray/"))
     summary(job.evaluation)  # {'accuracy': 0.907, 'roc_auc': 0.959, ...}
 """

@@ -1,4 +1,4 @@
-"""`build_report(run)`: one self-contained RUN/report.html; `compare_runs(runs)`: a table.
+"""`build_report(run)`: one self-contained RUN/report.html.
 
 The report opens offline and can be mailed as one file: CSS is inline and every
 figure is embedded as a base64 PNG. It gathers what the run folder holds (data
@@ -9,16 +9,12 @@ card. Missing pieces are said to be missing, never invented.
 from __future__ import annotations
 
 import base64
-import csv
 import io
-import json
 import logging
-import re
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import yaml
 from jinja2 import Environment
 from markupsafe import Markup
@@ -26,26 +22,36 @@ from PIL import Image
 
 from cxrkit.adapt import describe_adaptation, is_transductive
 from cxrkit.data.audit_report import with_code
-from cxrkit.data.patients import DEFAULT_PATTERNS
 from cxrkit.data.split import read_manifest, shared_patients, test_patients_seen_in_training
 from cxrkit.evaluation.calibration import N_BINS
 from cxrkit.evaluation.metrics import (
     COLLAPSED,
-    rates,
-    sensitivity_at_specificity,
-    specificity_at_sensitivity,
-    with_ci,
 )
-from cxrkit.evaluation.paired import paired_difference, read_scored
+from cxrkit.evaluation.published import (
+    PUBLISHED,
+    is_kermany_test,
+    published_curve_rows,
+    published_rows,
+)
+from cxrkit.evaluation.results import (
+    HEADLINE,
+    NAMES,
+    RATES,
+    as_deployed,
+    at_calibration,
+    ensure_evaluated,
+    evaluations,
+    format_metric,
+    headline,
+    headline_text,
+    read_json,
+)
 from cxrkit.evaluation.thresholds import point_name
 from cxrkit.labels import positive_label
 from cxrkit.provenance import code_version, first_attempt
 from cxrkit.runs import (
     ADAPTATION,
     CONFIG,
-    EVAL_DIR,
-    METRICS,
-    PREDICTIONS,
     SPLIT,
     VAL_METRICS,
     Calibration,
@@ -58,9 +64,6 @@ log = logging.getLogger(__name__)
 
 REPORT = "report.html"
 
-# Kermany et al. 2018, Cell 172(5):1122-1131, on the same 624-image test split.
-PUBLISHED = {"source": "Kermany et al. 2018 (Cell), Inception V3 transfer learning",
-             "accuracy": 0.928, "sensitivity": 0.932, "specificity": 0.901, "roc_auc": 0.968}
 
 FIGURES = (
     ("confusion_matrix.png", "Confusion matrix at the deployed decision rule"),
@@ -74,27 +77,14 @@ FIGURES = (
     ("framing.png", "The framing check: sensitivity and specificity as the same films are "
                     "framed tighter (a model reading framing loses specificity)"),
 )
-RATES = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
 THRESHOLD_FREE = (("roc_auc", "ROC-AUC"), ("pr_auc", "PR-AUC"), ("brier", "Brier score"),
                   ("ece", f"ECE of P(positive), {N_BINS} equal-width bins (its interval "
                           "runs high)"))
-NAMES = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy",
-         "sensitivity": "Sensitivity", "specificity": "Specificity", "ppv": "PPV (precision)",
-         "npv": "NPV", "f1": "F1", "roc_auc": "ROC-AUC"}
 # A multi-class model's threshold-free scores are other quantities than a binary one's.
 MULTICLASS_NAMES = {"roc_auc": "Macro ROC-AUC (one class against the rest, averaged)",
                     "brier": "Brier score, summed over the classes (0 to 2)",
                     "ece": f"Top-label ECE (confidence of the most probable class), {N_BINS} "
                            "equal-width bins (its interval runs high)"}
-SCORES = ("roc_auc", "pr_auc", "brier", "ece")  # shown as decimals; everything else in percent
-HEADLINE = ("accuracy", "roc_auc", "sensitivity", "specificity", "f1")
-# `cxr compare` adds the best specificity any threshold reaches at 97% sensitivity on the
-# films compared: how well a model ranks where a screening tool operates, whatever threshold
-# validation chose (a reading, not a way to choose one).
-SPEC_AT_SENS = "specificity_at_sensitivity/0.97"
-COMPARED = (*HEADLINE, SPEC_AT_SENS)
-SHORT_NAMES = {"accuracy": "Acc", "roc_auc": "AUC", "sensitivity": "Sens", "specificity": "Spec",
-               "f1": "F1", SPEC_AT_SENS: "Spec@97"}  # `cxr compare`'s column headers
 
 KERMANY_SHIFT = (
     "Dataset shift: the Kermany/Kaggle films come from one hospital (Guangzhou Women and "
@@ -105,7 +95,6 @@ OTHER_SHIFT = (
     "Dataset shift: the model knows the hospitals, scanners and patients of its training "
     "films only. Others may behave very differently: validate externally before trusting any "
     "number here.")
-KERMANY_TEST_FILMS = 624
 FRAMING_DROP = 0.10  # specificity lost to a tighter framing that the summary calls a shortcut
 # The audit's advice to carve a validation split: a run carves its own (split.csv, below).
 RUN_SPLITS_ITSELF = "no val split:"
@@ -160,13 +149,6 @@ def embedded_figure(path: Path) -> dict | None:
     return {"mime": "image/jpeg", "data": base64.b64encode(buffer.getvalue()).decode()}
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def _read_config(run: Path) -> dict:
     try:
         config = yaml.safe_load((run / CONFIG).read_text(encoding="utf-8"))
@@ -211,7 +193,7 @@ def _find_audit(run: Path, data_path: str | None, given: str | Path | None = Non
     training data (not whatever was audited there last)."""
     if given is not None:
         path = Path(given) / "audit.json" if Path(given).is_dir() else Path(given)
-        if (audit := _read_json(path)) is None:
+        if (audit := read_json(path)) is None:
             raise FileNotFoundError(f"{given}: no audit.json to read; give the folder "
                                     "`cxr data audit --out` wrote, or its audit.json")
         if (data_path and audit.get("root") and Path(data_path).is_absolute()
@@ -221,10 +203,10 @@ def _find_audit(run: Path, data_path: str | None, given: str | Path | None = Non
                         "given", path, audit["root"], data_path, run.name)
         return audit
     for path in (run / "audit" / "audit.json", run / "audit.json"):
-        if (audit := _read_json(path)) is not None:
+        if (audit := read_json(path)) is not None:
             return audit
     for path in (run.parent / "audit.json", run.parent / "audit" / "audit.json"):
-        beside = _read_json(path)
+        beside = read_json(path)
         if beside and data_path and _same_place(beside.get("root"), data_path):
             return beside
     return None
@@ -240,67 +222,7 @@ def _nested(a: str, b: str) -> bool:
     return a_path == b_path or a_path in b_path.parents or b_path in a_path.parents
 
 
-def evaluations(run: Path) -> list[dict]:
-    """Every RUN/eval/<name>/metrics.json: the internal test first, then external data, then val."""
-    found = [m | {"folder": p.parent} for p in sorted((run / EVAL_DIR).glob("*/metrics.json"))
-             if (m := _read_json(p)) is not None]
-
-    def rank(m: dict) -> tuple[int, str]:
-        internal = not m.get("external")
-        return (0 if internal and m["split"] == "test" else 2 if internal and m["split"] == "val"
-                else 1), m["name"]
-
-    return sorted(found, key=rank)
-
-
-def at_calibration(metrics: dict, calibration: Calibration) -> bool:
-    """Whether an evaluation was made with this calibration: its threshold, temperature and
-    bias. A later `cxr evaluate --target-sensitivity ...` (say) deploys another one, and the
-    numbers of earlier evaluations are then not those of the model `cxr predict` runs."""
-    made = metrics.get("calibrated", {})
-    threshold = metrics.get("deployed_threshold")
-    return ((threshold is None or threshold == calibration.threshold)
-            and made.get("temperature") == calibration.temperature
-            and made.get("bias", []) == calibration.bias)
-
-
-def ensure_evaluated(run: str | Path, split: str = "test") -> Path:
-    """RUN's evaluation of its `split` at the deployed calibration (calibration.json):
-    RUN/eval/<split>/ (or <split>-calibrated-<films>/ after --calibrate-on), evaluated (again)
-    when there is none yet or it was made with an earlier calibration."""
-    run = model_folder(run)
-    calibration = read_calibration(run)
-    candidates = [run / EVAL_DIR / split, *sorted((run / EVAL_DIR).glob(f"{split}-calibrated-*"))]
-    for folder in candidates:
-        metrics = _read_json(folder / METRICS)
-        if metrics is not None and at_calibration(metrics, calibration):
-            return folder
-    if any((folder / METRICS).is_file() for folder in candidates):
-        log.info("%s: the %s evaluation predates the deployed calibration: evaluating again",
-                 run.name, split)
-    from cxrkit.evaluation import evaluate_run  # PyTorch: only to evaluate
-
-    return evaluate_run(run, split=split)
-
-
 # ---- turning metrics into table cells --------------------------------------------------------
-
-def format_metric(key: str, metric: dict | None, difference: bool = False) -> str:
-    """'93.2% (91.0–95.1)' for rates, '0.968 (0.951–0.981)' for scores; '–' when undefined.
-    `difference`: signed, rates in percentage points: '+1.6 pp (-0.8 to +4.0)'."""
-    if not metric or metric.get("value") is None:
-        return "–"
-    value, (lo, hi) = metric["value"], metric.get("ci95") or (None, None)
-    sign, scale = ("+" if difference else ""), (1 if key in SCORES else 100)
-    digits = 3 if key in SCORES else 1
-
-    def number(x: float) -> str:
-        return f"{scale * x:{sign}.{digits}f}"
-
-    unit = "" if key in SCORES else (" pp" if difference else "%")
-    between = " to " if difference else "–"
-    interval = f" ({number(lo)}{between}{number(hi)})" if lo is not None and hi is not None else ""
-    return number(value) + unit + interval
 
 
 def _title(m: dict) -> str:
@@ -358,95 +280,6 @@ def metric_rows(evals: list[dict]) -> list[dict]:
                      for m in evals]
             rows.append({"group": f"class {label}", "name": NAMES[key], "cells": cells})
     return rows
-
-
-def deployed_point(metrics: dict) -> dict:
-    """The operating point at the deployed threshold (older evaluations: Youden's J)."""
-    name = metrics.get("deployed_operating_point") or "validation"
-    return metrics.get("operating_points", {}).get(name, {})
-
-
-def headline(metrics: dict) -> dict[str, dict | None]:
-    """Accuracy, ROC-AUC, sensitivity, specificity and F1 at the deployed threshold
-    (multi-class: accuracy and macro ROC-AUC only)."""
-    at = deployed_point(metrics)
-    return {k: metrics.get(k) if k == "roc_auc" or not at else at.get(k) for k in HEADLINE}
-
-
-def headline_text(metrics: dict) -> str:
-    """'Accuracy 92.0% (89.6–94.0), ROC-AUC 0.980 (...), ...': the headline in one line."""
-    return ", ".join(f"{NAMES[k]} {format_metric(k, v)}" for k, v in headline(metrics).items()
-                     if v is not None)
-
-
-def summary(folder: str | Path, tta: bool = False) -> dict[str, float | int | None]:
-    """An evaluation folder's headline as plain numbers, for a notebook:
-
-        summary(evaluate_run(run))  # {'accuracy': 0.907, 'roc_auc': 0.959, ..., 'n': 624}
-
-    At the deployed threshold (`threshold`; None for multi-class runs); `tta`: with test-time
-    augmentation (an evaluation made with `tta=True`). A multi-class run's sensitivity,
-    specificity and F1 are those of NORMAL against the other classes (its own calls, read
-    as pneumonia or not), comparable with a two-class run's; its accuracy and ROC-AUC are
-    over its classes (macro ROC-AUC), beside `balanced_accuracy`. Each value's 95% interval
-    is in the folder's metrics.json."""
-    metrics = json.loads((Path(folder) / METRICS).read_text(encoding="utf-8"))
-    if tta and "tta" not in metrics:
-        raise ValueError(f"{folder} was evaluated without test-time augmentation: "
-                         "evaluate_run(run, tta=True) first (`cxr evaluate RUN --tta`)")
-    block = as_deployed(metrics["tta"], metrics) if tta else metrics
-    values = {k: v and v["value"] for k, v in headline(block).items()}
-    if not metrics.get("positive_class"):
-        collapsed = block.get(COLLAPSED, {})
-        values |= {k: (collapsed.get(k) or {}).get("value")
-                   for k in ("sensitivity", "specificity", "f1")}
-        values["balanced_accuracy"] = (block.get("balanced_accuracy") or {}).get("value")
-    return {**values, "threshold": metrics.get("deployed_threshold"), "n": metrics["n"]}
-
-
-def is_kermany_test(folder: Path) -> bool:
-    """Whether an evaluation scored the Kermany test split: 624 films, all Kermany-named."""
-    with open(folder / PREDICTIONS, encoding="utf-8", newline="") as f:
-        names = [Path(row["path"]).name for row in csv.DictReader(f)]
-    return len(names) == KERMANY_TEST_FILMS and all(
-        any(re.match(pattern, name) for pattern in DEFAULT_PATTERNS) for name in names)
-
-
-def published_rows(test: dict) -> list[dict]:
-    """The paper's numbers beside this model's at its deployed threshold."""
-    ours = headline(test)
-    return [{"name": NAMES[k], "published": format_metric(k, {"value": PUBLISHED[k]}),
-             "ours": format_metric(k, ours[k])}
-            for k in ("accuracy", "sensitivity", "specificity", "roc_auc")]
-
-
-def at_published_point(folder: Path, resamples: int = 1000) -> dict[str, dict]:
-    """This model's ROC curve read at the paper's operating point, on the films of `folder`:
-    its best sensitivity where specificity is at least the paper's, and its best specificity
-    where sensitivity is at least the paper's, with patient-bootstrap intervals. A threshold
-    is picked per resample on these very films, so each is an upper bound for this model and
-    compares ranking with ranking, not one decision rule with another."""
-    films = read_scored(folder)
-
-    def statistics(w: np.ndarray) -> dict[str, np.ndarray]:
-        tpr, fpr, _ = rates(films.is_positive, films.p, w)
-        return {"sensitivity": sensitivity_at_specificity(tpr, fpr, PUBLISHED["specificity"]),
-                "specificity": specificity_at_sensitivity(tpr, fpr, PUBLISHED["sensitivity"])}
-
-    return with_ci(statistics, films.groups, resamples)
-
-
-def published_curve_rows(folder: Path) -> list[dict]:
-    """Rows of the published table for `at_published_point`."""
-    ours = at_published_point(folder)
-    return [{"name": f"Sensitivity at specificity ≥ {PUBLISHED['specificity']:.1%} (the "
-                     "paper's)", "published": format_metric("sensitivity",
-                                                            {"value": PUBLISHED["sensitivity"]}),
-             "ours": format_metric("sensitivity", ours["sensitivity"])},
-            {"name": f"Specificity at sensitivity ≥ {PUBLISHED['sensitivity']:.1%} (the "
-                     "paper's)", "published": format_metric("specificity",
-                                                            {"value": PUBLISHED["specificity"]}),
-             "ours": format_metric("specificity", ours["specificity"])}]
 
 
 # ---- the page -------------------------------------------------------------------------------
@@ -672,11 +505,6 @@ def _alt_text(figure: str, metrics: dict) -> str | None:
     return f"Confusion matrix at threshold {matrix['threshold']:.3f}: {'; '.join(rows)}"
 
 
-def as_deployed(variant: dict, metrics: dict) -> dict:
-    """A TTA or framing block of `metrics`, read at the evaluation's deployed threshold."""
-    return {**variant, "deployed_operating_point": metrics.get("deployed_operating_point")}
-
-
 def variant_rows(m: dict, variants: list[dict]) -> list[tuple[str, ...]]:
     """Headline metrics of an evaluation (first column) beside those of its variants."""
     blocks = [headline(m), *(headline(as_deployed(v, m)) for v in variants)]
@@ -827,8 +655,8 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
     binary_test = test if test and test.get("positive_class") else None
     kermany = binary_test is not None and is_kermany_test(binary_test["folder"])
     card_metrics = [(m["title"], headline_text(m)) for m in current]
-    val_metrics = _read_json(run / VAL_METRICS) or {}
-    adaptation = _read_json(run / ADAPTATION)
+    val_metrics = read_json(run / VAL_METRICS) or {}
+    adaptation = read_json(run / ADAPTATION)
     split = _split_summary(run)
     environment = Environment(autoescape=True)
     environment.filters["code"] = lambda text: Markup(with_code(str(text)))
@@ -860,72 +688,4 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
 
 # ---- several runs side by side ---------------------------------------------------------------
 
-def compare_runs(runs: list[str | Path], split: str = "test", paired: bool = False) -> list[dict]:
-    """One row per run: its headline metrics on `split` (evaluated first where missing).
-    `paired`: every row after the first also holds "paired", its headline metrics minus the
-    first run's on the films both scored, with paired bootstrap intervals."""
-    if paired:  # said before any run is evaluated
-        several = [str(run) for run in runs if len(load_spec(run).labels) != 2]
-        if several:
-            raise ValueError(f"paired differences need two-class runs; {', '.join(several)} "
-                             "predict(s) more classes: compare them unpaired")
-    rows, folders = [], [ensure_evaluated(run, split) for run in runs]
-    block, level = SPEC_AT_SENS.split("/")  # metrics.json nests such keys
-    for run, folder in zip(runs, folders, strict=True):
-        metrics = json.loads((folder / METRICS).read_text(encoding="utf-8"))
-        threshold = deployed_point(metrics).get("threshold")
-        rows.append({"run": str(model_folder(run)), "model": metrics.get("model", ""),
-                     "split": split, "n": metrics["n"], "threshold": threshold,
-                     "transductive": is_transductive(metrics),
-                     **headline(metrics),
-                     SPEC_AT_SENS: metrics.get(block, {}).get(level)})
-    films = [_films(folder) for folder in folders]
-    if any(f != films[0] for f in films[1:]):
-        log.warning("these runs were evaluated on different films (%s): their rows do not "
-                    "compare like with like%s", ", ".join(str(len(f)) for f in films),
-                    "; --paired uses the films they share" if paired else "")
-    if paired:
-        base = read_scored(folders[0])
-        for row, folder in zip(rows[1:], folders[1:], strict=True):
-            row["paired"] = paired_difference(base, read_scored(folder), COMPARED)
-    return rows
 
-
-def _films(folder: Path) -> set[str]:
-    """The films an evaluation scored (its predictions.csv)."""
-    with open(folder / PREDICTIONS, encoding="utf-8", newline="") as f:
-        return {str(Path(row["path"]).resolve()) for row in csv.DictReader(f)}
-
-
-def write_compare_csv(rows: list[dict], path: str | Path) -> Path:
-    """Flat CSV: each metric as value, ci_low, ci_high columns; a folder gets compare.csv."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "compare.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = ["run", "model", "split", "n", "threshold"]
-    parts = ("", "_ci_low", "_ci_high")
-    columns += [f"{k}{part}" for k in COMPARED for part in parts]
-    paired = any("paired" in r for r in rows)
-    if paired:
-        columns += ["paired_n", *(f"diff_{k}{part}" for k in COMPARED for part in parts)]
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(columns)
-        for r in rows:
-            cells = [r["run"], r["model"], r["split"], r["n"], r["threshold"]]
-            cells += _value_and_interval(r)
-            if paired:
-                cells += [r["paired"]["n"], *_value_and_interval(r["paired"])] if "paired" in r \
-                    else [None] * (1 + 3 * len(COMPARED))
-            w.writerow(["" if c is None else c for c in cells])
-    return path
-
-
-def _value_and_interval(metrics: dict) -> list:
-    cells = []
-    for k in COMPARED:
-        m = metrics.get(k) or {}
-        lo, hi = m.get("ci95") or (None, None)
-        cells += [m.get("value"), lo, hi]
-    return cells

@@ -1,4 +1,5 @@
-"""`cxr evaluate | report | compare`: thin wrappers over cxrkit.evaluation and cxrkit.report.
+"""`cxr evaluate | report | compare`: thin wrappers over cxrkit.evaluation, cxrkit.report and
+cxrkit.compare.
 
 Like every `cxrkit.cli` module, it imports the API inside each command: importing it here
 would load PyTorch (seconds) for every `cxr` call, `cxr --help` included.
@@ -22,8 +23,8 @@ SPEC_AT_97 = "Spec@97: the best specificity any threshold gives at 97% sensitivi
 def _summary(metrics: dict) -> Table:
     """One evaluation: threshold-free metrics in their own column, then each operating point."""
     from cxrkit.evaluation.metrics import COLLAPSED
+    from cxrkit.evaluation.results import RATES, SCORES, format_metric
     from cxrkit.evaluation.thresholds import point_name
-    from cxrkit.report import RATES, SCORES, format_metric
 
     deployed = metrics.get("deployed_operating_point")
     table = Table(title=f"{metrics['name']}: n={metrics['n']} images, "
@@ -160,7 +161,8 @@ def compare_command(
 ) -> None:
     """Headline metrics of several runs at their deployed thresholds (calibration.json), and
     the best specificity any threshold gives at 97% sensitivity, with 95% intervals."""
-    from cxrkit.report import COMPARED, SHORT_NAMES, compare_runs, format_metric, write_compare_csv
+    from cxrkit.compare import COMPARED, SHORT_NAMES, compare_runs, write_compare_csv
+    from cxrkit.evaluation.results import format_metric
 
     if paired and len(runs) < 2:
         fail("--paired compares every run with the first one: give at least two runs")
@@ -195,7 +197,8 @@ def compare_command(
 def _paired_table(rows: list[dict]) -> Table:
     """Each run minus the first, on their shared films: an interval that excludes 0 is a
     difference these films show; the separate intervals above overlap far more often."""
-    from cxrkit.report import COMPARED, SHORT_NAMES, format_metric
+    from cxrkit.compare import COMPARED, SHORT_NAMES
+    from cxrkit.evaluation.results import format_metric
 
     table = Table(title=f"minus {Path(rows[0]['run']).name}, same films, same patient "
                         f"resamples (95% CI)", caption=SPEC_AT_97)

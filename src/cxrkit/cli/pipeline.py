@@ -49,8 +49,8 @@ def run_all(
     set_: list[str] = SET,
 ) -> None:
     """The main job: train, audit the data, evaluate on the test split, write report.html."""
+    from cxrkit.evaluation.results import headline_text
     from cxrkit.pipeline import run_pipeline
-    from cxrkit.report import headline_text
     from cxrkit.training import TrainingInterrupted
 
     route_lightning_logs()
