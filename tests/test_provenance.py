@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,7 +14,15 @@ import torch
 from lightning.pytorch import Trainer
 
 from cxrkit import __version__
-from cxrkit.provenance import PROVENANCE, code_version, first_attempt, record_attempt
+from cxrkit.data.layout import load_source
+from cxrkit.data.split import read_manifest
+from cxrkit.provenance import (
+    PROVENANCE,
+    code_version,
+    data_fingerprint,
+    first_attempt,
+    record_attempt,
+)
 from cxrkit.report import build_report
 from tests.test_training import tiny_config, train
 
@@ -31,6 +40,9 @@ def test_a_run_records_what_trained_each_stage(tiny_kaggle, tmp_path):
     # as Lightning resolved `auto`, not as config.yaml asks for it
     assert first["machine"]["precision"] == "32-true" and first["machine"]["accelerator"] == "cpu"
     assert first["machine"]["devices"] == 1 and first["num_workers"] == 0
+    films = read_manifest(run / "split.csv")  # train, val and test: the run's every film
+    assert first["data"] == {**data_fingerprint(films), "films": len(films)}
+    assert attempts[1]["data"] == first["data"]
     page = " ".join(build_report(run).read_text(encoding="utf-8").split())
     assert (f"Trained with cxrkit {first['cxrkit']}, PyTorch {torch.__version__}, timm "
             f"{timm.__version__}, Lightning {lightning.__version__} on cpu, precision 32-true"
@@ -50,6 +62,18 @@ def test_a_resume_at_another_precision_is_warned_about(tmp_path, caplog):
     record_attempt(tmp_path, "second", Trainer(accelerator="cpu", precision="bf16-mixed",
                                                logger=False), num_workers=0, resumed=False)
     assert "precision 32-true -> bf16-mixed: stage second trains otherwise" in caplog.text
+
+
+def test_the_data_fingerprint_follows_the_bytes_not_the_paths(tiny_kaggle, tmp_path, caplog):
+    films = load_source(tiny_kaggle).samples
+    moved = shutil.copytree(tiny_kaggle, tmp_path / "elsewhere")
+    assert data_fingerprint(load_source(moved).samples) == data_fingerprint(films)
+    trainer = Trainer(accelerator="cpu", logger=False)
+    record_attempt(tmp_path, "train", trainer, 0, resumed=False, films=load_source(moved).samples)
+    changed = sorted((moved / "train" / "NORMAL").iterdir())[0]
+    changed.write_bytes(changed.read_bytes() + b"\0")  # one byte more
+    record_attempt(tmp_path, "train", trainer, 0, resumed=True, films=load_source(moved).samples)
+    assert "the films' contents changed since the last attempt" in caplog.text
 
 
 def test_a_damaged_provenance_is_said_and_stops_nothing(tmp_path, caplog):

@@ -40,6 +40,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from torch.optim.swa_utils import get_ema_avg_fn
 
 from cxrkit.config import MONITORS, ConfigError, DamagedCheckpointError, StageConfig, TrainerConfig
+from cxrkit.data.layout import Sample
 from cxrkit.provenance import record_attempt
 from cxrkit.training.datamodule import mixed_seed
 
@@ -301,13 +302,15 @@ class RecordProvenance(Callback):
     0: not before, since asking CUDA for the GPU's name in the launching process would break
     a notebook's forked DDP processes."""
 
-    def __init__(self, folder: Path, stage: str, num_workers: int, resumed: bool):
-        self.folder, self.stage, self.num_workers, self.resumed = (folder, stage, num_workers,
-                                                                   resumed)
+    def __init__(self, folder: Path, stage: str, num_workers: int, resumed: bool,
+                 films: list[Sample]):
+        self.folder, self.stage, self.num_workers = folder, stage, num_workers
+        self.resumed, self.films = resumed, films
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
-            record_attempt(self.folder, self.stage, trainer, self.num_workers, self.resumed)
+            record_attempt(self.folder, self.stage, trainer, self.num_workers, self.resumed,
+                           self.films)
 
 
 class FlushLogsWithCheckpoints(Callback):

@@ -371,7 +371,7 @@ def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None)
     callbacks = [*make_callbacks(run.folder, run.config.trainer, stage, run.config.seed),
                  RecordConfig(CONFIG_KEY, to_dict(run.config)),
                  RecordProvenance(run.folder, stage.name, images_of(datamodule).num_workers,
-                                  resumed=resume_from is not None)]
+                                  resumed=resume_from is not None, films=run.samples)]
     trainer = make_trainer(run.folder, stage, run.config.trainer, callbacks=callbacks,
                            loggers=make_loggers(run.folder, stage.name, run.config.trainer))
     with warnings.catch_warnings():
