@@ -543,6 +543,46 @@ def worst_mistakes(y: np.ndarray, predicted: np.ndarray, confidence: np.ndarray,
 
 # ---- the whole evaluation --------------------------------------------------------------------
 
+def _refuse_bad_options(split: str, data: str | Path | None,
+                        target_sensitivity: float | None) -> None:
+    """Before any model is loaded or film read."""
+    if data is None and split not in ("test", "val"):
+        raise ValueError(f"split {split!r}: choose test or val (a model is never scored on its "
+                         "train split)")
+    if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
+        raise ValueError(f"target sensitivity {target_sensitivity}: give a fraction in (0, 1]"
+                         + (f", e.g. {target_sensitivity / 100:g} for {target_sensitivity:g}%"
+                            if 1 < target_sensitivity <= 100 else ""))
+
+
+def _films_to_evaluate(run: Path, manifest: list[Sample], split: str, data: str | Path | None
+                       ) -> tuple[str, str, str, str, list[Sample]]:
+    """(evaluation name, where the films come from, their split, how logs name them, the
+    films): the run's own `split`, or that of external `data`."""
+    if data is not None:
+        name, origin, used_split, samples = external_samples(data, split)
+        return name, origin, used_split, origin, samples
+    samples = [s for s in manifest if s.split == split]
+    if not samples:
+        present = sorted({s.split for s in manifest})
+        raise ValueError(f"{run}/split.csv has no {split!r} images (it has {present})")
+    origin = str(run / SPLIT)
+    return split, origin, split, f"{origin} {split}", samples
+
+
+def _emptied(out: Path) -> Path:
+    """RUN/eval/<name>/ without the last evaluation's figures and metrics.json: kept, the
+    figures would show another threshold beside these metrics (--no-figures), or mistakes
+    these films no longer have. The new metrics.json is written last: an evaluation killed
+    part way leaves none, and `cxr report` evaluates again rather than show half a set of
+    figures."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.iterdir():
+        if old.suffix[1:] in ("png", *VECTOR_FORMATS) or old.name == METRICS:
+            old.unlink()
+    return out
+
+
 def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None = None,
                  tta: bool = False, target_sensitivity: float | None = None,
                  batch_size: int = 32, bootstrap: int = 1000, seed: int = 0,
@@ -572,13 +612,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     calibration (its `chosen_with`), so evaluating again never quietly deploys another
     operating point; `reset_calibration`: choose afresh, Youden's J on the run's validation.
     """
-    if data is None and split not in ("test", "val"):
-        raise ValueError(f"split {split!r}: choose test or val (a model is never scored on its "
-                         "train split)")
-    if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
-        raise ValueError(f"target sensitivity {target_sensitivity}: give a fraction in (0, 1]"
-                         + (f", e.g. {target_sensitivity / 100:g} for {target_sensitivity:g}%"
-                            if 1 < target_sensitivity <= 100 else ""))
+    _refuse_bad_options(split, data, target_sensitivity)
     run = model_folder(run).resolve()
     reapplied = not (reset_calibration or target_sensitivity is not None or framing_threshold
                      or calibrate_on is not None)
@@ -610,16 +644,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     else:
         calibration_name, source, _, val_samples = external_samples(calibrate_on, "val")
         val_where = source
-    if data is None:
-        samples = [s for s in manifest if s.split == split]
-        if not samples:
-            present = sorted({s.split for s in manifest})
-            raise ValueError(f"{run}/split.csv has no {split!r} images (it has {present})")
-        name, origin, used_split = split, str(run / SPLIT), split
-        where = f"{origin} {split}"
-    else:
-        name, origin, used_split, samples = external_samples(data, split)
-        where = origin
+    name, origin, used_split, where, samples = _films_to_evaluate(run, manifest, split, data)
     if calibrate_on is not None:  # before any film is scored
         refuse_overlap(val_samples, samples, source, origin, reapplied)
     adapted, adapted_to_films = adaptation_note(run, [s.path for s in samples])
@@ -725,15 +750,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     }
     if data is not None:
         report["name"] = name = unclaimed_name(run, name, origin, used_split)
-    out = run / EVAL_DIR / name
-    out.mkdir(parents=True, exist_ok=True)
-    # The last evaluation's figures go: kept, they would show another threshold beside these
-    # metrics (--no-figures), or mistakes these films no longer have. Its metrics.json goes
-    # too, and the new one is written last: an evaluation killed part way leaves none, and
-    # `cxr report` evaluates again rather than show half a set of figures.
-    for old in out.iterdir():
-        if old.suffix[1:] in ("png", *VECTOR_FORMATS) or old.name == METRICS:
-            old.unlink()
+    out = _emptied(run / EVAL_DIR / name)
     write_predictions(out / PREDICTIONS, scored, probs, predicted, labels, tta_probs)
     if figures:
         where = f"{name}, {len(scored.y)} films"
