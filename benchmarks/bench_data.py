@@ -9,10 +9,15 @@
     `RandomFraming`, measured in the same run so the ratios hold on a shared machine;
 (c) with --near-study, the evidence for the audit's near-duplicate threshold: how
     close the perceptual hashes of different films come, against those of edited
-    copies (re-encoded, resized, brightened), at 64 and at 256 bits.
+    copies (re-encoded, resized, brightened), at 64 and at 256 bits;
+(d) with --checks, what the checks every run makes cost: listing the films (a folder, and
+    the same films as a manifest, whose every row is looked up on disk), the films'
+    fingerprint in provenance.json, the search for test films copied from training, and
+    hashing the weights for the logits cache (--weights, a model.safetensors).
 
     python benchmarks/bench_data.py [--data DIR] [--images N] [--rounds R] [--workers W]
                                      [--upscale PX] [--skip-audit] [--near-study]
+                                     [--checks [--weights FILE]]
 
 The shared copy of the data is 224 px; the Kaggle originals are grayscale JPEGs
 of about 1000-2900 px, where decoding costs far more: `--upscale 1600` measures
@@ -45,8 +50,10 @@ from cxrkit.data.cache import DecodeCache
 from cxrkit.data.dataset import XrayDataset, collate_skip_bad
 from cxrkit.data.io import read_image
 from cxrkit.data.layout import Sample, load_source
+from cxrkit.data.split import training_films_in_test, write_manifest
 from cxrkit.data.transforms import ModelInput, train_transform
 from cxrkit.models import create_model
+from cxrkit.provenance import data_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("CXRKIT_REAL_DATA", REPO.parent / "shared" / "data" / "chest_xray"))
@@ -166,6 +173,29 @@ def bench_near_threshold(data: Path, workers: int, n_edited: int = 100) -> None:
               f"from their original ({len(edited)} copies)")
 
 
+def best_of(f, repeats: int = 3) -> float:
+    """The fastest of `repeats` calls, in seconds: the least disturbed on a shared box."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bench_checks(data: Path, weights: Path | None) -> None:
+    films = load_source(data).samples
+    with tempfile.TemporaryDirectory() as folder:
+        manifest = write_manifest(films, Path(folder) / "films.csv")
+        print(f"{len(films)} films: load_source {best_of(lambda: load_source(data)):.3f} s "
+              f"(folder), {best_of(lambda: load_source(manifest)):.3f} s (manifest)")
+    print(f"data_fingerprint {best_of(lambda: data_fingerprint(films)):.3f} s, "
+          f"training_films_in_test {best_of(lambda: training_films_in_test(films)):.3f} s")
+    if weights is not None:
+        seconds = best_of(lambda: hashlib.sha256(weights.read_bytes()).hexdigest())
+        print(f"weights sha256 {seconds:.3f} s ({weights.stat().st_size / 1e6:.1f} MB)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REAL_DATA)
@@ -177,7 +207,12 @@ def main() -> None:
                         help="loader on grayscale copies PX wide (the originals' size)")
     parser.add_argument("--skip-audit", action="store_true")
     parser.add_argument("--near-study", action="store_true", help="also run (c)")
+    parser.add_argument("--checks", action="store_true", help="only run (d)")
+    parser.add_argument("--weights", type=Path, help="(d): a model.safetensors to hash")
     args = parser.parse_args()
+    if args.checks:
+        bench_checks(args.data, args.weights)
+        return
     print(f"{os.cpu_count()} CPU cores; data: {args.data}")
     if not args.skip_audit:
         bench_audit(args.data)
