@@ -300,7 +300,9 @@ def test_links_back_into_the_dataset_never_relabel_its_films(tmp_path, caplog):
     pool.mkdir()
     synthetic_film("NORMAL", 8).save(pool / "pooled.png")
     (normal / "from-pool").symlink_to(pool)
-    assert str(normal / "from-pool" / "pooled.png") in {s.path for s in load_source(root).samples}
+    pooled = load_source(root)
+    assert str(normal / "from-pool" / "pooled.png") in {s.path for s in pooled.samples}
+    assert not any("pool/" in n for n in pooled.notes)  # read through the link: not "ignored"
     for link in ("shortcut", "more", "upper"):
         assert sum(f"{normal / link} links to" in n and "not followed" in n
                    for n in source.notes) == 1, link
@@ -351,7 +353,18 @@ def test_a_folder_that_cannot_be_read_is_said_and_stops_nothing(tmp_path, mode):
             "are left out. To include them, give yourself access (e.g. `chmod -R u+rwX "
             "'data/train/NORMAL/batch2'`, as its owner).")
     assert said in out and f"WARNING {said}" in done.stderr.splitlines()
-    assert not any("lost+found" in line for line in out)  # no images in it that were seen
+    assert not any("lost+found" in line and "cannot be read" in line  # a disk's own folder
+                   for line in [*out, *done.stderr.splitlines()])
+    virus = root / "train" / "PNEUMONIA"  # a whole class folder: all of a class, refused
+    virus.chmod(mode)
+    try:
+        done = as_a_plain_user("from cxrkit.data.layout import load_source\n"
+                               "try:\n    load_source('data')\n"
+                               "except ValueError as e:\n    print(e)\n", cwd=tmp_path)
+    finally:
+        virus.chmod(0o755)
+    assert done.stdout.startswith(f"{Path('data/train/PNEUMONIA')} cannot be read (Permission "
+                                  "denied): give yourself access"), done.stdout + done.stderr
 
 
 def test_a_manifest_written_on_windows_or_typed_over_a_mac_name_finds_its_files(tmp_path):

@@ -684,8 +684,3 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
     out = run / REPORT
     out.write_text(page, encoding="utf-8")
     return out
-
-
-# ---- several runs side by side ---------------------------------------------------------------
-
-

@@ -28,7 +28,7 @@ from cxrkit.data.patients import PatientIdParser
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "val", "test")
-JUNK_DIRS = {"__MACOSX", ".ipynb_checkpoints"}
+JUNK_DIRS = {"__MACOSX", ".ipynb_checkpoints", "lost+found"}  # lost+found: a disk's own
 
 EXPECTED_LAYOUTS = """\
 cxrkit reads three layouts:
@@ -115,6 +115,8 @@ def _files_under(folder: Path,
     found, seen, passed_over = [], set(), []
 
     def unlisted(error: OSError) -> None:
+        if error.filename == str(folder):  # the folder asked for: a class, all its films
+            raise DataLayoutError(_unreadable_folder(folder, error))
         passed_over.append(_unreadable_note(error.filename, error))
 
     for top, dirs, files in os.walk(folder, followlinks=True, onerror=unlisted):
@@ -131,8 +133,15 @@ def _files_under(folder: Path,
         try:
             found += [p for p in map(Path(top).joinpath, files) if p.is_file()]
         except OSError as e:  # listed but not entered (`chmod 644` on a folder)
+            if top == str(folder):
+                raise DataLayoutError(_unreadable_folder(folder, e)) from None
             passed_over.append(_unreadable_note(top, e))
     return found, passed_over
+
+
+def _unreadable_folder(folder: Path, error: OSError) -> str:
+    return (f"{folder} cannot be read ({error.strerror}): give yourself access (e.g. `chmod "
+            f"-R u+rwX '{folder}'`, as its owner)")
 
 
 def _unreadable_note(folder: str, error: OSError) -> str:
@@ -149,8 +158,7 @@ def _access_said():
     except PermissionError as e:
         # the file or folder itself, or the folder that cannot be entered to look at it
         what = e.filename if os.path.exists(e.filename) else os.path.dirname(e.filename)
-        raise DataLayoutError(f"{what} cannot be read ({e.strerror}): give yourself access "
-                              f"(e.g. `chmod -R u+rwX '{what}'`, as its owner)") from None
+        raise DataLayoutError(_unreadable_folder(Path(what), e)) from None
 
 
 def _link_leads_back(link: Path, folder: Path, labelled: Collection[Path]) -> str | None:
@@ -161,12 +169,12 @@ def _link_leads_back(link: Path, folder: Path, labelled: Collection[Path]) -> st
     if inside.is_relative_to(target):
         return (f"{link} links to {target}, which holds {folder}: not followed (a loop; it "
                 f"would read {folder}'s neighbours as {folder.name}). Remove the link.")
-    other = next((c for c in labelled if c != inside
+    other = next((c for c in sorted(labelled) if c != inside
                   and (target.is_relative_to(c) or c.is_relative_to(target))), None)
     if other is not None:
-        return (f"{link} links to {target}, into the class folder {other}: not followed (its "
-                f"films would be read as {folder.name} too). Remove the link, or move the "
-                f"films into {folder}.")
+        return (f"{link} links to {target}, which reaches the class folder {other}: not "
+                f"followed (its films would be read as {folder.name} too). Remove the link, "
+                f"or move the films into {folder}.")
     return None
 
 
@@ -235,7 +243,6 @@ def _from_kaggle(root: Path, parse: PatientIdParser) -> DataSource:
     for junk in sorted(JUNK_DIRS):
         if (root / junk).exists() or (root.parent / junk).exists():
             notes.append(f"ignored {junk}/ folders")
-    notes += _left_out_of_splits(root)
     labelled = _class_folders(root, SPLIT_NAMES)
     samples = []
     for split in SPLIT_NAMES:
@@ -244,6 +251,7 @@ def _from_kaggle(root: Path, parse: PatientIdParser) -> DataSource:
             films, unfollowed = _read_class_tree(root / split, split, parse, root, labelled)
             samples += films
             notes += unfollowed
+    notes += _left_out_of_splits(root, {os.path.realpath(s.path) for s in samples})
     _check_class_names(samples, root)
     classes = sorted({s.label for s in samples})
     for split in ("train", "test"):
@@ -256,13 +264,21 @@ def _from_kaggle(root: Path, parse: PatientIdParser) -> DataSource:
     return DataSource(root, "kaggle", samples, classes, notes)
 
 
-def _left_out_of_splits(root: Path) -> list[str]:
+def _left_out_of_splits(root: Path, read: set[str]) -> list[str]:
     """Images the Kaggle layout does not read, said: a `validation/` or `Val/` folder beside
-    train/ (validation was then carved from train instead), films loose in a split folder."""
+    train/ (validation was then carved from train instead), films loose in a split folder.
+    `read`: the real paths of the films read (a pool a class folder links to is not left
+    out)."""
     notes = []
     for folder in _subdirs(root):
-        if (folder.name in (*SPLIT_NAMES, "chest_xray") or _is_split_folder(root, folder)
-                or not (films := images_under(folder))):
+        if folder.name in (*SPLIT_NAMES, "chest_xray") or _is_split_folder(root, folder):
+            continue
+        try:
+            films = [f for f in images_under(folder) if os.path.realpath(f) not in read]
+        except DataLayoutError as e:  # a folder beside the splits that cannot be opened
+            notes.append(f"not read: {e}")
+            continue
+        if not films:
             continue
         hint = (" name it val/ to use it as the validation split"
                 if folder.name.lower() in ("val", "valid", "validation")
