@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,10 +19,13 @@ from cxrkit.data.layout import load_source
 from cxrkit.data.split import read_manifest
 from cxrkit.provenance import (
     PROVENANCE,
+    caveat,
     code_version,
     data_fingerprint,
-    first_attempt,
+    gather_members,
+    read_attempts,
     record_attempt,
+    write_attempts,
 )
 from cxrkit.report import build_report
 from tests.test_training import tiny_config, train
@@ -33,7 +37,7 @@ def test_a_run_records_what_trained_each_stage(tiny_kaggle, tmp_path):
     attempts = json.loads((run / PROVENANCE).read_text(encoding="utf-8"))
     assert [a["stage"] for a in attempts] == ["head", "finetune"]
     assert not any(a["resumed"] for a in attempts)
-    first = first_attempt(run)
+    first = attempts[0]
     assert first["cxrkit"].startswith(__version__)
     assert first["libraries"]["torch"] == torch.__version__
     assert first["libraries"]["lightning"] == lightning.__version__
@@ -41,12 +45,17 @@ def test_a_run_records_what_trained_each_stage(tiny_kaggle, tmp_path):
     assert first["machine"]["precision"] == "32-true" and first["machine"]["accelerator"] == "cpu"
     assert first["machine"]["devices"] == 1 and first["num_workers"] == 0
     films = read_manifest(run / "split.csv")  # train, val and test: the run's every film
-    assert first["data"] == {**data_fingerprint(films), "films": len(films)}
+    assert first["data"] == data_fingerprint(films) and first["data"]["films"] == len(films)
     assert attempts[1]["data"] == first["data"]
     page = " ".join(build_report(run).read_text(encoding="utf-8").split())
     assert (f"Trained with cxrkit {first['cxrkit']}, PyTorch {torch.__version__}, timm "
             f"{timm.__version__}, Lightning {lightning.__version__} on cpu, precision 32-true"
             in page)
+    assert "Its attempts differ" not in page
+    attempts[1]["machine"]["precision"] = "bf16-mixed"  # as if the second stage ran on a GPU
+    write_attempts(run, attempts)
+    page = " ".join(build_report(run).read_text(encoding="utf-8").split())
+    assert "<strong>Its attempts differ: precision 32-true -&gt; bf16-mixed.</strong>" in page
 
 
 def test_a_resume_at_another_precision_is_warned_about(tmp_path, caplog):
@@ -68,22 +77,51 @@ def test_the_data_fingerprint_follows_the_bytes_not_the_paths(tiny_kaggle, tmp_p
     films = load_source(tiny_kaggle).samples
     moved = shutil.copytree(tiny_kaggle, tmp_path / "elsewhere")
     assert data_fingerprint(load_source(moved).samples) == data_fingerprint(films)
-    trainer = Trainer(accelerator="cpu", logger=False)
-    record_attempt(tmp_path, "train", trainer, 0, resumed=False, films=load_source(moved).samples)
+    trainer, known = Trainer(accelerator="cpu", logger=False), tmp_path / "hashes.json"
+    record_attempt(tmp_path, "train", trainer, 0, resumed=False,
+                   data=data_fingerprint(load_source(moved).samples, known))
     changed = sorted((moved / "train" / "NORMAL").iterdir())[0]
     changed.write_bytes(changed.read_bytes() + b"\0")  # one byte more
-    record_attempt(tmp_path, "train", trainer, 0, resumed=True, films=load_source(moved).samples)
-    assert "the films' contents changed since the last attempt" in caplog.text
+    record_attempt(tmp_path, "train", trainer, 0, resumed=True,
+                   data=data_fingerprint(load_source(moved).samples, known))
+    assert "the films' contents changed (data sha256" in caplog.text
+    # the known hashes are trusted while a film keeps its size and time: read once per run
+    before, stamp = data_fingerprint(films, known), changed.stat()
+    edited = bytearray(changed.read_bytes())
+    edited[-2] ^= 0xFF
+    changed.write_bytes(bytes(edited))
+    os.utime(changed, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert data_fingerprint(load_source(moved).samples, known) != data_fingerprint(
+        load_source(moved).samples)  # the stale hash was used, not the file read again
+    assert data_fingerprint(films, known) == before
 
 
 def test_a_damaged_provenance_is_said_and_stops_nothing(tmp_path, caplog):
     """It records, it decides nothing: a run cut short while writing it goes on, and its
     report is written."""
     (tmp_path / PROVENANCE).write_text('[{"stage": "tra', encoding="utf-8")
-    assert first_attempt(tmp_path) is None and "cannot be read" in caplog.text
+    assert read_attempts(tmp_path) == [] and "cannot be read" in caplog.text
     record_attempt(tmp_path, "train", Trainer(accelerator="cpu", logger=False), num_workers=0,
                    resumed=True)
-    assert first_attempt(tmp_path)["stage"] == "train"
+    assert read_attempts(tmp_path)[0]["stage"] == "train"
+    write_attempts(tmp_path, [{"stage": "train"}])  # of another shape: no KeyError either
+    record_attempt(tmp_path, "train", Trainer(accelerator="cpu", logger=False), num_workers=0,
+                   resumed=True)
+    assert len(read_attempts(tmp_path)) == 2
+
+
+def test_members_trained_otherwise_are_said(tmp_path, caplog):
+    """Two members on other films (or at another precision) made one report line."""
+    members = [tmp_path / "members" / name for name in ("0-a", "1-b")]
+    for member, sha in zip(members, ("aaa", "bbb"), strict=True):
+        member.mkdir(parents=True)
+        write_attempts(member, [{"machine": {"precision": "32-true", "accelerator": "cpu"},
+                                 "data": {"sha256": sha}}])
+    gather_members(tmp_path, members)
+    assert "its members were trained otherwise: the films' contents changed" in caplog.text
+    assert [a["member"] for a in read_attempts(tmp_path)] == ["0-a", "1-b"]
+    assert caveat(read_attempts(tmp_path)).startswith("Its attempts differ: the films'")
+    assert caveat(read_attempts(members[0])) is None
 
 
 def test_installed_inside_another_repository_the_code_version_is_the_version_alone(tmp_path):

@@ -28,6 +28,7 @@ from cxrkit.data.layout import Sample
 log = logging.getLogger(__name__)
 
 PROVENANCE = "provenance.json"
+FILM_HASHES = ".film_hashes.json"  # each film's SHA-256 by path, size and time
 PACKAGE = Path(__file__).resolve().parent
 LIBRARIES = ("torch", "torchvision", "timm", "lightning", "numpy", "pillow", "pydicom",
              "onnx", "onnxruntime")
@@ -83,48 +84,67 @@ def machine(trainer) -> dict:
 
 
 def record_attempt(folder: Path, stage: str, trainer, num_workers: int, resumed: bool,
-                   films: Sequence[Sample] = ()) -> None:
-    """Append this attempt to RUN/provenance.json, with the fingerprint of `films` (the
-    run's split.csv); warn if it runs at another precision or on another kind of device than
-    the attempt before it (a resume, or the next stage after one), or on other films: the
-    run is then two recipes, or trained on two datasets."""
+                   data: dict | None = None) -> None:
+    """Append this attempt to RUN/provenance.json, with `data`, the films' fingerprint
+    (`data_fingerprint`); warn if it runs at another precision or on another kind of device
+    than the attempt before it (a resume, or the next stage after one), or on other films:
+    the run is then two recipes, or trained on two datasets."""
     attempts = read_attempts(folder)
     now = {"stage": stage, "resumed": resumed,
            "started": datetime.now(UTC).isoformat(timespec="seconds"),
            "command": sys.argv, "cxrkit": code_version(), "libraries": library_versions(),
-           "machine": machine(trainer), "num_workers": num_workers,
-           "data": data_fingerprint(films)}
-    if attempts:
-        before, after = attempts[-1]["machine"], now["machine"]
-        changed = [f"{key} {before.get(key)} -> {after[key]}"
-                   for key in ("precision", "accelerator") if before.get(key) != after[key]]
-        if changed:
-            log.warning("%s goes on with %s: stage %s trains otherwise than the run began "
-                        "(set trainer.precision and trainer.accelerator to pin them)",
-                        folder, ", ".join(changed), stage)
-        was = (attempts[-1].get("data") or {}).get("sha256")
-        if was and was != now["data"]["sha256"]:
-            log.warning("%s: the films' contents changed since the last attempt (data sha256 "
-                        "%s... -> %s...): stage %s trains on other films than the run began "
-                        "with", folder, was[:12], now["data"]["sha256"][:12], stage)
+           "machine": machine(trainer), "num_workers": num_workers, "data": data}
+    if attempts and (changed := differences(attempts[-1], now)):
+        log.warning("%s goes on with %s: stage %s trains otherwise than the run began "
+                    "(pin trainer.precision and trainer.accelerator; keep the films as they "
+                    "were)", folder, "; ".join(changed), stage)
     write_attempts(folder, [*attempts, now])
 
 
-def data_fingerprint(films: Sequence[Sample]) -> dict:
-    """Which bytes the run trained and is tested on: a SHA-256 over every film's (split,
+def differences(before: dict, after: dict) -> list[str]:
+    """What makes two attempts two recipes: precision, kind of device, films."""
+    then, now = before.get("machine") or {}, after.get("machine") or {}
+    found = [f"{key} {then.get(key)} -> {now.get(key)}" for key in ("precision", "accelerator")
+             if then.get(key) != now.get(key)]
+    was, is_ = ((a.get("data") or {}).get("sha256") for a in (before, after))
+    if was and is_ and was != is_:
+        found.append(f"the films' contents changed (data sha256 {was[:12]}... -> {is_[:12]}...)")
+    return found
+
+
+def data_fingerprint(films: Sequence[Sample], known: Path | None = None) -> dict:
+    """Which bytes the run trains and is tested on: a SHA-256 over every film's (split,
     label, patient, SHA-256 of its file), sorted, so that the same films anywhere on disk
     give the same fingerprint and any changed byte, label or split another (0.09 s for the
-    5,840 films, 47 MB, of ../shared/data/chest_xray; it grows with the bytes read)."""
+    5,840 films, 47 MB, of ../shared/data/chest_xray; it grows with the bytes read).
+    `known`: a file of the films' hashes by path, size and time, so that a later attempt
+    reads only the films changed since (a large dataset is read once per run)."""
+    hashes = _known_hashes(known)
     rows, missing = [], 0
     for film in films:
         try:
-            with open(film.path, "rb") as f:
-                content = hashlib.file_digest(f, "sha256").hexdigest()
+            stat = os.stat(film.path)
+            stamp = [stat.st_size, stat.st_mtime_ns]
+            if hashes.get(film.path, [None])[:2] != stamp:
+                with open(film.path, "rb") as f:
+                    hashes[film.path] = [*stamp, hashlib.file_digest(f, "sha256").hexdigest()]
+            content = hashes[film.path][2]
         except OSError:
             content, missing = "missing", missing + 1
         rows.append(f"{film.split}\t{film.label}\t{film.patient_id}\t{content}")
+    if known is not None:
+        with written_whole(known) as whole:
+            whole.write_text(json.dumps(hashes), encoding="utf-8")
     digest = hashlib.sha256("\n".join(sorted(rows)).encode()).hexdigest()
     return {"films": len(rows), "unreadable_files": missing, "sha256": digest}
+
+
+def _known_hashes(file: Path | None) -> dict[str, list]:
+    try:
+        known = json.loads(file.read_text(encoding="utf-8")) if file else {}
+    except (OSError, ValueError):  # none yet, or cut short: every film is read again
+        return {}
+    return known if isinstance(known, dict) else {}
 
 
 def read_attempts(folder: Path) -> list[dict]:
@@ -147,11 +167,17 @@ def write_attempts(folder: Path, attempts: list[dict]) -> None:
 
 
 def gather_members(folder: Path, members: list[Path]) -> None:
-    """An ensemble's provenance: its members' attempts, each marked with its member."""
-    write_attempts(folder, [{**attempt, "member": member.name} for member in members
-                            for attempt in read_attempts(member)])
+    """An ensemble's provenance: its members' attempts, each marked with its member; warned
+    about when the members were trained otherwise (precision, device, films)."""
+    attempts = [{**attempt, "member": member.name} for member in members
+                for attempt in read_attempts(member)]
+    if attempts and (changed := sorted({d for a in attempts[1:]
+                                        for d in differences(attempts[0], a)})):
+        log.warning("%s: its members were trained otherwise: %s", folder, "; ".join(changed))
+    write_attempts(folder, attempts)
 
 
-def first_attempt(folder: Path) -> dict | None:
-    attempts = read_attempts(folder)
-    return attempts[0] if attempts else None
+def caveat(attempts: list[dict]) -> str | None:
+    """For the model card: how the attempts differ from the first, if they do."""
+    changed = sorted({d for a in attempts[1:] for d in differences(attempts[0], a)})
+    return f"Its attempts differ: {'; '.join(changed)}." if changed else None

@@ -48,7 +48,7 @@ from cxrkit.evaluation.results import (
 )
 from cxrkit.evaluation.thresholds import point_name
 from cxrkit.labels import positive_label
-from cxrkit.provenance import code_version, first_attempt
+from cxrkit.provenance import caveat, code_version, read_attempts
 from cxrkit.runs import (
     ADAPTATION,
     CONFIG,
@@ -463,7 +463,8 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
  {{ trained_with.cxrkit }}, PyTorch {{ trained_with.libraries.torch }}, timm
  {{ trained_with.libraries.timm }}, Lightning {{ trained_with.libraries.lightning }} on
  {{ trained_with.machine.gpu or trained_with.machine.accelerator }}, precision
- {{ trained_with.machine.precision }} (every attempt: <code>provenance.json</code>).{% endif %}</p>
+ {{ trained_with.machine.precision }} (every attempt: <code>provenance.json</code>).{% endif %}
+ {%- if attempts_differ %} <strong>{{ attempts_differ }}</strong>{% endif %}</p>
 <h3>Intended use</h3><p>Research and education: studying how chest X-ray classifiers behave,
  fail and can be evaluated. <strong>Not a medical device and not for diagnosis</strong> or any
  decision about a patient.</p>
@@ -656,6 +657,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
     kermany = binary_test is not None and is_kermany_test(binary_test["folder"])
     card_metrics = [(m["title"], headline_text(m)) for m in current]
     val_metrics = read_json(run / VAL_METRICS) or {}
+    attempts = read_attempts(run)
     adaptation = read_json(run / ADAPTATION)
     split = _split_summary(run)
     environment = Environment(autoescape=True)
@@ -677,7 +679,8 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
         published_source=PUBLISHED["source"], test=test, test_n=test["n"] if test else 0,
         positive=positive_label(spec.labels, spec.positive_label),
         data_path=_data_path(config), card_metrics=card_metrics,
-        carved=_carved(config), trained_with=first_attempt(run),
+        carved=_carved(config), trained_with=attempts[0] if attempts else None,
+        attempts_differ=caveat(attempts),
         limitations=[KERMANY_SHIFT if kermany else OTHER_SHIFT, *LIMITATIONS],
         RUN_SPLITS_ITSELF=RUN_SPLITS_ITSELF, caveats=caveats(current, split, calibration),
     )

@@ -40,7 +40,6 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from torch.optim.swa_utils import get_ema_avg_fn
 
 from cxrkit.config import MONITORS, ConfigError, DamagedCheckpointError, StageConfig, TrainerConfig
-from cxrkit.data.layout import Sample
 from cxrkit.provenance import record_attempt
 from cxrkit.training.datamodule import mixed_seed
 
@@ -300,17 +299,18 @@ class RecordConfig(Callback):
 class RecordProvenance(Callback):
     """RUN/provenance.json gains this attempt once Lightning has set the devices up, on rank
     0: not before, since asking CUDA for the GPU's name in the launching process would break
-    a notebook's forked DDP processes."""
+    a notebook's forked DDP processes. `data`, the films' fingerprint, is taken before the
+    processes start (reading a large dataset would keep the others waiting at a barrier)."""
 
     def __init__(self, folder: Path, stage: str, num_workers: int, resumed: bool,
-                 films: list[Sample]):
+                 data: dict | None):
         self.folder, self.stage, self.num_workers = folder, stage, num_workers
-        self.resumed, self.films = resumed, films
+        self.resumed, self.data = resumed, data
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
             record_attempt(self.folder, self.stage, trainer, self.num_workers, self.resumed,
-                           self.films)
+                           self.data)
 
 
 class FlushLogsWithCheckpoints(Callback):

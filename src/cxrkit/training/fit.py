@@ -62,7 +62,7 @@ from cxrkit.labels import positive_index, positive_is_guessed
 from cxrkit.models import Classifier, create_model
 from cxrkit.models.ensemble import Ensemble
 from cxrkit.plots import extra_formats, save_figure
-from cxrkit.provenance import PROVENANCE, gather_members
+from cxrkit.provenance import FILM_HASHES, data_fingerprint, gather_members
 from cxrkit.runs import (
     CONFIG,
     MODEL_WEIGHTS,
@@ -368,10 +368,12 @@ def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None)
         keep_stage_start(run.folder, stage.name)
         load_weights(model, run.folder / BEST)  # start from the best of the stages before
     module, datamodule = build_stage(run, index, model)
+    films_fingerprint = (data_fingerprint(run.samples, run.folder / FILM_HASHES)
+                         if rank_zero_only.rank == 0 else None)  # before DDP starts others
     callbacks = [*make_callbacks(run.folder, run.config.trainer, stage, run.config.seed),
                  RecordConfig(CONFIG_KEY, to_dict(run.config)),
                  RecordProvenance(run.folder, stage.name, images_of(datamodule).num_workers,
-                                  resumed=resume_from is not None, films=run.samples)]
+                                  resumed=resume_from is not None, data=films_fingerprint)]
     trainer = make_trainer(run.folder, stage, run.config.trainer, callbacks=callbacks,
                            loggers=make_loggers(run.folder, stage.name, run.config.trainer))
     with warnings.catch_warnings():
@@ -552,8 +554,10 @@ def train_ensemble(run: Run) -> Path:
     return run.folder
 
 
-# What a new run holds before its first checkpoint: `new_run`'s files, the stage's empty logs
-UNSTARTED = {CONFIG, SPLIT, TRAINING_LOCK, PROVENANCE, "logs", "tb"}
+# What a new run holds when it fails before training begins: `new_run`'s files, the stage's
+# empty logs, the films' hashes. Not provenance.json: it is written as training begins, so a
+# run that crashed in its first epoch keeps its logs.
+UNSTARTED = {CONFIG, SPLIT, TRAINING_LOCK, FILM_HASHES, "logs", "tb"}
 
 
 def _remove_if_unstarted(folder: Path) -> None:
