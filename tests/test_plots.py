@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -56,3 +59,16 @@ def test_curves_differ_by_line_style_as_well_as_colour(monkeypatch, tmp_path):
     assert len({line.get_linestyle() for line in curve.lines
                 if "ECE" in line.get_label()}) == 2
     assert len({patch.get_linestyle() for patch in spread.patches}) == 2
+
+
+def test_drawing_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    """Importing `train` switched it to Agg: a notebook's inline plots stopped showing."""
+    code = ("import matplotlib; matplotlib.use('svg'); import matplotlib.pyplot\n"
+            "from cxrkit.training import train\n"
+            "from cxrkit.report import build_report\n"
+            "import cxrkit.training.curves\n"
+            "print(matplotlib.get_backend())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "svg"

@@ -7,13 +7,12 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
+# The object API, no pyplot: drawing into a Figure of its own neither needs a display nor
+# changes the caller's backend (a notebook's inline plots).
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from cxrkit.plots import save_figure  # noqa: E402
+from cxrkit.plots import save_figure
 from cxrkit.runs import VAL_METRICS
 
 METRICS_CSV = "metrics.csv"
@@ -84,7 +83,8 @@ def plot_curves(run: Path) -> Path:
     rows = _read_rows(run / METRICS_CSV)
     best = _best(run)
     stages = list(dict.fromkeys(r["stage"] for r in rows))
-    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_loss, ax_score = fig.subplots(1, 2)
     offset = 0
     for i, stage in enumerate(stages):
         stage_rows = [r for r in rows if r["stage"] == stage]
@@ -131,5 +131,4 @@ def plot_curves(run: Path) -> Path:
                  f"{' -> '.join(stages)}", fontsize=10)
     fig.tight_layout()
     save_figure(fig, run / CURVES_PNG, 110)
-    plt.close(fig)
     return run / CURVES_PNG
