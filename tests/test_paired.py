@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from cxrkit.cli import app
 from cxrkit.compare import SPEC_AT_SENS, compare_runs, write_compare_csv
-from cxrkit.evaluation import evaluate_run
+from cxrkit.evaluation import evaluate_run, summary
 from cxrkit.evaluation.metrics import roc_auc, with_ci
 from cxrkit.evaluation.paired import ScoredFilms, paired_difference, read_scored
 from cxrkit.evaluation.results import HEADLINE, format_metric
@@ -138,3 +138,14 @@ def test_differences_are_signed_and_rates_in_percentage_points():
 def test_paired_needs_two_runs(two_runs):
     result = CliRunner().invoke(app, ["compare", str(two_runs[0]), "--paired"])
     assert result.exit_code != 0 and "at least two runs" in result.output
+
+
+def test_compare_and_summary_say_what_they_take(tmp_path):
+    """compare_runs("run") read the string letter by letter ("r is not a cxrkit run"), and
+    summary(run folder) was a bare FileNotFoundError about metrics.json."""
+    with pytest.raises(TypeError, match="compare_runs takes a list of run folders, e.g. "
+                                        r"\['runs/a', another\]"):
+        compare_runs("runs/a")
+    with pytest.raises(FileNotFoundError, match="holds no evaluation .metrics.json.: give an "
+                                                r"evaluation folder, e.g. summary\(evaluate_run"):
+        summary(tmp_path)

@@ -22,7 +22,14 @@ from cxrkit.export import export_model
 from cxrkit.inference import predict_logits
 from cxrkit.models import create_model
 from cxrkit.predict import Prediction, Predictor, collect_images, predict, write_predictions
-from cxrkit.runs import Calibration, load_model, load_spec, save_model, write_calibration
+from cxrkit.runs import (
+    Calibration,
+    load_model,
+    load_spec,
+    read_calibration,
+    save_model,
+    write_calibration,
+)
 from tests.conftest import REAL_DATA, requires_real_data, synthetic_film
 from tests.test_io import write_dicom
 
@@ -395,6 +402,19 @@ def test_one_file_named_two_ways_is_predicted_once(films, monkeypatch):
     assert collect_images(["a/normal_0.png", "./a/normal_0.png", str(films / "a"),
                            "a//normal_0.png"]) == ["a/normal_0.png", str(films / "a" /
                                                                        "pneumonia_1.png")]
+
+
+def test_a_loaded_model_is_pointed_to_its_folder_and_the_raw_way(run, films):
+    """predict(load_model(run), films) was a TypeError about os.PathLike, from deep inside."""
+    model = load_model(run)
+    with pytest.raises(TypeError, match="give the run folder or export folder, not a "
+                                        "Classifier.*predict_logits\\(model, films\\)"):
+        predict(model, films, device="cpu")
+    logits, _ = predict_logits(model, [str(films / "a" / "normal_0.png")], device="cpu")
+    expected = predict(run, films / "a" / "normal_0.png", device="cpu")[0]
+    calibrated = read_calibration(run).probabilities(logits)[0]  # as the message says
+    assert calibrated == pytest.approx([expected.probabilities[k] for k in expected.probabilities],
+                                       abs=1e-5)
 
 
 def test_a_device_this_machine_lacks_is_refused_with_the_choices(run, films):

@@ -7,8 +7,10 @@ wrong statistics. Re-estimating them on the target site's *unlabelled* images
 specificity. No labels are read: only the image files.
 
 The adapted model is written as a new run folder beside the source run, with
-the same split, calibration and config, plus `adaptation.json` saying what was
-done, so it can be evaluated and compared like any other run.
+the same split, config and provenance, plus `adaptation.json` saying what was done,
+so it can be evaluated and compared like any other run. Not the calibration: the
+adapted model's scores moved, so its first evaluation chooses the operating point
+again, the way the source run's was chosen (until then it predicts at 0.5, said).
 """
 
 from __future__ import annotations
@@ -197,7 +199,9 @@ def source_calibration_options(run: Path) -> dict:
 
 def adapt_run(run: str | Path, data: str | Path, split: str | None = "test",
               out: str | Path | None = None, batch_size: int = 32) -> Path:
-    """Adapt a trained run to the unlabelled images of `data`; returns the new run folder."""
+    """Adapt a trained run to the unlabelled images of `data` (`split` of a dataset with
+    splits; ignored for a plain folder); returns the new run folder. Evaluating it on the
+    very films it adapted to is transductive, and its evaluation says so."""
     run = model_folder(run)
     data = resolve_data(data).resolve()  # "kaggle": the folder it stands for; absolute, so
     # that the transductive check finds those films from any working folder

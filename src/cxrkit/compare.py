@@ -30,6 +30,9 @@ def compare_runs(runs: list[str | Path], split: str = "test", paired: bool = Fal
     """One row per run: its headline metrics on `split` (evaluated first where missing).
     `paired`: every row after the first also holds "paired", its headline metrics minus the
     first run's on the films both scored, with paired bootstrap intervals."""
+    if isinstance(runs, str | Path):  # a string iterates letter by letter: "r is not a run"
+        raise TypeError(f"compare_runs takes a list of run folders, e.g. [{str(runs)!r}, "
+                        "another]")
     if paired:  # said before any run is evaluated
         several = [str(run) for run in runs if len(load_spec(run).labels) != 2]
         if several:
@@ -49,7 +52,7 @@ def compare_runs(runs: list[str | Path], split: str = "test", paired: bool = Fal
     if any(f != films[0] for f in films[1:]):
         log.warning("these runs were evaluated on different films (%s): their rows do not "
                     "compare like with like%s", ", ".join(str(len(f)) for f in films),
-                    "; --paired uses the films they share" if paired else "")
+                    "; --paired (paired=True) uses the films they share" if paired else "")
     if paired:
         base = read_scored(folders[0])
         for row, folder in zip(rows[1:], folders[1:], strict=True):

@@ -76,7 +76,9 @@ DYNAMO_MIN_OPSET = 18
 
 def export_model(run: str | Path, format: str = "onnx", out: str | Path | None = None,
                  opset: int | None = None) -> Path:
-    """Write RUN's model as `format` into `out` (default RUN/export) with its sidecar."""
+    """Write RUN's model as `format` into `out` (default RUN/export) with its sidecar;
+    returns the model file (OUT/model.onnx or OUT/model.pt). Its folder is what `predict`
+    and `create_app` take (the file works too)."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     if out is not None and Path(out).suffix.lower() in (".onnx", ".pt", ".json"):

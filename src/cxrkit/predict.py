@@ -161,6 +161,12 @@ class Predictor:
     def load(cls, model_path: str | Path, backend: str | None = None,
              device: str | None = None) -> Predictor:
         """A run folder or an ONNX export folder; `backend` None picks what the folder holds."""
+        if not isinstance(model_path, str | Path):  # a model already loaded, say
+            raise TypeError(
+                f"give the run folder or export folder, not a {type(model_path).__name__}: the "
+                "folder holds the calibration (temperature, threshold) predictions apply. For a "
+                "loaded model's raw logits: cxrkit.inference.predict_logits(model, films), then "
+                "cxrkit.runs.read_calibration(run).probabilities(logits)")
         path = Path(model_path)
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: give a run folder from `cxr train` "

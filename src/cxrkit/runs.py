@@ -229,7 +229,11 @@ def load_spec(path: str | Path) -> ModelSpec:
 
 
 def load_model(path: str | Path) -> Classifier | Ensemble:
-    """The trained classifier of a run (safetensors: no pickle is ever loaded), in eval mode."""
+    """The trained classifier of a run (safetensors: no pickle is ever loaded), in eval mode.
+
+    It gives raw logits for batches prepared as `cxrkit.inference.predict_logits` prepares
+    them (which also reads films); the run's calibration turns them into what `predict`
+    returns: `read_calibration(run).probabilities(logits)`, then its threshold."""
     from safetensors.torch import load_file
 
     from cxrkit.models.ensemble import model_from_description

@@ -129,7 +129,12 @@ def summary(folder: str | Path, tta: bool = False) -> dict[str, float | int | No
     as pneumonia or not), comparable with a two-class run's; its accuracy and ROC-AUC are
     over its classes (macro ROC-AUC), beside `balanced_accuracy`. Each value's 95% interval
     is in the folder's metrics.json."""
-    metrics = json.loads((Path(folder) / METRICS).read_text(encoding="utf-8"))
+    file = Path(folder) / METRICS
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{folder} holds no evaluation ({METRICS}): give an evaluation folder, e.g. "
+            f"summary(evaluate_run(run)) or {Path(folder) / EVAL_DIR / 'test'} once evaluated")
+    metrics = json.loads(file.read_text(encoding="utf-8"))
     if tta and "tta" not in metrics:
         raise ValueError(f"{folder} was evaluated without test-time augmentation: "
                          "evaluate_run(run, tta=True) first (`cxr evaluate RUN --tta`)")
