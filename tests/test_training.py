@@ -6,10 +6,13 @@ import copy
 import csv
 import json
 import logging
+import os
+import random
 import warnings
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -864,3 +867,20 @@ def test_max_images_take_a_seeded_subset_of_train_and_val_and_leave_test_whole(t
 
     assert counts(subset(0)) == {"train": 10, "val": 3, "test": 16}
     assert subset(0) == subset(0) and subset(0) != subset(1)
+
+
+def test_training_leaves_the_callers_randomness_and_environment_alone(tiny_kaggle, tmp_path,
+                                                                      monkeypatch):
+    """A notebook's next cell drew seed 0's numbers, and CXRKIT_RUN_DIR pointed at the last
+    run (a DDP launch in a later cell would have trained into it)."""
+    monkeypatch.delenv("CXRKIT_RUN_DIR", raising=False)
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    expected = random.random(), np.random.rand(), torch.rand(1).item()
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    train(tiny_config(tiny_kaggle, tmp_path, **{"stages.0.epochs": 1}))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    assert "CXRKIT_RUN_DIR" not in os.environ

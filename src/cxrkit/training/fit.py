@@ -28,11 +28,14 @@ import csv
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -101,6 +104,8 @@ log = logging.getLogger(__name__)
 
 PROGRESS = "stages.json"
 RUN_DIR_ENV = "CXRKIT_RUN_DIR"  # hands the run folder to processes Lightning launches
+# What training sets in the environment: the run folder, Lightning's seeds for its workers
+SET_FOR_LAUNCHES = (RUN_DIR_ENV, "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
 
 # Lightning warnings that are expected here: the run folder already holds config.yaml,
 # the module (not the DataModule) converts batches to channels_last, a frozen backbone
@@ -587,6 +592,28 @@ class TrainingInterrupted(Exception):
                          f"`cxr train --resume {folder}` (Python: train(resume=...))")
 
 
+@contextmanager
+def callers_state_kept() -> Iterator[None]:
+    """The caller's random generators and environment as they were: training seeds Python's,
+    NumPy's and torch's generators and sets environment variables for the processes DDP
+    launches, and a notebook's next cell drew seed 0's numbers. (CUDA's generators are left
+    alone: reading them would start CUDA before a forked DDP launch.)"""
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    environment = {name: os.environ.get(name) for name in SET_FOR_LAUNCHES}
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+        for name, value in environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@callers_state_kept()
 def train(config: TrainConfig | None = None, resume: str | Path | None = None) -> Path:
     """Train `config` (default: the `default` preset, as `cxr train`), or continue the run
     folder `resume`:
@@ -654,6 +681,7 @@ def stage_batch_size(config: TrainConfig, stage: int) -> int:
     return config.stages[stage].batch_size or config.data.batch_size
 
 
+@callers_state_kept()
 def find_lr(config: TrainConfig, stage: int = 0, out: str | Path = "lr_find.png",
             num_training: int = 100) -> float | None:
     """Lightning's learning-rate range test on stage `stage`; saves the plot to `out`."""
