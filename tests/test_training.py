@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import gc
 import json
 import logging
 import os
@@ -884,3 +885,15 @@ def test_training_leaves_the_callers_randomness_and_environment_alone(tiny_kaggl
     train(tiny_config(tiny_kaggle, tmp_path, **{"stages.0.epochs": 1}))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
     assert "CXRKIT_RUN_DIR" not in os.environ
+
+
+def test_training_leaves_no_decode_cache_file_open(tiny_kaggle, tmp_path):
+    """Each split's cache entry stays locked while a stage uses it; the files were left for
+    the garbage collector to close (a ResourceWarning, in pytest and `python -X dev`)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        train(tiny_config(tiny_kaggle, tmp_path, "finetune", **{
+            "stages.0.epochs": 1, "stages.1.epochs": 1}))
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)
+                and "valid.json" in str(w.message)]

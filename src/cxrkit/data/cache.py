@@ -116,6 +116,12 @@ class DecodeCache:
         self.array = np.memmap(self.array_path, dtype=np.uint8, mode="r",
                                shape=(len(samples), size, size))
 
+    def close(self) -> None:
+        """Release the entry's lock now (else when this object is collected)."""
+        if getattr(self, "_held", None) is not None:
+            self._held.close()
+            self._held = None
+
     def __getstate__(self) -> dict:
         """For DataLoader workers started by spawn: the lock stays with this process."""
         return {k: v for k, v in self.__dict__.items() if k != "_held"}

@@ -248,13 +248,17 @@ class XrayDataModule(LightningDataModule):
         self.num_workers = (default_num_workers() if data.num_workers is None
                             else data.num_workers)
         self.datasets: dict[str, XrayDataset] = {}
+        self.caches: dict[str, DecodeCache] = {}
 
     def _cache(self, split: str) -> DecodeCache | None:
+        """`split`'s decode cache, opened once: each DecodeCache holds its entry's lock."""
         if not self.data.cache:
             return None
-        cache_dir = Path(self.data.cache_dir) if self.data.cache_dir else DEFAULT_CACHE_DIR
-        return DecodeCache(self.samples[split], self.spec.input_size, self.data.equalize,
-                           cache_dir / DECODED)
+        if split not in self.caches:
+            cache_dir = Path(self.data.cache_dir) if self.data.cache_dir else DEFAULT_CACHE_DIR
+            self.caches[split] = DecodeCache(self.samples[split], self.spec.input_size,
+                                             self.data.equalize, cache_dir / DECODED)
+        return self.caches[split]
 
     def prepare_data(self) -> None:
         for split in self.samples:  # decode once, on one process per node
@@ -280,6 +284,10 @@ class XrayDataModule(LightningDataModule):
                         "`cxr data audit` (Python: audit_dataset) lists each with its reason: "
                         "delete or re-export them",
                         len(paths), len(self.samples[split]), split, paths[0])
+
+    def teardown(self, stage: str | None = None) -> None:
+        for cache in self.caches.values():  # the entries' locks, now rather than at GC
+            cache.close()
 
     def unreadable(self) -> dict[str, list[str]]:
         """Per split, the films the decode cache could not read; without a cache, those found

@@ -101,6 +101,9 @@ class FeatureDataModule(LightningDataModule):
         with written_whole(self.file) as partial:  # a killed extraction leaves nothing half written
             save_file(tensors, str(partial))
 
+    def teardown(self, stage: str | None = None) -> None:
+        self.images.teardown(stage)
+
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
