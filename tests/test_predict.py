@@ -412,6 +412,8 @@ def test_a_loaded_model_is_pointed_to_its_folder_and_the_raw_way(run, films):
         predict(model, films, device="cpu")
     logits, _ = predict_logits(model, [str(films / "a" / "normal_0.png")], device="cpu")
     expected = predict(run, films / "a" / "normal_0.png", device="cpu")[0]
+    shown = repr(Predictor.load(run, device="cpu"))  # a notebook shows what it holds
+    assert shown.startswith(f"Predictor({run}, torch on cpu, labels ") and ">= " in shown
     calibrated = read_calibration(run).probabilities(logits)[0]  # as the message says
     assert calibrated == pytest.approx([expected.probabilities[k] for k in expected.probabilities],
                                        abs=1e-5)

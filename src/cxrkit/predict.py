@@ -64,6 +64,11 @@ CAM_MAX_SIDE = 1024  # overlays of 3000-pixel films are shown and stored smaller
 
 @dataclass
 class Prediction:
+    """One film's result: `label` (None if it could not be read, then `error` says why), the
+    calibrated `probabilities` by label, the `threshold` on P(`positive_label`) that called
+    it (None with more than two classes: the most probable), a `warning` when it is hardly a
+    chest film, and `cam`, the Grad-CAM overlay written for it (`write_cams`)."""
+
     path: str
     label: str | None = None  # None when the file could not be read
     probabilities: dict[str, float] = field(default_factory=dict)
@@ -149,6 +154,7 @@ class Predictor:
         self.model, self.calibration, self.backend = model, calibration, backend
         # A run's calibration.json can be re-chosen while a server runs: followed when it does.
         self.run = run
+        self.folder = run  # what it was loaded from (an export has no run to follow)
         self._calibration_stamp = file_stamp(run / CALIBRATION) if run else None
         self._calibration_lock = threading.Lock()
         self.spec = model.spec
@@ -156,6 +162,12 @@ class Predictor:
         # ONNX Runtime runs on the CPU here; for PyTorch None means the best device there is.
         self.device = "cpu" if backend == "onnx" else _torch_device(device)
         self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        rule = (f"P({self.positive_label}) >= {self.calibration.threshold:.3f}"
+                if self.positive_label else "the most probable label")
+        return (f"Predictor({self.folder or 'a model'}, {self.backend} on {self.device}, labels "
+                f"{', '.join(self.labels)}, {rule})")
 
     @classmethod
     def load(cls, model_path: str | Path, backend: str | None = None,
@@ -191,7 +203,9 @@ class Predictor:
         if not is_run:
             model, exported = load_onnx(folder)
             _warn_if_the_run_moved_on(folder, exported)
-            return cls(model, exported, "onnx")
+            predictor = cls(model, exported, "onnx")
+            predictor.folder = folder
+            return predictor
         export = model_folder(folder) / "export"  # the run's own export
         if not is_onnx_export(export):
             raise FileNotFoundError(f"no ONNX export in {export}: run `cxr export "
