@@ -677,6 +677,16 @@ def test_lr_find_runs_its_steps_past_the_stages_epochs(tiny_kaggle, tmp_path):
     assert result.exit_code == 2 and "the range test needs at least 20 steps" in result.output
 
 
+def test_find_lr_from_python_writes_no_file_unless_asked(tiny_kaggle, tmp_path, monkeypatch):
+    """It left lr_find.png in a notebook's folder."""
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(tiny_kaggle, tmp_path / "work", "finetune",
+                         **{"stages.0.batch_size": 4})
+    suggestion = find_lr(config, num_training=20)
+    assert suggestion is None or suggestion > 0
+    assert not list(tmp_path.rglob("*.png"))
+
+
 def test_unreadable_films_are_listed_in_the_run_and_said_every_run(tmp_path, caplog):
     """The decode cache warned only on the run that built it; now each run says how many
     films it skips, and RUN/skipped_files.csv lists them."""

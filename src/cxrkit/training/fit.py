@@ -682,15 +682,18 @@ def stage_batch_size(config: TrainConfig, stage: int) -> int:
 
 
 @callers_state_kept()
-def find_lr(config: TrainConfig, stage: int = 0, out: str | Path = "lr_find.png",
+def find_lr(config: TrainConfig, stage: int = 0, out: str | Path | None = None,
             num_training: int = 100) -> float | None:
-    """Lightning's learning-rate range test on stage `stage`; saves the plot to `out`."""
+    """Lightning's learning-rate range test on stage `stage`: the suggested rate (None when
+    the loss did not fall). The plot is drawn (a notebook shows it), and saved to `out` if
+    given (`cxr lr-find`: lr_find.png)."""
     config.validate()
     if not 0 <= stage < len(config.stages):
         raise ConfigError(f"stage {stage}: this config has stages 0..{len(config.stages) - 1}")
     if num_training < LR_FIND_MIN_STEPS:
-        raise ConfigError(f"--num-training {num_training}: the range test needs at least "
-                          f"{LR_FIND_MIN_STEPS} steps (its suggestion leaves out the first 10)")
+        raise ConfigError(f"--num-training (num_training=) {num_training}: the range test needs "
+                          f"at least {LR_FIND_MIN_STEPS} steps (its suggestion leaves out the "
+                          "first 10)")
     samples = prepare_samples(config.data, config.seed)
     seed_everything(config.seed, workers=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -715,9 +718,11 @@ def find_lr(config: TrainConfig, stage: int = 0, out: str | Path = "lr_find.png"
         ax.annotate(f"suggested {suggestion:.2g}", (suggestion, ax.get_lines()[-1].get_ydata()[0]),
                     textcoords="offset points", xytext=(8, 8), color="red", fontsize=9)
     figure.tight_layout()
-    save_figure(figure, out, 110)
+    if out is not None:
+        save_figure(figure, out, 110)
     if suggestion is not None and suggestion < 10 * LR_RANGE[0]:
         log.warning("the suggested rate %.3g lies in the first decade of the sweep, where the "
-                    "loss mostly shows noise: read the plot (%s) for where it falls fastest, "
-                    "or try more --num-training steps", suggestion, out)
+                    "loss mostly shows noise: read the plot%s for where it falls fastest, or "
+                    "try more steps (--num-training; Python: num_training=)", suggestion,
+                    f" ({out})" if out is not None else "")
     return suggestion
