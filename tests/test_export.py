@@ -4,6 +4,7 @@ TorchScript; `cxr predict --backend onnx` runs from the export folder alone."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -20,9 +21,16 @@ from typer.testing import CliRunner
 from cxrkit.cli import app
 from cxrkit.data.transforms import ModelInput
 from cxrkit.export import export_model, export_onnx, weights_digest
+from cxrkit.models import create_model
 from cxrkit.onnx_backend import model_input, read_sidecar
 from cxrkit.predict import Predictor
-from cxrkit.runs import Calibration, load_model, read_calibration, write_calibration
+from cxrkit.runs import (
+    Calibration,
+    load_model,
+    read_calibration,
+    save_model,
+    write_calibration,
+)
 from cxrkit.spec import ModelSpec
 from tests.conftest import REAL_DATA, pretrained_run, requires_real_data, synthetic_film
 from tests.test_predict import flat
@@ -247,8 +255,8 @@ def test_one_export_folder_holds_one_model_and_one_current_sidecar(trained_run, 
         export_model(run, out=run / "export")
     spec = (other / "model.json").read_text()
     for folder in (run, other):  # a run folder's model.json is the run's own
-        with pytest.raises(ValueError, match=rf"--out {folder} is a run folder: the export's "
-                                             r"model.json would replace the run's own"):
+        with pytest.raises(ValueError, match=rf"--out \(out=\) {folder} is a run folder: the "
+                                             r"export's model.json would replace the run's own"):
             export_model(run, format="torchscript", out=folder)
     assert (other / "model.json").read_text() == spec and not (other / "model.pt").exists()
 
@@ -345,3 +353,16 @@ def test_a_runs_export_older_than_its_calibration_is_said_when_used_alone(traine
     assert Predictor.load(run / "export").calibration.threshold == 0.4  # the export's own
     assert ("export holds an earlier calibration (threshold 0.4000, T=1.00) than its run's "
             "deployed one (threshold 0.6000, T=1.20)") in caplog.text
+
+
+def test_an_onnx_export_leaves_the_callers_logging_alone(tmp_path):
+    """It set the onnxscript and onnx_ir loggers to WARNING for the rest of the session."""
+    run = tmp_path / "run"
+    save_model(create_model("simple_cnn", labels=["NORMAL", "PNEUMONIA"]), run)
+    logging.getLogger("onnxscript").setLevel(logging.INFO)
+    try:
+        export_model(run)
+        assert logging.getLogger("onnxscript").level == logging.INFO
+        assert logging.getLogger("onnx_ir").level == logging.NOTSET
+    finally:
+        logging.getLogger("onnxscript").setLevel(logging.NOTSET)

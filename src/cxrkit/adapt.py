@@ -66,7 +66,7 @@ def _target(data: str | Path, split: str | None) -> tuple[list[str], str | None]
     named = [name for name in source.splits if name]
     if split and named and split not in named:  # never every film, test films included
         raise ValueError(f"{data} has the splits {', '.join(named)}, no {split!r}: choose one "
-                         f"of them (--split)")
+                         f"of them (--split; Python: split=)")
     if split and split in named:
         return [s.path for s in source.split(split)], split
     return [s.path for s in source.samples], None

@@ -26,6 +26,8 @@ import logging
 import re
 import warnings
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -82,11 +84,12 @@ def export_model(run: str | Path, format: str = "onnx", out: str | Path | None =
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     if out is not None and Path(out).suffix.lower() in (".onnx", ".pt", ".json"):
-        raise ValueError(f"--out {out}: give a folder; it gets {FILE_NAMES[format]} and "
+        raise ValueError(f"--out (out=) {out}: give a folder; it gets {FILE_NAMES[format]} and "
                          f"model.json (e.g. --out {Path(out).with_suffix('')})")
     if out is not None and (Path(out) / MODEL_WEIGHTS).is_file():  # its model.json is the run's
-        raise ValueError(f"--out {out} is a run folder: the export's model.json would replace "
-                         f"the run's own. Export to a folder of its own (default: RUN/export)")
+        raise ValueError(f"--out (out=) {out} is a run folder: the export's model.json would "
+                         "replace the run's own. Export to a folder of its own (default: "
+                         "RUN/export)")
     model = load_model(run).cpu()
     out = Path(out) if out else model_folder(run) / "export"
     sidecar = sidecar_entries(model.spec, deployed_calibration(run)) | {
@@ -169,6 +172,19 @@ def _example_batch(spec: ModelSpec) -> torch.Tensor:
     return torch.randn(2, spec.in_chans, spec.input_size, spec.input_size)
 
 
+@contextmanager
+def _quiet(*loggers: str) -> Iterator[None]:
+    """These loggers at WARNING for a while, then as the caller had them."""
+    levels = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def export_onnx(model: Classifier, path: str | Path, opset: int | None = None,
                 dynamo: bool = True) -> Path:
     """ONNX with a dynamic batch axis, checked by `onnx.checker`.
@@ -178,16 +194,16 @@ def export_onnx(model: Classifier, path: str | Path, opset: int | None = None,
     """
     model = model.eval()
     example = _example_batch(model.spec)
-    for noisy in ("onnxscript", "onnx_ir"):  # their optimiser logs every pass at INFO
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     names = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": opset}
     if opset is not None and opset < DYNAMO_MIN_OPSET:
         dynamo = False  # torch.export's exporter writes opset 18 or later, whatever is asked
     if dynamo:
         try:
-            torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False,
-                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-                              verbose=False, **names)
+            with _quiet("onnxscript", "onnx_ir"):  # their optimiser logs every pass at INFO
+                torch.onnx.export(model, (example,), str(path), dynamo=True,
+                                  external_data=False, verbose=False,
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                                  **names)
         except Exception as e:  # an op torch.export cannot trace: use the older exporter
             log.warning("dynamo ONNX export failed (%s: %s); using the TorchScript-based exporter",
                         type(e).__name__, e)

@@ -150,7 +150,8 @@ class SameSiteOnly:
         if self.hosts is not None and not _host_allowed(_split_host(host)[0], self.hosts):
             problem = (f"this server answers requests for {', '.join(sorted(self.hosts))} "
                        f"only, not {host!r}: open it as http://127.0.0.1:PORT/, or behind a "
-                       "proxy start it with `cxr serve --allowed-host NAME`")
+                       "proxy start it with `cxr serve --allowed-host NAME` (Python: "
+                       "create_app(..., hosts=[NAME]))")
         elif origin and scope["method"] not in ("GET", "HEAD") and \
                 _site(origin, strict=False) not in self.origins and not _same_site(origin, host):
             problem = (f"a page from {origin} may not send films to this server; use its own "
