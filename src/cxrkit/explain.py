@@ -6,7 +6,9 @@
 Grad-CAM (Selvaraju et al. 2017) weights the channels of the last convolutional
 activation (`model.gradcam_layer()`) by the gradient of a target score, and keeps
 the positive part. It is through the `grad-cam` package (pytorch_grad_cam).
-A heatmap shows where the model looked, not that it looked for the right reason.
+A heatmap shows where the model looked, not that it looked for the right reason; a map that
+is 0 everywhere means nothing in the film raised that class's log-odds (overlaid, the film
+shows bare).
 """
 
 from __future__ import annotations
