@@ -388,3 +388,14 @@ def test_a_manifest_written_on_windows_or_typed_over_a_mac_name_finds_its_files(
     both.write_text(f"path,label\nPNEUMONIA\\{unicodedata.normalize('NFC', 'Müller 0.png')},"
                     "PNEUMONIA\nNORMAL/b0.png,NORMAL\n", encoding="utf-8")
     assert load_source(both).samples[0].path == str(tmp_path / "PNEUMONIA" / decomposed)
+
+
+def test_a_disks_own_folders_are_never_classes(tmp_path):
+    """A USB disk's System Volume Information or a mount's lost+found (often unreadable to
+    its user) beside the class folders: refused as an unreadable class, or taken for one."""
+    numbered_films([tmp_path / "NORMAL", tmp_path / "PNEUMONIA"])
+    for name in ("System Volume Information", "lost+found", "$RECYCLE.BIN"):
+        (tmp_path / name).mkdir()
+        synthetic_film("NORMAL", 1).save(tmp_path / name / "IndexerVolumeGuid.png")
+    source = load_source(tmp_path)
+    assert source.classes == ["NORMAL", "PNEUMONIA"] and not source.notes

@@ -85,15 +85,20 @@ def test_the_data_fingerprint_follows_the_bytes_not_the_paths(tiny_kaggle, tmp_p
     record_attempt(tmp_path, "train", trainer, 0, resumed=True,
                    data=data_fingerprint(load_source(moved).samples, known))
     assert "the films' contents changed (data sha256" in caplog.text
-    # the known hashes are trusted while a film keeps its size and time: read once per run
-    before, stamp = data_fingerprint(films, known), changed.stat()
-    edited = bytearray(changed.read_bytes())
+    # the known hashes are trusted while a film's size, times and inode stay: read once a run
+    moved_films = load_source(moved).samples
+    hashes = json.loads(known.read_text(encoding="utf-8"))
+    hashes[str(changed)][-1] = "0" * 64  # as if it had been read so
+    known.write_text(json.dumps(hashes), encoding="utf-8")
+    assert data_fingerprint(moved_films, known) != data_fingerprint(moved_films)  # not re-read
+    edited = bytearray(changed.read_bytes())  # a copy that keeps the times (rsync -a, cp -p)
     edited[-2] ^= 0xFF
+    stamp = changed.stat()
     changed.write_bytes(bytes(edited))
     os.utime(changed, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
-    assert data_fingerprint(load_source(moved).samples, known) != data_fingerprint(
-        load_source(moved).samples)  # the stale hash was used, not the file read again
-    assert data_fingerprint(films, known) == before
+    assert data_fingerprint(moved_films, known) == data_fingerprint(moved_films)  # re-read
+    known.write_text('{"x": 1, "' + str(changed) + '": [1, 2]}', encoding="utf-8")  # odd
+    assert data_fingerprint(moved_films, known) == data_fingerprint(moved_films)
 
 
 def test_a_damaged_provenance_is_said_and_stops_nothing(tmp_path, caplog):

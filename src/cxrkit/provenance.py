@@ -95,17 +95,16 @@ def record_attempt(folder: Path, stage: str, trainer, num_workers: int, resumed:
            "command": sys.argv, "cxrkit": code_version(), "libraries": library_versions(),
            "machine": machine(trainer), "num_workers": num_workers, "data": data}
     if attempts and (changed := differences(attempts[-1], now)):
-        log.warning("%s goes on with %s: stage %s trains otherwise than the run began "
-                    "(pin trainer.precision and trainer.accelerator; keep the films as they "
-                    "were)", folder, "; ".join(changed), stage)
+        log.warning("%s goes on with %s: stage %s trains otherwise than the run began",
+                    folder, "; ".join(changed), stage)
     write_attempts(folder, [*attempts, now])
 
 
 def differences(before: dict, after: dict) -> list[str]:
     """What makes two attempts two recipes: precision, kind of device, films."""
     then, now = before.get("machine") or {}, after.get("machine") or {}
-    found = [f"{key} {then.get(key)} -> {now.get(key)}" for key in ("precision", "accelerator")
-             if then.get(key) != now.get(key)]
+    found = [f"{key} {then[key]} -> {now[key]}" for key in ("precision", "accelerator")
+             if then.get(key) and now.get(key) and then[key] != now[key]]  # unknown: not said
     was, is_ = ((a.get("data") or {}).get("sha256") for a in (before, after))
     if was and is_ and was != is_:
         found.append(f"the films' contents changed (data sha256 {was[:12]}... -> {is_[:12]}...)")
@@ -124,11 +123,13 @@ def data_fingerprint(films: Sequence[Sample], known: Path | None = None) -> dict
     for film in films:
         try:
             stat = os.stat(film.path)
-            stamp = [stat.st_size, stat.st_mtime_ns]
-            if hashes.get(film.path, [None])[:2] != stamp:
+            # ctime and inode too: a copy that kept the times (rsync -a, cp -p) or two films
+            # of one size swapped by `mv` changes them
+            stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+            if hashes.get(film.path, [])[:-1] != stamp:
                 with open(film.path, "rb") as f:
                     hashes[film.path] = [*stamp, hashlib.file_digest(f, "sha256").hexdigest()]
-            content = hashes[film.path][2]
+            content = hashes[film.path][-1]
         except OSError:
             content, missing = "missing", missing + 1
         rows.append(f"{film.split}\t{film.label}\t{film.patient_id}\t{content}")
@@ -144,7 +145,10 @@ def _known_hashes(file: Path | None) -> dict[str, list]:
         known = json.loads(file.read_text(encoding="utf-8")) if file else {}
     except (OSError, ValueError):  # none yet, or cut short: every film is read again
         return {}
-    return known if isinstance(known, dict) else {}
+    if not isinstance(known, dict):
+        return {}
+    return {path: entry for path, entry in known.items()  # another shape: read again
+            if isinstance(entry, list) and len(entry) == 5 and isinstance(entry[-1], str)}
 
 
 def read_attempts(folder: Path) -> list[dict]:

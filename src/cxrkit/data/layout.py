@@ -28,7 +28,9 @@ from cxrkit.data.patients import PatientIdParser
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "val", "test")
-JUNK_DIRS = {"__MACOSX", ".ipynb_checkpoints", "lost+found"}  # lost+found: a disk's own
+# Never films: a zip's macOS shadows, notebooks' checkpoints, and a disk's own folders
+JUNK_DIRS = {"__MACOSX", ".ipynb_checkpoints"}
+DISK_DIRS = {"lost+found", "System Volume Information", "$RECYCLE.BIN"}
 
 EXPECTED_LAYOUTS = """\
 cxrkit reads three layouts:
@@ -125,7 +127,8 @@ def _files_under(folder: Path,
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if d not in JUNK_DIRS and not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs
+                         if d not in JUNK_DIRS | DISK_DIRS and not d.startswith("."))
         for name in list(dirs):
             if why := _link_leads_back(Path(top, name), folder, labelled):
                 dirs.remove(name)
@@ -181,7 +184,7 @@ def _link_leads_back(link: Path, folder: Path, labelled: Collection[Path]) -> st
 def _subdirs(folder: Path) -> list[Path]:
     return sorted(
         p for p in folder.iterdir()
-        if p.is_dir() and p.name not in JUNK_DIRS and not p.name.startswith(".")
+        if p.is_dir() and p.name not in JUNK_DIRS | DISK_DIRS and not p.name.startswith(".")
     )
 
 
@@ -251,7 +254,7 @@ def _from_kaggle(root: Path, parse: PatientIdParser) -> DataSource:
             films, unfollowed = _read_class_tree(root / split, split, parse, root, labelled)
             samples += films
             notes += unfollowed
-    notes += _left_out_of_splits(root, {os.path.realpath(s.path) for s in samples})
+    notes += _left_out_of_splits(root, samples)
     _check_class_names(samples, root)
     classes = sorted({s.label for s in samples})
     for split in ("train", "test"):
@@ -264,20 +267,21 @@ def _from_kaggle(root: Path, parse: PatientIdParser) -> DataSource:
     return DataSource(root, "kaggle", samples, classes, notes)
 
 
-def _left_out_of_splits(root: Path, read: set[str]) -> list[str]:
+def _left_out_of_splits(root: Path, samples: list[Sample]) -> list[str]:
     """Images the Kaggle layout does not read, said: a `validation/` or `Val/` folder beside
-    train/ (validation was then carved from train instead), films loose in a split folder.
-    `read`: the real paths of the films read (a pool a class folder links to is not left
-    out)."""
-    notes = []
+    train/ (validation was then carved from train instead), films loose in a split folder;
+    not those `samples` reads through a link (a pool of films beside the splits)."""
+    notes, read = [], None
     for folder in _subdirs(root):
         if folder.name in (*SPLIT_NAMES, "chest_xray") or _is_split_folder(root, folder):
             continue
         try:
-            films = [f for f in images_under(folder) if os.path.realpath(f) not in read]
-        except DataLayoutError as e:  # a folder beside the splits that cannot be opened
-            notes.append(f"not read: {e}")
+            films = images_under(folder)
+        except DataLayoutError:  # a folder beside the splits that cannot be opened: unread
             continue
+        if films:  # the films' real paths, only where a folder beside the splits holds films
+            read = read if read is not None else {os.path.realpath(s.path) for s in samples}
+            films = [f for f in films if os.path.realpath(f) not in read]
         if not films:
             continue
         hint = (" name it val/ to use it as the validation split"

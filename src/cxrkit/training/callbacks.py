@@ -302,10 +302,9 @@ class RecordProvenance(Callback):
     a notebook's forked DDP processes. `data`, the films' fingerprint, is taken before the
     processes start (reading a large dataset would keep the others waiting at a barrier)."""
 
-    def __init__(self, folder: Path, stage: str, num_workers: int, resumed: bool,
-                 data: dict | None):
+    def __init__(self, folder: Path, stage: str, num_workers: int, resumed: bool):
         self.folder, self.stage, self.num_workers = folder, stage, num_workers
-        self.resumed, self.data = resumed, data
+        self.resumed, self.data = resumed, None  # set by rank 0 before the fit
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:

@@ -373,14 +373,15 @@ def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None)
         keep_stage_start(run.folder, stage.name)
         load_weights(model, run.folder / BEST)  # start from the best of the stages before
     module, datamodule = build_stage(run, index, model)
-    films_fingerprint = (data_fingerprint(run.samples, run.folder / FILM_HASHES)
-                         if rank_zero_only.rank == 0 else None)  # before DDP starts others
     callbacks = [*make_callbacks(run.folder, run.config.trainer, stage, run.config.seed),
                  RecordConfig(CONFIG_KEY, to_dict(run.config)),
-                 RecordProvenance(run.folder, stage.name, images_of(datamodule).num_workers,
-                                  resumed=resume_from is not None, data=films_fingerprint)]
+                 provenance := RecordProvenance(run.folder, stage.name,
+                                                images_of(datamodule).num_workers,
+                                                resumed=resume_from is not None)]
     trainer = make_trainer(run.folder, stage, run.config.trainer, callbacks=callbacks,
                            loggers=make_loggers(run.folder, stage.name, run.config.trainer))
+    if rank_zero_only.rank == 0:  # once the settings are accepted; before DDP starts others
+        provenance.data = data_fingerprint(run.samples, run.folder / FILM_HASHES)
     with warnings.catch_warnings():
         for message in EXPECTED_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
