@@ -1,10 +1,11 @@
 """What produced a run: RUN/provenance.json, one record per training attempt.
 
 Each stage's start and each resume appends the code (cxrkit's version, and the git commit
-when it runs from a checkout), the versions of the libraries that decide the numbers, the
-machine, and how Lightning resolved `auto` (precision, accelerator, devices): config.yaml
-holds the settings as asked, not as they ran. A resume on another machine whose precision
-differs (bf16 on a GPU, then fp32 on a CPU) is warned about: the run is then two recipes.
+when it runs from its own checkout), the versions of the libraries that decide the numbers,
+the machine, how Lightning resolved `auto` (precision, accelerator, devices: config.yaml
+holds the settings as asked, not as they ran), and a fingerprint of the films' contents.
+An attempt that differs from the one before (bf16 on a GPU, then fp32 on a CPU; changed
+films) is warned about: the run is then two recipes, and its model card says so.
 """
 
 from __future__ import annotations

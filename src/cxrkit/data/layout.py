@@ -111,9 +111,9 @@ def _files_under(folder: Path,
     """The files below `folder`, and a note for each folder passed over: a linked folder that
     holds `folder` (a loop: `shortcut -> ..` would bring in its neighbours) or reaches into
     another of the dataset's class folders, `labelled` (their films would take this folder's
-    label too); a folder that cannot be listed or entered (its films left out, said: a
-    `lost+found/` its user cannot open stops nothing). Links anywhere else are followed:
-    films kept in a pool beside the splits, or on another disk."""
+    label too); a folder inside it that cannot be listed or entered (its films left out,
+    said; `folder` itself unreadable is refused: all of a class). Links anywhere else are
+    followed: films kept in a pool beside the splits, or on another disk."""
     found, seen, passed_over = [], set(), []
 
     def unlisted(error: OSError) -> None:

@@ -214,10 +214,10 @@ def _require_every_class_readable(samples: list[Sample], readable: Callable[[int
     copy, cloud placeholders): trained on without it, the model could never call it, and
     said nothing. `readable(i)` is asked film by film, until one of each class reads."""
     for label in sorted({s.label for s in samples}):
-        films = [i for i, s in enumerate(samples) if s.label == label]
-        if any(readable(i) for i in films):
+        indices = [i for i, s in enumerate(samples) if s.label == label]
+        if any(readable(i) for i in indices):
             continue
-        films = [samples[i].path for i in films]
+        films = [samples[i].path for i in indices]
         raise DataLayoutError(
             f"none of the {len(films)} {label} training films can be read, e.g. {films[0]}: "
             f"a model trained without them could never call {label}. `cxr data audit` says "
