@@ -63,10 +63,14 @@ def seed_cache(cache: Path, version: int = KAGGLE_VERSION, complete: bool = True
     return folder
 
 
-def test_pinned_version_resolves_from_the_cache_offline(kaggle_cache):
+def test_pinned_version_resolves_from_the_cache_offline(kaggle_cache, caplog):
     folder = seed_cache(kaggle_cache)
     assert download_kaggle() == folder
-    assert resolve_data("kaggle") == folder
+    with caplog.at_level("INFO", logger="cxrkit"):
+        assert resolve_data("kaggle") == folder
+    # said, for a notebook that left out data= and gets Kaggle's dataset
+    assert (f"data: Kaggle's paultimothymooney/chest-xray-pneumonia/versions/2 (kagglehub: "
+            f"downloaded on first use, then from its cache), {folder}") in caplog.text
     assert resolve_data("Kaggle") == folder
 
 

@@ -8,7 +8,10 @@ resolves from kagglehub's cache with no network at all.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 KAGGLE_DATASET = "paultimothymooney/chest-xray-pneumonia"
 KAGGLE_VERSION = 2
@@ -46,5 +49,9 @@ def download_kaggle(dest: str | Path | None = None, version: int | None = KAGGLE
 def resolve_data(data: str | Path) -> Path:
     """A data argument: `kaggle` (download or cache) or a local path (folder or CSV)."""
     if str(data).lower() == "kaggle":
-        return download_kaggle()
+        folder = download_kaggle()
+        # said: a notebook that left out data= gets Kaggle's dataset, downloaded if need be
+        log.info("data: Kaggle's %s (kagglehub: downloaded on first use, then from its "
+                 "cache), %s", kaggle_handle(), folder)
+        return folder
     return Path(data).expanduser()
