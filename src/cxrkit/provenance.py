@@ -19,6 +19,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from functools import cache
 from importlib import metadata
 from pathlib import Path
 
@@ -36,6 +37,7 @@ LIBRARIES = ("torch", "torchvision", "timm", "lightning", "numpy", "pillow", "py
 MODULES = {"pillow": "PIL"}  # the import names that differ from the package's
 
 
+@cache  # one git call a process: audits, evaluations and reports each ask
 def code_version(package: Path = PACKAGE) -> str:
     """cxrkit's version, with `git describe --always --dirty` after a + when it runs from its
     own checkout, `package` being the checkout's src/cxrkit (the version string alone does not
@@ -176,13 +178,16 @@ def gather_members(folder: Path, members: list[Path]) -> None:
     about when the members were trained otherwise (precision, device, films)."""
     attempts = [{**attempt, "member": member.name} for member in members
                 for attempt in read_attempts(member)]
-    if attempts and (changed := sorted({d for a in attempts[1:]
-                                        for d in differences(attempts[0], a)})):
+    if changed := _from_the_first(attempts):
         log.warning("%s: its members were trained otherwise: %s", folder, "; ".join(changed))
     write_attempts(folder, attempts)
 
 
 def caveat(attempts: list[dict]) -> str | None:
     """For the model card: how the attempts differ from the first, if they do."""
-    changed = sorted({d for a in attempts[1:] for d in differences(attempts[0], a)})
+    changed = _from_the_first(attempts)
     return f"Its attempts differ: {'; '.join(changed)}." if changed else None
+
+
+def _from_the_first(attempts: list[dict]) -> list[str]:
+    return sorted({d for a in attempts[1:] for d in differences(attempts[0], a)})
