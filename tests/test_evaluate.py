@@ -661,8 +661,16 @@ def test_test_patients_seen_in_training_are_noted(trained_run, tmp_path, caplog)
     deployed = unseen["operating_points"]["validation"]
     assert deployed["accuracy"]["value"] == pytest.approx(
         np.mean([r["correct"] == "1" for r in rows]), abs=1e-6)
+    # and on the films of the shared id, so that each class's rate compares across the two
+    seen = metrics["seen_patients"]
+    label = samples[first_test].label
+    assert seen["n"] == 1 and seen["n_per_class"][label] == 1
+    assert sum(unseen["n_per_class"].values()) == unseen["n"]
     page = " ".join(build_report(run).read_text().split())
-    assert f"Test patients not in train or val: test (n={metrics['n']})" in page
+    assert f"Test patients not in train or val ({unseen['n']} of {metrics['n']} films)" in page
+    assert "ids also in train or val (1 film: " in page
+    other = next(c for c in seen["n_per_class"] if c != label)
+    assert f"No {other} film belongs to a shared id: that rate can only be read" in page
     caplog.clear()
     evaluate_run(run, split="val", bootstrap=0, figures=False, device="cpu")
     assert said not in caplog.text  # a note of the test split's numbers only

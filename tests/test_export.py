@@ -156,6 +156,7 @@ def test_export_folder_is_self_describing(lite0_export):
     assert len(sidecar["mean"]) == len(sidecar["std"]) == 3
     assert "softmax(logits / temperature + bias)" in sidecar["preprocess"]
     assert sidecar["positive_label"] == "PNEUMONIA"
+    assert "Not a medical device" in sidecar["intended_use"]  # it travels without the report
     assert {o.domain: o.version for o in model.opset_import}[""] == 19  # --opset
     # model.onnx alone carries the same facts, as ONNX Runtime reads them
     meta = ort.InferenceSession(str(folder / "model.onnx"), providers=[

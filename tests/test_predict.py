@@ -232,7 +232,7 @@ def test_gradcam_overlays_written_per_readable_file(run, films, tmp_path):
         rgb = np.asarray(cam).astype(int)
         assert np.abs(rgb[:80, :, 0] - rgb[:80, :, 2]).max() > 30  # coloured, not the gray film
         label, p = rows[name]["label"], float(rows[name]["p_PNEUMONIA"])
-        assert cam.text["Description"].startswith(f"map: evidence for {label}, the label called; ")
+        assert cam.text["Description"].startswith(f"map: Grad-CAM for {label}, the label called; ")
         assert f"P(PNEUMONIA)={p:.2f}" in cam.text["Description"]
         assert (rgb[82:, :, :] > 128).any()  # the caption is drawn, not only stored
 

@@ -23,10 +23,13 @@ from cxrkit.evaluation import evaluate_run, summary
 from cxrkit.evaluation.published import at_published_point
 from cxrkit.report import (
     FILM_GRIDS,
+    NOT_EXTERNAL,
     build_report,
     caveats,
     embedded_figure,
+    limitations,
     metric_rows,
+    predictive_values,
     stale_note,
     val_rows,
 )
@@ -137,8 +140,9 @@ def test_the_report_of_an_evaluated_run_needs_no_pytorch(reported):
 def test_report_shows_internal_and_external_side_by_side(reported):
     _, path = reported
     text = path.read_text()
-    assert "test (n=16)" in text and "external: hospital_b (all, n=6)" in text
-    assert text.index("test (n=16)") < text.index("external: hospital_b")
+    table = text[text.index('<section id="metrics">'):]
+    assert "test (n=16)" in table and "external: hospital_b (all, n=6)" in table
+    assert table.index("test (n=16)") < table.index("external: hospital_b")
     # Figures: the internal test's open, other evaluations' folded; alt text names which
     figures = text[text.index('<section id="figures">'):]
     folded = figures[figures.index("<details>"):figures.index("</details>")]
@@ -425,8 +429,57 @@ def test_the_report_opens_with_a_summary(reported):
     _, path = reported
     text = path.read_text()
     brief = text[text.index('<div class="card" id="summary">'):text.index("<nav>")]
-    assert "test (n=16): Accuracy" in brief and "Decision rule: PNEUMONIA where" in brief
-    assert "not for diagnosis" in brief
+    assert "Decision rule: PNEUMONIA where" in brief and "not for diagnosis" in brief
+    # what the headline rests on: internal or external, films, patients, how common PNEUMONIA is
+    test = json.loads((path.parent / "eval" / "test" / "metrics.json").read_text())
+    positives = test["n_per_class"]["PNEUMONIA"]
+    assert sum(test["n_per_class"].values()) == test["n"] == 16
+    assert (f"test: internal, from the training data&#39;s own source (16 films of "
+            f"{test['n_patients']} patients, {positives / 16:.1%} PNEUMONIA): Accuracy") in brief
+    assert "external: hospital_b (all) (6 films of 6 patients, 50.0% PNEUMONIA)" in brief
+
+
+def test_ppv_and_npv_are_shown_with_their_prevalence_and_at_others(reported):
+    """PPV 88% at the test split's 62.5% pneumonia reads as 'right 9 times in 10'; at a
+    clinic's 10% the same rule's PPV is about 34% (a clinical reviewer's numbers)."""
+    ppv, npv = predictive_values(0.9795, 0.7863, 0.10)
+    assert ppv == pytest.approx(0.337, abs=5e-4) and npv == pytest.approx(0.997, abs=5e-4)
+    assert predictive_values(0.0, 1.0, 0.1) == (None, pytest.approx(0.9))  # calls nothing
+    _, path = reported
+    metrics = json.loads((path.parent / "eval" / "test" / "metrics.json").read_text())
+    (tn, fp), (fn, tp) = metrics["confusion_matrix"]["counts"]
+    assert metrics["n_per_class"] == {"NORMAL": tn + fp, "PNEUMONIA": fn + tp}
+    rows = {row["name"]: row["cells"] for row in metric_rows([metrics])}
+    assert rows["PNEUMONIA films (prevalence)"] == [f"{fn + tp} of 16 ({(fn + tp) / 16:.1%})"]
+    sensitivity, specificity = tp / (tp + fn), tn / (tn + fp)
+    for prevalence in (0.05, 0.5):
+        expected = [" / ".join("–" if v is None else f"{v:.1%}" for v in
+                               predictive_values(sensitivity, specificity, prevalence))]
+        assert rows[f"at {prevalence:.0%} prevalence"] == expected
+    assert "PPV / NPV of the deployed rule if PNEUMONIA were this common" in path.read_text()
+
+
+def test_the_model_card_says_what_was_not_validated_and_how_the_rule_moved(reported):
+    run, path = reported
+    card = " ".join(path.read_text().split())
+    card = card[card.index('id="model-card"'):]
+    assert "No external validation" not in card  # hospital_b is one
+    test = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    chosen = test["selection_split"]
+    assert chosen["n"] == sum(chosen["n_per_class"].values()) == len(
+        [s for s in read_manifest(run / "split.csv") if s.split == "val"])
+    on_val = chosen["operating_points"]["validation"]
+    assert (f"chosen on validation ({chosen['n']} films): sensitivity "
+            f"{on_val['sensitivity']['value']:.1%} there and "
+            f"{test['operating_points']['validation']['sensitivity']['value']:.1%} on the "
+            "internal test") in card
+    internal_only = [m for m in [test] if not m.get("external")]
+    found = limitations(internal_only, test, kermany=True, config={"name": "quick"})
+    assert found[1] == NOT_EXTERNAL and "the `quick` preset" in found[3]
+    assert not any("preset" in item for item in limitations(
+        internal_only, test, kermany=True, config={"name": "scratch"}))
+    assert not any("preset" in item for item in limitations(  # not Kermany's test split
+        internal_only, test, kermany=False, config={"name": "quick"}))
 
 
 def test_validation_metrics_are_named_and_rates_in_percent():

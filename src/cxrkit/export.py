@@ -250,9 +250,15 @@ def export_torchscript(model: Classifier, path: str | Path, sidecar: dict | None
     return Path(path)
 
 
+# An export travels without its run folder's report: it says what it is for itself.
+INTENDED_USE = ("Research and education. Not a medical device: not for diagnosis or any "
+                "decision about a patient. Validate on the deployment site's own films.")
+
+
 def sidecar_entries(spec: ModelSpec, calibration: Calibration) -> dict:
     """What model.json (and model.onnx's metadata) says: enough to use the model elsewhere."""
     return {
+        "intended_use": INTENDED_USE,
         **spec.to_dict(),
         "threshold": calibration.threshold,
         "temperature": calibration.temperature,

@@ -342,11 +342,11 @@ class Predictor:
             yield from zip(chunk, self.cam_overlays(chunk, batch_size), strict=True)
 
     def cam_caption(self, p: Prediction) -> list[str]:
-        """['map: evidence for PNEUMONIA, the called label', 'P(PNEUMONIA)=0.99, threshold
+        """['map: Grad-CAM for PNEUMONIA, the label called', 'P(PNEUMONIA)=0.99, threshold
         0.156']: what a saved overlay shows, once it is apart from its CSV row."""
         shown = self.positive_label or p.label
         rule = f", threshold {p.threshold:.3f}" if p.threshold is not None else ""
-        return [f"map: evidence for {p.label}, the label called",
+        return [f"map: Grad-CAM for {p.label}, the label called",
                 f"P({shown})={p.probabilities[shown]:.2f}{rule}"]
 
 
@@ -356,7 +356,7 @@ def with_caption(image: Image.Image, lines: list[str], key: bool = False) -> Ima
     stays registered to it."""
     from cxrkit.explain import overlay_key
 
-    ends = ("evidence 0", "1 (strongest)")
+    ends = ("Grad-CAM 0", "1 (this film's strongest)")
     size = max(10, image.height // 28)
     font = ImageFont.load_default(size=size)
     while max(font.getlength(t) for t in lines) > image.width - 8 and size > 8:  # narrow films

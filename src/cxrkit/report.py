@@ -72,7 +72,9 @@ FIGURES = (
     ("histograms.png", "Predicted probabilities by true class, with thresholds"),
     ("worst_errors.png", "The most confident mistakes of each true class (false negatives and "
                          "false positives alike)"),
-    ("gradcam_errors.png", "Grad-CAM on mistakes: where the evidence for the wrong call was"),
+    ("gradcam_errors.png", "Grad-CAM on mistakes: the regions whose features most raised "
+                           "the score of the wrongly called class (a coarse map, scaled "
+                           "per film; not a localisation of disease)"),
     ("gradcam_correct.png", "Grad-CAM on a random sample of correct cases"),
     ("framing.png", "The framing check: sensitivity and specificity as the same films are "
                     "framed tighter (a model reading framing loses specificity)"),
@@ -101,11 +103,22 @@ RUN_SPLITS_ITSELF = "no val split:"
 STALE = ("evaluated with an earlier calibration ({}, T={:.3f}), not the deployed "
          "one: these numbers are not those of the decision rule `cxr predict` uses. Run `cxr "
          "evaluate` again to update them.")
-LIMITATIONS = [
+SELECTION_SHIFT = (
     "The internal test split comes from the same source as the training data, yet it differs "
     "from the films validation was carved from (on Kermany's test folder the validation "
     "threshold and temperature shift: specificity falls); another hospital's films may differ "
-    "more. Validate on the deployment site's films (`cxr evaluate RUN --data SITE`).",
+    "more. Validate on the deployment site's films (`cxr evaluate RUN --data SITE`).")
+NOT_EXTERNAL = ("No external validation: every evaluation here is of films from the training "
+                "data's own source.")
+# The shipped presets whose recipes were chosen with Kermany's test results in view
+# (BENCHMARKS.md, "What the test split influenced").
+CHOSEN_WITH_TEST_IN_VIEW = {"default", "quick"}
+PRESET_CHOSEN_WITH_TEST = (
+    "This model's recipe (the `{}` preset) was chosen over development rounds some of which "
+    "looked at results on this same test split (BENCHMARKS.md, \"What the test split "
+    "influenced\"): its test numbers are somewhat optimistic for a new model made this way. "
+    "Its threshold and temperature were chosen on validation only.")
+LIMITATIONS = [
     "Shortcut learning: a model can key on text markers, laterality letters, positioning, "
     "cropping or film borders that correlate with the label. Check the Grad-CAM figures for "
     "attention outside the lungs, and run the framing check (`cxr evaluate RUN --split val "
@@ -113,8 +126,9 @@ LIMITATIONS = [
     "pneumonia more often.",
     "Labels are one grading of each film, not a microbiological or CT ground truth; some are "
     "wrong, which caps measurable accuracy.",
-    "Grad-CAM shows where the model looked, not that it looked for the right reason; it is "
-    "coarse (the last convolutional map) and not a localisation of disease.",
+    "Grad-CAM highlights the regions whose features raised the score of the class shown; it "
+    "does not show that the model used the right findings, it is coarse (the last "
+    "convolutional map), scaled per film, and not a localisation of disease.",
     "The decision threshold and the calibration were chosen on the validation split (unless "
     "`--calibrate-on` named other films); a different prevalence or population calls for "
     "re-choosing them on local labelled films: `cxr evaluate RUN --calibrate-on FILMS`.",
@@ -238,6 +252,8 @@ def metric_rows(evals: list[dict]) -> list[dict]:
                                                           for m in evals]}]
     binary = all(m.get("positive_class") for m in evals)
     if binary:
+        rows.append({"group": "", "name": f"{evals[0]['positive_class']} films (prevalence)",
+                     "cells": [_prevalence_text(m) for m in evals]})
         for key, name in THRESHOLD_FREE:
             rows.append({"group": "threshold-free", "name": name,
                          "cells": [format_metric(key, m.get(key)) for m in evals]})
@@ -261,6 +277,12 @@ def metric_rows(evals: list[dict]) -> list[dict]:
                          "cells": [f"{o['threshold']:.4f}" if o else "–" for o in ops]})
             rows += [{"group": group, "name": NAMES[k], "cells": [format_metric(k, o.get(k))
                                                                   for o in ops]} for k in RATES]
+        group = (f"PPV / NPV of the deployed rule if {evals[0]['positive_class']} were this "
+                 "common among the films read (from its sensitivity and specificity; these "
+                 "films' own prevalence is above)")
+        rows += [{"group": group, "name": f"at {prevalence:.0%} prevalence",
+                  "cells": [_predictive_values_text(m, prevalence) for m in evals]}
+                 for prevalence in OTHER_PREVALENCES]
         return rows
     for key in ("accuracy", "balanced_accuracy"):
         rows.append({"group": "", "name": NAMES[key],
@@ -280,6 +302,61 @@ def metric_rows(evals: list[dict]) -> list[dict]:
                      for m in evals]
             rows.append({"group": f"class {label}", "name": NAMES[key], "cells": cells})
     return rows
+
+
+OTHER_PREVALENCES = (0.05, 0.10, 0.20, 0.50)  # PPV and NPV move with it; a clinic's is lower
+
+
+def positive_films(m: dict) -> tuple[int, int] | None:
+    """(films of the positive class, all films) of a binary evaluation; None if unknown."""
+    positive, counts = m.get("positive_class"), m.get("n_per_class")
+    if counts is None and (matrix := m.get("confusion_matrix")):  # evaluated before n_per_class
+        counts = {label: sum(row) for label, row in zip(matrix["labels"], matrix["counts"],
+                                                         strict=True)}
+    if not positive or not counts or positive not in counts:
+        return None
+    return counts[positive], sum(counts.values())
+
+
+def _prevalence_text(m: dict) -> str:
+    films = positive_films(m)
+    return f"{films[0]} of {films[1]} ({films[0] / films[1]:.1%})" if films and films[1] else "–"
+
+
+def predictive_values(sensitivity: float, specificity: float,
+                      prevalence: float) -> tuple[float | None, float | None]:
+    """PPV and NPV of a rule with this sensitivity and specificity at another prevalence
+    (Bayes' rule); None where nothing would be called that way."""
+    true_pos, false_pos = sensitivity * prevalence, (1 - specificity) * (1 - prevalence)
+    true_neg, false_neg = specificity * (1 - prevalence), (1 - sensitivity) * prevalence
+    return (true_pos / (true_pos + false_pos) if true_pos + false_pos else None,
+            true_neg / (true_neg + false_neg) if true_neg + false_neg else None)
+
+
+def _predictive_values_text(m: dict, prevalence: float) -> str:
+    at = headline(m)
+    sensitivity, specificity = ((at.get(k) or {}).get("value") for k in ("sensitivity",
+                                                                         "specificity"))
+    if sensitivity is None or specificity is None:
+        return "–"
+    ppv, npv = predictive_values(sensitivity, specificity, prevalence)
+    return " / ".join("–" if v is None else f"{v:.1%}" for v in (ppv, npv))
+
+
+def card_title(m: dict) -> str:
+    """An evaluation's name in the headline, with what its numbers rest on: internal or
+    external, films and patients, and (two classes) how common the positive class is."""
+    if m.get("external"):
+        name = f"external: {m['name']} ({m['split']})"
+    elif m["split"] == "test":
+        name = f"{m['name']}: internal, from the training data's own source"
+    else:
+        name = f"{m['name']}: the selection split" if m["split"] == "val" else m["name"]
+    details = f"{m['n']} films" + (f" of {m['n_patients']} patients"
+                                   if m.get("n_patients") else "")
+    if films := positive_films(m):
+        details += f", {films[0] / films[1]:.1%} {m['positive_class']}"
+    return f"{name} ({details})"
 
 
 # ---- the page -------------------------------------------------------------------------------
@@ -510,7 +587,7 @@ def variant_rows(m: dict, variants: list[dict]) -> list[tuple[str, ...]]:
     """Headline metrics of an evaluation (first column) beside those of its variants."""
     blocks = [headline(m), *(headline(as_deployed(v, m)) for v in variants)]
     return [(NAMES[k], *(format_metric(k, b[k]) for b in blocks))
-            for k in HEADLINE if blocks[0][k] is not None]
+            for k in HEADLINE if any(b[k] is not None for b in blocks)]
 
 
 def variant_tables(m: dict) -> list[dict]:
@@ -525,15 +602,7 @@ def variant_tables(m: dict) -> list[dict]:
                                "temperature and threshold.",
                        "rows": variant_rows(m, [m["tta"]])})
     if "unseen_patients" in m:
-        unseen = m["unseen_patients"]
-        tables.append({"title": f"Test patients not in train or val: {title}",
-                       "columns": ["all test films", f"those patients' {unseen['n']} films"],
-                       "note": f"{unseen['note'].capitalize()}. Compare sensitivity, "
-                               "specificity and ROC-AUC, which do not depend on the class "
-                               "mix (accuracy and F1 also move with those patients' mix): "
-                               "where they agree, the shared ids did not make the test "
-                               "numbers optimistic.",
-                       "rows": variant_rows(m, [unseen])})
+        tables.append(seen_table(m))
     if "framing" in m:
         crops = m["framing"]["crops"]
         tables.append({"title": f"Framing check: {title}", "columns": ["as filmed", *crops],
@@ -542,6 +611,37 @@ def variant_tables(m: dict) -> list[dict]:
                                "shortcut calls tightly framed NORMAL films pneumonia.",
                        "rows": variant_rows(m, [m["framing"][c] for c in crops])})
     return tables
+
+
+def seen_table(m: dict) -> dict:
+    """All test films, those of patient ids also in train or val, and the others': each
+    class's rate compared across the last two (evaluations from before the seen films were
+    kept have the first and the last)."""
+    unseen, seen = m["unseen_patients"], m.get("seen_patients")
+    parts = [("all test films", m), *([("ids also in train or val", seen)] if seen else []),
+             ("ids not in train or val", unseen)]
+    note = (f"{unseen['note'].capitalize()}. Compare each class's rate across the columns: "
+            "sensitivity over the positive films, specificity over the others (accuracy, F1, "
+            "PPV and NPV move with each column's class mix). Close rates give no sign that the "
+            "shared ids raised the test numbers; a column of few films rules out little (its "
+            "interval says how little).")
+    if seen and (absent := [label for label, n in (seen.get("n_per_class") or {}).items()
+                            if not n]):
+        note += (f" No {' or '.join(absent)} film belongs to a shared id: "
+                 f"{'those rates' if len(absent) > 1 else 'that rate'} can only be read in "
+                 "the last column.")
+    return {"title": f"Test patients not in train or val ({unseen['n']} of {m['n']} films): "
+                     f"{m['name']}",
+            "columns": [f"{name}\n({_class_mix(part)})" for name, part in parts],
+            "note": note, "rows": variant_rows(m, [part for _, part in parts[1:]])}
+
+
+def _class_mix(part: dict) -> str:
+    """'304 films: 234 NORMAL, 70 PNEUMONIA' (its class counts where recorded)."""
+    films = f"{part['n']} film{'s' * (part['n'] != 1)}"
+    counts = part.get("n_per_class")
+    return films + (": " + ", ".join(f"{n} {label}" for label, n in counts.items())
+                    if counts else "")
 
 
 # val_metrics.json's fields as the Training section names them (rates at P = 0.5, in %);
@@ -601,9 +701,13 @@ def caveats(evals: list[dict], split: dict | None,
         made = m.get("calibrated") or {}
         before, after = made.get("ece_before"), made.get("ece_after")
         if before and after and after["value"] > before["value"]:
+            brier = (f", Brier score {made['brier_before']['value']:.3f} → "
+                     f"{made['brier_after']['value']:.3f}"
+                     if made.get("brier_before") and made.get("brier_after") else "")
             found.append(f"on {m['title']}, the temperature chosen on validation made the "
                          f"probabilities less calibrated (ECE {before['value']:.3f} → "
-                         f"{after['value']:.3f}): read them as scores.")
+                         f"{after['value']:.3f}{brier}): read them as ranking scores, not as "
+                         "the chance of the class; a shown 1.00 is not certainty.")
     for m in evals:
         if is_transductive(m):
             found.append(f"on {m['title']}, the model was adapted (`cxr adapt`) to these very "
@@ -612,6 +716,44 @@ def caveats(evals: list[dict], split: dict | None,
     if leak := (split or {}).get("test_leak"):
         found.append(leak)
     return found
+
+
+def selection_shift(test: dict) -> str | None:
+    """The deployed rule on the films that chose it beside the internal test, in numbers
+    (None: not recorded, or not two classes)."""
+    chosen = test.get("selection_split")
+    if not chosen or not test.get("positive_class"):
+        return None
+    on_test, on_chosen = headline(test), headline(chosen | {
+        "deployed_operating_point": test.get("deployed_operating_point")})
+
+    def rate(at: dict, key: str) -> str:
+        value = (at.get(key) or {}).get("value")
+        return "–" if value is None else f"{value:.1%}"
+
+    def ece(m: dict) -> str:
+        value = (m.get("ece") or {}).get("value")
+        return "–" if value is None else f"{value:.3f}"
+
+    threshold = test.get("deployed_threshold")
+    return (f"At the deployed threshold ({threshold:.3f}), chosen on {chosen['name']} "
+            f"({chosen['n']} films): sensitivity {rate(on_chosen, 'sensitivity')} there and "
+            f"{rate(on_test, 'sensitivity')} on the internal test, specificity "
+            f"{rate(on_chosen, 'specificity')} there and {rate(on_test, 'specificity')} on the "
+            f"test, calibration error (ECE) {ece(chosen)} and {ece(test)}. Validation comes from "
+            "the training films' source; another hospital's films may shift further. Validate "
+            "on the deployment site's films (`cxr evaluate RUN --data SITE`).")
+
+
+def limitations(evals: list[dict], test: dict | None, kermany: bool, config: dict) -> list[str]:
+    """The model card's known limitations, with this run's own numbers where it has them."""
+    found = [KERMANY_SHIFT if kermany else OTHER_SHIFT]
+    if not any(m.get("external") for m in evals):
+        found.append(NOT_EXTERNAL)
+    found.append((test and selection_shift(test)) or SELECTION_SHIFT)
+    if kermany and config.get("name") in CHOSEN_WITH_TEST_IN_VIEW:
+        found.append(PRESET_CHOSEN_WITH_TEST.format(config["name"]))
+    return found + LIMITATIONS
 
 
 def _training_curves(run: Path) -> Path:
@@ -655,7 +797,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
     test = next((m for m in current if m["split"] == "test" and not m.get("external")), None)
     binary_test = test if test and test.get("positive_class") else None
     kermany = binary_test is not None and is_kermany_test(binary_test["folder"])
-    card_metrics = [(m["title"], headline_text(m)) for m in current]
+    card_metrics = [(card_title(m), headline_text(m)) for m in current]
     val_metrics = read_json(run / VAL_METRICS) or {}
     attempts = read_attempts(run)
     adaptation = read_json(run / ADAPTATION)
@@ -681,7 +823,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
         data_path=_data_path(config), card_metrics=card_metrics,
         carved=_carved(config), trained_with=attempts[0] if attempts else None,
         attempts_differ=caveat(attempts),
-        limitations=[KERMANY_SHIFT if kermany else OTHER_SHIFT, *LIMITATIONS],
+        limitations=limitations(current, test, kermany, config),
         RUN_SPLITS_ITSELF=RUN_SPLITS_ITSELF, caveats=caveats(current, split, calibration),
     )
     out = run / REPORT

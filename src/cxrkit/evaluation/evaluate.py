@@ -66,10 +66,10 @@ from cxrkit.evaluation.metrics import (
 )
 from cxrkit.evaluation.scoring import (
     Scored,
+    by_patients_seen,
     cached,
     run_manifest,
     score,
-    unseen_patients,
 )
 from cxrkit.evaluation.thresholds import sensitivity_threshold, youden_threshold
 from cxrkit.evaluation.tta import DEFAULT_VIEWS
@@ -344,6 +344,12 @@ def _nest(flat: dict[str, dict]) -> dict:
     return nested
 
 
+def films_per_class(scored: Scored, labels: Sequence[str]) -> dict[str, int]:
+    """How many of the scored films each class has: the class mix that accuracy, F1, PPV and
+    NPV depend on."""
+    return {label: int((scored.y == i).sum()) for i, label in enumerate(labels)}
+
+
 def compute_metrics(scored: Scored, labels: Sequence[str], positive: int | None,
                     calibration: Calibration, thresholds: dict[str, float],
                     n_resamples: int = 1000, seed: int = 0, fitted_on: str = "val") -> dict:
@@ -516,14 +522,15 @@ def write_figures(out: Path, model: Classifier, scored: Scored, probs: np.ndarra
         heatmaps = gradcam(model, paths, class_index=[int(predicted[i]) for i in indices])
         images = [overlay(film(i), h) for i, h in zip(indices, heatmaps, strict=True)]
         # An all-zero map is an answer too: nothing in the film raised the predicted class.
-        notes = [f"{c}\nmap: for {labels[predicted[i]]}" + (" (no evidence)" if h.max() == 0
+        notes = [f"{c}\nmap: for {labels[predicted[i]]}" + (" (nothing raised it)" if h.max() == 0
                                                               else "")
                  for i, c, h in zip(indices, captions(indices), heatmaps, strict=True)]
         figures.image_grid(images, notes,
                            f"Grad-CAM of the called class: {len(indices)} {chosen[name]}\n"
                            f"({where}, {rule})",
                            out / f"gradcam_{name}.png",
-                           colorbar="evidence for the called class\n(1: the film's strongest)")
+                           colorbar="Grad-CAM weight for the called class\n"
+                                    "(scaled per film: 1 = its strongest)")
 
 
 def worst_mistakes(y: np.ndarray, predicted: np.ndarray, confidence: np.ndarray,
@@ -693,13 +700,22 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
                       n_resamples=bootstrap, seed=seed,
                       fitted_on="val" if calibrate_on is None else source)
     metrics = measure(scored)
-    if leak and (unseen := unseen_patients(scored, manifest)):
-        metrics["unseen_patients"] = {
-            "n": len(unseen.y),
-            "note": "the films of test patients whose ids are not in train or val: numbers a "
-                    "leak cannot have raised; the same calibration and thresholds",
-            **measure(unseen),
-        }
+    if not reuse and len(val.y):  # the films that chose the rule, beside those it is used on
+        metrics["selection_split"] = {"name": source, "n": len(val.y),
+                                      "n_per_class": films_per_class(val, labels),
+                                      **measure(val, n_resamples=0)}
+    if leak:
+        seen, unseen = by_patients_seen(scored, manifest)
+        # both sides, so that each class's rate compares across them (their class mixes differ)
+        for key, part, note in (
+                ("seen_patients", seen, "the films of test patients whose ids are also in "
+                                        "train or val: numbers a leak could have raised"),
+                ("unseen_patients", unseen, "the films of test patients whose ids are not in "
+                                            "train or val: numbers a leak cannot have raised")):
+            if part is not None:
+                metrics[key] = {"n": len(part.y), "n_per_class": films_per_class(part, labels),
+                                "note": f"{note}; the same calibration and thresholds",
+                                **measure(part)}
     probs = calibration.probabilities(scored.logits)
     predicted = calibration.classes(probs, labels, positive_label=model.spec.positive_label)
     tta_probs = None
@@ -725,7 +741,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     report_threshold = calibration.threshold if positive is not None else None  # binary only
     report = {
         "split": used_split, "name": name, "n": len(scored.y),
-        "n_patients": len(set(scored.groups)),
+        "n_per_class": films_per_class(scored, labels), "n_patients": len(set(scored.groups)),
         "positive_class": labels[positive] if positive is not None else None,
         "labels": labels, "model": model.spec.name, "data": origin, "external": data is not None,
         "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),

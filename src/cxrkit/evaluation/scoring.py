@@ -45,15 +45,21 @@ class Scored:
         return [s.patient_id or s.path for s in self.samples]
 
 
-def unseen_patients(scored: Scored, manifest: Sequence[Sample]) -> Scored | None:
-    """The scored films of patients whose ids are not in the run's train or val split; None
-    when there are none."""
-    seen = {s.patient_id for s in manifest if s.split in ("train", "val")}
-    keep = np.array([i for i, s in enumerate(scored.samples) if s.patient_id not in seen],
-                    dtype=int)
-    if not len(keep):
-        return None
-    return Scored([scored.samples[i] for i in keep], scored.y[keep], scored.logits[keep], [])
+def by_patients_seen(scored: Scored, manifest: Sequence[Sample]
+                     ) -> tuple[Scored | None, Scored | None]:
+    """The scored films of patients whose ids are in the run's train or val split, and those of
+    the others (None where there are none)."""
+    seen_ids = {s.patient_id for s in manifest if s.split in ("train", "val")}
+    seen = np.array([s.patient_id in seen_ids for s in scored.samples], dtype=bool)
+
+    def part(keep: np.ndarray) -> Scored | None:
+        index = np.flatnonzero(keep)
+        if not len(index):
+            return None
+        return Scored([scored.samples[i] for i in index], scored.y[index],
+                      scored.logits[index], [])
+
+    return part(seen), part(~seen)
 
 
 # ---- which images, which labels --------------------------------------------------------------
