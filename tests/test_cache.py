@@ -4,10 +4,12 @@ one in use or a build under way; shown and cleared by `cxr data cache`."""
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -138,3 +140,15 @@ def test_films_are_decoded_again_when_the_reader_changes(films, tmp_path, monkey
     monkeypatch.setattr(cache, "READER_VERSION", cache.READER_VERSION + 1)
     again = DecodeCache(films, 32, cache_dir=folder, workers=1)
     assert again.array_path != first.array_path and len(cache_entries(folder)) == 2
+
+
+def test_a_cache_sent_to_a_spawned_worker_reads_its_file_not_a_copy(films, tmp_path):
+    """macOS and Windows start loader workers by spawn, pickling the dataset: a memmap
+    pickles its data, so every worker got the whole cache in memory."""
+    cache = DecodeCache(films, 32, cache_dir=tmp_path / "decoded", workers=1)
+    sent = pickle.dumps(cache)
+    assert len(sent) < cache.array.nbytes  # the file's name went, not its pixels
+    received = pickle.loads(sent)
+    assert received.array.filename == cache.array.filename
+    assert np.array_equal(received.array, cache.array)
+    assert getattr(received, "_held", None) is None  # the lock stays with this process

@@ -19,16 +19,18 @@ BATCH, EPOCHS, PROCESSES = 4, 2, 2
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes(tiny_kaggle, tmp_path):
+def test_the_main_job_on_two_cpu_ddp_processes(tiny_kaggle, tmp_path):
+    """`cxr run` trains with DDP, then rank 0 alone audits, evaluates and reports: the other
+    process went on to evaluate a model not yet written, failed, and Lightning killed rank 0
+    (exit 137, no report)."""
     settings = {"model.name": "simple_cnn", "model.pretrained": "false", "model.input_size": 32,
                 "trainer.progress_bar": "false", "trainer.log_every_n_steps": 1,
-                "data.cache_dir": tmp_path / "cache"}
+                "data.cache_dir": tmp_path / "cache", "trainer.accelerator": "cpu",
+                "trainer.devices": PROCESSES, "trainer.strategy": "ddp", "stages.0.epochs": EPOCHS,
+                "data.batch_size": BATCH, "data.num_workers": 0}
     result = subprocess.run(
-        [CXR, "train", "--data", str(tiny_kaggle), "--preset", "scratch",
-         "--runs-dir", str(tmp_path / "runs"), "--accelerator", "cpu",
-         "--devices", str(PROCESSES), "--strategy", "ddp", "--epochs", str(EPOCHS),
-         "--batch-size", str(BATCH), "--num-workers", "0",
-         *[f"--set={k}={v}" for k, v in settings.items()]],
+        [CXR, "run", str(tiny_kaggle), "--preset", "scratch",
+         "--runs-dir", str(tmp_path / "runs"), *[f"--set={k}={v}" for k, v in settings.items()]],
         capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -44,6 +46,9 @@ def test_ddp_on_two_cpu_processes(tiny_kaggle, tmp_path):
                  "labels.json", "metrics.csv", "training_curves.png", "val_metrics.json"):
         assert (run / name).is_file(), name
     assert json.loads((run / "val_metrics.json").read_text())["images"] == 8
+    for made in ("audit/audit.json", "eval/test/metrics.json", "report.html"):
+        assert (run / made).is_file(), made
+    assert result.stderr.count("report: ") == 1  # said by rank 0 only
 
 
 @pytest.mark.slow

@@ -38,11 +38,13 @@ from cxrkit.training.callbacks import (
     make_callbacks,
     make_loggers,
     make_trainer,
+    resolve_precision,
 )
 from cxrkit.training.curves import step_losses
 from cxrkit.training.datamodule import prepare_samples, task_classes
 from cxrkit.training.features import extract_features
 from cxrkit.training.fit import (
+    RUN_DIR_ENV,
     Run,
     build_model,
     build_stage,
@@ -882,9 +884,11 @@ def test_max_images_take_a_seeded_subset_of_train_and_val_and_leave_test_whole(t
 
 def test_training_leaves_the_callers_randomness_and_environment_alone(tiny_kaggle, tmp_path,
                                                                       monkeypatch):
-    """A notebook's next cell drew seed 0's numbers, and CXRKIT_RUN_DIR pointed at the last
-    run (a DDP launch in a later cell would have trained into it)."""
+    """A notebook's next cell drew seed 0's numbers, CXRKIT_RUN_DIR pointed at the last
+    run (a DDP launch in a later cell would have trained into it), and its own matmuls ran
+    in TF32 and under deterministic algorithms."""
     monkeypatch.delenv("CXRKIT_RUN_DIR", raising=False)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     random.seed(123)
     np.random.seed(123)
     torch.manual_seed(123)
@@ -892,9 +896,13 @@ def test_training_leaves_the_callers_randomness_and_environment_alone(tiny_kaggl
     random.seed(123)
     np.random.seed(123)
     torch.manual_seed(123)
-    train(tiny_config(tiny_kaggle, tmp_path, **{"stages.0.epochs": 1}))
+    settings = torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled()
+    train(tiny_config(tiny_kaggle, tmp_path, **{"stages.0.epochs": 1,
+                                                "trainer.deterministic": True}))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
-    assert "CXRKIT_RUN_DIR" not in os.environ
+    assert "CXRKIT_RUN_DIR" not in os.environ and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert (torch.get_float32_matmul_precision(),
+            torch.are_deterministic_algorithms_enabled()) == settings == ("highest", False)
 
 
 def test_training_leaves_no_decode_cache_file_open(tiny_kaggle, tmp_path):
@@ -907,3 +915,46 @@ def test_training_leaves_no_decode_cache_file_open(tiny_kaggle, tmp_path):
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)
                 and "valid.json" in str(w.message)]
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((7, 5), "16-mixed"),  # T4
+                                                      ((7, 0), "16-mixed"),  # V100
+                                                      ((8, 0), "bf16-mixed"),  # A100
+                                                      ((9, 0), "bf16-mixed")])  # H100
+def test_auto_precision_is_bf16_only_where_the_gpu_computes_in_it(monkeypatch, capability,
+                                                                   expected):
+    """torch.cuda.is_bf16_supported() is True on a T4 (it counts emulation): auto chose
+    bf16 there, slow at best. The GPU's answers are stood in for: this machine has none."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    trainer = TrainConfig.preset("quick").trainer
+    assert resolve_precision(trainer) == expected
+    assert resolve_precision(replace(trainer, accelerator="cpu")) == "32-true"
+    assert resolve_precision(replace(trainer, precision="32-true")) == "32-true"
+
+
+def test_a_true_precision_trains(tiny_kaggle, tmp_path):
+    """Accepted by the config, bf16-true (16-true, 64-true) failed on the first batch: the
+    images stayed float32 while Lightning had made the weights bfloat16."""
+    run = train(tiny_config(tiny_kaggle, tmp_path, **{"trainer.precision": "bf16-true",
+                                                       "stages.0.epochs": 1}))
+    assert json.loads((run / "stages.json").read_text())["train"]["global_step"] > 0
+    assert predict(run, [next((tiny_kaggle / "test" / "NORMAL").iterdir())])[0].ok
+
+
+def test_processes_a_launcher_started_share_one_run_folder(tiny_kaggle, tmp_path, monkeypatch):
+    """torchrun and srun start every process themselves: each named its folder by its own
+    clock and made its own, and the two-stage recipe failed looking for its features."""
+    monkeypatch.setenv(RUN_DIR_ENV, "restored at the end")  # (so that teardown removes it)
+    monkeypatch.delenv(RUN_DIR_ENV)
+    for variable in ("SLURM_JOB_ID", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's own when not given one
+    with pytest.raises(ConfigError, match="Give every process the same --name"):
+        new_run(tiny_config(tiny_kaggle, tmp_path))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert new_run(tiny_config(tiny_kaggle, tmp_path)).folder.name == "slurm-4242-simple_cnn"
+    monkeypatch.delenv(RUN_DIR_ENV)
+    assert new_run(tiny_config(tiny_kaggle, tmp_path, name="mine")).folder.name == "mine"

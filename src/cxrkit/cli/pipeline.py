@@ -61,11 +61,13 @@ def run_all(
         cfg = None if resume is not None else build_config(
             data, preset, config, {"runs_dir": str(runs_dir), "name": name}, set_)
         job = run_pipeline(cfg, resume=resume, tta=tta, framing=framing,
-                  framing_threshold=framing_threshold)
+                           framing_threshold=framing_threshold)
     except TRAINING_ERRORS as e:
         fail(str(e))
     except TrainingInterrupted as e:
         interrupted(e, "cxr run")  # which evaluates and reports too
+    if job is None:  # a process Lightning launched (DDP): rank 0 reports
+        return
     show_table(metrics_table(job.folder))
     say_skipped(job.folder)
     test = json.loads((job.evaluation / METRICS).read_text(encoding="utf-8"))

@@ -123,8 +123,15 @@ class DecodeCache:
             self._held = None
 
     def __getstate__(self) -> dict:
-        """For DataLoader workers started by spawn: the lock stays with this process."""
-        return {k: v for k, v in self.__dict__.items() if k != "_held"}
+        """For DataLoader workers started by spawn (macOS, Windows, Python 3.14's forkserver):
+        the lock stays with this process, and the array goes as its file's name (pickling a
+        memmap copies its data: the whole cache into every worker)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_held", "array")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.array = np.memmap(self.array_path, dtype=np.uint8, mode="r",
+                               shape=(len(self.valid), self.size, self.size))
 
     @staticmethod
     def _key(samples: Sequence[Sample], size: int, equalize: bool) -> str:

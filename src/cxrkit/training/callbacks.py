@@ -471,14 +471,19 @@ def make_loggers(run: Path, stage: str, trainer: TrainerConfig) -> list[Logger]:
     return loggers
 
 
+BF16_CAPABILITY = (8, 0)  # Ampere: the first GPUs that compute in bfloat16 themselves
+
+
 def resolve_precision(trainer: TrainerConfig) -> str:
-    """auto: bf16-mixed on GPUs with bf16, 16-mixed on older GPUs, 32-bit on CPUs."""
+    """auto: bf16-mixed on GPUs with bf16 hardware (Ampere and later), 16-mixed on older GPUs
+    (a T4 or V100 emulates bf16: slow, and cuDNN has no bf16 convolutions there), 32-bit on
+    CPUs. (torch.cuda.is_bf16_supported() counts emulation: True on a T4.)"""
     if trainer.precision != "auto":
         return trainer.precision
     on_gpu = torch.cuda.is_available() and trainer.accelerator in ("auto", "gpu", "cuda")
     if not on_gpu:
         return "32-true"
-    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if torch.cuda.get_device_capability() >= BF16_CAPABILITY else "16-mixed"
 
 
 def make_trainer(run: Path, stage: StageConfig, trainer: TrainerConfig,

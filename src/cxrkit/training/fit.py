@@ -174,13 +174,39 @@ def _file_safe(model_name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", model_name.removeprefix("timm:"))
 
 
+# Set by launchers that start every process themselves (srun, torchrun): one id a job's
+# processes share, whose clocks and folder listings do not agree on a name.
+JOB_IDS = ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")
+
+
+def _launched_outside() -> bool:
+    """Whether this is one of several processes a launcher started (torchrun, srun), not
+    one Lightning will start itself."""
+    processes = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or "1"
+    return processes.isdigit() and int(processes) > 1 and RUN_DIR_ENV not in os.environ
+
+
+def _job_name(config: TrainConfig) -> str:
+    """The run folder's name that every process of an outside-launched job derives alike."""
+    for variable in JOB_IDS:
+        job = os.environ.get(variable, "")
+        if job and job != "none":  # torchrun's default rendezvous id is "none"
+            return f"{variable.split('_')[0].lower()}-{job}-{_file_safe(config.model.name)}"
+    raise ConfigError("started by a launcher as one of several processes (WORLD_SIZE "
+                      f"{os.environ.get('WORLD_SIZE') or os.environ.get('SLURM_NTASKS')}) "
+                      "and no run name: each process would make its own folder. Give every "
+                      "process the same --name (overrides={'name': ...}), or torchrun a "
+                      "--rdzv-id.")
+
+
 def _run_folder(config: TrainConfig) -> Path:
     inherited = os.environ.get(RUN_DIR_ENV)
     if rank_zero_only.rank > 0 and inherited:  # a process Lightning launched for DDP
         return Path(inherited)
     runs = Path(config.runs_dir)
-    if config.name:
-        folder = runs / config.name
+    name = config.name or (_job_name(config) if _launched_outside() else None)
+    if name:
+        folder = runs / name
         if rank_zero_only.rank == 0 and (folder / CONFIG).exists():
             raise FileExistsError(f"{folder} already holds a run: continue it with "
                                   f"`cxr train --resume {folder}` (`cxr run --resume` also "
@@ -598,15 +624,23 @@ def callers_state_kept() -> Iterator[None]:
     """The caller's random generators and environment as they were: training seeds Python's,
     NumPy's and torch's generators and sets environment variables for the processes DDP
     launches, and a notebook's next cell drew seed 0's numbers. (CUDA's generators are left
-    alone: reading them would start CUDA before a forked DDP launch.)"""
+    alone: reading them would start CUDA before a forked DDP launch.) So are PyTorch's global
+    settings training changes: TF32 matmuls, and Lightning's deterministic algorithms."""
     states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    environment = {name: os.environ.get(name) for name in SET_FOR_LAUNCHES}
+    environment = {name: os.environ.get(name) for name in (*SET_FOR_LAUNCHES,
+                                                           "CUBLAS_WORKSPACE_CONFIG")}
+    settings = (torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
     try:
         yield
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.random.set_rng_state(states[2])
+        torch.set_float32_matmul_precision(settings[0])
+        torch.use_deterministic_algorithms(settings[1], warn_only=settings[2])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = settings[3:]
         for name, value in environment.items():
             if value is None:
                 os.environ.pop(name, None)

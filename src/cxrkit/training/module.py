@@ -197,7 +197,9 @@ class ClassifierModule(LightningModule):
         on the device, where it costs the workers nothing."""
         if batch is None or self.on_features:
             return batch
-        x = self.model_input(batch[0])
+        # In the weights' dtype: float32 under the mixed precisions (autocast casts inside),
+        # the weights' own under 16-true, bf16-true and 64-true.
+        x = self.model_input(batch[0]).to(self.dtype)
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return [x, *batch[1:]]
