@@ -1,7 +1,8 @@
 """GPU training benchmark: one short script for a short loan of a GPU machine.
 
 (a) training images/s with bf16-mixed + channels_last against fp32 in NCHW (cuDNN's
-    default TF32 convolutions), same batch: on in-memory tensors (the compute limit)
+    default TF32 convolutions), same batch (bf16 needs an Ampere or later GPU: a T4 or V100
+    emulates it): on in-memory tensors (the compute limit)
     and through the real input pipeline (bench_training's `bench_pipeline`);
 (b) the `default` preset for --epochs epochs (1: one epoch, as `cxr train --preset
     default --set stages.0.epochs=1` runs it; 8: the whole recipe), with its own batch
@@ -46,7 +47,8 @@ def machine() -> dict:
 def default_run(data: Path, epochs: int, runs_dir: Path) -> dict:
     config = TrainConfig.preset("default", data=str(data), overrides={
         "stages.0.epochs": epochs, "runs_dir": str(runs_dir), "name": f"gpu-default-{epochs}ep",
-        "trainer.progress_bar": False})
+        "trainer.progress_bar": False,
+        "trainer.devices": "1"})  # several GPUs: DDP would run this script again in each
     start = time.perf_counter()
     run = train(config)
     seconds = time.perf_counter() - start

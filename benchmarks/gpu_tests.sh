@@ -8,7 +8,10 @@
 #   pip wheel --no-deps -w .whl grad-cam   (published as a source archive only)
 #
 #   bash benchmarks/gpu_tests.sh [SECONDS] [PYTEST ARGS...]   (default: the whole suite)
-set -u
+set -u -o pipefail  # the exit status is pytest's, not tail's
+# One GPU: with several, accelerator "auto" trains with DDP and Lightning would start the
+# whole pytest run again in every other process.
+export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1

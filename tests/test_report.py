@@ -208,12 +208,24 @@ def test_the_kermany_test_split_is_compared_with_the_published_results(reported)
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         for i in range(624):
-            writer.writerow(rows[i % len(rows)] | {"path": f"/t/person{i}_bacteria_{i}.jpeg"})
+            kind = "virus" if i % 3 == 0 else "bacteria"
+            writer.writerow(rows[i % len(rows)] | {"path": f"/t/person{i}_{kind}_{i}.jpeg"})
     metrics = json.loads((folder / "metrics.json").read_text())
     (folder / "metrics.json").write_text(json.dumps(metrics | {"n": 624}))
     text = " ".join(build_report(kermany).read_text().split())
     assert "Kermany et al. 2018" in text and "92.8%" in text and "0.968" in text
     assert "(624 films)" in text and "Guangzhou" in text
+    assert "Data: Kermany, Goldbaum et al., Cell 172(5), 2018" in text  # the model card cites it
+    # the deployed rule's sensitivity for each subtype the file names tell, counted here
+    with open(folder / "predictions.csv", encoding="utf-8", newline="") as f:
+        written = [r for r in csv.DictReader(f) if r["label"] == "PNEUMONIA"]
+    counts = {kind: [r["correct"] == "1" for r in written if f"_{kind}_" in r["path"]]
+              for kind in ("bacteria", "virus")}
+    said = ", ".join(f"{name} {sum(c)} of {len(c)} ({sum(c) / len(c):.1%})"
+                     for name, c in (("bacterial", counts["bacteria"]),
+                                     ("viral", counts["virus"])))
+    assert f"Sensitivity by pneumonia subtype on the internal test (from Kermany's file " \
+           f"names): {said}." in text
     # The model's ROC curve read where the paper operated, checked threshold by threshold
     ours = at_published_point(folder, resamples=0)
     positive = metrics["positive_class"]

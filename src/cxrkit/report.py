@@ -9,6 +9,7 @@ card. Missing pieces are said to be missing, never invented.
 from __future__ import annotations
 
 import base64
+import csv
 import io
 import logging
 from collections import Counter
@@ -22,6 +23,7 @@ from PIL import Image
 
 from cxrkit.adapt import describe_adaptation, is_transductive
 from cxrkit.data.audit_report import with_code
+from cxrkit.data.patients import kermany_subtype
 from cxrkit.data.split import read_manifest, shared_patients, test_patients_seen_in_training
 from cxrkit.evaluation.calibration import N_BINS
 from cxrkit.evaluation.metrics import (
@@ -359,6 +361,34 @@ def card_title(m: dict) -> str:
     return f"{name} ({details})"
 
 
+KERMANY_CITATION = ("Kermany, Goldbaum et al., Cell 172(5), 2018; the Kaggle copy of its "
+                    "Mendeley Data release (CC BY 4.0)")
+
+
+def subtype_sensitivity(m: dict) -> list[str]:
+    """'bacterial 239 of 242 (98.8%)', 'viral ...': the deployed rule's sensitivity for each
+    pneumonia subtype that Kermany's file names tell (from predictions.csv; [] without)."""
+    positive, rows = m.get("positive_class"), read_predictions(m["folder"])
+    found: dict[str, list[int]] = {}
+    for row in rows:
+        subtype = kermany_subtype(Path(row["path"]).name, row["label"])
+        if row["label"] == positive and subtype != positive.upper():
+            found.setdefault(subtype, []).append(row["correct"] == "1")
+    return [f"{SUBTYPE_NAMES.get(name, name.lower())} {sum(hits)} of {len(hits)} "
+            f"({sum(hits) / len(hits):.1%})" for name, hits in sorted(found.items())]
+
+
+SUBTYPE_NAMES = {"BACTERIA": "bacterial", "VIRUS": "viral"}
+
+
+def read_predictions(folder: Path) -> list[dict[str, str]]:
+    path = folder / "predictions.csv"
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
 # ---- the page -------------------------------------------------------------------------------
 
 TEMPLATE = """<!DOCTYPE html>
@@ -550,10 +580,14 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
  {%- if not loop.last %}; {% endif %}{% endfor %}){% endif %}.{% if carved %} The
  validation images are carved from the training images by patient: no patient is in
  both.{% elif carved is not none %} The validation images are the data's own val split, as
- it is (data.val_fraction 0).{% endif %}{% if adaptation %}
+ it is (data.val_fraction 0).{% endif %}{% if kermany %} Data: {{ citation }}.{% endif %}
+ {%- if adaptation %}
  {{ adaptation_text|code }}{% endif %}</p>
-<h3>Metrics</h3>{% if card_metrics %}<p>At the deployed threshold, with 95% intervals:</p>
-<ul>{% for title, text in card_metrics %}<li>{{ title }}: {{ text }}.</li>{% endfor %}</ul>
+<h3>Metrics</h3>{% if card_metrics %}<p>At the deployed threshold, with 95% intervals
+ (every rate counts films; the intervals resample patients):</p>
+<ul>{% for title, text in card_metrics %}<li>{{ title }}: {{ text }}.</li>{% endfor %}
+{% if subtypes %}<li>Sensitivity by pneumonia subtype on the internal test (from Kermany's file
+ names): {{ subtypes|join(", ") }}.</li>{% endif %}</ul>
 {% else %}<p class="missing">Not evaluated.</p>{% endif %}
 <h3>Decision rule</h3><p>{% if positive %}P({{ positive }})
  ≥ {{ "%.4f"|format(calibration.threshold) }}{% else %}The most probable class{% endif %}
@@ -820,7 +854,8 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
         published_curve=published_curve_rows(binary_test["folder"]) if kermany else None,
         published_source=PUBLISHED["source"], test=test, test_n=test["n"] if test else 0,
         positive=positive_label(spec.labels, spec.positive_label),
-        data_path=_data_path(config), card_metrics=card_metrics,
+        data_path=_data_path(config), card_metrics=card_metrics, kermany=kermany,
+        citation=KERMANY_CITATION, subtypes=subtype_sensitivity(binary_test) if kermany else [],
         carved=_carved(config), trained_with=attempts[0] if attempts else None,
         attempts_differ=caveat(attempts),
         limitations=limitations(current, test, kermany, config),
