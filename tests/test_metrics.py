@@ -169,12 +169,15 @@ def test_undefined_metrics_are_none_not_nan():
     assert ci["sensitivity"]["value"] == 1.0
 
 
-@pytest.mark.parametrize(("k", "n"), [(12, 12), (0, 12), (156, 157), (184, 234)])
+@pytest.mark.parametrize(("k", "n"), [(12, 12), (0, 12), (156, 157), (184, 234), (0, 30),
+                                      (20, 20)])  # (0 of 30, 20 of 20: just beyond 0 and 1)
 def test_wilson_interval_agrees_with_scipy(k, n):
     from scipy.stats import binomtest
 
     expected = binomtest(k, n).proportion_ci(method="wilson")
     np.testing.assert_allclose(wilson_interval(k, n), (expected.low, expected.high), atol=1e-9)
+    low, high = wilson_interval(k, n)
+    assert low >= 0.0 and high <= 1.0 and f"{100 * low:.1f}" != "-0.0"  # it printed "-0.0"
 
 
 def test_a_rate_at_100_percent_gets_an_interval_not_a_point():

@@ -24,6 +24,7 @@ from cxrkit.evaluation.published import at_published_point
 from cxrkit.report import (
     FILM_GRIDS,
     NOT_EXTERNAL,
+    alt_text,
     build_report,
     caveats,
     embedded_figure,
@@ -34,6 +35,7 @@ from cxrkit.report import (
     val_rows,
 )
 from cxrkit.runs import read_calibration
+from cxrkit.training import curves
 from tests.test_evaluate import make_class_folders, make_three_class_run
 
 SECTIONS = {"data", "training", "metrics", "published", "figures", "model-card"}
@@ -344,8 +346,15 @@ def test_cli_report(trained_run, tmp_path):
     assert "No config.yaml" in text
 
 
-def test_three_class_report(tiny_kaggle, tmp_path):
+def test_three_class_report(tiny_kaggle, tmp_path, monkeypatch):
     run = make_three_class_run(tiny_kaggle, tmp_path / "three")
+    drawn = []  # its training curves: accuracy of the most probable class, no P=0.5
+    monkeypatch.setattr(curves, "save_figure", lambda fig, path, dpi: drawn.append(fig) or path)
+    (run / "metrics.csv").write_text("stage,epoch,step,train_loss_epoch,val_loss,val_roc_auc,"
+                                     "val_accuracy\ntrain,0,3,0.9,0.8,0.7,0.6\n")
+    curves.plot_curves(run)
+    named = [line.get_label() for ax in drawn[0].axes for line in ax.lines]
+    assert "val accuracy (most probable)" in named and not any("P=0.5" in n for n in named)
     out = evaluate_run(run, bootstrap=20, figures=False, device="cpu", tta=True)
     # summary(): NORMAL against the rest where a two-class run has its rates; TTA on request
     metrics = json.loads((out / "metrics.json").read_text())
@@ -366,6 +375,12 @@ def test_three_class_report(tiny_kaggle, tmp_path):
     assert "summed over the classes (0 to 2)" in text
     assert val_rows({"sensitivity": 0.5}, binary=False) == [
         ("Sensitivity, macro (the most probable class)", "50.0%")]
+    # its confusion matrix in words has no threshold to give (the report crashed on it)
+    matrix = {"labels": ["NORMAL", "BACTERIA", "VIRUS"], "threshold": None,
+              "counts": [[3, 1, 0], [0, 2, 2], [1, 0, 3]]}
+    assert alt_text("confusion_matrix.png", {"confusion_matrix": matrix}).startswith(
+        "Confusion matrix at the most probable class: true NORMAL: 3 called NORMAL, 1 called "
+        "BACTERIA, 0 called VIRUS; true BACTERIA:")
 
 
 def test_report_and_compare_follow_the_deployed_calibration(trained_run, tmp_path):

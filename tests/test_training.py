@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, RichProgressBar, WeightAveraging
+from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 import cxrkit.data.dataset
@@ -554,6 +556,21 @@ def test_metrics_score_the_positive_class():
     assert values["f1"] == pytest.approx(0.8)
 
 
+def test_validation_roc_auc_averages_the_classes_validation_has():
+    """No VIRUS film in validation: torchmetrics counted its ROC-AUC as 0, and a model
+    perfect on the other two showed 0.67, the checkpoint monitor included."""
+    logits = torch.tensor([[3.0, 0, 0], [2, 0, 0], [0, 3, 0], [0, 2, 0]])
+    target = torch.tensor([0, 0, 1, 1])
+    metrics = make_metrics(3, sync=False)
+    metrics.update(*metric_inputs(logits, target, positive=1))
+    assert float(metrics.compute()["roc_auc"]) == 1.0
+    metrics.reset()  # with every class present it is the usual macro average
+    target = torch.tensor([0, 1, 2, 2])
+    metrics.update(*metric_inputs(logits, target, positive=1))
+    expected = roc_auc_score(target.numpy(), torch.softmax(logits, 1).numpy(), multi_class="ovr")
+    assert float(metrics.compute()["roc_auc"]) == pytest.approx(expected, abs=1e-6)
+
+
 def _three_class_tree(root: Path) -> Path:
     data = make_kaggle_tree(root, {"train": 24, "test": 4})
     for split in ("train", "test"):
@@ -608,6 +625,21 @@ def test_three_class_labels_of_a_manifest_are_kept_over_file_names(tmp_path, cap
 def test_three_class_task_needs_the_subtypes(tiny_kaggle, tmp_path):
     config = tiny_config(tiny_kaggle, tmp_path, **{"data.task": "3class"})
     with pytest.raises(DataLayoutError, match="3class needs NORMAL, BACTERIA and VIRUS"):
+        task_classes("3class", prepare_samples(config.data))
+
+
+def test_three_class_task_splits_pneumonia_only(tmp_path):
+    """A folder of other films with Kermany names (COVID 19 holding person1_virus_2.jpeg)
+    became VIRUS without a word: four curated classes trained as three."""
+    data = _three_class_tree(tmp_path / "data")
+    for split in ("train", "test"):
+        covid = data / split / "COVID 19"
+        covid.mkdir()
+        for film in sorted((data / split / "PNEUMONIA").glob("*_virus_*"))[:2]:
+            shutil.copy(film, covid / film.name.replace("person", "person9"))
+    config = tiny_config(data, tmp_path, **{"data.task": "3class"})
+    with pytest.raises(DataLayoutError, match=r"found \['BACTERIA', 'COVID 19', 'NORMAL', "
+                                              r"'VIRUS'\]"):
         task_classes("3class", prepare_samples(config.data))
 
 
@@ -775,7 +807,8 @@ def test_binary_task_needs_exactly_two_classes_and_pneumonia_is_positive_in_any_
         task_classes("binary", films[:2])
     subtypes = [Sample(f"{label}.png", label, "train", label)
                 for label in ("NORMAL", "BACTERIA", "VIRUS")]
-    with pytest.raises(DataLayoutError, match=r"or train three classes: --task 3class \(Python: "
+    with pytest.raises(DataLayoutError, match=r"or train three classes: --task 3class \(cxr "
+                                              r"run: --set data.task=3class; Python: "
                                               r"overrides=\{'data.task': '3class'\}\)"):
         task_classes("binary", subtypes)
     assert positive_index(["NORMAL", "PNEUMONIA"]) == 1 and positive_index(["A", "B"]) == 1

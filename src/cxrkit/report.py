@@ -600,11 +600,11 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
 
 
 def _figures(folder: Path, metrics: dict) -> list[dict]:
-    return [{"caption": caption, "alt": _alt_text(name, metrics), **image}
+    return [{"caption": caption, "alt": alt_text(name, metrics), **image}
             for name, caption in FIGURES if (image := embedded_figure(folder / name))]
 
 
-def _alt_text(figure: str, metrics: dict) -> str | None:
+def alt_text(figure: str, metrics: dict) -> str | None:
     """What a figure shows, in words, where the page does not say it otherwise: the confusion
     matrix's counts (None: the caption says enough)."""
     matrix = metrics.get("confusion_matrix")
@@ -614,7 +614,9 @@ def _alt_text(figure: str, metrics: dict) -> str | None:
     rows = [f"true {truth}: " + ", ".join(f"{n} called {called}"
                                           for called, n in zip(labels, row, strict=True))
             for truth, row in zip(labels, matrix["counts"], strict=True)]
-    return f"Confusion matrix at threshold {matrix['threshold']:.3f}: {'; '.join(rows)}"
+    threshold = matrix["threshold"]  # None: several classes, each film its most probable
+    rule = ("the most probable class" if threshold is None else f"threshold {threshold:.3f}")
+    return f"Confusion matrix at {rule}: {'; '.join(rows)}"
 
 
 def variant_rows(m: dict, variants: list[dict]) -> list[tuple[str, ...]]:

@@ -72,10 +72,13 @@ def has_parsed_patient(sample: Sample) -> bool:
 
 def kermany_subtype(file_name: str, label: str) -> str:
     """NORMAL / BACTERIA / VIRUS for the 3-class task: the label itself when it is one of
-    them (a manifest's curated label is the truth), else (PNEUMONIA) from the Kermany file
-    name, person1_virus_2.jpeg."""
+    them (a manifest's curated label is the truth); PNEUMONIA from the Kermany file name,
+    person1_virus_2.jpeg; any other label as it is (a folder "COVID 19" of Kermany-named
+    films stays COVID 19, and the task refuses it, instead of becoming VIRUS unsaid)."""
     if label.upper() in SUBTYPES:
         return label.upper()
+    if label.upper() != "PNEUMONIA":
+        return label
     m = SUBTYPE_PATTERN.search(file_name)
     return m.group(1).upper() if m else label.upper()
 

@@ -168,7 +168,7 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
     centre = (rate + z * z / (2 * trials)) / (1 + z * z / trials)
     half = z / (1 + z * z / trials) * math.sqrt(rate * (1 - rate) / trials
                                                   + z * z / (4 * trials * trials))
-    return centre - half, centre + half
+    return max(0.0, centre - half), min(1.0, centre + half)  # not -1e-17 at 0 (shown "-0.0")
 
 
 def widen_to_wilson(entry: dict, successes: int, trials: int) -> dict:

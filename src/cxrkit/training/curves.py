@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from cxrkit.plots import save_figure
-from cxrkit.runs import VAL_METRICS
+from cxrkit.runs import LABELS, VAL_METRICS
 
 METRICS_CSV = "metrics.csv"
 CURVES_PNG = "training_curves.png"
@@ -82,6 +82,10 @@ def plot_curves(run: Path) -> Path:
     accuracy per epoch, stages marked, and the epoch whose weights were kept."""
     rows = _read_rows(run / METRICS_CSV)
     best = _best(run)
+    # Several classes call each film its most probable one: there is no P=0.5 to name.
+    labels = json.loads(labels_file.read_text(encoding="utf-8")) if (
+        labels_file := run / LABELS).is_file() else []
+    accuracy = "val accuracy at P=0.5" if len(labels) <= 2 else "val accuracy (most probable)"
     stages = list(dict.fromkeys(r["stage"] for r in rows))
     fig = Figure(figsize=(11, 4))
     ax_loss, ax_score = fig.subplots(1, 2)
@@ -92,7 +96,7 @@ def plot_curves(run: Path) -> Path:
             (ax_loss, "train_loss_epoch", "train loss", "tab:blue", "o-"),
             (ax_loss, "val_loss", "val loss (mean over batches)", "tab:orange", "s--"),
             (ax_score, "val_roc_auc", "val ROC-AUC", "tab:green", "o-"),
-            (ax_score, "val_accuracy", "val accuracy at P=0.5", "tab:purple", "s--"),
+            (ax_score, "val_accuracy", accuracy, "tab:purple", "s--"),
         ]
         x, loss = step_losses(stage_rows)
         ax_loss.plot([offset + v for v in x], loss, "-", color="tab:blue", alpha=0.3,

@@ -76,8 +76,9 @@ def task_classes(task: str, samples: list[Sample]) -> list[str]:
             f"--task binary needs two classes; the training films have {len(labels)}: "
             f"{', '.join(repr(label) for label in sorted(labels))}. Fix the folder names (or "
             f"the manifest's label column) so that there are exactly two"
-            + (", or train three classes: --task 3class (Python: overrides={'data.task': "
-               "'3class'})." if labels == set(SUBTYPES) else "."))
+            + (", or train three classes: --task 3class (cxr run: --set data.task=3class; "
+               "Python: overrides={'data.task': '3class'})." if labels == set(SUBTYPES)
+               else "."))
     if untrained := sorted(labels - {s.label for s in samples if s.split == "train"}):
         raise DataLayoutError(
             f"no training film is labelled {', '.join(untrained)}: only validation has them. "
@@ -88,8 +89,9 @@ def task_classes(task: str, samples: list[Sample]) -> list[str]:
         return sorted(labels)
     if labels != set(SUBTYPES):
         raise DataLayoutError(
-            f"--task 3class needs NORMAL, BACTERIA and VIRUS images (from Kermany file names "
-            f"like person1_virus_2.jpeg); found {sorted(labels)}. Use --task binary."
+            f"--task 3class needs NORMAL, BACTERIA and VIRUS images (PNEUMONIA split by "
+            f"Kermany file names like person1_virus_2.jpeg); found {sorted(labels)}. Use "
+            f"--task binary."
         )
     return list(SUBTYPES)
 

@@ -29,6 +29,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
     MulticlassSpecificity,
 )
+from torchmetrics.utilities import dim_zero_cat
 
 from cxrkit.config import LossConfig, OptimConfig, StageConfig, build
 from cxrkit.data.transforms import ModelInput
@@ -36,6 +37,20 @@ from cxrkit.models import Classifier, ModelSpec, model_from_spec
 from cxrkit.training.losses import make_loss, mixup
 
 METRIC_NAMES = ("accuracy", "roc_auc", "sensitivity", "specificity", "f1")
+
+
+class PresentClassesAUROC(MulticlassAUROC):
+    """Macro one-vs-rest ROC-AUC over the classes the films have, as `cxr evaluate` averages
+    it: torchmetrics counts a class with no validation film as 0 (0.63 where it is 0.94)."""
+
+    def __init__(self, num_classes: int, **kwargs):
+        super().__init__(num_classes, average=None, **kwargs)
+
+    def compute(self) -> torch.Tensor:
+        per_class = super().compute()
+        present = torch.bincount(dim_zero_cat(self.target).long(),
+                                 minlength=self.num_classes) > 0
+        return per_class[present].mean()
 
 
 def make_metrics(num_classes: int, sync: bool = True) -> MetricCollection:
@@ -49,7 +64,7 @@ def make_metrics(num_classes: int, sync: bool = True) -> MetricCollection:
                    BinarySpecificity(**s), BinaryF1Score(**s)]
     else:
         c = num_classes
-        metrics = [MulticlassAccuracy(c, average="micro", **s), MulticlassAUROC(c, **s),
+        metrics = [MulticlassAccuracy(c, average="micro", **s), PresentClassesAUROC(c, **s),
                    MulticlassRecall(c, **s), MulticlassSpecificity(c, **s),
                    MulticlassF1Score(c, **s)]
     return MetricCollection(dict(zip(METRIC_NAMES, metrics, strict=True)))
