@@ -114,7 +114,7 @@ def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     for name, value in elements.items():
         setattr(ds, name, value)
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.PixelData = pixels.astype(np.uint8 if ds.BitsAllocated == 8 else np.uint16).tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path
 
@@ -405,8 +405,104 @@ def test_a_dicom_compressed_beyond_the_decoders_says_how_to_fix_it(tmp_path):
     ds.PixelData = encapsulate([b"\xff\xd8" + frame_header + b" twelve-bit JPEG \xff\xd9"])
     ds.save_as(tmp_path / "film.dcm", enforce_file_format=True)
     with pytest.raises(UnreadableImageError, match=r"film\.dcm: its pixels are compressed as "
-                       r"JPEG Extended .*; decompress the file first, e\.g\. dcmtk's `dcmdjpeg"):
+                       r"JPEG Extended .*which no installed decoder reads .*`pip install pylibjpeg "
+                       r"pylibjpeg-libjpeg`.*dcmtk's `dcmdjpeg IN\.dcm OUT\.dcm` or GDCM's "
+                       r"`gdcmconv --raw"):
         read_image(tmp_path / "film.dcm")
+
+
+def test_a_dicom_whose_decoder_is_missing_names_what_to_install_and_a_fitting_tool(tmp_path):
+    """HTJ2K needs pylibjpeg-openjpeg; dcmtk has no tool for any JPEG 2000 (dcmdjpeg is
+    for JPEG): GDCM's converter is the one named."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import HTJ2KLossless
+
+    ds = pydicom.dcmread(write_dicom(tmp_path / "film.dcm", dicom_ramp()))
+    ds.file_meta.TransferSyntaxUID = HTJ2KLossless
+    rows, columns = dicom_ramp().shape  # SOC, then SIZ of the film's size, one component
+    siz = struct.pack(">HH8IH", 41, 0, columns, rows, 0, 0, columns, rows, 0, 0, 1)
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + siz + b"\x0b\x11\x01" + b"\0" * 64])
+    ds.save_as(tmp_path / "film.dcm", enforce_file_format=True)
+    with pytest.raises(UnreadableImageError) as info:
+        read_image(tmp_path / "film.dcm")
+    assert "which no installed decoder reads" in info.value.reason
+    assert "`pip install pylibjpeg pylibjpeg-openjpeg`" in info.value.reason
+    assert "`gdcmconv --raw IN.dcm OUT.dcm`" in info.value.reason
+    assert "dcmdjpeg" not in info.value.reason
+
+
+def rle_film(tmp_path: Path) -> Path:
+    film = np.random.default_rng(0).integers(0, 4096, (64, 80)).astype(np.uint16)
+    return gdcm_compressed(write_dicom(tmp_path / "source.dcm", film), tmp_path / "rle.dcm",
+                           "RLELossless")
+
+
+def test_a_damaged_frame_an_installed_decoder_fails_on_is_called_damaged(tmp_path):
+    """pydicom's own RLE decoder is always there: a frame cut in half (its encapsulation
+    whole) is a damaged file to export again, not a decoder to install."""
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = pydicom.dcmread(rle_film(tmp_path))
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[: len(frame) // 2]])
+    ds.save_as(tmp_path / "damaged.dcm")
+    with pytest.raises(UnreadableImageError) as info:
+        read_image(tmp_path / "damaged.dcm")
+    assert "RLE Lossless, cannot be decoded" in info.value.reason
+    assert "damaged or truncated; export it again" in info.value.reason
+    assert "no installed decoder" not in info.value.reason
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_truncated_dicom_is_called_truncated(tmp_path, compressed):
+    """Cut inside its pixel data, compressed (pydicom then drops the element) or not."""
+    film = rle_film(tmp_path) if compressed else write_dicom(tmp_path / "film.dcm", dicom_ramp())
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(film.read_bytes()[:-100])
+    with pytest.raises(UnreadableImageError, match=r"cut\.dcm: truncated: the file ends "):
+        read_image(cut)
+
+
+def test_a_dicom_without_pixels_says_so_and_what_it_may_be(tmp_path):
+    import pydicom
+    from pydicom.uid import BasicTextSRStorage
+
+    ds = pydicom.dcmread(write_dicom(tmp_path / "film.dcm", dicom_ramp()))
+    del ds.PixelData
+    ds.save_as(tmp_path / "image.dcm")  # an image's header, no pixels: maybe cut short
+    with pytest.raises(UnreadableImageError, match="no pixel data, though its header describes "
+                                                   "an image: if the file was cut short"):
+        read_image(tmp_path / "image.dcm")
+    for name in ("Rows", "Columns", "PhotometricInterpretation", "SamplesPerPixel",
+                 "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation"):
+        delattr(ds, name)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = BasicTextSRStorage
+    ds.Modality = "SR"
+    ds.save_as(tmp_path / "report.dcm")
+    with pytest.raises(UnreadableImageError, match=r"no pixel data \(a report"):
+        read_image(tmp_path / "report.dcm")
+
+
+def test_pydicom_says_nothing_of_the_files_cxrkit_reports_itself(tmp_path, caplog, recwarn):
+    """Its decoders' tracebacks (logged as ERROR) and its warnings about a truncated file
+    would each repeat, noisily, what the UnreadableImageError says once; pydicom's records
+    about anything else still pass."""
+    import logging
+
+    test_a_dicom_compressed_beyond_the_decoders_says_how_to_fix_it(tmp_path)
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(rle_film(tmp_path).read_bytes()[:-100])
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(UnreadableImageError):
+            read_image(cut)
+        with pytest.raises(UnreadableImageError):
+            read_image(tmp_path / "film.dcm")  # the 12-bit JPEG no installed decoder takes
+        assert not [r for r in caplog.records if r.name.startswith("pydicom")], caplog.text
+        assert not [w for w in recwarn if "pydicom" in w.filename], [str(w) for w in recwarn]
+        logging.getLogger("pydicom").warning("said outside cxrkit's reading")
+    assert "said outside cxrkit's reading" in caplog.text
 
 
 def test_a_dcm_file_without_the_preamble_is_read(tmp_path):
@@ -569,3 +665,69 @@ def test_deep_films_are_stretched_between_the_documented_percentiles(tmp_path):
     expected = np.clip(np.round((ramp - lo) * 255 / (hi - lo)), 0, 255)
     read = np.asarray(read_image(tmp_path / "deep.png")).astype(int)
     assert np.abs(read - expected).max() <= 1 and read[0, 4095] == 255  # the film's top
+
+
+def film_12bit() -> np.ndarray:
+    """A film (no doubt about its pixels) stored in 12 bits."""
+    return np.asarray(synthetic_film("NORMAL", 0), np.uint16) * 16
+
+
+@pytest.mark.parametrize("elements, doubt", [
+    ({"Modality": "CT"}, "modality CT, not a projection radiograph"),
+    ({"Modality": "DX", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.1.1.1"}, "'For Processing'"),
+    ({"Modality": "DX", "PresentationIntentType": "FOR PROCESSING"}, "'For Processing'"),
+])
+def test_a_dicom_whose_header_says_it_is_no_chest_film_is_doubted(tmp_path, elements, doubt):
+    """A CT slice or raw detector data still decode, and get a confident label: their
+    header says what they are, and predict, serve, audit and adapt warn of it."""
+    from cxrkit.data.io import film_doubt, read_for_model
+
+    for modality in ("DX", "CR", None):  # no Modality at all tells nothing either
+        plain = write_dicom(tmp_path / "dx.dcm", film_12bit(),
+                            **({"Modality": modality} if modality else {}))
+        if modality is None:
+            import pydicom
+
+            ds = pydicom.dcmread(plain)
+            del ds.Modality
+            ds.save_as(plain)
+        assert film_doubt(read_image(plain)) is None
+    path = write_dicom(tmp_path / "other.dcm", film_12bit(), **elements)
+    assert doubt in film_doubt(read_image(path))
+    assert doubt in read_for_model(path, 32, doubts=True)[2]
+
+
+def test_a_multiframe_dicom_is_doubted_as_only_its_first_frame_is_scored(tmp_path):
+    from cxrkit.data.io import film_doubt
+
+    frames = np.stack([film_12bit(), film_12bit()[:, ::-1], film_12bit()])
+    path = write_dicom(tmp_path / "three.dcm", frames, NumberOfFrames=3)
+    assert "3 frames: only the first was read and scored" in film_doubt(read_image(path))
+
+
+def test_an_inverse_presentation_lut_inverts_monochrome2_once_and_monochrome1_once(tmp_path):
+    mono2 = np.asarray(read_image(write_dicom(tmp_path / "a.dcm", dicom_ramp())))
+    inverse2 = read_image(write_dicom(tmp_path / "b.dcm", dicom_ramp(),
+                                      PresentationLUTShape="INVERSE"))
+    np.testing.assert_array_equal(np.asarray(inverse2), 255 - mono2)
+    identity2 = read_image(write_dicom(tmp_path / "c.dcm", dicom_ramp(),
+                                       PresentationLUTShape="IDENTITY"))
+    np.testing.assert_array_equal(np.asarray(identity2), mono2)
+    inverse1 = read_image(write_dicom(tmp_path / "d.dcm", dicom_ramp(), "MONOCHROME1",
+                                      PresentationLUTShape="INVERSE"))  # DX's own pairing
+    np.testing.assert_array_equal(np.asarray(inverse1), 255 - mono2)
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_an_8bit_dicom_reads_as_its_8bit_png_does(tmp_path, photometric):
+    """The same stored gray levels, unstretched: a model sees a hospital's 8-bit DICOM as it
+    sees the same film exported as PNG or JPEG."""
+    film = np.asarray(synthetic_film("PNEUMONIA", 4))
+    stored = film if photometric == "MONOCHROME2" else 255 - film
+    path = write_dicom(tmp_path / "film8.dcm", stored, photometric, BitsAllocated=8,
+                       BitsStored=8, HighBit=7)
+    png = save(Image.fromarray(film, "L"), tmp_path / "film.png")
+    np.testing.assert_array_equal(np.asarray(read_image(path)), np.asarray(read_image(png)))
+    windowed = write_dicom(tmp_path / "windowed8.dcm", stored, photometric, BitsAllocated=8,
+                           BitsStored=8, HighBit=7, WindowCenter=128, WindowWidth=128)
+    assert not np.array_equal(np.asarray(read_image(windowed)), film)  # its window applies

@@ -73,24 +73,30 @@ def _target(data: str | Path, split: str | None) -> tuple[list[str], str | None]
 
 
 def _image_batches(model: Classifier, paths: list[str], batch_size: int,
-                   device: torch.device, read: list[int],
-                   unreadable: list[str]) -> Iterator[torch.Tensor]:
-    """The films of `paths` as batches; counts those read into `read` and names those not."""
+                   device: torch.device, read: list[int], unreadable: list[str],
+                   doubtful: list[str] | None = None) -> Iterator[torch.Tensor]:
+    """The films of `paths` as batches; counts those read into `read` and names those not,
+    and (`doubtful`) those read that are hardly chest films (`film_doubt`)."""
     import torch
 
     from cxrkit.inference import file_batches
 
-    for x, _, failed, *_ in file_batches(model.spec, paths, batch_size):
+    for x, _, failed, doubts in file_batches(model.spec, paths, batch_size,
+                                             doubts=doubtful is not None):
         unreadable += [f"{paths[i]} ({reason})" for i, reason in failed]
+        if doubtful is not None:
+            doubtful += [f"{paths[i]} ({doubt})" for i, doubt in doubts]
         if x is not None:
             read[0] += len(x)
             yield x.to(device).contiguous(memory_format=torch.channels_last)
 
 
 def adapt_batchnorm(model: Classifier, paths: list[str], batch_size: int = 32,
-                    device: torch.device | str | None = None) -> tuple[Classifier, int]:
+                    device: torch.device | str | None = None,
+                    doubtful: list[str] | None = None) -> tuple[Classifier, int]:
     """Replace every BatchNorm's running mean/var with their average over the films of
-    `paths` that can be read; returns the model and how many films that was. None readable:
+    `paths` that can be read; returns the model and how many films that was (`doubtful`:
+    a list to add those read that are hardly chest films to, with why). None readable:
     a ValueError naming one (the model given has lost its statistics by then: adapt a copy,
     as `adapt_run` does); no paths at all: a ValueError before the model is touched."""
     import torch
@@ -109,8 +115,8 @@ def adapt_batchnorm(model: Classifier, paths: list[str], batch_size: int = 32,
     model = model.to(device, memory_format=torch.channels_last)
     read, unreadable = [0], []
     # update_bn resets the statistics and averages them over all batches (momentum=None).
-    update_bn(_image_batches(model, paths, batch_size, device, read, unreadable), model,
-              device=device)
+    update_bn(_image_batches(model, paths, batch_size, device, read, unreadable, doubtful),
+              model, device=device)
     if not read[0]:
         raise ValueError(f"none of the {len(paths)} files to adapt on can be read as a film "
                          f"(e.g. {unreadable[0] if unreadable else paths[0]}): nothing to "
@@ -214,7 +220,8 @@ def adapt_run(run: str | Path, data: str | Path, split: str | None = "test",
     if not paths:
         raise ValueError(f"no images to adapt on in {data}"
                          + (f" (split {used!r})" if used else ""))
-    model, n_read = adapt_batchnorm(load_model(run), paths, batch_size)
+    doubtful: list[str] = []
+    model, n_read = adapt_batchnorm(load_model(run), paths, batch_size, doubtful=doubtful)
     warnings = [frozen_backbone_warning(run)]
     if n_read < MIN_TARGET_IMAGES:
         warnings.append(f"only {n_read} target film(s) read: BatchNorm statistics from fewer "
@@ -223,6 +230,10 @@ def adapt_run(run: str | Path, data: str | Path, split: str | None = "test",
     if n_read < len(paths):
         warnings.append(f"{len(paths) - n_read} of the {len(paths)} files could not be read "
                         "and were left out")
+    if doubtful:  # their statistics are averaged in with the films'
+        warnings.append(f"{len(doubtful)} of the films read are hardly chest films (e.g. "
+                        f"{doubtful[0]}) and were adapted to all the same: remove them from "
+                        "the target data and adapt again")
     warning = " ".join(filter(None, warnings)) or None
     if warning:
         log.warning(warning)

@@ -7,8 +7,10 @@ expansion, normalisation) happens later in the transforms.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -29,6 +31,10 @@ SUPPORTED_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
 # A chest film is at most ~4k x 4k; anything far larger is a decompression bomb.
 MAX_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# The largest film file the reader takes whole: MAX_PIXELS stored uncompressed at 16 bits (as
+# DR detectors write them; 4280 x 3520 is already 30 MB), with room for the DICOM header.
+# `cxr serve` caps uploads at it by default.
+LARGEST_FILM_MB = -(-2 * MAX_PIXELS // 2**20) + 5  # 128
 # Deep films (16-bit PNG, DICOM) are stretched to 0..255 between these percentiles of their
 # pixels within OUTLIER_FENCE interquartile ranges of the quartiles, not their min..max: hot
 # pixels, or a burned-in marker at full scale, would otherwise squeeze the film into a few
@@ -37,7 +43,7 @@ STRETCH_PERCENTILES = (0.1, 99.9)
 OUTLIER_FENCE = 3.0
 # Raised whenever read_image gives another image for some file than before: the caches keyed
 # by files (decoded films, evaluation logits) then decode and score again.
-READER_VERSION = 2
+READER_VERSION = 3  # 3: 8-bit DICOMs as they are, MONOCHROME2 with an INVERSE LUT inverted
 TOO_MANY_PIXELS = "refused: too many pixels"  # how an oversized film's reason starts
 # Below these a readable image is hardly a chest film; a model still scores it (calling
 # nearly anything PNEUMONIA, confidently), so predictions carry a warning.
@@ -46,6 +52,10 @@ MAX_ASPECT = 2.5  # longer side over shorter
 MIN_CONTRAST = 2.0  # standard deviation of the gray levels
 FILM_MEDIAN_RANGE = (16, 239)  # Kermany's 5,840 films: medians 56..227
 MIN_GRAY_LEVELS = 32  # Kermany's films use 113..256 of the 256 levels
+# A DICOM says what it is: a chest film is a projection radiograph. Other modalities (CT, MR,
+# US, ...) still decode, and a model calls them PNEUMONIA as readily as anything else. OT
+# ("other", as many secondary captures of digitised films say) tells nothing either way.
+PROJECTION_MODALITIES = frozenset({"CR", "DX", "DR", "RG", "OT"})
 # A DICOM file written without its 128-byte preamble and "DICM" (older exports) starts with
 # its first data element: a tag of the file meta group (0002) or, with no meta header at all,
 # of the identifying group (0008); then a value representation, or an implicit length.
@@ -154,9 +164,22 @@ def _file_head(path: Path) -> bytes:
         return b""
 
 
+JPEG_PNG_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n")
+
+
 def _has_image_magic(path: Path) -> bool:
     head = _file_head(path)
-    return _is_dicom_head(head) or head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n"))
+    return _is_dicom_head(head) or head.startswith(JPEG_PNG_MAGIC)
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """A DICOM start (`_is_dicom_head`), or a DICOM suffix on a file that is no JPEG or PNG
+    (as `read_image` reads it: a DICOM written without preamble and meta header may start
+    with anything)."""
+    head = _file_head(Path(path))
+    if _is_dicom_head(head):
+        return True
+    return Path(path).suffix.lower() in DICOM_SUFFIXES and not head.startswith(JPEG_PNG_MAGIC)
 
 
 def _is_dicom_head(head: bytes) -> bool:
@@ -310,9 +333,188 @@ def _refuse_another_size(path: Path, ds, frames: int, columns: int, rows: int) -
     raise UnreadableImageError(path, f"{problem}: a damaged or forged file; not decoded")
 
 
+# --- pydicom kept quiet about the files cxrkit reports itself ---------------------------------
+
+_READING = threading.local()  # set while this thread reads a DICOM for cxrkit
+
+
+class _WhileCxrkitReads(logging.Filter):
+    """Drops pydicom's log records (a traceback per decoder that fails, warnings about the
+    file) made while cxrkit reads a DICOM: cxrkit reports the same problem itself, once,
+    with the file and the fix. pydicom's records about anything else pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_READING, "active", False)
+
+
+_QUIET = _WhileCxrkitReads()
+
+
+def _quiet_pydicom_loggers() -> None:
+    """The filter on pydicom's loggers (records of a child logger do not pass its parent's
+    filters: each one needs it)."""
+    for name in ["pydicom", *logging.root.manager.loggerDict]:
+        if name == "pydicom" or name.startswith("pydicom."):
+            logger = logging.getLogger(name)
+            if _QUIET not in logger.filters:
+                logger.addFilter(_QUIET)
+
+
+def _gdcm_trace():
+    try:
+        import gdcm
+    except ImportError:
+        return None
+    return gdcm.Trace
+
+
+@contextmanager
+def quiet_pydicom() -> Iterator[list[warnings.WarningMessage]]:
+    """Around cxrkit's own reading of a DICOM: pydicom's log records and warnings, and GDCM's
+    messages to stderr, are kept from the user's console (cxrkit says what went wrong, once);
+    the warnings are given to the caller, which reads a truncated file from them. Only this
+    thread's log records are dropped, and GDCM's switches are set back after."""
+    import pydicom  # noqa: F401  (its loggers exist once it is imported)
+
+    _quiet_pydicom_loggers()
+    trace = _gdcm_trace()
+    flags = (trace.GetWarningFlag(), trace.GetErrorFlag()) if trace else None
+    was_reading, _READING.active = getattr(_READING, "active", False), True
+    try:
+        if trace:
+            trace.WarningOff()
+            trace.ErrorOff()
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            yield warned
+    finally:
+        _READING.active = was_reading
+        if trace and flags:
+            trace.SetWarning(flags[0])
+            trace.SetError(flags[1])
+
+
+# --- DICOM ------------------------------------------------------------------------------------
+
+
+def _header_doubts(header) -> list[str]:
+    """What a DICOM's header says against its being a chest film a model can read: another
+    modality than a projection radiograph, raw detector data ("For Processing"), several
+    frames of which only the first is read."""
+    doubts = []
+    modality = str(header.get("Modality") or "").strip().upper()
+    if modality and modality not in PROJECTION_MODALITIES:
+        doubts.append(f"its DICOM header says modality {modality}, not a projection radiograph "
+                      "(CR, DX): not a chest film")
+    sop_class = header.get("SOPClassUID") or header.file_meta.get("MediaStorageSOPClassUID")
+    intent = str(header.get("PresentationIntentType") or "").upper()
+    if "for processing" in str(getattr(sop_class, "name", "")).lower() or \
+            intent == "FOR PROCESSING":
+        doubts.append("its DICOM header says 'For Processing': raw detector data, not the "
+                      "processed film a model reads; export the 'For Presentation' image")
+    frames = int(header.get("NumberOfFrames") or 1)
+    if frames > 1:
+        doubts.append(f"{frames} frames: only the first was read and scored")
+    return doubts
+
+
+def _truncated(path: Path, what: str) -> UnreadableImageError:
+    return UnreadableImageError(path, f"truncated: the file ends {what} "
+                                      f"({path.stat().st_size:,} bytes); copy or export it again")
+
+
+def _cut_short(warned: list[warnings.WarningMessage], path: Path) -> bool:
+    """Whether a DICOM without pixel data was cut short inside them: pydicom reached the end
+    of the file inside an element (it then drops the element, with a warning), or the file
+    holds the pixel data's tag (little or big endian) but no element came of it."""
+    if any("End of file reached" in str(w.message) for w in warned):
+        return True
+    with open(path, "rb") as f:
+        raw = f.read()
+    return b"\xe0\x7f\x10\x00" in raw or b"\x7f\xe0\x00\x10" in raw
+
+
+def _no_pixel_data(path: Path, ds) -> UnreadableImageError:
+    """A DICOM that holds no pixels: a report, a presentation state, an index; or an image
+    whose header ends before its pixels (cut short between two elements: it reads as whole)."""
+    sop_class = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
+    if "Rows" not in ds and "Image Storage" not in str(getattr(sop_class, "name", "")):
+        return UnreadableImageError(path, "DICOM file has no pixel data (a report, a "
+                                          "presentation state or an index, not an image)")
+    return UnreadableImageError(path, "DICOM file has no pixel data, though its header "
+                                      "describes an image: if the file was cut short "
+                                      f"({path.stat().st_size:,} bytes), copy or export it "
+                                      "again")
+
+
+# dcmtk's decompressing tool for each family of transfer syntaxes (it has none for JPEG 2000)
+DCMTK_DECOMPRESSORS = (("JPEG-LS", "dcmdjpls"), ("JPEG 2000", None), ("JPEG", "dcmdjpeg"),
+                       ("RLE", "dcmdrle"))
+
+
+def _how_to_decode(syntax) -> str:
+    """What to install, or run, to read pixels compressed as `syntax`: the packages of the
+    first pydicom decoder that is missing them, and a converter that decompresses it."""
+    from pydicom.pixels import get_decoder
+
+    install = ""
+    for missing in get_decoder(syntax).missing_dependencies:  # "pylibjpeg - requires a and b"
+        needs = missing.partition(" - requires ")[2].replace(" and ", ", ").split(", ")
+        names = [n.split(">")[0].split("=")[0].strip() for n in needs]
+        if all(names) and "numpy" not in names[:-1]:
+            install = f"install a decoder (`pip install {' '.join(names)}`), or "
+            break
+    tool = next((tool for family, tool in DCMTK_DECOMPRESSORS if family in syntax.name), None)
+    dcmtk = f"dcmtk's `{tool} IN.dcm OUT.dcm` or " if tool else ""
+    return f"{install}decompress the file first, e.g. with {dcmtk}GDCM's `gdcmconv --raw " \
+           "IN.dcm OUT.dcm`"
+
+
+def _undecodable(path: Path, syntax, error: Exception) -> UnreadableImageError:
+    """Why compressed pixels could not be decoded: no installed decoder takes them (none is
+    installed, or those installed refuse this kind, as 12-bit JPEG Extended), and what to
+    install or run; or one does and failed on them: the data is damaged."""
+    from pydicom.pixels import get_decoder
+
+    text = str(error).strip()
+    why = text.splitlines()[-1].strip()  # pydicom's last decoder's reason
+    tried = [line for line in text.splitlines()[1:] if line.strip()]  # one line per decoder
+    refused = tried and all("does not support" in line for line in tried)
+    if get_decoder(syntax).is_available and not refused:
+        return UnreadableImageError(path, f"its pixels, compressed as {syntax.name}, cannot be "
+                                          f"decoded ({why}): the file is damaged or truncated; "
+                                          "export it again")
+    return UnreadableImageError(path, f"its pixels are compressed as {syntax.name}, which no "
+                                      f"installed decoder reads ({why}); "
+                                      f"{_how_to_decode(syntax)}")
+
+
 def _read_dicom(path: Path) -> Image.Image:
+    with quiet_pydicom() as warned:
+        return _decode_dicom(path, warned)
+
+
+def dicom_patient(path: str | Path) -> tuple[str, str] | None:
+    """(IssuerOfPatientID, PatientID) from a DICOM file's header ("" for an issuer it does
+    not name), or None: no DICOM (never read as one: a JPEG or PNG), no PatientID, or a
+    header that cannot be read. Only those two elements are parsed, and no pixels."""
+    if not is_dicom_file(path):
+        return None
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+
+    try:
+        with quiet_pydicom():
+            header = pydicom.dcmread(path, stop_before_pixels=True, force=True,
+                                     specific_tags=["PatientID", "IssuerOfPatientID"])
+    except Exception:  # unreadable: read_image reports it when the film is read
+        return None
+    patient = str(header.get("PatientID") or "").strip()
+    return (str(header.get("IssuerOfPatientID") or "").strip(), patient) if patient else None
+
+
+def _decode_dicom(path: Path, warned: list[warnings.WarningMessage]) -> Image.Image:
+    import pydicom
+    from pydicom.pixels import pixel_array
 
     # `force`: older exports lack the 128-byte preamble and "DICM".
     header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
@@ -327,35 +529,72 @@ def _read_dicom(path: Path) -> Image.Image:
         raise UnreadableImageError(path, "neither a DICOM file (no DICM header, no DICOM "
                                          "image attributes) nor an image PIL can read")
     if "PixelData" not in ds:
-        raise UnreadableImageError(path, "DICOM file has no pixel data")
+        if _cut_short(warned, path):
+            raise _truncated(path, "before its pixel data is complete")
+        raise _no_pixel_data(path, ds)
     if "TransferSyntaxUID" not in ds.file_meta:  # a bare data set: no header says how it is
         ds.file_meta.TransferSyntaxUID = _uncompressed_syntax(*ds.original_encoding)
     # A multi-frame file: the first frame is the film; decoding only it spares the others.
     frames = int(ds.get("NumberOfFrames") or 1)
-    if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax.is_encapsulated:
         _refuse_another_size(path, ds, frames, columns, rows)
     # From the file, pydicom reads only the first frame's bytes (the data set would hold all).
     source = path if frames > 1 and "TransferSyntaxUID" in header.file_meta else ds
     try:
         pixels = pixel_array(source, index=0) if frames > 1 else ds.pixel_array
     except Exception as e:
-        syntax = ds.file_meta.TransferSyntaxUID
-        if not syntax.is_compressed:
-            raise
-        why = str(e).strip().splitlines()[-1].strip()  # pydicom's last decoder's reason
-        raise UnreadableImageError(path, f"its pixels are compressed as {syntax.name}, which "
-                                         f"no installed decoder reads ({why}); decompress the "
-                                         "file first, e.g. dcmtk's `dcmdjpeg IN.dcm OUT.dcm`"
-                                   ) from e
-    pixels = apply_modality_lut(pixels, ds)  # rescale slope / intercept
-    if pixels.ndim == 2:
-        pixels = apply_voi_lut(pixels, ds, prefer_lut=True)  # window centre / width
-    if pixels.ndim == 3:
-        pixels = pixels.mean(axis=-1)
-    pixels = _to_uint8(np.asarray(pixels))
-    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
-        pixels = 255 - pixels  # MONOCHROME1 stores bone dark: flip to the usual look
-    return Image.fromarray(pixels, mode="L")
+        if syntax.is_compressed:
+            raise _undecodable(path, syntax, e) from e
+        if "less than expected" in str(e):  # uncompressed pixels cut short
+            raise _truncated(path, "inside its pixel data") from e
+        raise
+    img = Image.fromarray(_dicom_to_uint8(pixels, ds), mode="L")
+    if doubts := _header_doubts(header):
+        img.info["doubt"] = "; ".join(doubts)  # for `film_doubt`
+    return img
+
+
+def _taken_as_stored(ds) -> bool:
+    """Whether a DICOM's stored values are already the film's 8-bit gray levels: 8 bits,
+    unsigned, with no rescale, window or VOI LUT to change them. Those are taken as they are,
+    as an 8-bit PNG or JPEG is (stretching them would show the model another contrast than
+    the same film's JPEG)."""
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    return (int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16) <= 8
+            and int(ds.get("PixelRepresentation") or 0) == 0
+            and float(1 if slope is None else slope) == 1
+            and float(0 if intercept is None else intercept) == 0
+            and not any(k in ds for k in ("ModalityLUTSequence", "WindowCenter",
+                                          "VOILUTSequence")))
+
+
+def _inverted(ds) -> bool:
+    """Whether a film is shown inverted, bone dark: MONOCHROME1, or MONOCHROME2 with an
+    INVERSE presentation LUT (some CR and secondary-capture exporters). MONOCHROME1 with
+    INVERSE, as DX objects pair them, is inverted once too."""
+    photometric = str(ds.get("PhotometricInterpretation") or "").strip()
+    shape = str(ds.get("PresentationLUTShape") or "").strip().upper()
+    return photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and shape == "INVERSE")
+
+
+def _dicom_to_uint8(pixels: np.ndarray, ds) -> np.ndarray:
+    """A decoded frame as 8-bit gray, bone bright: rescale, window, then the stretch of deep
+    films (not of 8-bit ones taken as stored)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    if _taken_as_stored(ds):
+        pixels = np.asarray(pixels, dtype=np.uint8)
+        if pixels.ndim == 3:  # RGB: gray as PIL makes it of an RGB PNG or JPEG
+            pixels = np.asarray(Image.fromarray(pixels, mode="RGB").convert("L"))
+    else:
+        pixels = apply_modality_lut(pixels, ds)  # rescale slope / intercept
+        if pixels.ndim == 2:
+            pixels = apply_voi_lut(pixels, ds, prefer_lut=True)  # window centre / width
+        if pixels.ndim == 3:
+            pixels = pixels.mean(axis=-1)
+        pixels = _to_uint8(np.asarray(pixels))
+    return 255 - pixels if _inverted(ds) else pixels
 
 
 def _pil_to_gray(img: Image.Image) -> Image.Image:
@@ -419,7 +658,13 @@ def read_image(path: Film) -> Image.Image:
 
 
 def film_doubt(img: Image.Image) -> str | None:
-    """Why a decoded image is unlikely to be a chest film a model can read, or None."""
+    """Why a decoded image is unlikely to be a chest film a model can read, or None: what
+    its DICOM header says (`_header_doubts`), then what its pixels show."""
+    doubts = [img.info.get("doubt"), _pixel_doubt(img)]
+    return "; ".join(d for d in doubts if d) or None
+
+
+def _pixel_doubt(img: Image.Image) -> str | None:
     width, height = img.size
     if min(width, height) < MIN_FILM_SIDE:
         return f"only {width} x {height} px: a thumbnail, not a film"
