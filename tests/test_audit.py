@@ -381,3 +381,23 @@ def test_files_a_manifest_lists_but_that_do_not_exist_are_a_note_to_fix(tmp_path
     said = (f"1 file(s) the manifest lists do not exist (e.g. {root}/gone.jpeg): fix their "
             "paths, or delete their rows.")
     assert notes.get(said) == "fix" and not any("cannot be decoded" in n for n in notes)
+
+
+def test_data_without_any_patient_id_is_said_plainly(tmp_path):
+    """Films no rule names (and no manifest, no DICOM PatientID): a split by patient is by
+    film then, and a patient's films in two splits cannot be seen; the audit says so."""
+    data = tmp_path / "data"
+    for split, label, n in (("train", "NORMAL", 2), ("train", "PNEUMONIA", 2),
+                            ("test", "NORMAL", 1), ("test", "PNEUMONIA", 1)):
+        (data / split / label).mkdir(parents=True)
+        for i in range(n):
+            seed = i + (10 if split == "test" else 0)  # no copies across splits
+            synthetic_film(label, seed).save(data / split / label / f"scan{i}.png")
+    result = audit_dataset(data, tmp_path / "out", figures=False)
+    [(level, note)] = [(lv, n) for lv, n in zip(result.note_levels, result.notes, strict=True)
+                       if "No film has a patient id" in n]
+    assert level == "check" and note.startswith("No film has a patient id")
+    assert "each film counts as its own patient" in note and "patient_id column" in note
+    kermany = audit_dataset(make_kaggle_tree(tmp_path / "kermany", {"train": 2, "test": 2}),
+                            tmp_path / "out2", figures=False)
+    assert not any("No film has a patient id" in n for n in kermany.notes)

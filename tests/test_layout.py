@@ -399,3 +399,65 @@ def test_a_disks_own_folders_are_never_classes(tmp_path):
         synthetic_film("NORMAL", 1).save(tmp_path / name / "IndexerVolumeGuid.png")
     source = load_source(tmp_path)
     assert source.classes == ["NORMAL", "PNEUMONIA"] and not source.notes
+
+
+def pacs_export(root: Path, films: dict[str, tuple[str, str, str]]) -> Path:
+    """A Kaggle-layout dataset of DICOMs named as PACS exports name them (by UID): each file
+    `split/CLASS/uid` with its header's PatientID and IssuerOfPatientID ("" for none)."""
+    import numpy as np
+
+    film = np.asarray(synthetic_film("NORMAL", 0), np.uint16) * 16
+    for relative, (patient, issuer, _) in films.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        write_dicom(root / relative, film, PatientID=patient,
+                    **({"IssuerOfPatientID": issuer} if issuer else {}))
+    return root
+
+
+def test_a_dicom_no_rule_matches_is_its_headers_patient_written_only_as_a_hash(tmp_path):
+    """PACS exports are named by UID: the patient is in the header. Its MRN never reaches
+    a sample (and so split.csv, predictions, audits), only a hash of it."""
+    from cxrkit.data.split import patient_split, write_manifest
+
+    films = {  # path: (PatientID, IssuerOfPatientID, who)
+        "train/NORMAL/1.2.840.113619.2.55.3.1": ("MRN1000005", "", "a"),
+        "train/NORMAL/1.2.840.113619.2.55.3.2.dcm": ("MRN1000005", "", "a"),
+        "test/NORMAL/1.2.840.113619.2.55.3.3.dcm": ("MRN1000005", "", "a"),
+        "train/PNEUMONIA/1.2.840.113619.2.55.3.4.dcm": ("MRN1000005", "OTHER-HOSPITAL", "b"),
+        "train/PNEUMONIA/1.2.840.113619.2.55.3.5.dcm": ("MRN2000007", "", "c"),
+        "test/PNEUMONIA/person7_virus_8.dcm": ("MRN1000005", "", "person7"),  # a rule matches
+    }
+    root = pacs_export(tmp_path / "data", films)
+    source = load_source(root)
+    patient = {Path(s.path).relative_to(root).as_posix(): s.patient_id for s in source.samples}
+    assert patient["test/PNEUMONIA/person7_virus_8.dcm"] == "person7"
+    by_who: dict[str, set[str]] = {}
+    for relative, (_, _, who) in films.items():
+        by_who.setdefault(who, set()).add(patient[relative])
+    assert all(len(ids) == 1 for ids in by_who.values())  # one id per person
+    assert len({next(iter(ids)) for ids in by_who.values()}) == 4  # and four people
+    assert all(p.startswith("dicom-") and len(p) == 6 + 16 for who, ids in by_who.items()
+               if who != "person7" for p in ids)
+    text = write_manifest(patient_split(source.samples, 0.5, seed=0),
+                          tmp_path / "split.csv").read_text()
+    assert "MRN" not in text and "OTHER-HOSPITAL" not in text
+    # the manifest's own patient_id comes first, then the header
+    manifest = tmp_path / "films.csv"
+    manifest.write_text("path,label,split,patient_id\n"
+                        f"{root}/train/NORMAL/1.2.840.113619.2.55.3.1,NORMAL,train,P1\n"
+                        f"{root}/train/PNEUMONIA/1.2.840.113619.2.55.3.5.dcm,PNEUMONIA,train,\n")
+    listed = [s.patient_id for s in load_source(manifest).samples]
+    assert listed == ["P1", patient["train/PNEUMONIA/1.2.840.113619.2.55.3.5.dcm"]]
+
+
+def test_only_dicom_headers_are_read_for_patients(tmp_path):
+    """A JPEG or PNG is never read as a DICOM (whatever bytes it holds), and a DICOM without
+    a PatientID is its own patient, as before."""
+    from cxrkit.data.patients import PatientIdParser, dicom_patient_id
+
+    write_dicom(tmp_path / "no_id.dcm", dicom_ramp())
+    synthetic_film("NORMAL", 0).save(tmp_path / "film.png")
+    (tmp_path / "png_named.dcm").write_bytes((tmp_path / "film.png").read_bytes())
+    for name in ("no_id.dcm", "film.png", "png_named.dcm"):
+        assert dicom_patient_id(tmp_path / name) is None
+    assert PatientIdParser()("NORMAL/no_id.dcm", tmp_path / "no_id.dcm") == "NORMAL/no_id"

@@ -207,3 +207,18 @@ def test_a_test_film_copied_from_training_is_said(tmp_path):
     said = training_films_in_test(load_source(root).samples)
     assert said.startswith(f"test film {copy / 'scan_0042.jpeg'} is a byte-identical copy of "
                            f"{source} (train)")
+
+
+def test_carving_validation_without_patient_ids_warns_it_is_by_film(caplog):
+    films = [Sample(f"/data/train/{label}/scan{i}.png", label, "train",
+                    f"train/{label}/scan{i}") for label in ("NORMAL", "PNEUMONIA")
+             for i in range(4)]
+    with caplog.at_level("WARNING"):
+        patient_split(films, 0.25)
+    assert "carved by film, not by patient" in caplog.text
+    assert "each film counts as its own patient" in caplog.text
+    caplog.clear()
+    named = [Sample(s.path, s.label, s.split, f"p{i}") for i, s in enumerate(films)]
+    with caplog.at_level("WARNING"):
+        patient_split(named, 0.25)
+    assert "carved by film" not in caplog.text

@@ -40,7 +40,12 @@ from cxrkit.data.io import (
     read_image,
 )
 from cxrkit.data.layout import DataSource, Sample, load_source
-from cxrkit.data.patients import SUBTYPE_PATTERN, kermany_subtype
+from cxrkit.data.patients import (
+    NO_PATIENT_IDS,
+    SUBTYPE_PATTERN,
+    has_parsed_patient,
+    kermany_subtype,
+)
 from cxrkit.data.split import shared_patients
 from cxrkit.plots import extra_formats
 from cxrkit.provenance import code_version
@@ -391,11 +396,13 @@ def _notes(source: DataSource, result: AuditResult) -> list[tuple[str, str]]:
         notes.append(("check", f"{result.near_across_splits} near-duplicate pair(s) span "
                       f"splits (perceptual hashes within {result.near_threshold} of "
                       f"{HASH_BITS} bits): check them for leakage."))
+    if source.samples and not any(map(has_parsed_patient, source.samples)):
+        notes.append(("check", NO_PATIENT_IDS[0].upper() + NO_PATIENT_IDS[1:]))
     for pair, patients in result.shared_patients.items():
         if patients:
             a, b = pair.split("/")
             notes.append(("check", f"{len(patients)} patient id(s) parsed from file names "
-                          f"have images in both {a} and {b}."))
+                          f"or DICOM headers have images in both {a} and {b}."))
     train_imbalance = result.imbalance.get("train") or result.imbalance.get("")
     if train_imbalance and train_imbalance >= 1.5:
         notes.append(("info", f"the training data is imbalanced {train_imbalance:.2f}:1: "

@@ -209,7 +209,7 @@ def _read_class_tree(folder: Path, split: str, parse: PatientIdParser, root: Pat
     samples, notes = [], []
     for class_dir in _subdirs(folder):
         files, unfollowed = _files_under(class_dir, labelled)
-        samples += [Sample(str(path), class_dir.name, split, parse(path.relative_to(root)))
+        samples += [Sample(str(path), class_dir.name, split, parse(path.relative_to(root), path))
                     for path in sorted(p for p in files if is_image_file(p))]
         notes += unfollowed
     _warn(notes)
@@ -362,7 +362,8 @@ def _from_manifest(csv_path: Path, parse: PatientIdParser) -> DataSource:
         given, respelt = _as_on_disk(row["path"].strip(), csv_path.parent)
         respellings.update([respelt] if respelt else [])
         path = given if given.is_absolute() else csv_path.parent / given
-        patient = (row.get("patient_id") or "").strip() or parse(given)
+        # the manifest's own patient_id first; the path, or a DICOM's header, only without it
+        patient = (row.get("patient_id") or "").strip() or parse(given, path)
         samples.append(Sample(str(path), row["label"].strip(), (row.get("split") or "").strip(),
                               patient))
     _check_class_names(samples, csv_path)

@@ -1,17 +1,19 @@
-"""Patient ids from Kermany file names, so that splits never leak a patient.
+"""Patient ids from Kermany file names (or DICOM headers), so that splits never leak a patient.
 
 Kermany names: ``person123_bacteria_456.jpeg``, ``person7_virus_8.jpeg`` (PNEUMONIA),
 ``IM-0115-0001.jpeg`` and ``NORMAL2-IM-1427-0001.jpeg`` (NORMAL). ``IM-`` and
 ``NORMAL2-IM-`` numbers are separate series, so the prefix is part of the id.
+A DICOM file no rule matches (PACS exports are named by UID) has its header's PatientID.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cxrkit.data.io import SUPPORTED_SUFFIXES
+from cxrkit.data.io import SUPPORTED_SUFFIXES, dicom_patient
 
 if TYPE_CHECKING:
     from cxrkit.data.layout import Sample
@@ -31,9 +33,10 @@ class PatientIdParser:
     """Callable: a film's path relative to its dataset -> patient id.
 
     Each pattern is tried on the file name, then on the relative path (so that a pattern
-    can take the id from a folder: `(?P<patient>p\\d+)/`). A film no pattern matches is its own
-    patient, named by its relative path: two `0001.png` in different class or split
-    folders are two patients, not one.
+    can take the id from a folder: `(?P<patient>p\\d+)/`). A DICOM film no pattern matches
+    has the patient of its header (`dicom_patient_id`). Any other film is its own patient,
+    named by its relative path: two `0001.png` in different class or split folders are two
+    patients, not one.
     """
 
     def __init__(self, pattern: str | None = None):
@@ -48,16 +51,42 @@ class PatientIdParser:
                     f"patient pattern {p.pattern!r} needs a group, e.g. (?P<patient>...)"
                 )
 
-    def __call__(self, relative_path: str | Path) -> str:
+    def __call__(self, relative_path: str | Path, file: str | Path | None = None) -> str:
+        """`file`: where the film is (its header is read when no pattern matches a DICOM);
+        None: the path alone decides."""
         relative = Path(relative_path)
         for p in self.patterns:
             m = p.search(relative.name) or p.search(relative.as_posix())
             if m:
                 return m.group("patient") if "patient" in p.groupindex else m.group(1)
+        if file is not None and (from_header := dicom_patient_id(file)):
+            return from_header
         # No rule matched: the film is its own patient. Only an image suffix is dropped: a
         # DICOM UID (1.2.840.113619.2.55) keeps its last component.
         image_suffix = relative.suffix.lower() in SUPPORTED_SUFFIXES
         return (relative.with_suffix("") if image_suffix else relative).as_posix()
+
+
+def dicom_patient_id(path: str | Path) -> str | None:
+    """The patient of a DICOM file's header (IssuerOfPatientID and PatientID), as
+    "dicom-" and 16 hex digits of its SHA-256: split.csv, predictions, audits and reports
+    name patients, and a medical record number must never be written there. A hash of a
+    short MRN can be found again by trying every number: these ids are pseudonyms for
+    grouping films, not anonymisation; keep run folders as private as the films."""
+    found = dicom_patient(path)
+    if found is None:
+        return None
+    issuer, patient = found
+    key = f"{issuer}\\{patient}" if issuer else patient  # one MRN of two issuers: two people
+    return "dicom-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+
+# Said by the audit and the validation split when no film has a patient id of its own.
+NO_PATIENT_IDS = (
+    "no film has a patient id (no file-name rule or --patient-pattern matched, no manifest "
+    "patient_id column, no DICOM PatientID): each film counts as its own patient, so a split "
+    "by patient is a split by film, and films of one patient in two splits cannot be seen. "
+    "Give a CSV manifest with a patient_id column, or --patient-pattern.")
 
 
 def has_parsed_patient(sample: Sample) -> bool:

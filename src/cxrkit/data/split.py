@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cxrkit.data.layout import Sample
+from cxrkit.data.patients import NO_PATIENT_IDS, has_parsed_patient
 
 MANIFEST_COLUMNS = ("path", "label", "split", "patient_id")
 log = logging.getLogger(__name__)
@@ -106,6 +107,9 @@ def patient_split(samples: list[Sample], val_fraction: float = 0.15, seed: int =
         return list(samples)
     pool = [s for s in samples if s.split in ("train", "val", "")]
     rest = [s for s in samples if s.split not in ("train", "val", "")]
+    if pool and not any(map(has_parsed_patient, pool)):
+        log.warning("the validation split is carved by film, not by patient: %s",
+                    NO_PATIENT_IDS)
     group_of = _patient_groups(pool)
     images_per_group = Counter(group_of[s.patient_id] for s in pool)
     label_of = _group_label(pool, group_of)

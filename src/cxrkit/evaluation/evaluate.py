@@ -203,9 +203,10 @@ def external_data_doubts(run_samples: Sequence[Sample], samples: Sequence[Sample
                       f"data ({', '.join(f'{split} {n}' for split, n in splits.items())}): "
                       "this is not independent external data.")
     if samples and not any(map(has_parsed_patient, samples)):
-        doubts.append("No patient id could be read from the file names: each film counts as "
-                      "its own patient, so the intervals are too narrow where a patient has "
-                      "several films (a CSV manifest with a patient_id column gives them).")
+        doubts.append("No patient id could be read from the file names or DICOM headers: "
+                      "each film counts as its own patient, so the intervals are too narrow "
+                      "where a patient has several films (a CSV manifest with a patient_id "
+                      "column gives them).")
     return doubts
 
 
