@@ -391,3 +391,17 @@ def test_a_running_server_takes_up_a_newly_deployed_calibration(trained_run, fil
         assert (model["threshold"], model["threshold_chosen_on"]) == (0.123, "site_b: Youden's J")
         answer = post(url, "normal.png", films["normal.png"].read_bytes()).json()
         assert answer["threshold"] == 0.123
+
+
+def test_the_default_upload_cap_takes_any_film_the_reader_takes():
+    """A full-size uncompressed 16-bit DR film (4280 x 3520: 30 MB) that predict reads, up
+    to the reader's own MAX_PIXELS, is not refused by the server's default cap."""
+    import inspect
+
+    from cxrkit.cli.use import serve_command
+    from cxrkit.data.io import MAX_PIXELS
+    from cxrkit.serve.app import DEFAULT_MAX_UPLOAD_MB
+
+    assert DEFAULT_MAX_UPLOAD_MB * 2**20 > 2 * MAX_PIXELS + 64 * 2**10  # pixels and a header
+    cli_default = inspect.signature(serve_command).parameters["max_upload_mb"].default.default
+    assert cli_default == DEFAULT_MAX_UPLOAD_MB

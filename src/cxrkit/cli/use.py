@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cxrkit.cli.app import USER_ERRORS, app, console, fail
+from cxrkit.data.io import LARGEST_FILM_MB
 
 if TYPE_CHECKING:
     from cxrkit.predict import Prediction
@@ -163,8 +164,10 @@ def serve_command(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on; 0.0.0.0 "
                              "exposes the model to the whole network."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="The port to listen on."),
-    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.1,
-                                        help="Larger uploads get 413."),
+    max_upload_mb: float = typer.Option(
+        float(LARGEST_FILM_MB), "--max-upload-mb", min=0.1,
+        help="Larger uploads get 413. The default takes the largest film read (64 megapixels, "
+             "uncompressed 16-bit DICOM)."),
     backend: str | None = typer.Option(None, "--backend", help="torch or onnx; default: "
                                        "torch for a run folder, onnx for an export."),
     allowed_hosts: list[str] = typer.Option(

@@ -43,10 +43,11 @@ from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 
 from cxrkit import __version__
-from cxrkit.data.io import DICOM_SUFFIXES, TOO_MANY_PIXELS
+from cxrkit.data.io import DICOM_SUFFIXES, LARGEST_FILM_MB, TOO_MANY_PIXELS
 from cxrkit.predict import Predictor
 
-DEFAULT_MAX_UPLOAD_MB = 20.0
+# Takes any film the reader takes: a full-size uncompressed 16-bit DR film is over 30 MB.
+DEFAULT_MAX_UPLOAD_MB = float(LARGEST_FILM_MB)
 HOW_TO_POST = ("POST /predict takes multipart/form-data with the image (PNG, JPEG or DICOM) in "
                "a field named 'file', e.g. curl -F file=@film.png http://HOST/predict")
 
@@ -296,9 +297,10 @@ def create_app(model_path: str | Path, backend: str | None = None,
             error = (result.error or "").replace(str(path), "the upload")  # not this server's
             if not result.ok and error.startswith(TOO_MANY_PIXELS):
                 raise HTTPException(413, f"{file.filename}: {error}")
-            if not result.ok:
-                raise HTTPException(415, f"{file.filename}: {error}. Send a chest X-ray "
-                                         f"as PNG, JPEG or DICOM.")
+            if not result.ok:  # a compressed DICOM's error says itself what to do with it
+                hint = "" if "compressed as" in error else \
+                    " Send a chest X-ray as PNG, JPEG or DICOM."
+                raise HTTPException(415, f"{file.filename}: {error}.{hint}")
             cam_png = _png_base64(overlay) if overlay else None
         return PredictResult(filename=file.filename, label=result.label,
                              probabilities=result.probabilities, threshold=result.threshold,
