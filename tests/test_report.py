@@ -370,7 +370,7 @@ def test_three_class_report(tiny_kaggle, tmp_path, monkeypatch):
     assert Page(text).sections == SECTIONS
     assert "Macro ROC-AUC" in text and "class VIRUS" in text and "The most probable class" in text
     assert "PR-AUC" not in text and "no evaluation of it to compare" in text
-    assert "NORMAL against the other classes (pneumonia)" in text
+    assert "NORMAL against the other classes (any finding)" in text
     assert "Top-label ECE" in text and "P(positive)" not in text  # no positive class
     assert "summed over the classes (0 to 2)" in text
     assert val_rows({"sensitivity": 0.5}, binary=False) == [

@@ -29,9 +29,11 @@ from cxrkit.config import ConfigError, OptimConfig, TrainConfig
 from cxrkit.data.layout import DataLayoutError, Sample, load_source
 from cxrkit.data.split import patient_split, read_manifest, shared_patients, write_manifest
 from cxrkit.data.transforms import ModelInput, eval_transform
+from cxrkit.evaluation import evaluate_run
 from cxrkit.labels import choose_positive, positive_index
 from cxrkit.models import create_model
 from cxrkit.predict import predict
+from cxrkit.report import build_report
 from cxrkit.runs import CALIBRATION, Calibration, load_model
 from cxrkit.training import train
 from cxrkit.training.callbacks import (
@@ -64,7 +66,7 @@ from cxrkit.training.module import (
     param_groups,
     set_trainable,
 )
-from tests.conftest import REAL_DATA, make_kaggle_tree, requires_real_data
+from tests.conftest import REAL_DATA, make_kaggle_tree, requires_real_data, synthetic_film
 
 # simple_cnn on 32-pixel films: a few steps per epoch, each in milliseconds.
 TINY = {
@@ -807,7 +809,7 @@ def test_binary_task_needs_exactly_two_classes_and_pneumonia_is_positive_in_any_
         task_classes("binary", films[:2])
     subtypes = [Sample(f"{label}.png", label, "train", label)
                 for label in ("NORMAL", "BACTERIA", "VIRUS")]
-    with pytest.raises(DataLayoutError, match=r"or train three classes: --task 3class \(cxr "
+    with pytest.raises(DataLayoutError, match=r"or train them all: --task 3class \(cxr "
                                               r"run: --set data.task=3class; Python: "
                                               r"overrides=\{'data.task': '3class'\}\)"):
         task_classes("binary", subtypes)
@@ -991,3 +993,33 @@ def test_processes_a_launcher_started_share_one_run_folder(tiny_kaggle, tmp_path
     assert new_run(tiny_config(tiny_kaggle, tmp_path)).folder.name == "slurm-4242-simple_cnn"
     monkeypatch.delenv(RUN_DIR_ENV)
     assert new_run(tiny_config(tiny_kaggle, tmp_path, name="mine")).folder.name == "mine"
+
+
+def test_a_multiclass_task_trains_evaluates_and_reports_every_class(tmp_path):
+    """Four classes named as a researcher names them: only two classes or Kermany's three
+    could be trained."""
+    data = make_kaggle_tree(tmp_path / "data", {"train": 12, "test": 3})
+    for split, n in (("train", 12), ("test", 3)):
+        for k, name in enumerate(("COVID 19", "Tuberculose_é")):
+            (data / split / name).mkdir()
+            for i in range(n):  # each film its own patient: no rule reads these names
+                synthetic_film("PNEUMONIA", 900 + 100 * k + i + 50 * (split == "test")).save(
+                    data / split / name / f"{name[:3]}-{i}.png")
+    labels = ["COVID 19", "NORMAL", "PNEUMONIA", "Tuberculose_é"]
+    films = load_source(data).samples
+    with pytest.raises(DataLayoutError, match="or train them all: --task multiclass"):
+        task_classes("binary", films)
+    with pytest.raises(DataLayoutError, match="--task multiclass is for three or more"):
+        task_classes("multiclass", [s for s in films if s.label in labels[1:3]])
+    run = train(tiny_config(data, tmp_path, **{"data.task": "multiclass",
+                                               "stages.0.epochs": 1}))
+    assert json.loads((run / "labels.json").read_text()) == labels
+    out = evaluate_run(run, bootstrap=10, device="cpu")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["per_class"]) == labels and metrics["positive_class"] is None
+    assert (out / "confusion_matrix.png").is_file()
+    page = " ".join(build_report(run, evaluate_missing=False).read_text().split())
+    assert "class Tuberculose_é" in page and "NORMAL against the other classes" in page
+    [prediction] = predict(run, [data / "test" / "COVID 19" / "COV-0.png"])
+    assert list(prediction.probabilities) == labels
+    assert sum(prediction.probabilities.values()) == pytest.approx(1.0)

@@ -56,7 +56,7 @@ class AugmentConfig:
 
 
 MIN_INPUT_SIZE = 32  # pixels: five stride-2 stages leave 1 x 1 below this
-TASKS = ("binary", "3class")
+TASKS = ("binary", "3class", "multiclass")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "constant")
 LOSSES = ("cross_entropy", "focal")
@@ -82,7 +82,8 @@ class DamagedCheckpointError(RuntimeError):
 @dataclass
 class DataConfig:
     path: str = "kaggle"  # `kaggle` (download/cache) or a local folder / CSV manifest
-    task: str = "binary"  # binary: NORMAL vs PNEUMONIA; 3class: NORMAL / BACTERIA / VIRUS
+    task: str = "binary"  # binary: two classes; 3class: NORMAL / BACTERIA / VIRUS;
+    # multiclass: every class the training films have, as they are named
     val_fraction: float = 0.15  # of train, grouped by patient; the test split is never touched
     patient_pattern: str | None = None  # regex with a (?P<patient>...) group
     max_train_images: int | None = None  # a seeded random subset, for quick tries
@@ -210,7 +211,8 @@ class TrainConfig:
         frozen features, then fine-tuning) or `scratch` (simple_cnn from scratch); `data` is a
         folder, a CSV manifest or "kaggle"; `overrides` as in `updated`; `epochs`, `lr`,
         `batch_size` as in `shortcuts`, on the stages the overrides leave, where the overrides
-        do not name the same field; `task`: "binary" or "3class" (data.task, `--task`).
+        do not name the same field; `task`: "binary", "3class" or "multiclass" (data.task,
+        `--task`).
 
             TrainConfig.preset("default", data="chest_xray/", epochs=4)
         """

@@ -295,7 +295,7 @@ def metric_rows(evals: list[dict]) -> list[dict]:
                          "cells": [format_metric(key, m.get(key)) for m in evals]})
     for key in ("roc_auc", "accuracy", "sensitivity", "specificity", "f1"):
         if any(COLLAPSED in m for m in evals):
-            rows.append({"group": "NORMAL against the other classes (pneumonia)",
+            rows.append({"group": "NORMAL against the other classes (any finding)",
                          "name": NAMES[key], "cells": [
                              format_metric(key, m.get(COLLAPSED, {}).get(key)) for m in evals]})
     for label in evals[0].get("per_class", {}):

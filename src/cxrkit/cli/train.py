@@ -51,8 +51,9 @@ WEIGHTS = typer.Option(None, "--weights", help="Start from these weights (.safet
                        "state dict).")
 PRETRAINED = typer.Option(None, "--pretrained/--no-pretrained", help="ImageNet weights "
                           "(default: the preset's).")
-TASK = typer.Option(None, "--task", help="binary (NORMAL/PNEUMONIA) or 3class "
-                    "(NORMAL/BACTERIA/VIRUS).")
+TASK = typer.Option(None, "--task", help="binary (two classes, e.g. NORMAL/PNEUMONIA), "
+                    "3class (NORMAL/BACTERIA/VIRUS from Kermany's file names) or "
+                    "multiclass (every class of the data, as named).")
 BATCH_SIZE = typer.Option(None, "--batch-size", help="Batch size of every stage.")
 SEED = typer.Option(None, "--seed", help="Seed of the split, sampling and initialisation.")
 MAX_TRAIN = typer.Option(None, "--max-train-images", help="Train on a random subset of this "

@@ -69,16 +69,22 @@ def prepare_samples(data: DataConfig, seed: int = 0) -> list[Sample]:
 
 
 def task_classes(task: str, samples: list[Sample]) -> list[str]:
-    """Class names in index order: sorted for binary; NORMAL, BACTERIA, VIRUS for 3class."""
+    """Class names in index order: sorted for binary and multiclass; NORMAL, BACTERIA, VIRUS
+    for 3class."""
     labels = {s.label for s in samples if s.split in ("train", "val")}
-    if task != "3class" and len(labels) != 2:
+    if task == "binary" and len(labels) != 2:
+        other = "3class" if labels == set(SUBTYPES) else "multiclass"
         raise DataLayoutError(
             f"--task binary needs two classes; the training films have {len(labels)}: "
             f"{', '.join(repr(label) for label in sorted(labels))}. Fix the folder names (or "
             f"the manifest's label column) so that there are exactly two"
-            + (", or train three classes: --task 3class (cxr run: --set data.task=3class; "
-               "Python: overrides={'data.task': '3class'})." if labels == set(SUBTYPES)
-               else "."))
+            + (f", or train them all: --task {other} (cxr run: --set data.task={other}; "
+               f"Python: overrides={{'data.task': '{other}'}})." if len(labels) > 2 else "."))
+    if task == "multiclass" and len(labels) < 3:
+        raise DataLayoutError(
+            f"--task multiclass is for three or more classes; the training films have "
+            f"{len(labels)}: {', '.join(repr(label) for label in sorted(labels))}. Two are "
+            "--task binary (its threshold, sensitivity and specificity).")
     if untrained := sorted(labels - {s.label for s in samples if s.split == "train"}):
         raise DataLayoutError(
             f"no training film is labelled {', '.join(untrained)}: only validation has them. "
