@@ -426,12 +426,23 @@ def test_three_class_run(tiny_kaggle, tmp_path):
                    (metrics["accuracy"], (truth == said).sum(), len(rows))]
     for name in ("BACTERIA", "NORMAL"):  # (no VIRUS films: its sensitivity is undefined)
         hits = ((truth == name) & (said == name)).sum()
-        proportions += [(metrics["per_class"][name]["sensitivity"], hits, (truth == name).sum()),
-                        (metrics["per_class"][name]["ppv"], hits, (said == name).sum())]
+        passes = ((truth != name) & (said != name)).sum()  # the others, not called this one
+        rates = metrics["per_class"][name]
+        proportions += [(rates["sensitivity"], hits, (truth == name).sum()),
+                        (rates["ppv"], hits, (said == name).sum()),
+                        (rates["specificity"], passes, (truth != name).sum()),
+                        (rates["npv"], passes, (said != name).sum())]
+        assert rates["specificity"]["value"] == pytest.approx(
+            passes / (truth != name).sum(), abs=1e-6)
     for entry, k, n in proportions:
         if n:
             low, high = wilson_interval(int(k), int(n))
             assert entry["ci95"][0] <= low + 1e-6 and entry["ci95"][1] >= high - 1e-6, entry
+    # the command's table names every class's rates, and no PR-AUC it cannot have
+    shown = CliRunner().invoke(app, ["evaluate", str(run), "--bootstrap", "0", "--no-figures",
+                                     "--device", "cpu"]).output
+    assert "BACTERIA: specificity" in shown and "VIRUS: sensitivity" in shown
+    assert "pr_auc" not in shown and "each film its most probable class" in shown
 
 
 def test_calibrating_on_another_sites_films_is_validating_on_them(trained_run, tmp_path):

@@ -299,7 +299,7 @@ def metric_rows(evals: list[dict]) -> list[dict]:
                          "name": NAMES[key], "cells": [
                              format_metric(key, m.get(COLLAPSED, {}).get(key)) for m in evals]})
     for label in evals[0].get("per_class", {}):
-        for key in ("sensitivity", "ppv", "f1", "roc_auc"):
+        for key in ("sensitivity", "specificity", "ppv", "npv", "f1", "roc_auc"):
             cells = [format_metric(key, m.get("per_class", {}).get(label, {}).get(key))
                      for m in evals]
             rows.append({"group": f"class {label}", "name": NAMES[key], "cells": cells})

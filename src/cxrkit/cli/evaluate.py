@@ -31,9 +31,10 @@ def _summary(metrics: dict) -> Table:
                         f"{metrics['n_patients']} patients (95% CI)",
                   caption=deployed and f"deployed: {point_name(deployed)}, chosen on "
                                        f"{metrics['threshold_chosen_on']}")
-    table.add_column("metric")
-    table.add_column("any threshold", justify="right")
     points = metrics.get("operating_points", {})
+    table.add_column("metric")
+    table.add_column("any threshold" if points else "each film its most probable class",
+                     justify="right")
     for name, point in points.items():
         table.add_column(f"{point_name(name)} (t={point['threshold']:.3f})", justify="right")
     blank = [""] * len(points)
@@ -42,8 +43,12 @@ def _summary(metrics: dict) -> Table:
             table.add_row(key, format_metric(key, metrics.get(key)))
         for key, value in metrics.get(COLLAPSED, {}).items():  # NORMAL against the rest
             table.add_row(f"not NORMAL: {key}", format_metric(key, value))
-    for key in SCORES:
-        table.add_row(key, format_metric(key, metrics.get(key)), *blank)
+        for label, rates in metrics.get("per_class", {}).items():  # a class never called shows
+            for key in ("sensitivity", "specificity", "ppv", "roc_auc"):
+                table.add_row(f"{label}: {key}", format_metric(key, rates.get(key)))
+    for key in SCORES if points else (k for k in SCORES if k in metrics):  # no PR-AUC of many
+        table.add_row(key if points or key != "roc_auc" else "roc_auc (macro)",
+                      format_metric(key, metrics.get(key)), *blank)
     for key in RATES if points else ():
         table.add_row(key, "", *[format_metric(key, p[key]) for p in points.values()])
     return table

@@ -401,15 +401,16 @@ def compute_metrics(scored: Scored, labels: Sequence[str], positive: int | None,
 
 def widen_multiclass_rates(metrics: dict, y: np.ndarray, probs: np.ndarray,
                            normal: int | None) -> None:
-    """The multi-class proportions (accuracy, each class's sensitivity and PPV, and NORMAL
-    against the rest) widened to their Wilson intervals, as the binary ones are."""
+    """The multi-class proportions (accuracy, each class's sensitivity, specificity, PPV and
+    NPV, and NORMAL against the rest) widened to their Wilson intervals, as the binary ones
+    are."""
     predicted = probs.argmax(1)
     metrics["accuracy"] = widen_to_wilson(metrics["accuracy"], int((predicted == y).sum()),
                                           len(y))
     for c, entry in enumerate(metrics["per_class"].values()):
-        hits = int(((predicted == c) & (y == c)).sum())
-        entry["sensitivity"] = widen_to_wilson(entry["sensitivity"], hits, int((y == c).sum()))
-        entry["ppv"] = widen_to_wilson(entry["ppv"], hits, int((predicted == c).sum()))
+        counts = proportion_counts(y == c, (predicted == c).astype(float), 0.5)
+        for rate in ("sensitivity", "specificity", "ppv", "npv"):
+            entry[rate] = widen_to_wilson(entry[rate], *counts[rate])
     if normal is not None:
         collapsed = metrics[COLLAPSED]
         counts = proportion_counts(y != normal, (predicted != normal).astype(float), 0.5)

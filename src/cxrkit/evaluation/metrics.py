@@ -195,9 +195,8 @@ def multiclass_metrics(y: np.ndarray, probs: np.ndarray, labels: Sequence[str],
     for c, name in enumerate(labels):
         is_c = y == c
         per_class = threshold_metrics(is_c, (predicted == c).astype(float), 0.5, w)
-        out[f"{name}/sensitivity"] = per_class["sensitivity"]
-        out[f"{name}/ppv"] = per_class["ppv"]
-        out[f"{name}/f1"] = per_class["f1"]
+        for rate in ("sensitivity", "specificity", "ppv", "npv", "f1"):  # this class's calls
+            out[f"{name}/{rate}"] = per_class[rate]
         out[f"{name}/roc_auc"] = roc_auc(is_c, probs[:, c], w)
     out["balanced_accuracy"] = _mean_of_defined([out[f"{n}/sensitivity"] for n in labels])
     out["roc_auc"] = _mean_of_defined([out[f"{n}/roc_auc"] for n in labels])
