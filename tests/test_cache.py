@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import cxrkit.data.cache
 from cxrkit.cli import app
 from cxrkit.config import ConfigError
 from cxrkit.data.cache import (
@@ -152,3 +153,14 @@ def test_a_cache_sent_to_a_spawned_worker_reads_its_file_not_a_copy(films, tmp_p
     assert received.array.filename == cache.array.filename
     assert np.array_equal(received.array, cache.array)
     assert getattr(received, "_held", None) is None  # the lock stays with this process
+
+
+def test_a_cache_built_with_no_workers_starts_no_process(films, tmp_path, monkeypatch):
+    """data.num_workers 0 still built the cache in a pool of processes: a script on macOS
+    without a __main__ guard then failed however few workers it asked for."""
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a process pool was started")
+
+    monkeypatch.setattr(cxrkit.data.cache, "ProcessPoolExecutor", no_pool)
+    cache = DecodeCache(films, 32, cache_dir=tmp_path / "decoded", workers=0)
+    assert all(cache.valid) and cache.array.shape == (FILMS, 32, 32) and cache.array.any()

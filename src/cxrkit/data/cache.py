@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +90,16 @@ def _prepare_or_none(args: tuple[str, int, bool]) -> np.ndarray | None:
         return None
 
 
+def _prepared(jobs: list[tuple[str, int, bool]], workers: int) -> Iterator[np.ndarray | None]:
+    """Each film decoded and resized, in order: by `workers` processes, or in this one (0:
+    no process started, so a script on macOS or Windows needs no __main__ guard for it)."""
+    if not workers:
+        yield from map(_prepare_or_none, jobs)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        yield from pool.map(_prepare_or_none, jobs, chunksize=32)
+
+
 class DecodeCache:
     """Every sample decoded and resized once into a memory-mapped uint8 array.
 
@@ -108,7 +118,8 @@ class DecodeCache:
         try:
             self._held = _lock(self.valid_path)
         except FileNotFoundError:
-            self._build(samples, equalize, workers or min(4, os.cpu_count() or 1))
+            self._build(samples, equalize,
+                        min(4, os.cpu_count() or 1) if workers is None else workers)
             self._held = _lock(self.valid_path)
         with contextlib.suppress(OSError):  # another user's cache, or a read-only one
             os.utime(self.valid_path)  # opened now: the last to go when the folder is pruned
@@ -151,11 +162,10 @@ class DecodeCache:
                           shape=(max(len(samples), 1), self.size, self.size))
         valid = []
         jobs = [(s.path, self.size, equalize) for s in samples]
-        with ProcessPoolExecutor(workers) as pool:
-            for i, pixels in enumerate(pool.map(_prepare_or_none, jobs, chunksize=32)):
-                valid.append(pixels is not None)
-                if pixels is not None:
-                    array[i] = pixels
+        for i, pixels in enumerate(_prepared(jobs, workers)):
+            valid.append(pixels is not None)
+            if pixels is not None:
+                array[i] = pixels
         array.flush()
         del array
         if fcntl is None:

@@ -337,6 +337,17 @@ def read_checkpoint(path: Path) -> dict:
                                      f" {reason}). If a crash cut it short, {then}") from e
 
 
+def _copied(value):
+    """`value` with every tensor in it (in dicts and lists too) copied into memory."""
+    if torch.is_tensor(value):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_copied(v) for v in value)
+    return value
+
+
 def best_checkpoint(run: Path, trainer: TrainerConfig) -> ModelCheckpoint:
     """Keeps RUN/best.ckpt; seeded with the previous stage's best so a stage only replaces it
     when it does better."""
@@ -347,7 +358,9 @@ def best_checkpoint(run: Path, trainer: TrainerConfig) -> ModelCheckpoint:
     if (run / BEST).is_file():
         saved = read_checkpoint(run / BEST)["callbacks"]
         if callback.state_key in saved:
-            callback.load_state_dict(saved[callback.state_key])
+            # copies, not views into the memory-mapped file: kept for the stage, they would
+            # hold best.ckpt mapped, and Windows refuses to replace a mapped file
+            callback.load_state_dict(_copied(saved[callback.state_key]))
     return callback
 
 

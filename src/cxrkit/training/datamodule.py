@@ -265,7 +265,8 @@ class XrayDataModule(LightningDataModule):
         if split not in self.caches:
             cache_dir = Path(self.data.cache_dir) if self.data.cache_dir else DEFAULT_CACHE_DIR
             self.caches[split] = DecodeCache(self.samples[split], self.spec.input_size,
-                                             self.data.equalize, cache_dir / DECODED)
+                                             self.data.equalize, cache_dir / DECODED,
+                                             workers=self.data.num_workers)  # 0: no process
         return self.caches[split]
 
     def prepare_data(self) -> None:
