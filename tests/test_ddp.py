@@ -49,6 +49,8 @@ def test_the_main_job_on_two_cpu_ddp_processes(tiny_kaggle, tmp_path):
     for made in ("audit/audit.json", "eval/test/metrics.json", "report.html"):
         assert (run / made).is_file(), made
     assert result.stderr.count("report: ") == 1  # said by rank 0 only
+    assert f"2 processes of batch {BATCH}, a global batch of {2 * BATCH}" in " ".join(
+        result.stderr.split())  # the recipe was tuned for one device
 
 
 @pytest.mark.slow

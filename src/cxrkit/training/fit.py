@@ -392,6 +392,16 @@ def estimate_train_norm_stats(run: Run, model: Classifier) -> None:
     adapt_batchnorm(model, paths, run.config.data.batch_size)  # on `default_device()`
 
 
+def say_the_global_batch(processes: int, stage: str, batch: int, lr: float) -> None:
+    """Several processes each take a batch: the recipe's learning rate, tuned for one device,
+    then steps with a batch that many times larger, and that many times fewer steps."""
+    if processes > 1:
+        log.warning("stage %s: %d processes of batch %d, a global batch of %d: the learning "
+                    "rate (%g) was tuned for one device, and fewer, larger steps train "
+                    "otherwise (scale the stage's lr, or divide data.batch_size by %d)", stage,
+                    processes, batch, processes * batch, lr, processes)
+
+
 def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None) -> None:
     stage = run.config.stages[index]
     seed_everything(run.config.seed, workers=True, verbose=False)  # said once, in train_run
@@ -408,6 +418,8 @@ def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None)
                            loggers=make_loggers(run.folder, stage.name, run.config.trainer))
     if rank_zero_only.rank == 0:  # once the settings are accepted; before DDP starts others
         provenance.data = data_fingerprint(run.samples, run.folder / FILM_HASHES)
+        say_the_global_batch(trainer.world_size, stage.name,
+                             stage.batch_size or run.config.data.batch_size, stage.lr)
     with warnings.catch_warnings():
         for message in EXPECTED_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
