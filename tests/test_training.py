@@ -931,13 +931,20 @@ def test_training_leaves_the_callers_randomness_and_environment_alone(tiny_kaggl
     random.seed(123)
     np.random.seed(123)
     torch.manual_seed(123)
-    settings = torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled()
-    train(tiny_config(tiny_kaggle, tmp_path, **{"stages.0.epochs": 1,
-                                                "trainer.deterministic": True}))
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
-    assert "CXRKIT_RUN_DIR" not in os.environ and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
-    assert (torch.get_float32_matmul_precision(),
-            torch.are_deterministic_algorithms_enabled()) == settings == ("highest", False)
+    # (a Trainer another test made left Lightning's deterministic algorithms on)
+    before = torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled()
+    torch.set_float32_matmul_precision("highest")
+    torch.use_deterministic_algorithms(False)
+    try:
+        train(tiny_config(tiny_kaggle, tmp_path, **{"stages.0.epochs": 1,
+                                                    "trainer.deterministic": True}))
+        assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+        assert "CXRKIT_RUN_DIR" not in os.environ and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        assert (torch.get_float32_matmul_precision(),
+                torch.are_deterministic_algorithms_enabled()) == ("highest", False)
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.use_deterministic_algorithms(before[1])
 
 
 def test_training_leaves_no_decode_cache_file_open(tiny_kaggle, tmp_path):
