@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cxrkit.data.io import SUPPORTED_SUFFIXES, dicom_patient
+from cxrkit.data.dicom import dicom_patient
+from cxrkit.data.io import SUPPORTED_SUFFIXES
 
 if TYPE_CHECKING:
     from cxrkit.data.layout import Sample
