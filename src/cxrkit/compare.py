@@ -12,8 +12,14 @@ from pathlib import Path
 
 from cxrkit.adapt import is_transductive
 from cxrkit.evaluation.paired import paired_difference, read_scored
-from cxrkit.evaluation.results import HEADLINE, deployed_point, ensure_evaluated, headline
-from cxrkit.runs import METRICS, PREDICTIONS, load_spec, model_folder
+from cxrkit.evaluation.results import (
+    HEADLINE,
+    deployed_point,
+    ensure_evaluated,
+    headline,
+    read_predictions,
+)
+from cxrkit.runs import METRICS, load_spec, model_folder
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +68,7 @@ def compare_runs(runs: list[str | Path], split: str = "test", paired: bool = Fal
 
 def _films(folder: Path) -> set[str]:
     """The films an evaluation scored (its predictions.csv)."""
-    with open(folder / PREDICTIONS, encoding="utf-8", newline="") as f:
-        return {str(Path(row["path"]).resolve()) for row in csv.DictReader(f)}
+    return {str(Path(row["path"]).resolve()) for row in read_predictions(folder)}
 
 
 def write_compare_csv(rows: list[dict], path: str | Path) -> Path:

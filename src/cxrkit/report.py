@@ -9,7 +9,6 @@ card. Missing pieces are said to be missing, never invented.
 from __future__ import annotations
 
 import base64
-import csv
 import io
 import logging
 from collections import Counter
@@ -47,6 +46,7 @@ from cxrkit.evaluation.results import (
     headline,
     headline_text,
     read_json,
+    read_predictions,
 )
 from cxrkit.evaluation.thresholds import point_name
 from cxrkit.labels import positive_label
@@ -367,9 +367,9 @@ KERMANY_CITATION = ("Kermany, Goldbaum et al., Cell 172(5), 2018; the Kaggle cop
 
 def subtype_sensitivity(m: dict) -> list[str]:
     """'bacterial 239 of 242 (98.8%)', 'viral ...': the deployed rule's sensitivity for each
-    pneumonia subtype that Kermany's file names tell (from predictions.csv; [] without)."""
+    pneumonia subtype that Kermany's file names tell (from predictions.csv)."""
     positive, rows = m.get("positive_class"), read_predictions(m["folder"])
-    found: dict[str, list[int]] = {}
+    found: dict[str, list[bool]] = {}
     for row in rows:
         subtype = kermany_subtype(Path(row["path"]).name, row["label"])
         if row["label"] == positive and subtype != positive.upper():
@@ -379,14 +379,6 @@ def subtype_sensitivity(m: dict) -> list[str]:
 
 
 SUBTYPE_NAMES = {"BACTERIA": "bacterial", "VIRUS": "viral"}
-
-
-def read_predictions(folder: Path) -> list[dict[str, str]]:
-    path = folder / "predictions.csv"
-    if not path.is_file():
-        return []
-    with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 # ---- the page -------------------------------------------------------------------------------

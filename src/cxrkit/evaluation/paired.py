@@ -11,7 +11,6 @@ model is run again.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from collections.abc import Sequence
@@ -21,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from cxrkit.evaluation.metrics import ranking_metrics, threshold_metrics, with_ci
-from cxrkit.runs import METRICS, PREDICTIONS
+from cxrkit.evaluation.results import read_predictions
+from cxrkit.runs import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,7 @@ def read_scored(folder: str | Path) -> ScoredFilms:
     if not positive:
         raise ValueError(f"{folder}: paired differences need a binary model "
                          f"(labels {metrics.get('labels')}); compare multi-class runs unpaired")
-    with open(folder / PREDICTIONS, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_predictions(folder)
     return ScoredFilms(
         folder=folder,
         paths=[str(Path(r["path"]).resolve()) for r in rows],

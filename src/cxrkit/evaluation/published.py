@@ -6,7 +6,6 @@ curve there (an upper bound for the model: the threshold is chosen on the test f
 
 from __future__ import annotations
 
-import csv
 import re
 from pathlib import Path
 
@@ -20,8 +19,7 @@ from cxrkit.evaluation.metrics import (
     with_ci,
 )
 from cxrkit.evaluation.paired import read_scored
-from cxrkit.evaluation.results import NAMES, format_metric, headline
-from cxrkit.runs import PREDICTIONS
+from cxrkit.evaluation.results import NAMES, format_metric, headline, read_predictions
 
 # Kermany et al. 2018, Cell 172(5):1122-1131, on the same 624-image test split.
 PUBLISHED = {"source": "Kermany et al. 2018 (Cell), Inception V3 transfer learning",
@@ -31,8 +29,7 @@ KERMANY_TEST_FILMS = 624
 
 def is_kermany_test(folder: Path) -> bool:
     """Whether an evaluation scored the Kermany test split: 624 films, all Kermany-named."""
-    with open(folder / PREDICTIONS, encoding="utf-8", newline="") as f:
-        names = [Path(row["path"]).name for row in csv.DictReader(f)]
+    names = [Path(row["path"]).name for row in read_predictions(folder)]
     return len(names) == KERMANY_TEST_FILMS and all(
         any(re.match(pattern, name) for pattern in DEFAULT_PATTERNS) for name in names)
 

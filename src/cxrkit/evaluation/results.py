@@ -9,12 +9,20 @@ Torch-free: `cxr report` and `cxr compare` read evaluations without importing Py
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from pathlib import Path
 
 from cxrkit.evaluation.metrics import COLLAPSED
-from cxrkit.runs import EVAL_DIR, METRICS, Calibration, model_folder, read_calibration
+from cxrkit.runs import (
+    EVAL_DIR,
+    METRICS,
+    PREDICTIONS,
+    Calibration,
+    model_folder,
+    read_calibration,
+)
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +32,12 @@ NAMES = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy",
          "npv": "NPV", "f1": "F1", "roc_auc": "ROC-AUC"}
 SCORES = ("roc_auc", "pr_auc", "brier", "ece")  # shown as decimals; everything else in percent
 HEADLINE = ("accuracy", "roc_auc", "sensitivity", "specificity", "f1")
+
+
+def read_predictions(folder: Path) -> list[dict[str, str]]:
+    """An evaluation's predictions.csv: one row per film, every value as written."""
+    with open(folder / PREDICTIONS, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def read_json(path: Path) -> dict | None:
