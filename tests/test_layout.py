@@ -461,3 +461,29 @@ def test_only_dicom_headers_are_read_for_patients(tmp_path):
     for name in ("no_id.dcm", "film.png", "png_named.dcm"):
         assert dicom_patient_id(tmp_path / name) is None
     assert PatientIdParser()("NORMAL/no_id.dcm", tmp_path / "no_id.dcm") == "NORMAL/no_id"
+
+
+def test_an_anonymisers_constant_patient_id_is_not_one_patient(tmp_path, caplog):
+    """De-identified exports often write one PatientID (ANONYMOUS, or a study code) into
+    every file: all films became one patient, validation came out empty and training was
+    refused, blaming a class."""
+    from cxrkit.data.patients import dicom_patient_id
+    from cxrkit.data.split import patient_split
+
+    study = {f"{split}/{label}/1.2.3.{split}.{label}.{i}.dcm": ("STUDY-7", "", "")
+             for split, n in (("train", 8), ("test", 2)) for label in ("NORMAL", "PNEUMONIA")
+             for i in range(n)}
+    source = load_source(pacs_export(tmp_path / "study", study))
+    assert len({s.patient_id for s in source.samples}) == len(study)  # each film its own
+    said = "20 of the 20 DICOM films share one PatientID in their headers"
+    assert any(note.startswith(said) for note in source.notes) and said in caplog.text
+    carved = patient_split(source.samples, 0.25, seed=0)
+    assert {s.split for s in carved} == {"train", "val", "test"}
+    # a placeholder is no id, however few films carry it
+    write_dicom(tmp_path / "anon.dcm", dicom_ramp(), PatientID="Anonymous")
+    assert dicom_patient_id(tmp_path / "anon.dcm") is None
+    # ids that tell films apart stay, a patient with several films among them
+    real = {f"{label}/1.2.4.{label}.{i}.dcm": (f"MRN-{label}-{i // 2}", "", "")
+            for label in ("NORMAL", "PNEUMONIA") for i in range(6)}
+    kept = load_source(pacs_export(tmp_path / "real", real))
+    assert len({s.patient_id for s in kept.samples}) == 6 and not kept.notes

@@ -23,7 +23,7 @@ from pathlib import Path, PureWindowsPath
 
 from cxrkit.data.io import is_image_file
 from cxrkit.data.kaggle import resolve_data
-from cxrkit.data.patients import PatientIdParser
+from cxrkit.data.patients import PatientIdParser, tell_films_apart
 
 log = logging.getLogger(__name__)
 
@@ -448,6 +448,10 @@ def _detect_layout(root: Path, parse: PatientIdParser) -> DataSource:
         source = _from_kaggle(kaggle_root, parse)
     else:
         source = _from_class_folders(root, parse)
+    samples, note = tell_films_apart(source.samples, parse.header_fallbacks)
+    if note:
+        log.warning("%s: %s", root, note)
+        source.samples, source.notes = samples, [*source.notes, note]
     if not source.samples:
         loose = root.is_dir() and any(is_image_file(p) for p in root.iterdir())
         problem = (f"{root} holds images but no class folders: move each class's images "

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,6 +53,9 @@ class PatientIdParser:
                 raise ValueError(
                     f"patient pattern {p.pattern!r} needs a group, e.g. (?P<patient>...)"
                 )
+        # film -> the id its path gives, for each film whose id came from its DICOM header
+        # (`tell_films_apart` falls back to them where the headers do not)
+        self.header_fallbacks: dict[str, str] = {}
 
     def __call__(self, relative_path: str | Path, file: str | Path | None = None) -> str:
         """`file`: where the film is (its header is read when no pattern matches a DICOM);
@@ -60,12 +65,40 @@ class PatientIdParser:
             m = p.search(relative.name) or p.search(relative.as_posix())
             if m:
                 return m.group("patient") if "patient" in p.groupindex else m.group(1)
-        if file is not None and (from_header := dicom_patient_id(file)):
-            return from_header
         # No rule matched: the film is its own patient. Only an image suffix is dropped: a
         # DICOM UID (1.2.840.113619.2.55) keeps its last component.
         image_suffix = relative.suffix.lower() in SUPPORTED_SUFFIXES
-        return (relative.with_suffix("") if image_suffix else relative).as_posix()
+        own = (relative.with_suffix("") if image_suffix else relative).as_posix()
+        if file is not None and (from_header := dicom_patient_id(file)):
+            self.header_fallbacks[str(file)] = own
+            return from_header
+        return own
+
+
+# An anonymiser's placeholder, not a patient: never an id (every film would be one patient).
+PLACEHOLDER_PATIENTS = {"", "0", "-", "NA", "N/A", "NONE", "NULL", "UNKNOWN", "ANON",
+                        "ANONYMOUS", "ANONYMIZED", "ANONYMISED", "PATIENT"}
+# Header ids that give one patient more than this share of a dataset's DICOM films (of at
+# least HEADER_ID_MIN_FILMS) are taken for a constant an anonymiser wrote, and not used.
+HEADER_ID_MAX_SHARE, HEADER_ID_MIN_FILMS = 0.5, 10
+
+
+def tell_films_apart(samples: list[Sample], fallbacks: dict[str, str]
+                     ) -> tuple[list[Sample], str | None]:
+    """`samples` with their DICOM header ids kept if they tell films apart, else (one id for
+    most films) each of those films its own patient again, and a note saying so."""
+    ids = Counter(s.patient_id for s in samples if s.path in fallbacks)
+    if sum(ids.values()) < HEADER_ID_MIN_FILMS:
+        return samples, None
+    _, most = ids.most_common(1)[0]
+    if most <= HEADER_ID_MAX_SHARE * sum(ids.values()):
+        return samples, None
+    note = (f"{most} of the {sum(ids.values())} DICOM films share one PatientID in their "
+            "headers (an anonymiser's constant?): header ids are not used, and each of these "
+            "films counts as its own patient. Give real ids in a CSV manifest's patient_id "
+            "column, or --patient-pattern.")
+    return [replace(s, patient_id=fallbacks[s.path]) if s.path in fallbacks else s
+            for s in samples], note
 
 
 def dicom_patient_id(path: str | Path) -> str | None:
@@ -75,7 +108,7 @@ def dicom_patient_id(path: str | Path) -> str | None:
     short MRN can be found again by trying every number: these ids are pseudonyms for
     grouping films, not anonymisation; keep run folders as private as the films."""
     found = dicom_patient(path)
-    if found is None:
+    if found is None or found[1].upper() in PLACEHOLDER_PATIENTS:
         return None
     issuer, patient = found
     key = f"{issuer}\\{patient}" if issuer else patient  # one MRN of two issuers: two people
