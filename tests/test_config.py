@@ -45,6 +45,10 @@ def test_partial_yaml_goes_on_top_of_a_preset(tmp_path):
     assert config.optim.schedule == "onecycle"
     assert config.loss.name == "focal" and config.loss.focal_gamma == 1.5
     assert config.stages == TrainConfig.preset("quick").stages  # untouched fields keep the preset
+    # the run remembers which recipe it began as (its name is only the folder's)
+    assert config.recipe == "quick" and TrainConfig().recipe is None
+    config.save(tmp_path / "config.yaml")
+    assert TrainConfig.load(tmp_path / "config.yaml").recipe == "quick"
 
 
 def test_dotted_overrides_reach_every_level():

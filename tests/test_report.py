@@ -501,12 +501,13 @@ def test_the_model_card_says_what_was_not_validated_and_how_the_rule_moved(repor
             f"{test['operating_points']['validation']['sensitivity']['value']:.1%} on the "
             "internal test") in card
     internal_only = [m for m in [test] if not m.get("external")]
-    found = limitations(internal_only, test, kermany=True, config={"name": "quick"})
+    found = limitations(internal_only, test, kermany=True, config={"recipe": "quick"})
     assert found[1] == NOT_EXTERNAL and "the `quick` preset" in found[3]
-    assert not any("preset" in item for item in limitations(
-        internal_only, test, kermany=True, config={"name": "scratch"}))
+    for config in ({"recipe": "scratch"}, {"name": "quick"}):  # a run folder named quick too
+        assert not any("preset" in item for item in limitations(
+            internal_only, test, kermany=True, config=config))
     assert not any("preset" in item for item in limitations(  # not Kermany's test split
-        internal_only, test, kermany=False, config={"name": "quick"}))
+        internal_only, test, kermany=False, config={"recipe": "quick"}))
 
 
 def test_validation_metrics_are_named_and_rates_in_percent():

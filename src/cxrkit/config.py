@@ -200,6 +200,7 @@ class TrainConfig:
     seed: int = 0
     runs_dir: str = "runs"
     name: str | None = None  # run folder name; None: timestamp and model
+    recipe: str | None = None  # the preset it began as (TrainConfig.preset), if any
 
     @classmethod
     def preset(cls, name: str = "default", data: str | None = None,
@@ -219,6 +220,7 @@ class TrainConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         config = _PRESETS[name]()
+        config.recipe = name  # the report says what choosing this recipe looked at
         if data is not None:
             config.data.path = str(data)
         if task is not None:

@@ -779,8 +779,8 @@ def limitations(evals: list[dict], test: dict | None, kermany: bool, config: dic
     if not any(m.get("external") for m in evals):
         found.append(NOT_EXTERNAL)
     found.append((test and selection_shift(test)) or SELECTION_SHIFT)
-    if kermany and config.get("name") in CHOSEN_WITH_TEST_IN_VIEW:
-        found.append(PRESET_CHOSEN_WITH_TEST.format(config["name"]))
+    if kermany and config.get("recipe") in CHOSEN_WITH_TEST_IN_VIEW:
+        found.append(PRESET_CHOSEN_WITH_TEST.format(config["recipe"]))
     return found + LIMITATIONS
 
 

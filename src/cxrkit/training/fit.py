@@ -316,8 +316,8 @@ RESUMABLE_LOADER_WARNING = r"You're resuming from a checkpoint that ended before
 # started with. These keys only say where things are or how progress shows: free to change.
 CONFIG_KEY = "cxrkit_config"
 FREE_ON_RESUME = {"data.path", "data.num_workers", "data.cache", "data.cache_dir", "runs_dir",
-                  "name", "trainer.progress_bar", "trainer.mlflow", "trainer.log_every_n_steps",
-                  "trainer.checkpoint_every_n_steps"}
+                  "name", "recipe", "trainer.progress_bar", "trainer.mlflow",
+                  "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps"}
 
 
 def resume_point(folder: Path, config: TrainConfig, index: int) -> Path | None:
