@@ -731,3 +731,26 @@ def test_an_8bit_dicom_reads_as_its_8bit_png_does(tmp_path, photometric):
     windowed = write_dicom(tmp_path / "windowed8.dcm", stored, photometric, BitsAllocated=8,
                            BitsStored=8, HighBit=7, WindowCenter=128, WindowWidth=128)
     assert not np.array_equal(np.asarray(read_image(windowed)), film)  # its window applies
+
+
+def test_reading_dicoms_in_threads_leaves_the_warning_filters_alone(tmp_path):
+    """The ONNX backend reads films in threads: each read's catch_warnings saved and restored
+    the process's filters, racing, and left `always` in force for the rest of the process."""
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    write_dicom(tmp_path / "whole.dcm", dicom_ramp())
+    data = (tmp_path / "whole.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[:len(data) - 1000])  # warns as pydicom reads it
+
+    def read(path: Path) -> bool:
+        try:
+            return read_image(path).size[0] > 0
+        except UnreadableImageError:
+            return False
+
+    before = list(warnings.filters)
+    with ThreadPoolExecutor(8) as pool:
+        read_ok = list(pool.map(read, [tmp_path / "whole.dcm", tmp_path / "cut.dcm"] * 100))
+    assert warnings.filters == before
+    assert read_ok[:2] == [True, False]

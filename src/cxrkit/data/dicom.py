@@ -414,22 +414,37 @@ def quiet_pydicom() -> Iterator[list[warnings.WarningMessage]]:
     """Around cxrkit's own reading of a DICOM: pydicom's log records and warnings, and GDCM's
     messages to stderr, are kept from the user's console (cxrkit says what went wrong, once);
     the warnings are given to the caller, which reads a truncated file from them. Only this
-    thread's log records are dropped, and GDCM's switches are set back after."""
+    thread's log records are dropped, and GDCM's switches are set back after. The warning
+    filters and GDCM's switches are the whole process's: only the main thread touches them
+    (readers in threads, as the ONNX backend's, left `always` behind, and took each other's
+    warnings); other threads' warnings show as Python's defaults show them."""
     import pydicom  # noqa: F401  (its loggers exist once it is imported)
 
     _quiet_pydicom_loggers()
-    trace = _gdcm_trace()
-    flags = (trace.GetWarningFlag(), trace.GetErrorFlag()) if trace else None
     was_reading, _READING.active = getattr(_READING, "active", False), True
     try:
-        if trace:
-            trace.WarningOff()
-            trace.ErrorOff()
-        with warnings.catch_warnings(record=True) as warned:
+        if threading.current_thread() is not threading.main_thread():
+            yield []
+            return
+        with _gdcm_silent(), warnings.catch_warnings(record=True) as warned:
             warnings.simplefilter("always")
             yield warned
     finally:
         _READING.active = was_reading
-        if trace and flags:
-            trace.SetWarning(flags[0])
-            trace.SetError(flags[1])
+
+
+@contextmanager
+def _gdcm_silent() -> Iterator[None]:
+    """GDCM's warnings and errors to stderr off, then as they were."""
+    trace = _gdcm_trace()
+    if trace is None:
+        yield
+        return
+    flags = trace.GetWarningFlag(), trace.GetErrorFlag()
+    trace.WarningOff()
+    trace.ErrorOff()
+    try:
+        yield
+    finally:
+        trace.SetWarning(flags[0])
+        trace.SetError(flags[1])
