@@ -31,6 +31,7 @@ from cxrkit.report import (
     limitations,
     metric_rows,
     predictive_values,
+    selection_shift,
     stale_note,
     val_rows,
 )
@@ -508,6 +509,14 @@ def test_the_model_card_says_what_was_not_validated_and_how_the_rule_moved(repor
             internal_only, test, kermany=True, config=config))
     assert not any("preset" in item for item in limitations(  # not Kermany's test split
         internal_only, test, kermany=False, config={"recipe": "quick"}))
+    # a rule chosen on another site's films (--calibrate-on) is not said to be validation's,
+    # and an external evaluation at an earlier rule still was one
+    site = test | {"selection_split": chosen | {"name": "site_b"}}
+    said = selection_shift(site)
+    assert "chosen on site_b" in said and "another site's labelled films" in said
+    assert "Validation comes from" not in said
+    stale_external = {**test, "external": True, "current": False}
+    assert NOT_EXTERNAL not in limitations([test, stale_external], site, True, {})
 
 
 def test_validation_metrics_are_named_and_rates_in_percent():

@@ -764,17 +764,22 @@ def selection_shift(test: dict) -> str | None:
         return "–" if value is None else f"{value:.3f}"
 
     threshold = test.get("deployed_threshold")
+    own = chosen["name"] == "validation"  # else another site's films (`--calibrate-on`)
+    source = ("Validation comes from the training films' source; another hospital's films may "
+              "shift further." if own else "Those are another site's labelled films "
+              "(`--calibrate-on`), not the ones evaluated.")
     return (f"At the deployed threshold ({threshold:.3f}), chosen on {chosen['name']} "
             f"({chosen['n']} films): sensitivity {rate(on_chosen, 'sensitivity')} there and "
             f"{rate(on_test, 'sensitivity')} on the internal test, specificity "
             f"{rate(on_chosen, 'specificity')} there and {rate(on_test, 'specificity')} on the "
-            f"test, calibration error (ECE) {ece(chosen)} and {ece(test)}. Validation comes from "
-            "the training films' source; another hospital's films may shift further. Validate "
+            f"test, calibration error (ECE) {ece(chosen)} and {ece(test)}. {source} Validate "
             "on the deployment site's films (`cxr evaluate RUN --data SITE`).")
 
 
 def limitations(evals: list[dict], test: dict | None, kermany: bool, config: dict) -> list[str]:
-    """The model card's known limitations, with this run's own numbers where it has them."""
+    """The model card's known limitations, with this run's own numbers where it has them
+    (`evals`: every evaluation, those at an earlier calibration too: an external one still
+    was made)."""
     found = [KERMANY_SHIFT if kermany else OTHER_SHIFT]
     if not any(m.get("external") for m in evals):
         found.append(NOT_EXTERNAL)
@@ -852,7 +857,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
         citation=KERMANY_CITATION, subtypes=subtype_sensitivity(binary_test) if kermany else [],
         carved=_carved(config), trained_with=attempts[0] if attempts else None,
         attempts_differ=caveat(attempts),
-        limitations=limitations(current, test, kermany, config),
+        limitations=limitations(evals, test, kermany, config),
         RUN_SPLITS_ITSELF=RUN_SPLITS_ITSELF, caveats=caveats(current, split, calibration),
     )
     out = run / REPORT
