@@ -10,6 +10,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,6 +199,15 @@ def test_the_model_card_says_how_validation_was_made(reported, tmp_path):
         (run / "config.yaml").write_text(f"data:\n  path: /data\n  val_fraction: {fraction}\n")
         card = " ".join(build_report(run).read_text().split())
         assert said in card[card.index('id="model-card"'):], fraction
+    # films without patient ids were carved by film: "by patient" was said of them too
+    samples = read_manifest(run / "split.csv")
+    write_manifest([replace(s, patient_id=Path(s.path).stem) for s in samples],
+                   run / "split.csv")
+    (run / "config.yaml").write_text("data:\n  path: /data\n  val_fraction: 0.15\n")
+    card = " ".join(build_report(run).read_text().split())
+    card = card[card.index('id="model-card"'):]
+    assert "carved from the training images by film: no film has a patient id" in card
+    assert "by patient" not in card
 
 
 def test_the_kermany_test_split_is_compared_with_the_published_results(reported):

@@ -990,15 +990,28 @@ def test_processes_a_launcher_started_share_one_run_folder(tiny_kaggle, tmp_path
     clock and made its own, and the two-stage recipe failed looking for its features."""
     monkeypatch.setenv(RUN_DIR_ENV, "restored at the end")  # (so that teardown removes it)
     monkeypatch.delenv(RUN_DIR_ENV)
-    for variable in ("SLURM_JOB_ID", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"):
+    for variable in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS",
+                     "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(variable, raising=False)
+    # Lightning's own launch leaves WORLD_SIZE set in the first process: not a launcher's
     monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "simple_cnn" in new_run(tiny_config(tiny_kaggle, tmp_path)).folder.name
+    monkeypatch.delenv(RUN_DIR_ENV)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's own when not given one
     with pytest.raises(ConfigError, match="Give every process the same --name"):
         new_run(tiny_config(tiny_kaggle, tmp_path))
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    assert new_run(tiny_config(tiny_kaggle, tmp_path)).folder.name == "slurm-4242-simple_cnn"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
+    assert new_run(tiny_config(tiny_kaggle, tmp_path)).folder.name == "torchelastic-job7-simple_cnn"
     monkeypatch.delenv(RUN_DIR_ENV)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    # srun: each step of a job its own folder (two trainings in one job collided)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    for step in ("0", "1"):
+        monkeypatch.setenv("SLURM_STEP_ID", step)
+        assert new_run(tiny_config(tiny_kaggle, tmp_path)).folder.name == \
+            f"slurm-4242.{step}-simple_cnn"
+        monkeypatch.delenv(RUN_DIR_ENV)
     assert new_run(tiny_config(tiny_kaggle, tmp_path, name="mine")).folder.name == "mine"
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from cxrkit.adapt import describe_adaptation, is_transductive
 from cxrkit.data.audit_report import with_code
-from cxrkit.data.patients import kermany_subtype
+from cxrkit.data.patients import has_parsed_patient, kermany_subtype
 from cxrkit.data.split import read_manifest, shared_patients, test_patients_seen_in_training
 from cxrkit.evaluation.calibration import N_BINS
 from cxrkit.evaluation.metrics import (
@@ -199,6 +199,7 @@ def _split_summary(run: Path) -> dict | None:
                   for a, b in (("train", "val"), ("train", "test"), ("val", "test"))
                   if a in splits and b in splits},
         "test_leak": test_patients_seen_in_training(samples),
+        "by_patient": any(map(has_parsed_patient, samples)),  # else each film its own
     }
 
 
@@ -569,7 +570,10 @@ pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
  decision about a patient.</p>
 <h3>Data</h3><p>Trained on {{ data_path or "the data listed in split.csv" }}{% if split %}
  ({% for r in split.rows %}{{ r.split }}: {{ r.total }} images / {{ r.patients }} patients
- {%- if not loop.last %}; {% endif %}{% endfor %}){% endif %}.{% if carved %} The
+ {%- if not loop.last %}; {% endif %}{% endfor %}){% endif %}.
+ {%- if carved and split and not split.by_patient %} The validation images are carved
+ from the training images by film: no film has a patient id, so a patient's films may be on
+ both sides.{% elif carved %} The
  validation images are carved from the training images by patient: no patient is in
  both.{% elif carved is not none %} The validation images are the data's own val split, as
  it is (data.val_fraction 0).{% endif %}{% if kermany %} Data: {{ citation }}.{% endif %}

@@ -174,29 +174,31 @@ def _file_safe(model_name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", model_name.removeprefix("timm:"))
 
 
-# Set by launchers that start every process themselves (srun, torchrun): one id a job's
-# processes share, whose clocks and folder listings do not agree on a name.
-JOB_IDS = ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")
-
-
-def _launched_outside() -> bool:
-    """Whether this is one of several processes a launcher started (torchrun, srun), not
-    one Lightning will start itself."""
-    processes = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or "1"
-    return processes.isdigit() and int(processes) > 1 and RUN_DIR_ENV not in os.environ
+def _launched_outside() -> int:
+    """How many processes a launcher started beside this one, each running this command
+    (torchrun: its own variables; srun: a job step's), not ones Lightning will start itself;
+    0 otherwise. (Lightning's own launch leaves WORLD_SIZE set in the first process.)"""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        processes = os.environ.get("WORLD_SIZE", "1")
+    elif "SLURM_STEP_ID" in os.environ:  # inside srun, not merely in an allocation
+        processes = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS", "1")
+    else:
+        return 0
+    count = int(processes) if processes.isdigit() else 1
+    return count if count > 1 and RUN_DIR_ENV not in os.environ else 0
 
 
 def _job_name(config: TrainConfig) -> str:
-    """The run folder's name that every process of an outside-launched job derives alike."""
-    for variable in JOB_IDS:
-        job = os.environ.get(variable, "")
-        if job and job != "none":  # torchrun's default rendezvous id is "none"
-            return f"{variable.split('_')[0].lower()}-{job}-{_file_safe(config.model.name)}"
-    raise ConfigError("started by a launcher as one of several processes (WORLD_SIZE "
-                      f"{os.environ.get('WORLD_SIZE') or os.environ.get('SLURM_NTASKS')}) "
-                      "and no run name: each process would make its own folder. Give every "
-                      "process the same --name (overrides={'name': ...}), or torchrun a "
-                      "--rdzv-id.")
+    """The run folder's name that every process of an outside-launched job derives alike:
+    the SLURM job and step (each srun of a job its own), or torchrun's rendezvous id."""
+    model = _file_safe(config.model.name)
+    if job := os.environ.get("SLURM_JOB_ID"):
+        return f"slurm-{job}.{os.environ.get('SLURM_STEP_ID', '0')}-{model}"
+    if (run_id := os.environ.get("TORCHELASTIC_RUN_ID", "none")) != "none":  # its default
+        return f"torchelastic-{run_id}-{model}"
+    raise ConfigError(f"started by a launcher as one of {_launched_outside()} processes and no "
+                      "run name: each process would make its own folder. Give every process "
+                      "the same --name (overrides={'name': ...}), or torchrun a --rdzv-id.")
 
 
 def _run_folder(config: TrainConfig) -> Path:
