@@ -490,10 +490,17 @@ def test_ppv_and_npv_are_shown_with_their_prevalence_and_at_others(reported):
     rows = {row["name"]: row["cells"] for row in metric_rows([metrics])}
     assert rows["PNEUMONIA films (prevalence)"] == [f"{fn + tp} of 16 ({(fn + tp) / 16:.1%})"]
     sensitivity, specificity = tp / (tp + fn), tn / (tn + fp)
-    for prevalence in (0.05, 0.5):
-        expected = [" / ".join("–" if v is None else f"{v:.1%}" for v in
-                               predictive_values(sensitivity, specificity, prevalence))]
-        assert rows[f"at {prevalence:.0%} prevalence"] == expected
+    deployed = metrics["operating_points"][metrics["deployed_operating_point"]]
+    (sens_low, sens_high), (spec_low, spec_high) = (deployed[k]["ci95"]
+                                                    for k in ("sensitivity", "specificity"))
+    for prevalence in (0.05, 0.5):  # each between its values at the intervals' two ends
+        point = predictive_values(sensitivity, specificity, prevalence)
+        low = predictive_values(sens_low, spec_low, prevalence)
+        high = predictive_values(sens_high, spec_high, prevalence)
+        expected = " / ".join(f"{v:.1%} ({100 * lo:.1f}–{100 * hi:.1f})"
+                              for v, lo, hi in zip(point, low, high, strict=True))
+        assert rows[f"at {prevalence:.0%} prevalence"] == [expected]
+        assert all(lo <= v <= hi for v, lo, hi in zip(point, low, high, strict=True))
     assert "PPV / NPV of the deployed rule if PNEUMONIA were this common" in path.read_text()
 
 

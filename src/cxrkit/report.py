@@ -281,8 +281,9 @@ def metric_rows(evals: list[dict]) -> list[dict]:
             rows += [{"group": group, "name": NAMES[k], "cells": [format_metric(k, o.get(k))
                                                                   for o in ops]} for k in RATES]
         group = (f"PPV / NPV of the deployed rule if {evals[0]['positive_class']} were this "
-                 "common among the films read (from its sensitivity and specificity; these "
-                 "films' own prevalence is above)")
+                 "common among the films read (from its sensitivity and specificity, the "
+                 "ranges from both intervals' ends, wider than 95% intervals; these films' own "
+                 "prevalence is above)")
         rows += [{"group": group, "name": f"at {prevalence:.0%} prevalence",
                   "cells": [_predictive_values_text(m, prevalence) for m in evals]}
                  for prevalence in OTHER_PREVALENCES]
@@ -337,13 +338,26 @@ def predictive_values(sensitivity: float, specificity: float,
 
 
 def _predictive_values_text(m: dict, prevalence: float) -> str:
+    """'33.7% (25.0–45.1) / 99.7% (99.4–99.9)': PPV and NPV, each between its values at the
+    low ends and at the high ends of the sensitivity and specificity intervals (both rise
+    with either rate: a range wider than a 95% interval)."""
     at = headline(m)
-    sensitivity, specificity = ((at.get(k) or {}).get("value") for k in ("sensitivity",
-                                                                         "specificity"))
-    if sensitivity is None or specificity is None:
+    rates = [at.get(k) or {} for k in ("sensitivity", "specificity")]
+    if any(rate.get("value") is None for rate in rates):
         return "–"
-    ppv, npv = predictive_values(sensitivity, specificity, prevalence)
-    return " / ".join("–" if v is None else f"{v:.1%}" for v in (ppv, npv))
+    values = [predictive_values(*(rate["value"] for rate in rates), prevalence)]
+    if all(None not in (rate.get("ci95") or [None]) for rate in rates):
+        values += [predictive_values(*(rate["ci95"][end] for rate in rates), prevalence)
+                   for end in (0, 1)]
+    return " / ".join(_with_range(*column) for column in zip(*values, strict=True))
+
+
+def _with_range(value: float | None, low: float | None = None,
+                high: float | None = None) -> str:
+    if value is None:
+        return "–"
+    span = f" ({100 * low:.1f}–{100 * high:.1f})" if low is not None and high is not None else ""
+    return f"{value:.1%}{span}"
 
 
 def card_title(m: dict) -> str:
