@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, RichProgressBar, WeightAveraging
+from lightning.pytorch.demos.boring_classes import BoringModel
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
@@ -1043,3 +1044,17 @@ def test_a_multiclass_task_trains_evaluates_and_reports_every_class(tmp_path):
     [prediction] = predict(run, [data / "test" / "COVID 19" / "COV-0.png"])
     assert list(prediction.probabilities) == labels
     assert sum(prediction.probabilities.values()) == pytest.approx(1.0)
+
+
+def test_the_weight_average_moves_with_the_model_to_its_device(tiny_kaggle, tmp_path):
+    """Lightning makes the average at setup, before the model moves to the GPU: it stayed
+    on the host and every step copied every weight there. ("meta" stands in for the GPU this
+    machine lacks.)"""
+    config = tiny_config(tiny_kaggle, tmp_path, **{"stages.0.ema_decay": 0.5})
+    [averaging] = [c for c in make_callbacks(tmp_path, config.trainer, config.stages[0])
+                   if isinstance(c, WeightAveraging)]
+    module = BoringModel()
+    averaging.setup(None, module, "fit")  # at setup: the model still where it was made
+    module.to("meta")  # then the strategy moves it
+    averaging.on_fit_start(None, module)
+    assert {p.device.type for p in averaging._average_model.parameters()} == {"meta"}

@@ -348,6 +348,16 @@ def _copied(value):
     return value
 
 
+class AveragedOnTheModelsDevice(WeightAveraging):
+    """Lightning's weight averaging, the average kept where the model trains: Lightning makes
+    it at setup, before the model moves to the GPU, and then copied every weight to the host
+    at every step."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self._device is None and self._average_model is not None:
+            self._average_model.to(pl_module.device)
+
+
 def best_checkpoint(run: Path, trainer: TrainerConfig) -> ModelCheckpoint:
     """Keeps RUN/best.ckpt; seeded with the previous stage's best so a stage only replaces it
     when it does better."""
@@ -405,7 +415,7 @@ def make_callbacks(run: Path, trainer: TrainerConfig, stage: StageConfig,
                                        patience=trainer.early_stopping_patience))
     if stage.ema_decay is not None:
         # Lightning's own: validation and checkpoints (best.ckpt too) see the averaged weights.
-        callbacks.append(WeightAveraging(avg_fn=get_ema_avg_fn(stage.ema_decay)))
+        callbacks.append(AveragedOnTheModelsDevice(avg_fn=get_ema_avg_fn(stage.ema_decay)))
     if trainer.progress_bar:
         callbacks.append(ProgressBar() if shows_a_bar() else ProgressLog())
     return callbacks
