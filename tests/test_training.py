@@ -46,7 +46,12 @@ from cxrkit.training.callbacks import (
     resolve_precision,
 )
 from cxrkit.training.curves import step_losses
-from cxrkit.training.datamodule import prepare_samples, task_classes
+from cxrkit.training.datamodule import (
+    default_num_workers,
+    prepare_samples,
+    processes_here,
+    task_classes,
+)
 from cxrkit.training.features import extract_features
 from cxrkit.training.fit import (
     RUN_DIR_ENV,
@@ -1058,3 +1063,17 @@ def test_the_weight_average_moves_with_the_model_to_its_device(tiny_kaggle, tmp_
     module.to("meta")  # then the strategy moves it
     averaging.on_fit_start(None, module)
     assert {p.device.type for p in averaging._average_model.parameters()} == {"meta"}
+
+
+def test_loader_workers_are_shared_by_the_training_processes_of_a_machine(monkeypatch):
+    """Each DDP process took every core but one for its loaders: a 64-core node with 8 GPUs
+    started 128 workers per loader. (The GPUs are stood in for: this machine has none.)"""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    trainer = TrainConfig.preset("quick").trainer
+    assert processes_here(trainer) == 8  # devices auto: every GPU
+    assert processes_here(replace(trainer, devices="2")) == 2
+    assert processes_here(replace(trainer, devices="0,1,2")) == 3
+    assert processes_here(replace(trainer, accelerator="cpu")) == 1
+    assert default_num_workers(1) == 16 and default_num_workers(8) == 7

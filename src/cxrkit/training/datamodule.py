@@ -22,7 +22,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
 
-from cxrkit.config import DataConfig
+from cxrkit.config import DataConfig, TrainerConfig
 from cxrkit.data.cache import DECODED, DEFAULT_CACHE_DIR, DecodeCache
 from cxrkit.data.dataset import UnreadableLog, XrayDataset, collate_skip_bad
 from cxrkit.data.io import UnreadableImageError, read_image
@@ -107,14 +107,27 @@ def class_counts(samples: list[Sample], classes: list[str]) -> list[int]:
     return [counts.get(c, 0) for c in classes]
 
 
-def default_num_workers() -> int:
-    """Loader processes: on a GPU every core but one (augmentation is the bottleneck there);
-    on a CPU leave most cores to the model."""
+def default_num_workers(processes: int = 1) -> int:
+    """Loader processes of each of this machine's `processes` training processes: on a GPU
+    every core but one, shared among them (augmentation is the bottleneck there; 8 GPUs of a
+    64-core node had 16 each, 128 for 64 cores); on a CPU leave most cores to the model."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
+    cores = (cores or 1) // max(1, processes)
     if torch.cuda.is_available():
         return min(16, max(1, cores - 1))
     return min(4, cores // 2)
+
+
+def processes_here(trainer: TrainerConfig) -> int:
+    """How many training processes this machine runs: the devices asked for ("2", "0,1"),
+    or with "auto" every GPU there is."""
+    devices = trainer.devices.strip()
+    if devices.isdigit():
+        return max(1, int(devices))
+    if "," in devices:
+        return len([d for d in devices.split(",") if d.strip()])
+    on_gpu = trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return max(1, torch.cuda.device_count()) if on_gpu else 1
 
 
 def balanced_weights(labels: list[int]) -> torch.Tensor:
@@ -242,7 +255,7 @@ class XrayDataModule(LightningDataModule):
 
     def __init__(self, samples: list[Sample], classes: list[str], spec: ModelSpec,
                  data: DataConfig, batch_size: int, augment: bool = True, seed: int = 0,
-                 unreadable_file: Path | None = None):
+                 unreadable_file: Path | None = None, processes: int = 1):
         super().__init__()
         self.seed = seed
         self.unreadable_file = unreadable_file  # where uncached films found unreadable go
@@ -253,7 +266,7 @@ class XrayDataModule(LightningDataModule):
         self.data = data
         self.batch_size = batch_size
         self.augment = augment
-        self.num_workers = (default_num_workers() if data.num_workers is None
+        self.num_workers = (default_num_workers(processes) if data.num_workers is None
                             else data.num_workers)
         self.datasets: dict[str, XrayDataset] = {}
         self.caches: dict[str, DecodeCache] = {}

@@ -94,6 +94,7 @@ from cxrkit.training.datamodule import (
     XrayDataModule,
     class_counts,
     prepare_samples,
+    processes_here,
     task_classes,
 )
 from cxrkit.training.features import FeatureDataModule
@@ -160,7 +161,8 @@ def build_stage(run: Run, index: int,
     batch_size = stage_batch_size(config, index)
     images = XrayDataModule(run.samples, run.classes, model.spec, config.data, batch_size,
                             augment=stage.augment, seed=config.seed,
-                            unreadable_file=stage_unreadable(run.folder, stage.name))
+                            unreadable_file=stage_unreadable(run.folder, stage.name),
+                            processes=processes_here(config.trainer))
     if stage.frozen_features:
         file = stage_features(run.folder, stage.name)
         return module, FeatureDataModule(images, model.backbone, file, batch_size,
