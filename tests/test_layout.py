@@ -487,3 +487,20 @@ def test_an_anonymisers_constant_patient_id_is_not_one_patient(tmp_path, caplog)
             for label in ("NORMAL", "PNEUMONIA") for i in range(6)}
     kept = load_source(pacs_export(tmp_path / "real", real))
     assert len({s.patient_id for s in kept.samples}) == 6 and not kept.notes
+    # two real patients, one with most of a small dataset's films, stay two
+    two = {f"NORMAL/1.2.5.{i}.dcm": ("MRN-A" if i < 7 else "MRN-B", "", "") for i in range(12)}
+    two |= {"PNEUMONIA/1.2.5.99.dcm": ("MRN-C", "", "")}
+    assert len({s.patient_id for s in load_source(pacs_export(tmp_path / "two", two)).samples}) == 3
+    # a study code in half the films, across classes, beside real ids: only the code goes
+    mixed = {f"{label}/1.2.6.{label}.{i}.dcm": ("STUDY-7" if i % 2 else f"MRN-{label}{i}", "", "")
+             for label in ("NORMAL", "PNEUMONIA") for i in range(20)}
+    ids = [s.patient_id for s in load_source(pacs_export(tmp_path / "mixed", mixed)).samples]
+    assert len(set(ids)) == 40  # 20 real patients and 20 films that are each their own
+    # a manifest's own patient_id stays, even beside another row of the same file without one
+    listed = tmp_path / "films.csv"
+    first = sorted((tmp_path / "study" / "train" / "NORMAL").iterdir())[0]
+    listed.write_text("path,label,split,patient_id\n" + f"{first},NORMAL,train,REAL-1\n" + "".join(
+        f"{path},{path.parent.name},train,\n"
+        for path in sorted((tmp_path / "study" / "train").glob("*/*.dcm"))))
+    own = [s.patient_id for s in load_source(listed).samples if s.path == str(first)]
+    assert "REAL-1" in own

@@ -53,9 +53,9 @@ class PatientIdParser:
                 raise ValueError(
                     f"patient pattern {p.pattern!r} needs a group, e.g. (?P<patient>...)"
                 )
-        # film -> the id its path gives, for each film whose id came from its DICOM header
-        # (`tell_films_apart` falls back to them where the headers do not)
-        self.header_fallbacks: dict[str, str] = {}
+        # film -> (its header's id, the id its path gives), for each film whose id came from
+        # its DICOM header (`tell_films_apart` falls back where the headers do not tell apart)
+        self.header_fallbacks: dict[str, tuple[str, str]] = {}
 
     def __call__(self, relative_path: str | Path, file: str | Path | None = None) -> str:
         """`file`: where the film is (its header is read when no pattern matches a DICOM);
@@ -70,7 +70,7 @@ class PatientIdParser:
         image_suffix = relative.suffix.lower() in SUPPORTED_SUFFIXES
         own = (relative.with_suffix("") if image_suffix else relative).as_posix()
         if file is not None and (from_header := dicom_patient_id(file)):
-            self.header_fallbacks[str(file)] = own
+            self.header_fallbacks[str(file)] = (from_header, own)
             return from_header
         return own
 
@@ -78,27 +78,37 @@ class PatientIdParser:
 # An anonymiser's placeholder, not a patient: never an id (every film would be one patient).
 PLACEHOLDER_PATIENTS = {"", "0", "-", "NA", "N/A", "NONE", "NULL", "UNKNOWN", "ANON",
                         "ANONYMOUS", "ANONYMIZED", "ANONYMISED", "PATIENT"}
-# Header ids that give one patient more than this share of a dataset's DICOM films (of at
-# least HEADER_ID_MIN_FILMS) are taken for a constant an anonymiser wrote, and not used.
+# A header id of at least HEADER_ID_MIN_FILMS films that spans classes, or holds more than
+# HEADER_ID_MAX_SHARE of a dataset's DICOM films, is taken for a constant an anonymiser wrote
+# (a study code in every file), not a patient, and not used.
 HEADER_ID_MAX_SHARE, HEADER_ID_MIN_FILMS = 0.5, 10
 
 
-def tell_films_apart(samples: list[Sample], fallbacks: dict[str, str]
+def tell_films_apart(samples: list[Sample], fallbacks: dict[str, tuple[str, str]]
                      ) -> tuple[list[Sample], str | None]:
-    """`samples` with their DICOM header ids kept if they tell films apart, else (one id for
-    most films) each of those films its own patient again, and a note saying so."""
-    ids = Counter(s.patient_id for s in samples if s.path in fallbacks)
-    if sum(ids.values()) < HEADER_ID_MIN_FILMS:
+    """`samples` with the DICOM header ids that tell films apart kept; each film of an id
+    that does not (`HEADER_ID_MIN_FILMS`) its own patient again, and a note saying so.
+    `fallbacks`: film -> (the id its header gave, the id its path gives)."""
+    def is_from_header(s: Sample) -> bool:  # (a manifest's own id for the same file is not)
+        return fallbacks.get(s.path, ("",))[0] == s.patient_id
+
+    from_header = [s for s in samples if is_from_header(s)]
+    films = Counter(s.patient_id for s in from_header)
+    classes: dict[str, set[str]] = {}
+    for s in from_header:
+        classes.setdefault(s.patient_id, set()).add(s.label)
+    constants = {patient for patient, n in films.items() if n >= HEADER_ID_MIN_FILMS and (
+        len(classes[patient]) > 1 or n > HEADER_ID_MAX_SHARE * len(from_header))}
+    if not constants:
         return samples, None
-    _, most = ids.most_common(1)[0]
-    if most <= HEADER_ID_MAX_SHARE * sum(ids.values()):
-        return samples, None
-    note = (f"{most} of the {sum(ids.values())} DICOM films share one PatientID in their "
-            "headers (an anonymiser's constant?): header ids are not used, and each of these "
-            "films counts as its own patient. Give real ids in a CSV manifest's patient_id "
-            "column, or --patient-pattern.")
-    return [replace(s, patient_id=fallbacks[s.path]) if s.path in fallbacks else s
-            for s in samples], note
+    dropped = sum(films[patient] for patient in constants)
+    note = (f"{dropped} of the {len(from_header)} DICOM films share "
+            f"{'one PatientID' if len(constants) == 1 else f'{len(constants)} PatientIDs'} "
+            "in their headers across classes or most of the data (an anonymiser's constant?): "
+            "those ids are not used, and each of these films counts as its own patient. Give "
+            "real ids in a CSV manifest's patient_id column, or --patient-pattern.")
+    return [replace(s, patient_id=fallbacks[s.path][1])
+            if s.patient_id in constants and is_from_header(s) else s for s in samples], note
 
 
 def dicom_patient_id(path: str | Path) -> str | None:
