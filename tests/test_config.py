@@ -45,10 +45,14 @@ def test_partial_yaml_goes_on_top_of_a_preset(tmp_path):
     assert config.optim.schedule == "onecycle"
     assert config.loss.name == "focal" and config.loss.focal_gamma == 1.5
     assert config.stages == TrainConfig.preset("quick").stages  # untouched fields keep the preset
-    # the run remembers which recipe it began as (its name is only the folder's)
-    assert config.recipe == "quick" and TrainConfig().recipe is None
-    config.save(tmp_path / "config.yaml")
-    assert TrainConfig.load(tmp_path / "config.yaml").recipe == "quick"
+    # the run remembers which recipe it began as (its name is only the folder's); a file of
+    # fields on top may make it any recipe: not the preset's then, unless the file says so
+    assert config.recipe is None and TrainConfig().recipe is None
+    started = TrainConfig.preset("quick", overrides={"stages.0.epochs": 2})
+    assert started.recipe == "quick"
+    started.save(tmp_path / "config.yaml")
+    assert TrainConfig.load(tmp_path / "config.yaml", TrainConfig.preset("default")).recipe == \
+        "quick"
 
 
 def test_dotted_overrides_reach_every_level():

@@ -208,6 +208,11 @@ def test_the_model_card_says_how_validation_was_made(reported, tmp_path):
     card = card[card.index('id="model-card"'):]
     assert "carved from the training images by film: no film has a patient id" in card
     assert "by patient" not in card
+    # patient ids on the test films alone do not make the carving of validation by patient
+    write_manifest([replace(s, patient_id=Path(s.path).stem if s.split != "test" else "P1")
+                    for s in samples], run / "split.csv")
+    card = " ".join(build_report(run).read_text().split())
+    assert "carved from the training images by film" in card[card.index('id="model-card"'):]
 
 
 def test_the_kermany_test_split_is_compared_with_the_published_results(reported):

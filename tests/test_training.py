@@ -1018,6 +1018,10 @@ def test_processes_a_launcher_started_share_one_run_folder(tiny_kaggle, tmp_path
         assert new_run(tiny_config(tiny_kaggle, tmp_path)).folder.name == \
             f"slurm-4242.{step}-simple_cnn"
         monkeypatch.delenv(RUN_DIR_ENV)
+    # torchrun inside a SLURM job: its own rendezvous id (each torchrun its own folder)
+    monkeypatch.delenv("SLURM_STEP_ID")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job8")
+    assert new_run(tiny_config(tiny_kaggle, tmp_path)).folder.name == "torchelastic-job8-simple_cnn"
     assert new_run(tiny_config(tiny_kaggle, tmp_path, name="mine")).folder.name == "mine"
 
 

@@ -260,7 +260,8 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
         """A YAML file of config fields (all or some) on top of `base` (default: the plain
-        defaults); a run's config.yaml holds them all."""
+        defaults); a run's config.yaml holds them all. The recipe is the file's own (a
+        run's preset), else unknown: its fields may be any recipe's."""
         path = Path(path)
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -269,7 +270,7 @@ class TrainConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of config sections, e.g. `optim: ...`")
         try:
-            return cls.from_dict(values, base)
+            return cls.from_dict({"recipe": None, **values}, base)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from e
 

@@ -199,7 +199,8 @@ def _split_summary(run: Path) -> dict | None:
                   for a, b in (("train", "val"), ("train", "test"), ("val", "test"))
                   if a in splits and b in splits},
         "test_leak": test_patients_seen_in_training(samples),
-        "by_patient": any(map(has_parsed_patient, samples)),  # else each film its own
+        # how validation was carved: by patient where train's films had patient ids
+        "by_patient": any(has_parsed_patient(s) for s in samples if s.split in ("train", "val")),
     }
 
 

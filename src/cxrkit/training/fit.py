@@ -194,10 +194,10 @@ def _job_name(config: TrainConfig) -> str:
     """The run folder's name that every process of an outside-launched job derives alike:
     the SLURM job and step (each srun of a job its own), or torchrun's rendezvous id."""
     model = _file_safe(config.model.name)
-    if job := os.environ.get("SLURM_JOB_ID"):
-        return f"slurm-{job}.{os.environ.get('SLURM_STEP_ID', '0')}-{model}"
     if (run_id := os.environ.get("TORCHELASTIC_RUN_ID", "none")) != "none":  # its default
-        return f"torchelastic-{run_id}-{model}"
+        return f"torchelastic-{run_id}-{model}"  # (each torchrun of a SLURM job its own)
+    if (job := os.environ.get("SLURM_JOB_ID")) and "SLURM_STEP_ID" in os.environ:
+        return f"slurm-{job}.{os.environ['SLURM_STEP_ID']}-{model}"
     raise ConfigError(f"started by a launcher as one of {_launched_outside()} processes and no "
                       "run name: each process would make its own folder. Give every process "
                       "the same --name (overrides={'name': ...}), or torchrun a --rdzv-id.")
