@@ -146,9 +146,10 @@ def loss_class_weights(config: TrainConfig, counts: list[int]) -> list[float] | 
     return balanced_class_weights(counts) if mode == "balanced" else None
 
 
-def build_stage(run: Run, index: int,
-                model: Classifier) -> tuple[ClassifierModule, LightningDataModule]:
-    """The LightningModule and DataModule of stage `index`."""
+def build_stage(run: Run, index: int, model: Classifier, processes: int | None = None
+                ) -> tuple[ClassifierModule, LightningDataModule]:
+    """The LightningModule and DataModule of stage `index`; `processes`: how many train on
+    this machine (default: as the config's trainer asks), sharing its loader workers."""
     config, stage = run.config, run.config.stages[index]
     module = ClassifierModule(
         spec=to_dict(model.spec), stage=to_dict(stage), optim=to_dict(config.optim),
@@ -162,7 +163,7 @@ def build_stage(run: Run, index: int,
     images = XrayDataModule(run.samples, run.classes, model.spec, config.data, batch_size,
                             augment=stage.augment, seed=config.seed,
                             unreadable_file=stage_unreadable(run.folder, stage.name),
-                            processes=processes_here(config.trainer))
+                            processes=processes or processes_here(config.trainer))
     if stage.frozen_features:
         file = stage_features(run.folder, stage.name)
         return module, FeatureDataModule(images, model.backbone, file, batch_size,
@@ -750,7 +751,7 @@ def find_lr(config: TrainConfig, stage: int = 0, out: str | Path | None = None,
     with tempfile.TemporaryDirectory() as tmp:
         run = Run(Path(tmp), config, samples, task_classes(config.data.task, samples))
         model = build_model(config, run.classes)
-        module, datamodule = build_stage(run, stage, model)
+        module, datamodule = build_stage(run, stage, model, processes=1)  # one process
         trainer = make_trainer(run.folder, config.stages[stage], config.trainer, callbacks=[],
                                loggers=False, devices=1, num_nodes=1, strategy="auto",
                                enable_checkpointing=False,
