@@ -123,9 +123,13 @@ class DecodeCache:
             self._held = _lock(self.valid_path)
         with contextlib.suppress(OSError):  # another user's cache, or a read-only one
             os.utime(self.valid_path)  # opened now: the last to go when the folder is pruned
-        self.valid = _read_marker(self.valid_path)["valid"]
-        self.array = np.memmap(self.array_path, dtype=np.uint8, mode="r",
-                               shape=(len(samples), size, size))
+        self.valid = _read_marker(self.valid_path)["valid"]  # one flag per film
+        self.array = self._mapped()
+
+    def _mapped(self) -> np.memmap:
+        """The entry's films, read from its file as they are used."""
+        return np.memmap(self.array_path, dtype=np.uint8, mode="r",
+                         shape=(len(self.valid), self.size, self.size))
 
     def close(self) -> None:
         """Release the entry's lock now (else when this object is collected)."""
@@ -141,8 +145,7 @@ class DecodeCache:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self.array = np.memmap(self.array_path, dtype=np.uint8, mode="r",
-                               shape=(len(self.valid), self.size, self.size))
+        self.array = self._mapped()
 
     @staticmethod
     def _key(samples: Sequence[Sample], size: int, equalize: bool) -> str:
