@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
-from jinja2 import Environment
+from jinja2 import Environment, PackageLoader
 from markupsafe import Markup
 from PIL import Image
 
@@ -65,6 +65,7 @@ from cxrkit.runs import (
 log = logging.getLogger(__name__)
 
 REPORT = "report.html"
+TEMPLATE = "report.html.j2"  # in cxrkit/templates
 
 
 FIGURES = (
@@ -397,219 +398,6 @@ def subtype_sensitivity(m: dict) -> list[str]:
 SUBTYPE_NAMES = {"BACTERIA": "bacterial", "VIRUS": "viral"}
 
 
-# ---- the page -------------------------------------------------------------------------------
-
-TEMPLATE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>cxrkit report: {{ run_name }}</title>
-<style>
-body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1d2330;
-       max-width: 1180px; margin: 0 auto; padding: 24px 32px 64px; }
-h1 { margin-bottom: 0; } h2 { border-bottom: 2px solid #dde3ec; padding-bottom: 4px;
-     margin-top: 44px; } h3 { margin-top: 28px; }
-.sub { color: #5b6577; margin-top: 4px; }
-nav a { margin-right: 14px; display: inline-block; }  /* a link never breaks inside */
-table { border-collapse: collapse; margin: 10px 0 18px; font-size: 14px; }
-th, td { border: 1px solid #d5dbe5; padding: 4px 10px; text-align: right; white-space: nowrap; }
-table { display: block; overflow-x: auto; max-width: 100%; }  /* scrolls, not the page */
-th { background: #f1f4f9; white-space: normal; }  /* headers wrap, numbers do not */
-th.name { text-align: left; }
-th[scope=row] { background: none; font-weight: normal; min-width: 9em; }  /* labels wrap */
-.card h2 { margin-top: 16px; }
-caption { display: block; text-align: left; color: #5b6577; font-size: 13px;
-          padding-bottom: 4px; }  /* wraps at the screen, not at the scrolled table's width */
-tr.group td { background: #f8f9fc; text-align: left; font-weight: 600; color: #3a4456;
-            white-space: normal; }  /* a group's title wraps: it must not widen the table */
-img { max-width: 100%; border: 1px solid #e3e7ee; margin: 6px 0 4px; }
-figure { margin: 0 0 22px; } figcaption { color: #5b6577; font-size: 13px; }
-.note { background: #fff8e1; border-left: 4px solid #f2b600; padding: 8px 12px; margin: 10px 0; }
-.card { background: #f6f8fb; border: 1px solid #dde3ec; padding: 4px 20px 12px;
-        border-radius: 6px; }
-pre { background: #f6f8fb; padding: 10px; overflow-x: auto; font-size: 12px; }
-.missing { color: #5b6577; font-style: italic; }
-</style></head><body><main>
-<h1>cxrkit report: {{ run_name }}</h1>
-<p class="sub">{{ spec.name }} · input {{ spec.input_size }} px
- · labels {{ spec.labels|join(", ") }} · generated {{ generated }} by cxrkit {{ version }}</p>
-<div class="card" id="summary"><h2>In brief</h2><ul>
-{% for title, text in card_metrics %}<li>{{ title }}: {{ text }}.</li>{% endfor %}
-<li>Decision rule: {% if positive %}{{ positive }} where P({{ positive }}) ≥
- {{ "%.4f"|format(calibration.threshold) }} (chosen on {{ calibration.chosen_on }}){% else %}the
- most probable class{% endif %}.</li>
-{% for caveat in caveats %}<li><strong>Caveat:</strong> {{ caveat|code }}</li>{% endfor %}
-<li><strong>Not a medical device and not for diagnosis.</strong></li></ul></div>
-<nav><a href="#data">Data</a><a href="#training">Training</a><a href="#metrics">Metrics</a><a
- href="#published">Published results</a><a href="#figures">Figures</a><a
- href="#model-card">Model card</a></nav>
-
-<section id="data"><h2>Data</h2>
-{% if audit %}
-<p>From the data audit ({{ audit.get("root", "audit.json") }}):
- {{ audit.get("n_images", "?") }} images, layout {{ audit.get("layout", "?") }}.</p>
-{% if audit.get("counts") %}{% set classes = audit.get("classes") or [] %}
-<table><caption>Films per class in each folder on disk, and their patients</caption>
-<tr><th scope="col" class="name">folder on disk</th>{% for c in classes %}
-<th scope="col">{{ c }}</th>{% endfor %}<th scope="col">patients</th></tr>
-{% for split, row in audit["counts"].items() %}
-<tr><th scope="row" class="name">{{ split or "(none)" }}/</th>
-{% for c in classes %}<td>{{ row.get(c, 0) }}</td>{% endfor %}
-<td>{{ (audit.get("patients") or {}).get(split, "–") }}</td></tr>{% endfor %}</table>{% endif %}
-{% if audit.get("exact_duplicate_summary") %}<p>Exact duplicates:
- {{ audit["exact_duplicate_summary"].get("groups", 0) }} groups; near-duplicate pairs:
- {{ audit.get("near_pairs_total", "?") }}; unreadable files:
- {{ (audit.get("unreadable") or [])|length }}.</p>{% endif %}
-{% for note in audit.get("notes") or [] if not note.startswith(RUN_SPLITS_ITSELF) %}
-<div class="note">{{ note|code }}</div>{% endfor %}
-{% else %}<p class="missing">No audit.json found (run <code>cxr data audit</code>); counts below
- are from the run's split.csv.</p>{% endif %}
-{% if split %}<h3>The run's split (split.csv)</h3>
-<table><caption>Films per class in each split the run used, and their patients</caption>
-<tr><th scope="col" class="name">split</th>{% for c in split.classes %}
-<th scope="col">{{ c }}</th>{% endfor %}<th scope="col">total</th><th scope="col">patients</th></tr>
-{% for r in split.rows %}<tr><th scope="row" class="name">{{ r.split }}</th>
-{% for n in r.counts %}<td>{{ n }}</td>{% endfor %}<td>{{ r.total }}</td><td>{{ r.patients }}</td>
-</tr>{% endfor %}</table>
-<p>Patients shared between splits: {% for pair, n in split.leaks.items() %}{{ pair }}: {{ n }}
-{%- if not loop.last %}, {% endif %}{% endfor %}{% if split.leaks.values()|select|list %}
- <strong>(the same patient id on both sides: a leak if the ids name the same
- person)</strong>{% endif %}.</p>
-{% else %}<p class="missing">No split.csv in the run folder.</p>{% endif %}
-</section>
-
-<section id="training"><h2>Training</h2>
-{% if adaptation %}<div class="note">{{ adaptation_text|code }} No labels were read; evaluations of
- those same films are transductive (their notes below say so).</div>{% endif %}
-{% if curves %}<figure><img alt="training curves" src="data:image/png;base64,{{ curves }}">
-<figcaption>Training loss per logged step and per epoch, validation loss and metrics per epoch
- (from metrics.csv).</figcaption></figure>
-{% elif members %}<p>An ensemble: each member's training curves are in its own run folder
-({% for m in members %}<code>{{ m }}/training_curves.png</code>
-{%- if not loop.last %}, {% endif %}{% endfor %}).</p>
-{% else %}<p class="missing">No training_curves.png in the run folder.</p>{% endif %}
-{% if val_metrics %}<p>Validation metrics of the best checkpoint (val_metrics.json).
-{% if positive %} Accuracy, sensitivity, specificity and F1 there are at probability 0.5 of the
- raw model, before <code>cxr evaluate</code> chooses a threshold on validation (the Metrics
- below use that one); with class weights or mixup they can look poor beside a high
- ROC-AUC.{% else %} Each film is called its most probable class; sensitivity, specificity and
- F1 are averaged over the classes.{% endif %}</p>
-<table><caption>Validation, best checkpoint (its loss over all films at once; the curves'
- val loss is a mean over batches)</caption>
-{% for name, text in val_metrics %}
-<tr><th scope="row" class="name">{{ name }}</th><td>{{ text }}</td>
-</tr>{% endfor %}</table>{% endif %}
-{% if config_text %}<details><summary>config.yaml</summary><pre>{{ config_text }}</pre></details>
-{% else %}<p class="missing">No config.yaml in the run folder.</p>{% endif %}
-</section>
-
-<section id="metrics"><h2>Metrics</h2>
-{% if evals %}
-<p>95% bootstrap intervals in parentheses, resampling patients ({{ evals[0].bootstrap.resamples }}
- resamples). Probabilities are temperature-scaled ({{ calibration.describe() }}); the reliability
- diagram shows whether that helped on these films.{% for m in evals %}{% if m.calibrated
- and m.calibrated.ece_before and m.calibrated.ece_after %} {{ m.title }}: ECE
- {{ "%.3f"|format(m.calibrated.ece_before.value) }} before scaling,
- {{ "%.3f"|format(m.calibrated.ece_after.value) }} after{% if m.calibrated.ece_after.value
- > m.calibrated.ece_before.value %} (<b>worse</b>: read these probabilities as scores, not
- as frequencies){% endif %}.{% endif %}{% endfor %}{% if positive %} The
- deployed threshold ({{ calibration.chosen_on }}) is the one <code>cxr predict</code> uses
- ({{ "%.4f"|format(calibration.threshold) }}).{% endif %} Neither was chosen on test data.</p>
-<table><caption>Each evaluation at the deployed threshold, 95% intervals in parentheses
-</caption><tr><th scope="col" class="name">metric</th>{% for m in evals %}
-<th scope="col">{{ m.title }}</th>{% endfor %}</tr>
-{% for row in rows %}{% if row.group and (loop.first or rows[loop.index0 - 1].group != row.group) %}
-<tr class="group"><td colspan="{{ evals|length + 1 }}">{{ row.group }}</td></tr>{% endif %}
-<tr><th scope="row" class="name">{{ row.name }}</th>
-{% for c in row.cells %}<td>{{ c }}</td>{% endfor %}</tr>
-{% endfor %}</table>
-{% for m in evals %}{% for note in m.notes %}<div class="note">{{ m.title }}:
- {{ note|code }}</div>{% endfor %}{% if m.unreadable %}<div class="note">{{ m.name }}:
- {{ m.unreadable|length }} unreadable images were left out.</div>{% endif %}{% endfor %}
-{% for v in variants %}<h3 id="variant-{{ loop.index }}">{{ v.title }}</h3><p>{{ v.note }}</p>
-<table aria-labelledby="variant-{{ loop.index }}"><tr>
-<th scope="col" class="name">metric</th>{% for c in v.columns %}<th scope="col">{{ c }}</th>
-{% endfor %}</tr>
-{% for r in v.rows %}
-<tr><th scope="row" class="name">{{ r[0] }}</th>{% for c in r[1:] %}<td>{{ c }}</td>
-{% endfor %}</tr>{% endfor %}</table>{% endfor %}
-<p class="sub">Evaluated: {% for m in evals %}{{ m.title }} {{ m.evaluated_at or "(date not
- recorded)" }}{% if m.version %} by cxrkit {{ m.version }}{% endif %}{% if not loop.last %};
- {% endif %}{% endfor %}.</p>
-{% else %}<p class="missing">No evaluation found.</p>{% endif %}
-</section>
-
-<section id="published"><h2>Published results on the same test split</h2>
-{% if published %}<table><caption>{{ published_source }} beside this model</caption>
-<tr><th scope="col" class="name">metric</th>
-<th scope="col">{{ published_source }}</th>
-<th scope="col">this model, internal test, deployed threshold</th></tr>
-{% for r in published %}<tr><th scope="row" class="name">{{ r.name }}</th><td>{{ r.published }}</td>
-<td>{{ r.ours }}</td></tr>{% endfor %}
-<tr class="group"><td colspan="3">at the paper's operating point: the best any threshold
- gives on these films (an upper bound, not an operating point)</td></tr>
-{% for r in published_curve %}
-<tr><th scope="row" class="name">{{ r.name }}</th><td>{{ r.published }}</td>
-<td>{{ r.ours }}</td></tr>{% endfor %}</table>
-<p>This run's test split is the Kaggle/Kermany test folder ({{ test_n }} films). The paper
- used another architecture and reports no intervals; a published number inside this model's
- interval is no evidence of a difference. The first rows hold this model at its deployed
- threshold (chosen on {{ calibration.chosen_on }}); the last two read its ROC curve where the
- paper operated, choosing the threshold on the test films themselves: they compare how well
- the two models rank these films, not two decision rules.</p>
-{% else %}<p class="missing">The published results are on the Kermany test split (624
- Kermany-named films, two classes); this run has no evaluation of it to compare.</p>{% endif %}
-</section>
-
-<section id="figures"><h2>Figures</h2>
-{% for m in evals %}{% set folded = test and m is not sameas test %}
-{% if folded %}<details><summary>{% endif %}<h3>{{ m.title }}</h3>{% if folded %}
- (shown on request)</summary>{% endif %}
-{% for f in m.figures %}<figure><img alt="{{ m.title }}: {{ f.alt or f.caption }}"
- src="data:{{ f.mime }};base64,{{ f.data }}"><figcaption>{{ f.caption }}</figcaption></figure>
-{% else %}<p class="missing">No figures.</p>{% endfor %}{% if folded %}</details>{% endif %}
-{% endfor %}
-</section>
-
-<section id="model-card"><h2>Model card</h2><div class="card">
-<h3>Model</h3><p>{{ spec.name }}, {{ spec.num_classes }} classes ({{ spec.labels|join(", ") }}),
- {{ spec.input_size }}×{{ spec.input_size }} input, {{ spec.in_chans }} channel(s)
- {%- if spec.equalize %}, histogram-equalised films{% endif %}.
- Run folder: <code>{{ run_path }}</code>.{% if trained_with %} Trained with cxrkit
- {{ trained_with.cxrkit }}, PyTorch {{ trained_with.libraries.torch }}, timm
- {{ trained_with.libraries.timm }}, Lightning {{ trained_with.libraries.lightning }} on
- {{ trained_with.machine.gpu or trained_with.machine.accelerator }}, precision
- {{ trained_with.machine.precision }} (every attempt: <code>provenance.json</code>).{% endif %}
- {%- if attempts_differ %} <strong>{{ attempts_differ }}</strong>{% endif %}</p>
-<h3>Intended use</h3><p>Research and education: studying how chest X-ray classifiers behave,
- fail and can be evaluated. <strong>Not a medical device and not for diagnosis</strong> or any
- decision about a patient.</p>
-<h3>Data</h3><p>Trained on {{ data_path or "the data listed in split.csv" }}{% if split %}
- ({% for r in split.rows %}{{ r.split }}: {{ r.total }} images / {{ r.patients }} patients
- {%- if not loop.last %}; {% endif %}{% endfor %}){% endif %}.
- {%- if carved and split and not split.by_patient %} The validation images are carved
- from the training images by film: no film has a patient id, so a patient's films may be on
- both sides.{% elif carved %} The
- validation images are carved from the training images by patient: no patient is in
- both.{% elif carved is not none %} The validation images are the data's own val split, as
- it is (data.val_fraction 0).{% endif %}{% if kermany %} Data: {{ citation }}.{% endif %}
- {%- if adaptation %}
- {{ adaptation_text|code }}{% endif %}</p>
-<h3>Metrics</h3>{% if card_metrics %}<p>At the deployed threshold, with 95% intervals
- (every rate counts films; the intervals resample patients):</p>
-<ul>{% for title, text in card_metrics %}<li>{{ title }}: {{ text }}.</li>{% endfor %}
-{% if subtypes %}<li>Sensitivity by pneumonia subtype on the internal test (from Kermany's file
- names): {{ subtypes|join(", ") }}.</li>{% endif %}</ul>
-{% else %}<p class="missing">Not evaluated.</p>{% endif %}
-<h3>Decision rule</h3><p>{% if positive %}P({{ positive }})
- ≥ {{ "%.4f"|format(calibration.threshold) }}{% else %}The most probable class{% endif %}
- on temperature-scaled probabilities ({{ calibration.describe() }}),
- chosen on {{ calibration.chosen_on }}. Never chosen on test data.</p>
-<h3>Known limitations</h3><ul>{% for item in limitations %}<li>{{ item|code }}</li>{% endfor %}</ul>
-</div></section>
-</main></body></html>
-"""
-
-
 def _figures(folder: Path, metrics: dict) -> list[dict]:
     return [{"caption": caption, "alt": alt_text(name, metrics), **image}
             for name, caption in FIGURES if (image := embedded_figure(folder / name))]
@@ -854,9 +642,9 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
     attempts = read_attempts(run)
     adaptation = read_json(run / ADAPTATION)
     split = _split_summary(run)
-    environment = Environment(autoescape=True)
+    environment = Environment(loader=PackageLoader("cxrkit"), autoescape=True)
     environment.filters["code"] = lambda text: Markup(with_code(str(text)))
-    page = environment.from_string(TEMPLATE).render(
+    page = environment.get_template(TEMPLATE).render(
         run_name=run.name, run_path=str(run), spec=spec, version=code_version(),
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         audit=found_audit, split=split,
