@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, RichProgressBar, WeightAveraging
 from lightning.pytorch.demos.boring_classes import BoringModel
 from sklearn.metrics import roc_auc_score
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from typer.testing import CliRunner
 
 import cxrkit.data.dataset
@@ -717,6 +718,27 @@ def test_lr_find_runs_its_steps_past_the_stages_epochs(tiny_kaggle, tmp_path):
     result = CliRunner().invoke(app, ["lr-find", "--data", str(tiny_kaggle), "--num-training",
                                       "10", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "the range test needs at least 20 steps" in result.output
+
+
+def test_lr_find_sweeps_each_layer_group_at_its_share_of_the_heads_rate(tiny_kaggle, tmp_path):
+    """Lightning swept every parameter group at one rate (the stem at the head's), while the
+    recipe trains group d layers down at lr_decay**d of the head's rate."""
+    seen = []
+    hook = register_optimizer_step_post_hook(
+        lambda optimizer, args, kwargs: seen.append(
+            {g["name"]: g["lr"] for g in optimizer.param_groups}))
+    config = tiny_config(tiny_kaggle, tmp_path, "default", **{"stages.0.lr_decay": 0.5})
+    try:
+        find_lr(config, num_training=20)
+    finally:
+        hook.remove()
+    assert len(seen) == 20 and seen[-1]["head"] > 1000 * seen[0]["head"]  # a sweep
+    layers = sorted(int(name.split(".")[1]) for name in seen[0] if name != "head")
+    assert len(layers) >= 2
+    for rates in seen:
+        for layer in layers:
+            depth = layers[-1] + 1 - layer
+            assert rates[f"backbone.{layer}"] == pytest.approx(rates["head"] * 0.5**depth)
 
 
 def test_find_lr_from_python_writes_no_file_unless_asked(tiny_kaggle, tmp_path, monkeypatch):

@@ -246,7 +246,8 @@ def lr_find(
     out: Path = typer.Option(Path("lr_find.png"), "--out", help="Where the plot goes."),
     set_: list[str] = SET,
 ) -> None:
-    """Lightning's learning-rate range test: saves the loss-vs-LR plot, prints a suggestion."""
+    """Lightning's learning-rate range test: saves the loss-vs-LR plot, prints a suggestion
+    for the stage's `lr` (the head's rate; each backbone group sweeps at its lr_decay share)."""
     from cxrkit.training import find_lr
 
     route_lightning_logs()

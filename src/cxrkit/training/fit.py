@@ -48,6 +48,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.tuner import Tuner
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from cxrkit.adapt import adapt_batchnorm
 from cxrkit.config import ConfigError, StageConfig, TrainConfig, to_dict
@@ -728,6 +729,24 @@ LR_RANGE = (1e-6, 1.0)  # the learning-rate range test's sweep
 LR_FIND_MIN_STEPS = 20  # Lightning's suggestion leaves out the first 10 steps and the last
 
 
+@contextmanager
+def layer_rates_kept() -> Iterator[None]:
+    """Lightning's range test sweeps every parameter group at one rate; before each step each
+    group is put back at its share of the head's (`lr_scale`: lr_decay**depth), so that the
+    sweep tries the recipe it tunes, not one with the stem at the head's rate."""
+
+    def keep_shares(optimizer, args, kwargs) -> None:
+        head = optimizer.param_groups[0]["lr"]
+        for group in optimizer.param_groups:
+            group["lr"] = head * group.get("lr_scale", 1.0)
+
+    hook = register_optimizer_step_pre_hook(keep_shares)
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
 def stage_batch_size(config: TrainConfig, stage: int) -> int:
     """The batch size stage `stage` trains with (its own, else the data's)."""
     return config.stages[stage].batch_size or config.data.batch_size
@@ -756,9 +775,10 @@ def find_lr(config: TrainConfig, stage: int = 0, out: str | Path | None = None,
                                loggers=False, devices=1, num_nodes=1, strategy="auto",
                                enable_checkpointing=False,
                                max_epochs=num_training)  # every step, however short an epoch
-        result = Tuner(trainer).lr_find(module, datamodule=datamodule, min_lr=LR_RANGE[0],
-                                        max_lr=LR_RANGE[1], num_training=num_training,
-                                        update_attr=False)
+        with layer_rates_kept():
+            result = Tuner(trainer).lr_find(module, datamodule=datamodule, min_lr=LR_RANGE[0],
+                                            max_lr=LR_RANGE[1], num_training=num_training,
+                                            update_attr=False)
     suggestion = result.suggestion()
     figure = result.plot(suggest=suggestion is not None)  # (else Lightning logs its error again)
     ax = figure.axes[0]

@@ -106,14 +106,16 @@ def keep_frozen_norms_in_eval(backbone: nn.Module, all_norms: bool = False) -> N
 
 
 def param_groups(model: Classifier, lr: float, lr_decay: float) -> list[dict]:
-    """Head at `lr`; backbone layer group at depth d (1 = last) at lr * lr_decay**d."""
-    groups = [{"name": "head", "params": list(model.head.parameters()), "lr": lr}]
+    """Head at `lr`; backbone layer group at depth d (1 = last) at lr * lr_decay**d (its
+    `lr_scale`, which the learning-rate range test keeps)."""
+    groups = [{"name": "head", "params": list(model.head.parameters()), "lr": lr,
+               "lr_scale": 1.0}]
     layers = model.layer_groups()
     for depth, group in enumerate(reversed(layers), start=1):
         params = [p for p in group if p.requires_grad]
         if params:
             groups.append({"name": f"backbone.{len(layers) - depth}", "params": params,
-                           "lr": lr * lr_decay**depth})
+                           "lr": lr * lr_decay**depth, "lr_scale": lr_decay**depth})
     grouped = {id(p) for g in groups for p in g["params"]}
     missed = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in grouped]
     if missed:
