@@ -29,6 +29,7 @@ from cxrkit.evaluation.evaluate import choose_calibration
 from cxrkit.evaluation.metrics import ranking_metrics, wilson_interval, with_ci
 from cxrkit.evaluation.results import headline
 from cxrkit.evaluation.scoring import Scored
+from cxrkit.evaluation.tta import DEFAULT_VIEWS
 from cxrkit.inference import predict_logits
 from cxrkit.models import create_model
 from cxrkit.report import build_report
@@ -253,6 +254,20 @@ def test_tta_is_reported_beside_the_plain_result(trained_run, tmp_path):
     assert "validation" in metrics["tta"]["operating_points"]
     rows = read_rows(out / "predictions.csv")
     assert rows[0]["tta_p_PNEUMONIA"] != rows[0]["p_PNEUMONIA"]  # the views changed something
+    # a predictor of its own: temperature and threshold chosen on validation films scored
+    # with the same views (averaged logits have another scale than the plain ones)
+    val = [s for s in read_manifest(run / "split.csv") if s.split == "val"]
+    logits, _ = predict_logits(load_model(run), [s.path for s in val], device="cpu",
+                               views=list(DEFAULT_VIEWS.values()))
+    labels = json.loads((run / "labels.json").read_text())
+    val_tta = Scored(val, np.array([labels.index(s.label) for s in val]),
+                     logits.astype(np.float64), [])
+    chosen, _ = choose_calibration(val_tta, positive=1, target_sensitivity=None)
+    assert metrics["tta"]["temperature"] == pytest.approx(chosen.temperature)
+    assert metrics["tta"]["deployed_threshold"] == pytest.approx(chosen.threshold)
+    assert metrics["tta"]["operating_points"]["validation"]["threshold"] == pytest.approx(
+        chosen.threshold)
+    assert chosen.temperature != pytest.approx(read_calibration(run).temperature)
 
 
 def test_framing_check_scores_the_same_films_framed_more_tightly(trained_run, tmp_path):
@@ -579,21 +594,21 @@ def test_evaluating_again_reuses_the_logits_until_a_film_or_the_weights_change(t
     for key in ("roc_auc", "operating_points", "calibrated", "confusion_matrix"):
         assert again[key] == first[key]
     tta = evaluate(tta=True)["tta"]
-    assert len(list(cache.glob("*.npz"))) == 3  # the test films' TTA logits
-    assert evaluate(tta=True)["tta"] == tta and len(list(cache.glob("*.npz"))) == 3
+    assert len(list(cache.glob("*.npz"))) == 4  # the validation and test films' TTA logits
+    assert evaluate(tta=True)["tta"] == tta and len(list(cache.glob("*.npz"))) == 4
     val_film = next(s.path for s in read_manifest(run / "split.csv") if s.split == "val")
     Path(val_film).touch()  # a film changed: its split is scored again
     evaluate()
-    assert len(list(cache.glob("*.npz"))) == 4
+    assert len(list(cache.glob("*.npz"))) == 5
     save_model(load_model(run), run)  # the same weights again (a finished run resumed)
     evaluate()
-    assert len(list(cache.glob("*.npz"))) == 4
+    assert len(list(cache.glob("*.npz"))) == 5
     model = load_model(run)
     with torch.no_grad():
         next(model.parameters()).add_(0.01)
     save_model(model, run)  # new weights: everything is scored again
     latest = evaluate()
-    assert len(list(cache.glob("*.npz"))) == 6
+    assert len(list(cache.glob("*.npz"))) == 7
     # An evaluation killed while writing leaves whole files or none; a damaged one (cut
     # short, or without its list of unreadable films) is scored again, not a crash
     assert not [p for p in cache.iterdir() if p.suffix not in (".npz", ".json")]
@@ -601,7 +616,7 @@ def test_evaluating_again_reuses_the_logits_until_a_film_or_the_weights_change(t
     newest[0].write_bytes(newest[0].read_bytes()[:100])
     newest[1].with_suffix(".json").unlink()
     assert evaluate()["confusion_matrix"] == latest["confusion_matrix"]
-    assert len(list(cache.glob("*.npz"))) == 6 and newest[1].with_suffix(".json").is_file()
+    assert len(list(cache.glob("*.npz"))) == 7 and newest[1].with_suffix(".json").is_file()
 
 
 def test_films_left_out_are_said_again_when_the_logits_are_read_back(trained_run, tmp_path,

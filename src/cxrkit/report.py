@@ -433,8 +433,9 @@ def variant_tables(m: dict) -> list[dict]:
     if "tta" in m:
         tables.append({"title": f"Test-time augmentation: {title}",
                        "columns": ["plain", "with TTA"],
-                       "note": f"Views: {', '.join(m['tta']['views'])}; logits averaged, same "
-                               "temperature and threshold.",
+                       "note": f"Views: {', '.join(m['tta']['views'])}; logits averaged; "
+                               "temperature and threshold chosen on the validation films "
+                               "scored with the same views.",
                        "rows": variant_rows(m, [m["tta"]])})
     if "unseen_patients" in m:
         tables.append(seen_table(m))

@@ -70,7 +70,8 @@ def evaluate_command(
                                     "(a folder, a CSV manifest or `kaggle`): external validation, "
                                     "written to RUN/eval/<its name>/."),
     tta: bool = typer.Option(False, "--tta", help="Also report test-time augmentation "
-                             "(zoom and shifts, logits averaged)."),
+                             "(zoom and shifts, logits averaged), with its own temperature and "
+                             "threshold chosen on validation films scored the same way."),
     framing: bool = typer.Option(False, "--framing", help="Also score the films framed more "
                                  "tightly (centre 85% and 70%): does the model read framing? "
                                  "Use with --split val to compare models without test data."),

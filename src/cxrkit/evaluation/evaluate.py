@@ -33,7 +33,7 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -303,6 +303,23 @@ def choose_calibration(val: Scored, positive: int | None, target_sensitivity: fl
                  "target_sensitivity": f"{source}: sensitivity >= {target_sensitivity}"}
     calibration.threshold, calibration.chosen_on = thresholds[deployed], chosen_on[deployed]
     return calibration, thresholds
+
+
+def choose_tta_calibration(infer: Callable[..., Scored], val: Scored, framed_val: Scored | None,
+                           augmented_val: Scored | None, positive: int | None,
+                           target_sensitivity: float | None, source: str,
+                           with_bias: bool) -> tuple[Calibration, dict[str, float]]:
+    """`choose_calibration` for test-time augmentation, a predictor of its own: on the
+    validation films scored with the same views (`augmented_val` where they are already;
+    framed too where `framed_val` is)."""
+    if augmented_val is None:
+        augmented_val = infer(val.samples, f"{source} (TTA)", views=DEFAULT_VIEWS) \
+            if len(val.y) else val
+    framed = None if framed_val is None else infer(
+        val.samples, f"{source} (TTA, framed {FRAMING_THRESHOLD_CROP:.0%})", views=DEFAULT_VIEWS,
+        crop=FRAMING_THRESHOLD_CROP)
+    return choose_calibration(augmented_val, positive, target_sensitivity, framed, source,
+                              with_bias)
 
 
 MIN_CHOOSING_FILMS = 50  # fewer, and the threshold and temperature are rough guesses
@@ -723,12 +740,18 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     tta_probs = None
     if tta:
         augmented = infer(scored.samples, f"{origin} (TTA)", views=DEFAULT_VIEWS)
-        tta_probs = calibration.probabilities(augmented.logits)
+        tta_calibration, tta_thresholds = choose_tta_calibration(
+            infer, val, framed_val, augmented if reuse else None, positive, target_sensitivity,
+            source, with_bias=calibrate_on is not None)
+        tta_probs = tta_calibration.probabilities(augmented.logits)
         metrics["tta"] = {
             "views": list(DEFAULT_VIEWS),
-            "note": "logits averaged over the plain image and each view; the same calibration "
-                    "and thresholds as without TTA",
-            **measure(augmented),
+            "note": "logits averaged over the plain image and each view; temperature and "
+                    "thresholds chosen as without TTA, on the validation films scored with "
+                    "the same views (averaging changes the logits' scale)",
+            "temperature": tta_calibration.temperature,
+            "deployed_threshold": tta_calibration.threshold if positive is not None else None,
+            **measure(augmented, calibration=tta_calibration, thresholds=tta_thresholds),
         }
 
     if framing:
