@@ -142,7 +142,8 @@ class StageConfig:
     # statistics; letting film batches overwrite them shifts every feature under that head.
     freeze_norm_stats: bool = False
     # Validate, checkpoint and keep an exponential moving average of the weights (and BatchNorm
-    # statistics), updated after every optimiser step: ema = decay * ema + (1 - decay) * weights.
+    # statistics), updated after every optimiser step: ema = d * ema + (1 - d) * weights, where
+    # d = min(ema_decay, (1 + n) / (10 + n)) after n steps (a warm-up, as timm's).
     ema_decay: float | None = None
 
 

@@ -37,7 +37,6 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
-from torch.optim.swa_utils import get_ema_avg_fn
 
 from cxrkit.config import MONITORS, ConfigError, DamagedCheckpointError, StageConfig, TrainerConfig
 from cxrkit.provenance import record_attempt
@@ -358,6 +357,18 @@ class AveragedOnTheModelsDevice(WeightAveraging):
             self._average_model.to(pl_module.device)
 
 
+def ema_with_warmup(decay: float):
+    """Averaging with decay min(decay, (1 + n) / (10 + n)) after n updates (timm's warm-up): a
+    plain EMA still holds mostly the stage's starting weights (a new head's random ones)
+    after 1/(1 - decay) steps, as long as a short stage (0.998: 500 steps)."""
+
+    def average(averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        rate = ((1 + n) / (10 + n)).clamp(max=decay)
+        return averaged + (current - averaged) * (1 - rate)
+
+    return average
+
+
 def best_checkpoint(run: Path, trainer: TrainerConfig) -> ModelCheckpoint:
     """Keeps RUN/best.ckpt; seeded with the previous stage's best so a stage only replaces it
     when it does better."""
@@ -415,7 +426,7 @@ def make_callbacks(run: Path, trainer: TrainerConfig, stage: StageConfig,
                                        patience=trainer.early_stopping_patience))
     if stage.ema_decay is not None:
         # Lightning's own: validation and checkpoints (best.ckpt too) see the averaged weights.
-        callbacks.append(AveragedOnTheModelsDevice(avg_fn=get_ema_avg_fn(stage.ema_decay)))
+        callbacks.append(AveragedOnTheModelsDevice(avg_fn=ema_with_warmup(stage.ema_decay)))
     if trainer.progress_bar:
         callbacks.append(ProgressBar() if shows_a_bar() else ProgressLog())
     return callbacks
