@@ -116,9 +116,11 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     optimizer: str = "adamw"  # adamw | sgd
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # on every weight, biases and norms too; an AdamW value
     momentum: float = 0.9  # sgd only
-    schedule: str = "cosine"  # cosine (linear warmup, then cosine) | onecycle | constant
+    # cosine (linear warmup, then cosine) | onecycle | constant. onecycle also cycles the
+    # momentum (SGD's; AdamW's beta1) from 0.95 down to 0.85 and back, overriding `momentum`.
+    schedule: str = "cosine"
     warmup_fraction: float = 0.05  # of the stage's optimiser steps (onecycle: its pct_start)
 
 
@@ -135,6 +137,8 @@ class StageConfig:
     # frozen_features only: passes over the train films, the first plain, the others augmented
     # (data.augment), so the head sees framing and contrast vary: more views, longer extraction.
     feature_views: int = 1
+    # Augment the films (data.augment) and apply mixup (loss.mixup). In a frozen_features
+    # stage the films vary only with feature_views > 1, and mixup blends the features.
     augment: bool = True
     batch_size: int | None = None  # None: data.batch_size
     # Keep BatchNorm running statistics as they are while the layers learn. A head trained in
