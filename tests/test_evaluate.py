@@ -626,7 +626,7 @@ def test_films_left_out_are_said_again_when_the_logits_are_read_back(trained_run
     (site / "NORMAL" / "cut.jpeg").write_bytes(b"\xff\xd8\xff\xe0 not the rest of a JPEG")
     for _ in range(2):  # scored, then read back from eval/logits/
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="cxrkit.evaluation"):
+        with caplog.at_level(logging.DEBUG, logger="cxrkit.evaluation"):
             evaluate_run(run, data=site, bootstrap=0, figures=False, device="cpu")
         assert "site: skipped unreadable image" in caplog.text and "cut.jpeg" in caplog.text
     assert "read back from" in caplog.text
@@ -638,13 +638,13 @@ def test_a_run_copied_with_cp_r_keeps_its_scores(trained_run, tmp_path, caplog):
     run = copy_run(trained_run, tmp_path)
     evaluate_run(run, bootstrap=0, figures=False, device="cpu")
     copied = shutil.copytree(run, tmp_path / "copied", copy_function=shutil.copy)  # new times
-    with caplog.at_level(logging.INFO, logger="cxrkit.evaluation"):
+    with caplog.at_level(logging.DEBUG, logger="cxrkit.evaluation"):
         evaluate_run(copied, bootstrap=0, figures=False, device="cpu")
     assert [r.getMessage().split(":")[0].split()[-1] for r in caplog.records
             if "read back from" in r.getMessage()] == ["val", "test"]  # none scored again
     save_model(create_model("simple_cnn", labels=["NORMAL", "PNEUMONIA"]), copied)  # retrained
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="cxrkit.evaluation"):
+    with caplog.at_level(logging.DEBUG, logger="cxrkit.evaluation"):
         evaluate_run(copied, bootstrap=0, figures=False, device="cpu")
     assert "read back from" not in caplog.text
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -46,7 +47,7 @@ def test_cxr_run_does_the_whole_job_on_the_default_recipe_as_an_ensemble(tiny_ka
     assert "members/1-simple_cnn" in report and "audit" in report.lower()
     said = " ".join(result.output.split())  # the job's results, not only a folder
     assert "Validation (" in said and "ensemble of 2 members" in said
-    assert "test (16 films, at the deployed threshold): Accuracy " in said
+    assert "test (16 films, at the deployed threshold; 95% intervals): Accuracy " in said
     assert f"1 film(s) could not be read and were skipped: {run / 'skipped_files.csv'}" in said
     assert str(bad) in (run / "skipped_files.csv").read_text()
 
@@ -56,7 +57,7 @@ def test_the_main_job_from_python(tiny_kaggle, tmp_path, caplog):
     config = TrainConfig.preset("scratch", data=str(tiny_kaggle), epochs=2, overrides={
         **TINY, "data.cache_dir": str(tmp_path / "cache"), "runs_dir": str(tmp_path / "runs"),
         "name": "job"})
-    with caplog.at_level(logging.INFO, logger="cxrkit.evaluation"):
+    with caplog.at_level(logging.DEBUG, logger="cxrkit.evaluation"):
         job = run_pipeline(config)
     # the validation films, scored once for val_metrics.json, are read back by the evaluation
     assert "split.csv val: logits of these 8 films read back" in caplog.text
@@ -133,3 +134,43 @@ def test_every_option_reads_in_full_in_an_80_column_help():
             assert option in result.output, (path, option)
             checked += 1
     assert checked > 50
+
+
+
+def test_a_job_stopped_after_its_training_says_how_to_finish_it(tiny_kaggle, tmp_path,
+                                                                 monkeypatch):
+    """Ctrl+C while the test films were scored exited 130 in silence (SIGTERM: 143), the run
+    left without eval/test or report.html and nothing said how to finish it."""
+    import cxrkit.evaluation
+    import cxrkit.report
+
+    trained = CliRunner().invoke(app, [
+        "train", "--data", str(tiny_kaggle), "--preset", "scratch", "--runs-dir",
+        str(tmp_path / "runs"), "--name", "job", *[f"--set={k}={v}" for k, v in TINY.items()],
+        f"--set=data.cache_dir={tmp_path / 'cache'}", "--set=stages.0.epochs=1"])
+    assert trained.exit_code == 0, trained.output
+    run = (tmp_path / "runs" / "job").absolute()
+    assert f"run folder: {run}" in " ".join(trained.output.split())  # said before training
+
+    def stopped_by(stop, step):
+        def stopped(*args, **kwargs):
+            signal.raise_signal(stop)  # the real signal, as from the terminal or a scheduler
+            return step(*args, **kwargs)
+        return stopped
+
+    for module, name, stop, code, said in (
+            (cxrkit.evaluation, "evaluate_run", signal.SIGINT, 130, "the evaluation "
+                                                                    "interrupted (Ctrl+C)"),
+            (cxrkit.report, "build_report", signal.SIGTERM, 143, "the report interrupted "
+                                                                 "(SIGTERM)")):
+        monkeypatch.setattr(module, name, stopped_by(stop, getattr(module, name)))
+        result = CliRunner().invoke(app, ["run", "--resume", str(run)])
+        assert result.exit_code == code, result.output
+        assert f"{said}; continue it with `cxr run --resume {run}`" in " ".join(
+            result.output.split())
+        assert not (run / "report.html").exists()
+        monkeypatch.undo()
+    finished = CliRunner().invoke(app, ["run", "--resume", str(run)])
+    assert finished.exit_code == 0, finished.output
+    assert (run / "report.html").is_file() and f"`cxr predict {run} FILMS...`" in " ".join(
+        finished.output.split())

@@ -374,6 +374,39 @@ def test_the_progress_bar_shows_no_cut_version_name_and_counts_epochs_from_1(tmp
     assert bar._get_train_description(0) == f"Epoch 1/{stage.epochs}"
 
 
+def test_the_progress_bar_shows_the_steps_loss_alone_to_fit_80_columns(tiny_kaggle, tmp_path):
+    """`train_loss_step: 0.675` and `val_loss: 0.217` wrapped the bar onto a second line at
+    80 columns, where the log lines printed beside it then tore it."""
+    config = tiny_config(tiny_kaggle, tmp_path)
+    samples = prepare_samples(config.data, config.seed)
+    run = Run(tmp_path, config, samples, task_classes("binary", samples))
+    module, datamodule = build_stage(run, 0, build_model(config, run.classes))
+    bar = ProgressBar()
+    trainer = make_trainer(tmp_path, config.stages[0], config.trainer, callbacks=[bar],
+                           loggers=False, max_epochs=1, enable_checkpointing=False,
+                           enable_progress_bar=True)
+    trainer.fit(module, datamodule=datamodule)
+    assert "val_loss" in trainer.progress_bar_metrics  # what Lightning would show
+    shown = bar.get_metrics(trainer, module)
+    assert list(shown) == ["loss"]
+    assert shown["loss"] == trainer.progress_bar_metrics["train_loss_step"]
+
+
+def test_verbose_is_cxrkits_and_lightnings_debug_lines_not_every_librarys(tmp_path):
+    """`cxr -v` printed 2,239 lines, 2,200 of them matplotlib's font search and PIL's PNG
+    chunks."""
+    try:
+        result = CliRunner().invoke(app, ["-v", "data", "cache", "--dir", str(tmp_path)])
+        assert result.exit_code == 0, result.output
+        assert logging.getLogger("cxrkit.training").isEnabledFor(logging.DEBUG)
+        assert logging.getLogger("lightning.pytorch").isEnabledFor(logging.DEBUG)
+        for other in ("matplotlib.font_manager", "PIL.PngImagePlugin"):
+            assert not logging.getLogger(other).isEnabledFor(logging.DEBUG)
+    finally:
+        CliRunner().invoke(app, ["data", "cache", "--dir", str(tmp_path)])  # back to INFO
+    assert not logging.getLogger("cxrkit.training").isEnabledFor(logging.DEBUG)
+
+
 def test_without_a_terminal_progress_comes_as_log_lines(tiny_kaggle, tmp_path, caplog):
     """A log file or a pipe shows no bar: `make run | tee` printed nothing for minutes."""
     config = tiny_config(tiny_kaggle, tmp_path, **{"stages.0.epochs": 2,

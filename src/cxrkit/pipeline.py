@@ -10,11 +10,16 @@ evaluate on the test split, write the report.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from cxrkit.config import TrainConfig
 from cxrkit.runs import CONFIG
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,11 +52,36 @@ def run_pipeline(config: TrainConfig | None = None, *, resume: str | Path | None
     if rank_zero_only.rank != 0:  # a process Lightning launched, its training done
         return None
     trained, spec = TrainConfig.load(folder / CONFIG).data, load_spec(folder)
-    if not audit_is_current(folder / "audit", trained.path, trained.patient_pattern, spec):
-        audit_dataset(trained.path, folder / "audit", trained.patient_pattern, spec=spec)
-    evaluation = evaluate_run(folder, split="test", tta=tta, framing=framing,
-                              framing_threshold=framing_threshold)
-    return RunResult(folder, evaluation, build_report(folder, split="test"))
+    with step(folder, "the data audit"):
+        if not audit_is_current(folder / "audit", trained.path, trained.patient_pattern, spec):
+            log.info("auditing %s into %s", trained.path, folder / "audit")
+            audit_dataset(trained.path, folder / "audit", trained.patient_pattern, spec=spec)
+    with step(folder, "the evaluation"):
+        log.info("evaluating %s on the test split%s", folder.name, " (and with TTA)" * tta)
+        evaluation = evaluate_run(folder, split="test", tta=tta, framing=framing,
+                                  framing_threshold=framing_threshold)
+    with step(folder, "the report"):
+        report = build_report(folder, split="test")
+    return RunResult(folder, evaluation, report)
+
+
+@contextmanager
+def step(folder: Path, name: str) -> Iterator[None]:
+    """A step after training, stopped by Ctrl+C or SIGTERM: TrainingInterrupted, which names
+    the resume that finishes the job (killed silently, a run was left without eval/ or
+    report.html and nothing said how to finish it)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from cxrkit.training.callbacks import sigterm_raises
+    from cxrkit.training.fit import TrainingInterrupted
+
+    try:
+        with sigterm_raises():
+            yield
+    except SIGTERMException as e:
+        raise TrainingInterrupted(folder, "SIGTERM", name) from e
+    except KeyboardInterrupt as e:
+        raise TrainingInterrupted(folder, "Ctrl+C", name) from e
 
 
 def _refuse_data_without_test(config: TrainConfig | None, resume: str | Path | None) -> None:

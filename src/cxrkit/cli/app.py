@@ -60,10 +60,13 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
                                       is_eager=True, help="Print the version and exit.")
          ) -> None:
     # force: each invocation writes to the stderr it has (tests run several in one process)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        handlers=[log_handler(console)], force=True)
+    logging.basicConfig(level=logging.INFO, handlers=[log_handler(console)], force=True)
+    # -v: cxrkit's and Lightning's debug lines, not matplotlib's font search or PIL's chunks
+    for package in VERBOSE_PACKAGES:
+        logging.getLogger(package).setLevel(logging.DEBUG if verbose else logging.NOTSET)
 
 
+VERBOSE_PACKAGES = ("cxrkit", "lightning", "lightning.pytorch", "lightning.fabric")  # each its own
 LOG_FORMAT = logging.Formatter("[%(asctime)s] %(levelname)s %(message)s", "%H:%M:%S")
 LEVEL_STYLES = {"DEBUG": "dim", "INFO": "blue", "WARNING": "yellow", "ERROR": "bold red",
                 "CRITICAL": "bold red"}

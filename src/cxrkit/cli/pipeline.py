@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from cxrkit.cli.app import (
     DATA_HELP,
@@ -72,9 +73,17 @@ def run_all(
     say_skipped(job.folder)
     test = json.loads((job.evaluation / METRICS).read_text(encoding="utf-8"))
     rule = "at the deployed threshold" if test["deployed_threshold"] is not None else "argmax"
-    console.print(f"test ({test['n']} films, {rule}): {headline_text(test)}")
+    console.print(f"test ({test['n']} films, {rule}; 95% intervals): {headline_text(test)}")
     console.print(f"report: {job.report}")
+    console.print(next_steps(job.folder))
     typer.echo(job.folder)
+
+
+def next_steps(folder: Path) -> str:
+    """What a user does with a trained run, with its real path to copy."""
+    run = escape(str(folder))
+    return (f"next: `cxr predict {run} FILMS...`, `cxr evaluate {run} --data OTHER_SITE`, "
+            f"`cxr export {run}`, `cxr serve {run}`")
 
 
 @app.command()

@@ -37,7 +37,8 @@ DATA = typer.Option(None, "--data", help="Required (unless --resume, or a --conf
                     f"data.path): {DATA_HELP}")
 PRESET = typer.Option("default", "--preset", help=f"One of {', '.join(PRESETS)}: quick (default's "
                       "recipe for one epoch at twice the learning rate, earliest layers "
-                      "frozen, mixup: 2-3 min on a 2-core CPU), default (the whole pretrained "
+                      "frozen, mixup: 2-3 min of training on a 2-core CPU, about 4 min for "
+                      "all of `cxr run`), default (the whole pretrained "
                       "Lite0 fine-tuned, 34-59 min on a 2-core CPU), finetune (head on frozen "
                       "features, then fine-tune all), scratch (simple_cnn from scratch).")
 CONFIG = typer.Option(None, "--config", help="YAML with the config fields to change (a run's "
@@ -78,7 +79,8 @@ def refuse_options_beside_resume(ctx: typer.Context, allowed: tuple[str, ...] = 
              if param.name not in ("resume", *allowed) and given_by_user(param.name)]
     if given:
         fail(f"--resume continues {ctx.params['resume']} with its own config.yaml, so "
-             f"{', '.join(given)} would be ignored: drop them, or start a new run from that "
+             f"{', '.join(given)} would be ignored: drop {'them' if len(given) > 1 else 'it'}, "
+             "or start a new run from that "
              f"config (--config {ctx.params['resume']}/config.yaml --name NEW plus your changes)")
 
 
@@ -111,7 +113,7 @@ def interrupted(stop, command: str = "cxr train") -> None:
     """Say how to continue a run that a signal stopped (with `command`, the one that was
     running), and exit as killed by it (130 for Ctrl+C, 143 for SIGTERM: a scheduler or `&&`
     chain must not take it for success)."""
-    console.print(f"[yellow]training interrupted ({stop.signal_name}); continue it with "
+    console.print(f"[yellow]{stop.during} interrupted ({stop.signal_name}); continue it with "
                   f"`{command} --resume {escape(str(stop.folder))}`[/]")
     raise typer.Exit(143 if stop.signal_name == "SIGTERM" else 130)
 

@@ -149,7 +149,7 @@ def cached(run: Path, labels: Sequence[str],
             except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as e:
                 log.warning("%s is damaged (%s): scoring the films again", file, e)
             else:
-                log.info("%s: logits of these %d films read back from %s", where,
+                log.debug("%s: logits of these %d films read back from %s", where,
                          len(samples), file.relative_to(run))
                 say_skipped(where, failures)  # every evaluation says what it left out
                 return Scored(films, label_indices(films, labels, where), logits, failures)

@@ -45,14 +45,20 @@ from cxrkit.training.datamodule import mixed_seed
 log = logging.getLogger(__name__)
 
 
-class _DropAdvertisements(logging.Filter):
-    """Lightning advertises its cloud logger at every Trainer start: noise in a CLI."""
+# Lines Lightning says at every Trainer start or end that a user can do nothing with (an
+# advertisement of its cloud logger, "GPU available: False", ...): noise in a CLI. The
+# accelerator and precision are in the run's provenance.json.
+LIGHTNING_NOISE = ("litlogger", "GPU available:", "TPU available:", "HPU available:",
+                   "Loading `train_dataloader` to estimate", "`Trainer.fit` stopped:")
 
+
+class _DropNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
+        message = record.getMessage()
+        return not any(noise in message for noise in LIGHTNING_NOISE)
 
 
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertisements())
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropNoise())
 
 BEST = "best.ckpt"
 LAST = "last.ckpt"
@@ -439,12 +445,14 @@ def shows_a_bar() -> bool:
 
 class ProgressBar(RichProgressBar):
     """Lightning's rich bar without `v_num` (our logger versions are stage names, which it
-    cuts to their last four letters, "rain"), epochs counted from 1 as everywhere else."""
+    cuts to their last four letters, "rain") or the validation loss (a log line says each
+    epoch's validation), the step's loss as `loss`, so that it fits on one line of 80
+    columns; epochs counted from 1 as everywhere else."""
 
     def get_metrics(self, trainer, pl_module):
         metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)
-        return metrics
+        shown = {"loss": metrics["train_loss_step"]} if "train_loss_step" in metrics else {}
+        return shown
 
     def _get_train_description(self, current_epoch: int) -> str:
         return f"Epoch {current_epoch + 1}/{self.trainer.max_epochs}"

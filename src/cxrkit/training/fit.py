@@ -249,6 +249,7 @@ def new_run(config: TrainConfig) -> Run:
     if rank_zero_only.rank == 0:
         config.save(folder / CONFIG)
         write_manifest(samples, folder / SPLIT)
+        log.info("run folder: %s", folder)  # said now: a closed terminal must not lose it
     return Run(folder, config, samples, classes)
 
 
@@ -257,7 +258,7 @@ def open_run(folder: str | Path) -> Run:
     missing = [name for name in (CONFIG, SPLIT) if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a run to resume ({', '.join(missing)} missing);"
-                                " pass the folder `cxr train` printed")
+                                " pass the run folder a training printed")
     config = TrainConfig.load(folder / CONFIG)
     samples = read_manifest(folder / SPLIT)
     _check_films_still_there(folder, samples)
@@ -410,7 +411,7 @@ def say_the_global_batch(processes: int, stage: str, batch: int, lr: float) -> N
 
 def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None) -> None:
     stage = run.config.stages[index]
-    seed_everything(run.config.seed, workers=True, verbose=False)  # said once, in train_run
+    seed_everything(run.config.seed, workers=True, verbose=False)  # (in config.yaml)
     if resume_from is None and index > 0:
         keep_stage_start(run.folder, stage.name)
         load_weights(model, run.folder / BEST)  # start from the best of the stages before
@@ -628,13 +629,16 @@ class _Stopped(BaseException):
 
 
 class TrainingInterrupted(Exception):
-    """Training stopped by Ctrl+C or SIGTERM (a scheduler's time limit, `kill`): `folder`
-    continues from its last checkpoint with `train(resume=folder)`."""
+    """Training (or `during` another step of the job) stopped by Ctrl+C or SIGTERM (a
+    scheduler's time limit, `kill`): `folder` continues from its last checkpoint with
+    `train(resume=folder)` (`run_pipeline(resume=folder)` after training)."""
 
-    def __init__(self, folder: Path, signal_name: str):
-        self.folder, self.signal_name = folder, signal_name
-        super().__init__(f"training interrupted ({signal_name}); continue it with "
-                         f"`cxr train --resume {folder}` (Python: train(resume=...))")
+    def __init__(self, folder: Path, signal_name: str, during: str = "training"):
+        self.folder, self.signal_name, self.during = folder, signal_name, during
+        how = (f"`cxr train --resume {folder}` (Python: train(resume=...))" if
+               during == "training" else
+               f"`cxr run --resume {folder}` (Python: run_pipeline(resume=...))")
+        super().__init__(f"{during} interrupted ({signal_name}); continue it with {how}")
 
 
 @contextmanager
@@ -705,7 +709,7 @@ def train_run(run: Run) -> Path:
         return train_ensemble(run)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 where fp32 remains (feature extraction)
-    seed_everything(run.config.seed, workers=True)  # the new head's initial weights too
+    seed_everything(run.config.seed, workers=True, verbose=False)  # the new head's weights too
     model = build_model(run.config, run.classes)
     done = finished_stages(run.folder)
     if rank_zero_only.rank == 0:  # a kill just after a stage was marked finished left them
@@ -766,7 +770,7 @@ def find_lr(config: TrainConfig, stage: int = 0, out: str | Path | None = None,
                           f"at least {LR_FIND_MIN_STEPS} steps (its suggestion leaves out the "
                           "first 10)")
     samples = prepare_samples(config.data, config.seed)
-    seed_everything(config.seed, workers=True)
+    seed_everything(config.seed, workers=True, verbose=False)
     with tempfile.TemporaryDirectory() as tmp:
         run = Run(Path(tmp), config, samples, task_classes(config.data.task, samples))
         model = build_model(config, run.classes)
