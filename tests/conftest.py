@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
+import signal
 import socket
+import subprocess
 import threading
 import time
 import zlib
@@ -23,6 +26,17 @@ requires_real_data = pytest.mark.skipif(
     not (REAL_DATA / "train").is_dir(),
     reason=f"real dataset not found at {REAL_DATA} (set CXRKIT_REAL_DATA to its folder)",
 )
+
+
+def run_with_files_under(limit: int, command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """`command` where no file may grow past `limit` bytes (RLIMIT_FSIZE: a write past it
+    fails with EFBIG, as one on a full disk fails with ENOSPC), its output captured."""
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the signal kills the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run(command, preexec_fn=limited, capture_output=True, text=True,
+                          timeout=300, **kwargs)
 
 
 def synthetic_film(label: str, seed: int, size: tuple[int, int] = (96, 80)) -> Image.Image:

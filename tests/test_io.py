@@ -16,7 +16,7 @@ from PIL import Image
 
 from cxrkit.data.io import UnreadableImageError, read_image
 from cxrkit.data.layout import images_under
-from tests.conftest import synthetic_film
+from tests.conftest import run_with_files_under, synthetic_film
 
 
 def gradient(w: int = 64, h: int = 48) -> np.ndarray:
@@ -754,3 +754,22 @@ def test_reading_dicoms_in_threads_leaves_the_warning_filters_alone(tmp_path):
         read_ok = list(pool.map(read, [tmp_path / "whole.dcm", tmp_path / "cut.dcm"] * 100))
     assert warnings.filters == before
     assert read_ok[:2] == [True, False]
+
+
+def test_a_file_written_whole_on_a_full_disk_leaves_the_one_before(tmp_path):
+    """report.html and audit.html were written in place: a full disk left 300 KB of a 1 MB
+    report (which opens as a page that simply stops) and the good one before was gone."""
+    page = tmp_path / "report.html"
+    page.write_text("the report before", encoding="utf-8")
+    result = run_with_files_under(100_000, [sys.executable, "-c", f"""
+from pathlib import Path
+from cxrkit.data.io import written_whole
+with written_whole(Path({str(page)!r})) as partial:
+    partial.write_text("x" * 300_000, encoding="utf-8")
+"""])
+    assert result.returncode == 1
+    said = result.stderr.strip().splitlines()[-1]
+    assert said.startswith("cxrkit.config.NoSpaceError: no room for report.html in "
+                           f"{tmp_path} (at least 0.1 MiB needed"), said
+    assert page.read_text(encoding="utf-8") == "the report before"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no partial left

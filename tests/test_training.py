@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import shutil
+import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -73,7 +74,13 @@ from cxrkit.training.module import (
     param_groups,
     set_trainable,
 )
-from tests.conftest import REAL_DATA, make_kaggle_tree, requires_real_data, synthetic_film
+from tests.conftest import (
+    REAL_DATA,
+    make_kaggle_tree,
+    requires_real_data,
+    run_with_files_under,
+    synthetic_film,
+)
 
 # simple_cnn on 32-pixel films: a few steps per epoch, each in milliseconds.
 TINY = {
@@ -785,6 +792,32 @@ def test_find_lr_from_python_writes_no_file_unless_asked(tiny_kaggle, tmp_path, 
     suggestion = find_lr(config, num_training=20)
     assert suggestion is None or suggestion > 0
     assert not list(tmp_path.rglob("*.png"))
+
+
+def test_a_full_disk_is_said_with_its_place_and_fix_not_a_bus_error_or_a_torch_trace(
+        tiny_kaggle, tmp_path):
+    """The decode cache, written through a memory map, met a full disk as SIGBUS (exit 135,
+    nothing said, a .tmp left filling the disk); a checkpoint, as 291 lines of traceback
+    ending in torch's "unexpected pos". (A file size limit stands in for the full disk.)"""
+    cxr = str(Path(sys.executable).with_name("cxr"))
+    train = [cxr, "train", "--data", str(tiny_kaggle), "--preset", "scratch", "--epochs", "1",
+             "--runs-dir", str(tmp_path / "runs"), "--set", "data.num_workers=0",
+             "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    cache = run_with_files_under(1_000_000, [*train, "--name", "a", "--set",
+                                             "model.input_size=512"])
+    assert cache.returncode == 2, cache.stderr[-2000:]
+    said = " ".join(cache.stderr.split())
+    assert f"error: no room for the decode cache in {tmp_path / 'cache' / 'decoded'} (" in said
+    assert "MiB needed" in said and "--set data.cache=false" in said
+    assert not list((tmp_path / "cache" / "decoded").iterdir())  # nothing left taking space
+    checkpoint = run_with_files_under(1_000_000, [*train, "--name", "b", "--set",
+                                                  "data.cache=false"])
+    assert checkpoint.returncode == 2, checkpoint.stderr[-2000:]
+    run = tmp_path / "runs" / "b"
+    said = " ".join(checkpoint.stderr.split())
+    assert f"error: no room for the checkpoint best.ckpt in {run} (at least" in said
+    assert f"`cxr train --resume {run}`" in said and "Traceback" not in checkpoint.stderr
+    assert not list(run.glob("*.partial")) and not list(run.glob(".*.partial"))
 
 
 def test_unreadable_films_are_listed_in_the_run_and_said_every_run(tmp_path, caplog):

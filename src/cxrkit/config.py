@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import re
+import shutil
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,6 +73,26 @@ PRECISIONS = ("auto", "32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf1
 
 class ConfigError(ValueError):
     """A config key or value that does not fit; the message names the key and the choices."""
+
+
+class NoSpaceError(OSError):
+    """A file that does not fit where it goes (the disk full, a quota, a size limit); the
+    message names the place, the space it needs and the fix."""
+
+
+def no_space(error: OSError, path: Path, what: str, needed: int, fix: str,
+             at_least: bool = False) -> NoSpaceError:
+    """NoSpaceError for `error`, raised writing `path`, where `what` needs `needed` bytes (or
+    more, `at_least`: what was written when it failed)."""
+    free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+    said = NoSpaceError(f"no room for {what} in {path.parent} ({'at least ' * at_least}"
+                        f"{needed / 2**20:,.1f} MiB needed, {free / 2**20:,.0f} MiB free; "
+                        f"{error.strerror}): {fix}")
+    said.errno = error.errno
+    return said
+
+
+NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 class DamagedCheckpointError(RuntimeError):

@@ -59,7 +59,8 @@ def run_pipeline(config: TrainConfig | None = None, *, resume: str | Path | None
     with step(folder, "the evaluation"):
         log.info("evaluating %s on the test split%s", folder.name, " (and with TTA)" * tta)
         evaluation = evaluate_run(folder, split="test", tta=tta, framing=framing,
-                                  framing_threshold=framing_threshold)
+                                  framing_threshold=framing_threshold,
+                                  batch_size=trained.batch_size)  # a small machine's, too
     with step(folder, "the report"):
         report = build_report(folder, split="test")
     return RunResult(folder, evaluation, report)

@@ -22,6 +22,7 @@ from PIL import Image
 
 from cxrkit.adapt import describe_adaptation, is_transductive
 from cxrkit.data.audit_report import with_code
+from cxrkit.data.io import written_whole
 from cxrkit.data.patients import has_parsed_patient, kermany_subtype
 from cxrkit.data.split import read_manifest, shared_patients, test_patients_seen_in_training
 from cxrkit.evaluation.calibration import N_BINS
@@ -669,5 +670,6 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
         RUN_SPLITS_ITSELF=RUN_SPLITS_ITSELF, caveats=caveats(current, split, calibration),
     )
     out = run / REPORT
-    out.write_text(page, encoding="utf-8")
+    with written_whole(out) as partial:  # a full disk leaves the report there before whole
+        partial.write_text(page, encoding="utf-8")
     return out

@@ -9,6 +9,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from cxrkit.config import NoSpaceError
 from cxrkit.data.kaggle import KaggleDownloadError
 
 app = typer.Typer(
@@ -41,7 +42,8 @@ def show_table(table: Table) -> None:
 # The API's errors for a user's mistake, each saying the fix: printed as one line, no traceback.
 # (KaggleDownloadError is a RuntimeError; DataLayoutError, ConfigError and UnreadableImageError
 # are ValueErrors.)
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KaggleDownloadError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KaggleDownloadError,
+               NoSpaceError)
 
 DATA_HELP = "`kaggle` (download or kagglehub cache), a dataset folder or a CSV manifest."
 

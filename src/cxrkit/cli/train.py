@@ -21,6 +21,7 @@ from cxrkit.config import (
     PRESETS,
     ConfigError,
     DamagedCheckpointError,
+    NoSpaceError,
     TrainConfig,
     parse_assignments,
 )
@@ -31,7 +32,7 @@ from cxrkit.runs import SKIPPED, VAL_METRICS
 # Narrower than the other commands' USER_ERRORS: a bare ValueError from deep inside a
 # training run is a bug, and keeps its traceback.
 TRAINING_ERRORS = (ConfigError, DataLayoutError, KaggleDownloadError, FileExistsError,
-                   FileNotFoundError, DamagedCheckpointError)
+                   FileNotFoundError, DamagedCheckpointError, NoSpaceError)
 
 DATA = typer.Option(None, "--data", help="Required (unless --resume, or a --config that sets "
                     f"data.path): {DATA_HELP}")

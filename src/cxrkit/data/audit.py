@@ -38,6 +38,7 @@ from cxrkit.data.io import (
     UnreadableImageError,
     film_doubt,
     read_image,
+    written_whole,
 )
 from cxrkit.data.layout import DataSource, Sample, load_source
 from cxrkit.data.patients import (
@@ -485,5 +486,6 @@ def audit_dataset(data_path: str | Path, out_dir: str | Path, patient_pattern: s
     result.seconds = round(time.perf_counter() - start, 2)
     write_audit_html(result, out_dir / "audit.html")
     # last: an audit.json with its fingerprint says the whole audit was written
-    (out_dir / "audit.json").write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
+    with written_whole(out_dir / "audit.json") as partial:
+        partial.write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
     return result

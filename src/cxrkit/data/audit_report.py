@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cxrkit.data.io import written_whole
+
 if TYPE_CHECKING:
     from cxrkit.data.audit import AuditResult
 
@@ -187,5 +189,6 @@ def write_audit_html(r: AuditResult, path: str | Path) -> Path:
 </main></body></html>
 """
     path = Path(path)
-    path.write_text(page, encoding="utf-8")
+    with written_whole(path) as partial:  # a full disk leaves the page there before whole
+        partial.write_text(page, encoding="utf-8")
     return path

@@ -13,11 +13,13 @@ way (a lock on its `.tmp`) are never removed, so the limit can be exceeded while
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -29,7 +31,7 @@ from typing import IO
 import numpy as np
 import torch
 
-from cxrkit.config import ConfigError
+from cxrkit.config import NO_SPACE_ERRNOS, ConfigError, no_space
 from cxrkit.data.dataset import load_prepared
 from cxrkit.data.io import READER_VERSION, UnreadableImageError
 from cxrkit.data.layout import Sample
@@ -88,6 +90,28 @@ def _prepare_or_none(args: tuple[str, int, bool]) -> np.ndarray | None:
     except UnreadableImageError as e:
         log.warning("skipping unreadable image %s", e)
         return None
+
+
+def _reserve(file: IO[bytes], path: Path, nbytes: int) -> None:
+    """The entry's space taken on disk before any film is written into its mapping: a full
+    disk is an error now, not a SIGBUS that kills the process without a word when a page of
+    the mapped file finds no room (with no posix_fallocate: free space checked, file sparse)."""
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(file.fileno(), 0, nbytes)
+        else:
+            if shutil.disk_usage(path.parent).free < nbytes:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            file.truncate(nbytes)
+    except OSError as e:
+        if e.errno not in NO_SPACE_ERRNOS:
+            raise
+        file.close()
+        path.unlink(missing_ok=True)
+        raise no_space(e, path, "the decode cache", nbytes,
+                       "free space, or put the cache on another disk (CXRKIT_CACHE=DIR, or "
+                       "--set data.cache_dir=DIR), or train without it (--set data.cache=false)"
+                       ) from e
 
 
 def _prepared(jobs: list[tuple[str, int, bool]], workers: int) -> Iterator[np.ndarray | None]:
@@ -161,8 +185,12 @@ class DecodeCache:
         prune(cache_dir, cache_limit_bytes() - len(samples) * self.size ** 2)  # room first
         tmp = self.array_path.with_name(f"{self.array_path.stem}.{os.getpid()}.tmp")  # its own
         building = _lock(tmp, exclusive=True, create=True)  # `clear` and `prune` leave it
-        array = np.memmap(tmp, dtype=np.uint8, mode="w+",
-                          shape=(max(len(samples), 1), self.size, self.size))
+        shape = (max(len(samples), 1), self.size, self.size)
+        _reserve(building, tmp, math.prod(shape))
+        log.info("decoding %d films at %d px into %s (%.0f MiB, kept for later runs; `cxr data "
+                 "cache --clear` frees it)", len(samples), self.size, cache_dir,
+                 math.prod(shape) / 2**20)
+        array = np.memmap(tmp, dtype=np.uint8, mode="r+", shape=shape)
         valid = []
         jobs = [(s.path, self.size, equalize) for s in samples]
         for i, pixels in enumerate(_prepared(jobs, workers)):

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cxrkit.config import NO_SPACE_ERRNOS, no_space
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 # What PIL may decode: the formats of IMAGE_SUFFIXES, by content. Never all of PIL's: its EPS
@@ -107,11 +109,18 @@ def file_stamp(path: str | Path) -> tuple[int, int]:
 @contextmanager
 def written_whole(path: Path) -> Iterator[Path]:
     """A file beside `path` to write instead, renamed over `path` once written and removed if
-    writing fails: a reader (a server, a resumed run) never sees `path` half written."""
+    writing fails: a reader (a server, a resumed run) never sees `path` half written, and a
+    full disk leaves the file there before whole. That one is a NoSpaceError naming `path`."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         yield partial
         os.replace(partial, path)
+    except OSError as e:
+        if e.errno not in NO_SPACE_ERRNOS:
+            raise
+        written = partial.stat().st_size if partial.exists() else 0
+        raise no_space(e, path, path.name, written, "free space, then run the command again",
+                       at_least=True) from e
     finally:
         partial.unlink(missing_ok=True)
 

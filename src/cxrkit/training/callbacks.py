@@ -38,7 +38,15 @@ from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoa
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from cxrkit.config import MONITORS, ConfigError, DamagedCheckpointError, StageConfig, TrainerConfig
+from cxrkit.config import (
+    MONITORS,
+    NO_SPACE_ERRNOS,
+    ConfigError,
+    DamagedCheckpointError,
+    StageConfig,
+    TrainerConfig,
+    no_space,
+)
 from cxrkit.provenance import record_attempt
 from cxrkit.training.datamodule import mixed_seed
 
@@ -124,8 +132,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(partial, path)
+            except Exception as e:
+                full = _no_space(e)  # torch says it as "unexpected pos" over the OSError
+                if full is None:
+                    raise
+                written = partial.stat().st_size if partial.exists() else 0
+                raise no_space(full, path, f"the checkpoint {path.name}", written,
+                               f"free space, then `cxr train --resume {path.parent}` (the "
+                               f"checkpoints already there are whole)", at_least=True) from e
             finally:
                 partial.unlink(missing_ok=True)
+
+
+def _no_space(error: BaseException | None) -> OSError | None:
+    """The OSError of a full disk (or quota, or size limit) behind `error`, if one is."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in NO_SPACE_ERRNOS:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class RunFolderCheckpoint(ModelCheckpoint):
