@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,6 +162,30 @@ def test_a_cache_built_with_no_workers_starts_no_process(films, tmp_path, monkey
     def no_pool(*args, **kwargs):
         raise AssertionError("a process pool was started")
 
-    monkeypatch.setattr(cxrkit.data.cache, "ProcessPoolExecutor", no_pool)
+    monkeypatch.setattr(cxrkit.data.cache, "worker_pool", no_pool)
     cache = DecodeCache(films, 32, cache_dir=tmp_path / "decoded", workers=0)
     assert all(cache.valid) and cache.array.shape == (FILMS, 32, 32) and cache.array.any()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_pools_workers_die_with_their_parent(tmp_path):
+    """A cache build or an audit killed outright (the OOM killer, kill -9) left its workers
+    running for good, holding the run's training lock: the resume was then refused."""
+    script = tmp_path / "parent.py"
+    script.write_text("""
+import os, time
+from cxrkit.data.pool import worker_pool
+pool = worker_pool(1)
+print(pool.submit(os.getpid).result(), flush=True)
+pool.submit(time.sleep, 60)
+time.sleep(60)
+""", encoding="utf-8")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    os.kill(worker, 0)  # alive
+    parent.kill()
+    parent.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{worker}").exists()  # (an orphan is init's to reap, at once)

@@ -20,7 +20,6 @@ import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Collection
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from itertools import combinations
@@ -47,6 +46,7 @@ from cxrkit.data.patients import (
     has_parsed_patient,
     kermany_subtype,
 )
+from cxrkit.data.pool import worker_pool
 from cxrkit.data.split import shared_patients
 from cxrkit.plots import extra_formats
 from cxrkit.provenance import code_version
@@ -213,7 +213,7 @@ def scan_images(paths: list[str], preview: Collection[str] = (), preview_size: i
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(jobs) < SERIAL_BELOW:
         return [_inspect_job(j) for j in jobs]
-    with ProcessPoolExecutor(workers) as pool:
+    with worker_pool(workers) as pool:
         return list(pool.map(_inspect_job, jobs, chunksize=64))
 
 

@@ -23,7 +23,6 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -35,6 +34,7 @@ from cxrkit.config import NO_SPACE_ERRNOS, ConfigError, no_space
 from cxrkit.data.dataset import load_prepared
 from cxrkit.data.io import READER_VERSION, UnreadableImageError
 from cxrkit.data.layout import Sample
+from cxrkit.data.pool import worker_pool
 
 try:
     import fcntl
@@ -120,7 +120,7 @@ def _prepared(jobs: list[tuple[str, int, bool]], workers: int) -> Iterator[np.nd
     if not workers:
         yield from map(_prepare_or_none, jobs)
         return
-    with ProcessPoolExecutor(workers) as pool:
+    with worker_pool(workers) as pool:
         yield from pool.map(_prepare_or_none, jobs, chunksize=32)
 
 
