@@ -377,6 +377,14 @@ def refuse_edited_finished_run(run: Run) -> None:
         if changed:
             raise _edited(run.folder, "the run was trained", changed,
                           "it no longer describes this run's model")
+    elif not (run.folder / MODEL_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{run.folder} has finished training but holds neither {BEST} "
+                                f"nor {MODEL_WEIGHTS}: nothing to evaluate; train it anew from "
+                                f"its config.yaml (--config ... --name NEW)")
+    else:  # its checkpoints deleted to save space: the model is all the rest needs
+        log.info("%s has finished training; its checkpoints are gone, its %s and metrics "
+                 "stay as they are", run.folder, MODEL_WEIGHTS)
+        return
     log.info("%s has finished training: nothing to resume (its model and metrics are "
              "written again from %s)", run.folder, BEST)
 
@@ -724,7 +732,7 @@ def train_run(run: Run) -> Path:
             fit_stage(run, i, model, first if i == pending[0] else None)
     else:
         refuse_edited_finished_run(run)
-    if rank_zero_only.rank == 0:
+    if rank_zero_only.rank == 0 and (pending or (run.folder / BEST).is_file()):
         finish(run)
     return run.folder
 
