@@ -89,6 +89,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_kaggle, tmp_path
                              capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stderr.count("Restored all states") == 1  # one trainer, each line once
+    said = " ".join(resumed.stderr.split())
+    assert f"stage finetune resumes from last.ckpt, after its step {step}" in said
     assert "GPU available" not in resumed.stderr  # Lightning's lines nobody can act on
     assert resumed.stdout.strip().splitlines()[-1] == str(killed)
 

@@ -340,6 +340,8 @@ def resume_point(folder: Path, config: TrainConfig, index: int) -> Path | None:
     if changed := config_changes(checkpoint, config, stage):
         raise _edited(folder, f"{LAST} was written", changed,
                       "a stage resumes with the config it started with")
+    log.info("stage %s resumes from %s, after its step %d", stage.name, LAST,
+             checkpoint["global_step"])
     return last
 
 
@@ -598,7 +600,8 @@ def train_ensemble(run: Run) -> Path:
         if started:  # the run's config.yaml must still give this member the config it has
             refuse_edited_member(run, folder, member_config(run.config, index, name, folder))
         if not (folder / MODEL_WEIGHTS).is_file():
-            train_run(open_run(folder) if started else member_run(run, index, name, folder))
+            train_run(open_run(folder) if started else member_run(run, index, name, folder),
+                      resumed=started)
         members.append(folder)
     _write_skipped(run.folder, _skipped_by_any(members))
     gather_members(run.folder, members)
@@ -699,7 +702,7 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None) -
     try:
         with training_lock(run.folder, rank_zero_only.rank == 0), sigterm_raises():
             try:
-                return train_run(run)
+                return train_run(run, resumed=resume is not None)
             except Exception:
                 if resume is None:  # inside the lock: never a folder another process trains
                     _remove_if_unstarted(run.folder)
@@ -712,7 +715,7 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None) -
         raise TrainingInterrupted(run.folder, "Ctrl+C") from e
 
 
-def train_run(run: Run) -> Path:
+def train_run(run: Run, resumed: bool = False) -> Path:
     if run.config.model.ensemble_with:
         return train_ensemble(run)
     if torch.cuda.is_available():
@@ -726,6 +729,10 @@ def train_run(run: Run) -> Path:
     pending = [i for i, stage in enumerate(run.config.stages) if stage.name not in done]
     if pending:  # decided once, before any process writes another checkpoint
         first = resume_point(run.folder, run.config, pending[0])
+        if resumed and first is None:
+            log.info("stage %s starts from its beginning: no checkpoint of it%s",
+                     run.config.stages[pending[0]].name,
+                     f" (stages done: {', '.join(done)})" if done else "")
         if run.config.model.norm_stats == "train" and not done and first is None:
             estimate_train_norm_stats(run, model)
         for i in pending:
