@@ -174,6 +174,9 @@ def test_a_job_stopped_after_its_training_says_how_to_finish_it(tiny_kaggle, tmp
     assert finished.exit_code == 0, finished.output
     assert (run / "report.html").is_file() and f"`cxr predict {run} FILMS...`" in " ".join(
         finished.output.split())
+    logged = (run / "run.log").read_text(encoding="utf-8")  # each attempt's lines, in order
+    assert logged.index("decoding 40 films at 32 px") < logged.index(  # training's lines too
+        "evaluating job on the test split") and logged.count("evaluating job on the test") == 3
     # Its checkpoints deleted to save space (78 of quick's 98 MiB): the model is all the job
     # needs (`make run` on a finished run is this resume; it failed on the missing best.ckpt)
     weights = (run / "model.safetensors").read_bytes()

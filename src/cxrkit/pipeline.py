@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxrkit.config import TrainConfig
-from cxrkit.runs import CONFIG
+from cxrkit.runs import CONFIG, logged_to
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +41,24 @@ def run_pipeline(config: TrainConfig | None = None, *, resume: str | Path | None
     (DDP): rank 0 alone evaluates and reports."""
     from lightning.pytorch.utilities import rank_zero_only
 
-    from cxrkit.data.audit import audit_dataset, audit_is_current
-    from cxrkit.evaluation import evaluate_run
-    from cxrkit.report import build_report
-    from cxrkit.runs import load_spec
     from cxrkit.training import train
 
     _refuse_data_without_test(config, resume)  # before the training, not after it
     folder = train(config, resume)
     if rank_zero_only.rank != 0:  # a process Lightning launched, its training done
         return None
+    with logged_to(folder):
+        return _audit_evaluate_report(folder, tta, framing, framing_threshold)
+
+
+def _audit_evaluate_report(folder: Path, tta: bool, framing: bool,
+                           framing_threshold: bool) -> RunResult:
+    """The job's steps after training."""
+    from cxrkit.data.audit import audit_dataset, audit_is_current
+    from cxrkit.evaluation import evaluate_run
+    from cxrkit.report import build_report
+    from cxrkit.runs import load_spec
+
     trained, spec = TrainConfig.load(folder / CONFIG).data, load_spec(folder)
     with step(folder, "the data audit"):
         if not audit_is_current(folder / "audit", trained.path, trained.patient_pattern, spec):

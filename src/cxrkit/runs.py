@@ -54,6 +54,7 @@ SPLIT = "split.csv"  # every film of the run: path, label, split, patient
 VAL_METRICS = "val_metrics.json"  # the kept model scored on validation
 METRICS = "metrics.json"  # an evaluation's numbers: RUN/eval/<name>/metrics.json
 PREDICTIONS = "predictions.csv"  # an evaluation's films, one row each
+RUN_LOG = "run.log"  # the log lines of each training, resume and `cxr run` of the run
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0,
@@ -158,6 +159,27 @@ def model_folder(path: str | Path) -> Path:
             f"{folder}. Train one with `cxr train`, or pass the folder `cxr train` printed."
         )
     return folder
+
+
+@contextmanager
+def logged_to(folder: Path) -> Iterator[None]:
+    """The log lines said meanwhile also appended to RUN/run.log: a closed terminal or a lost
+    scroll-back keeps no record of the warnings, the resumes and the results. Once, however
+    nested (`cxr run` trains, then evaluates)."""
+    path = (folder / RUN_LOG).absolute()
+    root = logging.getLogger()
+    if any(getattr(h, "baseFilename", None) == str(path) for h in root.handlers):
+        yield
+        return
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.INFO)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 @contextmanager

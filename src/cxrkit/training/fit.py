@@ -35,7 +35,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -70,11 +70,13 @@ from cxrkit.provenance import FILM_HASHES, data_fingerprint, gather_members
 from cxrkit.runs import (
     CONFIG,
     MODEL_WEIGHTS,
+    RUN_LOG,
     SKIPPED,
     SPLIT,
     TRAINING_LOCK,
     VAL_METRICS,
     load_model,
+    logged_to,
     save_model,
     training_lock,
 )
@@ -619,7 +621,7 @@ def train_ensemble(run: Run) -> Path:
 # What a new run holds when it fails before training begins: `new_run`'s files, the stage's
 # empty logs, the films' hashes. Not provenance.json: it is written as training begins, so a
 # run that crashed in its first epoch keeps its logs.
-UNSTARTED = {CONFIG, SPLIT, TRAINING_LOCK, FILM_HASHES, "logs", "tb"}
+UNSTARTED = {CONFIG, SPLIT, TRAINING_LOCK, FILM_HASHES, RUN_LOG, "logs", "tb"}
 
 
 def _remove_if_unstarted(folder: Path) -> None:
@@ -700,7 +702,8 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None) -
     run = (open_run(resume) if resume is not None
            else new_run(config or TrainConfig.preset("default")))
     try:
-        with training_lock(run.folder, rank_zero_only.rank == 0), sigterm_raises():
+        with training_lock(run.folder, rank_zero_only.rank == 0), sigterm_raises(), \
+                logged_to(run.folder) if rank_zero_only.rank == 0 else nullcontext():
             try:
                 return train_run(run, resumed=resume is not None)
             except Exception:
