@@ -817,7 +817,19 @@ def test_a_full_disk_is_said_with_its_place_and_fix_not_a_bus_error_or_a_torch_t
     said = " ".join(checkpoint.stderr.split())
     assert f"error: no room for the checkpoint best.ckpt in {run} (at least" in said
     assert f"`cxr train --resume {run}`" in said and "Traceback" not in checkpoint.stderr
-    assert not list(run.glob("*.partial")) and not list(run.glob(".*.partial"))
+    assert not run.exists()  # failed before its first checkpoint: the name is free again
+
+
+def test_running_out_of_memory_is_told_apart_from_other_errors():
+    """`cxr train` and `cxr run` out of memory printed 739 lines of traceback ending in the
+    allocator's "can't allocate memory"; they now say what to lower (checked by hand under
+    `ulimit -v`: `error: out of memory. Train with a smaller batch ...`)."""
+    from cxrkit.cli.train import out_of_memory
+
+    with pytest.raises(RuntimeError) as allocation:
+        torch.empty(2**60, dtype=torch.uint8)  # what PyTorch's CPU allocator raises
+    assert out_of_memory(allocation.value) and out_of_memory(MemoryError())
+    assert not out_of_memory(RuntimeError("Expected all tensors to be on the same device"))
 
 
 def test_unreadable_films_are_listed_in_the_run_and_said_every_run(tmp_path, caplog):

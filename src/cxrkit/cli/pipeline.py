@@ -26,7 +26,9 @@ from cxrkit.cli.train import (
     build_config,
     interrupted,
     metrics_table,
+    out_of_memory,
     refuse_options_beside_resume,
+    say_out_of_memory,
     say_skipped,
 )
 from cxrkit.runs import METRICS
@@ -65,6 +67,10 @@ def run_all(
                            framing_threshold=framing_threshold)
     except TRAINING_ERRORS as e:
         fail(str(e))
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        say_out_of_memory("cxr run")
     except TrainingInterrupted as e:
         interrupted(e, "cxr run")  # which evaluates and reports too
     if job is None:  # a process Lightning launched (DDP): rank 0 reports

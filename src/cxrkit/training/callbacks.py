@@ -139,7 +139,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 written = partial.stat().st_size if partial.exists() else 0
                 raise no_space(full, path, f"the checkpoint {path.name}", written,
                                f"free space, then `cxr train --resume {path.parent}` (the "
-                               f"checkpoints already there are whole)", at_least=True) from e
+                               f"checkpoints already there are whole; a run stopped before "
+                               f"its first is removed: train it again)", at_least=True) from e
             finally:
                 partial.unlink(missing_ok=True)
 

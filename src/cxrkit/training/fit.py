@@ -66,7 +66,7 @@ from cxrkit.labels import positive_index, positive_is_guessed
 from cxrkit.models import Classifier, create_model
 from cxrkit.models.ensemble import Ensemble
 from cxrkit.plots import extra_formats, save_figure
-from cxrkit.provenance import FILM_HASHES, data_fingerprint, gather_members
+from cxrkit.provenance import FILM_HASHES, PROVENANCE, data_fingerprint, gather_members
 from cxrkit.runs import (
     CONFIG,
     MODEL_WEIGHTS,
@@ -621,7 +621,7 @@ def train_ensemble(run: Run) -> Path:
 # What a new run holds when it fails before training begins: `new_run`'s files, the stage's
 # empty logs, the films' hashes. Not provenance.json: it is written as training begins, so a
 # run that crashed in its first epoch keeps its logs.
-UNSTARTED = {CONFIG, SPLIT, TRAINING_LOCK, FILM_HASHES, RUN_LOG, "logs", "tb"}
+UNSTARTED = {CONFIG, SPLIT, TRAINING_LOCK, FILM_HASHES, PROVENANCE, RUN_LOG, "logs", "tb"}
 
 
 def _remove_if_unstarted(folder: Path) -> None:
