@@ -306,8 +306,9 @@ def test_onnx_on_a_run_follows_its_calibration_after_the_export(lite0_export, tm
     write_calibration(run, Calibration(0.6, 1.2, "validation: sensitivity >= 0.99"))
     predictor = Predictor.load(run, backend="onnx")
     assert (predictor.calibration.threshold, predictor.calibration.temperature) == (0.6, 1.2)
-    assert ("holds an earlier calibration (threshold 0.3500, T=1.70, bias (+0.00, +0.80)); "
-            "using the run's calibration.json (threshold 0.6000, T=1.20)") in caplog.text
+    assert ("holds an earlier calibration (threshold 0.3500, temperature 1.70, bias (+0.00, "
+            "+0.80)); using the run's calibration.json (threshold 0.6000, temperature 1.20)"
+            ) in caplog.text
     assert Predictor.load(run / "export").calibration.threshold == 0.35  # the export alone
     with pytest.raises(FileNotFoundError, match="nosuchrun does not exist"):
         Predictor.load(tmp_path / "nosuchrun")
@@ -352,8 +353,8 @@ def test_a_runs_export_older_than_its_calibration_is_said_when_used_alone(traine
     assert "holds an earlier calibration" not in caplog.text
     write_calibration(run, Calibration(0.6, 1.2, "site_b: Youden's J"))
     assert Predictor.load(run / "export").calibration.threshold == 0.4  # the export's own
-    assert ("export holds an earlier calibration (threshold 0.4000, T=1.00) than its run's "
-            "deployed one (threshold 0.6000, T=1.20)") in caplog.text
+    assert ("export holds an earlier calibration (threshold 0.4000, temperature 1.00) than its "
+            "run's deployed one (threshold 0.6000, temperature 1.20)") in caplog.text
 
 
 def test_an_onnx_export_leaves_the_callers_logging_alone(tmp_path):

@@ -115,8 +115,9 @@ class Calibration:
                 == (other.threshold, other.temperature, list(other.bias)))
 
     def describe(self) -> str:
-        """'T=1.23', or with a bias 'T=1.23, bias (+0.00, +0.84)' (one number per class)."""
-        text = f"T={self.temperature:.2f}"
+        """'temperature 1.23', or with a bias 'temperature 1.23, bias (+0.00, +0.84)' (one
+        number per class)."""
+        text = f"temperature {self.temperature:.2f}"
         if not self.bias:
             return text
         return f"{text}, bias ({', '.join(f'{b:+.2f}' for b in self.bias)})"
