@@ -187,3 +187,10 @@ def test_a_job_stopped_after_its_training_says_how_to_finish_it(tiny_kaggle, tmp
     assert again.exit_code == 0, again.output
     assert "its checkpoints are gone" in " ".join(again.output.split())
     assert (run / "report.html").is_file() and (run / "model.safetensors").read_bytes() == weights
+
+
+def test_the_help_lists_the_main_job_first():
+    """`run` came sixth in `cxr --help`, after evaluate, report, compare, train, lr-find."""
+    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "100"})
+    commands = result.output.split("Commands:")[1].split()
+    assert result.exit_code == 0 and commands[0] == "run" and "evaluate" in commands
