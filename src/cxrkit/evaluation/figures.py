@@ -102,8 +102,9 @@ def curves_figure(y: np.ndarray, probs: np.ndarray, labels: Sequence[str],
 def reliability_figure(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, np.ndarray],
                        calibration: str, what: str, path: Path, where: str = "") -> Path:
     """Observed frequency against predicted probability, before and after calibration
-    (`calibration` names it in the legend, e.g. 'temperature 1.23'), each with its ECE on these films;
-    a marker's area is its bin's share of the films (a bin of three films swings freely).
+    (`calibration` names it in the legend, e.g. 'temperature 1.23'), each with its ECE on
+    these films; a marker's area is its bin's share of the films (a bin of three films
+    swings freely).
 
     `before`/`after`: (confidence, outcome) pairs, as for `expected_calibration_error`."""
     fig = Figure(figsize=(10, 4.5), layout="constrained")
