@@ -189,3 +189,18 @@ time.sleep(60)
     while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not Path(f"/proc/{worker}").exists()  # (an orphan is init's to reap, at once)
+
+
+@pytest.mark.parametrize("start", ["fork", "forkserver", "spawn"])
+def test_a_pool_works_however_its_workers_start(tmp_path, start):
+    """Under forkserver (Python 3.14's default on Linux) each worker's parent is the server,
+    not the pool's process: a check of the parent's id made every worker exit at once."""
+    result = subprocess.run([sys.executable, "-c", f"""
+import multiprocessing
+from cxrkit.data.pool import worker_pool
+if __name__ == "__main__":
+    multiprocessing.set_start_method({start!r})
+    with worker_pool(2) as pool:
+        print(list(pool.map(abs, [-1, -2, -3])))
+"""], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == "[1, 2, 3]", result.stderr[-2000:]

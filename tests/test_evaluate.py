@@ -268,6 +268,8 @@ def test_tta_is_reported_beside_the_plain_result(trained_run, tmp_path):
     assert metrics["tta"]["operating_points"]["validation"]["threshold"] == pytest.approx(
         chosen.threshold)
     assert chosen.temperature != pytest.approx(read_calibration(run).temperature)
+    assert summary(out, tta=True)["threshold"] == metrics["tta"]["deployed_threshold"]
+    assert summary(out)["threshold"] == metrics["deployed_threshold"]
 
 
 def test_framing_check_scores_the_same_films_framed_more_tightly(trained_run, tmp_path):

@@ -435,8 +435,9 @@ def test_the_deployed_point_is_the_current_evaluations_not_a_stale_ones():
     # a stale evaluation of several classes had no threshold (it said 0.0000), nor a
     # temperature if older than the calibration record (it raised)
     assert stale_note({"deployed_threshold": None, "calibrated": {"temperature": 1.5}}
-                      ).startswith("evaluated with an earlier calibration (argmax, T=1.500)")
-    assert "(threshold 0.2500, T=1.000)" in stale_note({"deployed_threshold": 0.25})
+                      ).startswith("evaluated with an earlier calibration (argmax, "
+                                   "temperature 1.500)")
+    assert "(threshold 0.2500, temperature 1.000)" in stale_note({"deployed_threshold": 0.25})
 
 
 def test_the_summary_names_a_framing_shortcut_worse_calibration_and_shared_ids():

@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import shutil
+import subprocess
 import sys
 import warnings
 from dataclasses import replace
@@ -402,16 +403,17 @@ def test_the_progress_bar_shows_the_steps_loss_alone_to_fit_80_columns(tiny_kagg
 def test_verbose_is_cxrkits_and_lightnings_debug_lines_not_every_librarys(tmp_path):
     """`cxr -v` printed 2,239 lines, 2,200 of them matplotlib's font search and PIL's PNG
     chunks."""
-    try:
-        result = CliRunner().invoke(app, ["-v", "data", "cache", "--dir", str(tmp_path)])
-        assert result.exit_code == 0, result.output
-        assert logging.getLogger("cxrkit.training").isEnabledFor(logging.DEBUG)
-        assert logging.getLogger("lightning.pytorch").isEnabledFor(logging.DEBUG)
-        for other in ("matplotlib.font_manager", "PIL.PngImagePlugin"):
-            assert not logging.getLogger(other).isEnabledFor(logging.DEBUG)
-    finally:
-        CliRunner().invoke(app, ["data", "cache", "--dir", str(tmp_path)])  # back to INFO
-    assert not logging.getLogger("cxrkit.training").isEnabledFor(logging.DEBUG)
+    # a fresh process: Lightning not imported before the command (it resets its own level)
+    result = subprocess.run([sys.executable, "-c", f"""
+import logging
+from typer.testing import CliRunner
+from cxrkit.cli import app
+result = CliRunner().invoke(app, ["-v", "train", "--resume", {str(tmp_path / "none")!r}])
+import lightning.pytorch  # as the commands that train do
+print(result.exit_code, *(logging.getLogger(name).isEnabledFor(logging.DEBUG) for name in (
+    "cxrkit.training", "lightning.pytorch", "matplotlib.font_manager", "PIL.PngImagePlugin")))
+"""], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["2", "True", "True", "False", "False"], result.stderr
 
 
 def test_without_a_terminal_progress_comes_as_log_lines(tiny_kaggle, tmp_path, caplog):
@@ -808,28 +810,50 @@ def test_a_full_disk_is_said_with_its_place_and_fix_not_a_bus_error_or_a_torch_t
     assert cache.returncode == 2, cache.stderr[-2000:]
     said = " ".join(cache.stderr.split())
     assert f"error: no room for the decode cache in {tmp_path / 'cache' / 'decoded'} (" in said
-    assert "MiB needed" in said and "--set data.cache=false" in said
+    assert "MiB needed, past a file size limit: `ulimit -f`" in said
+    assert "--set data.cache=false" in said and said.endswith(
+        "then train again (the run held nothing to resume and was removed)")
     assert not list((tmp_path / "cache" / "decoded").iterdir())  # nothing left taking space
+    assert not (tmp_path / "runs" / "a").exists()
     checkpoint = run_with_files_under(1_000_000, [*train, "--name", "b", "--set",
                                                   "data.cache=false"])
     assert checkpoint.returncode == 2, checkpoint.stderr[-2000:]
     run = tmp_path / "runs" / "b"
     said = " ".join(checkpoint.stderr.split())
     assert f"error: no room for the checkpoint best.ckpt in {run} (at least" in said
-    assert f"`cxr train --resume {run}`" in said and "Traceback" not in checkpoint.stderr
-    assert not run.exists()  # failed before its first checkpoint: the name is free again
+    assert said.endswith(f"then resume it (`--resume {run}`)")
+    assert "Traceback" not in checkpoint.stderr and not list(run.glob(".*.partial"))
+    resumed = run_with_files_under(100_000_000, [cxr, "train", "--resume", str(run)])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]  # as said: resumed, and trained
+    assert (run / "model.safetensors").is_file()
 
 
-def test_running_out_of_memory_is_told_apart_from_other_errors():
+def test_running_out_of_memory_says_what_to_lower_and_how_to_go_on(tiny_kaggle, tmp_path,
+                                                                    monkeypatch):
     """`cxr train` and `cxr run` out of memory printed 739 lines of traceback ending in the
-    allocator's "can't allocate memory"; they now say what to lower (checked by hand under
-    `ulimit -v`: `error: out of memory. Train with a smaller batch ...`)."""
-    from cxrkit.cli.train import out_of_memory
+    allocator's "can't allocate memory" (also checked by hand under `ulimit -v`)."""
+    from cxrkit.config import out_of_memory
 
     with pytest.raises(RuntimeError) as allocation:
         torch.empty(2**60, dtype=torch.uint8)  # what PyTorch's CPU allocator raises
     assert out_of_memory(allocation.value) and out_of_memory(MemoryError())
     assert not out_of_memory(RuntimeError("Expected all tensors to be on the same device"))
+
+    def allocation_fails(*args, **kwargs):  # a GPU's memory running out in a step
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ClassifierModule, "training_step", allocation_fails)
+    result = CliRunner().invoke(app, [
+        "train", "--data", str(tiny_kaggle), "--preset", "scratch", "--runs-dir",
+        str(tmp_path / "runs"), "--name", "oom", *[f"--set={k}={v}" for k, v in TINY.items()],
+        f"--set=data.cache_dir={tmp_path / 'cache'}", "--set=data.num_workers=0"])
+    run = tmp_path / "runs" / "oom"
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in said, result.output
+    assert ("error: out of memory training oom at batch 8: train again with --set "
+            "data.batch_size=4 (and a stage's own stages.N.batch_size if set) from its "
+            f"config: `--config {run.absolute() / 'config.yaml'} --name NEW`") in said
+    assert "num_workers" not in said  # already 0: not asked for again
 
 
 def test_unreadable_films_are_listed_in_the_run_and_said_every_run(tmp_path, caplog):

@@ -84,15 +84,36 @@ def no_space(error: OSError, path: Path, what: str, needed: int, fix: str,
              at_least: bool = False) -> NoSpaceError:
     """NoSpaceError for `error`, raised writing `path`, where `what` needs `needed` bytes (or
     more, `at_least`: what was written when it failed)."""
-    free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
-    said = NoSpaceError(f"no room for {what} in {path.parent} ({'at least ' * at_least}"
-                        f"{needed / 2**20:,.1f} MiB needed, {free / 2**20:,.0f} MiB free; "
-                        f"{error.strerror}): {fix}")
+    needs = f"{'at least ' * at_least}{needed / 2**20:,.1f} MiB needed"
+    if error.errno == errno.EFBIG:
+        why, fix = (f"{needs}, past a file size limit: `ulimit -f`, or the file system's, e.g. "
+                    f"FAT32's 4 GiB", fix.replace("free space", "lift the limit or write "
+                                                  "elsewhere"))
+    elif error.errno == errno.EDQUOT:
+        why, fix = f"{needs}, past your disk quota", fix.replace("free space", "free some "
+                                                                  "of your quota")
+    else:
+        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+        why = f"{needs}, {free / 2**20:,.0f} MiB free"
+    said = NoSpaceError(f"no room for {what} in {path.parent} ({why}): {fix}")
     said.errno = error.errno
     return said
 
 
 NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class OutOfMemoryError(RuntimeError):
+    """Memory ran out; the message says what to lower and how to go on."""
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is the machine's memory running out: Python's MemoryError, PyTorch's
+    allocators ("can't allocate memory", "CUDA out of memory"), a loader worker killed."""
+    said = str(error)
+    return isinstance(error, MemoryError) or any(
+        sign in said for sign in ("can't allocate memory", "out of memory",
+                                  "is killed by signal: Killed"))
 
 
 class DamagedCheckpointError(RuntimeError):

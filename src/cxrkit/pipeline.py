@@ -1,7 +1,7 @@
 """The main job in one call, as `cxr run` does it: train (or resume), audit the data,
 evaluate on the test split, write the report.
 
-    from cxrkit.config import TrainConfig
+    from cxrkit.config import NoSpaceError, OutOfMemoryError, TrainConfig, out_of_memory
     from cxrkit.pipeline import run_pipeline
     from cxrkit.evaluation import summary
     job = run_pipeline(TrainConfig.preset("quick", data="chest_xray/"))
@@ -10,13 +10,14 @@ evaluate on the test split, write the report.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cxrkit.config import TrainConfig
+from cxrkit.config import NoSpaceError, OutOfMemoryError, TrainConfig, out_of_memory
 from cxrkit.runs import CONFIG, logged_to
 
 log = logging.getLogger(__name__)
@@ -60,30 +61,44 @@ def _audit_evaluate_report(folder: Path, tta: bool, framing: bool,
     from cxrkit.runs import load_spec
 
     trained, spec = TrainConfig.load(folder / CONFIG).data, load_spec(folder)
-    with step(folder, "the data audit"):
+    batch = trained.batch_size
+    with step(folder, "the data audit", batch):
         if not audit_is_current(folder / "audit", trained.path, trained.patient_pattern, spec):
             log.info("auditing %s into %s", trained.path, folder / "audit")
             audit_dataset(trained.path, folder / "audit", trained.patient_pattern, spec=spec)
-    with step(folder, "the evaluation"):
+    with step(folder, "the evaluation", batch):
         log.info("evaluating %s on the test split%s", folder.name, " (and with TTA)" * tta)
         evaluation = evaluate_run(folder, split="test", tta=tta, framing=framing,
                                   framing_threshold=framing_threshold,
-                                  batch_size=trained.batch_size)  # a small machine's, too
-    with step(folder, "the report"):
+                                  batch_size=batch)  # a small machine's, too
+    with step(folder, "the report", batch):
         report = build_report(folder, split="test")
+    log.info("%s", headline_line(evaluation))  # in run.log too
     return RunResult(folder, evaluation, report)
 
 
+def headline_line(evaluation: Path) -> str:
+    """'test (624 films, at the deployed threshold; 95% intervals): Accuracy 90.7% (...)'."""
+    from cxrkit.evaluation.results import headline_text
+    from cxrkit.runs import METRICS
+
+    test = json.loads((evaluation / METRICS).read_text(encoding="utf-8"))
+    rule = "at the deployed threshold" if test["deployed_threshold"] is not None else "argmax"
+    return f"test ({test['n']} films, {rule}; 95% intervals): {headline_text(test)}"
+
+
 @contextmanager
-def step(folder: Path, name: str) -> Iterator[None]:
+def step(folder: Path, name: str, batch: int) -> Iterator[None]:
     """A step after training, stopped by Ctrl+C or SIGTERM: TrainingInterrupted, which names
     the resume that finishes the job (killed silently, a run was left without eval/ or
-    report.html and nothing said how to finish it)."""
+    report.html and nothing said how to finish it). A full disk, or memory run out at the
+    evaluation's `batch`, is said with the way on."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from cxrkit.training.callbacks import sigterm_raises
     from cxrkit.training.fit import TrainingInterrupted
 
+    finish = f"`cxr run --resume {folder}`"
     try:
         with sigterm_raises():
             yield
@@ -91,6 +106,14 @@ def step(folder: Path, name: str) -> Iterator[None]:
         raise TrainingInterrupted(folder, "SIGTERM", name) from e
     except KeyboardInterrupt as e:
         raise TrainingInterrupted(folder, "Ctrl+C", name) from e
+    except NoSpaceError as e:
+        raise NoSpaceError(f"{e}, then {finish}") from e
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        raise OutOfMemoryError(
+            f"out of memory in {name} at batch {batch}: `cxr evaluate {folder} --batch-size "
+            f"{max(1, batch // 2)}`, then {finish} (the training is done)") from e
 
 
 def _refuse_data_without_test(config: TrainConfig | None, resume: str | Path | None) -> None:

@@ -104,7 +104,7 @@ OTHER_SHIFT = (
 FRAMING_DROP = 0.10  # specificity lost to a tighter framing that the summary calls a shortcut
 # The audit's advice to carve a validation split: a run carves its own (split.csv, below).
 RUN_SPLITS_ITSELF = "no val split:"
-STALE = ("evaluated with an earlier calibration ({}, T={:.3f}), not the deployed "
+STALE = ("evaluated with an earlier calibration ({}, temperature {:.3f}), not the deployed "
          "one: these numbers are not those of the decision rule `cxr predict` uses. Run `cxr "
          "evaluate` again to update them.")
 SELECTION_SHIFT = (

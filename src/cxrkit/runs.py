@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -167,9 +168,9 @@ def logged_to(folder: Path) -> Iterator[None]:
     """The log lines said meanwhile also appended to RUN/run.log: a closed terminal or a lost
     scroll-back keeps no record of the warnings, the resumes and the results. Once, however
     nested (`cxr run` trains, then evaluates)."""
-    path = (folder / RUN_LOG).absolute()
+    path = os.path.abspath(folder / RUN_LOG)  # as FileHandler names it (no "..")
     root = logging.getLogger()
-    if any(getattr(h, "baseFilename", None) == str(path) for h in root.handlers):
+    if any(getattr(h, "baseFilename", None) == path for h in root.handlers):
         yield
         return
     handler = logging.FileHandler(path, encoding="utf-8")

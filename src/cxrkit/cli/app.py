@@ -64,6 +64,8 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
     # force: each invocation writes to the stderr it has (tests run several in one process)
     logging.basicConfig(level=logging.INFO, handlers=[log_handler(console)], force=True)
     # -v: cxrkit's and Lightning's debug lines, not matplotlib's font search or PIL's chunks
+    if verbose:  # Lightning sets its loggers' level as it is imported: imported first here
+        import lightning.pytorch  # noqa: F401
     for package in VERBOSE_PACKAGES:
         logging.getLogger(package).setLevel(logging.DEBUG if verbose else logging.NOTSET)
 

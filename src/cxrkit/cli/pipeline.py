@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -26,12 +25,9 @@ from cxrkit.cli.train import (
     build_config,
     interrupted,
     metrics_table,
-    out_of_memory,
     refuse_options_beside_resume,
-    say_out_of_memory,
     say_skipped,
 )
-from cxrkit.runs import METRICS
 
 
 @app.command("run")
@@ -52,7 +48,6 @@ def run_all(
     set_: list[str] = SET,
 ) -> None:
     """The main job: train, audit the data, evaluate on the test split, write report.html."""
-    from cxrkit.evaluation.results import headline_text
     from cxrkit.pipeline import run_pipeline
     from cxrkit.training import TrainingInterrupted
 
@@ -67,19 +62,12 @@ def run_all(
                            framing_threshold=framing_threshold)
     except TRAINING_ERRORS as e:
         fail(str(e))
-    except (MemoryError, RuntimeError) as e:
-        if not out_of_memory(e):
-            raise
-        say_out_of_memory("cxr run")
     except TrainingInterrupted as e:
         interrupted(e, "cxr run")  # which evaluates and reports too
     if job is None:  # a process Lightning launched (DDP): rank 0 reports
         return
     show_table(metrics_table(job.folder))
     say_skipped(job.folder)
-    test = json.loads((job.evaluation / METRICS).read_text(encoding="utf-8"))
-    rule = "at the deployed threshold" if test["deployed_threshold"] is not None else "argmax"
-    console.print(f"test ({test['n']} films, {rule}; 95% intervals): {headline_text(test)}")
     console.print(f"report: {job.report}")
     console.print(next_steps(job.folder))
     typer.echo(job.folder)

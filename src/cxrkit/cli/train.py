@@ -22,6 +22,7 @@ from cxrkit.config import (
     ConfigError,
     DamagedCheckpointError,
     NoSpaceError,
+    OutOfMemoryError,
     TrainConfig,
     parse_assignments,
 )
@@ -32,7 +33,7 @@ from cxrkit.runs import SKIPPED, VAL_METRICS
 # Narrower than the other commands' USER_ERRORS: a bare ValueError from deep inside a
 # training run is a bug, and keeps its traceback.
 TRAINING_ERRORS = (ConfigError, DataLayoutError, KaggleDownloadError, FileExistsError,
-                   FileNotFoundError, DamagedCheckpointError, NoSpaceError)
+                   FileNotFoundError, DamagedCheckpointError, NoSpaceError, OutOfMemoryError)
 
 DATA = typer.Option(None, "--data", help="Required (unless --resume, or a --config that sets "
                     f"data.path): {DATA_HELP}")
@@ -111,23 +112,6 @@ def _sets_data(config: Path | None) -> bool:
         return False  # TrainConfig.load reports it properly
     data = settings.get("data") if isinstance(settings, dict) else None
     return isinstance(data, dict) and bool(data.get("path"))
-
-
-def out_of_memory(error: BaseException) -> bool:
-    """Whether `error` is the machine's memory running out: Python's MemoryError, PyTorch's
-    allocators ("can't allocate memory", "CUDA out of memory"), a loader worker killed."""
-    said = str(error)
-    return isinstance(error, MemoryError) or any(
-        sign in said for sign in ("can't allocate memory", "out of memory",
-                                  "is killed by signal: Killed"))
-
-
-def say_out_of_memory(command: str) -> None:
-    """Exit with what to lower, in place of 700 lines of traceback ending in an allocator's."""
-    fail(f"out of memory. Train with a smaller batch (--set data.batch_size=8, and a stage's "
-         f"own stages.N.batch_size if set) and no loader workers (--set "
-         f"data.num_workers=0): anew, or from this run's config (`{command} --config "
-         f"RUN/config.yaml --name NEW` with those --set; RUN: the run folder said at the start)")
 
 
 def interrupted(stop, command: str = "cxr train") -> None:
@@ -230,10 +214,6 @@ def train(
             run = train_run(build_config(data, preset, config, options, set_))
     except TRAINING_ERRORS as e:
         fail(str(e))
-    except (MemoryError, RuntimeError) as e:
-        if not out_of_memory(e):
-            raise
-        say_out_of_memory("cxr train")
     except TrainingInterrupted as e:
         interrupted(e)
     if rank_zero_only.rank != 0:  # a process Lightning launched: rank 0 reports

@@ -119,8 +119,8 @@ def written_whole(path: Path) -> Iterator[Path]:
         if e.errno not in NO_SPACE_ERRNOS:
             raise
         written = partial.stat().st_size if partial.exists() else 0
-        raise no_space(e, path, path.name, written, "free space, then run the command again",
-                       at_least=True) from e
+        raise no_space(e, path, path.name, written, "free space (the file there before, if "
+                       "any, is whole)", at_least=True) from e
     finally:
         partial.unlink(missing_ok=True)
 

@@ -25,8 +25,12 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
 
 
 def _die_with(parent: int) -> None:
+    """Killed when the process that started this one ends: the pool's process under fork; a
+    forkserver (Python 3.14's default), which itself ends with the pool's process."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # died before the line above: nobody would send the signal
+    try:  # the pool's process gone before the line above: nobody would send the signal
+        os.kill(parent, 0)
+    except ProcessLookupError:
         os._exit(1)

@@ -128,7 +128,8 @@ def headline_text(metrics: dict) -> str:
 
 
 def as_deployed(variant: dict, metrics: dict) -> dict:
-    """A TTA or framing block of `metrics`, read at the evaluation's deployed threshold."""
+    """A TTA or framing block of `metrics`, read at the evaluation's deployed operating point
+    (its rule; TTA's threshold for that rule is its own, chosen on TTA-scored validation)."""
     return {**variant, "deployed_operating_point": metrics.get("deployed_operating_point")}
 
 
@@ -159,4 +160,5 @@ def summary(folder: str | Path, tta: bool = False) -> dict[str, float | int | No
         values |= {k: (collapsed.get(k) or {}).get("value")
                    for k in ("sensitivity", "specificity", "f1")}
         values["balanced_accuracy"] = (block.get("balanced_accuracy") or {}).get("value")
-    return {**values, "threshold": metrics.get("deployed_threshold"), "n": metrics["n"]}
+    threshold = (metrics["tta"] if tta else metrics).get("deployed_threshold")  # TTA: its own
+    return {**values, "threshold": threshold, "n": metrics["n"]}

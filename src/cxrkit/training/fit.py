@@ -51,7 +51,15 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from cxrkit.adapt import adapt_batchnorm
-from cxrkit.config import ConfigError, StageConfig, TrainConfig, to_dict
+from cxrkit.config import (
+    ConfigError,
+    NoSpaceError,
+    OutOfMemoryError,
+    StageConfig,
+    TrainConfig,
+    out_of_memory,
+    to_dict,
+)
 from cxrkit.data.dataset import films_by_split
 from cxrkit.data.io import written_whole
 from cxrkit.data.layout import DataLayoutError, Sample
@@ -66,7 +74,7 @@ from cxrkit.labels import positive_index, positive_is_guessed
 from cxrkit.models import Classifier, create_model
 from cxrkit.models.ensemble import Ensemble
 from cxrkit.plots import extra_formats, save_figure
-from cxrkit.provenance import FILM_HASHES, PROVENANCE, data_fingerprint, gather_members
+from cxrkit.provenance import FILM_HASHES, data_fingerprint, gather_members
 from cxrkit.runs import (
     CONFIG,
     MODEL_WEIGHTS,
@@ -619,9 +627,32 @@ def train_ensemble(run: Run) -> Path:
 
 
 # What a new run holds when it fails before training begins: `new_run`'s files, the stage's
-# empty logs, the films' hashes. Not provenance.json: it is written as training begins, so a
-# run that crashed in its first epoch keeps its logs.
-UNSTARTED = {CONFIG, SPLIT, TRAINING_LOCK, FILM_HASHES, PROVENANCE, RUN_LOG, "logs", "tb"}
+# empty logs, the films' hashes, run.log's first lines. Not provenance.json: it is written as
+# training begins, so a run that crashed in its first epoch keeps its logs (and resumes).
+UNSTARTED = {CONFIG, SPLIT, TRAINING_LOCK, FILM_HASHES, RUN_LOG, "logs", "tb"}
+
+
+def _with_the_way_on(error: Exception, run: Run) -> Exception | None:
+    """A full disk (NoSpaceError) or memory run out, said with what to do next for this run:
+    resume it, or train again where it was removed (nothing to resume); None for any other
+    error, raised as it is."""
+    kept = run.folder.is_dir()
+    again = (f"then resume it (`--resume {run.folder}`)" if kept else
+             "then train again (the run held nothing to resume and was removed)")
+    if isinstance(error, NoSpaceError):
+        return NoSpaceError(f"{error}, {again}")
+    if not out_of_memory(error):
+        return None
+    batch, workers = run.config.data.batch_size, run.config.data.num_workers
+    lower = [f"--set data.batch_size={max(1, batch // 2)} (and a stage's own "
+             "stages.N.batch_size if set)"]
+    if workers != 0:
+        lower.append("--set data.num_workers=0")
+    where = (f"from its config: `--config {run.folder / CONFIG} --name NEW` with those (a "
+             "resume keeps a run's settings)" if kept else "(the run held nothing to resume "
+             "and was removed)")
+    return OutOfMemoryError(f"out of memory training {run.folder.name} at batch {batch}: train "
+                            f"again with {' and '.join(lower)} {where}")
 
 
 def _remove_if_unstarted(folder: Path) -> None:
@@ -706,10 +737,13 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None) -
                 logged_to(run.folder) if rank_zero_only.rank == 0 else nullcontext():
             try:
                 return train_run(run, resumed=resume is not None)
-            except Exception:
+            except Exception as e:
                 if resume is None:  # inside the lock: never a folder another process trains
                     _remove_if_unstarted(run.folder)
-                raise
+                said = _with_the_way_on(e, run)
+                if said is None:
+                    raise
+                raise said from e
     except _Stopped as e:
         raise TrainingInterrupted(run.folder, e.signal_name) from e
     except SIGTERMException as e:  # outside a stage's fit; a SystemExit: it would exit 0
