@@ -120,7 +120,7 @@ def evaluate_command(
     metrics = json.loads((out / METRICS).read_text(encoding="utf-8"))
     show_table(_summary(metrics))
     for variant in variant_tables(metrics):
-        rule = "deployed threshold" if metrics["deployed_threshold"] is not None else "argmax"
+        rule = "deployed rule" if metrics["deployed_threshold"] is not None else "argmax"
         table = Table("metric", *variant["columns"], title=f"{variant['title']} ({rule})")
         for row in variant["rows"]:
             table.add_row(*row)
