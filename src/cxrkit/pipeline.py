@@ -1,7 +1,7 @@
 """The main job in one call, as `cxr run` does it: train (or resume), audit the data,
 evaluate on the test split, write the report.
 
-    from cxrkit.config import NoSpaceError, OutOfMemoryError, TrainConfig, out_of_memory
+    from cxrkit.config import TrainConfig
     from cxrkit.pipeline import run_pipeline
     from cxrkit.evaluation import summary
     job = run_pipeline(TrainConfig.preset("quick", data="chest_xray/"))
@@ -111,9 +111,10 @@ def step(folder: Path, name: str, batch: int) -> Iterator[None]:
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise
-        raise OutOfMemoryError(
-            f"out of memory in {name} at batch {batch}: `cxr evaluate {folder} --batch-size "
-            f"{max(1, batch // 2)}`, then {finish} (the training is done)") from e
+        lower = (f"`cxr evaluate {folder} --batch-size {max(1, batch // 2)}`" if
+                 name == "the evaluation" else "free memory (other programs)")
+        raise OutOfMemoryError(f"out of memory in {name} (the training is done): {lower}, "
+                               f"then {finish}") from e
 
 
 def _refuse_data_without_test(config: TrainConfig | None, resume: str | Path | None) -> None:
