@@ -164,10 +164,10 @@ def test_a_job_stopped_after_its_training_says_how_to_finish_it(tiny_kaggle, tmp
             (cxrkit.report, "build_report", signal.SIGTERM, 143, "the report interrupted "
                                                                  "(SIGTERM)")):
         monkeypatch.setattr(module, name, stopped_by(stop, getattr(module, name)))
-        result = CliRunner().invoke(app, ["run", "--resume", str(run)])
+        result = CliRunner().invoke(app, ["run", "--resume", str(run), "--tta"])
         assert result.exit_code == code, result.output
-        assert f"{said}; continue it with `cxr run --resume {run}`" in " ".join(
-            result.output.split())
+        assert f"{said}; continue it with `cxr run --tta --resume {run}`" in " ".join(
+            result.output.split())  # with the options that evaluation was to use
         assert not (run / "report.html").exists()
         monkeypatch.undo()
     finished = CliRunner().invoke(app, ["run", "--resume", str(run)])

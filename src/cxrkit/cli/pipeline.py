@@ -63,7 +63,9 @@ def run_all(
     except TRAINING_ERRORS as e:
         fail(str(e))
     except TrainingInterrupted as e:
-        interrupted(e, "cxr run")  # which evaluates and reports too
+        given = [flag for flag, on in (("--tta", tta), ("--framing", framing),
+                                       ("--framing-threshold", framing_threshold)) if on]
+        interrupted(e, " ".join(["cxr run", *given]))  # which evaluates and reports too
     if job is None:  # a process Lightning launched (DDP): rank 0 reports
         return
     show_table(metrics_table(job.folder))
