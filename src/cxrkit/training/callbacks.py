@@ -476,8 +476,7 @@ class ProgressBar(RichProgressBar):
 
     def get_metrics(self, trainer, pl_module):
         metrics = super().get_metrics(trainer, pl_module)
-        shown = {"loss": metrics["train_loss_step"]} if "train_loss_step" in metrics else {}
-        return shown
+        return {"loss": metrics["train_loss_step"]} if "train_loss_step" in metrics else {}
 
     def _get_train_description(self, current_epoch: int) -> str:
         return f"Epoch {current_epoch + 1}/{self.trainer.max_epochs}"
