@@ -187,6 +187,12 @@ def test_a_job_stopped_after_its_training_says_how_to_finish_it(tiny_kaggle, tmp
     assert again.exit_code == 0, again.output
     assert "its checkpoints are gone" in " ".join(again.output.split())
     assert (run / "report.html").is_file() and (run / "model.safetensors").read_bytes() == weights
+    # and its config.yaml is still held to what trained it (best.ckpt did that)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("\nseed: 0\n", "\nseed: 1\n"))
+    edited = CliRunner().invoke(app, ["run", "--resume", str(run)])
+    assert edited.exit_code == 2 and "changed since the run was trained (seed)" in " ".join(
+        edited.output.split()), edited.output
 
 
 def test_the_help_lists_the_main_job_first():

@@ -332,6 +332,7 @@ RESUMABLE_LOADER_WARNING = r"You're resuming from a checkpoint that ended before
 # In every checkpoint (`RecordConfig`): a resumed stage must train with the config it
 # started with. These keys only say where things are or how progress shows: free to change.
 CONFIG_KEY = "cxrkit_config"
+TRAINED_CONFIG = ".trained_config.json"  # best.ckpt's config, for when the checkpoints go
 FREE_ON_RESUME = {"data.path", "data.num_workers", "data.cache", "data.cache_dir", "runs_dir",
                   "name", "recipe", "trainer.progress_bar", "trainer.mlflow",
                   "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps"}
@@ -394,6 +395,12 @@ def refuse_edited_finished_run(run: Run) -> None:
                                 f"nor {MODEL_WEIGHTS}: nothing to evaluate; train it anew from "
                                 f"its config.yaml (--config ... --name NEW)")
     else:  # its checkpoints deleted to save space: the model is all the rest needs
+        trained = run.folder / TRAINED_CONFIG  # best.ckpt's config, kept by `finish`
+        if trained.is_file():
+            changed = _changed_keys(json.loads(trained.read_text(encoding="utf-8")), run.config)
+            if changed:
+                raise _edited(run.folder, "the run was trained", changed,
+                              "it no longer describes this run's model")
         log.info("%s has finished training; its checkpoints are gone, its %s and metrics "
                  "stay as they are", run.folder, MODEL_WEIGHTS)
         return
@@ -560,6 +567,8 @@ def finish(run: Run) -> dict:
     metrics.update(best_stage=module.stage.name, best_epoch=meta["epoch"] + 1,
                    best_global_step=meta["global_step"], monitor=run.config.trainer.monitor)
     _write_json(run.folder / VAL_METRICS, metrics)
+    if CONFIG_KEY in meta:  # (a checkpoint of an older cxrkit has none)
+        _write_json(run.folder / TRAINED_CONFIG, meta[CONFIG_KEY])
     collect_metrics(run.folder, [s.name for s in run.config.stages])
     plot_curves(run.folder)
     return metrics
