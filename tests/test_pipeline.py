@@ -200,3 +200,13 @@ def test_the_help_lists_the_main_job_first():
     result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "100"})
     commands = result.output.split("Commands:")[1].split()
     assert result.exit_code == 0 and commands[0] == "run" and "evaluate" in commands
+
+
+def test_log_lines_after_a_command_go_to_the_stderr_of_the_moment(tmp_path, capsys):
+    """The handler a command set up kept the stream it was made with: in a notebook or a test
+    after `app(...)`, each later log line hit a closed file ("--- Logging error ---")."""
+    result = CliRunner().invoke(app, ["data", "cache", "--dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    logging.getLogger("cxrkit.tests").warning("said after the command")
+    said = capsys.readouterr().err
+    assert "said after the command" in said and "Logging error" not in said

@@ -1,6 +1,7 @@
 """The Typer application every `cxrkit.cli.*` module adds its commands to."""
 
 import logging
+import sys
 
 import typer
 from rich.console import Console
@@ -94,10 +95,23 @@ class TerminalLogHandler(logging.Handler):
             self.handleError(record)
 
 
+class StderrHandler(logging.StreamHandler):
+    """Plain lines to the standard error of the moment: a handler holding the stream it was
+    made with wrote, once a test runner had swapped stderr back, into a closed file (each
+    later log line a "Logging error" whose traceback kept objects alive)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass  # (StreamHandler sets it; the property above decides)
+
+
 def log_handler(terminal: Console) -> logging.Handler:
     """Coloured lines on a terminal; plain lines in a log file or a pipe."""
-    handler = TerminalLogHandler(terminal) if terminal.is_terminal else \
-        logging.StreamHandler(terminal.file)
+    handler = TerminalLogHandler(terminal) if terminal.is_terminal else StderrHandler()
     handler.setFormatter(LOG_FORMAT)
     return handler
 

@@ -467,6 +467,8 @@ def fit_stage(run: Run, index: int, model: Classifier, resume_from: Path | None)
         except SIGTERMException as e:  # Lightning's stop flag, set by Ctrl+C or SIGTERM
             stop = next(c for c in callbacks if isinstance(c, StopAtBatchEnd))
             raise _Stopped(stop.signal_name or "SIGTERM") from e
+        finally:  # the cache entries' locks, now: Lightning skips it on an error, whose
+            images_of(datamodule).teardown("fit")  # traceback then kept them open
         seconds = time.perf_counter() - start  # of this process's fit: a resumed stage's remainder
     trainer.save_checkpoint(run.folder / LAST, weights_only=False)
     if trainer.is_global_zero:
