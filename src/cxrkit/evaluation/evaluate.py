@@ -305,17 +305,17 @@ def choose_calibration(val: Scored, positive: int | None, target_sensitivity: fl
     return calibration, thresholds
 
 
-def choose_tta_calibration(infer: Callable[..., Scored], val: Scored, framed_val: Scored | None,
+def choose_tta_calibration(infer: Callable[..., Scored], val: Scored, framing: bool,
                            augmented_val: Scored | None, positive: int | None,
                            target_sensitivity: float | None, source: str,
                            with_bias: bool) -> tuple[Calibration, dict[str, float]]:
     """`choose_calibration` for test-time augmentation, a predictor of its own: on the
     validation films scored with the same views (`augmented_val` where they are already;
-    framed too where `framed_val` is)."""
+    framed too, `framing`, for the framing-robust threshold)."""
     if augmented_val is None:
         augmented_val = infer(val.samples, f"{source} (TTA)", views=DEFAULT_VIEWS) \
             if len(val.y) else val
-    framed = None if framed_val is None else infer(
+    framed = None if not framing else infer(
         val.samples, f"{source} (TTA, framed {FRAMING_THRESHOLD_CROP:.0%})", views=DEFAULT_VIEWS,
         crop=FRAMING_THRESHOLD_CROP)
     return choose_calibration(augmented_val, positive, target_sensitivity, framed, source,
@@ -741,8 +741,8 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     if tta:
         augmented = infer(scored.samples, f"{origin} (TTA)", views=DEFAULT_VIEWS)
         tta_calibration, tta_thresholds = choose_tta_calibration(
-            infer, val, framed_val, augmented if reuse else None, positive, target_sensitivity,
-            source, with_bias=calibrate_on is not None)
+            infer, val, framed_val is not None, augmented if reuse else None, positive,
+            target_sensitivity, source, with_bias=calibrate_on is not None)
         tta_probs = tta_calibration.probabilities(augmented.logits)
         metrics["tta"] = {
             "views": list(DEFAULT_VIEWS),
