@@ -46,7 +46,14 @@ def test_cxr_run_does_the_whole_job_on_the_default_recipe_as_an_ensemble(tiny_ka
     report = (run / "report.html").read_text()
     assert "members/1-simple_cnn" in report and "audit" in report.lower()
     said = " ".join(result.output.split())  # the job's results, not only a folder
-    assert "Validation (" in said and "ensemble of 2 members" in said
+    # validation and test side by side at the one deployed threshold (the training's own
+    # table was at P = 0.5, beside a test line at the deployed threshold)
+    chosen, deployed = metrics["selection_split"], metrics["deployed_operating_point"]
+    assert (f"At the deployed rule, threshold {metrics['deployed_threshold']:.3f} "
+            f"({metrics['threshold_chosen_on']})") in said
+    specificity = [f"{m['operating_points'][deployed]['specificity']['value']:.1%}"
+                   for m in (chosen, metrics)]
+    assert f"Specificity │ {specificity[0]} │ {specificity[1]} (" in said
     assert "test (16 films, at the deployed threshold; 95% intervals): Accuracy " in said
     assert f"1 film(s) could not be read and were skipped: {run / 'skipped_files.csv'}" in said
     assert str(bad) in (run / "skipped_files.csv").read_text()

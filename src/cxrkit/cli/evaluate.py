@@ -54,6 +54,18 @@ def _summary(metrics: dict) -> Table:
     return table
 
 
+def show_variants(metrics: dict) -> None:
+    """The evaluation's TTA and framing tables, each beside the plain scoring."""
+    from cxrkit.report import variant_tables
+
+    rule = "deployed rule" if metrics["deployed_threshold"] is not None else "argmax"
+    for variant in variant_tables(metrics):
+        table = Table("metric", *variant["columns"], title=f"{variant['title']} ({rule})")
+        for row in variant["rows"]:
+            table.add_row(*row)
+        show_table(table)
+
+
 FRAMING_THRESHOLD = typer.Option(
     False, "--framing-threshold",
     help="Choose (and deploy) the threshold on the validation films as filmed and "
@@ -105,7 +117,6 @@ def evaluate_command(
     """Metrics with patient-bootstrap intervals, threshold and calibration chosen on
     validation, and figures, in RUN/eval/<split>/."""
     from cxrkit.evaluation import evaluate_run
-    from cxrkit.report import variant_tables
     from cxrkit.runs import read_calibration
 
     try:
@@ -119,12 +130,7 @@ def evaluate_command(
         fail(str(e))
     metrics = json.loads((out / METRICS).read_text(encoding="utf-8"))
     show_table(_summary(metrics))
-    for variant in variant_tables(metrics):
-        rule = "deployed rule" if metrics["deployed_threshold"] is not None else "argmax"
-        table = Table("metric", *variant["columns"], title=f"{variant['title']} ({rule})")
-        for row in variant["rows"]:
-            table.add_row(*row)
-        show_table(table)
+    show_variants(metrics)
     for note in metrics["notes"]:
         console.print(f"[yellow]note:[/] {note}")
     calibration = read_calibration(run)

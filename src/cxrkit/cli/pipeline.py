@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
 from rich.markup import escape
+from rich.table import Table
 
 from cxrkit.cli.app import (
     DATA_HELP,
@@ -16,7 +18,7 @@ from cxrkit.cli.app import (
     route_lightning_logs,
     show_table,
 )
-from cxrkit.cli.evaluate import FRAMING_THRESHOLD
+from cxrkit.cli.evaluate import FRAMING_THRESHOLD, show_variants
 from cxrkit.cli.train import (
     CONFIG,
     PRESET,
@@ -24,10 +26,10 @@ from cxrkit.cli.train import (
     TRAINING_ERRORS,
     build_config,
     interrupted,
-    metrics_table,
     refuse_options_beside_resume,
     say_skipped,
 )
+from cxrkit.runs import METRICS
 
 
 @app.command("run")
@@ -68,11 +70,34 @@ def run_all(
         interrupted(e, " ".join(["cxr run", *given]))  # which evaluates and reports too
     if job is None:  # a process Lightning launched (DDP): rank 0 reports
         return
-    show_table(metrics_table(job.folder))
+    test = json.loads((job.evaluation / METRICS).read_text(encoding="utf-8"))
+    show_table(job_table(test))
+    show_variants(test)
     say_skipped(job.folder)
     console.print(f"report: {job.report}")
     console.print(next_steps(job.folder))
     typer.echo(job.folder)
+
+
+def job_table(test: dict) -> Table:
+    """The deployed rule on the validation films that chose it beside the test films: one
+    rule for both columns (the training's own table is at P = 0.5), so that the gap between
+    them is the shift to the test films, not a change of threshold."""
+    from cxrkit.evaluation.results import HEADLINE, NAMES, format_metric, headline
+
+    threshold, chosen = test["deployed_threshold"], test.get("selection_split")
+    rule = f"threshold {threshold:.3f}" if threshold is not None else "the most probable class"
+    table = Table("metric", title=f"At the deployed rule, {rule} ({test['threshold_chosen_on']})")
+    columns = [headline(test)]
+    if chosen:
+        table.add_column(f"{chosen['name']} ({chosen['n']} films, chose it)", justify="right")
+        columns.insert(0, headline(chosen | {
+            "deployed_operating_point": test.get("deployed_operating_point")}))
+    table.add_column(f"test ({test['n']} films, 95% CI)", justify="right")
+    for key in HEADLINE:
+        if columns[-1][key] is not None:
+            table.add_row(NAMES[key], *(format_metric(key, c[key]) for c in columns))
+    return table
 
 
 def next_steps(folder: Path) -> str:
