@@ -6,8 +6,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
+from cxrkit.data.io import read_image
 from cxrkit.explain import gradcam, overlay
 from cxrkit.inference import predict_logits
 from cxrkit.models import create_model
@@ -95,6 +97,11 @@ def test_model_used_by_predict_logits_still_explains(trained_run, tiny_kaggle):
     heat = gradcam(model, paths, class_index=[1, 1, 0])
     assert heat.shape == (3, 64, 64)  # the run's input size
     np.testing.assert_allclose(gradcam(model, paths[0], class_index=1), heat[:1], atol=1e-5)
+    # numpy's integers too, as argmax gives them (a numpy scalar was taken for a sequence)
+    np.testing.assert_allclose(gradcam(model, paths, class_index=np.array([1, 1, 0])), heat,
+                               atol=1e-5)
+    np.testing.assert_allclose(gradcam(model, paths[0], class_index=np.int64(1)), heat[:1],
+                               atol=1e-5)
     with pytest.raises(ValueError, match="2 classes to explain for 3 images"):
         gradcam(model, paths, class_index=[1, 0])
     # a run folder and label names do as well as the model and indices
@@ -122,6 +129,21 @@ def test_overlay_leaves_the_film_as_it_is_where_there_is_no_evidence():
     gray = np.repeat(film[..., None], 3, axis=2).astype(np.int16)
     assert np.abs(out[30:, :] - gray[30:, :]).max() <= 1  # far from the hot patch: untouched
     assert np.abs(out[12:18, 32:38] - gray[12:18, 32:38]).max() > 60  # the patch: coloured
+
+
+def test_overlay_shows_a_deep_or_float_film_as_the_model_reads_it():
+    """A 16-bit film (a DICOM's pixels, a 16-bit PNG) or one in 0..1 is stretched to 8-bit
+    gray as `read_image` does: PIL's own conversion clipped it (white, or black)."""
+    deep = np.tile(np.linspace(0, 4095, 64).astype(np.uint16), (48, 1))
+    seen = np.asarray(read_image(deep).convert("RGB"))
+    nothing = np.zeros((48, 64), np.float32)
+    for film in (deep, Image.fromarray(deep), deep.astype(np.float32) / 4095):
+        out = np.asarray(overlay(film, nothing), np.int16)
+        assert np.abs(out - seen).max() <= 1, type(film)
+    assert 100 < seen.mean() < 155  # a ramp: mid-gray on average, neither white nor black
+    rgb = np.zeros((48, 64, 3), np.uint8)
+    rgb[..., 0] = 200  # an 8-bit colour image keeps its colour
+    assert (np.asarray(overlay(rgb, nothing)) == rgb).all()
 
 
 @pytest.mark.parametrize(("threshold", "called"), [(0.0, "PNEUMONIA"), (1.0, "NORMAL")])

@@ -463,10 +463,20 @@ def test_a_half_written_or_damaged_run_is_named_with_the_fix(trained_run, tmp_pa
     with pytest.raises(ValueError, match=r"huge_export/model.json is damaged .*input_size "
                                          r"1000000 .*export the run again"):
         Predictor.load(export)
+    # an export's threshold, temperature and bias are checked as a run's are (a temperature
+    # of 0 made every probability NaN, and every film was called NORMAL)
+    for bad in ({"temperature": 0}, {"threshold": "0.3"}, {"temperature": float("nan")},
+                {"bias": [1.0]}):
+        (export / "model.json").write_text(json.dumps(spec | {"threshold": 0.5,
+                                                              "temperature": 1.0} | bad))
+        with pytest.raises(ValueError, match=r"huge_export/model.json is damaged .*export the "
+                                             r"run again"):
+            Predictor.load(export)
     for name, text in (("not_json", "{threshold: "), ("text_threshold", json.dumps(
             {"threshold": "abc", "temperature": 1.0})), ("threshold_5", json.dumps(
             {"threshold": 5, "temperature": 1.0})), ("temperature_0", json.dumps(
-            {"threshold": 0.5, "temperature": 0}))):
+            {"threshold": 0.5, "temperature": 0})), ("temperature_nan", json.dumps(
+            {"threshold": 0.5, "temperature": float("nan")}))):
         run = broken(name, lambda run, text=text: (run / "calibration.json").write_text(text))
         with pytest.raises(ValueError, match=rf"{name}/calibration.json is damaged .* run "
                                              r"`cxr evaluate`"):

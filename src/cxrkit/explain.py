@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from numbers import Integral
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,7 @@ from PIL import Image
 from pytorch_grad_cam import GradCAM
 
 from cxrkit.data.dataset import load_prepared
-from cxrkit.data.io import Film, film_list
+from cxrkit.data.io import Film, film_list, read_image
 from cxrkit.data.transforms import eval_transform
 from cxrkit.models import Classifier
 
@@ -119,10 +120,11 @@ def _predicted_classes(model: Classifier, batches: Iterator[torch.Tensor],
 
 def _class_indices(labels: list[str], class_index, n: int) -> list[int | None]:
     """One class (index or label) for all `n` images, or one per image; None: the predicted."""
-    given = [class_index] * n if class_index is None or isinstance(class_index, int | str) \
-        else list(class_index)
+    one = class_index is None or isinstance(class_index, Integral | str)  # numpy's ints too
+    given = [class_index] * n if one else list(class_index)
     if len(given) != n:
         raise ValueError(f"{len(given)} classes to explain for {n} images")
+    given = [int(c) if isinstance(c, Integral) else c for c in given]
     for c in given:
         if isinstance(c, str) and c not in labels:
             raise ValueError(f"no class {c!r} to explain: the model's classes are {labels}")
@@ -184,9 +186,7 @@ def overlay(image: Image.Image | np.ndarray, heatmap: np.ndarray, alpha: float =
     """The heatmap, coloured, blended over the (grayscale or RGB) image at the image's size.
     Each pixel's opacity is `alpha` times its heat: where the map is 0 the film shows as it
     is, not under a tint, so the anatomy stays readable beside the evidence."""
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    base = image.convert("RGB")
+    base = _overlay_base(image)
     heat = Image.fromarray(np.uint8(np.clip(heatmap, 0, 1) * 255)).resize(
         base.size, Image.Resampling.BILINEAR)
     heat = np.asarray(heat, np.float32) / 255
@@ -194,6 +194,17 @@ def overlay(image: Image.Image | np.ndarray, heatmap: np.ndarray, alpha: float =
     opacity = alpha * heat[..., None]
     mixed = (1 - opacity) * np.asarray(base, np.float32) / 255 + opacity * colored
     return Image.fromarray(np.uint8(np.clip(mixed, 0, 1) * 255))
+
+
+def _overlay_base(image: Image.Image | np.ndarray) -> Image.Image:
+    """An 8-bit image as it is (RGB keeps its colour); a deeper or float one (a DICOM's
+    pixels, a 16-bit PNG) as the model read it, stretched to 8-bit gray: PIL's own
+    conversion clips it, and a 16-bit film came out white, one in 0..1 black."""
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+        image = Image.fromarray(image)
+    if isinstance(image, Image.Image) and image.mode in ("1", "L", "LA", "P", "RGB", "RGBA"):
+        return image.convert("RGB")
+    return read_image(image).convert("RGB")
 
 
 def overlay_key(width: int = 48, height: int = 256) -> Image.Image:

@@ -46,7 +46,11 @@ def read_sidecar(path: str | Path) -> tuple[ModelSpec, Calibration]:
         calibration = Calibration(meta["threshold"], meta["temperature"],
                                   meta.get("threshold_chosen_on", "default"),
                                   bias=bias if any(bias) else [])  # zeros: no bias, as in the run
-        return ModelSpec.from_dict(meta), calibration
+        spec = ModelSpec.from_dict(meta)
+        if len(calibration.check().bias) not in (0, spec.num_classes):
+            raise ValueError(f"a bias of {len(calibration.bias)} numbers for "
+                             f"{spec.num_classes} classes")
+        return spec, calibration
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{folder / SIDECAR} is damaged ({type(e).__name__}: {e}): export the "
                          "run again (`cxr export RUN`)") from None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -114,6 +115,19 @@ class Calibration:
         """Whether `other` turns logits into the same probabilities and labels."""
         return ((self.threshold, self.temperature, list(self.bias))
                 == (other.threshold, other.temperature, list(other.bias)))
+
+    def check(self) -> Calibration:
+        """Itself, once its numbers are usable: a threshold in 0..1, a temperature above 0,
+        finite numbers (a temperature of 0 or NaN made every probability NaN, every film
+        then called the negative class). TypeError or ValueError otherwise."""
+        numbers = [self.threshold, self.temperature, *self.bias]
+        if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in numbers):
+            raise TypeError("threshold, temperature and bias must be numbers")
+        if not all(math.isfinite(x) for x in numbers):
+            raise ValueError("threshold, temperature and bias must be finite")
+        if not 0 <= self.threshold <= 1 or self.temperature <= 0:
+            raise ValueError("a threshold in 0..1 and a temperature above 0 are needed")
+        return self
 
     def describe(self) -> str:
         """'temperature 1.23', or with a bias 'temperature 1.23, bias (+0.00, +0.84)' (one
@@ -284,12 +298,7 @@ def read_calibration(path: str | Path) -> Calibration:
     if not file.is_file():
         return Calibration()
     try:
-        calibration = Calibration(**json.loads(file.read_text(encoding="utf-8")))
-        numbers = [calibration.threshold, calibration.temperature, *calibration.bias]
-        if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in numbers):
-            raise TypeError("threshold, temperature and bias must be numbers")
-        if not 0 <= calibration.threshold <= 1 or calibration.temperature <= 0:
-            raise ValueError("a threshold in 0..1 and a temperature above 0 are needed")
+        calibration = Calibration(**json.loads(file.read_text(encoding="utf-8"))).check()
     except (ValueError, TypeError) as e:
         raise ValueError(f"{file} is damaged ({type(e).__name__}: {e}): delete it and run "
                          f"`cxr evaluate` (Python: evaluate_run) to choose them again") from None
