@@ -120,7 +120,21 @@ def test_set_assignments_are_parsed_as_yaml():
     ({"trainer.precision": "17"}, r"trainer.precision must be one of auto, 32"),
     ({"data.num_workers": -1}, r"data.num_workers must be >= 0 or null"),
     ({"seed": -1}, r"seed must be in \[0, 2\*\*32\)"),
-    ({"stages.0.epochs": 0}, r"stages.0 needs epochs >= 1 and lr > 0, got 0 and"),
+    ({"stages.0.epochs": 0}, r"stages.0 needs epochs >= 1 and a finite lr > 0, got 0 and"),
+    # these too: torch refused them mid-run, or (NaN, gamma 0) trained on garbage
+    ({"stages.0.lr": float("nan")}, r"stages.0 needs epochs >= 1 and a finite lr > 0, got "
+                                    r"\d+ and nan"),
+    ({"stages.0.lr": float("inf")}, r"a finite lr > 0, got \d+ and inf"),
+    ({"optim.momentum": -1}, r"optim.momentum must be in \[0, 1\)"),
+    ({"data.augment.scale": [0.9, 0.1]}, r"data.augment.scale must be \[low, high\] with 0 < "
+                                         r"low <= high <= 1"),
+    ({"data.augment.gamma": [0, 0]}, r"data.augment.gamma must be \[low, high\] with 0 < low"),
+    ({"data.augment.degrees": -5}, r"data.augment.degrees must be in \[0, 180\]"),
+    ({"data.augment.translate": 1.5}, r"data.augment.translate must be in \[0, 1\)"),
+    ({"data.augment.brightness": -0.5}, r"data.augment.brightness must be >= 0"),
+    ({"data.augment.contrast": -0.5}, r"data.augment.contrast must be >= 0"),
+    ({"data.augment.blur_p": 3}, r"data.augment.blur_p must be in \[0, 1\]"),
+    ({"data.augment.noise_std": -1}, r"data.augment.noise_std must be >= 0"),
 ])
 def test_bad_overrides_say_what_is_wrong(overrides, message):
     with pytest.raises(ConfigError, match=message):

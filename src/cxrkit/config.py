@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import errno
+import math
 import re
 import shutil
 import types
@@ -356,7 +357,7 @@ class TrainConfig:
         _check_choice("trainer.monitor", self.trainer.monitor, tuple(MONITORS))
         # Ranges checked here, before a run folder exists: PyTorch would only refuse them
         # mid-way, with a traceback, leaving a run that cannot be resumed.
-        t = self.trainer
+        t, a = self.trainer, self.data.augment
         for name, value, ok, rule in (
             ("loss.mixup", self.loss.mixup, self.loss.mixup >= 0, ">= 0 (0: off, e.g. 0.2)"),
             ("loss.label_smoothing", self.loss.label_smoothing,
@@ -376,6 +377,20 @@ class TrainConfig:
              self.data.max_val_images is None or self.data.max_val_images >= 1,
              ">= 1 or null (all)"),
             ("optim.weight_decay", self.optim.weight_decay, self.optim.weight_decay >= 0, ">= 0"),
+            ("optim.momentum", self.optim.momentum, 0 <= self.optim.momentum < 1,
+             "in [0, 1), e.g. 0.9"),
+            ("data.augment.scale", a.scale, 0 < a.scale[0] <= a.scale[1] <= 1,
+             "[low, high] with 0 < low <= high <= 1 (the film's area kept), e.g. [0.75, 1.0]"),
+            ("data.augment.gamma", a.gamma, 0 < a.gamma[0] <= a.gamma[1] < math.inf,
+             "[low, high] with 0 < low <= high, e.g. [0.8, 1.25] (1: unchanged)"),
+            ("data.augment.degrees", a.degrees, 0 <= a.degrees <= 180, "in [0, 180]"),
+            ("data.augment.translate", a.translate, 0 <= a.translate < 1,
+             "in [0, 1) (a fraction of the side)"),
+            ("data.augment.brightness", a.brightness, 0 <= a.brightness < math.inf,
+             ">= 0 (0: off)"),
+            ("data.augment.contrast", a.contrast, 0 <= a.contrast < math.inf, ">= 0 (0: off)"),
+            ("data.augment.blur_p", a.blur_p, 0 <= a.blur_p <= 1, "in [0, 1] (a probability)"),
+            ("data.augment.noise_std", a.noise_std, 0 <= a.noise_std < math.inf, ">= 0 (0: off)"),
             ("optim.warmup_fraction", self.optim.warmup_fraction,
              0 <= self.optim.warmup_fraction < 1, "in [0, 1)"),
             ("data.num_workers", self.data.num_workers,
@@ -423,9 +438,9 @@ class TrainConfig:
             if s.ema_decay is not None and not 0 < s.ema_decay < 1:
                 raise ConfigError(f"stages.{i}.ema_decay must be in (0, 1) (e.g. 0.998) or null, "
                                   f"got {s.ema_decay}")
-            if s.epochs < 1 or s.lr <= 0:
-                raise ConfigError(f"stages.{i} needs epochs >= 1 and lr > 0, got {s.epochs} and "
-                                  f"{s.lr}")
+            if s.epochs < 1 or not 0 < s.lr < math.inf:  # NaN too
+                raise ConfigError(f"stages.{i} needs epochs >= 1 and a finite lr > 0, got "
+                                  f"{s.epochs} and {s.lr}")
             if not 0 < s.lr_decay <= 1 or (s.batch_size is not None and s.batch_size < 1):
                 raise ConfigError(f"stages.{i} needs lr_decay in (0, 1] and batch_size >= 1 "
                                   f"or null, got {s.lr_decay} and {s.batch_size}")
