@@ -104,6 +104,8 @@ def test_compare_paired_rows_csv_and_cli(two_runs, tmp_path):
     first, second = two_runs
     rows = compare_runs([first, second], paired=True)
     assert "paired" not in rows[0] and rows[1]["paired"]["n"] == 16
+    # any iterable of runs, a generator too (it was read twice, and ran dry)
+    assert compare_runs((run for run in two_runs), paired=True) == rows
     out = write_compare_csv(rows, tmp_path / "table.csv")
     with open(out, encoding="utf-8", newline="") as f:
         table = list(csv.DictReader(f))

@@ -382,6 +382,11 @@ def test_films_in_memory_are_predicted_like_their_files(run, films):
     assert good.ok and good.label == from_file.label
     with pytest.raises(ValueError, match="overlays are written for files"):
         predict(run, [image], cam_dir=films / "cams")
+    predictor = Predictor.load(run, device="cpu")  # the Predictor's own methods say it too
+    in_memory = predictor.predict([image])  # (they opened "<image 0>" as a file: not found)
+    with pytest.raises(ValueError, match=r"overlays are drawn over files, and <image 0> is "
+                                         r"none \(an image given in memory"):
+        predictor.write_cams(in_memory, films / "cams")
 
 
 def test_what_is_not_a_film_is_refused_before_anything_is_read(run, films, tmp_path):
@@ -411,6 +416,9 @@ def test_a_loaded_model_is_pointed_to_its_folder_and_the_raw_way(run, films):
                                         "Classifier.*predict_logits\\(model, films\\)"):
         predict(model, films, device="cpu")
     logits, _ = predict_logits(model, [str(films / "a" / "normal_0.png")], device="cpu")
+    # a Path is taken too, and a failure names it as a str (json.dumps refused a PosixPath)
+    _, [failure] = predict_logits(model, [films / "gone.png"], device="cpu")
+    assert json.loads(json.dumps(failure.path)) == str(films / "gone.png")
     expected = predict(run, films / "a" / "normal_0.png", device="cpu")[0]
     shown = repr(Predictor.load(run, device="cpu"))  # a notebook shows what it holds
     assert shown.startswith(f"Predictor({run}, torch on cpu, labels ") and ">= " in shown

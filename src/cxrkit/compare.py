@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 from cxrkit.adapt import is_transductive
@@ -32,13 +33,15 @@ SHORT_NAMES = {"accuracy": "Acc", "roc_auc": "AUC", "sensitivity": "Sens", "spec
                "f1": "F1", SPEC_AT_SENS: "Spec@97"}  # `cxr compare`'s column headers
 
 
-def compare_runs(runs: list[str | Path], split: str = "test", paired: bool = False) -> list[dict]:
+def compare_runs(runs: Iterable[str | Path], split: str = "test",
+                 paired: bool = False) -> list[dict]:
     """One row per run: its headline metrics on `split` (evaluated first where missing).
     `paired`: every row after the first also holds "paired", its headline metrics minus the
     first run's on the films both scored, with paired bootstrap intervals."""
     if isinstance(runs, str | Path):  # a string iterates letter by letter: "r is not a run"
         raise TypeError(f"compare_runs takes a list of run folders, e.g. [{str(runs)!r}, "
                         "another]")
+    runs = list(runs)  # read more than once: a generator (Path.glob) would run dry
     if paired:  # said before any run is evaluated
         several = [str(run) for run in runs if len(load_spec(run).labels) != 2]
         if several:

@@ -301,6 +301,10 @@ class Predictor:
 
         self.require_torch("Grad-CAM")
         readable = [p for p in predictions if p.ok]
+        if gone := [p.path for p in readable if not Path(p.path).is_file()]:
+            raise ValueError(f"Grad-CAM overlays are drawn over files, and {gone[0]} is none "
+                             "(an image given in memory, or a file removed since): save the "
+                             "images first, or call `cxrkit.explain.gradcam` on them")
         with self._lock:
             heatmaps = gradcam(self.model, [p.path for p in readable],
                                [self.labels.index(p.label) for p in readable],

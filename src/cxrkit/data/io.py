@@ -91,9 +91,10 @@ def film_list(films: Film | Iterable[Film]) -> list[str | Image.Image | np.ndarr
     return listed
 
 
-def film_name(film: str | Image.Image | np.ndarray, index: int) -> str:
-    """How a film is named in predictions and errors: its path, or `<image i>`."""
-    return f"<image {index}>" if isinstance(film, IN_MEMORY) else film
+def film_name(film: Film, index: int) -> str:
+    """How a film is named in predictions and errors: its path (a str, as JSON and CSV take
+    it), or `<image i>`."""
+    return f"<image {index}>" if isinstance(film, IN_MEMORY) else str(film)
 
 
 def file_stamp(path: str | Path) -> tuple[int, int]:
