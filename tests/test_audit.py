@@ -220,6 +220,7 @@ def test_an_audit_is_current_until_the_data_or_its_pages_change(tmp_path, monkey
     assert not audit_is_current(out, data)
     audit_dataset(data, out, figures=False)  # `cxr run` audits with figures
     assert not audit_is_current(out, data)
+    assert audit_is_current(out, data, figures=False)  # what was asked for, though
     audit_dataset(data, out)
     monkeypatch.setenv("CXRKIT_FIGURE_FORMATS", "svg")  # figures also as vector files
     assert not audit_is_current(out, data)

@@ -52,6 +52,10 @@ def test_simple_cnn_takes_one_channel_and_has_layer_groups():
     assert len(groups) == 5
     assert sum(p.numel() for g in groups for p in g) == sum(
         p.numel() for p in model.backbone.parameters())
+    three = ["NORMAL", "BACTERIA", "VIRUS"]  # the classes follow the labels given
+    assert create_model("simple_cnn", pretrained=False, labels=three).spec.num_classes == 3
+    with pytest.raises(ValueError, match=r"num_classes 2 but 3 labels"):  # (was 3, silently)
+        create_model("simple_cnn", num_classes=2, pretrained=False, labels=three)
 
 
 def test_any_timm_model_by_name():

@@ -2,6 +2,7 @@
 
 import logging
 import sys
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -126,7 +127,7 @@ def route_lightning_logs() -> None:
         logger.removeHandler(handler)
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     """Print an actionable error (no traceback) and exit. The message is shown as written:
     a path like `scan [left].png` is not Rich markup."""
     console.print(f"[bold red]error:[/] {escape(message)}")

@@ -240,7 +240,7 @@ def audit_fingerprint(source: DataSource, spec: ModelSpec, near_threshold: int,
 
 def audit_is_current(out_dir: str | Path, data_path: str | Path,
                      patient_pattern: str | None = None, spec: ModelSpec | None = None,
-                     near_threshold: int = DEFAULT_NEAR_THRESHOLD) -> bool:
+                     near_threshold: int = DEFAULT_NEAR_THRESHOLD, figures: bool = True) -> bool:
     """Whether `out_dir` holds a whole audit of the data as it is now (`audit_dataset` with
     these arguments would find the same): `cxr run` on a run it audited skips the audit."""
     out_dir = Path(out_dir)
@@ -252,7 +252,7 @@ def audit_is_current(out_dir: str | Path, data_path: str | Path,
     whole = (out_dir / "audit.html").is_file() and all(  # by name: the folder may have moved
         (out_dir / Path(png).name).is_file() for png in saved.get("figures", {}).values())
     return whole and saved.get("fingerprint") == audit_fingerprint(
-        source, spec or default_spec(), near_threshold)
+        source, spec or default_spec(), near_threshold, figures)
 
 
 # --- bookkeeping on the facts ----------------------------------------------------------------

@@ -249,17 +249,20 @@ def _load_weights_file(model: Classifier, path: str | Path) -> None:
 
 def create_model(
     name: str = DEFAULT_MODEL,
-    num_classes: int = 2,
+    num_classes: int | None = None,
     pretrained: bool = True,
     weights: str | Path | None = None,
     labels: list[str] | None = None,
     dropout: float = 0.2,
 ) -> Classifier:
-    """Build a classifier by name; `weights` (a file) overrides `pretrained`."""
+    """Build a classifier by name; `weights` (a file) overrides `pretrained`. `num_classes`
+    defaults to the number of `labels`, or 2 without them."""
     check_model_name(name)
     labels = list(labels or [])
-    if labels and len(labels) != num_classes:
-        num_classes = len(labels)
+    if labels and num_classes not in (None, len(labels)):
+        raise ValueError(f"num_classes {num_classes} but {len(labels)} labels {labels}: give "
+                         "one label per class (or leave num_classes out)")
+    num_classes = num_classes or len(labels) or 2
     pretrained = pretrained and weights is None
     backbone = (_timm_backbone(name[5:], pretrained) if name.startswith("timm:")
                 else _REGISTRY[name](pretrained))
