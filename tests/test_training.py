@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, RichProgressBar, WeightAveraging
 from lightning.pytorch.demos.boring_classes import BoringModel
+from rich.console import Console
 from sklearn.metrics import roc_auc_score
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from typer.testing import CliRunner
@@ -29,6 +30,7 @@ from typer.testing import CliRunner
 import cxrkit.data.dataset
 from cxrkit.adapt import adapt_batchnorm
 from cxrkit.cli import app
+from cxrkit.cli.train import metrics_table
 from cxrkit.config import ConfigError, OptimConfig, TrainConfig
 from cxrkit.data.layout import DataLayoutError, Sample, load_source
 from cxrkit.data.split import patient_split, read_manifest, shared_patients, write_manifest
@@ -37,7 +39,7 @@ from cxrkit.evaluation import evaluate_run
 from cxrkit.labels import choose_positive, positive_index
 from cxrkit.models import create_model
 from cxrkit.predict import predict
-from cxrkit.report import build_report
+from cxrkit.report import build_report, val_rows
 from cxrkit.runs import CALIBRATION, Calibration, load_model
 from cxrkit.training import train
 from cxrkit.training.callbacks import (
@@ -1208,3 +1210,22 @@ def test_loader_workers_are_shared_by_the_training_processes_of_a_machine(monkey
     assert processes_here(replace(trainer, devices="0,1,2")) == 3
     assert processes_here(replace(trainer, accelerator="cpu")) == 1
     assert default_num_workers(1) == 16 and default_num_workers(8) == 7
+
+
+def test_validation_of_one_class_writes_undefined_scores_as_null(tiny_kaggle, tmp_path):
+    """torchmetrics scores ROC-AUC and specificity 0.0 on films of one class: the worst
+    possible, in val_metrics.json, where metrics.json writes null."""
+    train_films = [s for s in load_source(tiny_kaggle).samples if s.split == "train"]
+    pneumonia = [s for s in train_films if s.label == "PNEUMONIA"][:6]
+    rows = [replace(s, split="val" if s in pneumonia else "train") for s in train_films]
+    manifest = write_manifest(rows, tmp_path / "one_class_val.csv")
+    run = train(tiny_config(manifest, tmp_path, **{"stages.0.epochs": 1, "name": "one",
+                                                   "data.val_fraction": 0}))  # its own val
+    metrics = json.loads((run / "val_metrics.json").read_text())
+    assert metrics["roc_auc"] is None and metrics["specificity"] is None
+    assert 0 <= metrics["sensitivity"] <= 1 and metrics["threshold"] == 0.5
+    rows = dict(val_rows(metrics))  # the report's training section, and `cxr train`'s table
+    assert rows["ROC-AUC"] == rows["Specificity at P = 0.5"] == "–"
+    console = Console(width=200, record=True)
+    console.print(metrics_table(run))
+    assert console.export_text().count(" – ") == 2  # ROC-AUC and specificity

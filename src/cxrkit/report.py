@@ -494,7 +494,7 @@ VAL_ROWS_MULTICLASS = VAL_ROWS | {
     "sensitivity": "Sensitivity, macro (the most probable class)",
     "specificity": "Specificity, macro (the most probable class)",
     "f1": "F1, macro (the most probable class)", "roc_auc": "Macro ROC-AUC"}
-VAL_BOOKKEEPING = {"best_global_step", "unreadable"}
+VAL_BOOKKEEPING = {"best_global_step", "unreadable", "threshold"}  # (0.5: the rows say it)
 
 
 def val_rows(values: dict, binary: bool = True) -> list[tuple[str, str]]:
@@ -505,7 +505,9 @@ def val_rows(values: dict, binary: bool = True) -> list[tuple[str, str]]:
     for key, value in values.items():
         if isinstance(value, dict | list) or key in VAL_BOOKKEEPING:
             continue
-        if key in names and key in RATES and isinstance(value, float):
+        if value is None:  # undefined: validation without one of the classes
+            text = "–"
+        elif key in names and key in RATES and isinstance(value, float):
             text = f"{100 * value:.1f}%"
         else:
             text = f"{value:.4f}" if isinstance(value, float) else str(value)

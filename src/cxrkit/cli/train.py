@@ -139,7 +139,7 @@ def metrics_table(run: Path) -> Table:
     table = Table(title=f"Validation ({metrics['images']} images, {chosen})", caption=caption)
     for name in ("accuracy", "roc_auc", "sensitivity", "specificity", "f1", "loss"):
         table.add_column(name.replace("_", "-"), justify="right")
-    table.add_row(*(f"{metrics[name]:.4f}" for name in
+    table.add_row(*("–" if metrics[name] is None else f"{metrics[name]:.4f}" for name in
                     ("accuracy", "roc_auc", "sensitivity", "specificity", "f1", "loss")))
     return table
 

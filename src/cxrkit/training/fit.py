@@ -550,9 +550,17 @@ def validation_metrics(model: Classifier | Ensemble, criterion: torch.nn.Module,
     target = torch.from_numpy(scored.y).long()  # indices into the model's labels (run.classes)
     logits = torch.from_numpy(scored.logits.astype(np.float32))
     metrics = make_metrics(len(run.classes), sync=False)  # rank 0 alone scores
-    metrics.update(*metric_inputs(logits, target,
-                                  positive_index(run.classes, model.spec.positive_label)))
-    values = {name: float(v) for name, v in metrics.compute().items()}
+    positive = positive_index(run.classes, model.spec.positive_label)
+    metrics.update(*metric_inputs(logits, target, positive))
+    values: dict = {name: float(v) for name, v in metrics.compute().items()}
+    if len(run.classes) == 2:  # rates at P = 0.5, uncalibrated: `cxr evaluate` chooses one
+        values["threshold"] = 0.5
+        has = {c: bool((target == c).any()) for c in (positive, 1 - positive)}
+        # torchmetrics gives 0.0 for what one class alone leaves undefined: null, as
+        # metrics.json has it, not the worst possible score
+        for name, needs in (("roc_auc", has[positive] and has[1 - positive]),
+                            ("sensitivity", has[positive]), ("specificity", has[1 - positive])):
+            values[name] = values[name] if needs else None
     values["loss"] = float(criterion(logits, target))
     values.update(images=len(scored.samples), unreadable=len(scored.failures))
     return values
