@@ -30,6 +30,7 @@ from cxrkit.evaluation.metrics import ranking_metrics, wilson_interval, with_ci
 from cxrkit.evaluation.results import headline
 from cxrkit.evaluation.scoring import Scored
 from cxrkit.evaluation.tta import DEFAULT_VIEWS
+from cxrkit.export import export_model
 from cxrkit.inference import predict_logits
 from cxrkit.models import create_model
 from cxrkit.report import build_report
@@ -349,6 +350,7 @@ def test_evaluating_again_keeps_the_deployed_operating_point(trained_run, tmp_pa
     assert read_calibration(run) == deployed
     assert again["deployed_operating_point"] == "target_sensitivity"
     assert not any("operating point changed" in n for n in again["notes"])
+    export_model(run)  # an export made before the change: said to be behind it
     reset = json.loads((evaluate_run(run, reset_calibration=True, **options)
                         / "metrics.json").read_text())
     fresh = read_calibration(run)
@@ -356,6 +358,8 @@ def test_evaluating_again_keeps_the_deployed_operating_point(trained_run, tmp_pa
     # a new choice is said out loud, old and new threshold both named
     moved = [n for n in reset["notes"] if "deployed operating point changed" in n]
     assert moved and all(f"{c.threshold:.4f}" in moved[0] for c in (deployed, fresh))
+    assert moved[0].endswith(f"{run / 'export'} still applies the former one: `cxr export "
+                             f"{run}` updates it (and export copies anew).")
     assert reset["deployed_operating_point"] == "validation"
     assert fresh.threshold == pytest.approx(reset["operating_points"]["validation"]["threshold"])
     assert fresh.threshold != pytest.approx(deployed.threshold)  # the test can tell them apart

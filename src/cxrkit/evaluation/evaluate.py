@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import shlex
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -76,6 +77,7 @@ from cxrkit.evaluation.tta import DEFAULT_VIEWS
 from cxrkit.explain import gradcam, overlay
 from cxrkit.labels import positive_index
 from cxrkit.models import Classifier
+from cxrkit.onnx_backend import SIDECAR
 from cxrkit.plots import VECTOR_FORMATS, extra_formats
 from cxrkit.provenance import code_version
 from cxrkit.runs import (
@@ -706,6 +708,9 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     notes += calibration_doubts(val, calibration, source)
     if len(val.y):
         if moved := operating_point_change(read_calibration(run), calibration):
+            if (run / "export" / SIDECAR).is_file():  # what a deployment may have copied
+                moved += (f" {run / 'export'} still applies the former one: `cxr export "
+                          f"{shlex.quote(str(run))}` updates it (and export copies anew).")
             log.warning("%s: %s", run.name, moved)
             notes.append(moved)
         write_calibration(run, calibration)
