@@ -190,6 +190,22 @@ def test_outputs_json_figures_and_one_self_contained_html(audited):
     assert "Files found, the 2 unreadable ones included" in page  # the counts say what they count
 
 
+def test_data_given_relatively_is_audited_under_its_absolute_name(tmp_path, monkeypatch):
+    """audit.json named the root and the duplicates as given (`data/...`), its figures and
+    every run's split.csv absolutely: a join on the paths found nothing."""
+    data = make_kaggle_tree(tmp_path / "data", {"train": 4, "test": 2})
+    film = next((data / "train" / "NORMAL").iterdir())
+    (data / "test" / "NORMAL" / film.name).write_bytes(film.read_bytes())  # a duplicate
+    monkeypatch.chdir(tmp_path)
+    audit_dataset("data", tmp_path / "audit", figures=False)
+    saved = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert saved["root"] == str(data)
+    assert sorted(saved["exact_duplicates"][0]) == sorted(
+        str(data / split / "NORMAL" / film.name) for split in ("train", "test"))
+    assert audit_is_current(tmp_path / "audit", data, figures=False)  # either way of naming it
+    assert audit_is_current(tmp_path / "audit", "data", figures=False)
+
+
 def test_an_audit_is_current_until_the_data_or_its_pages_change(tmp_path, monkeypatch):
     """`cxr run` on a run it audited skips the audit only while it would find the same."""
     data = make_kaggle_tree(tmp_path / "data", {"train": 4, "test": 2})

@@ -27,7 +27,7 @@ from cxrkit.data.transforms import prepare
 from cxrkit.evaluation import evaluate_run, summary
 from cxrkit.evaluation.evaluate import choose_calibration
 from cxrkit.evaluation.metrics import ranking_metrics, wilson_interval, with_ci
-from cxrkit.evaluation.results import headline
+from cxrkit.evaluation.results import headline, read_predictions
 from cxrkit.evaluation.scoring import Scored
 from cxrkit.evaluation.tta import DEFAULT_VIEWS
 from cxrkit.export import export_model
@@ -718,6 +718,12 @@ def test_the_same_site_named_relatively_is_the_same_choice(trained_run, tmp_path
     evaluate_run(run, calibrate_on="site_b", bootstrap=0, figures=False, device="cpu")
     assert "deployed operating point changed" not in caplog.text
     assert read_calibration(run).chosen_on.startswith(str(site))  # named absolutely
+    # and the films of data given relatively are named absolutely, as split.csv names the
+    # test films (a file joined on `path` found none of them)
+    out = evaluate_run(run, data="site_b", reset_calibration=True, bootstrap=0, figures=False,
+                       device="cpu")
+    paths = [row["path"] for row in read_predictions(out)]
+    assert len(paths) == 12 and all(p.startswith(f"{site}/") for p in paths)
 
 
 def test_calibrating_on_other_films_of_the_evaluated_patients_is_refused(trained_run, tmp_path):

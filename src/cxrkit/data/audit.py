@@ -39,7 +39,7 @@ from cxrkit.data.io import (
     read_image,
     written_whole,
 )
-from cxrkit.data.layout import DataSource, Sample, load_source
+from cxrkit.data.layout import DataSource, Sample, absolute_data, load_source
 from cxrkit.data.patients import (
     NO_PATIENT_IDS,
     SUBTYPE_PATTERN,
@@ -248,7 +248,7 @@ def audit_is_current(out_dir: str | Path, data_path: str | Path,
         saved = json.loads((out_dir / "audit.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    source = load_source(data_path, patient_pattern)
+    source = load_source(absolute_data(data_path), patient_pattern)
     whole = (out_dir / "audit.html").is_file() and all(  # by name: the folder may have moved
         (out_dir / Path(png).name).is_file() for png in saved.get("figures", {}).values())
     return whole and saved.get("fingerprint") == audit_fingerprint(
@@ -443,7 +443,7 @@ def audit_dataset(data_path: str | Path, out_dir: str | Path, patient_pattern: s
     if not 0 <= near_threshold <= MAX_NEAR_THRESHOLD:
         raise ValueError(f"near_threshold must be 0 to {MAX_NEAR_THRESHOLD} (bits of "
                          f"{HASH_BITS}), got {near_threshold}")
-    source = load_source(data_path, patient_pattern)
+    source = load_source(absolute_data(data_path), patient_pattern)
     spec = spec or default_spec()
     samples = source.samples
     fingerprint = audit_fingerprint(source, spec, near_threshold, figures)

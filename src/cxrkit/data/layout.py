@@ -421,6 +421,13 @@ def _row(s: Sample, patient: bool) -> str:
                                                        if patient else "")
 
 
+def absolute_data(data: str | Path) -> str | Path:
+    """A data argument with its local path made absolute (`kaggle` as it is): a file written
+    from it (predictions.csv, audit.json) then names each film as split.csv does, wherever
+    the command ran."""
+    return data if str(data).lower() == "kaggle" else Path(data).expanduser().absolute()
+
+
 def load_source(path: str | Path, patient_pattern: str | None = None,
                 min_classes: int = 2) -> DataSource:
     """Detect the layout of `path` ("kaggle": the Kaggle dataset, downloaded or from

@@ -45,7 +45,7 @@ from PIL import Image
 from cxrkit.adapt import adaptation_note, source_calibration_options
 from cxrkit.data.dataset import load_prepared
 from cxrkit.data.io import spreadsheet_text, written_whole
-from cxrkit.data.layout import Sample, load_source, refuse_conflicting_rows
+from cxrkit.data.layout import Sample, absolute_data, load_source, refuse_conflicting_rows
 from cxrkit.data.patients import has_parsed_patient
 from cxrkit.data.split import read_manifest, test_patients_seen_in_training
 from cxrkit.evaluation import figures
@@ -215,7 +215,7 @@ def external_data_doubts(run_samples: Sequence[Sample], samples: Sequence[Sample
 def external_samples(data: str | Path, split: str) -> tuple[str, str, str, list[Sample]]:
     """(eval name, where it is, split used, samples) of another dataset: its `split` if it
     has splits, else all of it (a class-per-folder tree has none)."""
-    source = load_source(data, min_classes=1)
+    source = load_source(absolute_data(data), min_classes=1)
     refuse_conflicting_rows(source)
     where = str(Path(source.root).resolve())  # one name for the films from any working folder
     if split in source.splits:
