@@ -33,6 +33,7 @@ from cxrkit.evaluation.tta import DEFAULT_VIEWS
 from cxrkit.export import export_model
 from cxrkit.inference import predict_logits
 from cxrkit.models import create_model
+from cxrkit.predict import predict
 from cxrkit.report import build_report
 from cxrkit.runs import load_model, read_calibration, save_model, softmax
 from tests.conftest import make_kaggle_tree, synthetic_film
@@ -464,6 +465,11 @@ def test_three_class_run(tiny_kaggle, tmp_path):
                                      "--device", "cpu"]).output
     assert "BACTERIA: specificity" in shown and "VIRUS: sensitivity" in shown
     assert "pr_auc" not in shown and "each film its most probable class" in shown
+    # its export says no threshold (it said 0.5, which a consumer of model.json might apply)
+    sidecar = json.loads((export_model(run).parent / "model.json").read_text())
+    assert sidecar["threshold"] is None and sidecar["positive_label"] is None
+    exported, plain = (predict(where, rows[0]["path"])[0] for where in (run / "export", run))
+    assert exported.threshold is None and exported.label == plain.label
 
 
 def test_calibrating_on_another_sites_films_is_validating_on_them(trained_run, tmp_path):

@@ -260,7 +260,8 @@ def sidecar_entries(spec: ModelSpec, calibration: Calibration) -> dict:
     return {
         "intended_use": INTENDED_USE,
         **spec.to_dict(),
-        "threshold": calibration.threshold,
+        # on P(positive_label); null with more classes, each film its most probable one
+        "threshold": calibration.threshold if spec.num_classes == 2 else None,
         "temperature": calibration.temperature,
         "bias": calibration.bias or [0.0] * spec.num_classes,
         "positive_label": positive_label(spec.labels, spec.positive_label),

@@ -42,11 +42,13 @@ def read_sidecar(path: str | Path) -> tuple[ModelSpec, Calibration]:
     folder = path.parent if path.is_file() else path
     try:
         meta = json.loads((folder / SIDECAR).read_text(encoding="utf-8"))
+        spec = ModelSpec.from_dict(meta)
         bias = meta.get("bias", [])  # exports before the bias had none
-        calibration = Calibration(meta["threshold"], meta["temperature"],
+        threshold = meta["threshold"]  # null with more than two classes: 0.5, never applied
+        threshold = 0.5 if threshold is None and spec.num_classes > 2 else threshold
+        calibration = Calibration(threshold, meta["temperature"],
                                   meta.get("threshold_chosen_on", "default"),
                                   bias=bias if any(bias) else [])  # zeros: no bias, as in the run
-        spec = ModelSpec.from_dict(meta)
         if len(calibration.check().bias) not in (0, spec.num_classes):
             raise ValueError(f"a bias of {len(calibration.bias)} numbers for "
                              f"{spec.num_classes} classes")
