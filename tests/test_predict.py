@@ -474,7 +474,7 @@ def test_a_half_written_or_damaged_run_is_named_with_the_fix(trained_run, tmp_pa
     # an export's threshold, temperature and bias are checked as a run's are (a temperature
     # of 0 made every probability NaN, and every film was called NORMAL)
     for bad in ({"temperature": 0}, {"threshold": "0.3"}, {"temperature": float("nan")},
-                {"bias": [1.0]}):
+                {"bias": [1.0]}, {"threshold": None}):  # (null: more than two classes only)
         (export / "model.json").write_text(json.dumps(spec | {"threshold": 0.5,
                                                               "temperature": 1.0} | bad))
         with pytest.raises(ValueError, match=r"huge_export/model.json is damaged .*export the "
