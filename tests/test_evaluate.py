@@ -468,6 +468,9 @@ def test_three_class_run(tiny_kaggle, tmp_path):
     # its export says no threshold (it said 0.5, which a consumer of model.json might apply)
     sidecar = json.loads((export_model(run).parent / "model.json").read_text())
     assert sidecar["threshold"] is None and sidecar["positive_label"] is None
+    # the evaluation names the weights it scored as the export does: one can be joined to
+    # the other (two runs of one preset were the same "model" in metrics.json)
+    assert metrics["weights_sha256"] == sidecar["weights_sha256"]
     exported, plain = (predict(where, rows[0]["path"])[0] for where in (run / "export", run))
     assert exported.threshold is None and exported.label == plain.label
 

@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 
 from cxrkit.cli import app
 from cxrkit.data.transforms import ModelInput
-from cxrkit.export import export_model, export_onnx, weights_digest
-from cxrkit.models import create_model
+from cxrkit.export import export_model, export_onnx
+from cxrkit.models import create_model, weights_digest
 from cxrkit.onnx_backend import model_input, read_sidecar
 from cxrkit.predict import Predictor
 from cxrkit.runs import (

@@ -20,7 +20,6 @@ preprocessing every model shares (`cxrkit.data.io.at_input_size`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -32,10 +31,9 @@ from pathlib import Path
 
 import onnx
 import torch
-from torch import nn
 
 from cxrkit.labels import positive_label
-from cxrkit.models import Classifier, ModelSpec
+from cxrkit.models import Classifier, ModelSpec, weights_digest
 from cxrkit.onnx_backend import FILE_NAMES, INPUT_NAME, OUTPUT_NAME, SIDECAR
 from cxrkit.runs import (
     MODEL_WEIGHTS,
@@ -124,15 +122,6 @@ def _write(model: Classifier, format: str, out: Path, sidecar: dict,
     finally:
         partial.unlink(missing_ok=True)
     return path
-
-
-def weights_digest(model: nn.Module) -> str:
-    """SHA-256 of a model's parameters and buffers, by name: which weights an export holds."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def embedded_sidecar(path: Path) -> dict:

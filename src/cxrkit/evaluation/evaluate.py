@@ -76,7 +76,7 @@ from cxrkit.evaluation.thresholds import sensitivity_threshold, youden_threshold
 from cxrkit.evaluation.tta import DEFAULT_VIEWS
 from cxrkit.explain import gradcam, overlay
 from cxrkit.labels import positive_index
-from cxrkit.models import Classifier
+from cxrkit.models import Classifier, weights_digest
 from cxrkit.onnx_backend import SIDECAR
 from cxrkit.plots import VECTOR_FORMATS, extra_formats
 from cxrkit.provenance import code_version
@@ -773,7 +773,8 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         "split": used_split, "name": name, "n": len(scored.y),
         "n_per_class": films_per_class(scored, labels), "n_patients": len(set(scored.groups)),
         "positive_class": labels[positive] if positive is not None else None,
-        "labels": labels, "model": model.spec.name, "data": origin, "external": data is not None,
+        "labels": labels, "model": model.spec.name, "weights_sha256": weights_digest(model),
+        "data": origin, "external": data is not None,
         "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "version": code_version(),
         "probabilities": f"calibrated: softmax(logits / temperature"

@@ -15,6 +15,7 @@ has to remember them. Names (`list_models()`):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 from collections.abc import Callable
@@ -296,3 +297,13 @@ def imagenet_model(name: str = DEFAULT_MODEL) -> nn.Module:
     model = timm.create_model(f"tf_{name}", pretrained=False)
     load_lite_weights(model, name)
     return model.eval()
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's parameters and buffers, by name: which weights an export holds,
+    or an evaluation scored (metrics.json's `weights_sha256`, the export's alike)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
+    return digest.hexdigest()
