@@ -125,6 +125,28 @@ def test_youden_threshold_by_hand():
     assert sensitivity_threshold(np.array([0, 1], bool), np.array([0.5, 0.2]), 1.0) == 0.1
     with pytest.raises(ValueError, match="only negative"):
         youden_threshold(np.zeros(3, bool), np.array([0.1, 0.2, 0.3]))
+    # ties in J whose fractions differ in their last bit (1/3 against 1/3 + 2**-54) still go
+    # to the highest cut: 0.85 (sensitivity 1/3, specificity 1), not 0.45 (1, 1/3)
+    tied = np.array([1, 0, 1, 0, 1, 0], bool)
+    assert youden_threshold(tied, np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])) == pytest.approx(0.85)
+
+
+def test_a_resample_without_one_of_the_classes_is_left_out_of_the_macro_intervals():
+    """Averaged over the classes a resample drew, a macro metric was another quantity (and
+    PR-AUC of a resample without negatives was 1.0): both raised the upper ends."""
+    y = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.full((6, 3), 0.2)
+    probs[np.arange(6), [0, 1, 1, 0, 2, 1]] = 0.6
+    w = np.array([[1.0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])  # no film of class 2; all
+    macro = multiclass_metrics(y, probs, ["NORMAL", "BACTERIA", "VIRUS"], w)
+    assert np.isnan(macro["balanced_accuracy"][0]) and np.isnan(macro["roc_auc"][0])
+    assert macro["balanced_accuracy"][1] == pytest.approx(np.mean([0.5, 0.5, 0.5]))
+    # a class no film of the evaluation has stays out of the point estimate, as in sklearn
+    two = multiclass_metrics(y[:4], probs[:4], ["NORMAL", "BACTERIA", "VIRUS"], np.ones((1, 4)))
+    assert two["balanced_accuracy"][0] == pytest.approx(0.5)
+    no_negatives = average_precision(np.ones(3, bool), np.array([0.9, 0.5, 0.2]),
+                                     np.ones((1, 3)))
+    assert np.isnan(no_negatives[0])
 
 
 def test_bootstrap_interval_contains_estimate_and_narrows():

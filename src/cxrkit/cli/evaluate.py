@@ -90,8 +90,9 @@ def evaluate_command(
     framing_threshold: bool = FRAMING_THRESHOLD,
     target_sensitivity: float | None = typer.Option(
         None, "--target-sensitivity",
-        help="Also choose (and deploy) the highest validation threshold reaching this "
-             "sensitivity, in (0, 1], e.g. 0.95; default: Youden's J."),
+        help="Also choose (and deploy) a threshold reaching this sensitivity on validation, "
+             "in (0, 1], e.g. 0.95, calling the fewest validation films positive (midway to "
+             "the next lower score); default: Youden's J."),
     calibrate_on: str | None = typer.Option(
         None, "--calibrate-on", help="Choose threshold, temperature and a bias per class "
         "(the site's class mix) on these labelled films (a folder or CSV manifest: its val "

@@ -15,7 +15,8 @@ Nothing is tuned on the data it is measured on:
   `calibrate_on`'s bias, 0.5 is the site's even-odds point instead);
 - the `validation` threshold is chosen on calibrated validation P(positive)
   (Youden's J) and applied to calibrated P(positive) everywhere else;
-  `target_sensitivity` is the highest validation threshold reaching that sensitivity;
+  `target_sensitivity` reaches that sensitivity on validation calling the fewest films
+  positive (midway between the lowest score it must call and the next lower one);
   `validation_framing` (opt-in) is Youden's J over the validation films as filmed and
   centre-cropped to 85%, for films framed differently from the training ones;
 - `calibrate_on` (opt-in) makes the same choices on other labelled films, e.g. some of

@@ -73,8 +73,12 @@ def curves_figure(y: np.ndarray, probs: np.ndarray, labels: Sequence[str],
         recall, precision = tp / max(tp[-1], 1), tp / np.maximum(tp + fp, 1)
         line, = roc_ax.plot(fpr[0], tpr[0], ls=line_style(i),
                             label=f"{labels[c]}: AUC {roc_auc(is_c, p, ones)[0]:.3f}")
-        pr_ax.step(recall, precision, where="post", color=line.get_color(), ls=line_style(i),
-                   label=f"{labels[c]}: AP {average_precision(is_c, p, ones)[0]:.3f}")
+        # each precision holds over the recall step up to its own point, as average
+        # precision sums it (drawn after its point, the area was not the AP said)
+        ap = average_precision(is_c, p, ones)[0]
+        pr_ax.step(np.r_[0, recall], np.r_[precision[:1], precision], where="pre",
+                   color=line.get_color(), ls=line_style(i),
+                   label=f"{labels[c]}: AP {'–' if np.isnan(ap) else f'{ap:.3f}'}")
         pr_ax.axhline(is_c.mean(), ls=":", color=line.get_color(),
                       label=f"prevalence {is_c.mean():.2f}")
     for name, point in operating_points.items():

@@ -80,7 +80,9 @@ def average_precision(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.ndarray
     pos, neg, _ = ranked_counts(y, p, w)
     tp, fp = pos.cumsum(1), neg.cumsum(1)
     precision = np.nan_to_num(_ratio(tp, tp + fp))
-    return _ratio((pos * precision).sum(1), pos.sum(1))
+    # undefined without negatives, as ROC-AUC is (it was 1.0 there, and such resamples
+    # raised the interval's upper end)
+    return np.where(neg.sum(1) > 0, _ratio((pos * precision).sum(1), pos.sum(1)), np.nan)
 
 
 def sensitivity_at_specificity(tpr: np.ndarray, fpr: np.ndarray, target: float) -> np.ndarray:
@@ -198,16 +200,13 @@ def multiclass_metrics(y: np.ndarray, probs: np.ndarray, labels: Sequence[str],
         for rate in ("sensitivity", "specificity", "ppv", "npv", "f1"):  # this class's calls
             out[f"{name}/{rate}"] = per_class[rate]
         out[f"{name}/roc_auc"] = roc_auc(is_c, probs[:, c], w)
-    out["balanced_accuracy"] = _mean_of_defined([out[f"{n}/sensitivity"] for n in labels])
-    out["roc_auc"] = _mean_of_defined([out[f"{n}/roc_auc"] for n in labels])
+    # Macro averages over the classes of the films evaluated (a class with no film there has
+    # no sensitivity, as in sklearn); a resample that drew no film of one of them is NaN, left
+    # out of the interval: averaged over fewer classes, it was another quantity.
+    present = [labels[c] for c in np.unique(y)]
+    out["balanced_accuracy"] = np.mean([out[f"{n}/sensitivity"] for n in present], 0)
+    out["roc_auc"] = np.mean([out[f"{n}/roc_auc"] for n in present], 0)
     return out
-
-
-def _mean_of_defined(per_class: list[np.ndarray]) -> np.ndarray:
-    """Macro average over the classes where the metric is defined (a class absent from a
-    resample has no sensitivity), NaN where none is."""
-    values = np.array(per_class)
-    return _ratio(np.nansum(values, 0), np.isfinite(values).sum(0))
 
 
 # ---- bootstrap ------------------------------------------------------------------------------

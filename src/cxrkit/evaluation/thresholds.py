@@ -47,7 +47,10 @@ def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
 def youden_cuts(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Youden's J threshold [B] under each row of image weights `w` [B, N]."""
     tpr, fpr, thresholds = rates(y, p, w)
-    best = np.argmax(tpr - fpr, axis=1)
+    j = np.nan_to_num(tpr - fpr, nan=-np.inf)
+    # ties: the highest cut (the first column). J values equal as fractions differ in their
+    # last bit (3/6 - 1/6 against 2/6 - 0/6), and argmax alone took whichever rounding favoured
+    best = np.argmax(j >= j.max(axis=1, keepdims=True) - 1e-12, axis=1)
     below = np.r_[thresholds[1:], thresholds[-1]]  # the next lower score (the lowest: itself)
     cuts = (thresholds[best] + below[best]) / 2
     # best == 0, calling nothing positive (a useless model): cut just above every score
