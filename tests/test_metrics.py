@@ -217,6 +217,35 @@ def test_a_rate_at_100_percent_gets_an_interval_not_a_point():
     assert widen_to_wilson(wide, 12, 24) == wide
 
 
+def test_an_interval_every_resample_agrees_on_is_not_claimed():
+    """Perfect separation: ROC-AUC, PR-AUC and F1 were "1.000 (1.000-1.000)", as if certain;
+    the plain proportions keep their Wilson intervals."""
+    from cxrkit.data.layout import Sample
+    from cxrkit.evaluation.evaluate import compute_metrics
+    from cxrkit.evaluation.scoring import Scored
+    from cxrkit.runs import Calibration
+
+    y = np.array([0] * 20 + [1] * 30)
+    logits = np.zeros((50, 2))
+    logits[:, 1] = np.where(y == 1, 3.0, -3.0) + np.linspace(-0.5, 0.5, 50)
+    samples = [Sample(f"/films/{i}.png", ["NORMAL", "PNEUMONIA"][c], "", f"p{i}")
+               for i, c in enumerate(y)]
+    metrics = compute_metrics(Scored(samples, y, logits, []), ["NORMAL", "PNEUMONIA"], 1,
+                              Calibration(), {"validation": 0.5}, n_resamples=200)
+    assert metrics["roc_auc"] == {"value": 1.0, "ci95": [None, None]}
+    point = metrics["operating_points"]["validation"]
+    assert point["f1"]["ci95"] == [None, None]
+    assert point["sensitivity"]["ci95"][0] == pytest.approx(wilson_interval(30, 30)[0], abs=1e-6)
+    assert {"roc_auc", "pr_auc", "operating_points/validation/f1"} <= set(
+        metrics["degenerate_intervals"])
+    assert "operating_points/validation/sensitivity" not in metrics["degenerate_intervals"]
+    mistaken = logits.copy()  # a model with some mistakes: intervals everywhere
+    mistaken[:, 1] += np.random.default_rng(0).normal(0, 3, 50)
+    assert "degenerate_intervals" not in compute_metrics(
+        Scored(samples, y, mistaken, []), ["NORMAL", "PNEUMONIA"], 1, Calibration(),
+        {"validation": 0.5}, n_resamples=200)
+
+
 def test_the_interval_is_the_2_5th_to_97_5th_percentile_of_the_resamples():
     """The 95% level is pinned: a change would narrow every interval in every report."""
     right = np.random.default_rng(1).random(60) < 0.7

@@ -58,6 +58,7 @@ from cxrkit.evaluation.calibration import (
 from cxrkit.evaluation.metrics import (
     COLLAPSED,
     confusion_matrix,
+    drop_degenerate,
     multiclass_metrics,
     probability_metrics,
     proportion_counts,
@@ -416,6 +417,8 @@ def compute_metrics(scored: Scored, labels: Sequence[str], positive: int | None,
     else:
         metrics["per_class"] = {name: metrics.pop(name) for name in labels}
         widen_multiclass_rates(metrics, y, probs, normal)
+    if n_resamples and (dropped := drop_degenerate(metrics)):
+        metrics["degenerate_intervals"] = dropped  # (their ci95 nulled)
     return metrics
 
 
@@ -725,6 +728,11 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
                       n_resamples=bootstrap, seed=seed,
                       fitted_on="val" if calibrate_on is None else source)
     metrics = measure(scored)
+    if degenerate := metrics.get("degenerate_intervals"):
+        notes.append(f"No 95% interval for {', '.join(degenerate)}: every patient resample "
+                     "gave the same value (perfect separation, all wrong, or very few "
+                     "patients), and the bootstrap shows no uncertainty there, which is not "
+                     "certainty.")
     if not reuse and len(val.y):  # the films that chose the rule, beside those it is used on
         metrics["selection_split"] = {"name": source, "n": len(val.y),
                                       "n_per_class": films_per_class(val, labels),

@@ -246,6 +246,24 @@ def with_ci(statistics: Statistics, groups: Sequence, n_resamples: int = 1000,
     return out
 
 
+def drop_degenerate(tree: dict, prefix: str = "") -> list[str]:
+    """Null every interval of zero width left in a metrics tree (after the Wilson widening),
+    returning their names: where every patient resample gives the same value (perfect
+    separation, all wrong, very few patients), the bootstrap shows no uncertainty, which is
+    not certainty, and "1.000 (1.000-1.000)" read as one."""
+    dropped = []
+    for key, entry in tree.items():
+        if not isinstance(entry, dict):
+            continue
+        low, high = entry.get("ci95") or (None, None)
+        if "value" in entry and low is not None and low == high:
+            entry["ci95"] = [None, None]
+            dropped.append(f"{prefix}{key}")
+        elif "value" not in entry:
+            dropped += drop_degenerate(entry, f"{prefix}{key}/")
+    return dropped
+
+
 def _clean(x: float) -> float | None:
     """JSON-friendly: rounded, and None instead of NaN/inf (not valid JSON)."""
     return round(float(x), 6) if np.isfinite(x) else None
