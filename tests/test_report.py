@@ -337,7 +337,7 @@ def test_compare_runs_table_and_csv(reported, tmp_path, caplog):
     assert write_compare_csv(rows, tmp_path) == tmp_path / "compare.csv"  # a folder given
     with open(out, encoding="utf-8", newline="") as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 2
+    assert len(table) == 2 and table[0]["read_as"] == ""  # a two-class run, as it is
     assert float(table[0]["accuracy"]) == pytest.approx(at_val["accuracy"]["value"])
     assert float(table[0]["accuracy_ci_low"]) == pytest.approx(at_val["accuracy"]["ci95"][0])
 
@@ -382,6 +382,14 @@ def test_three_class_report(tiny_kaggle, tmp_path, monkeypatch):
     assert augmented["roc_auc"] == metrics["tta"]["roc_auc"]["value"]
     with pytest.raises(ValueError, match="paired differences need two-class runs"):
         compare_runs([run, run], paired=True)
+    # `cxr compare` puts it in the columns' one meaning, NORMAL against pneumonia: its macro
+    # ROC-AUC of three classes sat beside two-class AUCs, its rates blank
+    [row] = compare_runs([run])
+    assert row["read_as"] == "NORMAL vs the rest"
+    for key in ("accuracy", "roc_auc", "sensitivity", "specificity", "f1"):
+        assert row[key] == metrics["not_normal"][key], key
+    shown = " ".join(CliRunner().invoke(app, ["compare", str(run)]).output.split())
+    assert "simple_cnn, read as NORMAL vs the rest" in shown
     text = build_report(run).read_text()
     assert Page(text).sections == SECTIONS
     assert "Macro ROC-AUC" in text and "class VIRUS" in text and "The most probable class" in text

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from cxrkit.adapt import is_transductive
+from cxrkit.evaluation.metrics import COLLAPSED
 from cxrkit.evaluation.paired import paired_difference, read_scored
 from cxrkit.evaluation.results import (
     HEADLINE,
@@ -54,8 +55,7 @@ def compare_runs(runs: Iterable[str | Path], split: str = "test",
         threshold = deployed_point(metrics).get("threshold")
         rows.append({"run": str(model_folder(run)), "model": metrics.get("model", ""),
                      "split": split, "n": metrics["n"], "threshold": threshold,
-                     "transductive": is_transductive(metrics),
-                     **headline(metrics),
+                     "transductive": is_transductive(metrics), **comparable(metrics),
                      SPEC_AT_SENS: metrics.get(block, {}).get(level)})
     films = [_films(folder) for folder in folders]
     if any(f != films[0] for f in films[1:]):
@@ -69,6 +69,17 @@ def compare_runs(runs: Iterable[str | Path], split: str = "test",
     return rows
 
 
+def comparable(metrics: dict) -> dict:
+    """The headline in the columns' one meaning, NORMAL against pneumonia: a NORMAL/BACTERIA/
+    VIRUS run's is read as NORMAL against the rest (its macro ROC-AUC over three classes sat
+    beside two-class AUCs, and sensitivity, specificity and F1 were blank), said in
+    `read_as`."""
+    collapsed = metrics.get(COLLAPSED) if metrics.get("positive_class") is None else None
+    if not collapsed:
+        return {**headline(metrics), "read_as": None}
+    return {**{k: collapsed.get(k) for k in HEADLINE}, "read_as": "NORMAL vs the rest"}
+
+
 def _films(folder: Path) -> set[str]:
     """The films an evaluation scored (its predictions.csv)."""
     return {str(Path(row["path"]).resolve()) for row in read_predictions(folder)}
@@ -80,7 +91,7 @@ def write_compare_csv(rows: list[dict], path: str | Path) -> Path:
     if path.is_dir():
         path = path / "compare.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    columns = ["run", "model", "split", "n", "threshold"]
+    columns = ["run", "model", "read_as", "split", "n", "threshold"]
     parts = ("", "_ci_low", "_ci_high")
     columns += [f"{k}{part}" for k in COMPARED for part in parts]
     paired = any("paired" in r for r in rows)
@@ -90,7 +101,7 @@ def write_compare_csv(rows: list[dict], path: str | Path) -> Path:
         w = csv.writer(f)
         w.writerow(columns)
         for r in rows:
-            cells = [r["run"], r["model"], r["split"], r["n"], r["threshold"]]
+            cells = [r["run"], r["model"], r["read_as"], r["split"], r["n"], r["threshold"]]
             cells += _value_and_interval(r)
             if paired:
                 cells += [r["paired"]["n"], *_value_and_interval(r["paired"])] if "paired" in r \

@@ -193,8 +193,9 @@ def compare_command(
     for r in rows:
         threshold = f"{r['threshold']:.3f}" if r["threshold"] is not None else "–"
         cells = [format_metric(k, r[k]).replace(" (", "\n(") for k in COMPARED]
-        table.add_row(f"{Path(r['run']).name}\n[dim]{r['model']}[/]", str(r["n"]), threshold,
-                      *cells)
+        read_as = f", read as {r['read_as']}" if r["read_as"] else ""
+        table.add_row(f"{Path(r['run']).name}\n[dim]{r['model']}{read_as}[/]", str(r["n"]),
+                      threshold, *cells)
     show_table(table)
     for r in rows:
         if r["transductive"]:
