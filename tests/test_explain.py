@@ -12,7 +12,8 @@ from torch import nn
 from cxrkit.data.io import read_image
 from cxrkit.explain import gradcam, overlay
 from cxrkit.inference import predict_logits
-from cxrkit.models import create_model
+from cxrkit.models import ModelSpec, create_model
+from cxrkit.models.ensemble import Ensemble
 from cxrkit.predict import predict
 from cxrkit.runs import CALIBRATION, Calibration, load_model
 
@@ -53,6 +54,33 @@ def test_heatmap_finds_the_planted_patch(corner):
     mask = np.zeros((64, 64), bool)
     mask[corner[0]:corner[0] + 12, corner[1]:corner[1] + 12] = True
     assert heat[0][mask].sum() / heat[0].sum() > 0.9
+
+
+def test_evidence_over_the_whole_film_is_drawn_not_blank():
+    """pytorch_grad_cam subtracts each map's minimum: a film bright everywhere, every pixel
+    evidence, came out blank, as if nothing raised the class."""
+    heat = gradcam(BrightPatchModel(), torch.ones(1, 1, 64, 64), class_index=1)
+    assert heat.min() == pytest.approx(1.0, abs=1e-3)  # the same evidence everywhere
+    patch = gradcam(BrightPatchModel(), film_with_patch(4, 4), class_index=1)[0]
+    assert patch[40:, 40:].max() == 0  # and no evidence is still 0
+
+
+def with_spec(model: nn.Module) -> nn.Module:
+    model.spec = ModelSpec("bright", 2, 64, 1, (0.0,), (1.0,), labels=["NORMAL", "PNEUMONIA"])
+    return model
+
+
+def test_an_ensembles_map_holds_every_members_evidence():
+    """It was the first member's alone: blank when another member carried the decision."""
+    blind = with_spec(BrightPatchModel())
+    with torch.no_grad():
+        blind.head.weight.fill_(1.0)  # the patch raises both logits alike: no evidence
+    x = film_with_patch(40, 44)
+    for members in ([blind, with_spec(BrightPatchModel())], [with_spec(BrightPatchModel()),
+                                                            blind]):
+        heat = gradcam(Ensemble(members), x, class_index=1)[0]
+        assert heat.max() == pytest.approx(1.0)
+        assert heat[40:52, 44:56].mean() > 0.5 and heat[:30, :30].max() == 0
 
 
 def test_class_zero_map_is_empty_where_the_patch_is_evidence_against_it():
@@ -144,6 +172,28 @@ def test_overlay_shows_a_deep_or_float_film_as_the_model_reads_it():
     rgb = np.zeros((48, 64, 3), np.uint8)
     rgb[..., 0] = 200  # an 8-bit colour image keeps its colour
     assert (np.asarray(overlay(rgb, nothing)) == rgb).all()
+
+
+def test_overlay_turns_an_exif_rotated_film_upright_as_gradcam_reads_it(tmp_path):
+    """The heat of the upright film was drawn over the stored raster: rotated and stretched,
+    113 px from its evidence in a review. And transparency shows black, as the model saw it."""
+    film = np.full((48, 64), 40, np.uint8)
+    film[4:16, 44:56] = 255  # the evidence, top right of the upright film
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned; "rotate to view"
+    Image.fromarray(film).transpose(Image.Transpose.ROTATE_90).save(
+        tmp_path / "turned.jpg", quality=95, exif=exif)
+    with Image.open(tmp_path / "turned.jpg") as stored:
+        heat = gradcam(with_spec(BrightPatchModel()), [stored], class_index=1)[0]
+        drawn = np.asarray(overlay(stored, heat), np.int16)
+    assert drawn.shape[:2] == (48, 64)  # the upright film's size
+    changed = np.abs(drawn - np.asarray(read_image(tmp_path / "turned.jpg").convert("RGB"))
+                     ).sum(-1) > 60
+    rows, cols = np.nonzero(changed)
+    assert abs(rows.mean() - 9.5) < 3 and abs(cols.mean() - 49.5) < 3  # on the evidence
+    clear = np.zeros((48, 64, 4), np.uint8)
+    clear[..., :3] = 255  # white under full transparency: black to the model
+    assert np.asarray(overlay(clear, np.zeros((48, 64)))).max() == 0
 
 
 @pytest.mark.parametrize(("threshold", "called"), [(0.0, "PNEUMONIA"), (1.0, "NORMAL")])

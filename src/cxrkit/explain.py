@@ -4,11 +4,13 @@
     overlay(read_image("a.jpeg"), heatmaps[0]).save("a_cam.png")
 
 Grad-CAM (Selvaraju et al. 2017) weights the channels of the last convolutional
-activation (`model.gradcam_layer()`) by the gradient of a target score, and keeps
-the positive part. It is through the `grad-cam` package (pytorch_grad_cam).
-A heatmap shows where the model looked, not that it looked for the right reason; a map that
-is 0 everywhere means nothing in the film raised that class's log-odds (overlaid, the film
-shows bare).
+activation (`model.gradcam_layer()`; an ensemble's: each member's, summed) by the gradient
+of a target score, and keeps the positive part. It is through the `grad-cam` package
+(pytorch_grad_cam), each map divided by its maximum alone: 0 is no evidence, not this film's
+weakest (the package subtracts each map's minimum, and evidence spread over the whole film
+showed as nothing). A heatmap shows where the model looked, not that it looked for the right
+reason; a map that is 0 everywhere means nothing in the film raised that class's log-odds
+(overlaid, the film shows bare).
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from typing import TYPE_CHECKING
 import matplotlib
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from pytorch_grad_cam import GradCAM
 
 from cxrkit.data.dataset import load_prepared
 from cxrkit.data.io import Film, film_list, read_image
 from cxrkit.data.transforms import eval_transform
 from cxrkit.models import Classifier
+from cxrkit.models.ensemble import Ensemble
 
 if TYPE_CHECKING:
     from cxrkit.runs import Calibration
@@ -56,6 +59,42 @@ class LogOddsTarget:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         others = torch.cat([logits[..., :self.index], logits[..., self.index + 1:]], dim=-1)
         return logits[..., self.index] - torch.logsumexp(others, dim=-1)
+
+
+class _EvidenceCAM(GradCAM):
+    """GradCAM whose maps keep their zero: each layer's positive map resized to the input,
+    the layers summed (an ensemble's members, each its share of the same log-odds), then
+    divided by the film's maximum. Not min-max scaled per layer as the package does."""
+
+    def compute_cam_per_layer(self, input_tensor: torch.Tensor, targets: list,
+                              eigen_smooth: bool) -> list[np.ndarray]:
+        width, height = self.get_target_width_height(input_tensor)
+        maps = []
+        for layer, activations, gradients in zip(
+                self.target_layers, self.activations_and_grads.activations,
+                self.activations_and_grads.gradients, strict=True):
+            cam = np.maximum(self.get_cam_image(
+                input_tensor, layer, targets, activations.cpu().numpy(),
+                gradients.cpu().numpy(), eigen_smooth), 0)
+            maps.append(torch.nn.functional.interpolate(
+                torch.from_numpy(np.float32(cam))[:, None], size=(height, width),
+                mode="bilinear", align_corners=False).numpy())
+        return maps
+
+    def aggregate_multi_layers(self, cam_per_target_layer: list[np.ndarray]) -> np.ndarray:
+        total = np.concatenate(cam_per_target_layer, axis=1).sum(axis=1)
+        peak = total.max(axis=(1, 2), keepdims=True)  # (a blank map: 0 everywhere)
+        return np.divide(total, peak, out=np.zeros_like(total), where=peak > 0)
+
+
+def _cam_layers(model: torch.nn.Module, target_layer: torch.nn.Module | None) -> list:
+    """The activations explained: the one given, a model's own, or each ensemble member's
+    (the first member's alone showed a blank map when the others carried the evidence)."""
+    if target_layer is not None:
+        return [target_layer]
+    if isinstance(model, Ensemble):
+        return [member.gradcam_layer() for member in model.members]
+    return [model.gradcam_layer()]
 
 
 def _as_batch(model: Classifier, images) -> torch.Tensor:
@@ -88,19 +127,21 @@ def _make_autograd_ready(model: torch.nn.Module) -> None:
 
 
 @contextmanager
-def _gradients_from(layer: torch.nn.Module, model: torch.nn.Module) -> Iterator[None]:
-    """Autograd from `layer` on only: its output becomes a fresh leaf that requires grad,
+def _gradients_from(layers: list[torch.nn.Module], model: torch.nn.Module) -> Iterator[None]:
+    """Autograd from `layers` on only: their outputs become fresh leaves that require grad,
     and every parameter is frozen meanwhile. The backward pass then runs through the
-    head alone (no parameter gradients, nothing left in `.grad`), and it works the same
-    for a frozen backbone. Registered before GradCAM's own hooks, so they see the leaf."""
+    heads alone (no parameter gradients, nothing left in `.grad`), and it works the same
+    for a frozen backbone. Registered before GradCAM's own hooks, so they see the leaves."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
-    handle = layer.register_forward_hook(lambda m, i, out: out.detach().requires_grad_(True))
+    handles = [layer.register_forward_hook(lambda m, i, out: out.detach().requires_grad_(True))
+               for layer in layers]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
 
@@ -145,9 +186,9 @@ def gradcam(model: Classifier | str | Path, images: Film | Sequence[Film] | torc
     `model`: a loaded model or a run folder. `class_index`: the class to explain (an index
     or a label), one for all or one per image; None explains each image's predicted class
     (for a run folder, at its deployed threshold, as `predict` calls it).
-    `target_layer` defaults to `model.gradcam_layer()`. One map per image given, in order:
-    an unreadable file raises `UnreadableImageError` naming it (`predict` skips such files;
-    explain the readable ones).
+    `target_layer` defaults to `model.gradcam_layer()` (an ensemble: each member's). One map
+    per image given, in order: an unreadable file raises `UnreadableImageError` naming it
+    (`predict` skips such files; explain the readable ones).
     """
     calibration = None
     if isinstance(model, str | Path):
@@ -169,12 +210,12 @@ def gradcam(model: Classifier | str | Path, images: Film | Sequence[Film] | torc
     if None in classes:
         predicted = _predicted_classes(model, batches(), calibration)
         classes = [p if c is None else c for c, p in zip(classes, predicted, strict=True)]
-    layer = target_layer if target_layer is not None else model.gradcam_layer()
+    layers = _cam_layers(model, target_layer)
     _make_autograd_ready(model)
     heatmaps = []
     # Grad-CAM needs gradients: leave any surrounding inference_mode/no_grad.
-    with (torch.inference_mode(False), torch.enable_grad(), _gradients_from(layer, model),
-          GradCAM(model, [layer]) as cam):
+    with (torch.inference_mode(False), torch.enable_grad(), _gradients_from(layers, model),
+          _EvidenceCAM(model, layers) as cam):
         for start, x in zip(range(0, n, batch_size), batches(), strict=True):
             targets = [LogOddsTarget(c) for c in classes[start:start + batch_size]]
             heatmaps.append(cam(x, targets))
@@ -202,9 +243,11 @@ def _overlay_base(image: Image.Image | np.ndarray) -> Image.Image:
     conversion clips it, and a 16-bit film came out white, one in 0..1 black."""
     if isinstance(image, np.ndarray) and image.dtype == np.uint8:
         image = Image.fromarray(image)
-    if isinstance(image, Image.Image) and image.mode in ("1", "L", "LA", "P", "RGB", "RGBA"):
+    if isinstance(image, Image.Image):  # upright, as gradcam read it (EXIF orientation)
+        image = ImageOps.exif_transpose(image)
+    if isinstance(image, Image.Image) and image.mode in ("1", "L", "RGB"):
         return image.convert("RGB")
-    return read_image(image).convert("RGB")
+    return read_image(image).convert("RGB")  # transparency on black, as the model saw it
 
 
 def overlay_key(width: int = 48, height: int = 256) -> Image.Image:

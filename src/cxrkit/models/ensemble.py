@@ -47,10 +47,6 @@ class Ensemble(nn.Module):
         probs = [m(_resized(x, m.spec.input_size)).softmax(dim=1) for m in self.members]
         return torch.stack(probs).mean(dim=0).clamp_min(1e-12).log()
 
-    def gradcam_layer(self) -> nn.Module:
-        """The first member's last convolutional activation (its share of the mean)."""
-        return self.members[0].gradcam_layer()
-
     def describe(self) -> dict:
         """model.json: the ensemble's input spec and each member's own."""
         return {**self.spec.to_dict(), "members": [m.spec.to_dict() for m in self.members]}
