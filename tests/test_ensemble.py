@@ -24,6 +24,7 @@ from cxrkit.provenance import read_attempts
 from cxrkit.report import build_report
 from cxrkit.runs import load_model, save_model
 from cxrkit.training import train
+from cxrkit.training.fit import member_config
 from tests.test_training import TINY, tiny_config
 
 LABELS = ["NORMAL", "PNEUMONIA"]
@@ -143,6 +144,18 @@ def test_a_resumed_ensemble_keeps_its_finished_members(ensemble_run, tmp_path):
     with pytest.raises(ConfigError, match=r"changed since its member 0-simple_cnn started "
                                           r"\(model.dropout\)"):
         train(resume=run)
+
+
+def test_every_member_trains_at_the_size_the_ensemble_gives_it(tmp_path):
+    """Lite2 (260 px) beside Lite0 (224): films are prepared at 224 for both, so Lite2 trains
+    at 224 too (at 260 it learnt on other pixels than the ensemble's bilinear resample)."""
+    mixed = TrainConfig.preset("quick", overrides={
+        "model.name": "efficientnet_lite0", "model.ensemble_with": ["efficientnet_lite2"]})
+    lite2 = member_config(mixed, 1, "efficientnet_lite2", tmp_path / "1-efficientnet_lite2")
+    assert lite2.model.name == "efficientnet_lite2" and lite2.model.input_size == 224
+    assert member_config(mixed, 0, "efficientnet_lite0", tmp_path / "0").model.input_size is None
+    chosen = mixed.updated({"model.input_size": 256})  # a size asked for applies to all
+    assert member_config(chosen, 1, "efficientnet_lite2", tmp_path / "1").model.input_size == 256
 
 
 def test_members_that_cannot_share_an_input_fail_before_training(tiny_kaggle, tmp_path):

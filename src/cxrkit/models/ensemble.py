@@ -4,9 +4,11 @@
 
 It is one `nn.Module` with a `spec`, like a `Classifier`, so prediction, evaluation,
 calibration, export, serving and Grad-CAM take it unchanged. Films are prepared once, at
-the first member's input size; a member trained at another size gets them resized
-inside the model (bilinear, as preparation does). Its output is the log of the mean
-probability: softmax gives that mean back, so temperatures and thresholds apply as usual.
+the first member's input size; `cxr train` trains every member at that size (its
+`model.ensemble_with`). A member made at another size elsewhere gets the prepared films
+resized inside the model (bilinear, from the first member's size: not the pixels it
+learnt on). Its output is the log of the mean probability: softmax gives that mean back,
+so temperatures and thresholds apply as usual.
 """
 
 from __future__ import annotations

@@ -590,11 +590,22 @@ MEMBERS = "members"
 
 
 def member_config(config: TrainConfig, index: int, name: str, folder: Path) -> TrainConfig:
-    """Member `index` of an ensemble: the run's recipe, its own model and seed."""
+    """Member `index` of an ensemble: the run's recipe, its own model and seed, at the
+    ensemble's input size. Films are prepared once, at the first member's size; a member of
+    another size trained at its own was then given a second, plainer resample of them inside
+    the ensemble (up to 36 gray levels from what it learnt on, in a review)."""
     devices = "1" if config.trainer.devices == "auto" else config.trainer.devices
-    return config.updated({
+    overrides = {
         "model.name": name, "model.ensemble_with": [], "seed": config.seed + index,
-        "name": folder.name, "runs_dir": str(folder.parent), "trainer.devices": devices})
+        "name": folder.name, "runs_dir": str(folder.parent), "trainer.devices": devices}
+    if config.model.input_size is None and _own_size(name) != _own_size(config.model.name):
+        overrides["model.input_size"] = _own_size(config.model.name)
+    return config.updated(overrides)
+
+
+def _own_size(name: str) -> int:
+    """The input size a registered model was made for."""
+    return create_model(name, pretrained=False).spec.input_size
 
 
 def member_run(run: Run, index: int, name: str, folder: Path) -> Run:
