@@ -773,3 +773,46 @@ with written_whole(Path({str(page)!r})) as partial:
                            f"{tmp_path} (at least 0.1 MiB needed"), said
     assert page.read_text(encoding="utf-8") == "the report before"
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no partial left
+
+
+def as_the_sidecar_says(path: Path) -> np.ndarray:
+    """A DICOM read by the words of an export's model.json (`PREPROCESS`), with pydicom and
+    NumPy alone: what a consumer of the ONNX file outside cxrkit does."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = pydicom.dcmread(path)
+    as_stored = (ds.BitsStored <= 8 and ds.PixelRepresentation == 0
+                 and not any(k in ds for k in ("RescaleSlope", "WindowCenter",
+                                               "ModalityLUTSequence", "VOILUTSequence")))
+    if as_stored:
+        y = ds.pixel_array.astype(np.uint8)
+    else:
+        x = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds, prefer_lut=True)
+        x = np.asarray(x, np.float32)
+        q1, q3 = np.percentile(x, (25, 75))
+        kept = x[(x >= q1 - 3 * (q3 - q1)) & (x <= q3 + 3 * (q3 - q1))]
+        lo, hi = np.percentile(kept, (0.1, 99.9))
+        y = np.round(np.clip((x - lo) * (255 / (hi - lo)), 0, 255)).astype(np.uint8)
+    inverse = ds.PhotometricInterpretation == "MONOCHROME1" or (
+        ds.get("PresentationLUTShape") == "INVERSE")
+    return 255 - y if inverse else y
+
+
+def test_an_exports_dicom_recipe_reads_as_cxrkit_does(tmp_path):
+    """model.json said every DICOM is stretched and only MONOCHROME1 inverted: an 8-bit one
+    came out up to 43 gray levels off, one marked INVERSE upside down (a review)."""
+    from cxrkit.export import PREPROCESS
+
+    rng = np.random.default_rng(0)
+    eight = np.clip(rng.normal(120, 30, (20, 30)), 30, 220).astype(np.uint8)
+    films = [write_dicom(tmp_path / "8bit.dcm", eight, BitsAllocated=8, BitsStored=8, HighBit=7),
+             write_dicom(tmp_path / "inverse.dcm", eight.astype(np.uint16) * 16,
+                         PresentationLUTShape="INVERSE"),
+             write_dicom(tmp_path / "mono1.dcm", dicom_ramp(), "MONOCHROME1"),
+             write_dicom(tmp_path / "windowed.dcm", dicom_ramp(), WindowCenter=1500,
+                         WindowWidth=2000)]
+    for path in films:
+        np.testing.assert_array_equal(np.asarray(read_image(path)), as_the_sidecar_says(path),
+                                      err_msg=path.name)
+    assert "taken as stored" in PREPROCESS and "PresentationLUTShape INVERSE" in PREPROCESS
