@@ -815,3 +815,19 @@ def test_tta_averages_the_plain_film_and_each_view_and_the_views_do_as_named(tra
     ramp = torch.arange(8.0).repeat(1, 1, 8, 1)  # columns 0..7
     moved = shift(0.25, 0)(ramp)  # right by 2 columns, the left edge repeated
     assert moved[0, 0, 0].tolist() == [0, 0, 0, 1, 2, 3, 4, 5]
+
+
+def test_a_figures_film_keeps_its_shape(tmp_path):
+    """The report's Grad-CAM and worst-error tiles were the model's square input: a 300 x 200
+    film's anatomy squashed, in the figures a paper takes."""
+    from PIL import Image
+
+    from cxrkit.evaluation.evaluate import shown_film
+
+    wide = np.tile(np.linspace(100, 110, 300).astype(np.uint8), (200, 1))  # low contrast
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    shown = shown_film(str(tmp_path / "wide.png"), 96, equalize=False)
+    assert shown.size == (96, 64) and shown.mode == "L"
+    assert np.ptp(np.asarray(shown)) <= 10
+    equalised = np.asarray(shown_film(str(tmp_path / "wide.png"), 96, equalize=True))
+    assert equalised.shape == (64, 96) and np.ptp(equalised) > 200  # as the model read it

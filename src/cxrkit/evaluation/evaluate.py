@@ -41,11 +41,10 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cxrkit.adapt import adaptation_note, source_calibration_options
-from cxrkit.data.dataset import load_prepared
-from cxrkit.data.io import spreadsheet_text, written_whole
+from cxrkit.data.io import read_image, spreadsheet_text, written_whole
 from cxrkit.data.layout import Sample, absolute_data, load_source, refuse_conflicting_rows
 from cxrkit.data.patients import has_parsed_patient
 from cxrkit.data.split import read_manifest, test_patients_seen_in_training
@@ -513,7 +512,8 @@ def write_figures(out: Path, model: Classifier, scored: Scored, probs: np.ndarra
                      for c in metrics["framing"]["crops"]}}
         figures.framing_figure(points, out / "framing.png", f"{where}, {rule}")
 
-    # The model's own view of each film (resized, as it saw it) for the image grids.
+    # Each film as the model read it (gray, equalised if it was), at its own shape, for the
+    # image grids: the model's square input squashed the anatomy of every figure a paper takes.
     wrong = np.flatnonzero(predicted != y)
     confidence = probs[np.arange(len(y)), predicted]
     worst = worst_mistakes(y, predicted, confidence, WORST_ERRORS)
@@ -523,8 +523,7 @@ def write_figures(out: Path, model: Classifier, scored: Scored, probs: np.ndarra
     spec = model.spec
 
     def film(i: int) -> Image.Image:
-        return Image.fromarray(load_prepared(scored.samples[i].path, spec.input_size,
-                                             spec.equalize)[0].numpy())
+        return shown_film(scored.samples[i].path, spec.input_size, spec.equalize)
 
     def captions(indices) -> list[str]:
         """The positive class's probability where there is one (beside the threshold),
@@ -556,6 +555,17 @@ def write_figures(out: Path, model: Classifier, scored: Scored, probs: np.ndarra
                            out / f"gradcam_{name}.png",
                            colorbar="Grad-CAM weight for the called class\n"
                                     "(scaled per film: 1 = its strongest)")
+
+
+def shown_film(path: str, side: int, equalize: bool) -> Image.Image:
+    """A film for a figure: read as the model reads it, at its own shape, its longer side
+    `side` pixels (the model's input size: the detail the model had)."""
+    image = read_image(path)
+    if equalize:
+        image = ImageOps.equalize(image)
+    scale = side / max(image.size)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                        Image.Resampling.BILINEAR, reducing_gap=3.0)
 
 
 def worst_mistakes(y: np.ndarray, predicted: np.ndarray, confidence: np.ndarray,
