@@ -362,6 +362,8 @@ def test_evaluating_again_keeps_the_deployed_operating_point(trained_run, tmp_pa
     assert moved[0].endswith(f"{run / 'export'} still applies the former one: `cxr export "
                              f"{run}` updates it (and export copies anew).")
     assert reset["deployed_operating_point"] == "validation"
+    # one name for the films that chose it (fitted_on said "val")
+    assert reset["calibrated"]["fitted_on"] == reset["selection_split"]["name"] == "validation"
     assert fresh.threshold == pytest.approx(reset["operating_points"]["validation"]["threshold"])
     assert fresh.threshold != pytest.approx(deployed.threshold)  # the test can tell them apart
 

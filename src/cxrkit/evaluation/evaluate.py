@@ -373,7 +373,8 @@ def films_per_class(scored: Scored, labels: Sequence[str]) -> dict[str, int]:
 
 def compute_metrics(scored: Scored, labels: Sequence[str], positive: int | None,
                     calibration: Calibration, thresholds: dict[str, float],
-                    n_resamples: int = 1000, seed: int = 0, fitted_on: str = "val") -> dict:
+                    n_resamples: int = 1000, seed: int = 0,
+                    fitted_on: str = "validation") -> dict:
     """All metrics of one scored split, in the metrics.json layout (binary or multi-class);
     `fitted_on` says where the calibration was fitted."""
     y, probs = scored.y, calibration.probabilities(scored.logits)
@@ -736,7 +737,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     measure = partial(compute_metrics, labels=labels, positive=positive,
                       calibration=calibration, thresholds=thresholds,
                       n_resamples=bootstrap, seed=seed,
-                      fitted_on="val" if calibrate_on is None else source)
+                      fitted_on=source)  # "validation", as selection_split names it
     metrics = measure(scored)
     if degenerate := metrics.get("degenerate_intervals"):
         notes.append(f"No 95% interval for {', '.join(degenerate)}: every patient resample "
