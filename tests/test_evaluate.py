@@ -266,11 +266,11 @@ def test_tta_is_reported_beside_the_plain_result(trained_run, tmp_path):
                      logits.astype(np.float64), [])
     chosen, _ = choose_calibration(val_tta, positive=1, target_sensitivity=None)
     assert metrics["tta"]["temperature"] == pytest.approx(chosen.temperature)
-    assert metrics["tta"]["deployed_threshold"] == pytest.approx(chosen.threshold)
+    assert metrics["tta"]["threshold"] == pytest.approx(chosen.threshold)
     assert metrics["tta"]["operating_points"]["validation"]["threshold"] == pytest.approx(
         chosen.threshold)
     assert chosen.temperature != pytest.approx(read_calibration(run).temperature)
-    assert summary(out, tta=True)["threshold"] == metrics["tta"]["deployed_threshold"]
+    assert summary(out, tta=True)["threshold"] == metrics["tta"]["threshold"]
     assert summary(out)["threshold"] == metrics["deployed_threshold"]
 
 

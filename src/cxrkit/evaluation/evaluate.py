@@ -773,9 +773,11 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
             "views": list(DEFAULT_VIEWS),
             "note": "logits averaged over the plain image and each view; temperature and "
                     "thresholds chosen as without TTA, on the validation films scored with "
-                    "the same views (averaging changes the logits' scale)",
+                    "the same views (averaging changes the logits' scale); cxr predict and "
+                    "cxr serve never apply TTA, nor this threshold",
             "temperature": tta_calibration.temperature,
-            "deployed_threshold": tta_calibration.threshold if positive is not None else None,
+            # the deployed rule's threshold for TTA's scores (not itself deployed anywhere)
+            "threshold": tta_calibration.threshold if positive is not None else None,
             **measure(augmented, calibration=tta_calibration, thresholds=tta_thresholds),
         }
 

@@ -160,5 +160,5 @@ def summary(folder: str | Path, tta: bool = False) -> dict[str, float | int | No
         values |= {k: (collapsed.get(k) or {}).get("value")
                    for k in ("sensitivity", "specificity", "f1")}
         values["balanced_accuracy"] = (block.get("balanced_accuracy") or {}).get("value")
-    threshold = (metrics["tta"] if tta else metrics).get("deployed_threshold")  # TTA: its own
+    threshold = metrics["tta"].get("threshold") if tta else metrics.get("deployed_threshold")
     return {**values, "threshold": threshold, "n": metrics["n"]}
