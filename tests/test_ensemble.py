@@ -156,6 +156,16 @@ def test_every_member_trains_at_the_size_the_ensemble_gives_it(tmp_path):
     assert member_config(mixed, 0, "efficientnet_lite0", tmp_path / "0").model.input_size is None
     chosen = mixed.updated({"model.input_size": 256})  # a size asked for applies to all
     assert member_config(chosen, 1, "efficientnet_lite2", tmp_path / "1").model.input_size == 256
+    # a member started at its own size (before this rule) resumes as it started: its run was
+    # refused as edited, though nothing had been
+    before = lite2.updated({"model.input_size": None})
+    assert member_config(mixed, 1, "efficientnet_lite2", tmp_path / "1",
+                         started=before).model.input_size is None
+    # a model made for one size only keeps it (a ViT trained at 260 px failed mid-run)
+    vit = TrainConfig.preset("quick", overrides={
+        "model.name": "efficientnet_lite2", "model.ensemble_with": ["timm:vit_tiny_patch16_224"]})
+    assert member_config(vit, 1, "timm:vit_tiny_patch16_224",
+                         tmp_path / "1").model.input_size is None
 
 
 def test_members_that_cannot_share_an_input_fail_before_training(tiny_kaggle, tmp_path):

@@ -1229,3 +1229,10 @@ def test_validation_of_one_class_writes_undefined_scores_as_null(tiny_kaggle, tm
     console = Console(width=200, record=True)
     console.print(metrics_table(run))
     assert console.export_text().count(" – ") == 2  # ROC-AUC and specificity
+
+
+def test_sgd_trains_at_any_momentum_the_config_allows(tiny_kaggle, tmp_path):
+    """momentum 0 passed the config's check, then Nesterov SGD refused it mid-run."""
+    config = tiny_config(tiny_kaggle, tmp_path, **{
+        "optim.optimizer": "sgd", "optim.momentum": 0.0, "stages.0.epochs": 1, "name": "sgd"})
+    assert (train(config) / "model.safetensors").is_file()

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -589,23 +589,32 @@ def finish(run: Run) -> dict:
 MEMBERS = "members"
 
 
-def member_config(config: TrainConfig, index: int, name: str, folder: Path) -> TrainConfig:
+def member_config(config: TrainConfig, index: int, name: str, folder: Path,
+                  started: TrainConfig | None = None) -> TrainConfig:
     """Member `index` of an ensemble: the run's recipe, its own model and seed, at the
     ensemble's input size. Films are prepared once, at the first member's size; a member of
     another size trained at its own was then given a second, plainer resample of them inside
-    the ensemble (up to 36 gray levels from what it learnt on, in a review)."""
+    the ensemble (up to 36 gray levels from what it learnt on, in a review). Not a model made
+    for one size only (a ViT), nor a member `started` at its own size before this rule: those
+    keep theirs, and the ensemble resizes their input."""
     devices = "1" if config.trainer.devices == "auto" else config.trainer.devices
     overrides = {
         "model.name": name, "model.ensemble_with": [], "seed": config.seed + index,
         "name": folder.name, "runs_dir": str(folder.parent), "trainer.devices": devices}
-    if config.model.input_size is None and _own_size(name) != _own_size(config.model.name):
-        overrides["model.input_size"] = _own_size(config.model.name)
+    (own, any_size), (shared, _) = _input_of(name), _input_of(config.model.name)
+    if config.model.input_size is None and own != shared and any_size:
+        overrides["model.input_size"] = shared
+    if started is not None and config.model.input_size is None:
+        overrides["model.input_size"] = started.model.input_size
     return config.updated(overrides)
 
 
-def _own_size(name: str) -> int:
-    """The input size a registered model was made for."""
-    return create_model(name, pretrained=False).spec.input_size
+@cache
+def _input_of(name: str) -> tuple[int, bool]:
+    """(the input size a registered model was made for, whether it takes others)."""
+    model = create_model(name, pretrained=False)
+    timm_cfg = getattr(model.backbone, "pretrained_cfg", None) or {}
+    return model.spec.input_size, not timm_cfg.get("fixed_input_size", False)
 
 
 def member_run(run: Run, index: int, name: str, folder: Path) -> Run:
@@ -638,7 +647,8 @@ def train_ensemble(run: Run) -> Path:
         folder = run.folder / MEMBERS / f"{index}-{_file_safe(name)}"
         started = (folder / CONFIG).is_file()
         if started:  # the run's config.yaml must still give this member the config it has
-            refuse_edited_member(run, folder, member_config(run.config, index, name, folder))
+            refuse_edited_member(run, folder, member_config(
+                run.config, index, name, folder, TrainConfig.load(folder / CONFIG)))
         if not (folder / MODEL_WEIGHTS).is_file():
             train_run(open_run(folder) if started else member_run(run, index, name, folder),
                       resumed=started)

@@ -250,8 +250,10 @@ class ClassifierModule(LightningModule):
     def configure_optimizers(self):
         groups = param_groups(self.model, self.stage.lr, self.stage.lr_decay)
         if self.optim.optimizer == "sgd":
+            # Nesterov's momentum needs one: momentum 0 (which the config allows) is plain SGD
             optimizer = torch.optim.SGD(groups, lr=self.stage.lr, momentum=self.optim.momentum,
-                                        weight_decay=self.optim.weight_decay, nesterov=True)
+                                        weight_decay=self.optim.weight_decay,
+                                        nesterov=self.optim.momentum > 0)
         else:
             optimizer = torch.optim.AdamW(groups, lr=self.stage.lr,
                                           weight_decay=self.optim.weight_decay)
