@@ -388,6 +388,8 @@ def test_three_class_report(tiny_kaggle, tmp_path, monkeypatch):
     assert row["read_as"] == "NORMAL vs the rest"
     for key in ("accuracy", "roc_auc", "sensitivity", "specificity", "f1"):
         assert row[key] == metrics["not_normal"][key], key
+    assert row["specificity_at_sensitivity/0.97"] == metrics["not_normal"][
+        "specificity_at_sensitivity"]["0.97"]
     shown = " ".join(CliRunner().invoke(app, ["compare", str(run)]).output.split())
     assert "simple_cnn, read as NORMAL vs the rest" in shown
     text = build_report(run).read_text()

@@ -49,14 +49,12 @@ def compare_runs(runs: Iterable[str | Path], split: str = "test",
             raise ValueError(f"paired differences need two-class runs; {', '.join(several)} "
                              "predict(s) more classes: compare them unpaired")
     rows, folders = [], [ensure_evaluated(run, split) for run in runs]
-    block, level = SPEC_AT_SENS.split("/")  # metrics.json nests such keys
     for run, folder in zip(runs, folders, strict=True):
         metrics = json.loads((folder / METRICS).read_text(encoding="utf-8"))
         threshold = deployed_point(metrics).get("threshold")
         rows.append({"run": str(model_folder(run)), "model": metrics.get("model", ""),
                      "split": split, "n": metrics["n"], "threshold": threshold,
-                     "transductive": is_transductive(metrics), **comparable(metrics),
-                     SPEC_AT_SENS: metrics.get(block, {}).get(level)})
+                     "transductive": is_transductive(metrics), **comparable(metrics)})
     films = [_films(folder) for folder in folders]
     if any(f != films[0] for f in films[1:]):
         log.warning("these runs were evaluated on different films (%s): their rows do not "
@@ -74,10 +72,13 @@ def comparable(metrics: dict) -> dict:
     VIRUS run's is read as NORMAL against the rest (its macro ROC-AUC over three classes sat
     beside two-class AUCs, and sensitivity, specificity and F1 were blank), said in
     `read_as`."""
+    block, level = SPEC_AT_SENS.split("/")  # metrics.json nests such keys
     collapsed = metrics.get(COLLAPSED) if metrics.get("positive_class") is None else None
     if not collapsed:
-        return {**headline(metrics), "read_as": None}
-    return {**{k: collapsed.get(k) for k in HEADLINE}, "read_as": "NORMAL vs the rest"}
+        return {**headline(metrics), SPEC_AT_SENS: metrics.get(block, {}).get(level),
+                "read_as": None}
+    return {**{k: collapsed.get(k) for k in HEADLINE},
+            SPEC_AT_SENS: collapsed.get(block, {}).get(level), "read_as": "NORMAL vs the rest"}
 
 
 def _films(folder: Path) -> set[str]:

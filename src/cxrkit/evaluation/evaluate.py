@@ -449,7 +449,9 @@ def collapsed_metrics(y: np.ndarray, probs: np.ndarray, normal: int,
     abnormal, p_abnormal = y != normal, 1.0 - probs[:, normal]
     called = (probs.argmax(1) != normal).astype(float)
     rates = threshold_metrics(abnormal, called, 0.5, w)
-    return {"roc_auc": ranking_metrics(abnormal, p_abnormal, w)["roc_auc"],
+    ranking = ranking_metrics(abnormal, p_abnormal, w)  # (cxr compare's Spec@97 too)
+    return {"roc_auc": ranking["roc_auc"],
+            **{k: v for k, v in ranking.items() if k.startswith("specificity_at_sensitivity")},
             **{k: rates[k] for k in ("accuracy", "sensitivity", "specificity", "f1")}}
 
 

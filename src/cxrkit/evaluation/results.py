@@ -142,8 +142,9 @@ def summary(folder: str | Path, tta: bool = False) -> dict[str, float | int | No
     augmentation (an evaluation made with `tta=True`). A multi-class run's sensitivity,
     specificity and F1 are those of NORMAL against the other classes (its own calls, read
     as pneumonia or not), comparable with a two-class run's; its accuracy and ROC-AUC are
-    over its classes (macro ROC-AUC), beside `balanced_accuracy`. Each value's 95% interval
-    is in the folder's metrics.json."""
+    over its classes (macro ROC-AUC), beside `balanced_accuracy` (`cxr compare` reads those
+    two as NORMAL against the rest as well: metrics.json's `not_normal`). Each value's 95%
+    interval is in the folder's metrics.json."""
     file = Path(folder) / METRICS
     if not file.is_file():
         raise FileNotFoundError(
