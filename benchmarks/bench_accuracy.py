@@ -58,8 +58,9 @@ def evaluated(run: Path, tta: bool) -> dict:
 def cell(metric: dict, percent: bool) -> str:
     value, (lo, hi) = metric["value"], metric["ci95"]
     if percent:
-        return f"{100 * value:.1f}% ({100 * lo:.1f}-{100 * hi:.1f})"
-    return f"{value:.3f} ({lo:.3f}-{hi:.3f})"
+        interval = "" if lo is None else f" ({100 * lo:.1f}-{100 * hi:.1f})"
+        return f"{100 * value:.1f}%{interval}"
+    return f"{value:.3f}" + ("" if lo is None else f" ({lo:.3f}-{hi:.3f})")  # none: degenerate
 
 
 def table_row(label: str, metrics: dict, seconds: float | None, block: str | None = None,

@@ -246,6 +246,17 @@ def test_an_interval_every_resample_agrees_on_is_not_claimed():
         {"validation": 0.5}, n_resamples=200)
 
 
+def test_the_note_names_the_intervals_left_out_of_every_block():
+    """TTA's, framing's and the seen patients' blocks too (only the plain one was said)."""
+    from cxrkit.evaluation.evaluate import degenerate_note
+
+    [note] = degenerate_note({"degenerate_intervals": ["roc_auc"], "roc_auc": {"value": 1.0},
+                              "tta": {"degenerate_intervals": ["pr_auc"]},
+                              "framing": {"85%": {"degenerate_intervals": ["f1"]}}})
+    assert note.startswith("No 95% interval for roc_auc, tta/pr_auc, framing/85%/f1: ")
+    assert degenerate_note({"tta": {}, "roc_auc": {"value": 0.9}}) == []
+
+
 def test_the_interval_is_the_2_5th_to_97_5th_percentile_of_the_resamples():
     """The 95% level is pinned: a change would narrow every interval in every report."""
     right = np.random.default_rng(1).random(60) < 0.7

@@ -571,6 +571,24 @@ def shown_film(path: str, side: int, equalize: bool) -> Image.Image:
                         Image.Resampling.BILINEAR, reducing_gap=3.0)
 
 
+def degenerate_note(metrics: dict) -> list[str]:
+    """The note for intervals left out (`drop_degenerate`), of every block: plain, TTA,
+    framing, the patients seen and unseen."""
+
+    def found(block: dict, prefix: str = "") -> list[str]:
+        names = [f"{prefix}{name}" for name in block.get("degenerate_intervals", [])]
+        for key, inner in block.items():
+            if isinstance(inner, dict):
+                names += found(inner, f"{prefix}{key}/")
+        return names
+
+    if not (names := found(metrics)):
+        return []
+    return [f"No 95% interval for {', '.join(names)}: every patient resample gave the same "
+            "value (perfect separation, all wrong, or very few patients), and the bootstrap "
+            "shows no uncertainty there, which is not certainty."]
+
+
 def worst_mistakes(y: np.ndarray, predicted: np.ndarray, confidence: np.ndarray,
                    k: int) -> np.ndarray:
     """Up to `k` mistakes, the true classes taking turns, each's most confident first; then
@@ -741,11 +759,6 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
                       n_resamples=bootstrap, seed=seed,
                       fitted_on=source)  # "validation", as selection_split names it
     metrics = measure(scored)
-    if degenerate := metrics.get("degenerate_intervals"):
-        notes.append(f"No 95% interval for {', '.join(degenerate)}: every patient resample "
-                     "gave the same value (perfect separation, all wrong, or very few "
-                     "patients), and the bootstrap shows no uncertainty there, which is not "
-                     "certainty.")
     if not reuse and len(val.y):  # the films that chose the rule, beside those it is used on
         metrics["selection_split"] = {"name": source, "n": len(val.y),
                                       "n_per_class": films_per_class(val, labels),
@@ -817,7 +830,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         "confusion_matrix": {"labels": labels, "threshold": report_threshold,
                              "counts": confusion_matrix(scored.y, predicted, len(labels)).tolist()},
         "unreadable": [{"path": f.path, "reason": f.reason} for f in scored.failures],
-        "notes": notes,
+        "notes": notes + degenerate_note(metrics),
     }
     if data is not None:
         report["name"] = name = unclaimed_name(run, name, origin, used_split)
