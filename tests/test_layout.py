@@ -425,19 +425,25 @@ def test_a_dicom_no_rule_matches_is_its_headers_patient_written_only_as_a_hash(t
         "test/NORMAL/1.2.840.113619.2.55.3.3.dcm": ("MRN1000005", "", "a"),
         "train/PNEUMONIA/1.2.840.113619.2.55.3.4.dcm": ("MRN1000005", "OTHER-HOSPITAL", "b"),
         "train/PNEUMONIA/1.2.840.113619.2.55.3.5.dcm": ("MRN2000007", "", "c"),
-        "test/PNEUMONIA/person7_virus_8.dcm": ("MRN1000005", "", "person7"),  # a rule matches
+        # a file-name rule matches, but a DICOM's header comes first: OsiriX and Horos name
+        # exports IM-<series>-<image>.dcm, and the series was taken for a patient
+        "test/PNEUMONIA/person7_virus_8.dcm": ("MRN1000005", "", "a"),
+        "train/NORMAL/IM-0001-0001.dcm": ("MRN3000001", "", "d"),
+        "train/NORMAL/IM-0001-0002.dcm": ("MRN3000002", "", "e"),
     }
     root = pacs_export(tmp_path / "data", films)
     source = load_source(root)
     patient = {Path(s.path).relative_to(root).as_posix(): s.patient_id for s in source.samples}
-    assert patient["test/PNEUMONIA/person7_virus_8.dcm"] == "person7"
     by_who: dict[str, set[str]] = {}
     for relative, (_, _, who) in films.items():
         by_who.setdefault(who, set()).add(patient[relative])
     assert all(len(ids) == 1 for ids in by_who.values())  # one id per person
-    assert len({next(iter(ids)) for ids in by_who.values()}) == 4  # and four people
-    assert all(p.startswith("dicom-") and len(p) == 6 + 16 for who, ids in by_who.items()
-               if who != "person7" for p in ids)
+    assert len({next(iter(ids)) for ids in by_who.values()}) == 5  # and five people
+    assert all(p.startswith("dicom-") and len(p) == 6 + 16 for ids in by_who.values()
+               for p in ids)
+    # a --patient-pattern given goes before the header
+    given = load_source(root, r"(?P<patient>IM-\d+)-")
+    assert {s.patient_id for s in given.samples if "IM-" in s.path} == {"IM-0001"}
     text = write_manifest(patient_split(source.samples, 0.5, seed=0),
                           tmp_path / "split.csv").read_text()
     assert "MRN" not in text and "OTHER-HOSPITAL" not in text

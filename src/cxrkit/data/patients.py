@@ -3,7 +3,8 @@
 Kermany names: ``person123_bacteria_456.jpeg``, ``person7_virus_8.jpeg`` (PNEUMONIA),
 ``IM-0115-0001.jpeg`` and ``NORMAL2-IM-1427-0001.jpeg`` (NORMAL). ``IM-`` and
 ``NORMAL2-IM-`` numbers are separate series, so the prefix is part of the id.
-A DICOM file no rule matches (PACS exports are named by UID) has its header's PatientID.
+A DICOM file has its header's PatientID first (before these rules: OsiriX names its exports
+``IM-<series>-<image>.dcm``); a --patient-pattern goes before the header.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cxrkit.data.dicom import dicom_patient
-from cxrkit.data.io import SUPPORTED_SUFFIXES
+from cxrkit.data.io import DICOM_SUFFIXES, SUPPORTED_SUFFIXES
 
 if TYPE_CHECKING:
     from cxrkit.data.layout import Sample
@@ -36,13 +37,15 @@ class PatientIdParser:
     """Callable: a film's path relative to its dataset -> patient id.
 
     Each pattern is tried on the file name, then on the relative path (so that a pattern
-    can take the id from a folder: `(?P<patient>p\\d+)/`). A DICOM film no pattern matches
-    has the patient of its header (`dicom_patient_id`). Any other film is its own patient,
+    can take the id from a folder: `(?P<patient>p\\d+)/`). A DICOM film has the patient of
+    its header (`dicom_patient_id`) before the built-in rules, after a given pattern. Any
+    other film is its own patient,
     named by its relative path: two `0001.png` in different class or split folders are two
     patients, not one.
     """
 
     def __init__(self, pattern: str | None = None):
+        self.given = bool(pattern)  # a user's rule wins over a DICOM header
         patterns = (pattern,) if pattern else DEFAULT_PATTERNS
         try:
             self.patterns = [re.compile(p) for p in patterns]
@@ -61,18 +64,31 @@ class PatientIdParser:
         """`file`: where the film is (its header is read when no pattern matches a DICOM);
         None: the path alone decides."""
         relative = Path(relative_path)
+        # A DICOM's header names its patient before Kermany's file-name rules: OsiriX and
+        # Horos name exports IM-<series>-<image>.dcm, and the series number was taken for a
+        # patient (32 patients became 2, on both sides of the split). Not read for a JPEG or
+        # PNG, whose suffix says it is none.
+        dicom_like = relative.suffix.lower() not in SUPPORTED_SUFFIXES - DICOM_SUFFIXES
+        if file is not None and not self.given and dicom_like and (
+                from_header := dicom_patient_id(file)):
+            self.header_fallbacks[str(file)] = (from_header, self._own(relative))
+            return from_header
         for p in self.patterns:
             m = p.search(relative.name) or p.search(relative.as_posix())
             if m:
                 return m.group("patient") if "patient" in p.groupindex else m.group(1)
-        # No rule matched: the film is its own patient. Only an image suffix is dropped: a
-        # DICOM UID (1.2.840.113619.2.55) keeps its last component.
-        image_suffix = relative.suffix.lower() in SUPPORTED_SUFFIXES
-        own = (relative.with_suffix("") if image_suffix else relative).as_posix()
-        if file is not None and (from_header := dicom_patient_id(file)):
+        own = self._own(relative)
+        if file is not None and self.given and (from_header := dicom_patient_id(file)):
             self.header_fallbacks[str(file)] = (from_header, own)
             return from_header
         return own
+
+    @staticmethod
+    def _own(relative: Path) -> str:
+        """No rule matched: the film is its own patient. Only an image suffix is dropped: a
+        DICOM UID (1.2.840.113619.2.55) keeps its last component."""
+        image_suffix = relative.suffix.lower() in SUPPORTED_SUFFIXES
+        return (relative.with_suffix("") if image_suffix else relative).as_posix()
 
 
 # An anonymiser's placeholder, not a patient: never an id (every film would be one patient).
