@@ -15,7 +15,9 @@ from cxrkit.cli import app
 from cxrkit.data.layout import Sample, load_source
 from cxrkit.data.patients import PatientIdParser
 from cxrkit.data.split import (
+    identical_films_of_two_labels,
     patient_split,
+    patients_normal_and_ill,
     read_manifest,
     shared_patients,
     training_films_in_test,
@@ -207,6 +209,34 @@ def test_a_test_film_copied_from_training_is_said(tmp_path):
     said = training_films_in_test(load_source(root).samples)
     assert said.startswith(f"test film {copy / 'scan_0042.jpeg'} is a byte-identical copy of "
                            f"{source} (train)")
+
+
+def test_training_says_what_only_the_audit_found_about_patients_and_copies(tmp_path, caplog):
+    """A patient rule taking a film number made 144 films 3 patients, each normal and ill;
+    byte-identical files under two labels were trained on as both: only the audit said so."""
+    from cxrkit.data.audit import audit_dataset
+    from cxrkit.training.fit import new_run
+    from tests.test_training import tiny_config
+
+    root = make_kaggle_tree(tmp_path / "data", {"train": 4, "test": 2}, size=(16, 16))
+    assert patients_normal_and_ill(load_source(root).samples) is None  # Kermany's rules
+    last_digit = r"(?P<patient>\d)\.jpeg$"  # a rule that takes a film number
+    said = patients_normal_and_ill(load_source(root, last_digit).samples)
+    assert said.startswith("2 patient id(s) have films of a normal class and of another (e.g. "
+                           "0: NORMAL 3, PNEUMONIA 3): ids that restart per class, or a "
+                           "patient rule that matches too little?")
+    film = root / "train" / "NORMAL" / "IM-0001-0000.jpeg"
+    copy = root / "train" / "PNEUMONIA" / "person900_bacteria_1.jpeg"
+    copy.write_bytes(film.read_bytes())
+    said = identical_films_of_two_labels(load_source(root).samples)
+    assert said.startswith(f"{film} (NORMAL) and {copy} (PNEUMONIA) are byte-identical files "
+                           "of two labels")
+    with caplog.at_level("WARNING"):
+        new_run(tiny_config(root, tmp_path))
+    assert "are byte-identical files of two labels" in caplog.text
+    audit = audit_dataset(root, tmp_path / "audit", patient_pattern=last_digit, figures=False)
+    assert any("have films of a normal class and of another" in note
+               for note in audit.notes)  # the audit says it too
 
 
 def test_carving_validation_without_patient_ids_warns_it_is_by_film(caplog):

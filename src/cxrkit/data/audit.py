@@ -47,7 +47,7 @@ from cxrkit.data.patients import (
     kermany_subtype,
 )
 from cxrkit.data.pool import worker_pool
-from cxrkit.data.split import shared_patients
+from cxrkit.data.split import patients_normal_and_ill, shared_patients
 from cxrkit.plots import extra_formats
 from cxrkit.provenance import code_version
 
@@ -399,6 +399,8 @@ def _notes(source: DataSource, result: AuditResult) -> list[tuple[str, str]]:
                       f"{HASH_BITS} bits): check them for leakage."))
     if source.samples and not any(map(has_parsed_patient, source.samples)):
         notes.append(("check", NO_PATIENT_IDS[0].upper() + NO_PATIENT_IDS[1:]))
+    if spanning := patients_normal_and_ill(source.samples):
+        notes.append(("check", spanning[0].upper() + spanning[1:]))
     for pair, patients in result.shared_patients.items():
         if patients:
             a, b = pair.split("/")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from cxrkit.data.layout import Sample
 from cxrkit.data.patients import NO_PATIENT_IDS, has_parsed_patient
+from cxrkit.labels import NEGATIVE_NAMES
 
 MANIFEST_COLUMNS = ("path", "label", "split", "patient_id")
 log = logging.getLogger(__name__)
@@ -159,6 +160,39 @@ def test_patients_seen_in_training(samples: list[Sample]) -> str | None:
             f"{shared[0]}): a leak if they name the same people, and the test numbers are then "
             "optimistic (Kermany's ids likely restart per folder; elsewhere keep each "
             "patient's films on one side).")
+
+
+def patients_normal_and_ill(samples: list[Sample]) -> str | None:
+    """A note when a patient id has films of a negative class (NORMAL, HEALTHY, ...) and of
+    another: ids that restart per class, or a patient rule that matches too little (`(\\d+)`
+    taking a film number made 144 films 3 patients, each in both classes). The split then
+    keeps unrelated films together, whole "patients" on one side."""
+    labels_of: dict[str, Counter] = defaultdict(Counter)
+    for s in samples:
+        labels_of[s.patient_id][s.label] += 1
+    spanning = sorted(p for p, counts in labels_of.items() if len(counts) > 1 and any(
+        label.upper() in NEGATIVE_NAMES for label in counts))
+    if not spanning:
+        return None
+    first = ", ".join(f"{label} {n}" for label, n in sorted(labels_of[spanning[0]].items()))
+    return (f"{len(spanning)} patient id(s) have films of a normal class and of another (e.g. "
+            f"{spanning[0]}: {first}): ids that restart per class, or a patient rule that "
+            "matches too little? Check the manifest's patient_id column or --patient-pattern "
+            "(data.patient_pattern).")
+
+
+def identical_films_of_two_labels(samples: list[Sample]) -> str | None:
+    """A note when byte-identical files carry different labels: trained (or validated) under
+    both, one of them wrong by construction. The audit says so, but only `cxr run` audits."""
+    label_of = {s.path: s.label for s in samples}
+    for files in identical_file_groups(sorted(label_of)):
+        if len({label_of[f] for f in files}) > 1:
+            a = files[0]
+            b = next(f for f in files if label_of[f] != label_of[a])
+            return (f"{a} ({label_of[a]}) and {b} ({label_of[b]}) are byte-identical files "
+                    "of two labels, and maybe others: at most one label is right. `cxr data "
+                    "audit` lists every such group: fix or remove them.")
+    return None
 
 
 def training_films_in_test(samples: list[Sample]) -> str | None:

@@ -64,6 +64,8 @@ from cxrkit.data.dataset import films_by_split
 from cxrkit.data.io import written_whole
 from cxrkit.data.layout import DataLayoutError, Sample
 from cxrkit.data.split import (
+    identical_films_of_two_labels,
+    patients_normal_and_ill,
     read_manifest,
     test_patients_seen_in_training,
     training_films_in_test,
@@ -252,9 +254,10 @@ def new_run(config: TrainConfig) -> Run:
                     "%s (the last label), the finding to detect. If the finding is %s, name "
                     "the other class NORMAL (its folder or the manifest's label)", *classes,
                     classes[1], classes[0])
-    for leak in (test_patients_seen_in_training(samples), training_films_in_test(samples)):
-        if leak:
-            log.warning("%s", leak)
+    for doubt in (test_patients_seen_in_training(samples), training_films_in_test(samples),
+                  patients_normal_and_ill(samples), identical_films_of_two_labels(samples)):
+        if doubt:
+            log.warning("%s", doubt)
     folder = _run_folder(config)
     if rank_zero_only.rank == 0:
         config.save(folder / CONFIG)
