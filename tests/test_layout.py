@@ -281,6 +281,23 @@ def test_a_manifest_saved_by_excel_is_read_and_a_wrong_header_is_named(tmp_path,
         load_source(utf16)
 
 
+def test_a_manifests_columns_are_read_in_any_case_and_lookalikes_are_said(tmp_path,
+                                                                          tiny_kaggle):
+    """`Split` and `PatientID` were ignored as extra columns: the test rows were trained on,
+    each patient's films split by film, and nothing said why."""
+    films = sorted((tiny_kaggle / "train" / "NORMAL").glob("*.jpeg"))[:2] + sorted(
+        (tiny_kaggle / "train" / "PNEUMONIA").glob("*.jpeg"))[:2]
+    spelt = tmp_path / "spelt.csv"
+    rows = [f"{film},{film.parent.name},{split},P{i},A" for i, (film, split) in enumerate(
+        zip(films, ["train", "test", "train", "test"], strict=True))]
+    spelt.write_text("\n".join(["Path,Label,Split,PatientID,Set", *rows]) + "\n")
+    source = load_source(spelt)
+    assert [(s.split, s.patient_id) for s in source.samples] == [
+        ("train", "P0"), ("test", "P1"), ("train", "P2"), ("test", "P3")]
+    assert source.notes == ["column(s) 'Set' not read: cxrkit reads path, label, split "
+                            "(train, val, test) and patient_id"]
+
+
 def test_links_back_into_the_dataset_never_relabel_its_films(tmp_path, caplog):
     """`shortcut -> ..` in train/NORMAL read train/PNEUMONIA's films as NORMAL, silently;
     a link to another class folder did the same. A link out of the dataset is followed."""

@@ -1236,3 +1236,33 @@ def test_sgd_trains_at_any_momentum_the_config_allows(tiny_kaggle, tmp_path):
     config = tiny_config(tiny_kaggle, tmp_path, **{
         "optim.optimizer": "sgd", "optim.momentum": 0.0, "stages.0.epochs": 1, "name": "sgd"})
     assert (train(config) / "model.safetensors").is_file()
+
+
+def test_training_says_the_datas_notes(tiny_kaggle, tmp_path, caplog):
+    """Folders ignored, columns not read, rows repeated: the audit listed them, and training,
+    which runs without an audit, said nothing (a VIRUS folder left empty was dropped)."""
+    classes = tmp_path / "classes"
+    for label in ("NORMAL", "PNEUMONIA"):
+        shutil.copytree(tiny_kaggle / "train" / label, classes / label)
+    (classes / "VIRUS").mkdir()
+    config = tiny_config(classes, tmp_path)
+    with caplog.at_level("WARNING"):
+        prepare_samples(config.data, config.seed)
+    assert f"{classes}: ignored empty folders: VIRUS" in caplog.text
+
+
+def test_the_datas_own_val_split_is_said_joined_or_checked(tiny_kaggle, tmp_path, caplog):
+    """A curated val split went into train without a word; kept (val_fraction 0), a patient
+    in both train and val went unsaid."""
+    films = [s for s in load_source(tiny_kaggle).samples if s.split == "train"]
+    val = {films[0].path, films[-1].path}  # each with a train film of its patient
+    rows = [replace(s, split="val" if s.path in val else "train") for s in films]
+    manifest = write_manifest(rows, tmp_path / "curated.csv")
+    for fraction, said in ((0.15, "its own val split (2 films) joins train"),
+                           (0, f"2 patient id(s) have films in both its train and val splits "
+                               f"(e.g. {films[0].patient_id})")):
+        caplog.clear()
+        config = tiny_config(manifest, tmp_path, **{"data.val_fraction": fraction})
+        with caplog.at_level("INFO"):
+            prepare_samples(config.data, config.seed)
+        assert said in caplog.text, fraction

@@ -343,14 +343,32 @@ def _manifest_text(csv_path: Path) -> str:
             f"`iconv -f cp1252 -t utf-8 {csv_path.name} > utf8.csv`") from None
 
 
+# A manifest's columns, read whatever their case and spacing (`Split`, `PatientID`: ignored
+# once, and the test rows were trained on); columns of other names are kept out of it, and
+# those that look meant as one of these are said.
+MANIFEST_ALIASES = {"patientid": "patient_id", "patient": "patient_id"}
+UNREAD_LOOKALIKES = {"set", "subset", "fold", "partition", "subject", "subject_id",
+                     "subjectid", "person", "study_id", "studyid", "class", "target", "file",
+                     "filename", "image", "image_path"}
+
+
+def _column(name: str) -> str:
+    """A header cell as cxrkit reads it: `Patient ID` and `patientid` are `patient_id`."""
+    key = name.strip().lower().replace(" ", "_").replace("-", "_")
+    return MANIFEST_ALIASES.get(key.replace("_", ""), key)
+
+
 def _from_manifest(csv_path: Path, parse: PatientIdParser) -> DataSource:
     reader = csv.DictReader(io.StringIO(_manifest_text(csv_path), newline=""))
-    rows = [(reader.line_num, row) for row in reader]  # the line a row ends on
-    found = reader.fieldnames or []
+    raw_rows = [(reader.line_num, row) for row in reader]  # the line a row ends on
+    given_names = reader.fieldnames or []
+    found = [_column(name) for name in given_names]
+    rows = [(line, {_column(k): v for k, v in row.items() if k is not None})
+            for line, row in raw_rows]
     if not rows or not {"path", "label"} <= set(found):
         raise DataLayoutError(
             f"{csv_path} needs the header `path,label[,split,patient_id]`; it has "
-            f"{', '.join(map(repr, found)) or 'no header'}"
+            f"{', '.join(map(repr, given_names)) or 'no header'}"
             f"{'' if rows or not found else ' and no rows'}"
             f"{SEMICOLONS if len(found) == 1 and ';' in found[0] else ''}.\n{EXPECTED_LAYOUTS}"
         )
@@ -372,6 +390,9 @@ def _from_manifest(csv_path: Path, parse: PatientIdParser) -> DataSource:
              "is read once"] if len(unique) < len(samples) else []
     notes += [f"{n} path(s) {how}: read as the files on disk are named"
               for how, n in respellings.items()]
+    if lookalikes := [name for name in given_names if _column(name) in UNREAD_LOOKALIKES]:
+        notes.append(f"column(s) {', '.join(map(repr, lookalikes))} not read: cxrkit reads "
+                     "path, label, split (train, val, test) and patient_id")
     samples = unique
     bad_splits = {s.split for s in samples} - {*SPLIT_NAMES, ""}
     if bad_splits:

@@ -29,7 +29,7 @@ from cxrkit.data.io import UnreadableImageError, read_image
 from cxrkit.data.kaggle import resolve_data
 from cxrkit.data.layout import DataLayoutError, Sample, load_source, refuse_conflicting_rows
 from cxrkit.data.patients import SUBTYPES, kermany_subtype, name_disagrees
-from cxrkit.data.split import patient_split
+from cxrkit.data.split import patient_split, shared_patients
 from cxrkit.data.transforms import eval_transform, train_transform
 from cxrkit.models import ModelSpec
 
@@ -42,10 +42,27 @@ def _subsample(samples: list[Sample], limit: int | None, seed: int) -> list[Samp
     return [s for i, s in enumerate(samples) if i in keep]
 
 
+def say_what_becomes_of_its_val(samples: list[Sample], data: DataConfig) -> None:
+    """The data's own val split joins train unless data.val_fraction is 0 (Kaggle's holds 16
+    films): said, since a curated one went unused without a word. Kept, it must share no
+    patient with train, as test must not."""
+    given = [s for s in samples if s.split == "val"]
+    if given and data.val_fraction > 0:
+        log.info("%s: its own val split (%d films) joins train, and validation is carved from "
+                 "train by patient (data.val_fraction %s); to validate on it as given: --set "
+                 "data.val_fraction=0", data.path, len(given), data.val_fraction)
+    elif given and (shared := sorted(shared_patients(samples, "train", "val"))):
+        log.warning("%s: %d patient id(s) have films in both its train and val splits (e.g. "
+                    "%s): validation then scores films of patients it trained on", data.path,
+                    len(shared), shared[0])
+
+
 def prepare_samples(data: DataConfig, seed: int = 0) -> list[Sample]:
     """Train, val and test samples of `data.path`, labelled for `data.task`."""
     source = load_source(resolve_data(data.path).absolute(), data.patient_pattern)
     refuse_conflicting_rows(source)
+    for note in source.notes:  # folders ignored, columns not read, rows repeated: the audit
+        log.warning("%s: %s", data.path, note)  # lists them, and training must say them too
     # a manifest's rows in their file's order: a query without ORDER BY would train another
     # model on the same films (the subsample and each epoch's order are drawn by position)
     samples = (sorted(source.samples, key=lambda s: s.path) if source.layout == "manifest"
@@ -57,6 +74,7 @@ def prepare_samples(data: DataConfig, seed: int = 0) -> list[Sample]:
                         "labelled %s: the label is kept", len(disagree), disagree[0].path,
                         disagree[0].label)
         samples = [replace(s, label=kermany_subtype(Path(s.path).name, s.label)) for s in samples]
+    say_what_becomes_of_its_val(samples, data)
     samples = patient_split(samples, data.val_fraction, seed)
     train = _subsample([s for s in samples if s.split == "train"], data.max_train_images, seed)
     val = _subsample([s for s in samples if s.split == "val"], data.max_val_images, seed)
