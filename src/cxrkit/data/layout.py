@@ -385,9 +385,16 @@ def _from_manifest(csv_path: Path, parse: PatientIdParser) -> DataSource:
         samples.append(Sample(str(path), row["label"].strip(), (row.get("split") or "").strip(),
                               patient))
     _check_class_names(samples, csv_path)
-    unique = list(dict.fromkeys(samples))  # merged manifests repeat rows: each film once
-    notes = [f"{len(samples) - len(unique)} row(s) repeat an earlier row exactly: each file "
-             "is read once"] if len(unique) < len(samples) else []
+    # merged manifests repeat rows, the same file perhaps spelt otherwise (a/../a, a link):
+    # each film once
+    listed, unique = set(), []
+    for s in samples:
+        if (row := (_same_file(s.path), s.label, s.split, s.patient_id)) not in listed:
+            listed.add(row)
+            unique.append(s)
+    notes = [f"{len(samples) - len(unique)} row(s) repeat an earlier row (the same file, "
+             "perhaps spelt otherwise): each file is read once"] if len(unique) < len(
+        samples) else []
     notes += [f"{n} path(s) {how}: read as the files on disk are named"
               for how, n in respellings.items()]
     if lookalikes := [name for name in given_names if _column(name) in UNREAD_LOOKALIKES]:
@@ -428,13 +435,23 @@ def refuse_conflicting_rows(source: DataSource) -> None:
     patient ids, put it on both sides of the validation split)."""
     first: dict[str, Sample] = {}
     for s in source.samples:
-        seen = first.setdefault(s.path, s)
-        if seen != s:
+        seen = first.setdefault(_same_file(s.path) if source.layout == "manifest" else s.path, s)
+        if (seen.label, seen.split, seen.patient_id) != (s.label, s.split, s.patient_id):
             patients = seen.patient_id != s.patient_id  # named only where they differ
+            spelt = f" (also spelt {seen.path})" if seen.path != s.path else ""
             raise DataLayoutError(
-                f"{source.root} lists {s.path} twice: as {_row(seen, patients)} and as "
+                f"{source.root} lists {s.path}{spelt} twice: as {_row(seen, patients)} and as "
                 f"{_row(s, patients)}. A film has one label, split and patient: fix or delete "
                 "one row (`cxr data audit` lists every such file)")
+
+
+def _same_file(path: str) -> str:
+    """One name for a file however it is spelt: its real path (the path as it is where that
+    cannot be had: a name the locale cannot encode)."""
+    try:
+        return os.path.realpath(path)
+    except (OSError, ValueError):
+        return path
 
 
 def _row(s: Sample, patient: bool) -> str:
