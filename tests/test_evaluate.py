@@ -833,3 +833,15 @@ def test_a_figures_film_keeps_its_shape(tmp_path):
     assert np.ptp(np.asarray(shown)) <= 10
     equalised = np.asarray(shown_film(str(tmp_path / "wide.png"), 96, equalize=True))
     assert equalised.shape == (64, 96) and np.ptp(equalised) > 200  # as the model read it
+
+
+def test_a_run_of_data_without_a_test_split_says_how_to_evaluate_it(trained_run, tmp_path):
+    """Trained on class folders (no splits): `cxr evaluate RUN` said only that split.csv had
+    no 'test' images."""
+    run = copy_run(trained_run, tmp_path)
+    rows = [s for s in read_manifest(run / "split.csv") if s.split != "test"]
+    write_manifest(rows, run / "split.csv")
+    with pytest.raises(ValueError, match=r"has no 'test' images \(it has \['train', 'val'\]\): "
+                                         r"its data had no test split\. Evaluate on other "
+                                         r"labelled films, `cxr evaluate .* --data OTHER_FILMS`"):
+        evaluate_run(run, bootstrap=0, figures=False, device="cpu")

@@ -628,7 +628,10 @@ def _films_to_evaluate(run: Path, manifest: list[Sample], split: str, data: str 
     samples = [s for s in manifest if s.split == split]
     if not samples:
         present = sorted({s.split for s in manifest})
-        raise ValueError(f"{run}/split.csv has no {split!r} images (it has {present})")
+        raise ValueError(f"{run}/split.csv has no {split!r} images (it has {present}): its "
+                         f"data had no {split} split. Evaluate on other labelled films, `cxr "
+                         f"evaluate {run} --data OTHER_FILMS` (Python: data=...), or on "
+                         "validation, --split val (optimistic: it chose the threshold)")
     origin = str(run / SPLIT)
     return split, origin, split, f"{origin} {split}", samples
 
