@@ -123,7 +123,8 @@ def test_youden_threshold_by_hand():
     assert sensitivity_threshold(y, p, 1.0) == pytest.approx(0.225)  # 0.35 and 0.1
     # the lowest score of all must be called: halfway between it and 0, off every score
     assert sensitivity_threshold(np.array([0, 1], bool), np.array([0.5, 0.2]), 1.0) == 0.1
-    with pytest.raises(ValueError, match="only negative"):
+    with pytest.raises(ValueError, match=r"only negative ones\. Choose it on labelled films "
+                                         r"that hold both \(`cxr evaluate RUN --calibrate-on"):
         youden_threshold(np.zeros(3, bool), np.array([0.1, 0.2, 0.3]))
     # ties in J whose fractions differ in their last bit (1/3 against 1/3 + 2**-54) still go
     # to the highest cut: 0.85 (sensitivity 1/3, specificity 1), not 0.45 (1, 1/3)

@@ -27,7 +27,9 @@ def _check_both_classes(y: np.ndarray) -> None:
         raise ValueError(
             "choosing a threshold needs films of both classes; the films it is chosen on "
             f"(the validation split, or --calibrate-on's) have only "
-            f"{'positive' if y.all() else 'negative'} ones"
+            f"{'positive' if y.all() else 'negative'} ones. Choose it on labelled films that "
+            "hold both (`cxr evaluate RUN --calibrate-on FILMS`), or train with more patients "
+            "of the other class: a class of one patient stays whole in train"
         )
 
 
