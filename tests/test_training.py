@@ -1266,3 +1266,15 @@ def test_the_datas_own_val_split_is_said_joined_or_checked(tiny_kaggle, tmp_path
         with caplog.at_level("INFO"):
             prepare_samples(config.data, config.seed)
         assert said in caplog.text, fraction
+
+
+def test_a_class_folder_without_images_is_named_in_the_error(tiny_kaggle, tmp_path):
+    """PNEUMONIA/ left empty: the error said the data had one class folder when it had two."""
+    classes = tmp_path / "classes"
+    shutil.copytree(tiny_kaggle / "train" / "NORMAL", classes / "NORMAL")
+    (classes / "PNEUMONIA").mkdir()
+    with pytest.raises(DataLayoutError, match=r"has only the class \['NORMAL'\] \(ignored empty "
+                                              r"folders: PNEUMONIA: they hold no images\); a "
+                                              r"classifier needs at least two class folders with "
+                                              r"images"):
+        load_source(classes)

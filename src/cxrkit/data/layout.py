@@ -319,9 +319,11 @@ def _from_class_folders(root: Path, parse: PatientIdParser) -> DataSource:
     _check_class_names(samples, root)
     classes = sorted({s.label for s in samples})
     empty = [d.name for d in _subdirs(root) if d.name not in classes]
-    notes += [f"ignored empty folders: {', '.join(empty)}"] if empty else []
+    notes += [f"{EMPTY_FOLDERS}: {', '.join(empty)}"] if empty else []
     return DataSource(root, "classes", samples, classes, notes)
 
+
+EMPTY_FOLDERS = "ignored empty folders"  # (folders without images: a class none holds)
 
 SEMICOLONS = (" (columns separated by semicolons, as Excel saves CSV in some languages: "
               "separate them with commas)")
@@ -475,9 +477,11 @@ def load_source(path: str | Path, patient_pattern: str | None = None,
     with _access_said():
         source = _detect_layout(root, PatientIdParser(patient_pattern))
     if len(source.classes) < min_classes:
+        ignored = "".join(f" ({note}: they hold no images)" for note in source.notes
+                          if note.startswith(EMPTY_FOLDERS))
         raise DataLayoutError(
-            f"{root} has only the class {source.classes}; a classifier needs at least two "
-            f"class folders.\n{EXPECTED_LAYOUTS}"
+            f"{root} has only the class {source.classes}{ignored}; a classifier needs at least "
+            f"two class folders with images.\n{EXPECTED_LAYOUTS}"
         )
     return source
 
