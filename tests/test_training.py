@@ -933,9 +933,15 @@ def test_quick_preset_on_real_films(tmp_path):
 def test_binary_task_needs_exactly_two_classes_and_pneumonia_is_positive_in_any_case():
     films = [Sample(f"{label}{i}.png", label, "train", f"p{i}")
              for i, label in enumerate(["normal", "Pneumonia", "VIRUS"])]
-    with pytest.raises(DataLayoutError, match="binary needs two classes; .* 3: 'Pneumonia', "
-                                              "'VIRUS', 'normal'"):
+    with pytest.raises(DataLayoutError, match=r"binary needs two classes; .* 3: 'Pneumonia' "
+                                              r"\(1\), 'VIRUS' \(1\), 'normal' \(1\)\. Fix the "
+                                              r"folder names.*--task multiclass"):
         task_classes("binary", films)
+    # a misspelt folder is named as one, not offered as a class (--task multiclass)
+    typo = [*films[:2], Sample("x.png", "PNEUMOINA", "train", "p9")]
+    with pytest.raises(DataLayoutError, match=r"PNEUMOINA \(1 films\) looks like Pneumonia: "
+                                              r"merge them\.$"):
+        task_classes("binary", typo)
     labels = task_classes("binary", films[:2])
     assert labels == ["Pneumonia", "normal"] and positive_index(labels) == 0
     films[1] = replace(films[1], split="val")  # a class validation has and train has not

@@ -86,18 +86,45 @@ def prepare_samples(data: DataConfig, seed: int = 0) -> list[Sample]:
     return train + val + [s for s in samples if s.split == "test"]
 
 
+def _near_names(counts: Counter) -> list[tuple[str, str]]:
+    """(the smaller, the larger) of class names one slip apart (PNEUMOINA beside PNEUMONIA):
+    a misspelt folder, not a class."""
+    names = sorted(counts, key=lambda name: -counts[name])
+    return [(small, large) for i, large in enumerate(names) for small in names[i + 1:]
+            if _one_slip(small.upper(), large.upper())]
+
+
+def _one_slip(a: str, b: str) -> bool:
+    """Whether `a` is `b` with one letter changed, dropped, added, or two neighbours swapped
+    (NORMAL and ABNORMAL are two apart: two classes). Short names (A, B) are never slips."""
+    if min(len(a), len(b)) < 4:
+        return False
+    if len(a) == len(b):
+        diff = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1
+                                  and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]])
+    short, long = sorted((a, b), key=len)
+    return len(long) == len(short) + 1 and any(long[:i] + long[i + 1:] == short
+                                               for i in range(len(long)))
+
+
 def task_classes(task: str, samples: list[Sample]) -> list[str]:
     """Class names in index order: sorted for binary and multiclass; NORMAL, BACTERIA, VIRUS
     for 3class."""
-    labels = {s.label for s in samples if s.split in ("train", "val")}
+    counts = Counter(s.label for s in samples if s.split in ("train", "val"))
+    labels = set(counts)
     if task == "binary" and len(labels) != 2:
         other = "3class" if labels == set(SUBTYPES) else "multiclass"
+        typos = [f"{a} ({counts[a]} films) looks like {b}: merge them"
+                 for a, b in _near_names(counts)]
         raise DataLayoutError(
             f"--task binary needs two classes; the training films have {len(labels)}: "
-            f"{', '.join(repr(label) for label in sorted(labels))}. Fix the folder names (or "
-            f"the manifest's label column) so that there are exactly two"
-            + (f", or train them all: --task {other} (cxr run: --set data.task={other}; "
-               f"Python: overrides={{'data.task': '{other}'}})." if len(labels) > 2 else "."))
+            f"{', '.join(f'{label!r} ({counts[label]})' for label in sorted(labels))}. "
+            + (f"{'; '.join(typos)}." if typos else
+               "Fix the folder names (or the manifest's label column) so that there are "
+               "exactly two"
+               + (f", or train them all: --task {other} (cxr run: --set data.task={other}; "
+                  f"Python: overrides={{'data.task': '{other}'}})." if len(labels) > 2 else ".")))
     if task == "multiclass" and len(labels) < 3:
         raise DataLayoutError(
             f"--task multiclass is for three or more classes; the training films have "
