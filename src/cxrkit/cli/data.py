@@ -47,7 +47,7 @@ def checks_table(r: AuditResult) -> Table:
         table.add_row(f"patients shared {pair}", str(len(ids)))
     if r.subtypes:
         table.add_row("subtypes", "; ".join(
-            f"{split}: " + ", ".join(f"{k} {n}" for k, n in c.items())
+            (f"{split}: " if split else "") + ", ".join(f"{k} {n}" for k, n in c.items())
             for split, c in r.subtypes.items()))
     if sizes:
         table.add_row("image sizes", f"{sizes['width']['min']}-{sizes['width']['max']} x "

@@ -404,8 +404,8 @@ def _notes(source: DataSource, result: AuditResult) -> list[tuple[str, str]]:
     for pair, patients in result.shared_patients.items():
         if patients:
             a, b = pair.split("/")
-            notes.append(("check", f"{len(patients)} patient id(s) parsed from file names "
-                          f"or DICOM headers have images in both {a} and {b}."))
+            notes.append(("check", f"{len(patients)} patient id(s) have images in both {a} "
+                          f"and {b}."))
     train_imbalance = result.imbalance.get("train") or result.imbalance.get("")
     if train_imbalance and train_imbalance >= 1.5:
         notes.append(("info", f"the training data is imbalanced {train_imbalance:.2f}:1: "
