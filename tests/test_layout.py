@@ -296,6 +296,49 @@ def test_a_manifests_columns_are_read_in_any_case_and_lookalikes_are_said(tmp_pa
         ("train", "P0"), ("test", "P1"), ("train", "P2"), ("test", "P3")]
     assert source.notes == ["column(s) 'Set' not read: cxrkit reads path, label, split "
                             "(train, val, test) and patient_id"]
+    # two cells read as one column: refused, never the last one silently (patient ids lost)
+    both = tmp_path / "both.csv"
+    both.write_text("\n".join(["path,label,patient_id,PatientID",
+                               *(f"{film},{film.parent.name},P{i}," for i, film in
+                                 enumerate(films))]) + "\n")
+    with pytest.raises(DataLayoutError, match=r"the columns 'patient_id' and 'PatientID' both "
+                                              r"read as patient_id: keep one"):
+        load_source(both)
+    # `Patient` (often a name) is no patient_id; a split's values are read in any case
+    named = tmp_path / "named.csv"
+    named.write_text("\n".join(["path,label,Split,Patient", *(
+        f"{film},{film.parent.name},{split},Doe^John{i}" for i, (film, split) in enumerate(
+            zip(films, ["Train", "Validation", "TRAIN", "Test"], strict=True)))]) + "\n")
+    source = load_source(named)
+    assert [s.split for s in source.samples] == ["train", "val", "train", "test"]
+    assert not any("Doe" in s.patient_id for s in source.samples)
+    assert "column(s) 'Patient' not read" in source.notes[0]
+
+
+def test_one_file_spelt_two_ways_is_read_once_and_linked_copies_stay_two(tmp_path):
+    """imgs/../imgs/scan1.png is imgs/scan1.png (its path-given patient id follows the
+    spelling, and the rows were refused as conflicting); two files linked to one stored object
+    (git-annex, DVC) are two films, not one listed twice."""
+    from cxrkit.data.layout import refuse_conflicting_rows
+
+    imgs, store = tmp_path / "imgs", tmp_path / ".store"
+    imgs.mkdir()
+    store.mkdir()
+    for i, label in enumerate(["NORMAL", "PNEUMONIA", "NORMAL"]):
+        synthetic_film(label, i).save(imgs / f"scan{i}.png")
+    synthetic_film("PNEUMONIA", 9).save(store / "object", format="PNG")
+    (imgs / "annex_a.png").symlink_to(store / "object")
+    (imgs / "annex_b.png").symlink_to(store / "object")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\nimgs/scan0.png,NORMAL\nimgs/scan1.png,PNEUMONIA\n"
+                        "imgs/../imgs/scan0.png,NORMAL\nimgs/scan2.png,NORMAL\n"
+                        "imgs/annex_a.png,PNEUMONIA\nimgs/annex_b.png,PNEUMONIA\n")
+    source = load_source(manifest)
+    refuse_conflicting_rows(source)  # nothing listed twice with two meanings
+    assert [Path(s.path).name for s in source.samples] == [
+        "scan0.png", "scan1.png", "scan2.png", "annex_a.png", "annex_b.png"]
+    assert source.notes[0].startswith("1 row(s) repeat an earlier row (the same file, "
+                                      "perhaps spelt otherwise)")
 
 
 def test_links_back_into_the_dataset_never_relabel_its_films(tmp_path, caplog):
@@ -471,6 +514,17 @@ def test_a_dicom_no_rule_matches_is_its_headers_patient_written_only_as_a_hash(t
                         f"{root}/train/PNEUMONIA/1.2.840.113619.2.55.3.5.dcm,PNEUMONIA,train,\n")
     listed = [s.patient_id for s in load_source(manifest).samples]
     assert listed == ["P1", patient["train/PNEUMONIA/1.2.840.113619.2.55.3.5.dcm"]]
+
+
+def test_kermany_named_dicoms_of_an_anonymisers_constant_keep_the_names_patients(tmp_path):
+    """The header comes first, but where it holds a constant (not used), the film went back
+    to being its own patient instead of its file-name rule's (person0)."""
+    study = {f"{label}/{name}.dcm": ("STUDY01", "", "") for label, name in [
+        *(("PNEUMONIA", f"person{p}_bacteria_{k}") for p in range(4) for k in range(3)),
+        *(("NORMAL", f"IM-{p:04d}-{k:04d}") for p in range(4) for k in range(3))]}
+    source = load_source(pacs_export(tmp_path / "study", study))
+    assert sorted({s.patient_id for s in source.samples}) == [
+        "IM-0000", "IM-0001", "IM-0002", "IM-0003", "person0", "person1", "person2", "person3"]
 
 
 def test_only_dicom_headers_are_read_for_patients(tmp_path):

@@ -1252,7 +1252,7 @@ def test_training_says_the_datas_notes(tiny_kaggle, tmp_path, caplog):
         shutil.copytree(tiny_kaggle / "train" / label, classes / label)
     (classes / "VIRUS").mkdir()
     config = tiny_config(classes, tmp_path)
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO"):
         prepare_samples(config.data, config.seed)
     assert f"{classes}: ignored empty folders: VIRUS" in caplog.text
 

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Collection, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path, PureWindowsPath
 
 from cxrkit.data.io import is_image_file
@@ -28,6 +29,7 @@ from cxrkit.data.patients import PatientIdParser, tell_films_apart
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "val", "test")
+SPLIT_SPELLINGS = {"validation": "val", "valid": "val"}  # a manifest's, read as val
 # Never films: a zip's macOS shadows, notebooks' checkpoints, and a disk's own folders
 JUNK_DIRS = {"__MACOSX", ".ipynb_checkpoints"}
 DISK_DIRS = {"lost+found", "System Volume Information", "$RECYCLE.BIN"}
@@ -348,8 +350,8 @@ def _manifest_text(csv_path: Path) -> str:
 # A manifest's columns, read whatever their case and spacing (`Split`, `PatientID`: ignored
 # once, and the test rows were trained on); columns of other names are kept out of it, and
 # those that look meant as one of these are said.
-MANIFEST_ALIASES = {"patientid": "patient_id", "patient": "patient_id"}
-UNREAD_LOOKALIKES = {"set", "subset", "fold", "partition", "subject", "subject_id",
+MANIFEST_ALIASES = {"patientid": "patient_id"}  # (not `patient`: often a patient's name)
+UNREAD_LOOKALIKES = {"set", "subset", "fold", "partition", "patient", "subject", "subject_id",
                      "subjectid", "person", "study_id", "studyid", "class", "target", "file",
                      "filename", "image", "image_path"}
 
@@ -365,6 +367,10 @@ def _from_manifest(csv_path: Path, parse: PatientIdParser) -> DataSource:
     raw_rows = [(reader.line_num, row) for row in reader]  # the line a row ends on
     given_names = reader.fieldnames or []
     found = [_column(name) for name in given_names]
+    if twice := [name for name in dict.fromkeys(found) if found.count(name) > 1 and name]:
+        cells = [repr(given) for given in given_names if _column(given) == twice[0]]
+        raise DataLayoutError(f"{csv_path}: the columns {' and '.join(cells)} both read as "
+                              f"{twice[0]}: keep one (or rename the other)")
     rows = [(line, {_column(k): v for k, v in row.items() if k is not None})
             for line, row in raw_rows]
     if not rows or not {"path", "label"} <= set(found):
@@ -374,7 +380,7 @@ def _from_manifest(csv_path: Path, parse: PatientIdParser) -> DataSource:
             f"{'' if rows or not found else ' and no rows'}"
             f"{SEMICOLONS if len(found) == 1 and ';' in found[0] else ''}.\n{EXPECTED_LAYOUTS}"
         )
-    samples, respellings = [], Counter()
+    samples, explicit, respellings = [], [], Counter()
     for line, row in rows:
         if row["label"] is None or not (row["path"] or "").strip():  # a short or blank row
             raise DataLayoutError(f"{csv_path}, line {line}: every row needs a path and a "
@@ -383,16 +389,20 @@ def _from_manifest(csv_path: Path, parse: PatientIdParser) -> DataSource:
         respellings.update([respelt] if respelt else [])
         path = given if given.is_absolute() else csv_path.parent / given
         # the manifest's own patient_id first; the path, or a DICOM's header, only without it
-        patient = (row.get("patient_id") or "").strip() or parse(given, path)
-        samples.append(Sample(str(path), row["label"].strip(), (row.get("split") or "").strip(),
-                              patient))
+        own = (row.get("patient_id") or "").strip()
+        split = (row.get("split") or "").strip().lower()  # Train, Validation: train, val
+        samples.append(Sample(str(path), row["label"].strip(), SPLIT_SPELLINGS.get(split, split),
+                              own or parse(given, path)))
+        explicit.append(own)
     _check_class_names(samples, csv_path)
-    # merged manifests repeat rows, the same file perhaps spelt otherwise (a/../a, a link):
-    # each film once
-    listed, unique = set(), []
-    for s in samples:
-        if (row := (_same_file(s.path), s.label, s.split, s.patient_id)) not in listed:
-            listed.add(row)
+    # merged manifests repeat rows, the same file perhaps spelt otherwise (a/../a, a linked
+    # folder): each film once. A repeat has the same class, split and patient_id column; an
+    # id the path gives follows its spelling (imgs/../imgs/scan1 against imgs/scan1).
+    first: dict[str, tuple[Sample, str]] = {}
+    unique = []
+    for s, own in zip(samples, explicit, strict=True):
+        seen, seen_own = first.setdefault(_same_file(s.path), (s, own))
+        if seen is s or (seen.label, seen.split, seen_own) != (s.label, s.split, own):
             unique.append(s)
     notes = [f"{len(samples) - len(unique)} row(s) repeat an earlier row (the same file, "
              "perhaps spelt otherwise): each file is read once"] if len(unique) < len(
@@ -448,12 +458,21 @@ def refuse_conflicting_rows(source: DataSource) -> None:
 
 
 def _same_file(path: str) -> str:
-    """One name for a file however it is spelt: its real path (the path as it is where that
-    cannot be had: a name the locale cannot encode)."""
+    """One name for a file however its folder is spelt (a/../a, a linked folder): the real
+    path of its folder, and its own name. Not the file's own link: content-addressed stores
+    (git-annex, DVC) link byte-identical films, two files, to one object."""
+    folder, name = os.path.split(path)
+    return os.path.join(_real_folder(folder), name)
+
+
+@cache
+def _real_folder(folder: str) -> str:
+    """A folder's real path, once per folder (a manifest names thousands of files in few
+    folders); as it is where that cannot be had (a name the locale cannot encode)."""
     try:
-        return os.path.realpath(path)
+        return os.path.realpath(folder)
     except (OSError, ValueError):
-        return path
+        return folder
 
 
 def _row(s: Sample, patient: bool) -> str:

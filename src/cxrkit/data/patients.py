@@ -61,27 +61,30 @@ class PatientIdParser:
         self.header_fallbacks: dict[str, tuple[str, str]] = {}
 
     def __call__(self, relative_path: str | Path, file: str | Path | None = None) -> str:
-        """`file`: where the film is (its header is read when no pattern matches a DICOM);
-        None: the path alone decides."""
+        """`file`: where the film is (a DICOM's header is read for its patient); None: the
+        path alone decides."""
         relative = Path(relative_path)
+        by_path = self._by_rule(relative)
         # A DICOM's header names its patient before Kermany's file-name rules: OsiriX and
         # Horos name exports IM-<series>-<image>.dcm, and the series number was taken for a
-        # patient (32 patients became 2, on both sides of the split). Not read for a JPEG or
-        # PNG, whose suffix says it is none.
+        # patient (32 patients became 2, on both sides of the split). After a rule given,
+        # and not read for a JPEG or PNG, whose suffix says it is none.
         dicom_like = relative.suffix.lower() not in SUPPORTED_SUFFIXES - DICOM_SUFFIXES
-        if file is not None and not self.given and dicom_like and (
+        header_first = not self.given and dicom_like
+        if file is not None and (header_first or by_path is None) and (
                 from_header := dicom_patient_id(file)):
-            self.header_fallbacks[str(file)] = (from_header, self._own(relative))
+            # what the path gives, should the headers not tell films apart (a constant)
+            self.header_fallbacks[str(file)] = (from_header, by_path or self._own(relative))
             return from_header
+        return by_path or self._own(relative)
+
+    def _by_rule(self, relative: Path) -> str | None:
+        """The patient the first matching rule gives, None where none matches."""
         for p in self.patterns:
             m = p.search(relative.name) or p.search(relative.as_posix())
             if m:
                 return m.group("patient") if "patient" in p.groupindex else m.group(1)
-        own = self._own(relative)
-        if file is not None and self.given and (from_header := dicom_patient_id(file)):
-            self.header_fallbacks[str(file)] = (from_header, own)
-            return from_header
-        return own
+        return None
 
     @staticmethod
     def _own(relative: Path) -> str:
@@ -121,7 +124,8 @@ def tell_films_apart(samples: list[Sample], fallbacks: dict[str, tuple[str, str]
     note = (f"{dropped} of the {len(from_header)} DICOM films share "
             f"{'one PatientID' if len(constants) == 1 else f'{len(constants)} PatientIDs'} "
             "in their headers across classes or most of the data (an anonymiser's constant?): "
-            "those ids are not used, and each of these films counts as its own patient. Give "
+            "those ids are not used: each of these films takes the patient its name gives (a "
+            "file-name rule's, else its own). Give "
             "real ids in a CSV manifest's patient_id column, or --patient-pattern.")
     return [replace(s, patient_id=fallbacks[s.path][1])
             if s.patient_id in constants and is_from_header(s) else s for s in samples], note

@@ -162,17 +162,24 @@ def test_patients_seen_in_training(samples: list[Sample]) -> str | None:
             "patient's films on one side).")
 
 
+SPANNING_SHARE = 0.25
+
+
 def patients_normal_and_ill(samples: list[Sample]) -> str | None:
-    """A note when a patient id has films of a negative class (NORMAL, HEALTHY, ...) and of
-    another: ids that restart per class, or a patient rule that matches too little (`(\\d+)`
-    taking a film number made 144 films 3 patients, each in both classes). The split then
-    keeps unrelated films together, whole "patients" on one side."""
+    """A note when many patient ids (`SPANNING_SHARE` of those with normal films) have films
+    of a negative class (NORMAL, HEALTHY, ...) and of another: ids that restart per class, or
+    a patient rule that matches too little (`(\\d+)` taking a film number made 144 films 3
+    patients, each in both classes). The split then keeps unrelated films together, whole
+    "patients" on one side."""
     labels_of: dict[str, Counter] = defaultdict(Counter)
     for s in samples:
         labels_of[s.patient_id][s.label] += 1
-    spanning = sorted(p for p, counts in labels_of.items() if len(counts) > 1 and any(
-        label.upper() in NEGATIVE_NAMES for label in counts))
-    if not spanning:
+    normal = [p for p, counts in labels_of.items()
+              if any(label.upper() in NEGATIVE_NAMES for label in counts)]
+    spanning = sorted(p for p in normal if len(labels_of[p]) > 1)
+    # a few patients filmed again once recovered (or ill) are real; a quarter or more of
+    # the normal ones is a rule or a column that does not name patients
+    if not spanning or len(spanning) < SPANNING_SHARE * len(normal):
         return None
     first = ", ".join(f"{label} {n}" for label, n in sorted(labels_of[spanning[0]].items()))
     return (f"{len(spanning)} patient id(s) have films of a normal class and of another (e.g. "

@@ -62,7 +62,7 @@ def prepare_samples(data: DataConfig, seed: int = 0) -> list[Sample]:
     source = load_source(resolve_data(data.path).absolute(), data.patient_pattern)
     refuse_conflicting_rows(source)
     for note in source.notes:  # folders ignored, columns not read, rows repeated: the audit
-        log.warning("%s: %s", data.path, note)  # lists them, and training must say them too
+        log.info("%s: %s", data.path, note)  # lists them, and training says them too
     # a manifest's rows in their file's order: a query without ORDER BY would train another
     # model on the same films (the subsample and each epoch's order are drawn by position)
     samples = (sorted(source.samples, key=lambda s: s.path) if source.layout == "manifest"
