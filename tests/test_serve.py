@@ -253,6 +253,11 @@ def test_host_and_origin_checks_follow_names_ports_and_a_reverse_proxy(onnx_expo
         assert status(url, f"127.0.0.1:{port}", "https://xray.example.org") == 200  # nginx
         assert status(url, "elsewhere.example", "https://xray.example.org") == 403
         assert status(url, f"127.0.0.1:{port}", "https://evil.example") == 403
+        # a container's probe names the pod by its address: /health answers it (was 403)
+        probe = requests.get(f"{url}/health", headers={"Host": "10.1.2.3:8000"}, timeout=30)
+        assert probe.status_code == 200
+        assert requests.get(f"{url}/model", headers={"Host": "10.1.2.3:8000"},
+                            timeout=30).status_code == 403  # the rest does not
 
 
 def test_serve_behind_a_proxy_from_the_command_line(onnx_export, films, monkeypatch):

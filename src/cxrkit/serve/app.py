@@ -148,7 +148,11 @@ class SameSiteOnly:
         host = headers.get(b"host", b"").decode("latin-1")
         origin = headers.get(b"origin", b"").decode("latin-1")
         problem = None
-        if self.hosts is not None and not _host_allowed(_split_host(host)[0], self.hosts):
+        # a container's probe names the pod by its address: /health, which tells nothing
+        # a rebound page could use, answers any Host (it was 403 behind --allowed-host)
+        probe = scope["path"] == "/health" and scope["method"] in ("GET", "HEAD")
+        if self.hosts is not None and not probe and not _host_allowed(_split_host(host)[0],
+                                                                      self.hosts):
             problem = (f"this server answers requests for {', '.join(sorted(self.hosts))} "
                        f"only, not {host!r}: open it as http://127.0.0.1:PORT/, or behind a "
                        "proxy start it with `cxr serve --allowed-host NAME` (Python: "
