@@ -252,6 +252,7 @@ def test_cli_audit_prints_a_summary(planted, tmp_path):
                      "0 pairs", "patients shared train/test", "audit.html"):
         assert expected in text, expected
     assert (out / "audit.html").is_file()
+    assert result.stdout == f"{out.absolute()}\n"  # stdout: the folder alone, for a script
 
 
 def test_audit_of_unsplit_class_folders(tmp_path):

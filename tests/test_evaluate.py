@@ -518,6 +518,10 @@ def test_calibrating_on_another_sites_films_is_validating_on_them(trained_run, t
     result = CliRunner().invoke(app, ["evaluate", str(run), "--calibrate-on", str(site),
                                       "--bootstrap", "10", "--no-figures"])
     assert result.exit_code == 0, result.output
+    # stdout: the evaluation's folder alone, its name unguessable (a digest of the films)
+    [written] = result.stdout.splitlines()
+    assert Path(written).parent == (run / "eval").absolute()
+    assert (Path(written) / "metrics.json").is_file()
     unwrapped = "".join(result.output.split())  # Rich wraps lines, even inside a path
     assert "".join(f"deployed: Youden's J, chosen on {site}: Youden's J".split()) in unwrapped
 

@@ -356,6 +356,7 @@ def test_cli_report(trained_run, tmp_path):
     run = shutil.copytree(trained_run, tmp_path / "run")
     result = CliRunner().invoke(app, ["report", str(run)])
     assert result.exit_code == 0, result.output
+    assert result.stdout == f"{(run / 'report.html').absolute()}\n"  # for a script
     text = (run / "report.html").read_text()
     # a bare run folder: what is missing is said to be missing
     assert "No training_curves.png" in text and "No audit.json found" in text

@@ -98,6 +98,7 @@ def audit(
         console.print(f"[yellow]note:[/] {note}")
     console.print(f"audited {result.n_images} images in {result.seconds} s; "
                   f"report: {out / 'audit.html'}")
+    typer.echo(out.absolute())  # stdout: the result's folder alone, for a script
 
 
 @data_app.command()

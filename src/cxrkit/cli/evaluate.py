@@ -140,6 +140,7 @@ def evaluate_command(
     console.print(f"{chosen}calibration {calibration.describe()} "
                   f"({metrics['threshold_chosen_on']}) written to {Path(run) / 'calibration.json'}")
     console.print(f"[green]wrote[/] {out}")
+    typer.echo(Path(out).absolute())  # stdout: the evaluation folder alone (eval/NAME/)
 
 
 @app.command("report")
@@ -159,6 +160,7 @@ def report_command(
     except USER_ERRORS as e:
         fail(str(e))
     console.print(f"[green]wrote[/] {out}")
+    typer.echo(Path(out).absolute())  # stdout: report.html alone
 
 
 @app.command("compare")
@@ -205,7 +207,9 @@ def compare_command(
         show_table(_paired_table(rows))
     if out is not None:  # (a str: a trailing slash says a folder, which Path would drop)
         where = Path(out) / "compare.csv" if out.endswith(("/", os.sep)) else Path(out)
-        console.print(f"[green]wrote[/] {write_compare_csv(rows, where)}")
+        written = write_compare_csv(rows, where)
+        console.print(f"[green]wrote[/] {written}")
+        typer.echo(written)  # stdout: the CSV alone
 
 
 def _paired_table(rows: list[dict]) -> Table:
