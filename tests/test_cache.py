@@ -204,3 +204,19 @@ if __name__ == "__main__":
         print(list(pool.map(abs, [-1, -2, -3])))
 """], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.strip() == "[1, 2, 3]", result.stderr[-2000:]
+
+
+def test_the_cache_follows_xdg_and_an_unwritable_place_says_the_ways_out(films, tmp_path):
+    """XDG_CACHE_HOME was ignored; a container's missing HOME gave a bare `[Errno 2] No such
+    file or directory: '/nonexistent'`."""
+    where = subprocess.run(
+        [sys.executable, "-c", "from cxrkit.data.cache import DEFAULT_CACHE_DIR as d; print(d)"],
+        env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg"), "CXRKIT_CACHE": ""},
+        capture_output=True, text=True, check=True)
+    assert where.stdout.strip() == str(tmp_path / "xdg" / "cxrkit")
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where a folder would go")
+    with pytest.raises(OSError, match=r"the decode cache cannot be made in .*file.* set "
+                                      r"CXRKIT_CACHE to a writable folder, or --set "
+                                      r"data.cache_dir=DIR, or train with --no-cache"):
+        DecodeCache(films, 32, cache_dir=blocked / "cache", workers=1)

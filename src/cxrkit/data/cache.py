@@ -43,7 +43,9 @@ except ImportError:  # Windows: no advisory locks, but an open file cannot be re
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_DIR = Path(os.environ.get("CXRKIT_CACHE", Path.home() / ".cache" / "cxrkit"))
+# CXRKIT_CACHE, else the XDG cache folder (XDG_CACHE_HOME), else ~/.cache
+DEFAULT_CACHE_DIR = Path(os.environ.get("CXRKIT_CACHE") or Path(
+    os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cxrkit")
 DECODED = "decoded"
 
 
@@ -141,7 +143,7 @@ class DecodeCache:
         self.valid_path = cache_dir / f"{key}.valid.json"
         try:
             self._held = _lock(self.valid_path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # (no such entry, or no such folder)
             self._build(samples, equalize,
                         min(4, os.cpu_count() or 1) if workers is None else workers)
             self._held = _lock(self.valid_path)
@@ -181,7 +183,12 @@ class DecodeCache:
 
     def _build(self, samples: Sequence[Sample], equalize: bool, workers: int) -> None:
         cache_dir = self.array_path.parent
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a container's HOME that does not exist, or is read-only
+            raise OSError(e.errno, f"the decode cache cannot be made in {cache_dir} "
+                          f"({e.strerror}): set CXRKIT_CACHE to a writable folder, or "
+                          "--set data.cache_dir=DIR, or train with --no-cache") from e
         prune(cache_dir, cache_limit_bytes() - len(samples) * self.size ** 2)  # room first
         tmp = self.array_path.with_name(f"{self.array_path.stem}.{os.getpid()}.tmp")  # its own
         building = _lock(tmp, exclusive=True, create=True)  # `clear` and `prune` leave it
