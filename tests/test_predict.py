@@ -571,3 +571,17 @@ def test_files_the_os_or_a_cd_writes_are_no_films_even_when_named(films, tmp_pat
         str(folder / "normal_0.png"), str(folder / "pneumonia_1.png")]
     monkeypatch.setenv("HOME", str(tmp_path))  # "~/..." quoted: the shell left it
     assert collect_images(["~/copied/normal_0.png"]) == [str(folder / "normal_0.png")]
+
+
+def test_long_scoring_says_its_progress(run, films, monkeypatch, caplog):
+    """`cxr predict` on 624 films was silent for a minute (and the evaluation inside
+    `cxr run` too): CI kills a job that prints nothing for ten."""
+    import cxrkit.progress
+
+    monkeypatch.setattr(cxrkit.progress, "EVERY_SECONDS", 0.0)  # a line after each batch
+    with caplog.at_level("INFO", logger="cxrkit.progress"):
+        predictions = predict(run, films, batch_size=1, device="cpu")
+    lines = [r.getMessage() for r in caplog.records if r.name == "cxrkit.progress"]
+    n = len(predictions)
+    assert lines and lines[0].startswith(f"scored 1/{n} films, ~") and lines[0].endswith(" s left")
+    assert len(lines) == n - 1  # none once all are scored

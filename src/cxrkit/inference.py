@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from cxrkit.data.io import Failure, Film, film_name, read_for_model
 from cxrkit.data.transforms import eval_transform
 from cxrkit.models import Classifier, ModelSpec
+from cxrkit.progress import ScoringProgress
 from cxrkit.runs import finite_logits
 
 
@@ -101,9 +102,11 @@ def predict_logits(
     model = model.eval().to(device, memory_format=torch.channels_last)
     logits = np.full((len(paths), model.spec.num_classes), np.nan, dtype=np.float32)
     failures: list[Failure] = []
+    progress = ScoringProgress(len(paths))
     with torch.inference_mode():
         for x, indices, bad, doubtful in file_batches(model.spec, paths, batch_size,
                                                       num_workers, crop, doubts is not None):
+            progress.done(len(indices) + len(bad))
             failures += [Failure(film_name(paths[i], i), reason) for i, reason in bad]
             if doubts is not None:
                 doubts.update(doubtful)

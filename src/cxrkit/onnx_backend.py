@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from cxrkit.data.io import Failure, Film, film_name, read_for_model
+from cxrkit.progress import ScoringProgress
 from cxrkit.runs import Calibration, finite_logits
 from cxrkit.spec import ModelSpec
 
@@ -103,9 +104,11 @@ def onnx_logits(model: OnnxClassifier, paths: Sequence[Film], batch_size: int = 
             film.load()
     logits = np.full((len(paths), spec.num_classes), np.nan, dtype=np.float32)
     failures: list[Failure] = []
+    progress = ScoringProgress(len(paths))
     with ThreadPoolExecutor(num_workers) if num_workers > 1 else nullcontext() as pool:
         for start in range(0, len(paths), batch_size):  # a batch read at a time: bounded memory
             indices = range(start, min(start + batch_size, len(paths)))
+            progress.done(len(indices))
             batch_films = [paths[i] for i in indices]
             films = pool.map(read, batch_films) if pool else map(read, batch_films)
             readable, batch = [], []
