@@ -1,6 +1,6 @@
-"""Progress of a long scoring loop as a log line every half minute: `cxr predict`, the
-evaluation, the audit's neighbours and `cxr adapt` were silent for minutes on large sets,
-and CI kills a job that prints nothing for ten."""
+"""Progress of a long scoring loop as a log line every half minute: `cxr predict` and the
+evaluation were silent for minutes on large sets, and CI kills a job that prints nothing
+for ten."""
 
 from __future__ import annotations
 
