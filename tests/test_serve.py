@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -410,3 +413,21 @@ def test_the_default_upload_cap_takes_any_film_the_reader_takes():
     assert DEFAULT_MAX_UPLOAD_MB * 2**20 > 2 * MAX_PIXELS + 64 * 2**10  # pixels and a header
     cli_default = inspect.signature(serve_command).parameters["max_upload_mb"].default.default
     assert cli_default == DEFAULT_MAX_UPLOAD_MB
+
+
+def test_the_servers_log_lines_go_to_stderr_with_their_date(tmp_path):
+    """uvicorn's access lines went to stdout with no time at all, beside cxrkit's on stderr:
+    a process manager's log could not tell them apart or date them."""
+    script = ("import logging.config\n"
+              "from cxrkit.cli.use import server_logging\n"
+              "logging.config.dictConfig(server_logging())\n"
+              "logging.getLogger('uvicorn.access').info('%s - \"%s %s HTTP/%s\" %d', "
+              "'10.0.0.1:5000', 'GET', '/health', '1.1', 200)\n"
+              "logging.getLogger('uvicorn.error').info('Application startup complete.')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True, cwd=tmp_path)
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2 and all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", line)
+                                   for line in lines)
+    assert '"GET /health HTTP/1.1" 200' in lines[0]

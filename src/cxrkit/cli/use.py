@@ -196,7 +196,22 @@ def serve_command(
                       "machine can send images; there is no authentication.")
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # "all interfaces": not a URL
     console.print(f"open http://{shown}:{port}/ (API docs at /docs); Ctrl+C stops")
-    uvicorn.run(web_app, host=host, port=port, log_level="info")
+    uvicorn.run(web_app, host=host, port=port, log_level="info", log_config=server_logging())
+
+
+def server_logging() -> dict:
+    """uvicorn's logging, every line on stderr with its date and time: its access lines went
+    to stdout without either, beside cxrkit's on stderr."""
+    import copy
+
+    import uvicorn.config
+
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    for formatter in config["formatters"].values():
+        formatter["fmt"] = "%(asctime)s " + formatter["fmt"]
+        formatter["datefmt"] = "%Y-%m-%dT%H:%M:%S%z"
+    return config
 
 
 def served_host_names(host: str, allowed: list[str]) -> list[str] | None:
