@@ -1284,3 +1284,15 @@ def test_a_class_folder_without_images_is_named_in_the_error(tiny_kaggle, tmp_pa
                                               r"classifier needs at least two class folders with "
                                               r"images"):
         load_source(classes)
+
+
+def test_a_dumb_terminal_gets_log_lines_not_a_bar(monkeypatch):
+    """TERM=dumb (CI's pseudo-terminals, Emacs shells): the bar was chosen because stdout is
+    a terminal, and Rich, unable to redraw, showed nothing until training ended."""
+    from cxrkit.training.callbacks import shows_a_bar
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    assert shows_a_bar()
+    monkeypatch.setenv("TERM", "dumb")
+    assert not shows_a_bar()

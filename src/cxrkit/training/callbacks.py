@@ -464,8 +464,10 @@ def make_callbacks(run: Path, trainer: TrainerConfig, stage: StageConfig,
 
 
 def shows_a_bar() -> bool:
-    """Whether a progress bar can draw: on a terminal, not in a log file or a pipe."""
-    return sys.stdout.isatty()
+    """Whether a progress bar can draw: on a terminal, not in a log file or a pipe, nor on a
+    terminal that says it cannot move the cursor (TERM=dumb: Rich drew nothing until the
+    end, a whole training without a line)."""
+    return sys.stdout.isatty() and os.environ.get("TERM", "") != "dumb"
 
 
 class ProgressBar(RichProgressBar):
