@@ -849,3 +849,19 @@ def test_a_run_of_data_without_a_test_split_says_how_to_evaluate_it(trained_run,
                                          r"its data had no test split\. Evaluate on other "
                                          r"labelled films, `cxr evaluate .* --data OTHER_FILMS`"):
         evaluate_run(run, bootstrap=0, figures=False, device="cpu")
+
+
+def test_one_process_evaluates_a_run_at_a_time(trained_run, tmp_path):
+    """Two evaluations at once chose and wrote calibration.json and eval/ over each other:
+    one's deployed threshold beside the other's metrics, both exiting 0."""
+    import fcntl
+
+    run = copy_run(trained_run, tmp_path)
+    with open(run / ".evaluation.lock", "a", encoding="utf-8") as held:  # another process
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(FileExistsError, match=r"is being evaluated by another process "
+                                                  r"now: wait for it to end"):
+            evaluate_run(run, bootstrap=0, figures=False, device="cpu")
+        assert not (run / "eval" / "test").exists()
+    assert (evaluate_run(run, bootstrap=0, figures=False, device="cpu") /
+            "metrics.json").is_file()  # once it is let go

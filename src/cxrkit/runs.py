@@ -16,11 +16,12 @@ saving and loading weights import it when called.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 MODEL_WEIGHTS = "model.safetensors"
 TRAINING_LOCK = ".training.lock"  # held by the process training the run
+EVALUATION_LOCK = ".evaluation.lock"  # held by the process evaluating it
 MODEL_SPEC = "model.json"
 CALIBRATION = "calibration.json"
 LABELS = "labels.json"
@@ -203,19 +205,52 @@ def training_lock(folder: Path, held_here: bool = True) -> Iterator[None]:
     """One process trains a run folder at a time (of a distributed job, rank 0 holds it:
     `held_here` is False on the others): two would write the same checkpoints and logs over
     each other. The lock goes with the process, however it ends."""
-    if not held_here or fcntl is None:  # (Windows: no advisory locks)
+    if not held_here:
         yield
         return
-    with open(folder / TRAINING_LOCK, "a", encoding="utf-8") as handle:
+    with _held(folder / TRAINING_LOCK, "training", f"{folder} is being trained by another "
+               f"process now: wait for it to end (or stop it); if it was interrupted, `cxr "
+               f"train --resume {folder}` continues it"):
+        yield
+
+
+def evaluation_lock(evaluate: Callable) -> Callable:
+    """`evaluate(run, ...)` by one process at a time: two chose and wrote calibration.json
+    and eval/ over each other (a race left one's deployed threshold beside the other's
+    metrics, and `cxr serve` follows calibration.json as it changes)."""
+    @functools.wraps(evaluate)
+    def one_at_a_time(run, *args, **kwargs):
+        folder = model_folder(run)
+        with _held(folder / EVALUATION_LOCK, "evaluating", f"{folder} is being evaluated by "
+                   "another process now: wait for it to end, then evaluate again"):
+            return evaluate(run, *args, **kwargs)
+    return one_at_a_time
+
+
+@contextmanager
+def _held(lock: Path, doing: str, busy: str) -> Iterator[None]:
+    """`lock` held exclusively for as long as the block runs (it goes with the process,
+    however that ends); FileExistsError(`busy`) where another process holds it. Where no lock
+    can be had (Windows; a file system without flock; a run folder one may only read), said
+    once and gone on without."""
+    if fcntl is None:  # (Windows: no advisory locks)
+        yield
+        return
+    try:
+        handle = open(lock, "a", encoding="utf-8")  # noqa: SIM115 (held for the block)
+    except OSError as e:
+        log.warning("%s: no lock (%s): nothing stops a second process %s it at the same time",
+                    lock.parent, e, doing)
+        yield
+        return
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise FileExistsError(f"{folder} is being trained by another process now: wait "
-                                  f"for it to end (or stop it); if it was interrupted, `cxr "
-                                  f"train --resume {folder}` continues it") from None
+            raise FileExistsError(busy) from None
         except OSError as e:  # a file system without flock (some NFS, Lustre, FUSE mounts)
             log.warning("%s: no lock on this file system (%s): nothing stops a second process "
-                        "from training this run at the same time", folder, e)
+                        "%s it at the same time", lock.parent, e, doing)
         yield
 
 

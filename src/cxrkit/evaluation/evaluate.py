@@ -87,6 +87,7 @@ from cxrkit.runs import (
     PREDICTIONS,
     SPLIT,
     Calibration,
+    evaluation_lock,
     load_model,
     model_folder,
     read_calibration,
@@ -649,6 +650,7 @@ def _emptied(out: Path) -> Path:
     return out
 
 
+@evaluation_lock
 def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None = None,
                  tta: bool = False, target_sensitivity: float | None = None,
                  batch_size: int = 32, bootstrap: int = 1000, seed: int = 0,
