@@ -188,11 +188,13 @@ def patients_normal_and_ill(samples: list[Sample]) -> str | None:
             "(data.patient_pattern).")
 
 
-def identical_films_of_two_labels(samples: list[Sample]) -> str | None:
+def identical_films_of_two_labels(samples: list[Sample],
+                                  groups: list[list[str]] | None = None) -> str | None:
     """A note when byte-identical files carry different labels: trained (or validated) under
-    both, one of them wrong by construction. The audit says so, but only `cxr run` audits."""
+    both, one of them wrong by construction. The audit says so, but only `cxr run` audits.
+    `groups`: the samples' `identical_file_groups`, where already found."""
     label_of = {s.path: s.label for s in samples}
-    for files in identical_file_groups(sorted(label_of)):
+    for files in identical_file_groups(sorted(label_of)) if groups is None else groups:
         if len({label_of[f] for f in files}) > 1:
             a = files[0]
             b = next(f for f in files if label_of[f] != label_of[a])
@@ -202,11 +204,12 @@ def identical_films_of_two_labels(samples: list[Sample]) -> str | None:
     return None
 
 
-def training_films_in_test(samples: list[Sample]) -> str | None:
+def training_films_in_test(samples: list[Sample],
+                           groups: list[list[str]] | None = None) -> str | None:
     """A note when a test film is a byte-identical copy of a train or val film (a leak the
-    audit finds, but only `cxr run` audits before training)."""
+    audit finds, but only `cxr run` audits before training). `groups`: as above."""
     split_of = {s.path: s.split for s in samples}
-    for files in identical_file_groups(sorted(split_of)):
+    for files in identical_file_groups(sorted(split_of)) if groups is None else groups:
         splits = {split_of[f] for f in files}
         if "test" in splits and splits & {"train", "val"}:
             test = next(f for f in files if split_of[f] == "test")

@@ -64,6 +64,7 @@ from cxrkit.data.dataset import films_by_split
 from cxrkit.data.io import written_whole
 from cxrkit.data.layout import DataLayoutError, Sample
 from cxrkit.data.split import (
+    identical_file_groups,
     identical_films_of_two_labels,
     patients_normal_and_ill,
     read_manifest,
@@ -254,8 +255,10 @@ def new_run(config: TrainConfig) -> Run:
                     "%s (the last label), the finding to detect. If the finding is %s, name "
                     "the other class NORMAL (its folder or the manifest's label)", *classes,
                     classes[1], classes[0])
-    for doubt in (test_patients_seen_in_training(samples), training_films_in_test(samples),
-                  patients_normal_and_ill(samples), identical_films_of_two_labels(samples)):
+    copies = identical_file_groups(sorted({s.path for s in samples}))  # read once, for both
+    for doubt in (test_patients_seen_in_training(samples),
+                  training_films_in_test(samples, copies), patients_normal_and_ill(samples),
+                  identical_films_of_two_labels(samples, copies)):
         if doubt:
             log.warning("%s", doubt)
     folder = _run_folder(config)
