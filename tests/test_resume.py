@@ -151,6 +151,42 @@ def test_sigterm_stops_with_exit_143_and_says_how_to_resume(tiny_kaggle, tmp_pat
     assert "".join(f"cxr run --resume {tmp_path / 'runs' / 'job'}".split()) in said
 
 
+@pytest.mark.slow
+def test_a_retried_job_continues_its_run_and_refuses_another_config(tiny_kaggle, tmp_path):
+    """`--resume-if-exists`: one command line a CI retry or a restarted container repeats
+    as it is; it continues the run it names, never replaces it with another config."""
+    sets = {"model.name": "simple_cnn", "model.pretrained": "false", "model.input_size": 32,
+            "stages.0.epochs": 2, "trainer.checkpoint_every_n_steps": 3,
+            "trainer.progress_bar": "false", "data.num_workers": 0, "data.batch_size": 4,
+            "data.cache_dir": tmp_path / "cache"}
+    options = [str(tiny_kaggle), "--preset", "scratch", "--runs-dir", str(tmp_path / "runs"),
+               "--name", "job", "--resume-if-exists", *[f"--set={k}={v}" for k, v in
+                                                        sets.items()]]
+    job, run = [*CXR, "train", "--data", *options], tmp_path / "runs" / "job"
+    process = subprocess.Popen(job, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    signal_once_checkpointed(process, run, signal.SIGTERM)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 143, stderr[-3000:]
+    stopped_at = checkpoint(run / "last.ckpt")["global_step"]
+
+    again = subprocess.run(job, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.strip() == str(run), again.stderr[-3000:]
+    assert f"{run} holds this run already: continuing it" in " ".join(again.stderr.split())
+    with open(run / "split.csv", encoding="utf-8", newline="") as f:
+        trained = sum(row["split"] == "train" for row in csv.DictReader(f))
+    [stage] = json.loads((run / "stages.json").read_text(encoding="utf-8")).values()
+    assert stage["global_step"] == 2 * -(-trained // 4) > stopped_at  # both epochs, once
+
+    model = (run / "model.safetensors").read_bytes()
+    changed = CliRunner().invoke(app, ["run", *options, "--set", "stages.0.epochs=5"])
+    said = " ".join(changed.output.split())
+    assert changed.exit_code == 2 and "holds a run of another config (stages.0.epochs" in said
+    assert (run / "model.safetensors").read_bytes() == model  # left as it was
+    nameless = CliRunner().invoke(app, ["train", "--data", str(tiny_kaggle),
+                                        "--resume-if-exists"])
+    assert nameless.exit_code == 2 and "needs --name" in " ".join(nameless.output.split())
+
+
 def test_a_checkpoint_write_that_fails_leaves_the_previous_one_whole(tmp_path):
     """Written beside and renamed over: a crash mid-write (here: something torch.save cannot
     pickle, raised half way) must not truncate the last good checkpoint."""

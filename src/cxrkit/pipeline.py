@@ -31,21 +31,21 @@ class RunResult:
 
 
 def run_pipeline(config: TrainConfig | None = None, *, resume: str | Path | None = None,
-                 tta: bool = False, framing: bool = False,
+                 resume_if_exists: bool = False, tta: bool = False, framing: bool = False,
                  framing_threshold: bool = False) -> RunResult | None:
     """Train `config` (default: the `default` preset on Kaggle's data), or continue the run
-    folder `resume`; audit the data it trained on into RUN/audit/ (its patient rule, its
-    model's input size; unless the audit there is of the data as it is now); evaluate it
-    once on the test split (its threshold and calibration chosen on validation); write
-    RUN/report.html. `tta`, `framing`, `framing_threshold`: as in
-    `cxrkit.evaluation.evaluate_run`. None in the other processes of a multi-device run
-    (DDP): rank 0 alone evaluates and reports."""
+    folder `resume` (or the run `config` names, with `resume_if_exists`: see `train`);
+    audit the data it trained on into RUN/audit/ (its patient rule, its model's input size;
+    unless the audit there is of the data as it is now); evaluate it once on the test split
+    (its threshold and calibration chosen on validation); write RUN/report.html. `tta`,
+    `framing`, `framing_threshold`: as in `cxrkit.evaluation.evaluate_run`. None in the
+    other processes of a multi-device run (DDP): rank 0 alone evaluates and reports."""
     from lightning.pytorch.utilities import rank_zero_only
 
     from cxrkit.training import train
 
     _refuse_data_without_test(config, resume)  # before the training, not after it
-    folder = train(config, resume)
+    folder = train(config, resume, resume_if_exists)
     if rank_zero_only.rank != 0:  # a process Lightning launched, its training done
         return None
     with logged_to(folder):

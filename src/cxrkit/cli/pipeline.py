@@ -22,6 +22,7 @@ from cxrkit.cli.evaluate import FRAMING_THRESHOLD, show_variants
 from cxrkit.cli.train import (
     CONFIG,
     PRESET,
+    RESUME_IF_EXISTS,
     SET,
     TRAINING_ERRORS,
     build_config,
@@ -47,6 +48,7 @@ def run_all(
     framing: bool = typer.Option(False, "--framing", help="Also score the test films framed "
                                  "more tightly (the framing check of `cxr evaluate`)."),
     framing_threshold: bool = FRAMING_THRESHOLD,
+    resume_if_exists: bool = RESUME_IF_EXISTS,
     set_: list[str] = SET,
 ) -> None:
     """The main job: train, audit the data, evaluate on the test split, write report.html."""
@@ -60,8 +62,8 @@ def run_all(
     try:
         cfg = None if resume is not None else build_config(
             data, preset, config, {"runs_dir": str(runs_dir), "name": name}, set_)
-        job = run_pipeline(cfg, resume=resume, tta=tta, framing=framing,
-                           framing_threshold=framing_threshold)
+        job = run_pipeline(cfg, resume=resume, resume_if_exists=resume_if_exists, tta=tta,
+                           framing=framing, framing_threshold=framing_threshold)
     except TRAINING_ERRORS as e:
         fail(str(e))
     except TrainingInterrupted as e:

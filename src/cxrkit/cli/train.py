@@ -68,6 +68,9 @@ CACHE = typer.Option(None, "--cache/--no-cache", help="Decode every image once i
                      "$CXRKIT_CACHE/decoded, else ~/.cache/cxrkit/decoded (Kermany's train "
                      "split at 224 px: 212 MiB; at most CXRKIT_CACHE_MAX_GB, default 20; `cxr "
                      "data cache --clear` frees it).")
+RESUME_IF_EXISTS = typer.Option(False, "--resume-if-exists", help="With --name: continue the "
+                                "run RUNS_DIR/NAME where it exists (refused if its config "
+                                "differs), else start it: a command a retried job can repeat.")
 SET = typer.Option([], "--set", help="Any config field: key=value, dotted, repeatable.")
 
 
@@ -181,6 +184,7 @@ def train(
     max_train_images: int | None = MAX_TRAIN,
     num_workers: int | None = WORKERS,
     cache: bool | None = CACHE,
+    resume_if_exists: bool = RESUME_IF_EXISTS,
     set_: list[str] = SET,
 ) -> None:
     """Train a classifier; prints validation metrics, and last the run folder."""
@@ -211,7 +215,8 @@ def train(
                 "data.val_fraction": val_fraction, "data.max_train_images": max_train_images,
                 "data.num_workers": num_workers, "data.cache": cache,
             }
-            run = train_run(build_config(data, preset, config, options, set_))
+            run = train_run(build_config(data, preset, config, options, set_),
+                            resume_if_exists=resume_if_exists)
     except TRAINING_ERRORS as e:
         fail(str(e))
     except TrainingInterrupted as e:

@@ -7,7 +7,8 @@
 `run` is the run folder (`cxrkit.runs`): `cxrkit.runs.load_model(run)` gives the
 trained classifier. Change anything with dotted keys, e.g.
 `TrainConfig.preset("finetune", data=..., overrides={"stages.1.epochs": 3})`;
-continue a killed run with `train(resume=run)`; find a learning rate with
+continue a killed run with `train(resume=run)` (or repeat `train(config, resume_if_exists=True)`
+with `config.name` set: it continues that run where it exists); find a learning rate with
 `find_lr(config, out="lr_find.png")`.
 
 Pieces, each usable alone: `datamodule` (split + LightningDataModule), `features`

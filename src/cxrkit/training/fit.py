@@ -242,12 +242,40 @@ def _run_folder(config: TrainConfig) -> Path:
     return folder
 
 
-def new_run(config: TrainConfig) -> Run:
-    config.validate()
+def _absolute_data(config: TrainConfig) -> TrainConfig:
+    """Its data folder or manifest named absolutely, so that `--config RUN/config.yaml`
+    reproduces the run from any folder ("kaggle" and paths not there as they are)."""
     local = Path(config.data.path).expanduser()
     if config.data.path.lower() != "kaggle" and local.exists():
-        # Absolute, so that `--config RUN/config.yaml` reproduces the run from any folder.
-        config = config.updated({"data.path": str(local.resolve())})
+        return config.updated({"data.path": str(local.resolve())})
+    return config
+
+
+def existing_run(config: TrainConfig) -> Path | None:
+    """The run folder `config` names (runs_dir/name) where it already holds a run of this
+    config, else None (a new run starts there): a retried job continues its run. Refused
+    where the folder holds a run of another config or data, which it would replace."""
+    if not config.name:
+        raise ConfigError("--resume-if-exists needs --name (overrides={'name': ...}): a run "
+                          "folder named by the time it starts never exists before")
+    folder = Path(config.runs_dir) / config.name
+    if not (folder / CONFIG).is_file():
+        return None
+    saved, config = TrainConfig.load(folder / CONFIG), _absolute_data(config)
+    changed = _changed_keys(to_dict(saved), config)
+    if saved.data.path != config.data.path:  # free on --resume (the data moved), not here
+        changed.append("data.path")
+    if changed:
+        raise ConfigError(
+            f"{folder} holds a run of another config ({', '.join(sorted(changed))} differ "
+            f"from its config.yaml): choose another --name for this one, or continue that "
+            f"run as it is with `cxr train --resume {folder}`")
+    return folder
+
+
+def new_run(config: TrainConfig) -> Run:
+    config.validate()
+    config = _absolute_data(config)
     samples = prepare_samples(config.data, config.seed)
     classes = task_classes(config.data.task, samples)
     if positive_is_guessed(classes):
@@ -761,13 +789,16 @@ def callers_state_kept() -> Iterator[None]:
 
 
 @callers_state_kept()
-def train(config: TrainConfig | None = None, resume: str | Path | None = None) -> Path:
+def train(config: TrainConfig | None = None, resume: str | Path | None = None,
+          resume_if_exists: bool = False) -> Path:
     """Train `config` (default: the `default` preset, as `cxr train`), or continue the run
     folder `resume`:
 
         run = train(TrainConfig.preset("quick", data="chest_xray"))
         run = train(resume="runs/quick")   # after a crash or Ctrl+C: loses nothing
 
+    `resume_if_exists`: continue the run `config` names (its `name`) where one of the same
+    config is there, else start it: a command safe to repeat (`existing_run`).
     Returns the run folder; `cxrkit.runs.load_model(folder)` loads the trained model.
     Raises `TrainingInterrupted` on Ctrl+C or SIGTERM.
     """
@@ -776,6 +807,11 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None) -
         raise ConfigError("give a config or a run folder to resume, not both: a resumed run "
                           "keeps its own config (to change it, train anew from its "
                           "config.yaml under another name)")
+    if resume_if_exists and resume is None:
+        config = config or TrainConfig.preset("default")
+        if (resume := existing_run(config)) is not None:
+            config = None
+            log.info("%s holds this run already: continuing it", resume)
     run = (open_run(resume) if resume is not None
            else new_run(config or TrainConfig.preset("default")))
     try:
