@@ -431,3 +431,32 @@ def test_the_servers_log_lines_go_to_stderr_with_their_date(tmp_path):
     assert len(lines) == 2 and all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", line)
                                    for line in lines)
     assert '"GET /health HTTP/1.1" 200' in lines[0]
+
+
+@pytest.mark.slow
+def test_no_access_log_leaves_requests_out_of_the_servers_log(onnx_export):
+    """A container's health probe every few seconds filled the log with access lines."""
+    def served_log(*options: str) -> str:
+        with socket.socket() as probe:  # a port free now
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        server = subprocess.Popen(
+            [str(Path(sys.executable).with_name("cxr")), "serve", str(onnx_export), "--port",
+             str(port), *options], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    answer = requests.get(f"http://127.0.0.1:{port}/health", timeout=5)
+                    break
+                except requests.ConnectionError:
+                    assert server.poll() is None and time.monotonic() < deadline
+                    time.sleep(0.1)
+            assert answer.status_code == 200
+        finally:
+            server.terminate()
+        return server.communicate(timeout=30)[1]
+
+    assert '"GET /health HTTP/1.1" 200' in served_log()
+    quiet = served_log("--no-access-log")
+    assert "GET /health" not in quiet and "Uvicorn running on" in quiet

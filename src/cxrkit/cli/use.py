@@ -177,6 +177,9 @@ def serve_command(
     allowed_origins: list[str] = typer.Option(
         [], "--allowed-origin", help="Another site whose pages may send films (repeat it), "
         "e.g. https://xray.example.org behind a proxy that sends its own Host."),
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="A line on "
+                                    "stderr per request (off: a container's health probes "
+                                    "fill no log; errors and start-up are still said)."),
 ) -> None:
     """A web page to try the model, and a JSON API (POST /predict; schema at /docs)."""
     if problem := port_problem(host, port):  # before seconds of imports and model loading
@@ -196,7 +199,8 @@ def serve_command(
                       "machine can send images; there is no authentication.")
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # "all interfaces": not a URL
     console.print(f"open http://{shown}:{port}/ (API docs at /docs); Ctrl+C stops")
-    uvicorn.run(web_app, host=host, port=port, log_level="info", log_config=server_logging())
+    uvicorn.run(web_app, host=host, port=port, log_level="info", log_config=server_logging(),
+                access_log=access_log)
 
 
 def server_logging() -> dict:
