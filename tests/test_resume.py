@@ -134,6 +134,7 @@ def test_sigterm_stops_with_exit_143_and_says_how_to_resume(tiny_kaggle, tmp_pat
     assert "".join(f"cxr train --resume {run}".split()) in "".join(stderr.split())
     assert "weights_only" not in stderr  # Lightning's word on saving read as an unsafe load
     assert not (run / "model.safetensors").exists() and stdout == ""
+    assert "training stopped by SIGTERM" in (run / "run.log").read_text(encoding="utf-8")
     # `cxr run` (`make run`) names itself: `cxr train --resume` would not evaluate or report
     sets = {"model.name": "simple_cnn", "model.pretrained": "false", "model.input_size": 32,
             "stages.0.epochs": FINETUNE_EPOCHS, "trainer.checkpoint_every_n_steps": 3,

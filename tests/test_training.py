@@ -1286,6 +1286,45 @@ def test_a_class_folder_without_images_is_named_in_the_error(tiny_kaggle, tmp_pa
         load_source(classes)
 
 
+@pytest.mark.slow
+def test_on_a_terminal_each_epoch_is_logged_above_the_bar_and_into_run_log(tiny_kaggle,
+                                                                           tmp_path):
+    """On a terminal the bar alone showed training: run.log recorded no epoch, and a log
+    line said while the bar drew was written onto the bar's own line (torn)."""
+    import pty
+    import re
+
+    primary, secondary = pty.openpty()
+    run = tmp_path / "runs" / "tty"
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("cxr")), "train", "--data", str(tiny_kaggle),
+         "--preset", "scratch", "--runs-dir", str(tmp_path / "runs"), "--name", "tty",
+         "--num-workers", "0", "--set", "model.input_size=32", "--set", "stages.0.epochs=2",
+         "--set", f"data.cache_dir={tmp_path / 'cache'}"], stdin=subprocess.DEVNULL,
+        stdout=secondary, stderr=secondary, env={**os.environ, "TERM": "xterm-256color",
+                                                 "COLUMNS": "100"})
+    os.close(secondary)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(primary, 1 << 16)
+        except OSError:  # EIO: the process has closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(primary)
+    assert process.wait(timeout=120) == 0, output.decode(errors="replace")[-3000:]
+    shown = output.decode(errors="replace")
+    assert "Epoch 2/2" in shown  # the bar drew
+    epochs = re.findall(r"(.)(?:\x1b\[2K)?\[\d\d:\d\d:\d\d\] \S*INFO\S* train, epoch (\d)/2: "
+                        r"val_accuracy", shown)
+    # each at the start of a line of its own (the terminal sends a newline as "\r\n")
+    assert [epoch for _, epoch in epochs] == ["1", "2"] and all(
+        before in "\r\n" for before, _ in epochs), epochs
+    assert (run / "run.log").read_text(encoding="utf-8").count(": val_accuracy ") == 2
+
+
 def test_a_dumb_terminal_gets_log_lines_not_a_bar(monkeypatch):
     """TERM=dumb (CI's pseudo-terminals, Emacs shells): the bar was chosen because stdout is
     a terminal, and Rich, unable to redraw, showed nothing until training ended."""

@@ -6,6 +6,7 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.file_proxy import FileProxy
 from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
@@ -91,7 +92,12 @@ class TerminalLogHandler(logging.Handler):
         try:
             line = Text(self.format(record))
             line.highlight_words([record.levelname], LEVEL_STYLES.get(record.levelname, ""))
-            self.terminal.print(line, soft_wrap=True)
+            if isinstance(sys.stderr, FileProxy):  # a live progress bar holds the terminal:
+                with self.terminal.capture() as captured:  # through it, so the line goes
+                    self.terminal.print(line, soft_wrap=True)  # above the bar, not into it
+                sys.stderr.write(captured.get())
+            else:
+                self.terminal.print(line, soft_wrap=True)
         except Exception:  # logging must never raise into the program
             self.handleError(record)
 

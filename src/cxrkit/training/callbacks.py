@@ -458,8 +458,8 @@ def make_callbacks(run: Path, trainer: TrainerConfig, stage: StageConfig,
     if stage.ema_decay is not None:
         # Lightning's own: validation and checkpoints (best.ckpt too) see the averaged weights.
         callbacks.append(AveragedOnTheModelsDevice(avg_fn=ema_with_warmup(stage.ema_decay)))
-    if trainer.progress_bar:
-        callbacks.append(ProgressBar() if shows_a_bar() else ProgressLog())
+    if trainer.progress_bar:  # each epoch's validation is a log line, bar or not (run.log)
+        callbacks += [ProgressBar(), ProgressLog(every=None)] if shows_a_bar() else [ProgressLog()]
     return callbacks
 
 
@@ -485,10 +485,11 @@ class ProgressBar(RichProgressBar):
 
 
 class ProgressLog(Callback):
-    """Progress as log lines where no bar can draw (a log file, CI, `make run | tee`): a line
-    every `every` seconds of training, and one with each epoch's validation."""
+    """Progress as log lines, which run.log keeps: one with each epoch's validation, and
+    where no bar can draw (a log file, CI, `make run | tee`) a line every `every` seconds of
+    training (None: none, the bar shows them)."""
 
-    def __init__(self, every: float = 30.0):
+    def __init__(self, every: float | None = 30.0):
         self.every = every
         self.start: float | None = None  # when this process saw its first batch of the epoch
         self.first = 0  # that batch's index: a resumed epoch starts part way through
@@ -506,7 +507,7 @@ class ProgressLog(Callback):
         now = time.monotonic()
         if self.start is None:
             self.start, self.first, self.last = now, batch_idx, now
-        if now - self.last < self.every or not trainer.is_global_zero:
+        if self.every is None or now - self.last < self.every or not trainer.is_global_zero:
             return
         self.last = now
         done, total = batch_idx + 1, trainer.num_training_batches

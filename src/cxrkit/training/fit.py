@@ -819,6 +819,10 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None,
                 logged_to(run.folder) if rank_zero_only.rank == 0 else nullcontext():
             try:
                 return train_run(run, resumed=resume is not None)
+            except STOPS as e:  # run.log keeps how the run ended, not only the terminal
+                log.info("training stopped by %s; %s holds where a resume continues",
+                         _stopped_by(e), run.folder / LAST)
+                raise
             except Exception as e:
                 if resume is None:  # inside the lock: never a folder another process trains
                     _remove_if_unstarted(run.folder)
@@ -826,12 +830,19 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None,
                 if said is None:
                     raise
                 raise said from e
-    except _Stopped as e:
-        raise TrainingInterrupted(run.folder, e.signal_name) from e
-    except SIGTERMException as e:  # outside a stage's fit; a SystemExit: it would exit 0
-        raise TrainingInterrupted(run.folder, "SIGTERM") from e
-    except (KeyboardInterrupt, SystemExit) as e:  # Lightning turns Ctrl+C into exit(1)
-        raise TrainingInterrupted(run.folder, "Ctrl+C") from e
+    except STOPS as e:
+        raise TrainingInterrupted(run.folder, _stopped_by(e)) from e
+
+
+# A stage stopped by a signal; SIGTERM outside a stage's fit (a SystemExit: it would exit 0);
+# Ctrl+C, which Lightning turns into exit(1).
+STOPS = (_Stopped, SIGTERMException, KeyboardInterrupt, SystemExit)
+
+
+def _stopped_by(stop: BaseException) -> str:
+    if isinstance(stop, _Stopped):
+        return stop.signal_name
+    return "SIGTERM" if isinstance(stop, SIGTERMException) else "Ctrl+C"
 
 
 def train_run(run: Run, resumed: bool = False) -> Path:
