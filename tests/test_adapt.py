@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from cxrkit.adapt import adapt_batchnorm, adapt_run, is_transductive, target_images
 from cxrkit.cli import app
+from cxrkit.data.transforms import ModelInput
 from cxrkit.evaluation import evaluate_run
 from cxrkit.evaluation.evaluate import deployed_options
 from cxrkit.inference import file_batches
@@ -24,7 +25,7 @@ from tests.conftest import make_kaggle_tree
 def _first_bn_input_mean(model, paths):
     """Per-channel mean of the first conv's output over all target images."""
     conv = model.backbone.blocks[0][0]
-    outs = [conv(x) for x, *_ in file_batches(model.spec, paths, 8)]
+    outs = [conv(ModelInput(model.spec)(x)) for x, *_ in file_batches(model.spec, paths, 8)]
     return torch.cat(outs).mean(dim=(0, 2, 3))
 
 

@@ -79,8 +79,10 @@ def _image_batches(model: Classifier, paths: list[str], batch_size: int,
     and (`doubtful`) those read that are hardly chest films (`film_doubt`)."""
     import torch
 
+    from cxrkit.data.transforms import ModelInput
     from cxrkit.inference import file_batches
 
+    finish = ModelInput(model.spec)
     for x, _, failed, doubts in file_batches(model.spec, paths, batch_size,
                                              doubts=doubtful is not None):
         unreadable += [f"{paths[i]} ({reason})" for i, reason in failed]
@@ -88,7 +90,7 @@ def _image_batches(model: Classifier, paths: list[str], batch_size: int,
             doubtful += [f"{paths[i]} ({doubt})" for i, doubt in doubts]
         if x is not None:
             read[0] += len(x)
-            yield x.to(device).contiguous(memory_format=torch.channels_last)
+            yield finish(x.to(device)).contiguous(memory_format=torch.channels_last)
 
 
 def adapt_batchnorm(model: Classifier, paths: list[str], batch_size: int = 32,
