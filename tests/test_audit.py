@@ -379,6 +379,11 @@ def test_a_manifest_listing_one_file_twice_is_named(tiny_kaggle, tmp_path):
         refuse_conflicting_rows(source)
     with pytest.raises(DataLayoutError, match=message):
         prepare_samples(DataConfig(path=str(manifest)))
+    # `cxr data split` wrote it into a manifest, exit 0, which training then refused
+    split = CliRunner().invoke(app, ["data", "split", str(manifest), "--out",
+                                     str(tmp_path / "split.csv")])
+    assert split.exit_code == 2 and "twice: as NORMAL in train" in " ".join(split.stderr.split())
+    assert not (tmp_path / "split.csv").exists()
 
 
 def test_film_names_on_the_figures_stay_whole_so_the_files_can_be_found():

@@ -105,7 +105,11 @@ def test_set_assignments_are_parsed_as_yaml():
     ({"loss.label_smoothing": 2}, r"loss.label_smoothing must be in \[0, 1\), e.g. 0.1, got 2"),
     ({"model.dropout": 1.5}, r"model.dropout must be in \[0, 1\), got 1.5"),
     ({"data.batch_size": 0}, r"data.batch_size must be >= 1, got 0"),
-    ({"model.input_size": 8}, r"model.input_size must be >= 32 or null"),
+    ({"model.input_size": 8}, r"model.input_size must be 32..4096 or null"),
+    # (a disk-space error came first, whose fix, no decode cache, was worse)
+    ({"model.input_size": 100000}, r"model.input_size must be 32..4096 or null"),
+    ({"data.patient_pattern": "("}, r"data.patient_pattern: patient pattern '\(' is not a "
+                                    r"valid regex"),  # (a traceback from the first film read)
     ({"data.max_train_images": 0}, r"data.max_train_images must be >= 1 or null"),
     ({"stages.1.lr_decay": 0}, r"stages.1 needs lr_decay in \(0, 1\]"),
     # each of these crashed mid-run with a traceback, or silently disabled resuming

@@ -35,7 +35,7 @@ from cxrkit.inference import predict_logits
 from cxrkit.models import create_model
 from cxrkit.predict import predict
 from cxrkit.report import build_report
-from cxrkit.runs import load_model, read_calibration, save_model, softmax
+from cxrkit.runs import load_model, read_calibration, save_model, softmax, write_calibration
 from tests.conftest import make_kaggle_tree, synthetic_film
 
 TOP_LEVEL = ("roc_auc", "pr_auc", "brier", "ece")
@@ -359,8 +359,14 @@ def test_evaluating_again_keeps_the_deployed_operating_point(trained_run, tmp_pa
     # a new choice is said out loud, old and new threshold both named
     moved = [n for n in reset["notes"] if "deployed operating point changed" in n]
     assert moved and all(f"{c.threshold:.4f}" in moved[0] for c in (deployed, fresh))
-    assert moved[0].endswith(f"{run / 'export'} still applies the former one: `cxr export "
+    assert moved[0].endswith(f"{run / 'export'} still applies another one: `cxr export "
                              f"{run}` updates it (and export copies anew).")
+    export_model(run)  # the export holds the new one: nothing to say of it
+    write_calibration(run, deployed)
+    again = json.loads((evaluate_run(run, reset_calibration=True, **options)
+                        / "metrics.json").read_text())
+    moved = [n for n in again["notes"] if "deployed operating point changed" in n]
+    assert moved and "still applies" not in moved[0]
     assert reset["deployed_operating_point"] == "validation"
     # one name for the films that chose it (fitted_on said "val")
     assert reset["calibrated"]["fitted_on"] == reset["selection_split"]["name"] == "validation"
@@ -865,3 +871,25 @@ def test_one_process_evaluates_a_run_at_a_time(trained_run, tmp_path):
         assert not (run / "eval" / "test").exists()
     assert (evaluate_run(run, bootstrap=0, figures=False, device="cpu") /
             "metrics.json").is_file()  # once it is let go
+
+
+def test_an_older_cxrkits_calibration_keeps_the_rule_its_words_record(trained_run, tmp_path):
+    """Before `chosen_with`, calibration.json said its rule in `chosen_on` alone: evaluating
+    the run again (`cxr report`) deployed Youden's J in place of a sensitivity target."""
+    from cxrkit.evaluation.evaluate import deployed_options
+
+    run = copy_run(trained_run, tmp_path)
+    for chosen_on, options in (("validation: sensitivity >= 0.95", (0.95, False, None)),
+                               ("validation as filmed and framed 85%: Youden's J",
+                                (None, True, None)),
+                               ("validation: Youden's J", (None, False, None)),
+                               ("val: Youden's J", (None, False, None))):
+        (run / "calibration.json").write_text(json.dumps(
+            {"threshold": 0.46, "temperature": 1.2, "chosen_on": chosen_on}))  # no chosen_with
+        assert deployed_options(run) == options
+    (run / "calibration.json").write_text(json.dumps(
+        {"threshold": 0.46, "temperature": 1.2, "chosen_on": "site_b: Youden's J"}))
+    with pytest.raises(ValueError, match=r"chosen on site_b .* by an older cxrkit, which did "
+                                         r"not record where those films are: evaluate with "
+                                         r"--calibrate-on FILMS .* or --reset-calibration"):
+        evaluate_run(run, bootstrap=0, figures=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -705,6 +706,30 @@ def test_a_multiframe_dicom_is_doubted_as_only_its_first_frame_is_scored(tmp_pat
     assert "3 frames: only the first was read and scored" in film_doubt(read_image(path))
 
 
+def test_frames_a_dicom_header_does_not_declare_are_read_as_frames_not_colour(tmp_path):
+    """Without NumberOfFrames, pydicom returns [frames, rows, columns]: averaged over its last
+    axis as colour, 3 frames of a film became a 16 x 3 image of row means, scored unsaid."""
+    from cxrkit.data.io import film_doubt
+
+    frames = np.stack([dicom_ramp(), dicom_ramp()[:, ::-1], dicom_ramp()])
+    path = write_dicom(tmp_path / "undeclared.dcm", frames)  # NumberOfFrames absent
+    first = write_dicom(tmp_path / "one.dcm", dicom_ramp())
+    read = read_image(path)
+    np.testing.assert_array_equal(np.asarray(read), np.asarray(read_image(first)))
+    assert "holds 3 frames where its header says 1: only the first was read" in film_doubt(read)
+
+
+def test_a_zero_filled_dicom_is_refused_at_once(tmp_path):
+    """pydicom's forced read walked its zeros as empty elements: 0.8 s a MB, a whole server
+    held up by one upload."""
+    for name, head in (("zeros.dcm", b""), ("preamble.dcm", b"\0" * 128 + b"DICM")):
+        path = tmp_path / name
+        path.write_bytes(head + b"\0" * (1 << 20))
+        with pytest.raises(UnreadableImageError, match="begins with zeros where a DICOM's "
+                                                       "first element is"):
+            read_image(path)  # refused before any forced read (0.8 s a MB)
+
+
 def test_an_inverse_presentation_lut_inverts_monochrome2_once_and_monochrome1_once(tmp_path):
     mono2 = np.asarray(read_image(write_dicom(tmp_path / "a.dcm", dicom_ramp())))
     inverse2 = read_image(write_dicom(tmp_path / "b.dcm", dicom_ramp(),
@@ -816,3 +841,29 @@ def test_an_exports_dicom_recipe_reads_as_cxrkit_does(tmp_path):
         np.testing.assert_array_equal(np.asarray(read_image(path)), as_the_sidecar_says(path),
                                       err_msg=path.name)
     assert "taken as stored" in PREPROCESS and "PresentationLUTShape INVERSE" in PREPROCESS
+
+
+def test_what_is_no_film_is_named_for_what_it_is(tmp_path):
+    """Each got raw exception text, or "file not found" though it exists."""
+    (tmp_path / "folder.jpg").mkdir()
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    for name, reason in (("folder.jpg", "a folder, not a file: give the folder to search it"),
+                         ("pipe.jpg", "not a regular file (a named pipe or a device)"),
+                         ("dangling.jpg", "a broken symbolic link"),
+                         ("loop.jpg", "a broken symbolic link"),
+                         ("absent.jpg", "file not found")):
+        with pytest.raises(UnreadableImageError, match=re.escape(reason)):
+            read_image(tmp_path / name)
+    holes = np.full((64, 64), 0.5, np.float32)
+    holes[3, 3] = np.nan
+    Image.fromarray(holes, mode="F").save(tmp_path / "holes.tiff")
+    with pytest.raises(UnreadableImageError, match=r"holes.tiff: its pixels hold NaN or "
+                                                   r"infinite values, which no film has"):
+        read_image(tmp_path / "holes.tiff")
+    path = write_dicom(tmp_path / "rows0.dcm", dicom_ramp(), WindowCenter=100, WindowWidth=0)
+    with pytest.raises(UnreadableImageError, match=r"its DICOM header or pixel data cannot be "
+                                                   r"interpreted \(ValueError: .*Window Width.*"
+                                                   r"export it again from the PACS"):
+        read_image(path)

@@ -581,3 +581,23 @@ def test_an_anonymisers_constant_patient_id_is_not_one_patient(tmp_path, caplog)
         for path in sorted((tmp_path / "study" / "train").glob("*/*.dcm"))))
     own = [s.patient_id for s in load_source(listed).samples if s.path == str(first)]
     assert "REAL-1" in own
+
+
+def test_a_file_name_that_is_not_utf8_is_left_out_with_the_fix(tmp_path, caplog):
+    """A cp1252 name (a Windows zip) stopped training with a traceback in split.csv's writer,
+    leaving half a manifest that a resume then trusted; the audit and `evaluate --data` ended
+    on a bare encoding error."""
+    from cxrkit.data.audit import audit_dataset
+    from cxrkit.data.split import patient_split, read_manifest, write_manifest
+
+    root = make_kaggle_tree(tmp_path / "data", {"train": 6, "test": 2})
+    odd = os.path.join(os.fsencode(root / "train" / "NORMAL"), b"caf\xe9.jpeg")
+    shutil.copyfile(next((root / "train" / "NORMAL").iterdir()), odd)
+    with caplog.at_level("WARNING"):
+        source = load_source(root)
+    assert len(source.samples) == 16 and not any("caf" in str(s.path) for s in source.samples)
+    said = " ".join(caplog.text.split())
+    assert "caf\\udce9.jpeg: its name is not UTF-8 text" in said and "convmv -f cp1252" in said
+    write_manifest(patient_split(source.samples, 0.2, 0), tmp_path / "split.csv")
+    assert len(read_manifest(tmp_path / "split.csv")) == 16
+    assert audit_dataset(root, tmp_path / "audit", workers=1).n_images == 16

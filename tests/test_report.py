@@ -597,3 +597,21 @@ def test_an_evaluation_killed_while_drawing_leaves_no_metrics_and_is_done_again(
     assert (test / "metrics.json").is_file()
     assert sorted(p.name for p in test.glob("*.png")) == figures
     assert all(Image.open(test / name).size[0] > 100 for name in figures)
+
+
+def test_the_model_card_names_the_weights_and_what_it_cannot_vouch_for(reported, tmp_path):
+    """The page showed an edited config.yaml as the recipe, dropped the training's
+    provenance without a word when provenance.json was gone, and named no digest."""
+    run = shutil.copytree(reported[0], tmp_path / "run")
+    (run / ".trained_config.json").write_text(json.dumps(
+        {"model": {"name": "simple_cnn"}, "data": {"path": "/elsewhere/chest_xray"},
+         "stages": [{"epochs": 1, "lr": 0.002}]}))
+    (run / "config.yaml").write_text("model:\n  name: simple_cnn\ndata:\n  path: /data/chest_xray"
+                                     "\nstages:\n- epochs: 30\n  lr: 0.0005\n")
+    page = " ".join(build_report(run).read_text().split())
+    card = page[page.index('id="model-card"'):]
+    assert ("config.yaml was edited after training (stages.0.epochs, stages.0.lr): the config "
+            "shown below is not the one that trained this model") in page  # data.path: free
+    assert "Provenance not recorded (<code>provenance.json</code> missing" in card
+    digest = json.loads((run / "eval" / "test" / "metrics.json").read_text())["weights_sha256"]
+    assert f"Weights sha256 <code>{digest[:16]}</code>" in card

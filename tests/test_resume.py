@@ -604,3 +604,20 @@ def test_a_sigterm_during_feature_extraction_stops_with_the_resume_command(
                for run in (stopped, uninterrupted)]
     for name, tensor in weights[0].items():
         torch.testing.assert_close(tensor, weights[1][name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_checkpoint_of_an_older_cxrkit_resumes_with_a_warning(tmp_path, caplog):
+    """Its training order may differ from this version's: the resumed model was another
+    than the older version would have finished, and nothing said so."""
+    from cxrkit.config import TrainConfig, to_dict
+    from cxrkit.training.fit import resume_point
+
+    config = TrainConfig.preset("quick")
+    stage = config.stages[0]
+    torch.save({"global_step": 5, "hyper_parameters": {  # what an older cxrkit recorded
+        "stage": to_dict(stage), "optim": to_dict(config.optim), "loss": to_dict(config.loss)}},
+        tmp_path / "last.ckpt")
+    with caplog.at_level("WARNING"):
+        assert resume_point(tmp_path, config, 0) == tmp_path / "last.ckpt"
+    assert "was written by an older cxrkit: stage" in caplog.text
+    assert "close to, not equal to" in " ".join(caplog.text.split())

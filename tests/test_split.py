@@ -142,6 +142,22 @@ def test_cli_split_bad_fraction_is_a_message(source, tmp_path):
     assert not (tmp_path / "s.csv").exists()
 
 
+def test_an_out_of_the_wrong_kind_is_refused_before_the_work(source, tmp_path):
+    """A folder for split's CSV gave a traceback, a file for the audit's folder a bare
+    `[Errno 17] File exists` once the films were read."""
+    (tmp_path / "taken.txt").write_text("a file")
+    for args, said in ((["data", "split", str(source.root), "--out", str(tmp_path)],
+                        f"--out {tmp_path} is a folder: give a file name ending in .csv, e.g. "
+                        f"{tmp_path / 'split.csv'}"),
+                       (["data", "audit", str(source.root), "--out", str(tmp_path / "taken.txt")],
+                        f"--out {tmp_path / 'taken.txt'} is a file: give a folder"),
+                       (["export", str(source.root), "--out", str(tmp_path / "taken.txt")],
+                        f"--out {tmp_path / 'taken.txt'} is a file: give a folder")):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and said in " ".join(result.stderr.split()), result.output
+    assert list(tmp_path.iterdir()) == [tmp_path / "taken.txt"]
+
+
 def test_identical_files_under_two_patient_ids_stay_on_one_side(tmp_path):
     """One film filed under two patient ids (a re-export, a second accession) must not be
     trained on and validated on: the split keeps the two ids together at every seed."""

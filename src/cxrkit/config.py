@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import errno
+import json
 import math
 import re
 import shutil
@@ -41,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from cxrkit.spec import MAX_INPUT_SIZE
 
 
 @dataclass
@@ -339,6 +342,7 @@ class TrainConfig:
         return TrainConfig.from_dict(values)
 
     def validate(self) -> None:
+        from cxrkit.data.patients import PatientIdParser  # (it imports this module)
         from cxrkit.models import check_model_name  # torch and timm: imported when needed
 
         for key, name in (("model.name", self.model.name),
@@ -364,9 +368,9 @@ class TrainConfig:
              0 <= self.loss.label_smoothing < 1, "in [0, 1), e.g. 0.1"),
             ("loss.focal_gamma", self.loss.focal_gamma, self.loss.focal_gamma >= 0, ">= 0"),
             ("model.dropout", self.model.dropout, 0 <= self.model.dropout < 1, "in [0, 1)"),
-            ("model.input_size", self.model.input_size,
-             self.model.input_size is None or self.model.input_size >= MIN_INPUT_SIZE,
-             f">= {MIN_INPUT_SIZE} or null (the model's own)"),
+            ("model.input_size", self.model.input_size, self.model.input_size is None
+             or MIN_INPUT_SIZE <= self.model.input_size <= MAX_INPUT_SIZE,
+             f"{MIN_INPUT_SIZE}..{MAX_INPUT_SIZE} or null (the model's own)"),
             ("data.val_fraction", self.data.val_fraction, 0 <= self.data.val_fraction < 1,
              "in [0, 1)"),
             ("data.batch_size", self.data.batch_size, self.data.batch_size >= 1, ">= 1"),
@@ -416,6 +420,10 @@ class TrainConfig:
         ):
             if not ok:
                 raise ConfigError(f"{name} must be {rule}, got {value}")
+        try:  # a bad regex is said now, not from the first film read
+            PatientIdParser(self.data.patient_pattern)
+        except ValueError as e:
+            raise ConfigError(f"data.patient_pattern: {e}") from None
         if self.model.ensemble_with and (self.trainer.devices not in ("auto", "1")
                                          or self.trainer.num_nodes > 1):
             raise ConfigError("model.ensemble_with trains its members one after another on one "
@@ -444,6 +452,32 @@ class TrainConfig:
             if not 0 < s.lr_decay <= 1 or (s.batch_size is not None and s.batch_size < 1):
                 raise ConfigError(f"stages.{i} needs lr_decay in (0, 1] and batch_size >= 1 "
                                   f"or null, got {s.lr_decay} and {s.batch_size}")
+
+
+# Keys that only say where things are or how progress shows: free to change on a resume,
+# and no sign that config.yaml no longer describes the run's model.
+FREE_ON_RESUME = {"data.path", "data.num_workers", "data.cache", "data.cache_dir", "runs_dir",
+                  "name", "recipe", "trainer.progress_bar", "trainer.mlflow",
+                  "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps"}
+
+
+def differing_keys(saved: object, current: object, where: str = "") -> list[str]:
+    """Dotted keys whose values differ (keys only one side has are not compared: checkpoints
+    of an older cxrkit lack newer fields)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [d for key in saved.keys() & current.keys()
+                for d in differing_keys(saved[key], current[key], f"{where}.{key}".strip("."))]
+    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        return [d for i, (a, b) in enumerate(zip(saved, current, strict=True))
+                for d in differing_keys(a, b, f"{where}.{i}".strip("."))]
+    normalise = json.loads(json.dumps(current))  # tuples read back from YAML as lists
+    return [] if saved == normalise else [where]
+
+
+def changed_training_keys(saved: dict, current: dict) -> list[str]:
+    """Keys of `current` (a config as a dict) other than `saved`'s, but those that only say
+    where things are or how to show them (FREE_ON_RESUME)."""
+    return [key for key in differing_keys(saved, current) if key not in FREE_ON_RESUME]
 
 
 def to_dict(config: Any) -> Any:

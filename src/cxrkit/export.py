@@ -75,6 +75,10 @@ PREPROCESS = (
 
 
 DYNAMO_MIN_OPSET = 18
+# The oldest opset torch's exporters write. Outside it, and past the newest the installed
+# onnx knows, the TorchScript exporter fails after printing its whole graph to the process's
+# stdout (from C++, past sys.stdout): refused before it runs.
+MIN_OPSET = 7
 
 
 def export_model(run: str | Path, format: str = "onnx", out: str | Path | None = None,
@@ -93,8 +97,9 @@ def export_model(run: str | Path, format: str = "onnx", out: str | Path | None =
                          "RUN/export)")
     model = load_model(run).cpu()
     out = Path(out) if out else model_folder(run) / "export"
-    sidecar = sidecar_entries(model.spec, deployed_calibration(run)) | {
-        "weights_sha256": weights_digest(model)}
+    digest = weights_digest(model)
+    sidecar = sidecar_entries(model.spec, deployed_calibration(run, digest)) | {
+        "weights_sha256": digest}
     others = [out / FILE_NAMES[f] for f in FORMATS if f != format]
     for other in others:
         refuse_other_weights(other, sidecar["weights_sha256"])
@@ -184,6 +189,10 @@ def export_onnx(model: Classifier, path: str | Path, opset: int | None = None,
     The torch.export-based exporter (`dynamo=True`, torch's default) is tried
     first; a model it cannot capture falls back to the TorchScript-based one.
     """
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and not MIN_OPSET <= opset <= newest:
+        raise ValueError(f"ONNX opset {opset}: this torch and onnx export opsets {MIN_OPSET} to "
+                         f"{newest}; choose one of those, or leave --opset out")
     model = model.eval()
     example = _example_batch(model.spec)
     names = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": opset}

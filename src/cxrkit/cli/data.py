@@ -9,10 +9,18 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cxrkit.cli.app import DATA_HELP, USER_ERRORS, console, data_app, fail, show_table
+from cxrkit.cli.app import (
+    DATA_HELP,
+    USER_ERRORS,
+    console,
+    data_app,
+    fail,
+    refuse_a_file_for_a_folder,
+    show_table,
+)
 from cxrkit.data.audit import DEFAULT_NEAR_THRESHOLD, AuditResult, audit_dataset
 from cxrkit.data.kaggle import KAGGLE_VERSION, KaggleDownloadError, download_kaggle
-from cxrkit.data.layout import DataSource, load_source
+from cxrkit.data.layout import DataSource, load_source, refuse_conflicting_rows
 from cxrkit.data.split import patient_split, shared_patients, write_manifest
 
 PATTERN_HELP = ("Regex whose `patient` group (or first group) is the patient id in a file name, "
@@ -87,6 +95,7 @@ def audit(
 ) -> None:
     """Counts, sizes, unreadable files, duplicates and patients, with an HTML report and
     figures (class balance, sample films, sizes, intensity histograms, augmentations)."""
+    refuse_a_file_for_a_folder(out)
     try:
         result = audit_dataset(data, out, patient_pattern, near_threshold, workers)
     except USER_ERRORS as e:
@@ -111,8 +120,12 @@ def split(
     patient_pattern: str | None = typer.Option(None, "--patient-pattern", help=PATTERN_HELP),
 ) -> None:
     """Carve a validation split out of train, grouped by patient; write a manifest CSV."""
+    if out.is_dir():  # (a traceback once the films were listed)
+        fail(f"--out {out} is a folder: give a file name ending in .csv, e.g. "
+             f"{out / 'split.csv'}")
     try:
         source = load_source(data, patient_pattern)
+        refuse_conflicting_rows(source)  # training would refuse the manifest written
         samples = patient_split(source.samples, val_fraction, seed)
     except USER_ERRORS as e:
         fail(str(e))

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cxrkit.cli.app import USER_ERRORS, app, console, fail
+from cxrkit.cli.app import USER_ERRORS, app, console, fail, refuse_a_file_for_a_folder
 from cxrkit.data.io import LARGEST_FILM_MB
 
 if TYPE_CHECKING:
@@ -35,13 +35,18 @@ def threshold_note(readable: list[Prediction]) -> str | None:
     return f"label {positive} where P({positive}) >= {readable[0].threshold:.3f}"
 
 
+# A tab, newline or carriage return in a file name, written as `ls -b` does: it would end
+# the line or add a column. (A backslash stays as it is: Windows paths keep theirs.)
+CONTROL_ESCAPES = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
 def predictions_tsv(readable: list[Prediction]) -> str:
     """Every readable film on a line of its own, its whole path first, tab-separated: for
     `| grep`, `| cut`, a spreadsheet."""
     labels = list(readable[0].probabilities)
     rows = [["path", "label", *[f"P({label})" for label in labels]]]
-    rows += [[p.path, p.label, *[f"{p.probabilities[k]:.6f}" for k in labels]]
-             for p in readable]
+    rows += [[p.path.translate(CONTROL_ESCAPES), p.label,
+              *[f"{p.probabilities[k]:.6f}" for k in labels]] for p in readable]
     return "".join("\t".join(row) + "\n" for row in rows)
 
 
@@ -149,6 +154,7 @@ def export_command(
     """Export the model (logits out) with a JSON sidecar, usable without cxrkit."""
     from cxrkit.export import SIDECAR, export_model
 
+    refuse_a_file_for_a_folder(out)
     try:
         path = export_model(run, format, out, opset)
     except USER_ERRORS as e:

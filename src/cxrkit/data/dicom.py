@@ -34,6 +34,7 @@ from cxrkit.data.io import (
     _file_head,
     _is_dicom_head,
     _to_uint8,
+    _zeros_for_a_first_element,
     is_dicom_file,
 )
 
@@ -42,7 +43,15 @@ def read_dicom(path: Path) -> Image.Image:
     """A DICOM file as an 8-bit gray film (`read_image` reads DICOMs with it and reports
     what it raises)."""
     with quiet_pydicom() as warned:
-        return _decode_dicom(path, warned)
+        try:
+            return _decode_dicom(path, warned)
+        except (UnreadableImageError, MemoryError):
+            raise
+        except Exception as e:  # a header pydicom reads but cannot make pixels of (Rows 0,
+            # Window Width 0, an unknown transfer syntax, a colour space of no colour)
+            raise UnreadableImageError(path, f"its DICOM header or pixel data cannot be "
+                                             f"interpreted ({type(e).__name__}: {e}); export "
+                                             "it again from the PACS or modality") from e
 
 
 def dicom_patient(path: str | Path) -> tuple[str, str] | None:
@@ -67,6 +76,10 @@ def _decode_dicom(path: Path, warned: list[warnings.WarningMessage]) -> Image.Im
     import pydicom
     from pydicom.pixels import pixel_array
 
+    if _zeros_for_a_first_element(_file_head(path)):
+        raise UnreadableImageError(path, "it begins with zeros where a DICOM's first element "
+                                         "is: an empty or damaged file (a failed copy?), not a "
+                                         "DICOM; copy it again from its source")
     # `force`: older exports lack the 128-byte preamble and "DICM".
     header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
@@ -100,8 +113,13 @@ def _decode_dicom(path: Path, warned: list[warnings.WarningMessage]) -> Image.Im
         if "less than expected" in str(e):  # uncompressed pixels cut short
             raise _truncated(path, "inside its pixel data") from e
         raise
+    doubts = _header_doubts(header)
+    if pixels.ndim == 3 and int(ds.get("SamplesPerPixel") or 1) == 1:  # frames, not colour
+        doubts.append(f"its pixel data holds {pixels.shape[0]} frames where its header says "
+                      f"{frames}: only the first was read (a damaged export?)")
+        pixels = pixels[0]
     img = Image.fromarray(_dicom_to_uint8(pixels, ds), mode="L")
-    if doubts := _header_doubts(header):
+    if doubts:
         img.info["doubt"] = "; ".join(doubts)  # for `film_doubt`
     return img
 

@@ -165,7 +165,7 @@ def is_image_file(path: str | Path) -> bool:
 def _file_head(path: Path) -> bytes:
     try:
         with open(path, "rb") as f:
-            return f.read(132)
+            return f.read(136)  # the preamble, "DICM" and the first element's tag
     except OSError:
         return b""
 
@@ -188,6 +188,14 @@ def is_dicom_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in DICOM_SUFFIXES and not head.startswith(JPEG_PNG_MAGIC)
 
 
+def _zeros_for_a_first_element(head: bytes) -> bool:
+    """Whether a file begins with zeros where a DICOM's first element's tag is (after "DICM",
+    or at the start of a bare data set): an empty or damaged file (a failed copy, a sparse
+    file), which pydicom's forced read walks as millions of empty elements (0.8 s a MB)."""
+    start = 132 if head[128:132] == b"DICM" else 0
+    return head[start:start + 4] == b"\0\0\0\0"
+
+
 def _is_dicom_head(head: bytes) -> bool:
     """"DICM" after the preamble, or a bare data set's first element (BARE_DICOM_GROUPS)."""
     if head[128:132] == b"DICM":
@@ -197,10 +205,17 @@ def _is_dicom_head(head: bytes) -> bool:
     return head[4:6] in DICOM_VRS or struct.unpack_from("<I", head, 4)[0] < 1024
 
 
+class NotAFilm(ValueError):
+    """Why decoded pixels are no film: `read_image` gives it as the file's reason."""
+
+
 def _to_uint8(pixels: np.ndarray) -> np.ndarray:
     """Stretch any numeric range to 0..255 (16-bit PNGs and DICOMs use 10-16 bits) between
     `_stretch_range`; values beyond it clip to black or white."""
     pixels = pixels.astype(np.float32)
+    if not np.isfinite(pixels).all():  # a float TIFF or DICOM with holes
+        raise NotAFilm("its pixels hold NaN or infinite values, which no film has: export it "
+                       "again as a 16-bit PNG or a DICOM")
     lo, hi = _stretch_range(pixels)
     if hi <= lo:
         return np.zeros(pixels.shape, dtype=np.uint8)
@@ -260,9 +275,8 @@ def read_image(path: Film) -> Image.Image:
 
     path = Path(path)
     try:
-        if not path.is_file():  # a pattern left as it was: nothing matched it
-            raise UnreadableImageError(path, "no file matches this pattern"
-                                       if any(c in path.name for c in "*?") else FILE_NOT_FOUND)
+        if not path.is_file():
+            raise UnreadableImageError(path, _not_a_file(path))
         if path.stat().st_size == 0:
             raise UnreadableImageError(path, "empty file (0 bytes)")
         if _is_dicom_head(_file_head(path)):
@@ -278,12 +292,27 @@ def read_image(path: Film) -> Image.Image:
         return _read_with_pil(path)
     except UnreadableImageError:
         raise
+    except NotAFilm as e:
+        raise UnreadableImageError(path, str(e)) from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise UnreadableImageError(path, f"{TOO_MANY_PIXELS} ({e})") from e
     except UnidentifiedImageError as e:
         raise UnreadableImageError(path, "not an image PIL or pydicom can read") from e
     except Exception as e:  # truncated JPEG, broken DICOM, ...: report, never crash a run
         raise UnreadableImageError(path, f"{type(e).__name__}: {e}") from e
+
+
+def _not_a_file(path: Path) -> str:
+    """Why a path given as a film is none: each was "file not found", which they exist."""
+    if any(c in path.name for c in "*?"):  # a pattern left as it was: nothing matched it
+        return "no file matches this pattern"
+    if path.is_dir():
+        return "a folder, not a file: give the folder to search it, or the files in it"
+    if path.exists():
+        return "not a regular file (a named pipe or a device)"
+    if os.path.lexists(path):
+        return "a broken symbolic link (what it points to is missing, or it points to itself)"
+    return FILE_NOT_FOUND
 
 
 def film_doubt(img: Image.Image) -> str | None:

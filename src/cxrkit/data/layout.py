@@ -135,13 +135,28 @@ def _files_under(folder: Path,
             if why := _link_leads_back(Path(top, name), folder, labelled):
                 dirs.remove(name)
                 passed_over.append(why)
+        named = [p for p in map(Path(top).joinpath, files) if _utf8(p, passed_over)]
         try:
-            found += [p for p in map(Path(top).joinpath, files) if p.is_file()]
+            found += [p for p in named if p.is_file()]
         except OSError as e:  # listed but not entered (`chmod 644` on a folder)
             if top == str(folder):
                 raise DataLayoutError(_unreadable_folder(folder, e)) from None
             passed_over.append(_unreadable_note(top, e))
     return found, passed_over
+
+
+def _utf8(path: Path, passed_over: list[str]) -> bool:
+    """Whether a path is UTF-8 text (a name from a Windows or old Mac zip or disk is often
+    cp1252 bytes), which split.csv, the audit and predictions record; else noted, left out:
+    one odd name stopped a whole run."""
+    try:
+        str(path).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        passed_over.append(f"{ascii(str(path))[1:-1]}: its name is not UTF-8 text (from a "
+                           "Windows or old Mac zip or disk?): left out. Rename it, e.g. `convmv "
+                           f"-f cp1252 -t utf8 -r --notest '{ascii(str(path.parent))[1:-1]}'`")
+        return False
 
 
 def _unreadable_folder(folder: Path, error: OSError) -> str:

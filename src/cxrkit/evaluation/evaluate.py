@@ -78,9 +78,9 @@ from cxrkit.evaluation.tta import DEFAULT_VIEWS
 from cxrkit.explain import gradcam, overlay
 from cxrkit.labels import positive_index
 from cxrkit.models import Classifier, weights_digest
-from cxrkit.onnx_backend import SIDECAR
+from cxrkit.onnx_backend import SIDECAR, read_sidecar
 from cxrkit.plots import VECTOR_FORMATS, extra_formats
-from cxrkit.provenance import code_version
+from cxrkit.provenance import code_version, library_versions
 from cxrkit.runs import (
     EVAL_DIR,
     METRICS,
@@ -236,7 +236,9 @@ def _as_stored(films: str | Path | None) -> str | None:
 
 def deployed_options(run: Path) -> tuple[float | None, bool, str | None]:
     """(target_sensitivity, framing_threshold, calibrate_on) that chose RUN's calibration."""
-    stored = read_calibration(run).chosen_with or source_calibration_options(run)
+    deployed = read_calibration(run)
+    stored = (deployed.chosen_with or source_calibration_options(run)
+              or _options_in_words(run, deployed.chosen_on))
     if stored:
         log.info("%s: re-applying what chose the deployed operating point (%s); "
                  "--reset-calibration chooses afresh", run.name,
@@ -248,6 +250,24 @@ def deployed_options(run: Path) -> tuple[float | None, bool, str | None]:
                          "on the run's validation split")
     return (stored.get("target_sensitivity"), bool(stored.get("framing_threshold")),
             calibrate_on)
+
+
+def _options_in_words(run: Path, chosen_on: str) -> dict:
+    """The options that chose a calibration, read back from its `chosen_on` (`choose_calibration`
+    words it): a cxrkit before `chosen_with` recorded only these words, and evaluating its run
+    again (as `cxr report` does) swapped a sensitivity target for Youden's J unsaid."""
+    source = re.split(r": | as filmed", chosen_on, maxsplit=1)[0]
+    if chosen_on == Calibration().chosen_on or source in ("validation", "val"):
+        options: dict = {}
+        if target := re.search(r": sensitivity >= ([0-9.]+)$", chosen_on):
+            options["target_sensitivity"] = float(target[1])
+        if " as filmed and framed " in chosen_on:
+            options["framing_threshold"] = True
+        return options
+    raise ValueError(f"{run}/calibration.json was chosen on {source} ({chosen_on}) by an older "
+                     "cxrkit, which did not record where those films are: evaluate with "
+                     "--calibrate-on FILMS to keep that operating point, or --reset-calibration "
+                     "to choose one on the run's validation split")
 
 
 def operating_point_change(deployed: Calibration, chosen: Calibration) -> str | None:
@@ -650,6 +670,17 @@ def _emptied(out: Path) -> Path:
     return out
 
 
+def _export_applies_another(export: Path, calibration: Calibration) -> bool:
+    """Whether RUN/export holds a calibration other than `calibration` (an export made
+    since, or one damaged: said too)."""
+    if not (export / SIDECAR).is_file():
+        return False
+    try:
+        return not read_sidecar(export)[1].decides_as(calibration)
+    except ValueError:
+        return True
+
+
 @evaluation_lock
 def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None = None,
                  tta: bool = False, target_sensitivity: float | None = None,
@@ -690,6 +721,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
                                      ("framing_threshold", framing_threshold),
                                      ("calibrate_on", _as_stored(calibrate_on))) if v}
     model = load_model(run)
+    digest = weights_digest(model)  # what metrics.json and calibration.json are of
     labels = model.spec.labels
     if len(labels) != model.spec.num_classes:
         raise ValueError(f"{run}/model.json lists labels {labels} for "
@@ -744,12 +776,12 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
                            crop=FRAMING_THRESHOLD_CROP)
     calibration, thresholds = choose_calibration(val, positive, target_sensitivity, framed_val,
                                                  source, with_bias=calibrate_on is not None)
-    calibration.chosen_with = chosen_with
+    calibration.chosen_with, calibration.weights_sha256 = chosen_with, digest
     notes += calibration_doubts(val, calibration, source)
     if len(val.y):
         if moved := operating_point_change(read_calibration(run), calibration):
-            if (run / "export" / SIDECAR).is_file():  # what a deployment may have copied
-                moved += (f" {run / 'export'} still applies the former one: `cxr export "
+            if _export_applies_another(run / "export", calibration):  # may be deployed
+                moved += (f" {run / 'export'} still applies another one: `cxr export "
                           f"{shlex.quote(str(run))}` updates it (and export copies anew).")
             log.warning("%s: %s", run.name, moved)
             notes.append(moved)
@@ -815,10 +847,10 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         "split": used_split, "name": name, "n": len(scored.y),
         "n_per_class": films_per_class(scored, labels), "n_patients": len(set(scored.groups)),
         "positive_class": labels[positive] if positive is not None else None,
-        "labels": labels, "model": model.spec.name, "weights_sha256": weights_digest(model),
+        "labels": labels, "model": model.spec.name, "weights_sha256": digest,
         "data": origin, "external": data is not None,
         "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "version": code_version(),
+        "version": code_version(), "libraries": library_versions(),
         "probabilities": f"calibrated: softmax(logits / temperature"
                          f"{' + bias' if calibration.bias else ''}), fitted on {source}",
         "threshold_chosen_on": calibration.chosen_on,

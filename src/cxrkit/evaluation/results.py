@@ -61,14 +61,17 @@ def evaluations(run: Path) -> list[dict]:
 
 
 def at_calibration(metrics: dict, calibration: Calibration) -> bool:
-    """Whether an evaluation was made with this calibration: its threshold, temperature and
-    bias. A later `cxr evaluate --target-sensitivity ...` (say) deploys another one, and the
-    numbers of earlier evaluations are then not those of the model `cxr predict` runs."""
+    """Whether an evaluation was made with this calibration (its threshold, temperature and
+    bias) and of the weights it was chosen for. A later `cxr evaluate --target-sensitivity
+    ...` (say) deploys another one, and the numbers of earlier evaluations are then not
+    those of the model `cxr predict` runs."""
     made = metrics.get("calibrated", {})
     threshold = metrics.get("deployed_threshold")
+    chosen_for, scored = calibration.weights_sha256, metrics.get("weights_sha256")
     return ((threshold is None or threshold == calibration.threshold)
             and made.get("temperature") == calibration.temperature
-            and made.get("bias", []) == calibration.bias)
+            and made.get("bias", []) == calibration.bias
+            and not (chosen_for and scored and chosen_for != scored))  # a model replaced
 
 
 def ensure_evaluated(run: str | Path, split: str = "test") -> Path:

@@ -44,7 +44,7 @@ from pydantic import BaseModel, Field
 
 from cxrkit import __version__
 from cxrkit.data.io import DICOM_SUFFIXES, LARGEST_FILM_MB, TOO_MANY_PIXELS
-from cxrkit.predict import Predictor
+from cxrkit.predict import CAM_PNG_COMPRESSION, Predictor
 
 # Takes any film the reader takes: a full-size uncompressed 16-bit DR film is over 30 MB.
 DEFAULT_MAX_UPLOAD_MB = float(LARGEST_FILM_MB)
@@ -228,7 +228,7 @@ async def _validation_problem(request: Request, exc: RequestValidationError) -> 
 
 def _png_base64(image) -> str:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=CAM_PNG_COMPRESSION)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

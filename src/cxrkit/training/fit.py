@@ -57,6 +57,8 @@ from cxrkit.config import (
     OutOfMemoryError,
     StageConfig,
     TrainConfig,
+    changed_training_keys,
+    differing_keys,
     out_of_memory,
     to_dict,
 )
@@ -84,6 +86,7 @@ from cxrkit.runs import (
     RUN_LOG,
     SKIPPED,
     SPLIT,
+    TRAINED_CONFIG,
     TRAINING_LOCK,
     VAL_METRICS,
     load_model,
@@ -346,19 +349,6 @@ def _mark_finished(folder: Path, stage: str, record: dict) -> None:
     _write_json(folder / PROGRESS, done)
 
 
-def _differences(saved: object, current: object, where: str = "") -> list[str]:
-    """Dotted keys whose values differ (keys only one side has are not compared: checkpoints
-    of an older cxrkit lack newer fields)."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        return [d for key in saved.keys() & current.keys()
-                for d in _differences(saved[key], current[key], f"{where}.{key}".strip("."))]
-    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
-        return [d for i, (a, b) in enumerate(zip(saved, current, strict=True))
-                for d in _differences(a, b, f"{where}.{i}".strip("."))]
-    normalise = json.loads(json.dumps(current))  # tuples read back from YAML as lists
-    return [] if saved == normalise else [where]
-
-
 # Lightning's warning for a loader it cannot resume part way through an epoch; the image
 # loader (ResumableLoader) goes on from the batch count Lightning restores itself.
 RESUMABLE_LOADER_WARNING = r"You're resuming from a checkpoint that ended before the epoch ended"
@@ -366,10 +356,6 @@ RESUMABLE_LOADER_WARNING = r"You're resuming from a checkpoint that ended before
 # In every checkpoint (`RecordConfig`): a resumed stage must train with the config it
 # started with. These keys only say where things are or how progress shows: free to change.
 CONFIG_KEY = "cxrkit_config"
-TRAINED_CONFIG = ".trained_config.json"  # best.ckpt's config, for when the checkpoints go
-FREE_ON_RESUME = {"data.path", "data.num_workers", "data.cache", "data.cache_dir", "runs_dir",
-                  "name", "recipe", "trainer.progress_bar", "trainer.mlflow",
-                  "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps"}
 
 
 def resume_point(folder: Path, config: TrainConfig, index: int) -> Path | None:
@@ -385,6 +371,11 @@ def resume_point(folder: Path, config: TrainConfig, index: int) -> Path | None:
     if changed := config_changes(checkpoint, config, stage):
         raise _edited(folder, f"{LAST} was written", changed,
                       "a stage resumes with the config it started with")
+    if CONFIG_KEY not in checkpoint:
+        log.warning("%s was written by an older cxrkit: stage %s goes on with this version's "
+                    "training, whose batches and augmentations may be drawn otherwise (a "
+                    "model close to, not equal to, the one the older version would finish)",
+                    last, stage.name)
     log.info("stage %s resumes from %s, after its step %d", stage.name, LAST,
              checkpoint["global_step"])
     return last
@@ -397,8 +388,7 @@ def _edited(folder: Path, since: str, changed: list[str], why: str) -> ConfigErr
 
 
 def _changed_keys(saved: dict, config: TrainConfig) -> list[str]:
-    """Keys of `config` other than `saved`'s, but those that only say where or how to show."""
-    return [key for key in _differences(saved, to_dict(config)) if key not in FREE_ON_RESUME]
+    return changed_training_keys(saved, to_dict(config))
 
 
 def config_changes(checkpoint: dict, config: TrainConfig, stage: StageConfig) -> list[str]:
@@ -406,7 +396,7 @@ def config_changes(checkpoint: dict, config: TrainConfig, stage: StageConfig) ->
     if CONFIG_KEY in checkpoint:  # the whole config
         return _changed_keys(checkpoint[CONFIG_KEY], config)
     saved = checkpoint["hyper_parameters"]  # a checkpoint of an older cxrkit: its module's
-    return _differences({k: saved[k] for k in ("stage", "optim", "loss") if k in saved},
+    return differing_keys({k: saved[k] for k in ("stage", "optim", "loss") if k in saved},
                         {"stage": to_dict(stage), "optim": to_dict(config.optim),
                          "loss": to_dict(config.loss)})
 
