@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from lightning.pytorch import Trainer
 
 from cxrkit import __version__
 from cxrkit.data.layout import load_source
-from cxrkit.data.split import read_manifest
+from cxrkit.data.split import read_manifest, write_manifest
+from cxrkit.evaluation import evaluate_run
 from cxrkit.provenance import (
     PROVENANCE,
     caveat,
@@ -64,6 +66,17 @@ def test_a_run_records_what_trained_each_stage(tiny_kaggle, tmp_path):
     write_attempts(run, attempts)
     page = " ".join(build_report(run).read_text(encoding="utf-8").split())
     assert "<strong>Its attempts differ: precision 32-true -&gt; bf16-mixed.</strong>" in page
+    # the evaluation the report made is of the films the run was trained and tested with
+    tested = json.loads((run / "eval" / "test" / "metrics.json").read_text(encoding="utf-8"))
+    assert tested["data_sha256"] == first["data"]["sha256"]
+    assert not any("not those the run was trained with" in n for n in tested["notes"])
+    other = {"NORMAL": "PNEUMONIA", "PNEUMONIA": "NORMAL"}
+    relabelled = [replace(f, label=other[f.label]) if f is films[-1] else f for f in films]
+    write_manifest(relabelled, run / "split.csv")  # one test row's truth edited by hand
+    again = json.loads((evaluate_run(run, bootstrap=0, figures=False) / "metrics.json")
+                       .read_text(encoding="utf-8"))
+    assert any("split.csv and its films are not those the run was trained with" in n
+               for n in again["notes"]) and again["data_sha256"] != tested["data_sha256"]
 
 
 def test_a_resume_at_another_precision_is_warned_about(tmp_path, caplog):

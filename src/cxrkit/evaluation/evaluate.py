@@ -80,7 +80,13 @@ from cxrkit.labels import positive_index
 from cxrkit.models import Classifier, weights_digest
 from cxrkit.onnx_backend import SIDECAR, read_sidecar
 from cxrkit.plots import VECTOR_FORMATS, extra_formats
-from cxrkit.provenance import code_version, library_versions
+from cxrkit.provenance import (
+    FILM_HASHES,
+    code_version,
+    data_fingerprint,
+    library_versions,
+    read_attempts,
+)
 from cxrkit.runs import (
     EVAL_DIR,
     METRICS,
@@ -670,6 +676,19 @@ def _emptied(out: Path) -> Path:
     return out
 
 
+def _data_changed_since_training(run: Path, now: str) -> str | None:
+    """Where split.csv's films, labels, splits or patients are not those the run was trained
+    and tested with (provenance.json's data sha256, the last attempt's): a relabelled test
+    row or a film replaced on disk changed the results unsaid."""
+    trained = next((a["data"]["sha256"] for a in reversed(read_attempts(run))
+                    if (a.get("data") or {}).get("sha256")), None)
+    if trained is None or trained == now:
+        return None
+    return (f"{run / SPLIT} and its films are not those the run was trained with (data sha256 "
+            f"{trained[:12]}... then, {now[:12]}... now): a label, split, patient or film "
+            "changed since, and these results are of the data as it is now.")
+
+
 def _export_applies_another(export: Path, calibration: Calibration) -> bool:
     """Whether RUN/export holds a calibration other than `calibration` (an export made
     since, or one damaged: said too)."""
@@ -757,6 +776,10 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
     if reuse:
         notes.append("This is the validation split that chose the threshold and "
                      "temperature: its numbers are optimistic.")
+    fingerprint = None if data is not None else data_fingerprint(manifest, run / FILM_HASHES)
+    if fingerprint and (changed := _data_changed_since_training(run, fingerprint["sha256"])):
+        log.warning("%s: %s", run.name, changed)
+        notes.append(changed)
     leak = data is None and split == "test" and test_patients_seen_in_training(manifest)
     if leak:
         log.warning("%s: %s", run.name, leak)
@@ -849,6 +872,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         "positive_class": labels[positive] if positive is not None else None,
         "labels": labels, "model": model.spec.name, "weights_sha256": digest,
         "data": origin, "external": data is not None,
+        "data_sha256": fingerprint and fingerprint["sha256"],  # split.csv's films, as trained
         "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "version": code_version(), "libraries": library_versions(),
         "probabilities": f"calibrated: softmax(logits / temperature"
