@@ -867,3 +867,17 @@ def test_what_is_no_film_is_named_for_what_it_is(tmp_path):
                                                    r"interpreted \(ValueError: .*Window Width.*"
                                                    r"export it again from the PACS"):
         read_image(path)
+
+
+def test_a_multi_frame_gif_or_tiff_says_only_its_first_frame_is_read(tmp_path):
+    """A DICOM said so; a GIF, APNG or TIFF stack was scored on its first frame unsaid."""
+    from cxrkit.data.io import film_doubt
+
+    frames = [Image.fromarray(gradient(256, 256)), Image.fromarray(gradient(256, 256)[:, ::-1])]
+    for name in ("stack.tiff", "stack.gif"):
+        frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:])
+        read = read_image(tmp_path / name)
+        np.testing.assert_array_equal(np.asarray(read), gradient(256, 256))
+        assert "2 frames: only the first was read and scored" in film_doubt(read)
+    frames[0].save(tmp_path / "single.tiff")
+    assert film_doubt(read_image(tmp_path / "single.tiff")) is None

@@ -258,7 +258,10 @@ def _read_with_pil(path: Path) -> Image.Image:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path, formats=PIL_FORMATS) as img:
             img.load()  # decode now, so truncated files fail here
-            return _pil_to_gray(img)
+            gray = _pil_to_gray(img)
+            if (frames := getattr(img, "n_frames", 1)) > 1:  # a GIF, APNG or TIFF stack
+                gray.info["doubt"] = f"{frames} frames: only the first was read and scored"
+            return gray
 
 
 def read_image(path: Film) -> Image.Image:
