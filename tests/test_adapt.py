@@ -123,6 +123,9 @@ def test_adapt_never_overwrites_a_run_nor_adapts_on_films_it_cannot_read(tmp_pat
     # its logits differ: the source's operating point is not carried over, but chosen again
     assert not (adapted / "calibration.json").exists()
     assert deployed_options(adapted) == (0.9, False, None)  # chosen again the source's way
+    # once chosen afresh (--reset-calibration: Youden's J), kept so, not the source's again
+    write_calibration(adapted, Calibration(0.5, 1.0, "validation: Youden's J"))
+    assert deployed_options(adapted) == (None, False, None)
     assert not list(run.glob(".calibration.json.*"))  # written whole, nothing left beside
     assert Path(json.loads((adapted / "adaptation.json").read_text())["target_data"]).is_absolute()
     for out in (run, adapted):  # the source run, an earlier adaptation

@@ -135,3 +135,19 @@ def test_an_exports_model_json_must_be_the_one_inside_its_model_file(trained_run
     (edited / "model.json").write_text(json.dumps(sidecar))
     with pytest.raises(ValueError, match=r"disagree on .*weights_sha256"):
         load_onnx(edited)
+
+
+def test_report_and_compare_evaluate_again_where_the_weights_were_replaced(trained_run,
+                                                                        tmp_path):
+    """The calibration and the evaluation named the same (old) weights, so both looked
+    current: the report showed the old model's numbers and digest for the new one."""
+    from cxrkit.evaluation.results import ensure_evaluated
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    first = json.loads((ensure_evaluated(run) / METRICS).read_text(encoding="utf-8"))
+    assert json.loads((ensure_evaluated(run) / METRICS).read_text()) == first  # current
+    new = replace_weights(run)
+    again = json.loads((ensure_evaluated(run) / METRICS).read_text(encoding="utf-8"))
+    assert again["weights_sha256"] == new != first["weights_sha256"]
+    assert read_calibration(run).weights_sha256 == new  # and predict takes the run again
+    assert Predictor.load(run).calibration.weights_sha256 == new

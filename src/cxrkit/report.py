@@ -63,6 +63,7 @@ from cxrkit.runs import (
     load_spec,
     model_folder,
     read_calibration,
+    weights_file_digest,
 )
 
 log = logging.getLogger(__name__)
@@ -643,11 +644,11 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
     found_audit = _find_audit(run, _data_path(config), audit)  # a wrong path said before work
     if evaluate_missing:
         ensure_evaluated(run, split)
-    calibration = read_calibration(run)
+    calibration, weights = read_calibration(run), weights_file_digest(run)
     evals = evaluations(run)
     for m in evals:
         m["figures"], m["title"] = _figures(m["folder"], m), _title(m)
-        m["current"] = at_calibration(m, calibration)
+        m["current"] = at_calibration(m, calibration, weights)
         if not m["current"]:
             m["notes"] = [*m.get("notes", []), stale_note(m)]
     current = [m for m in evals if m["current"]]

@@ -17,6 +17,7 @@ saving and loading weights import it when called.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -158,6 +159,13 @@ class Calibration:
             raise ValueError(
                 f"the deployed calibration was chosen for other weights than {weights} holds "
                 f"(sha256 {self.weights_sha256[:12]}... against {digest[:12]}...): {fix}")
+
+
+def weights_file_digest(folder: Path) -> str:
+    """SHA-256 of RUN/model.safetensors' bytes, read without PyTorch: which weights file an
+    evaluation scored (metrics.json's `weights_file_sha256`) and the logits cache keys on."""
+    with open(folder / MODEL_WEIGHTS, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def save_model(model: Classifier | Ensemble, folder: str | Path) -> Path:

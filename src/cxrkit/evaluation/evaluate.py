@@ -88,6 +88,7 @@ from cxrkit.provenance import (
     read_attempts,
 )
 from cxrkit.runs import (
+    CALIBRATION,
     EVAL_DIR,
     METRICS,
     PREDICTIONS,
@@ -98,6 +99,7 @@ from cxrkit.runs import (
     model_folder,
     read_calibration,
     softmax,
+    weights_file_digest,
     write_calibration,
 )
 
@@ -243,8 +245,10 @@ def _as_stored(films: str | Path | None) -> str | None:
 def deployed_options(run: Path) -> tuple[float | None, bool, str | None]:
     """(target_sensitivity, framing_threshold, calibrate_on) that chose RUN's calibration."""
     deployed = read_calibration(run)
-    stored = (deployed.chosen_with or source_calibration_options(run)
-              or _options_in_words(run, deployed.chosen_on))
+    if _records_its_options(run):  # {}: Youden's J on validation (as --reset-calibration)
+        stored = deployed.chosen_with
+    else:  # nothing deployed yet (an adapted run: its source's way), or an older cxrkit's
+        stored = source_calibration_options(run) or _options_in_words(run, deployed.chosen_on)
     if stored:
         log.info("%s: re-applying what chose the deployed operating point (%s); "
                  "--reset-calibration chooses afresh", run.name,
@@ -256,6 +260,15 @@ def deployed_options(run: Path) -> tuple[float | None, bool, str | None]:
                          "on the run's validation split")
     return (stored.get("target_sensitivity"), bool(stored.get("framing_threshold")),
             calibrate_on)
+
+
+def _records_its_options(run: Path) -> bool:
+    """Whether RUN/calibration.json names the options that chose it (`chosen_with`: since
+    2b77126), an empty record included."""
+    try:
+        return "chosen_with" in json.loads((run / CALIBRATION).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
 
 
 def _options_in_words(run: Path, chosen_on: str) -> dict:
@@ -871,6 +884,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         "n_per_class": films_per_class(scored, labels), "n_patients": len(set(scored.groups)),
         "positive_class": labels[positive] if positive is not None else None,
         "labels": labels, "model": model.spec.name, "weights_sha256": digest,
+        "weights_file_sha256": weights_file_digest(run),
         "data": origin, "external": data is not None,
         "data_sha256": fingerprint and fingerprint["sha256"],  # split.csv's films, as trained
         "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),

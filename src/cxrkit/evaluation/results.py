@@ -22,6 +22,7 @@ from cxrkit.runs import (
     Calibration,
     model_folder,
     read_calibration,
+    weights_file_digest,
 )
 
 log = logging.getLogger(__name__)
@@ -60,11 +61,15 @@ def evaluations(run: Path) -> list[dict]:
     return sorted(found, key=rank)
 
 
-def at_calibration(metrics: dict, calibration: Calibration) -> bool:
+def at_calibration(metrics: dict, calibration: Calibration,
+                   weights_file: str | None = None) -> bool:
     """Whether an evaluation was made with this calibration (its threshold, temperature and
     bias) and of the weights it was chosen for. A later `cxr evaluate --target-sensitivity
     ...` (say) deploys another one, and the numbers of earlier evaluations are then not
-    those of the model `cxr predict` runs."""
+    those of the model `cxr predict` runs. `weights_file`: the run's model.safetensors
+    digest now (`weights_file_digest`), which the evaluation must have scored."""
+    if weights_file and metrics.get("weights_file_sha256") not in (None, weights_file):
+        return False  # the weights were replaced since
     made = metrics.get("calibrated", {})
     threshold = metrics.get("deployed_threshold")
     chosen_for, scored = calibration.weights_sha256, metrics.get("weights_sha256")
@@ -79,11 +84,11 @@ def ensure_evaluated(run: str | Path, split: str = "test") -> Path:
     RUN/eval/<split>/ (or <split>-calibrated-<films>/ after --calibrate-on), evaluated (again)
     when there is none yet or it was made with an earlier calibration."""
     run = model_folder(run)
-    calibration = read_calibration(run)
+    calibration, weights = read_calibration(run), weights_file_digest(run)
     candidates = [run / EVAL_DIR / split, *sorted((run / EVAL_DIR).glob(f"{split}-calibrated-*"))]
     for folder in candidates:
         metrics = read_json(folder / METRICS)
-        if metrics is not None and at_calibration(metrics, calibration):
+        if metrics is not None and at_calibration(metrics, calibration, weights):
             return folder
     if any((folder / METRICS).is_file() for folder in candidates):
         log.info("%s: the %s evaluation predates the deployed calibration: evaluating again",

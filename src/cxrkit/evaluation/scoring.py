@@ -25,7 +25,7 @@ from cxrkit.data.patients import kermany_subtype
 from cxrkit.data.split import read_manifest
 from cxrkit.inference import predict_logits
 from cxrkit.models import Classifier
-from cxrkit.runs import EVAL_DIR, MODEL_WEIGHTS, SPLIT
+from cxrkit.runs import EVAL_DIR, SPLIT, weights_file_digest
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,7 @@ def cached(run: Path, labels: Sequence[str],
     afresh."""
     def scored(samples: Sequence[Sample], where: str, views: dict[str, Callable] | None = None,
                crop: float = 1.0) -> Scored:
-        weights = hashlib.sha256((run / MODEL_WEIGHTS).read_bytes()).hexdigest()
-        parts = (weights, crop, READER_VERSION,
+        parts = (weights_file_digest(run), crop, READER_VERSION,
                  [(s.path, *file_stamp(s.path)) for s in samples])
         if views:  # appended only then: the plain scores keep the keys they always had
             parts += (tuple(views),)
