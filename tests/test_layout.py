@@ -597,7 +597,9 @@ def test_a_file_name_that_is_not_utf8_is_left_out_with_the_fix(tmp_path, caplog)
         source = load_source(root)
     assert len(source.samples) == 16 and not any("caf" in str(s.path) for s in source.samples)
     said = " ".join(caplog.text.split())
-    assert "caf\\udce9.jpeg: its name is not UTF-8 text" in said and "convmv -f cp1252" in said
+    assert (f"1 file name(s) in {root / 'train' / 'NORMAL'} are not UTF-8 text (e.g. "
+            "caf\\udce9.jpeg;") in said
+    assert f"convmv -f cp1252 -t utf8 -r --notest {root / 'train' / 'NORMAL'}`" in said
     write_manifest(patient_split(source.samples, 0.2, 0), tmp_path / "split.csv")
     assert len(read_manifest(tmp_path / "split.csv")) == 16
     assert audit_dataset(root, tmp_path / "audit", workers=1).n_images == 16

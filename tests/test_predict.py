@@ -7,6 +7,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -615,6 +617,12 @@ def test_a_name_that_is_not_utf8_is_written_escaped_not_a_crash(run, films, tmp_
     rows = list(csv.DictReader(write_predictions(predictions, tmp_path / "p.csv").open()))
     assert [r["path"] for r in rows][0].endswith("caf\\udce9.png") and len(rows) == 2
     assert rows[0]["label"] == rows[1]["label"] and rows[0]["label"]
+    # a folder of such names is predicted too, its lines on a strict stdout (en_US.UTF-8)
+    shown = subprocess.run([str(Path(sys.executable).with_name("cxr")), "predict", str(run),
+                            str(tmp_path)], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert f"{tmp_path}/caf\\udce9.png\t{rows[0]['label']}\t" in shown.stdout
 
 
 def test_an_empty_folder_beside_films_is_said(films, tmp_path, caplog):

@@ -152,6 +152,9 @@ def test_an_out_of_the_wrong_kind_is_refused_before_the_work(source, tmp_path):
                        (["data", "audit", str(source.root), "--out", str(tmp_path / "taken.txt")],
                         f"--out {tmp_path / 'taken.txt'} is a file: give a folder"),
                        (["export", str(source.root), "--out", str(tmp_path / "taken.txt")],
+                        f"--out {tmp_path / 'taken.txt'} is a file: give a folder"),
+                       (["adapt", str(source.root), "--data", str(source.root), "--out",
+                         str(tmp_path / "taken.txt")],
                         f"--out {tmp_path / 'taken.txt'} is a file: give a folder")):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2 and said in " ".join(result.stderr.split()), result.output

@@ -62,7 +62,7 @@ def _target(data: str | Path, split: str | None) -> tuple[list[str], str | None]
     try:
         source = load_source(data)
     except DataLayoutError:
-        return [str(p) for p in images_under(Path(data))], None
+        return [str(p) for p in images_under(Path(data), any_name=True)], None
     named = [name for name in source.splits if name]
     if split and named and split not in named:  # never every film, test films included
         raise ValueError(f"{data} has the splits {', '.join(named)}, no {split!r}: choose one "

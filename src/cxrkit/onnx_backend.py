@@ -13,6 +13,7 @@ time). Films are read and resized by the code every model uses
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -26,6 +27,8 @@ from cxrkit.data.io import Failure, Film, film_name, read_for_model
 from cxrkit.progress import ScoringProgress
 from cxrkit.runs import Calibration, finite_logits
 from cxrkit.spec import ModelSpec
+
+log = logging.getLogger(__name__)
 
 FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.pt"}
 SIDECAR = "model.json"
@@ -93,24 +96,37 @@ def load_onnx(path: str | Path) -> tuple[OnnxClassifier, Calibration]:
     return model, calibration
 
 
+# What a recalibration changes: between 0f9a7de and 9f0551e, `cxr export --format
+# torchscript` after one updated model.json but not model.onnx's copy of these.
+CALIBRATION_KEYS = {"threshold", "temperature", "bias", "threshold_chosen_on"}
+
+
 def _refuse_another_exports_sidecar(folder: Path, embedded: dict[str, str]) -> None:
     """model.onnx carries the sidecar it was exported with (`cxr export`): a model.json of
-    another export, or edited by hand, would apply its labels, preprocessing or threshold to
-    these weights unnoticed. Nothing to compare in a file another tool or an older cxrkit
-    wrote."""
-    try:
-        inside = {key: json.loads(value) for key, value in embedded.items()}
-    except ValueError:  # not ours
-        return
+    another export, or edited by hand, would apply its labels, preprocessing or weights'
+    name to these weights unnoticed (refused); a calibration other than the embedded one is
+    said and model.json's applied. Nothing to compare in a file without our sidecar."""
+    inside = {}
+    for key, value in embedded.items():
+        try:
+            inside[key] = json.loads(value)
+        except ValueError:  # another tool's entry
+            continue
     beside = json.loads((folder / SIDECAR).read_text(encoding="utf-8"))
     differ = sorted(key for key in inside.keys() & beside.keys() if inside[key] != beside[key])
-    if differ:
-        first = differ[0]
-        raise ValueError(
-            f"{folder / SIDECAR} and {folder / FILE_NAMES['onnx']} disagree on "
+    if not differ:
+        return
+    first = differ[0]
+    said = (f"{folder / SIDECAR} and {folder / FILE_NAMES['onnx']} disagree on "
             f"{', '.join(differ)} (e.g. {first}: {beside[first]!r} beside, {inside[first]!r} "
-            "inside the model): model.json was edited, or comes from another export. Export "
-            "the run again (`cxr export RUN`) rather than edit either")
+            "inside the model)")
+    if set(differ) <= CALIBRATION_KEYS:
+        log.warning("%s: using model.json's. It was edited, or the export was updated after a "
+                    "recalibration by a cxrkit that left model.onnx's copy behind; `cxr export "
+                    "RUN` makes them one again", said)
+        return
+    raise ValueError(f"{said}: model.json was edited, or comes from another export. Export "
+                     "the run again (`cxr export RUN`) rather than edit either")
 
 
 def onnx_logits(model: OnnxClassifier, paths: Sequence[Film], batch_size: int = 32,

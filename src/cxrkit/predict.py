@@ -107,7 +107,8 @@ def collect_images(paths: Film | Iterable[Film]) -> list[str | Film]:
         if is_not_a_film(path):  # named by a shell glob: folder/*
             log.info("passed over %s: the operating system's or a CD's file, not a film", arg)
         elif path.is_dir():
-            images = [str(p) for p in images_under(path)]
+            # any name: predictions write one that is not UTF-8 escaped
+            images = [str(p) for p in images_under(path, any_name=True)]
             empty += [] if images else [arg]
             found += images
             if skipped := unrecognised_under(path):
@@ -457,7 +458,7 @@ def write_predictions(predictions: Sequence[Prediction], path: str | Path) -> Pa
         path.write_text(json.dumps([asdict(p) for p in predictions], indent=2), encoding="utf-8")
         return path
     labels = list(dict.fromkeys(k for p in predictions for k in p.probabilities))
-    # a name that is not UTF-8 (given by hand: folders leave such files out) as \xfe escapes
+    # a name that is not UTF-8 (a cp1252 name from a Windows zip) written with \udcfe escapes
     with open(path, "w", encoding="utf-8", errors="backslashreplace", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label", *[f"p_{k}" for k in labels], "threshold", "error",

@@ -15,6 +15,7 @@ from cxrkit.cli.app import (
     app,
     console,
     fail,
+    refuse_a_file_for_a_folder,
     route_lightning_logs,
     show_table,
 )
@@ -126,6 +127,7 @@ def adapt(
     """
     from cxrkit.adapt import adapt_run
 
+    refuse_a_file_for_a_folder(out)
     try:
         folder = adapt_run(run, data, split, out, batch_size)
     except USER_ERRORS as e:

@@ -35,9 +35,15 @@ def threshold_note(readable: list[Prediction]) -> str | None:
     return f"label {positive} where P({positive}) >= {readable[0].threshold:.3f}"
 
 
-# A tab, newline or carriage return in a file name, written as `ls -b` does: it would end
-# the line or add a column. (A backslash stays as it is: Windows paths keep theirs.)
+# A tab, newline or carriage return in a file name, written \t, \n, \r: it would end the
+# line or add a column. (A backslash stays as it is: Windows paths keep theirs.)
 CONTROL_ESCAPES = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _tsv_path(path: str) -> str:
+    """A path for a tab-separated line: control characters escaped, and a name that is not
+    UTF-8 (cp1252 bytes) with \udcfe escapes, which a strict stdout (en_US.UTF-8) takes."""
+    return path.translate(CONTROL_ESCAPES).encode("utf-8", "backslashreplace").decode()
 
 
 def predictions_tsv(readable: list[Prediction]) -> str:
@@ -45,7 +51,7 @@ def predictions_tsv(readable: list[Prediction]) -> str:
     `| grep`, `| cut`, a spreadsheet."""
     labels = list(readable[0].probabilities)
     rows = [["path", "label", *[f"P({label})" for label in labels]]]
-    rows += [[p.path.translate(CONTROL_ESCAPES), p.label,
+    rows += [[_tsv_path(p.path), p.label,
               *[f"{p.probabilities[k]:.6f}" for k in labels]] for p in readable]
     return "".join("\t".join(row) + "\n" for row in rows)
 

@@ -115,8 +115,9 @@ def _decode_dicom(path: Path, warned: list[warnings.WarningMessage]) -> Image.Im
         raise
     doubts = _header_doubts(header)
     if pixels.ndim == 3 and int(ds.get("SamplesPerPixel") or 1) == 1:  # frames, not colour
-        doubts.append(f"its pixel data holds {pixels.shape[0]} frames where its header says "
-                      f"{frames}: only the first was read (a damaged export?)")
+        declared = f"says {frames}" if "NumberOfFrames" in ds else "declares no frame count"
+        doubts.append(f"its pixel data holds {pixels.shape[0]} frames where its header "
+                      f"{declared}: only the first was read (a damaged export?)")
         pixels = pixels[0]
     img = Image.fromarray(_dicom_to_uint8(pixels, ds), mode="L")
     if doubts:

@@ -14,6 +14,7 @@ import csv
 import io
 import logging
 import os
+import shlex
 import unicodedata
 from collections import Counter
 from collections.abc import Collection, Iterable
@@ -79,11 +80,12 @@ class DataSource:
         return table
 
 
-def images_under(folder: Path) -> list[Path]:
+def images_under(folder: Path, any_name: bool = False) -> list[Path]:
     """The image files below `folder`, through linked folders too (each real folder once, by
     the first path to it in name order), but not in hidden or junk folders (.git, __MACOSX,
-    ...) nor macOS's `._` shadows, nor through a link back up to `folder` or above it."""
-    files, unfollowed = _files_under(folder)
+    ...) nor macOS's `._` shadows, nor through a link back up to `folder` or above it.
+    `any_name`: names that are not UTF-8 too (left out, said, where a manifest is written)."""
+    files, unfollowed = _files_under(folder, any_name=any_name)
     _warn(unfollowed)
     return sorted(p for p in files if is_image_file(p))
 
@@ -108,8 +110,8 @@ def unrecognised_under(folder: Path) -> list[Path]:
                   and any(c.isdigit() for c in p.name) and not is_image_file(p))
 
 
-def _files_under(folder: Path,
-                 labelled: Collection[Path] = ()) -> tuple[list[Path], list[str]]:
+def _files_under(folder: Path, labelled: Collection[Path] = (),
+                 any_name: bool = False) -> tuple[list[Path], list[str]]:
     """The files below `folder`, and a note for each folder passed over: a linked folder that
     holds `folder` (a loop: `shortcut -> ..` would bring in its neighbours) or reaches into
     another of the dataset's class folders, `labelled` (their films would take this folder's
@@ -135,7 +137,10 @@ def _files_under(folder: Path,
             if why := _link_leads_back(Path(top, name), folder, labelled):
                 dirs.remove(name)
                 passed_over.append(why)
-        named = [p for p in map(Path(top).joinpath, files) if _utf8(p, passed_over)]
+        named = [*map(Path(top).joinpath, files)]
+        if not any_name and (odd := [p for p in named if not _utf8(p)]):
+            named = [p for p in named if p not in odd]
+            passed_over.append(_not_utf8_note(Path(top), odd))
         try:
             found += [p for p in named if p.is_file()]
         except OSError as e:  # listed but not entered (`chmod 644` on a folder)
@@ -145,18 +150,24 @@ def _files_under(folder: Path,
     return found, passed_over
 
 
-def _utf8(path: Path, passed_over: list[str]) -> bool:
+def _utf8(path: Path) -> bool:
     """Whether a path is UTF-8 text (a name from a Windows or old Mac zip or disk is often
-    cp1252 bytes), which split.csv, the audit and predictions record; else noted, left out:
-    one odd name stopped a whole run."""
+    cp1252 bytes), which split.csv and the audit record: one odd name stopped a whole run."""
     try:
         str(path).encode("utf-8")
         return True
     except UnicodeEncodeError:
-        passed_over.append(f"{ascii(str(path))[1:-1]}: its name is not UTF-8 text (from a "
-                           "Windows or old Mac zip or disk?): left out. Rename it, e.g. `convmv "
-                           f"-f cp1252 -t utf8 -r --notest '{ascii(str(path.parent))[1:-1]}'`")
         return False
+
+
+def _not_utf8_note(folder: Path, odd: list[Path]) -> str:
+    """One note a folder: its names that are not UTF-8, and a command that renames them (on
+    the nearest folder whose own path is UTF-8, as the shell needs it)."""
+    fixable = next(p for p in (folder, *folder.parents) if _utf8(p))
+    shown = ascii(odd[0].name)[1:-1]
+    return (f"{len(odd)} file name(s) in {ascii(str(folder))[1:-1]} are not UTF-8 text (e.g. "
+            f"{shown}; from a Windows or old Mac zip or disk?): left out. Rename them, e.g. "
+            f"`convmv -f cp1252 -t utf8 -r --notest {shlex.quote(str(fixable))}`")
 
 
 def _unreadable_folder(folder: Path, error: OSError) -> str:

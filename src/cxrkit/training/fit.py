@@ -269,8 +269,9 @@ def existing_run(config: TrainConfig) -> Path | None:
     if saved.data.path != config.data.path:  # free on --resume (the data moved), not here
         changed.append("data.path")
     if changed:
+        verb = "differs" if len(changed) == 1 else "differ"
         raise ConfigError(
-            f"{folder} holds a run of another config ({', '.join(sorted(changed))} differ "
+            f"{folder} holds a run of another config ({', '.join(sorted(changed))} {verb} "
             f"from its config.yaml): choose another --name for this one, or continue that "
             f"run as it is with `cxr train --resume {folder}`")
     return folder
@@ -810,8 +811,8 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None,
             try:
                 return train_run(run, resumed=resume is not None)
             except STOPS as e:  # run.log keeps how the run ended, not only the terminal
-                log.info("training stopped by %s; %s holds where a resume continues",
-                         _stopped_by(e), run.folder / LAST)
+                log.info("training stopped by %s; a resume continues it from its last "
+                         "checkpoint (a stage with none yet from its beginning)", _stopped_by(e))
                 raise
             except Exception as e:
                 if resume is None:  # inside the lock: never a folder another process trains
