@@ -24,7 +24,7 @@ from cxrkit.data.io import STRETCH_PERCENTILES
 from cxrkit.data.transforms import eval_transform
 from cxrkit.export import export_model
 from cxrkit.inference import predict_logits
-from cxrkit.models import create_model
+from cxrkit.models import create_model, weights_digest
 from cxrkit.predict import Prediction, Predictor, collect_images, predict, write_predictions
 from cxrkit.runs import (
     Calibration,
@@ -127,7 +127,7 @@ def test_cli_lists_the_corrupt_file_and_exits_1(run, films, tmp_path):
         if suffix == "csv":
             rows = list(csv.DictReader(out.open()))
             assert list(rows[0]) == ["path", "label", "p_NORMAL", "p_PNEUMONIA", "threshold",
-                                     "error", "warning", "cam"]
+                                     "error", "warning", "cam", "weights_sha256"]
         else:
             rows = json.loads(out.read_text())
         by_name = {r["path"].rsplit("/", 1)[1]: r for r in rows}
@@ -135,6 +135,9 @@ def test_cli_lists_the_corrupt_file_and_exits_1(run, films, tmp_path):
         assert by_name["corrupt.png"]["label"] in ("", None) and by_name["corrupt.png"]["error"]
         assert by_name["pneumonia_1.png"]["label"] == "PNEUMONIA"
         assert by_name["normal_3.jpg"]["label"] == "NORMAL"
+        # which model made each call (none for a film not read)
+        assert by_name["normal_3.jpg"]["weights_sha256"] == weights_digest(load_model(run))
+        assert by_name["corrupt.png"]["weights_sha256"] in ("", None)
     ok = runner.invoke(app, ["predict", str(run), str(films / "a"), "--threshold", "0.4"])
     assert ok.exit_code == 0, ok.output
     assert "label PNEUMONIA where P(PNEUMONIA) >= 0.400" in flat(ok.output)

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from cxrkit.cli import app
 from cxrkit.export import export_onnx, sidecar_entries, write_sidecar
+from cxrkit.models import weights_digest
 from cxrkit.predict import predict
 from cxrkit.runs import Calibration, load_model, write_calibration
 from cxrkit.serve import create_app
@@ -77,14 +78,18 @@ def test_health_answers_while_every_worker_waits_for_the_model(trained_run, film
         assert [f.result().status_code for f in waiting] == [200] * 45
 
 
-def test_health_model_and_schema(server):
+def test_health_model_and_schema(server, trained_run):
     assert requests.get(f"{server}/health", timeout=10).json() == {"status": "ok"}
     info = requests.get(f"{server}/model", timeout=10).json()
     assert info["name"] == "simple_cnn" and info["labels"] == ["NORMAL", "PNEUMONIA"]
     assert (info["input_size"], info["threshold"], info["temperature"]) == (64, 0.5, 1.0)
     assert info["backend"] == "torch" and info["gradcam"] is True
     assert (info["positive_label"], info["bias"]) == ("PNEUMONIA", [])
+    # which model answers, and what for: a clinician's tool meets neither the run nor its report
+    assert info["weights_sha256"] == weights_digest(load_model(trained_run))
+    assert info["intended_use"].startswith("Research and education. Not a medical device")
     schema = requests.get(f"{server}/openapi.json", timeout=10).json()
+    assert "Not a medical device" in schema["info"]["description"]
     assert {"/predict", "/model", "/health"} <= set(schema["paths"])
     assert "multipart/form-data" in schema["paths"]["/predict"]["post"]["requestBody"]["content"]
     page = requests.get(server, timeout=10)
@@ -105,6 +110,7 @@ def test_png_jpeg_and_dicom_predicted_like_the_python_api(server, trained_run, f
         assert body["filename"] == name and body["cam_png"] is None
         assert body["label"] == expected[name].label
         assert (body["threshold"], body["positive_label"]) == (0.5, "PNEUMONIA")
+        assert body["weights_sha256"] == expected[name].weights_sha256 is not None
         # atol: a GPU's kernels for a batch of one and of three differ in the last digits
         np.testing.assert_allclose(list(body["probabilities"].values()),
                                    list(expected[name].probabilities.values()), atol=1e-5)

@@ -42,6 +42,7 @@ from cxrkit.runs import (
     load_model,
     model_folder,
 )
+from cxrkit.spec import INTENDED_USE
 
 log = logging.getLogger(__name__)
 
@@ -250,10 +251,6 @@ def export_torchscript(model: Classifier, path: str | Path, sidecar: dict | None
                 else {})
     return Path(path)
 
-
-# An export travels without its run folder's report: it says what it is for itself.
-INTENDED_USE = ("Research and education. Not a medical device: not for diagnosis or any "
-                "decision about a patient. Validate on the deployment site's own films.")
 
 
 def sidecar_entries(spec: ModelSpec, calibration: Calibration) -> dict:

@@ -82,6 +82,7 @@ class Prediction:
     error: str | None = None  # why the file could not be read
     cam: str | None = None  # the Grad-CAM overlay written for this file
     warning: str | None = None  # readable, but hardly a chest film (`film_doubt`)
+    weights_sha256: str | None = None  # the model's (`cxrkit.models.weights_digest`)
 
     @property
     def ok(self) -> bool:
@@ -322,7 +323,8 @@ class Predictor:
                                             self.positive_label)[0])
             by_label = {k: float(p) for k, p in zip(self.labels, probs, strict=True)}
             predictions.append(Prediction(name, self.labels[index], by_label, threshold,
-                                          self.positive_label, warning=doubts.get(i)))
+                                          self.positive_label, warning=doubts.get(i),
+                                          weights_sha256=self.weights_sha256))
         return predictions
 
     def cam_overlays(self, predictions: Sequence[Prediction],
@@ -462,10 +464,11 @@ def write_predictions(predictions: Sequence[Prediction], path: str | Path) -> Pa
     with open(path, "w", encoding="utf-8", errors="backslashreplace", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label", *[f"p_{k}" for k in labels], "threshold", "error",
-                         "warning", "cam"])
+                         "warning", "cam", "weights_sha256"])
         for p in predictions:
             probs = [f"{p.probabilities[k]:.6f}" if k in p.probabilities else "" for k in labels]
             writer.writerow([spreadsheet_text(p.path), spreadsheet_text(p.label or ""), *probs,
                              "" if p.threshold is None else p.threshold,
-                             *map(spreadsheet_text, (p.error or "", p.warning or "", p.cam or ""))])
+                             *map(spreadsheet_text, (p.error or "", p.warning or "", p.cam or "")),
+                             p.weights_sha256 or ""])
     return path

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+# What a model cxrkit trained is for, said where its outputs go without the run's report
+# (an export's model.json, the server's /model and API description).
+INTENDED_USE = ("Research and education. Not a medical device: not for diagnosis or any "
+                "decision about a patient. Validate on the deployment site's own films.")
+
 # A film's side in pixels, at most: a model.json from elsewhere (a run or an export someone
 # sent) asking for more would allocate GBs per film before anything else went wrong.
 MAX_INPUT_SIZE = 4096

@@ -45,6 +45,7 @@ from pydantic import BaseModel, Field
 from cxrkit import __version__
 from cxrkit.data.io import DICOM_SUFFIXES, LARGEST_FILM_MB, TOO_MANY_PIXELS
 from cxrkit.predict import CAM_PNG_COMPRESSION, Predictor
+from cxrkit.spec import INTENDED_USE
 
 # Takes any film the reader takes: a full-size uncompressed 16-bit DR film is over 30 MB.
 DEFAULT_MAX_UPLOAD_MB = float(LARGEST_FILM_MB)
@@ -66,6 +67,9 @@ class ModelInfo(BaseModel):
     backend: str
     gradcam: bool = Field(description="whether ?cam=true is available (PyTorch backend)")
     max_upload_mb: float
+    weights_sha256: str | None = Field(description="the served weights' digest, as the run's "
+                                       "metrics.json and an export's model.json name it")
+    intended_use: str
 
 
 class PredictResult(BaseModel):
@@ -77,6 +81,7 @@ class PredictResult(BaseModel):
     warning: str | None = Field(None, description="set when the image is hardly a chest film "
                                 "(a thumbnail, a strip, blank): the label is unreliable")
     cam_png: str | None = Field(None, description="base64 PNG: Grad-CAM over the film (?cam)")
+    weights_sha256: str | None = Field(None, description="the model that answered (as /model)")
 
 
 class Problem(BaseModel):
@@ -249,7 +254,7 @@ def create_app(model_path: str | Path, backend: str | None = None,
     page = (resources.files("cxrkit.serve") / "static" / "index.html").read_text(encoding="utf-8")
     # FastAPI as it is, but /docs loads Swagger UI from this server instead of a CDN.
     app = FastAPIOffline(title="cxrkit", version=__version__, redoc_url=None,
-                         description="Chest X-ray classification. " + HOW_TO_POST)
+                         description=f"Chest X-ray classification. {INTENDED_USE} " + HOW_TO_POST)
     app.state.predictor = predictor  # the loaded model, for an application that embeds this
     app.add_middleware(UploadLimit, max_bytes=int(max_upload_mb * 2**20))
     app.add_middleware(SameSiteOnly, hosts=hosts, origins=origins)  # added last: runs first
@@ -275,7 +280,8 @@ def create_app(model_path: str | Path, backend: str | None = None,
                          positive_label=predictor.positive_label,
                          temperature=calibration.temperature, bias=calibration.bias,
                          threshold_chosen_on=calibration.chosen_on, backend=predictor.backend,
-                         gradcam=predictor.backend == "torch", max_upload_mb=max_upload_mb)
+                         gradcam=predictor.backend == "torch", max_upload_mb=max_upload_mb,
+                         weights_sha256=predictor.weights_sha256, intended_use=INTENDED_USE)
 
     def predict_one(path: Path, cam: bool):  # on model_thread
         [result] = predictor.predict([path])
@@ -309,6 +315,7 @@ def create_app(model_path: str | Path, backend: str | None = None,
         return PredictResult(filename=file.filename, label=result.label,
                              probabilities=result.probabilities, threshold=result.threshold,
                              positive_label=predictor.positive_label,
-                             warning=result.warning, cam_png=cam_png)
+                             warning=result.warning, cam_png=cam_png,
+                             weights_sha256=result.weights_sha256)
 
     return app
