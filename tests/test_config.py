@@ -158,6 +158,19 @@ def test_bad_yaml_key_names_the_file(tmp_path):
         TrainConfig.load(file)
 
 
+def test_a_key_given_twice_in_a_yaml_config_is_refused(tmp_path):
+    """Two configs merged into one file: PyYAML kept the last `data:` section, unsaid."""
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("data:\n  batch_size: 8\noptim:\n  weight_decay: 0.01\n"
+                      "data:\n  batch_size: 16\n")
+    with pytest.raises(ConfigError, match=r"merged.yaml as YAML text: the key 'data' is given "
+                                          r"twice \(keep one\)"):
+        TrainConfig.load(merged)
+    once = tmp_path / "once.yaml"
+    once.write_text("data:\n  batch_size: 8\n  augment: {degrees: 3}\n")
+    assert TrainConfig.load(once).data.batch_size == 8  # each key once: read as before
+
+
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="quick, default, finetune, scratch"):
         TrainConfig.preset("fast")

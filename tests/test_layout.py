@@ -250,6 +250,10 @@ def test_a_manifest_row_without_a_label_is_refused(tmp_path, tiny_kaggle):
     with pytest.raises(DataLayoutError, match=r"list.csv, line 4: every row needs a path and a "
                                               r"label \(this one reads .*\); fix or delete it"):
         load_source(manifest)
+    manifest.write_text(f"path,label\n{films[0]},NORMAL\n{films[1]}\0x,NORMAL\n")
+    with pytest.raises(DataLayoutError, match=r"list.csv, line 3: its path holds a NUL "
+                                              r"character"):  # (was: "embedded null byte")
+        load_source(manifest)
 
 
 def test_a_manifest_saved_by_excel_is_read_and_a_wrong_header_is_named(tmp_path, tiny_kaggle):

@@ -316,7 +316,7 @@ class TrainConfig:
         run's preset), else unknown: its fields may be any recipe's."""
         path = Path(path)
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            values = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys) or {}
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:  # also a binary file
             raise ConfigError(f"cannot read config {path} as YAML text: {e}") from e
         if not isinstance(values, dict):
@@ -478,6 +478,23 @@ def changed_training_keys(saved: dict, current: dict) -> list[str]:
     """Keys of `current` (a config as a dict) other than `saved`'s, but those that only say
     where things are or how to show them (FREE_ON_RESUME)."""
     return [key for key in differing_keys(saved, current) if key not in FREE_ON_RESUME]
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML as safe_load reads it, but a key given twice in one mapping (two configs merged
+    into one file) is refused: PyYAML keeps the last, unsaid."""
+
+
+def _mapping_of_unique_keys(loader: _UniqueKeys, node: yaml.MappingNode) -> dict:
+    keys = [loader.construct_object(key, deep=True) for key, _ in node.value]
+    if twice := next((key for key in keys if keys.count(key) > 1), None):
+        raise yaml.constructor.ConstructorError(None, None, f"the key {twice!r} is given twice "
+                                                "(keep one)", node.start_mark)
+    return loader.construct_mapping(node, deep=True)
+
+
+_UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                            _mapping_of_unique_keys)
 
 
 def to_dict(config: Any) -> Any:

@@ -10,6 +10,7 @@ bytes and stretches deep films (16-bit PNG and DICOM alike) to 8 bits.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import warnings
 from collections.abc import Iterable, Iterator
@@ -298,7 +299,10 @@ def read_image(path: Film) -> Image.Image:
     except NotAFilm as e:
         raise UnreadableImageError(path, str(e)) from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UnreadableImageError(path, f"{TOO_MANY_PIXELS} ({e})") from e
+        size = re.search(r"\((\d+) pixels\)", str(e))  # PIL's own limit is twice ours
+        pixels = f"{int(size[1]):,} > " if size else "over "
+        raise UnreadableImageError(path, f"{TOO_MANY_PIXELS} ({pixels}{MAX_PIXELS:,}); a chest "
+                                         "film is at most ~4k x 4k") from e
     except UnidentifiedImageError as e:
         raise UnreadableImageError(path, "not an image PIL or pydicom can read") from e
     except Exception as e:  # truncated JPEG, broken DICOM, ...: report, never crash a run

@@ -411,6 +411,10 @@ def _from_manifest(csv_path: Path, parse: PatientIdParser) -> DataSource:
         if row["label"] is None or not (row["path"] or "").strip():  # a short or blank row
             raise DataLayoutError(f"{csv_path}, line {line}: every row needs a path and a "
                                   f"label (this one reads {dict(row)}); fix or delete it")
+        if "\0" in row["path"]:  # (os.stat's "embedded null byte", naming nothing)
+            raise DataLayoutError(f"{csv_path}, line {line}: its path holds a NUL character, "
+                                  "which no file name has (a damaged or binary export?); fix "
+                                  "or delete the row")
         given, respelt = _as_on_disk(row["path"].strip(), csv_path.parent)
         respellings.update([respelt] if respelt else [])
         path = given if given.is_absolute() else csv_path.parent / given
