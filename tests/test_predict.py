@@ -635,3 +635,18 @@ def test_an_empty_folder_beside_films_is_said(films, tmp_path, caplog):
         found = collect_images([films / "a", tmp_path / "site_b"])
     assert len(found) == 2
     assert f"no images found in {tmp_path / 'site_b'}: nothing of it was predicted" in caplog.text
+
+
+def test_a_run_path_from_the_wrong_folder_or_a_runs_folder_is_named_so(trained_run, tmp_path,
+                                                                      monkeypatch):
+    """Both were "not a cxrkit run: expected model.safetensors and model.json": a student in
+    another folder, or one giving runs/, could not tell what was wrong."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["evaluate", "runs/quick"])
+    assert result.exit_code == 2
+    assert f"runs/quick does not exist (relative to {tmp_path})" in flat(result.stderr)
+    runs = trained_run.parent
+    result = CliRunner().invoke(app, ["report", str(runs)])
+    assert result.exit_code == 2
+    assert f"{runs} holds runs rather than being one: give one of them, e.g. {trained_run}" \
+        in flat(result.stderr)

@@ -1335,3 +1335,16 @@ def test_a_dumb_terminal_gets_log_lines_not_a_bar(monkeypatch):
     assert shows_a_bar()
     monkeypatch.setenv("TERM", "dumb")
     assert not shows_a_bar()
+
+
+def test_a_stage_that_stops_early_says_so(tiny_kaggle, tmp_path, caplog):
+    """A fine-tuning stage ended two epochs into eight, its weights not kept, and nothing
+    said it: students took the short curve for a bug."""
+    config = tiny_config(tiny_kaggle, tmp_path, **{
+        "stages.0.epochs": 4, "stages.0.lr": 1e-12,  # nothing learnt: nothing improves
+        "trainer.early_stopping_patience": 1})
+    with caplog.at_level(logging.INFO, logger="cxrkit.training.callbacks"):
+        train(config)
+    said = [r.getMessage() for r in caplog.records if "stops early" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("stage train stops early after epoch 2 of 4: "
+                                                 "val_roc_auc has not improved for 1 epoch(s)")

@@ -296,7 +296,15 @@ def being_trained(folder: Path) -> bool:
 
 def refuse_unfinished(folder: Path) -> None:
     """A training run without its model yet (interrupted, or still training) is said to be
-    one, with the way to finish it."""
+    one, with the way to finish it; a folder that is not there, or that holds runs rather
+    than being one, is said to be so (a command run from another folder, a runs folder)."""
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder} does not exist (relative to {Path.cwd()}): give "
+                                "the run folder `cxr train` printed, e.g. runs/NAME")
+    if runs := sorted(p.name for p in folder.iterdir()
+                      if (p / MODEL_WEIGHTS).is_file() or (p / CONFIG).is_file())[:5]:
+        raise FileNotFoundError(f"{folder} holds runs rather than being one: give one of them, "
+                                f"e.g. {', '.join(str(folder / name) for name in runs)}")
     if being_trained(folder):
         raise FileNotFoundError(f"{folder} is being trained now: it has no {MODEL_WEIGHTS} "
                                 "yet; use it once its training ends")

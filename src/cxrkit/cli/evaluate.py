@@ -60,7 +60,8 @@ def show_variants(metrics: dict) -> None:
 
     rule = "deployed rule" if metrics["deployed_threshold"] is not None else "argmax"
     for variant in variant_tables(metrics):
-        table = Table("metric", *variant["columns"], title=f"{variant['title']} ({rule})")
+        table = Table("metric", *variant["columns"], title=f"{variant['title']} ({rule})",
+                      caption=variant.get("note"))  # how to read it, as the report says
         for row in variant["rows"]:
             table.add_row(*row)
         show_table(table)

@@ -794,8 +794,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
         log.warning("%s: %s", run.name, changed)
         notes.append(changed)
     leak = data is None and split == "test" and test_patients_seen_in_training(manifest)
-    if leak:
-        log.warning("%s: %s", run.name, leak)
+    if leak:  # a note (`cxr evaluate` prints it), not said again: training said it first
         notes.append(leak)
     if data is not None:
         notes += external_data_doubts(read_manifest(run / SPLIT), scored.samples)

@@ -207,6 +207,14 @@ class StaysStopped(EarlyStopping):
         return "EarlyStopping" + super().state_key.removeprefix(type(self).__qualname__)
 
     def _note(self, trainer) -> None:
+        stops_here = (trainer.should_stop and not self.stopped
+                      and self.wait_count >= self.patience)  # (not a Ctrl+C's stop)
+        if stops_here and trainer.is_global_zero:  # said: a stage ended early unannounced
+            stage = getattr(trainer.lightning_module, "stage", None)
+            log.info("%sstops early after epoch %d of %d: %s has not improved for %d "
+                     "epoch(s) (best %.4f); best.ckpt keeps the best epoch",
+                     f"stage {stage.name} " if stage else "", trainer.current_epoch + 1,
+                     trainer.max_epochs, self.monitor, self.wait_count, float(self.best_score))
         self.stopped = self.stopped or trainer.should_stop
 
     def on_validation_end(self, trainer, pl_module) -> None:
