@@ -169,6 +169,12 @@ def test_a_key_given_twice_in_a_yaml_config_is_refused(tmp_path):
     once = tmp_path / "once.yaml"
     once.write_text("data:\n  batch_size: 8\n  augment: {degrees: 3}\n")
     assert TrainConfig.load(once).data.batch_size == 8  # each key once: read as before
+    merged_by_anchor = tmp_path / "anchors.yaml"  # YAML's own merge key, not a repeat
+    merged_by_anchor.write_text("stages:\n- &base {name: head, epochs: 2, lr: 0.001}\n"
+                                "- <<: *base\n  name: finetune\n  epochs: 5\n")
+    stages = TrainConfig.load(merged_by_anchor).stages
+    assert [(s.name, s.epochs, s.lr) for s in stages] == [("head", 2, 0.001),
+                                                          ("finetune", 5, 0.001)]
 
 
 def test_unknown_preset():

@@ -885,3 +885,7 @@ def test_a_multi_frame_gif_or_tiff_says_only_its_first_frame_is_read(tmp_path):
         assert "2 frames: only the first was read and scored" in film_doubt(read)
     frames[0].save(tmp_path / "single.tiff")
     assert film_doubt(read_image(tmp_path / "single.tiff")) is None
+    # a camera JPEG's preview picture (PIL: a second MPO frame) is no stack of films
+    frames[0].convert("RGB").save(tmp_path / "camera.jpg", "MPO", save_all=True,
+                                  append_images=[frames[1].convert("RGB")])
+    assert film_doubt(read_image(tmp_path / "camera.jpg")) is None

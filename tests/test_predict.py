@@ -645,6 +645,8 @@ def test_a_run_path_from_the_wrong_folder_or_a_runs_folder_is_named_so(trained_r
     result = CliRunner().invoke(app, ["evaluate", "runs/quick"])
     assert result.exit_code == 2
     assert f"runs/quick does not exist (relative to {tmp_path})" in flat(result.stderr)
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "nope")])
+    assert f"{tmp_path / 'nope'} does not exist: give the run folder" in flat(result.stderr)
     runs = trained_run.parent
     result = CliRunner().invoke(app, ["report", str(runs)])
     assert result.exit_code == 2

@@ -486,7 +486,8 @@ class _UniqueKeys(yaml.SafeLoader):
 
 
 def _mapping_of_unique_keys(loader: _UniqueKeys, node: yaml.MappingNode) -> dict:
-    keys = [loader.construct_object(key, deep=True) for key, _ in node.value]
+    keys = [loader.construct_object(key, deep=True) for key, _ in node.value
+            if key.tag != "tag:yaml.org,2002:merge"]  # `<<: *anchor`: construct_mapping's
     if twice := next((key for key in keys if keys.count(key) > 1), None):
         raise yaml.constructor.ConstructorError(None, None, f"the key {twice!r} is given twice "
                                                 "(keep one)", node.start_mark)

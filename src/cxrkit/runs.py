@@ -299,8 +299,9 @@ def refuse_unfinished(folder: Path) -> None:
     one, with the way to finish it; a folder that is not there, or that holds runs rather
     than being one, is said to be so (a command run from another folder, a runs folder)."""
     if not folder.exists():
-        raise FileNotFoundError(f"{folder} does not exist (relative to {Path.cwd()}): give "
-                                "the run folder `cxr train` printed, e.g. runs/NAME")
+        where = "" if folder.is_absolute() else f" (relative to {Path.cwd()})"
+        raise FileNotFoundError(f"{folder} does not exist{where}: give the run folder `cxr "
+                                "train` printed, e.g. runs/NAME")
     if runs := sorted(p.name for p in folder.iterdir()
                       if (p / MODEL_WEIGHTS).is_file() or (p / CONFIG).is_file())[:5]:
         raise FileNotFoundError(f"{folder} holds runs rather than being one: give one of them, "

@@ -260,7 +260,9 @@ def _read_with_pil(path: Path) -> Image.Image:
         with Image.open(path, formats=PIL_FORMATS) as img:
             img.load()  # decode now, so truncated files fail here
             gray = _pil_to_gray(img)
-            if (frames := getattr(img, "n_frames", 1)) > 1:  # a GIF, APNG or TIFF stack
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1 and img.format in ("GIF", "PNG", "TIFF", "WEBP"):  # a stack (not a
+                # camera JPEG's preview picture, which PIL opens as a second MPO frame)
                 gray.info["doubt"] = f"{frames} frames: only the first was read and scored"
             return gray
 

@@ -91,8 +91,8 @@ def ensure_evaluated(run: str | Path, split: str = "test") -> Path:
         if metrics is not None and at_calibration(metrics, calibration, weights):
             return folder
     if any((folder / METRICS).is_file() for folder in candidates):
-        log.info("%s: the %s evaluation predates the deployed calibration: evaluating again",
-                 run.name, split)
+        log.info("%s: the %s evaluation is of an earlier calibration or of other weights than "
+                 "model.safetensors now: evaluating again", run.name, split)
     from cxrkit.evaluation import evaluate_run  # PyTorch: only to evaluate
 
     return evaluate_run(run, split=split)
