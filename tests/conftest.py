@@ -195,6 +195,18 @@ def running_server(app) -> Iterator[str]:
         sock.close()
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """Ctrl+C raises KeyboardInterrupt, as at a terminal, also where the suite started with
+    SIGINT ignored (a background job of a non-interactive shell: Python then leaves it so,
+    and a test's Ctrl+C did nothing)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def signal_once_checkpointed(process, run: Path, sig: int, within: float = 150) -> None:
     """Send `sig` to a training `process` once it has written RUN/last.ckpt."""
     import time

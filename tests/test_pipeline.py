@@ -145,7 +145,7 @@ def test_every_option_reads_in_full_in_an_80_column_help():
 
 
 def test_a_job_stopped_after_its_training_says_how_to_finish_it(tiny_kaggle, tmp_path,
-                                                                 monkeypatch):
+                                                                 monkeypatch, ctrl_c_raises):
     """Ctrl+C while the test films were scored exited 130 in silence (SIGTERM: 143), the run
     left without eval/test or report.html and nothing said how to finish it."""
     import cxrkit.evaluation
