@@ -791,8 +791,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | Path | None =
                      "temperature: its numbers are optimistic.")
     fingerprint = None if data is not None else data_fingerprint(manifest, run / FILM_HASHES)
     if fingerprint and (changed := _data_changed_since_training(run, fingerprint["sha256"])):
-        log.warning("%s: %s", run.name, changed)
-        notes.append(changed)
+        notes.append(changed)  # `cxr evaluate` prints its notes, the report shows them
     leak = data is None and split == "test" and test_patients_seen_in_training(manifest)
     if leak:  # a note (`cxr evaluate` prints it), not said again: training said it first
         notes.append(leak)
