@@ -342,10 +342,15 @@ def test_compare_runs_table_and_csv(reported, tmp_path, caplog):
     assert float(table[0]["accuracy_ci_low"]) == pytest.approx(at_val["accuracy"]["ci95"][0])
 
     deep = shutil.copytree(run, tmp_path / ("a-run-name-that-goes-on-" * 6 + "end"))
+    (deep / "config.yaml").write_text("recipe: quick\nstages:\n- {epochs: 1}\n- {epochs: 4}\n")
     result = CliRunner().invoke(app, ["compare", str(run), str(deep), "--out",
                                       str(tmp_path / "cli.csv")])
     assert result.exit_code == 0, result.output
     assert "Sens" in result.output and (tmp_path / "cli.csv").is_file()
+    # what differs between the runs, under each one's name
+    trained = sum(row["split"] == "train" for row in csv.DictReader(open(deep / "split.csv")))
+    assert f"quick, 1+4 epoch(s), {trained} training films" in result.output
+    assert result.output.count(f"{trained} training films") == 2  # the other's alone
     # Not a terminal: the table is as wide as its cells, each run's whole name on one line
     assert any(deep.name in line for line in result.output.splitlines())
     result = CliRunner().invoke(app, ["compare", str(run), "--out", f"{tmp_path / 'tables'}/"])

@@ -11,7 +11,10 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+import yaml
+
 from cxrkit.adapt import is_transductive
+from cxrkit.data.split import read_manifest
 from cxrkit.evaluation.metrics import COLLAPSED
 from cxrkit.evaluation.paired import paired_difference, read_scored
 from cxrkit.evaluation.results import (
@@ -21,7 +24,7 @@ from cxrkit.evaluation.results import (
     headline,
     read_predictions,
 )
-from cxrkit.runs import METRICS, load_spec, model_folder
+from cxrkit.runs import CONFIG, METRICS, SPLIT, load_spec, model_folder
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,8 @@ def compare_runs(runs: Iterable[str | Path], split: str = "test",
         threshold = deployed_point(metrics).get("threshold")
         rows.append({"run": str(model_folder(run)), "model": metrics.get("model", ""),
                      "split": split, "n": metrics["n"], "threshold": threshold,
-                     "transductive": is_transductive(metrics), **comparable(metrics)})
+                     "transductive": is_transductive(metrics),
+                     "recipe": recipe(model_folder(run)), **comparable(metrics)})
     films = [_films(folder) for folder in folders]
     if any(f != films[0] for f in films[1:]):
         log.warning("these runs were evaluated on different films (%s): their rows do not "
@@ -65,6 +69,19 @@ def compare_runs(runs: Iterable[str | Path], split: str = "test",
         for row, folder in zip(rows[1:], folders[1:], strict=True):
             row["paired"] = paired_difference(base, read_scored(folder), COMPARED)
     return rows
+
+
+def recipe(folder: Path) -> str:
+    """How a run was trained, in a few words (its preset, each stage's epochs, its training
+    films), so that a table of runs says what differs between them; "" where unknown."""
+    try:
+        config = yaml.safe_load((folder / CONFIG).read_text(encoding="utf-8")) or {}
+        films = sum(s.split == "train" for s in read_manifest(folder / SPLIT))
+    except (OSError, ValueError, yaml.YAMLError):  # a run without them (trained elsewhere)
+        return ""
+    epochs = "+".join(str(stage.get("epochs", "?")) for stage in config.get("stages") or [])
+    return ", ".join(filter(None, [config.get("recipe"), epochs and f"{epochs} epoch(s)",
+                                   f"{films} training films"]))
 
 
 def comparable(metrics: dict) -> dict:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from cxrkit.cli.app import USER_ERRORS, app, console, fail, show_table
@@ -197,7 +198,9 @@ def compare_command(
         threshold = f"{r['threshold']:.3f}" if r["threshold"] is not None else "–"
         cells = [format_metric(k, r[k]).replace(" (", "\n(") for k in COMPARED]
         read_as = f", read as {r['read_as']}" if r["read_as"] else ""
-        table.add_row(f"{Path(r['run']).name}\n[dim]{r['model']}{read_as}[/]", str(r["n"]),
+        trained = f"\n{escape(r['recipe'])}" if r["recipe"] else ""  # what differs between runs
+        table.add_row(f"{Path(r['run']).name}\n[dim]{r['model']}{read_as}{trained}[/]",
+                      str(r["n"]),
                       threshold, *cells)
     show_table(table)
     for r in rows:
