@@ -348,7 +348,7 @@ def test_compare_runs_table_and_csv(reported, tmp_path, caplog):
     assert result.exit_code == 0, result.output
     assert "Sens" in result.output and (tmp_path / "cli.csv").is_file()
     # what differs between the runs, under each one's name
-    trained = sum(row["split"] == "train" for row in csv.DictReader(open(deep / "split.csv")))
+    trained = sum(s.split == "train" for s in read_manifest(deep / "split.csv"))
     assert f"quick, 1+4 epoch(s), {trained} training films" in result.output
     assert result.output.count(f"{trained} training films") == 2  # the other's alone
     # Not a terminal: the table is as wide as its cells, each run's whole name on one line
