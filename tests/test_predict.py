@@ -259,6 +259,28 @@ def test_gradcam_overlays_written_per_readable_file(run, films, tmp_path):
         assert (rgb[82:, :, :] > 128).any()  # the caption is drawn, not only stored
 
 
+def test_gradcam_of_a_class_asked_for_whatever_was_called(run, films, tmp_path):
+    """Grad-CAM explained only the label called: a student could not see what in a NORMAL
+    call's film spoke for PNEUMONIA."""
+    film_path = films / "b" / "deeper" / "normal_3.jpg"  # called NORMAL (as tested above)
+    [normal] = predict(run, [film_path], cam_dir=tmp_path / "called")
+    assert normal.label == "NORMAL"
+    asked = runner.invoke(app, ["predict", str(run), str(film_path), "--cam",
+                                str(tmp_path / "asked"), "--cam-label", "PNEUMONIA"])
+    assert asked.exit_code == 0, asked.output
+    cam = Image.open(tmp_path / "asked" / "normal_3_cam.png")
+    assert cam.text["Description"].startswith(
+        "map: Grad-CAM for PNEUMONIA, as asked (called: NORMAL); ")
+    film = (slice(0, 80), slice(None))  # the overlay, above the caption
+    assert not np.array_equal(np.asarray(cam)[film],
+                              np.asarray(Image.open(normal.cam))[film])  # another class's map
+    wrong = runner.invoke(app, ["predict", str(run), str(films / "a"), "--cam",
+                                str(tmp_path / "x"), "--cam-label", "VIRUS"])
+    assert wrong.exit_code == 2
+    assert "--cam-label VIRUS: give one of the model's labels (NORMAL, PNEUMONIA)" in flat(
+        wrong.output)
+
+
 def test_gradcam_of_films_of_one_name_in_two_folders_are_both_kept(run, tmp_path):
     for folder, seed in (("a", 1), ("b", 2)):
         (tmp_path / folder).mkdir()

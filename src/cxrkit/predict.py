@@ -327,9 +327,10 @@ class Predictor:
                                           weights_sha256=self.weights_sha256))
         return predictions
 
-    def cam_overlays(self, predictions: Sequence[Prediction],
-                     batch_size: int = 32) -> list[Image.Image]:
-        """Grad-CAM of each (readable) prediction's label, over its film (at most 1024 px)."""
+    def cam_overlays(self, predictions: Sequence[Prediction], batch_size: int = 32,
+                     cam_label: str | None = None) -> list[Image.Image]:
+        """Grad-CAM of each (readable) prediction's label (or of `cam_label`, the evidence
+        for that class whatever was called), over its film (at most 1024 px)."""
         from cxrkit.explain import gradcam, overlay  # Grad-CAM pulls matplotlib: load on use
 
         self.require_torch("Grad-CAM")
@@ -340,7 +341,7 @@ class Predictor:
                              "images first, or call `cxrkit.explain.gradcam` on them")
         with self._lock:
             heatmaps = gradcam(self.model, [p.path for p in readable],
-                               [self.labels.index(p.label) for p in readable],
+                               [self.labels.index(cam_label or p.label) for p in readable],
                                batch_size=batch_size)
         overlays = []
         for p, heatmap in zip(readable, heatmaps, strict=True):
@@ -350,13 +351,14 @@ class Predictor:
         return overlays
 
     def write_cams(self, predictions: Sequence[Prediction], folder: str | Path,
-                   batch_size: int = 32) -> None:
-        """Save FOLDER/<name>_cam.png for each readable prediction and note it in `.cam`."""
+                   batch_size: int = 32, cam_label: str | None = None) -> None:
+        """Save FOLDER/<name>_cam.png for each readable prediction and note it in `.cam`
+        (`cam_label`: the map of that class, not of the label called)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         readable = [p for p in predictions if p.ok]
         taken: set[str] = set()
-        for p, image in self._overlays_by_batch(readable, batch_size):
+        for p, image in self._overlays_by_batch(readable, batch_size, cam_label):
             stem = Path(p.path).stem if Path(p.path).suffix.lower() in SUPPORTED_SUFFIXES \
                 else Path(p.path).name  # a DICOM UID keeps its last component
             name, n = f"{stem}_cam.png", 1
@@ -364,27 +366,29 @@ class Predictor:
                 n += 1
                 name = f"{stem}_{n}_cam.png"
             taken.add(name)
-            lines = self.cam_caption(p)
+            lines = self.cam_caption(p, cam_label)
             info = PngInfo()
             info.add_text("Description", "; ".join(lines))
             with_caption(image, lines, key=True).save(folder / name, pnginfo=info,
                                                       compress_level=CAM_PNG_COMPRESSION)
             p.cam = str(folder / name)
 
-    def _overlays_by_batch(self, readable: Sequence[Prediction],
-                           batch_size: int) -> Iterator[tuple[Prediction, Image.Image]]:
+    def _overlays_by_batch(self, readable: Sequence[Prediction], batch_size: int,
+                           cam_label: str | None) -> Iterator[tuple[Prediction, Image.Image]]:
         """(prediction, overlay) a batch at a time: a folder of thousands of films never
         holds more than one batch of overlays (each up to 1024 px RGB) in memory."""
         for start in range(0, len(readable), batch_size):
             chunk = readable[start:start + batch_size]
-            yield from zip(chunk, self.cam_overlays(chunk, batch_size), strict=True)
+            yield from zip(chunk, self.cam_overlays(chunk, batch_size, cam_label), strict=True)
 
-    def cam_caption(self, p: Prediction) -> list[str]:
+    def cam_caption(self, p: Prediction, cam_label: str | None = None) -> list[str]:
         """['map: Grad-CAM for PNEUMONIA, the label called', 'P(PNEUMONIA)=0.99, threshold
         0.156']: what a saved overlay shows, once it is apart from its CSV row."""
         shown = self.positive_label or p.label
         rule = f", threshold {p.threshold:.3f}" if p.threshold is not None else ""
-        return [f"map: Grad-CAM for {p.label}, the label called",
+        which = ("the label called" if cam_label in (None, p.label) else
+                 f"as asked (called: {p.label})")
+        return [f"map: Grad-CAM for {cam_label or p.label}, {which}",
                 f"P({shown})={p.probabilities[shown]:.2f}{rule}"]
 
 
@@ -421,7 +425,7 @@ def predict(model_path: str | Path, paths: Film | Iterable[Film],
             backend: str | None = None,
             batch_size: int = 32, threshold: float | None = None,
             cam_dir: str | Path | None = None, num_workers: int = 0,
-            device: str | None = None) -> list[Prediction]:
+            device: str | None = None, cam_label: str | None = None) -> list[Prediction]:
     """Predict every image among `paths` (files, folders, globs, or images in memory: PIL
     images and arrays, named `<image i>`), in order:
 
@@ -429,7 +433,8 @@ def predict(model_path: str | Path, paths: Film | Iterable[Film],
             print(p.path, p.label, p.probabilities, p.error or p.warning or "")
 
     `model_path`: a run folder or an ONNX export folder. An unreadable file is an entry with
-    `.error`, never an exception. See the module docstring for the rest."""
+    `.error`, never an exception. `cam_label`: the Grad-CAM maps (`cam_dir`) of that class,
+    not of each label called. See the module docstring for the rest."""
     predictor = Predictor.load(model_path, backend, device)
     given = film_list(paths)  # once: `paths` may be a generator
     films = collect_images(given)
@@ -444,9 +449,12 @@ def predict(model_path: str | Path, paths: Film | Iterable[Film],
         if Path(cam_dir).exists() and not Path(cam_dir).is_dir():
             raise ValueError(f"--cam {cam_dir} is a file: Grad-CAM overlays go into a folder; "
                              "give a folder's name (Python: cam_dir=...)")
+    if cam_label is not None and (cam_dir is None or cam_label not in predictor.labels):
+        raise ValueError(f"--cam-label {cam_label}: give one of the model's labels "
+                         f"({', '.join(predictor.labels)}) with --cam DIR")
     predictions = predictor.predict(films, batch_size, threshold, num_workers)
     if cam_dir is not None:
-        predictor.write_cams(predictions, cam_dir, batch_size)
+        predictor.write_cams(predictions, cam_dir, batch_size, cam_label)
     return predictions
 
 

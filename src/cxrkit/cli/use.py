@@ -101,6 +101,9 @@ def predict_command(
                                     ".csv or .json file."),
     cam: Path | None = typer.Option(None, "--cam", "--cam-dir", help="Folder for Grad-CAM "
                                     "overlays (torch backend)."),
+    cam_label: str | None = typer.Option(None, "--cam-label", help="With --cam: each map of "
+                                         "this class's evidence (e.g. PNEUMONIA), not of the "
+                                         "label called."),
     backend: str | None = typer.Option(None, "--backend", help="torch or onnx; default: "
                                        "torch for a run folder, onnx for an export."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Films scored at once."),
@@ -117,7 +120,8 @@ def predict_command(
         _check_writable(out)
     start = time.perf_counter()
     try:
-        predictions = predict(model, paths, backend, batch_size, threshold, cam)
+        predictions = predict(model, paths, backend, batch_size, threshold, cam,
+                              cam_label=cam_label)
     except USER_ERRORS as e:
         fail(str(e))
     seconds = time.perf_counter() - start
