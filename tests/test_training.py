@@ -437,6 +437,8 @@ def test_without_a_terminal_progress_comes_as_log_lines(tiny_kaggle, tmp_path, c
     assert lines[0].startswith(f"train, epoch 1/2: step 1/{steps}, train loss ")
     assert lines[steps].startswith("train, epoch 1/2: val_accuracy ")
     assert "val_loss " in lines[steps] and len(lines) == 2 * (steps + 1)
+    # which rule its rates are at: a student read val_sensitivity 0.08 as the model's own
+    assert lines[steps].endswith("(rates at P = 0.5; `cxr evaluate` chooses the threshold)")
     assert lines[-1].startswith("train, epoch 2/2: val_accuracy ")
 
 

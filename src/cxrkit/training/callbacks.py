@@ -531,8 +531,11 @@ class ProgressLog(Callback):
             return
         scores = {k: float(v) for k, v in trainer.callback_metrics.items()
                   if k.startswith("val_")}
-        log.info("%s: %s", self._epoch(trainer),
-                 ", ".join(f"{k} {v:.4f}" for k, v in sorted(scores.items())))
+        spec = getattr(getattr(pl_module, "model", None), "spec", None)
+        rule = ("the most probable class" if spec and spec.num_classes > 2 else "P = 0.5")
+        log.info("%s: %s (rates at %s; `cxr evaluate` chooses the threshold)",
+                 self._epoch(trainer), ", ".join(f"{k} {v:.4f}" for k, v in sorted(scores.items())),
+                 rule)
 
 
 def make_loggers(run: Path, stage: str, trainer: TrainerConfig) -> list[Logger]:
