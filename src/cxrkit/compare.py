@@ -11,8 +11,6 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-import yaml
-
 from cxrkit.adapt import is_transductive
 from cxrkit.data.split import read_manifest
 from cxrkit.evaluation.metrics import COLLAPSED
@@ -24,7 +22,7 @@ from cxrkit.evaluation.results import (
     headline,
     read_predictions,
 )
-from cxrkit.runs import CONFIG, METRICS, SPLIT, load_spec, model_folder
+from cxrkit.runs import METRICS, SPLIT, load_spec, model_folder, read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +72,10 @@ def compare_runs(runs: Iterable[str | Path], split: str = "test",
 def recipe(folder: Path) -> str:
     """How a run was trained, in a few words (its preset, each stage's epochs, its training
     films), so that a table of runs says what differs between them; "" where unknown."""
+    config = read_run_config(folder)
     try:
-        config = yaml.safe_load((folder / CONFIG).read_text(encoding="utf-8")) or {}
         films = sum(s.split == "train" for s in read_manifest(folder / SPLIT))
-    except (OSError, ValueError, yaml.YAMLError):  # a run without them (trained elsewhere)
+    except (OSError, ValueError):  # a run without one (trained elsewhere)
         return ""
     epochs = "+".join(str(stage.get("epochs", "?")) for stage in config.get("stages") or [])
     return ", ".join(filter(None, [config.get("recipe"), epochs and f"{epochs} epoch(s)",

@@ -55,7 +55,6 @@ from cxrkit.labels import positive_label
 from cxrkit.provenance import caveat, code_version, read_attempts
 from cxrkit.runs import (
     ADAPTATION,
-    CONFIG,
     SPLIT,
     TRAINED_CONFIG,
     VAL_METRICS,
@@ -63,6 +62,7 @@ from cxrkit.runs import (
     load_spec,
     model_folder,
     read_calibration,
+    read_run_config,
     weights_file_digest,
 )
 
@@ -168,14 +168,6 @@ def embedded_figure(path: Path) -> dict | None:
     if buffer.tell() >= path.stat().st_size:
         return {"mime": "image/png", "data": _b64_png(path)}
     return {"mime": "image/jpeg", "data": base64.b64encode(buffer.getvalue()).decode()}
-
-
-def _read_config(run: Path) -> dict:
-    try:
-        config = yaml.safe_load((run / CONFIG).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return {}
-    return config if isinstance(config, dict) else {}
 
 
 def config_edited_since_training(run: Path, config: dict) -> str | None:
@@ -640,7 +632,7 @@ def build_report(run: str | Path, split: str = "test", evaluate_missing: bool = 
     `audit`: the data audit to show (a `cxr data audit` folder or its audit.json); by
     default the run's own, or one of its training data beside the run folder."""
     run = model_folder(run).resolve()
-    spec, config = load_spec(run), _read_config(run)
+    spec, config = load_spec(run), read_run_config(run)
     found_audit = _find_audit(run, _data_path(config), audit)  # a wrong path said before work
     if evaluate_missing:
         ensure_evaluated(run, split)

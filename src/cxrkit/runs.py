@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import yaml
 
 from cxrkit.data.io import film_name, written_whole
 from cxrkit.labels import positive_index
@@ -159,6 +160,16 @@ class Calibration:
             raise ValueError(
                 f"the deployed calibration was chosen for other weights than {weights} holds "
                 f"(sha256 {self.weights_sha256[:12]}... against {digest[:12]}...): {fix}")
+
+
+def read_run_config(folder: Path) -> dict:
+    """RUN/config.yaml as the plain mapping it holds ({} where there is none, or it is not
+    one): for what only reads or shows it, not to train with (`TrainConfig.load`)."""
+    try:
+        config = yaml.safe_load((folder / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def weights_file_digest(folder: Path) -> str:
